@@ -1,0 +1,146 @@
+"""Admin-defined DNS records: one validated value type shared by the view, the store and the CLI."""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from dnslib import QTYPE, RR, DNSError
+from dnslib.label import DNSBuffer
+
+from .names import NameError_, absolute_owner, absolute_target
+
+SUPPORTED_TYPES = ("A", "AAAA", "CNAME", "TXT", "SRV", "MX", "CAA", "PTR")
+DEFAULT_TTL = 300
+MAX_TTL = 2**31 - 1  # RFC 2181 section 8
+
+# Which whitespace-separated field of the value holds a domain name, per type.
+_NAME_FIELD = {"CNAME": 0, "PTR": 0, "MX": 1, "SRV": 3}
+_FIELD_COUNT = {"A": 1, "AAAA": 1, "CNAME": 1, "PTR": 1, "MX": 2, "SRV": 4}
+
+
+class RecordError(ValueError):
+    """A record that cannot be stored or served; the message names the field at fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One resource record: absolute lowercase owner, type, canonical presentation value, TTL.
+
+    `override` lets an admin record shadow a node name of the same owner (DESIGN.md section 3).
+    `rdata` is the parsed dnslib rdata (never mutated after parsing).
+    """
+
+    name: str
+    rtype: str
+    value: str
+    ttl: int = DEFAULT_TTL
+    override: bool = False
+    rdata: Any = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def qtype(self) -> int:
+        return getattr(QTYPE, self.rtype)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Identity of a record in the store: (name, type, value)."""
+        return (self.name, self.rtype, self.value)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.rtype, "value": self.value, "ttl": self.ttl}
+        if self.override:
+            out["override"] = True
+        return out
+
+
+def _parse_ttl(ttl: Any) -> int:
+    if ttl is None or ttl == "":
+        return DEFAULT_TTL
+    if isinstance(ttl, bool):
+        raise RecordError(f"TTL {ttl!r} is not a number")
+    try:
+        value = int(str(ttl), 10)
+    except ValueError:
+        raise RecordError(f"TTL {ttl!r} is not a whole number of seconds") from None
+    if not 0 <= value <= MAX_TTL:
+        raise RecordError(f"TTL {value} is out of range 0-{MAX_TTL}")
+    return value
+
+
+def _canonical_value(rtype: str, value: str, domain: str) -> str:
+    """Expand relative names and check the field count; TXT and CAA keep their quoting."""
+    text = value.strip()
+    if not text:
+        raise RecordError(f"{rtype} needs a value")
+    if rtype == "A":
+        try:
+            return str(ipaddress.IPv4Address(text))
+        except ValueError:
+            raise RecordError(f"A value {value!r} is not an IPv4 address") from None
+    if rtype == "AAAA":
+        try:
+            return str(ipaddress.IPv6Address(text))
+        except ValueError:
+            raise RecordError(f"AAAA value {value!r} is not an IPv6 address") from None
+    if rtype in _NAME_FIELD:
+        fields = text.split()
+        if len(fields) != _FIELD_COUNT[rtype]:
+            raise RecordError(f"{rtype} value {value!r} needs {_FIELD_COUNT[rtype]} field(s)")
+        for i, f in enumerate(fields[:_NAME_FIELD[rtype]]):
+            if not f.isdigit() or int(f) > 65535:
+                raise RecordError(f"{rtype} value {value!r}: field {i + 1} must be a number 0-65535")
+        try:
+            target = absolute_target(fields[_NAME_FIELD[rtype]], domain)
+        except NameError_ as exc:
+            raise RecordError(f"{rtype} target: {exc}") from None
+        fields[_NAME_FIELD[rtype]] = target + "."
+        return " ".join(fields)
+    if rtype == "TXT":
+        try:
+            parts = shlex.split(text) if '"' in text else [text]
+        except ValueError as exc:
+            raise RecordError(f"TXT value {value!r}: {exc}") from None
+        for p in parts:
+            if len(p.encode()) > 255:
+                raise RecordError("TXT strings are at most 255 bytes each; split the value into quoted strings")
+        return " ".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts)
+    if rtype == "CAA":
+        try:
+            parts = shlex.split(text)
+        except ValueError as exc:
+            raise RecordError(f"CAA value {value!r}: {exc}") from None
+        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) > 255:
+            raise RecordError(f"CAA value {value!r} must be 'FLAGS TAG \"VALUE\"'")
+        if parts[1].lower() not in ("issue", "issuewild", "iodef") and not parts[1].isalnum():
+            raise RecordError(f"CAA tag {parts[1]!r} is not valid")
+        return f'{int(parts[0])} {parts[1].lower()} "{parts[2]}"'
+    raise RecordError(f"type {rtype!r} is not supported")
+
+
+def parse_record(name: str, rtype: str, value: str, ttl: Any = None, domain: str = "tailnet",
+                 override: bool = False) -> Record:
+    """Validate one record as a user typed it; raises `RecordError` with a clear reason."""
+    rtype_u = rtype.strip().upper()
+    if rtype_u not in SUPPORTED_TYPES:
+        raise RecordError(f"type {rtype!r} is not supported (use one of {', '.join(SUPPORTED_TYPES)})")
+    try:
+        owner = absolute_owner(name, domain)
+    except NameError_ as exc:
+        raise RecordError(f"name: {exc}") from None
+    ttl_v = _parse_ttl(ttl)
+    canon = _canonical_value(rtype_u, value, domain)
+    try:
+        rrs = RR.fromZone(f"{owner}. {ttl_v} IN {rtype_u} {canon}")
+    except (DNSError, ValueError, IndexError, TypeError, KeyError, AttributeError) as exc:
+        raise RecordError(f"{rtype_u} value {value!r} is not valid: {exc}") from None
+    if len(rrs) != 1 or rrs[0].rtype != getattr(QTYPE, rtype_u):
+        raise RecordError(f"{rtype_u} value {value!r} is not one record")
+    rdata = rrs[0].rdata
+    try:
+        rdata.pack(DNSBuffer())
+    except Exception as exc:  # dnslib raises a zoo of types on unpackable data
+        raise RecordError(f"{rtype_u} value {value!r} cannot be encoded: {exc}") from None
+    return Record(owner, rtype_u, canon, ttl_v, override, rdata)

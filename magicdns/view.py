@@ -1,0 +1,186 @@
+"""The network view: everything the resolver needs to know about a tailnet, as one frozen value.
+
+A `DnsView` is what a node derives from its network map and what `magicdns serve --view` reads from
+JSON (DESIGN.md section 2). It is validated once, here; everything downstream trusts it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .names import NameError_, normalize_domain, normalize_host_label
+from .records import Record, RecordError, parse_record
+from .upstream import Upstream, UpstreamError, parse_upstream
+
+DEFAULT_DOMAIN = "tailnet"
+
+
+class ViewError(ValueError):
+    """A network view that cannot be used: the message says which field and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A node of the tailnet: its short name and every address it holds."""
+
+    name: str
+    addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    tags: tuple[str, ...] = ()
+    online: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """Resolver settings pushed by the control server (or read from the view file)."""
+
+    nameservers: tuple[Upstream, ...] = ()
+    routes: Mapping[str, tuple[Upstream, ...]] = field(default_factory=dict)
+    search_domains: tuple[str, ...] = ()
+    records: tuple[Record, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DnsView:
+    """One immutable snapshot of the tailnet as the resolver sees it."""
+
+    domain: str = DEFAULT_DOMAIN
+    self_host: Host | None = None
+    peers: tuple[Host, ...] = ()
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    version: int = 0
+
+    @property
+    def hosts(self) -> tuple[Host, ...]:
+        """Self first, then the peers."""
+        return ((self.self_host,) if self.self_host else ()) + self.peers
+
+    def with_records(self, records: Iterable[Record], version: int) -> "DnsView":
+        """A copy whose records are `records` (appended to the view's own) and whose version is `version`."""
+        dns = DnsSettings(
+            nameservers=self.dns.nameservers,
+            routes=self.dns.routes,
+            search_domains=self.dns.search_domains,
+            records=self.dns.records + tuple(records),
+        )
+        return DnsView(self.domain, self.self_host, self.peers, dns, version)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form of DESIGN.md section 2 (round-trips through `view_from_json`)."""
+
+        def host(h: Host) -> dict[str, Any]:
+            return {"name": h.name, "addresses": [str(a) for a in h.addresses],
+                    "tags": list(h.tags), "online": h.online}
+
+        return {
+            "domain": self.domain,
+            "self": host(self.self_host) if self.self_host else None,
+            "peers": [host(p) for p in self.peers],
+            "dns": {
+                "nameservers": [u.spec for u in self.dns.nameservers],
+                "routes": {d: [u.spec for u in ups] for d, ups in self.dns.routes.items()},
+                "search_domains": list(self.dns.search_domains),
+                "records": [r.to_json() for r in self.dns.records],
+            },
+            "version": self.version,
+        }
+
+
+def _host_from_json(obj: Any, where: str) -> Host:
+    if not isinstance(obj, dict):
+        raise ViewError(f"{where}: expected an object")
+    try:
+        name = normalize_host_label(str(obj.get("name", "")))
+    except NameError_ as exc:
+        raise ViewError(f"{where}.name: {exc}") from None
+    addrs = obj.get("addresses", [])
+    if not isinstance(addrs, list):
+        raise ViewError(f"{where}.addresses: expected a list")
+    parsed = []
+    for i, a in enumerate(addrs):
+        try:
+            parsed.append(ipaddress.ip_address(str(a)))
+        except ValueError:
+            raise ViewError(f"{where}.addresses[{i}]: {a!r} is not an IP address") from None
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list):
+        raise ViewError(f"{where}.tags: expected a list")
+    return Host(name, tuple(parsed), tuple(str(t) for t in tags), bool(obj.get("online", True)))
+
+
+def _upstreams(values: Any, where: str) -> tuple[Upstream, ...]:
+    if not isinstance(values, list):
+        raise ViewError(f"{where}: expected a list of resolvers")
+    try:
+        return tuple(parse_upstream(str(v)) for v in values)
+    except UpstreamError as exc:
+        raise ViewError(f"{where}: {exc}") from None
+
+
+def view_from_json(obj: Any) -> DnsView:
+    """Validate and convert the JSON network view; raises `ViewError` naming the bad field."""
+    if not isinstance(obj, dict):
+        raise ViewError("the view must be a JSON object")
+    try:
+        domain = normalize_domain(str(obj.get("domain", DEFAULT_DOMAIN)))
+    except NameError_ as exc:
+        raise ViewError(f"domain: {exc}") from None
+    self_obj = obj.get("self")
+    self_host = _host_from_json(self_obj, "self") if self_obj else None
+    peers_obj = obj.get("peers", [])
+    if not isinstance(peers_obj, list):
+        raise ViewError("peers: expected a list")
+    peers = tuple(_host_from_json(p, f"peers[{i}]") for i, p in enumerate(peers_obj))
+    dns_obj = obj.get("dns", {}) or {}
+    if not isinstance(dns_obj, dict):
+        raise ViewError("dns: expected an object")
+    routes_obj = dns_obj.get("routes", {}) or {}
+    if not isinstance(routes_obj, dict):
+        raise ViewError("dns.routes: expected an object")
+    routes: dict[str, tuple[Upstream, ...]] = {}
+    for dom, ups in routes_obj.items():
+        try:
+            key = normalize_domain(str(dom))
+        except NameError_ as exc:
+            raise ViewError(f"dns.routes[{dom!r}]: {exc}") from None
+        routes[key] = _upstreams(ups, f"dns.routes[{dom!r}]")
+    records = []
+    for i, r in enumerate(dns_obj.get("records", []) or []):
+        if not isinstance(r, dict):
+            raise ViewError(f"dns.records[{i}]: expected an object")
+        try:
+            records.append(parse_record(str(r.get("name", "")), str(r.get("type", "")),
+                                        str(r.get("value", "")), r.get("ttl"), domain,
+                                        override=bool(r.get("override", False))))
+        except RecordError as exc:
+            raise ViewError(f"dns.records[{i}]: {exc}") from None
+    search = dns_obj.get("search_domains", []) or []
+    try:
+        search_t = tuple(normalize_domain(str(s)) for s in search)
+    except NameError_ as exc:
+        raise ViewError(f"dns.search_domains: {exc}") from None
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or version < 0 or version > 0xFFFFFFFF:
+        raise ViewError("version: expected an integer from 0 to 4294967295")
+    settings = DnsSettings(_upstreams(dns_obj.get("nameservers", []) or [], "dns.nameservers"),
+                           routes, search_t, tuple(records))
+    return DnsView(domain, self_host, peers, settings, version)
+
+
+def load_view(path: str | Path) -> DnsView:
+    """Read a view file; raises `ViewError` with the file name on any problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ViewError(f"{path}: {exc.strerror}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ViewError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        return view_from_json(obj)
+    except ViewError as exc:
+        raise ViewError(f"{path}: {exc}") from None

@@ -1,0 +1,1 @@
+"""The coordination (control) server: users, nodes, keys, names, addresses, policy, DNS settings."""

@@ -1,0 +1,1 @@
+"""The ACL policy: Tailscale's policy-file format (HuJSON), its evaluation and its `tests` section."""

@@ -1,0 +1,1 @@
+"""The WireGuard-protocol data plane: Noise IKpsk2 handshake, transport, timers, TUN/UDP glue."""
