@@ -1,0 +1,180 @@
+"""The records store: admin-defined records in SQLite (through sqlite-utils).
+
+This module is the one writer of the `records` table, whether the file is a standalone resolver's
+store or the control server's database. Every change bumps `records_version` in the same
+transaction, so a reader that sees a new version also sees every row of that change, and never
+half of an import.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sqlite_utils
+
+from .names import NameError_, absolute_owner
+from .records import SUPPORTED_TYPES, Record, RecordError, parse_record
+
+SCHEMA_VERSION = 1
+_VERSION_KEY = "records_version"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or changed; the message says why."""
+
+
+class DuplicateRecord(StoreError):
+    """The same (name, type, value) is already stored."""
+
+
+class RecordNotFound(StoreError):
+    """No stored record matched."""
+
+
+def _connect(path: str | Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class RecordStore:
+    """Records in one SQLite file; safe to open from the CLI while a server reads it."""
+
+    def __init__(self, db: str | Path | sqlite_utils.Database, domain: str = "tailnet") -> None:
+        self.domain = domain
+        try:
+            if isinstance(db, sqlite_utils.Database):
+                self.db = db
+            else:
+                path = Path(db)
+                if path.parent and not path.parent.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite_utils.Database(_connect(path))
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open records store {db}: {exc}") from None
+
+    def _migrate(self) -> None:
+        with self._tx():
+            if "records" not in self.db.table_names():
+                self.db["records"].create(
+                    {"id": int, "name": str, "type": str, "value": str, "ttl": int, "override": int},
+                    pk="id", not_null={"name", "type", "value", "ttl", "override"})
+                self.db["records"].create_index(["name", "type", "value"], unique=True)
+            if "meta" not in self.db.table_names():
+                self.db["meta"].create({"key": str, "value": int}, pk="key")
+            self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, 0)", [_VERSION_KEY])
+            self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('records_schema', ?)",
+                            [SCHEMA_VERSION])
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One IMMEDIATE transaction: all of a change lands, or none of it."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def _bump(self) -> None:
+        self.db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", [_VERSION_KEY])
+
+    def version(self) -> int:
+        """The change counter: it grows with every committed change."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [_VERSION_KEY]).fetchone()
+        return int(row[0]) if row else 0
+
+    def _row_to_record(self, row: tuple) -> Record:
+        name, rtype, value, ttl, override = row
+        try:
+            return parse_record(name + ".", rtype, value, ttl, self.domain, bool(override))
+        except RecordError as exc:
+            raise StoreError(f"stored record {name} {rtype} {value!r} is invalid: {exc}") from None
+
+    def snapshot(self) -> tuple[int, list[Record]]:
+        """The version and every record, read in one transaction (a consistent pair)."""
+        conn = self.db.conn
+        conn.execute("BEGIN")
+        try:
+            version = self.version()
+            rows = conn.execute(
+                "SELECT name, type, value, ttl, override FROM records ORDER BY name, type, id").fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return version, [self._row_to_record(r) for r in rows]
+
+    def list(self) -> list[Record]:
+        """Every stored record, ordered by name then type."""
+        return self.snapshot()[1]
+
+    def add(self, record: Record) -> None:
+        """Store one record; `DuplicateRecord` if the same name, type and value exist."""
+        with self._tx():
+            self._insert(record)
+            self._bump()
+
+    def _insert(self, record: Record) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO records(name, type, value, ttl, override) VALUES (?, ?, ?, ?, ?)",
+                [record.name, record.rtype, record.value, record.ttl, int(record.override)])
+        except sqlite3.IntegrityError:
+            raise DuplicateRecord(f"{record.name} {record.rtype} {record.value} already exists") from None
+
+    def remove(self, name: str, rtype: str | None = None, value: str | None = None) -> int:
+        """Delete matching records (all types of a name, one type, or one value); returns how many.
+
+        Arguments are as the user typed them and are normalised exactly as `add` normalises them.
+        """
+        try:
+            owner = absolute_owner(name, self.domain)
+        except NameError_ as exc:
+            raise RecordError(f"name: {exc}") from None
+        sql, args = "DELETE FROM records WHERE name = ?", [owner]
+        if rtype is not None:
+            rtype = rtype.upper()
+            if rtype not in SUPPORTED_TYPES:
+                raise RecordError(f"type {rtype!r} is not supported")
+            sql += " AND type = ?"
+            args.append(rtype)
+            if value is not None:
+                sql += " AND value = ?"
+                args.append(parse_record(owner + ".", rtype, value, None, self.domain).value)
+        elif value is not None:
+            raise RecordError("a value can only be given together with a type")
+        with self._tx():
+            count = self.db.execute(sql, args).rowcount
+            if count == 0:
+                raise RecordNotFound(" ".join(["no record matches", owner, rtype or "", value or ""]).strip())
+            self._bump()
+        return count
+
+    def import_records(self, records: Iterable[Record], replace: bool = False) -> int:
+        """Add many records at once, atomically; `replace` first deletes every stored record.
+
+        Duplicates of stored records are skipped (an import can be repeated); returns how many were added.
+        """
+        added = 0
+        with self._tx():
+            if replace:
+                self.db.execute("DELETE FROM records")
+            for record in records:
+                try:
+                    self._insert(record)
+                    added += 1
+                except DuplicateRecord:
+                    continue
+            self._bump()
+        return added
+
+    def close(self) -> None:
+        self.db.conn.close()
