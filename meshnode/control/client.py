@@ -1,0 +1,300 @@
+"""The node's side of the control protocol: register, stream the network map, report endpoints, log out.
+
+Usage (what the node daemon does):
+
+    client = ControlClient("http://127.0.0.1:8080", machine_key_private, node_key_private)
+    result = await client.register(authkey="mskey-...", hostname="laptop")
+    async for netmap in client.stream_map():      # reconnects with backoff; full maps, never deltas
+        apply(netmap)
+    await client.close()
+
+Keys are standard-base64 Curve25519 private keys (`generate_private_key()`); the machine key identifies
+the machine to the control server, the node key is the WireGuard key peers see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+import random
+import socket
+import time
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, AsyncIterator, Iterable, Mapping
+
+import aiohttp
+
+from ..netmap import DnsConfig, MapNode, NetMap, NetMapError
+from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
+                       generate_private_key, node_key_proof, public_key_of)
+
+__all__ = ["ControlClient", "ControlError", "RegisterResult", "generate_private_key", "public_key_of",
+           "MapAssembler"]
+
+log = logging.getLogger("meshnode.control.client")
+
+
+class ControlError(RuntimeError):
+    """The control server refused a request (`code`, HTTP `status`) or could not be reached."""
+
+    def __init__(self, code: ErrorCode, message: str, status: int = 0) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """Worth retrying later: the server was unreachable or failed, not a refusal."""
+        return self.status == 0 or self.status >= 500
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterResult:
+    """What the server assigned at registration."""
+
+    node_id: int
+    name: str
+    fqdn: str
+    user: str
+    addresses: tuple[str, ...]
+    tags: tuple[str, ...]
+    approved_routes: tuple[str, ...]
+    exit_node: bool
+    ephemeral: bool
+    server_public_key: str
+
+
+class MapAssembler:
+    """Rebuilds full `NetMap`s from the stream's full and delta frames (sans-I/O)."""
+
+    def __init__(self) -> None:
+        self._version = 0
+        self._domain = ""
+        self._self: MapNode | None = None
+        self._peers: dict[int, MapNode] = {}
+        self._dns = DnsConfig()
+        self._filter: tuple[Mapping[str, Any], ...] = ()
+        self._derp: Mapping[str, Any] = MappingProxyType({})
+
+    def apply(self, msg: dict[str, Any]) -> NetMap | None:
+        """Apply one decoded frame; returns the new map, or None for a keepalive."""
+        kind = msg.get("type")
+        if kind == "keepalive":
+            return None
+        if kind == "full":
+            nm = NetMap.from_json(msg.get("netmap"))
+            self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
+            self._peers = {p.id: p for p in nm.peers}
+            self._dns, self._filter, self._derp = nm.dns, nm.packet_filter, nm.derp
+            return nm
+        if kind != "delta":
+            raise NetMapError(f"unknown frame type {kind!r}")
+        if self._self is None:
+            raise NetMapError("a delta arrived before any full map")
+        self._version = int(msg["version"])
+        if "domain" in msg:
+            self._domain = str(msg["domain"])
+        if "self" in msg:
+            self._self = MapNode.from_json(msg["self"])
+        for pid in msg.get("peers_removed") or ():
+            self._peers.pop(int(pid), None)
+        for p in msg.get("peers_changed") or ():
+            node = MapNode.from_json(p)
+            self._peers[node.id] = node
+        if "dns" in msg:
+            self._dns = DnsConfig.from_json(msg["dns"], self._domain)
+        if "packet_filter" in msg:
+            self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
+        peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
+        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp)
+
+
+class ControlClient:
+    """A node's connection to one control server."""
+
+    def __init__(self, server_url: str, machine_key_private: str, node_key_private: str, *,
+                 server_public_key: str | None = None, timeout: float = 15.0) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.machine_key_private = machine_key_private
+        self.machine_key_public = public_key_of(machine_key_private)
+        self.node_key_private = node_key_private
+        self.node_key_public = public_key_of(node_key_private)
+        self.server_public_key = server_public_key  # pinned after the first GET /key
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._channel: Channel | None = None
+
+    async def __aenter__(self) -> "ControlClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session (ends any running map stream)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=None))
+        return self._session
+
+    async def fetch_server_key(self) -> str:
+        """GET /key; pins the key on first use and refuses a different one later."""
+        try:
+            async with self._http().get(self.server_url + "/key",
+                                        timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                if resp.status != 200:
+                    raise ControlError(ErrorCode.INTERNAL, f"GET /key answered {resp.status}", resp.status)
+                body = await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+        key = str(body.get("public_key", ""))
+        if self.server_public_key is not None and key != self.server_public_key:
+            raise ControlError(ErrorCode.BAD_SEAL, "the server key changed since it was pinned;"
+                               " refusing to talk to a possibly different server")
+        self.server_public_key = key
+        return key
+
+    async def _chan(self) -> Channel:
+        if self._channel is None:
+            if self.server_public_key is None:
+                await self.fetch_server_key()
+            assert self.server_public_key is not None
+            self._channel = Channel(self.machine_key_private, self.server_public_key)
+        return self._channel
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """One sealed request and its sealed answer."""
+        chan = await self._chan()
+        payload = dict(payload, ts=time.time())
+        try:
+            async with self._http().post(self.server_url + path, data=chan.seal(payload),
+                                         headers={MACHINE_KEY_HEADER: self.machine_key_public},
+                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise _error_from(resp.status, body)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+        try:
+            return chan.open(body)[1]
+        except ProtocolError as exc:
+            raise ControlError(exc.code, f"answer from server: {exc.message}") from None
+
+    async def register(self, authkey: str | None = None, hostname: str | None = None, os: str | None = None,
+                       advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
+                       advertise_exit_node: bool = False, ephemeral: bool = False,
+                       endpoints: Iterable[str] = ()) -> RegisterResult:
+        """Register this machine (or log it in again: same machine key -> same node, name, addresses).
+
+        `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
+        server's reason (e.g. AUTHKEY_USED, AUTHKEY_EXPIRED, TAG_NOT_ALLOWED).
+        """
+        await self._chan()
+        assert self.server_public_key is not None
+        ts = time.time()
+        payload = {
+            "authkey": authkey, "hostname": hostname or socket.gethostname(),
+            "os": os if os is not None else platform.system().lower(),
+            "node_key": self.node_key_public,
+            "node_key_proof": node_key_proof(self.node_key_private, self.server_public_key,
+                                             self.machine_key_public, ts),
+            "proof_ts": ts,
+            "advertise_routes": list(advertise_routes), "advertise_tags": list(advertise_tags),
+            "advertise_exit_node": advertise_exit_node, "ephemeral": ephemeral,
+            "endpoints": list(endpoints),
+        }
+        body = await self._post("/machine/register", payload)
+        node = body["node"]
+        return RegisterResult(int(node["id"]), node["name"], node["fqdn"], node["user"],
+                              tuple(node["addresses"]), tuple(node["tags"]), tuple(node["approved_routes"]),
+                              bool(node["exit_node"]), bool(node["ephemeral"]), self.server_public_key)
+
+    async def update_endpoints(self, endpoints: Iterable[str]) -> None:
+        """Report the UDP endpoints (`ip:port`) peers can reach this node at."""
+        await self._post("/machine/endpoints", {"node_key": self.node_key_public, "endpoints": list(endpoints)})
+
+    async def logout(self) -> None:
+        """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""
+        await self._post("/machine/logout", {"node_key": self.node_key_public})
+
+    async def fetch_map(self) -> NetMap:
+        """One full map, without streaming."""
+        async for nm in self.stream_map(reconnect=False, once=True):
+            return nm
+        raise ControlError(ErrorCode.INTERNAL, "the map stream ended before the first map")
+
+    async def stream_map(self, *, reconnect: bool = True, once: bool = False,
+                         max_backoff: float = 10.0) -> AsyncIterator[NetMap]:
+        """Full `NetMap`s as the server pushes changes; the first one arrives at once.
+
+        On a dropped connection or server error it reconnects with capped exponential backoff and
+        jitter (the next map after a reconnect is a full one). A refusal (node deleted, expired, logged
+        out, key mismatch) ends the stream with `ControlError`.
+        """
+        backoff = 0.1
+        while True:
+            try:
+                async for nm in self._stream_once():
+                    backoff = 0.1
+                    yield nm
+                    if once:
+                        return
+                err = ControlError(ErrorCode.INTERNAL, "the server closed the map stream")
+            except ControlError as exc:
+                if not exc.retryable:
+                    raise
+                err = exc
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                err = ControlError(ErrorCode.INTERNAL, f"map stream broke: {exc!r}")
+            if not reconnect:
+                raise err
+            log.info("map stream: %s; reconnecting in %.1fs", err, backoff)
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(max_backoff, backoff * 2)
+
+    async def _stream_once(self) -> AsyncIterator[NetMap]:
+        chan = await self._chan()
+        body = chan.seal({"node_key": self.node_key_public, "ts": time.time(), "stream": True})
+        # sock_read bounds silence: the server sends a keepalive every KEEPALIVE_SECONDS.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout * 4)
+        async with self._http().post(self.server_url + "/machine/map", data=body,
+                                     headers={MACHINE_KEY_HEADER: self.machine_key_public},
+                                     timeout=timeout) as resp:
+            if resp.status != 200:
+                raise _error_from(resp.status, await resp.read())
+            reader = FrameReader()
+            assembler = MapAssembler()
+            async for chunk in resp.content.iter_any():
+                try:
+                    frames = reader.feed(chunk)
+                except ProtocolError as exc:
+                    raise ControlError(exc.code, exc.message) from None
+                for sealed in frames:
+                    try:
+                        msg = chan.open(sealed)[1]
+                        nm = assembler.apply(msg)
+                    except ProtocolError as exc:
+                        raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
+                    except (NetMapError, KeyError, TypeError, ValueError) as exc:
+                        raise ControlError(ErrorCode.BAD_REQUEST, f"bad map frame: {exc}", 0) from None
+                    if nm is not None:
+                        yield nm
+
+
+def _error_from(status: int, body: bytes) -> ControlError:
+    try:
+        obj = json.loads(body)
+        code = ErrorCode(obj.get("error"))
+        message = str(obj.get("message", ""))
+    except (ValueError, AttributeError, TypeError):
+        code, message = ErrorCode.INTERNAL, body[:200].decode(errors="replace")
+    return ControlError(code, message, status)

@@ -1,0 +1,215 @@
+"""The network map a node receives from the control server, and its conversion to a `DnsView`.
+
+A `NetMap` is one immutable snapshot: the node itself, the peers the ACL policy lets it see, the
+DNS settings and records, and the packet filter for this node. The control server builds it, the
+client library (`meshnode.control.client`) rebuilds it from the streamed frames, and the node daemon
+hands it to the WireGuard engine, the router and (through `netmap_to_view`) the resolver.
+
+JSON form (what `NetMap.to_json` writes and `NetMap.from_json` reads; a node keeps it in its state dir):
+
+    {"version": 7, "domain": "tailnet",
+     "self": {MapNode}, "peers": [{MapNode}, ...],
+     "dns": {"nameservers": ["1.1.1.1"], "routes": {"corp.example": ["10.0.0.53"]},
+             "search_domains": ["tailnet"],
+             "records": [{"name": "web.tailnet", "type": "A", "value": "10.1.1.1", "ttl": 300}]},
+     "packet_filter": [{rule}, ...], "derp": {}, "collected_at": 1700000000.0}
+
+A MapNode: {"id": 3, "name": "laptop", "fqdn": "laptop.tailnet", "user": "alice",
+            "addresses": ["100.64.0.3", "fd7a:115c:a1e0::3"], "node_key": "<base64 Curve25519>",
+            "endpoints": ["192.0.2.1:41641"], "allowed_ips": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128"],
+            "advertised_routes": ["10.0.0.0/24"], "approved_routes": ["10.0.0.0/24"],
+            "exit_node": false, "advertises_exit_node": false, "tags": ["tag:server"],
+            "online": true, "os": "linux", "last_seen": 1700000000.0, "ephemeral": false}
+
+Packet-filter rules are carried as the JSON the policy engine produces for this node (Tailscale's
+FilterRule shape); the map does not interpret them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from magicdns.records import Record, RecordError, parse_record
+from magicdns.upstream import UpstreamError, parse_upstream
+from magicdns.view import DnsSettings, DnsView, Host
+
+
+
+class NetMapError(ValueError):
+    """A network map (JSON) that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class MapNode:
+    """One node as it appears in a map: itself or a peer."""
+
+    id: int
+    name: str                      # short host label, e.g. "laptop"
+    fqdn: str                      # "laptop.tailnet"
+    user: str
+    addresses: tuple[str, ...]     # IPv4 first, then IPv6, as text
+    node_key: str                  # WireGuard public key, standard base64 (44 chars)
+    endpoints: tuple[str, ...] = ()        # "ip:port" / "[v6]:port" the node reported
+    allowed_ips: tuple[str, ...] = ()      # CIDRs to route to this peer (addresses + approved routes)
+    advertised_routes: tuple[str, ...] = ()
+    approved_routes: tuple[str, ...] = ()
+    exit_node: bool = False                # approved as exit node (0.0.0.0/0 and ::/0 usable)
+    advertises_exit_node: bool = False
+    tags: tuple[str, ...] = ()
+    online: bool = False
+    os: str = ""
+    last_seen: float | None = None         # unix seconds; None when never seen
+    ephemeral: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "fqdn": self.fqdn, "user": self.user,
+            "addresses": list(self.addresses), "node_key": self.node_key,
+            "endpoints": list(self.endpoints), "allowed_ips": list(self.allowed_ips),
+            "advertised_routes": list(self.advertised_routes),
+            "approved_routes": list(self.approved_routes),
+            "exit_node": self.exit_node, "advertises_exit_node": self.advertises_exit_node,
+            "tags": list(self.tags), "online": self.online, "os": self.os,
+            "last_seen": self.last_seen, "ephemeral": self.ephemeral,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> "MapNode":
+        """Read one node; raises `NetMapError` on a missing or mistyped field."""
+        if not isinstance(obj, dict):
+            raise NetMapError("node: expected an object")
+        try:
+            last_seen = obj.get("last_seen")
+            return MapNode(
+                int(obj["id"]), str(obj["name"]), str(obj["fqdn"]), str(obj.get("user", "")),
+                tuple(obj["addresses"]), str(obj["node_key"]),
+                tuple(obj.get("endpoints") or ()), tuple(obj.get("allowed_ips") or ()),
+                tuple(obj.get("advertised_routes") or ()), tuple(obj.get("approved_routes") or ()),
+                bool(obj.get("exit_node", False)), bool(obj.get("advertises_exit_node", False)),
+                tuple(obj.get("tags") or ()), bool(obj.get("online", False)), str(obj.get("os", "")),
+                float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)))
+        except KeyError as exc:
+            raise NetMapError(f"node {obj.get('id', '?')}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise NetMapError(f"node {obj.get('id', '?')}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """DNS settings of the tailnet as pushed to nodes; resolvers are `HOST[:PORT]` text."""
+
+    nameservers: tuple[str, ...] = ()
+    routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # split DNS; [] = answer locally
+    search_domains: tuple[str, ...] = ()
+    records: tuple[Record, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nameservers": list(self.nameservers),
+                "routes": {d: list(r) for d, r in self.routes.items()},
+                "search_domains": list(self.search_domains),
+                "records": [r.to_json() for r in self.records]}
+
+    @staticmethod
+    def from_json(obj: Any, domain: str) -> "DnsConfig":
+        if not isinstance(obj, dict):
+            raise NetMapError("dns: expected an object")
+        routes = obj.get("routes") or {}
+        if not isinstance(routes, dict):
+            raise NetMapError("dns.routes: expected an object")
+        records = []
+        for i, r in enumerate(obj.get("records") or ()):
+            if not isinstance(r, dict):
+                raise NetMapError(f"dns.records[{i}]: expected an object")
+            try:
+                # Names are absolute in the map; the trailing dot keeps parse_record from re-qualifying.
+                name = str(r.get("name", ""))
+                records.append(parse_record(name if name.endswith(".") else name + ".",
+                                            str(r.get("type", "")), str(r.get("value", "")),
+                                            r.get("ttl"), domain, bool(r.get("override", False))))
+            except RecordError as exc:
+                raise NetMapError(f"dns.records[{i}]: {exc}") from None
+        return DnsConfig(tuple(str(n) for n in obj.get("nameservers") or ()),
+                         MappingProxyType({str(d): tuple(str(u) for u in ups) for d, ups in routes.items()}),
+                         tuple(str(s) for s in obj.get("search_domains") or ()),
+                         tuple(records))
+
+
+@dataclass(frozen=True, slots=True)
+class NetMap:
+    """Everything one node knows about its tailnet, as of `version` (monotonic; the SOA serial)."""
+
+    version: int
+    domain: str
+    self_node: MapNode
+    peers: tuple[MapNode, ...] = ()
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    packet_filter: tuple[Mapping[str, Any], ...] = ()
+    derp: Mapping[str, Any] = field(default_factory=dict)  # relay map placeholder; empty until relays exist
+
+    def peer_by_name(self, name: str) -> MapNode | None:
+        """The peer whose short name or FQDN is `name` (case-insensitive), if visible."""
+        key = name.lower().rstrip(".")
+        for p in self.peers:
+            if p.name == key or p.fqdn == key:
+                return p
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "domain": self.domain,
+                "self": self.self_node.to_json(),
+                "peers": [p.to_json() for p in self.peers],
+                "dns": self.dns.to_json(),
+                "packet_filter": [dict(r) for r in self.packet_filter],
+                "derp": dict(self.derp)}
+
+    @staticmethod
+    def from_json(obj: Any) -> "NetMap":
+        """Read a map as written by `to_json`; raises `NetMapError` naming the bad field."""
+        if not isinstance(obj, dict):
+            raise NetMapError("the network map must be a JSON object")
+        try:
+            version = int(obj["version"])
+            domain = str(obj["domain"])
+            self_obj = obj["self"]
+        except KeyError as exc:
+            raise NetMapError(f"missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise NetMapError(f"version: {exc}") from None
+        peers_obj = obj.get("peers") or []
+        if not isinstance(peers_obj, list):
+            raise NetMapError("peers: expected a list")
+        pf = obj.get("packet_filter") or []
+        if not isinstance(pf, list):
+            raise NetMapError("packet_filter: expected a list")
+        return NetMap(version, domain, MapNode.from_json(self_obj),
+                      tuple(MapNode.from_json(p) for p in peers_obj),
+                      DnsConfig.from_json(obj.get("dns") or {}, domain),
+                      tuple(MappingProxyType(r) for r in pf),
+                      MappingProxyType(dict(obj.get("derp") or {})))
+
+
+def _host(node: MapNode) -> Host:
+    addrs = []
+    for a in node.addresses:
+        # Constructing the concrete class directly is ~2x faster than ip_address() on 10k peers.
+        addrs.append(ipaddress.IPv6Address(a) if ":" in a else ipaddress.IPv4Address(a))
+    return Host(node.name, tuple(addrs), node.tags, node.online)
+
+
+def netmap_to_view(netmap: NetMap) -> DnsView:
+    """The resolver's view of a map: self and visible peers as hosts, DNS settings, records.
+
+    Records keep their `override` flags. The version is the map version (the SOA serial), clamped to
+    32 bits as DNS requires. Raises `NetMapError` if a resolver address in the map is invalid.
+    """
+    try:
+        nameservers = tuple(parse_upstream(s) for s in netmap.dns.nameservers)
+        routes = {d: tuple(parse_upstream(s) for s in ups) for d, ups in netmap.dns.routes.items()}
+    except UpstreamError as exc:
+        raise NetMapError(f"dns: {exc}") from None
+    settings = DnsSettings(nameservers, routes, netmap.dns.search_domains, netmap.dns.records)
+    return DnsView(netmap.domain, _host(netmap.self_node), tuple(_host(p) for p in netmap.peers),
+                   settings, netmap.version & 0xFFFFFFFF)
