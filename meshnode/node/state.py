@@ -1,0 +1,226 @@
+"""The node's state directory: keys, prefs and the last network map, each in its own file.
+
+Layout (all files 0600, the directory 0700):
+    machine.key   this machine's Curve25519 key; identifies the machine to control servers
+    node.key      the node key registered with the control server; removed by `logout`
+    prefs.json    what the user asked for with `up`/`down` (see prefs.py)
+    netmap.json   the last network map received, so a restart answers names at once
+    daemon.lock   held (flock) by the running daemon so two daemons never share one directory
+
+Every write is atomic (atomicfile.py). Damage is handled by what is at stake: an unreadable key is a
+hard error, because silently generating a new one would turn this machine into a different node;
+a damaged map or prefs file is moved aside (kept for inspection) and the daemon carries on without it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacl.public import PrivateKey
+
+from .atomicfile import atomic_write
+from .prefs import Prefs, PrefsError, prefs_from_json
+
+log = logging.getLogger("meshnode.node.state")
+
+KEY_PREFIX = "privkey:"
+NETMAP_FORMAT = 1
+
+
+class StateError(RuntimeError):
+    """The state directory cannot be used; the message says which file and what to do."""
+
+
+class KeyFileError(StateError):
+    """A key file exists but cannot be used. Never answered by generating a new key."""
+
+
+class StateLocked(StateError):
+    """Another daemon already holds this state directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedMap:
+    """The last network map as saved: its JSON form and when it was received (unix seconds)."""
+
+    netmap: dict[str, Any]
+    saved_at: float
+
+
+def encode_key(key: PrivateKey) -> str:
+    return KEY_PREFIX + bytes(key).hex() + "\n"
+
+
+def decode_key(text: str, where: str) -> PrivateKey:
+    """Parse 'privkey:<64 hex digits>'; raises `KeyFileError` naming `where`."""
+    body = text.strip()
+    if not body.startswith(KEY_PREFIX):
+        raise KeyFileError(f"{where}: not a key file (expected '{KEY_PREFIX}<64 hex digits>')")
+    hexpart = body[len(KEY_PREFIX):]
+    try:
+        raw = bytes.fromhex(hexpart)
+    except ValueError:
+        raise KeyFileError(f"{where}: the key is not valid hex") from None
+    if len(raw) != 32:
+        raise KeyFileError(f"{where}: the key has {len(raw)} bytes, expected 32")
+    return PrivateKey(raw)
+
+
+class StateDir:
+    """One node's state directory. Not thread-safe: the daemon's control loop is its only user."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- directory and lock ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the directory if needed (0700) and take the daemon lock."""
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"state directory {self.path}: {exc.strerror}") from None
+        if not self.path.is_dir():
+            raise StateError(f"state directory {self.path}: not a directory")
+        fd = os.open(self.path / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateLocked(f"state directory {self.path} is in use by another meshnode daemon") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _read_key(self, name: str) -> PrivateKey | None:
+        path = self.path / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeyFileError(f"{path}: cannot stat: {exc.strerror}; refusing to create a new key") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path}: not a regular file; refusing to create a new key")
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
+            raise KeyFileError(f"{path}: cannot read: {reason}; refusing to create a new key"
+                               " (fix or remove the file)") from None
+        key = decode_key(text, str(path))
+        if st.st_mode & 0o077:
+            # A private key others can read is a leak in progress; tighten it rather than refuse,
+            # since refusing would take the node down for a permissions slip.
+            log.warning("state: %s was readable by others (mode %o); setting it to 0600", path,
+                        st.st_mode & 0o777)
+            os.chmod(path, 0o600)
+        return key
+
+    def machine_key(self) -> PrivateKey:
+        """The machine key, created on first use."""
+        key = self._read_key("machine.key")
+        if key is None:
+            key = PrivateKey.generate()
+            atomic_write(self.path / "machine.key", encode_key(key))
+            log.info("state: created machine key in %s", self.path)
+        return key
+
+    def node_key(self) -> PrivateKey | None:
+        """The registered node key, or None before the first `up` and after `logout`."""
+        return self._read_key("node.key")
+
+    def new_node_key(self) -> PrivateKey:
+        key = PrivateKey.generate()
+        atomic_write(self.path / "node.key", encode_key(key))
+        return key
+
+    def forget_node_key(self) -> None:
+        try:
+            (self.path / "node.key").unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- prefs and map -----------------------------------------------------------------------
+
+    def _move_aside(self, path: Path, reason: str) -> Path:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, aside)
+        log.error("state: %s is damaged (%s); moved it to %s and carrying on without it",
+                  path, reason, aside)
+        return aside
+
+    def _read_json(self, name: str) -> Any | None:
+        path = self.path / name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            self._move_aside(path, "not UTF-8 text")
+            return None
+        except OSError as exc:
+            raise StateError(f"{path}: cannot read: {exc.strerror}") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            self._move_aside(path, f"not valid JSON: {exc}")
+            return None
+
+    def prefs(self) -> Prefs:
+        """The saved prefs; defaults (not running) when none are saved or the file was damaged."""
+        obj = self._read_json("prefs.json")
+        if obj is None:
+            return Prefs()
+        try:
+            return prefs_from_json(obj)
+        except PrefsError as exc:
+            self._move_aside(self.path / "prefs.json", str(exc))
+            return Prefs()
+
+    def save_prefs(self, prefs: Prefs) -> None:
+        atomic_write(self.path / "prefs.json", json.dumps(prefs.to_json(), indent=2) + "\n")
+
+    def saved_map(self) -> SavedMap | None:
+        """The last saved network map, or None (after moving a damaged file aside)."""
+        obj = self._read_json("netmap.json")
+        if obj is None:
+            return None
+        if (not isinstance(obj, dict) or obj.get("format") != NETMAP_FORMAT
+                or not isinstance(obj.get("netmap"), dict)
+                or not isinstance(obj.get("saved_at"), (int, float))):
+            self._move_aside(self.path / "netmap.json", f"not a format-{NETMAP_FORMAT} saved map")
+            return None
+        return SavedMap(obj["netmap"], float(obj["saved_at"]))
+
+    def reject_saved_map(self, reason: str) -> None:
+        """Move the saved map aside when its content (not its syntax) turned out to be unusable."""
+        path = self.path / "netmap.json"
+        if path.exists():
+            self._move_aside(path, reason)
+
+    def save_map(self, netmap: dict[str, Any], now: float) -> None:
+        doc = {"format": NETMAP_FORMAT, "saved_at": now, "netmap": netmap}
+        atomic_write(self.path / "netmap.json", json.dumps(doc, separators=(",", ":")))
+
+    def forget_map(self) -> None:
+        try:
+            (self.path / "netmap.json").unlink()
+        except FileNotFoundError:
+            pass
