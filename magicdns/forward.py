@@ -1,0 +1,650 @@
+"""Forwarding queries that are not for a local zone to upstream resolvers (DESIGN.md section 3).
+
+One `Forwarder` per server. For each query:
+- the client's query goes out unchanged except for a fresh random ID (`secrets`), from a fresh
+  socket (so a fresh kernel-chosen random source port) per attempt; the socket is connected, so the
+  kernel drops datagrams from any other address or port, and an ICMP port-unreachable fails the
+  attempt at once instead of waiting for a timeout;
+- replies with the wrong ID, without QR, or whose question bytes differ from what we sent (compared
+  case-sensitively) are dropped and counted, and the wait goes on;
+- the upstreams of a route race: the one with the lowest smoothed RTT first, the next after
+  `stagger` seconds without an answer, or at once when an attempt fails (SERVFAIL, REFUSED, FORMERR,
+  NOTIMP, a network error); the first good answer wins;
+- a truncated (TC) UDP reply is retried over TCP (RFC 7766 framing) to the same upstream;
+- after `timeout` seconds, or when every upstream failed: a stale cached answer (RFC 8767), else the
+  last upstream's failure reply, else a SERVFAIL we build;
+- more than `max_inflight` queries at once: the new one gets a stale answer or SERVFAIL at once.
+
+The per-query work is kept to callbacks on the loop (no task per attempt); only a TCP fallback runs
+as a task, because it is rare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from dnslib import DNSRecord, DNSError
+
+from .cache import (TYPE_A, TYPE_AAAA, Cache, MessageScan, QueryInfo, Rcode, Section, WireError,
+                    query_info, question_end, scan_message)
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+# Addresses that are this resolver wherever it runs (DESIGN.md section 1).
+MAGICDNS_V4 = ipaddress.IPv4Address("100.100.100.100")
+MAGICDNS_V6 = ipaddress.IPv6Address("fd7a:115c:a1e0::53")
+TAILNET_V4 = ipaddress.IPv4Network("100.64.0.0/10")
+TAILNET_V6 = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
+_TAILNET_V6_PREFIX = TAILNET_V6.network_address.packed[:6]
+
+EDNS_UDP_SIZE = 1232  # what we advertise in replies we build (DNS flag day 2020)
+EDE_OPTION = 15  # RFC 8914 Extended DNS Error
+EDE_OTHER = 0
+EDE_NO_REACHABLE_AUTHORITY = 22
+
+_FAILURE_RCODES = frozenset((Rcode.SERVFAIL, Rcode.REFUSED, Rcode.FORMERR, Rcode.NOTIMP))
+_REBIND_LOG_INTERVAL = 600.0  # seconds between two log lines for the same name
+_REBIND_LOG_NAMES = 4096  # names remembered for that rate limit
+
+
+class ForwardingLoopError(ValueError):
+    """An upstream that is this resolver itself: forwarding to it would loop."""
+
+
+# -- configuration-time checks -----------------------------------------------------------------
+
+def _addr(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def is_self(upstream: Upstream, own_addresses: Iterable[Upstream] = ()) -> bool:
+    """True when `upstream` is this resolver: the MagicDNS addresses, or one of our listen addresses
+    (a wildcard listener, 0.0.0.0 or ::, is reached through any loopback address on its port)."""
+    addr = _addr(upstream.host)
+    if addr in (MAGICDNS_V4, MAGICDNS_V6):
+        return True
+    for own in own_addresses:
+        mine = _addr(own.host)
+        if own.port != upstream.port:
+            continue
+        if mine == addr or (mine.is_unspecified and (addr.is_loopback or addr.is_unspecified)):
+            return True
+    return False
+
+
+def reject_self(upstreams: Iterable[Upstream], own_addresses: Iterable[Upstream] = ()) -> tuple[Upstream, ...]:
+    """`upstreams` unchanged, or ForwardingLoopError naming the first one that is ourselves."""
+    own = tuple(own_addresses)
+    result = tuple(upstreams)
+    for up in result:
+        if is_self(up, own):
+            raise ForwardingLoopError(f"upstream {up.spec} is this resolver itself; forwarding to it would loop")
+    return result
+
+
+# -- replies we build ----------------------------------------------------------------------------
+
+def _client_opt(query: bytes, qend: int) -> int | None:
+    """The client's OPT flags byte (for DO) when its query carries EDNS, else None."""
+    if query[10] == 0 and query[11] == 0:
+        return None
+    p = qend
+    if len(query) >= p + 11 and query[p] == 0 and query[p + 1] == 0 and query[p + 2] == 41:
+        return query[p + 7]
+    return None
+
+
+def error_reply(query: bytes, rcode: Rcode, ede: int | None = None) -> bytes:
+    """A reply with `rcode` for `query`: ID, opcode, RD and CD copied, question echoed when it can be
+    read, an OPT (with an RFC 8914 Extended DNS Error when `ede` is given) when the client sent one."""
+    if len(query) < 12:
+        return b""
+    try:
+        qend = question_end(query)
+    except WireError:
+        qend = 0
+    flags1 = 0x80 | (query[2] & 0x79)  # QR, opcode, RD
+    flags2 = 0x80 | (query[3] & 0x10) | int(rcode)  # RA, CD
+    if not qend:
+        return query[0:2] + bytes((flags1, flags2)) + bytes(8)
+    opt_flags = _client_opt(query, qend)
+    out = query[0:2] + bytes((flags1, flags2, 0, 1, 0, 0, 0, 0, 0, 1 if opt_flags is not None else 0))
+    out += query[12:qend]
+    if opt_flags is not None:
+        rdata = b"" if ede is None else struct.pack(">HHH", EDE_OPTION, 2, ede)
+        out += b"\x00\x00\x29" + struct.pack(">HBBBBH", EDNS_UDP_SIZE, 0, 0, opt_flags & 0x80, 0, len(rdata)) + rdata
+    return out
+
+
+# -- rebinding protection ------------------------------------------------------------------------
+
+def tailnet_address_records(reply: bytes, scan: MessageScan) -> bool:
+    """True when an A/AAAA record in the answer or additional section points into the tailnet ranges."""
+    for rec in scan.records:
+        if rec.section == Section.AUTHORITY:
+            continue
+        if rec.rtype == TYPE_A and rec.rdlen == 4:
+            if reply[rec.rdata_off] == 100 and reply[rec.rdata_off + 1] & 0xC0 == 64:
+                return True
+        elif rec.rtype == TYPE_AAAA and rec.rdlen == 16:
+            if reply[rec.rdata_off:rec.rdata_off + 6] == _TAILNET_V6_PREFIX:
+                return True
+    return False
+
+
+def _in_tailnet(rr) -> bool:  # type: ignore[no-untyped-def]
+    if rr.rtype not in (TYPE_A, TYPE_AAAA):
+        return False
+    try:
+        addr = ipaddress.ip_address(str(rr.rdata))
+    except ValueError:
+        return False
+    return addr in TAILNET_V4 if addr.version == 4 else addr in TAILNET_V6
+
+
+def strip_tailnet_addresses(reply: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """`reply` without its A/AAAA records into 100.64.0.0/10 or fd7a:115c:a1e0::/48 (answer and
+    additional sections) and the owner names removed. The rcode stays: NOERROR with nothing left is
+    NODATA. Re-encoded with dnslib: removing records in place would break compression pointers."""
+    msg = DNSRecord.parse(reply)
+    names = sorted({str(rr.rname) for rr in msg.rr + msg.ar if _in_tailnet(rr)})
+    msg.rr = [rr for rr in msg.rr if not _in_tailnet(rr)]
+    msg.ar = [rr for rr in msg.ar if not _in_tailnet(rr)]
+    msg.set_header_qa()
+    return msg.pack(), tuple(names)
+
+
+# -- health of an upstream -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHealth:
+    """A snapshot of one upstream's counters, for `stats()` and operators."""
+
+    upstream: str
+    sent: int
+    answered: int
+    servfail: int
+    timeouts: int
+    tcp_fallbacks: int
+    srtt_ms: float
+    last_error: str | None
+
+
+class _Health:
+    __slots__ = ("sent", "answered", "servfail", "timeouts", "tcp_fallbacks", "srtt", "last_error")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.answered = 0
+        self.servfail = 0
+        self.timeouts = 0
+        self.tcp_fallbacks = 0
+        self.srtt = 0.0  # seconds; an unknown upstream is tried first, in configured order
+        self.last_error: str | None = None
+
+    def sample(self, rtt: float) -> None:
+        # Weights as BIND's: quick to notice a slow server, slow to forget it.
+        self.srtt = rtt if self.srtt == 0.0 else 0.7 * self.srtt + 0.3 * rtt
+
+    def snapshot(self, name: str) -> UpstreamHealth:
+        return UpstreamHealth(name, self.sent, self.answered, self.servfail, self.timeouts,
+                              self.tcp_fallbacks, round(self.srtt * 1000, 3), self.last_error)
+
+
+# -- one query's race ----------------------------------------------------------------------------
+
+_PENDING, _UDP, _TCP, _DONE = range(4)
+
+
+class _Attempt:
+    __slots__ = ("upstream", "health", "sock", "fd", "sent_id", "wire", "started", "state", "task", "tracked")
+
+    def __init__(self, upstream: Upstream, health: _Health) -> None:
+        self.upstream = upstream
+        self.health = health
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.sent_id = b""
+        self.wire = b""
+        self.started = 0.0
+        self.state = _PENDING
+        self.task: asyncio.Task[None] | None = None
+        self.tracked: list[bytes] = []
+
+
+class _Race:
+    """The state of one forwarded query: attempts, timers and the future the caller awaits."""
+
+    __slots__ = ("fwd", "loop", "query", "qbytes", "upstreams", "attempts", "next_index", "result",
+                 "stagger_handle", "deadline_handle", "failure", "timed_out")
+
+    def __init__(self, fwd: "Forwarder", query: bytes, qend: int, upstreams: list[Upstream]) -> None:
+        self.fwd = fwd
+        self.loop = fwd._loop
+        self.query = query
+        self.qbytes = query[12:qend]
+        self.upstreams = upstreams
+        self.attempts: list[_Attempt] = []
+        self.next_index = 0
+        self.result: asyncio.Future[tuple[bytes, _Attempt] | None] = self.loop.create_future()
+        self.stagger_handle: asyncio.TimerHandle | None = None
+        self.deadline_handle: asyncio.TimerHandle | None = None
+        self.failure: bytes | None = None  # the latest SERVFAIL/REFUSED/... reply, passed on if all fail
+        self.timed_out = False
+
+    def start(self, timeout: float) -> None:
+        self.deadline_handle = self.loop.call_later(timeout, self._on_deadline)
+        self.start_next()
+
+    # Attempts ----------------------------------------------------------------------------------
+
+    def start_next(self) -> None:
+        if self.stagger_handle is not None:
+            self.stagger_handle.cancel()
+            self.stagger_handle = None
+        while self.next_index < len(self.upstreams) and not self.result.done():
+            up = self.upstreams[self.next_index]
+            self.next_index += 1
+            attempt = _Attempt(up, self.fwd._health_of(up))
+            self.attempts.append(attempt)
+            if self._send_udp(attempt):
+                if self.next_index < len(self.upstreams):
+                    self.stagger_handle = self.loop.call_later(self.fwd.stagger, self.start_next)
+                return
+        self._check_all_failed()
+
+    def _new_wire(self, attempt: _Attempt) -> bytes:
+        sent_id = secrets.token_bytes(2)
+        attempt.sent_id = sent_id
+        key = sent_id + self.qbytes
+        attempt.tracked.append(key)
+        outgoing = self.fwd._outgoing
+        outgoing[key] = outgoing.get(key, 0) + 1
+        return sent_id + self.query[2:]
+
+    def _send_udp(self, attempt: _Attempt) -> bool:
+        up = attempt.upstream
+        attempt.wire = self._new_wire(attempt)
+        attempt.started = self.loop.time()
+        attempt.health.sent += 1
+        self.fwd.sent += 1
+        try:
+            sock = socket.socket(socket.AF_INET6 if up.family_v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            self._fail(attempt, f"socket: {exc.strerror}")
+            return False
+        attempt.sock = sock
+        try:
+            sock.setblocking(False)
+            sock.connect((up.host, up.port))
+            sock.send(attempt.wire)
+        except OSError as exc:
+            self._fail(attempt, f"send: {exc.strerror or exc}")
+            return False
+        attempt.fd = sock.fileno()
+        attempt.state = _UDP
+        self.loop.add_reader(attempt.fd, self._on_readable, attempt)
+        return True
+
+    def _close_udp(self, attempt: _Attempt) -> None:
+        if attempt.fd >= 0:
+            self.loop.remove_reader(attempt.fd)
+            attempt.fd = -1
+        if attempt.sock is not None:
+            attempt.sock.close()
+            attempt.sock = None
+
+    def _on_readable(self, attempt: _Attempt) -> None:
+        sock = attempt.sock
+        while sock is not None and attempt.state == _UDP:
+            try:
+                data = sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP unreachable reported on the connected socket
+                self._attempt_failed(attempt, f"recv: {exc.strerror or exc}")
+                return
+            if not self._matches(attempt, data):
+                continue
+            if data[2] & 0x02:
+                self._tcp_fallback(attempt)
+                return
+            self._on_reply(attempt, data)
+
+    def _matches(self, attempt: _Attempt, data: bytes) -> bool:
+        qb = self.qbytes
+        if (len(data) >= 12 + len(qb) and data[0:2] == attempt.sent_id and data[2] & 0x80
+                and data[4] == 0 and data[5] == 1 and data[12:12 + len(qb)] == qb):
+            return True
+        # A bare failure header (FORMERR/NOTIMP/... without the question) from the right peer and ID.
+        if (len(data) >= 12 and data[0:2] == attempt.sent_id and data[2] & 0x80
+                and data[4] == 0 and data[5] == 0 and (data[3] & 0x0F) in _FAILURE_RCODES):
+            return True
+        self.fwd.dropped_mismatch += 1
+        return False
+
+    def _tcp_fallback(self, attempt: _Attempt) -> None:
+        self._close_udp(attempt)
+        attempt.state = _TCP
+        attempt.health.tcp_fallbacks += 1
+        self.fwd.tcp_fallbacks += 1
+        attempt.task = self.loop.create_task(self._tcp(attempt))
+
+    async def _tcp(self, attempt: _Attempt) -> None:
+        up = attempt.upstream
+        wire = self._new_wire(attempt)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            # No explicit timeout: the race's deadline cancels this task.
+            reader, writer = await asyncio.open_connection(up.host, up.port)
+            writer.write(struct.pack(">H", len(wire)) + wire)
+            await writer.drain()
+            while True:
+                (length,) = struct.unpack(">H", await reader.readexactly(2))
+                data = await reader.readexactly(length)
+                if self._matches(attempt, data):
+                    break
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            reason = "closed by peer" if isinstance(exc, asyncio.IncompleteReadError) else (exc.strerror or str(exc))
+            self._attempt_failed(attempt, f"tcp: {reason}")
+            return
+        finally:
+            if writer is not None:
+                writer.close()
+        if attempt.state == _TCP:
+            self._on_reply(attempt, data)
+
+    # Outcomes ----------------------------------------------------------------------------------
+
+    def _on_reply(self, attempt: _Attempt, data: bytes) -> None:
+        health = attempt.health
+        health.answered += 1
+        health.sample(self.loop.time() - attempt.started)
+        if (data[3] & 0x0F) in _FAILURE_RCODES:
+            health.servfail += 1
+            health.last_error = Rcode(data[3] & 0x0F).name
+            self.failure = data
+            self._finish_attempt(attempt)
+            if self.next_index < len(self.upstreams):
+                self.start_next()
+            else:
+                self._check_all_failed()
+            return
+        self._finish_attempt(attempt)
+        if not self.result.done():
+            self.result.set_result((data, attempt))
+
+    def _attempt_failed(self, attempt: _Attempt, reason: str) -> None:
+        self._fail(attempt, reason)
+        if self.next_index < len(self.upstreams):
+            self.start_next()
+        else:
+            self._check_all_failed()
+
+    def _fail(self, attempt: _Attempt, reason: str) -> None:
+        """Book-keeping for a failed attempt; the caller decides what starts next."""
+        attempt.health.last_error = reason
+        self.fwd._note_error(attempt.upstream, reason)
+        # A failed attempt says the upstream is unusable right now: rank it behind the others.
+        attempt.health.sample(max(self.fwd.timeout, attempt.health.srtt))
+        self._finish_attempt(attempt)
+
+    def _finish_attempt(self, attempt: _Attempt) -> None:
+        self._close_udp(attempt)
+        attempt.state = _DONE
+
+    def _check_all_failed(self) -> None:
+        if self.result.done() or self.next_index < len(self.upstreams):
+            return
+        if all(a.state == _DONE for a in self.attempts):
+            self.result.set_result(None)
+
+    def _on_deadline(self) -> None:
+        self.deadline_handle = None
+        self.timed_out = True
+        if not self.result.done():
+            self.result.set_result(None)
+
+    def close(self) -> None:
+        """Release every socket, timer and task of this race (called once, whatever happened)."""
+        if self.stagger_handle is not None:
+            self.stagger_handle.cancel()
+        if self.deadline_handle is not None:
+            self.deadline_handle.cancel()
+        now = self.loop.time()
+        outgoing = self.fwd._outgoing
+        for attempt in self.attempts:
+            if attempt.state in (_UDP, _TCP):
+                # Unanswered when the race ended: its RTT is at least this long.
+                waited = now - attempt.started
+                if waited > attempt.health.srtt:
+                    attempt.health.sample(waited)
+                if self.timed_out:
+                    attempt.health.timeouts += 1
+                    attempt.health.last_error = "timeout"
+            self._close_udp(attempt)
+            if attempt.task is not None and not attempt.task.done():
+                attempt.task.cancel()
+            attempt.state = _DONE
+            for key in attempt.tracked:
+                left = outgoing[key] - 1
+                if left:
+                    outgoing[key] = left
+                else:
+                    del outgoing[key]
+        # Upstreams skipped this time drift back towards the front, so a server that failed once
+        # is probed again now and then rather than never.
+        for up in self.upstreams[self.next_index:]:
+            self.fwd._health_of(up).srtt *= 0.98
+
+
+# -- the forwarder -------------------------------------------------------------------------------
+
+class Forwarder:
+    """Forwards queries to upstream resolvers, with a cache, racing, TCP fallback and bounds."""
+
+    def __init__(self, *, cache: Cache | None = None, timeout: float = 2.5, stagger: float = 0.15,
+                 max_inflight: int = 2048, loop: asyncio.AbstractEventLoop | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` is the cache's clock (the `now` the server passes to `answer_from_cache`)."""
+        if timeout <= 0 or stagger < 0 or max_inflight < 1:
+            raise ValueError("timeout must be > 0, stagger >= 0, max_inflight >= 1")
+        self.cache = cache
+        self.timeout = timeout
+        self.stagger = stagger
+        self.max_inflight = max_inflight
+        self._loop_arg = loop
+        self._clock = clock
+        self._health: dict[Upstream, _Health] = {}
+        self._outgoing: dict[bytes, int] = {}  # (sent ID + question bytes) -> attempts in flight
+        self._races: set[_Race] = set()
+        self._rebind_logged: dict[str, float] = {}
+        self._inflight = 0
+        self.queries = 0
+        self.sent = 0
+        self.answered = 0
+        self.servfail = 0
+        self.timeouts = 0
+        self.tcp_fallbacks = 0
+        self.overload = 0
+        self.rebind_blocked = 0
+        self.dropped_mismatch = 0
+        self.looped_seen = 0
+        self.stale_answers = 0
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop_arg or asyncio.get_running_loop()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def _health_of(self, up: Upstream) -> _Health:
+        health = self._health.get(up)
+        if health is None:
+            health = self._health[up] = _Health()
+        return health
+
+    def _note_error(self, up: Upstream, reason: str) -> None:
+        log.debug("upstream %s: %s", up.spec, reason)
+
+    # -- the server's entry points ---------------------------------------------------------------
+
+    def answer_from_cache(self, query: bytes, now: float) -> bytes | None:
+        """A fresh cached reply shaped for `query` (client's ID and question case, aged TTLs), or None."""
+        cache = self.cache
+        if cache is None:
+            return None
+        try:
+            info = query_info(query)
+        except WireError:
+            return None
+        return cache.get(query, info, now)
+
+    def looped(self, query: bytes) -> bool:
+        """True if `query` is one of our own forwarded queries arriving back at our listener."""
+        if not self._outgoing or len(query) < 12:
+            return False
+        try:
+            qend = question_end(query)
+        except WireError:
+            return False
+        if query[0:2] + query[12:qend] in self._outgoing:
+            self.looped_seen += 1
+            return True
+        return False
+
+    async def forward(self, query: bytes, upstreams: tuple[Upstream, ...], *,
+                      allow_tailnet_answers: bool) -> bytes:
+        """The reply for the client (never raises except on cancellation; returns within `timeout`
+        plus scheduling slack): see the module docstring for the order of fallbacks."""
+        self.queries += 1
+        try:
+            info = query_info(query)
+        except WireError:
+            return error_reply(query, Rcode.FORMERR)
+        if self._inflight >= self.max_inflight:
+            self.overload += 1
+            return self._failed(query, info, None, EDE_OTHER)
+        if not upstreams:
+            return self._failed(query, info, None, EDE_NO_REACHABLE_AUTHORITY)
+        ordered = list(upstreams)
+        if len(ordered) > 1:
+            health = self._health
+            ordered.sort(key=lambda u: health[u].srtt if u in health else 0.0)
+        race = _Race(self, query, info.qend, ordered)
+        self._inflight += 1
+        self._races.add(race)
+        try:
+            race.start(self.timeout)
+            outcome = await race.result
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must cost one SERVFAIL, not the server
+            log.exception("forwarding failed unexpectedly")
+            outcome = None
+        finally:
+            race.close()
+            self._races.discard(race)
+            self._inflight -= 1
+        if outcome is None:
+            if race.timed_out:
+                self.timeouts += 1
+            return self._failed(query, info, race.failure, EDE_NO_REACHABLE_AUTHORITY)
+        data, _attempt = outcome
+        return self._deliver(query, info, data, allow_tailnet_answers)
+
+    def _deliver(self, query: bytes, info: QueryInfo, data: bytes, allow_tailnet_answers: bool) -> bytes:
+        self.answered += 1
+        reply = query[0:2] + data[2:]
+        try:
+            scan = scan_message(reply)
+        except WireError:
+            return reply  # passed through as the upstream sent it, but not cached
+        if not allow_tailnet_answers and tailnet_address_records(reply, scan):
+            try:
+                reply, names = strip_tailnet_addresses(reply)
+                scan = scan_message(reply)
+            except (DNSError, WireError, ValueError) as exc:
+                log.warning("could not strip tailnet addresses from a reply (%s); answering SERVFAIL", exc)
+                return error_reply(query, Rcode.SERVFAIL)
+            self._note_rebind(names)
+        if self.cache is not None:
+            self.cache.insert(query, info, reply, self._clock(), scan)
+        return reply
+
+    def _failed(self, query: bytes, info: QueryInfo, failure: bytes | None, ede: int) -> bytes:
+        if self.cache is not None:
+            stale = self.cache.get_stale(query, info, self._clock())
+            if stale is not None:
+                self.stale_answers += 1
+                return stale
+        self.servfail += 1
+        if failure is not None and len(failure) >= 12:
+            return query[0:2] + failure[2:]
+        return error_reply(query, Rcode.SERVFAIL, ede)
+
+    def _note_rebind(self, names: tuple[str, ...]) -> None:
+        self.rebind_blocked += 1
+        now = self._clock()
+        logged = self._rebind_logged
+        if len(logged) > _REBIND_LOG_NAMES:
+            logged.clear()
+        for name in names:
+            last = logged.get(name)
+            if last is None or now - last >= _REBIND_LOG_INTERVAL:
+                logged[name] = now
+                log.info("rebinding protection: removed tailnet addresses from the answer for %s", name)
+
+    # -- operators -------------------------------------------------------------------------------
+
+    def upstream_health(self) -> tuple[UpstreamHealth, ...]:
+        return tuple(h.snapshot(u.spec) for u, h in self._health.items())
+
+    def stats(self) -> dict:
+        """Counters, per-upstream health and cache figures, JSON-ready."""
+        out: dict = {
+            "queries": self.queries, "sent": self.sent, "answered": self.answered,
+            "servfail": self.servfail, "timeouts": self.timeouts, "tcp_fallbacks": self.tcp_fallbacks,
+            "stale_answers": self.stale_answers, "overload": self.overload, "inflight": self._inflight,
+            "rebind_blocked": self.rebind_blocked, "dropped_mismatch": self.dropped_mismatch,
+            "looped": self.looped_seen,
+            "upstreams": {h.upstream: {"sent": h.sent, "answered": h.answered, "servfail": h.servfail,
+                                       "timeouts": h.timeouts, "tcp_fallbacks": h.tcp_fallbacks,
+                                       "srtt_ms": h.srtt_ms, "last_error": h.last_error}
+                          for h in self.upstream_health()},
+        }
+        if self.cache is not None:
+            c = self.cache.stats()
+            out["cache"] = {"entries": c.entries, "bytes": c.bytes, "hits": c.hits, "misses": c.misses,
+                            "stale_served": c.stale_served, "evictions": c.evictions, "inserts": c.inserts}
+        return out
+
+    def flush_cache(self) -> None:
+        """Forget cached answers (call when routes change: an old answer may come from the wrong upstream)."""
+        if self.cache is not None:
+            self.cache.clear()
+
+    async def close(self) -> None:
+        """End every race in flight (their callers get SERVFAIL or stale) and release their sockets."""
+        for race in list(self._races):
+            if not race.result.done():
+                race.result.set_result(None)
+        # Let the awaiting forward() calls run their cleanup.
+        for _ in range(3):
+            if not self._races:
+                break
+            await asyncio.sleep(0)
