@@ -150,7 +150,7 @@ def query_info(query: bytes) -> QueryInfo:
     """Cache key and question end of a client query; raises WireError if it has no single question."""
     qend = question_end(query)
     # Label lengths are <= 63, below b'A' (65), so bytes.lower() only touches letters.
-    name = query[12:qend - 4].lower()
+    name = bytes(query[12:qend - 4]).lower()
     qtype = (query[qend - 4] << 8) | query[qend - 3]
     qclass = (query[qend - 2] << 8) | query[qend - 1]
     shape = (SHAPE_CD if query[3] & 0x10 else 0) | (SHAPE_AD if query[3] & 0x20 else 0)

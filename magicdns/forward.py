@@ -532,6 +532,8 @@ class Forwarder:
         """The reply for the client (never raises except on cancellation; returns within `timeout`
         plus scheduling slack): see the module docstring for the order of fallbacks."""
         self.queries += 1
+        if not isinstance(query, bytes):
+            query = bytes(query)
         try:
             info = query_info(query)
         except WireError:
