@@ -1,0 +1,605 @@
+"""The sans-I/O WireGuard device: peers, the index table, handshakes, transport and timers.
+
+Datagrams and inner packets go in as bytes with the current time; inner packets for the TUN come
+back as return values and datagrams to send are queued on `outbox` as (bytes, endpoint). Nothing
+here opens a socket or reads a clock. Every bad input is dropped and counted in `drops`.
+
+Threading: the glue runs one thread reading the TUN (`send`), one reading UDP (`receive`) and a
+timer (`tick`). The transport fast path takes no lock (attribute reads of keypairs are atomic
+under the GIL and the send counter is an itertools.count); everything that changes sessions,
+peers or handshakes holds `lock`."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import ipaddress
+import os
+import threading
+from typing import Callable, Iterable
+
+from cryptography.exceptions import InvalidTag
+
+from . import messages as m
+from . import noise
+from .allowedips import AllowedIPs
+from .cookie import CookieChecker, CookieError
+from .crypto import ZeroSharedSecretError, dh, nonce
+from .peer import Endpoint, Peer, PeerConfig, PeerStats
+from .session import Keypair
+from .tai64n import tai64n
+from .timers import (
+    HANDSHAKE_INITIATION_RATE,
+    KEEPALIVE_TIMEOUT,
+    MAX_TIMER_HANDSHAKES,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_BEFORE_REJECT,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    Timer,
+)
+
+DEFAULT_MTU = 1280
+# Handshake messages per second above which we answer with cookies instead of doing DH.
+DEFAULT_LOAD_THRESHOLD = 1000
+UNDER_LOAD_AFTER = 1.0  # stay in cookie mode this long after the rate drops (wireguard-go)
+
+PacketFilter = Callable[[bytes, bytes], bool]  # (inner packet, peer public key) -> accept?
+
+
+class Drop(enum.Enum):
+    """Why a packet was dropped; `Engine.drops` counts each."""
+
+    SHORT = "short"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_SIZE = "bad_size"
+    MAC1 = "bad_mac1"
+    UNDER_LOAD = "under_load_cookie_sent"
+    ZERO_DH = "zero_dh"
+    HANDSHAKE_DECRYPT = "handshake_decrypt"
+    UNKNOWN_PEER = "unknown_peer"
+    REPLAYED_INITIATION = "replayed_initiation"
+    FLOODED_INITIATION = "flooded_initiation"
+    UNKNOWN_INDEX = "unknown_index"
+    COOKIE_INVALID = "cookie_invalid"
+    DATA_DECRYPT = "data_decrypt"
+    REPLAYED_DATA = "replayed_data"
+    EXPIRED_KEY = "expired_key"
+    BAD_INNER_PACKET = "bad_inner_packet"
+    SOURCE_NOT_ALLOWED = "source_not_allowed"
+    FILTERED = "filtered"
+    NO_ROUTE = "no_route"
+    NO_ENDPOINT = "no_endpoint"
+
+
+def endpoint_bytes(ep: Endpoint) -> bytes:
+    """An endpoint as address bytes + port, the input of a cookie."""
+    return ipaddress.ip_address(ep[0].split("%")[0]).packed + int(ep[1]).to_bytes(2, "big")
+
+
+class Engine:
+    """A WireGuard interface without I/O."""
+
+    def __init__(self, private_key: bytes, *, mtu: int = DEFAULT_MTU,
+                 rng: Callable[[int], bytes] = os.urandom, wall_offset: float = 0.0,
+                 load_threshold: int = DEFAULT_LOAD_THRESHOLD) -> None:
+        self.lock = threading.RLock()
+        self.mtu = mtu
+        self._rng = rng
+        # Unix time = now + wall_offset: timers run on the caller's monotonic clock, TAI64N
+        # timestamps and `last_handshake` need wall time.
+        self.wall_offset = wall_offset
+        self.load_threshold = load_threshold
+        self.outbox: collections.deque[tuple[bytes, Endpoint]] = collections.deque()
+        self.drops: collections.Counter[Drop] = collections.Counter()
+        self.inbound_filter: PacketFilter | None = None
+        self._peers: dict[bytes, Peer] = {}
+        self._allowed: AllowedIPs[Peer] = AllowedIPs()
+        self._keypairs: dict[int, Keypair] = {}
+        self._handshakes: dict[int, Peer] = {}
+        self._hs_window = float("-inf")
+        self._hs_count = 0
+        self._under_load_until = float("-inf")
+        self._zero_pad = bytes(m.PADDING_MULTIPLE)
+        self._set_identity(private_key)
+
+    # ---------------------------------------------------------------- configuration
+
+    def _set_identity(self, private_key: bytes) -> None:
+        self.identity = noise.StaticIdentity.from_private(private_key)
+        self._cookie_checker = CookieChecker(self.identity.public, self._rng)
+
+    def _static_static(self, public: bytes) -> bytes | None:
+        try:
+            return dh(self.identity.private, public)
+        except ZeroSharedSecretError:
+            return None
+
+    def set_private_key(self, private_key: bytes) -> None:
+        """Change our static key live: sessions and handshakes made under the old key end."""
+        with self.lock:
+            self._set_identity(private_key)
+            for pub in [p for p in self._peers if p == self.identity.public]:
+                self.remove_peer(pub)  # wg drops a peer whose key is now our own
+            for peer in self._peers.values():
+                peer.static_static = self._static_static(peer.public_key)
+                self._clear_sessions(peer)
+
+    def set_peer(self, config: PeerConfig) -> None:
+        """Add a peer or update one in place (sessions survive an endpoint/IP/PSK change)."""
+        with self.lock:
+            peer = self._peers.get(config.public_key)
+            if peer is None:
+                if config.public_key == self.identity.public:
+                    return
+                peer = Peer(config, self._static_static(config.public_key), self._jitter)
+                self._peers[config.public_key] = peer
+            else:
+                peer.preshared_key = config.preshared_key
+                if config.endpoint is not None:
+                    peer.endpoint = config.endpoint
+                self._allowed.remove_value(peer)
+            if config.persistent_keepalive > 0 and (peer.timers.persistent_keepalive == 0
+                                                    or peer.current is None):
+                # Newly kept alive: send one at the next tick, which also starts a handshake.
+                peer.timers.deadlines[Timer.PERSISTENT_KEEPALIVE] = float("-inf")
+            peer.timers.persistent_keepalive = config.persistent_keepalive
+            peer.allowed_ips = config.allowed_ips
+            for net in config.allowed_ips:
+                self._allowed.insert(net, peer)
+
+    def set_peers(self, configs: Iterable[PeerConfig]) -> None:
+        """Make the peer set exactly `configs`: add, update and remove as needed."""
+        with self.lock:
+            configs = list(configs)
+            wanted = {c.public_key for c in configs}
+            for pub in [p for p in self._peers if p not in wanted]:
+                self.remove_peer(pub)
+            for c in configs:
+                self.set_peer(c)
+
+    def remove_peer(self, public_key: bytes) -> None:
+        """Forget a peer: its routes, sessions and pending handshake go at once."""
+        with self.lock:
+            peer = self._peers.pop(public_key, None)
+            if peer is None:
+                return
+            self._allowed.remove_value(peer)
+            self._clear_sessions(peer)
+            peer.timers.stop_all()
+
+    def peers(self) -> list[PeerStats]:
+        """A status snapshot of every peer."""
+        with self.lock:
+            return [p.stats() for p in self._peers.values()]
+
+    def peer_stats(self, public_key: bytes) -> PeerStats | None:
+        peer = self._peers.get(public_key)
+        return peer.stats() if peer is not None else None
+
+    # ---------------------------------------------------------------- helpers
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self._rng(4), "little") / 2**32 * REKEY_TIMEOUT_JITTER_MAX
+
+    def _new_index(self) -> int:
+        while True:
+            idx = int.from_bytes(self._rng(4), "little")
+            if idx not in self._keypairs and idx not in self._handshakes:
+                return idx
+
+    def _drop_keypair(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self._keypairs.pop(kp.local_index, None)
+
+    def _drop_initiation(self, peer: Peer) -> None:
+        if peer.initiation is not None:
+            self._handshakes.pop(peer.initiation.sender_index, None)
+            peer.initiation = None
+
+    def _clear_sessions(self, peer: Peer) -> None:
+        for kp in peer.keypairs():
+            self._drop_keypair(kp)
+        peer.previous = peer.current = peer.next = None
+        self._drop_initiation(peer)
+        peer.staged.clear()
+
+    def _under_load(self, now: float) -> bool:
+        if now - self._hs_window >= 1.0:
+            self._hs_window = now
+            self._hs_count = 0
+        self._hs_count += 1
+        if self._hs_count > self.load_threshold:
+            self._under_load_until = now + UNDER_LOAD_AFTER
+        return now < self._under_load_until
+
+    def _seal(self, kp: Keypair, counter: int, packet: bytes) -> bytes:
+        length = len(packet)
+        padded = m.padded_length(length, self.mtu)
+        if padded != length:
+            packet = packet + self._zero_pad[: padded - length]
+        out = bytearray(padded + 32)
+        out[0:8] = kp.header_prefix
+        out[8:16] = counter.to_bytes(8, "little")
+        kp.send.encrypt_into(nonce(counter), packet, None, memoryview(out)[16:])
+        return bytes(out)
+
+    def _send_keepalive(self, peer: Peer, now: float) -> None:
+        """Send staged packets, or an empty transport message if there are none."""
+        if peer.staged:
+            self._flush_staged(peer, now)
+            return
+        kp = peer.current
+        if kp is None or now - kp.created >= REJECT_AFTER_TIME:
+            # No session to carry it: a keepalive asks for a handshake (as wireguard-go's does).
+            self._send_initiation(peer, now, is_retry=False)
+            return
+        counter = next(kp.send_counter)
+        if counter >= REJECT_AFTER_MESSAGES or peer.endpoint is None:
+            self._send_initiation(peer, now, is_retry=False)
+            return
+        msg = self._seal(kp, counter, b"")
+        peer.tx_bytes += len(msg)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_sent(now)
+        self.outbox.append((msg, peer.endpoint))
+
+    def _flush_staged(self, peer: Peer, now: float) -> None:
+        staged = list(peer.staged)
+        peer.staged.clear()
+        for packet in staged:
+            out = self._encrypt_for(peer, packet, now)
+            if out is not None:
+                self.outbox.append(out)
+
+    # ---------------------------------------------------------------- handshake
+
+    def initiate_handshake(self, peer_key: bytes, now: float) -> None:
+        """Start a handshake with a peer now (the CLI's first contact, tests)."""
+        with self.lock:
+            peer = self._peers.get(peer_key)
+            if peer is not None:
+                self._send_initiation(peer, now, is_retry=False)
+
+    def _send_initiation(self, peer: Peer, now: float, is_retry: bool) -> None:
+        if not is_retry:
+            peer.timers.handshake_attempts = 0
+        if now - peer.last_initiation_sent < REKEY_TIMEOUT:
+            return  # one initiation per REKEY_TIMEOUT, however many packets ask
+        if peer.endpoint is None or peer.static_static is None:
+            self.drops[Drop.NO_ENDPOINT] += 1
+            return
+        peer.last_initiation_sent = now
+        self._drop_initiation(peer)
+        index = self._new_index()
+        body, state = noise.create_initiation(
+            self.identity, peer.public_key, peer.static_static, self._rng(32), index,
+            tai64n(now + self.wall_offset))
+        peer.initiation = state
+        self._handshakes[index] = peer
+        msg = peer.cookies.add_macs(body, now)
+        peer.tx_bytes += len(msg)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_sent(now)
+        peer.timers.handshake_initiated(now)
+        self.outbox.append((msg, peer.endpoint))
+
+    def _check_macs(self, msg: bytes, src: Endpoint, sender_index: int, now: float) -> bool:
+        """mac1 always; under load, mac2 too, answering a missing one with a cookie."""
+        if not self._cookie_checker.check_mac1(msg):
+            self.drops[Drop.MAC1] += 1
+            return False
+        if self._under_load(now):
+            src_b = endpoint_bytes(src)
+            if not self._cookie_checker.check_mac2(msg, src_b, now):
+                reply = self._cookie_checker.create_reply(msg, sender_index, src_b, now)
+                self.outbox.append((reply, src))
+                self.drops[Drop.UNDER_LOAD] += 1
+                return False
+        return True
+
+    def _receive_initiation(self, msg: bytes, src: Endpoint, now: float) -> None:
+        if len(msg) != m.INITIATION_SIZE:
+            self.drops[Drop.BAD_SIZE] += 1
+            return
+        if not self._check_macs(msg, src, int.from_bytes(msg[4:8], "little"), now):
+            return
+        try:
+            remote, ck, h = noise.open_initiation_static(self.identity, msg)
+        except ZeroSharedSecretError:
+            self.drops[Drop.ZERO_DH] += 1
+            return
+        except noise.HandshakeError:
+            self.drops[Drop.HANDSHAKE_DECRYPT] += 1
+            return
+        peer = self._peers.get(remote)
+        if peer is None or peer.static_static is None:
+            self.drops[Drop.UNKNOWN_PEER] += 1
+            return
+        try:
+            init = noise.open_initiation_rest(msg, remote, ck, h, peer.static_static)
+        except noise.HandshakeError:
+            self.drops[Drop.HANDSHAKE_DECRYPT] += 1
+            return
+        if init.timestamp <= peer.last_timestamp:
+            self.drops[Drop.REPLAYED_INITIATION] += 1
+            return
+        if now - peer.last_initiation_consumed < HANDSHAKE_INITIATION_RATE:
+            self.drops[Drop.FLOODED_INITIATION] += 1
+            return
+        peer.last_timestamp = init.timestamp
+        peer.last_initiation_consumed = now
+        peer.endpoint = src
+        peer.rx_bytes += len(msg)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_received(now)
+        self._send_response(peer, init, src, now)
+
+    def _send_response(self, peer: Peer, init: noise.ReceivedInitiation, src: Endpoint,
+                       now: float) -> None:
+        # A simultaneous initiation of ours is abandoned: the peer's wins, ours would be dropped.
+        self._drop_initiation(peer)
+        try:
+            body, keys = noise.create_response(init, peer.preshared_key, self._rng(32),
+                                               self._new_index())
+        except ZeroSharedSecretError:
+            self.drops[Drop.ZERO_DH] += 1
+            return
+        msg = peer.cookies.add_macs(body, now)
+        kp = Keypair(keys, peer, now)
+        # Responder: the new keypair waits in `next` until the initiator's first data confirms it.
+        self._drop_keypair(peer.next)
+        self._drop_keypair(peer.previous)
+        peer.next, peer.previous = kp, None
+        self._keypairs[kp.local_index] = kp
+        peer.timers.session_derived(now)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_sent(now)
+        peer.tx_bytes += len(msg)
+        self.outbox.append((msg, src))
+
+    def _receive_response(self, msg: bytes, src: Endpoint, now: float) -> None:
+        if len(msg) != m.RESPONSE_SIZE:
+            self.drops[Drop.BAD_SIZE] += 1
+            return
+        if not self._check_macs(msg, src, int.from_bytes(msg[4:8], "little"), now):
+            return
+        peer = self._handshakes.get(int.from_bytes(msg[8:12], "little"))
+        if peer is None or peer.initiation is None:
+            self.drops[Drop.UNKNOWN_INDEX] += 1
+            return
+        try:
+            keys = noise.consume_response(peer.initiation, self.identity, peer.preshared_key, msg)
+        except ZeroSharedSecretError:
+            self.drops[Drop.ZERO_DH] += 1
+            return
+        except noise.HandshakeError:
+            self.drops[Drop.HANDSHAKE_DECRYPT] += 1
+            return
+        self._drop_initiation(peer)
+        kp = Keypair(keys, peer, now)
+        # Initiator: the new keypair is confirmed by the response and becomes current at once.
+        if peer.next is not None:
+            self._drop_keypair(peer.previous)
+            self._drop_keypair(peer.current)
+            peer.previous, peer.next = peer.next, None
+        else:
+            self._drop_keypair(peer.previous)
+            peer.previous = peer.current
+        peer.current = kp
+        self._keypairs[kp.local_index] = kp
+        peer.endpoint = src
+        peer.rx_bytes += len(msg)
+        peer.last_handshake = now + self.wall_offset
+        t = peer.timers
+        t.any_authenticated_packet_traversal(now)
+        t.any_authenticated_packet_received(now)
+        t.session_derived(now)
+        t.handshake_complete(now)
+        self._send_keepalive(peer, now)
+
+    def _receive_cookie_reply(self, msg: bytes, now: float) -> None:
+        if len(msg) != m.COOKIE_REPLY_SIZE:
+            self.drops[Drop.BAD_SIZE] += 1
+            return
+        index = int.from_bytes(msg[4:8], "little")
+        peer = self._handshakes.get(index)
+        if peer is None:
+            kp = self._keypairs.get(index)
+            peer = kp.peer if kp is not None else None
+        if peer is None:
+            self.drops[Drop.UNKNOWN_INDEX] += 1
+            return
+        try:
+            peer.cookies.consume_reply(msg, now)
+        except CookieError:
+            self.drops[Drop.COOKIE_INVALID] += 1
+
+    def _confirm_next(self, peer: Peer, kp: Keypair, now: float) -> None:
+        """The initiator used our `next` keypair: it becomes current (responder side)."""
+        with self.lock:
+            if peer.next is not kp:
+                return
+            self._drop_keypair(peer.previous)
+            peer.previous, peer.current, peer.next = peer.current, kp, None
+            peer.last_handshake = now + self.wall_offset
+            peer.timers.handshake_complete(now)
+            if peer.staged:
+                self._flush_staged(peer, now)
+
+    # ---------------------------------------------------------------- datagrams in
+
+    def receive(self, data: bytes, src: Endpoint, now: float) -> bytes | None:
+        """Handle one UDP datagram; returns the inner packet to write to the TUN, if any."""
+        if data[:4] == m.TRANSPORT_PREFIX:
+            return self._receive_transport(data, src, now)
+        if len(data) < 4:
+            self.drops[Drop.SHORT] += 1
+            return None
+        prefix = data[:4]
+        with self.lock:
+            if prefix == m.INITIATION_PREFIX:
+                self._receive_initiation(data, src, now)
+            elif prefix == m.RESPONSE_PREFIX:
+                self._receive_response(data, src, now)
+            elif prefix == m.COOKIE_REPLY_PREFIX:
+                self._receive_cookie_reply(data, now)
+            else:
+                self.drops[Drop.UNKNOWN_TYPE] += 1
+        return None
+
+    def _receive_transport(self, data: bytes, src: Endpoint, now: float) -> bytes | None:
+        if len(data) < m.TRANSPORT_MIN_SIZE:
+            self.drops[Drop.SHORT] += 1
+            return None
+        kp = self._keypairs.get(int.from_bytes(data[4:8], "little"))
+        if kp is None:
+            self.drops[Drop.UNKNOWN_INDEX] += 1
+            return None
+        counter = int.from_bytes(data[8:16], "little")
+        replay = kp.replay
+        if not replay.might_accept(counter):
+            self.drops[Drop.REPLAYED_DATA] += 1
+            return None
+        if now - kp.created >= REJECT_AFTER_TIME:
+            self.drops[Drop.EXPIRED_KEY] += 1
+            return None
+        try:
+            packet = kp.recv.decrypt(nonce(counter), memoryview(data)[16:], None)
+        except InvalidTag:
+            self.drops[Drop.DATA_DECRYPT] += 1
+            return None
+        if not replay.accept(counter):
+            self.drops[Drop.REPLAYED_DATA] += 1
+            return None
+        peer = kp.peer
+        if kp is not peer.current and kp is peer.next:
+            self._confirm_next(peer, kp, now)
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+        t = peer.timers
+        t.any_authenticated_packet_traversal(now)
+        t.any_authenticated_packet_received(now)
+        if (kp.is_initiator and not t.sent_last_minute_handshake and kp is peer.current
+                and now - kp.created >= REKEY_BEFORE_REJECT):
+            t.sent_last_minute_handshake = True
+            with self.lock:
+                self._send_initiation(peer, now, is_retry=False)
+        if not packet:
+            return None  # keepalive
+        t.data_received(now)
+        return self._check_inner(packet, peer)
+
+    def _check_inner(self, packet: bytes, peer: Peer) -> bytes | None:
+        """Trim padding, and accept only sources the peer is allowed to use."""
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            length = int.from_bytes(packet[2:4], "big")
+            source = packet[12:16]
+            minimum = 20
+        elif version == 6 and len(packet) >= 40:
+            length = 40 + int.from_bytes(packet[4:6], "big")
+            source = packet[8:24]
+            minimum = 40
+        else:
+            self.drops[Drop.BAD_INNER_PACKET] += 1
+            return None
+        if length > len(packet) or length < minimum:
+            self.drops[Drop.BAD_INNER_PACKET] += 1
+            return None
+        if self._allowed.lookup(source) is not peer:
+            self.drops[Drop.SOURCE_NOT_ALLOWED] += 1
+            return None
+        if self.inbound_filter is not None and not self.inbound_filter(packet, peer.public_key):
+            self.drops[Drop.FILTERED] += 1
+            return None
+        return packet if length == len(packet) else packet[:length]
+
+    # ---------------------------------------------------------------- packets out
+
+    def send(self, packet: bytes, now: float) -> tuple[bytes, Endpoint] | None:
+        """Encrypt one inner packet from the TUN; returns (datagram, endpoint) to send, or None
+        when the packet was dropped or staged behind a handshake (then see `outbox`)."""
+        version = packet[0] >> 4 if packet else 0
+        if version == 4 and len(packet) >= 20:
+            peer = self._allowed.lookup(packet[16:20])
+        elif version == 6 and len(packet) >= 40:
+            peer = self._allowed.lookup(packet[24:40])
+        else:
+            self.drops[Drop.BAD_INNER_PACKET] += 1
+            return None
+        if peer is None:
+            self.drops[Drop.NO_ROUTE] += 1
+            return None
+        return self._encrypt_for(peer, packet, now)
+
+    def _encrypt_for(self, peer: Peer, packet: bytes, now: float) -> tuple[bytes, Endpoint] | None:
+        kp = peer.current
+        endpoint = peer.endpoint
+        if kp is None or now - kp.created >= REJECT_AFTER_TIME or endpoint is None:
+            return self._stage(peer, packet, now)
+        counter = next(kp.send_counter)
+        if counter >= REJECT_AFTER_MESSAGES:
+            return self._stage(peer, packet, now)
+        msg = self._seal(kp, counter, packet)
+        peer.tx_bytes += len(msg)
+        t = peer.timers
+        t.any_authenticated_packet_traversal(now)
+        t.any_authenticated_packet_sent(now)
+        t.data_sent(now)
+        if counter >= REKEY_AFTER_MESSAGES or (kp.is_initiator
+                                               and now - kp.created >= REKEY_AFTER_TIME):
+            with self.lock:
+                self._send_initiation(peer, now, is_retry=False)
+        return msg, endpoint
+
+    def _stage(self, peer: Peer, packet: bytes, now: float) -> None:
+        peer.staged.append(packet)
+        with self.lock:
+            self._send_initiation(peer, now, is_retry=False)
+        return None
+
+    # ---------------------------------------------------------------- timers
+
+    def tick(self, now: float) -> None:
+        """Run every expired timer; call at least every `next_deadline()` (or 100 ms)."""
+        with self.lock:
+            for peer in list(self._peers.values()):
+                for timer in peer.timers.expired(now):
+                    self._on_timer(peer, timer, now)
+
+    def next_deadline(self) -> float | None:
+        """When `tick` next has work, or None."""
+        with self.lock:
+            deadlines = [d for p in self._peers.values()
+                         if (d := p.timers.next_deadline()) is not None]
+            return min(deadlines) if deadlines else None
+
+    def _on_timer(self, peer: Peer, timer: Timer, now: float) -> None:
+        t = peer.timers
+        if timer is Timer.RETRANSMIT_HANDSHAKE:
+            if t.handshake_attempts > MAX_TIMER_HANDSHAKES:
+                # Gave up for REKEY_ATTEMPT_TIME: forget queued packets, wipe keys later.
+                peer.staged.clear()
+                self._drop_initiation(peer)
+                if not t.pending(Timer.ZERO_KEY_MATERIAL):
+                    t.deadlines[Timer.ZERO_KEY_MATERIAL] = now + REJECT_AFTER_TIME * 3
+            else:
+                t.handshake_attempts += 1
+                self._send_initiation(peer, now, is_retry=True)
+        elif timer is Timer.SEND_KEEPALIVE:
+            self._send_keepalive(peer, now)
+            if t.need_another_keepalive:
+                t.need_another_keepalive = False
+                t.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+        elif timer is Timer.NEW_HANDSHAKE:
+            # We sent data and heard nothing back for KEEPALIVE+REKEY_TIMEOUT: new handshake.
+            self._send_initiation(peer, now, is_retry=False)
+        elif timer is Timer.ZERO_KEY_MATERIAL:
+            self._clear_sessions(peer)
+        elif timer is Timer.PERSISTENT_KEEPALIVE:
+            if t.persistent_keepalive > 0:
+                self._send_keepalive(peer, now)

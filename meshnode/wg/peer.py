@@ -1,0 +1,76 @@
+"""Peer configuration and status values, and the engine's mutable per-peer state."""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .cookie import CookieGenerator
+from .noise import ZERO_PSK, InitiatorState
+from .session import Keypair
+from .timers import PeerTimers
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# As a socket gives it: (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6.
+Endpoint = tuple
+
+STAGED_PACKETS_MAX = 128  # packets kept while a handshake is under way (wireguard-go's value)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """What the configuration (wg-quick file or network map) says about one peer."""
+
+    public_key: bytes
+    preshared_key: bytes = ZERO_PSK
+    endpoint: Endpoint | None = None
+    allowed_ips: tuple[Network, ...] = ()
+    persistent_keepalive: int = 0
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    """A snapshot of one peer for `status`: where it is, when we last shook hands, bytes moved."""
+
+    public_key: bytes
+    endpoint: Endpoint | None
+    last_handshake: float | None  # Unix time
+    rx_bytes: int
+    tx_bytes: int
+    allowed_ips: tuple[Network, ...] = field(default=())
+    persistent_keepalive: int = 0
+
+
+class Peer:
+    """Engine-internal state of a configured peer."""
+
+    def __init__(self, config: PeerConfig, static_static: bytes | None,
+                 jitter: Callable[[], float]) -> None:
+        self.public_key = config.public_key
+        self.preshared_key = config.preshared_key
+        self.endpoint: Endpoint | None = config.endpoint
+        self.allowed_ips = config.allowed_ips
+        # DH(our static, their static): None when it is the zero point (peer cannot shake hands).
+        self.static_static = static_static
+        self.cookies = CookieGenerator(config.public_key)
+        self.timers = PeerTimers(jitter, config.persistent_keepalive)
+        self.current: Keypair | None = None
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None
+        self.initiation: InitiatorState | None = None
+        self.last_initiation_sent = float("-inf")
+        self.last_timestamp = b""  # TAI64N of the newest initiation we accepted
+        self.last_initiation_consumed = float("-inf")
+        self.last_handshake: float | None = None  # Unix time
+        self.staged: collections.deque[bytes] = collections.deque(maxlen=STAGED_PACKETS_MAX)
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+
+    def keypairs(self) -> list[Keypair]:
+        return [kp for kp in (self.previous, self.current, self.next) if kp is not None]
+
+    def stats(self) -> PeerStats:
+        return PeerStats(self.public_key, self.endpoint, self.last_handshake, self.rx_bytes,
+                         self.tx_bytes, self.allowed_ips, self.timers.persistent_keepalive)
