@@ -1,0 +1,442 @@
+"""The `magicdns` command: serve, records, query, status (DESIGN.md section 2).
+
+Exit codes: 0 success, 1 failure (a server not running, a store that cannot be opened), 2 bad usage
+or bad input (a bad name, type, value or TTL) — and on exit code 2 nothing has been written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .forward import ForwardingLoopError, reject_self
+from .names import NameError_, normalize_domain
+from .records import Record, RecordError, parse_record
+from .store import DuplicateRecord, RecordNotFound, RecordStore, StoreError
+from .sysresolv import read_original_resolvers
+from .upstream import Upstream, UpstreamError, parse_upstream
+from .view import DEFAULT_DOMAIN, DnsSettings, DnsView, ViewError
+
+DEFAULT_DB = os.environ.get("MAGICDNS_DB", "/var/lib/magicdns/records.db")
+DEFAULT_SOCKET = os.environ.get("MAGICDNS_CONTROL_SOCKET", "/run/magicdns/magicdns.sock")
+
+
+def fail_usage(message: str) -> NoReturn:
+    click.echo(f"magicdns: {message}", err=True)
+    sys.exit(2)
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"magicdns: {message}", err=True)
+    sys.exit(1)
+
+
+def parse_hostport(text: str, default_port: int = 53) -> tuple[str, int]:
+    """'127.0.0.1:53', '[::1]:5353', '::1' or '127.0.0.1' -> (host, port)."""
+    try:
+        up = parse_upstream(text)
+    except UpstreamError as exc:
+        raise click.BadParameter(str(exc)) from None
+    explicit = "]:" in text or text.count(":") == 1
+    return up.host, up.port if explicit else default_port
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """magicdns: the tailnet's authoritative resolver and forwarder."""
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--listen", "listens", multiple=True, default=["127.0.0.1:53"], show_default=True,
+              help="HOST:PORT to answer on (UDP and TCP); repeat for more.")
+@click.option("--view", "view_path", type=click.Path(dir_okay=False), help="JSON network view, reloaded on change.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Records store (SQLite).")
+@click.option("--upstream", "upstreams", multiple=True, help="Global nameserver HOST[:PORT]; repeat for more.")
+@click.option("--route", "routes", multiple=True, help="Split route DOMAIN=HOST[:PORT][,HOST...]; DOMAIN= is local-only.")
+@click.option("--domain", default=None, help=f"Tailnet domain (default: the view's, else {DEFAULT_DOMAIN}).")
+@click.option("--allow", "allows", multiple=True, help="CIDR allowed to query, besides loopback and the tailnet ranges.")
+@click.option("--control-socket", default=DEFAULT_SOCKET, show_default=True, help="Unix socket for `magicdns status`.")
+@click.option("--metrics", default=None, help="HOST:PORT to serve Prometheus metrics on.")
+@click.option("--query-log", default=None, help="Log every query to FILE ('-' for stderr).")
+@click.option("--resolv-conf", default="/etc/resolv.conf", show_default=True,
+              help="Where the system's resolvers are read from when no upstream is given.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
+          routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], control_socket: str,
+          metrics: str | None, query_log: str | None, resolv_conf: str, log_level: str) -> None:
+    """Run the resolver standalone."""
+    logging.basicConfig(level=getattr(logging, log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .server import DEFAULT_ALLOW, ServerConfig
+    from .watch import ViewSource
+
+    listen = tuple(parse_hostport(item) for item in listens)
+    own = tuple(Upstream(h, p) for h, p in listen)
+    try:
+        ups = reject_self((parse_upstream(u) for u in upstreams), own)
+        route_map = _parse_routes(routes, own)
+        dom = normalize_domain(domain) if domain else None
+        allow = DEFAULT_ALLOW + tuple(ipaddress.ip_network(a, strict=False) for a in allows)
+    except (UpstreamError, ForwardingLoopError, NameError_) as exc:
+        fail_usage(str(exc))
+    except ValueError as exc:
+        fail_usage(f"--allow: {exc}")
+    fallback = read_original_resolvers(resolv_conf, own_addresses=own) if not ups else ()
+    try:
+        store = RecordStore(db_path, dom or DEFAULT_DOMAIN) if db_path else None
+        source = ViewSource(view_path, store, dom)
+        view = _with_overrides(source.load(), ups, route_map)
+    except (ViewError, StoreError) as exc:
+        fail_usage(str(exc))
+    metrics_addr = parse_hostport(metrics, 9153) if metrics else None
+    config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log)
+    try:
+        _run(_serve(config, view, source, ups, route_map, control_socket, metrics_addr))
+    except KeyboardInterrupt:
+        pass
+
+
+def _parse_routes(routes: tuple[str, ...], own: tuple[Upstream, ...]) -> dict[str, tuple[Upstream, ...]]:
+    out: dict[str, tuple[Upstream, ...]] = {}
+    for item in routes:
+        if "=" not in item:
+            raise UpstreamError(f"--route {item!r}: expected DOMAIN=HOST[:PORT][,HOST...]")
+        dom, _, hosts = item.partition("=")
+        out[normalize_domain(dom)] = reject_self(
+            (parse_upstream(h) for h in hosts.split(",") if h.strip()), own)
+    return out
+
+
+def _with_overrides(view: DnsView, ups: tuple[Upstream, ...],
+                    routes: dict[str, tuple[Upstream, ...]]) -> DnsView:
+    """Command-line upstreams replace the view's nameservers; command-line routes add to its routes."""
+    if not ups and not routes:
+        return view
+    dns = DnsSettings(nameservers=ups or view.dns.nameservers, routes={**view.dns.routes, **routes},
+                      search_domains=view.dns.search_domains, records=view.dns.records)
+    return DnsView(view.domain, view.self_host, view.peers, dns, view.version)
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+async def _serve(config: Any, view: DnsView, source: Any, ups: tuple[Upstream, ...],
+                 routes: dict[str, tuple[Upstream, ...]], control_socket: str | None,
+                 metrics: tuple[str, int] | None) -> None:
+    from .metrics import make_app, start_api
+    from .server import DnsServer, ServerError
+    from .watch import watch
+
+    server = DnsServer(config)
+    try:
+        await server.start(view)
+    except ServerError as exc:
+        fail(str(exc))
+    runner = None
+    try:
+        runner = await start_api(make_app(server), control_socket, metrics)
+    except OSError as exc:
+        logging.getLogger("magicdns").warning("control socket/metrics not available: %s", exc)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def apply(new: DnsView) -> None:
+        await server.set_view_async(_with_overrides(new, ups, routes))
+
+    watcher = asyncio.create_task(watch(source, apply))
+    click.echo(f"magicdns: serving {view.domain} (view {view.version}) on "
+               + ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in server.bound), err=True)
+    await stop.wait()
+    watcher.cancel()
+    if runner is not None:
+        await runner.cleanup()
+    await server.stop()
+
+
+# -- records -------------------------------------------------------------------------------------
+
+@main.group()
+@click.option("--db", "db_path", default=DEFAULT_DB, show_default=True, type=click.Path(dir_okay=False),
+              help="Records store (the standalone resolver's, or the control server's database).")
+@click.option("--domain", default=os.environ.get("MAGICDNS_DOMAIN", DEFAULT_DOMAIN), show_default=True,
+              help="Tailnet domain that relative names are completed with.")
+@click.pass_context
+def records(ctx: click.Context, db_path: str, domain: str) -> None:
+    """Manage admin-defined records."""
+    try:
+        dom = normalize_domain(domain)
+    except NameError_ as exc:
+        fail_usage(f"--domain: {exc}")
+    ctx.obj = {"db": db_path, "domain": dom}
+
+
+def _store(ctx: click.Context) -> RecordStore:
+    try:
+        return RecordStore(ctx.obj["db"], ctx.obj["domain"])
+    except StoreError as exc:
+        fail(str(exc))
+
+
+@records.command("add")
+@click.argument("name")
+@click.argument("rtype", metavar="TYPE")
+@click.argument("value", nargs=-1, required=True)
+@click.option("--ttl", default=None, help="Seconds (default 300).")
+@click.option("--override", is_flag=True, help="Let this record shadow a node of the same name.")
+@click.pass_context
+def records_add(ctx: click.Context, name: str, rtype: str, value: tuple[str, ...], ttl: str | None,
+                override: bool) -> None:
+    """Add a record: NAME TYPE VALUE (VALUE in zone-file presentation format)."""
+    try:
+        rec = parse_record(name, rtype, " ".join(value), ttl, ctx.obj["domain"], override)
+    except RecordError as exc:
+        fail_usage(str(exc))
+    store = _store(ctx)
+    try:
+        store.add(rec)
+    except DuplicateRecord as exc:
+        fail_usage(str(exc))
+    except StoreError as exc:
+        fail(str(exc))
+    click.echo(f"added {rec.name} {rec.ttl} {rec.rtype} {rec.value}")
+
+
+@records.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def records_ls(ctx: click.Context, as_json: bool) -> None:
+    """List records."""
+    recs = _store(ctx).list()
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in recs], indent=2))
+        return
+    if not recs:
+        click.echo("no records")
+        return
+    width = max(len(r.name) for r in recs)
+    click.echo(f"{'NAME':<{width}}  {'TTL':>6}  {'TYPE':<5}  VALUE")
+    for r in recs:
+        click.echo(f"{r.name:<{width}}  {r.ttl:>6}  {r.rtype:<5}  {r.value}" + ("  (override)" if r.override else ""))
+
+
+@records.command("rm")
+@click.argument("name")
+@click.argument("rtype", metavar="[TYPE]", required=False)
+@click.argument("value", nargs=-1)
+@click.pass_context
+def records_rm(ctx: click.Context, name: str, rtype: str | None, value: tuple[str, ...]) -> None:
+    """Remove records: all of NAME, those of one TYPE, or one VALUE."""
+    store = _store(ctx)
+    try:
+        count = store.remove(name, rtype, " ".join(value) if value else None)
+    except RecordError as exc:
+        fail_usage(str(exc))
+    except RecordNotFound as exc:
+        fail(str(exc))
+    click.echo(f"removed {count} record{'s' if count != 1 else ''}")
+
+
+def read_records_file(text: str, domain: str, source: str) -> list[Record]:
+    """Records from JSON (a list, or {"records": [...]}) or zone-style lines `NAME [TTL] [IN] TYPE VALUE`.
+
+    Every record is checked before any is returned; the first bad one raises RecordError naming its line.
+    """
+    stripped = text.lstrip()
+    out: list[Record] = []
+    if stripped.startswith("[") or stripped.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{source}: not valid JSON: {exc}") from None
+        items = data.get("records") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise RecordError(f"{source}: expected a list of records")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise RecordError(f"{source}: record {i + 1}: expected an object")
+            try:
+                out.append(parse_record(str(item.get("name", "")), str(item.get("type", "")),
+                                        str(item.get("value", "")), item.get("ttl"), domain,
+                                        bool(item.get("override", False))))
+            except RecordError as exc:
+                raise RecordError(f"{source}: record {i + 1}: {exc}") from None
+        return out
+    for lineno, line in enumerate(text.splitlines(), 1):
+        body = line.split(";", 1)[0].strip() if '"' not in line else line.strip()
+        if not body or body.startswith(("#", ";")):
+            continue
+        fields = body.split(None, 1)
+        if len(fields) < 2:
+            raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
+        name, rest = fields
+        ttl = None
+        parts = rest.split(None, 1)
+        if parts and parts[0].isdigit():
+            ttl, rest = parts[0], (parts[1] if len(parts) > 1 else "")
+            parts = rest.split(None, 1)
+        if parts and parts[0].upper() == "IN":
+            rest = parts[1] if len(parts) > 1 else ""
+            parts = rest.split(None, 1)
+        if len(parts) < 2:
+            raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
+        try:
+            out.append(parse_record(name, parts[0], parts[1], ttl, domain))
+        except RecordError as exc:
+            raise RecordError(f"{source}:{lineno}: {exc}") from None
+    return out
+
+
+@records.command("import")
+@click.argument("path", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--replace", is_flag=True, help="Replace every stored record with the file's.")
+@click.pass_context
+def records_import(ctx: click.Context, path: str, replace: bool) -> None:
+    """Import records from a JSON or zone-style file ('-' for stdin), all or nothing."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        fail_usage(f"{path}: {exc.strerror}")
+    try:
+        recs = read_records_file(text, ctx.obj["domain"], path)
+    except RecordError as exc:
+        fail_usage(str(exc))
+    try:
+        added = _store(ctx).import_records(recs, replace=replace)
+    except StoreError as exc:
+        fail(str(exc))
+    click.echo(f"imported {added} record{'s' if added != 1 else ''}"
+               + (f" ({len(recs) - added} already present)" if len(recs) != added else ""))
+
+
+@records.command("export")
+@click.option("--format", "fmt", type=click.Choice(["json", "zone"]), default="json", show_default=True)
+@click.pass_context
+def records_export(ctx: click.Context, fmt: str) -> None:
+    """Print every record, in a form `records import` reads back."""
+    recs = _store(ctx).list()
+    if fmt == "json":
+        click.echo(json.dumps([r.to_json() for r in recs], indent=2))
+    else:
+        for r in recs:
+            click.echo(f"{r.name}. {r.ttl} IN {r.rtype} {r.value}")
+
+
+# -- query and status ----------------------------------------------------------------------------
+
+@main.command()
+@click.argument("name")
+@click.argument("qtype", default="A", metavar="[TYPE]")
+@click.option("--server", default="127.0.0.1:53", show_default=True, help="HOST[:PORT] to ask.")
+@click.option("--tcp", is_flag=True, help="Ask over TCP.")
+@click.option("--timeout", default=3.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def query(name: str, qtype: str, server: str, tcp: bool, timeout: float, as_json: bool) -> None:
+    """Ask a resolver (this one by default) a question and print the answer."""
+    from dnslib import EDNS0, QTYPE, DNSRecord
+
+    from .server import reply_to_json
+
+    host, port = parse_hostport(server)
+    try:
+        getattr(QTYPE, qtype.upper())
+        q = DNSRecord.question(name, qtype.upper())
+    except Exception:
+        fail_usage(f"unknown type {qtype!r}")
+    q.add_ar(EDNS0(udp_len=1232))
+    try:
+        reply = q.send(host, port, tcp=tcp, timeout=timeout, ipv6=":" in host)
+        result = reply_to_json(reply)
+        if result["flags"]["tc"] and not tcp:
+            result = reply_to_json(q.send(host, port, tcp=True, timeout=timeout, ipv6=":" in host))
+    except OSError as exc:
+        fail(f"no answer from {server}: {exc}")
+    _print_answer(result, as_json)
+
+
+def _print_answer(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    flags = " ".join(k for k, v in result["flags"].items() if v)
+    click.echo(f"status: {result['rcode']}  flags: {flags}")
+    for section in ("answer", "authority", "additional"):
+        for rr in result[section]:
+            click.echo(f"{section[:3].upper()}  {rr['name']}  {rr['ttl']}  {rr['type']}  {rr['value']}")
+
+
+def _api_get(socket_path: str, path: str) -> dict[str, Any]:
+    import http.client
+    import socket as socketmod
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+            self.sock.settimeout(5)
+            self.sock.connect(socket_path)
+
+    try:
+        conn = UnixConnection("localhost")
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+    except OSError as exc:
+        fail(f"cannot reach the server at {socket_path}: {exc.strerror or exc} (is `magicdns serve` running?)")
+    data = json.loads(body)
+    if resp.status != 200:
+        fail(data.get("error", f"HTTP {resp.status}"))
+    return data
+
+
+@main.command()
+@click.option("--control-socket", default=DEFAULT_SOCKET, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def status(control_socket: str, as_json: bool) -> None:
+    """Show a running server's listeners, view, routes, upstream health and counters."""
+    s = _api_get(control_socket, "/status")
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    v = s["view"]
+    click.echo(f"listening   {', '.join(s['listeners'])}")
+    click.echo(f"view        {v['domain']} version {v['version']}: {v['hosts']} hosts, {v['records']} records")
+    for w in v.get("warnings", []):
+        click.echo(f"  warning   {w}")
+    click.echo("routes")
+    for dom, target in s["routes"].items():
+        click.echo(f"  {dom:<28} {'local (authoritative)' if target == 'local' else ', '.join(target) or '(none)'}")
+    fwd = s["forwarder"]
+    if fwd.get("upstreams"):
+        click.echo("upstreams")
+        for up, h in fwd["upstreams"].items():
+            click.echo(f"  {up:<28} sent {h['sent']}  answered {h['answered']}  timeouts {h['timeouts']}  "
+                       f"servfail {h['servfail']}  srtt {h['srtt_ms']} ms"
+                       + (f"  last error: {h['last_error']}" if h.get("last_error") else ""))
+    q = s["queries"]
+    click.echo(f"queries     udp {q['udp']}  tcp {q['tcp']}  local {q['answered_fast'] + q['answered_slow']}  "
+               f"forwarded {q['forwarded']}  cached {q['cache_answers']}  refused clients {q['refused_clients']}")
+    c = fwd.get("cache", {})
+    if c:
+        click.echo(f"cache       {c['entries']} entries, {c['bytes']} bytes, hits {c['hits']}, misses {c['misses']}, "
+                   f"stale served {c['stale_served']}")
+
+
+if __name__ == "__main__":
+    main()

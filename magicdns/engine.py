@@ -1,0 +1,345 @@
+"""The answer engine: query bytes in, reply bytes (or a forwarding decision) out. Sans-I/O.
+
+Two paths:
+- the fast path reads only the header, the question and the OPT record by hand and looks the
+  lowercased question up in a per-snapshot table of finished replies: the client's ID, RD/CD bits
+  and question case are spliced into stored bytes, nothing is parsed or built;
+- the slow path (first sight of a question, errors, odd shapes) parses with dnslib, answers from
+  the zone, and stores the finished reply for the fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from dnslib import CLASS, QTYPE, RR, DNSError, DNSLabel, DNSQuestion, DNSRecord
+
+from .message import (MAX_UDP_PAYLOAD, Edns, Rcode, error_reply, header_only_reply, opt_record,
+                      parse_edns, truncate, udp_limit)
+from .zone import ForwardRoute, LocalZone, Zone
+
+MAX_CNAME_CHAIN = 8
+_OPT_PLAIN = opt_record(False)
+_OPT_DO = opt_record(True)
+_ADDITIONAL_FOR = {QTYPE.SRV: lambda rd: rd.target, QTYPE.MX: lambda rd: rd.label,
+                   QTYPE.NS: lambda rd: rd.label}
+_REFUSED_TYPES = {QTYPE.AXFR, QTYPE.IXFR}
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """What the zone says to one question."""
+
+    rcode: int
+    answer: tuple[RR, ...]
+    authority: tuple[RR, ...] = ()
+    additional: tuple[RR, ...] = ()
+
+
+class Template:
+    """A finished reply minus the parts that come from each query (ID, RD/CD, question, OPT)."""
+
+    __slots__ = ("flags", "counts", "counts_edns", "tails", "rcode", "turn")
+
+    def __init__(self, aa: bool, rcode: int, counts: tuple[int, int, int], tails: list[bytes]) -> None:
+        b2 = 0x80 | (0x04 if aa else 0)
+        # Four variants of the two flag bytes, indexed by the query's RD bit | CD bit >> 3.
+        self.flags = [bytes((b2 | (i & 1), 0x80 | ((i & 2) << 3) | rcode)) for i in range(4)]
+        an, ns, ar = counts
+        self.counts = bytes((0, 1, an >> 8, an & 255, ns >> 8, ns & 255, ar >> 8, ar & 255))
+        ar += 1
+        self.counts_edns = bytes((0, 1, an >> 8, an & 255, ns >> 8, ns & 255, ar >> 8, ar & 255))
+        self.tails = tails
+        self.rcode = rcode
+        self.turn = 0
+
+
+class Forward:
+    """The engine's decision to forward: the server hands it to the forwarder."""
+
+    __slots__ = ("route", "limit", "qname", "qtype")
+
+    def __init__(self, route: ForwardRoute | None, limit: int, qname: str, qtype: int) -> None:
+        self.route = route
+        self.limit = limit  # the client's UDP size (or 65535 over TCP)
+        self.qname = qname
+        self.qtype = qtype
+
+
+Result = Union[bytes, Forward, None]
+
+
+class Engine:
+    """Answers queries from one immutable `Zone`; a new view means a new Engine."""
+
+    def __init__(self, zone: Zone, memo_limit: int = 100_000) -> None:
+        self.zone = zone
+        self.memo_limit = memo_limit
+        # Two generations approximate LRU without bookkeeping on the hot path.
+        self._memo: dict[bytes, Template | ForwardRoute | None] = {}
+        self._old: dict[bytes, Template | ForwardRoute | None] = {}
+        self.fast_hits = 0
+        self.slow = 0
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    def handle(self, data: bytes, tcp: bool = False) -> Result:
+        """Reply bytes, a `Forward` decision, or None (drop: not a query, or unreadable)."""
+        n = len(data)
+        # One question, no answer/authority records, at most one additional (OPT); QR=0, QUERY.
+        if n < 17 or data[2] & 0xFA or data[4:11] != b"\x00\x01\x00\x00\x00\x00\x00" or data[11] > 1:
+            return self._slow(data, tcp)
+        i = 12
+        try:
+            length = data[i]
+            while length:
+                if length > 63:
+                    return self._slow(data, tcp)
+                i += length + 1
+                length = data[i]
+        except IndexError:
+            return self._slow(data, tcp)
+        qend = i + 5
+        if qend > n:
+            return self._slow(data, tcp)
+        key = data[12:i].lower() + data[i:qend]
+        entry = self._memo.get(key)
+        if entry is None:
+            entry = self._old.get(key)
+            if entry is None:
+                return self._slow(data, tcp)
+            self._remember(key, entry)
+        arcount = data[11]
+        if arcount == 0:
+            if qend != n:
+                return self._slow(data, tcp)
+            edns = False
+            do = False
+            limit = 512
+        else:
+            # One OPT record, version 0, nothing after it: anything else takes the slow path.
+            if data[qend:qend + 3] != b"\x00\x00\x29" or data[qend + 6] != 0 or \
+                    qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) != n:
+                return self._slow(data, tcp)
+            edns = True
+            do = data[qend + 7] & 0x80
+            limit = data[qend + 3] << 8 | data[qend + 4]
+            limit = 512 if limit < 512 else MAX_UDP_PAYLOAD if limit > MAX_UDP_PAYLOAD else limit
+        if entry.__class__ is not Template:
+            self.fast_hits += 1
+            return Forward(entry, 65535 if tcp else limit, "", 0)  # type: ignore[arg-type]
+        self.fast_hits += 1
+        tails = entry.tails
+        if len(tails) == 1:
+            tail = tails[0]
+        else:
+            entry.turn += 1
+            tail = tails[entry.turn % len(tails)]
+        flags = entry.flags[(data[2] & 1) | ((data[3] & 0x10) >> 3)]
+        if edns:
+            reply = b"".join((data[:2], flags, entry.counts_edns, data[12:qend], tail,
+                              _OPT_DO if do else _OPT_PLAIN))
+        else:
+            reply = b"".join((data[:2], flags, entry.counts, data[12:qend], tail))
+        if not tcp and len(reply) > limit:
+            return truncate(reply, limit)
+        return reply
+
+    def _remember(self, key: bytes, entry: Template | ForwardRoute | None) -> None:
+        if len(self._memo) >= self.memo_limit:
+            self._old = self._memo
+            self._memo = {}
+        self._memo[key] = entry
+
+    # -- the slow path ------------------------------------------------------------------------
+
+    def _slow(self, data: bytes, tcp: bool) -> Result:
+        self.slow += 1
+        if len(data) < 12 or data[2] & 0x80:
+            return None  # unreadable, or a response: answering could start a loop
+        try:
+            query = DNSRecord.parse(data)
+        except (DNSError, ValueError, IndexError, UnicodeError, KeyError, TypeError):
+            return header_only_reply(data, Rcode.FORMERR)
+        opcode = (data[2] >> 3) & 0xF
+        try:
+            edns = parse_edns(query)
+        except ValueError:
+            return error_reply(query, Rcode.FORMERR, None)
+        if opcode != 0:
+            return error_reply(query, Rcode.NOTIMP, edns)
+        if len(query.questions) != 1 or query.rr or query.auth:
+            return error_reply(query, Rcode.FORMERR, edns)
+        if edns is not None and edns.version > 0:
+            return error_reply(query, Rcode.BADVERS, Edns(edns.udp_size, 0, edns.do))
+        q = query.q
+        limit = 65535 if tcp else udp_limit(edns)
+        if q.qclass != CLASS.IN:
+            return error_reply(query, Rcode.REFUSED, edns)
+        if q.qtype in _REFUSED_TYPES or q.qtype == QTYPE.OPT:
+            return error_reply(query, Rcode.REFUSED if q.qtype != QTYPE.OPT else Rcode.FORMERR, edns)
+        qname = _name_text(q.qname)
+        target, _ = self.zone.route_for(qname)
+        key = _question_key(data)
+        if isinstance(target, LocalZone):
+            template = build_template(qname, q.qtype, resolve_local(self.zone, qname, q.qtype, target))
+        else:
+            short = self.zone.host_for_short_name(qname)
+            if short is None:
+                if key is not None and target is not None:
+                    self._remember(key, target)
+                return Forward(target, limit, qname, q.qtype)
+            template = self._short_template(qname, short, q.qtype)
+        if key is not None:
+            self._remember(key, template)
+        return self._serve(template, query, data, edns, tcp, limit)
+
+    def _serve(self, template: Template, query: DNSRecord, data: bytes, edns: Edns | None,
+               tcp: bool, limit: int) -> bytes:
+        """Assemble a reply from a template for a query that the fast path did not take."""
+        qwire = DNSRecord(q=DNSQuestion(query.q.qname, query.q.qtype, query.q.qclass)).pack()[12:]
+        flags = template.flags[(data[2] & 1) | ((data[3] & 0x10) >> 3)]
+        template.turn += 1
+        tail = template.tails[template.turn % len(template.tails)]
+        counts = template.counts_edns if edns else template.counts
+        reply = data[:2] + flags + counts + qwire + tail
+        if edns is not None:
+            reply += _OPT_DO if edns.do else _OPT_PLAIN
+        if not tcp and len(reply) > limit:
+            return truncate(reply, limit)
+        return reply
+
+    def _short_template(self, qname: str, fqdn: str, qtype: int) -> Template:
+        """A single-label name of this tailnet: the node's data, owned by the name as asked."""
+        zone = self.zone.local_zone_of(fqdn)
+        assert zone is not None
+        ans = resolve_local(self.zone, fqdn, qtype, zone)
+        owner = qname + "."
+        renamed = tuple(RR(owner, rr.rtype, rr.rclass, rr.ttl, rr.rdata)
+                        if _name_text(rr.rname) == fqdn else rr for rr in ans.answer)
+        return build_template(qname, qtype, LocalAnswer(ans.rcode, renamed, ans.authority, ans.additional))
+
+    def answer_local(self, qname: str, qtype: int) -> LocalAnswer | None:
+        """The zone's answer for a name (None when the name is not ours): for `magicdns query`."""
+        zone = self.zone.local_zone_of(qname)
+        if zone is None:
+            short = self.zone.host_for_short_name(qname)
+            return resolve_local(self.zone, short, qtype, self.zone.local_zone_of(short)) if short else None
+        return resolve_local(self.zone, qname, qtype, zone)
+
+
+def _name_text(label: DNSLabel) -> str:
+    """Lowercase text of a name without the trailing dot; non-ASCII bytes kept as escapes."""
+    return ".".join(part.decode("latin-1") for part in label.label).lower()
+
+
+def _question_key(data: bytes) -> bytes | None:
+    """The fast path's table key for this query's question, or None if the question is not plain."""
+    if len(data) < 17:
+        return None
+    i = 12
+    try:
+        length = data[i]
+        while length:
+            if length > 63:
+                return None
+            i += length + 1
+            length = data[i]
+    except IndexError:
+        return None
+    if i + 5 > len(data):
+        return None
+    return data[12:i].lower() + data[i:i + 5]
+
+
+def resolve_local(zone: Zone, qname: str, qtype: int, lz: LocalZone) -> LocalAnswer:
+    """The authoritative answer for (qname, qtype) in local zone `lz` (RFC 1034 4.3.2, 2308, 4592)."""
+    answer: list[RR] = []
+    name, current = qname, lz
+    seen = {qname}
+    for _ in range(MAX_CNAME_CHAIN + 1):
+        rrsets = zone.rrsets(name, current)
+        if not rrsets and not zone.exists(name, current):
+            wildcard = zone.wildcard_for(name, current)
+            if wildcard is None:
+                return LocalAnswer(Rcode.NXDOMAIN, tuple(answer), (zone.soa(current.apex),))
+            owner = name + "."
+            rrsets = {t: [RR(owner, rr.rtype, rr.rclass, rr.ttl, rr.rdata) for rr in rrs]
+                      for t, rrs in zone.rrsets(wildcard, current).items()}
+        if qtype == QTYPE.ANY and rrsets:
+            answer.extend(rr for rrs in rrsets.values() for rr in rrs)
+            return LocalAnswer(Rcode.NOERROR, tuple(answer))
+        if qtype in rrsets:
+            found = rrsets[qtype]
+            answer.extend(found)
+            return LocalAnswer(Rcode.NOERROR, tuple(answer), (), _additional(zone, qtype, found))
+        cnames = rrsets.get(QTYPE.CNAME)
+        if not cnames:
+            return LocalAnswer(Rcode.NOERROR, tuple(answer), (zone.soa(current.apex),))
+        answer.append(cnames[0])
+        target = _name_text(cnames[0].rdata.label)
+        next_zone = zone.local_zone_of(target)
+        if next_zone is None or target in seen:
+            # Out of our zones (the client's resolver follows it) or a loop: stop here, as an
+            # authoritative server does.
+            return LocalAnswer(Rcode.NOERROR, tuple(answer))
+        seen.add(target)
+        name, current = target, next_zone
+    return LocalAnswer(Rcode.NOERROR, tuple(answer))
+
+
+def _additional(zone: Zone, qtype: int, found: list[RR]) -> tuple[RR, ...]:
+    """Addresses of in-zone SRV, MX and NS targets, so clients need not ask again."""
+    pick = _ADDITIONAL_FOR.get(qtype)
+    if pick is None:
+        return ()
+    extra: list[RR] = []
+    for rr in found:
+        target = _name_text(pick(rr.rdata))
+        lz = zone.local_zone_of(target)
+        if lz is None:
+            continue
+        sets = zone.rrsets(target, lz)
+        extra.extend(sets.get(QTYPE.A, ()))
+        extra.extend(sets.get(QTYPE.AAAA, ()))
+    return tuple(extra)
+
+
+def build_template(qname: str, qtype: int, ans: LocalAnswer) -> Template:
+    """Pack a local answer once (with rotations of multi-record RRsets) into a reusable template.
+
+    Names are packed lowercase, so owners equal to the question compress to a pointer at offset 12:
+    the client's own spelling of the question then shows through in every answer.
+    """
+    question = DNSQuestion(qname + ".", qtype, CLASS.IN)
+    start = len(DNSRecord(q=question).pack())  # header + question: the per-query part
+    tails = []
+    for answer in _rotations(ans.answer):
+        msg = DNSRecord(q=question)
+        msg.rr, msg.auth, msg.ar = list(answer), list(ans.authority), list(ans.additional)
+        tails.append(msg.pack()[start:])
+    return Template(True, ans.rcode, (len(ans.answer), len(ans.authority), len(ans.additional)), tails)
+
+
+def _rotations(answer: tuple[RR, ...], most: int = 8) -> list[tuple[RR, ...]]:
+    """Round-robin orders of the answer: each variant starts each multi-record RRset one later."""
+    groups: dict[tuple[str, int], list[RR]] = {}
+    for rr in answer:
+        groups.setdefault((str(rr.rname).lower(), rr.rtype), []).append(rr)
+    size = min(most, max((len(g) for g in groups.values()), default=1))
+    if size <= 1:
+        return [answer]
+    out = []
+    for k in range(size):
+        rotated: dict[tuple[str, int], list[RR]] = {
+            key: g[k % len(g):] + g[:k % len(g)] for key, g in groups.items()}
+        order: list[RR] = []
+        emitted: set[tuple[str, int]] = set()
+        for rr in answer:  # keep the RRsets in their original order (CNAME chains stay in order)
+            key = (str(rr.rname).lower(), rr.rtype)
+            if key not in emitted:
+                emitted.add(key)
+                order.extend(rotated[key])
+        out.append(tuple(order))
+    return out

@@ -1,0 +1,459 @@
+"""The asyncio DNS server: UDP and TCP listeners around the answer engine and the forwarder.
+
+The listeners are thin: check the client, hand the bytes to the engine, write what comes back.
+A new view is a new `Engine` swapped in with one assignment, so a query sees one snapshot whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from dnslib import QTYPE, DNSRecord
+
+from .cache import Cache
+from .engine import Engine, Forward
+from .forward import Forwarder
+from .message import Rcode, header_only_reply, truncate
+from .querylog import QueryLog
+from .upstream import Upstream
+from .view import DnsView
+from .zone import RESOLVER_V4, RESOLVER_V6, Zone
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALLOW = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "::1/128", "100.64.0.0/10", "fd7a:115c:a1e0::/48"))
+
+
+class ServerError(RuntimeError):
+    """The server cannot start (a port in use, a bad address); the message says which."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server listens and whom it answers."""
+
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_ALLOW
+    fallback_upstreams: tuple[Upstream, ...] = ()
+    resolver_addresses: tuple[str, ...] = (str(RESOLVER_V4), str(RESOLVER_V6))
+    tcp_idle_timeout: float = 10.0
+    max_tcp_connections: int = 512
+    max_tcp_pipeline: int = 64
+    forward_timeout: float = 2.5
+    forward_stagger: float = 0.15
+    max_inflight: int = 2048
+    cache_entries: int = 20_000
+    cache_bytes: int = 32 * 1024 * 1024
+    query_log: str | None = None
+    reuse_port: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Counters:
+    __slots__ = ("udp", "tcp", "refused_clients", "dropped", "forwarded", "cache_answers",
+                 "no_upstream", "looped", "tcp_rejected", "tcp_idle_closed", "engine_fast", "engine_slow")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+class DnsServer:
+    """One resolver instance: listeners, the current engine, the forwarder."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine: Engine | None = None
+        self.view: DnsView | None = None
+        self.forwarder = Forwarder(
+            cache=Cache(max_entries=config.cache_entries, max_bytes=config.cache_bytes),
+            timeout=config.forward_timeout, stagger=config.forward_stagger,
+            max_inflight=config.max_inflight)
+        self.counters = _Counters()
+        self._allowed: dict[str, bool] = {}
+        self._transports: list[asyncio.BaseTransport] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._tcp: set[_TcpConn] = set()
+        self.bound: list[tuple[str, int]] = []
+        self.started_at = time.time()
+        self.qlog = QueryLog.open(config.query_log) if config.query_log else None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, view: DnsView) -> None:
+        """Build the first snapshot and bind every listener (UDP and TCP on each address)."""
+        self.set_view(view)
+        loop = asyncio.get_running_loop()
+        try:
+            for host, port in self.config.listen:
+                port = await self._bind(loop, host, port)
+                self.bound.append((host, port))
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("listening on %s", ", ".join(_fmt(h, p) for h, p in self.bound))
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> int:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.reuse_port:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            if family == socket.AF_INET6:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            udp.bind((host, port))
+        except OSError as exc:
+            udp.close()
+            raise ServerError(f"cannot listen on {_fmt(host, port)} (UDP): {exc.strerror}") from None
+        port = udp.getsockname()[1]
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+        self._transports.append(transport)
+        try:
+            server = await loop.create_server(lambda: _TcpConn(self), host=host, port=port,
+                                              family=family, reuse_address=True,
+                                              reuse_port=self.config.reuse_port or None, backlog=1024)
+        except OSError as exc:
+            raise ServerError(f"cannot listen on {_fmt(host, port)} (TCP): {exc.strerror}") from None
+        self._servers.append(server)
+        return port
+
+    async def stop(self) -> None:
+        """Close listeners and connections and finish forwarding tasks."""
+        for t in self._transports:
+            t.close()
+        for s in self._servers:
+            s.close()
+        for conn in list(self._tcp):
+            conn.transport.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.forwarder.close()
+        for s in self._servers:
+            await s.wait_closed()
+        self._transports.clear()
+        self._servers.clear()
+        if self.qlog:
+            self.qlog.close()
+
+    def set_view(self, view: DnsView) -> None:
+        """Swap in a new snapshot: one assignment, so no query sees half of two views."""
+        engine = Engine(Zone(view, self.config.fallback_upstreams, self.config.resolver_addresses))
+        old = self.engine
+        if old is not None:
+            self.counters.engine_fast += old.fast_hits
+            self.counters.engine_slow += old.slow
+            if _routes_changed(old.zone, engine.zone):
+                self.forwarder.flush_cache()
+        self.engine = engine
+        self.view = view
+
+    async def set_view_async(self, view: DnsView) -> None:
+        """`set_view`, building the snapshot in a thread so large views do not stall the listeners."""
+        loop = asyncio.get_running_loop()
+        zone = await loop.run_in_executor(
+            None, Zone, view, self.config.fallback_upstreams, self.config.resolver_addresses)
+        engine = Engine(zone)
+        old = self.engine
+        if old is not None:
+            self.counters.engine_fast += old.fast_hits
+            self.counters.engine_slow += old.slow
+            if _routes_changed(old.zone, zone):
+                self.forwarder.flush_cache()
+        self.engine = engine
+        self.view = view
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    def client_allowed(self, host: str) -> bool:
+        ok = self._allowed.get(host)
+        if ok is None:
+            try:
+                addr = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                return False
+            if addr.version == 6 and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            ok = any(addr in net for net in self.config.allow)
+            if len(self._allowed) > 65536:
+                self._allowed.clear()
+            self._allowed[host] = ok
+        return ok
+
+    def forward(self, fwd: Forward, data: bytes, reply_to: Callable[[bytes], None], tcp: bool) -> None:
+        """Answer a non-local query: cache, or a forwarding task whose reply goes to `reply_to`."""
+        c = self.counters
+        route = fwd.route
+        if route is None or not route.upstreams:
+            c.no_upstream += 1
+            reply = header_only_reply(data, Rcode.REFUSED) if len(data) < 17 else _refused(data)
+            if reply:
+                reply_to(reply)
+            return
+        if self.forwarder.looped(data):
+            c.looped += 1
+            log.warning("forwarding loop: one of our own upstream queries came back to us")
+            reply = _servfail(data)
+            if reply:
+                reply_to(reply)
+            return
+        cached = self.forwarder.answer_from_cache(data, time.monotonic())
+        if cached is not None:
+            c.cache_answers += 1
+            reply_to(cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit))
+            return
+        c.forwarded += 1
+        task = asyncio.get_running_loop().create_task(self._forward_task(fwd, data, reply_to, tcp))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward_task(self, fwd: Forward, data: bytes, reply_to: Callable[[bytes], None],
+                            tcp: bool) -> None:
+        route = fwd.route
+        assert route is not None
+        reply = await self.forwarder.forward(data, route.upstreams,
+                                             allow_tailnet_answers=route.allow_tailnet_answers)
+        if not tcp and len(reply) > fwd.limit:
+            reply = truncate(reply, fwd.limit)
+        reply_to(reply)
+
+    # -- operators -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Listeners, view, routes, upstream health, counters: what `magicdns status` shows."""
+        engine = self.engine
+        zone = engine.zone if engine else None
+        c = self.counters
+        routes: dict[str, Any] = {}
+        if zone is not None:
+            from .zone import ForwardRoute, LocalZone
+            for suffix, target in sorted(zone.routes.items()):
+                if isinstance(target, LocalZone):
+                    if target.kind in ("reverse4", "reverse6"):
+                        continue
+                    routes[suffix] = "local"
+                else:
+                    routes[suffix] = [u.spec for u in target.upstreams]
+            routes["."] = [u.spec for u in zone.default_route.upstreams] if zone.default_route else []
+        fast = c.engine_fast + (engine.fast_hits if engine else 0)
+        slow = c.engine_slow + (engine.slow if engine else 0)
+        return {
+            "listeners": [_fmt(h, p) for h, p in self.bound],
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "view": {"domain": zone.domain if zone else None, "version": zone.serial if zone else None,
+                     "hosts": len(zone.hosts) if zone else 0,
+                     "records": sum(len(r) for r in zone.records.values()) if zone else 0,
+                     "warnings": list(zone.warnings) if zone else []},
+            "routes": routes,
+            "queries": {"udp": c.udp, "tcp": c.tcp, "answered_fast": fast, "answered_slow": slow,
+                        "forwarded": c.forwarded, "cache_answers": c.cache_answers,
+                        "refused_clients": c.refused_clients, "dropped": c.dropped,
+                        "no_upstream": c.no_upstream, "looped": c.looped},
+            "tcp": {"connections": len(self._tcp), "rejected": c.tcp_rejected,
+                    "idle_closed": c.tcp_idle_closed},
+            "forwarder": self.forwarder.stats(),
+        }
+
+    async def query(self, name: str, qtype: str = "A") -> dict[str, Any]:
+        """Resolve through this server's own logic (local zone, cache, forwarding): for `dns query`."""
+        q = DNSRecord.question(name, qtype.upper())
+        q.header.id = 0
+        data = bytes(q.pack())
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+
+        def done(reply: bytes) -> None:
+            if not fut.done():
+                fut.set_result(reply)
+
+        assert self.engine is not None
+        result = self.engine.handle(data, tcp=True)
+        if isinstance(result, Forward):
+            self.forward(result, data, done, tcp=True)
+        elif result is not None:
+            done(result)
+        else:
+            done(header_only_reply(data, Rcode.FORMERR) or b"")
+        reply = await asyncio.wait_for(fut, self.config.forward_timeout + 1)
+        return reply_to_json(reply)
+
+
+def reply_to_json(reply: bytes) -> dict[str, Any]:
+    """A reply as JSON: rcode, flags, and each section's records in presentation format."""
+    msg = DNSRecord.parse(reply)
+    h = msg.header
+
+    def rrs(section: list) -> list[dict[str, Any]]:
+        return [{"name": str(rr.rname), "type": QTYPE.get(rr.rtype), "ttl": rr.ttl,
+                 "value": rr.rdata.toZone() if hasattr(rr.rdata, "toZone") else str(rr.rdata)}
+                for rr in section if rr.rtype != QTYPE.OPT]
+
+    from dnslib import RCODE
+    return {"rcode": RCODE.get(h.rcode), "flags": {"aa": bool(h.aa), "tc": bool(h.tc), "rd": bool(h.rd),
+                                                 "ra": bool(h.ra)},
+            "question": [{"name": str(q.qname), "type": QTYPE.get(q.qtype)} for q in msg.questions],
+            "answer": rrs(msg.rr), "authority": rrs(msg.auth), "additional": rrs(msg.ar)}
+
+
+def _routes_changed(old: Zone, new: Zone) -> bool:
+    return old.routes != new.routes or old.default_route != new.default_route
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _rcode_reply(data: bytes, rcode: int) -> bytes | None:
+    """Copy the query, flip it into a reply with `rcode` and no records besides question and OPT."""
+    from .message import error_reply, parse_edns
+    try:
+        query = DNSRecord.parse(data)
+        return error_reply(query, rcode, parse_edns(query))
+    except Exception:
+        return header_only_reply(data, rcode)
+
+
+def _refused(data: bytes) -> bytes | None:
+    return _rcode_reply(data, Rcode.REFUSED)
+
+
+def _servfail(data: bytes) -> bytes | None:
+    return _rcode_reply(data, Rcode.SERVFAIL)
+
+
+class _Udp(asyncio.DatagramProtocol):
+    """One UDP listener: the hot path of the whole server."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        server = self.server
+        c = server.counters
+        c.udp += 1
+        host = addr[0]
+        ok = server._allowed.get(host)
+        if not ok and (ok is not None or not server.client_allowed(host)):
+            c.refused_clients += 1  # dropped, not answered: we are no reflector
+            return
+        result = server.engine.handle(data)  # type: ignore[union-attr]
+        if result.__class__ is bytes:
+            self.transport.sendto(result, addr)  # type: ignore[union-attr]
+            if server.qlog:
+                server.qlog.write(host, data, result, "local")
+        elif result is None:
+            c.dropped += 1
+        else:
+            transport = self.transport
+
+            def reply_to(reply: bytes) -> None:
+                if not transport.is_closing():  # type: ignore[union-attr]
+                    transport.sendto(reply, addr)  # type: ignore[union-attr]
+                    if server.qlog:
+                        server.qlog.write(host, data, reply, "forward")
+
+            server.forward(result, data, reply_to, tcp=False)  # type: ignore[arg-type]
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)
+
+
+class _TcpConn(asyncio.Protocol):
+    """One TCP client (RFC 7766): pipelined queries, replies in completion order, idle timeout."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.buf = bytearray()
+        self.pending = 0
+        self.paused = False
+        self.idle: asyncio.TimerHandle | None = None
+        self.host = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.host = peer[0]
+        if not server.client_allowed(self.host):
+            server.counters.refused_clients += 1
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if len(server._tcp) >= server.config.max_tcp_connections:
+            server.counters.tcp_rejected += 1
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        server._tcp.add(self)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(self.server.config.tcp_idle_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.pending:
+            self._arm()
+            return
+        self.server.counters.tcp_idle_closed += 1
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.server._tcp.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        self._arm()
+        server = self.server
+        while len(buf) >= 2:
+            size = buf[0] << 8 | buf[1]
+            if size < 12:  # a message shorter than a header: the stream cannot be trusted any more
+                self.transport.close()
+                return
+            if len(buf) < size + 2:
+                break
+            msg = bytes(buf[2:size + 2])
+            del buf[:size + 2]
+            server.counters.tcp += 1
+            result = server.engine.handle(msg, tcp=True)  # type: ignore[union-attr]
+            if result.__class__ is bytes:
+                self._write(result)  # type: ignore[arg-type]
+            elif result is None:
+                server.counters.dropped += 1
+            else:
+                self.pending += 1
+                if self.pending >= server.config.max_tcp_pipeline and not self.paused:
+                    self.paused = True
+                    self.transport.pause_reading()
+                server.forward(result, msg, self._forwarded, tcp=True)  # type: ignore[arg-type]
+
+    def _forwarded(self, reply: bytes) -> None:
+        self.pending -= 1
+        if self.paused and self.pending < self.server.config.max_tcp_pipeline:
+            self.paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+        self._write(reply)
+
+    def _write(self, reply: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(struct.pack("!H", len(reply)) + reply)
