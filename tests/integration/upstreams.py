@@ -86,8 +86,10 @@ class FakeUpstream:
     delay: float = 0.5
     queries: list[bytes] = field(default_factory=list)
     tcp_queries: list[bytes] = field(default_factory=list)
-    # Called with each received query; returning bytes sends those instead of the usual reply.
-    hook: Callable[[bytes], bytes | None] | None = None
+    sources: list[tuple[str, int]] = field(default_factory=list)  # the UDP source of each query
+    # Called with each received query and its source (None over TCP); returning bytes sends those
+    # instead of the usual reply.
+    hook: Callable[[bytes, tuple[str, int] | None], bytes | None] | None = None
     _udp: asyncio.DatagramTransport | None = None
     _tcp: asyncio.base_events.Server | None = None
 
@@ -99,10 +101,10 @@ class FakeUpstream:
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
-    def answer(self, query: bytes, over_tcp: bool) -> list[bytes]:
+    def answer(self, query: bytes, over_tcp: bool, source: tuple[str, int] | None = None) -> list[bytes]:
         """The datagrams (or TCP messages) to send back for `query`, in order."""
         if self.hook is not None:
-            special = self.hook(query)
+            special = self.hook(query, source)
             if special is not None:
                 return [special]
         b = self.behavior
@@ -143,7 +145,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.up.queries.append(data)
-        replies = self.up.answer(data, over_tcp=False)
+        self.up.sources.append(addr)
+        replies = self.up.answer(data, over_tcp=False, source=addr)
         if not replies:
             return
         if self.up.behavior is Behavior.SLOW:
