@@ -1,0 +1,691 @@
+"""The control database: the one module that reads and writes the coordination server's tables.
+
+SQLite through sqlite-utils, WAL mode, every change one IMMEDIATE transaction that also bumps
+`change_counter`, so a server polling the counter sees every change made by another process (the
+admin CLI) and never half of one. A kill -9 at any moment loses nothing committed: WAL commits are
+written to the log before COMMIT returns (synchronous=NORMAL keeps that for process crashes; only an
+OS crash or power loss may drop the last transactions).
+
+DNS records live in the same file, owned by `magicdns.store.RecordStore` (`self.records`).
+Schema changes are numbered migrations (`MIGRATIONS`); `control_schema` in `control_meta` says
+which have run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import sqlite_utils
+
+from magicdns.names import NameError_, normalize_domain
+from magicdns.store import RecordStore, StoreError as RecordStoreError
+from magicdns.upstream import UpstreamError, parse_upstream
+
+from . import addresses, authkeys, naming
+from .protocol import generate_private_key
+
+DEFAULT_DB = os.environ.get("MESHNODE_CONTROL_DB", "/var/lib/meshnode/control.db")
+DEFAULT_DOMAIN = "tailnet"
+DEFAULT_POLICY = """// Default policy: every node may reach every node on every port.
+{
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["*:*"]},
+  ],
+}
+"""
+
+
+class ControlStoreError(RuntimeError):
+    """The store cannot do what was asked; subclasses say why."""
+
+
+class NotFound(ControlStoreError):
+    """No such user, node or key."""
+
+
+class Conflict(ControlStoreError):
+    """The change clashes with what is stored (name taken, user has nodes, ...)."""
+
+
+class InvalidValue(ControlStoreError, ValueError):
+    """A value that cannot be stored (bad name, bad CIDR, bad resolver)."""
+
+
+class SchemaTooNew(ControlStoreError):
+    """The file was written by a newer version of this program."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A node as stored. `tags` non-empty means the node is owned by its tags, not its user."""
+
+    id: int
+    machine_key: str
+    node_key: str
+    name: str
+    hostname: str
+    user: str
+    tags: tuple[str, ...]
+    os: str
+    endpoints: tuple[str, ...]
+    advertised_routes: tuple[str, ...]
+    approved_routes: tuple[str, ...]
+    advertises_exit_node: bool
+    exit_node_approved: bool
+    ephemeral: bool
+    created: float
+    last_seen: float | None
+    expiry: float | None
+    logged_out: bool
+    offset: int
+    authkey_id: str | None
+
+    @property
+    def addresses(self) -> tuple[str, str]:
+        return addresses.pair_for(self.offset).texts
+
+    def expired(self, now: float) -> bool:
+        return self.expiry is not None and now >= self.expiry
+
+    def active(self, now: float) -> bool:
+        """Present in maps: logged in and not expired."""
+        return not self.logged_out and not self.expired(now)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """Tailnet-wide DNS settings (resolvers as `HOST[:PORT]` text)."""
+
+    nameservers: tuple[str, ...] = ()
+    routes: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (domain, resolvers); () = answer locally
+    search_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What a machine asks for when it registers (already authenticated by the protocol layer)."""
+
+    machine_key: str
+    node_key: str
+    hostname: str
+    os: str
+    authkey: str | None
+    advertise_routes: tuple[str, ...] = ()
+    advertise_tags: tuple[str, ...] = ()
+    advertise_exit_node: bool = False
+    ephemeral: bool = False
+    endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The policy's decision on a registration: final tags and what is approved at once."""
+
+    tags: tuple[str, ...]
+    approved_routes: tuple[str, ...]
+    exit_node_approved: bool
+
+
+# authorize(user, key_tags, registration, existing) -> Grant, run inside the registration transaction.
+Authorizer = Callable[[str, tuple[str, ...], Registration, "Node | None"], Grant]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def _m1_core(db: sqlite_utils.Database) -> None:
+    db["users"].create({"id": int, "name": str, "created": float}, pk="id", not_null={"name"})
+    db["users"].create_index(["name"], unique=True)
+    db["nodes"].create({
+        "id": int, "machine_key": str, "node_key": str, "name": str, "hostname": str, "user_id": int,
+        "tags": str, "os": str, "endpoints": str, "advertised_routes": str, "approved_routes": str,
+        "advertises_exit_node": int, "exit_node_approved": int, "ephemeral": int, "created": float,
+        "last_seen": float, "expiry": float, "logged_out": int, "offset": int, "authkey_id": str,
+    }, pk="id", not_null={"machine_key", "node_key", "name", "user_id", "offset"},
+        foreign_keys=[("user_id", "users", "id")])
+    db["nodes"].create_index(["machine_key"], unique=True)
+    db["nodes"].create_index(["name"], unique=True)
+    # A lease outlives its node so a re-registered machine gets its old addresses back.
+    db["leases"].create({"machine_key": str, "offset": int}, pk="machine_key", not_null={"offset"})
+    db["leases"].create_index(["offset"], unique=True)
+    db["authkeys"].create({
+        "id": str, "secret_hash": str, "user_id": int, "reusable": int, "ephemeral": int, "tags": str,
+        "created": float, "expires": float, "used_count": int, "revoked": int,
+    }, pk="id", not_null={"secret_hash", "user_id"}, foreign_keys=[("user_id", "users", "id")])
+    db["policy"].create({"id": int, "text": str, "updated": float}, pk="id")
+
+
+def _m2_dns(db: sqlite_utils.Database) -> None:
+    # kind: 'nameserver' | 'route' | 'search'; `domain` is set for routes ('' value = local route).
+    db["dns_settings"].create({"id": int, "kind": str, "domain": str, "value": str, "position": int},
+                              pk="id", not_null={"kind", "value", "position"})
+    db["nodes"].create_index(["user_id"])
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _j(values: Sequence[str]) -> str:
+    return json.dumps(list(values))
+
+
+def _t(text: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()
+
+
+_NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"
+              " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
+              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id")
+
+
+def _node(row: tuple) -> Node:
+    return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
+                _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
+                row[16], bool(row[17]), row[18], row[19])
+
+
+class _Leases:
+    """`in` test over leased offsets, one indexed query per probe (the allocator probes few)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __contains__(self, offset: object) -> bool:
+        return self.conn.execute("SELECT 1 FROM leases WHERE offset = ?", [offset]).fetchone() is not None
+
+
+class _Names:
+    def __init__(self, conn: sqlite3.Connection, except_id: int | None = None) -> None:
+        self.conn, self.except_id = conn, except_id
+
+    def __contains__(self, name: object) -> bool:
+        row = self.conn.execute("SELECT id FROM nodes WHERE name = ?", [name]).fetchone()
+        return row is not None and row[0] != self.except_id
+
+
+class ControlStore:
+    """Users, nodes, leases, auth keys, policy, DNS settings and (via RecordStore) records."""
+
+    def __init__(self, db: str | Path | sqlite_utils.Database, domain: str | None = None) -> None:
+        try:
+            if isinstance(db, sqlite_utils.Database):
+                self.db = db
+            else:
+                path = Path(db)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite_utils.Database(_connect(path))
+            self.conn = self.db.conn
+            self._migrate()
+            if domain is not None:
+                self.set_domain(domain)
+            self.records = RecordStore(self.db, self.domain())
+        except sqlite3.DatabaseError as exc:
+            raise ControlStoreError(f"cannot open control database {db}: {exc}") from None
+        except RecordStoreError as exc:
+            raise ControlStoreError(str(exc)) from None
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, bump: bool = True) -> Iterator[None]:
+        """One IMMEDIATE transaction; a write also bumps the change counter servers poll."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            if bump:
+                self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
+                                  " WHERE key = 'change_counter'")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def _meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM control_meta WHERE key = ?", [key]).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT INTO control_meta(key, value) VALUES (?, ?)"
+                          " ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])
+
+    def _migrate(self) -> None:
+        with self._tx(bump=False):
+            if "control_meta" not in self.db.table_names():
+                self.db["control_meta"].create({"key": str, "value": str}, pk="key")
+            current = int(self._meta("control_schema") or 0)
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNew(f"the control database has schema {current}; this program knows"
+                                   f" up to {SCHEMA_VERSION}: upgrade meshnode")
+            for step in MIGRATIONS[current:]:
+                step(self.db)
+            self._set_meta("control_schema", str(SCHEMA_VERSION))
+            for key, default in (("change_counter", "0"), ("map_version", "0"), ("domain", DEFAULT_DOMAIN)):
+                self.conn.execute("INSERT OR IGNORE INTO control_meta(key, value) VALUES (?, ?)", [key, default])
+
+    def schema_version(self) -> int:
+        return int(self._meta("control_schema") or 0)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def change_counter(self) -> int:
+        """Grows with every committed change by any process (records excepted: see `records.version()`)."""
+        return int(self._meta("change_counter") or 0)
+
+    def map_version(self) -> int:
+        return int(self._meta("map_version") or 0)
+
+    def bump_map_version(self) -> int:
+        """Next map version, persisted before any node sees it (so it never goes backwards)."""
+        with self._tx(bump=False):
+            version = int(self._meta("map_version") or 0) + 1
+            self._set_meta("map_version", str(version))
+        return version
+
+    def domain(self) -> str:
+        return self._meta("domain") or DEFAULT_DOMAIN
+
+    def set_domain(self, domain: str) -> None:
+        try:
+            domain = normalize_domain(domain)
+        except NameError_ as exc:
+            raise InvalidValue(f"domain: {exc}") from None
+        if domain != self.domain():
+            with self._tx():
+                self._set_meta("domain", domain)
+            if hasattr(self, "records"):
+                self.records.domain = domain
+
+    def server_private_key(self) -> str:
+        """The server's long-term Curve25519 key, created on first use."""
+        key = self._meta("server_private_key")
+        if key is None:
+            with self._tx(bump=False):
+                key = self._meta("server_private_key")
+                if key is None:
+                    key = generate_private_key()
+                    self._set_meta("server_private_key", key)
+        return key
+
+    def ensure_admin_token(self) -> str | None:
+        """Create the admin API token if there is none; returns it (once) or None if one exists."""
+        if self._meta("admin_token_hash") is not None:
+            return None
+        token = "msadm-" + os.urandom(32).hex()
+        with self._tx(bump=False):
+            if self._meta("admin_token_hash") is not None:
+                return None
+            self._set_meta("admin_token_hash", authkeys.hash_secret(token))
+        return token
+
+    def admin_token_hash(self) -> str | None:
+        return self._meta("admin_token_hash")
+
+    # -- users ----------------------------------------------------------------------------------
+
+    def _user_id(self, name: str, create: bool = False) -> int:
+        row = self.conn.execute("SELECT id FROM users WHERE name = ?", [name]).fetchone()
+        if row:
+            return int(row[0])
+        if not create:
+            raise NotFound(f"no user {name!r}")
+        return int(self.conn.execute("INSERT INTO users(name, created) VALUES (?, ?)",
+                                     [name, time.time()]).lastrowid)
+
+    @staticmethod
+    def _check_user_name(name: str) -> str:
+        name = name.strip()
+        if not name or len(name) > 128 or any(c.isspace() for c in name):
+            raise InvalidValue(f"user name {name!r} must be 1-128 characters without spaces")
+        return name
+
+    def create_user(self, name: str) -> User:
+        name = self._check_user_name(name)
+        with self._tx():
+            if self.conn.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+                raise Conflict(f"user {name!r} already exists")
+            self._user_id(name, create=True)
+        return self.get_user(name)
+
+    def get_user(self, name: str) -> User:
+        row = self.conn.execute("SELECT id, name, created FROM users WHERE name = ?", [name]).fetchone()
+        if row is None:
+            raise NotFound(f"no user {name!r}")
+        return User(*row)
+
+    def list_users(self) -> list[User]:
+        return [User(*r) for r in self.conn.execute("SELECT id, name, created FROM users ORDER BY name")]
+
+    def delete_user(self, name: str) -> None:
+        """Delete a user with no nodes; their unused auth keys go with them."""
+        with self._tx():
+            uid = self._user_id(name)
+            count = self.conn.execute("SELECT COUNT(*) FROM nodes WHERE user_id = ?", [uid]).fetchone()[0]
+            if count:
+                raise Conflict(f"user {name!r} still owns {count} node(s); delete them first")
+            self.conn.execute("DELETE FROM authkeys WHERE user_id = ?", [uid])
+            self.conn.execute("DELETE FROM users WHERE id = ?", [uid])
+
+    # -- auth keys ------------------------------------------------------------------------------
+
+    def create_authkey(self, user: str, reusable: bool = False, ephemeral: bool = False,
+                       tags: Sequence[str] = (), expires: float | None = None) -> tuple[str, authkeys.AuthKey]:
+        """A new pre-auth key for `user` (created if missing); returns (key text, stored key)."""
+        user = self._check_user_name(user)
+        for tag in tags:
+            _check_tag(tag)
+        new = authkeys.generate()
+        with self._tx():
+            uid = self._user_id(user, create=True)
+            self.conn.execute(
+                "INSERT INTO authkeys(id, secret_hash, user_id, reusable, ephemeral, tags, created, expires,"
+                " used_count, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
+                [new.id, new.secret_hash, uid, int(reusable), int(ephemeral), _j(sorted(set(tags))),
+                 time.time(), expires])
+        return new.text, self.get_authkey(new.id)
+
+    _AK_COLS = ("k.id, u.name, k.reusable, k.ephemeral, k.tags, k.created, k.expires, k.used_count,"
+                " k.revoked, k.secret_hash")
+
+    @staticmethod
+    def _ak(row: tuple) -> authkeys.AuthKey:
+        return authkeys.AuthKey(row[0], row[1], bool(row[2]), bool(row[3]), _t(row[4]), row[5], row[6],
+                                row[7], bool(row[8]), row[9])
+
+    def get_authkey(self, key_id: str) -> authkeys.AuthKey:
+        row = self.conn.execute(f"SELECT {self._AK_COLS} FROM authkeys k JOIN users u ON u.id = k.user_id"
+                                " WHERE k.id = ?", [key_id]).fetchone()
+        if row is None:
+            raise NotFound(f"no auth key {key_id!r}")
+        return self._ak(row)
+
+    def list_authkeys(self) -> list[authkeys.AuthKey]:
+        return [self._ak(r) for r in self.conn.execute(
+            f"SELECT {self._AK_COLS} FROM authkeys k JOIN users u ON u.id = k.user_id ORDER BY k.created")]
+
+    def revoke_authkey(self, key_id: str) -> None:
+        with self._tx():
+            if self.conn.execute("UPDATE authkeys SET revoked = 1 WHERE id = ?", [key_id]).rowcount == 0:
+                raise NotFound(f"no auth key {key_id!r}")
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def _select_nodes(self, where: str = "", args: Sequence[Any] = ()) -> list[Node]:
+        return [_node(r) for r in self.conn.execute(
+            f"SELECT {_NODE_COLS} FROM nodes n JOIN users u ON u.id = n.user_id {where} ORDER BY n.id", args)]
+
+    def list_nodes(self) -> list[Node]:
+        return self._select_nodes()
+
+    def get_node(self, node_id: int) -> Node:
+        nodes = self._select_nodes("WHERE n.id = ?", [node_id])
+        if not nodes:
+            raise NotFound(f"no node with id {node_id}")
+        return nodes[0]
+
+    def find_node(self, ref: str) -> Node:
+        """A node by id, name, FQDN or address, as an admin types it."""
+        ref = ref.strip().lower().rstrip(".")
+        suffix = "." + self.domain()
+        if ref.endswith(suffix):
+            ref = ref[: -len(suffix)]
+        nodes = self._select_nodes("WHERE n.name = ?", [ref])
+        if not nodes and ref.isdigit():
+            nodes = self._select_nodes("WHERE n.id = ?", [int(ref)])
+        if not nodes:
+            nodes = [n for n in self.list_nodes() if ref in n.addresses]
+        if not nodes:
+            raise NotFound(f"no node {ref!r} (give its name, id or address)")
+        return nodes[0]
+
+    def node_by_machine_key(self, machine_key: str) -> Node | None:
+        nodes = self._select_nodes("WHERE n.machine_key = ?", [machine_key])
+        return nodes[0] if nodes else None
+
+    def register(self, reg: Registration, authorize: Authorizer, now: float | None = None) -> Node:
+        """Register a machine, or log it in again; the whole decision and write is one transaction.
+
+        A known, logged-in, unexpired machine may re-register without a key (node-key rotation, new
+        advertisements); otherwise `reg.authkey` must pass `authkeys.check`, and it is consumed here, in
+        the same transaction, so two racing registrations cannot both spend a single-use key.
+        """
+        now = time.time() if now is None else now
+        with self._tx():
+            existing = self.node_by_machine_key(reg.machine_key)
+            key: authkeys.AuthKey | None = None
+            if reg.authkey:
+                key_id, secret = authkeys.split(reg.authkey)
+                try:
+                    key = self.get_authkey(key_id)
+                except NotFound:
+                    key = None
+                authkeys.check(key, secret, now)
+            elif existing is None or not existing.active(now):
+                raise authkeys.AuthKeyRefused(authkeys.RefusalReason.UNKNOWN,
+                                              "an auth key is needed to register this machine")
+            user = key.user if key else existing.user  # type: ignore[union-attr]
+            key_tags = key.tags if key else ()
+            grant = authorize(user, key_tags, reg, existing)
+            uid = self._user_id(user, create=True)
+            ephemeral = (key.ephemeral if key else existing.ephemeral) or reg.ephemeral  # type: ignore[union-attr]
+            fields = {
+                "node_key": reg.node_key, "hostname": reg.hostname, "user_id": uid, "tags": _j(grant.tags),
+                "os": reg.os, "endpoints": _j(reg.endpoints), "advertised_routes": _j(reg.advertise_routes),
+                "approved_routes": _j(grant.approved_routes), "advertises_exit_node": int(reg.advertise_exit_node),
+                "exit_node_approved": int(grant.exit_node_approved), "ephemeral": int(ephemeral),
+                "last_seen": now, "logged_out": 0,
+            }
+            if key is not None:
+                fields["authkey_id"] = key.id
+                fields["expiry"] = None  # a fresh login clears an admin expiry
+                self.conn.execute("UPDATE authkeys SET used_count = used_count + 1 WHERE id = ?", [key.id])
+            if existing is not None:
+                sets = ", ".join(f"{k} = ?" for k in fields)
+                self.conn.execute(f"UPDATE nodes SET {sets} WHERE id = ?", [*fields.values(), existing.id])
+                node_id = existing.id
+            else:
+                name = naming.unique_name(naming.derive_name(reg.hostname, self.domain()), _Names(self.conn))
+                offset = self._lease(reg.machine_key)
+                fields.update(machine_key=reg.machine_key, name=name, created=now, offset=offset)
+                cols = ", ".join(fields)
+                node_id = int(self.conn.execute(
+                    f"INSERT INTO nodes({cols}) VALUES ({', '.join('?' * len(fields))})",
+                    list(fields.values())).lastrowid)
+            return self.get_node(node_id)
+
+    def _lease(self, machine_key: str) -> int:
+        row = self.conn.execute("SELECT offset FROM leases WHERE machine_key = ?", [machine_key]).fetchone()
+        if row:
+            return int(row[0])
+        top = self.conn.execute("SELECT MAX(offset) FROM leases").fetchone()[0] or 0
+        pair = addresses.allocate(_Leases(self.conn), top + 1)
+        self.conn.execute("INSERT INTO leases(machine_key, offset) VALUES (?, ?)", [machine_key, pair.offset])
+        return pair.offset
+
+    def rename_node(self, ref: str, new_name: str) -> Node:
+        """Admin rename; `naming.NameInvalid` or `naming.NameTaken` if it cannot be."""
+        name = naming.validate_name(new_name)
+        with self._tx():
+            node = self.find_node(ref)
+            if name in _Names(self.conn, except_id=node.id):
+                raise naming.NameTaken(f"name {name!r} is taken by another node")
+            self.conn.execute("UPDATE nodes SET name = ? WHERE id = ?", [name, node.id])
+        return self.get_node(node.id)
+
+    def delete_node(self, ref: str) -> Node:
+        """Delete a node; its name is free at once. Ephemeral nodes give their lease back too."""
+        with self._tx():
+            node = self.find_node(ref)
+            self._delete(node)
+        return node
+
+    def _delete(self, node: Node) -> None:
+        self.conn.execute("DELETE FROM nodes WHERE id = ?", [node.id])
+        if node.ephemeral:
+            self.conn.execute("DELETE FROM leases WHERE machine_key = ?", [node.machine_key])
+
+    def delete_stale_ephemeral(self, online_ids: set[int], older_than: float) -> list[Node]:
+        """Delete ephemeral nodes that are offline and were last seen before `older_than`."""
+        with self._tx():
+            gone = [n for n in self._select_nodes("WHERE n.ephemeral = 1")
+                    if n.id not in online_ids and (n.last_seen or n.created) < older_than]
+            for n in gone:
+                self._delete(n)
+        return gone
+
+    def set_tags(self, ref: str, tags: Sequence[str]) -> Node:
+        for tag in tags:
+            _check_tag(tag)
+        with self._tx():
+            node = self.find_node(ref)
+            self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(sorted(set(tags))), node.id])
+        return self.get_node(node.id)
+
+    def expire_node(self, ref: str, when: float | None = None) -> Node:
+        """Expire a node's login now (or at `when`): it leaves every map until it logs in again."""
+        with self._tx():
+            node = self.find_node(ref)
+            self.conn.execute("UPDATE nodes SET expiry = ? WHERE id = ?",
+                              [time.time() if when is None else when, node.id])
+        return self.get_node(node.id)
+
+    def approve_routes(self, ref: str, routes: Sequence[str], exit_node: bool | None = None) -> Node:
+        """Set the approved routes (each must be advertised; 0.0.0.0/0 or ::/0 approve the exit node)."""
+        with self._tx():
+            node = self.find_node(ref)
+            wanted, exit_flag = [], exit_node
+            for r in routes:
+                cidr = normalize_cidr(r)
+                if cidr in ("0.0.0.0/0", "::/0"):
+                    exit_flag = True
+                    continue
+                if cidr not in node.advertised_routes:
+                    raise InvalidValue(f"{node.name} does not advertise {cidr}")
+                wanted.append(cidr)
+            if exit_flag and not node.advertises_exit_node:
+                raise InvalidValue(f"{node.name} does not advertise itself as an exit node")
+            self.conn.execute("UPDATE nodes SET approved_routes = ?, exit_node_approved = ? WHERE id = ?",
+                              [_j(sorted(set(wanted))), int(bool(exit_flag) if exit_flag is not None
+                                                            else node.exit_node_approved), node.id])
+        return self.get_node(node.id)
+
+    def set_endpoints(self, node_id: int, endpoints: Sequence[str]) -> None:
+        with self._tx():
+            self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+
+    def logout(self, node_id: int) -> None:
+        """The node leaves maps; it keeps its name and addresses for its next login (with a key)."""
+        with self._tx():
+            self.conn.execute("UPDATE nodes SET logged_out = 1 WHERE id = ?", [node_id])
+
+    def touch(self, node_ids: Sequence[int], now: float) -> None:
+        """Record last-seen times; not a map-visible change by itself, so no counter bump."""
+        with self._tx(bump=False):
+            self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
+
+    # -- policy ---------------------------------------------------------------------------------
+
+    def policy_text(self) -> str:
+        row = self.conn.execute("SELECT text FROM policy WHERE id = 1").fetchone()
+        return row[0] if row else DEFAULT_POLICY
+
+    def set_policy_text(self, text: str, validate: Callable[[str, list[Node]], None]) -> None:
+        """Store a policy after `validate(text, nodes)` passes, inside the same transaction (so the
+        policy's tests ran against the nodes as they are when it lands)."""
+        with self._tx():
+            validate(text, self.list_nodes())
+            self.conn.execute("INSERT INTO policy(id, text, updated) VALUES (1, ?, ?)"
+                              " ON CONFLICT(id) DO UPDATE SET text = excluded.text, updated = excluded.updated",
+                              [text, time.time()])
+
+    # -- DNS settings ---------------------------------------------------------------------------
+
+    def dns_settings(self) -> DnsSettings:
+        rows = self.conn.execute("SELECT kind, domain, value FROM dns_settings ORDER BY position, id").fetchall()
+        routes: dict[str, list[str]] = {}
+        for kind, domain, value in rows:
+            if kind == "route":
+                routes.setdefault(domain, [])
+                if value:
+                    routes[domain].append(value)
+        return DnsSettings(tuple(v for k, _, v in rows if k == "nameserver"),
+                           tuple((d, tuple(v)) for d, v in sorted(routes.items())),
+                           tuple(v for k, _, v in rows if k == "search"))
+
+    def set_nameservers(self, servers: Sequence[str]) -> None:
+        values = [_check_resolver(s) for s in servers]
+        with self._tx():
+            self._replace("nameserver", "", values)
+
+    def set_search_domains(self, domains: Sequence[str]) -> None:
+        values = [_check_domain(d) for d in domains]
+        with self._tx():
+            self._replace("search", "", values)
+
+    def add_route(self, domain: str, servers: Sequence[str]) -> None:
+        """Split DNS: `domain` goes to `servers`; no servers means answer it locally (authoritative)."""
+        dom = _check_domain(domain)
+        values = [_check_resolver(s) for s in servers] or [""]
+        with self._tx():
+            self._replace("route", dom, values)
+
+    def remove_route(self, domain: str) -> None:
+        dom = _check_domain(domain)
+        with self._tx():
+            if self.conn.execute("DELETE FROM dns_settings WHERE kind = 'route' AND domain = ?",
+                                 [dom]).rowcount == 0:
+                raise NotFound(f"no DNS route for {dom}")
+
+    def _replace(self, kind: str, domain: str, values: Sequence[str]) -> None:
+        self.conn.execute("DELETE FROM dns_settings WHERE kind = ? AND domain = ?", [kind, domain])
+        self.conn.executemany("INSERT INTO dns_settings(kind, domain, value, position) VALUES (?, ?, ?, ?)",
+                              [(kind, domain, v, i) for i, v in enumerate(values)])
+
+
+def normalize_cidr(text: str) -> str:
+    import ipaddress
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise InvalidValue(f"{text!r} is not a CIDR prefix (e.g. 10.0.0.0/24)") from None
+
+
+def _check_tag(tag: str) -> None:
+    if not tag.startswith("tag:") or not naming.sanitize_label(tag[4:]) == tag[4:]:
+        raise InvalidValue(f"tag {tag!r} must look like tag:name (lowercase letters, digits, '-')")
+
+
+def _check_resolver(spec: str) -> str:
+    try:
+        return parse_upstream(spec).spec
+    except UpstreamError as exc:
+        raise InvalidValue(str(exc)) from None
+
+
+def _check_domain(domain: str) -> str:
+    try:
+        return normalize_domain(domain)
+    except NameError_ as exc:
+        raise InvalidValue(f"domain: {exc}") from None
