@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # glibc reads at most this many nameserver lines (MAXNS in resolv.h) and ignores the rest.
 MAXNS = 3
 
+# The comment meshnode's DNS configurator writes into the resolv.conf it installs.
+BACKUP_COMMENT = "# original saved in: "
+
 
 class ResolvConfError(OSError):
     """A resolv.conf that exists but cannot be read."""
@@ -52,24 +55,51 @@ def parse_nameservers(text: str) -> tuple[Upstream, ...]:
     return tuple(found)
 
 
+def _backup_named_in(text: str) -> Path | None:
+    """The backup path a configurator wrote into its resolv.conf ('# original saved in: PATH', as
+    meshnode's does), if any."""
+    for line in text.splitlines():
+        if line.startswith(BACKUP_COMMENT):
+            named = line[len(BACKUP_COMMENT):].strip()
+            return Path(named) if named else None
+    return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ResolvConfError(exc.errno, f"cannot read {path}: {exc.strerror}") from None
+
+
 def read_original_resolvers(path: str | Path = "/etc/resolv.conf", backup_path: str | Path | None = None,
                             own_addresses: Iterable[Upstream] = ()) -> tuple[Upstream, ...]:
-    """The system's original resolvers: from `backup_path` when that file exists (our configurator
-    saved the original there), else from `path`; ourselves (100.100.100.100, fd7a:115c:a1e0::53,
-    `own_addresses`) skipped, then glibc's limit of three applied. A missing file or no nameserver gives
-    an empty tuple: the caller decides (glibc would use 127.0.0.1)."""
-    source = Path(path)
-    if backup_path is not None and Path(backup_path).exists():
-        source = Path(backup_path)
-    try:
-        text = source.read_text(errors="replace")
-    except FileNotFoundError:
-        return ()
-    except OSError as exc:
-        raise ResolvConfError(exc.errno, f"cannot read {source}: {exc.strerror}") from None
+    """The system's original resolvers, ourselves (100.100.100.100, fd7a:115c:a1e0::53,
+    `own_addresses`) skipped, then glibc's limit of three applied.
+
+    `path` is read first. When it has been replaced by ours (it names its backup in a
+    '# original saved in: PATH' comment, or every nameserver in it is ourselves) and the backup
+    (`backup_path`, else the named one) exists, the backup is the original and is read instead; a
+    backup next to a resolv.conf that someone else rewrote since is stale and ignored. A missing file
+    or no usable nameserver gives an empty tuple: the caller decides (glibc would use 127.0.0.1).
+    Raises ResolvConfError when a file exists but cannot be read.
+    """
     own = tuple(own_addresses)
+    source = Path(path)
+    text = _read(source) or ""
     servers = parse_nameservers(text)
-    result = tuple(up for up in servers if not is_self(up, own))
-    if len(result) < len(servers):
-        log.info("%s: skipped %d nameserver(s) that are this resolver", source, len(servers) - len(result))
-    return result[:MAXNS]
+    usable = tuple(up for up in servers if not is_self(up, own))
+    named = _backup_named_in(text)
+    replaced = named is not None or (servers and not usable)
+    backup = Path(backup_path) if backup_path is not None else named
+    if replaced and backup is not None:
+        original = _read(backup)
+        if original is not None:
+            source = backup
+            servers = parse_nameservers(original)
+            usable = tuple(up for up in servers if not is_self(up, own))
+    if len(usable) < len(servers):
+        log.info("%s: skipped %d nameserver(s) that are this resolver", source, len(servers) - len(usable))
+    return usable[:MAXNS]
