@@ -17,6 +17,7 @@ from .errors import HuJSONError
 _WS = " \t\r\n"
 _LITERALS = frozenset({"true", "false", "null"})
 _WORD = re.compile(r"[A-Za-z0-9_$]+")
+_IDENT_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_$")
 
 
 def _position(text: str, index: int) -> tuple[int, int]:
@@ -51,12 +52,13 @@ def standardize(text: str) -> str:
     out = list(text)
     n = len(text)
     i = 0
-    last_comma = -1  # index of a comma not yet followed by a value
+    last_comma = -1      # index of a comma not yet followed by a value
+    after_value = False  # whether the last token ended a value (only then may a comma follow)
     while i < n:
         c = text[i]
         if c == '"':
-            last_comma = -1
             i = _skip_string(text, i)
+            last_comma, after_value = -1, True
         elif c == "/" and i + 1 < n and text[i + 1] == "/":
             end = text.find("\n", i)
             end = n if end < 0 else end
@@ -72,27 +74,29 @@ def standardize(text: str) -> str:
             i = end + 2
         elif c in "]}":
             if last_comma >= 0:
-                out[last_comma] = " "
-            last_comma = -1
+                out[last_comma] = " "  # the one comma HuJSON adds to JSON: before a closing bracket
+            last_comma, after_value = -1, True
             i += 1
         elif c == ",":
-            last_comma = i
+            if not after_value:
+                raise _fail(text, i, "unexpected ',' (no value before it)")
+            last_comma, after_value = i, False
             i += 1
         elif c in _WS:
             i += 1
         elif c == "'":
             raise _fail(text, i, "single-quoted strings are not HuJSON; use double quotes")
-        elif c.isalpha() or c == "_" or c == "$":
+        elif c in _IDENT_START:
             m = _WORD.match(text, i)
-            assert m is not None
+            assert m is not None  # c itself matches
             word = m.group(0)
             if word not in _LITERALS:
                 raise _fail(text, i, f"unexpected identifier {word!r} (keys and strings need double quotes;"
                                      " NaN and Infinity are not JSON)")
-            last_comma = -1
+            last_comma, after_value = -1, True
             i = m.end()
-        else:
-            last_comma = -1
+        else:  # digits, signs, ':', '[', '{' and stray characters json will judge
+            last_comma, after_value = -1, c not in "[{:"
             i += 1
     return "".join(out)
 
