@@ -1,9 +1,285 @@
-"""Node commands: daemon, up, down, logout, status, ip, ping, netcheck, dns."""
+"""Node commands: daemon, up, down, logout, status, ip, dns.
+
+Flags follow the `tailscale` CLI (`--accept-dns=false`, comma-separated `--advertise-routes`), so
+users' habits carry over. Exit codes: 2 for bad usage (checked here, before the daemon is asked),
+1 for a failure (daemon not running, control server refused, ...).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
+
+from magicdns.upstream import UpstreamError, parse_upstream
+
+from .apitypes import QUERY_TYPES
+from .localclient import DaemonNotRunning, LocalApiRefused, LocalClient
+from .prefs import PrefsError, check_login_server, check_route, check_tag
+
+DEFAULT_SOCKET = "/run/meshnode/meshnode.sock"
+
+
+def _client(ctx: click.Context, timeout: float = 60.0) -> LocalClient:
+    path = (ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET
+    return LocalClient(path, timeout=timeout)
+
+
+def _call(ctx: click.Context, method: str, path: str, body: Any = None,
+          params: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
+    try:
+        return _client(ctx, timeout).request(method, path, body, params)
+    except DaemonNotRunning as exc:
+        raise click.ClickException(str(exc)) from None
+    except LocalApiRefused as exc:
+        if exc.status == 400:
+            raise click.UsageError(exc.message) from None
+        raise click.ClickException(exc.message) from None
+
+
+def _bool_option(name: str, help_text: str) -> Any:
+    # `--accept-dns` alone means true; `--accept-dns=false` as in tailscale; absent means "keep".
+    return click.option(name, type=click.BOOL, is_flag=False, flag_value=True, default=None, help=help_text)
+
+
+def _split_csv(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for v in values:
+        try:
+            up = parse_upstream(v)
+        except UpstreamError as exc:
+            raise click.BadParameter(str(exc)) from None
+        out.append((up.host, up.port))
+    return tuple(out)
+
+
+@click.command("daemon")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/var/lib/meshnode"), show_default=True, help="Keys, prefs and the last map.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"LocalAPI unix socket [default: {DEFAULT_SOCKET}].")
+@click.option("--tun", default=None, help="Interface of the tunnel (the DNS service addresses go on it).")
+@click.option("--userspace", is_flag=True, help="No tunnel: DNS-only mode (addresses on a dummy/loopback).")
+@click.option("--dns-listen", multiple=True, callback=_listen_addr, metavar="HOST[:PORT]",
+              help="Listen here instead of 100.100.100.100:53 and fd7a:115c:a1e0::53 (repeatable).")
+@click.option("--resolv-conf", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The resolv.conf to manage [default: /etc/resolv.conf, or systemd-resolved].")
+@click.option("--os", "os_name", default=None, help="OS name reported to the control server.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.pass_context
+def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tun: str | None,
+               userspace: bool, dns_listen: tuple[tuple[str, int], ...], resolv_conf: Path | None,
+               os_name: str | None, verbose: int) -> None:
+    """Run the node daemon in the foreground."""
+    from .daemon import DaemonConfig, run_daemon
+    from .dnsthread import DnsThreadError
+    from .localapi import LocalApiError
+    from .state import StateError
+    from .apitypes import ApiError
+
+    if tun and userspace:
+        raise click.UsageError("--tun and --userspace exclude each other")
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=min(level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = socket_path or Path((ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET)
+    config = DaemonConfig(state_dir=state_dir, socket_path=sock, tun=None if userspace else tun,
+                          dns_listen=dns_listen, resolv_conf=resolv_conf, os_name=os_name)
+    try:
+        asyncio.run(run_daemon(config))
+    except (StateError, LocalApiError, DnsThreadError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+# -- up / down / logout --------------------------------------------------------------------------
+
+@click.command("up")
+@click.option("--login-server", default=None, help="Control server URL (needed the first time).")
+@click.option("--authkey", default=None, help="Pre-auth key (needed to register a new node).")
+@click.option("--hostname", default=None, help="Name to register with [default: the OS hostname].")
+@_bool_option("--accept-dns", "Point the system resolver at MagicDNS [default: true].")
+@_bool_option("--accept-routes", "Accept subnet routes advertised by other nodes.")
+@click.option("--advertise-routes", multiple=True, metavar="CIDR,...", help="Subnets to offer to the tailnet.")
+@_bool_option("--advertise-exit-node", "Offer this node as an exit node.")
+@click.option("--exit-node", default=None, metavar="NAME|IP", help="Send internet traffic through this peer.")
+@click.option("--advertise-tags", multiple=True, metavar="tag:a,tag:b", help="Tags to request for this node.")
+@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+              help="Seconds to wait for the first network map.")
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
+@click.pass_context
+def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, hostname: str | None,
+           accept_dns: bool | None, accept_routes: bool | None, advertise_routes: tuple[str, ...],
+           advertise_exit_node: bool | None, exit_node: str | None, advertise_tags: tuple[str, ...],
+           timeout: float, as_json: bool) -> None:
+    """Connect to the tailnet (registering with --authkey the first time)."""
+    body: dict[str, Any] = {"timeout": timeout}
+    try:
+        if login_server is not None:
+            body["login_server"] = check_login_server(login_server)
+        if advertise_routes:
+            body["advertise_routes"] = [check_route(r) for r in _split_csv(advertise_routes)]
+        if advertise_tags:
+            body["advertise_tags"] = [check_tag(t) for t in _split_csv(advertise_tags)]
+    except PrefsError as exc:
+        raise click.UsageError(str(exc)) from None
+    if hostname is not None and not hostname.strip():
+        raise click.UsageError("--hostname must not be empty")
+    for key, value in (("authkey", authkey), ("hostname", hostname), ("accept_dns", accept_dns),
+                       ("accept_routes", accept_routes), ("advertise_exit_node", advertise_exit_node),
+                       ("exit_node", exit_node)):
+        if value is not None:
+            body[key] = value
+    status = _call(ctx, "POST", "/up", body, timeout=timeout + 30)
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    else:
+        me = status.get("self") or {}
+        click.echo(f"Connected as {me.get('fqdn', '?')} ({', '.join(me.get('addresses', []))})")
+
+
+@click.command("down")
+@click.pass_context
+def down_cmd(ctx: click.Context) -> None:
+    """Disconnect: stop serving, restore the system's DNS; keys and state are kept."""
+    _call(ctx, "POST", "/down")
+
+
+@click.command("logout")
+@click.pass_context
+def logout_cmd(ctx: click.Context) -> None:
+    """Log out: deregister from the control server and forget the node key."""
+    _call(ctx, "POST", "/logout")
+
+
+# -- status / ip ---------------------------------------------------------------------------------
+
+def _owner(node: dict[str, Any]) -> str:
+    return ",".join(node.get("tags") or []) or node.get("user") or "-"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The human table of `meshnode status`: one line per node, self first, like tailscale's."""
+    state = st.get("backend_state")
+    me = st.get("self")
+    lines: list[str] = []
+    if state in ("NeedsLogin", "Stopped") or me is None:
+        lines.append({"NeedsLogin": "Logged out: run `meshnode up --login-server URL --authkey KEY`.",
+                      "Stopped": "meshnode is stopped: run `meshnode up`."}.get(
+                          state or "", f"State: {state}; no network map yet."))
+    else:
+        rows = [(me, "-")]
+        rows += [(p, "-" if p.get("online") else "offline") for p in st.get("peers", [])]
+        table = [((n.get("addresses") or ["-"])[0], n.get("name", "?"), _owner(n), n.get("os") or "-", s)
+                 for n, s in rows]
+        widths = [max(len(r[i]) for r in table) for i in range(4)]
+        for r in table:
+            lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+        if state != "Running":
+            lines.append(f"# State: {state} (serving the map saved at the last run)")
+    health = st.get("health") or []
+    if health:
+        lines.append("")
+        lines.append("# Health check:")
+        lines += [f"#     - {h}" for h in health]
+    return "\n".join(lines)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Show this node and its peers: name, addresses, online, tags, OS."""
+    st = _call(ctx, "GET", "/status")
+    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+@click.command("ip")
+@click.option("-4", "v4", is_flag=True, help="Only the IPv4 address.")
+@click.option("-6", "v6", is_flag=True, help="Only the IPv6 address.")
+@click.argument("peer", required=False)
+@click.pass_context
+def ip_cmd(ctx: click.Context, v4: bool, v6: bool, peer: str | None) -> None:
+    """Show this node's (or PEER's) tailnet addresses."""
+    if v4 and v6:
+        raise click.UsageError("-4 and -6 exclude each other")
+    params = {}
+    if v4 or v6:
+        params["family"] = "4" if v4 else "6"
+    if peer:
+        params["peer"] = peer
+    for addr in _call(ctx, "GET", "/ip", params=params)["addresses"]:
+        click.echo(addr)
+
+
+# -- dns -----------------------------------------------------------------------------------------
+
+@click.group("dns")
+def dns_group() -> None:
+    """The node's MagicDNS resolver."""
+
+
+@dns_group.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def dns_status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Resolver listeners, map version, routes, and the system resolver's configuration."""
+    st = _call(ctx, "GET", "/dns/status")
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    r, o = st["resolver"], st["os"]
+    server = r.get("server") or {}
+    view = server.get("view") or {}
+    click.echo(f"MagicDNS: {'running' if r['running'] else 'stopped'}"
+               f" on {', '.join(server.get('listeners') or r['addresses']) or '-'}")
+    click.echo(f"  tailnet: {view.get('domain') or '-'}  map version: {view.get('version', '-')}"
+               f"  hosts: {view.get('hosts', 0)}  records: {view.get('records', 0)}")
+    for suffix, target in (server.get("routes") or {}).items():
+        click.echo(f"  route {suffix}: {target if isinstance(target, str) else ', '.join(target) or '-'}")
+    click.echo(f"  forwarding to: {', '.join(r['forwarding_to']) or '-'}")
+    click.echo(f"System DNS: accept-dns={'true' if st['accept_dns'] else 'false'}, {o['mode']} {o['target']}:"
+               f" {'configured' if o['active'] else 'not configured'}")
+    if o["drift"] != "intact":
+        click.echo(f"  WARNING: {o['target']} was {o['drift']} by another program")
+    click.echo(f"  original nameservers: {', '.join(o['original_nameservers']) or '-'}")
+
+
+def format_answer(ans: dict[str, Any]) -> str:
+    flags = [f for f, on in (ans.get("flags") or {}).items() if on]
+    lines = [f"status: {ans.get('rcode', '?')}" + (f"  flags: {' '.join(flags)}" if flags else "")]
+    for section in ("answer", "authority", "additional"):
+        for rr in ans.get(section) or []:
+            lines.append(f"{rr.get('name')}\t{rr.get('ttl')}\tIN\t{rr.get('type')}\t{rr.get('value')}")
+    return "\n".join(lines)
+
+
+@dns_group.command("query")
+@click.argument("name")
+@click.argument("qtype", required=False, default="A")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def dns_query_cmd(ctx: click.Context, name: str, qtype: str, as_json: bool) -> None:
+    """Resolve NAME (type A by default) through the node's resolver."""
+    if qtype.upper() not in QUERY_TYPES:
+        raise click.UsageError(f"TYPE must be one of {', '.join(sorted(QUERY_TYPES))}")
+    ans = _call(ctx, "POST", "/dns/query", {"name": name, "type": qtype.upper()})
+    click.echo(json.dumps(ans, indent=2) if as_json else format_answer(ans))
 
 
 def register_node_commands(group: click.Group) -> None:
     """Attach the node's commands to the top-level `meshnode` group."""
+    for cmd in (daemon_cmd, up_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, dns_group):
+        group.add_command(cmd)

@@ -5,6 +5,7 @@ Layout (all files 0600, the directory 0700):
     node.key      the node key registered with the control server; removed by `logout`
     prefs.json    what the user asked for with `up`/`down` (see prefs.py)
     netmap.json   the last network map received, so a restart answers names at once
+    control.json  the control server's public key, pinned on first contact (per login server)
     daemon.lock   held (flock) by the running daemon so two daemons never share one directory
 
 Every write is atomic (atomicfile.py). Damage is handled by what is at stake: an unreadable key is a
@@ -218,6 +219,18 @@ class StateDir:
     def save_map(self, netmap: dict[str, Any], now: float) -> None:
         doc = {"format": NETMAP_FORMAT, "saved_at": now, "netmap": netmap}
         atomic_write(self.path / "netmap.json", json.dumps(doc, separators=(",", ":")))
+
+    def server_key(self, login_server: str) -> str | None:
+        """The pinned public key of `login_server`, if we have talked to it before."""
+        obj = self._read_json("control.json")
+        if not isinstance(obj, dict) or obj.get("login_server") != login_server:
+            return None
+        key = obj.get("server_public_key")
+        return key if isinstance(key, str) else None
+
+    def save_server_key(self, login_server: str, key: str) -> None:
+        doc = {"login_server": login_server, "server_public_key": key}
+        atomic_write(self.path / "control.json", json.dumps(doc) + "\n")
 
     def forget_map(self) -> None:
         try:

@@ -1,0 +1,156 @@
+"""LocalAPI requests as values, and their validation (sans-I/O).
+
+The LocalAPI server turns the JSON body or query string of each request into one of these frozen
+dataclasses, or an `ApiError` naming the bad field; the daemon only ever sees validated requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from magicdns.names import NameError_, normalize_domain
+
+from .prefs import PrefsError, check_login_server, check_route, check_tag
+
+API_PREFIX = "/localapi/v0"
+# Query types `dns query` accepts; the resolver supports these (DESIGN.md section 3).
+QUERY_TYPES = frozenset({"A", "AAAA", "CNAME", "TXT", "SRV", "MX", "CAA", "PTR", "NS", "SOA", "ANY"})
+
+
+class ApiError(Exception):
+    """A request the LocalAPI refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+@dataclass(frozen=True, slots=True)
+class UpRequest:
+    """`meshnode up`: None means 'keep what is set'."""
+
+    login_server: str | None = None
+    authkey: str | None = None
+    hostname: str | None = None
+    accept_dns: bool | None = None
+    accept_routes: bool | None = None
+    advertise_routes: tuple[str, ...] | None = None
+    advertise_exit_node: bool | None = None
+    exit_node: str | None = None
+    advertise_tags: tuple[str, ...] | None = None
+    timeout: float = 30.0  # seconds to wait for the first network map
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    name: str
+    qtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class IpRequest:
+    family: int | None  # 4, 6 or None for both
+    peer: str | None    # None for this node
+
+
+def _object(body: Any) -> Mapping[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def _check_keys(body: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _opt_str(body: Mapping[str, Any], key: str, max_len: int = 1024) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"{key}: expected a string")
+    if len(value) > max_len:
+        raise bad_request(f"{key}: longer than {max_len} characters")
+    return value
+
+
+def _opt_bool(body: Mapping[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise bad_request(f"{key}: expected true or false")
+
+
+def _opt_list(body: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_request(f"{key}: expected a list of strings")
+    if len(value) > 1000:
+        raise bad_request(f"{key}: at most 1000 entries")
+    return tuple(value)
+
+
+def parse_up(body: Any) -> UpRequest:
+    """Validate an `up` request; flag values are checked here so the CLI gets the reason at once."""
+    obj = _object(body)
+    _check_keys(obj, {f for f in UpRequest.__dataclass_fields__})
+    try:
+        login = _opt_str(obj, "login_server")
+        login = check_login_server(login) if login is not None else None
+        routes = _opt_list(obj, "advertise_routes")
+        routes = tuple(check_route(r) for r in routes) if routes is not None else None
+        tags = _opt_list(obj, "advertise_tags")
+        tags = tuple(check_tag(t) for t in tags) if tags is not None else None
+    except PrefsError as exc:
+        raise bad_request(str(exc)) from None
+    timeout = obj.get("timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        raise bad_request("timeout: expected a number of seconds from 0 to 3600")
+    hostname = _opt_str(obj, "hostname", 253)
+    if hostname is not None and not hostname.strip():
+        raise bad_request("hostname: must not be empty")
+    return UpRequest(login, _opt_str(obj, "authkey"), hostname, _opt_bool(obj, "accept_dns"),
+                     _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
+                     _opt_str(obj, "exit_node", 253), tags, float(timeout))
+
+
+def parse_query(body: Any) -> QueryRequest:
+    """Validate a `dns query` request: a domain name and a supported type (default A)."""
+    obj = _object(body)
+    _check_keys(obj, {"name", "type"})
+    name = obj.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise bad_request("name: expected a domain name")
+    try:
+        normalize_domain(name)
+    except NameError_ as exc:
+        raise bad_request(f"name: {exc}") from None
+    qtype = obj.get("type", "A")
+    if not isinstance(qtype, str) or qtype.upper() not in QUERY_TYPES:
+        raise bad_request(f"type: expected one of {', '.join(sorted(QUERY_TYPES))}")
+    return QueryRequest(name.strip(), qtype.upper())
+
+
+def parse_ip(params: Mapping[str, str]) -> IpRequest:
+    """Validate `ip` query parameters: family=4|6 and an optional peer name or address."""
+    _check_keys(params, {"family", "peer"})
+    family_text = params.get("family")
+    family: int | None = None
+    if family_text is not None:
+        if family_text not in ("4", "6"):
+            raise bad_request("family: expected 4 or 6")
+        family = int(family_text)
+    peer = params.get("peer") or None
+    if peer is not None and len(peer) > 253:
+        raise bad_request("peer: longer than 253 characters")
+    return IpRequest(family, peer)

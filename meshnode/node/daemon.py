@@ -1,0 +1,481 @@
+"""The node daemon: ties the state directory, the control client, the resolver, the OS DNS
+configurator and the LocalAPI together, and owns the node's lifecycle (up, down, logout).
+
+One asyncio loop (this module's) runs the control client, the LocalAPI and the state writes; the
+resolver runs on its own loop thread (dnsthread.py) and only receives finished views. The data plane
+(WireGuard, router) is not here yet: `--userspace` (or no `--tun`) is the DNS-only mode, and a tunnel
+will plug in where `_go_up`/`_go_down` place and remove the service addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import enum
+import ipaddress
+import logging
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from magicdns.server import DnsServer, ServerConfig
+from magicdns.upstream import Upstream
+from magicdns.view import DnsView
+
+from ..control.client import ControlClient, ControlError
+from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
+from .apitypes import ApiError, IpRequest, QueryRequest, UpRequest
+from .dnsthread import DnsThread, DnsThreadError
+from .iface import DNS_V4, DNS_V6, DUMMY_NAME, InterfaceError, ServiceAddresses
+from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
+                    resolved_in_use)
+from .prefs import Prefs, PrefsError
+from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
+from .state import StateDir
+
+log = logging.getLogger("meshnode.node.daemon")
+
+DEFAULT_STATE_DIR = Path("/var/lib/meshnode")
+DEFAULT_SOCKET = Path("/run/meshnode/meshnode.sock")
+SYSTEM_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+class BackendState(enum.Enum):
+    """Where the node is in its lifecycle; names follow Tailscale's so habits carry over."""
+
+    NEEDS_LOGIN = "NeedsLogin"  # no node key (never registered, or logged out), or refused by control
+    STOPPED = "Stopped"         # `down`: keys and map kept, nothing served
+    STARTING = "Starting"       # serving the saved map (if any), waiting for the control server
+    RUNNING = "Running"         # a map from the control server is being served
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """How `meshnode daemon` was started."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    socket_path: Path = DEFAULT_SOCKET
+    tun: str | None = None                             # None: DNS-only (userspace) mode
+    dns_listen: tuple[tuple[str, int], ...] = ()       # empty: the service addresses, port 53
+    resolv_conf: Path | None = None                    # None: /etc/resolv.conf or systemd-resolved
+    drift_interval: float = 1.0                        # seconds between resolv.conf checks
+    os_name: str | None = None                         # reported to control; None: platform's
+
+
+def node_json(node: MapNode) -> dict[str, Any]:
+    """The part of a node `meshnode status` shows."""
+    return {"id": node.id, "name": node.name, "fqdn": node.fqdn, "user": node.user,
+            "addresses": list(node.addresses), "online": node.online, "tags": list(node.tags),
+            "os": node.os, "last_seen": node.last_seen, "exit_node": node.exit_node,
+            "advertised_routes": list(node.advertised_routes),
+            "approved_routes": list(node.approved_routes)}
+
+
+def _b64(key: Any) -> str:
+    return base64.b64encode(bytes(key)).decode()
+
+
+class Daemon:
+    """One node. Public coroutines are what the LocalAPI calls; each raises `ApiError` on refusal."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.state = StateDir(config.state_dir)
+        self.prefs = Prefs()
+        self.backend = BackendState.NEEDS_LOGIN
+        self.netmap: NetMap | None = None
+        self.map_source = ""            # "saved" or "control"
+        self.map_received_at: float | None = None
+        self.control_error: str | None = None
+        self.dns = DnsThread(self._make_server)
+        self.osdns: OsDnsConfigurator = self._make_osdns()
+        self._iface: ServiceAddresses | None = None
+        self._dns_hosts: tuple[str, ...] = ()
+        self._upstreams: tuple[Upstream, ...] = ()
+        self._applied_osdns: OsDnsConfig | None = None
+        self._client: ControlClient | None = None
+        self._map_task: asyncio.Task[None] | None = None
+        self._drift_task: asyncio.Task[None] | None = None
+        self._first_map = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+        # One writer thread keeps saves in order and off the loop (a big map is megabytes).
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+
+    # -- construction helpers -----------------------------------------------------------------
+
+    def _make_osdns(self) -> OsDnsConfigurator:
+        backup = self.config.state_dir / "resolv.pre-meshnode.conf"
+        if self.config.resolv_conf is not None:
+            return ResolvConfConfigurator(self.config.resolv_conf, backup)
+        if resolved_in_use(SYSTEM_RESOLV_CONF):
+            return ResolvedConfigurator(self.config.tun or DUMMY_NAME)
+        return ResolvConfConfigurator(SYSTEM_RESOLV_CONF, backup)
+
+    def _make_server(self) -> DnsServer:
+        listen = self.config.dns_listen or tuple((h, 53) for h in self._dns_hosts)
+        return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the state, undo a crashed run's leftovers, and resume what the prefs say."""
+        self.state.open()
+        self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        self.prefs = self.state.prefs()
+        try:
+            self.osdns.recover()
+        except OsDnsError as exc:
+            log.error("osdns: recovery failed: %s", exc)
+        saved = self.state.saved_map()
+        if saved is not None:
+            try:
+                self.netmap = NetMap.from_json(saved.netmap)
+                self.map_source, self.map_received_at = "saved", saved.saved_at
+            except NetMapError as exc:
+                self.state.reject_saved_map(f"unusable map: {exc}")
+        has_key = self.state.node_key() is not None
+        if not has_key:
+            self.backend = BackendState.NEEDS_LOGIN
+        elif not self.prefs.want_running:
+            self.backend = BackendState.STOPPED
+        else:
+            await self._go_up()
+        self._drift_task = asyncio.create_task(self._watch_osdns())
+        log.info("daemon: started in state %s (state dir %s)", self.backend.value, self.state.path)
+
+    async def close(self) -> None:
+        """Stop serving and put the system's DNS back; state on disk stays as it is."""
+        if self._drift_task is not None:
+            self._drift_task.cancel()
+        await self._go_down(BackendState.STOPPED)
+        self._writer.shutdown(wait=True)
+        self.state.close()
+
+    async def _go_up(self) -> None:
+        """Serve the map we have at once, point the system at us, then follow the control server."""
+        self._place_addresses()
+        self._upstreams = self._forwarding_upstreams()
+        view = self._view_of(self.netmap) if self.netmap else DnsView()
+        if not self.dns.running:
+            try:
+                self.dns.start(view)
+            except DnsThreadError:
+                self._remove_addresses()
+                raise
+        else:
+            self.dns.set_view(view)
+        self._sync_osdns(view)
+        self.backend = BackendState.RUNNING if self.map_source == "control" else BackendState.STARTING
+        self._start_map_stream()
+
+    async def _go_down(self, new_state: BackendState) -> None:
+        await self._stop_map_stream()
+        if self._applied_osdns is not None:
+            try:
+                self.osdns.restore()
+            except OsDnsError as exc:
+                log.error("osdns: restore failed: %s", exc)
+            self._applied_osdns = None
+        self.dns.stop()
+        self._remove_addresses()
+        self.backend = new_state
+
+    def _place_addresses(self) -> None:
+        if self.config.dns_listen:
+            self._dns_hosts = tuple(dict.fromkeys(h for h, _ in self.config.dns_listen))
+            return
+        if self._iface is None:
+            self._iface = ServiceAddresses(self.config.tun or DUMMY_NAME, create=self.config.tun is None)
+        try:
+            self._dns_hosts = self._iface.install().addresses
+        except InterfaceError as exc:
+            raise ApiError(500, f"cannot place the DNS service addresses: {exc}") from None
+
+    def _remove_addresses(self) -> None:
+        if self._iface is not None:
+            self._iface.remove()
+
+    def _forwarding_upstreams(self) -> tuple[Upstream, ...]:
+        own = frozenset(self._dns_hosts) | {DNS_V4, DNS_V6}
+        try:
+            original = self.osdns.original()
+        except OsDnsError as exc:
+            log.error("osdns: cannot read the original resolvers: %s", exc)
+            return ()
+        return tuple(Upstream(ns) for ns in forwarding_upstreams(original, own))
+
+    # -- the network map ----------------------------------------------------------------------
+
+    def _view_of(self, netmap: NetMap) -> DnsView:
+        try:
+            return netmap_to_view(netmap)
+        except NetMapError as exc:
+            log.error("netmap: version %d cannot be served: %s", netmap.version, exc)
+            return DnsView()
+
+    def _start_map_stream(self) -> None:
+        if self._map_task is not None and not self._map_task.done():
+            return
+        client = self._control_client()
+        if client is None:
+            return
+        self._map_task = asyncio.create_task(self._follow_map(client))
+
+    async def _stop_map_stream(self) -> None:
+        task, self._map_task = self._map_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def _control_client(self) -> ControlClient | None:
+        if self._client is not None:
+            return self._client
+        node_key = self.state.node_key()
+        if node_key is None or not self.prefs.login_server:
+            return None
+        url = self.prefs.login_server
+        self._client = ControlClient(url, _b64(self.state.machine_key()), _b64(node_key),
+                                     server_public_key=self.state.server_key(url))
+        return self._client
+
+    async def _follow_map(self, client: ControlClient) -> None:
+        try:
+            async for netmap in client.stream_map():
+                self.control_error = None
+                await self._apply_map(netmap)
+        except ControlError as exc:
+            # Retryable failures are retried inside stream_map; this is a refusal (deleted, expired,
+            # logged out elsewhere): the map we hold describes a tailnet we are no longer part of.
+            log.error("control: %s refused this node: %s", client.server_url, exc)
+            self.control_error = str(exc)
+            self.netmap, self.map_source = None, ""
+            self.state.forget_map()
+            # A separate task: going down cancels and awaits the map task, which is this one.
+            task = asyncio.create_task(self._refused())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _refused(self) -> None:
+        async with self._lock:
+            await self._go_down(BackendState.NEEDS_LOGIN)
+
+    async def _apply_map(self, netmap: NetMap) -> None:
+        now = time.time()
+        view = self._view_of(netmap)
+        self.netmap, self.map_source, self.map_received_at = netmap, "control", now
+        self.dns.set_view(view)
+        self._sync_osdns(view)
+        if self.backend is BackendState.STARTING:
+            self.backend = BackendState.RUNNING
+        self._first_map.set()
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self.state.save_map, netmap.to_json(), now)
+        log.debug("netmap: version %d applied (%d peers)", netmap.version, len(netmap.peers))
+
+    # -- OS DNS -------------------------------------------------------------------------------
+
+    def _wanted_osdns(self, view: DnsView) -> OsDnsConfig | None:
+        if not self.prefs.accept_dns or not self._dns_hosts:
+            return None
+        search = tuple(dict.fromkeys((view.domain,) + view.dns.search_domains))
+        return OsDnsConfig(self._dns_hosts, search)
+
+    def _sync_osdns(self, view: DnsView) -> None:
+        wanted = self._wanted_osdns(view)
+        if wanted == self._applied_osdns:
+            return
+        try:
+            if wanted is None:
+                self.osdns.restore()
+            else:
+                self.osdns.apply(wanted)
+            self._applied_osdns = wanted
+        except OsDnsError as exc:
+            log.error("osdns: %s", exc)
+
+    async def _watch_osdns(self) -> None:
+        # Another program (DHCP client, NetworkManager) may rewrite resolv.conf at any time; we
+        # report it rather than fight it.
+        while True:
+            await asyncio.sleep(self.config.drift_interval)
+            try:
+                self.osdns.check()
+            except OSError as exc:
+                log.warning("osdns: cannot check %s", exc)
+
+    # -- LocalAPI operations ------------------------------------------------------------------
+
+    async def up(self, req: UpRequest) -> dict[str, Any]:
+        async with self._lock:
+            prefs = self._merge_prefs(req)
+            if not prefs.login_server:
+                raise ApiError(400, "no login server: pass --login-server URL")
+            if prefs.login_server != self.prefs.login_server and self.prefs.login_server:
+                # A different control server is a different tailnet: a new identity there.
+                await self._go_down(BackendState.NEEDS_LOGIN)
+                self.state.forget_node_key()
+                self.state.forget_map()
+                self.netmap, self.map_source = None, ""
+            await self._stop_map_stream()
+            if self.state.node_key() is None:
+                self.state.new_node_key()
+            old_prefs, self.prefs = self.prefs, prefs
+            client = self._control_client()
+            assert client is not None
+            try:
+                await client.register(authkey=req.authkey, hostname=prefs.hostname or None,
+                                      os=self.config.os_name,
+                                      advertise_routes=prefs.advertise_routes,
+                                      advertise_tags=prefs.advertise_tags,
+                                      advertise_exit_node=prefs.advertise_exit_node)
+            except ControlError as exc:
+                await self._stop_map_stream()
+                self.prefs = old_prefs
+                if self.backend in (BackendState.RUNNING, BackendState.STARTING):
+                    self._start_map_stream()  # keep following the map we had
+                status = 502 if exc.retryable else 403
+                raise ApiError(status, f"control server {prefs.login_server}: {exc}") from None
+            if client.server_public_key:
+                self.state.save_server_key(prefs.login_server, client.server_public_key)
+            self.prefs = replace(prefs, want_running=True)
+            self.state.save_prefs(self.prefs)
+            self.control_error = None
+            self._first_map.clear()
+            try:
+                await self._go_up()
+            except DnsThreadError as exc:
+                raise ApiError(500, str(exc)) from None
+        try:
+            await asyncio.wait_for(self._first_map.wait(), req.timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"registered, but no network map arrived within {req.timeout:g}s") from None
+        return self.status()
+
+    def _merge_prefs(self, req: UpRequest) -> Prefs:
+        changes = {k: getattr(req, k) for k in ("login_server", "hostname", "accept_dns", "accept_routes",
+                                                  "advertise_routes", "advertise_exit_node", "exit_node",
+                                                  "advertise_tags")
+                   if getattr(req, k) is not None}
+        try:
+            return self.prefs.updated(**changes)
+        except PrefsError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def down(self) -> dict[str, Any]:
+        async with self._lock:
+            self.prefs = replace(self.prefs, want_running=False)
+            self.state.save_prefs(self.prefs)
+            has_key = self.state.node_key() is not None
+            await self._go_down(BackendState.STOPPED if has_key else BackendState.NEEDS_LOGIN)
+        return self.status()
+
+    async def logout(self) -> dict[str, Any]:
+        async with self._lock:
+            client = self._control_client()
+            if client is not None:
+                try:
+                    await client.logout()
+                except ControlError as exc:
+                    if exc.retryable:
+                        # Forgetting the key without telling the server would leave a ghost node.
+                        raise ApiError(502, f"cannot reach the control server to log out: {exc}") from None
+                    log.warning("control: logout refused (%s); forgetting the node key anyway", exc)
+            await self._go_down(BackendState.NEEDS_LOGIN)
+            self.state.forget_node_key()
+            self.state.forget_map()
+            self.netmap, self.map_source, self.map_received_at = None, "", None
+            self.prefs = replace(self.prefs, want_running=False)
+            self.state.save_prefs(self.prefs)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        nm = self.netmap
+        health = []
+        drift = self.osdns.status().drift
+        if drift != Drift.INTACT.value:
+            health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
+        if self.control_error:
+            health.append(f"control server: {self.control_error}")
+        return {
+            "backend_state": self.backend.value,
+            "login_server": self.prefs.login_server or None,
+            "tailnet": nm.domain if nm else None,
+            "self": node_json(nm.self_node) if nm else None,
+            "peers": [node_json(p) for p in nm.peers] if nm else [],
+            "map": {"version": nm.version if nm else None, "source": self.map_source or None,
+                    "received_at": self.map_received_at},
+            "prefs": self.prefs.to_json(),
+            "health": health,
+        }
+
+    def ip(self, req: IpRequest) -> dict[str, Any]:
+        nm = self.netmap
+        if nm is None:
+            raise ApiError(409, "no network map yet: run `meshnode up`")
+        node = nm.self_node if req.peer is None else self._find_peer(nm, req.peer)
+        addrs = [a for a in node.addresses
+                 if req.family is None or ipaddress.ip_address(a).version == req.family]
+        return {"name": node.fqdn, "addresses": addrs}
+
+    @staticmethod
+    def _find_peer(nm: NetMap, key: str) -> MapNode:
+        if key.lower().rstrip(".") in (nm.self_node.name, nm.self_node.fqdn):
+            return nm.self_node
+        found = nm.peer_by_name(key)
+        if found is not None:
+            return found
+        for p in nm.peers:
+            if key in p.addresses:
+                return p
+        raise ApiError(404, f"no peer {key!r} in the network map")
+
+    async def dns_status(self) -> dict[str, Any]:
+        os_status = self.osdns.status()
+        server = await self.dns.status() if self.dns.running else None
+        return {"accept_dns": self.prefs.accept_dns,
+                "resolver": {"running": self.dns.running,
+                             "addresses": list(self._dns_hosts),
+                             "forwarding_to": [u.spec for u in self._upstreams],
+                             "server": server},
+                "os": {"mode": os_status.mode, "target": os_status.target, "active": os_status.active,
+                       "drift": os_status.drift, "drift_since": os_status.drift_since,
+                       "original_nameservers": list(os_status.original_nameservers)}}
+
+    async def dns_query(self, req: QueryRequest) -> dict[str, Any]:
+        if not self.dns.running:
+            raise ApiError(409, "the resolver is not running: run `meshnode up`")
+        try:
+            return await self.dns.query(req.name, req.qtype)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"no answer for {req.name} {req.qtype} in time") from None
+
+
+async def run_daemon(config: DaemonConfig) -> None:
+    """Run until SIGTERM or SIGINT; always puts the system's DNS back on the way out."""
+    from .localapi import LocalApiServer
+
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    api = LocalApiServer(daemon, config.socket_path)
+    try:
+        await daemon.start()
+        await api.start()
+        log.info("daemon: LocalAPI on %s", config.socket_path)
+        await stop.wait()
+        log.info("daemon: shutting down")
+    finally:
+        await api.stop()
+        await daemon.close()

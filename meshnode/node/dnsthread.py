@@ -1,0 +1,115 @@
+"""The MagicDNS server in its own thread and event loop, inside the daemon's process.
+
+The daemon's main loop talks to the control server, writes state files and serves the LocalAPI; none
+of that may delay an answer. So the resolver gets its own loop (uvloop when available: stock asyncio
+UDP is ~4x slower, DESIGN.md section 6) and the main loop only hands it new views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Any, Awaitable, Callable, TypeVar
+
+from magicdns.view import DnsView
+
+log = logging.getLogger("meshnode.node.dns")
+
+T = TypeVar("T")
+
+
+class DnsThreadError(RuntimeError):
+    """The resolver could not start (e.g. an address is in use) or is not running."""
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+        return uvloop.new_event_loop()
+    except ImportError:  # uvloop is optional on platforms without it
+        return asyncio.new_event_loop()
+
+
+class DnsThread:
+    """Owns one `magicdns.server.DnsServer` running on a private event loop thread."""
+
+    def __init__(self, server_factory: Callable[[], Any]) -> None:
+        self._factory = server_factory
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self, view: DnsView, timeout: float = 10.0) -> None:
+        """Start the thread and the server with `view`; raises `DnsThreadError` if it cannot bind."""
+        if self._server is not None:
+            raise DnsThreadError("the resolver is already running")
+        loop = _new_loop()
+        ready = threading.Event()
+        thread = threading.Thread(target=self._run_loop, args=(loop, ready), name="magicdns", daemon=True)
+        thread.start()
+        ready.wait()
+        self._loop, self._thread = loop, thread
+        server = self._factory()
+        try:
+            asyncio.run_coroutine_threadsafe(server.start(view), loop).result(timeout)
+        except BaseException as exc:
+            self._stop_loop()
+            if isinstance(exc, concurrent.futures.TimeoutError):
+                raise DnsThreadError(f"the resolver did not start within {timeout}s") from None
+            if isinstance(exc, Exception):
+                raise DnsThreadError(f"the resolver cannot start: {exc}") from exc
+            raise
+        self._server = server
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+        loop.close()
+
+    def set_view(self, view: DnsView) -> None:
+        """Hand the resolver a new snapshot; it swaps it in atomically on its own loop."""
+        if self._server is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._server.set_view, view)
+
+    async def call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `fn(server)` on the resolver's loop and await its result from the caller's loop."""
+        if self._server is None or self._loop is None:
+            raise DnsThreadError("the resolver is not running")
+        server = self._server
+        fut = asyncio.run_coroutine_threadsafe(fn(server), self._loop)
+        return await asyncio.wrap_future(fut)
+
+    async def status(self) -> dict[str, Any]:
+        async def get(server: Any) -> dict[str, Any]:
+            return server.status()
+        return await self.call(get)
+
+    async def query(self, name: str, qtype: str) -> dict[str, Any]:
+        return await self.call(lambda server: server.query(name, qtype))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server and its loop; safe to call when not running."""
+        server, self._server = self._server, None
+        if server is not None and self._loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(server.stop(), self._loop).result(timeout)
+            except Exception as exc:  # stopping must go on: the loop and thread still need to end
+                log.error("dns: stopping the resolver: %r", exc)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(10)

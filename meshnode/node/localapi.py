@@ -1,0 +1,160 @@
+"""The LocalAPI: HTTP over a root-only unix socket, for the `meshnode` CLI.
+
+    GET  /localapi/v0/status              self, peers, state, health
+    POST /localapi/v0/up                  {login_server, authkey, hostname, accept_dns, ...}
+    POST /localapi/v0/down
+    POST /localapi/v0/logout
+    GET  /localapi/v0/ip?family=4|6&peer=NAME
+    GET  /localapi/v0/dns/status
+    POST /localapi/v0/dns/query           {name, type}
+
+Every answer is JSON; an error is `{"error": "..."}` with a 4xx/5xx status. Who may call is decided
+by the socket's permissions (0600, owned by the daemon's user), as with Tailscale's socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .apitypes import API_PREFIX, ApiError, parse_ip, parse_query, parse_up
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("meshnode.node.localapi")
+
+MAX_BODY = 64 * 1024
+
+
+class LocalApiError(RuntimeError):
+    """The socket cannot be created (path in use by a live daemon, bad directory)."""
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_length is None and not request.can_read_body:
+        return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def _ok(obj: Any) -> web.Response:
+    return web.json_response(obj)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response({"error": exc.message}, status=exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response({"error": f"request body larger than {MAX_BODY} bytes"}, status=413)
+    except web.HTTPException as exc:
+        # aiohttp's own 404/405: keep the status, make the body JSON like every other error.
+        return web.json_response({"error": exc.reason}, status=exc.status)
+    except Exception:
+        log.exception("localapi: %s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error (see the daemon's log)"}, status=500)
+
+
+def make_app(daemon: "Daemon") -> web.Application:
+    """The aiohttp application; separate from the socket so tests can drive it directly."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+
+    async def status(request: web.Request) -> web.Response:
+        return _ok(daemon.status())
+
+    async def up(request: web.Request) -> web.Response:
+        return _ok(await daemon.up(parse_up(await _json_body(request))))
+
+    async def down(request: web.Request) -> web.Response:
+        await _json_body(request)
+        return _ok(await daemon.down())
+
+    async def logout(request: web.Request) -> web.Response:
+        await _json_body(request)
+        return _ok(await daemon.logout())
+
+    async def ip(request: web.Request) -> web.Response:
+        return _ok(daemon.ip(parse_ip(dict(request.query))))
+
+    async def dns_status(request: web.Request) -> web.Response:
+        return _ok(await daemon.dns_status())
+
+    async def dns_query(request: web.Request) -> web.Response:
+        return _ok(await daemon.dns_query(parse_query(await _json_body(request))))
+
+    app.router.add_get(API_PREFIX + "/status", status)
+    app.router.add_post(API_PREFIX + "/up", up)
+    app.router.add_post(API_PREFIX + "/down", down)
+    app.router.add_post(API_PREFIX + "/logout", logout)
+    app.router.add_get(API_PREFIX + "/ip", ip)
+    app.router.add_get(API_PREFIX + "/dns/status", dns_status)
+    app.router.add_post(API_PREFIX + "/dns/query", dns_query)
+    return app
+
+
+def _prepare_socket_path(path: Path) -> None:
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise LocalApiError(f"{path} exists and is not a socket; refusing to replace it")
+    import socket
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink()  # left by a daemon that died: nobody listens on it
+        return
+    finally:
+        probe.close()
+    raise LocalApiError(f"{path}: another meshnode daemon is listening there")
+
+
+class LocalApiServer:
+    """The LocalAPI bound to its unix socket."""
+
+    def __init__(self, daemon: "Daemon", path: Path) -> None:
+        self.daemon = daemon
+        self.path = Path(path)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        _prepare_socket_path(self.path)
+        runner = web.AppRunner(make_app(self.daemon), access_log=None)
+        await runner.setup()
+        # The umask closes the window between bind() and chmod() in which others could connect.
+        old = os.umask(0o177)
+        try:
+            await web.UnixSite(runner, str(self.path)).start()
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self._runner = runner
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
