@@ -72,6 +72,8 @@ def _groups(doc: dict[str, Any]) -> dict[str, tuple[str, ...]]:
         for i, member in enumerate(_string_list(where, members)):
             if member.startswith("group:"):
                 raise PolicyValidationError(f"{where}[{i}]", f"groups may not nest ({member!r} is a group)")
+            if "@" not in member:
+                raise PolicyValidationError(f"{where}[{i}]", f"a group lists users only, not {member!r}")
             _check(f"{where}[{i}]", lambda: parse_selector(member, Role.GROUP_MEMBER, empty))
         groups[name] = tuple(dict.fromkeys(members))
     return groups
@@ -130,8 +132,8 @@ def _acl(where: str, rule: Any, names: Names) -> AclRule:
     if rule["action"] != Action.ACCEPT.value:
         raise PolicyValidationError(f"{where}.action", f"unknown action {rule['action']!r} "
                                                        "(only 'accept'; what is not accepted is denied)")
-    src_key = "src" if "src" in rule else "users"
-    dst_key = "dst" if "dst" in rule else "ports"
+    src_key = "users" if "users" in rule and "src" not in rule else "src"
+    dst_key = "ports" if "ports" in rule and "dst" not in rule else "dst"
     for key in (src_key, dst_key):
         if key not in rule:
             raise PolicyValidationError(where, f"missing field {key!r}")
