@@ -327,7 +327,8 @@ class Daemon:
                 self.state.forget_map()
                 self.netmap, self.map_source = None, ""
             await self._stop_map_stream()
-            if self.state.node_key() is None:
+            fresh_key = self.state.node_key() is None
+            if fresh_key:
                 self.state.new_node_key()
             old_prefs, self.prefs = self.prefs, prefs
             client = self._control_client()
@@ -340,6 +341,8 @@ class Daemon:
                                       advertise_exit_node=prefs.advertise_exit_node)
             except ControlError as exc:
                 await self._stop_map_stream()
+                if fresh_key:
+                    self.state.forget_node_key()  # never registered: not an identity worth keeping
                 self.prefs = old_prefs
                 if self.backend in (BackendState.RUNNING, BackendState.STARTING):
                     self._start_map_stream()  # keep following the map we had
