@@ -1,8 +1,39 @@
-"""`meshnode wg --config FILE [--tun NAME]`: the WireGuard engine alone."""
+"""`meshnode wg --config FILE [--tun NAME]`: the WireGuard engine alone, in the foreground."""
 
 from __future__ import annotations
 
+import logging
+import signal
+import socket
+import sys
+import threading
+
 import click
+
+from .config import ConfigError, WgConfig, load_config
+from .crypto import encode_key, public_key
+from .peer import PeerConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_peers(cfg: WgConfig, source: str) -> list[PeerConfig]:
+    """The config's peers with endpoints resolved for our dual-stack socket."""
+    from .device import dual_stack_endpoint
+
+    peers = []
+    for p in cfg.peers:
+        endpoint = None
+        if p.endpoint is not None:
+            host, port = p.endpoint
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except socket.gaierror as exc:
+                raise ConfigError(f"{source}:{p.line}: Endpoint {host}: {exc.strerror}") from None
+            endpoint = dual_stack_endpoint(infos[0][4][0], port)
+        peers.append(PeerConfig(p.public_key, p.preshared_key, endpoint, p.allowed_ips,
+                                p.persistent_keepalive))
+    return peers
 
 
 @click.command()
@@ -10,4 +41,47 @@ import click
 @click.option("--tun", default="wg0", show_default=True)
 def wg(config_path: str, tun: str) -> None:
     """Run the WireGuard engine in the foreground from a wg-quick style file."""
-    raise click.ClickException("not built yet")
+    from .device import Device, open_udp
+    from .engine import Engine
+    from .netconf import NetconfError, configure_interface
+    from .tun import TunError, open_tun
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(config_path)
+        peers = resolve_peers(cfg, config_path)
+    except ConfigError as exc:
+        click.echo(f"meshnode wg: {exc}", err=True)
+        sys.exit(2)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        tun_fd, ifname = open_tun(tun)
+    except TunError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        sock = open_udp(cfg.listen_port)
+    except OSError as exc:
+        import os
+        os.close(tun_fd)
+        raise click.ClickException(f"cannot listen on UDP port {cfg.listen_port}: {exc}") from None
+    engine = Engine(cfg.private_key, mtu=cfg.mtu)
+    device = Device(engine, tun_fd, sock)
+    device.set_peers(peers)
+    try:
+        configure_interface(ifname, cfg.mtu, cfg.addresses,
+                            [net for p in peers for net in p.allowed_ips])
+    except NetconfError as exc:
+        device.close()
+        raise click.ClickException(str(exc)) from None
+    device.start()
+    click.echo(f"meshnode wg: {ifname} up, public key {encode_key(public_key(cfg.private_key))}, "
+               f"listening on UDP port {device.listen_port}", err=True)
+    try:
+        stop.wait()
+    finally:
+        # Closing the TUN fd deletes the (non-persistent) interface and its routes.
+        device.close()
+        click.echo(f"meshnode wg: {ifname} down; drops: {device.drops()}", err=True)

@@ -1,0 +1,223 @@
+"""The running interface: threads that move packets between the TUN, the engine and a UDP socket,
+plus the live API the node daemon drives (peers, keys, packet filter, stats).
+
+Why threads and not asyncio: per packet, an event loop adds a callback dispatch and a poll, which is
+most of the budget. Each direction gets one thread that polls once, then reads a batch of packets
+until the fd is dry, so the poll cost is shared by the batch. The crypto holds the GIL, so more
+threads would not encrypt faster."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from typing import Callable, Iterable
+
+from .engine import Engine, PacketFilter
+from .peer import Endpoint, PeerConfig, PeerStats
+
+log = logging.getLogger(__name__)
+
+BATCH = 128  # packets per poll, at most: bounds latency for the other direction
+TICK_INTERVAL = 0.1  # timer granularity; WireGuard's timers are seconds long
+SOCKET_BUFFER = 4 << 20
+
+
+def dual_stack_endpoint(host: str, port: int) -> Endpoint:
+    """An endpoint as our AF_INET6 dual-stack socket wants it (IPv4 as ::ffff:a.b.c.d)."""
+    addr = ipaddress.ip_address(host.split("%")[0])
+    if addr.version == 4:
+        return (f"::ffff:{addr}", port, 0, 0)
+    return (str(addr), port, 0, 0)
+
+
+def display_endpoint(ep: Endpoint | None) -> tuple[str, int] | None:
+    """An endpoint for humans: IPv4-mapped addresses shown as IPv4."""
+    if ep is None:
+        return None
+    host = ep[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return (host, ep[1])
+
+
+def open_udp(port: int | None) -> socket.socket:
+    """A dual-stack UDP socket on `port` (0 or None: any), with large buffers."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE as root
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    sock.bind(("::", port or 0))
+    return sock
+
+
+class Device:
+    """A WireGuard interface in motion: `Engine` + TUN fd + UDP socket + three threads."""
+
+    def __init__(self, engine: Engine, tun_fd: int, sock: socket.socket,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self._tun = tun_fd
+        self._sock = sock
+        self._clock = clock
+        engine.wall_offset = time.time() - clock()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._threads: list[threading.Thread] = []
+        self.send_errors = 0
+        self.tun_write_errors = 0
+
+    # ------------------------------------------------------------------ live API
+
+    def set_private_key(self, private_key: bytes) -> None:
+        """Change our static key; sessions restart with fresh handshakes."""
+        self.engine.set_private_key(private_key)
+
+    def set_peers(self, peers: Iterable[PeerConfig]) -> None:
+        """Make the peer set exactly `peers` (added, updated in place, removed)."""
+        self.engine.set_peers(peers)
+
+    def set_peer(self, peer: PeerConfig) -> None:
+        """Add or update one peer."""
+        self.engine.set_peer(peer)
+
+    def remove_peer(self, public_key: bytes) -> None:
+        """Forget a peer at once."""
+        self.engine.remove_peer(public_key)
+
+    def set_packet_filter(self, accept: PacketFilter | None) -> None:
+        """Install `accept(packet, peer_public_key) -> bool` for every decrypted inbound packet
+        (None: accept all). Called on the receive thread: it must be fast and must not block."""
+        self.engine.inbound_filter = accept
+
+    def stats(self) -> list[PeerStats]:
+        """Per-peer endpoint, latest handshake (Unix time), rx/tx bytes."""
+        out = []
+        for s in self.engine.peers():
+            out.append(PeerStats(s.public_key, display_endpoint(s.endpoint), s.last_handshake,
+                                 s.rx_bytes, s.tx_bytes, s.allowed_ips, s.persistent_keepalive))
+        return out
+
+    def drops(self) -> dict[str, int]:
+        """Dropped packets by reason."""
+        return {reason.value: n for reason, n in self.engine.drops.items()}
+
+    @property
+    def listen_port(self) -> int:
+        return self._sock.getsockname()[1]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for target, name in ((self._tun_loop, "wg-tun"), (self._udp_loop, "wg-udp"),
+                             (self._timer_loop, "wg-timers")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        """Stop the threads and close the socket and TUN fd."""
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        for t in self._threads:
+            t.join(timeout=5)
+        self._sock.close()
+        os.close(self._tun)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ------------------------------------------------------------------ loops
+
+    def _flush_outbox(self) -> None:
+        outbox = self.engine.outbox
+        sendto = self._sock.sendto
+        while outbox:
+            try:
+                msg, ep = outbox.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            try:
+                sendto(msg, ep)
+            except OSError:
+                self.send_errors += 1
+
+    def _run(self, body: Callable[[], None]) -> None:
+        while not self._stop.is_set():
+            try:
+                body()
+            except Exception:  # a bug must not silently kill the tunnel: log it and go on
+                log.exception("wireguard %s loop error", threading.current_thread().name)
+
+    def _tun_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._tun, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        read, send, sendto = os.read, self.engine.send, self._sock.sendto
+        fd, clock, outbox = self._tun, self._clock, self.engine.outbox
+
+        def body() -> None:
+            poller.poll()
+            now = clock()
+            for _ in range(BATCH):
+                try:
+                    packet = read(fd, 65536)
+                except BlockingIOError:
+                    break
+                out = send(packet, now)
+                if out is not None:
+                    try:
+                        sendto(out[0], out[1])
+                    except OSError:
+                        self.send_errors += 1
+            if outbox:
+                self._flush_outbox()
+
+        self._run(body)
+
+    def _udp_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        recvfrom, receive, write = self._sock.recvfrom, self.engine.receive, os.write
+        fd, clock, outbox = self._tun, self._clock, self.engine.outbox
+        dontwait = socket.MSG_DONTWAIT
+
+        def body() -> None:
+            poller.poll()
+            now = clock()
+            for _ in range(BATCH):
+                try:
+                    data, src = recvfrom(65536, dontwait)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # ICMP errors surface here (ECONNREFUSED...)
+                    if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH,
+                                         errno.ENETUNREACH):
+                        raise
+                    continue
+                packet = receive(data, src, now)
+                if packet is not None:
+                    try:
+                        write(fd, packet)
+                    except OSError:
+                        self.tun_write_errors += 1
+            if outbox:
+                self._flush_outbox()
+
+        self._run(body)
+
+    def _timer_loop(self) -> None:
+        while not self._stop.wait(TICK_INTERVAL):
+            try:
+                self.engine.tick(self._clock())
+                self._flush_outbox()
+            except Exception:
+                log.exception("wireguard timer error")

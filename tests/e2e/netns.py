@@ -1,0 +1,164 @@
+"""Network namespaces joined by a veth pair, for end-to-end tests (root only).
+
+Everything created here is deleted by `NetnsPair.destroy()`, which tolerates partial creation, so
+a fixture that calls it in its finalizer leaves nothing behind even when a test fails midway."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+_serial = itertools.count()
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing output; raise with its stderr on failure when `check`."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def unique_name(prefix: str) -> str:
+    """A short name unique to this process and call (interface names have 15 bytes)."""
+    return f"{prefix}{os.getpid() % 100000}{next(_serial)}"[:15]
+
+
+@dataclass
+class Netns:
+    """One namespace; `exec` prefixes a command with `ip netns exec NAME`."""
+
+    name: str
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def exec(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return run(*self.exec(*cmd), check=check, timeout=timeout)
+
+    def ping(self, dst: str, count: int = 1, timeout: float = 1.0) -> list[float] | None:
+        """ICMP echo from inside the namespace (this machine has no `ping`): the round-trip
+        times in seconds, or None if a reply did not come back within `timeout`."""
+        proc = self.run(sys.executable, os.path.abspath(__file__), "ping", dst, str(count),
+                        str(timeout), check=False, timeout=count * (timeout + 1) + 10)
+        if proc.returncode != 0:
+            return None
+        return [float(x) for x in proc.stdout.split()]
+
+    def popen(self, *cmd: str, **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start a process inside the namespace; it is killed when the pair is destroyed."""
+        proc = subprocess.Popen(self.exec(*cmd), start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        self.processes.append(proc)
+        return proc
+
+    def kill_processes(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)  # its own session: only its children
+                    proc.wait(timeout=5)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait(timeout=5)
+        self.processes.clear()
+
+
+@dataclass
+class NetnsPair:
+    """Namespaces `a` and `b` joined by veth `a_if`/`b_if` with `a_addr`/`b_addr` on a /24."""
+
+    a: Netns
+    b: Netns
+    a_if: str
+    b_if: str
+    a_addr: str
+    b_addr: str
+
+    @classmethod
+    def create(cls, prefix: str = "mn", subnet: str = "10.200.0") -> NetnsPair:
+        tag = unique_name(prefix)
+        pair = cls(Netns(f"{tag}a"), Netns(f"{tag}b"), f"{tag}x"[:15], f"{tag}y"[:15],
+                   f"{subnet}.1", f"{subnet}.2")
+        try:
+            run("ip", "netns", "add", pair.a.name)
+            run("ip", "netns", "add", pair.b.name)
+            run("ip", "link", "add", pair.a_if, "netns", pair.a.name, "type", "veth",
+                "peer", "name", pair.b_if, "netns", pair.b.name)
+            for ns, ifname, addr in ((pair.a, pair.a_if, pair.a_addr),
+                                     (pair.b, pair.b_if, pair.b_addr)):
+                ns.run("ip", "addr", "add", f"{addr}/24", "dev", ifname)
+                ns.run("ip", "link", "set", ifname, "up")
+                ns.run("ip", "link", "set", "lo", "up")
+        except BaseException:
+            pair.destroy()
+            raise
+        return pair
+
+    def destroy(self) -> None:
+        """Kill the namespaces' processes, then delete the namespaces (and so the veth)."""
+        for ns in (self.a, self.b):
+            ns.kill_processes()
+        for ns in (self.a, self.b):
+            run("ip", "netns", "del", ns.name, check=False)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def icmp_ping(dst: str, count: int, timeout: float) -> list[float]:
+    """Send `count` ICMP echo requests to `dst` one after another; the RTTs in seconds.
+    Raises TimeoutError if any reply is missing."""
+    ident = os.getpid() & 0xFFFF
+    rtts = []
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        for seq in range(count):
+            payload = b"meshnode-ping" + bytes(43)
+            head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            packet = struct.pack("!BBHHH", 8, 0, _checksum(head + payload), ident, seq) + payload
+            start = time.perf_counter()
+            s.sendto(packet, (dst, 0))
+            deadline = start + timeout
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise TimeoutError(f"no reply from {dst} (seq {seq})")
+                s.settimeout(left)
+                try:
+                    reply = s.recv(2048)
+                except socket.timeout:
+                    continue
+                ihl = (reply[0] & 15) * 4
+                typ, _, _, rid, rseq = struct.unpack("!BBHHH", reply[ihl:ihl + 8])
+                if typ == 0 and rid == ident and rseq == seq:
+                    rtts.append(time.perf_counter() - start)
+                    break
+    return rtts
+
+
+if __name__ == "__main__":
+    # `python netns.py ping DST COUNT TIMEOUT`: prints RTTs (seconds), exit 1 on a lost reply.
+    if len(sys.argv) != 5 or sys.argv[1] != "ping":
+        sys.exit("usage: netns.py ping DST COUNT TIMEOUT")
+    try:
+        print(" ".join(f"{r:.6f}" for r in icmp_ping(sys.argv[2], int(sys.argv[3]),
+                                                     float(sys.argv[4]))))
+    except (TimeoutError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
