@@ -33,13 +33,6 @@ from .protocol import generate_private_key
 
 DEFAULT_DB = os.environ.get("MESHNODE_CONTROL_DB", "/var/lib/meshnode/control.db")
 DEFAULT_DOMAIN = "tailnet"
-DEFAULT_POLICY = """// Default policy: every node may reach every node on every port.
-{
-  "acls": [
-    {"action": "accept", "src": ["*"], "dst": ["*:*"]},
-  ],
-}
-"""
 
 
 class ControlStoreError(RuntimeError):
@@ -395,7 +388,7 @@ class ControlStore:
         """A new pre-auth key for `user` (created if missing); returns (key text, stored key)."""
         user = self._check_user_name(user)
         for tag in tags:
-            _check_tag(tag)
+            check_tag(tag)
         new = authkeys.generate()
         with self._tx():
             uid = self._user_id(user, create=True)
@@ -557,7 +550,7 @@ class ControlStore:
 
     def set_tags(self, ref: str, tags: Sequence[str]) -> Node:
         for tag in tags:
-            _check_tag(tag)
+            check_tag(tag)
         with self._tx():
             node = self.find_node(ref)
             self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(sorted(set(tags))), node.id])
@@ -607,9 +600,10 @@ class ControlStore:
 
     # -- policy ---------------------------------------------------------------------------------
 
-    def policy_text(self) -> str:
+    def policy_text(self) -> str | None:
+        """The admin's policy text, or None when none was ever set (the allow-all default applies)."""
         row = self.conn.execute("SELECT text FROM policy WHERE id = 1").fetchone()
-        return row[0] if row else DEFAULT_POLICY
+        return row[0] if row else None
 
     def set_policy_text(self, text: str, validate: Callable[[str, list[Node]], None]) -> None:
         """Store a policy after `validate(text, nodes)` passes, inside the same transaction (so the
@@ -672,9 +666,11 @@ def normalize_cidr(text: str) -> str:
         raise InvalidValue(f"{text!r} is not a CIDR prefix (e.g. 10.0.0.0/24)") from None
 
 
-def _check_tag(tag: str) -> None:
-    if not tag.startswith("tag:") or not naming.sanitize_label(tag[4:]) == tag[4:]:
+def check_tag(tag: str) -> str:
+    """A tag as `tag:name`; `InvalidValue` otherwise."""
+    if not tag.startswith("tag:") or not tag[4:] or naming.sanitize_label(tag[4:]) != tag[4:]:
         raise InvalidValue(f"tag {tag!r} must look like tag:name (lowercase letters, digits, '-')")
+    return tag
 
 
 def _check_resolver(spec: str) -> str:

@@ -1,0 +1,203 @@
+"""Per-node network maps: one tailnet snapshot, and the full or delta frame each node needs from it.
+
+No I/O here: the server reads the store, calls `build_snapshot`, then `next_frame` for every open
+stream. The cost model matters at 10,000 nodes:
+- a snapshot reuses the previous one's per-node JSON text (and policy compilation) for everything
+  that did not change, so a rename serialises one node, not ten thousand;
+- a stream that saw the previous snapshot and whose visible set is unchanged gets a delta computed
+  from the snapshot's `changed` set (O(changed)), not by diffing every peer;
+- frames are assembled from the cached JSON texts by string joins, never re-serialised per node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
+
+from magicdns.records import Record
+
+from ..netmap import MapNode
+from ..policy import CompiledPolicy, NodeInfo, Policy, compile_policy, rules_to_json
+from .store import DnsSettings, Node
+
+_EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def map_node(node: Node, domain: str, online: bool) -> MapNode:
+    """A stored node as peers see it."""
+    addrs = node.addresses
+    allowed = [f"{addrs[0]}/32", f"{addrs[1]}/128", *node.approved_routes]
+    if node.exit_node_approved:
+        allowed.extend(_EXIT_ROUTES)
+    return MapNode(node.id, node.name, f"{node.name}.{domain}", node.user, addrs, node.node_key,
+                   node.endpoints, tuple(allowed), node.advertised_routes, node.approved_routes,
+                   node.exit_node_approved, node.advertises_exit_node, node.tags, online, node.os,
+                   node.last_seen, node.ephemeral)
+
+
+def node_info(node: Node) -> NodeInfo:
+    """A stored node as the policy engine sees it."""
+    return NodeInfo(node.id, node.name, node.user, node.tags,
+                    tuple(ipaddress.ip_address(a) for a in node.addresses),
+                    tuple(ipaddress.ip_network(r) for r in node.approved_routes),
+                    node.exit_node_approved)
+
+
+def dns_json(settings: DnsSettings, records: Iterable[Record]) -> dict:
+    return {"nameservers": list(settings.nameservers),
+            "routes": {d: list(ups) for d, ups in settings.routes},
+            "search_domains": list(settings.search_domains),
+            "records": [r.to_json() for r in records]}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The tailnet at one moment, shared by every stream. `seq` counts snapshots in this process."""
+
+    seq: int
+    version: int
+    domain: str
+    rows: Mapping[int, Node]              # active nodes (logged in, unexpired), as stored
+    nodes: Mapping[int, MapNode]
+    node_text: Mapping[int, str]          # JSON text of each MapNode (object reused while unchanged)
+    infos: tuple[NodeInfo, ...]
+    policy_text: str | None
+    policy: Policy | None
+    compiled: CompiledPolicy
+    dns_text: str
+    changed: frozenset[int] = frozenset()   # nodes new or different since snapshot seq-1
+    removed: frozenset[int] = frozenset()   # nodes gone since snapshot seq-1
+
+    @property
+    def differs(self) -> bool:
+        """Whether anything a node could see changed relative to the previous snapshot."""
+        return bool(self.changed or self.removed)
+
+
+def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: Iterable[Node],
+                   online: Mapping[int, int], now: float, policy_text: str | None, policy: Policy | None,
+                   dns: DnsSettings, records: Iterable[Record]) -> tuple[Snapshot, bool]:
+    """The next snapshot and whether it differs from `prev` (if not, keep serving `prev`'s version)."""
+    rows: dict[int, Node] = {}
+    mnodes: dict[int, MapNode] = {}
+    texts: dict[int, str] = {}
+    infos: list[NodeInfo] = []
+    changed: set[int] = set()
+    p_rows = prev.rows if prev and prev.domain == domain else {}
+    p_infos = {i.id: i for i in prev.infos} if prev else {}
+    for node in nodes:
+        if not node.active(now):
+            continue
+        rows[node.id] = node
+        mn = map_node(node, domain, node.id in online)
+        old = prev.nodes.get(node.id) if prev and p_rows else None
+        if old is not None and old == mn:
+            mn, text = old, prev.node_text[node.id]  # type: ignore[union-attr]
+        else:
+            text = _dumps(mn.to_json())
+            changed.add(node.id)
+        mnodes[node.id], texts[node.id] = mn, text
+        old_row = p_rows.get(node.id)
+        info = p_infos.get(node.id)
+        if info is None or old_row is None or _policy_fields(old_row) != _policy_fields(node):
+            info = node_info(node)
+        infos.append(info)
+    infos_t = tuple(infos)
+    if prev is not None and prev.policy_text == policy_text and prev.infos == infos_t:
+        compiled = prev.compiled
+    else:
+        compiled = compile_policy(policy, infos_t)
+    dns_text = _dumps(dns_json(dns, records))
+    removed = frozenset(prev.nodes.keys() - mnodes.keys()) if prev else frozenset()
+    snap = Snapshot((prev.seq + 1) if prev else 0, version, domain, rows, mnodes, texts, infos_t,
+                    policy_text, policy, compiled, dns_text, frozenset(changed), removed)
+    differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
+               or domain != prev.domain)
+    return snap, differs
+
+
+def _policy_fields(node: Node) -> tuple:
+    return (node.name, node.user, node.tags, node.offset, node.approved_routes, node.exit_node_approved)
+
+
+def with_version(snap: Snapshot, version: int) -> Snapshot:
+    return replace(snap, version=version)
+
+
+@dataclass
+class StreamState:
+    """What one open map stream has been sent (so the next frame can be a delta)."""
+
+    node_id: int
+    seq: int = -1
+    compiled: CompiledPolicy | None = None
+    visible: frozenset[int] = frozenset()
+    filter_text: str = "[]"
+    self_text: str | None = None
+    dns_text: str | None = None
+    domain: str | None = None
+    peers: dict[int, str] = field(default_factory=dict)
+
+
+class NodeGone(Exception):
+    """The stream's node is no longer in the tailnet (deleted, logged out or expired)."""
+
+
+def next_frame(snap: Snapshot, state: StreamState) -> str | None:
+    """The JSON text of the frame that brings `state` up to `snap` (None: nothing to send).
+
+    The first frame of a stream is a full map; later ones are deltas. Raises `NodeGone` when the
+    node left the tailnet, so the server ends its stream.
+    """
+    nid = state.node_id
+    if nid not in snap.nodes:
+        raise NodeGone(nid)
+    fast = state.seq == snap.seq - 1 and state.compiled is snap.compiled
+    if state.compiled is not snap.compiled:
+        visible = snap.compiled.visible_peers(nid)
+        filter_text = _dumps(rules_to_json(snap.compiled.filter_rules(nid)))
+    else:
+        visible, filter_text = state.visible, state.filter_text
+    texts = snap.node_text
+    if state.seq < 0:
+        frame = "".join([
+            '{"type":"full","netmap":{"version":', str(snap.version), ',"domain":', _dumps(snap.domain),
+            ',"self":', texts[nid], ',"peers":[', ",".join(texts[p] for p in sorted(visible)),
+            '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{}}}'])
+        state.peers = {p: texts[p] for p in visible}
+    else:
+        if fast:
+            candidates: Iterable[int] = snap.changed & visible
+            removed = [p for p in snap.removed if p in state.peers]
+        else:
+            candidates = visible
+            removed = [p for p in state.peers if p not in visible]
+        sent = state.peers
+        changed = [p for p in candidates if sent.get(p) is not texts[p]]
+        parts = ['{"type":"delta","version":', str(snap.version)]
+        if snap.domain != state.domain:
+            parts += [',"domain":', _dumps(snap.domain)]
+        if texts[nid] is not state.self_text:
+            parts += [',"self":', texts[nid]]
+        if changed:
+            parts += [',"peers_changed":[', ",".join(texts[p] for p in changed), "]"]
+            for p in changed:
+                sent[p] = texts[p]
+        if removed:
+            parts += [',"peers_removed":', _dumps(removed)]
+            for p in removed:
+                del sent[p]
+        if snap.dns_text != state.dns_text:
+            parts += [',"dns":', snap.dns_text]
+        if filter_text != state.filter_text:
+            parts += [',"packet_filter":', filter_text]
+        frame = "".join(parts) + "}" if len(parts) > 2 else None
+    state.seq, state.compiled, state.visible, state.filter_text = snap.seq, snap.compiled, visible, filter_text
+    state.self_text, state.dns_text, state.domain = texts[nid], snap.dns_text, snap.domain
+    return frame

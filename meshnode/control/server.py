@@ -1,0 +1,513 @@
+"""The coordination server over HTTP (aiohttp): node protocol, map streams, admin API, metrics.
+
+Node endpoints (bodies sealed, see `protocol.py`):
+  GET  /key                 the server's public key (JSON)
+  POST /machine/register    register or log in again          -> sealed {"node": MapNode}
+  POST /machine/map         the map stream: length-prefixed sealed frames (full, delta, keepalive)
+  POST /machine/endpoints   report UDP endpoints              -> sealed {"ok": true}
+  POST /machine/logout      leave the tailnet                 -> sealed {"ok": true}
+Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
+  GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
+  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
+Unauthenticated: GET /metrics (Prometheus text; counts only), GET /healthz.
+
+Errors are JSON `{"error": code, "message": text}` with a 4xx/5xx status; a handler never takes
+the server down.
+
+Change propagation: every write through this server marks the tailnet dirty; a poller notices
+writes by other processes (the admin CLI, `magicdns records --db`) through the store's change
+counter and the records version. A publisher coalesces dirty marks, builds one snapshot, persists
+the next map version, and wakes every stream, which sends its own full or delta frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ..policy import (NodeInfo, Policy, PolicyError, auto_approved_exit, auto_approved_routes,
+                      check_policy, parse_policy, tag_allowed)
+from . import authkeys, naming
+from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
+from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, Channel, ErrorCode,
+                       ProtocolError, ReplayGuard, decode_key, frame, public_key_of,
+                       verify_node_key_proof)
+from .store import (Conflict, ControlStore, ControlStoreError, Grant, InvalidValue, Node, NotFound,
+                    Registration, check_tag, normalize_cidr)
+
+log = logging.getLogger("meshnode.control.server")
+
+_STATUS = {
+    ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
+    ErrorCode.AUTHKEY_REQUIRED: 401, ErrorCode.AUTHKEY_UNKNOWN: 401, ErrorCode.AUTHKEY_EXPIRED: 403,
+    ErrorCode.AUTHKEY_USED: 403, ErrorCode.AUTHKEY_REVOKED: 403, ErrorCode.NOT_REGISTERED: 403,
+    ErrorCode.NODE_EXPIRED: 403, ErrorCode.NODE_KEY_MISMATCH: 403, ErrorCode.BAD_NODE_KEY_PROOF: 403,
+    ErrorCode.TAG_NOT_ALLOWED: 403, ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.INTERNAL: 500,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Tunables; the defaults suit production, tests shorten the timers."""
+
+    poll_interval: float = 0.2          # how often to look for changes by other processes
+    coalesce: float = 0.02              # gather changes this long before publishing a snapshot
+    keepalive: float = KEEPALIVE_SECONDS
+    ephemeral_grace: float = 300.0      # an offline ephemeral node is deleted after this long
+    reap_interval: float = 5.0
+
+
+def _error(code: ErrorCode, message: str) -> web.Response:
+    return web.json_response({"error": code.value, "message": message}, status=_STATUS[code])
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
+    """Turn precise exceptions into statuses at the edge; anything unexpected is a logged 500."""
+    try:
+        return await handler(request)
+    except ProtocolError as exc:
+        return _error(exc.code, exc.message)
+    except authkeys.AuthKeyRefused as exc:
+        return _error(ErrorCode(exc.reason.value), str(exc))
+    except NotFound as exc:
+        return _error(ErrorCode.NOT_FOUND, str(exc))
+    except (Conflict, naming.NameTaken) as exc:
+        return _error(ErrorCode.CONFLICT, str(exc))
+    except (InvalidValue, naming.NameInvalid, PolicyError) as exc:
+        return _error(ErrorCode.BAD_REQUEST, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST
+        resp = _error(code, exc.reason)
+        resp.set_status(exc.status)
+        return resp
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error(ErrorCode.INTERNAL, "internal error (see the server log)")
+
+
+class ControlServer:
+    """One coordination server bound to one store."""
+
+    def __init__(self, store: ControlStore, config: ServerConfig = ServerConfig()) -> None:
+        self.store = store
+        self.config = config
+        self.private_key = store.server_private_key()
+        self.public_key = public_key_of(self.private_key)
+        self.replay = ReplayGuard()
+        self._channels: OrderedDict[str, Channel] = OrderedDict()
+        self.online: dict[int, int] = {}          # node id -> open streams
+        self.snapshot: Snapshot | None = None
+        self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seen_counter = -1
+        self._seen_records = -1
+        self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
+        self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0}
+        self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
+        self.app.add_routes([
+            web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
+            web.post("/machine/register", self._register), web.post("/machine/map", self._map),
+            web.post("/machine/endpoints", self._endpoints), web.post("/machine/logout", self._logout),
+            web.get("/admin/nodes", self._admin_nodes), web.post("/admin/nodes/{ref}/rename", self._admin_rename),
+            web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
+            web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
+        ])
+        self.app.on_startup.append(self._on_startup)
+        self.app.on_shutdown.append(self._on_shutdown)
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        self._publish()
+        for coro in (self._publisher(), self._poller(), self._reaper()):
+            self._tasks.append(asyncio.create_task(coro))
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks.clear()
+        self._wake_streams()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0 = any free port); returns the port."""
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=4096)
+        await site.start()
+        sockets = site._server.sockets  # type: ignore[union-attr]
+        return int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- change propagation ---------------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def _policy(self) -> tuple[str | None, Policy | None]:
+        text = self.store.policy_text()
+        if text != self._policy_cache[0]:
+            try:
+                self._policy_cache = (text, parse_policy(text) if text is not None else None)
+            except PolicyError:
+                # Stored policies were checked on `set`; a newer parser refusing one must not take
+                # every map down: keep the last good one and say so.
+                log.exception("stored policy no longer parses; keeping the previous one")
+                self._policy_cache = (text, self._policy_cache[1])
+        return self._policy_cache
+
+    def _publish(self) -> None:
+        """Build a snapshot from the store; if it differs, persist a new version and wake streams."""
+        self._seen_counter = self.store.change_counter()
+        records_version, records = self.store.records.snapshot()
+        self._seen_records = records_version
+        text, policy = self._policy()
+        prev = self.snapshot
+        snap, differs = build_snapshot(prev, version=prev.version if prev else self.store.map_version(),
+                                       domain=self.store.domain(), nodes=self.store.list_nodes(),
+                                       online=self.online, now=time.time(), policy_text=text, policy=policy,
+                                       dns=self.store.dns_settings(), records=records)
+        if not differs:
+            return
+        if prev is not None or snap.version == 0:
+            snap = with_version(snap, self.store.bump_map_version())
+        self.snapshot = snap
+        self.stats["snapshots"] += 1
+        self._wake_streams()
+
+    def _wake_streams(self) -> None:
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.config.coalesce)  # let a burst of changes land as one snapshot
+            self._dirty.clear()
+            try:
+                self._publish()
+            except Exception:
+                log.exception("building the network map failed; will retry on the next change")
+
+    async def _poller(self) -> None:
+        """Notice writes by other processes: the CLI (change counter) and `magicdns records` (version)."""
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            try:
+                if (self.store.change_counter() != self._seen_counter
+                        or self.store.records.version() != self._seen_records):
+                    self.mark_dirty()
+            except Exception:
+                log.exception("polling the store failed")
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.config.reap_interval, self.config.ephemeral_grace))
+            try:
+                gone = self.store.delete_stale_ephemeral(set(self.online), time.time() - self.config.ephemeral_grace)
+            except Exception:
+                log.exception("removing stale ephemeral nodes failed")
+                continue
+            if gone:
+                log.info("removed %d offline ephemeral node(s): %s", len(gone), ", ".join(n.name for n in gone))
+                self.mark_dirty()
+
+    # -- node protocol --------------------------------------------------------------------------
+
+    def _channel(self, machine_key: str) -> Channel:
+        chan = self._channels.get(machine_key)
+        if chan is None:
+            chan = Channel(self.private_key, machine_key)  # precomputes the shared key once
+            self._channels[machine_key] = chan
+            if len(self._channels) > 50_000:
+                self._channels.popitem(last=False)
+        else:
+            self._channels.move_to_end(machine_key)
+        return chan
+
+    async def _open(self, request: web.Request) -> tuple[str, Channel, dict[str, Any]]:
+        """Authenticate a node request: (machine key, its channel, the decrypted payload)."""
+        header = request.headers.get(MACHINE_KEY_HEADER)
+        if not header:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing {MACHINE_KEY_HEADER} header")
+        decode_key(header, "machine key")
+        body = await request.read()
+        if not body:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "empty body: expected a sealed request")
+        chan = self._channel(header)
+        nonce, payload = chan.open(body)
+        self.replay.check(nonce, payload.get("ts"), time.time())
+        return header, chan, payload
+
+    def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
+        return web.Response(body=chan.seal(payload), content_type="application/octet-stream")
+
+    def _node_for(self, machine_key: str, payload: dict[str, Any]) -> Node:
+        node = self.store.node_by_machine_key(machine_key)
+        if node is None or node.logged_out:
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, "this machine is not registered; log in with an auth key")
+        if node.expired(time.time()):
+            raise ProtocolError(ErrorCode.NODE_EXPIRED, f"the login of {node.name} expired; log in again")
+        if payload.get("node_key") != node.node_key:
+            raise ProtocolError(ErrorCode.NODE_KEY_MISMATCH, "node_key is not this machine's current node key")
+        return node
+
+    async def _register(self, request: web.Request) -> web.Response:
+        machine_key, chan, p = await self._open(request)
+        node_key = _str(p, "node_key", 64)
+        decode_key(node_key, "node_key")
+        proof_ts = p.get("proof_ts")
+        if not isinstance(proof_ts, (int, float)) or abs(proof_ts - p["ts"]) > 5:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "proof_ts must be the request's time")
+        verify_node_key_proof(p.get("node_key_proof"), node_key, self.private_key, machine_key, float(proof_ts))
+        authkey = p.get("authkey")
+        if authkey is not None and not isinstance(authkey, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "authkey must be a string")
+        reg = Registration(
+            machine_key=machine_key, node_key=node_key, hostname=_str(p, "hostname", 256),
+            os=_str(p, "os", 64, required=False), authkey=authkey or None,
+            advertise_routes=tuple(sorted({normalize_cidr(r) for r in _strs(p, "advertise_routes")})),
+            advertise_tags=tuple(sorted({check_tag(t) for t in _strs(p, "advertise_tags")})),
+            advertise_exit_node=_bool(p, "advertise_exit_node"), ephemeral=_bool(p, "ephemeral"),
+            endpoints=tuple(_strs(p, "endpoints")))
+        _, policy = self._policy()
+        try:
+            node = self.store.register(reg, lambda *a: _authorize(policy, *a))
+        except authkeys.AuthKeyRefused:
+            self.stats["refusals"] += 1
+            raise
+        self.stats["registrations"] += 1
+        log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
+        self.mark_dirty()
+        return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})
+
+    async def _endpoints(self, request: web.Request) -> web.Response:
+        machine_key, chan, p = await self._open(request)
+        node = self._node_for(machine_key, p)
+        self.store.set_endpoints(node.id, _strs(p, "endpoints"))
+        self.mark_dirty()
+        return self._sealed(chan, {"ok": True})
+
+    async def _logout(self, request: web.Request) -> web.Response:
+        machine_key, chan, p = await self._open(request)
+        node = self._node_for(machine_key, p)
+        self.store.logout(node.id)
+        log.info("node %d %s logged out", node.id, node.name)
+        self.mark_dirty()
+        return self._sealed(chan, {"ok": True})
+
+    async def _map(self, request: web.Request) -> web.StreamResponse:
+        machine_key, chan, p = await self._open(request)
+        node = self._node_for(machine_key, p)
+        if self.snapshot is None or node.id not in self.snapshot.nodes:
+            self._publish()  # just registered or logged in again: do not wait for the publisher
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                           "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        state = StreamState(node.id)
+        self.online[node.id] = self.online.get(node.id, 0) + 1
+        self.stats["streams"] += 1
+        self.mark_dirty()
+        try:
+            await self._serve_stream(resp, chan, state)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        finally:
+            self.stats["streams"] -= 1
+            left = self.online.get(node.id, 1) - 1
+            if left:
+                self.online[node.id] = left
+            else:
+                self.online.pop(node.id, None)
+            try:
+                self.store.touch([node.id], time.time())
+            except ControlStoreError:
+                log.exception("recording last-seen of node %d failed", node.id)
+            self.mark_dirty()
+        return resp
+
+    async def _serve_stream(self, resp: web.StreamResponse, chan: Channel, state: StreamState) -> None:
+        keepalive = frame(chan.seal({"type": "keepalive"}))
+        while True:
+            changed = self._changed
+            snap = self.snapshot
+            if snap is not None and snap.seq != state.seq:
+                try:
+                    text = next_frame(snap, state)
+                except NodeGone:
+                    return  # deleted, logged out or expired: the client learns why when it reconnects
+                if text is not None:
+                    await resp.write(frame(chan.seal_bytes(text.encode())))
+                    self.stats["frames"] += 1
+            if not self._tasks:  # shutting down
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), self.config.keepalive)
+            except asyncio.TimeoutError:
+                await resp.write(keepalive)
+
+    # -- admin API ------------------------------------------------------------------------------
+
+    def _admin(self, request: web.Request) -> None:
+        auth = request.headers.get("Authorization", "")
+        expected = self.store.admin_token_hash()
+        if not auth.startswith("Bearer ") or expected is None or not hmac.compare_digest(
+                authkeys.hash_secret(auth[7:].strip()), expected):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "admin API needs 'Authorization: Bearer <admin token>'")
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+        return body
+
+    async def _admin_nodes(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        domain = self.store.domain()
+        return web.json_response({"nodes": [map_node(n, domain, n.id in self.online).to_json()
+                                            for n in self.store.list_nodes()]})
+
+    async def _admin_rename(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        body = await self._json_body(request)
+        node = self.store.rename_node(request.match_info["ref"], _str(body, "name", 63))
+        self.mark_dirty()
+        return web.json_response({"id": node.id, "name": node.name})
+
+    async def _admin_delete(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        node = self.store.delete_node(request.match_info["ref"])
+        self.mark_dirty()
+        return web.json_response({"deleted": node.id, "name": node.name})
+
+    async def _admin_policy_get(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        from ..policy import DEFAULT_POLICY_TEXT
+        return web.Response(text=self.store.policy_text() or DEFAULT_POLICY_TEXT, content_type="text/plain")
+
+    async def _admin_policy_set(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        text = await request.text()
+        set_policy(self.store, text)
+        self.mark_dirty()
+        return web.json_response({"ok": True})
+
+    async def _admin_authkey(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        body = await self._json_body(request)
+        expiry = body.get("expiry")
+        expires = time.time() + authkeys.parse_duration(str(expiry)) if expiry else None
+        text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
+                                              _bool(body, "ephemeral"), _strs(body, "tags"), expires)
+        return web.json_response({"key": text, "id": key.id, "expires": key.expires})
+
+    async def _key(self, _request: web.Request) -> web.Response:
+        return web.json_response({"public_key": self.public_key, "protocol": 1})
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "version": self.snapshot.version if self.snapshot else 0})
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        snap = self.snapshot
+        lines = [
+            "# TYPE meshnode_control_nodes gauge", f"meshnode_control_nodes {len(snap.nodes) if snap else 0}",
+            "# TYPE meshnode_control_nodes_online gauge", f"meshnode_control_nodes_online {len(self.online)}",
+            "# TYPE meshnode_control_streams gauge", f"meshnode_control_streams {self.stats['streams']}",
+            "# TYPE meshnode_control_map_version gauge",
+            f"meshnode_control_map_version {snap.version if snap else 0}",
+            "# TYPE meshnode_control_registrations_total counter",
+            f"meshnode_control_registrations_total {self.stats['registrations']}",
+            "# TYPE meshnode_control_registration_refusals_total counter",
+            f"meshnode_control_registration_refusals_total {self.stats['refusals']}",
+            "# TYPE meshnode_control_snapshots_total counter",
+            f"meshnode_control_snapshots_total {self.stats['snapshots']}",
+            "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def set_policy(store: ControlStore, text: str) -> Policy:
+    """Parse the policy and run its `tests` against the current nodes; store it only if both pass.
+
+    Raises `PolicyError` (the old policy stays). Shared by the admin API and the CLI.
+    """
+    from .mapbuilder import node_info
+    result: list[Policy] = []
+
+    def validate(t: str, nodes: list[Node]) -> None:
+        now = time.time()
+        result.append(check_policy(t, [node_info(n) for n in nodes if n.active(now)]))
+    store.set_policy_text(text, validate)
+    return result[0]
+
+
+def _authorize(policy: Policy | None, user: str, key_tags: tuple[str, ...], reg: Registration,
+               existing: Node | None) -> Grant:
+    """Tags a registration may carry and what is approved at once (tagOwners, autoApprovers)."""
+    for tag in reg.advertise_tags:
+        if tag not in key_tags and not tag_allowed(policy, user, tag):
+            raise ProtocolError(ErrorCode.TAG_NOT_ALLOWED,
+                                f"user {user!r} may not apply {tag} (tagOwners) and the auth key does not carry it")
+    if key_tags or reg.advertise_tags or existing is None:
+        tags = tuple(sorted(set(key_tags) | set(reg.advertise_tags)))
+    else:
+        tags = existing.tags  # a plain re-login keeps what the admin set
+    probe = NodeInfo(existing.id if existing else 0, "", user, tags)
+    import ipaddress
+    routes = [ipaddress.ip_network(r) for r in reg.advertise_routes]
+    auto = {str(r) for r in auto_approved_routes(policy, probe, routes)}
+    kept = set(existing.approved_routes) if existing else set()
+    approved = tuple(sorted(r for r in reg.advertise_routes if r in auto or r in kept))
+    exit_ok = reg.advertise_exit_node and (
+        (existing is not None and existing.exit_node_approved) or auto_approved_exit(policy, probe))
+    return Grant(tags, approved, bool(exit_ok))
+
+
+def _str(obj: dict[str, Any], key: str, max_len: int, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value) or len(value) > max_len:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be a non-empty string of at most {max_len} characters")
+    return value
+
+
+def _strs(obj: dict[str, Any], key: str, max_items: int = 256) -> list[str]:
+    value = obj.get(key) or []
+    if not isinstance(value, list) or len(value) > max_items or not all(
+            isinstance(v, str) and len(v) <= 256 for v in value):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be a list of at most {max_items} strings")
+    return value
+
+
+def _bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be true or false")
+    return value
