@@ -202,6 +202,19 @@ def scan_message(msg: bytes) -> MessageScan:
     return MessageScan(qend, qdcount, msg[3] & 0x0F, ancount, tuple(records))
 
 
+def strip_opt_options(msg: bytes, scan: MessageScan) -> bytes | None:
+    """`msg` with the options of its OPT record removed (cookies, NSID, padding belong to one client's
+    transaction); `msg` itself when there are none; None when an OPT with options is not the last
+    record (cutting it would move the records after it)."""
+    records = scan.records
+    for pos, rec in enumerate(records):
+        if rec.rtype == TYPE_OPT and rec.rdlen:
+            if pos != len(records) - 1:
+                return None
+            return msg[:rec.rdata_off - 2] + b"\x00\x00"
+    return msg
+
+
 @dataclass(frozen=True, slots=True)
 class CacheStats:
     entries: int

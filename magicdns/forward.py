@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 from dnslib import DNSRecord, DNSError
 
 from .cache import (TYPE_A, TYPE_AAAA, Cache, MessageScan, QueryInfo, Rcode, Section, WireError,
-                    query_info, question_end, scan_message)
+                    query_info, question_end, scan_message, strip_opt_options)
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class UpstreamHealth:
 
 
 class _Health:
-    __slots__ = ("sent", "answered", "servfail", "timeouts", "tcp_fallbacks", "srtt", "last_error")
+    __slots__ = ("sent", "answered", "servfail", "timeouts", "tcp_fallbacks", "srtt", "last_error", "failing")
 
     def __init__(self) -> None:
         self.sent = 0
@@ -193,6 +193,7 @@ class _Health:
         self.tcp_fallbacks = 0
         self.srtt = 0.0  # seconds; an unknown upstream is tried first, in configured order
         self.last_error: str | None = None
+        self.failing = False  # logged once when it starts failing and once when it answers again
 
     def sample(self, rtt: float) -> None:
         # Weights as BIND's: quick to notice a slow server, slow to forget it.
@@ -383,6 +384,9 @@ class _Race:
                 self._check_all_failed()
             return
         self._finish_attempt(attempt)
+        if health.failing:
+            health.failing = False
+            log.info("upstream %s answers again", attempt.upstream.spec)
         if not self.result.done():
             self.result.set_result((data, attempt))
 
@@ -396,7 +400,7 @@ class _Race:
     def _fail(self, attempt: _Attempt, reason: str) -> None:
         """Book-keeping for a failed attempt; the caller decides what starts next."""
         attempt.health.last_error = reason
-        self.fwd._note_error(attempt.upstream, reason)
+        self.fwd._note_down(attempt.upstream, attempt.health, reason)
         # A failed attempt says the upstream is unusable right now: rank it behind the others.
         attempt.health.sample(max(self.fwd.timeout, attempt.health.srtt))
         self._finish_attempt(attempt)
@@ -434,6 +438,7 @@ class _Race:
                 if self.timed_out:
                     attempt.health.timeouts += 1
                     attempt.health.last_error = "timeout"
+                    self.fwd._note_down(attempt.upstream, attempt.health, "timeout")
             self._close_udp(attempt)
             if attempt.task is not None and not attempt.task.done():
                 attempt.task.cancel()
@@ -470,6 +475,10 @@ class Forwarder:
         self._health: dict[Upstream, _Health] = {}
         self._outgoing: dict[bytes, int] = {}  # (sent ID + question bytes) -> attempts in flight
         self._races: set[_Race] = set()
+        # Identical queries in flight share one upstream query: (cache key, route, rebinding rule)
+        # -> the leader's final reply (None when it failed).
+        self._flights: dict[tuple[object, ...], asyncio.Future[bytes | None]] = {}
+        self._closed = False
         self._rebind_logged: dict[str, float] = {}
         self._inflight = 0
         self.queries = 0
@@ -483,6 +492,7 @@ class Forwarder:
         self.dropped_mismatch = 0
         self.looped_seen = 0
         self.stale_answers = 0
+        self.coalesced = 0
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -498,8 +508,13 @@ class Forwarder:
             health = self._health[up] = _Health()
         return health
 
-    def _note_error(self, up: Upstream, reason: str) -> None:
-        log.debug("upstream %s: %s", up.spec, reason)
+    def _note_down(self, up: Upstream, health: _Health, reason: str) -> None:
+        # One warning when an upstream starts failing, not one per query.
+        if not health.failing:
+            health.failing = True
+            log.warning("upstream %s failing: %s", up.spec, reason)
+        else:
+            log.debug("upstream %s: %s", up.spec, reason)
 
     # -- the server's entry points ---------------------------------------------------------------
 
@@ -541,14 +556,35 @@ class Forwarder:
         if self._inflight >= self.max_inflight:
             self.overload += 1
             return self._failed(query, info, None, EDE_OTHER)
-        if not upstreams:
+        if not upstreams or self._closed:
             return self._failed(query, info, None, EDE_NO_REACHABLE_AUTHORITY)
+        flight_key = None if info.key is None else (info.key, upstreams, allow_tailnet_answers)
+        if flight_key is not None:
+            leader = self._flights.get(flight_key)
+            if leader is not None:
+                return await self._join(query, info, leader)
+        shared: asyncio.Future[bytes | None] = self._loop.create_future()
+        if flight_key is not None:
+            self._flights[flight_key] = shared
+        self._inflight += 1
+        reply: bytes | None = None
+        try:
+            reply = await self._lead(query, info, upstreams, allow_tailnet_answers)
+            return reply
+        finally:
+            self._inflight -= 1
+            if flight_key is not None and self._flights.get(flight_key) is shared:
+                del self._flights[flight_key]
+            if not shared.done():
+                shared.set_result(reply)
+
+    async def _lead(self, query: bytes, info: QueryInfo, upstreams: tuple[Upstream, ...],
+                    allow_tailnet_answers: bool) -> bytes:
         ordered = list(upstreams)
         if len(ordered) > 1:
             health = self._health
             ordered.sort(key=lambda u: health[u].srtt if u in health else 0.0)
         race = _Race(self, query, info.qend, ordered)
-        self._inflight += 1
         self._races.add(race)
         try:
             race.start(self.timeout)
@@ -561,13 +597,40 @@ class Forwarder:
         finally:
             race.close()
             self._races.discard(race)
-            self._inflight -= 1
         if outcome is None:
             if race.timed_out:
                 self.timeouts += 1
             return self._failed(query, info, race.failure, EDE_NO_REACHABLE_AUTHORITY)
         data, _attempt = outcome
         return self._deliver(query, info, data, allow_tailnet_answers)
+
+    async def _join(self, query: bytes, info: QueryInfo, leader: "asyncio.Future[bytes | None]") -> bytes:
+        """Wait for an identical query already in flight (same key, route and rebinding rule) rather
+        than ask the upstreams again; the leader is bounded by `timeout`, and so is this."""
+        self.coalesced += 1
+        self._inflight += 1
+        try:
+            leader_reply = await asyncio.shield(leader)
+        finally:
+            self._inflight -= 1
+        if leader_reply is None or (leader_reply[3] & 0x0F) in _FAILURE_RCODES:
+            return self._failed(query, info, None, EDE_NO_REACHABLE_AUTHORITY)
+        return self._reshape(query, info, leader_reply)
+
+    def _reshape(self, query: bytes, info: QueryInfo, reply: bytes) -> bytes:
+        """Another client's reply made ours: ID, RD and question case copied, its OPT options (the
+        other client's cookie) removed."""
+        try:
+            stripped = strip_opt_options(reply, scan_message(reply))
+        except WireError:
+            stripped = None
+        if stripped is None:
+            return error_reply(query, Rcode.SERVFAIL)
+        buf = bytearray(stripped)
+        buf[0:2] = query[0:2]
+        buf[2] = (buf[2] & 0xFE) | (query[2] & 0x01)
+        buf[12:info.qend] = query[12:info.qend]
+        return bytes(buf)
 
     def _deliver(self, query: bytes, info: QueryInfo, data: bytes, allow_tailnet_answers: bool) -> bytes:
         self.answered += 1
@@ -589,13 +652,16 @@ class Forwarder:
         return reply
 
     def _failed(self, query: bytes, info: QueryInfo, failure: bytes | None, ede: int) -> bytes:
+        """Every upstream failed: stale, else the upstream's SERVFAIL/FORMERR/NOTIMP, else our SERVFAIL."""
         if self.cache is not None:
             stale = self.cache.get_stale(query, info, self._clock())
             if stale is not None:
                 self.stale_answers += 1
                 return stale
         self.servfail += 1
-        if failure is not None and len(failure) >= 12:
+        # An upstream's REFUSED says it refuses *us*: the client did nothing wrong, so it gets
+        # SERVFAIL. SERVFAIL (with its Extended DNS Error), FORMERR and NOTIMP are about the query.
+        if failure is not None and len(failure) >= 12 and (failure[3] & 0x0F) != Rcode.REFUSED:
             return query[0:2] + failure[2:]
         return error_reply(query, Rcode.SERVFAIL, ede)
 
@@ -623,7 +689,7 @@ class Forwarder:
             "servfail": self.servfail, "timeouts": self.timeouts, "tcp_fallbacks": self.tcp_fallbacks,
             "stale_answers": self.stale_answers, "overload": self.overload, "inflight": self._inflight,
             "rebind_blocked": self.rebind_blocked, "dropped_mismatch": self.dropped_mismatch,
-            "looped": self.looped_seen,
+            "looped": self.looped_seen, "coalesced": self.coalesced,
             "upstreams": {h.upstream: {"sent": h.sent, "answered": h.answered, "servfail": h.servfail,
                                        "timeouts": h.timeouts, "tcp_fallbacks": h.tcp_fallbacks,
                                        "srtt_ms": h.srtt_ms, "last_error": h.last_error}
@@ -641,7 +707,9 @@ class Forwarder:
             self.cache.clear()
 
     async def close(self) -> None:
-        """End every race in flight (their callers get SERVFAIL or stale) and release their sockets."""
+        """End every race in flight (their callers get SERVFAIL or stale) and release their sockets;
+        later `forward` calls answer SERVFAIL (or stale) at once."""
+        self._closed = True
         for race in list(self._races):
             if not race.result.done():
                 race.result.set_result(None)

@@ -163,7 +163,7 @@ def test_all_servfail_gives_servfail_within_the_bound() -> None:
             reply = await fwd.forward(wire, (up(a), up(b)), allow_tailnet_answers=False)
             assert time.monotonic() - t0 < 2.5 + 1.0
             r = DNSRecord.parse(reply)
-            assert r.header.rcode in (RCODE.SERVFAIL, RCODE.REFUSED)
+            assert r.header.rcode == RCODE.SERVFAIL  # an upstream's REFUSED is not the client's
             assert r.header.id == DNSRecord.parse(wire).header.id
             assert len(a.queries) == 1 and len(b.queries) == 1
             assert fwd.stats()["servfail"] == 1
@@ -186,6 +186,23 @@ def test_all_silent_gives_servfail_at_the_timeout() -> None:
             s = fwd.stats()
             assert s["timeouts"] == 1 and s["inflight"] == 0
             assert s["upstreams"][up(a).spec]["timeouts"] == 1
+    run(main)
+
+
+def test_upstream_servfail_passed_on_with_its_details() -> None:
+    async def main() -> None:
+        def servfail_with_ede(q: bytes, _src: object) -> bytes:
+            r = DNSRecord.parse(q).reply()
+            r.header.rcode = RCODE.SERVFAIL
+            r.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(15, b"\x00\x06")]))  # EDE 6: DNSSEC Bogus
+            return bytes(r.pack())
+
+        async with FakeUpstream.start("127.0.0.2", hook=servfail_with_ede) as a:
+            fwd = Forwarder()
+            reply = await fwd.forward(query("www.example.test", edns=True), (up(a),), allow_tailnet_answers=False)
+            r = DNSRecord.parse(reply)
+            assert r.header.rcode == RCODE.SERVFAIL
+            assert [(o.code, o.data) for o in r.ar[0].rdata] == [(15, b"\x00\x06")]
     run(main)
 
 
@@ -415,6 +432,41 @@ def test_inflight_cap_answers_servfail_at_once() -> None:
     run(main)
 
 
+def test_identical_queries_in_flight_share_one_upstream_query() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SLOW, delay=0.3) as a:
+            fwd = Forwarder()
+            first = query("www.example.test", options=[EDNSOption(10, b"cookie-1")])
+            second_q = DNSRecord.question("WWW.example.TEST")
+            second_q.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(10, b"cookie-2")]))
+            second = bytes(second_q.pack())
+            lead = asyncio.create_task(fwd.forward(first, (up(a),), allow_tailnet_answers=False))
+            await async_wait_until(lambda: len(a.queries) == 1, what="the first query upstream")
+            joined = await fwd.forward(second, (up(a),), allow_tailnet_answers=False)
+            led = await lead
+            assert len(a.queries) == 1 and fwd.stats()["coalesced"] == 1
+            r1, r2 = DNSRecord.parse(led), DNSRecord.parse(joined)
+            assert addresses(led) == addresses(joined) == ["192.0.2.10"]
+            assert r2.header.id == second_q.header.id and str(r2.q.qname) == "WWW.example.TEST."
+            assert r1.ar[0].rdata[0].data == b"cookie-1"
+            assert r2.ar[0].rdata == []  # never the other client's cookie
+            # Another route or rebinding rule is another flight.
+            await asyncio.gather(fwd.forward(first, (up(a),), allow_tailnet_answers=False),
+                                 fwd.forward(first, (up(a),), allow_tailnet_answers=True))
+            assert len(a.queries) == 3
+    run(main)
+
+
+def test_closed_forwarder_answers_at_once() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as a:
+            fwd = Forwarder()
+            await fwd.close()
+            reply = await fwd.forward(query("www.example.test"), (up(a),), allow_tailnet_answers=False)
+            assert DNSRecord.parse(reply).header.rcode == RCODE.SERVFAIL and not a.queries
+    run(main)
+
+
 def test_own_query_coming_back_is_recognised() -> None:
     async def main() -> None:
         holder: dict[str, Any] = {}
@@ -489,9 +541,9 @@ def test_dnsmasq_upstream(dnsmasq: Upstream) -> None:
         assert addresses(reply) == ["192.0.2.1"] and str(r.q.qname) == "Host.Example.Test."
         reply = await fwd.forward(query("txt.example.test", "TXT"), (dnsmasq,), allow_tailnet_answers=False)
         assert "hello" in str(DNSRecord.parse(reply).rr[0].rdata)
-        # dnsmasq has no upstream of its own: it refuses, and so the client gets that refusal.
+        # dnsmasq has no upstream of its own and refuses: the client gets SERVFAIL, not REFUSED.
         reply = await fwd.forward(query("www.elsewhere.test"), (dnsmasq,), allow_tailnet_answers=False)
-        assert DNSRecord.parse(reply).header.rcode in (RCODE.REFUSED, RCODE.SERVFAIL)
+        assert DNSRecord.parse(reply).header.rcode == RCODE.SERVFAIL
     run(main)
 
 
