@@ -1,10 +1,469 @@
-"""`meshnode control ...`: the coordination server and its admin commands."""
+"""`meshnode control ...`: the coordination server and its admin commands.
+
+Admin commands act on the database directly through `ControlStore` (DESIGN.md section 2); a running
+server notices their changes within its poll interval and pushes them to every node.
+Exit codes: 0 done, 1 the change failed (refused, not found, ...), 2 bad usage.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
 import click
+
+from . import authkeys, naming
+from .store import DEFAULT_DB, ControlStore, ControlStoreError
+
+_DB_HELP = "Control database (env MESHNODE_CONTROL_DB; default /var/lib/meshnode/control.db)."
+
+
+def _db_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--db", "db_path", default=DEFAULT_DB, envvar="MESHNODE_CONTROL_DB",
+                        show_default=True, help=_DB_HELP)(f)
+
+
+def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _open(db_path: str, domain: str | None = None) -> ControlStore:
+    try:
+        return ControlStore(db_path, domain)
+    except (ControlStoreError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a store action; its precise errors become a one-line message and exit code 1."""
+    from ..policy import PolicyError
+    try:
+        return fn()
+    except (ControlStoreError, naming.NameInvalid, naming.NameTaken, PolicyError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    rows = [["-" if v is None or v == "" else str(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _split(values: Sequence[str]) -> list[str]:
+    """Accept both `a b` and `a,b`."""
+    return [v for item in values for v in item.split(",") if v]
 
 
 @click.group()
 def control() -> None:
     """Run and administer the coordination server."""
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"{text!r}: expected HOST:PORT", param_hint="--listen")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@control.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve on.")
+@_db_option
+@click.option("--domain", default=None, help="Tailnet domain (default: the stored one, initially 'tailnet').")
+@click.option("--ephemeral-grace", default="5m", show_default=True,
+              help="Delete an offline ephemeral node after this long (e.g. 30s, 5m).")
+@click.option("--admin-token-file", default=None,
+              help="Where to write the admin API token at first start (default: DB path + .admin-token).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, admin_token_file: str | None,
+          verbose: bool) -> None:
+    """Run the coordination server."""
+    from .server import ControlServer, ServerConfig
+    host, port = _parse_listen(listen)
+    try:
+        grace = authkeys.parse_duration(ephemeral_grace)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ephemeral-grace") from None
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = _open(db_path, domain)
+    token = store.ensure_admin_token()
+    if token is not None:
+        path = Path(admin_token_file or db_path + ".admin-token")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        logging.getLogger("meshnode.control").info("admin API token written to %s", path)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def main() -> None:
+        server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2)))
+        bound = await server.start(host, port)
+        click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})",
+                   err=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    finally:
+        store.close()
+
+
+# -- users --------------------------------------------------------------------------------------
+
+@control.group()
+def users() -> None:
+    """Users own nodes and auth keys."""
+
+
+@users.command("ls")
+@_db_option
+@_json_option
+def users_ls(db_path: str, as_json: bool) -> None:
+    """List users."""
+    items = _open(db_path).list_users()
+    if as_json:
+        click.echo(json.dumps([{"id": u.id, "name": u.name, "created": u.created} for u in items], indent=2))
+    else:
+        _table(["id", "name", "created"], [(u.id, u.name, _when(u.created)) for u in items])
+
+
+@users.command("create")
+@click.argument("name")
+@_db_option
+def users_create(name: str, db_path: str) -> None:
+    """Create a user."""
+    user = _run(lambda: _open(db_path).create_user(name))
+    click.echo(f"created user {user.name}")
+
+
+@users.command("rm")
+@click.argument("name")
+@_db_option
+def users_rm(name: str, db_path: str) -> None:
+    """Delete a user that owns no nodes."""
+    _run(lambda: _open(db_path).delete_user(name))
+    click.echo(f"deleted user {name}")
+
+
+# -- auth keys ----------------------------------------------------------------------------------
+
+@control.group()
+def authkey() -> None:
+    """Pre-auth keys for registering nodes."""
+
+
+@authkey.command("create")
+@click.option("--user", default="default", show_default=True, help="Owner of the nodes it registers.")
+@click.option("--reusable", is_flag=True, help="May register any number of nodes (default: single use).")
+@click.option("--ephemeral", is_flag=True, help="Nodes it registers are removed after going offline.")
+@click.option("--tags", default="", help="Tags its nodes get, e.g. tag:server,tag:prod.")
+@click.option("--expiry", default="90d", show_default=True, help="Lifetime, e.g. 1h, 30d; 'never' for none.")
+@_db_option
+@_json_option
+def authkey_create(user: str, reusable: bool, ephemeral: bool, tags: str, expiry: str, db_path: str,
+                   as_json: bool) -> None:
+    """Create a pre-auth key and print it (it is shown only once)."""
+    if expiry == "never":
+        expires = None
+    else:
+        try:
+            expires = time.time() + authkeys.parse_duration(expiry)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--expiry") from None
+    tag_list = _split([tags])
+    store = _open(db_path)
+    text, key = _run(lambda: store.create_authkey(user, reusable, ephemeral, tag_list, expires))
+    if as_json:
+        click.echo(json.dumps({"key": text, "id": key.id, "user": key.user, "reusable": key.reusable,
+                               "ephemeral": key.ephemeral, "tags": list(key.tags), "expires": key.expires}))
+    else:
+        click.echo(text)
+
+
+@authkey.command("ls")
+@_db_option
+@_json_option
+def authkey_ls(db_path: str, as_json: bool) -> None:
+    """List pre-auth keys (ids and state, never secrets)."""
+    now = time.time()
+    keys = _open(db_path).list_authkeys()
+    if as_json:
+        click.echo(json.dumps([{"id": k.id, "user": k.user, "reusable": k.reusable, "ephemeral": k.ephemeral,
+                                "tags": list(k.tags), "created": k.created, "expires": k.expires,
+                                "used": k.used_count, "state": k.state(now)} for k in keys], indent=2))
+    else:
+        _table(["id", "user", "reusable", "ephemeral", "tags", "used", "expires", "state"],
+               [(k.id, k.user, k.reusable, k.ephemeral, ",".join(k.tags), k.used_count, _when(k.expires),
+                 k.state(now)) for k in keys])
+
+
+@authkey.command("revoke")
+@click.argument("key_id")
+@_db_option
+def authkey_revoke(key_id: str, db_path: str) -> None:
+    """Revoke a key by id (the part after `mskey-`); nodes it registered stay."""
+    if key_id.startswith("mskey-"):
+        key_id = key_id.split("-")[1]
+    _run(lambda: _open(db_path).revoke_authkey(key_id))
+    click.echo(f"revoked {key_id}")
+
+
+# -- nodes --------------------------------------------------------------------------------------
+
+@control.group()
+def nodes() -> None:
+    """Registered nodes."""
+
+
+def _node_json(n: Any, domain: str, now: float) -> dict[str, Any]:
+    return {"id": n.id, "name": n.name, "fqdn": f"{n.name}.{domain}", "user": n.user,
+            "addresses": list(n.addresses), "tags": list(n.tags), "os": n.os, "hostname": n.hostname,
+            "ephemeral": n.ephemeral, "last_seen": n.last_seen, "expiry": n.expiry,
+            "state": "logged-out" if n.logged_out else "expired" if n.expired(now) else "active",
+            "node_key": n.node_key, "advertised_routes": list(n.advertised_routes),
+            "approved_routes": list(n.approved_routes), "exit_node": n.exit_node_approved}
+
+
+@nodes.command("ls")
+@_db_option
+@_json_option
+def nodes_ls(db_path: str, as_json: bool) -> None:
+    """List nodes."""
+    store = _open(db_path)
+    now, domain = time.time(), store.domain()
+    items = [_node_json(n, domain, now) for n in store.list_nodes()]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+    else:
+        _table(["id", "name", "user", "addresses", "tags", "os", "last seen", "state"],
+               [(n["id"], n["name"], n["user"], " ".join(n["addresses"]), ",".join(n["tags"]), n["os"],
+                 _when(n["last_seen"]), n["state"]) for n in items])
+
+
+@nodes.command("rename")
+@click.argument("node")
+@click.argument("new_name")
+@_db_option
+def nodes_rename(node: str, new_name: str, db_path: str) -> None:
+    """Rename NODE (name, id or address) to NEW_NAME."""
+    n = _run(lambda: _open(db_path).rename_node(node, new_name))
+    click.echo(f"renamed node {n.id} to {n.name}")
+
+
+@nodes.command("rm")
+@click.argument("node")
+@_db_option
+def nodes_rm(node: str, db_path: str) -> None:
+    """Delete NODE; its name is free at once."""
+    n = _run(lambda: _open(db_path).delete_node(node))
+    click.echo(f"deleted node {n.id} ({n.name})")
+
+
+@nodes.command("tag")
+@click.argument("node")
+@click.argument("tags", nargs=-1)
+@_db_option
+def nodes_tag(node: str, tags: tuple[str, ...], db_path: str) -> None:
+    """Set NODE's tags (tag:a tag:b or tag:a,tag:b; none clears them)."""
+    n = _run(lambda: _open(db_path).set_tags(node, _split(tags)))
+    click.echo(f"{n.name}: tags {','.join(n.tags) or '(none)'}")
+
+
+@nodes.command("expire")
+@click.argument("node")
+@_db_option
+def nodes_expire(node: str, db_path: str) -> None:
+    """Expire NODE's login now: it leaves every map until it logs in again with an auth key."""
+    n = _run(lambda: _open(db_path).expire_node(node))
+    click.echo(f"expired node {n.id} ({n.name})")
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+@control.group()
+def routes() -> None:
+    """Subnet routes and exit nodes."""
+
+
+@routes.command("ls")
+@_db_option
+@_json_option
+def routes_ls(db_path: str, as_json: bool) -> None:
+    """List advertised and approved routes."""
+    items = [n for n in _open(db_path).list_nodes() if n.advertised_routes or n.advertises_exit_node]
+    data = [{"node": n.name, "advertised": list(n.advertised_routes), "approved": list(n.approved_routes),
+             "exit_node_advertised": n.advertises_exit_node, "exit_node_approved": n.exit_node_approved}
+            for n in items]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _table(["node", "advertised", "approved", "exit node"],
+               [(d["node"], ",".join(d["advertised"]), ",".join(d["approved"]),
+                 ("approved" if d["exit_node_approved"] else "advertised") if d["exit_node_advertised"] else "")
+                for d in data])
+
+
+@routes.command("approve")
+@click.argument("node")
+@click.argument("routes_", metavar="ROUTES", nargs=-1)
+@_db_option
+def routes_approve(node: str, routes_: tuple[str, ...], db_path: str) -> None:
+    """Set NODE's approved routes (CIDRs it advertises; 0.0.0.0/0 or ::/0 approve it as exit node).
+    Routes not listed lose their approval."""
+    n = _run(lambda: _open(db_path).approve_routes(node, _split(routes_)))
+    click.echo(f"{n.name}: approved {','.join(n.approved_routes) or '(no subnets)'}"
+               + ("; exit node" if n.exit_node_approved else ""))
+
+
+# -- policy -------------------------------------------------------------------------------------
+
+@control.group()
+def policy() -> None:
+    """The ACL policy (Tailscale HuJSON format)."""
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text() if path != "-" else click.get_text_stream("stdin").read()
+    except OSError as exc:
+        raise click.BadParameter(f"{path}: {exc.strerror}", param_hint="FILE") from None
+
+
+@policy.command("get")
+@_db_option
+def policy_get(db_path: str) -> None:
+    """Print the policy in force (the allow-all default if none was set)."""
+    from ..policy import DEFAULT_POLICY_TEXT
+    click.echo(_open(db_path).policy_text() or DEFAULT_POLICY_TEXT, nl=False)
+
+
+@policy.command("set")
+@click.argument("file")
+@_db_option
+def policy_set(file: str, db_path: str) -> None:
+    """Replace the policy with FILE after it parses and its `tests` pass (else the old one stays)."""
+    from .server import set_policy
+    text = _read(file)
+    _run(lambda: set_policy(_open(db_path), text))
+    click.echo("policy updated")
+
+
+@policy.command("check")
+@click.argument("file")
+@_db_option
+def policy_check(file: str, db_path: str) -> None:
+    """Check FILE (syntax and `tests`, against the current nodes) without changing anything."""
+    from ..policy import check_policy
+    from .mapbuilder import node_info
+    text = _read(file)
+    store = _open(db_path)
+    now = time.time()
+    _run(lambda: check_policy(text, [node_info(n) for n in store.list_nodes() if n.active(now)]))
+    click.echo("policy OK")
+
+
+# -- DNS ----------------------------------------------------------------------------------------
+
+@control.group()
+def dns() -> None:
+    """Tailnet DNS settings (records: `magicdns records --db THIS_DB ...`)."""
+
+
+@dns.command("show")
+@_db_option
+@_json_option
+def dns_show(db_path: str, as_json: bool) -> None:
+    """Show the DNS settings and records."""
+    store = _open(db_path)
+    s = store.dns_settings()
+    records = store.records.list()
+    data = {"domain": store.domain(), "nameservers": list(s.nameservers),
+            "routes": {d: list(u) for d, u in s.routes}, "search_domains": list(s.search_domains),
+            "records": [r.to_json() for r in records]}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"domain:          {data['domain']}")
+    click.echo(f"nameservers:     {' '.join(s.nameservers) or '(system resolvers)'}")
+    click.echo(f"search domains:  {' '.join(s.search_domains) or '-'}")
+    for d, ups in s.routes:
+        click.echo(f"route:           {d} -> {' '.join(ups) or '(answered locally)'}")
+    click.echo(f"records:         {len(records)}")
+
+
+@dns.group("nameservers")
+def dns_nameservers() -> None:
+    """Global nameservers."""
+
+
+@dns_nameservers.command("set")
+@click.argument("servers", nargs=-1)
+@_db_option
+def dns_nameservers_set(servers: tuple[str, ...], db_path: str) -> None:
+    """Set the global nameservers (IP[:PORT] ...); none clears them."""
+    _run(lambda: _open(db_path).set_nameservers(_split(servers)))
+    click.echo("nameservers updated")
+
+
+@dns.group("routes")
+def dns_routes() -> None:
+    """Split DNS routes."""
+
+
+@dns_routes.command("add")
+@click.argument("domain")
+@click.argument("servers", nargs=-1)
+@_db_option
+def dns_routes_add(domain: str, servers: tuple[str, ...], db_path: str) -> None:
+    """Send DOMAIN to SERVERS (none: answer DOMAIN locally, NXDOMAIN for unknown names)."""
+    _run(lambda: _open(db_path).add_route(domain, _split(servers)))
+    click.echo(f"route {domain} set")
+
+
+@dns_routes.command("rm")
+@click.argument("domain")
+@_db_option
+def dns_routes_rm(domain: str, db_path: str) -> None:
+    """Remove the route for DOMAIN."""
+    _run(lambda: _open(db_path).remove_route(domain))
+    click.echo(f"route {domain} removed")
+
+
+@dns.group("search-domains")
+def dns_search() -> None:
+    """Search domains pushed to nodes."""
+
+
+@dns_search.command("set")
+@click.argument("domains", nargs=-1)
+@_db_option
+def dns_search_set(domains: tuple[str, ...], db_path: str) -> None:
+    """Set the search domains; none clears them."""
+    _run(lambda: _open(db_path).set_search_domains(_split(domains)))
+    click.echo("search domains updated")
