@@ -65,16 +65,22 @@ def main() -> None:
 @click.option("--upstream", "upstreams", multiple=True, help="Global nameserver HOST[:PORT]; repeat for more.")
 @click.option("--route", "routes", multiple=True, help="Split route DOMAIN=HOST[:PORT][,HOST...]; DOMAIN= is local-only.")
 @click.option("--domain", default=None, help=f"Tailnet domain (default: the view's, else {DEFAULT_DOMAIN}).")
-@click.option("--allow", "allows", multiple=True, help="CIDR allowed to query, besides loopback and the tailnet ranges.")
+@click.option("--allow", "allows", multiple=True,
+              help="CIDR allowed to query; repeat for more. Default: loopback and the tailnet ranges.")
+@click.option("--tcp-idle-timeout", default=10.0, show_default=True, help="Seconds before an idle TCP client is closed.")
+@click.option("--max-tcp-connections", default=512, show_default=True, help="TCP clients served at once.")
 @click.option("--control-socket", default=DEFAULT_SOCKET, show_default=True, help="Unix socket for `magicdns status`.")
 @click.option("--metrics", default=None, help="HOST:PORT to serve Prometheus metrics on.")
 @click.option("--query-log", default=None, help="Log every query to FILE ('-' for stderr).")
 @click.option("--resolv-conf", default="/etc/resolv.conf", show_default=True,
               help="Where the system's resolvers are read from when no upstream is given.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Processes sharing the listeners (SO_REUSEPORT); status shows the first one's counters.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
-          routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], control_socket: str,
-          metrics: str | None, query_log: str | None, resolv_conf: str, log_level: str) -> None:
+          routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
+          max_tcp_connections: int, control_socket: str,
+          metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, log_level: str) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,7 +93,7 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
         ups = reject_self((parse_upstream(u) for u in upstreams), own)
         route_map = _parse_routes(routes, own)
         dom = normalize_domain(domain) if domain else None
-        allow = DEFAULT_ALLOW + tuple(ipaddress.ip_network(a, strict=False) for a in allows)
+        allow = tuple(ipaddress.ip_network(a, strict=False) for a in allows) or DEFAULT_ALLOW
     except (UpstreamError, ForwardingLoopError, NameError_) as exc:
         fail_usage(str(exc))
     except ValueError as exc:
@@ -100,11 +106,32 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     except (ViewError, StoreError) as exc:
         fail_usage(str(exc))
     metrics_addr = parse_hostport(metrics, 9153) if metrics else None
-    config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log)
+    config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
+                          reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
+                          max_tcp_connections=max_tcp_connections)
+    if workers > 1 and any(p == 0 for _, p in listen):
+        fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
+    if _fork_workers(workers - 1):
+        control_socket, metrics_addr = None, None  # a worker: the first process answers operators
     try:
         _run(_serve(config, view, source, ups, route_map, control_socket, metrics_addr))
     except KeyboardInterrupt:
         pass
+
+
+def _fork_workers(count: int) -> bool:
+    """Fork `count` worker processes; returns True in a worker. Workers die with their parent."""
+    import ctypes
+
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+            return True
+    return False
 
 
 def _parse_routes(routes: tuple[str, ...], own: tuple[Upstream, ...]) -> dict[str, tuple[Upstream, ...]]:

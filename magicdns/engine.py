@@ -198,7 +198,7 @@ class Engine:
     def _serve(self, template: Template, query: DNSRecord, data: bytes, edns: Edns | None,
                tcp: bool, limit: int) -> bytes:
         """Assemble a reply from a template for a query that the fast path did not take."""
-        qwire = DNSRecord(q=DNSQuestion(query.q.qname, query.q.qtype, query.q.qclass)).pack()[12:]
+        qwire = bytes(DNSRecord(q=DNSQuestion(query.q.qname, query.q.qtype, query.q.qclass)).pack()[12:])
         flags = template.flags[(data[2] & 1) | ((data[3] & 0x10) >> 3)]
         template.turn += 1
         tail = template.tails[template.turn % len(template.tails)]
@@ -318,7 +318,7 @@ def build_template(qname: str, qtype: int, ans: LocalAnswer) -> Template:
     for answer in _rotations(ans.answer):
         msg = DNSRecord(q=question)
         msg.rr, msg.auth, msg.ar = list(answer), list(ans.authority), list(ans.additional)
-        tails.append(msg.pack()[start:])
+        tails.append(bytes(msg.pack()[start:]))
     return Template(True, ans.rcode, (len(ans.answer), len(ans.authority), len(ans.additional)), tails)
 
 

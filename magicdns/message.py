@@ -80,7 +80,7 @@ def error_reply(query: DNSRecord, rcode: int, edns: Edns | None, aa: bool = Fals
     reply.header.rcode = rcode & 0xF
     reply.questions = list(query.questions[:1])
     reply.rr, reply.auth, reply.ar = [], [], []
-    wire = reply.pack()
+    wire = bytes(reply.pack())
     if edns is not None:
         wire = _with_opt(wire, edns.do, rcode >> 4)
     return wire
@@ -115,7 +115,7 @@ def truncate(reply: bytes, limit: int) -> bytes:
         else:
             hi = mid - 1
     msg.rr = answers[:lo]
-    wire = msg.pack()
+    wire = bytes(msg.pack())
     if len(wire) > limit:  # even the question does not fit: header only
         return wire[:2] + wire[2:4] + b"\x00" * 8
     return wire

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -89,6 +90,17 @@ class DnsView:
         }
 
 
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address from text; inet_pton is several times faster than ipaddress's own parser, which
+    matters for views of 100,000 nodes."""
+    try:
+        if ":" in text:
+            return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, text))
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
 def _host_from_json(obj: Any, where: str) -> Host:
     if not isinstance(obj, dict):
         raise ViewError(f"{where}: expected an object")
@@ -102,7 +114,7 @@ def _host_from_json(obj: Any, where: str) -> Host:
     parsed = []
     for i, a in enumerate(addrs):
         try:
-            parsed.append(ipaddress.ip_address(str(a)))
+            parsed.append(parse_ip(str(a)))
         except ValueError:
             raise ViewError(f"{where}.addresses[{i}]: {a!r} is not an IP address") from None
     tags = obj.get("tags", [])
