@@ -21,7 +21,7 @@ import click
 from .forward import ForwardingLoopError, reject_self
 from .names import NameError_, normalize_domain
 from .records import Record, RecordError, parse_record
-from .store import DuplicateRecord, RecordNotFound, RecordStore, StoreError
+from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, StoreError
 from .sysresolv import read_original_resolvers
 from .upstream import Upstream, UpstreamError, parse_upstream
 from .view import DEFAULT_DOMAIN, DnsSettings, DnsView, ViewError
@@ -239,7 +239,7 @@ def records_add(ctx: click.Context, name: str, rtype: str, value: tuple[str, ...
     store = _store(ctx)
     try:
         store.add(rec)
-    except DuplicateRecord as exc:
+    except (DuplicateRecord, CnameConflict) as exc:
         fail_usage(str(exc))
     except StoreError as exc:
         fail(str(exc))
@@ -347,6 +347,8 @@ def records_import(ctx: click.Context, path: str, replace: bool) -> None:
         fail_usage(str(exc))
     try:
         added = _store(ctx).import_records(recs, replace=replace)
+    except CnameConflict as exc:
+        fail_usage(f"{path}: {exc}; nothing was imported")
     except StoreError as exc:
         fail(str(exc))
     click.echo(f"imported {added} record{'s' if added != 1 else ''}"

@@ -30,6 +30,10 @@ class DuplicateRecord(StoreError):
     """The same (name, type, value) is already stored."""
 
 
+class CnameConflict(StoreError):
+    """A CNAME and other data (or two CNAMEs) at one name."""
+
+
 class RecordNotFound(StoreError):
     """No stored record matched."""
 
@@ -123,6 +127,13 @@ class RecordStore:
             self._bump()
 
     def _insert(self, record: Record) -> None:
+        # RFC 1034 3.6.2: a CNAME owner holds nothing else, so refuse either side of that clash.
+        others = self.db.execute("SELECT type FROM records WHERE name = ?", [record.name]).fetchall()
+        types = {t for (t,) in others}
+        if record.rtype == "CNAME" and types - {"CNAME"} or record.rtype != "CNAME" and "CNAME" in types:
+            raise CnameConflict(f"{record.name} cannot hold a CNAME beside other records")
+        if record.rtype == "CNAME" and "CNAME" in types:
+            raise CnameConflict(f"{record.name} already has a CNAME; a name holds at most one")
         try:
             self.db.execute(
                 "INSERT INTO records(name, type, value, ttl, override) VALUES (?, ?, ?, ?, ?)",
@@ -172,7 +183,7 @@ class RecordStore:
                     self._insert(record)
                     added += 1
                 except DuplicateRecord:
-                    continue
+                    continue  # already stored: importing the same file twice is harmless
             self._bump()
         return added
 
