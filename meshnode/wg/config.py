@@ -22,6 +22,8 @@ Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 # wg-quick keys that only matter to wg-quick's shell hooks; we accept the file and say so.
 _IGNORED_KEYS = {"dns", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"}
 
+_KEY_NAMES = {"privatekey": "PrivateKey", "publickey": "PublicKey", "presharedkey": "PresharedKey"}
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the line."""
@@ -120,7 +122,7 @@ class _Parser:
         try:
             return decode_key(value)
         except KeyFormatError as exc:
-            raise self.error(n, f"{name}: {exc}") from None
+            raise self.error(n, f"{_KEY_NAMES[name]}: {exc}") from None
 
     def interface(self) -> tuple[bytes, tuple[Interface, ...], int | None, int]:
         if self.iface_line is None:

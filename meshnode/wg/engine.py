@@ -513,10 +513,12 @@ class Engine:
         if self._allowed.lookup(source) is not peer:
             self.drops[Drop.SOURCE_NOT_ALLOWED] += 1
             return None
+        if length != len(packet):
+            packet = packet[:length]
         if self.inbound_filter is not None and not self.inbound_filter(packet, peer.public_key):
             self.drops[Drop.FILTERED] += 1
             return None
-        return packet if length == len(packet) else packet[:length]
+        return packet
 
     # ---------------------------------------------------------------- packets out
 
