@@ -125,7 +125,11 @@ class StateDir:
             reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
             raise KeyFileError(f"{path}: cannot read: {reason}; refusing to create a new key"
                                " (fix or remove the file)") from None
-        key = decode_key(text, str(path))
+        try:
+            key = decode_key(text, str(path))
+        except KeyFileError as exc:
+            raise KeyFileError(f"{exc}; refusing to create a new key (that would make this machine a"
+                               " different node): fix or remove the file") from None
         if st.st_mode & 0o077:
             # A private key others can read is a leak in progress; tighten it rather than refuse,
             # since refusing would take the node down for a permissions slip.
