@@ -1,0 +1,214 @@
+"""The server forwarding through real (test-started) upstreams: routes, fallbacks, TCP, truncation."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+import time
+
+import dns.asyncquery
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+
+from magicdns.records import parse_record
+from magicdns.server import DnsServer, ServerConfig
+from magicdns.upstream import Upstream
+from magicdns.view import DnsSettings, DnsView, Host
+from tests.integration.upstreams import Behavior, FakeUpstream
+from tests.support import async_wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_view(nameservers: tuple[Upstream, ...], routes: dict[str, tuple[Upstream, ...]] | None = None,
+              version: int = 1) -> DnsView:
+    return DnsView(
+        peers=(Host("server", (ipaddress.ip_address("100.64.0.2"),)),),
+        dns=DnsSettings(nameservers=nameservers, routes=routes or {},
+                        records=(parse_record("ext", "CNAME", "www.example.test"),)),
+        version=version)
+
+
+async def start(view: DnsView, **config: object) -> DnsServer:
+    server = DnsServer(ServerConfig(listen=(("127.0.0.1", 0),), forward_timeout=1.0, forward_stagger=0.05,
+                                    **config))  # type: ignore[arg-type]
+    await server.start(view)
+    return server
+
+
+async def ask(server: DnsServer, name: str, rtype: str = "A", tcp: bool = False, **kw: object) -> dns.message.Message:
+    q = dns.message.make_query(name, rtype, **kw)  # type: ignore[arg-type]
+    port = server.bound[0][1]
+    if tcp:
+        return await dns.asyncquery.tcp(q, "127.0.0.1", port=port, timeout=5)
+    return await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=5)
+
+
+def addrs(r: dns.message.Message) -> list[str]:
+    return sorted(str(rd) for rrset in r.answer for rd in rrset if rrset.rdtype in (1, 28))
+
+
+def test_split_routes_pick_the_most_specific_upstream() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as general, FakeUpstream.start("127.0.0.3") as special:
+            special.zone = {("www.example.test", "A"): ["www.example.test. 300 IN A 192.0.2.99"]}
+            view = make_view((Upstream(general.host, general.port),),
+                             {"www.example.test": (Upstream(special.host, special.port),)})
+            server = await start(view)
+            try:
+                assert addrs(await ask(server, "www.example.test")) == ["192.0.2.99"]
+                assert addrs(await ask(server, "multi.example.test")) == ["192.0.2.12", "192.0.2.13"]
+                assert len(special.queries) == 1 and len(general.queries) == 1
+                # the second time the answer comes from the cache: no new upstream query
+                assert addrs(await ask(server, "www.example.test")) == ["192.0.2.99"]
+                assert len(special.queries) == 1
+                assert server.status()["queries"]["cache_answers"] == 1
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_fallback_upstreams_when_the_view_has_none() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as system:
+            server = await start(make_view(()), fallback_upstreams=(Upstream(system.host, system.port),))
+            try:
+                assert addrs(await ask(server, "www.example.test")) == ["192.0.2.10"]
+            finally:
+                await server.stop()
+            bare = await start(make_view(()))
+            try:
+                assert (await ask(bare, "www.example.test")).rcode() == dns.rcode.REFUSED
+            finally:
+                await bare.stop()
+    asyncio.run(main())
+
+
+def test_all_upstreams_failing_gives_servfail_within_the_bound() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as silent, \
+                FakeUpstream.start("127.0.0.3", behavior=Behavior.SERVFAIL) as failing:
+            server = await start(make_view((Upstream(silent.host, silent.port),
+                                            Upstream(failing.host, failing.port))))
+            try:
+                t0 = time.monotonic()
+                r = await ask(server, "www.example.test")
+                assert r.rcode() == dns.rcode.SERVFAIL
+                assert time.monotonic() - t0 < 3.0  # forward_timeout is 1 s: never a hang
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_forwarded_reply_is_truncated_to_the_client_and_complete_over_tcp() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            try:
+                r = await ask(server, "big.example.test", "TXT", use_edns=False)
+                assert r.flags & dns.flags.TC
+                r = await ask(server, "big.example.test", "TXT", tcp=True)
+                assert not r.flags & dns.flags.TC and len(r.answer[0]) == 12
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_rebinding_blocked_on_the_default_route() -> None:
+    # Routes to resolvers inside the tailnet are trusted (Zone sets allow_tailnet_answers, checked in
+    # tests/unit/test_engine.py; the forwarder's side in test_forward.py).
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            try:
+                assert addrs(await ask(server, "rebind.example.test")) == ["192.0.2.20"]
+                assert server.status()["forwarder"]["rebind_blocked"] >= 1
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_tcp_replies_come_back_in_completion_order() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SLOW, delay=0.3) as slow:
+            server = await start(make_view((Upstream(slow.host, slow.port),)))
+            try:
+                port = server.bound[0][1]
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                first = dns.message.make_query("www.example.test", "A")   # forwarded: slow
+                second = dns.message.make_query("server.tailnet", "A")    # local: at once
+                writer.write(b"".join(struct.pack("!H", len(w)) + w for w in (first.to_wire(), second.to_wire())))
+                await writer.drain()
+                ids = []
+                for _ in range(2):
+                    size = struct.unpack("!H", await reader.readexactly(2))[0]
+                    ids.append(dns.message.from_wire(await reader.readexactly(size)).id)
+                assert ids == [second.id, first.id]
+                writer.close()
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_tcp_idle_timeout_and_connection_cap() -> None:
+    async def main() -> None:
+        server = await start(make_view(()), tcp_idle_timeout=0.3, max_tcp_connections=2)
+        try:
+            port = server.bound[0][1]
+            conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await async_wait_until(lambda: server.status()["tcp"]["connections"] == 2, timeout=2)
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(r3.read(1), 2) == b""  # over the cap: closed at once
+            assert server.status()["tcp"]["rejected"] == 1
+            for reader, _ in conns:  # idle connections are closed by the server
+                assert await asyncio.wait_for(reader.read(1), 3) == b""
+            assert server.status()["tcp"]["idle_closed"] == 2
+            for _, w in conns + [(r3, w3)]:
+                w.close()
+        finally:
+            await server.stop()
+    asyncio.run(main())
+
+
+def test_view_swap_under_load_loses_no_query() -> None:
+    async def main() -> None:
+        server = await start(make_view(()))
+        try:
+            port = server.bound[0][1]
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect(("127.0.0.1", port))
+            sent = 0
+            answered = 0
+            for round_ in range(20):
+                server.set_view(make_view((), version=round_ + 2))
+                for _ in range(50):
+                    q = dns.message.make_query("server.tailnet", "A")
+                    await loop.sock_sendall(sock, q.to_wire())
+                    sent += 1
+                    reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(sock, 4096), 2))
+                    assert reply.id == q.id and addrs(reply) == ["100.64.0.2"]
+                    answered += 1
+            assert sent == answered == 1000
+            sock.close()
+        finally:
+            await server.stop()
+    asyncio.run(main())
+
+
+def test_cname_to_an_outside_name_is_left_to_the_client() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            try:
+                r = await ask(server, "ext.tailnet")
+                assert [rrset.rdtype for rrset in r.answer] == [5]  # CNAME only, authoritative
+                assert r.flags & dns.flags.AA
+            finally:
+                await server.stop()
+    asyncio.run(main())
