@@ -57,12 +57,16 @@ def _nets(prefixes: Iterable[IPNetwork], version: int
     return False, frozenset(exact), tuple(nets)
 
 
-# One compiled rule: (protos, port ranges or None for all, src any/exact/nets, dst any/exact/nets).
+# One compiled rule, for one family and protocol:
+# (port ranges or None for all ports, src any/exact/nets, dst any/exact/nets).
 _Compiled = tuple
+_MALFORMED, _NOT_ALLOWED = int(DropReason.MALFORMED), int(DropReason.NOT_ALLOWED)
+_RULE, _REPLY = int(AcceptReason.RULE), int(AcceptReason.REPLY)
 
 
-def _compile(rules: Iterable[FilterRule], version: int) -> tuple[_Compiled, ...]:
-    compiled = []
+def _compile(rules: Iterable[FilterRule], version: int) -> dict[int, tuple[_Compiled, ...]]:
+    """Rules of one family indexed by protocol, so a packet only walks the rules that can match."""
+    by_proto: dict[int, list[_Compiled]] = {}
     for rule in rules:
         src = _nets(rule.src, version)
         dst = _nets(rule.dst, version)
@@ -70,19 +74,35 @@ def _compile(rules: Iterable[FilterRule], version: int) -> tuple[_Compiled, ...]
             continue  # the rule names no address of this family
         ports = tuple((r.first, r.last) for r in rule.ports)
         all_ports = any(lo == 0 and hi == 65535 for lo, hi in ports)
-        compiled.append((frozenset(rule.protos), None if all_ports else ports) + src + dst)
-    return tuple(compiled)
+        for proto in rule.protos:
+            uses_ports = proto in _PORT_PROTOS and not all_ports
+            by_proto.setdefault(proto, []).append((ports if uses_ports else None,) + src + dst)
+    return {proto: tuple(compiled) for proto, compiled in by_proto.items()}
 
 
-def _in(addr: bytes, any_: bool, exact: frozenset[bytes], nets: tuple[tuple[int, int], ...]) -> bool:
-    if any_ or addr in exact:
-        return True
-    if nets:
-        value = int.from_bytes(addr, "big")
-        for net, mask in nets:
-            if value & mask == net:
-                return True
+def _in_nets(addr: bytes, nets: tuple[tuple[int, int], ...]) -> bool:
+    value = int.from_bytes(addr, "big")
+    for net, mask in nets:
+        if value & mask == net:
+            return True
     return False
+
+
+def _walk_v6(packet: bytes, proto: int, end: int) -> tuple[int, int, int] | None:
+    """Follow IPv6 extension headers: (transport protocol, its offset, fragment offset) or None."""
+    off = 40
+    frag = 0
+    for _ in range(_MAX_V6_EXT):
+        if proto not in _V6_EXT:
+            return (proto, off, frag) if off <= end else None
+        if off + 8 > end:
+            return None
+        if proto == 44:
+            frag = ((packet[off + 2] << 8) | packet[off + 3]) >> 3
+            proto, off = packet[off], off + 8
+        else:
+            proto, off = packet[off], off + ((packet[off + 1] + 1) << 3)
+    return None
 
 
 class PacketFilter:
@@ -103,7 +123,7 @@ class PacketFilter:
     def set_rules(self, rules: Iterable[FilterRule]) -> None:
         """Replace the rules (a new network map) keeping the tracked flows; one atomic swap."""
         rules = tuple(rules)
-        self._rules = (_compile(rules, 4), _compile(rules, 6))
+        self._v4, self._v6 = _compile(rules, 4), _compile(rules, 6)
 
     @property
     def drops(self) -> dict[DropReason, int]:
@@ -132,123 +152,135 @@ class PacketFilter:
             if ihl < 20 or end < ihl or end > n:
                 return None
             return 4, packet[9], ihl, end, ((packet[6] & 0x1F) << 8) | packet[7]
-        if version == 6:
-            if n < 40:
-                return None
+        if version == 6 and n >= 40:
             end = 40 + ((packet[4] << 8) | packet[5])
             if end > n:
                 return None
-            proto = packet[6]
-            off = 40
-            frag = 0
-            hops = 0
-            while proto in _V6_EXT:
-                hops += 1
-                if hops > _MAX_V6_EXT or off + 8 > end:
-                    return None
-                if proto == 44:
-                    frag = ((packet[off + 2] << 8) | packet[off + 3]) >> 3
-                    proto = packet[off]
-                    off += 8
-                else:
-                    proto, off = packet[off], off + ((packet[off + 1] + 1) << 3)
-            if off > end:
-                return None
-            return 6, proto, off, end, frag
+            walked = _walk_v6(packet, packet[6], end)
+            return None if walked is None else (6, walked[0], walked[1], end, walked[2])
         return None
 
     def check(self, packet: bytes, now: float) -> bool:
-        """Whether an inbound packet may pass; drops are counted by reason. Never raises."""
-        try:
-            return self._check(packet, now)
-        except (IndexError, ValueError, TypeError):  # a bound we failed to check: still a drop
-            self._drops[DropReason.MALFORMED] += 1
-            return False
+        """Whether an inbound packet may pass; drops are counted by reason. Never raises.
 
-    def _check(self, packet: bytes, now: float) -> bool:
-        parsed = self._parse(packet)
-        if parsed is None:
-            self._drops[DropReason.MALFORMED] += 1
-            return False
-        version, proto, off, end, frag = parsed
-        if version == 4:
-            src, dst, addrs, rules = packet[12:16], packet[16:20], packet[12:20], self._rules[0]
-        else:
-            src, dst, addrs, rules = packet[8:24], packet[24:40], packet[8:40], self._rules[1]
-        port = -1
-        flow_key = None
-        if proto in _PORT_PROTOS:
-            if not frag:
-                if off + 4 > end:
-                    self._drops[DropReason.MALFORMED] += 1
+        Written as one function on purpose: each call saved here is paid on every packet.
+        """
+        try:
+            n = len(packet)
+            b0 = packet[0] if n >= 20 else 0
+            if b0 >> 4 == 4:
+                off = (b0 & 15) << 2
+                end = (packet[2] << 8) | packet[3]
+                if off < 20 or end < off or end > n:
+                    self._drops[_MALFORMED] += 1
                     return False
-                port = (packet[off + 2] << 8) | packet[off + 3]
-                flow_key = (proto, addrs, packet[off:off + 4])
-        elif (proto == _ICMP or proto == _ICMPV6) and not frag:
-            if off + 8 > end:
-                self._drops[DropReason.MALFORMED] += 1
+                proto = packet[9]
+                frag = ((packet[6] & 0x1F) << 8) | packet[7]
+                a, b, c = 12, 16, 20
+                rules = self._v4.get(proto)
+            elif b0 >> 4 == 6 and n >= 40:
+                end = 40 + ((packet[4] << 8) | packet[5])
+                proto = packet[6]
+                off, frag = 40, 0
+                if end > n:
+                    self._drops[_MALFORMED] += 1
+                    return False
+                if proto in _V6_EXT:
+                    walked = _walk_v6(packet, proto, end)
+                    if walked is None:
+                        self._drops[_MALFORMED] += 1
+                        return False
+                    proto, off, frag = walked
+                a, b, c = 8, 24, 40
+                rules = self._v6.get(proto)
+            else:
+                self._drops[_MALFORMED] += 1
                 return False
-            if packet[off] == _ECHO_REPLY[proto]:
-                flow_key = (proto, addrs, packet[off + 4:off + 6])
-        for protos, ports, s_any, s_exact, s_nets, d_any, d_exact, d_nets in rules:
-            if proto not in protos:
-                continue
-            if ports is not None and port >= 0:
-                for lo, hi in ports:
-                    if lo <= port <= hi:
-                        break
+            port = -1
+            if proto in _PORT_PROTOS:
+                if not frag:
+                    if off + 4 > end:
+                        self._drops[_MALFORMED] += 1
+                        return False
+                    port = (packet[off + 2] << 8) | packet[off + 3]
+            elif (proto == _ICMP or proto == _ICMPV6) and not frag and off + 8 > end:
+                self._drops[_MALFORMED] += 1
+                return False
+            src = packet[a:b]
+            dst = packet[b:c]
+            if rules:
+                for ports, s_any, s_exact, s_nets, d_any, d_exact, d_nets in rules:
+                    if ports is not None and port >= 0:
+                        for lo, hi in ports:
+                            if lo <= port <= hi:
+                                break
+                        else:
+                            continue
+                    if not (d_any or dst in d_exact or (d_nets and _in_nets(dst, d_nets))):
+                        continue
+                    if s_any or src in s_exact or (s_nets and _in_nets(src, s_nets)):
+                        self._accepts[_RULE] += 1
+                        return True
+            if self._flows and not frag:
+                if port >= 0:
+                    key = (proto, src, dst, (packet[off] << 8) | packet[off + 1], port)
+                elif (proto == _ICMP or proto == _ICMPV6) and packet[off] == _ECHO_REPLY[proto]:
+                    key = (proto, src, dst, (packet[off + 4] << 8) | packet[off + 5], -1)
                 else:
-                    continue
-            if _in(dst, d_any, d_exact, d_nets) and _in(src, s_any, s_exact, s_nets):
-                self._accepts[AcceptReason.RULE] += 1
-                return True
-        if flow_key is not None:
-            expiry = self._flows.get(flow_key)
-            if expiry is not None:
-                if expiry >= now:
-                    self._accepts[AcceptReason.REPLY] += 1
-                    return True
-                del self._flows[flow_key]
-        self._drops[DropReason.NOT_ALLOWED] += 1
-        return False
+                    key = None
+                if key is not None:
+                    expiry = self._flows.get(key)
+                    if expiry is not None:
+                        if expiry >= now:
+                            self._accepts[_REPLY] += 1
+                            return True
+                        del self._flows[key]
+            self._drops[_NOT_ALLOWED] += 1
+            return False
+        except (IndexError, ValueError, TypeError):  # a bound we failed to check: still a drop
+            self._drops[_MALFORMED] += 1
+            return False
 
     def note_outbound(self, packet: bytes, now: float) -> None:
         """Track a packet this node sends, so its replies pass `check`. Never raises."""
         try:
-            self._note(packet, now)
+            n = len(packet)
+            b0 = packet[0] if n >= 20 else 0
+            if b0 >> 4 == 4:
+                off = (b0 & 15) << 2
+                end = (packet[2] << 8) | packet[3]
+                if off < 20 or end < off or end > n or ((packet[6] & 0x1F) << 8) | packet[7]:
+                    return  # unreadable or a later fragment: nothing to track
+                proto = packet[9]
+                a, b, c = 12, 16, 20
+            else:
+                parsed = self._parse(packet)
+                if parsed is None or parsed[4]:
+                    return
+                _, proto, off, end, _ = parsed
+                a, b, c = 8, 24, 40
+            # Keys are stored as the reply will look: (proto, remote, local, remote port, local port).
+            if proto in _PORT_PROTOS:
+                if off + 4 > end:
+                    return
+                key = (proto, packet[b:c], packet[a:b], (packet[off + 2] << 8) | packet[off + 3],
+                       (packet[off] << 8) | packet[off + 1])
+                timeout = self._tcp_timeout if proto == _TCP else self._other_timeout
+            elif proto == _ICMP or proto == _ICMPV6:
+                if off + 8 > end or packet[off] != _ECHO_REQUEST[proto]:
+                    return
+                key = (proto, packet[b:c], packet[a:b], (packet[off + 4] << 8) | packet[off + 5], -1)
+                timeout = self._other_timeout
+            else:
+                return
         except (IndexError, ValueError, TypeError):
-            pass  # an unreadable outbound packet opens no flow; the tunnel counts its own errors
-
-    def _note(self, packet: bytes, now: float) -> None:
-        parsed = self._parse(packet)
-        if parsed is None:
-            return
-        version, proto, off, end, frag = parsed
-        if frag:
-            return
-        # Keys are stored as the reply will look: remote address first, remote port first.
-        if version == 4:
-            addrs = packet[16:20] + packet[12:16]
-        else:
-            addrs = packet[24:40] + packet[8:24]
-        if proto in _PORT_PROTOS:
-            if off + 4 > end:
-                return
-            key = (proto, addrs, packet[off + 2:off + 4] + packet[off:off + 2])
-            timeout = self._tcp_timeout if proto == _TCP else self._other_timeout
-        elif proto == _ICMP or proto == _ICMPV6:
-            if off + 8 > end or packet[off] != _ECHO_REQUEST[proto]:
-                return
-            key = (proto, addrs, packet[off + 4:off + 6])
-            timeout = self._other_timeout
-        else:
-            return
+            return  # an unreadable outbound packet opens no flow; the tunnel counts its own errors
         flows = self._flows
         expiry = flows.get(key)
         if expiry is not None:
             # Rewriting on every packet would cost a dict write per packet; refreshing once half
             # the timeout has passed keeps idle expiry between timeout/2 and timeout.
-            if expiry - now > timeout / 2:
+            if expiry - now > timeout * 0.5:
                 return
             del flows[key]  # re-inserted at the end, so eviction order follows recent use
         elif len(flows) >= self._max_flows:
