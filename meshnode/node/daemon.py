@@ -157,14 +157,14 @@ class Daemon:
 
     async def _go_up(self) -> None:
         """Serve the map we have at once, point the system at us, then follow the control server."""
-        self._place_addresses()
+        await self._place_addresses()
         self._upstreams = self._forwarding_upstreams()
         view = self._view_of(self.netmap) if self.netmap else DnsView()
         if not self.dns.running:
             try:
                 self.dns.start(view)
             except DnsThreadError:
-                self._remove_addresses()
+                await self._remove_addresses()
                 raise
         else:
             self.dns.set_view(view)
@@ -181,23 +181,25 @@ class Daemon:
                 log.error("osdns: restore failed: %s", exc)
             self._applied_osdns = None
         self.dns.stop()
-        self._remove_addresses()
+        await self._remove_addresses()
         self.backend = new_state
 
-    def _place_addresses(self) -> None:
+    async def _place_addresses(self) -> None:
         if self.config.dns_listen:
             self._dns_hosts = tuple(dict.fromkeys(h for h, _ in self.config.dns_listen))
             return
         if self._iface is None:
             self._iface = ServiceAddresses(self.config.tun or DUMMY_NAME, create=self.config.tun is None)
         try:
-            self._dns_hosts = self._iface.install().addresses
+            # pyroute2's synchronous API runs its own event loop: keep it off ours.
+            placed = await asyncio.to_thread(self._iface.install)
+            self._dns_hosts = placed.addresses
         except InterfaceError as exc:
             raise ApiError(500, f"cannot place the DNS service addresses: {exc}") from None
 
-    def _remove_addresses(self) -> None:
+    async def _remove_addresses(self) -> None:
         if self._iface is not None:
-            self._iface.remove()
+            await asyncio.to_thread(self._iface.remove)
 
     def _forwarding_upstreams(self) -> tuple[Upstream, ...]:
         own = frozenset(self._dns_hosts) | {DNS_V4, DNS_V6}
