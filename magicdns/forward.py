@@ -345,7 +345,10 @@ class _Race:
         attempt.state = _TCP
         attempt.health.tcp_fallbacks += 1
         self.fwd.tcp_fallbacks += 1
-        attempt.task = self.loop.create_task(self._tcp(attempt))
+        attempt.task = task = self.loop.create_task(self._tcp(attempt))
+        tasks = self.fwd._tcp_tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _tcp(self, attempt: _Attempt) -> None:
         up = attempt.upstream
@@ -364,6 +367,10 @@ class _Race:
         except (OSError, asyncio.IncompleteReadError) as exc:
             reason = "closed by peer" if isinstance(exc, asyncio.IncompleteReadError) else (exc.strerror or str(exc))
             self._attempt_failed(attempt, f"tcp: {reason}")
+            return
+        except Exception as exc:  # a bug: fail this attempt, keep the race (and the server) going
+            log.exception("TCP fallback to %s failed unexpectedly", up.spec)
+            self._attempt_failed(attempt, f"tcp: {exc!r}")
             return
         finally:
             if writer is not None:
@@ -483,6 +490,7 @@ class Forwarder:
         # -> the leader's final reply (None when it failed).
         self._flights: dict[tuple[object, ...], asyncio.Future[bytes | None]] = {}
         self._closed = False
+        self._tcp_tasks: set[asyncio.Task[None]] = set()
         self._last_purge = clock()
         self._rebind_logged: dict[str, float] = {}
         self._inflight = 0
@@ -725,8 +733,12 @@ class Forwarder:
         for race in list(self._races):
             if not race.result.done():
                 race.result.set_result(None)
-        # Let the awaiting forward() calls run their cleanup.
-        for _ in range(3):
+        # The awaiting forward() calls resume on the next loop turns and close their races (which
+        # cancels TCP fallbacks); wait for that, boundedly, then for the cancelled tasks themselves.
+        for _ in range(100):
             if not self._races:
                 break
             await asyncio.sleep(0)
+        tasks = [t for t in self._tcp_tasks if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)

@@ -7,17 +7,17 @@ import asyncio
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from dnslib import EDNS0, QTYPE, RCODE, DNSRecord, EDNSOption
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, EDNSOption
 
-from magicdns.cache import Cache
+from magicdns.cache import Cache, query_info
 from magicdns.forward import ForwardingLoopError, Forwarder, reject_self
 from magicdns.upstream import Upstream
 from tests.support import async_wait_until, free_port, wait_until
@@ -237,6 +237,25 @@ def test_truncated_reply_is_retried_over_tcp() -> None:
     run(main)
 
 
+def test_silent_tcp_after_truncation_is_bounded() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.TRUNCATE, tcp_silent=True) as a, \
+                FakeUpstream.start("127.0.0.3") as b:
+            fwd = Forwarder(stagger=0.15, timeout=5.0)
+            t0 = time.monotonic()
+            reply = await fwd.forward(query("www.example.test"), (up(a), up(b)), allow_tailnet_answers=False)
+            assert addresses(reply) == ["192.0.2.10"] and time.monotonic() - t0 < 0.15 + 1.0
+            assert len(a.tcp_queries) == 1 and len(b.queries) == 1
+            lone = Forwarder(timeout=0.5)
+            t0 = time.monotonic()
+            reply = await lone.forward(query("www.example.test"), (up(a),), allow_tailnet_answers=False)
+            assert DNSRecord.parse(reply).header.rcode == RCODE.SERVFAIL and time.monotonic() - t0 < 0.5 + 1.0
+            await fwd.close()
+            await lone.close()
+            assert not fwd._tcp_tasks and not lone._tcp_tasks
+    run(main)
+
+
 def test_cancelled_forward_releases_everything() -> None:
     async def main() -> None:
         async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as a:
@@ -287,7 +306,7 @@ def test_reply_from_another_port_is_ignored() -> None:
         def forge(q: bytes, src: tuple[str, int] | None) -> None:
             # Right ID and question, wrong source port: a blind spoofer that guessed everything else.
             r = DNSRecord.parse(q).reply()
-            r.add_answer(*__import__("dnslib").RR.fromZone("www.example.test. 300 IN A 203.0.113.66"))
+            r.add_answer(*RR.fromZone("www.example.test. 300 IN A 203.0.113.66"))
             assert src is not None
             forger.sendto(bytes(r.pack()), src)
             return None
@@ -531,7 +550,7 @@ def dnsmasq() -> Any:
          f"--listen-address={host}", f"--port={port}", "--bind-interfaces", "--pid-file",
          "--user=root", "--cache-size=0", "--address=/example.test/192.0.2.1",
          "--txt-record=txt.example.test,hello"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def ready() -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -589,9 +608,11 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def test_measure_forwarding_overhead(capsys: pytest.CaptureFixture[str]) -> None:
-    proc = subprocess.Popen([__import__("sys").executable, "-c", _RESPONDER], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _RESPONDER], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port = 0
     try:
-        port = int(proc.stdout.readline())  # type: ignore[union-attr]
+        port = int(proc.stdout.readline())
         target = Upstream("127.0.0.8", port)
 
         async def main() -> dict[str, float]:
@@ -621,9 +642,8 @@ def test_measure_forwarding_overhead(capsys: pytest.CaptureFixture[str]) -> None
             # The cache hit path (answer_from_cache), on a cacheable reply inserted by hand.
             cache = Cache()
             reply = DNSRecord.parse(wire).reply()
-            reply.add_answer(*__import__("dnslib").RR.fromZone("www.example.test. 300 IN A 192.0.2.10"))
+            reply.add_answer(*RR.fromZone("www.example.test. 300 IN A 192.0.2.10"))
             reply.add_ar(EDNS0(udp_len=1232))
-            from magicdns.cache import query_info
             cache.insert(wire, query_info(wire), bytes(reply.pack()), 0.0)
             cached = Forwarder(cache=cache)
             m = 20000
@@ -643,12 +663,14 @@ def test_measure_forwarding_overhead(capsys: pytest.CaptureFixture[str]) -> None
 
         figures = run(main)
     finally:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(b"quit", ("127.0.0.8", port))
+        if port:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"quit", ("127.0.0.8", port))
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
     with capsys.disabled():
         print("\nforwarding figures (us): " + ", ".join(f"{k}={v:.1f}" for k, v in figures.items()))

@@ -87,6 +87,7 @@ class FakeUpstream:
     queries: list[bytes] = field(default_factory=list)
     tcp_queries: list[bytes] = field(default_factory=list)
     sources: list[tuple[str, int]] = field(default_factory=list)  # the UDP source of each query
+    tcp_silent: bool = False  # accept TCP connections and queries, never answer them
     # Called with each received query and its source (None over TCP); returning bytes sends those
     # instead of the usual reply.
     hook: Callable[[bytes, tuple[str, int] | None], bytes | None] | None = None
@@ -196,6 +197,8 @@ class _Running:
                 up.tcp_queries.append(query)
                 if up.behavior is Behavior.SLOW:
                     await asyncio.sleep(up.delay)  # the behaviour under test, not synchronisation
+                if up.tcp_silent:
+                    continue
                 for reply in up.answer(query, over_tcp=True):
                     writer.write(struct.pack(">H", len(reply)) + reply)
                 await writer.drain()
