@@ -119,7 +119,7 @@ class Engine:
             limit = 512
         else:
             # One OPT record, version 0, nothing after it: anything else takes the slow path.
-            if data[qend:qend + 3] != b"\x00\x00\x29" or data[qend + 6] != 0 or \
+            if n < qend + 11 or data[qend:qend + 3] != b"\x00\x00\x29" or data[qend + 6] != 0 or \
                     qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) != n:
                 return self._slow(data, tcp)
             edns = True

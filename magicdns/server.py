@@ -192,6 +192,12 @@ class DnsServer:
             self._allowed[host] = ok
         return ok
 
+    def engine_error(self, data: bytes) -> None:
+        """Count and report a query that made the engine raise (a bug): it is dropped."""
+        self.counters.dropped += 1
+        log.exception("answer engine failed on a query (%d bytes, first 64: %s); dropped",
+                      len(data), data[:64].hex())
+
     def forward(self, fwd: Forward, data: bytes, reply_to: Callable[[bytes], None], tcp: bool) -> None:
         """Answer a non-local query: cache, or a forwarding task whose reply goes to `reply_to`."""
         c = self.counters
@@ -352,7 +358,11 @@ class _Udp(asyncio.DatagramProtocol):
         if not ok and (ok is not None or not server.client_allowed(host)):
             c.refused_clients += 1  # dropped, not answered: we are no reflector
             return
-        result = server.engine.handle(data)  # type: ignore[union-attr]
+        try:
+            result = server.engine.handle(data)  # type: ignore[union-attr]
+        except Exception:  # a bug must cost one query, never the listener (try is free in 3.11)
+            server.engine_error(data)
+            return
         if result.__class__ is bytes:
             self.transport.sendto(result, addr)  # type: ignore[union-attr]
             if server.qlog:
@@ -434,7 +444,11 @@ class _TcpConn(asyncio.Protocol):
             msg = bytes(buf[2:size + 2])
             del buf[:size + 2]
             server.counters.tcp += 1
-            result = server.engine.handle(msg, tcp=True)  # type: ignore[union-attr]
+            try:
+                result = server.engine.handle(msg, tcp=True)  # type: ignore[union-attr]
+            except Exception:
+                server.engine_error(msg)
+                continue
             if result.__class__ is bytes:
                 self._write(result)  # type: ignore[arg-type]
             elif result is None:

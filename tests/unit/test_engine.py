@@ -385,3 +385,10 @@ def test_header_fields_of_fast_reply(engine: Engine) -> None:
     raw = engine.handle(q.to_wire())
     qd, an, ns, ar = struct.unpack("!HHHH", raw[4:12])
     assert (qd, an, ns, ar) == (1, 1, 0, 1)
+
+
+def test_truncated_opt_record_is_formerr_not_a_crash(engine: Engine) -> None:
+    # found by the property test: an OPT record cut short after its type
+    data = b"\xd3\xa9\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\tmy-server\x07tailnet\x00\x00\x01\x00\x01\x00\x00)"
+    out = engine.handle(data)
+    assert out[:2] == data[:2] and out[3] & 0xF == dns.rcode.FORMERR
