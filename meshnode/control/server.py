@@ -150,7 +150,9 @@ class ControlServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = any free port); returns the port."""
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        # handler_cancellation: a map stream whose client went away must end at once (it marks the
+        # node offline), not at the next keepalive write.
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=4096)
         await site.start()
