@@ -44,6 +44,7 @@ class _Grant:
     src_nodes: frozenset[int]        # nodes named by identity (their addresses become filter sources)
     src_prefixes: tuple[IPNetwork, ...]  # literal prefixes (IPs, CIDRs, hosts; `*` is 0/0 and ::/0)
     src_seen: frozenset[int]         # src_nodes + nodes inside or routing a src prefix (visibility)
+    src_members: frozenset[int]      # src_nodes + nodes with an address inside a src prefix
     dst: Selector
     dst_ident: frozenset[int]        # nodes the dst names by identity
     dst_nodes: frozenset[int]        # every node receiving traffic for this dst (routers, exit nodes)
@@ -157,14 +158,19 @@ class CompiledPolicy:
         parts: dict[int, frozenset[int]] = {}
         for gi in self._src_of.get(node_id, ()):
             grant = self._grants[gi]
-            part = frozenset(own) if grant.dst.kind is SelectorKind.SELF else grant.dst_nodes
+            if grant.dst.kind is SelectorKind.SELF:
+                if node_id not in grant.src_members:
+                    continue  # seen only as a router of a source prefix: no devices of its own
+                part = frozenset(own)
+            else:
+                part = grant.dst_nodes
             parts[id(part)] = part
         for gi in self._dst_of.get(node_id, ()):
             part = self._grants[gi].src_seen
             parts[id(part)] = part
         if own:
             for gi in self._self_grants:
-                part = self._grants[gi].src_nodes & own
+                part = self._grants[gi].src_members & own
                 parts[id(part)] = part
         if len(parts) == 1:
             result = next(iter(parts.values()))
@@ -226,13 +232,23 @@ class CompiledPolicy:
         if own:
             for gi in self._self_grants:
                 grant = self._grants[gi]
-                sources = grant.src_nodes & own
+                sources = self._self_sources(grant, own)
                 if sources:
-                    rules.append(FilterRule(_collapse(self._addresses(sorted(sources)), ()),
+                    rules.append(FilterRule(_collapse(sources, ()),
                                             tuple(_host_prefix(a) for a in node.addresses),
                                             grant.ports, tuple(sorted(grant.protos))))
         result = tuple(rules)
         self._cache[key] = result
+        return result
+
+    def _self_sources(self, grant: _Grant, own: set[int]) -> list[IPAddress]:
+        """Addresses of the user's own nodes that the grant's sources name (by identity or prefix)."""
+        result = []
+        for n in sorted(grant.src_members & own):
+            named = n in grant.src_nodes
+            for a in self._index.by_id[n].addresses:
+                if named or any(a in p for p in grant.src_prefixes):
+                    result.append(a)
         return result
 
     def allows(self, src_ip: IPAddress | str, dst_ip: IPAddress | str, proto: int, port: int) -> bool:
@@ -261,7 +277,9 @@ class CompiledPolicy:
         if kind is SelectorKind.ANY:
             return True
         if kind is SelectorKind.SELF:
-            if src_node is None or dst_node is None or src_node not in grant.src_nodes:
+            # The source address already matched the grant's sources; self pairs it with the
+            # same user's untagged nodes.
+            if src_node is None or dst_node is None:
                 return False
             s, d = self._index.by_id[src_node], self._index.by_id[dst_node]
             return not s.tags and not d.tags and s.user == d.user
@@ -303,10 +321,11 @@ def _collapse(addresses: Sequence[IPAddress], prefixes: Iterable[IPNetwork]) -> 
 
 
 def _resolve_src(index: _NodeIndex, selectors: Sequence[Selector], groups: dict[str, tuple[str, ...]]
-                 ) -> tuple[frozenset[int], tuple[IPNetwork, ...], frozenset[int]]:
+                 ) -> tuple[frozenset[int], tuple[IPNetwork, ...], frozenset[int], frozenset[int]]:
     nodes: set[int] = set()
     prefixes: list[IPNetwork] = []
     seen: set[int] = set()
+    inside: set[int] = set()
     for selector in selectors:
         if selector.kind is SelectorKind.ANY:
             nodes |= index.all
@@ -314,13 +333,17 @@ def _resolve_src(index: _NodeIndex, selectors: Sequence[Selector], groups: dict[
         elif selector.prefix is not None:
             prefixes.append(selector.prefix)
             # Traffic from a subnet behind a router arrives through that router, so both must see it.
-            seen |= index.in_prefix(selector.prefix) | index.routing(selector.prefix)
+            inside |= index.in_prefix(selector.prefix)
+            seen |= index.routing(selector.prefix)
         else:
             nodes |= index.identity(selector, groups)
+    unique = tuple(dict.fromkeys(prefixes))
     if any(s.kind is SelectorKind.ANY for s in selectors):
-        return index.all, tuple(dict.fromkeys(prefixes)), index.all  # shared, not copied
+        return index.all, unique, index.all, index.all  # shared, not copied
     frozen = frozenset(nodes)
-    return frozen, tuple(dict.fromkeys(prefixes)), frozen | seen if seen - frozen else frozen
+    members = frozen | inside if inside - frozen else frozen
+    seen = members | seen if seen - members else members
+    return frozen, unique, seen, members
 
 
 def _resolve_dst(index: _NodeIndex, selector: Selector, groups: dict[str, tuple[str, ...]]
@@ -349,10 +372,10 @@ def compile_policy(policy: Policy | None, nodes: Iterable[NodeInfo]) -> Compiled
     groups = dict(policy.groups)
     grants: list[_Grant] = []
     for ri, rule in enumerate(policy.acls):
-        src_nodes, src_prefixes, src_seen = _resolve_src(index, rule.src, groups)
+        src_nodes, src_prefixes, src_seen, src_members = _resolve_src(index, rule.src, groups)
         for entry in rule.dst:
             dst_ident, dst_nodes = _resolve_dst(index, entry.selector, groups)
-            grants.append(_Grant(ri, src_nodes, src_prefixes, src_seen, entry.selector, dst_ident,
+            grants.append(_Grant(ri, src_nodes, src_prefixes, src_seen, src_members, entry.selector, dst_ident,
                                  dst_nodes, entry.ports, frozenset(rule.protos)))
     src_of: dict[int, list[int]] = {}
     dst_of: dict[int, list[int]] = {}

@@ -258,3 +258,13 @@ def test_large_tailnet_compiles_with_sensible_answers() -> None:
     (rule,) = policy.filter_rules(0)
     assert len(rule.src) < 1000  # 9,900 member addresses collapse into ranges between the servers
     assert policy.allows(ipaddress.IPv4Address(0x64400000 + 2), ipaddress.IPv4Address(0x64400000 + 1), IPProto.TCP, 443)
+
+
+def test_autogroup_self_with_an_address_source_pairs_that_device_with_its_siblings() -> None:
+    policy = compiled(acl(f'"{ip(ALICE_LAPTOP)}"', '"autogroup:self:22"'))
+    assert policy.allows(ip(ALICE_LAPTOP), ip(ALICE_PHONE), TCP, 22)
+    assert not policy.allows(ip(ALICE_PHONE), ip(ALICE_LAPTOP), TCP, 22)
+    assert not policy.allows(ip(ALICE_LAPTOP, True), ip(ALICE_PHONE, True), TCP, 22)  # v4 prefix only
+    assert policy.visible_peers(ALICE_PHONE) == {ALICE_LAPTOP}
+    (rule,) = policy.filter_rules(ALICE_PHONE)
+    assert rule.src == (net(f"{ip(ALICE_LAPTOP)}/32"),)
