@@ -50,7 +50,9 @@ class Record:
         return (self.name, self.rtype, self.value)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "type": self.rtype, "value": self.value, "ttl": self.ttl}
+        # The trailing dot keeps the name absolute when read back: without it a name outside the
+        # tailnet domain ('wiki.corp.example') would be taken as relative to it.
+        out: dict[str, Any] = {"name": self.name + ".", "type": self.rtype, "value": self.value, "ttl": self.ttl}
         if self.override:
             out["override"] = True
         return out

@@ -32,9 +32,9 @@ def test_add_list_remove(db: str) -> None:
     assert records(db, "add", "_http._tcp", "SRV", "10", "5", "80", "web", "--ttl", "60").returncode == 0
     assert records(db, "add", "web", "TXT", '"hello world"').returncode == 0
     assert stored(db) == [
-        {"name": "_http._tcp.tailnet", "type": "SRV", "value": "10 5 80 web.tailnet.", "ttl": 60},
-        {"name": "web.tailnet", "type": "A", "value": "100.64.0.5", "ttl": 300},
-        {"name": "web.tailnet", "type": "TXT", "value": '"hello world"', "ttl": 300},
+        {"name": "_http._tcp.tailnet.", "type": "SRV", "value": "10 5 80 web.tailnet.", "ttl": 60},
+        {"name": "web.tailnet.", "type": "A", "value": "100.64.0.5", "ttl": 300},
+        {"name": "web.tailnet.", "type": "TXT", "value": '"hello world"', "ttl": 300},
     ]
     table = records(db, "ls").stdout
     assert "web.tailnet" in table and "SRV" in table
@@ -64,7 +64,7 @@ def test_bad_input_exits_2_and_writes_nothing(db: str, args: tuple[str, ...], me
     res = records(db, "add", *args)
     assert res.returncode == 2, res
     assert message in res.stderr
-    assert [r["name"] for r in stored(db)] == ["keep.tailnet"]
+    assert [r["name"] for r in stored(db)] == ["keep.tailnet."]
 
 
 def test_duplicates_and_cname_clashes_refused(db: str) -> None:
@@ -116,10 +116,10 @@ def test_import_is_all_or_nothing(db: str, tmp_path: Path) -> None:
                                  {"name": "c", "type": "CNAME", "value": "keep"}]))
     res = records(db, "import", str(clash))
     assert res.returncode == 2 and "nothing was imported" in res.stderr
-    assert [r["name"] for r in stored(db)] == ["keep.tailnet"]
+    assert [r["name"] for r in stored(db)] == ["keep.tailnet."]
     res = records(db, "import", "--replace", str(tmp_path / "missing.json"))
     assert res.returncode == 2
-    assert [r["name"] for r in stored(db)] == ["keep.tailnet"]
+    assert [r["name"] for r in stored(db)] == ["keep.tailnet."]
 
 
 def test_replace_import(db: str, tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_replace_import(db: str, tmp_path: Path) -> None:
     new = tmp_path / "new.json"
     new.write_text(json.dumps({"records": [{"name": "new", "type": "A", "value": "100.64.0.2", "ttl": 5}]}))
     assert records(db, "import", "--replace", str(new)).returncode == 0
-    assert [r["name"] for r in stored(db)] == ["new.tailnet"]
+    assert [r["name"] for r in stored(db)] == ["new.tailnet."]
 
 
 def test_store_version_moves_with_every_change(tmp_path: Path) -> None:
