@@ -92,7 +92,7 @@ def _walk_v6(packet: bytes, proto: int, end: int) -> tuple[int, int, int] | None
     """Follow IPv6 extension headers: (transport protocol, its offset, fragment offset) or None."""
     off = 40
     frag = 0
-    for _ in range(_MAX_V6_EXT):
+    for _ in range(_MAX_V6_EXT + 1):
         if proto not in _V6_EXT:
             return (proto, off, frag) if off <= end else None
         if off + 8 > end:
@@ -110,7 +110,11 @@ class PacketFilter:
 
     def __init__(self, rules: Iterable[FilterRule], *, max_flows: int = 4096,
                  tcp_timeout: float = 3600.0, other_timeout: float = 120.0) -> None:
-        self._rules: tuple[tuple[_Compiled, ...], tuple[_Compiled, ...]] = ((), ())
+        """`rules` from the network map; flows are tracked up to `max_flows` (the stalest evicted),
+        TCP for `tcp_timeout` seconds after the last outbound packet, UDP/SCTP/ICMP echo for
+        `other_timeout`."""
+        self._v4: dict[int, tuple[_Compiled, ...]] = {}
+        self._v6: dict[int, tuple[_Compiled, ...]] = {}
         self.set_rules(rules)
         self._flows: dict[tuple, float] = {}
         self._max_flows = max(1, max_flows)
@@ -121,7 +125,8 @@ class PacketFilter:
         self.evictions = 0
 
     def set_rules(self, rules: Iterable[FilterRule]) -> None:
-        """Replace the rules (a new network map) keeping the tracked flows; one atomic swap."""
+        """Replace the rules (a new network map), keeping the tracked flows. Call it from the thread
+        that calls `check`."""
         rules = tuple(rules)
         self._v4, self._v6 = _compile(rules, 4), _compile(rules, 6)
 
