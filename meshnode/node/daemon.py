@@ -251,21 +251,34 @@ class Daemon:
         return self._client
 
     async def _follow_map(self, client: ControlClient) -> None:
-        try:
-            async for netmap in client.stream_map():
-                self.control_error = None
-                await self._apply_map(netmap)
-        except ControlError as exc:
-            # Retryable failures are retried inside stream_map; this is a refusal (deleted, expired,
-            # logged out elsewhere): the map we hold describes a tailnet we are no longer part of.
-            log.error("control: %s refused this node: %s", client.server_url, exc)
-            self.control_error = str(exc)
-            self.netmap, self.map_source = None, ""
-            self.state.forget_map()
-            # A separate task: going down cancels and awaits the map task, which is this one.
-            task = asyncio.create_task(self._refused())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        while True:
+            try:
+                async for netmap in client.stream_map():
+                    self.control_error = None
+                    await self._apply_map(netmap)
+                return
+            except ControlError as exc:
+                await self._refused_by_control(client, exc)
+                return
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                # A bug or a full disk must not silently end map updates: say so, then retry.
+                log.exception("netmap: following the map failed; retrying in 1s")
+                self.control_error = f"following the map failed: {exc!r}"
+                await asyncio.sleep(1.0)
+
+    async def _refused_by_control(self, client: ControlClient, exc: ControlError) -> None:
+        # Retryable failures are retried inside stream_map; this is a refusal (deleted, expired,
+        # logged out elsewhere): the map we hold describes a tailnet we are no longer part of.
+        log.error("control: %s refused this node: %s", client.server_url, exc)
+        self.control_error = str(exc)
+        self.netmap, self.map_source = None, ""
+        self.state.forget_map()
+        # A separate task: going down cancels and awaits the map task, which is this one.
+        task = asyncio.create_task(self._refused())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _refused(self) -> None:
         async with self._lock:

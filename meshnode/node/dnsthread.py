@@ -40,6 +40,8 @@ class DnsThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
+        self._pending: DnsView | None = None
+        self._applier: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -75,10 +77,30 @@ class DnsThread:
         loop.close()
 
     def set_view(self, view: DnsView) -> None:
-        """Hand the resolver a new snapshot; it swaps it in atomically on its own loop."""
+        """Hand the resolver a new snapshot; it swaps it in atomically on its own loop.
+
+        Views are applied in the order given, and a burst collapses to its newest view: the snapshot
+        of a large map is built off the resolver's loop (`set_view_async`), and while one is being
+        built, older pending views are skipped rather than queued.
+        """
         if self._server is None or self._loop is None:
             return
-        self._loop.call_soon_threadsafe(self._server.set_view, view)
+        self._loop.call_soon_threadsafe(self._offer, self._server, view)
+
+    def _offer(self, server: Any, view: DnsView) -> None:
+        # Runs on the resolver's loop, so `_pending` and `_applier` need no lock.
+        self._pending = view
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.get_running_loop().create_task(self._apply_pending(server))
+
+    async def _apply_pending(self, server: Any) -> None:
+        while self._pending is not None:
+            view, self._pending = self._pending, None
+            try:
+                await server.set_view_async(view)
+            except Exception:
+                log.exception("dns: view version %d could not be applied; keeping the previous one",
+                              view.version)
 
     async def call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run `fn(server)` on the resolver's loop and await its result from the caller's loop."""
@@ -101,10 +123,21 @@ class DnsThread:
         server, self._server = self._server, None
         if server is not None and self._loop is not None:
             try:
-                asyncio.run_coroutine_threadsafe(server.stop(), self._loop).result(timeout)
+                asyncio.run_coroutine_threadsafe(self._shutdown(server), self._loop).result(timeout)
             except Exception as exc:  # stopping must go on: the loop and thread still need to end
                 log.error("dns: stopping the resolver: %r", exc)
         self._stop_loop()
+
+    async def _shutdown(self, server: Any) -> None:
+        self._pending = None
+        if self._applier is not None:
+            self._applier.cancel()
+            try:
+                await self._applier
+            except asyncio.CancelledError:
+                pass
+            self._applier = None
+        await server.stop()
 
     def _stop_loop(self) -> None:
         loop, thread = self._loop, self._thread

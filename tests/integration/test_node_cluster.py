@@ -32,6 +32,7 @@ from meshnode.control.server import ControlServer, ServerConfig, set_policy
 from meshnode.control.store import ControlStore
 from meshnode.node.localclient import LocalApiRefused, LocalClient
 from meshnode.node.resolvconf import is_ours, parse_resolv_conf
+from tests.integration.upstreams import EXAMPLE_ZONE, FakeUpstream
 from tests.support import free_port, wait_until
 
 PROPAGATION = 1.0  # seconds: the issue's bound for a change to reach every node's DNS
@@ -240,6 +241,8 @@ def test_every_change_reaches_every_node_within_a_second(cluster: Cluster) -> No
     within(PROPAGATION, lambda: all_resolve([alpha], "web.tailnet", None), "delete")
     wait_until(lambda: bravo.api().request("GET", "/status")["backend_state"] == "NeedsLogin",
                timeout=5, what="the deleted node to learn it is out")
+    assert bravo.resolv.read_text() == ORIGINAL_RESOLV  # and it gave the system its DNS back
+    assert not (bravo.state / "netmap.json").exists()
 
 
 def test_restarted_daemon_answers_at_once_from_its_saved_map_while_control_is_down(cluster: Cluster) -> None:
@@ -422,3 +425,23 @@ def test_corrupted_state_files(cluster: Cluster) -> None:
     assert "node.key: the key is not valid hex" in r.stderr and "refusing to create a new key" in r.stderr
     assert (alpha.state / "node.key").read_text() == "privkey:not-hex\n"
     assert alpha.resolv.read_text() == ORIGINAL_RESOLV
+
+
+def test_names_outside_the_tailnet_are_forwarded_to_the_original_resolvers(cluster: Cluster) -> None:
+    """The original resolv.conf's nameserver (a fake upstream on its own loopback address, port 53)
+    answers everything outside the tailnet; our own address never becomes an upstream."""
+    alpha = cluster.nodes[0]
+    upstream_host = "127.77.0.53"
+    running = FakeUpstream.start(upstream_host, 53, zone=EXAMPLE_ZONE)
+    up = cluster.control._run(running.__aenter__())
+    try:
+        alpha.resolv.write_text(f"nameserver {upstream_host}\nnameserver 127.0.0.1\n")
+        alpha.start()
+        alpha.up(cluster.control, cluster.authkey())
+        assert alpha.resolve("www.example.test") == ("NOERROR", frozenset({"192.0.2.10"}))
+        assert any(b"www" in q for q in up.queries)
+        forwarding = alpha.api().request("GET", "/dns/status")["resolver"]["forwarding_to"]
+        assert forwarding == [upstream_host]  # 127.0.0.1 is where we listen: never forward to it
+        assert alpha.resolve("alpha.tailnet")[0] == "NOERROR"
+    finally:
+        cluster.control._run(running.__aexit__(None, None, None))

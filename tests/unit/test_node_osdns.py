@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -178,3 +179,63 @@ def test_resolved_detection(tmp_path: Path) -> None:
     run.mkdir()
     conf.write_text("nameserver 192.0.2.1\n")
     assert not resolved_in_use(conf, run)
+
+
+# -- properties ------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+label = st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True)
+domain = st.builds(lambda ls: ".".join(ls), st.lists(label, min_size=1, max_size=3))
+ipv4 = st.ip_addresses(v=4).map(str)
+ipv6 = st.ip_addresses(v=6).map(str)
+resolv_text = st.lists(st.one_of(
+    st.builds(lambda a: f"nameserver {a}", st.one_of(ipv4, ipv6)),
+    st.builds(lambda ds: "search " + " ".join(ds), st.lists(domain, min_size=1, max_size=4)),
+    st.builds(lambda o: f"options {o}", st.sampled_from(["edns0", "rotate", "ndots:3", "timeout:1"])),
+    st.text(max_size=40).filter(lambda t: "\n" not in t and "\r" not in t),
+), max_size=12).map("\n".join)
+
+
+@given(resolv_text)
+def test_parser_never_fails_and_never_invents_nameservers(text: str) -> None:
+    rc = parse_resolv_conf(text)
+    lines = [line.split() for line in text.splitlines()]
+    declared = {str(ipaddress.ip_address(w[1])) for w in lines if len(w) >= 2 and w[0] == "nameserver"
+                and _is_ip(w[1])}
+    assert set(rc.nameservers) <= declared
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+@settings(max_examples=200)
+@given(resolv_text, st.lists(st.one_of(ipv4, ipv6), min_size=1, max_size=3, unique=True),
+       st.lists(domain, min_size=1, max_size=3, unique=True))
+def test_render_then_parse_gives_our_config_first(original: str, nameservers: list[str],
+                                                  search: list[str]) -> None:
+    orig = parse_resolv_conf(original)
+    text = render_resolv_conf(OsDnsConfig(tuple(nameservers), tuple(search)), orig, "/b")
+    assert is_ours(text) and not is_ours(original)
+    rc = parse_resolv_conf(text)
+    assert rc.nameservers == tuple(str(ipaddress.ip_address(n)) for n in nameservers)
+    assert rc.search[:len(search)] == tuple(search)
+    assert set(rc.search) == set(search) | set(orig.search)
+    assert rc.options == orig.options
+
+
+@settings(max_examples=50, deadline=None)
+@given(resolv_text)
+def test_apply_restore_round_trips_any_original(tmp_path_factory, original: str) -> None:
+    d = tmp_path_factory.mktemp("rc")
+    path = d / "resolv.conf"
+    path.write_text(original)
+    c = ResolvConfConfigurator(path, d / "backup")
+    c.apply(CONFIG)
+    ResolvConfConfigurator(path, d / "backup").recover()  # as after a crash
+    assert path.read_text() == original
