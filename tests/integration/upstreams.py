@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import struct
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -171,15 +172,26 @@ class _Running:
     async def __aenter__(self) -> FakeUpstream:
         up = self.up
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(up), local_addr=(up.host, up.port))
-        up._udp = transport
-        up.port = transport.get_extra_info("sockname")[1]
-        try:
-            up._tcp = await asyncio.start_server(self._serve_tcp, up.host, up.port)
-        except BaseException:
-            transport.close()
-            raise
-        return up
+        wanted = up.port
+        # With port 0 the kernel picks a free UDP port, which TCP may hold elsewhere (other tests run
+        # in parallel): pick again rather than fail.
+        for _ in range(1 if wanted else 20):
+            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(up),
+                                                               local_addr=(up.host, wanted))
+            up.port = transport.get_extra_info("sockname")[1]
+            try:
+                up._tcp = await asyncio.start_server(self._serve_tcp, up.host, up.port)
+            except OSError as exc:
+                transport.close()
+                if wanted or exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            except BaseException:
+                transport.close()
+                raise
+            up._udp = transport
+            return up
+        raise OSError(errno.EADDRINUSE, f"no port on {up.host} free for both UDP and TCP")
 
     async def __aexit__(self, *exc: object) -> None:
         if self.up._udp is not None:
