@@ -57,8 +57,8 @@ class _NodeIndex:
 
     def __init__(self, nodes: Iterable[NodeInfo]) -> None:
         self.by_id: dict[int, NodeInfo] = {}
-        self.user_nodes: dict[str, set[int]] = {}   # untagged nodes only
-        self.tag_nodes: dict[str, set[int]] = {}
+        user_nodes: dict[str, set[int]] = {}   # untagged nodes only
+        tag_nodes: dict[str, set[int]] = {}
         self.by_address: dict[IPAddress, int] = {}
         self.routes: list[tuple[IPNetwork, int]] = []
         exits: set[int] = set()
@@ -69,9 +69,9 @@ class _NodeIndex:
             self.by_id[node.id] = node
             if node.tags:
                 for tag in node.tags:
-                    self.tag_nodes.setdefault(tag, set()).add(node.id)
+                    tag_nodes.setdefault(tag, set()).add(node.id)
             else:
-                self.user_nodes.setdefault(node.user, set()).add(node.id)
+                user_nodes.setdefault(node.user, set()).add(node.id)
             for address in node.addresses:
                 self.by_address[address] = node.id
                 sorted_addresses[address.version].append((int(address), node.id))
@@ -82,6 +82,9 @@ class _NodeIndex:
                     self.routes.append((route, node.id))
             if node.is_exit_node:
                 exits.add(node.id)
+        # Frozen so answers can share them without a caller's mutation leaking into the index.
+        self.user_nodes = {u: frozenset(ids) for u, ids in user_nodes.items()}
+        self.tag_nodes = {t: frozenset(ids) for t, ids in tag_nodes.items()}
         self.all = frozenset(self.by_id)
         self.exits = frozenset(exits)
         self.tagged = frozenset(n for ids in self.tag_nodes.values() for n in ids)
@@ -144,8 +147,9 @@ class CompiledPolicy:
         except KeyError:
             raise KeyError(f"node {node_id} is not in the compiled node list") from None
 
-    def _own_nodes(self, node: NodeInfo) -> set[int]:
-        return set() if node.tags else self._index.user_nodes.get(node.user, set())
+    def _own_nodes(self, node: NodeInfo) -> frozenset[int]:
+        """The user's untagged nodes, for autogroup:self (none for a tagged node)."""
+        return frozenset() if node.tags else self._index.user_nodes.get(node.user, frozenset())
 
     def visible_peers(self, node_id: int) -> frozenset[int]:
         """Peers `node_id` may reach or that may reach it (routers of reachable routes included)."""
@@ -161,7 +165,7 @@ class CompiledPolicy:
             if grant.dst.kind is SelectorKind.SELF:
                 if node_id not in grant.src_members:
                     continue  # seen only as a router of a source prefix: no devices of its own
-                part = frozenset(own)
+                part = own
             else:
                 part = grant.dst_nodes
             parts[id(part)] = part
@@ -241,7 +245,7 @@ class CompiledPolicy:
         self._cache[key] = result
         return result
 
-    def _self_sources(self, grant: _Grant, own: set[int]) -> list[IPAddress]:
+    def _self_sources(self, grant: _Grant, own: frozenset[int]) -> list[IPAddress]:
         """Addresses of the user's own nodes that the grant's sources name (by identity or prefix)."""
         result = []
         for n in sorted(grant.src_members & own):
