@@ -183,14 +183,15 @@ class Engine:
         target, _ = self.zone.route_for(qname)
         key = _question_key(data)
         if isinstance(target, LocalZone):
-            template = build_template(qname, q.qtype, resolve_local(self.zone, qname, q.qtype, target))
+            owner = _owner_label(q.qname)
+            template = build_template(owner, q.qtype, resolve_local(self.zone, qname, q.qtype, target, owner))
         else:
             short = self.zone.host_for_short_name(qname)
             if short is None:
                 if key is not None and target is not None:
                     self._remember(key, target)
                 return Forward(target, limit, qname, q.qtype)
-            template = self._short_template(qname, short, q.qtype)
+            template = self._short_template(_owner_label(q.qname), short, q.qtype)
         if key is not None:
             self._remember(key, template)
         return self._serve(template, query, data, edns, tcp, limit)
@@ -210,15 +211,14 @@ class Engine:
             return truncate(reply, limit)
         return reply
 
-    def _short_template(self, qname: str, fqdn: str, qtype: int) -> Template:
+    def _short_template(self, owner: DNSLabel, fqdn: str, qtype: int) -> Template:
         """A single-label name of this tailnet: the node's data, owned by the name as asked."""
         zone = self.zone.local_zone_of(fqdn)
         assert zone is not None
         ans = resolve_local(self.zone, fqdn, qtype, zone)
-        owner = qname + "."
         renamed = tuple(RR(owner, rr.rtype, rr.rclass, rr.ttl, rr.rdata)
                         if _name_text(rr.rname) == fqdn else rr for rr in ans.answer)
-        return build_template(qname, qtype, LocalAnswer(ans.rcode, renamed, ans.authority, ans.additional))
+        return build_template(owner, qtype, LocalAnswer(ans.rcode, renamed, ans.authority, ans.additional))
 
     def answer_local(self, qname: str, qtype: int) -> LocalAnswer | None:
         """The zone's answer for a name (None when the name is not ours): for `magicdns query`."""
@@ -230,8 +230,17 @@ class Engine:
 
 
 def _name_text(label: DNSLabel) -> str:
-    """Lowercase text of a name without the trailing dot; non-ASCII bytes kept as escapes."""
-    return ".".join(part.decode("latin-1") for part in label.label).lower()
+    """Lowercase text of a name without the trailing dot, for matching against zone data.
+
+    A '.' inside a label is data (RFC 4343 2.1), so it becomes an escape that no zone name can
+    contain: the label count stays right and such names can only be NXDOMAIN or forwarded.
+    """
+    return ".".join(part.decode("latin-1").replace(".", "\\046") for part in label.label).lower()
+
+
+def _owner_label(label: DNSLabel) -> DNSLabel:
+    """The question's name, lowercased label by label: owners built from it compress onto the question."""
+    return DNSLabel(tuple(part.lower() for part in label.label))
 
 
 def _question_key(data: bytes) -> bytes | None:
@@ -253,8 +262,12 @@ def _question_key(data: bytes) -> bytes | None:
     return data[12:i].lower() + data[i:i + 5]
 
 
-def resolve_local(zone: Zone, qname: str, qtype: int, lz: LocalZone) -> LocalAnswer:
-    """The authoritative answer for (qname, qtype) in local zone `lz` (RFC 1034 4.3.2, 2308, 4592)."""
+def resolve_local(zone: Zone, qname: str, qtype: int, lz: LocalZone,
+                  qowner: DNSLabel | None = None) -> LocalAnswer:
+    """The authoritative answer for (qname, qtype) in local zone `lz` (RFC 1034 4.3.2, 2308, 4592).
+
+    `qowner` is the question's own name, used as the owner of records a wildcard synthesises for it.
+    """
     answer: list[RR] = []
     name, current = qname, lz
     seen = {qname}
@@ -264,7 +277,7 @@ def resolve_local(zone: Zone, qname: str, qtype: int, lz: LocalZone) -> LocalAns
             wildcard = zone.wildcard_for(name, current)
             if wildcard is None:
                 return LocalAnswer(Rcode.NXDOMAIN, tuple(answer), (zone.soa(current.apex),))
-            owner = name + "."
+            owner = qowner if (name == qname and qowner is not None) else DNSLabel(name + ".")
             rrsets = {t: [RR(owner, rr.rtype, rr.rclass, rr.ttl, rr.rdata) for rr in rrs]
                       for t, rrs in zone.rrsets(wildcard, current).items()}
         if qtype == QTYPE.ANY and rrsets:
@@ -306,13 +319,13 @@ def _additional(zone: Zone, qtype: int, found: list[RR]) -> tuple[RR, ...]:
     return tuple(extra)
 
 
-def build_template(qname: str, qtype: int, ans: LocalAnswer) -> Template:
+def build_template(qname: DNSLabel, qtype: int, ans: LocalAnswer) -> Template:
     """Pack a local answer once (with rotations of multi-record RRsets) into a reusable template.
 
     Names are packed lowercase, so owners equal to the question compress to a pointer at offset 12:
     the client's own spelling of the question then shows through in every answer.
     """
-    question = DNSQuestion(qname + ".", qtype, CLASS.IN)
+    question = DNSQuestion(qname, qtype, CLASS.IN)
     start = len(DNSRecord(q=question).pack())  # header + question: the per-query part
     tails = []
     for answer in _rotations(ans.answer):

@@ -392,3 +392,18 @@ def test_truncated_opt_record_is_formerr_not_a_crash(engine: Engine) -> None:
     data = b"\xd3\xa9\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\tmy-server\x07tailnet\x00\x00\x01\x00\x01\x00\x00)"
     out = engine.handle(data)
     assert out[:2] == data[:2] and out[3] & 0xF == dns.rcode.FORMERR
+
+
+def test_a_dot_inside_a_label_is_data_not_a_separator(engine: Engine) -> None:
+    # found by the differential test against knot: \x0bsibling.dev is one label (RFC 4343 2.1)
+    for name in ("my-server\\.dev.tailnet", "x\\.dev.tailnet", "2\\.0.64.100.in-addr.arpa"):
+        q = dns.message.make_query(name, "A" if "arpa" not in name else "PTR")
+        r = dns.message.from_wire(engine.handle(q.to_wire()))
+        assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer, name
+    # a name spelled with the dot inside its first label is not ours: forwarded, never answered
+    out = engine.handle(dns.message.make_query("server\\.tailnet", "A").to_wire())
+    assert isinstance(out, Forward)
+    # a CNAME answer for such a question stays well-formed (compression follows the client's layout)
+    q = dns.message.make_query("grafana\\.tailnet", "A")
+    out = engine.handle(q.to_wire())
+    assert isinstance(out, Forward)
