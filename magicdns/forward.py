@@ -12,8 +12,13 @@ One `Forwarder` per server. For each query:
   NOTIMP, a network error); the first good answer wins;
 - a truncated (TC) UDP reply is retried over TCP (RFC 7766 framing) to the same upstream;
 - after `timeout` seconds, or when every upstream failed: a stale cached answer (RFC 8767), else the
-  last upstream's failure reply, else a SERVFAIL we build;
-- more than `max_inflight` queries at once: the new one gets a stale answer or SERVFAIL at once.
+  last upstream's SERVFAIL/FORMERR/NOTIMP reply (an upstream's REFUSED becomes our SERVFAIL), else a
+  SERVFAIL we build (with an RFC 8914 Extended DNS Error when the client sent EDNS);
+- a query identical to one in flight (same cache key, route and rebinding rule) waits for that one's
+  answer instead of asking again, and gets it with its own ID and question case, minus OPT options;
+- more than `max_inflight` queries at once: the new one gets a stale answer or SERVFAIL at once;
+- unless the route allows it, A/AAAA records into the tailnet ranges are removed from the answer
+  (rebinding protection); what is left is what the client gets and what is cached.
 
 The per-query work is kept to callbacks on the loop (no task per attempt); only a TCP fallback runs
 as a task, because it is rare.
@@ -46,6 +51,7 @@ MAGICDNS_V6 = ipaddress.IPv6Address("fd7a:115c:a1e0::53")
 TAILNET_V4 = ipaddress.IPv4Network("100.64.0.0/10")
 TAILNET_V6 = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
 _TAILNET_V6_PREFIX = TAILNET_V6.network_address.packed[:6]
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 EDNS_UDP_SIZE = 1232  # what we advertise in replies we build (DNS flag day 2020)
 EDE_OPTION = 15  # RFC 8914 Extended DNS Error
@@ -141,8 +147,12 @@ def tailnet_address_records(reply: bytes, scan: MessageScan) -> bool:
             if reply[rec.rdata_off] == 100 and reply[rec.rdata_off + 1] & 0xC0 == 64:
                 return True
         elif rec.rtype == TYPE_AAAA and rec.rdlen == 16:
-            if reply[rec.rdata_off:rec.rdata_off + 6] == _TAILNET_V6_PREFIX:
+            off = rec.rdata_off
+            if reply[off:off + 6] == _TAILNET_V6_PREFIX:
                 return True
+            if (reply[off:off + 12] == _V4_MAPPED_PREFIX and reply[off + 12] == 100
+                    and reply[off + 13] & 0xC0 == 64):
+                return True  # ::ffff:100.64.0.0/106 reaches the same tailnet addresses
     return False
 
 
@@ -153,12 +163,14 @@ def _in_tailnet(rr) -> bool:  # type: ignore[no-untyped-def]
         addr = ipaddress.ip_address(str(rr.rdata))
     except ValueError:
         return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
     return addr in TAILNET_V4 if addr.version == 4 else addr in TAILNET_V6
 
 
 def strip_tailnet_addresses(reply: bytes) -> tuple[bytes, tuple[str, ...]]:
-    """`reply` without its A/AAAA records into 100.64.0.0/10 or fd7a:115c:a1e0::/48 (answer and
-    additional sections) and the owner names removed. The rcode stays: NOERROR with nothing left is
+    """`reply` without its A/AAAA records into 100.64.0.0/10 (also IPv4-mapped) or fd7a:115c:a1e0::/48
+    (answer and additional sections) and the owner names removed. The rcode stays: NOERROR with nothing left is
     NODATA. Re-encoded with dnslib: removing records in place would break compression pointers."""
     msg = DNSRecord.parse(reply)
     names = sorted({str(rr.rname) for rr in msg.rr + msg.ar if _in_tailnet(rr)})
@@ -274,8 +286,9 @@ class _Race:
         attempt.sent_id = sent_id
         key = sent_id + self.qbytes
         attempt.tracked.append(key)
-        outgoing = self.fwd._outgoing
-        outgoing[key] = outgoing.get(key, 0) + 1
+        fwd = self.fwd
+        fwd._outgoing[key] = fwd._outgoing.get(key, 0) + 1
+        fwd._outgoing_ids[sent_id] = fwd._outgoing_ids.get(sent_id, 0) + 1
         return sent_id + self.query[2:]
 
     def _send_udp(self, attempt: _Attempt) -> bool:
@@ -440,6 +453,7 @@ class _Race:
             self.deadline_handle.cancel()
         now = self.loop.time()
         outgoing = self.fwd._outgoing
+        outgoing_ids = self.fwd._outgoing_ids
         for attempt in self.attempts:
             if attempt.state in (_UDP, _TCP):
                 # Unanswered when the race ended: its RTT is at least this long.
@@ -460,6 +474,12 @@ class _Race:
                     outgoing[key] = left
                 else:
                     del outgoing[key]
+                sent_id = key[:2]
+                left = outgoing_ids[sent_id] - 1
+                if left:
+                    outgoing_ids[sent_id] = left
+                else:
+                    del outgoing_ids[sent_id]
         # Upstreams skipped this time drift back towards the front, so a server that failed once
         # is probed again now and then rather than never.
         for up in self.upstreams[self.next_index:]:
@@ -485,6 +505,7 @@ class Forwarder:
         self._clock = clock
         self._health: dict[Upstream, _Health] = {}
         self._outgoing: dict[bytes, int] = {}  # (sent ID + question bytes) -> attempts in flight
+        self._outgoing_ids: dict[bytes, int] = {}  # sent ID -> attempts in flight: looped()'s quick "no"
         self._races: set[_Race] = set()
         # Identical queries in flight share one upstream query: (cache key, route, rebinding rule)
         # -> the leader's final reply (None when it failed).
@@ -544,7 +565,7 @@ class Forwarder:
 
     def looped(self, query: bytes) -> bool:
         """True if `query` is one of our own forwarded queries arriving back at our listener."""
-        if not self._outgoing or len(query) < 12:
+        if query[0:2] not in self._outgoing_ids or len(query) < 12:
             return False
         try:
             qend = question_end(query)

@@ -37,6 +37,8 @@ EXAMPLE_ZONE: dict[tuple[str, str], list[str]] = {
     ("rebind.example.test", "A"): ["rebind.example.test. 300 IN A 100.64.1.2",
                                    "rebind.example.test. 300 IN A 192.0.2.20"],
     ("rebind.example.test", "AAAA"): ["rebind.example.test. 300 IN AAAA fd7a:115c:a1e0::2"],
+    ("mapped.example.test", "AAAA"): ["mapped.example.test. 300 IN AAAA ::ffff:6464:101",
+                                      "mapped.example.test. 300 IN AAAA ::ffff:c000:201"],
     ("onlytail.example.test", "A"): ["onlytail.example.test. 300 IN A 100.100.1.1"],
     ("big.example.test", "TXT"): [f'big.example.test. 300 IN TXT "{"x" * 200} {i}"' for i in range(12)],
     ("nottl.example.test", "A"): ["nottl.example.test. 0 IN A 192.0.2.14"],
