@@ -76,7 +76,7 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--resolv-conf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The resolv.conf to manage [default: /etc/resolv.conf, or systemd-resolved].")
 @click.option("--os", "os_name", default=None, help="OS name reported to the control server.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.pass_context
 def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tun: str | None,
                userspace: bool, dns_listen: tuple[tuple[str, int], ...], resolv_conf: Path | None,
@@ -90,8 +90,7 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
 
     if tun and userspace:
         raise click.UsageError("--tun and --userspace exclude each other")
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=min(level, logging.INFO), stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = socket_path or Path((ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET)
     config = DaemonConfig(state_dir=state_dir, socket_path=sock, tun=None if userspace else tun,

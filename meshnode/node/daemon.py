@@ -335,6 +335,8 @@ class Daemon:
             prefs = self._merge_prefs(req)
             if not prefs.login_server:
                 raise ApiError(400, "no login server: pass --login-server URL")
+            if req.exit_node and self.netmap is not None:
+                self._check_exit_node(self.netmap, req.exit_node)
             if prefs.login_server != self.prefs.login_server and self.prefs.login_server:
                 # A different control server is a different tailnet: a new identity there.
                 await self._go_down(BackendState.NEEDS_LOGIN)
@@ -444,6 +446,15 @@ class Daemon:
         addrs = [a for a in node.addresses
                  if req.family is None or ipaddress.ip_address(a).version == req.family]
         return {"name": node.fqdn, "addresses": addrs}
+
+    @staticmethod
+    def _check_exit_node(nm: NetMap, ref: str) -> None:
+        """Like tailscale: refuse an exit node that is not a visible, approved exit node."""
+        node = nm.peer_by_name(ref) or next((p for p in nm.peers if ref in p.addresses), None)
+        if node is None:
+            raise ApiError(400, f"exit node {ref!r} is not a peer in the network map")
+        if not node.exit_node:
+            raise ApiError(400, f"{node.fqdn} is not an approved exit node")
 
     @staticmethod
     def _find_peer(nm: NetMap, key: str) -> MapNode:

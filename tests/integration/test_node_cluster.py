@@ -366,6 +366,13 @@ def test_status_ip_and_query_through_the_cli(cluster: Cluster) -> None:
     out = json.loads(alpha.cli("dns", "query", "nope.tailnet", "--json").stdout)
     assert out["rcode"] == "NXDOMAIN"
 
+    # Like tailscale, an exit node must be a visible peer approved as one.
+    r = alpha.cli("up", "--exit-node", "nosuchpeer")
+    assert r.returncode == 2 and "not a peer" in r.stderr
+    r = alpha.cli("up", "--exit-node", "bravo")
+    assert r.returncode == 2 and "not an approved exit node" in r.stderr
+    assert json.loads(alpha.cli("status", "--json").stdout)["prefs"]["exit_node"] == ""
+
 
 def test_logout_forgets_the_node_key_and_leaves_the_tailnet(cluster: Cluster) -> None:
     alpha, bravo = cluster.nodes[:2]
