@@ -21,10 +21,14 @@ class HuJSONError(PolicyError):
 class PolicyValidationError(PolicyError):
     """The text parses but says something impossible; `where` names the section and entry."""
 
-    def __init__(self, where: str, message: str) -> None:
+    def __init__(self, where: str, message: str, line: int | None = None,
+                 column: int | None = None) -> None:
         self.where = where
         self.message = message
-        super().__init__(f"{where}: {message}")
+        self.line = line
+        self.column = column
+        at = f" (line {line}, column {column})" if line is not None else ""
+        super().__init__(f"{where}{at}: {message}")
 
 
 class PolicyTestError(PolicyError):

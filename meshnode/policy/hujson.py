@@ -20,14 +20,14 @@ _WORD = re.compile(r"[A-Za-z0-9_$]+")
 _IDENT_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_$")
 
 
-def _position(text: str, index: int) -> tuple[int, int]:
+def position(text: str, index: int) -> tuple[int, int]:
     line = text.count("\n", 0, index) + 1
     column = index - (text.rfind("\n", 0, index) + 1) + 1
     return line, column
 
 
 def _fail(text: str, index: int, message: str) -> HuJSONError:
-    return HuJSONError(message, *_position(text, index))
+    return HuJSONError(message, *position(text, index))
 
 
 def _skip_string(text: str, start: int) -> int:
@@ -52,6 +52,9 @@ def standardize(text: str) -> str:
     out = list(text)
     n = len(text)
     i = 0
+    if text.startswith("\ufeff"):  # a byte-order mark some editors write: whitespace to us
+        out[0] = " "
+        i = 1
     last_comma = -1      # index of a comma not yet followed by a value
     after_value = False  # whether the last token ended a value (only then may a comma follow)
     while i < n:
@@ -125,8 +128,6 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def loads(text: str) -> Any:
     """Parse HuJSON text; raise `HuJSONError` with line and column on anything that is not HuJSON."""
-    if text.startswith("\ufeff"):
-        text = " " + text[1:]
     plain = standardize(text)
     try:
         return json.loads(plain, object_pairs_hook=_pairs)

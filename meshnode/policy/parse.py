@@ -7,6 +7,7 @@ from typing import Any, Callable, TypeVar
 
 from . import hujson
 from .errors import PolicyValidationError
+from .locate import locate
 from .model import (AclRule, Action, AutoApprovers, DstEntry, Expectation, IPNetwork, Policy,
                     PolicyTest, Selector, SelectorKind, TestDst)
 from .protocols import DEFAULT_PROTOS, PORT_PROTOS, IPProto, parse_proto
@@ -190,8 +191,19 @@ def _list_section(doc: dict[str, Any], key: str) -> list[Any]:
 
 
 def parse_policy(text: str) -> Policy:
-    """Parse and validate policy text; raise `HuJSONError` or `PolicyValidationError` (both PolicyError)."""
+    """Parse and validate policy text; raise `HuJSONError` or `PolicyValidationError` (both PolicyError),
+    each with the line and column of the problem where it can be found."""
     doc = hujson.loads(text)
+    try:
+        return _validate(doc, text)
+    except PolicyValidationError as exc:
+        index = locate(hujson.standardize(text), exc.where)
+        if index is None:
+            raise
+        raise PolicyValidationError(exc.where, exc.message, *hujson.position(text, index)) from None
+
+
+def _validate(doc: Any, text: str) -> Policy:
     _expect("policy", doc, dict, "an object at the top level")
     for key in doc:
         if key == "grants":

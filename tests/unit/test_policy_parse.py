@@ -148,3 +148,28 @@ def test_semantic_errors_name_section_and_entry(text: str, where: str, words: st
     assert info.value.where == where, str(info.value)
     assert words in str(info.value)
     assert str(info.value).startswith(where)
+
+
+def test_semantic_errors_carry_the_line_and_column_of_the_entry() -> None:
+    text = """{
+  // developers
+  "groups": {"group:dev": ["bob@example.com"]},
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["*:*"]},
+    {"action": "accept",
+     "src": ["group:dev"],
+     "dst": ["*:22", /* ssh */ "group:ops:443",],
+    },
+  ],
+}"""
+    with pytest.raises(PolicyValidationError) as info:
+        parse_policy(text)
+    assert info.value.where == "acls[1].dst[1]"
+    assert (info.value.line, info.value.column) == (8, 32)
+    assert str(info.value).startswith("acls[1].dst[1] (line 8, column 32): unknown group 'group:ops'")
+
+
+def test_legacy_field_names_are_located_too() -> None:
+    with pytest.raises(PolicyValidationError) as info:
+        parse_policy('{"acls": [{"action": "accept",\n "users": ["*", "who"], "ports": ["*:*"]}]}')
+    assert (info.value.where, info.value.line, info.value.column) == ("acls[0].src[1]", 2, 17)
