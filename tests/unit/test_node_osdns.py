@@ -240,3 +240,22 @@ def test_apply_restore_round_trips_any_original(tmp_path_factory, original: str)
     c.apply(CONFIG)
     ResolvConfConfigurator(path, d / "backup").recover()  # as after a crash
     assert path.read_text() == original
+
+
+def test_resolved_configurator_sets_and_reverts_the_link(tmp_path: Path) -> None:
+    from meshnode.node.osdns import ResolvedConfigurator
+    calls: list[list[str]] = []
+    run = tmp_path / "resolve"
+    run.mkdir()
+    (run / "resolv.conf").write_text("nameserver 192.0.2.1\nnameserver 192.0.2.2\n")
+    c = ResolvedConfigurator("meshnode0", run, runner=lambda cmd: calls.append(list(cmd)))
+    c.restore()
+    assert calls == []  # nothing to revert before apply
+    c.apply(CONFIG)
+    assert calls == resolved_commands("meshnode0", CONFIG)
+    assert c.original().nameservers == ("192.0.2.1", "192.0.2.2")  # the uplink's, not the 127.0.0.53 stub
+    assert c.status().active and c.status().mode == "systemd-resolved"
+    calls.clear()
+    c.restore()
+    assert calls == [["resolvectl", "revert", "meshnode0"]]
+    assert not c.status().active
