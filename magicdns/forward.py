@@ -254,7 +254,7 @@ class _Race:
         self.upstreams = upstreams
         self.attempts: list[_Attempt] = []
         self.next_index = 0
-        self.result: asyncio.Future[tuple[bytes, _Attempt] | None] = self.loop.create_future()
+        self.result: asyncio.Future[tuple[bytes, MessageScan] | None] = self.loop.create_future()
         self.stagger_handle: asyncio.TimerHandle | None = None
         self.deadline_handle: asyncio.TimerHandle | None = None
         self.failure: bytes | None = None  # the latest SERVFAIL/REFUSED/... reply, passed on if all fail
@@ -407,12 +407,20 @@ class _Race:
             else:
                 self._check_all_failed()
             return
+        try:
+            scan = scan_message(data)
+        except WireError as exc:
+            # Checked here, not passed on: a garbled answer is this upstream's failure, and the
+            # next upstream may do better.
+            self.fwd.malformed += 1
+            self._attempt_failed(attempt, f"malformed reply: {exc}")
+            return
         self._finish_attempt(attempt)
         if health.failing:
             health.failing = False
             log.info("upstream %s answers again", attempt.upstream.spec)
         if not self.result.done():
-            self.result.set_result((data, attempt))
+            self.result.set_result((data, scan))
 
     def _attempt_failed(self, attempt: _Attempt, reason: str) -> None:
         self._fail(attempt, reason)
@@ -527,6 +535,7 @@ class Forwarder:
         self.looped_seen = 0
         self.stale_answers = 0
         self.coalesced = 0
+        self.malformed = 0
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -635,8 +644,8 @@ class Forwarder:
             if race.timed_out:
                 self.timeouts += 1
             return self._failed(query, info, race.failure, EDE_NO_REACHABLE_AUTHORITY)
-        data, _attempt = outcome
-        return self._deliver(query, info, data, allow_tailnet_answers)
+        data, scan = outcome
+        return self._deliver(query, info, data, scan, allow_tailnet_answers)
 
     async def _join(self, query: bytes, info: QueryInfo, leader: "asyncio.Future[bytes | None]") -> bytes:
         """Wait for an identical query already in flight (same key, route and rebinding rule) rather
@@ -666,15 +675,11 @@ class Forwarder:
         buf[12:info.qend] = query[12:info.qend]
         return bytes(buf)
 
-    def _deliver(self, query: bytes, info: QueryInfo, data: bytes, allow_tailnet_answers: bool) -> bytes:
+    def _deliver(self, query: bytes, info: QueryInfo, data: bytes, scan: MessageScan,
+                 allow_tailnet_answers: bool) -> bytes:
+        """The winning upstream reply made the client's: ID restored, rebinding filter, cached."""
         self.answered += 1
-        reply = query[0:2] + data[2:]
-        if allow_tailnet_answers and self.cache is None:
-            return reply  # nothing to check, nothing to store
-        try:
-            scan = scan_message(reply)
-        except WireError:
-            return reply  # passed through as the upstream sent it, but not cached
+        reply = query[0:2] + data[2:]  # same layout as `data`: `scan` holds for it
         if not allow_tailnet_answers and tailnet_address_records(reply, scan):
             try:
                 reply, names = strip_tailnet_addresses(reply)
@@ -731,6 +736,7 @@ class Forwarder:
             "stale_answers": self.stale_answers, "overload": self.overload, "inflight": self._inflight,
             "rebind_blocked": self.rebind_blocked, "dropped_mismatch": self.dropped_mismatch,
             "looped": self.looped_seen, "coalesced": self.coalesced,
+            "malformed": self.malformed,
             "upstreams": {h.upstream: {"sent": h.sent, "answered": h.answered, "servfail": h.servfail,
                                        "timeouts": h.timeouts, "tcp_fallbacks": h.tcp_fallbacks,
                                        "srtt_ms": h.srtt_ms, "last_error": h.last_error}

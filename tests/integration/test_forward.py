@@ -4,6 +4,7 @@ and Debian's dnsmasq. Every server is started inside the test (or a fixture) and
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import socket
 import statistics
@@ -17,11 +18,11 @@ import pytest
 import uvloop
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, EDNSOption
 
-from magicdns.cache import Cache, query_info
+from magicdns.cache import Cache, query_info, scan_message
 from magicdns.forward import ForwardingLoopError, Forwarder, reject_self
 from magicdns.upstream import Upstream
 from tests.support import async_wait_until, free_port, wait_until
-from tests.integration.upstreams import Behavior, FakeUpstream
+from tests.integration.upstreams import EXAMPLE_ZONE, Behavior, FakeUpstream, build_answer
 
 T = TypeVar("T")
 
@@ -280,6 +281,35 @@ def test_mismatched_replies_are_dropped(behavior: Behavior) -> None:
             assert addresses(reply) == ["192.0.2.10"]
             assert str(DNSRecord.parse(reply).q.qname) == "www.example.test."
             assert fwd.stats()["dropped_mismatch"] == 1
+    run(main)
+
+
+def test_garbled_replies_never_break_the_forwarder() -> None:
+    async def main() -> None:
+        rng = random.Random(2026)
+
+        def garble(q: bytes, _src: object) -> list[bytes]:
+            good = bytearray(build_answer(q, EXAMPLE_ZONE).pack())
+            qend = query_info(q).qend
+            lo = qend if rng.random() < 0.7 else 0  # mostly keep ID and question: reach the parser
+            for _ in range(rng.randint(1, 4)):
+                pos = rng.randrange(lo, len(good))
+                good[pos:pos + rng.randint(1, 3)] = bytes(rng.randrange(256) for _ in range(rng.randint(0, 3)))
+            servfail = DNSRecord.parse(q).reply()
+            servfail.header.rcode = RCODE.SERVFAIL
+            return [bytes(good), bytes(servfail.pack())]  # the SERVFAIL ends each round at once
+
+        async with FakeUpstream.start("127.0.0.2", hook=garble) as a:
+            fwd = Forwarder(cache=Cache(), timeout=2.0)
+            for i in range(300):
+                wire = query(rng.choice(["www", "multi", "alias", "rebind", "nope"]) + ".example.test",
+                             rng.choice(["A", "AAAA", "TXT"]), edns=bool(i % 2))
+                reply = await fwd.forward(wire, (up(a),), allow_tailnet_answers=bool(i % 3))
+                assert reply[:2] == wire[:2] and reply[2] & 0x80
+                scan_message(reply)  # whatever got through is well-formed
+            s = fwd.stats()
+            assert s["inflight"] == 0 and not fwd._outgoing and s["queries"] == 300
+            assert s["malformed"] > 0 and s["dropped_mismatch"] > 0
     run(main)
 
 

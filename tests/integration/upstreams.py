@@ -91,9 +91,9 @@ class FakeUpstream:
     tcp_queries: list[bytes] = field(default_factory=list)
     sources: list[tuple[str, int]] = field(default_factory=list)  # the UDP source of each query
     tcp_silent: bool = False  # accept TCP connections and queries, never answer them
-    # Called with each received query and its source (None over TCP); returning bytes sends those
-    # instead of the usual reply.
-    hook: Callable[[bytes, tuple[str, int] | None], bytes | None] | None = None
+    # Called with each received query and its source (None over TCP); returning bytes (or a list of
+    # messages) sends those instead of the usual reply.
+    hook: Callable[[bytes, tuple[str, int] | None], bytes | list[bytes] | None] | None = None
     _udp: asyncio.DatagramTransport | None = None
     _tcp: asyncio.base_events.Server | None = None
 
@@ -110,7 +110,7 @@ class FakeUpstream:
         if self.hook is not None:
             special = self.hook(query, source)
             if special is not None:
-                return [special]
+                return special if isinstance(special, list) else [special]
         b = self.behavior
         if b is Behavior.SILENT:
             return []
