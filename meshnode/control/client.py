@@ -213,10 +213,12 @@ class ControlClient:
             "endpoints": list(endpoints),
         }
         body = await self._post("/machine/register", payload)
-        node = body["node"]
-        return RegisterResult(int(node["id"]), node["name"], node["fqdn"], node["user"],
-                              tuple(node["addresses"]), tuple(node["tags"]), tuple(node["approved_routes"]),
-                              bool(node["exit_node"]), bool(node["ephemeral"]), self.server_public_key)
+        try:
+            node = MapNode.from_json(body.get("node"))
+        except NetMapError as exc:
+            raise ControlError(ErrorCode.BAD_REQUEST, f"bad registration answer: {exc}") from None
+        return RegisterResult(node.id, node.name, node.fqdn, node.user, node.addresses, node.tags,
+                              node.approved_routes, node.exit_node, node.ephemeral, self.server_public_key)
 
     async def update_endpoints(self, endpoints: Iterable[str]) -> None:
         """Report the UDP endpoints (`ip:port`) peers can reach this node at."""

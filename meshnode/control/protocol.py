@@ -113,6 +113,13 @@ class Channel:
     def seal_bytes(self, data: bytes) -> bytes:
         return bytes(self._box.encrypt(data))
 
+    def open_bytes(self, sealed: bytes) -> bytes:
+        """The plaintext of a sealed message; `ProtocolError(BAD_SEAL)` if it does not open."""
+        try:
+            return bytes(self._box.decrypt(sealed))
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            raise ProtocolError(ErrorCode.BAD_SEAL, "the message does not open under this key") from None
+
     def open(self, sealed: bytes) -> tuple[bytes, dict[str, Any]]:
         """(nonce, payload) of a sealed message; `ProtocolError(BAD_SEAL)` if it does not open."""
         try:
