@@ -98,6 +98,26 @@ def test_fresh_id_and_source_port_per_query() -> None:
     run(main)
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_ipv6_upstream_udp_and_tcp() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("::1", behavior=Behavior.TRUNCATE) as a:
+            fwd = Forwarder()
+            reply = await fwd.forward(query("www.example.test", "AAAA"), (up(a),), allow_tailnet_answers=False)
+            assert addresses(reply) == ["2001:db8::10"]
+            assert len(a.queries) == 1 and len(a.tcp_queries) == 1
+    run(main)
+
+
 def test_any_type_passes_through() -> None:
     async def main() -> None:
         async with FakeUpstream.start("127.0.0.2") as a:
