@@ -12,7 +12,9 @@ Rules (RFC 1035, 2181, 2308, 8767):
 - key: (lowercased question name, type, class, query shape) where the shape holds whether the client
   sent EDNS and its DO, CD and AD bits: these change what an upstream puts in the reply.
 - positive entries live for the smallest TTL in the answer section; negative ones (NXDOMAIN, NODATA)
-  for min(SOA TTL, SOA MINIMUM) of the SOA in the authority section, and are not cached without one.
+  for min(SOA TTL, SOA MINIMUM) of the SOA in the authority section (capped at `negative_max_ttl`),
+  and are not cached without one; a CNAME chain ending in NODATA, for the smaller of the two. The
+  SOA's TTL is rewritten to that lifetime, as the client should cache the negative answer for it.
 - SERVFAIL, REFUSED, FORMERR, NOTIMP, truncated (TC) and TSIG-signed replies are never cached, nor
   is anything whose lifetime is 0.
 - TTLs are capped at `max_ttl` (and raised to `min_ttl`, 0 by default, i.e. left alone).
@@ -394,7 +396,9 @@ class Cache:
                 ttl = 0  # RFC 2181 section 8: a TTL with the top bit set means zero
             if rec.section == Section.ANSWER:
                 answer_min = ttl if answer_min is None else min(answer_min, ttl)
-            elif negative and rec.section == Section.AUTHORITY and rec.rtype == TYPE_SOA and rec.rdlen >= 22:
+            elif rec.section == Section.AUTHORITY and rec.rtype == TYPE_SOA and rec.rdlen >= 22:
+                # Also in a NOERROR with answers: a CNAME chain that ends in NODATA (RFC 2308
+                # section 2.2) lives no longer than its negative part.
                 minimum = _U32.unpack_from(reply, rec.rdata_off + rec.rdlen - 4)[0]
                 soa = min(ttl, minimum, self.negative_max_ttl)
                 neg_ttl = soa if neg_ttl is None else min(neg_ttl, soa)
@@ -405,7 +409,7 @@ class Cache:
         else:
             if answer_min is None:
                 return None
-            lifetime = answer_min
+            lifetime = answer_min if neg_ttl is None else min(answer_min, neg_ttl)
         lifetime = max(self.min_ttl, min(lifetime, self.max_ttl))
         if lifetime <= 0:
             return None
@@ -416,7 +420,7 @@ class Cache:
                 continue
             ttl = _U32.unpack_from(reply, rec.ttl_off)[0]
             ttl = 0 if ttl & 0x80000000 else ttl
-            if negative and rec.rtype == TYPE_SOA and rec.section == Section.AUTHORITY:
+            if rec.rtype == TYPE_SOA and rec.section == Section.AUTHORITY:
                 ttl = lifetime  # the SOA's TTL is what the client caches the negative answer for
             ttl = max(self.min_ttl, min(ttl, self.max_ttl))
             _U32.pack_into(wire, rec.ttl_off, ttl)

@@ -173,6 +173,16 @@ def test_nodata_cached_from_the_soa() -> None:
     assert hit.header.rcode == RCODE.NOERROR and not hit.rr and hit.auth[0].ttl == 20
 
 
+def test_cname_chain_ending_in_nodata_lives_as_long_as_its_negative_part() -> None:
+    cache = Cache()
+    q = make_query("alias.example.test")
+    assert put(cache, q, make_reply(q, ["alias.example.test. 3600 IN CNAME target.example.test."],
+                                    auth=[SOA.format(ttl=300, minimum=30)]))
+    hit = get(cache, q, 10.0)
+    assert [rr.ttl for rr in hit.rr] == [3590] and hit.auth[0].ttl == 20
+    assert get(cache, q, 30.0) is None
+
+
 def test_negative_without_soa_is_not_cached() -> None:
     cache = Cache()
     q = make_query("nope.example.test")
