@@ -24,7 +24,10 @@ _ALL = (ALL_V4, ALL_V6)
 
 
 def _host_prefix(address: IPAddress) -> IPNetwork:
-    return ipaddress.ip_network(address)
+    # From the integer: ip_network(address) takes a slower, string-parsing path (~4x).
+    if address.version == 4:
+        return ipaddress.IPv4Network(int(address))
+    return ipaddress.IPv6Network(int(address))
 
 
 def _in_tailnet(prefix: IPNetwork) -> bool:
@@ -236,14 +239,34 @@ class CompiledPolicy:
         if own:
             for gi in self._self_grants:
                 grant = self._grants[gi]
-                sources = self._self_sources(grant, own)
+                # Every device of a user gets the same sources: computed once per user.
+                skey = ("self", gi, node.user)
+                sources = self._cache.get(skey)
+                if sources is None:
+                    sources = _collapse(self._self_sources(grant, own), ())
+                    self._cache[skey] = sources
                 if sources:
-                    rules.append(FilterRule(_collapse(sources, ()),
+                    rules.append(FilterRule(sources,
                                             tuple(_host_prefix(a) for a in node.addresses),
                                             grant.ports, tuple(sorted(grant.protos))))
         result = tuple(rules)
         self._cache[key] = result
         return result
+
+    def filter_rules_json(self, node_id: int) -> list[dict]:
+        """`rules_to_json(filter_rules(node_id))`, with each rule's text cached: at 10,000 nodes the
+        same few source lists are sent to many nodes, and formatting prefixes dominates the cost."""
+        out = []
+        for rule in self.filter_rules(node_id):
+            key = ("json", id(rule.src))
+            src = self._cache.get(key)
+            if src is None or src[0] is not rule.src:
+                src = (rule.src, [str(p) for p in rule.src])
+                self._cache[key] = src
+            out.append({"src": src[1], "dst": [str(p) for p in rule.dst],
+                        "ports": ",".join(str(r) for r in rule.ports),
+                        "protos": [int(p) for p in rule.protos]})
+        return out
 
     def _self_sources(self, grant: _Grant, own: frozenset[int]) -> list[IPAddress]:
         """Addresses of the user's own nodes that the grant's sources name (by identity or prefix)."""
@@ -315,10 +338,10 @@ def _collapse(addresses: Sequence[IPAddress], prefixes: Iterable[IPNetwork]) -> 
             else:
                 merged.append([first, last])
         make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
-        host_bits = 32 if version == 4 else 128
+        make_host = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
         for first, last in merged:
             if first == last:
-                result.append(ipaddress.ip_network((make(first), host_bits)))
+                result.append(make_host(first))
             else:
                 result.extend(ipaddress.summarize_address_range(make(first), make(last)))
     return tuple(result)

@@ -268,3 +268,11 @@ def test_autogroup_self_with_an_address_source_pairs_that_device_with_its_siblin
     assert policy.visible_peers(ALICE_PHONE) == {ALICE_LAPTOP}
     (rule,) = policy.filter_rules(ALICE_PHONE)
     assert rule.src == (net(f"{ip(ALICE_LAPTOP)}/32"),)
+
+
+def test_cached_json_form_matches_the_plain_one() -> None:
+    policy = compiled(acl('"group:dev", "lan"', '"tag:server:22", "lan:80"'),
+                      acl('"autogroup:member"', '"autogroup:self:*"'))
+    for n in NODES:
+        assert policy.filter_rules_json(n.id) == rules_to_json(policy.filter_rules(n.id))
+        assert policy.filter_rules_json(n.id) == rules_to_json(policy.filter_rules(n.id))  # cached
