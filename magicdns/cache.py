@@ -22,6 +22,8 @@ Rules (RFC 1035, 2181, 2308, 8767):
   are removed from the stored copy so a cached answer never carries another client's cookie.
 - serve-stale (RFC 8767): an expired entry is kept for `stale_window` seconds and served, with TTL
   `stale_ttl` (30 s), only when the caller asks for it because every upstream failed.
+- resolution failures (RFC 9520) are remembered per key for `failure_ttl` seconds (1 s), apart
+  from the answers, so the caller can answer SERVFAIL (or stale) without asking again.
 - bounded by entries and by bytes, least recently used evicted first.
 """
 
@@ -247,7 +249,7 @@ class Cache:
 
     def __init__(self, *, max_entries: int = 10_000, max_bytes: int = 32 * 1024 * 1024,
                  max_ttl: int = 86_400, min_ttl: int = 0, negative_max_ttl: int = 3_600,
-                 stale_window: float = 86_400.0, stale_ttl: int = 30) -> None:
+                 stale_window: float = 86_400.0, stale_ttl: int = 30, failure_ttl: float = 1.0) -> None:
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("cache bounds must be positive")
         if not 0 <= min_ttl <= max_ttl:
@@ -259,7 +261,11 @@ class Cache:
         self.negative_max_ttl = negative_max_ttl
         self.stale_window = stale_window
         self.stale_ttl = stale_ttl
+        self.failure_ttl = failure_ttl
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        # Keys whose resolution just failed -> until when (RFC 9520); kept apart from the answers
+        # so a failure never evicts or replaces a stale answer worth serving.
+        self._failures: OrderedDict[CacheKey, float] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -281,6 +287,7 @@ class Cache:
     def clear(self) -> None:
         """Forget everything (a view change that moves routes makes old answers wrong)."""
         self._entries.clear()
+        self._failures.clear()
         self._bytes = 0
 
     # -- the hot path ------------------------------------------------------------------------
@@ -336,6 +343,30 @@ class Cache:
             pack(buf, off, min(ttl, self.stale_ttl))
         return bytes(buf)
 
+    def failed_recently(self, info: QueryInfo, now: float) -> bool:
+        """True while a failure noted for this key is fresh (the caller answers SERVFAIL or stale)."""
+        failures = self._failures
+        if not failures or info.key is None:
+            return False
+        until = failures.get(info.key)
+        if until is None:
+            return False
+        if now >= until:
+            del failures[info.key]
+            return False
+        return True
+
+    def note_failure(self, info: QueryInfo, now: float) -> None:
+        """Remember that every upstream failed for this key, for `failure_ttl` seconds (RFC 9520:
+        at least one second), so a storm of retries does not hammer failing upstreams."""
+        if info.key is None or self.failure_ttl <= 0:
+            return
+        failures = self._failures
+        failures[info.key] = now + self.failure_ttl
+        failures.move_to_end(info.key)
+        while len(failures) > self.max_entries:
+            failures.popitem(last=False)
+
     # -- the slow path -----------------------------------------------------------------------
 
     def insert(self, query: bytes, info: QueryInfo, reply: bytes, now: float,
@@ -362,6 +393,8 @@ class Cache:
         old = self._entries.pop(info.key, None)
         if old is not None:
             self._bytes -= old.size
+        if self._failures:
+            self._failures.pop(info.key, None)  # an answer ends the failure
         self._entries[info.key] = entry
         self._bytes += entry.size
         self.inserts += 1

@@ -59,6 +59,7 @@ EDE_OTHER = 0
 EDE_NO_REACHABLE_AUTHORITY = 22
 
 _FAILURE_RCODES = frozenset((Rcode.SERVFAIL, Rcode.REFUSED, Rcode.FORMERR, Rcode.NOTIMP))
+_UNREACHABLE_RCODES = frozenset((Rcode.SERVFAIL, Rcode.REFUSED))  # failures of the upstream, not the query
 _REBIND_LOG_INTERVAL = 600.0  # seconds between two log lines for the same name
 _REBIND_LOG_NAMES = 4096  # names remembered for that rate limit
 _PURGE_INTERVAL = 300.0  # seconds between two sweeps of the cache for dead entries
@@ -536,6 +537,7 @@ class Forwarder:
         self.stale_answers = 0
         self.coalesced = 0
         self.malformed = 0
+        self.failure_cached = 0
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -570,7 +572,16 @@ class Forwarder:
             info = query_info(query)
         except WireError:
             return None
-        return cache.get(query, info, now)
+        reply = cache.get(query, info, now)
+        if reply is None and cache.failed_recently(info, now):
+            # Every upstream failed for this question a moment ago (RFC 9520): do not ask again yet.
+            self.failure_cached += 1
+            stale = cache.get_stale(query, info, now)
+            if stale is not None:
+                self.stale_answers += 1
+                return stale
+            return error_reply(query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
+        return reply
 
     def looped(self, query: bytes) -> bool:
         """True if `query` is one of our own forwarded queries arriving back at our listener."""
@@ -643,7 +654,11 @@ class Forwarder:
         if outcome is None:
             if race.timed_out:
                 self.timeouts += 1
-            return self._failed(query, info, race.failure, EDE_NO_REACHABLE_AUTHORITY)
+            failure = race.failure
+            if self.cache is not None and (failure is None or (failure[3] & 0x0F) in _UNREACHABLE_RCODES):
+                # FORMERR/NOTIMP are about the query itself and are not remembered as failures.
+                self.cache.note_failure(info, self._clock())
+            return self._failed(query, info, failure, EDE_NO_REACHABLE_AUTHORITY)
         data, scan = outcome
         return self._deliver(query, info, data, scan, allow_tailnet_answers)
 
@@ -736,7 +751,7 @@ class Forwarder:
             "stale_answers": self.stale_answers, "overload": self.overload, "inflight": self._inflight,
             "rebind_blocked": self.rebind_blocked, "dropped_mismatch": self.dropped_mismatch,
             "looped": self.looped_seen, "coalesced": self.coalesced,
-            "malformed": self.malformed,
+            "malformed": self.malformed, "failure_cached": self.failure_cached,
             "upstreams": {h.upstream: {"sent": h.sent, "answered": h.answered, "servfail": h.servfail,
                                        "timeouts": h.timeouts, "tcp_fallbacks": h.tcp_fallbacks,
                                        "srtt_ms": h.srtt_ms, "last_error": h.last_error}

@@ -440,14 +440,38 @@ def test_stale_answer_served_when_upstreams_die() -> None:
     run(main)
 
 
-def test_truncated_and_servfail_replies_are_not_cached() -> None:
+def test_servfail_is_not_cached_but_the_failure_is_remembered_briefly() -> None:
     async def main() -> None:
+        clock = FakeClock()
         async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SERVFAIL) as a:
-            fwd = Forwarder(cache=Cache())
+            fwd = Forwarder(cache=Cache(failure_ttl=1.0), clock=clock)
             wire = query("www.example.test")
             await fwd.forward(wire, (up(a),), allow_tailnet_answers=False)
-            assert fwd.answer_from_cache(wire, time.monotonic()) is None
             assert fwd.stats()["cache"]["entries"] == 0
+            # RFC 9520: for a second, the failure is answered without asking the upstreams again.
+            again = fwd.answer_from_cache(wire, clock.now + 0.5)
+            assert again is not None and DNSRecord.parse(again).header.rcode == RCODE.SERVFAIL
+            assert again[:2] == wire[:2] and fwd.stats()["failure_cached"] == 1
+            assert fwd.answer_from_cache(wire, clock.now + 1.0) is None
+            a.behavior = Behavior.NORMAL
+            await fwd.forward(wire, (up(a),), allow_tailnet_answers=False)
+            assert addresses(fwd.answer_from_cache(wire, clock.now + 0.1) or b"") == ["192.0.2.10"]
+    run(main)
+
+
+def test_formerr_from_upstream_is_passed_on_and_not_remembered() -> None:
+    async def main() -> None:
+        def formerr(q: bytes, _src: object) -> bytes:
+            r = DNSRecord.parse(q).reply()
+            r.header.rcode = RCODE.FORMERR
+            return bytes(r.pack())
+
+        async with FakeUpstream.start("127.0.0.2", hook=formerr) as a:
+            fwd = Forwarder(cache=Cache())
+            wire = query("www.example.test")
+            reply = await fwd.forward(wire, (up(a),), allow_tailnet_answers=False)
+            assert DNSRecord.parse(reply).header.rcode == RCODE.FORMERR
+            assert fwd.answer_from_cache(wire, time.monotonic()) is None
     run(main)
 
 

@@ -212,6 +212,26 @@ def test_stale_lookup_of_a_fresh_entry_serves_it_fresh() -> None:
     assert DNSRecord.parse(cache.get_stale(q, query_info(q), 100.0)).rr[0].ttl == 200
 
 
+# -- failures (RFC 9520) ------------------------------------------------------------------------
+
+def test_failures_remembered_for_failure_ttl_and_ended_by_an_answer() -> None:
+    cache = Cache(failure_ttl=2.0, max_entries=2)
+    q = make_query()
+    info = query_info(q)
+    assert not cache.failed_recently(info, 0.0)
+    cache.note_failure(info, 10.0)
+    assert cache.failed_recently(info, 11.9) and not cache.failed_recently(info, 12.0)
+    cache.note_failure(info, 20.0)
+    put(cache, q, make_reply(q, ["www.example.test. 300 IN A 192.0.2.1"]), 20.5)
+    assert not cache.failed_recently(info, 20.6)
+    for i in range(5):  # bounded like the answers
+        cache.note_failure(query_info(make_query(f"f{i}.example.test")), 30.0)
+    assert len(cache._failures) == 2
+    disabled = Cache(failure_ttl=0)
+    disabled.note_failure(info, 0.0)
+    assert not disabled.failed_recently(info, 0.0)
+
+
 # -- bounds --------------------------------------------------------------------------------------
 
 def test_lru_eviction_by_entries() -> None:
