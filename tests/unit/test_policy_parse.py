@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from meshnode.policy import (DEFAULT_PROTOS, HuJSONError, IPProto, PolicyValidationError, PortRange,
+from meshnode.policy import (DEFAULT_PROTOS, HuJSONError, IPProto, PolicyError, PolicyValidationError, PortRange,
                              SelectorKind, default_policy, parse_policy)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "conf" / "policy.hujson"
@@ -173,3 +176,25 @@ def test_legacy_field_names_are_located_too() -> None:
     with pytest.raises(PolicyValidationError) as info:
         parse_policy('{"acls": [{"action": "accept",\n "users": ["*", "who"], "ports": ["*:*"]}]}')
     assert (info.value.where, info.value.line, info.value.column) == ("acls[0].src[1]", 2, 17)
+
+
+# Random documents built from the policy's own vocabulary, so most reach deep into validation.
+_WORDS = st.sampled_from(["*", "*:*", "a@b", "group:g", "tag:t", "autogroup:self", "autogroup:member",
+                          "h", "h:22", "10.0.0.0/8", "10.0.0.0/8:1-2", "tcp", "icmp", "accept", "",
+                          "x:y:z", "[::1]:80", "fd7a::/48:*", "group:g:*", "tag:t:80,443"])
+_KEYS = st.sampled_from(["acls", "groups", "hosts", "tagOwners", "autoApprovers", "tests", "src", "dst",
+                         "users", "ports", "proto", "action", "accept", "deny", "routes", "exitNode",
+                         "group:g", "tag:t", "h", "10.0.0.0/8", "ssh"])
+_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-1, 70000) | st.floats(allow_nan=False) | _WORDS,
+                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=5),
+                       max_leaves=25)
+
+
+@given(st.dictionaries(_KEYS, _VALUES, max_size=6))
+@settings(max_examples=1000, deadline=None)
+def test_random_documents_parse_or_raise_a_policy_error(doc: dict) -> None:
+    text = json.dumps(doc)
+    try:
+        parse_policy(text)
+    except PolicyError as exc:
+        assert str(exc)
