@@ -205,14 +205,19 @@ class ControlServer:
         old.set()
 
     async def _publisher(self) -> None:
+        spent = 0.0
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(self.config.coalesce)  # let a burst of changes land as one snapshot
+            # Let a burst of changes land as one snapshot; waiting at least as long as the last build
+            # took keeps publishing under half of the loop's time on a large, busy tailnet.
+            await asyncio.sleep(max(self.config.coalesce, spent))
             self._dirty.clear()
+            t0 = time.monotonic()
             try:
                 self._publish()
             except Exception:
                 log.exception("building the network map failed; will retry on the next change")
+            spent = time.monotonic() - t0
 
     async def _poller(self) -> None:
         """Notice writes by other processes: the CLI (change counter) and `magicdns records` (version)."""

@@ -13,6 +13,7 @@ which have run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -89,7 +90,7 @@ class Node:
 
     @property
     def addresses(self) -> tuple[str, str]:
-        return addresses.pair_for(self.offset).texts
+        return _address_texts(self.offset)
 
     def expired(self, now: float) -> bool:
         return self.expiry is not None and now >= self.expiry
@@ -192,6 +193,12 @@ _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.ta
               " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id")
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _address_texts(offset: int) -> tuple[str, str]:
+    # Formatting IPv6 text is slow; maps of 10k nodes ask for every node's addresses on each change.
+    return addresses.pair_for(offset).texts
+
+
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
                 _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
@@ -221,6 +228,7 @@ class ControlStore:
     """Users, nodes, leases, auth keys, policy, DNS settings and (via RecordStore) records."""
 
     def __init__(self, db: str | Path | sqlite_utils.Database, domain: str | None = None) -> None:
+        self._node_cache: dict[int, tuple[tuple, Node]] = {}
         try:
             if isinstance(db, sqlite_utils.Database):
                 self.db = db
@@ -426,8 +434,20 @@ class ControlStore:
     # -- nodes ----------------------------------------------------------------------------------
 
     def _select_nodes(self, where: str = "", args: Sequence[Any] = ()) -> list[Node]:
-        return [_node(r) for r in self.conn.execute(
-            f"SELECT {_NODE_COLS} FROM nodes n JOIN users u ON u.id = n.user_id {where} ORDER BY n.id", args)]
+        out = []
+        cache = self._node_cache
+        for r in self.conn.execute(
+                f"SELECT {_NODE_COLS} FROM nodes n JOIN users u ON u.id = n.user_id {where} ORDER BY n.id", args):
+            hit = cache.get(r[0])
+            if hit is not None and hit[0] == r:
+                out.append(hit[1])  # same row as last time: same (immutable) Node, no JSON decoding
+                continue
+            node = _node(r)
+            if len(cache) > 200_000:
+                cache.clear()
+            cache[r[0]] = (r, node)
+            out.append(node)
+        return out
 
     def list_nodes(self) -> list[Node]:
         return self._select_nodes()
