@@ -8,8 +8,8 @@ from typing import Any, Callable, TypeVar
 from . import hujson
 from .errors import PolicyValidationError
 from .locate import locate
-from .model import (AclRule, Action, AutoApprovers, DstEntry, Expectation, IPNetwork, Policy,
-                    PolicyTest, Selector, SelectorKind, TestDst)
+from .model import (AclRule, Action, AutoApprovers, DstEntry, IPNetwork, Policy, PolicyTest, Selector,
+                    TestDst)
 from .protocols import DEFAULT_PROTOS, PORT_PROTOS, IPProto, parse_proto
 from .selectors import (HOST_NAME, Names, Role, parse_port, parse_ports, parse_prefix,
                         parse_selector, split_host_port)
@@ -226,5 +226,3 @@ def default_policy() -> Policy:
     """The policy in force when the admin has set none: allow all."""
     return parse_policy(DEFAULT_POLICY_TEXT)
 
-
-__all__ = ["DEFAULT_POLICY_TEXT", "default_policy", "parse_policy", "Expectation", "SelectorKind"]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from meshnode.policy import (FilterRule, IPProto, NodeInfo, PortRange, compile_policy, parse_policy,
+from meshnode.policy import (IPProto, NodeInfo, PortRange, compile_policy, parse_policy,
                              rules_from_json, rules_to_json)
 from meshnode.policy.errors import PolicyValidationError
 
