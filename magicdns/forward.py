@@ -62,6 +62,7 @@ _FAILURE_RCODES = frozenset((Rcode.SERVFAIL, Rcode.REFUSED, Rcode.FORMERR, Rcode
 _UNREACHABLE_RCODES = frozenset((Rcode.SERVFAIL, Rcode.REFUSED))  # failures of the upstream, not the query
 _REBIND_LOG_INTERVAL = 600.0  # seconds between two log lines for the same name
 _REBIND_LOG_NAMES = 4096  # names remembered for that rate limit
+_HEALTH_LOG_INTERVAL = 60.0  # seconds between two "upstream failing" warnings for one upstream
 _PURGE_INTERVAL = 300.0  # seconds between two sweeps of the cache for dead entries
 
 
@@ -198,7 +199,8 @@ class UpstreamHealth:
 
 
 class _Health:
-    __slots__ = ("sent", "answered", "servfail", "timeouts", "tcp_fallbacks", "srtt", "last_error", "failing")
+    __slots__ = ("sent", "answered", "servfail", "timeouts", "tcp_fallbacks", "srtt", "last_error", "failing",
+                 "warned_at", "announced")
 
     def __init__(self) -> None:
         self.sent = 0
@@ -208,7 +210,9 @@ class _Health:
         self.tcp_fallbacks = 0
         self.srtt = 0.0  # seconds; an unknown upstream is tried first, in configured order
         self.last_error: str | None = None
-        self.failing = False  # logged once when it starts failing and once when it answers again
+        self.failing = False  # logged when it starts failing and when it answers again
+        self.warned_at = float("-inf")  # a flapping upstream logs at most once a minute
+        self.announced = False  # its failure was logged: log its recovery too
 
     def sample(self, rtt: float) -> None:
         # Weights as BIND's: quick to notice a slow server, slow to forget it.
@@ -419,7 +423,9 @@ class _Race:
         self._finish_attempt(attempt)
         if health.failing:
             health.failing = False
-            log.info("upstream %s answers again", attempt.upstream.spec)
+            if health.announced:
+                health.announced = False
+                log.info("upstream %s answers again", attempt.upstream.spec)
         if not self.result.done():
             self.result.set_result((data, scan))
 
@@ -555,11 +561,14 @@ class Forwarder:
 
     def _note_down(self, up: Upstream, health: _Health, reason: str) -> None:
         # One warning when an upstream starts failing, not one per query.
-        if not health.failing:
-            health.failing = True
+        now = time.monotonic()
+        if not health.failing and now - health.warned_at >= _HEALTH_LOG_INTERVAL:
+            health.warned_at = now
+            health.announced = True
             log.warning("upstream %s failing: %s", up.spec, reason)
         else:
             log.debug("upstream %s: %s", up.spec, reason)
+        health.failing = True
 
     # -- the server's entry points ---------------------------------------------------------------
 

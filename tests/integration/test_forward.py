@@ -174,6 +174,22 @@ def test_refused_port_moves_on_at_once() -> None:
     run(main)
 
 
+def test_upstream_failure_and_recovery_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as a:
+            fwd = Forwarder(timeout=0.2)
+            for _ in range(3):
+                await fwd.forward(query("www.example.test"), (up(a),), allow_tailnet_answers=False)
+            a.behavior = Behavior.NORMAL
+            for _ in range(3):
+                await fwd.forward(query("www.example.test"), (up(a),), allow_tailnet_answers=False)
+
+    with caplog.at_level("INFO", logger="magicdns.forward"):
+        run(main)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "failing: timeout" in lines[0] and "answers again" in lines[1]
+
+
 def test_all_servfail_gives_servfail_within_the_bound() -> None:
     async def main() -> None:
         async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SERVFAIL) as a, \
