@@ -214,9 +214,9 @@ def unbound_conf(zones: dict[str, ZoneData], tmp: Path, port: int, threads: int 
     return "\n".join(lines) + "\n"
 
 
-def bench_view_json(hosts: int, domain: str = "tailnet", version: int = 1) -> dict:
+def bench_view_json(hosts: int, domain: str = "tailnet", version: int = 1, txt_every: int = 10) -> dict:
     """A view of `hosts` nodes `host-N`, each with one IPv4 and one IPv6 address, and a TXT record on
-    every tenth so that TXT queries elsewhere are NODATA."""
+    every `txt_every`th (0: none) so that TXT queries elsewhere are NODATA."""
     peers = []
     base4 = int(TAILNET_V4.network_address)
     base6 = int(TAILNET_V6.network_address)
@@ -224,7 +224,7 @@ def bench_view_json(hosts: int, domain: str = "tailnet", version: int = 1) -> di
         peers.append({"name": f"host-{i}",
                       "addresses": [str(ipaddress.IPv4Address(base4 + i)), str(ipaddress.IPv6Address(base6 + i))]})
     records = [{"name": f"host-{i}.{domain}", "type": "TXT", "value": f'"node {i}"', "ttl": 300}
-               for i in range(10, hosts + 1, 10)]
+               for i in range(txt_every, hosts + 1, txt_every)] if txt_every else []
     return {"domain": domain, "self": peers[0], "peers": peers[1:],
             "dns": {"nameservers": [], "routes": {}, "search_domains": [domain], "records": records},
             "version": version}
