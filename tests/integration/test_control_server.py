@@ -318,6 +318,19 @@ async def test_relogin_and_logout_keep_identity(tmp_path: Path) -> None:
         result = await n.client.register(net.key, hostname="laptop")
         assert (result.node_id, result.name, result.addresses) == (first.id, first.name, first.addresses)
         await within_1s(lambda: watcher.peer_names() == {"laptop"}, "re-login visible")
+        await n.client.update_endpoints(["198.51.100.7:41641"])
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").endpoints == ("198.51.100.7:41641",),
+                        "endpoints reach peers")
+        # Node-key rotation: same machine, new WireGuard key, no auth key needed while logged in.
+        rotated = ControlClient(net.url, n.client.machine_key_private, generate_private_key())
+        again = await rotated.register(None, hostname="laptop")
+        assert (again.node_id, again.addresses) == (first.id, first.addresses)
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").node_key == rotated.node_key_public,
+                        "rotated node key reaches peers")
+        with pytest.raises(ControlError) as err:
+            await n.client.update_endpoints(["1.2.3.4:1"])  # the old node key is no longer this node's
+        assert err.value.code is ErrorCode.NODE_KEY_MISMATCH
+        await rotated.close()
 
 
 @run
