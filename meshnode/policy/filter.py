@@ -37,6 +37,7 @@ class AcceptReason(enum.IntEnum):
 
     RULE = 0            # a filter rule allows it
     REPLY = 1           # a reply of a flow this node opened
+    RELATED = 2         # an ICMP error about a flow this node opened (unreachable, too big...)
 
 
 def _nets(prefixes: Iterable[IPNetwork], version: int
@@ -61,7 +62,11 @@ def _nets(prefixes: Iterable[IPNetwork], version: int
 # (port ranges or None for all ports, src any/exact/nets, dst any/exact/nets).
 _Compiled = tuple
 _MALFORMED, _NOT_ALLOWED = int(DropReason.MALFORMED), int(DropReason.NOT_ALLOWED)
-_RULE, _REPLY = int(AcceptReason.RULE), int(AcceptReason.REPLY)
+_RULE, _REPLY, _RELATED = int(AcceptReason.RULE), int(AcceptReason.REPLY), int(AcceptReason.RELATED)
+# ICMP errors quote the packet that caused them: destination unreachable (which carries IPv6's
+# packet too big for path-MTU discovery, and IPv4's fragmentation needed), time exceeded, parameter
+# problem.
+_ICMP_ERRORS = {_ICMP: frozenset({3, 11, 12}), _ICMPV6: frozenset({1, 2, 3, 4})}
 
 
 def _compile(rules: Iterable[FilterRule], version: int) -> dict[int, tuple[_Compiled, ...]]:
@@ -102,6 +107,29 @@ def _walk_v6(packet: bytes, proto: int, end: int) -> tuple[int, int, int] | None
             proto, off = packet[off], off + 8
         else:
             proto, off = packet[off], off + ((packet[off + 1] + 1) << 3)
+    return None
+
+
+def _quoted_flow(packet: bytes, start: int, end: int, version: int, local: bytes) -> tuple | None:
+    """The flow-table key of the packet an ICMP error quotes, if it is one this node sent."""
+    if version == 4:
+        if start + 20 > end or packet[start] >> 4 != 4:
+            return None
+        off = start + ((packet[start] & 15) << 2)
+        proto = packet[start + 9]
+        src, dst = packet[start + 12:start + 16], packet[start + 16:start + 20]
+    else:
+        if start + 40 > end or packet[start] >> 4 != 6:
+            return None
+        off = start + 40
+        proto = packet[start + 6]  # quoted extension headers are not walked: no match, dropped
+        src, dst = packet[start + 8:start + 24], packet[start + 24:start + 40]
+    if src != local:
+        return None  # the quoted packet must be one this node sent
+    if proto in _PORT_PROTOS and off + 4 <= end:
+        return (proto, dst, src, (packet[off + 2] << 8) | packet[off + 3], (packet[off] << 8) | packet[off + 1])
+    if (proto == _ICMP or proto == _ICMPV6) and off + 8 <= end and packet[off] == _ECHO_REQUEST[proto]:
+        return (proto, dst, src, (packet[off + 4] << 8) | packet[off + 5], -1)
     return None
 
 
@@ -231,6 +259,12 @@ class PacketFilter:
                     key = (proto, src, dst, (packet[off] << 8) | packet[off + 1], port)
                 elif (proto == _ICMP or proto == _ICMPV6) and packet[off] == _ECHO_REPLY[proto]:
                     key = (proto, src, dst, (packet[off + 4] << 8) | packet[off + 5], -1)
+                elif (proto == _ICMP or proto == _ICMPV6) and packet[off] in _ICMP_ERRORS[proto]:
+                    key = _quoted_flow(packet, off + 8, end, b0 >> 4, dst)
+                    if key is not None and self._flows.get(key, -1.0) >= now:
+                        self._accepts[_RELATED] += 1
+                        return True
+                    key = None
                 else:
                     key = None
                 if key is not None:

@@ -224,3 +224,25 @@ def test_mutated_packets_never_raise(packet: bytes, edits: list[tuple[int, int]]
     f = PacketFilter(rules())
     f.note_outbound(mutated, 0.0)
     assert isinstance(f.check(mutated, 0.0), bool)
+
+
+def icmp_error(kind: int, code: int, quoted: bytes) -> bytes:
+    return struct.pack("!BBHI", kind, code, 0, 1280) + quoted
+
+
+def test_icmp_errors_about_our_flows_pass() -> None:
+    f = PacketFilter(rules())
+    sent4 = ipv4(LOCAL4, OTHER4, TCP, tcp(50000, 443))
+    sent6 = ipv6(LOCAL6, OTHER6, UDP, udp(5353, 53))
+    too_big = ipv6("fd00::99", LOCAL6, ICMPV6, icmp_error(2, 0, sent6[:48]))   # from a router on the path
+    unreachable = ipv4("10.9.9.9", LOCAL4, ICMP, icmp_error(3, 4, sent4[:28]))  # fragmentation needed
+    assert not f.check(too_big, 0.0) and not f.check(unreachable, 0.0)        # nothing sent yet
+    f.note_outbound(sent4, 0.0)
+    f.note_outbound(sent6, 0.0)
+    assert f.check(too_big, 1.0) and f.check(unreachable, 1.0)
+    assert f.accepts[AcceptReason.RELATED] == 2
+    other = ipv4(OTHER4, LOCAL4, TCP, tcp(443, 50000))                         # not a packet we sent
+    assert not f.check(ipv4("10.9.9.9", LOCAL4, ICMP, icmp_error(3, 1, other[:28])), 1.0)
+    assert not f.check(ipv4("10.9.9.9", LOCAL4, ICMP, icmp_error(3, 1, sent4[:20])), 1.0)  # no ports
+    assert not f.check(ipv4("10.9.9.9", LOCAL4, ICMP, icmp_error(5, 1, sent4[:28])), 1.0)  # a redirect
+    assert not f.check(unreachable, 4000.0)                                    # the flow expired
