@@ -1,8 +1,10 @@
 """The ACL policy: Tailscale's policy-file format (HuJSON), its evaluation and its `tests` section.
 
-Control server: `check_policy(text, nodes)` on `policy set` (refuse on PolicyError), then
-`compile_policy(policy, nodes)` and, per node, `visible_peers` and `filter_rules` into its map.
-Data plane: `PacketFilter(rules)` from the map's rules; `check` inbound, `note_outbound` outbound.
+Control server: `check_policy(text, nodes)` on `policy set` (refuse on PolicyError, keep the old
+policy), then `compile_policy(policy, nodes)` once per change of policy or nodes and, per node,
+`visible_peers` (the peers its map holds) and `filter_rules_json` (its packet filter) into its map.
+Data plane: `PacketFilter(rules_from_json(...))`; `check` each packet from the tunnel,
+`note_outbound` each packet into it, `set_rules` on a new map.
 """
 
 from .approvals import auto_approved_exit, auto_approved_routes, tag_allowed, tag_allowed_for_node
