@@ -23,6 +23,7 @@ from ..policy import CompiledPolicy, NodeInfo, Policy, compile_policy, rules_to_
 from .store import DnsSettings, Node
 
 _EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+HISTORY = 32  # snapshots a stream may fall behind and still get a delta
 
 
 def _dumps(obj: object) -> str:
@@ -73,6 +74,10 @@ class Snapshot:
     dns_text: str
     changed: frozenset[int] = frozenset()   # nodes new or different since snapshot seq-1
     removed: frozenset[int] = frozenset()   # nodes gone since snapshot seq-1
+    # (seq, changed, removed) of the last HISTORY snapshots, this one last: a stream that fell a few
+    # snapshots behind gets a delta from these instead of a full map, and no stream has to remember
+    # what it was sent peer by peer (10k peers x 1k streams would pin a gigabyte).
+    history: tuple[tuple[int, frozenset[int], frozenset[int]], ...] = ()
 
     @property
     def differs(self) -> bool:
@@ -122,8 +127,11 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
         compiled = compile_policy(policy, infos_t)
     dns_text = _dumps(dns_json(dns, records))
     removed = frozenset(prev.nodes.keys() - mnodes.keys()) if prev else frozenset()
-    snap = Snapshot((prev.seq + 1) if prev else 0, version, domain, rows, mnodes, texts, infos_t,
-                    policy_text, policy, compiled, dns_text, frozenset(changed), removed)
+    seq = (prev.seq + 1) if prev else 0
+    changed_f = frozenset(changed)
+    history = ((prev.history[-(HISTORY - 1):] if prev else ()) + ((seq, changed_f, removed),))
+    snap = Snapshot(seq, version, domain, rows, mnodes, texts, infos_t, policy_text, policy, compiled,
+                    dns_text, changed_f, removed, history)
     differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
                or domain != prev.domain)
     return snap, differs
@@ -141,7 +149,8 @@ def with_version(snap: Snapshot, version: int) -> Snapshot:
 
 @dataclass
 class StreamState:
-    """What one open map stream has been sent (so the next frame can be a delta)."""
+    """What one open map stream has been sent (so the next frame can be a delta). Only references
+    to shared objects: the visible set, and the JSON texts of self, DNS and filter."""
 
     node_id: int
     seq: int = -1
@@ -151,7 +160,11 @@ class StreamState:
     self_text: str | None = None
     dns_text: str | None = None
     domain: str | None = None
-    peers: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def full(self) -> bool:
+        """The next frame will be a full map."""
+        return self.seq < 0
 
 
 class NodeGone(Exception):
@@ -161,47 +174,45 @@ class NodeGone(Exception):
 def next_frame(snap: Snapshot, state: StreamState) -> str | None:
     """The JSON text of the frame that brings `state` up to `snap` (None: nothing to send).
 
-    The first frame of a stream is a full map; later ones are deltas. Raises `NodeGone` when the
-    node left the tailnet, so the server ends its stream.
+    The first frame of a stream is a full map, and so is the next one after a stream fell more
+    than HISTORY snapshots behind; otherwise a delta. Raises `NodeGone` when the node left the
+    tailnet, so the server ends its stream.
     """
     nid = state.node_id
     if nid not in snap.nodes:
         raise NodeGone(nid)
-    fast = state.seq == snap.seq - 1 and state.compiled is snap.compiled
+    old_visible = state.visible
     if state.compiled is not snap.compiled:
         visible = snap.compiled.visible_peers(nid)
         filter_text = _dumps(rules_to_json(snap.compiled.filter_rules(nid)))
     else:
-        visible, filter_text = state.visible, state.filter_text
+        visible, filter_text = old_visible, state.filter_text
     texts = snap.node_text
-    if state.seq < 0:
-        frame = "".join([
+    if state.seq < 0 or state.seq < snap.history[0][0] - 1:
+        frame: str | None = "".join([
             '{"type":"full","netmap":{"version":', str(snap.version), ',"domain":', _dumps(snap.domain),
-            ',"self":', texts[nid], ',"peers":[', ",".join(texts[p] for p in sorted(visible)),
+            ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(visible)]),
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{}}}'])
-        state.peers = {p: texts[p] for p in visible}
     else:
-        if fast:
-            candidates: Iterable[int] = snap.changed & visible
-            removed = [p for p in snap.removed if p in state.peers]
+        since: set[int] = set()
+        for seq, changed_ids, _removed in snap.history:
+            if seq > state.seq:
+                since |= changed_ids
+        if visible is old_visible:
+            changed = since & visible
+            removed: frozenset[int] | set[int] = frozenset()
         else:
-            candidates = visible
-            removed = [p for p in state.peers if p not in visible]
-        sent = state.peers
-        changed = [p for p in candidates if sent.get(p) is not texts[p]]
+            changed = (visible - old_visible) | (since & visible)
+            removed = old_visible - visible
         parts = ['{"type":"delta","version":', str(snap.version)]
         if snap.domain != state.domain:
             parts += [',"domain":', _dumps(snap.domain)]
         if texts[nid] is not state.self_text:
             parts += [',"self":', texts[nid]]
         if changed:
-            parts += [',"peers_changed":[', ",".join(texts[p] for p in changed), "]"]
-            for p in changed:
-                sent[p] = texts[p]
+            parts += [',"peers_changed":[', ",".join([texts[p] for p in sorted(changed)]), "]"]
         if removed:
-            parts += [',"peers_removed":', _dumps(removed)]
-            for p in removed:
-                del sent[p]
+            parts += [',"peers_removed":', _dumps(sorted(removed))]
         if snap.dns_text != state.dns_text:
             parts += [',"dns":', snap.dns_text]
         if filter_text != state.filter_text:

@@ -112,6 +112,7 @@ class ControlServer:
         self.snapshot: Snapshot | None = None
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
+        self._full_maps = asyncio.Semaphore(8)
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_counter = -1
         self._seen_records = -1
@@ -362,19 +363,32 @@ class ControlServer:
             changed = self._changed
             snap = self.snapshot
             if snap is not None and snap.seq != state.seq:
-                try:
-                    text = next_frame(snap, state)
-                except NodeGone:
-                    return  # deleted, logged out or expired: the client learns why when it reconnects
-                if text is not None:
-                    await resp.write(frame(chan.seal_bytes(text.encode())))
-                    self.stats["frames"] += 1
+                if state.full:
+                    # A full map of a 10k-node tailnet is megabytes, held in the socket buffer until
+                    # the node reads it: a bounded number in flight keeps a reconnect storm from
+                    # costing gigabytes.
+                    async with self._full_maps:
+                        if not await self._send(resp, chan, snap, state):
+                            return
+                elif not await self._send(resp, chan, snap, state):
+                    return
             if not self._tasks:  # shutting down
                 return
             try:
                 await asyncio.wait_for(changed.wait(), self.config.keepalive)
             except asyncio.TimeoutError:
                 await resp.write(keepalive)
+
+    async def _send(self, resp: web.StreamResponse, chan: Channel, snap: Snapshot, state: StreamState) -> bool:
+        """Write the frame that brings this stream up to `snap`; False when its node is gone."""
+        try:
+            text = next_frame(snap, state)
+        except NodeGone:
+            return False  # deleted, logged out or expired: the client learns why when it reconnects
+        if text is not None:
+            await resp.write(frame(chan.seal_bytes(text.encode())))
+            self.stats["frames"] += 1
+        return True
 
     # -- admin API ------------------------------------------------------------------------------
 

@@ -107,3 +107,15 @@ def test_stream_that_missed_snapshots_catches_up() -> None:
     s3, _ = snap(s2, [nodes[0], node(2, "b2"), node(3, "c3")], version=3)  # s2 never sent to this stream
     nm = asm.apply(json.loads(next_frame(s3, st)))
     assert [p.name for p in nm.peers] == ["b2", "c3"] and nm.version == 3
+
+
+def test_stream_too_far_behind_gets_a_full_map() -> None:
+    from meshnode.control.mapbuilder import HISTORY
+    nodes = [node(1, "a"), node(2, "b")]
+    s, _ = snap(None, nodes)
+    st = StreamState(1)
+    next_frame(s, st)
+    for i in range(HISTORY + 1):
+        s, _ = snap(s, [nodes[0], node(2, f"b{i}")], version=i + 2)
+    frame = json.loads(next_frame(s, st))
+    assert frame["type"] == "full" and frame["netmap"]["peers"][0]["name"] == f"b{HISTORY}"
