@@ -304,3 +304,16 @@ def test_forwarding_loop_refused_at_start(tmp_path: Path) -> None:
                           "--control-socket", str(tmp_path / "s.sock")],
                          capture_output=True, text=True, timeout=30, cwd=str(ROOT))
     assert res.returncode == 2 and "loop" in res.stderr
+
+
+def test_query_log(tmp_path: Path) -> None:
+    log = tmp_path / "queries.log"
+    srv = start_magicdns("--query-log", str(log), workdir=str(tmp_path))
+    try:
+        srv.query("db.tailnet", "AAAA")
+        srv.query("nobody.tailnet", "A")
+    finally:
+        srv.stop()
+    lines = log.read_text().splitlines()
+    assert any(" 127.0.0.1 db.tailnet. AAAA NOERROR local" in line for line in lines)
+    assert any(" 127.0.0.1 nobody.tailnet. A NXDOMAIN local" in line for line in lines)
