@@ -39,6 +39,7 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
 _BYTE = tuple(bytes((i,)) for i in range(256))
+_EDE_STALE = b"\x00\x06" + struct.pack(">HHH", 15, 2, 3)  # OPT rdlength 6, then EDE option code 3
 
 TYPE_A = 1
 TYPE_SOA = 6
@@ -232,11 +233,13 @@ class CacheStats:
 
 
 class _Entry:
-    __slots__ = ("wire", "offsets", "ttls", "born", "expires", "stale_until", "size", "aged", "aged_for")
+    __slots__ = ("wire", "offsets", "ttls", "born", "expires", "stale_until", "size", "aged", "aged_for",
+                 "opt_last")
 
     def __init__(self, wire: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], born: float,
-                 lifetime: int, stale_window: float) -> None:
+                 lifetime: int, stale_window: float, opt_last: bool) -> None:
         self.wire = wire
+        self.opt_last = opt_last  # the wire ends with an OPT of no options: an EDE can be appended
         self.offsets = offsets
         self.ttls = ttls
         self.born = born
@@ -350,6 +353,10 @@ class Cache:
         pack = _U32.pack_into
         for off, ttl in zip(entry.offsets, entry.ttls):
             pack(buf, off, min(ttl, self.stale_ttl))
+        if entry.opt_last:
+            # RFC 8914 Extended DNS Error 3, "Stale Answer": tells the client (and whoever debugs it)
+            # why this answer is older than its TTL.
+            buf[-2:] = _EDE_STALE
         return bytes(buf)
 
     def failed_recently(self, info: QueryInfo, now: float) -> bool:
@@ -393,10 +400,10 @@ class Cache:
             return False
         if prepared is None:
             return False
-        wire, offsets, ttls, lifetime = prepared
+        wire, offsets, ttls, lifetime, opt_last = prepared
         if reply[12:scan.qend].lower() != query[12:info.qend].lower():
             return False
-        entry = _Entry(wire, offsets, ttls, now, lifetime, self.stale_window)
+        entry = _Entry(wire, offsets, ttls, now, lifetime, self.stale_window, opt_last)
         if entry.size > self.max_bytes:
             return False
         old = self._entries.pop(info.key, None)
@@ -411,9 +418,10 @@ class Cache:
         return True
 
     def _prepare(self, reply: bytes, scan: MessageScan
-                 ) -> tuple[bytes, tuple[int, ...], tuple[int, ...], int] | None:
+                 ) -> tuple[bytes, tuple[int, ...], tuple[int, ...], int, bool] | None:
         """The stored form of `reply`: wire bytes (ID 0, TTLs capped, OPT options removed),
-        TTL offsets, stored TTLs and the entry lifetime; None when it must not be cached."""
+        TTL offsets, stored TTLs, the entry lifetime and whether the OPT is the last record; None
+        when it must not be cached."""
         rcode = scan.rcode
         if rcode not in (Rcode.NOERROR, Rcode.NXDOMAIN) or scan.qdcount != 1:
             return None
@@ -471,7 +479,8 @@ class Cache:
         if cut is not None:
             start, end = cut
             wire[start:end] = b"\x00\x00"  # rdlength 0, options gone; nothing follows the OPT
-        return bytes(wire), tuple(offsets), tuple(ttls), lifetime
+        opt_last = bool(records) and records[-1].rtype == TYPE_OPT
+        return bytes(wire), tuple(offsets), tuple(ttls), lifetime, opt_last
 
     def _drop(self, key: CacheKey, entry: _Entry) -> None:
         del self._entries[key]

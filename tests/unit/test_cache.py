@@ -205,6 +205,17 @@ def test_stale_within_the_window_with_ttl_30() -> None:
     assert len(cache) == 0
 
 
+def test_stale_answer_carries_extended_error_3_when_edns() -> None:
+    cache = Cache()
+    q = make_query(edns=True)
+    put(cache, q, make_reply(q, ["www.example.test. 300 IN A 192.0.2.1"], opt=EDNS0(udp_len=1232)))
+    stale = DNSRecord.parse(cache.get_stale(q, query_info(q), 400.0))
+    opt = [rr for rr in stale.ar if rr.rtype == QTYPE.OPT][0]
+    assert [(o.code, o.data) for o in opt.rdata] == [(15, b"\x00\x03")]
+    fresh = DNSRecord.parse(cache.get(q, query_info(q), 10.0))
+    assert [rr for rr in fresh.ar if rr.rtype == QTYPE.OPT][0].rdata == []
+
+
 def test_stale_lookup_of_a_fresh_entry_serves_it_fresh() -> None:
     cache = Cache()
     q = make_query()
