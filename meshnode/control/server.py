@@ -116,6 +116,7 @@ class ControlServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_counter = -1
         self._seen_records = -1
+        self._records: list | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
         self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0}
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
@@ -185,7 +186,12 @@ class ControlServer:
     def _publish(self) -> None:
         """Build a snapshot from the store; if it differs, persist a new version and wake streams."""
         self._seen_counter = self.store.change_counter()
-        records_version, records = self.store.records.snapshot()
+        records_version = self.store.records.version()
+        if records_version != self._seen_records or self._records is None:
+            # Parsing every record (dnslib) on each snapshot would dominate for big record sets.
+            records_version, records = self.store.records.snapshot()
+            self._records = records
+        records = self._records
         self._seen_records = records_version
         text, policy = self._policy()
         prev = self.snapshot
