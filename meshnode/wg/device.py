@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Callable, Iterable
@@ -26,6 +27,14 @@ log = logging.getLogger(__name__)
 BATCH = 128  # packets per poll, at most: bounds latency for the other direction
 TICK_INTERVAL = 0.1  # timer granularity; WireGuard's timers are seconds long
 SOCKET_BUFFER = 4 << 20
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h: GSO segment size (sendmsg cmsg)
+UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, segment size in a cmsg
+GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS is 64 on older kernels, 128 on newer
+GSO_MAX_BYTES = 65000
+GRO_BUFFER = 65536 + 4096
+_SEG = struct.Struct("=H")
+_GRO_SEG = struct.Struct("=i")
 
 
 def dual_stack_endpoint(host: str, port: int) -> Endpoint:
@@ -74,6 +83,11 @@ class Device:
         self._threads: list[threading.Thread] = []
         self.send_errors = 0
         self.tun_write_errors = 0
+        self.gso = True
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            log.info("no UDP GRO on this kernel; receiving datagrams one by one")
 
     # ------------------------------------------------------------------ live API
 
@@ -156,27 +170,62 @@ class Device:
             except Exception:  # a bug must not silently kill the tunnel: log it and go on
                 log.exception("wireguard %s loop error", threading.current_thread().name)
 
+    def _transmit(self, out: list[tuple[bytearray, Endpoint]]) -> None:
+        """Send datagrams, coalescing runs to one endpoint into UDP GSO sends: one sendmsg for up
+        to GSO_MAX_SEGMENTS equal-sized datagrams (the last may be shorter), split by the kernel
+        (or not at all, if the path and the receiver's UDP GRO keep them together)."""
+        sock = self._sock
+        i, n = 0, len(out)
+        while i < n:
+            msg, ep = out[i]
+            size = len(msg)
+            j = i + 1
+            total = size
+            if self.gso:
+                while (j < n and j - i < GSO_MAX_SEGMENTS and total + size <= GSO_MAX_BYTES
+                       and out[j][1] == ep):
+                    nxt = len(out[j][0])
+                    if nxt > size:
+                        break
+                    total += nxt
+                    j += 1
+                    if nxt < size:
+                        break  # a shorter datagram can only end a GSO run
+            try:
+                if j - i == 1:
+                    sock.sendto(msg, ep)
+                else:
+                    sock.sendmsg([d for d, _ in out[i:j]],
+                                 [(SOL_UDP, UDP_SEGMENT, _SEG.pack(size))], 0, ep)
+            except OSError as exc:
+                if exc.errno == errno.EIO and j - i > 1:
+                    self.gso = False  # no GSO on this path after all: fall back for good
+                    log.warning("UDP GSO failed (%s); sending datagrams one by one", exc)
+                    continue
+                self.send_errors += 1
+            i = j
+
     def _tun_loop(self) -> None:
         poller = select.poll()
         poller.register(self._tun, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        read, send, sendto = os.read, self.engine.send, self._sock.sendto
+        read, send_batch = os.read, self.engine.send_batch
         fd, clock, outbox = self._tun, self._clock, self.engine.outbox
+        transmit = self._transmit
 
         def body() -> None:
             poller.poll()
             now = clock()
+            packets = []
             for _ in range(BATCH):
                 try:
-                    packet = read(fd, 65536)
+                    packets.append(read(fd, 65536))
                 except BlockingIOError:
                     break
-                out = send(packet, now)
-                if out is not None:
-                    try:
-                        sendto(out[0], out[1])
-                    except OSError:
-                        self.send_errors += 1
+            out: list[tuple[bytearray, Endpoint]] = []
+            send_batch(packets, now, out)
+            if out:
+                transmit(out)
             if outbox:
                 self._flush_outbox()
 
@@ -186,16 +235,20 @@ class Device:
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        recvfrom, receive, write = self._sock.recvfrom, self.engine.receive, os.write
+        recvmsg_into, receive_batch, write = self._sock.recvmsg_into, self.engine.receive_batch, os.write
         fd, clock, outbox = self._tun, self._clock, self.engine.outbox
         dontwait = socket.MSG_DONTWAIT
+        buf = bytearray(GRO_BUFFER)
+        view = memoryview(buf)
+        cmsg_space = socket.CMSG_SPACE(4)
+        seg_unpack = _GRO_SEG.unpack_from
 
         def body() -> None:
             poller.poll()
             now = clock()
             for _ in range(BATCH):
                 try:
-                    data, src = recvfrom(65536, dontwait)
+                    nbytes, ancdata, _, src = recvmsg_into([buf], cmsg_space, dontwait)
                 except BlockingIOError:
                     break
                 except OSError as exc:  # ICMP errors surface here (ECONNREFUSED...)
@@ -203,8 +256,17 @@ class Device:
                                          errno.ENETUNREACH):
                         raise
                     continue
-                packet = receive(data, src, now)
-                if packet is not None:
+                seg = nbytes
+                for level, kind, data in ancdata:
+                    if level == SOL_UDP and kind == UDP_GRO:
+                        (seg,) = seg_unpack(data)
+                if seg >= nbytes:
+                    datagrams = (view[:nbytes],)
+                else:
+                    datagrams = tuple(view[k:min(k + seg, nbytes)] for k in range(0, nbytes, seg))
+                packets: list[bytes] = []
+                receive_batch(datagrams, src, now, packets)
+                for packet in packets:
                     try:
                         write(fd, packet)
                     except OSError:

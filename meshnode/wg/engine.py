@@ -24,7 +24,7 @@ from . import messages as m
 from . import noise
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker, CookieError
-from .crypto import ZeroSharedSecretError, dh, nonce
+from .crypto import _NONCE, ZeroSharedSecretError, dh, nonce
 from .peer import Endpoint, Peer, PeerConfig, PeerStats
 from .session import Keypair
 from .tai64n import tai64n
@@ -145,7 +145,7 @@ class Engine:
             if config.persistent_keepalive > 0 and (peer.timers.persistent_keepalive == 0
                                                     or peer.current is None):
                 # Newly kept alive: send one at the next tick, which also starts a handshake.
-                peer.timers.deadlines[Timer.PERSISTENT_KEEPALIVE] = float("-inf")
+                peer.timers.persistent_keepalive_at = float("-inf")
             peer.timers.persistent_keepalive = config.persistent_keepalive
             peer.allowed_ips = config.allowed_ips
             for net in config.allowed_ips:
@@ -434,11 +434,14 @@ class Engine:
 
     def receive(self, data: bytes, src: Endpoint, now: float) -> bytes | None:
         """Handle one UDP datagram; returns the inner packet to write to the TUN, if any."""
-        if data[:4] == m.TRANSPORT_PREFIX:
-            return self._receive_transport(data, src, now)
+        out: list[bytes] = []
+        self.receive_batch((data,), src, now, out)
+        return out[0] if out else None
+
+    def _receive_handshake(self, data: bytes, src: Endpoint, now: float) -> None:
         if len(data) < 4:
             self.drops[Drop.SHORT] += 1
-            return None
+            return
         prefix = data[:4]
         with self.lock:
             if prefix == m.INITIATION_PREFIX:
@@ -449,105 +452,173 @@ class Engine:
                 self._receive_cookie_reply(data, now)
             else:
                 self.drops[Drop.UNKNOWN_TYPE] += 1
-        return None
 
-    def _receive_transport(self, data: bytes, src: Endpoint, now: float) -> bytes | None:
-        if len(data) < m.TRANSPORT_MIN_SIZE:
-            self.drops[Drop.SHORT] += 1
-            return None
-        kp = self._keypairs.get(int.from_bytes(data[4:8], "little"))
-        if kp is None:
-            self.drops[Drop.UNKNOWN_INDEX] += 1
-            return None
-        counter = int.from_bytes(data[8:16], "little")
-        replay = kp.replay
-        if not replay.might_accept(counter):
-            self.drops[Drop.REPLAYED_DATA] += 1
-            return None
-        if now - kp.created >= REJECT_AFTER_TIME:
-            self.drops[Drop.EXPIRED_KEY] += 1
-            return None
-        try:
-            packet = kp.recv.decrypt(nonce(counter), memoryview(data)[16:], None)
-        except InvalidTag:
-            self.drops[Drop.DATA_DECRYPT] += 1
-            return None
-        if not replay.accept(counter):
-            self.drops[Drop.REPLAYED_DATA] += 1
-            return None
+    def receive_batch(self, datagrams: Iterable[bytes | memoryview], src: Endpoint, now: float,
+                      out: list[bytes]) -> None:
+        """Handle datagrams that all came from `src`, appending inner packets for the TUN to `out`.
+
+        The hot loop: per packet only parse, replay check, decrypt, source check. Timers, stats
+        and session rotation are applied once per run of packets on the same keypair."""
+        keypairs = self._keypairs
+        drops = self.drops
+        unpack, pack_nonce = m.TRANSPORT_HEADER.unpack_from, _NONCE.pack
+        lookup = self._allowed.lookup
+        accept = self.inbound_filter
+        run_kp: Keypair | None = None
+        run_bytes = 0
+        run_data = False
+        for data in datagrams:
+            size = len(data)
+            if size < m.TRANSPORT_MIN_SIZE:
+                self._receive_handshake(bytes(data), src, now)
+                continue
+            kind, index, counter = unpack(data)
+            if kind != m.MessageType.TRANSPORT:
+                self._receive_handshake(bytes(data), src, now)
+                continue
+            kp = keypairs.get(index)
+            if kp is None:
+                drops[Drop.UNKNOWN_INDEX] += 1
+                continue
+            replay = kp.replay
+            if not replay.might_accept(counter):
+                drops[Drop.REPLAYED_DATA] += 1
+                continue
+            if now - kp.created >= REJECT_AFTER_TIME:
+                drops[Drop.EXPIRED_KEY] += 1
+                continue
+            try:
+                packet = kp.recv.decrypt(pack_nonce(counter), data[16:], None)
+            except InvalidTag:
+                drops[Drop.DATA_DECRYPT] += 1
+                continue
+            if not replay.accept(counter):
+                drops[Drop.REPLAYED_DATA] += 1
+                continue
+            if kp is not run_kp:
+                if run_kp is not None:
+                    self._received(run_kp, run_bytes, run_data, src, now)
+                run_kp, run_bytes, run_data = kp, 0, False
+            run_bytes += size
+            if not packet:
+                continue  # keepalive
+            run_data = True
+            # Trim the padding, and accept only sources this peer may use (cryptokey routing).
+            version = packet[0] >> 4
+            if version == 4 and len(packet) >= 20:
+                length = (packet[2] << 8) | packet[3]
+                source = packet[12:16]
+                minimum = 20
+            elif version == 6 and len(packet) >= 40:
+                length = 40 + ((packet[4] << 8) | packet[5])
+                source = packet[8:24]
+                minimum = 40
+            else:
+                drops[Drop.BAD_INNER_PACKET] += 1
+                continue
+            if length > len(packet) or length < minimum:
+                drops[Drop.BAD_INNER_PACKET] += 1
+                continue
+            if lookup(source) is not kp.peer:
+                drops[Drop.SOURCE_NOT_ALLOWED] += 1
+                continue
+            if length != len(packet):
+                packet = packet[:length]
+            if accept is not None and not accept(packet, kp.peer.public_key):
+                drops[Drop.FILTERED] += 1
+                continue
+            out.append(packet)
+        if run_kp is not None:
+            self._received(run_kp, run_bytes, run_data, src, now)
+
+    def _received(self, kp: Keypair, nbytes: int, had_data: bool, src: Endpoint,
+                  now: float) -> None:
+        """Bookkeeping after authenticated transport packets: rotation, roaming, stats, timers."""
         peer = kp.peer
         if kp is not peer.current and kp is peer.next:
             self._confirm_next(peer, kp, now)
         peer.endpoint = src
-        peer.rx_bytes += len(data)
+        peer.rx_bytes += nbytes
         t = peer.timers
         t.any_authenticated_packet_traversal(now)
         t.any_authenticated_packet_received(now)
+        if had_data:
+            t.data_received(now)
         if (kp.is_initiator and not t.sent_last_minute_handshake and kp is peer.current
                 and now - kp.created >= REKEY_BEFORE_REJECT):
             t.sent_last_minute_handshake = True
             with self.lock:
                 self._send_initiation(peer, now, is_retry=False)
-        if not packet:
-            return None  # keepalive
-        t.data_received(now)
-        return self._check_inner(packet, peer)
-
-    def _check_inner(self, packet: bytes, peer: Peer) -> bytes | None:
-        """Trim padding, and accept only sources the peer is allowed to use."""
-        version = packet[0] >> 4
-        if version == 4 and len(packet) >= 20:
-            length = int.from_bytes(packet[2:4], "big")
-            source = packet[12:16]
-            minimum = 20
-        elif version == 6 and len(packet) >= 40:
-            length = 40 + int.from_bytes(packet[4:6], "big")
-            source = packet[8:24]
-            minimum = 40
-        else:
-            self.drops[Drop.BAD_INNER_PACKET] += 1
-            return None
-        if length > len(packet) or length < minimum:
-            self.drops[Drop.BAD_INNER_PACKET] += 1
-            return None
-        if self._allowed.lookup(source) is not peer:
-            self.drops[Drop.SOURCE_NOT_ALLOWED] += 1
-            return None
-        if length != len(packet):
-            packet = packet[:length]
-        if self.inbound_filter is not None and not self.inbound_filter(packet, peer.public_key):
-            self.drops[Drop.FILTERED] += 1
-            return None
-        return packet
 
     # ---------------------------------------------------------------- packets out
 
-    def send(self, packet: bytes, now: float) -> tuple[bytes, Endpoint] | None:
+    def send(self, packet: bytes, now: float) -> tuple[bytearray, Endpoint] | None:
         """Encrypt one inner packet from the TUN; returns (datagram, endpoint) to send, or None
         when the packet was dropped or staged behind a handshake (then see `outbox`)."""
-        version = packet[0] >> 4 if packet else 0
-        if version == 4 and len(packet) >= 20:
-            peer = self._allowed.lookup(packet[16:20])
-        elif version == 6 and len(packet) >= 40:
-            peer = self._allowed.lookup(packet[24:40])
-        else:
-            self.drops[Drop.BAD_INNER_PACKET] += 1
-            return None
-        if peer is None:
-            self.drops[Drop.NO_ROUTE] += 1
-            return None
-        return self._encrypt_for(peer, packet, now)
+        out: list[tuple[bytearray, Endpoint]] = []
+        self.send_batch((packet,), now, out)
+        return out[0] if out else None
 
-    def _encrypt_for(self, peer: Peer, packet: bytes, now: float) -> tuple[bytes, Endpoint] | None:
-        kp = peer.current
-        endpoint = peer.endpoint
-        if kp is None or now - kp.created >= REJECT_AFTER_TIME or endpoint is None:
-            return self._stage(peer, packet, now)
-        counter = next(kp.send_counter)
-        if counter >= REJECT_AFTER_MESSAGES:
-            return self._stage(peer, packet, now)
-        msg = self._seal(kp, counter, packet)
-        peer.tx_bytes += len(msg)
+    def send_batch(self, packets: Iterable[bytes], now: float,
+                   out: list[tuple[bytearray, Endpoint]]) -> None:
+        """Encrypt inner packets from the TUN, appending (datagram, endpoint) to `out`; packets
+        without a usable session are staged and start a handshake (see `outbox`).
+
+        The hot loop: route, count, seal. Stats, timers and the rekey check run once per run of
+        packets to the same peer."""
+        lookup = self._allowed.lookup
+        drops = self.drops
+        mtu = self.mtu
+        zero_pad = self._zero_pad
+        pack_header, pack_nonce = m.TRANSPORT_HEADER.pack_into, _NONCE.pack
+        peer: Peer | None = None
+        kp: Keypair | None = None
+        endpoint: Endpoint | None = None
+        counter = 0
+        run_bytes = 0
+        for packet in packets:
+            size = len(packet)
+            version = packet[0] >> 4 if size else 0
+            if version == 4 and size >= 20:
+                dst = packet[16:20]
+            elif version == 6 and size >= 40:
+                dst = packet[24:40]
+            else:
+                drops[Drop.BAD_INNER_PACKET] += 1
+                continue
+            p = lookup(dst)
+            if p is None:
+                drops[Drop.NO_ROUTE] += 1
+                continue
+            if p is not peer:
+                if run_bytes:
+                    self._sent(peer, kp, counter, run_bytes, now)  # type: ignore[arg-type]
+                    run_bytes = 0
+                peer, kp, endpoint = p, p.current, p.endpoint
+                if kp is not None and (endpoint is None or now - kp.created >= REJECT_AFTER_TIME):
+                    kp = None
+            if kp is None:
+                self._stage(p, packet, now)
+                continue
+            counter = next(kp.send_counter)
+            if counter >= REJECT_AFTER_MESSAGES:
+                self._stage(p, packet, now)
+                continue
+            if size & 15:
+                padded = m.padded_length(size, mtu)
+                packet = packet + zero_pad[: padded - size]
+            else:
+                padded = size
+            msg = bytearray(padded + 32)
+            pack_header(msg, 0, m.MessageType.TRANSPORT, kp.remote_index, counter)
+            kp.send.encrypt_into(pack_nonce(counter), packet, None, memoryview(msg)[16:])
+            out.append((msg, endpoint))
+            run_bytes += padded + 32
+        if run_bytes:
+            self._sent(peer, kp, counter, run_bytes, now)  # type: ignore[arg-type]
+
+    def _sent(self, peer: Peer, kp: Keypair, counter: int, nbytes: int, now: float) -> None:
+        peer.tx_bytes += nbytes
         t = peer.timers
         t.any_authenticated_packet_traversal(now)
         t.any_authenticated_packet_sent(now)
@@ -556,6 +627,18 @@ class Engine:
                                                and now - kp.created >= REKEY_AFTER_TIME):
             with self.lock:
                 self._send_initiation(peer, now, is_retry=False)
+
+    def _encrypt_for(self, peer: Peer, packet: bytes, now: float) -> tuple[bytes, Endpoint] | None:
+        """Encrypt one staged packet for `peer` (routing already done)."""
+        kp = peer.current
+        endpoint = peer.endpoint
+        if kp is None or now - kp.created >= REJECT_AFTER_TIME or endpoint is None:
+            return self._stage(peer, packet, now)
+        counter = next(kp.send_counter)
+        if counter >= REJECT_AFTER_MESSAGES:
+            return self._stage(peer, packet, now)
+        msg = self._seal(kp, counter, packet)
+        self._sent(peer, kp, counter, len(msg), now)
         return msg, endpoint
 
     def _stage(self, peer: Peer, packet: bytes, now: float) -> None:
@@ -588,7 +671,7 @@ class Engine:
                 peer.staged.clear()
                 self._drop_initiation(peer)
                 if not t.pending(Timer.ZERO_KEY_MATERIAL):
-                    t.deadlines[Timer.ZERO_KEY_MATERIAL] = now + REJECT_AFTER_TIME * 3
+                    t.zero_key_material = now + REJECT_AFTER_TIME * 3
             else:
                 t.handshake_attempts += 1
                 self._send_initiation(peer, now, is_retry=True)
@@ -596,7 +679,7 @@ class Engine:
             self._send_keepalive(peer, now)
             if t.need_another_keepalive:
                 t.need_another_keepalive = False
-                t.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+                t.send_keepalive = now + KEEPALIVE_TIMEOUT
         elif timer is Timer.NEW_HANDSHAKE:
             # We sent data and heard nothing back for KEEPALIVE+REKEY_TIMEOUT: new handshake.
             self._send_initiation(peer, now, is_retry=False)

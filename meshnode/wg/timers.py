@@ -29,17 +29,25 @@ class Timer(enum.Enum):
     SEND_KEEPALIVE = "send_keepalive"
     NEW_HANDSHAKE = "new_handshake"
     ZERO_KEY_MATERIAL = "zero_key_material"
-    PERSISTENT_KEEPALIVE = "persistent_keepalive"
+    PERSISTENT_KEEPALIVE = "persistent_keepalive_at"
 
 
 class PeerTimers:
-    """Deadlines (None = not pending) plus the counters the timer rules need."""
+    """Deadlines (None = not pending) plus the counters the timer rules need.
 
-    __slots__ = ("deadlines", "handshake_attempts", "need_another_keepalive",
+    Plain attributes named after the Timer values, not a dict keyed by enum: these are touched
+    for every batch of packets and an enum hash is a Python-level call."""
+
+    __slots__ = ("retransmit_handshake", "send_keepalive", "new_handshake", "zero_key_material",
+                 "persistent_keepalive_at", "handshake_attempts", "need_another_keepalive",
                  "sent_last_minute_handshake", "persistent_keepalive", "_jitter")
 
     def __init__(self, jitter: Callable[[], float], persistent_keepalive: int = 0) -> None:
-        self.deadlines: dict[Timer, float | None] = {t: None for t in Timer}
+        self.retransmit_handshake: float | None = None
+        self.send_keepalive: float | None = None
+        self.new_handshake: float | None = None
+        self.zero_key_material: float | None = None
+        self.persistent_keepalive_at: float | None = None
         self.handshake_attempts = 0
         self.need_another_keepalive = False
         self.sent_last_minute_handshake = False
@@ -47,55 +55,62 @@ class PeerTimers:
         # A callable returning a value in [0, REKEY_TIMEOUT_JITTER_MAX): injected for determinism.
         self._jitter = jitter
 
+    def deadline(self, timer: Timer) -> float | None:
+        return getattr(self, timer.value)  # type: ignore[no-any-return]
+
+    def set(self, timer: Timer, at: float | None) -> None:
+        setattr(self, timer.value, at)
+
     def pending(self, timer: Timer) -> bool:
-        return self.deadlines[timer] is not None
+        return getattr(self, timer.value) is not None
 
     def data_sent(self, now: float) -> None:
         """A data packet went out: expect an answer, or re-handshake (peer may be gone)."""
-        d = self.deadlines
-        if d[Timer.NEW_HANDSHAKE] is None:
-            d[Timer.NEW_HANDSHAKE] = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+        if self.new_handshake is None:
+            self.new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
 
     def data_received(self, now: float) -> None:
         """A data packet came in: answer with a keepalive unless we send something first."""
-        d = self.deadlines
-        if d[Timer.SEND_KEEPALIVE] is None:
-            d[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+        if self.send_keepalive is None:
+            self.send_keepalive = now + KEEPALIVE_TIMEOUT
         else:
             self.need_another_keepalive = True
 
     def any_authenticated_packet_sent(self, now: float) -> None:
-        self.deadlines[Timer.SEND_KEEPALIVE] = None
+        self.send_keepalive = None
 
     def any_authenticated_packet_received(self, now: float) -> None:
-        self.deadlines[Timer.NEW_HANDSHAKE] = None
+        self.new_handshake = None
 
     def any_authenticated_packet_traversal(self, now: float) -> None:
         if self.persistent_keepalive > 0:
-            self.deadlines[Timer.PERSISTENT_KEEPALIVE] = now + self.persistent_keepalive
+            self.persistent_keepalive_at = now + self.persistent_keepalive
 
     def handshake_initiated(self, now: float) -> None:
-        self.deadlines[Timer.RETRANSMIT_HANDSHAKE] = now + REKEY_TIMEOUT + self._jitter()
+        self.retransmit_handshake = now + REKEY_TIMEOUT + self._jitter()
 
     def handshake_complete(self, now: float) -> None:
-        self.deadlines[Timer.RETRANSMIT_HANDSHAKE] = None
+        self.retransmit_handshake = None
         self.handshake_attempts = 0
         self.sent_last_minute_handshake = False
 
     def session_derived(self, now: float) -> None:
-        self.deadlines[Timer.ZERO_KEY_MATERIAL] = now + REJECT_AFTER_TIME * 3
+        self.zero_key_material = now + REJECT_AFTER_TIME * 3
 
     def stop_all(self) -> None:
         for t in Timer:
-            self.deadlines[t] = None
+            setattr(self, t.value, None)
 
     def expired(self, now: float) -> list[Timer]:
         """The timers whose deadline has passed, now cleared (the caller acts on each)."""
-        fired = [t for t, at in self.deadlines.items() if at is not None and at <= now]
-        for t in fired:
-            self.deadlines[t] = None
+        fired = []
+        for t in Timer:
+            at = getattr(self, t.value)
+            if at is not None and at <= now:
+                fired.append(t)
+                setattr(self, t.value, None)
         return fired
 
     def next_deadline(self) -> float | None:
-        pending = [at for at in self.deadlines.values() if at is not None]
+        pending = [at for t in Timer if (at := getattr(self, t.value)) is not None]
         return min(pending) if pending else None

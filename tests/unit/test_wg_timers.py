@@ -19,7 +19,7 @@ def test_data_sent_arms_new_handshake_once() -> None:
     t = timers()
     t.data_sent(0)
     t.data_sent(3)  # already pending: not pushed back
-    assert t.deadlines[Timer.NEW_HANDSHAKE] == KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + 0.25
+    assert t.deadline(Timer.NEW_HANDSHAKE) == KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + 0.25
     t.any_authenticated_packet_received(4)
     assert not t.pending(Timer.NEW_HANDSHAKE)
 
@@ -27,7 +27,7 @@ def test_data_sent_arms_new_handshake_once() -> None:
 def test_data_received_arms_keepalive_and_remembers_a_second() -> None:
     t = timers()
     t.data_received(0)
-    assert t.deadlines[Timer.SEND_KEEPALIVE] == KEEPALIVE_TIMEOUT and not t.need_another_keepalive
+    assert t.deadline(Timer.SEND_KEEPALIVE) == KEEPALIVE_TIMEOUT and not t.need_another_keepalive
     t.data_received(1)
     assert t.need_another_keepalive
     t.any_authenticated_packet_sent(2)
