@@ -7,8 +7,10 @@ A new view is a new `Engine` swapped in with one assignment, so a query sees one
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import resource
 import socket
 import struct
 import time
@@ -34,6 +36,17 @@ DEFAULT_ALLOW = tuple(ipaddress.ip_network(n) for n in (
 
 class ServerError(RuntimeError):
     """The server cannot start (a port in use, a bad address); the message says which."""
+
+
+class _TcpPortTaken(Exception):
+    """UDP got the port but TCP could not: with port 0 the caller tries another."""
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one: every forwarding attempt holds a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,7 @@ class DnsServer:
 
     async def start(self, view: DnsView) -> None:
         """Build the first snapshot and bind every listener (UDP and TCP on each address)."""
+        raise_fd_limit()
         self.set_view(view)
         loop = asyncio.get_running_loop()
         try:
@@ -103,6 +117,16 @@ class DnsServer:
         log.info("listening on %s", ", ".join(_fmt(h, p) for h, p in self.bound))
 
     async def _bind(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> int:
+        """Bind UDP and TCP on one address; with port 0, retry until one port is free for both."""
+        for attempt in range(20):
+            try:
+                return await self._bind_once(loop, host, port)
+            except _TcpPortTaken:
+                if port != 0 and attempt == 0:
+                    raise ServerError(f"cannot listen on {_fmt(host, port)} (TCP): address in use") from None
+        raise ServerError(f"cannot find a port free for both UDP and TCP on {host}")
+
+    async def _bind_once(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         udp = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -116,17 +140,20 @@ class DnsServer:
         except OSError as exc:
             udp.close()
             raise ServerError(f"cannot listen on {_fmt(host, port)} (UDP): {exc.strerror}") from None
-        port = udp.getsockname()[1]
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
-        self._transports.append(transport)
+        bound = udp.getsockname()[1]
         try:
-            server = await loop.create_server(lambda: _TcpConn(self), host=host, port=port,
+            server = await loop.create_server(lambda: _TcpConn(self), host=host, port=bound,
                                               family=family, reuse_address=True,
                                               reuse_port=self.config.reuse_port or None, backlog=1024)
         except OSError as exc:
-            raise ServerError(f"cannot listen on {_fmt(host, port)} (TCP): {exc.strerror}") from None
+            udp.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise _TcpPortTaken() from None  # the kernel's free UDP port is busy for TCP
+            raise ServerError(f"cannot listen on {_fmt(host, bound)} (TCP): {exc.strerror}") from None
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+        self._transports.append(transport)
         self._servers.append(server)
-        return port
+        return bound
 
     async def stop(self) -> None:
         """Close listeners and connections and finish forwarding tasks."""
