@@ -35,6 +35,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .message import Rcode
+
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
@@ -50,17 +52,6 @@ TYPE_TSIG = 250
 # Rough per-entry cost of the Python objects around the wire bytes (key tuple, entry, offsets,
 # OrderedDict slot); counted so `max_bytes` bounds real memory, not only payload.
 ENTRY_OVERHEAD = 320
-
-
-class Rcode(enum.IntEnum):
-    """The header response codes the forwarder and the cache care about."""
-
-    NOERROR = 0
-    FORMERR = 1
-    SERVFAIL = 2
-    NXDOMAIN = 3
-    NOTIMP = 4
-    REFUSED = 5
 
 
 class Section(enum.IntEnum):

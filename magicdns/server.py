@@ -21,7 +21,7 @@ from dnslib import QTYPE, DNSRecord
 
 from .cache import Cache
 from .engine import Engine, Forward
-from .forward import Forwarder
+from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
 from .upstream import Upstream
@@ -231,7 +231,7 @@ class DnsServer:
         route = fwd.route
         if route is None or not route.upstreams:
             c.no_upstream += 1
-            reply = header_only_reply(data, Rcode.REFUSED) if len(data) < 17 else _refused(data)
+            reply = _refused(data)
             if reply:
                 reply_to(reply)
             return
@@ -348,22 +348,12 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _rcode_reply(data: bytes, rcode: int) -> bytes | None:
-    """Copy the query, flip it into a reply with `rcode` and no records besides question and OPT."""
-    from .message import error_reply, parse_edns
-    try:
-        query = DNSRecord.parse(data)
-        return error_reply(query, rcode, parse_edns(query))
-    except Exception:
-        return header_only_reply(data, rcode)
-
-
 def _refused(data: bytes) -> bytes | None:
-    return _rcode_reply(data, Rcode.REFUSED)
+    return error_reply(data, Rcode.REFUSED) or None
 
 
 def _servfail(data: bytes) -> bytes | None:
-    return _rcode_reply(data, Rcode.SERVFAIL)
+    return error_reply(data, Rcode.SERVFAIL) or None
 
 
 class _Udp(asyncio.DatagramProtocol):
