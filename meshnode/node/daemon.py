@@ -101,6 +101,8 @@ class Daemon:
         self._drift_task: asyncio.Task[None] | None = None
         self._first_map = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._pending_save: tuple[NetMap, float] | None = None
+        self._saver: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         # One writer thread keeps saves in order and off the loop (a big map is megabytes).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
@@ -152,6 +154,7 @@ class Daemon:
         if self._drift_task is not None:
             self._drift_task.cancel()
         await self._go_down(BackendState.STOPPED)
+        await self._flush_saves()
         self._writer.shutdown(wait=True)
         self.state.close()
 
@@ -274,7 +277,7 @@ class Daemon:
         log.error("control: %s refused this node: %s", client.server_url, exc)
         self.control_error = str(exc)
         self.netmap, self.map_source = None, ""
-        self.state.forget_map()
+        await self._forget_map()
         # A separate task: going down cancels and awaits the map task, which is this one.
         task = asyncio.create_task(self._refused())
         self._background.add(task)
@@ -293,9 +296,34 @@ class Daemon:
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
         self._first_map.set()
-        await asyncio.get_running_loop().run_in_executor(
-            self._writer, self.state.save_map, netmap.to_json(), now)
+        self._schedule_save(netmap, now)
         log.debug("netmap: version %d applied (%d peers)", netmap.version, len(netmap.peers))
+
+    def _schedule_save(self, netmap: NetMap, now: float) -> None:
+        # fsync can take long on a busy disk; the next map must not wait for it. Only the newest
+        # pending map is worth writing, so a burst of maps costs one or two writes, in order.
+        self._pending_save = (netmap, now)
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.create_task(self._save_pending())
+
+    async def _save_pending(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending_save is not None:
+            netmap, now = self._pending_save
+            self._pending_save = None
+            try:
+                await loop.run_in_executor(self._writer, self.state.save_map, netmap.to_json(), now)
+            except OSError as exc:
+                log.error("state: cannot save network map version %d: %s", netmap.version, exc)
+
+    async def _forget_map(self) -> None:
+        self._pending_save = None
+        await self._flush_saves()  # a save in flight must not bring the map back afterwards
+        self.state.forget_map()
+
+    async def _flush_saves(self) -> None:
+        if self._saver is not None:
+            await self._saver
 
     # -- OS DNS -------------------------------------------------------------------------------
 
@@ -341,7 +369,7 @@ class Daemon:
                 # A different control server is a different tailnet: a new identity there.
                 await self._go_down(BackendState.NEEDS_LOGIN)
                 self.state.forget_node_key()
-                self.state.forget_map()
+                await self._forget_map()
                 self.netmap, self.map_source = None, ""
             await self._stop_map_stream()
             fresh_key = self.state.node_key() is None
@@ -412,7 +440,7 @@ class Daemon:
                     log.warning("control: logout refused (%s); forgetting the node key anyway", exc)
             await self._go_down(BackendState.NEEDS_LOGIN)
             self.state.forget_node_key()
-            self.state.forget_map()
+            await self._forget_map()
             self.netmap, self.map_source, self.map_received_at = None, "", None
             self.prefs = replace(self.prefs, want_running=False)
             self.state.save_prefs(self.prefs)
@@ -491,8 +519,10 @@ class Daemon:
 
 async def run_daemon(config: DaemonConfig) -> None:
     """Run until SIGTERM or SIGINT; always puts the system's DNS back on the way out."""
-    from .localapi import LocalApiServer
+    from .localapi import LocalApiServer, claim_socket_path
 
+    # Before touching DNS or addresses: a second daemon on the same socket must change nothing.
+    claim_socket_path(config.socket_path)
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -109,7 +109,8 @@ def make_app(daemon: "Daemon") -> web.Application:
     return app
 
 
-def _prepare_socket_path(path: Path) -> None:
+def claim_socket_path(path: Path) -> None:
+    """Make `path` usable for our socket: refuse a live daemon's socket or a non-socket, drop a stale one."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
         st = path.lstat()
@@ -138,7 +139,7 @@ class LocalApiServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        _prepare_socket_path(self.path)
+        claim_socket_path(self.path)
         runner = web.AppRunner(make_app(self.daemon), access_log=None)
         await runner.setup()
         # The umask closes the window between bind() and chmod() in which others could connect.

@@ -452,3 +452,23 @@ def test_names_outside_the_tailnet_are_forwarded_to_the_original_resolvers(clust
         assert alpha.resolve("alpha.tailnet")[0] == "NOERROR"
     finally:
         cluster.control._run(running.__aexit__(None, None, None))
+
+
+def test_a_second_daemon_is_refused_and_changes_nothing(cluster: Cluster) -> None:
+    alpha = cluster.nodes[0]
+    alpha.start()
+    alpha.up(cluster.control, cluster.authkey())
+    ours = alpha.resolv.read_text()
+    other = cluster.root / "other"
+    other.mkdir()
+    base = [*MESHNODE, "daemon", "--userspace", "--dns-listen", f"127.0.0.1:{free_port()}",
+            "--resolv-conf", str(alpha.resolv)]
+    same_socket = subprocess.run([*base, "--state-dir", str(other / "state"), "--socket", str(alpha.sock)],
+                                 capture_output=True, text=True, timeout=30)
+    assert same_socket.returncode == 1 and "another meshnode daemon" in same_socket.stderr
+    same_state = subprocess.run([*base, "--state-dir", str(alpha.state), "--socket", str(other / "s.sock")],
+                                capture_output=True, text=True, timeout=30)
+    assert same_state.returncode == 1 and "in use by another meshnode daemon" in same_state.stderr
+    assert alpha.resolv.read_text() == ours
+    assert alpha.resolve("alpha.tailnet")[0] == "NOERROR"
+    assert alpha.api().request("GET", "/status")["backend_state"] == "Running"

@@ -211,18 +211,18 @@ def test_cli_against_the_daemon(daemon: DaemonThread) -> None:
 
 
 def test_second_daemon_on_the_same_socket_is_refused(daemon: DaemonThread, tmp_path: Path) -> None:
-    from meshnode.node.localapi import LocalApiError, _prepare_socket_path
+    from meshnode.node.localapi import LocalApiError, claim_socket_path
     with pytest.raises(LocalApiError, match="another meshnode daemon"):
-        _prepare_socket_path(daemon.socket)
+        claim_socket_path(daemon.socket)
     stale = tmp_path / "stale.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(stale))
     s.close()  # a socket file nobody listens on, as a killed daemon leaves it
-    _prepare_socket_path(stale)
+    claim_socket_path(stale)
     assert not stale.exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(LocalApiError, match="not a socket"):
-        _prepare_socket_path(tmp_path / "file")
+        claim_socket_path(tmp_path / "file")
 
 
 def test_client_reports_missing_daemon(tmp_path: Path) -> None:
