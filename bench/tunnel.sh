@@ -4,6 +4,7 @@
 # network namespaces, measured in the same run, printed as a table with ratios to wireguard-go.
 # Traffic stays inside the namespaces this script creates (and deletes, even on failure).
 #   bench/tunnel.sh [SECONDS]        (default 5 s per iperf3 run)
+#   MODES="tso" bench/tunnel.sh    (meshnode offload modes to measure; default: gro tso none)
 set -eu
 cd "$(dirname "$0")/.."
 exec .venv/bin/python - "${1:-5}" <<'PY'
@@ -17,6 +18,9 @@ from tests.e2e.netns import NetnsPair
 from tests.support import wait_until
 
 SECONDS = int(sys.argv[1])
+# meshnode's TUN offload modes (MESHNODE_WG_OFFLOAD): gro = coalesced GSO writes (the default),
+# tso = TSO reads as well, none = one packet per syscall.
+MODES = os.environ.get("MODES", "gro tso none").split()
 TICK = os.sysconf("SC_CLK_TCK")
 MESHNODE = "import sys; from meshnode.cli import main; sys.argv[0] = 'meshnode'; main()"
 
@@ -73,7 +77,7 @@ def run_wireguard_go(pair, tmp, ka, kb):
     return procs
 
 
-def run_meshnode(pair, tmp, ka, kb):
+def run_meshnode(pair, tmp, ka, kb, offload="tso"):
     procs = []
     for ns, own, peer, ip, peer_ip, ep in ((pair.a, ka, kb, "10.211.0.1", "10.211.0.2", pair.b_addr),
                                            (pair.b, kb, ka, "10.211.0.2", "10.211.0.1", pair.a_addr)):
@@ -84,7 +88,8 @@ def run_meshnode(pair, tmp, ka, kb):
                         f"AllowedIPs={peer_ip}/32\nEndpoint={ep}:51822\n")
         log = tmp / f"{ifname}.log"
         p = ns.popen(sys.executable, "-c", MESHNODE, "wg", "--config", str(conf), "--tun", ifname,
-                     stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+                     stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                     env={**os.environ, "MESHNODE_WG_OFFLOAD": offload})
         wait_until(lambda: b"listening" in log.read_bytes(), timeout=15, what="meshnode wg")
         procs.append(p)
     return procs
@@ -99,8 +104,12 @@ def main():
             wait_until(lambda: pair.b.ping(pair.a_addr) is not None, timeout=10, what="veth")
             gbps, _ = iperf(pair, pair.a_addr, [])
             rows.append(("bare veth", gbps, latency(pair, pair.a_addr), None))
-            for name, start, ip in (("wireguard-go", run_wireguard_go, "10.210.0.1"),
-                                    ("meshnode", run_meshnode, "10.211.0.1")):
+            variants = [("wireguard-go", run_wireguard_go, "10.210.0.1")]
+            for mode in MODES:
+                variants.append((f"meshnode {mode}",
+                                 lambda *a, mode=mode: run_meshnode(*a, offload=mode),
+                                 "10.211.0.1"))
+            for name, start, ip in variants:
                 procs = start(pair, tmp, keys(), keys())
                 wait_until(lambda: pair.b.ping(ip) is not None, timeout=15, what=name)
                 gbps, cpu = iperf(pair, ip, [p.pid for p in procs])
@@ -113,11 +122,11 @@ def main():
     ref = rows[1]
     print(f"\niperf3 TCP, one stream, {SECONDS} s; ping: median of 50; CPU: both tunnel "
           f"processes, seconds per GB carried; {os.cpu_count()} CPUs")
-    print(f"{'path':<14}{'Gbit/s':>8}{'x wg-go':>9}{'ping ms':>9}{'x wg-go':>9}"
+    print(f"{'path':<16}{'Gbit/s':>8}{'x wg-go':>9}{'ping ms':>9}{'x wg-go':>9}"
           f"{'CPU s/GB':>10}{'x wg-go':>9}")
     for name, gbps, ms, cpu in rows:
         c = f"{cpu:10.2f}{cpu / ref[3]:9.2f}" if cpu is not None else f"{'-':>10}{'-':>9}"
-        print(f"{name:<14}{gbps:8.2f}{gbps / ref[1]:9.2f}{ms:9.3f}{ms / ref[2]:9.2f}{c}")
+        print(f"{name:<16}{gbps:8.2f}{gbps / ref[1]:9.2f}{ms:9.3f}{ms / ref[2]:9.2f}{c}")
 
 
 main()

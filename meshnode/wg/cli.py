@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -57,18 +58,24 @@ def wg(config_path: str, tun: str) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # Offloads: "gro" (default) writes coalesced TCP super-packets, "tso" also reads them (costs a
+    # Python checksum per segment: slower here), "none" moves one packet per syscall. A knob for
+    # benchmarks and for kernels without vnet headers on TUN.
+    offload = os.environ.get("MESHNODE_WG_OFFLOAD", "gro")
+    if offload not in ("gro", "tso", "none"):
+        click.echo(f"meshnode wg: MESHNODE_WG_OFFLOAD={offload!r}: use gro, tso or none", err=True)
+        sys.exit(2)
     try:
-        tun_fd, ifname = open_tun(tun)
+        tun_fd, ifname = open_tun(tun, vnet_hdr=offload != "none", tso=offload == "tso")
     except TunError as exc:
         raise click.ClickException(str(exc)) from None
     try:
         sock = open_udp(cfg.listen_port)
     except OSError as exc:
-        import os
         os.close(tun_fd)
         raise click.ClickException(f"cannot listen on UDP port {cfg.listen_port}: {exc}") from None
     engine = Engine(cfg.private_key, mtu=cfg.mtu)
-    device = Device(engine, tun_fd, sock)
+    device = Device(engine, tun_fd, sock, vnet_hdr=offload != "none")
     device.set_peers(peers)
     try:
         configure_interface(ifname, cfg.mtu, cfg.addresses,

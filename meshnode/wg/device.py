@@ -20,11 +20,13 @@ import time
 from typing import Callable, Iterable
 
 from .engine import Engine, PacketFilter
+from .offload import VNET_HDR_LEN, OffloadError, from_tun, to_tun
 from .peer import Endpoint, PeerConfig, PeerStats
 
 log = logging.getLogger(__name__)
 
 BATCH = 128  # packets per poll, at most: bounds latency for the other direction
+READ_SIZE = 65536 + 64  # a TSO super-packet and its vnet header
 TICK_INTERVAL = 0.1  # timer granularity; WireGuard's timers are seconds long
 SOCKET_BUFFER = 4 << 20
 SOL_UDP = 17
@@ -71,9 +73,12 @@ def open_udp(port: int | None) -> socket.socket:
 class Device:
     """A WireGuard interface in motion: `Engine` + TUN fd + UDP socket + three threads."""
 
-    def __init__(self, engine: Engine, tun_fd: int, sock: socket.socket,
+    def __init__(self, engine: Engine, tun_fd: int, sock: socket.socket, vnet_hdr: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`vnet_hdr`: the TUN was opened with IFF_VNET_HDR (TSO reads, coalesced GSO writes)."""
         self.engine = engine
+        self.vnet_hdr = vnet_hdr
+        self.offload_errors = 0
         self._tun = tun_fd
         self._sock = sock
         self._clock = clock
@@ -213,15 +218,26 @@ class Device:
         fd, clock, outbox = self._tun, self._clock, self.engine.outbox
         transmit = self._transmit
 
+        vnet = self.vnet_hdr
+
         def body() -> None:
             poller.poll()
             now = clock()
-            packets = []
-            for _ in range(BATCH):
+            packets: list[bytes] = []
+            while len(packets) < BATCH:
                 try:
-                    packets.append(read(fd, 65536))
+                    data = read(fd, READ_SIZE)
                 except BlockingIOError:
                     break
+                if not vnet:
+                    packets.append(data)
+                elif not data[0] and not data[1]:  # no checksum to finish, no segmentation
+                    packets.append(data[VNET_HDR_LEN:])
+                else:
+                    try:
+                        packets.extend(from_tun(data))
+                    except (OffloadError, IndexError, struct.error):
+                        self.offload_errors += 1
             out: list[tuple[bytearray, Endpoint]] = []
             send_batch(packets, now, out)
             if out:
@@ -242,6 +258,7 @@ class Device:
         view = memoryview(buf)
         cmsg_space = socket.CMSG_SPACE(4)
         seg_unpack = _GRO_SEG.unpack_from
+        vnet = self.vnet_hdr
 
         def body() -> None:
             poller.poll()
@@ -266,6 +283,8 @@ class Device:
                     datagrams = tuple(view[k:min(k + seg, nbytes)] for k in range(0, nbytes, seg))
                 packets: list[bytes] = []
                 receive_batch(datagrams, src, now, packets)
+                if vnet:
+                    packets = to_tun(packets)
                 for packet in packets:
                     try:
                         write(fd, packet)
