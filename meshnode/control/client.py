@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 
 import aiohttp
 
-from ..netmap import DnsConfig, MapNode, NetMap, NetMapError
+from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
                        generate_private_key, node_key_proof, public_key_of)
 
@@ -99,11 +99,11 @@ class MapAssembler:
         if "domain" in msg:
             self._domain = str(msg["domain"])
         if "self" in msg:
-            self._self = MapNode.from_json(msg["self"])
+            self._self = MapNode.from_json(msg["self"], self._domain)
         for pid in msg.get("peers_removed") or ():
             self._peers.pop(int(pid), None)
         for p in msg.get("peers_changed") or ():
-            node = MapNode.from_json(p)
+            node = MapNode.from_json(p, self._domain)
             self._peers[node.id] = node
         if "dns" in msg:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
@@ -282,8 +282,9 @@ class ControlClient:
                     raise ControlError(exc.code, exc.message) from None
                 for sealed in frames:
                     try:
-                        msg = chan.open(sealed)[1]
-                        nm = assembler.apply(msg)
+                        with gc_paused(len(sealed) // 256):  # roughly one peer per 256 bytes
+                            msg = chan.open(sealed)[1]
+                            nm = assembler.apply(msg)
                     except ProtocolError as exc:
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
                     except (NetMapError, KeyError, TypeError, ValueError) as exc:

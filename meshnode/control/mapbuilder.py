@@ -18,11 +18,10 @@ from typing import Iterable, Mapping
 
 from magicdns.records import Record
 
-from ..netmap import MapNode
+from ..netmap import MapNode, default_allowed_ips
 from ..policy import CompiledPolicy, NodeInfo, Policy, compile_policy, rules_to_json
 from .store import DnsSettings, Node
 
-_EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 HISTORY = 32  # snapshots a stream may fall behind and still get a delta
 
 
@@ -33,11 +32,9 @@ def _dumps(obj: object) -> str:
 def map_node(node: Node, domain: str, online: bool) -> MapNode:
     """A stored node as peers see it."""
     addrs = node.addresses
-    allowed = [f"{addrs[0]}/32", f"{addrs[1]}/128", *node.approved_routes]
-    if node.exit_node_approved:
-        allowed.extend(_EXIT_ROUTES)
+    allowed = default_allowed_ips(addrs, node.approved_routes, node.exit_node_approved)
     return MapNode(node.id, node.name, f"{node.name}.{domain}", node.user, addrs, node.node_key,
-                   node.endpoints, tuple(allowed), node.advertised_routes, node.approved_routes,
+                   node.endpoints, allowed, node.advertised_routes, node.approved_routes,
                    node.exit_node_approved, node.advertises_exit_node, node.tags, online, node.os,
                    node.last_seen, node.ephemeral)
 
@@ -112,7 +109,7 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
         if old is not None and old == mn:
             mn, text = old, prev.node_text[node.id]  # type: ignore[union-attr]
         else:
-            text = _dumps(mn.to_json())
+            text = _dumps(mn.to_json(domain))
             changed.add(node.id)
         mnodes[node.id], texts[node.id] = mn, text
         old_row = p_rows.get(node.id)

@@ -115,6 +115,7 @@ class ControlServer:
         self._full_maps = asyncio.Semaphore(8)
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_counter = -1
+        self._built_counter = -1
         self._seen_records = -1
         self._records: list | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
@@ -195,8 +196,15 @@ class ControlServer:
         self._seen_records = records_version
         text, policy = self._policy()
         prev = self.snapshot
+        counter = self._seen_counter
+        if prev is not None and counter == self._built_counter:
+            # Only online flags changed (streams came or went): no need to read 10k rows again.
+            nodes = list(prev.rows.values())
+        else:
+            nodes = self.store.list_nodes()
+        self._built_counter = counter
         snap, differs = build_snapshot(prev, version=prev.version if prev else self.store.map_version(),
-                                       domain=self.store.domain(), nodes=self.store.list_nodes(),
+                                       domain=self.store.domain(), nodes=nodes,
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
                                        dns=self.store.dns_settings(), records=records)
         if not differs:
@@ -215,9 +223,10 @@ class ControlServer:
         spent = 0.0
         while True:
             await self._dirty.wait()
-            # Let a burst of changes land as one snapshot; waiting at least as long as the last build
-            # took keeps publishing under half of the loop's time on a large, busy tailnet.
-            await asyncio.sleep(max(self.config.coalesce, spent))
+            # Let a burst of changes land as one snapshot; waiting as long as the last build took (up
+            # to 100 ms, so a change still reaches nodes well within a second) keeps publishing from
+            # starving registrations and streams on a large, busy tailnet.
+            await asyncio.sleep(max(self.config.coalesce, min(spent, 0.1)))
             self._dirty.clear()
             t0 = time.monotonic()
             try:

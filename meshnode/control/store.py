@@ -614,8 +614,8 @@ class ControlStore:
             self.conn.execute("UPDATE nodes SET logged_out = 1 WHERE id = ?", [node_id])
 
     def touch(self, node_ids: Sequence[int], now: float) -> None:
-        """Record last-seen times; not a map-visible change by itself, so no counter bump."""
-        with self._tx(bump=False):
+        """Record last-seen times (peers see them in their maps, so this counts as a change)."""
+        with self._tx():
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
 
     # -- policy ---------------------------------------------------------------------------------
