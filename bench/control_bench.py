@@ -170,10 +170,10 @@ def _http(method: str, url: str, token: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-def node_side(url: str, key: str) -> dict[str, float]:
+def node_side(url: str, key: str) -> dict[str, float | tuple[float, float]]:
     """Build the map and DNS view of one node of the full tailnet, as the daemon does, and time it."""
     from magicdns.zone import Zone
-    from meshnode.netmap import NetMap, ViewBuilder, netmap_to_view
+    from meshnode.netmap import ViewBuilder, gc_paused
 
     async def fetch() -> tuple[bytes, bytes]:
         import aiohttp
@@ -195,30 +195,35 @@ def node_side(url: str, key: str) -> dict[str, float]:
 
     full, _ = asyncio.run(fetch())
     out: dict[str, float] = {"full map frame (MB)": len(full) / 1e6}
-    t0 = time.perf_counter()
-    msg = json.loads(full)
-    t1 = time.perf_counter()
-    nm = NetMap.from_json(msg["netmap"])
-    t2 = time.perf_counter()
-    view = netmap_to_view(nm)
-    t3 = time.perf_counter()
-    Zone(view)
-    t4 = time.perf_counter()
-    asm = MapAssembler()
-    asm.apply(msg)
-    peer = nm.peers[len(nm.peers) // 2].to_json()
-    peer["name"] = "changed"
-    delta = json.dumps({"type": "delta", "version": nm.version + 1, "peers_changed": [peer]}).encode()
-    builder = ViewBuilder()
-    builder.build(nm)
-    t5 = time.perf_counter()
-    nm2 = asm.apply(json.loads(delta))
-    builder.build(nm2)
-    t6 = time.perf_counter()
-    out.update({"peers in map": float(len(nm.peers)), "json.loads (ms)": (t1 - t0) * 1e3,
-                "NetMap.from_json (ms)": (t2 - t1) * 1e3, "netmap_to_view (ms)": (t3 - t2) * 1e3,
-                "map -> view total (ms)": (t3 - t0) * 1e3, "magicdns Zone(view) (ms)": (t4 - t3) * 1e3,
-                "1-peer delta -> NetMap -> view, ViewBuilder (ms)": (t6 - t5) * 1e3})
+
+    def timed(fn):
+        c0, w0 = time.process_time(), time.perf_counter()
+        result = fn()
+        return result, (time.process_time() - c0) * 1e3, (time.perf_counter() - w0) * 1e3
+
+    runs = []
+    for _ in range(3):  # best of three: the machine may be shared
+        # As the client library does it: decode under a paused GC, assemble, then build the view.
+        with gc_paused(len(full) // 256):
+            msg, l_cpu, l_wall = timed(lambda: json.loads(full))
+            asm = MapAssembler()
+            nm, n_cpu, n_wall = timed(lambda: asm.apply(msg))
+        builder = ViewBuilder()
+        view, v_cpu, v_wall = timed(lambda: builder.build(nm))
+        _, z_cpu, z_wall = timed(lambda: Zone(view))
+        peer = nm.peers[len(nm.peers) // 2].to_json(nm.domain)
+        peer["name"] = "changed"
+        delta = json.dumps({"type": "delta", "version": nm.version + 1, "peers_changed": [peer]}).encode()
+        _, d_cpu, d_wall = timed(lambda: builder.build(asm.apply(json.loads(delta))))
+        runs.append((l_cpu + n_cpu + v_cpu, l_cpu, l_wall, n_cpu, n_wall, v_cpu, v_wall, z_cpu, z_wall, d_cpu, d_wall))
+    best = min(runs)
+    _, l_cpu, l_wall, n_cpu, n_wall, v_cpu, v_wall, z_cpu, z_wall, d_cpu, d_wall = best
+    out.update({"peers in map": float(len(nm.peers)),
+                "json.loads, ms cpu (wall)": (l_cpu, l_wall), "frame -> NetMap, ms cpu (wall)": (n_cpu, n_wall),
+                "NetMap -> DnsView, ms cpu (wall)": (v_cpu, v_wall),
+                "map + view total, ms cpu (wall)": (l_cpu + n_cpu + v_cpu, l_wall + n_wall + v_wall),
+                "magicdns Zone(view), ms cpu (wall)": (z_cpu, z_wall),
+                "1-peer delta -> map -> view, ms cpu (wall)": (d_cpu, d_wall)})
     return out
 
 
@@ -318,7 +323,11 @@ def main() -> int:
             rss_now, hwm = rss_kib(server.pid)
             rows.append(("server RSS: with streams / peak", f"{rss_streams / 1024:.0f} / {hwm / 1024:.0f} MiB"))
             for name, value in node_side(url, key).items():
-                rows.append((f"node: {name}", f"{value:.1f}" if value % 1 else f"{value:.0f}"))
+                if isinstance(value, tuple):
+                    text = f"{value[0]:.1f} ({value[1]:.1f})"
+                else:
+                    text = f"{value:.1f}" if value % 1 else f"{value:.0f}"
+                rows.append((f"node: {name}", text))
         finally:
             for p in workers:
                 p.join(timeout=10)
