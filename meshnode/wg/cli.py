@@ -42,10 +42,9 @@ def resolve_peers(cfg: WgConfig, source: str) -> list[PeerConfig]:
 @click.option("--tun", default="wg0", show_default=True)
 def wg(config_path: str, tun: str) -> None:
     """Run the WireGuard engine in the foreground from a wg-quick style file."""
-    from .device import Device, open_udp
-    from .engine import Engine
-    from .netconf import NetconfError, configure_interface
-    from .tun import TunError, open_tun
+    from .device import create_device
+    from .netconf import NetconfError
+    from .tun import TunError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -66,24 +65,14 @@ def wg(config_path: str, tun: str) -> None:
         click.echo(f"meshnode wg: MESHNODE_WG_OFFLOAD={offload!r}: use gro, tso or none", err=True)
         sys.exit(2)
     try:
-        tun_fd, ifname = open_tun(tun, vnet_hdr=offload != "none", tso=offload == "tso")
-    except TunError as exc:
+        device = create_device(cfg.private_key, tun, addresses=cfg.addresses,
+                               listen_port=cfg.listen_port, mtu=cfg.mtu, peers=peers,
+                               offload=offload)
+    except (TunError, NetconfError) as exc:
         raise click.ClickException(str(exc)) from None
-    try:
-        sock = open_udp(cfg.listen_port)
     except OSError as exc:
-        os.close(tun_fd)
         raise click.ClickException(f"cannot listen on UDP port {cfg.listen_port}: {exc}") from None
-    engine = Engine(cfg.private_key, mtu=cfg.mtu)
-    device = Device(engine, tun_fd, sock, vnet_hdr=offload != "none")
-    device.set_peers(peers)
-    try:
-        configure_interface(ifname, cfg.mtu, cfg.addresses,
-                            [net for p in peers for net in p.allowed_ips])
-    except NetconfError as exc:
-        device.close()
-        raise click.ClickException(str(exc)) from None
-    device.start()
+    ifname = device.ifname
     click.echo(f"meshnode wg: {ifname} up, public key {encode_key(public_key(cfg.private_key))}, "
                f"listening on UDP port {device.listen_port}", err=True)
     try:

@@ -8,6 +8,7 @@ threads would not encrypt faster."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -17,11 +18,13 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-from .engine import Engine, PacketFilter
+from .engine import DEFAULT_MTU, Engine, PacketFilter
+from .netconf import Netns, configure_interface, sync_routes
 from .offload import VNET_HDR_LEN, OffloadError, from_tun, to_tun
-from .peer import Endpoint, PeerConfig, PeerStats
+from .peer import Endpoint, Network, PeerConfig, PeerStats
+from .tun import open_tun
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +77,14 @@ class Device:
     """A WireGuard interface in motion: `Engine` + TUN fd + UDP socket + three threads."""
 
     def __init__(self, engine: Engine, tun_fd: int, sock: socket.socket, vnet_hdr: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`vnet_hdr`: the TUN was opened with IFF_VNET_HDR (TSO reads, coalesced GSO writes)."""
+                 clock: Callable[[], float] = time.monotonic, ifname: str | None = None,
+                 netlink: Netns | None = None) -> None:
+        """`vnet_hdr`: the TUN was opened with IFF_VNET_HDR (TSO reads, coalesced GSO writes).
+        `netlink` (opened in the TUN's namespace): when given, peer changes also add and remove
+        the kernel routes into `ifname` for their allowed IPs."""
         self.engine = engine
+        self.ifname = ifname
+        self._netlink = netlink
         self.vnet_hdr = vnet_hdr
         self.offload_errors = 0
         self._tun = tun_fd
@@ -102,15 +110,29 @@ class Device:
 
     def set_peers(self, peers: Iterable[PeerConfig]) -> None:
         """Make the peer set exactly `peers` (added, updated in place, removed)."""
-        self.engine.set_peers(peers)
+        with self._routes_following():
+            self.engine.set_peers(peers)
 
     def set_peer(self, peer: PeerConfig) -> None:
         """Add or update one peer."""
-        self.engine.set_peer(peer)
+        with self._routes_following():
+            self.engine.set_peer(peer)
 
     def remove_peer(self, public_key: bytes) -> None:
         """Forget a peer at once."""
-        self.engine.remove_peer(public_key)
+        with self._routes_following():
+            self.engine.remove_peer(public_key)
+
+    @contextlib.contextmanager
+    def _routes_following(self) -> Iterator[None]:
+        before = self._routed()
+        yield
+        if self._netlink is not None and self.ifname is not None:
+            after, name = self._routed(), self.ifname
+            self._netlink.run(lambda ipr: sync_routes(ipr, name, before, after))
+
+    def _routed(self) -> set[Network]:
+        return {net for s in self.engine.peers() for net in s.allowed_ips}
 
     def set_packet_filter(self, accept: PacketFilter | None) -> None:
         """Install `accept(packet, peer_public_key) -> bool` for every decrypted inbound packet
@@ -152,6 +174,8 @@ class Device:
         os.close(self._tun)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._netlink is not None:
+            self._netlink.close()
 
     # ------------------------------------------------------------------ loops
 
@@ -302,3 +326,39 @@ class Device:
                 self._flush_outbox()
             except Exception:
                 log.exception("wireguard timer error")
+
+
+def create_device(private_key: bytes, tun: str, *,
+                  addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
+                  listen_port: int | None = None, mtu: int = DEFAULT_MTU,
+                  peers: Iterable[PeerConfig] = (), offload: str = "gro",
+                  manage_routes: bool = True) -> Device:
+    """Create TUN `tun`, its addresses and routes, the UDP socket and the engine, and start it.
+
+    `offload`: "gro" (coalesced GSO writes), "tso" (also TSO reads) or "none". With
+    `manage_routes`, routes into the TUN follow the peers' allowed IPs, live. Raises TunError,
+    OSError (the UDP port) or NetconfError; nothing is left behind on failure."""
+    if offload not in ("gro", "tso", "none"):
+        raise ValueError(f"offload must be gro, tso or none, not {offload!r}")
+    tun_fd, ifname = open_tun(tun, vnet_hdr=offload != "none", tso=offload == "tso")
+    try:
+        sock = open_udp(listen_port)
+    except OSError:
+        os.close(tun_fd)
+        raise
+    netlink = Netns()
+    device = Device(Engine(private_key, mtu=mtu), tun_fd, sock, vnet_hdr=offload != "none",
+                    ifname=ifname, netlink=netlink if manage_routes else None)
+    try:
+        peers = list(peers)
+        device.engine.set_peers(peers)
+        routes = [net for p in peers for net in p.allowed_ips] if manage_routes else []
+        netlink.run(lambda ipr: configure_interface(ipr, ifname, mtu, addresses, routes))
+    except BaseException:
+        device.close()
+        raise
+    finally:
+        if not manage_routes:
+            netlink.close()
+    device.start()
+    return device

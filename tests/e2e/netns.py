@@ -5,7 +5,9 @@ a fixture that calls it in its finalizer leaves nothing behind even when a test 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import threading
 import os
 import signal
 import socket
@@ -14,8 +16,40 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 _serial = itertools.count()
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run `fn` on a fresh thread that has entered namespace `name`, and return its result.
+
+    setns() moves only the calling thread, so the test process stays where it was; file
+    descriptors `fn` opens there (a TUN, a socket, a netlink socket) keep their namespace."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {name}")
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
