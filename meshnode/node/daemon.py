@@ -90,6 +90,7 @@ class Daemon:
         self.map_source = ""            # "saved" or "control"
         self.map_received_at: float | None = None
         self.control_error: str | None = None
+        self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server)
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
@@ -137,6 +138,7 @@ class Daemon:
             try:
                 self.netmap = NetMap.from_json(saved.netmap)
                 self.map_source, self.map_received_at = "saved", saved.saved_at
+                self.saved_version = self.netmap.version
             except NetMapError as exc:
                 self.state.reject_saved_map(f"unusable map: {exc}")
         has_key = self.state.node_key() is not None
@@ -153,6 +155,8 @@ class Daemon:
         """Stop serving and put the system's DNS back; state on disk stays as it is."""
         if self._drift_task is not None:
             self._drift_task.cancel()
+        for task in list(self._background):
+            task.cancel()
         await self._go_down(BackendState.STOPPED)
         await self._flush_saves()
         self._writer.shutdown(wait=True)
@@ -165,7 +169,7 @@ class Daemon:
         view = self._view_of(self.netmap) if self.netmap else DnsView()
         if not self.dns.running:
             try:
-                self.dns.start(view)
+                await asyncio.to_thread(self.dns.start, view)  # binding waits on the resolver's thread
             except DnsThreadError:
                 await self._remove_addresses()
                 raise
@@ -183,8 +187,10 @@ class Daemon:
             except OsDnsError as exc:
                 log.error("osdns: restore failed: %s", exc)
             self._applied_osdns = None
-        self.dns.stop()
+        await asyncio.to_thread(self.dns.stop)
         await self._remove_addresses()
+        if self.map_source == "control":
+            self.map_source = "saved"  # no longer live: what we hold is the saved map
         self.backend = new_state
 
     async def _place_addresses(self) -> None:
@@ -313,6 +319,7 @@ class Daemon:
             self._pending_save = None
             try:
                 await loop.run_in_executor(self._writer, self.state.save_map, netmap.to_json(), now)
+                self.saved_version = netmap.version
             except OSError as exc:
                 log.error("state: cannot save network map version %d: %s", netmap.version, exc)
 
@@ -320,6 +327,7 @@ class Daemon:
         self._pending_save = None
         await self._flush_saves()  # a save in flight must not bring the map back afterwards
         self.state.forget_map()
+        self.saved_version = None
 
     async def _flush_saves(self) -> None:
         if self._saver is not None:
@@ -461,7 +469,7 @@ class Daemon:
             "self": node_json(nm.self_node) if nm else None,
             "peers": [node_json(p) for p in nm.peers] if nm else [],
             "map": {"version": nm.version if nm else None, "source": self.map_source or None,
-                    "received_at": self.map_received_at},
+                    "received_at": self.map_received_at, "saved_version": self.saved_version},
             "prefs": self.prefs.to_json(),
             "health": health,
         }

@@ -219,6 +219,8 @@ def test_three_namespaces_resolve_each_other_through_the_system_resolver(topo: T
     # kill -9, then a restart: resolv.conf ends up correct (ours, with the true original backed up)
     # and names resolve again, from the saved map.
     node2 = nodes[1]
+    wait_until(lambda: (m := json.loads(node2.cli("status", "--json").stdout)["map"])["saved_version"]
+               == m["version"], timeout=5, what="node2's map on disk")
     node2.kill9()
     assert is_ours(node2.resolv.read_text())
     node2.start()

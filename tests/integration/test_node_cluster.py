@@ -253,6 +253,9 @@ def test_restarted_daemon_answers_at_once_from_its_saved_map_while_control_is_do
         n.up(cluster.control, key)
     ip_bravo = addresses_of(bravo)
     wait_until(lambda: all_resolve([alpha], "bravo.tailnet", ip_bravo), timeout=PROPAGATION, what="bravo")
+    # The map is saved just after it is served; a kill -9 in between would restart from the one before.
+    wait_until(lambda: (m := alpha.api().request("GET", "/status")["map"])["saved_version"] == m["version"],
+               timeout=5, what="alpha's map on disk")
 
     cluster.control.stop()
     alpha.kill9()
