@@ -19,6 +19,10 @@ DUR=${DNS_BENCH_SECONDS:-8}        # seconds per dnsperf run
 ROUNDS=${DNS_BENCH_ROUNDS:-2}      # interleaved rounds per server; the table keeps the best
 FWD_RATE=${DNS_BENCH_FWD_QPS:-2000}
 CLIENTS=8                          # dnsperf sockets: several, so SO_REUSEPORT spreads them over workers
+# Priority of the fixed-rate (latency) runs only: on a machine shared with other work the scheduler's
+# noise swamps a p99 measured in microseconds. Those runs use a bounded share of the CPU, so raising
+# them does not starve anyone; the max-load runs keep the default priority.
+if [ "$(id -u)" = 0 ]; then NICE=${DNS_BENCH_NICE:--10}; else NICE=${DNS_BENCH_NICE:-0}; fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
 for tool in dnsperf knotd nsd dnsmasq unbound taskset dig; do
@@ -80,6 +84,14 @@ stop() {
 
 cpu() { "$PY" "$HELPER" cpu "$1"; }
 
+# prio N PID: set the nice value of every thread of PID and of its children (setpriority acts per thread).
+prio() {
+    local n=$1 pid=$2 p t
+    for p in $pid $(ps -o pid= --ppid "$pid"); do
+        for t in /proc/"$p"/task/*; do renice -n "$n" -p "${t##*/}" >/dev/null 2>&1 || true; done
+    done
+}
+
 # measure LABEL PORT PID CLIENT_CPUS FILE [dnsperf args...]: one bounded dnsperf run, per-query
 # latencies (-v) for the percentiles, CPU ticks of the server's process tree around it.
 measure() {
@@ -87,7 +99,7 @@ measure() {
     shift 5
     local t0 t1
     t0=$(cpu "$pid")
-    taskset -c "$ccpus" dnsperf -s 127.0.0.1 -p "$port" -d "$file" -l "$DUR" -c "$CLIENTS" -v "$@" \
+    nice -n "${RUN_NICE:-0}" taskset -c "$ccpus" dnsperf -s 127.0.0.1 -p "$port" -d "$file" -l "$DUR" -c "$CLIENTS" -v "$@" \
         >"$TMP/dnsperf.out" 2>&1 || true
     t1=$(cpu "$pid")
     "$PY" "$HELPER" parse "$TMP/dnsperf.out" "$label" $((t1 - t0)) >>"$RESULTS"
@@ -150,11 +162,13 @@ HALF=$("$PY" -c "print(int(float('$MAX1') / 2))")
 log "half load: -Q $HALF"
 for s in magicdns dnsmasq knot; do
     eval "port=\$PORT_${s^^} pid=\$PID_$s"
+    prio "$NICE" "$pid"
     t0=$(cpu "$pid")
-    taskset -c 1 dnsperf -s 127.0.0.1 -p "$port" -d "$Q" -l "$DUR" -c "$CLIENTS" -v -Q "$HALF" >"$TMP/dnsperf.out" 2>&1 || true
+    nice -n "$NICE" taskset -c 1 dnsperf -s 127.0.0.1 -p "$port" -d "$Q" -l "$DUR" -c "$CLIENTS" -v -Q "$HALF" >"$TMP/dnsperf.out" 2>&1 || true
     t1=$(cpu "$pid")
     "$PY" "$HELPER" parse "$TMP/dnsperf.out" "$s half-load 1core" $((t1 - t0)) --rate "$HALF" >>"$RESULTS"
     tail -1 "$RESULTS" | cut -c1-160 >&2
+    prio 0 "$pid"
 done
 log "unique NXDOMAIN names"
 for s in magicdns dnsmasq knot; do
@@ -174,6 +188,9 @@ start forwarder 0 "$PORT_FORWARDER" "n1.up.test A" "$MAGICDNS" serve --listen "1
     --view "$TMP/fwd-view.json" --upstream "127.0.0.1:$PORT_UPSTREAM" --control-socket "$TMP/fwd.sock" \
     --resolv-conf "$TMP/no-resolv.conf" --log-level warning
 warm "$PORT_FORWARDER" "$TMP/fwd-hit.txt"
+prio "$NICE" "$PID_forwarder"
+prio "$NICE" "$PID_upstream"
+export RUN_NICE=$NICE
 measure "fwd cache hit via magicdns" "$PORT_FORWARDER" "$PID_forwarder" 1 "$TMP/fwd-hit.txt" -Q "$FWD_RATE"
 measure "fwd cache hit direct" "$PORT_UPSTREAM" "$PID_upstream" 1 "$TMP/fwd-hit.txt" -Q "$FWD_RATE"
 measure "fwd cache miss via magicdns" "$PORT_FORWARDER" "$PID_forwarder" 1 "$TMP/fwd-miss-via.txt" -Q "$FWD_RATE"
@@ -184,6 +201,7 @@ stop "$PID_upstream"
 log "100,000-name view"
 "$PY" "$HELPER" viewbuild 100000 >>"$RESULTS"
 
+echo "fixed-rate runs (half load, forwarding) at nice $NICE, max-load runs at nice 0" >>"$TMP/header.txt"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$TMP/header.txt"
 [ "$HAVE_WORKERS" = 1 ] || echo "note: magicdns serve has no --workers here: 'both cores' is one magicdns process" >>"$TMP/header.txt"
 cat "$TMP/header.txt"
