@@ -111,11 +111,13 @@ def make_app(daemon: "Daemon") -> web.Application:
 
 def claim_socket_path(path: Path) -> None:
     """Make `path` usable for our socket: refuse a live daemon's socket or a non-socket, drop a stale one."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         st = path.lstat()
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise LocalApiError(f"LocalAPI socket {path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise LocalApiError(f"{path} exists and is not a socket; refusing to replace it")
     import socket
@@ -142,6 +144,14 @@ class LocalApiServer:
         claim_socket_path(self.path)
         runner = web.AppRunner(make_app(self.daemon), access_log=None)
         await runner.setup()
+        try:
+            await self._bind(runner)
+        except OSError as exc:
+            await runner.cleanup()
+            raise LocalApiError(f"LocalAPI socket {self.path}: {exc.strerror or exc}") from None
+        self._runner = runner
+
+    async def _bind(self, runner: web.AppRunner) -> None:
         # The umask closes the window between bind() and chmod() in which others could connect.
         old = os.umask(0o177)
         try:
@@ -149,7 +159,6 @@ class LocalApiServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        self._runner = runner
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

@@ -92,7 +92,10 @@ class StateDir:
             raise StateError(f"state directory {self.path}: {exc.strerror}") from None
         if not self.path.is_dir():
             raise StateError(f"state directory {self.path}: not a directory")
-        fd = os.open(self.path / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(f"state directory {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
