@@ -75,6 +75,7 @@ class Snapshot:
     # snapshots behind gets a delta from these instead of a full map, and no stream has to remember
     # what it was sent peer by peer (10k peers x 1k streams would pin a gigabyte).
     history: tuple[tuple[int, frozenset[int], frozenset[int]], ...] = ()
+    reach: "ReachSets" = field(default_factory=lambda: ReachSets())
 
     @property
     def differs(self) -> bool:
@@ -127,8 +128,9 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
     seq = (prev.seq + 1) if prev else 0
     changed_f = frozenset(changed)
     history = ((prev.history[-(HISTORY - 1):] if prev else ()) + ((seq, changed_f, removed),))
+    reach = prev.reach if prev is not None and compiled is prev.compiled else ReachSets()
     snap = Snapshot(seq, version, domain, rows, mnodes, texts, infos_t, policy_text, policy, compiled,
-                    dns_text, changed_f, removed, history)
+                    dns_text, changed_f, removed, history, reach)
     differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
                or domain != prev.domain)
     return snap, differs
@@ -144,15 +146,42 @@ def with_version(snap: Snapshot, version: int) -> Snapshot:
     return replace(snap, version=version)
 
 
+class ReachSets:
+    """Interned "visible peers plus self" sets of one compiled policy, and their pairwise diffs.
+
+    `visible_peers(n)` is a fresh 10k-element set per node under a broad policy (half a megabyte);
+    with self added back, nodes of one visibility class share one set, so a thousand streams hold one
+    copy instead of a thousand, and a policy or membership change diffs each distinct pair of old
+    and new sets once instead of once per stream.
+    """
+
+    def __init__(self) -> None:
+        self._sets: dict[frozenset[int], frozenset[int]] = {}
+        self._diffs: dict[tuple[frozenset[int], frozenset[int]], tuple[frozenset[int], frozenset[int]]] = {}
+
+    def of(self, compiled: CompiledPolicy, node_id: int) -> frozenset[int]:
+        reach = compiled.visible_peers(node_id) | {node_id}
+        return self._sets.setdefault(reach, reach)
+
+    def diff(self, old: frozenset[int], new: frozenset[int]) -> tuple[frozenset[int], frozenset[int]]:
+        """(added, removed) going from `old` to `new`."""
+        key = (old, new)
+        hit = self._diffs.get(key)
+        if hit is None:
+            hit = self._diffs[key] = (new - old, old - new)
+        return hit
+
+
 @dataclass
 class StreamState:
     """What one open map stream has been sent (so the next frame can be a delta). Only references
-    to shared objects: the visible set, and the JSON texts of self, DNS and filter."""
+    to shared objects: the interned reach set (visible peers plus self), and the JSON texts of self,
+    DNS and filter."""
 
     node_id: int
     seq: int = -1
     compiled: CompiledPolicy | None = None
-    visible: frozenset[int] = frozenset()
+    reach: frozenset[int] = frozenset()
     filter_text: str = "[]"
     self_text: str | None = None
     dns_text: str | None = None
@@ -178,29 +207,31 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
     nid = state.node_id
     if nid not in snap.nodes:
         raise NodeGone(nid)
-    old_visible = state.visible
+    old_reach = state.reach
     if state.compiled is not snap.compiled:
-        visible = snap.compiled.visible_peers(nid)
+        reach = snap.reach.of(snap.compiled, nid)
         filter_text = _dumps(rules_to_json(snap.compiled.filter_rules(nid)))
     else:
-        visible, filter_text = old_visible, state.filter_text
+        reach, filter_text = old_reach, state.filter_text
     texts = snap.node_text
     if state.seq < 0 or state.seq < snap.history[0][0] - 1:
         frame: str | None = "".join([
             '{"type":"full","netmap":{"version":', str(snap.version), ',"domain":', _dumps(snap.domain),
-            ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(visible)]),
+            ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(reach) if p != nid]),
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{}}}'])
     else:
         since: set[int] = set()
         for seq, changed_ids, _removed in snap.history:
             if seq > state.seq:
                 since |= changed_ids
-        if visible is old_visible:
-            changed = since & visible
-            removed: frozenset[int] | set[int] = frozenset()
+        removed: frozenset[int] | set[int] = frozenset()
+        if reach is old_reach:
+            changed = since & reach
         else:
-            changed = (visible - old_visible) | (since & visible)
-            removed = old_visible - visible
+            added, removed = snap.reach.diff(old_reach, reach)
+            changed = set(added)
+            changed |= since & reach
+        changed.discard(nid)
         parts = ['{"type":"delta","version":', str(snap.version)]
         if snap.domain != state.domain:
             parts += [',"domain":', _dumps(snap.domain)]
@@ -215,6 +246,6 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
         if filter_text != state.filter_text:
             parts += [',"packet_filter":', filter_text]
         frame = "".join(parts) + "}" if len(parts) > 2 else None
-    state.seq, state.compiled, state.visible, state.filter_text = snap.seq, snap.compiled, visible, filter_text
+    state.seq, state.compiled, state.reach, state.filter_text = snap.seq, snap.compiled, reach, filter_text
     state.self_text, state.dns_text, state.domain = texts[nid], snap.dns_text, snap.domain
     return frame

@@ -119,3 +119,16 @@ def test_stream_too_far_behind_gets_a_full_map() -> None:
         s, _ = snap(s, [nodes[0], node(2, f"b{i}")], version=i + 2)
     frame = json.loads(next_frame(s, st))
     assert frame["type"] == "full" and frame["netmap"]["peers"][0]["name"] == f"b{HISTORY}"
+
+
+def test_streams_of_one_visibility_class_share_one_reach_set() -> None:
+    nodes = [node(i, f"n{i}") for i in range(1, 6)]
+    s1, _ = snap(None, nodes)
+    states = [StreamState(i) for i in range(1, 6)]
+    for st in states:
+        next_frame(s1, st)
+    assert all(st.reach is states[0].reach for st in states)
+    s2, _ = snap(s1, nodes + [node(6, "n6")], version=2)
+    frames = [json.loads(next_frame(s2, st)) for st in states]
+    assert all([p["name"] for p in f["peers_changed"]] == ["n6"] for f in frames)
+    assert all(st.reach is states[0].reach and 6 in st.reach for st in states)
