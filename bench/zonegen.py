@@ -205,7 +205,9 @@ def unbound_conf(zones: dict[str, ZoneData], tmp: Path, port: int, threads: int 
              '  username: ""', '  chroot: ""', f'  directory: "{tmp}"', f'  pidfile: "{tmp}/unbound.pid"',
              "  use-syslog: no", '  logfile: ""', "  verbosity: 0", f"  num-threads: {threads}",
              "  so-reuseport: yes", "  access-control: 127.0.0.0/8 allow", '  module-config: "iterator"',
-             "  do-ip6: no", "  ratelimit: 0", "  ip-ratelimit: 0", "  minimal-responses: yes"]
+             "  do-ip6: no", "  ratelimit: 0", "  ip-ratelimit: 0", "  minimal-responses: yes",
+             # Never recurse: a name outside the zones gets REFUSED instead of a query to the Internet.
+             '  local-zone: "." refuse']
     for apex, z in zones.items():
         lines.append(f'  local-zone: "{apex}." static')
         for owner, ttl, rtype, value in z.rrs:
