@@ -25,10 +25,13 @@ class _Family(Generic[T]):
         self.lengths: list[int] = []  # longest first
 
     def lookup(self, addr: int) -> T | None:
+        by_len = self.by_len
         for plen in self.lengths:
-            hit = self.by_len[plen].get(addr >> (self.bits - plen))
-            if hit is not None:
-                return hit
+            table = by_len.get(plen)  # may vanish under a concurrent removal
+            if table is not None:
+                hit = table.get(addr >> (self.bits - plen))
+                if hit is not None:
+                    return hit
         return None
 
 
@@ -66,6 +69,13 @@ class AllowedIPs(Generic[T]):
                 fam.lengths = sorted(fam.by_len, reverse=True)
         self._cache = {}
 
+    def owner(self, network: Network | str) -> T | None:
+        """Who holds exactly `network` (not a lookup: no longest-prefix matching)."""
+        net = self._parse(network)
+        fam = self._fam[net.version]
+        table = fam.by_len.get(net.prefixlen, {})
+        return table.get(int(net.network_address) >> (fam.bits - net.prefixlen))
+
     def remove_value(self, value: T) -> None:
         """Forget every prefix owned by `value`."""
         for net in list(self.networks_of(value)):
@@ -81,15 +91,18 @@ class AllowedIPs(Generic[T]):
                         yield make((key << (fam.bits - plen), plen))
 
     def lookup(self, addr: bytes) -> T | None:
-        """The owner of the longest prefix holding `addr` (4 or 16 packed bytes), else None."""
-        hit = self._cache.get(addr, _MISS)
+        """The owner of the longest prefix holding `addr` (4 or 16 packed bytes), else None.
+
+        Safe against a concurrent change from another thread: the cache is taken before the
+        tables are read, so a result computed from old tables lands only in the old cache."""
+        cache = self._cache
+        hit = cache.get(addr, _MISS)
         if hit is not _MISS:
             return hit  # type: ignore[return-value]
         fam = self._fam[4 if len(addr) == 4 else 6]
         value = fam.lookup(int.from_bytes(addr, "big"))
-        cache = self._cache
         if len(cache) >= CACHE_LIMIT:
-            cache = self._cache = {}
+            cache.clear()
         cache[addr] = value
         return value
 

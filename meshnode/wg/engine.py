@@ -141,7 +141,11 @@ class Engine:
                 peer.preshared_key = config.preshared_key
                 if config.endpoint is not None:
                     peer.endpoint = config.endpoint
-                self._allowed.remove_value(peer)
+                # Only what goes away is removed: prefixes that stay never route nowhere, even
+                # for the instant of the update.
+                for net in set(peer.allowed_ips) - set(config.allowed_ips):
+                    if self._allowed.owner(net) is peer:
+                        self._allowed.remove(net)
             if config.persistent_keepalive > 0 and (peer.timers.persistent_keepalive == 0
                                                     or peer.current is None):
                 # Newly kept alive: send one at the next tick, which also starts a handshake.
@@ -444,7 +448,9 @@ class Engine:
             return
         prefix = data[:4]
         with self.lock:
-            if prefix == m.INITIATION_PREFIX:
+            if prefix == m.TRANSPORT_PREFIX:
+                self.drops[Drop.SHORT] += 1
+            elif prefix == m.INITIATION_PREFIX:
                 self._receive_initiation(data, src, now)
             elif prefix == m.RESPONSE_PREFIX:
                 self._receive_response(data, src, now)

@@ -416,3 +416,34 @@ def test_any_bit_flip_in_an_initiation_is_dropped(pos: int, flip: int) -> None:
         assert b.outbox or sum(b.drops.values()) == 1
     else:
         assert not b.outbox and sum(b.drops.values()) == 1
+
+
+def test_gro_style_batch_of_memoryviews() -> None:
+    a, b = make_pair()
+    handshake(a, b)
+    packets = [ip4(A_IP, B_IP, bytes([i]) * 1200) for i in range(5)]
+    out: list = []
+    a.send_batch(packets, T0, out)
+    assert len(out) == 5 and {ep for _, ep in out} == {EP_B}
+    size = len(out[0][0])
+    buf = memoryview(b"".join(msg for msg, _ in out))
+    got: list[bytes] = []
+    b.receive_batch([buf[i:i + size] for i in range(0, len(buf), size)], EP_A, T0, got)
+    assert got == packets and not b.drops
+    assert b.peers()[0].rx_bytes > 5 * 1200
+
+
+def test_short_transport_is_counted_short() -> None:
+    _, b = make_pair()
+    b.receive(m.TRANSPORT_PREFIX + bytes(20), EP_A, T0)
+    assert b.drops == {Drop.SHORT: 1}
+
+
+def test_updating_a_peer_keeps_its_remaining_prefixes_routed() -> None:
+    a, b = make_pair()
+    handshake(a, b)
+    a.set_peer(PeerConfig(B_PUB, bytes(32), None, nets(f"{B_IP}/32", "10.60.0.0/16")))
+    assert a._allowed.lookup_ip(B_IP) is a._peers[B_PUB]
+    assert a.send(ip4(A_IP, "10.60.3.4"), T0) is not None
+    a.set_peer(PeerConfig(B_PUB, bytes(32), None, nets("10.60.0.0/16")))
+    assert a._allowed.lookup_ip(B_IP) is None
