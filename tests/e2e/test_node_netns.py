@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -134,11 +135,12 @@ class NodeDaemon:
         return {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
 
     def dig(self, name: str, qtype: str = "A") -> tuple[str, set[str]]:
-        r = self.sh("dig", "+tries=1", "+time=2", name, qtype)
-        status = next((part.split(":")[1].strip().rstrip(",") for line in r.stdout.splitlines()
-                       for part in line.split(", ") if part.startswith("status:") or "status:" in part), "?")
-        short = self.sh("dig", "+short", "+tries=1", "+time=2", name, qtype)
-        return status, {x for x in short.stdout.split() if x}
+        """(status, answer values) from dig, which reads the namespace's resolv.conf for its server."""
+        r = self.sh("dig", "+tries=1", "+time=2", "+noall", "+comments", "+answer", name, qtype)
+        found = re.search(r"status: ([A-Z]+)", r.stdout)
+        values = {line.split()[-1] for line in r.stdout.splitlines()
+                  if line and not line.startswith(";") and line.split()[3:4] == [qtype]}
+        return (found.group(1) if found else f"no reply: {r.stdout}{r.stderr}"), values
 
     def kill9(self) -> None:
         assert self.proc is not None
