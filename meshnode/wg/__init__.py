@@ -8,10 +8,21 @@ For the node daemon:
 - `Engine` is the sans-I/O core underneath (datagrams and packets in, bytes out, time passed in).
 """
 
-from .config import ConfigError, WgConfig, load_config, parse_config
-from .device import Device, create_device
-from .engine import Drop, Engine, PacketFilter
-from .peer import PeerConfig, PeerStats
+from __future__ import annotations
 
-__all__ = ["ConfigError", "Device", "Drop", "Engine", "PacketFilter", "PeerConfig", "PeerStats",
-           "WgConfig", "create_device", "load_config", "parse_config"]
+import importlib
+from typing import Any
+
+# Imported lazily: `meshnode --help` must not pay for pyroute2 and the crypto bindings.
+_EXPORTS = {
+    "ConfigError": "config", "WgConfig": "config", "load_config": "config",
+    "parse_config": "config", "Device": "device", "create_device": "device", "Drop": "engine",
+    "Engine": "engine", "PacketFilter": "engine", "PeerConfig": "peer", "PeerStats": "peer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

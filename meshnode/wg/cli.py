@@ -9,18 +9,22 @@ import socket
 import sys
 import threading
 
+from typing import TYPE_CHECKING
+
 import click
 
-from .config import ConfigError, WgConfig, load_config
-from .crypto import encode_key, public_key
-from .peer import PeerConfig
+if TYPE_CHECKING:  # the engine's modules load only when the command runs (fast `meshnode --help`)
+    from .config import WgConfig
+    from .peer import PeerConfig
 
 log = logging.getLogger(__name__)
 
 
 def resolve_peers(cfg: WgConfig, source: str) -> list[PeerConfig]:
     """The config's peers with endpoints resolved for our dual-stack socket."""
+    from .config import ConfigError
     from .device import dual_stack_endpoint
+    from .peer import PeerConfig
 
     peers = []
     for p in cfg.peers:
@@ -42,6 +46,8 @@ def resolve_peers(cfg: WgConfig, source: str) -> list[PeerConfig]:
 @click.option("--tun", default="wg0", show_default=True)
 def wg(config_path: str, tun: str) -> None:
     """Run the WireGuard engine in the foreground from a wg-quick style file."""
+    from .config import ConfigError, load_config
+    from .crypto import encode_key, public_key
     from .device import create_device
     from .netconf import NetconfError
     from .tun import TunError
