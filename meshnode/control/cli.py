@@ -368,7 +368,7 @@ def policy_get(db_path: str) -> None:
 @_db_option
 def policy_set(file: str, db_path: str) -> None:
     """Replace the policy with FILE after it parses and its `tests` pass (else the old one stays)."""
-    from .server import set_policy
+    from .access import set_policy
     text = _read(file)
     _run(lambda: set_policy(_open(db_path), text))
     click.echo("policy updated")

@@ -32,15 +32,15 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..policy import (NodeInfo, Policy, PolicyError, auto_approved_exit, auto_approved_routes,
-                      check_policy, parse_policy, tag_allowed)
+from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, naming
+from .access import TagNotAllowed, authorize, set_policy
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, Channel, ErrorCode,
                        ProtocolError, ReplayGuard, decode_key, frame, public_key_of,
                        verify_node_key_proof)
-from .store import (Conflict, ControlStore, ControlStoreError, Grant, InvalidValue, Node, NotFound,
-                    Registration, check_tag, normalize_cidr)
+from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Node, NotFound, Registration,
+                    check_tag, normalize_cidr)
 
 log = logging.getLogger("meshnode.control.server")
 
@@ -78,6 +78,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         return _error(exc.code, exc.message)
     except authkeys.AuthKeyRefused as exc:
         return _error(ErrorCode(exc.reason.value), str(exc))
+    except TagNotAllowed as exc:
+        return _error(ErrorCode.TAG_NOT_ALLOWED, str(exc))
     except NotFound as exc:
         return _error(ErrorCode.NOT_FOUND, str(exc))
     except (Conflict, naming.NameTaken) as exc:
@@ -318,7 +320,7 @@ class ControlServer:
             endpoints=tuple(_strs(p, "endpoints")))
         _, policy = self._policy()
         try:
-            node = self.store.register(reg, lambda *a: _authorize(policy, *a))
+            node = self.store.register(reg, lambda *a: authorize(policy, *a))
         except authkeys.AuthKeyRefused:
             self.stats["refusals"] += 1
             raise
@@ -444,7 +446,6 @@ class ControlServer:
 
     async def _admin_policy_get(self, request: web.Request) -> web.Response:
         self._admin(request)
-        from ..policy import DEFAULT_POLICY_TEXT
         return web.Response(text=self.store.policy_text() or DEFAULT_POLICY_TEXT, content_type="text/plain")
 
     async def _admin_policy_set(self, request: web.Request) -> web.Response:
@@ -486,43 +487,6 @@ class ControlServer:
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-def set_policy(store: ControlStore, text: str) -> Policy:
-    """Parse the policy and run its `tests` against the current nodes; store it only if both pass.
-
-    Raises `PolicyError` (the old policy stays). Shared by the admin API and the CLI.
-    """
-    from .mapbuilder import node_info
-    result: list[Policy] = []
-
-    def validate(t: str, nodes: list[Node]) -> None:
-        now = time.time()
-        result.append(check_policy(t, [node_info(n) for n in nodes if n.active(now)]))
-    store.set_policy_text(text, validate)
-    return result[0]
-
-
-def _authorize(policy: Policy | None, user: str, key_tags: tuple[str, ...], reg: Registration,
-               existing: Node | None) -> Grant:
-    """Tags a registration may carry and what is approved at once (tagOwners, autoApprovers)."""
-    for tag in reg.advertise_tags:
-        if tag not in key_tags and not tag_allowed(policy, user, tag):
-            raise ProtocolError(ErrorCode.TAG_NOT_ALLOWED,
-                                f"user {user!r} may not apply {tag} (tagOwners) and the auth key does not carry it")
-    if key_tags or reg.advertise_tags or existing is None:
-        tags = tuple(sorted(set(key_tags) | set(reg.advertise_tags)))
-    else:
-        tags = existing.tags  # a plain re-login keeps what the admin set
-    probe = NodeInfo(existing.id if existing else 0, "", user, tags)
-    import ipaddress
-    routes = [ipaddress.ip_network(r) for r in reg.advertise_routes]
-    auto = {str(r) for r in auto_approved_routes(policy, probe, routes)}
-    kept = set(existing.approved_routes) if existing else set()
-    approved = tuple(sorted(r for r in reg.advertise_routes if r in auto or r in kept))
-    exit_ok = reg.advertise_exit_node and (
-        (existing is not None and existing.exit_node_approved) or auto_approved_exit(policy, probe))
-    return Grant(tags, approved, bool(exit_ok))
 
 
 def _str(obj: dict[str, Any], key: str, max_len: int, required: bool = True) -> str:

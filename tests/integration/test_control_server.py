@@ -149,7 +149,7 @@ async def test_policy_change_hides_peers_and_tags_need_owners(tmp_path: Path) ->
             "tagOwners": {"tag:server": ["alice@example.com"]},
             "tests": [{"src": "alice@example.com", "accept": ["100.64.0.2:22"], "deny": ["100.64.0.3:22"]}],
         })
-        from meshnode.control.server import set_policy
+        from meshnode.control.access import set_policy
         set_policy(net.admin_store, policy)
         await within_1s(lambda: a.peer_names() == {"b"} and b.peer_names() == {"a"} and x.peer_names() == set(),
                         "policy isolates bob")
@@ -336,7 +336,7 @@ async def test_relogin_and_logout_keep_identity(tmp_path: Path) -> None:
 @run
 async def test_routes_need_approval_or_auto_approvers(tmp_path: Path) -> None:
     async with Tailnet(tmp_path) as net:
-        from meshnode.control.server import set_policy
+        from meshnode.control.access import set_policy
         set_policy(net.admin_store, json.dumps({
             "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
             "autoApprovers": {"routes": {"10.1.0.0/16": ["alice@example.com"]}},
