@@ -4,7 +4,6 @@ serves the same map."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
