@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.slow, needs_root,
               pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="no wireguard-go")]
 
 TUN_A, TUN_B = "10.201.0.1", "10.201.0.2"
+TUN_A6, TUN_B6 = "fd00:201::1", "fd00:201::2"
 PORT = 51820
 TRANSFER = 4 << 20
 # meshnode.cli has no __main__ guard; this runs the console script's entry point with our Python.
@@ -31,8 +32,8 @@ MESHNODE = "import sys; from meshnode.cli import main; sys.argv[0] = 'meshnode';
 # Reads everything a client sends, answers with its SHA-256; bounded by a socket timeout.
 SERVER = """
 import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(30)
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.create_server((sys.argv[1], int(sys.argv[2])), family=fam); s.settimeout(30)
 print("ready", flush=True)
 c, _ = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
 while True:
@@ -73,9 +74,10 @@ def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: 
     conf = tmp / "wggo.conf"
     conf.write_text(f"[Interface]\nPrivateKey = {encode_key(private)}\nListenPort = {PORT}\n\n"
                     f"[Peer]\nPublicKey = {encode_key(peer_public)}\n"
-                    f"AllowedIPs = {TUN_B}/32\nEndpoint = {pair.b_addr}:{PORT}\n")
+                    f"AllowedIPs = {TUN_B}/32, {TUN_B6}/128\nEndpoint = {pair.b_addr}:{PORT}\n")
     pair.a.run("wg", "setconf", ifname, str(conf))
     pair.a.run("ip", "addr", "add", f"{TUN_A}/24", "dev", ifname)
+    pair.a.run("ip", "-6", "addr", "add", f"{TUN_A6}/64", "dev", ifname)
     pair.a.run("ip", "link", "set", ifname, "mtu", "1280", "up")
     return ifname
 
@@ -84,9 +86,10 @@ def start_meshnode(pair: NetnsPair, tmp: Path, private: bytes, peer_public: byte
                    offload: str = "gro") -> str:
     ifname = f"mn{pair.b.name}"[:15]
     conf = tmp / "meshnode.conf"
-    conf.write_text(f"[Interface]\nPrivateKey = {encode_key(private)}\nAddress = {TUN_B}/24\n"
-                    f"ListenPort = {PORT}\n\n[Peer]\nPublicKey = {encode_key(peer_public)}\n"
-                    f"AllowedIPs = {TUN_A}/32\nEndpoint = {pair.a_addr}:{PORT}\n")
+    conf.write_text(f"[Interface]\nPrivateKey = {encode_key(private)}\n"
+                    f"Address = {TUN_B}/24, {TUN_B6}/64\nListenPort = {PORT}\n\n"
+                    f"[Peer]\nPublicKey = {encode_key(peer_public)}\n"
+                    f"AllowedIPs = {TUN_A}/32, {TUN_A6}/128\nEndpoint = {pair.a_addr}:{PORT}\n")
     log = open(tmp / "meshnode.log", "wb")
     proc = pair.b.popen(sys.executable, "-c", MESHNODE, "wg", "--config", str(conf),
                         "--tun", ifname, stdout=log, stderr=subprocess.STDOUT,
@@ -102,9 +105,9 @@ def ping(pair: NetnsPair, side: str, dst: str) -> bool:
     return ns.ping(dst) is not None
 
 
-def tcp_transfer(pair: NetnsPair, server_side: str) -> None:
+def tcp_transfer(pair: NetnsPair, server_side: str, v6: bool = False) -> None:
     server_ns, client_ns = (pair.a, pair.b) if server_side == "a" else (pair.b, pair.a)
-    server_ip = TUN_A if server_side == "a" else TUN_B
+    server_ip = (TUN_A6 if v6 else TUN_A) if server_side == "a" else (TUN_B6 if v6 else TUN_B)
     server = server_ns.popen(sys.executable, "-c", SERVER, server_ip, "5001",
                              stdout=subprocess.PIPE)
     assert server.stdout is not None
@@ -137,3 +140,4 @@ def test_interop_with_wireguard_go(pair: NetnsPair, tmp_path: Path, initiator: s
     assert encode_key(b_pub) in shown and not shown.strip().endswith("\t0")
     tcp_transfer(pair, server_side="a" if initiator == "meshnode" else "b")
     tcp_transfer(pair, server_side="b" if initiator == "meshnode" else "a")
+    tcp_transfer(pair, server_side="a" if initiator == "meshnode" else "b", v6=True)
