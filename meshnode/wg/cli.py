@@ -82,8 +82,12 @@ def wg(config_path: str, tun: str) -> None:
     click.echo(f"meshnode wg: {ifname} up, public key {encode_key(public_key(cfg.private_key))}, "
                f"listening on UDP port {device.listen_port}", err=True)
     try:
-        stop.wait()
+        # Wake twice a second to notice a device that stopped by itself (interface deleted).
+        while not stop.wait(0.5) and device.running:
+            pass
     finally:
         # Closing the TUN fd deletes the (non-persistent) interface and its routes.
         device.close()
         click.echo(f"meshnode wg: {ifname} down; drops: {device.drops()}", err=True)
+    if device.failure is not None:
+        raise click.ClickException(str(device.failure))

@@ -73,6 +73,10 @@ def open_udp(port: int | None) -> socket.socket:
     return sock
 
 
+class DeviceFailure(OSError):
+    """The TUN or the UDP socket failed for good; the device has stopped (see Device.failure)."""
+
+
 class Device:
     """A WireGuard interface in motion: `Engine` + TUN fd + UDP socket + three threads."""
 
@@ -96,6 +100,7 @@ class Device:
         self._threads: list[threading.Thread] = []
         self.send_errors = 0
         self.tun_write_errors = 0
+        self.failure: DeviceFailure | None = None  # set when the device stopped by itself
         self.gso = True
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
@@ -164,8 +169,15 @@ class Device:
             t.start()
             self._threads.append(t)
 
+    @property
+    def running(self) -> bool:
+        """False once closed or failed (then `failure` says why)."""
+        return not self._stop.is_set()
+
     def close(self) -> None:
         """Stop the threads and close the socket and TUN fd."""
+        if self._sock.fileno() < 0:
+            return  # already closed
         self._stop.set()
         os.write(self._wake_w, b"x")
         for t in self._threads:
@@ -196,6 +208,12 @@ class Device:
         while not self._stop.is_set():
             try:
                 body()
+            except DeviceFailure as exc:
+                # The TUN or socket is gone (interface deleted...): retrying would spin.
+                log.error("wireguard device stopped: %s", exc)
+                self.failure = exc
+                self._stop.set()
+                os.write(self._wake_w, b"x")
             except Exception:  # a bug must not silently kill the tunnel: log it and go on
                 log.exception("wireguard %s loop error", threading.current_thread().name)
 
@@ -253,6 +271,8 @@ class Device:
                     data = read(fd, READ_SIZE)
                 except BlockingIOError:
                     break
+                except OSError as exc:
+                    raise DeviceFailure(f"reading the TUN: {exc}") from exc
                 if not vnet:
                     packets.append(data)
                 elif not data[0] and not data[1]:  # no checksum to finish, no segmentation
@@ -293,10 +313,11 @@ class Device:
                 except BlockingIOError:
                     break
                 except OSError as exc:  # ICMP errors surface here (ECONNREFUSED...)
-                    if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH,
-                                         errno.ENETUNREACH):
-                        raise
-                    continue
+                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        continue
+                    if exc.errno in (errno.EINTR, errno.ENOMEM, errno.ENOBUFS):
+                        break
+                    raise DeviceFailure(f"reading the UDP socket: {exc}") from exc
                 seg = nbytes
                 for level, kind, data in ancdata:
                     if level == SOL_UDP and kind == UDP_GRO:

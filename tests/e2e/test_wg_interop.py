@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,26 @@ def test_interop_with_wireguard_go(pair: NetnsPair, tmp_path: Path, initiator: s
     tcp_transfer(pair, server_side="a" if initiator == "meshnode" else "b")
     tcp_transfer(pair, server_side="b" if initiator == "meshnode" else "a")
     tcp_transfer(pair, server_side="a" if initiator == "meshnode" else "b", v6=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_meshnode_wg_cleans_up_on_signal(pair: NetnsPair, tmp_path: Path, sig: int) -> None:
+    b_priv, _ = keypair()
+    _, a_pub = keypair()
+    ifname = start_meshnode(pair, tmp_path, b_priv, a_pub)
+    assert TUN_B in pair.b.run("ip", "-br", "addr", "show", "dev", ifname).stdout
+    (proc,) = pair.b.processes
+    proc.send_signal(sig)
+    assert proc.wait(timeout=10) == 0
+    assert pair.b.run("ip", "link", "show", ifname, check=False).returncode != 0
+    assert TUN_A not in pair.b.run("ip", "route").stdout
+
+
+def test_meshnode_wg_exits_when_its_interface_is_deleted(pair: NetnsPair, tmp_path: Path) -> None:
+    b_priv, _ = keypair()
+    _, a_pub = keypair()
+    ifname = start_meshnode(pair, tmp_path, b_priv, a_pub)
+    pair.b.run("ip", "link", "del", ifname)
+    (proc,) = pair.b.processes
+    assert proc.wait(timeout=10) == 1
+    assert b"reading the TUN" in (tmp_path / "meshnode.log").read_bytes()
