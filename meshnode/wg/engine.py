@@ -11,9 +11,11 @@ peers or handshakes holds `lock`."""
 
 from __future__ import annotations
 
+import base64
 import collections
 import enum
 import ipaddress
+import logging
 import os
 import threading
 from typing import Callable, Iterable
@@ -41,6 +43,8 @@ from .timers import (
     REKEY_TIMEOUT_JITTER_MAX,
     Timer,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MTU = 1280
 # Handshake messages per second above which we answer with cookies instead of doing DH.
@@ -73,6 +77,11 @@ class Drop(enum.Enum):
     FILTERED = "filtered"
     NO_ROUTE = "no_route"
     NO_ENDPOINT = "no_endpoint"
+
+
+def short_key(public_key: bytes) -> str:
+    """A peer key as logs show it (like `wg show`'s, shortened)."""
+    return base64.b64encode(public_key).decode()[:10] + "…"
 
 
 def endpoint_bytes(ep: Endpoint) -> bytes:
@@ -137,6 +146,7 @@ class Engine:
                     return
                 peer = Peer(config, self._static_static(config.public_key), self._jitter)
                 self._peers[config.public_key] = peer
+                log.info("peer %s added", short_key(config.public_key))
             else:
                 peer.preshared_key = config.preshared_key
                 if config.endpoint is not None:
@@ -171,6 +181,7 @@ class Engine:
             peer = self._peers.pop(public_key, None)
             if peer is None:
                 return
+            log.info("peer %s removed", short_key(public_key))
             self._allowed.remove_value(peer)
             self._clear_sessions(peer)
             peer.timers.stop_all()
@@ -398,6 +409,7 @@ class Engine:
         peer.endpoint = src
         peer.rx_bytes += len(msg)
         peer.last_handshake = now + self.wall_offset
+        log.debug("handshake with %s complete (we initiated)", short_key(peer.public_key))
         t = peer.timers
         t.any_authenticated_packet_traversal(now)
         t.any_authenticated_packet_received(now)
@@ -430,6 +442,7 @@ class Engine:
             self._drop_keypair(peer.previous)
             peer.previous, peer.current, peer.next = peer.current, kp, None
             peer.last_handshake = now + self.wall_offset
+            log.debug("handshake with %s complete (they initiated)", short_key(peer.public_key))
             peer.timers.handshake_complete(now)
             if peer.staged:
                 self._flush_staged(peer, now)
@@ -674,6 +687,8 @@ class Engine:
         if timer is Timer.RETRANSMIT_HANDSHAKE:
             if t.handshake_attempts > MAX_TIMER_HANDSHAKES:
                 # Gave up for REKEY_ATTEMPT_TIME: forget queued packets, wipe keys later.
+                log.info("no handshake with %s after %d attempts; giving up until new traffic",
+                         short_key(peer.public_key), t.handshake_attempts + 1)
                 peer.staged.clear()
                 self._drop_initiation(peer)
                 if not t.pending(Timer.ZERO_KEY_MATERIAL):
