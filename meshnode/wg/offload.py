@@ -77,43 +77,64 @@ def from_tun(data: bytes) -> list[bytes]:
 
 
 def segment_tcp(data: bytes, mss: int) -> list[bytes]:
-    """Split a TSO super-packet (vnet header included) into segments of `mss` payload bytes."""
+    """Split a TSO super-packet (vnet header included) into segments of `mss` payload bytes.
+
+    Checksums are built incrementally: the sums of the constant header words are taken once per
+    super-packet, so per segment only the payload is summed (one C-speed conversion) and the
+    varying words (length, id, seq, flags) are added in."""
     packet = memoryview(data)[VNET_HDR_LEN:]
     v6 = packet[0] >> 4 == 6
     iphl = 40 if v6 else (packet[0] & 15) * 4
+    if len(packet) < iphl + 20:
+        raise OffloadError("bad TSO super-packet")
     tcphl = (packet[iphl + 12] >> 4) * 4
     hl = iphl + tcphl
-    if mss <= 0 or len(packet) < hl:
+    if mss <= 0 or tcphl < 20 or len(packet) <= hl:
         raise OffloadError("bad TSO super-packet")
-    payload_len = len(packet) - hl
-    seq0 = int.from_bytes(packet[iphl + 4:iphl + 8], "big")
-    ip_id = int.from_bytes(packet[4:6], "big")
-    flags = packet[iphl + 13]
-    template = bytearray(packet[:hl])
-    template[iphl + 16:iphl + 18] = b"\0\0"
+    h = bytes(packet[:hl])
+    seq0 = int.from_bytes(h[iphl + 4:iphl + 8], "big")
+    flags = h[iphl + 13]
+    # Header checksum sums with the varying fields zeroed.
+    tcp_fixed = h[iphl:iphl + 4] + bytes(4) + h[iphl + 8:iphl + 13] + b"\0" + h[iphl + 14:iphl + 16] \
+        + b"\0\0" + h[iphl + 18:hl]
+    tcp_base = csum_sum(h[8:40] if v6 else h[12:20]) + 6 + csum_sum(tcp_fixed)
+    tail = (h[iphl:iphl + 4], h[iphl + 8:iphl + 13], h[iphl + 14:iphl + 16], h[iphl + 18:hl])
+    if v6:
+        build = struct.Struct(f"!4sH{iphl - 6}s4sI5sB2sH{hl - iphl - 18}s").pack
+        head = (h[:4],)
+        mid = h[6:iphl]
+    else:
+        build = struct.Struct(f"!2sHH4sH{iphl - 12}s4sI5sB2sH{hl - iphl - 18}s").pack
+        ip_id = int.from_bytes(h[4:6], "big")
+        ip_base = csum_sum(h[:2] + bytes(4) + h[6:10] + b"\0\0" + h[12:iphl])
+        head = (h[:2],)
+        mid = h[6:10]
+        ip_rest = h[12:iphl]
     out = []
+    payload_len = len(packet) - hl
     offset = 0
     index = 0
     while offset < payload_len:
         chunk = packet[hl + offset:hl + offset + mss]
         n = len(chunk)
-        last = offset + n >= payload_len
-        header = bytearray(template)
-        if v6:
-            struct.pack_into("!H", header, 4, tcphl + n)
-        else:
-            struct.pack_into("!HH", header, 2, hl + n, (ip_id + index) & 0xFFFF)
-            ipv4_header_checksum(memoryview(header)[:iphl])  # type: ignore[arg-type]
-        struct.pack_into("!I", header, iphl + 4, (seq0 + offset) & 0xFFFFFFFF)
         f = flags
-        if not last:
+        if offset + n < payload_len:
             f &= ~(TCP_FIN | TCP_PSH)
         if index:
             f &= ~TCP_CWR
-        header[iphl + 13] = f
-        total = _pseudo_sum(header, v6, 6, tcphl + n) + csum_sum(header[iphl:]) + csum_sum(chunk)
-        struct.pack_into("!H", header, iphl + 16, ~_fold(total) & 0xFFFF)
-        out.append(bytes(header) + chunk)
+        seq = (seq0 + offset) & 0xFFFFFFFF
+        tcp_len = tcphl + n
+        tcp_sum = ~_fold(tcp_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + f
+                         + csum_sum(chunk)) & 0xFFFF
+        if v6:
+            header = build(head[0], tcp_len, mid, tail[0], seq, tail[1], f, tail[2], tcp_sum,
+                           tail[3])
+        else:
+            total, ident = hl + n, (ip_id + index) & 0xFFFF
+            ip_sum = ~_fold(ip_base + total + ident) & 0xFFFF
+            header = build(head[0], total, ident, mid, ip_sum, ip_rest, tail[0], seq, tail[1], f,
+                           tail[2], tcp_sum, tail[3])
+        out.append(header + chunk)
         offset += n
         index += 1
     return out
