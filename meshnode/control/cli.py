@@ -103,10 +103,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
     store = _open(db_path, domain)
     token = store.ensure_admin_token()
     if token is not None:
-        path = Path(admin_token_file or db_path + ".admin-token")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        path = _write_token(Path(admin_token_file or db_path + ".admin-token"), token)
         logging.getLogger("meshnode.control").info("admin API token written to %s", path)
     try:
         import uvloop
@@ -132,6 +129,29 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     finally:
         store.close()
+
+
+def _write_token(path: Path, token: str) -> Path:
+    """Write a secret readable by its owner only (created 0600, never world-readable even briefly)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the admin token to {path}: {exc.strerror}") from None
+    return path
+
+
+@control.command("admin-token")
+@_db_option
+@click.option("--rotate", is_flag=True, required=True, help="Replace the admin API token.")
+@click.option("--admin-token-file", default=None, help="Where to write it (default: DB path + .admin-token).")
+def admin_token(db_path: str, rotate: bool, admin_token_file: str | None) -> None:
+    """Replace the admin API token; the new one is written to a 0600 file next to the database."""
+    token = _run(lambda: _open(db_path).rotate_admin_token())
+    path = _write_token(Path(admin_token_file or db_path + ".admin-token"), token)
+    click.echo(f"new admin token written to {path}")
 
 
 # -- users --------------------------------------------------------------------------------------

@@ -341,6 +341,13 @@ class ControlStore:
             self._set_meta("admin_token_hash", authkeys.hash_secret(token))
         return token
 
+    def rotate_admin_token(self) -> str:
+        """Replace the admin API token (the old one stops working at once); returns the new one."""
+        token = "msadm-" + os.urandom(32).hex()
+        with self._tx(bump=False):
+            self._set_meta("admin_token_hash", authkeys.hash_secret(token))
+        return token
+
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
 

@@ -138,3 +138,23 @@ def test_cli_bad_usage_and_failures(server: ServerProcess) -> None:
     assert cli("dns", "nameservers", "set", "not-an-ip", "--db", db).returncode == 1
     ls = cli("nodes", "ls", "--db", db, "--json")
     assert ls.returncode == 0 and ls.stdout.strip() == "[]"
+
+
+def test_admin_token_rotation_takes_effect_at_once(server: ServerProcess) -> None:
+    import urllib.error
+    import urllib.request
+    token_file = Path(str(server.db) + ".admin-token")
+    old = token_file.read_text().strip()
+
+    def status(token: str) -> int:
+        req = urllib.request.Request(server.url + "/admin/nodes", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    assert status(old) == 200
+    assert cli("admin-token", "--rotate", "--db", str(server.db)).returncode == 0
+    new = token_file.read_text().strip()
+    assert new != old and (token_file.stat().st_mode & 0o777) == 0o600
+    assert status(old) == 401 and status(new) == 200
