@@ -76,11 +76,13 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--resolv-conf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The resolv.conf to manage [default: /etc/resolv.conf, or systemd-resolved].")
 @click.option("--os", "os_name", default=None, help="OS name reported to the control server.")
+@click.option("--metrics", default=None, metavar="HOST:PORT", help="Serve the resolver's Prometheus metrics here.")
+@click.option("--query-log", default=None, metavar="FILE", help="Log every DNS query to FILE ('-': stderr).")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.pass_context
 def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tun: str | None,
                userspace: bool, dns_listen: tuple[tuple[str, int], ...], resolv_conf: Path | None,
-               os_name: str | None, verbose: int) -> None:
+               os_name: str | None, metrics: str | None, query_log: str | None, verbose: int) -> None:
     """Run the node daemon in the foreground."""
     from .daemon import DaemonConfig, run_daemon
     from .dnsthread import DnsThreadError
@@ -92,9 +94,17 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
         raise click.UsageError("--tun and --userspace exclude each other")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics_addr = None
+    if metrics is not None:
+        try:
+            m = parse_upstream(metrics)
+        except UpstreamError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics") from None
+        metrics_addr = (m.host, m.port)
     sock = socket_path or Path((ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET)
     config = DaemonConfig(state_dir=state_dir, socket_path=sock, tun=None if userspace else tun,
-                          dns_listen=dns_listen, resolv_conf=resolv_conf, os_name=os_name)
+                          dns_listen=dns_listen, resolv_conf=resolv_conf, os_name=os_name,
+                          metrics=metrics_addr, query_log=query_log)
     try:
         asyncio.run(run_daemon(config))
     except (StateError, LocalApiError, DnsThreadError) as exc:

@@ -63,6 +63,8 @@ class DaemonConfig:
     resolv_conf: Path | None = None                    # None: /etc/resolv.conf or systemd-resolved
     drift_interval: float = 1.0                        # seconds between resolv.conf checks
     os_name: str | None = None                         # reported to control; None: platform's
+    metrics: tuple[str, int] | None = None             # Prometheus /metrics of the resolver
+    query_log: str | None = None                       # the resolver's query log ("-": stderr)
 
 
 def node_json(node: MapNode) -> dict[str, Any]:
@@ -91,7 +93,7 @@ class Daemon:
         self.map_received_at: float | None = None
         self.control_error: str | None = None
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
-        self.dns = DnsThread(self._make_server)
+        self.dns = DnsThread(self._make_server, metrics=config.metrics)
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
         self._dns_hosts: tuple[str, ...] = ()
@@ -120,7 +122,8 @@ class Daemon:
 
     def _make_server(self) -> DnsServer:
         listen = self.config.dns_listen or tuple((h, 53) for h in self._dns_hosts)
-        return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams))
+        return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams,
+                                      query_log=self.config.query_log))
 
     # -- lifecycle ----------------------------------------------------------------------------
 

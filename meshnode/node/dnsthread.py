@@ -35,8 +35,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class DnsThread:
     """Owns one `magicdns.server.DnsServer` running on a private event loop thread."""
 
-    def __init__(self, server_factory: Callable[[], Any]) -> None:
+    def __init__(self, server_factory: Callable[[], Any], metrics: tuple[str, int] | None = None) -> None:
         self._factory = server_factory
+        self._metrics_addr = metrics
+        self._metrics: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -59,15 +61,28 @@ class DnsThread:
         self._loop, self._thread = loop, thread
         server = self._factory()
         try:
-            asyncio.run_coroutine_threadsafe(server.start(view), loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(self._startup(server, view), loop).result(timeout)
         except BaseException as exc:
             self._stop_loop()
             if isinstance(exc, concurrent.futures.TimeoutError):
                 raise DnsThreadError(f"the resolver did not start within {timeout}s") from None
+            if isinstance(exc, DnsThreadError):
+                raise
             if isinstance(exc, Exception):
                 raise DnsThreadError(f"the resolver cannot start: {exc}") from exc
             raise
         self._server = server
+
+    async def _startup(self, server: Any, view: DnsView) -> None:
+        await server.start(view)
+        if self._metrics_addr is not None:
+            from .metrics import start_metrics
+            try:
+                self._metrics = await start_metrics(server, *self._metrics_addr)
+            except OSError as exc:
+                await server.stop()
+                raise DnsThreadError(f"cannot serve metrics on {self._metrics_addr[0]}:"
+                                     f"{self._metrics_addr[1]}: {exc.strerror}") from None
 
     @staticmethod
     def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
@@ -137,6 +152,9 @@ class DnsThread:
             except asyncio.CancelledError:
                 pass
             self._applier = None
+        if self._metrics is not None:
+            await self._metrics.cleanup()
+            self._metrics = None
         await server.stop()
 
     def _stop_loop(self) -> None:

@@ -92,12 +92,12 @@ class Node:
         self.log = self.dir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*MESHNODE, "daemon", "--state-dir", str(self.state), "--socket", str(self.sock),
                  "--userspace", "--dns-listen", f"127.0.0.1:{self.dns_port}", "--resolv-conf", str(self.resolv),
-                 "--os", "testos", "-v"],
+                 "--os", "testos", "-v", *extra],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self.api_up, timeout=15, what=f"{self.name}'s LocalAPI")
 
@@ -475,3 +475,21 @@ def test_a_second_daemon_is_refused_and_changes_nothing(cluster: Cluster) -> Non
     assert alpha.resolv.read_text() == ours
     assert alpha.resolve("alpha.tailnet")[0] == "NOERROR"
     assert alpha.api().request("GET", "/status")["backend_state"] == "Running"
+
+
+def test_metrics_and_query_log(cluster: Cluster) -> None:
+    import urllib.request
+    alpha = cluster.nodes[0]
+    port = free_port(socket.SOCK_STREAM)
+    qlog = cluster.root / "queries.log"
+    alpha.start("--metrics", f"127.0.0.1:{port}", "--query-log", str(qlog))
+    alpha.up(cluster.control, cluster.authkey())
+    for _ in range(3):
+        assert alpha.resolve("alpha.tailnet")[0] == "NOERROR"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    line = next(x for x in text.splitlines() if x.startswith('magicdns_queries_total{transport="udp"}'))
+    assert float(line.split()[-1]) >= 3
+    with pytest.raises(urllib.error.HTTPError):  # only metrics: the resolver is not exposed over HTTP
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/query?name=alpha.tailnet", timeout=5)
+    alpha.stop()
+    assert "alpha.tailnet." in qlog.read_text()
