@@ -45,6 +45,7 @@ class UpRequest:
     exit_node: str | None = None
     advertise_tags: tuple[str, ...] | None = None
     timeout: float = 30.0  # seconds to wait for the first network map
+    force_reauth: bool = False  # forget node key and pinned server key: register afresh
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,8 @@ def parse_up(body: Any) -> UpRequest:
         raise bad_request("hostname: must not be empty")
     return UpRequest(login, _opt_str(obj, "authkey"), hostname, _opt_bool(obj, "accept_dns"),
                      _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
-                     _opt_str(obj, "exit_node", 253), tags, float(timeout))
+                     _opt_str(obj, "exit_node", 253), tags, float(timeout),
+                     bool(_opt_bool(obj, "force_reauth")))
 
 
 def parse_query(body: Any) -> QueryRequest:

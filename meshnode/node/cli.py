@@ -127,14 +127,20 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
 @click.option("--advertise-tags", multiple=True, metavar="tag:a,tag:b", help="Tags to request for this node.")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
               help="Seconds to wait for the first network map.")
+@click.option("--force-reauth", is_flag=True,
+              help="Start over: new node key, re-pin the server key (needs --authkey).")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
 @click.pass_context
 def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, hostname: str | None,
            accept_dns: bool | None, accept_routes: bool | None, advertise_routes: tuple[str, ...],
            advertise_exit_node: bool | None, exit_node: str | None, advertise_tags: tuple[str, ...],
-           timeout: float, as_json: bool) -> None:
+           timeout: float, force_reauth: bool, as_json: bool) -> None:
     """Connect to the tailnet (registering with --authkey the first time)."""
     body: dict[str, Any] = {"timeout": timeout}
+    if force_reauth:
+        if not authkey:
+            raise click.UsageError("--force-reauth needs --authkey")
+        body["force_reauth"] = True
     try:
         if login_server is not None:
             body["login_server"] = check_login_server(login_server)

@@ -26,6 +26,7 @@ from magicdns.upstream import Upstream
 from magicdns.view import DnsView
 
 from ..control.client import ControlClient, ControlError
+from ..control.protocol import ErrorCode
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
 from .apitypes import ApiError, IpRequest, QueryRequest, UpRequest
 from .dnsthread import DnsThread, DnsThreadError
@@ -376,10 +377,12 @@ class Daemon:
                 raise ApiError(400, "no login server: pass --login-server URL")
             if req.exit_node and self.netmap is not None:
                 self._check_exit_node(self.netmap, req.exit_node)
-            if prefs.login_server != self.prefs.login_server and self.prefs.login_server:
-                # A different control server is a different tailnet: a new identity there.
+            if req.force_reauth or (prefs.login_server != self.prefs.login_server and self.prefs.login_server):
+                # A different control server is a different tailnet, and --force-reauth starts over
+                # (e.g. after the server's key changed): a new identity, a new pin.
                 await self._go_down(BackendState.NEEDS_LOGIN)
                 self.state.forget_node_key()
+                self.state.forget_server_key()
                 await self._forget_map()
                 self.netmap, self.map_source = None, ""
             await self._stop_map_stream()
@@ -403,7 +406,11 @@ class Daemon:
                 if self.backend in (BackendState.RUNNING, BackendState.STARTING):
                     self._start_map_stream()  # keep following the map we had
                 status = 502 if exc.retryable else 403
-                raise ApiError(status, f"control server {prefs.login_server}: {exc}") from None
+                hint = ""
+                if exc.code is ErrorCode.BAD_SEAL:
+                    hint = (" (if the control server was reinstalled, start over with"
+                            " `meshnode up --force-reauth --authkey KEY`)")
+                raise ApiError(status, f"control server {prefs.login_server}: {exc}{hint}") from None
             if client.server_public_key:
                 self.state.save_server_key(prefs.login_server, client.server_public_key)
             self.prefs = replace(prefs, want_running=True)
@@ -447,7 +454,8 @@ class Daemon:
                 except ControlError as exc:
                     if exc.retryable:
                         # Forgetting the key without telling the server would leave a ghost node.
-                        raise ApiError(502, f"cannot reach the control server to log out: {exc}") from None
+                        raise ApiError(502, f"cannot reach the control server to log out: {exc}"
+                                       " (`meshnode up --force-reauth` starts over without it)") from None
                     log.warning("control: logout refused (%s); forgetting the node key anyway", exc)
             await self._go_down(BackendState.NEEDS_LOGIN)
             self.state.forget_node_key()

@@ -239,6 +239,12 @@ class StateDir:
         doc = {"login_server": login_server, "server_public_key": key}
         atomic_write(self.path / "control.json", json.dumps(doc) + "\n")
 
+    def forget_server_key(self) -> None:
+        try:
+            (self.path / "control.json").unlink()
+        except FileNotFoundError:
+            pass
+
     def forget_map(self) -> None:
         try:
             (self.path / "netmap.json").unlink()

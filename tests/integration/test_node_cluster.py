@@ -493,3 +493,26 @@ def test_metrics_and_query_log(cluster: Cluster) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/query?name=alpha.tailnet", timeout=5)
     alpha.stop()
     assert "alpha.tailnet." in qlog.read_text()
+
+
+def test_force_reauth_recovers_from_a_changed_server_key(cluster: Cluster) -> None:
+    alpha = cluster.nodes[0]
+    alpha.start()
+    key = cluster.authkey()
+    alpha.up(cluster.control, key)
+    ip_alpha = addresses_of(alpha)
+    alpha.stop()
+    # As if the control server had been reinstalled with a new key: our pin no longer matches.
+    pin = json.loads((alpha.state / "control.json").read_text())
+    from meshnode.control.protocol import generate_private_key, public_key_of
+    other_key = public_key_of(generate_private_key())
+    pin["server_public_key"] = other_key
+    (alpha.state / "control.json").write_text(json.dumps(pin))
+    alpha.start()
+    r = alpha.cli("up")
+    assert r.returncode == 1 and "--force-reauth" in r.stderr
+    assert alpha.cli("up", "--force-reauth").returncode == 2  # needs an auth key
+    r = alpha.cli("up", "--force-reauth", "--authkey", key)
+    assert r.returncode == 0, r.stderr
+    assert addresses_of(alpha) == ip_alpha  # same machine key: same node for the server
+    assert json.loads((alpha.state / "control.json").read_text())["server_public_key"] != other_key

@@ -36,6 +36,7 @@ from tests.support import free_port
     ({"timeout": True}, "timeout"),
     ({"hostname": "  "}, "hostname"),
     ({"hostname": "x" * 300}, "hostname"),
+    ({"force_reauth": 1}, "force_reauth: expected true or false"),
 ])
 def test_parse_up_refuses_with_the_field_named(body, msg: str) -> None:
     with pytest.raises(ApiError, match=msg) as info:
