@@ -200,6 +200,9 @@ class Daemon:
     async def _place_addresses(self) -> None:
         if self.config.dns_listen:
             self._dns_hosts = tuple(dict.fromkeys(h for h, _ in self.config.dns_listen))
+            if self.prefs.accept_dns and any(port != 53 for _, port in self.config.dns_listen):
+                log.warning("osdns: resolv.conf cannot name a port; the system resolver will ask port 53"
+                            " of %s, not the --dns-listen port", ", ".join(self._dns_hosts))
             return
         if self._iface is None:
             self._iface = ServiceAddresses(self.config.tun or DUMMY_NAME, create=self.config.tun is None)
