@@ -73,7 +73,8 @@ def wg(config_path: str, tun: str) -> None:
     try:
         device = create_device(cfg.private_key, tun, addresses=cfg.addresses,
                                listen_port=cfg.listen_port, mtu=cfg.mtu, peers=peers,
-                               offload=offload)
+                               offload=offload,
+                               io_threads=int(os.environ.get("MESHNODE_WG_IO_THREADS", "1")))
     except (TunError, NetconfError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -82,12 +82,13 @@ class Device:
 
     def __init__(self, engine: Engine, tun_fd: int, sock: socket.socket, vnet_hdr: bool = False,
                  clock: Callable[[], float] = time.monotonic, ifname: str | None = None,
-                 netlink: Netns | None = None) -> None:
+                 netlink: Netns | None = None, io_threads: int = 1) -> None:
         """`vnet_hdr`: the TUN was opened with IFF_VNET_HDR (TSO reads, coalesced GSO writes).
         `netlink` (opened in the TUN's namespace): when given, peer changes also add and remove
         the kernel routes into `ifname` for their allowed IPs."""
         self.engine = engine
         self.ifname = ifname
+        self.io_threads = io_threads
         self._netlink = netlink
         self.vnet_hdr = vnet_hdr
         self.offload_errors = 0
@@ -163,8 +164,18 @@ class Device:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        for target, name in ((self._tun_loop, "wg-tun"), (self._udp_loop, "wg-udp"),
-                             (self._timer_loop, "wg-timers")):
+        """Start moving packets: `io_threads` 1 polls TUN and socket in one thread (no GIL
+        hand-offs between directions), 2 gives each direction its own thread."""
+        tx = {self._tun: self._tx_step()}
+        rx = {self._sock.fileno(): self._rx_step()}
+        loops: list[tuple[Callable[[], None], str]] = []
+        if self.io_threads == 1:
+            loops.append((lambda: self._poll_loop({**tx, **rx}), "wg-io"))
+        else:
+            loops.append((lambda: self._poll_loop(tx), "wg-tun"))
+            loops.append((lambda: self._poll_loop(rx), "wg-udp"))
+        loops.append((self._timer_loop, "wg-timers"))
+        for target, name in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -252,18 +263,14 @@ class Device:
                 self.send_errors += 1
             i = j
 
-    def _tun_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._tun, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+    def _tx_step(self) -> Callable[[], None]:
+        """TUN -> engine -> UDP for one batch (whatever the TUN holds, up to BATCH packets)."""
         read, send_batch = os.read, self.engine.send_batch
         fd, clock, outbox = self._tun, self._clock, self.engine.outbox
         transmit = self._transmit
-
         vnet = self.vnet_hdr
 
-        def body() -> None:
-            poller.poll()
+        def step() -> None:
             now = clock()
             packets: list[bytes] = []
             while len(packets) < BATCH:
@@ -289,14 +296,12 @@ class Device:
             if outbox:
                 self._flush_outbox()
 
-        self._run(body)
+        return step
 
-    def _udp_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        recvmsg_into, receive_batch, write = self._sock.recvmsg_into, self.engine.receive_batch, os.write
-        fd, clock, outbox = self._tun, self._clock, self.engine.outbox
+    def _rx_step(self) -> Callable[[], None]:
+        """UDP -> engine -> TUN for one batch (up to BATCH reads, each up to 64 KiB with GRO)."""
+        recvmsg_into, receive_batch = self._sock.recvmsg_into, self.engine.receive_batch
+        write, fd, clock, outbox = os.write, self._tun, self._clock, self.engine.outbox
         dontwait = socket.MSG_DONTWAIT
         buf = bytearray(GRO_BUFFER)
         view = memoryview(buf)
@@ -304,8 +309,7 @@ class Device:
         seg_unpack = _GRO_SEG.unpack_from
         vnet = self.vnet_hdr
 
-        def body() -> None:
-            poller.poll()
+        def step() -> None:
             now = clock()
             for _ in range(BATCH):
                 try:
@@ -338,6 +342,20 @@ class Device:
             if outbox:
                 self._flush_outbox()
 
+        return step
+
+    def _poll_loop(self, steps: dict[int, Callable[[], None]]) -> None:
+        """Wait on the fds in `steps` and run the step of each one that is readable."""
+        poller = select.poll()
+        for fd in (*steps, self._wake_r):
+            poller.register(fd, select.POLLIN)
+        wake = self._wake_r
+
+        def body() -> None:
+            for fd, _ in poller.poll():
+                if fd != wake:
+                    steps[fd]()
+
         self._run(body)
 
     def _timer_loop(self) -> None:
@@ -353,11 +371,12 @@ def create_device(private_key: bytes, tun: str, *,
                   addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
                   listen_port: int | None = None, mtu: int = DEFAULT_MTU,
                   peers: Iterable[PeerConfig] = (), offload: str = "gro",
-                  manage_routes: bool = True) -> Device:
+                  manage_routes: bool = True, io_threads: int = 1) -> Device:
     """Create TUN `tun`, its addresses and routes, the UDP socket and the engine, and start it.
 
     `offload`: "gro" (coalesced GSO writes), "tso" (also TSO reads) or "none". With
-    `manage_routes`, routes into the TUN follow the peers' allowed IPs, live. Raises TunError,
+    `manage_routes`, routes into the TUN follow the peers' allowed IPs, live. `io_threads`: see
+    `Device.start`. Raises TunError,
     OSError (the UDP port) or NetconfError; nothing is left behind on failure."""
     if offload not in ("gro", "tso", "none"):
         raise ValueError(f"offload must be gro, tso or none, not {offload!r}")
@@ -369,7 +388,8 @@ def create_device(private_key: bytes, tun: str, *,
         raise
     netlink = Netns()
     device = Device(Engine(private_key, mtu=mtu), tun_fd, sock, vnet_hdr=offload != "none",
-                    ifname=ifname, netlink=netlink if manage_routes else None)
+                    ifname=ifname, netlink=netlink if manage_routes else None,
+                    io_threads=io_threads)
     try:
         peers = list(peers)
         device.engine.set_peers(peers)

@@ -26,8 +26,8 @@ def peer(pub: bytes, ip: str, endpoint: str | None) -> PeerConfig:
     return PeerConfig(pub, endpoint=ep, allowed_ips=(ipaddress.ip_network(f"{ip}/32"),))
 
 
-@pytest.fixture
-def devices() -> Iterator[tuple[NetnsPair, Device, Device, bytes, bytes]]:
+@pytest.fixture(params=[1, 2], ids=["one-io-thread", "two-io-threads"])
+def devices(request: pytest.FixtureRequest) -> Iterator[tuple[NetnsPair, Device, Device, bytes, bytes]]:
     pair = NetnsPair.create("mnwd", subnet="10.199.0")
     made: list[Device] = []
     try:
@@ -36,7 +36,8 @@ def devices() -> Iterator[tuple[NetnsPair, Device, Device, bytes, bytes]]:
                                                  (pair.b, b_key, a_key, B_IP, A_IP, pair.a_addr)):
             made.append(in_netns(ns.name, lambda: create_device(
                 key, f"t{ns.name}"[:15], addresses=[ipaddress.ip_interface(f"{ip}/24")],
-                listen_port=PORT, peers=[peer(public_key(other), other_ip, ep)])))
+                listen_port=PORT, peers=[peer(public_key(other), other_ip, ep)],
+                io_threads=request.param)))
         yield pair, made[0], made[1], a_key, b_key
     finally:
         for d in made:
