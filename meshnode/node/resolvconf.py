@@ -89,14 +89,15 @@ class Recovery(Enum):
     """What to do with the current resolv.conf and our backup, when starting or stopping."""
 
     NOTHING = "nothing"              # not ours, no backup: leave it alone
-    RESTORE = "restore"              # ours, backup present: put the original back
+    RESTORE = "restore"              # ours (or gone), backup present: put the original back
     DROP_STALE_BACKUP = "drop-stale-backup"  # someone replaced ours: keep theirs, drop our backup
     ORPHANED = "orphaned"            # ours but the backup is gone: the original is lost
 
 
 def plan_recovery(current: str | None, backup_exists: bool) -> Recovery:
     """Decide how to undo our changes, e.g. at start after a crash or on `down`."""
-    if is_ours(current):
+    if is_ours(current) or (current is None and backup_exists):
+        # A missing file is restored too: leaving the system with no resolv.conf helps nobody.
         return Recovery.RESTORE if backup_exists else Recovery.ORPHANED
     return Recovery.DROP_STALE_BACKUP if backup_exists else Recovery.NOTHING
 

@@ -50,6 +50,7 @@ def test_forwarding_never_includes_ourselves() -> None:
 
 @pytest.mark.parametrize("current,backup,plan", [
     (None, False, Recovery.NOTHING),
+    (None, True, Recovery.RESTORE),
     (ORIGINAL, False, Recovery.NOTHING),
     (ORIGINAL, True, Recovery.DROP_STALE_BACKUP),
     (MARKER + "\nnameserver 100.100.100.100\n", True, Recovery.RESTORE),
@@ -114,11 +115,13 @@ def test_rewrite_with_same_content_is_not_an_overwrite(conf) -> None:
     assert c.check() is Drift.INTACT
 
 
-def test_removal_is_detected(conf) -> None:
+def test_removal_is_detected_and_restore_brings_the_original_back(conf) -> None:
     path, c = conf
     c.apply(CONFIG)
     path.unlink()
     assert c.check() is Drift.REMOVED
+    c.restore()
+    assert path.read_text() == ORIGINAL
 
 
 def test_stale_backup_dropped_when_someone_replaced_our_file_while_down(conf) -> None:
