@@ -28,6 +28,7 @@ from .allowedips import AllowedIPs
 from .cookie import CookieChecker, CookieError
 from .crypto import _NONCE, ZeroSharedSecretError, dh, nonce
 from .peer import Endpoint, Peer, PeerConfig, PeerStats
+from .ratelimit import RateLimiter, source_key
 from .session import Keypair
 from .tai64n import tai64n
 from .timers import (
@@ -62,6 +63,7 @@ class Drop(enum.Enum):
     BAD_SIZE = "bad_size"
     MAC1 = "bad_mac1"
     UNDER_LOAD = "under_load_cookie_sent"
+    RATE_LIMITED = "handshake_rate_limited"
     ZERO_DH = "zero_dh"
     HANDSHAKE_DECRYPT = "handshake_decrypt"
     UNKNOWN_PEER = "unknown_peer"
@@ -112,6 +114,7 @@ class Engine:
         self._hs_window = float("-inf")
         self._hs_count = 0
         self._under_load_until = float("-inf")
+        self._ratelimit = RateLimiter()
         self._zero_pad = bytes(m.PADDING_MULTIPLE)
         self._set_identity(private_key)
 
@@ -313,6 +316,9 @@ class Engine:
                 reply = self._cookie_checker.create_reply(msg, sender_index, src_b, now)
                 self.outbox.append((reply, src))
                 self.drops[Drop.UNDER_LOAD] += 1
+                return False
+            if not self._ratelimit.allow(source_key(src[0]), now):
+                self.drops[Drop.RATE_LIMITED] += 1
                 return False
         return True
 
@@ -674,6 +680,8 @@ class Engine:
             for peer in list(self._peers.values()):
                 for timer in peer.timers.expired(now):
                     self._on_timer(peer, timer, now)
+            if self._ratelimit:
+                self._ratelimit.collect(now)
 
     def next_deadline(self) -> float | None:
         """When `tick` next has work, or None."""

@@ -447,3 +447,20 @@ def test_updating_a_peer_keeps_its_remaining_prefixes_routed() -> None:
     assert a.send(ip4(A_IP, "10.60.3.4"), T0) is not None
     a.set_peer(PeerConfig(B_PUB, bytes(32), None, nets("10.60.0.0/16")))
     assert a._allowed.lookup_ip(B_IP) is None
+
+
+def test_under_load_a_source_with_a_cookie_is_still_rate_limited() -> None:
+    a, b = make_pair()
+    b.load_threshold = 0
+    a.initiate_handshake(B_PUB, T0)
+    deliver(a, b, EP_A, T0)
+    deliver(b, a, EP_B, T0)  # a now holds a cookie
+    accepted = 0
+    for i in range(10):  # retransmissions, each a fresh initiation with mac2
+        now = T0 + 0.001 * i
+        a._peers[B_PUB].last_initiation_sent = float("-inf")
+        a.initiate_handshake(B_PUB, now)
+        b.receive(a.outbox.popleft()[0], EP_A, now)
+        accepted += len(b.outbox)
+        b.outbox.clear()
+    assert b.drops[Drop.RATE_LIMITED] >= 5 and accepted >= 1
