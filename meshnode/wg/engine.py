@@ -371,10 +371,8 @@ class Engine:
             return
         msg = peer.cookies.add_macs(body, now)
         kp = Keypair(keys, peer, now)
-        # Responder: the new keypair waits in `next` until the initiator's first data confirms it.
-        self._drop_keypair(peer.next)
-        self._drop_keypair(peer.previous)
-        peer.next, peer.previous = kp, None
+        for old in peer.install_responded(kp):
+            self._drop_keypair(old)
         self._keypairs[kp.local_index] = kp
         peer.timers.session_derived(now)
         peer.timers.any_authenticated_packet_traversal(now)
@@ -402,15 +400,8 @@ class Engine:
             return
         self._drop_initiation(peer)
         kp = Keypair(keys, peer, now)
-        # Initiator: the new keypair is confirmed by the response and becomes current at once.
-        if peer.next is not None:
-            self._drop_keypair(peer.previous)
-            self._drop_keypair(peer.current)
-            peer.previous, peer.next = peer.next, None
-        else:
-            self._drop_keypair(peer.previous)
-            peer.previous = peer.current
-        peer.current = kp
+        for old in peer.install_initiated(kp):
+            self._drop_keypair(old)
         self._keypairs[kp.local_index] = kp
         peer.endpoint = src
         peer.rx_bytes += len(msg)
@@ -443,10 +434,11 @@ class Engine:
     def _confirm_next(self, peer: Peer, kp: Keypair, now: float) -> None:
         """The initiator used our `next` keypair: it becomes current (responder side)."""
         with self.lock:
-            if peer.next is not kp:
+            dropped = peer.confirm_next(kp)
+            if dropped is None:
                 return
-            self._drop_keypair(peer.previous)
-            peer.previous, peer.current, peer.next = peer.current, kp, None
+            for old in dropped:
+                self._drop_keypair(old)
             peer.last_handshake = now + self.wall_offset
             log.debug("handshake with %s complete (they initiated)", short_key(peer.public_key))
             peer.timers.handshake_complete(now)

@@ -71,6 +71,34 @@ class Peer:
     def keypairs(self) -> list[Keypair]:
         return [kp for kp in (self.previous, self.current, self.next) if kp is not None]
 
+    # Session lifecycle (wireguard-go's BeginSymmetricSession / ReceivedWithKeypair). Each returns
+    # the keypairs that fell out, for the caller to forget in its index table.
+
+    def install_initiated(self, kp: Keypair) -> list[Keypair]:
+        """A response confirmed our initiation: `kp` becomes current at once."""
+        if self.next is not None:
+            dropped = [self.previous, self.current]
+            self.previous, self.next = self.next, None
+        else:
+            dropped = [self.previous]
+            self.previous = self.current
+        self.current = kp
+        return [d for d in dropped if d is not None]
+
+    def install_responded(self, kp: Keypair) -> list[Keypair]:
+        """We answered an initiation: `kp` waits in `next` until the initiator uses it."""
+        dropped = [self.next, self.previous]
+        self.next, self.previous = kp, None
+        return [d for d in dropped if d is not None]
+
+    def confirm_next(self, kp: Keypair) -> list[Keypair] | None:
+        """Data arrived on `next`: it becomes current. None if `kp` is not (any longer) next."""
+        if self.next is not kp:
+            return None
+        dropped = self.previous
+        self.previous, self.current, self.next = self.current, kp, None
+        return [dropped] if dropped is not None else []
+
     def stats(self) -> PeerStats:
         return PeerStats(self.public_key, self.endpoint, self.last_handshake, self.rx_bytes,
                          self.tx_bytes, self.allowed_ips, self.timers.persistent_keepalive)
