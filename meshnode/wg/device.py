@@ -9,6 +9,7 @@ threads would not encrypt faster."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -58,6 +59,13 @@ def display_endpoint(ep: Endpoint | None) -> tuple[str, int] | None:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return (host, ep[1])
+
+
+def socket_peer(peer: PeerConfig) -> PeerConfig:
+    """`peer` with its endpoint in the form our socket uses (IPv4 as ::ffff:a.b.c.d)."""
+    if peer.endpoint is None or len(peer.endpoint) == 4:
+        return peer
+    return dataclasses.replace(peer, endpoint=dual_stack_endpoint(*peer.endpoint))
 
 
 def open_udp(port: int | None) -> socket.socket:
@@ -115,14 +123,15 @@ class Device:
         self.engine.set_private_key(private_key)
 
     def set_peers(self, peers: Iterable[PeerConfig]) -> None:
-        """Make the peer set exactly `peers` (added, updated in place, removed)."""
+        """Make the peer set exactly `peers` (added, updated in place, removed). Endpoints may be
+        given as (ip, port); they are converted for the dual-stack socket."""
         with self._routes_following():
-            self.engine.set_peers(peers)
+            self.engine.set_peers([socket_peer(p) for p in peers])
 
     def set_peer(self, peer: PeerConfig) -> None:
         """Add or update one peer."""
         with self._routes_following():
-            self.engine.set_peer(peer)
+            self.engine.set_peer(socket_peer(peer))
 
     def remove_peer(self, public_key: bytes) -> None:
         """Forget a peer at once."""
@@ -391,7 +400,7 @@ def create_device(private_key: bytes, tun: str, *,
                     ifname=ifname, netlink=netlink if manage_routes else None,
                     io_threads=io_threads)
     try:
-        peers = list(peers)
+        peers = [socket_peer(p) for p in peers]
         device.engine.set_peers(peers)
         routes = [net for p in peers for net in p.allowed_ips] if manage_routes else []
         netlink.run(lambda ipr: configure_interface(ipr, ifname, mtu, addresses, routes))

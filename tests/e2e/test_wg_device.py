@@ -22,7 +22,7 @@ PORT = 51830
 
 
 def peer(pub: bytes, ip: str, endpoint: str | None) -> PeerConfig:
-    ep = (f"::ffff:{endpoint}", PORT, 0, 0) if endpoint else None
+    ep = (endpoint, PORT) if endpoint else None  # the device converts it for its socket
     return PeerConfig(pub, endpoint=ep, allowed_ips=(ipaddress.ip_network(f"{ip}/32"),))
 
 
@@ -84,7 +84,7 @@ def test_live_api(devices: tuple[NetnsPair, Device, Device, bytes, bytes]) -> No
     # Allowed IPs move live: b routes and accepts 10.202.0.9 from a only after the change.
     extra = "10.202.0.9"
     pair.a.run("ip", "addr", "add", f"{extra}/32", "dev", a.ifname)
-    b.set_peers([PeerConfig(public_key(new_a), endpoint=(f"::ffff:{pair.a_addr}", PORT, 0, 0),
+    b.set_peers([PeerConfig(public_key(new_a), endpoint=(pair.a_addr, PORT),
                             allowed_ips=(ipaddress.ip_network(f"{A_IP}/32"),
                                          ipaddress.ip_network(f"{extra}/32")))])
     a.set_peers([peer(b_pub, B_IP, pair.b_addr)])
