@@ -291,6 +291,7 @@ class Daemon:
         self.control_error = str(exc)
         self.netmap, self.map_source = None, ""
         await self._forget_map()
+        self._first_map.set()  # wakes an `up` waiting for its first map: the answer is no
         # A separate task: going down cancels and awaits the map task, which is this one.
         task = asyncio.create_task(self._refused())
         self._background.add(task)
@@ -304,7 +305,8 @@ class Daemon:
         now = time.time()
         view = self._view_of(netmap)
         self.netmap, self.map_source, self.map_received_at = netmap, "control", now
-        self.dns.set_view(view)
+        # Wait until it is served: `up` returning means names answer, and maps apply in order.
+        await asyncio.wrap_future(self.dns.set_view(view))
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -428,6 +430,8 @@ class Daemon:
             await asyncio.wait_for(self._first_map.wait(), req.timeout)
         except asyncio.TimeoutError:
             raise ApiError(504, f"registered, but no network map arrived within {req.timeout:g}s") from None
+        if self.netmap is None and self.control_error:
+            raise ApiError(403, f"control server {self.prefs.login_server}: {self.control_error}")
         return self.status()
 
     def _merge_prefs(self, req: UpRequest) -> Prefs:

@@ -43,6 +43,7 @@ class DnsThread:
         self._thread: threading.Thread | None = None
         self._server: Any = None
         self._pending: DnsView | None = None
+        self._waiters: list[concurrent.futures.Future[None]] = []
         self._applier: asyncio.Task[None] | None = None
 
     @property
@@ -91,31 +92,40 @@ class DnsThread:
         loop.run_forever()
         loop.close()
 
-    def set_view(self, view: DnsView) -> None:
+    def set_view(self, view: DnsView) -> "concurrent.futures.Future[None]":
         """Hand the resolver a new snapshot; it swaps it in atomically on its own loop.
 
         Views are applied in the order given, and a burst collapses to its newest view: the snapshot
         of a large map is built off the resolver's loop (`set_view_async`), and while one is being
-        built, older pending views are skipped rather than queued.
+        built, older pending views are skipped rather than queued. The returned future completes
+        once this view, or a newer one, is being served.
         """
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
         if self._server is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._offer, self._server, view)
+            done.set_result(None)
+            return done
+        self._loop.call_soon_threadsafe(self._offer, self._server, view, done)
+        return done
 
-    def _offer(self, server: Any, view: DnsView) -> None:
-        # Runs on the resolver's loop, so `_pending` and `_applier` need no lock.
+    def _offer(self, server: Any, view: DnsView, done: concurrent.futures.Future[None]) -> None:
+        # Runs on the resolver's loop, so `_pending`, `_waiters` and `_applier` need no lock.
         self._pending = view
+        self._waiters.append(done)
         if self._applier is None or self._applier.done():
             self._applier = asyncio.get_running_loop().create_task(self._apply_pending(server))
 
     async def _apply_pending(self, server: Any) -> None:
         while self._pending is not None:
             view, self._pending = self._pending, None
+            waiters, self._waiters = self._waiters, []
             try:
                 await server.set_view_async(view)
             except Exception:
                 log.exception("dns: view version %d could not be applied; keeping the previous one",
                               view.version)
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
 
     async def call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run `fn(server)` on the resolver's loop and await its result from the caller's loop."""
@@ -145,6 +155,10 @@ class DnsThread:
 
     async def _shutdown(self, server: Any) -> None:
         self._pending = None
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)  # nobody waits forever on a resolver that is going away
+        self._waiters = []
         if self._applier is not None:
             self._applier.cancel()
             try:
