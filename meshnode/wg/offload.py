@@ -63,12 +63,16 @@ def ipv4_header_checksum(header: bytearray) -> None:
 
 def from_tun(data: bytes) -> list[bytes]:
     """One read from a vnet-header TUN as complete IP packets with correct checksums."""
+    if len(data) < VNET_HDR_LEN + 20:
+        raise OffloadError("short read from the TUN")
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(data)
     gso_type &= ~GSO_ECN
     if gso_type == GSO_NONE:
         if not flags & F_NEEDS_CSUM:
             return [data[VNET_HDR_LEN:]]
         packet = bytearray(data[VNET_HDR_LEN:])
+        if csum_start + csum_offset + 2 > len(packet) or packet[0] >> 4 not in (4, 6):
+            raise OffloadError("partial checksum outside the packet")
         finish_checksum(packet, csum_start, csum_offset)
         return [bytes(packet)]
     if gso_type in (GSO_TCPV4, GSO_TCPV6):
@@ -85,7 +89,7 @@ def segment_tcp(data: bytes, mss: int) -> list[bytes]:
     packet = memoryview(data)[VNET_HDR_LEN:]
     v6 = packet[0] >> 4 == 6
     iphl = 40 if v6 else (packet[0] & 15) * 4
-    if len(packet) < iphl + 20:
+    if len(packet) < iphl + 20 or iphl < 20:
         raise OffloadError("bad TSO super-packet")
     tcphl = (packet[iphl + 12] >> 4) * 4
     hl = iphl + tcphl
@@ -200,6 +204,8 @@ def to_tun(packets: list[bytes]) -> list[bytes]:
             if size < 60 or p[6] != 6 or 40 + ((p[4] << 8) | p[5]) != size:
                 b0 = 0  # extension headers or a bad length: leave it to the kernel
             p_iphl, version = 40, 6
+        else:
+            b0 = 0  # IPv4 with options, or not IP at all
         if b0:
             flags = p[p_iphl + 13]
             p_hl = p_iphl + ((p[p_iphl + 12] >> 4) << 2)
