@@ -131,8 +131,11 @@ class Engine:
             return None
 
     def set_private_key(self, private_key: bytes) -> None:
-        """Change our static key live: sessions and handshakes made under the old key end."""
+        """Change our static key live: sessions and handshakes made under the old key end.
+        Setting the key we already have changes nothing (a daemon may repeat it every map)."""
         with self.lock:
+            if private_key == self.identity.private:
+                return
             self._set_identity(private_key)
             for pub in [p for p in self._peers if p == self.identity.public]:
                 self.remove_peer(pub)  # wg drops a peer whose key is now our own

@@ -464,3 +464,14 @@ def test_under_load_a_source_with_a_cookie_is_still_rate_limited() -> None:
         accepted += len(b.outbox)
         b.outbox.clear()
     assert b.drops[Drop.RATE_LIMITED] >= 5 and accepted >= 1
+
+
+def test_repeating_the_same_configuration_keeps_sessions() -> None:
+    a, b = make_pair()
+    handshake(a, b)
+    session = b._peers[A_PUB].current
+    b.set_private_key(B_PRIV)
+    b.set_peers([PeerConfig(A_PUB, bytes(32), EP_A, nets(f"{A_IP}/32", f"{A_IP6}/128"))])
+    assert b._peers[A_PUB].current is session
+    p = ip4(A_IP, B_IP)
+    assert send(a, b, p, EP_A, T0 + 1) == [p]
