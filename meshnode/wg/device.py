@@ -142,8 +142,8 @@ class Device:
     def _routes_following(self) -> Iterator[None]:
         before = self._routed()
         yield
-        if self._netlink is not None and self.ifname is not None:
-            after, name = self._routed(), self.ifname
+        after, name = self._routed(), self.ifname
+        if self._netlink is not None and name is not None and after != before:
             self._netlink.run(lambda ipr: sync_routes(ipr, name, before, after))
 
     def _routed(self) -> set[Network]:
