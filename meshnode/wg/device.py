@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator
 
-from .engine import DEFAULT_MTU, Engine, PacketFilter
+from .engine import DEFAULT_MTU, Engine, PacketFilter, Sealed
 from .netconf import Netns, configure_interface, sync_routes
 from .offload import VNET_HDR_LEN, OffloadError, from_tun, to_tun
 from .peer import Endpoint, Network, PeerConfig, PeerStats
@@ -244,21 +244,21 @@ class Device:
             except Exception:  # a bug must not silently kill the tunnel: log it and go on
                 log.exception("wireguard %s loop error", threading.current_thread().name)
 
-    def _transmit(self, out: list[tuple[bytearray, Endpoint]]) -> None:
+    def _transmit(self, out: list[Sealed]) -> None:
         """Send datagrams, coalescing runs to one endpoint into UDP GSO sends: one sendmsg for up
         to GSO_MAX_SEGMENTS equal-sized datagrams (the last may be shorter), split by the kernel
         (or not at all, if the path and the receiver's UDP GRO keep them together)."""
-        sock = self._sock
+        sendmsg = self._sock.sendmsg
         i, n = 0, len(out)
         while i < n:
-            msg, ep = out[i]
-            size = len(msg)
+            header, body, ep = out[i]
+            size = len(body)
             j = i + 1
             total = size
             if self.gso:
                 while (j < n and j - i < GSO_MAX_SEGMENTS and total + size <= GSO_MAX_BYTES
-                       and out[j][1] == ep):
-                    nxt = len(out[j][0])
+                       and out[j][2] == ep):
+                    nxt = len(out[j][1])
                     if nxt > size:
                         break
                     total += nxt
@@ -267,10 +267,10 @@ class Device:
                         break  # a shorter datagram can only end a GSO run
             try:
                 if j - i == 1:
-                    sock.sendto(msg, ep)
+                    sendmsg((header, body), (), 0, ep)
                 else:
-                    sock.sendmsg([d for d, _ in out[i:j]],
-                                 [(SOL_UDP, UDP_SEGMENT, _SEG.pack(size))], 0, ep)
+                    parts = [part for sealed in out[i:j] for part in sealed[:2]]
+                    sendmsg(parts, [(SOL_UDP, UDP_SEGMENT, _SEG.pack(size + 16))], 0, ep)
             except OSError as exc:
                 if exc.errno == errno.EIO and j - i > 1:
                     self.gso = False  # no GSO on this path after all: fall back for good
@@ -305,7 +305,7 @@ class Device:
                         packets.extend(from_tun(data))
                     except (OffloadError, IndexError, struct.error):
                         self.offload_errors += 1
-            out: list[tuple[bytearray, Endpoint]] = []
+            out: list[Sealed] = []
             send_batch(packets, now, out)
             if out:
                 transmit(out)

@@ -29,6 +29,7 @@ from .cookie import CookieChecker, CookieError
 from .crypto import _NONCE, ZeroSharedSecretError, dh, nonce
 from .peer import Endpoint, Peer, PeerConfig, PeerStats
 from .ratelimit import RateLimiter, source_key
+from .replay import ReplayWindow
 from .session import Keypair
 from .tai64n import tai64n
 from .timers import (
@@ -53,6 +54,7 @@ DEFAULT_LOAD_THRESHOLD = 1000
 UNDER_LOAD_AFTER = 1.0  # stay in cookie mode this long after the rate drops (wireguard-go)
 
 PacketFilter = Callable[[bytes, bytes], bool]  # (inner packet, peer public key) -> accept?
+Sealed = tuple[bytes, bytes, Endpoint]  # a transport message as (header, ciphertext, endpoint)
 
 
 class Drop(enum.Enum):
@@ -482,11 +484,17 @@ class Engine:
         keypairs = self._keypairs
         drops = self.drops
         unpack, pack_nonce = m.TRANSPORT_HEADER.unpack_from, _NONCE.pack
-        lookup = self._allowed.lookup
+        allowed = self._allowed
+        lookup = allowed.lookup
         accept = self.inbound_filter
         run_kp: Keypair | None = None
         run_bytes = 0
         run_data = False
+        # The keypair whose expiry was last checked, with its parts in locals: a batch is
+        # nearly always one keypair, and `now` does not change within it.
+        checked: Keypair | None = None
+        replay = ReplayWindow()  # placeholders until the first keypair is checked
+        decrypt: Callable[..., bytes] = bytes
         for data in datagrams:
             size = len(data)
             if size < m.TRANSPORT_MIN_SIZE:
@@ -500,15 +508,16 @@ class Engine:
             if kp is None:
                 drops[Drop.UNKNOWN_INDEX] += 1
                 continue
-            replay = kp.replay
-            if not replay.might_accept(counter):
+            if kp is not checked:
+                if now - kp.created >= REJECT_AFTER_TIME:
+                    drops[Drop.EXPIRED_KEY] += 1
+                    continue
+                checked, replay, decrypt = kp, kp.replay, kp.recv.decrypt
+            if counter <= replay.last and not replay.might_accept(counter):
                 drops[Drop.REPLAYED_DATA] += 1
                 continue
-            if now - kp.created >= REJECT_AFTER_TIME:
-                drops[Drop.EXPIRED_KEY] += 1
-                continue
             try:
-                packet = kp.recv.decrypt(pack_nonce(counter), data[16:], None)
+                packet = decrypt(pack_nonce(counter), data[16:], None)
             except InvalidTag:
                 drops[Drop.DATA_DECRYPT] += 1
                 continue
@@ -539,7 +548,10 @@ class Engine:
             if length > len(packet) or length < minimum:
                 drops[Drop.BAD_INNER_PACKET] += 1
                 continue
-            if lookup(source) is not kp.peer:
+            owner = allowed._cache.get(source, allowed)  # the table itself marks a miss
+            if owner is allowed:
+                owner = lookup(source)
+            if owner is not kp.peer:
                 drops[Drop.SOURCE_NOT_ALLOWED] += 1
                 continue
             if length != len(packet):
@@ -572,29 +584,33 @@ class Engine:
 
     # ---------------------------------------------------------------- packets out
 
-    def send(self, packet: bytes, now: float) -> tuple[bytearray, Endpoint] | None:
+    def send(self, packet: bytes, now: float) -> tuple[bytes, Endpoint] | None:
         """Encrypt one inner packet from the TUN; returns (datagram, endpoint) to send, or None
         when the packet was dropped or staged behind a handshake (then see `outbox`)."""
-        out: list[tuple[bytearray, Endpoint]] = []
+        out: list[Sealed] = []
         self.send_batch((packet,), now, out)
-        return out[0] if out else None
+        return (out[0][0] + out[0][1], out[0][2]) if out else None
 
-    def send_batch(self, packets: Iterable[bytes], now: float,
-                   out: list[tuple[bytearray, Endpoint]]) -> None:
-        """Encrypt inner packets from the TUN, appending (datagram, endpoint) to `out`; packets
-        without a usable session are staged and start a handshake (see `outbox`).
+    def send_batch(self, packets: Iterable[bytes], now: float, out: list[Sealed]) -> None:
+        """Encrypt inner packets from the TUN, appending (header, ciphertext, endpoint) to `out`
+        (the datagram is header + ciphertext: kept apart so that no copy joins them before
+        sendmsg gathers them); packets without a usable session are staged and start a
+        handshake (see `outbox`).
 
         The hot loop: route, count, seal. Stats, timers and the rekey check run once per run of
         packets to the same peer."""
-        lookup = self._allowed.lookup
+        allowed = self._allowed
+        lookup = allowed.lookup
         drops = self.drops
         mtu = self.mtu
         zero_pad = self._zero_pad
-        pack_header, pack_nonce = m.TRANSPORT_HEADER.pack_into, _NONCE.pack
+        pack_header, pack_nonce = m.TRANSPORT_HEADER.pack, _NONCE.pack
+        transport = m.MessageType.TRANSPORT
         peer: Peer | None = None
         kp: Keypair | None = None
         endpoint: Endpoint | None = None
-        counter = 0
+        encrypt: Callable[..., bytes] = bytes
+        counter = remote = 0
         run_bytes = 0
         for packet in packets:
             size = len(packet)
@@ -606,7 +622,9 @@ class Engine:
             else:
                 drops[Drop.BAD_INNER_PACKET] += 1
                 continue
-            p = lookup(dst)
+            p = allowed._cache.get(dst, allowed)  # the table itself marks a cache miss
+            if p is allowed:
+                p = lookup(dst)
             if p is None:
                 drops[Drop.NO_ROUTE] += 1
                 continue
@@ -617,6 +635,8 @@ class Engine:
                 peer, kp, endpoint = p, p.current, p.endpoint
                 if kp is not None and (endpoint is None or now - kp.created >= REJECT_AFTER_TIME):
                     kp = None
+                if kp is not None:
+                    encrypt, remote = kp.send.encrypt, kp.remote_index
             if kp is None:
                 self._stage(p, packet, now)
                 continue
@@ -627,13 +647,10 @@ class Engine:
             if size & 15:
                 padded = m.padded_length(size, mtu)
                 packet = packet + zero_pad[: padded - size]
-            else:
-                padded = size
-            msg = bytearray(padded + 32)
-            pack_header(msg, 0, m.MessageType.TRANSPORT, kp.remote_index, counter)
-            kp.send.encrypt_into(pack_nonce(counter), packet, None, memoryview(msg)[16:])
-            out.append((msg, endpoint))
-            run_bytes += padded + 32
+                size = padded
+            out.append((pack_header(transport, remote, counter),
+                        encrypt(pack_nonce(counter), packet, None), endpoint))
+            run_bytes += size + 32
         if run_bytes:
             self._sent(peer, kp, counter, run_bytes, now)  # type: ignore[arg-type]
 

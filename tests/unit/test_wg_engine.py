@@ -424,9 +424,9 @@ def test_gro_style_batch_of_memoryviews() -> None:
     packets = [ip4(A_IP, B_IP, bytes([i]) * 1200) for i in range(5)]
     out: list = []
     a.send_batch(packets, T0, out)
-    assert len(out) == 5 and {ep for _, ep in out} == {EP_B}
-    size = len(out[0][0])
-    buf = memoryview(b"".join(msg for msg, _ in out))
+    assert len(out) == 5 and {ep for _, _, ep in out} == {EP_B}
+    size = len(out[0][0]) + len(out[0][1])
+    buf = memoryview(b"".join(header + body for header, body, _ in out))
     got: list[bytes] = []
     b.receive_batch([buf[i:i + size] for i in range(0, len(buf), size)], EP_A, T0, got)
     assert got == packets and not b.drops
