@@ -230,3 +230,54 @@ def test_client_reports_missing_daemon(tmp_path: Path) -> None:
     with pytest.raises(DaemonNotRunning):
         LocalClient(tmp_path / "x.sock").request("GET", "/status")
     assert not os.path.exists(tmp_path / "x.sock")
+
+
+# -- properties: any JSON is either a valid request or a 400, never a crash -------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+up_keys = st.sampled_from(["login_server", "authkey", "hostname", "accept_dns", "accept_routes",
+                           "advertise_routes", "advertise_exit_node", "exit_node", "advertise_tags",
+                           "timeout", "force_reauth"])
+
+
+@settings(max_examples=300)
+@given(st.one_of(json_values, st.dictionaries(up_keys, json_values, max_size=6)))
+def test_parse_up_only_ever_refuses_with_400(body) -> None:  # noqa: ANN001
+    try:
+        parse_up(body)
+    except ApiError as exc:
+        assert exc.status == 400 and exc.message
+
+
+@settings(max_examples=300)
+@given(st.one_of(json_values, st.dictionaries(st.sampled_from(["name", "type"]), json_values, max_size=2)))
+def test_parse_query_only_ever_refuses_with_400(body) -> None:  # noqa: ANN001
+    try:
+        parse_query(body)
+    except ApiError as exc:
+        assert exc.status == 400
+
+
+def test_garbage_on_the_socket_never_takes_the_daemon_down(daemon: DaemonThread) -> None:
+    import random
+    rng = random.Random(7)
+    payloads = [b"", b"\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"POST /localapi/v0/up HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{",
+                b"\x16\x03\x01\x02\x00"] + [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+                                             for _ in range(30)]
+    for payload in payloads:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(daemon.socket))
+            try:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass  # the server may reset a connection it cannot parse: fine, as long as it lives
+    assert LocalClient(daemon.socket).request("GET", "/status")["backend_state"] == "NeedsLogin"
