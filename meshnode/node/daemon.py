@@ -30,7 +30,7 @@ from ..control.protocol import ErrorCode
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
 from .apitypes import ApiError, IpRequest, QueryRequest, UpRequest
 from .dnsthread import DnsThread, DnsThreadError
-from .iface import DNS_V4, DNS_V6, DUMMY_NAME, InterfaceError, ServiceAddresses
+from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
                     resolved_in_use)
 from .prefs import Prefs, PrefsError
@@ -212,6 +212,16 @@ class Daemon:
             self._dns_hosts = placed.addresses
         except InterfaceError as exc:
             raise ApiError(500, f"cannot place the DNS service addresses: {exc}") from None
+        if isinstance(self.osdns, ResolvedConfigurator) and self._applied_osdns is None:
+            if placed.ifname == LOOPBACK:
+                # resolved ignores per-link DNS on loopback: fall back to managing the file.
+                log.warning("osdns: the service addresses are on %s, which systemd-resolved does not"
+                            " configure per link; managing %s instead", LOOPBACK, SYSTEM_RESOLV_CONF)
+                self.osdns = ResolvConfConfigurator(SYSTEM_RESOLV_CONF,
+                                                    self.config.state_dir / "resolv.pre-meshnode.conf")
+                self.osdns.recover()
+            else:
+                self.osdns.link = placed.ifname
 
     async def _remove_addresses(self) -> None:
         if self._iface is not None:
