@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
