@@ -89,6 +89,7 @@ def wg(config_path: str, tun: str) -> None:
     finally:
         # Closing the TUN fd deletes the (non-persistent) interface and its routes.
         device.close()
-        click.echo(f"meshnode wg: {ifname} down; drops: {device.drops()}", err=True)
+        click.echo(f"meshnode wg: {ifname} down; drops: {device.drops()}; "
+                   f"errors: {device.errors()}", err=True)
     if device.failure is not None:
         raise click.ClickException(str(device.failure))

@@ -40,7 +40,7 @@ SOL_UDP = 17
 UDP_SEGMENT = 103  # linux/udp.h: GSO segment size (sendmsg cmsg)
 UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, segment size in a cmsg
 GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS is 64 on older kernels, 128 on newer
-GSO_MAX_BYTES = 65000
+GSO_MAX_BYTES = 65000  # whole datagrams, headers included: the UDP payload limit is 65507
 GRO_BUFFER = 65536 + 4096
 _SEG = struct.Struct("=H")
 _GRO_SEG = struct.Struct("=i")
@@ -173,6 +173,11 @@ class Device:
         """Dropped packets by reason."""
         return {reason.value: n for reason, n in self.engine.drops.items()}
 
+    def errors(self) -> dict[str, int]:
+        """I/O errors by kind (UDP sends refused, TUN writes refused, unsplittable TUN reads)."""
+        return {"udp_send": self.send_errors, "tun_write": self.tun_write_errors,
+                "offload": self.offload_errors}
+
     @property
     def listen_port(self) -> int:
         return self._sock.getsockname()[1]
@@ -252,13 +257,13 @@ class Device:
         i, n = 0, len(out)
         while i < n:
             header, body, ep = out[i]
-            size = len(body)
+            size = len(header) + len(body)
             j = i + 1
             total = size
             if self.gso:
                 while (j < n and j - i < GSO_MAX_SEGMENTS and total + size <= GSO_MAX_BYTES
                        and out[j][2] == ep):
-                    nxt = len(out[j][1])
+                    nxt = len(out[j][0]) + len(out[j][1])
                     if nxt > size:
                         break
                     total += nxt
@@ -270,7 +275,7 @@ class Device:
                     sendmsg((header, body), (), 0, ep)
                 else:
                     parts = [part for sealed in out[i:j] for part in sealed[:2]]
-                    sendmsg(parts, [(SOL_UDP, UDP_SEGMENT, _SEG.pack(size + 16))], 0, ep)
+                    sendmsg(parts, [(SOL_UDP, UDP_SEGMENT, _SEG.pack(size))], 0, ep)
             except OSError as exc:
                 if exc.errno == errno.EIO and j - i > 1:
                     self.gso = False  # no GSO on this path after all: fall back for good
