@@ -6,6 +6,7 @@ a fixture that calls it in its finalizer leaves nothing behind even when a test 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import threading
 import os
@@ -145,6 +146,48 @@ class NetnsPair:
             ns.kill_processes()
         for ns in (self.a, self.b):
             run("ip", "netns", "del", ns.name, check=False)
+
+
+# TCP check: the server reads everything a client sends and answers with its length and SHA-256;
+# both are bounded by socket timeouts.
+SERVER = """
+import hashlib, socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.create_server((sys.argv[1], int(sys.argv[2])), family=fam); s.settimeout(30)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    h.update(b); n += len(b)
+c.sendall(f"{n} {h.hexdigest()}".encode()); c.close()
+"""
+CLIENT = """
+import socket, sys
+data = bytes.fromhex(sys.stdin.readline()) * int(sys.argv[3])
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+c.sendall(data); c.shutdown(socket.SHUT_WR)
+print(c.recv(200).decode(), flush=True)
+"""
+
+
+def check_tcp_transfer(server_ns: Netns, server_ip: str, client_ns: Netns, size: int,
+                       port: int = 5001) -> None:
+    """Send `size` random bytes over TCP from `client_ns` to `server_ip` in `server_ns` and
+    check that exactly those bytes arrived (length and SHA-256)."""
+    server = server_ns.popen(sys.executable, "-c", SERVER, server_ip, str(port),
+                             stdout=subprocess.PIPE)
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == b"ready"
+    chunk = os.urandom(1 << 16)
+    repeat = max(1, size // len(chunk))
+    client = subprocess.run(client_ns.exec(sys.executable, "-c", CLIENT, server_ip, str(port),
+                                           str(repeat)),
+                            input=chunk.hex() + "\n", capture_output=True, text=True, timeout=60)
+    assert client.returncode == 0, client.stderr
+    assert client.stdout.split() == [str(repeat * len(chunk)),
+                                     hashlib.sha256(chunk * repeat).hexdigest()]
+    server.wait(timeout=10)
 
 
 def _checksum(data: bytes) -> int:

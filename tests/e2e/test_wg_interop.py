@@ -5,7 +5,6 @@ wireguard-go runs in the foreground (`-f`) in namespace a, configured with `wg s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from meshnode.wg.crypto import clamp, encode_key, public_key
-from tests.e2e.netns import NetnsPair, run
+from tests.e2e.netns import NetnsPair, check_tcp_transfer
 from tests.support import needs_root, wait_until
 
 pytestmark = [pytest.mark.slow, needs_root,
@@ -29,28 +28,6 @@ PORT = 51820
 TRANSFER = 4 << 20
 # meshnode.cli has no __main__ guard; this runs the console script's entry point with our Python.
 MESHNODE = "import sys; from meshnode.cli import main; sys.argv[0] = 'meshnode'; main()"
-
-# Reads everything a client sends, answers with its SHA-256; bounded by a socket timeout.
-SERVER = """
-import hashlib, socket, sys
-fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
-s = socket.create_server((sys.argv[1], int(sys.argv[2])), family=fam); s.settimeout(30)
-print("ready", flush=True)
-c, _ = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    h.update(b); n += len(b)
-c.sendall(f"{n} {h.hexdigest()}".encode()); c.close()
-"""
-CLIENT = """
-import socket, sys
-data = bytes.fromhex(sys.stdin.readline()) * int(sys.argv[3])
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-c.sendall(data); c.shutdown(socket.SHUT_WR)
-print(c.recv(200).decode(), flush=True)
-"""
-
 
 def keypair() -> tuple[bytes, bytes]:
     private = clamp(os.urandom(32))
@@ -109,19 +86,7 @@ def ping(pair: NetnsPair, side: str, dst: str) -> bool:
 def tcp_transfer(pair: NetnsPair, server_side: str, v6: bool = False) -> None:
     server_ns, client_ns = (pair.a, pair.b) if server_side == "a" else (pair.b, pair.a)
     server_ip = (TUN_A6 if v6 else TUN_A) if server_side == "a" else (TUN_B6 if v6 else TUN_B)
-    server = server_ns.popen(sys.executable, "-c", SERVER, server_ip, "5001",
-                             stdout=subprocess.PIPE)
-    assert server.stdout is not None
-    assert server.stdout.readline().strip() == b"ready"
-    chunk = os.urandom(1 << 16)
-    repeat = TRANSFER // len(chunk)
-    client = subprocess.run(client_ns.exec(sys.executable, "-c", CLIENT, server_ip, "5001",
-                                           str(repeat)),
-                            input=chunk.hex() + "\n", capture_output=True, text=True, timeout=60)
-    assert client.returncode == 0, client.stderr
-    n, digest = client.stdout.split()
-    assert int(n) == TRANSFER
-    assert digest == hashlib.sha256(chunk * repeat).hexdigest()
+    check_tcp_transfer(server_ns, server_ip, client_ns, TRANSFER)
 
 
 # Each side initiates in turn; meshnode's TUN offload modes (coalesced GSO writes by default, TSO
