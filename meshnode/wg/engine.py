@@ -1,13 +1,15 @@
 """The sans-I/O WireGuard device: peers, the index table, handshakes, transport and timers.
 
-Datagrams and inner packets go in as bytes with the current time; inner packets for the TUN come
-back as return values and datagrams to send are queued on `outbox` as (bytes, endpoint). Nothing
-here opens a socket or reads a clock. Every bad input is dropped and counted in `drops`.
+Datagrams and inner packets go in as bytes with the current time. `receive_batch` hands back inner
+packets for the TUN, `send_batch` sealed transport messages for the socket, and everything else to
+send (handshake messages, cookie replies, keepalives, staged packets) is queued on `outbox` as
+(bytes, endpoint). Nothing here opens a socket or reads a clock. Every bad input is dropped and
+counted in `drops`; none raises.
 
-Threading: the glue runs one thread reading the TUN (`send`), one reading UDP (`receive`) and a
-timer (`tick`). The transport fast path takes no lock (attribute reads of keypairs are atomic
-under the GIL and the send counter is an itertools.count); everything that changes sessions,
-peers or handshakes holds `lock`."""
+Threading: the glue calls `send_batch`/`receive_batch` from its I/O thread(s), `tick` from a timer
+thread and the configuration methods from the daemon's. The transport fast path takes no lock
+(attribute reads of keypairs are atomic under the GIL and the send counter is an
+itertools.count); everything that changes sessions, peers or handshakes holds `lock`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Network namespaces joined by a veth pair, for end-to-end tests (root only).
+"""Network namespaces joined by a veth pair, for end-to-end tests (root only), and what tests do
+across them: ICMP ping (this machine has no `ping` binary), a checked TCP transfer, running a
+function inside a namespace (`in_netns`).
 
 Everything created here is deleted by `NetnsPair.destroy()`, which tolerates partial creation, so
 a fixture that calls it in its finalizer leaves nothing behind even when a test fails midway."""
