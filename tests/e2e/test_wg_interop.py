@@ -43,7 +43,8 @@ def pair() -> Iterator[NetnsPair]:
         p.destroy()
 
 
-def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: bytes) -> str:
+def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: bytes,
+                       psk: bytes | None = None) -> str:
     ifname = f"wg{pair.a.name}"[:15]
     proc = pair.a.popen("wireguard-go", "-f", ifname, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
@@ -52,7 +53,8 @@ def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: 
     conf = tmp / "wggo.conf"
     conf.write_text(f"[Interface]\nPrivateKey = {encode_key(private)}\nListenPort = {PORT}\n\n"
                     f"[Peer]\nPublicKey = {encode_key(peer_public)}\n"
-                    f"AllowedIPs = {TUN_B}/32, {TUN_B6}/128\nEndpoint = {pair.b_addr}:{PORT}\n")
+                    f"AllowedIPs = {TUN_B}/32, {TUN_B6}/128\nEndpoint = {pair.b_addr}:{PORT}\n"
+                    + (f"PresharedKey = {encode_key(psk)}\n" if psk else ""))
     pair.a.run("wg", "setconf", ifname, str(conf))
     pair.a.run("ip", "addr", "add", f"{TUN_A}/24", "dev", ifname)
     pair.a.run("ip", "-6", "addr", "add", f"{TUN_A6}/64", "dev", ifname)
@@ -61,13 +63,14 @@ def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: 
 
 
 def start_meshnode(pair: NetnsPair, tmp: Path, private: bytes, peer_public: bytes,
-                   offload: str = "gro") -> str:
+                   offload: str = "gro", psk: bytes | None = None) -> str:
     ifname = f"mn{pair.b.name}"[:15]
     conf = tmp / "meshnode.conf"
     conf.write_text(f"[Interface]\nPrivateKey = {encode_key(private)}\n"
                     f"Address = {TUN_B}/24, {TUN_B6}/64\nListenPort = {PORT}\n\n"
                     f"[Peer]\nPublicKey = {encode_key(peer_public)}\n"
-                    f"AllowedIPs = {TUN_A}/32, {TUN_A6}/128\nEndpoint = {pair.a_addr}:{PORT}\n")
+                    f"AllowedIPs = {TUN_A}/32, {TUN_A6}/128\nEndpoint = {pair.a_addr}:{PORT}\n"
+                    + (f"PresharedKey = {encode_key(psk)}\n" if psk else ""))
     log = open(tmp / "meshnode.log", "wb")
     proc = pair.b.popen(sys.executable, "-c", MESHNODE, "wg", "--config", str(conf),
                         "--tun", ifname, stdout=log, stderr=subprocess.STDOUT,
@@ -90,15 +93,17 @@ def tcp_transfer(pair: NetnsPair, server_side: str, v6: bool = False) -> None:
 
 
 # Each side initiates in turn; meshnode's TUN offload modes (coalesced GSO writes by default, TSO
-# reads, none) each carry the TCP transfer both ways.
-@pytest.mark.parametrize("initiator,offload", [("wireguard-go", "gro"), ("meshnode", "gro"),
-                                               ("meshnode", "tso"), ("wireguard-go", "none")])
+# reads, none) each carry the TCP transfer both ways; two cases add a preshared key.
+@pytest.mark.parametrize("initiator,offload,psk", [
+    ("wireguard-go", "gro", False), ("meshnode", "gro", False),
+    ("meshnode", "tso", True), ("wireguard-go", "none", True)])
 def test_interop_with_wireguard_go(pair: NetnsPair, tmp_path: Path, initiator: str,
-                                   offload: str) -> None:
+                                   offload: str, psk: bool) -> None:
     a_priv, a_pub = keypair()
     b_priv, b_pub = keypair()
-    wg_if = start_wireguard_go(pair, tmp_path, a_priv, b_pub)
-    start_meshnode(pair, tmp_path, b_priv, a_pub, offload)
+    shared = os.urandom(32) if psk else None
+    wg_if = start_wireguard_go(pair, tmp_path, a_priv, b_pub, shared)
+    start_meshnode(pair, tmp_path, b_priv, a_pub, offload, shared)
     first, dst = ("a", TUN_B) if initiator == "wireguard-go" else ("b", TUN_A)
     wait_until(lambda: ping(pair, first, dst), timeout=20, what=f"{initiator} to reach its peer")
     assert ping(pair, "b" if first == "a" else "a", TUN_A if first == "a" else TUN_B)
