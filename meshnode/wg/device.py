@@ -12,6 +12,7 @@ takes the engine lock briefly and never waits on the I/O thread."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import ipaddress
@@ -36,6 +37,7 @@ BATCH = 128  # packets per poll, at most: bounds latency for the other direction
 READ_SIZE = 65536 + 64  # a TSO super-packet and its vnet header
 TICK_INTERVAL = 0.1  # timer granularity; WireGuard's timers are seconds long
 SOCKET_BUFFER = 4 << 20
+PR_SET_NAME = 15
 SOL_UDP = 17
 UDP_SEGMENT = 103  # linux/udp.h: GSO segment size (sendmsg cmsg)
 UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, segment size in a cmsg
@@ -62,6 +64,17 @@ def display_endpoint(ep: Endpoint | None) -> tuple[str, int] | None:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return (host, ep[1])
+
+
+def _named(target: Callable[[], None], name: str) -> Callable[[], None]:
+    """`target`, first naming its OS thread so `top -H` and `ps -L` show which loop burns CPU."""
+    def run() -> None:
+        try:
+            ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15])
+        except (OSError, AttributeError) as exc:  # cosmetic only: run unnamed
+            log.debug("cannot name thread %s: %s", name, exc)
+        target()
+    return run
 
 
 def socket_peer(peer: PeerConfig) -> PeerConfig:
@@ -197,7 +210,7 @@ class Device:
             loops.append((lambda: self._poll_loop(rx), "wg-udp"))
         loops.append((self._timer_loop, "wg-timers"))
         for target, name in loops:
-            t = threading.Thread(target=target, name=name, daemon=True)
+            t = threading.Thread(target=_named(target, name), name=name, daemon=True)
             t.start()
             self._threads.append(t)
 

@@ -475,3 +475,18 @@ def test_repeating_the_same_configuration_keeps_sessions() -> None:
     assert b._peers[A_PUB].current is session
     p = ip4(A_IP, B_IP)
     assert send(a, b, p, EP_A, T0 + 1) == [p]
+
+
+def test_initiator_rehandshakes_before_its_receive_key_expires() -> None:
+    from meshnode.wg.timers import REKEY_BEFORE_REJECT
+    a, b = make_pair()
+    handshake(a, b)
+    later = T0 + REKEY_BEFORE_REJECT + 1
+    p = ip4(B_IP, A_IP)
+    msg, _ = b.send(p, later)  # the responder never rekeys by time on send...
+    assert not [x for x in b.outbox if x[0][:4] == m.INITIATION_PREFIX]
+    assert a.receive(msg, EP_B, later) == p  # ...the initiator does, on receive, once
+    assert [x[0][:4] for x in a.outbox] == [m.INITIATION_PREFIX]
+    a.outbox.clear()
+    a.receive(b.send(p, later + 1)[0], EP_B, later + 1)
+    assert not a.outbox
