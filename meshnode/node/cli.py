@@ -69,7 +69,9 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
               default=Path("/var/lib/meshnode"), show_default=True, help="Keys, prefs and the last map.")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"LocalAPI unix socket [default: {DEFAULT_SOCKET}].")
-@click.option("--tun", default=None, help="Interface of the tunnel (the DNS service addresses go on it).")
+@click.option("--tun", default=None, help="Run the WireGuard tunnel on this TUN interface (DNS addresses go on it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=41641, show_default=True,
+              help="WireGuard UDP port (with --tun; 0: any).")
 @click.option("--userspace", is_flag=True, help="No tunnel: DNS-only mode (addresses on a dummy/loopback).")
 @click.option("--dns-listen", multiple=True, callback=_listen_addr, metavar="HOST[:PORT]",
               help="Listen here instead of 100.100.100.100:53 and fd7a:115c:a1e0::53 (repeatable).")
@@ -81,7 +83,7 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.pass_context
 def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tun: str | None,
-               userspace: bool, dns_listen: tuple[tuple[str, int], ...], resolv_conf: Path | None,
+               port: int, userspace: bool, dns_listen: tuple[tuple[str, int], ...], resolv_conf: Path | None,
                os_name: str | None, metrics: str | None, query_log: str | None, verbose: int) -> None:
     """Run the node daemon in the foreground."""
     from .daemon import DaemonConfig, run_daemon
@@ -92,8 +94,12 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
 
     if tun and userspace:
         raise click.UsageError("--tun and --userspace exclude each other")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        # Debug for our own code only: pyroute2 and asyncio at debug level drown everything else.
+        for name in ("meshnode", "magicdns"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     metrics_addr = None
     if metrics is not None:
         try:
@@ -104,7 +110,7 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
     sock = socket_path or Path((ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET)
     config = DaemonConfig(state_dir=state_dir, socket_path=sock, tun=None if userspace else tun,
                           dns_listen=dns_listen, resolv_conf=resolv_conf, os_name=os_name,
-                          metrics=metrics_addr, query_log=query_log)
+                          metrics=metrics_addr, query_log=query_log, port=port)
     try:
         asyncio.run(run_daemon(config))
     except (StateError, LocalApiError, DnsThreadError) as exc:

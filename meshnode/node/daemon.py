@@ -36,6 +36,7 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
 from .prefs import Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .state import StateDir
+from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
 log = logging.getLogger("meshnode.node.daemon")
 
@@ -66,6 +67,7 @@ class DaemonConfig:
     os_name: str | None = None                         # reported to control; None: platform's
     metrics: tuple[str, int] | None = None             # Prometheus /metrics of the resolver
     query_log: str | None = None                       # the resolver's query log ("-": stderr)
+    port: int = DEFAULT_PORT                           # WireGuard UDP port (with --tun)
 
 
 def node_json(node: MapNode) -> dict[str, Any]:
@@ -97,6 +99,8 @@ class Daemon:
         self.dns = DnsThread(self._make_server, metrics=config.metrics)
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
+        self._tunnel = Tunnel(config.tun, config.port) if config.tun else None
+        self._reported_endpoints: list[str] | None = None
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
         self._applied_osdns: OsDnsConfig | None = None
@@ -168,6 +172,7 @@ class Daemon:
 
     async def _go_up(self) -> None:
         """Serve the map we have at once, point the system at us, then follow the control server."""
+        await self._start_tunnel()
         await self._place_addresses()
         self._upstreams = self._forwarding_upstreams()
         view = self._view_of(self.netmap) if self.netmap else DnsView()
@@ -193,9 +198,39 @@ class Daemon:
             self._applied_osdns = None
         await asyncio.to_thread(self.dns.stop)
         await self._remove_addresses()
+        if self._tunnel is not None:
+            await self._tunnel.close()
+            self._reported_endpoints = None
         if self.map_source == "control":
             self.map_source = "saved"  # no longer live: what we hold is the saved map
         self.backend = new_state
+
+    async def _start_tunnel(self) -> None:
+        if self._tunnel is None:
+            return
+        node_key = self.state.node_key()
+        if node_key is None:
+            return
+        try:
+            await self._tunnel.start(bytes(node_key))
+            if self.netmap is not None:
+                await self._tunnel.apply(self.netmap, self.prefs.exit_node)
+        except TunnelError as exc:
+            raise ApiError(500, str(exc)) from None
+
+    async def _report_endpoints(self, client: ControlClient) -> None:
+        # Peers find us at these addresses; WireGuard also learns them from handshakes, so a
+        # failure here only delays the first contact.
+        if self._tunnel is None:
+            return
+        endpoints = await self._tunnel.endpoints()
+        if endpoints == self._reported_endpoints:
+            return
+        try:
+            await client.update_endpoints(endpoints)
+            self._reported_endpoints = endpoints
+        except ControlError as exc:
+            log.warning("control: reporting endpoints %s failed: %s", endpoints, exc)
 
     async def _place_addresses(self) -> None:
         if self.config.dns_listen:
@@ -282,6 +317,7 @@ class Daemon:
                 async for netmap in client.stream_map():
                     self.control_error = None
                     await self._apply_map(netmap)
+                    await self._report_endpoints(client)
                 return
             except ControlError as exc:
                 await self._refused_by_control(client, exc)
@@ -317,6 +353,11 @@ class Daemon:
         self.netmap, self.map_source, self.map_received_at = netmap, "control", now
         # Wait until it is served: `up` returning means names answer, and maps apply in order.
         await asyncio.wrap_future(self.dns.set_view(view))
+        if self._tunnel is not None:
+            try:
+                await self._tunnel.apply(netmap, self.prefs.exit_node)
+            except OSError as exc:  # netlink refused an address or route: DNS keeps working
+                log.error("tunnel: applying map version %d: %s", netmap.version, exc)
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -499,6 +540,7 @@ class Daemon:
             "map": {"version": nm.version if nm else None, "source": self.map_source or None,
                     "received_at": self.map_received_at, "saved_version": self.saved_version},
             "prefs": self.prefs.to_json(),
+            "tunnel": self._tunnel.status() if self._tunnel is not None else None,
             "health": health,
         }
 

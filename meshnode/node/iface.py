@@ -20,6 +20,8 @@ DNS_V6 = "fd7a:115c:a1e0::53"
 DUMMY_NAME = "meshnode0"
 LOOPBACK = "lo"
 IFA_F_NODAD = 0x02  # linux/if_addr.h: skip duplicate address detection, usable at once
+RT_SCOPE_HOST = 254  # linux/rtnetlink.h
+INFINITY = 0xFFFFFFFF  # an address lifetime that never runs out
 
 
 class InterfaceError(RuntimeError):
@@ -75,7 +77,12 @@ class ServiceAddresses:
             for addr in self.addresses:
                 ip = ipaddress.ip_address(addr)
                 prefix = 32 if ip.version == 4 else 128
-                kwargs = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
+                # The service address must never become the source of tunnel traffic: peers accept
+                # only the node's own addresses from it. IPv4: host scope is never picked as a
+                # source for routes out of the host. IPv6: a deprecated address (preferred
+                # lifetime 0) is avoided as a source (RFC 6724 rule 3), yet still receives.
+                kwargs: dict[str, int] = ({"scope": RT_SCOPE_HOST} if ip.version == 4 else
+                                          {"flags": IFA_F_NODAD, "preferred_lft": 0, "valid_lft": INFINITY})
                 try:
                     ipr.addr("add", index=index, address=addr, prefixlen=prefix, **kwargs)
                 except NetlinkError as exc:

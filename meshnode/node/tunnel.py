@@ -1,0 +1,180 @@
+"""The node's WireGuard data plane (`meshnode daemon --tun NAME`): a `meshnode.wg` device whose
+peers, addresses and routes follow the network map.
+
+`peer_configs` and `self_interfaces` are pure (map in, WireGuard config out); `Tunnel` does the I/O.
+Every call that touches netlink runs in a worker thread: pyroute2's synchronous API runs its own
+event loop and must stay off the daemon's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import logging
+from typing import Any
+
+from ..netmap import NetMap
+
+log = logging.getLogger("meshnode.node.tunnel")
+
+DEFAULT_PORT = 41641
+KEEPALIVE = 25  # seconds: keeps NAT mappings open, as Tailscale does
+_EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
+_TAILNET = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class TunnelError(RuntimeError):
+    """The tunnel could not be created or configured; the message says why."""
+
+
+def _endpoint(texts: tuple[str, ...]) -> tuple[str, int] | None:
+    from ..wg.config import parse_endpoint
+    for text in texts:
+        try:
+            host, port = parse_endpoint(text)
+            ipaddress.ip_address(host)
+            return host, port
+        except ValueError:
+            continue
+    return None
+
+
+def peer_configs(netmap: NetMap, exit_node: str = "") -> list[Any]:
+    """One WireGuard peer per map peer: its node key, first usable endpoint and allowed IPs.
+
+    A peer's default routes (an approved exit node) are only taken for the exit node the user
+    chose: two peers claiming 0.0.0.0/0 would otherwise fight over all traffic.
+    """
+    from ..wg.peer import PeerConfig
+    out = []
+    for p in netmap.peers:
+        try:
+            key = base64.b64decode(p.node_key, validate=True)
+        except (binascii.Error, ValueError):
+            log.warning("tunnel: peer %s has an unusable node key; skipped", p.fqdn)
+            continue
+        if len(key) != 32:
+            log.warning("tunnel: peer %s has a %d-byte node key; skipped", p.fqdn, len(key))
+            continue
+        chosen = bool(exit_node) and exit_node in (p.name, p.fqdn, *p.addresses)
+        allowed = []
+        for cidr in p.allowed_ips:
+            if cidr in _EXIT_ROUTES and not chosen:
+                continue
+            try:
+                allowed.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                log.warning("tunnel: peer %s: bad allowed IP %r ignored", p.fqdn, cidr)
+        out.append(PeerConfig(public_key=key, endpoint=_endpoint(p.endpoints), allowed_ips=tuple(allowed),
+                              persistent_keepalive=KEEPALIVE))
+    return out
+
+
+def self_interfaces(netmap: NetMap) -> tuple[Interface, ...]:
+    """This node's tailnet addresses as host routes (/32, /128) on the TUN."""
+    out: list[Interface] = []
+    for a in netmap.self_node.addresses:
+        ip = ipaddress.ip_address(a)
+        out.append(ipaddress.ip_interface(f"{ip}/{32 if ip.version == 4 else 128}"))
+    return tuple(out)
+
+
+def local_endpoints(port: int, exclude_ifname: str) -> list[str]:
+    """`ip:port` for every global address of this machine outside the tailnet (blocking)."""
+    from pyroute2 import IPRoute
+    found: list[str] = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for msg in ipr.get_addr():
+            if names.get(msg["index"]) in (exclude_ifname, "lo"):
+                continue
+            ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            if ip.is_loopback or ip.is_link_local or ip.is_multicast or any(ip in n for n in _TAILNET):
+                continue
+            found.append(f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}")
+    return sorted(found)
+
+
+class Tunnel:
+    """The WireGuard device of one node."""
+
+    def __init__(self, ifname: str, port: int = DEFAULT_PORT) -> None:
+        self.ifname = ifname
+        self.port = port
+        self._device: Any = None
+        self._addresses: tuple[Interface, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self._device is not None
+
+    async def start(self, private_key: bytes) -> str:
+        """Create the TUN and start the engine; returns the interface name."""
+        if self._device is not None:
+            return self._device.ifname
+        from ..wg.device import create_device
+        from ..wg.netconf import NetconfError
+        from ..wg.tun import TunError
+        try:
+            self._device = await asyncio.to_thread(create_device, private_key, self.ifname,
+                                                   listen_port=self.port)
+        except (TunError, NetconfError) as exc:
+            raise TunnelError(f"cannot create tunnel {self.ifname}: {exc}") from None
+        except OSError as exc:
+            raise TunnelError(f"cannot listen on UDP port {self.port}: {exc.strerror or exc}") from None
+        log.info("tunnel: %s up, UDP port %d", self._device.ifname, self._device.listen_port)
+        return self._device.ifname
+
+    async def apply(self, netmap: NetMap, exit_node: str = "") -> None:
+        """Make addresses, peers and routes match `netmap`."""
+        device = self._device
+        if device is None:
+            return
+        addresses = self_interfaces(netmap)
+        if addresses != self._addresses:
+            from ..wg.engine import DEFAULT_MTU
+            from ..wg.netconf import Netns, configure_interface
+            ifname = device.ifname
+
+            def configure() -> None:
+                ns = Netns()
+                try:
+                    ns.run(lambda ipr: configure_interface(ipr, ifname, DEFAULT_MTU, addresses, ()))
+                finally:
+                    ns.close()
+            await asyncio.to_thread(configure)
+            self._addresses = addresses
+        await asyncio.to_thread(device.set_peers, peer_configs(netmap, exit_node))
+
+    async def endpoints(self) -> list[str]:
+        """Where peers can reach us (to report to the control server)."""
+        if self._device is None:
+            return []
+        return await asyncio.to_thread(local_endpoints, self._device.listen_port, self._device.ifname)
+
+    def status(self) -> dict[str, Any]:
+        device = self._device
+        if device is None:
+            return {"running": False}
+        from ..wg.device import display_endpoint
+        peers = []
+        for s in device.stats():
+            ep = display_endpoint(s.endpoint)
+            peers.append({"public_key": base64.b64encode(s.public_key).decode(),
+                          "endpoint": f"{ep[0]}:{ep[1]}" if ep else None,
+                          "last_handshake": s.last_handshake, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes})
+        return {"running": device.running, "interface": device.ifname, "listen_port": device.listen_port,
+                "peers": peers, "drops": device.drops(),
+                "failure": str(device.failure) if device.failure else None}
+
+    async def close(self) -> None:
+        """Stop the engine; closing the TUN removes the interface, its addresses and routes."""
+        device, self._device = self._device, None
+        self._addresses = ()
+        if device is not None:
+            await asyncio.to_thread(device.close)
+            log.info("tunnel: %s down", device.ifname)
