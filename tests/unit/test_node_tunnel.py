@@ -1,0 +1,47 @@
+"""The tunnel's pure part: a network map turned into WireGuard peers and interface addresses."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+
+from meshnode.netmap import MapNode, NetMap
+from meshnode.node.tunnel import KEEPALIVE, peer_configs, self_interfaces
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def node(i: int, **kw) -> MapNode:  # noqa: ANN003
+    base = dict(id=i, name=f"n{i}", fqdn=f"n{i}.tailnet", user="u",
+                addresses=(f"100.64.0.{i}", f"fd7a:115c:a1e0::{i}"), node_key=KEY,
+                allowed_ips=(f"100.64.0.{i}/32", f"fd7a:115c:a1e0::{i}/128"))
+    base.update(kw)
+    return MapNode(**base)
+
+
+def test_peers_carry_key_endpoint_allowed_ips_and_keepalive() -> None:
+    nm = NetMap(1, "tailnet", node(1), (node(2, endpoints=("bogus", "192.0.2.2:41641", "[2001:db8::2]:41641")),))
+    (peer,) = peer_configs(nm)
+    assert peer.public_key == bytes(range(32))
+    assert peer.endpoint == ("192.0.2.2", 41641)  # the first usable one
+    assert peer.allowed_ips == (ipaddress.ip_network("100.64.0.2/32"), ipaddress.ip_network("fd7a:115c:a1e0::2/128"))
+    assert peer.persistent_keepalive == KEEPALIVE
+
+
+def test_exit_routes_only_for_the_chosen_exit_node() -> None:
+    exits = ("0.0.0.0/0", "::/0")
+    nm = NetMap(1, "tailnet", node(1), (node(2, allowed_ips=node(2).allowed_ips + exits, exit_node=True),
+                                        node(3, allowed_ips=node(3).allowed_ips + exits, exit_node=True)))
+    assert all(p.allowed_ips[-1].prefixlen > 0 for p in peer_configs(nm))
+    chosen = {p.endpoint or i: p for i, p in enumerate(peer_configs(nm, exit_node="n3.tailnet"))}
+    assert [p.allowed_ips[-1].prefixlen for p in chosen.values()] == [128, 0]
+
+
+def test_peers_with_unusable_keys_are_skipped() -> None:
+    nm = NetMap(1, "tailnet", node(1), (node(2, node_key="not base64!"), node(3, node_key="AAAA"), node(4)))
+    assert len(peer_configs(nm)) == 1
+
+
+def test_self_addresses_are_host_routes() -> None:
+    nm = NetMap(1, "tailnet", node(7))
+    assert [str(i) for i in self_interfaces(nm)] == ["100.64.0.7/32", "fd7a:115c:a1e0::7/128"]
