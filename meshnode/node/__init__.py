@@ -8,6 +8,7 @@ Modules, each owning one idea:
     dnsthread.py   the magicdns server on its own event loop thread
     iface.py       100.100.100.100 / fd7a:115c:a1e0::53 on the node's interface (TUN, dummy or lo)
     metrics.py     Prometheus /metrics of the resolver (`--metrics`)
+    tunnel.py      the WireGuard data plane (`--tun`): peers, addresses, routes from the map
     resolvconf.py  resolv.conf as values: parse, render ours, plan recovery, detect drift (sans-I/O)
     osdns.py       the system resolver: resolv.conf file or systemd-resolved per link
     apitypes.py    LocalAPI requests and their validation (sans-I/O)
