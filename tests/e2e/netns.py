@@ -113,7 +113,8 @@ class Netns:
 
 @dataclass
 class NetnsPair:
-    """Namespaces `a` and `b` joined by veth `a_if`/`b_if` with `a_addr`/`b_addr` on a /24."""
+    """Namespaces `a` and `b` joined by veth `a_if`/`b_if` with `a_addr`/`b_addr` on a /24 and
+    `a_addr6`/`b_addr6` on a /64."""
 
     a: Netns
     b: Netns
@@ -121,6 +122,8 @@ class NetnsPair:
     b_if: str
     a_addr: str
     b_addr: str
+    a_addr6: str = "fd00:200::1"
+    b_addr6: str = "fd00:200::2"
 
     @classmethod
     def create(cls, prefix: str = "mn", subnet: str = "10.200.0") -> NetnsPair:
@@ -132,9 +135,11 @@ class NetnsPair:
             run("ip", "netns", "add", pair.b.name)
             run("ip", "link", "add", pair.a_if, "netns", pair.a.name, "type", "veth",
                 "peer", "name", pair.b_if, "netns", pair.b.name)
-            for ns, ifname, addr in ((pair.a, pair.a_if, pair.a_addr),
-                                     (pair.b, pair.b_if, pair.b_addr)):
+            for ns, ifname, addr, addr6 in ((pair.a, pair.a_if, pair.a_addr, pair.a_addr6),
+                                            (pair.b, pair.b_if, pair.b_addr, pair.b_addr6)):
                 ns.run("ip", "addr", "add", f"{addr}/24", "dev", ifname)
+                # nodad: usable at once, no duplicate address detection to wait for
+                ns.run("ip", "-6", "addr", "add", f"{addr6}/64", "dev", ifname, "nodad")
                 ns.run("ip", "link", "set", ifname, "up")
                 ns.run("ip", "link", "set", "lo", "up")
         except BaseException:

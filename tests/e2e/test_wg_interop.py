@@ -43,8 +43,14 @@ def pair() -> Iterator[NetnsPair]:
         p.destroy()
 
 
+def endpoint(pair: NetnsPair, side: str, v6: bool) -> str:
+    if v6:
+        return f"[{pair.a_addr6 if side == 'a' else pair.b_addr6}]:{PORT}"
+    return f"{pair.a_addr if side == 'a' else pair.b_addr}:{PORT}"
+
+
 def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: bytes,
-                       psk: bytes | None = None) -> str:
+                       psk: bytes | None = None, v6: bool = False) -> str:
     ifname = f"wg{pair.a.name}"[:15]
     proc = pair.a.popen("wireguard-go", "-f", ifname, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
@@ -53,7 +59,7 @@ def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: 
     conf = tmp / "wggo.conf"
     conf.write_text(f"[Interface]\nPrivateKey = {encode_key(private)}\nListenPort = {PORT}\n\n"
                     f"[Peer]\nPublicKey = {encode_key(peer_public)}\n"
-                    f"AllowedIPs = {TUN_B}/32, {TUN_B6}/128\nEndpoint = {pair.b_addr}:{PORT}\n"
+                    f"AllowedIPs = {TUN_B}/32, {TUN_B6}/128\nEndpoint = {endpoint(pair, 'b', v6)}\n"
                     + (f"PresharedKey = {encode_key(psk)}\n" if psk else ""))
     pair.a.run("wg", "setconf", ifname, str(conf))
     pair.a.run("ip", "addr", "add", f"{TUN_A}/24", "dev", ifname)
@@ -63,13 +69,13 @@ def start_wireguard_go(pair: NetnsPair, tmp: Path, private: bytes, peer_public: 
 
 
 def start_meshnode(pair: NetnsPair, tmp: Path, private: bytes, peer_public: bytes,
-                   offload: str = "gro", psk: bytes | None = None) -> str:
+                   offload: str = "gro", psk: bytes | None = None, v6: bool = False) -> str:
     ifname = f"mn{pair.b.name}"[:15]
     conf = tmp / "meshnode.conf"
     conf.write_text(f"[Interface]\nPrivateKey = {encode_key(private)}\n"
                     f"Address = {TUN_B}/24, {TUN_B6}/64\nListenPort = {PORT}\n\n"
                     f"[Peer]\nPublicKey = {encode_key(peer_public)}\n"
-                    f"AllowedIPs = {TUN_A}/32, {TUN_A6}/128\nEndpoint = {pair.a_addr}:{PORT}\n"
+                    f"AllowedIPs = {TUN_A}/32, {TUN_A6}/128\nEndpoint = {endpoint(pair, 'a', v6)}\n"
                     + (f"PresharedKey = {encode_key(psk)}\n" if psk else ""))
     log = open(tmp / "meshnode.log", "wb")
     proc = pair.b.popen(sys.executable, "-c", MESHNODE, "wg", "--config", str(conf),
@@ -93,22 +99,24 @@ def tcp_transfer(pair: NetnsPair, server_side: str, v6: bool = False) -> None:
 
 
 # Each side initiates in turn; meshnode's TUN offload modes (coalesced GSO writes by default, TSO
-# reads, none) each carry the TCP transfer both ways; two cases add a preshared key.
-@pytest.mark.parametrize("initiator,offload,psk", [
-    ("wireguard-go", "gro", False), ("meshnode", "gro", False),
-    ("meshnode", "tso", True), ("wireguard-go", "none", True)])
+# reads, none) each carry the TCP transfer both ways; two cases add a preshared key, two run the
+# tunnel over IPv6.
+@pytest.mark.parametrize("initiator,offload,psk,v6", [
+    ("wireguard-go", "gro", False, False), ("meshnode", "gro", False, True),
+    ("meshnode", "tso", True, False), ("wireguard-go", "none", True, True)])
 def test_interop_with_wireguard_go(pair: NetnsPair, tmp_path: Path, initiator: str,
-                                   offload: str, psk: bool) -> None:
+                                   offload: str, psk: bool, v6: bool) -> None:
     a_priv, a_pub = keypair()
     b_priv, b_pub = keypair()
     shared = os.urandom(32) if psk else None
-    wg_if = start_wireguard_go(pair, tmp_path, a_priv, b_pub, shared)
-    start_meshnode(pair, tmp_path, b_priv, a_pub, offload, shared)
+    wg_if = start_wireguard_go(pair, tmp_path, a_priv, b_pub, shared, v6)
+    start_meshnode(pair, tmp_path, b_priv, a_pub, offload, shared, v6)
     first, dst = ("a", TUN_B) if initiator == "wireguard-go" else ("b", TUN_A)
     wait_until(lambda: ping(pair, first, dst), timeout=20, what=f"{initiator} to reach its peer")
     assert ping(pair, "b" if first == "a" else "a", TUN_A if first == "a" else TUN_B)
     shown = pair.a.run("wg", "show", wg_if, "latest-handshakes").stdout
     assert encode_key(b_pub) in shown and not shown.strip().endswith("\t0")
+    assert endpoint(pair, "b", v6) in pair.a.run("wg", "show", wg_if, "endpoints").stdout
     tcp_transfer(pair, server_side="a" if initiator == "meshnode" else "b")
     tcp_transfer(pair, server_side="b" if initiator == "meshnode" else "a")
     tcp_transfer(pair, server_side="a" if initiator == "meshnode" else "b", v6=True)
