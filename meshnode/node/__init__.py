@@ -1,4 +1,4 @@
-"""The node daemon and its CLI: control client, network map, DNS, LocalAPI, OS DNS configuration.
+"""The node daemon and its CLI: control client, network map, DNS, tunnel, LocalAPI, OS DNS setup.
 
 Modules, each owning one idea:
     daemon.py      the node's lifecycle (up, down, logout), map following, wiring of the parts below
