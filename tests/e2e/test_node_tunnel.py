@@ -133,19 +133,24 @@ def ask(ns: str, host: str, family: str = "") -> str:
 
 def test_names_resolve_and_traffic_flows_through_the_tunnels(lan: Lan) -> None:
     db = lan.root / "control.db"
-    lan.popen(lan.ctl, *MESHNODE, "control", "serve", "--listen", "10.78.0.1:8080", "--db", str(db),
-              log=lan.root / "control.log")
+    control = lan.popen(lan.ctl, *MESHNODE, "control", "serve", "--listen", "10.78.0.1:8080", "--db", str(db),
+                        log=lan.root / "control.log")
     key_a = run(*MESHNODE, "control", "authkey", "create", "--reusable", "--tags", "tag:a", "--db", str(db)).stdout.strip()
     key_b = run(*MESHNODE, "control", "authkey", "create", "--reusable", "--tags", "tag:b", "--db", str(db)).stdout.strip()
 
     socks = []
+    daemons = []
+
+    def start_daemon(i: int) -> subprocess.Popen[bytes]:
+        ns, d = lan.nodes[i - 1], lan.root / f"node{i}"
+        return lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket", str(d / "mn.sock"),
+                         "--tun", "mn0", "--resolv-conf", f"/etc/netns/{ns}/resolv.conf", "-v",
+                         log=d / "daemon.log")
+
     for i, ns in enumerate(lan.nodes, 1):
-        d = lan.root / f"node{i}"
-        d.mkdir()
-        sock = d / "mn.sock"
-        socks.append(sock)
-        lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket", str(sock),
-                  "--tun", "mn0", "--resolv-conf", f"/etc/netns/{ns}/resolv.conf", "-v", log=d / "daemon.log")
+        (lan.root / f"node{i}").mkdir()
+        socks.append(lan.root / f"node{i}" / "mn.sock")
+        daemons.append(start_daemon(i))
 
     def cli(i: int, *args: str) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", lan.nodes[i - 1], *MESHNODE, "--socket", str(socks[i - 1]), *args,
@@ -191,3 +196,20 @@ def test_names_resolve_and_traffic_flows_through_the_tunnels(lan: Lan) -> None:
     # `down` takes the tunnel away with the names.
     cli(1, "down")
     assert "mn0" not in sh(lan.nodes[0], "ip", "link").stdout
+    cli(1, "up")
+    wait_until(lambda: ask(lan.nodes[0], "node2.tailnet", "4") == f"node2 {addr[1][0]}", timeout=15,
+               what="node1 back on the tunnel after up")
+
+    # With the control server gone, a node killed and restarted rebuilds its tunnels from the map
+    # it saved: names and traffic work again without the control server.
+    wait_until(lambda: (m := json.loads(cli(1, "status", "--json").stdout)["map"])["saved_version"]
+               == m["version"], timeout=5, what="node1's map on disk")
+    control.kill()
+    control.wait(5)
+    daemons[0].kill()
+    daemons[0].wait(5)
+    daemons[0] = start_daemon(1)
+    wait_until(lambda: sh(lan.nodes[0], *MESHNODE, "--socket", str(socks[0]), "status").returncode == 0,
+               timeout=20, what="node1 restarted")
+    wait_until(lambda: ask(lan.nodes[0], "node2.tailnet", "4") == f"node2 {addr[1][0]}", timeout=15,
+               what="node1 reaching node2 from its saved map")
