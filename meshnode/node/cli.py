@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,17 @@ def _owner(node: dict[str, Any]) -> str:
     return ",".join(node.get("tags") or []) or node.get("user") or "-"
 
 
+def _peer_state(peer: dict[str, Any]) -> str:
+    if not peer.get("online"):
+        return "offline"
+    wg = peer.get("tunnel") or {}
+    shook = wg.get("last_handshake")
+    # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
+    if shook and time.time() - shook < 180 and wg.get("endpoint"):
+        return f"active; direct {wg['endpoint']}"
+    return "-"
+
+
 def format_status(st: dict[str, Any]) -> str:
     """The human table of `meshnode status`: one line per node, self first, like tailscale's."""
     state = st.get("backend_state")
@@ -202,7 +214,7 @@ def format_status(st: dict[str, Any]) -> str:
                           state or "", f"State: {state}; no network map yet."))
     else:
         rows = [(me, "-")]
-        rows += [(p, "-" if p.get("online") else "offline") for p in st.get("peers", [])]
+        rows += [(p, _peer_state(p)) for p in st.get("peers", [])]
         table = [((n.get("addresses") or ["-"])[0], n.get("name", "?"), _owner(n), n.get("os") or "-", s)
                  for n, s in rows]
         widths = [max(len(r[i]) for r in table) for i in range(4)]

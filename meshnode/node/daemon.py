@@ -536,13 +536,26 @@ class Daemon:
             "login_server": self.prefs.login_server or None,
             "tailnet": nm.domain if nm else None,
             "self": node_json(nm.self_node) if nm else None,
-            "peers": [node_json(p) for p in nm.peers] if nm else [],
+            "peers": self._peers_json(nm) if nm else [],
             "map": {"version": nm.version if nm else None, "source": self.map_source or None,
                     "received_at": self.map_received_at, "saved_version": self.saved_version},
             "prefs": self.prefs.to_json(),
             "tunnel": self._tunnel.status() if self._tunnel is not None else None,
             "health": health,
         }
+
+    def _peers_json(self, nm: NetMap) -> list[dict[str, Any]]:
+        tunnel = self._tunnel.status() if self._tunnel is not None else {}
+        by_key = {p["public_key"]: p for p in tunnel.get("peers", [])}
+        out = []
+        for p in nm.peers:
+            obj = node_json(p)
+            wg = by_key.get(p.node_key)
+            if wg is not None:
+                obj["tunnel"] = {"endpoint": wg["endpoint"], "last_handshake": wg["last_handshake"],
+                                 "rx_bytes": wg["rx_bytes"], "tx_bytes": wg["tx_bytes"]}
+            out.append(obj)
+        return out
 
     def ip(self, req: IpRequest) -> dict[str, Any]:
         nm = self.netmap

@@ -179,8 +179,11 @@ def test_names_resolve_and_traffic_flows_through_the_tunnels(lan: Lan) -> None:
                    timeout=15, what=f"node{src} reaching node{dst}.tailnet over the tunnel")
     assert ask(lan.nodes[0], "node2", "6") == f"node2 {addr[1][1]}"  # IPv6, short name
     # It really went through the tunnel: node1 has a handshake with a peer.
-    tun = json.loads(cli(1, "status", "--json").stdout)["tunnel"]
-    assert tun["running"] and any(p["last_handshake"] for p in tun["peers"])
+    st = json.loads(cli(1, "status", "--json").stdout)
+    assert st["tunnel"]["running"] and any(p["last_handshake"] for p in st["tunnel"]["peers"])
+    node2 = next(p for p in st["peers"] if p["name"] == "node2")
+    assert node2["tunnel"]["endpoint"] == "10.78.0.12:41641" and node2["tunnel"]["rx_bytes"] > 0
+    assert "active; direct 10.78.0.12:41641" in cli(1, "status").stdout
 
     # Policy: tag:a reaches only tag:a. node3 leaves node1's map: no name, no peer, no route.
     policy = lan.root / "policy.json"
