@@ -55,6 +55,13 @@ class QueryRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PingRequest:
+    peer: str
+    count: int = 1
+    timeout: float = 2.0  # seconds per probe
+
+
+@dataclass(frozen=True, slots=True)
 class IpRequest:
     family: int | None  # 4, 6 or None for both
     peer: str | None    # None for this node
@@ -156,3 +163,19 @@ def parse_ip(params: Mapping[str, str]) -> IpRequest:
     if peer is not None and len(peer) > 253:
         raise bad_request("peer: longer than 253 characters")
     return IpRequest(family, peer)
+
+
+def parse_ping(body: Any) -> PingRequest:
+    """Validate a `ping` request: a peer (name or address), 1-100 probes, 0.1-30 s each."""
+    obj = _object(body)
+    _check_keys(obj, {"peer", "count", "timeout"})
+    peer = _opt_str(obj, "peer", 253)
+    if not peer or not peer.strip():
+        raise bad_request("peer: expected a peer name or address")
+    count = obj.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100:
+        raise bad_request("count: expected an integer from 1 to 100")
+    timeout = obj.get("timeout", 2.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 30:
+        raise bad_request("timeout: expected seconds from 0.1 to 30")
+    return PingRequest(peer.strip(), count, float(timeout))

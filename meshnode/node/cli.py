@@ -1,4 +1,4 @@
-"""Node commands: daemon, up, down, logout, status, ip, dns.
+"""Node commands: daemon, up, down, logout, status, ip, ping, dns.
 
 Flags follow the `tailscale` CLI (`--accept-dns=false`, comma-separated `--advertise-routes`), so
 users' habits carry over. Exit codes: 2 for bad usage (checked here, before the daemon is asked),
@@ -257,6 +257,25 @@ def ip_cmd(ctx: click.Context, v4: bool, v6: bool, peer: str | None) -> None:
         click.echo(addr)
 
 
+@click.command("ping")
+@click.argument("peer")
+@click.option("-c", "--count", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.1, 30), default=2.0, show_default=True,
+              help="Seconds to wait for each pong.")
+@click.pass_context
+def ping_cmd(ctx: click.Context, peer: str, count: int, timeout: float) -> None:
+    """Ping PEER over the tunnel (ICMP echo to its tailnet address)."""
+    res = _call(ctx, "POST", "/ping", {"peer": peer, "count": count, "timeout": timeout},
+                timeout=count * timeout + 30)
+    name, addr = res["peer"].split(".")[0], res["address"]
+    via = f" via {res['endpoint']}" if res.get("endpoint") else ""
+    for rtt in res["replies_ms"]:
+        click.echo(f"pong from {name} ({addr}){via} in {rtt:g}ms" if rtt is not None
+                   else f"timeout waiting for pong from {name} ({addr})")
+    if all(r is None for r in res["replies_ms"]):
+        raise click.ClickException(f"no reply from {name} ({addr})")
+
+
 # -- dns -----------------------------------------------------------------------------------------
 
 @click.group("dns")
@@ -314,5 +333,5 @@ def dns_query_cmd(ctx: click.Context, name: str, qtype: str, as_json: bool) -> N
 
 def register_node_commands(group: click.Group) -> None:
     """Attach the node's commands to the top-level `meshnode` group."""
-    for cmd in (daemon_cmd, up_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, dns_group):
+    for cmd in (daemon_cmd, up_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, ping_cmd, dns_group):
         group.add_command(cmd)

@@ -28,7 +28,7 @@ from magicdns.view import DnsView
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
-from .apitypes import ApiError, IpRequest, QueryRequest, UpRequest
+from .apitypes import ApiError, IpRequest, PingRequest, QueryRequest, UpRequest
 from .dnsthread import DnsThread, DnsThreadError
 from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
@@ -565,6 +565,27 @@ class Daemon:
         addrs = [a for a in node.addresses
                  if req.family is None or ipaddress.ip_address(a).version == req.family]
         return {"name": node.fqdn, "addresses": addrs}
+
+    async def ping(self, req: PingRequest) -> dict[str, Any]:
+        """ICMP echo to a peer's tailnet address, through the tunnel."""
+        from .icmp import ping_once
+        nm = self.netmap
+        if nm is None:
+            raise ApiError(409, "no network map yet: run `meshnode up`")
+        if self._tunnel is None or not self._tunnel.running:
+            raise ApiError(409, "ping goes through the tunnel: run the daemon with --tun NAME")
+        node = self._find_peer(nm, req.peer)
+        if node is nm.self_node:
+            raise ApiError(400, f"{node.fqdn} is this node")
+        v4 = next((a for a in node.addresses if ":" not in a), None)
+        if v4 is None:
+            raise ApiError(409, f"{node.fqdn} has no IPv4 address to ping")
+        replies: list[float | None] = []
+        for seq in range(1, req.count + 1):
+            pong = await asyncio.to_thread(ping_once, v4, seq, req.timeout)
+            replies.append(round(pong.rtt * 1000, 3) if pong else None)
+        wg = next((p for p in self._tunnel.status().get("peers", []) if p["public_key"] == node.node_key), {})
+        return {"peer": node.fqdn, "address": v4, "endpoint": wg.get("endpoint"), "replies_ms": replies}
 
     @staticmethod
     def _check_exit_node(nm: NetMap, ref: str) -> None:

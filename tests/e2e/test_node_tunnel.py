@@ -184,6 +184,8 @@ def test_names_resolve_and_traffic_flows_through_the_tunnels(lan: Lan) -> None:
     node2 = next(p for p in st["peers"] if p["name"] == "node2")
     assert node2["tunnel"]["endpoint"] == "10.78.0.12:41641" and node2["tunnel"]["rx_bytes"] > 0
     assert "active; direct 10.78.0.12:41641" in cli(1, "status").stdout
+    out = cli(1, "ping", "-c", "2", "node2").stdout
+    assert out.count(f"pong from node2 ({addr[2][0]}) via 10.78.0.12:41641 in") == 2
 
     # Policy: tag:a reaches only tag:a. node3 leaves node1's map: no name, no peer, no route.
     policy = lan.root / "policy.json"
@@ -194,6 +196,9 @@ def test_names_resolve_and_traffic_flows_through_the_tunnels(lan: Lan) -> None:
                timeout=5, what="node3's route gone from node1")
     assert sh(lan.nodes[0], "getent", "hosts", "node3.tailnet").returncode != 0
     assert ask(lan.nodes[0], addr[3][0]) == ""  # not even by address: node3 is no longer a peer
+    r = run("ip", "netns", "exec", lan.nodes[0], *MESHNODE, "--socket", str(socks[0]), "ping", "node3",
+            check=False)
+    assert r.returncode == 1 and "no peer 'node3'" in r.stderr
     assert ask(lan.nodes[0], "node2.tailnet", "4") == f"node2 {addr[1][0]}"
 
     # `down` takes the tunnel away with the names.

@@ -281,3 +281,19 @@ def test_garbage_on_the_socket_never_takes_the_daemon_down(daemon: DaemonThread)
             except OSError:
                 pass  # the server may reset a connection it cannot parse: fine, as long as it lives
     assert LocalClient(daemon.socket).request("GET", "/status")["backend_state"] == "NeedsLogin"
+
+
+@pytest.mark.parametrize("body,msg", [
+    ({}, "peer"), ({"peer": " "}, "peer"), ({"peer": "a", "count": 0}, "count"),
+    ({"peer": "a", "count": True}, "count"), ({"peer": "a", "timeout": 99}, "timeout"),
+    ({"peer": "a", "x": 1}, "unknown field"),
+])
+def test_parse_ping_refuses(body, msg: str) -> None:  # noqa: ANN001
+    from meshnode.node.apitypes import parse_ping
+    with pytest.raises(ApiError, match=msg):
+        parse_ping(body)
+
+
+def test_ping_without_a_map_or_tunnel_says_why(daemon: DaemonThread) -> None:
+    r = CliRunner().invoke(main, ["--socket", str(daemon.socket), "ping", "somepeer"])
+    assert r.exit_code == 1 and "no network map" in r.output

@@ -45,3 +45,20 @@ def test_peers_with_unusable_keys_are_skipped() -> None:
 def test_self_addresses_are_host_routes() -> None:
     nm = NetMap(1, "tailnet", node(7))
     assert [str(i) for i in self_interfaces(nm)] == ["100.64.0.7/32", "fd7a:115c:a1e0::7/128"]
+
+
+def test_icmp_echo_round_trip() -> None:
+    from meshnode.node.icmp import checksum, echo_request, parse_echo_reply
+    req = echo_request(0x1234, 7, b"payload")
+    assert checksum(req) == 0
+    # The reply as the kernel would hand it to a raw socket: IPv4 header, then the echo reply.
+    reply_icmp = bytearray(req)
+    reply_icmp[0] = 0
+    reply_icmp[2:4] = b"\0\0"
+    reply_icmp[2:4] = checksum(bytes(reply_icmp)).to_bytes(2, "big")
+    ip_header = bytes([0x45]) + bytes(19)
+    assert parse_echo_reply(ip_header + bytes(reply_icmp)) == (0x1234, 7)
+    assert parse_echo_reply(ip_header + req) is None  # a request is not a reply
+    corrupted = bytearray(reply_icmp)
+    corrupted[-1] ^= 1
+    assert parse_echo_reply(ip_header + bytes(corrupted)) is None
