@@ -9,10 +9,11 @@ Modules, each owning one idea:
     iface.py       100.100.100.100 / fd7a:115c:a1e0::53 on the node's interface (TUN, dummy or lo)
     metrics.py     Prometheus /metrics of the resolver (`--metrics`)
     tunnel.py      the WireGuard data plane (`--tun`): peers, addresses, routes from the map
+    icmp.py        ICMP echo for `meshnode ping`
     resolvconf.py  resolv.conf as values: parse, render ours, plan recovery, detect drift (sans-I/O)
     osdns.py       the system resolver: resolv.conf file or systemd-resolved per link
     apitypes.py    LocalAPI requests and their validation (sans-I/O)
     localapi.py    the LocalAPI server on a root-only unix socket
     localclient.py the CLI's client for it
-    cli.py         `meshnode daemon|up|down|logout|status|ip|dns`
+    cli.py         `meshnode daemon|up|down|logout|status|ip|ping|dns`
 """

@@ -369,6 +369,9 @@ def test_status_ip_and_query_through_the_cli(cluster: Cluster) -> None:
     out = json.loads(alpha.cli("dns", "query", "nope.tailnet", "--json").stdout)
     assert out["rcode"] == "NXDOMAIN"
 
+    r = alpha.cli("ping", "bravo")
+    assert r.returncode == 1 and "--tun" in r.stderr  # DNS-only nodes have no tunnel to ping through
+
     # Like tailscale, an exit node must be a visible peer approved as one.
     r = alpha.cli("up", "--exit-node", "nosuchpeer")
     assert r.returncode == 2 and "not a peer" in r.stderr
