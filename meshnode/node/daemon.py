@@ -531,6 +531,11 @@ class Daemon:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
             health.append(f"control server: {self.control_error}")
+        tunnel = self._tunnel.status() if self._tunnel is not None else None
+        if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
+                and not tunnel.get("running")):
+            health.append(f"tunnel {self.config.tun} is not running"
+                          + (f": {tunnel['failure']}" if tunnel.get("failure") else ""))
         return {
             "backend_state": self.backend.value,
             "login_server": self.prefs.login_server or None,
@@ -540,7 +545,7 @@ class Daemon:
             "map": {"version": nm.version if nm else None, "source": self.map_source or None,
                     "received_at": self.map_received_at, "saved_version": self.saved_version},
             "prefs": self.prefs.to_json(),
-            "tunnel": self._tunnel.status() if self._tunnel is not None else None,
+            "tunnel": tunnel,
             "health": health,
         }
 
