@@ -10,6 +10,7 @@ Two paths:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Union
 
@@ -77,8 +78,9 @@ class Engine:
         self.zone = zone
         self.memo_limit = memo_limit
         # Two generations approximate LRU without bookkeeping on the hot path.
-        self._memo: dict[bytes, Template | ForwardRoute | None] = {}
-        self._old: dict[bytes, Template | ForwardRoute | None] = {}
+        self._memo: dict[bytes, Template] = {}
+        self._old: dict[bytes, Template] = {}
+        self._soa_tails: dict[str, bytes] = {}
         self.fast_hits = 0
         self.slow = 0
 
@@ -103,15 +105,7 @@ class Engine:
         qend = i + 5
         if qend > n:
             return self._slow(data, tcp)
-        key = data[12:i].lower() + data[i:qend]
-        entry = self._memo.get(key)
-        if entry is None:
-            entry = self._old.get(key)
-            if entry is None:
-                return self._slow(data, tcp)
-            self._remember(key, entry)
-        arcount = data[11]
-        if arcount == 0:
+        if data[11] == 0:
             if qend != n:
                 return self._slow(data, tcp)
             edns = False
@@ -126,9 +120,15 @@ class Engine:
             do = data[qend + 7] & 0x80
             limit = data[qend + 3] << 8 | data[qend + 4]
             limit = 512 if limit < 512 else MAX_UDP_PAYLOAD if limit > MAX_UDP_PAYLOAD else limit
-        if entry.__class__ is not Template:
-            self.fast_hits += 1
-            return Forward(entry, 65535 if tcp else limit, "", 0)  # type: ignore[arg-type]
+        if tcp:
+            limit = 65535
+        key = data[12:i].lower() + data[i:qend]
+        entry = self._memo.get(key)
+        if entry is None:
+            entry = self._old.get(key)
+            if entry is None:
+                return self._miss(data, i, key, edns, do, limit, tcp)
+            self._remember(key, entry)
         self.fast_hits += 1
         tails = entry.tails
         if len(tails) == 1:
@@ -142,11 +142,51 @@ class Engine:
                               _OPT_DO if do else _OPT_PLAIN))
         else:
             reply = b"".join((data[:2], flags, entry.counts, data[12:qend], tail))
-        if not tcp and len(reply) > limit:
+        if len(reply) > limit:
             return truncate(reply, limit)
         return reply
 
-    def _remember(self, key: bytes, entry: Template | ForwardRoute | None) -> None:
+    def _miss(self, data: bytes, i: int, key: bytes, edns: bool, do: int, limit: int, tcp: bool) -> Result:
+        """A plain query not in the memo: decide from the wire labels, without dnslib, the two cases
+        that must stay cheap for names never seen before: forwarding, and names that do not exist in
+        a local zone (random names, search-list expansions). Everything else builds a template."""
+        qtype = data[i + 1] << 8 | data[i + 2]
+        if data[i + 3:i + 5] != b"\x00\x01" or qtype in _REFUSED_TYPES or qtype == QTYPE.OPT:
+            return self._slow(data, tcp)
+        starts = []
+        labels = []
+        p = 12
+        while p < i:
+            length = data[p]
+            starts.append(p)
+            labels.append(data[p + 1:p + 1 + length].decode("latin-1").replace(".", "\\046"))
+            p += length + 1
+        name = ".".join(labels).lower()
+        zone = self.zone
+        target, suffix = zone.route_for(name)
+        if target.__class__ is not LocalZone:
+            if len(labels) == 1 and zone.host_for_short_name(name):
+                return self._slow(data, tcp)
+            self.fast_hits += 1
+            return Forward(target, limit, name, qtype)  # type: ignore[arg-type]
+        if zone.exists(name, target) or zone.wildcard_for(name, target):  # type: ignore[arg-type]
+            return self._slow(data, tcp)
+        # NXDOMAIN: header, the client's question, and the zone's SOA owned by a pointer to where
+        # the apex starts inside the question.
+        self.fast_hits += 1
+        apex_labels = suffix.count(".") + 1 if suffix else 0
+        pointer = starts[len(starts) - apex_labels] if apex_labels else i
+        soa = self._soa_tails.get(suffix)
+        if soa is None:
+            soa = self._soa_tails[suffix] = _soa_tail(zone, suffix)
+        flags = bytes((0x84 | (data[2] & 1), 0x83 | (data[3] & 0x10)))
+        counts = b"\x00\x01\x00\x00\x00\x01\x00\x01" if edns else b"\x00\x01\x00\x00\x00\x01\x00\x00"
+        parts = [data[:2], flags, counts, data[12:i + 5], bytes((0xC0 | pointer >> 8, pointer & 0xFF)), soa]
+        if edns:
+            parts.append(_OPT_DO if do else _OPT_PLAIN)
+        return b"".join(parts)
+
+    def _remember(self, key: bytes, entry: Template) -> None:
         if len(self._memo) >= self.memo_limit:
             self._old = self._memo
             self._memo = {}
@@ -188,11 +228,10 @@ class Engine:
         else:
             short = self.zone.host_for_short_name(qname)
             if short is None:
-                if key is not None and target is not None:
-                    self._remember(key, target)
+                # Forwarding decisions are not memoised: unique names would evict local answers.
                 return Forward(target, limit, qname, q.qtype)
             template = self._short_template(_owner_label(q.qname), short, q.qtype)
-        if key is not None:
+        if key is not None and template.rcode != Rcode.NXDOMAIN:
             self._remember(key, template)
         return self._serve(template, query, data, edns, tcp, limit)
 
@@ -317,6 +356,21 @@ def _additional(zone: Zone, qtype: int, found: list[RR]) -> tuple[RR, ...]:
         extra.extend(sets.get(QTYPE.A, ()))
         extra.extend(sets.get(QTYPE.AAAA, ()))
     return tuple(extra)
+
+
+def _soa_tail(zone: Zone, apex: str) -> bytes:
+    """The wire form of the zone's SOA record after its owner name (type, class, TTL, rdata).
+
+    Names in the rdata are written uncompressed: the tail is spliced into replies of any layout.
+    """
+    rr = zone.soa(apex)
+    soa = rr.rdata
+    rdata = _plain_name(soa.mname) + _plain_name(soa.rname) + struct.pack("!5I", *soa.times)
+    return struct.pack("!HHIH", QTYPE.SOA, CLASS.IN, rr.ttl, len(rdata)) + rdata
+
+
+def _plain_name(label: DNSLabel) -> bytes:
+    return b"".join(bytes((len(part),)) + part for part in label.label) + b"\x00"
 
 
 def build_template(qname: DNSLabel, qtype: int, ans: LocalAnswer) -> Template:

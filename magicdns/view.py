@@ -6,12 +6,14 @@ JSON (DESIGN.md section 2). It is validated once, here; everything downstream tr
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from .names import NameError_, normalize_domain, normalize_host_label
 from .records import Record, RecordError, parse_record
@@ -132,8 +134,29 @@ def _upstreams(values: Any, where: str) -> tuple[Upstream, ...]:
         raise ViewError(f"{where}: {exc}") from None
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Hold the cyclic garbage collector while building large acyclic structures.
+
+    A 100,000-name view allocates a million objects, none in cycles; letting the collector scan
+    them repeatedly more than doubled the build time.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def view_from_json(obj: Any) -> DnsView:
     """Validate and convert the JSON network view; raises `ViewError` naming the bad field."""
+    with paused_gc():
+        return _view_from_json(obj)
+
+
+def _view_from_json(obj: Any) -> DnsView:
     if not isinstance(obj, dict):
         raise ViewError("the view must be a JSON object")
     try:

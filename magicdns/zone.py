@@ -18,7 +18,7 @@ from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, A
 from .names import is_subdomain
 from .records import Record
 from .upstream import Upstream
-from .view import DnsView, Host
+from .view import DnsView, Host, paused_gc
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ class Zone:
 
     def __init__(self, view: DnsView, fallback_upstreams: tuple[Upstream, ...] = (),
                  resolver_addresses: tuple[str, ...] = (str(RESOLVER_V4), str(RESOLVER_V6))) -> None:
+        with paused_gc():
+            self._build(view, fallback_upstreams, resolver_addresses)
+
+    def _build(self, view: DnsView, fallback_upstreams: tuple[Upstream, ...],
+               resolver_addresses: tuple[str, ...]) -> None:
         self.view = view
         self.domain = view.domain
         self.serial = view.version & 0xFFFFFFFF

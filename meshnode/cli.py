@@ -23,3 +23,7 @@ def main(ctx: click.Context, socket_path: str | None) -> None:
 main.add_command(control)
 main.add_command(wg)
 register_node_commands(main)
+
+
+if __name__ == "__main__":
+    main()

@@ -360,11 +360,35 @@ def test_fast_path_serves_the_second_query(engine: Engine) -> None:
     assert e.fast_hits == 2 and str(r.question[0].name) == "SERVER.TAILNET."
 
 
-def test_memo_stays_bounded() -> None:
-    e = Engine(Zone(VIEW), memo_limit=10)
+def test_memo_stays_bounded_and_holds_no_negatives() -> None:
+    view = DnsView(peers=tuple(host(f"n{i}", f"100.64.2.{i}") for i in range(100)))
+    e = Engine(Zone(view), memo_limit=10)
     for i in range(100):
-        e.handle(dns.message.make_query(f"n{i}.tailnet", "A").to_wire())
+        r = dns.message.from_wire(e.handle(dns.message.make_query(f"n{i}.tailnet", "A").to_wire()))
+        assert [str(rd) for rd in r.answer[0]] == [f"100.64.2.{i}"]
     assert len(e._memo) <= 10 and len(e._old) <= 10
+    fresh = Engine(Zone(view))
+    for i in range(50):  # unique names that do not exist, and forwarded names, are answered without memo
+        nx = fresh.handle(dns.message.make_query(f"missing-{i}.tailnet", "A").to_wire())
+        assert nx[3] & 0xF == dns.rcode.NXDOMAIN
+        assert isinstance(fresh.handle(dns.message.make_query(f"x{i}.example.com", "A").to_wire()), Forward)
+    assert not fresh._memo and fresh.slow == 0
+
+
+def test_wire_built_nxdomain_matches_the_rules(engine: Engine) -> None:
+    for name, apex in (("a.b.nobody.tailnet", "tailnet."), ("77.1.64.100.in-addr.arpa", "64.100.in-addr.arpa."),
+                       ("nope.local.example", "local.example.")):
+        for use_edns in (False, 0):
+            q = dns.message.make_query(name.upper(), "AAAA", use_edns=use_edns, want_dnssec=use_edns == 0)
+            r = dns.message.from_wire(engine.handle(q.to_wire()))
+            assert r.rcode() == dns.rcode.NXDOMAIN and r.flags & dns.flags.AA and r.flags & dns.flags.RA
+            assert str(r.question[0].name) == name.upper() + "."
+            (soa,) = r.authority
+            assert str(soa.name).lower() == apex and soa[0].serial == 7 and soa.ttl == 60
+            assert str(soa[0].mname) == "magicdns.tailnet." and str(soa[0].rname) == "hostmaster.tailnet."
+            assert r.edns == (0 if use_edns == 0 else -1)
+            if use_edns == 0:
+                assert r.ednsflags & dns.flags.DO
 
 
 def test_any_returns_every_rrset(engine: Engine) -> None:
