@@ -203,6 +203,15 @@ def _peer_state(peer: dict[str, Any]) -> str:
     return "-"
 
 
+def format_filter(filt: dict[str, Any]) -> str:
+    """One line on the ACL packet filter: what it dropped and let in from the tunnel."""
+    dropped, accepted = filt.get("dropped") or {}, filt.get("accepted") or {}
+    reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in dropped.items() if n)
+    return (f"# Packet filter: {sum(dropped.values())} dropped" + (f" ({reasons})" if reasons else "")
+            + f", {sum(accepted.values())} accepted; {filt.get('rules', 0)} rules,"
+            f" {filt.get('flows', 0)} tracked connections")
+
+
 def format_status(st: dict[str, Any]) -> str:
     """The human table of `meshnode status`: one line per node, self first, like tailscale's."""
     state = st.get("backend_state")
@@ -222,6 +231,9 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
         if state != "Running":
             lines.append(f"# State: {state} (serving the map saved at the last run)")
+        filt = (st.get("tunnel") or {}).get("filter")
+        if filt:
+            lines.append(format_filter(filt))
     health = st.get("health") or []
     if health:
         lines.append("")

@@ -536,6 +536,8 @@ class Daemon:
                 and not tunnel.get("running")):
             health.append(f"tunnel {self.config.tun} is not running"
                           + (f": {tunnel['failure']}" if tunnel.get("failure") else ""))
+        if tunnel is not None and (tunnel.get("filter") or {}).get("error"):
+            health.append(tunnel["filter"]["error"])
         return {
             "backend_state": self.backend.value,
             "login_server": self.prefs.login_server or None,

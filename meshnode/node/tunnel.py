@@ -4,6 +4,10 @@ peers, addresses and routes follow the network map.
 `peer_configs` and `self_interfaces` are pure (map in, WireGuard config out); `Tunnel` does the I/O.
 Every call that touches netlink runs in a worker thread: pyroute2's synchronous API runs its own
 event loop and must stay off the daemon's.
+
+The map's packet filter (`TunnelFilter`) checks every packet arriving from the tunnel and tracks the
+connections this node opens, so that their replies pass; new rules replace the old ones on the
+device's receive thread, keeping the tracked connections.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import base64
 import binascii
 import ipaddress
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 from ..netmap import NetMap
 
@@ -99,6 +104,64 @@ def local_endpoints(port: int, exclude_ifname: str) -> list[str]:
     return sorted(found)
 
 
+class TunnelFilter:
+    """The ACL packet filter of one device: a `policy.PacketFilter` behind the device's hooks.
+
+    The filter is not thread-safe, so after installation only the device's receive thread touches
+    it (`call_soon_dataplane`); the daemon only reads its counters."""
+
+    def __init__(self) -> None:
+        from ..policy import PacketFilter
+        self.filter = PacketFilter(())  # no rules until a map gives some: only replies pass
+        self.rule_count = 0
+        self.version: int | None = None  # the map version whose rules are in force
+        self.error: str | None = None    # why the last map's rules were refused
+        self._source: tuple[Any, ...] | None = None
+
+    def hooks(self) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
+        """(inbound check, outbound tap) for `Device.set_packet_filter`."""
+        check, note, clock = self.filter.check, self.filter.note_outbound, time.monotonic
+
+        def inbound(packet: bytes, peer_key: bytes) -> bool:
+            return check(packet, clock())
+
+        def outbound(packet: bytes, peer_key: bytes) -> None:
+            note(packet, clock())
+
+        return inbound, outbound
+
+    def rules_update(self, netmap: NetMap) -> Callable[[], None] | None:
+        """What to run on the data-plane thread to put `netmap`'s rules in force, or None when they
+        are unchanged or unusable (then the rules in force stay and `error` says why)."""
+        from ..policy import PolicyError, rules_from_json
+        source = netmap.packet_filter
+        if source == self._source:
+            return None
+        try:
+            rules = rules_from_json([dict(r) for r in source])
+        except PolicyError as exc:
+            self.error = f"packet filter of map version {netmap.version} refused ({exc}); " + (
+                f"keeping the rules of version {self.version}" if self.version is not None
+                else "only replies to this node's connections pass")
+            log.error("tunnel: %s", self.error)
+            return None
+        self._source, self.error = source, None
+        self.rule_count, self.version = len(rules), netmap.version
+        pf = self.filter
+
+        def update() -> None:
+            pf.set_rules(rules)
+            pf.expire(time.monotonic())
+        return update
+
+    def status(self) -> dict[str, Any]:
+        pf = self.filter
+        return {"rules": self.rule_count, "map_version": self.version,
+                "dropped": {r.name.lower(): n for r, n in pf.drops.items()},
+                "accepted": {r.name.lower(): n for r, n in pf.accepts.items()},
+                "flows": pf.flow_count, "error": self.error}
+
+
 class Tunnel:
     """The WireGuard device of one node."""
 
@@ -107,6 +170,7 @@ class Tunnel:
         self.port = port
         self._device: Any = None
         self._addresses: tuple[Interface, ...] = ()
+        self._filter: TunnelFilter | None = None
 
     @property
     def running(self) -> bool:
@@ -126,6 +190,9 @@ class Tunnel:
             raise TunnelError(f"cannot create tunnel {self.ifname}: {exc}") from None
         except OSError as exc:
             raise TunnelError(f"cannot listen on UDP port {self.port}: {exc.strerror or exc}") from None
+        # Before any peer exists: no packet from the tunnel ever bypasses the filter.
+        self._filter = TunnelFilter()
+        self._device.set_packet_filter(*self._filter.hooks())
         log.info("tunnel: %s up, UDP port %d", self._device.ifname, self._device.listen_port)
         return self._device.ifname
 
@@ -148,7 +215,18 @@ class Tunnel:
                     ns.close()
             await asyncio.to_thread(configure)
             self._addresses = addresses
+        await self._apply_filter(device, netmap)
         await asyncio.to_thread(device.set_peers, peer_configs(netmap, exit_node))
+
+    async def _apply_filter(self, device: Any, netmap: NetMap) -> None:
+        # Rules first, then peers: a peer the new map adds is never seen under older rules.
+        if self._filter is None:
+            return
+        update = self._filter.rules_update(netmap)
+        if update is not None:
+            await asyncio.wrap_future(device.call_soon_dataplane(update))
+            log.info("tunnel: packet filter of map version %d in force (%d rules)", netmap.version,
+                     self._filter.rule_count)
 
     async def endpoints(self) -> list[str]:
         """Where peers can reach us (to report to the control server)."""
@@ -169,12 +247,14 @@ class Tunnel:
                           "last_handshake": s.last_handshake, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes})
         return {"running": device.running, "interface": device.ifname, "listen_port": device.listen_port,
                 "peers": peers, "drops": device.drops(),
+                "filter": self._filter.status() if self._filter is not None else None,
                 "failure": str(device.failure) if device.failure else None}
 
     async def close(self) -> None:
         """Stop the engine; closing the TUN removes the interface, its addresses and routes."""
         device, self._device = self._device, None
         self._addresses = ()
+        self._filter = None
         if device is not None:
             await asyncio.to_thread(device.close)
             log.info("tunnel: %s down", device.ifname)

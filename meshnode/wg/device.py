@@ -7,10 +7,18 @@ ready fd (a TUN read per packet, or a TSO super-packet; a UDP GRO read per ~50 d
 sends with UDP GSO and coalesced TUN writes. The crypto holds the GIL, so a thread per direction
 encrypts no faster; measured here it costs ~20% more CPU per GB for the same throughput, and is
 kept as an option (`io_threads=2`). The daemon calls the live API from its event loop: each call
-takes the engine lock briefly and never waits on the I/O thread."""
+takes the engine lock briefly and never waits on the I/O thread.
+
+Packet hooks (the ACL filter): `set_packet_filter(inbound, outbound)` installs a check of every
+decrypted packet and a tap on every packet going out; each is one attribute the engine reads once
+per batch, so nothing is locked per packet. A stateful filter that must only be touched from the
+thread that runs it (new rules on a new map) is changed through `call_soon_dataplane(fn)`, which
+runs `fn` on the receive thread between batches."""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -23,9 +31,9 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from .engine import DEFAULT_MTU, Engine, PacketFilter, Sealed
+from .engine import DEFAULT_MTU, Engine, OutboundHook, PacketFilter, Sealed
 from .netconf import Netns, configure_interface, sync_routes
 from .offload import VNET_HDR_LEN, OffloadError, from_tun, to_tun
 from .peer import Endpoint, Network, PeerConfig, PeerStats
@@ -126,6 +134,14 @@ class Device:
         engine.wall_offset = time.time() - clock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        # Calls for the receive thread (call_soon_dataplane), and a pipe to wake it for them.
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            collections.deque())
+        self._calls_lock = threading.Lock()
+        self._calls_open = False  # True while a receive thread will run queued calls
+        self._call_r, self._call_w = os.pipe()
+        os.set_blocking(self._call_r, False)
+        os.set_blocking(self._call_w, False)
         self._threads: list[threading.Thread] = []
         self.send_errors = 0
         self.tun_write_errors = 0
@@ -169,10 +185,52 @@ class Device:
     def _routed(self) -> set[Network]:
         return {net for s in self.engine.peers() for net in s.allowed_ips}
 
-    def set_packet_filter(self, accept: PacketFilter | None) -> None:
+    def set_packet_filter(self, accept: PacketFilter | None,
+                          outbound: OutboundHook | None = None) -> None:
         """Install `accept(packet, peer_public_key) -> bool` for every decrypted inbound packet
-        (None: accept all). Called on the receive thread: it must be fast and must not block."""
+        (None: accept all), and `outbound(packet, peer_public_key)` for every packet from the TUN
+        that routes to a peer, before it is sealed (None: no tap). `accept` runs on the receive
+        thread, `outbound` on the send thread (the same one unless `io_threads=2`); both must be
+        fast and must neither block nor raise. Each takes effect from the next batch on."""
+        self.engine.outbound_hook = outbound
         self.engine.inbound_filter = accept
+
+    def call_soon_dataplane(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run `fn()` on the receive thread between two batches (where the inbound filter runs),
+        and return a future of its result. When no such thread runs (not started, closed,
+        failed), `fn` runs at once on the caller's thread: then nothing else touches the hooks."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._calls_lock:
+            if self._calls_open:
+                self._calls.append((fn, future))
+                try:
+                    os.write(self._call_w, b"x")
+                except BlockingIOError:
+                    pass  # the pipe is full of wake-ups already: the thread will come
+                return future
+        _run_call(fn, future)
+        return future
+
+    def _run_calls(self) -> None:
+        """Run the queued calls (on the receive thread)."""
+        try:
+            while os.read(self._call_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        calls = self._calls
+        while calls:
+            fn, future = calls.popleft()
+            _run_call(fn, future)
+
+    def _close_calls(self) -> None:
+        """No receive thread from now on: run what is queued here, and later calls inline."""
+        with self._calls_lock:
+            self._calls_open = False
+            pending = list(self._calls)
+            self._calls.clear()
+        for fn, future in pending:
+            _run_call(fn, future)
 
     def stats(self) -> list[PeerStats]:
         """Per-peer endpoint, latest handshake (Unix time), rx/tx bytes."""
@@ -203,11 +261,12 @@ class Device:
         tx = {self._tun: self._tx_step()}
         rx = {self._sock.fileno(): self._rx_step()}
         loops: list[tuple[Callable[[], None], str]] = []
+        self._calls_open = True
         if self.io_threads == 1:
-            loops.append((lambda: self._poll_loop({**tx, **rx}), "wg-io"))
+            loops.append((lambda: self._poll_loop({**tx, **rx}, calls=True), "wg-io"))
         else:
             loops.append((lambda: self._poll_loop(tx), "wg-tun"))
-            loops.append((lambda: self._poll_loop(rx), "wg-udp"))
+            loops.append((lambda: self._poll_loop(rx, calls=True), "wg-udp"))
         loops.append((self._timer_loop, "wg-timers"))
         for target, name in loops:
             t = threading.Thread(target=_named(target, name), name=name, daemon=True)
@@ -227,10 +286,11 @@ class Device:
         os.write(self._wake_w, b"x")
         for t in self._threads:
             t.join(timeout=5)
+        self._close_calls()
         self._sock.close()
         os.close(self._tun)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w, self._call_r, self._call_w):
+            os.close(fd)
         if self._netlink is not None:
             self._netlink.close()
 
@@ -378,19 +438,27 @@ class Device:
 
         return step
 
-    def _poll_loop(self, steps: dict[int, Callable[[], None]]) -> None:
-        """Wait on the fds in `steps` and run the step of each one that is readable."""
+    def _poll_loop(self, steps: dict[int, Callable[[], None]], calls: bool = False) -> None:
+        """Wait on the fds in `steps` and run the step of each one that is readable; with `calls`,
+        this thread also runs `call_soon_dataplane` calls."""
         poller = select.poll()
         for fd in (*steps, self._wake_r):
             poller.register(fd, select.POLLIN)
         wake = self._wake_r
+        if calls:
+            steps = {**steps, self._call_r: self._run_calls}
+            poller.register(self._call_r, select.POLLIN)
 
         def body() -> None:
             for fd, _ in poller.poll():
                 if fd != wake:
                     steps[fd]()
 
-        self._run(body)
+        try:
+            self._run(body)
+        finally:
+            if calls:
+                self._close_calls()
 
     def _timer_loop(self) -> None:
         while not self._stop.wait(TICK_INTERVAL):
@@ -399,6 +467,15 @@ class Device:
                 self._flush_outbox()
             except Exception:
                 log.exception("wireguard timer error")
+
+
+def _run_call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed to whoever waits on the future
+        future.set_exception(exc)
 
 
 def create_device(private_key: bytes, tun: str, *,

@@ -9,7 +9,8 @@ counted in `drops`; none raises.
 Threading: the glue calls `send_batch`/`receive_batch` from its I/O thread(s), `tick` from a timer
 thread and the configuration methods from the daemon's. The transport fast path takes no lock
 (attribute reads of keypairs are atomic under the GIL and the send counter is an
-itertools.count); everything that changes sessions, peers or handshakes holds `lock`."""
+itertools.count); everything that changes sessions, peers or handshakes holds `lock`. The packet
+hooks (`inbound_filter`, `outbound_hook`) run on the I/O thread(s) and must neither block nor raise."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ DEFAULT_LOAD_THRESHOLD = 1000
 UNDER_LOAD_AFTER = 1.0  # stay in cookie mode this long after the rate drops (wireguard-go)
 
 PacketFilter = Callable[[bytes, bytes], bool]  # (inner packet, peer public key) -> accept?
+OutboundHook = Callable[[bytes, bytes], None]  # (inner packet, peer public key): seen going out
 Sealed = tuple[bytes, bytes, Endpoint]  # a transport message as (header, ciphertext, endpoint)
 
 
@@ -110,7 +112,9 @@ class Engine:
         self.load_threshold = load_threshold
         self.outbox: collections.deque[tuple[bytes, Endpoint]] = collections.deque()
         self.drops: collections.Counter[Drop] = collections.Counter()
+        # Each read once per batch, so replacing one is a single atomic attribute write.
         self.inbound_filter: PacketFilter | None = None
+        self.outbound_hook: OutboundHook | None = None
         self._peers: dict[bytes, Peer] = {}
         self._allowed: AllowedIPs[Peer] = AllowedIPs()
         self._keypairs: dict[int, Keypair] = {}
@@ -597,7 +601,8 @@ class Engine:
         """Encrypt inner packets from the TUN, appending (header, ciphertext, endpoint) to `out`
         (the datagram is header + ciphertext: kept apart so that no copy joins them before
         sendmsg gathers them); packets without a usable session are staged and start a
-        handshake (see `outbox`).
+        handshake (see `outbox`). `outbound_hook`, if set, sees every routed packet (sent or
+        staged) before it is sealed.
 
         The hot loop: route, count, seal. Stats, timers and the rekey check run once per run of
         packets to the same peer."""
@@ -608,6 +613,7 @@ class Engine:
         zero_pad = self._zero_pad
         pack_header, pack_nonce = m.TRANSPORT_HEADER.pack, _NONCE.pack
         transport = m.MessageType.TRANSPORT
+        note = self.outbound_hook
         peer: Peer | None = None
         kp: Keypair | None = None
         endpoint: Endpoint | None = None
@@ -639,6 +645,8 @@ class Engine:
                     kp = None
                 if kp is not None:
                     encrypt, remote = kp.send.encrypt, kp.remote_index
+            if note is not None:
+                note(packet, p.public_key)
             if kp is None:
                 self._stage(p, packet, now)
                 continue
