@@ -62,6 +62,11 @@ class PingRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class NetcheckRequest:
+    timeout: float = 2.0  # seconds for the control server to answer GET /key
+
+
+@dataclass(frozen=True, slots=True)
 class IpRequest:
     family: int | None  # 4, 6 or None for both
     peer: str | None    # None for this node
@@ -179,3 +184,18 @@ def parse_ping(body: Any) -> PingRequest:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 30:
         raise bad_request("timeout: expected seconds from 0.1 to 30")
     return PingRequest(peer.strip(), count, float(timeout))
+
+
+def parse_netcheck(params: Mapping[str, str]) -> NetcheckRequest:
+    """Validate `netcheck` query parameters: timeout=SECONDS (0.1-10) for the control server probe."""
+    _check_keys(params, {"timeout"})
+    text = params.get("timeout")
+    if text is None:
+        return NetcheckRequest()
+    try:
+        timeout = float(text)
+    except ValueError:
+        raise bad_request("timeout: expected seconds from 0.1 to 10") from None
+    if not 0.1 <= timeout <= 10:  # also refuses nan
+        raise bad_request("timeout: expected seconds from 0.1 to 10")
+    return NetcheckRequest(timeout)

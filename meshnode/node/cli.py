@@ -1,4 +1,4 @@
-"""Node commands: daemon, up, down, logout, status, ip, ping, dns.
+"""Node commands: daemon, up, down, logout, status, ip, ping, netcheck, dns.
 
 Flags follow the `tailscale` CLI (`--accept-dns=false`, comma-separated `--advertise-routes`), so
 users' habits carry over. Exit codes: 2 for bad usage (checked here, before the daemon is asked),
@@ -8,12 +8,13 @@ users' habits carry over. Exit codes: 2 for bad usage (checked here, before the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -31,16 +32,23 @@ def _client(ctx: click.Context, timeout: float = 60.0) -> LocalClient:
     return LocalClient(path, timeout=timeout)
 
 
-def _call(ctx: click.Context, method: str, path: str, body: Any = None,
-          params: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
+@contextlib.contextmanager
+def _api_errors() -> Iterator[None]:
+    """LocalAPI failures as CLI errors: a 400 is bad usage (exit 2), the rest exit 1."""
     try:
-        return _client(ctx, timeout).request(method, path, body, params)
+        yield
     except DaemonNotRunning as exc:
         raise click.ClickException(str(exc)) from None
     except LocalApiRefused as exc:
         if exc.status == 400:
             raise click.UsageError(exc.message) from None
         raise click.ClickException(exc.message) from None
+
+
+def _call(ctx: click.Context, method: str, path: str, body: Any = None,
+          params: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
+    with _api_errors():
+        return _client(ctx, timeout).request(method, path, body, params)
 
 
 def _bool_option(name: str, help_text: str) -> Any:
@@ -288,6 +296,63 @@ def ping_cmd(ctx: click.Context, peer: str, count: int, timeout: float) -> None:
         raise click.ClickException(f"no reply from {name} ({addr})")
 
 
+# -- netcheck ------------------------------------------------------------------------------------
+
+def _ago(when: float | None) -> str:
+    if not when:
+        return "never"
+    secs = max(0, int(time.time() - when))
+    return f"{secs}s ago" if secs < 120 else f"{secs // 60}m ago"
+
+
+def format_netcheck(r: dict[str, Any]) -> str:
+    """The human report of `meshnode netcheck`, in the shape of tailscale's."""
+    lines = ["Report:"]
+    if r.get("udp_port") is not None:
+        lines.append(f"\t* UDP: port {r['udp_port']} on {r.get('interface') or '-'}")
+    elif r.get("mode") == "dns-only":
+        lines.append("\t* UDP: none (DNS-only mode: the daemon runs without --tun)")
+    else:
+        lines.append(f"\t* UDP: none (the tunnel is not running; state {r.get('backend_state')})")
+    ep = r.get("endpoints") or {}
+    local = ", ".join(ep.get("local") or []) or "-"
+    at_control = ", ".join(ep.get("at_control") or []) or "-"
+    lines.append(f"\t* Endpoints: {local} (the control server has: {at_control})")
+    if ep.get("error"):
+        lines.append(f"\t  ({ep['error']})")
+    c = r.get("control") or {}
+    if c.get("reachable"):
+        pin = "; WARNING: its key differs from the pinned one" if c.get("key_matches_pin") is False else ""
+        lines.append(f"\t* Control server: {c['url']} reachable in {c['latency_ms']:g}ms{pin}")
+    else:
+        lines.append(f"\t* Control server: {c.get('url') or '-'} NOT reachable: {c.get('error')}")
+    peers = r.get("peers") or []
+    lines.append("\t* Peers:" + ("" if peers else " none"))
+    width = max((len(p["fqdn"]) for p in peers), default=0)
+    for p in peers:
+        known = ", ".join(p.get("endpoints_at_control") or []) or "no endpoint"
+        if p.get("handshake") is None:
+            state = f"handshake unknown (no tunnel); control has {known}"
+        elif p["handshake"]:
+            state = f"{p.get('path') or 'direct'} {p.get('endpoint') or '-'}, handshake {_ago(p['last_handshake'])}"
+        else:
+            state = f"no handshake yet; control has {known}"
+        lines.append(f"\t    {p['fqdn'].ljust(width)}  {state}")
+    return "\n".join(lines)
+
+
+@click.command("netcheck")
+@click.option("--timeout", type=click.FloatRange(0.1, 10), default=2.0, show_default=True,
+              help="Seconds to wait for the control server to answer.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def netcheck_cmd(ctx: click.Context, timeout: float, as_json: bool) -> None:
+    """Connectivity: the WireGuard UDP port, this node's endpoints, the control server, handshakes."""
+    with _api_errors():
+        report = _client(ctx, timeout + 30).netcheck(timeout)
+    click.echo(json.dumps(report, indent=2) if as_json else format_netcheck(report))
+
+
 # -- dns -----------------------------------------------------------------------------------------
 
 @click.group("dns")
@@ -345,5 +410,6 @@ def dns_query_cmd(ctx: click.Context, name: str, qtype: str, as_json: bool) -> N
 
 def register_node_commands(group: click.Group) -> None:
     """Attach the node's commands to the top-level `meshnode` group."""
-    for cmd in (daemon_cmd, up_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, ping_cmd, dns_group):
+    for cmd in (daemon_cmd, up_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, ping_cmd, netcheck_cmd,
+                dns_group):
         group.add_command(cmd)

@@ -28,7 +28,7 @@ from magicdns.view import DnsView
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
-from .apitypes import ApiError, IpRequest, PingRequest, QueryRequest, UpRequest
+from .apitypes import ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, UpRequest
 from .dnsthread import DnsThread, DnsThreadError
 from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
@@ -593,6 +593,82 @@ class Daemon:
             replies.append(round(pong.rtt * 1000, 3) if pong else None)
         wg = next((p for p in self._tunnel.status().get("peers", []) if p["public_key"] == node.node_key), {})
         return {"peer": node.fqdn, "address": v4, "endpoint": wg.get("endpoint"), "replies_ms": replies}
+
+    async def netcheck(self, req: NetcheckRequest) -> dict[str, Any]:
+        """What this node knows of its connectivity: the WireGuard UDP port, the endpoints peers
+        can reach it at (here and as the control server has them), whether the control server
+        answers, and which peers completed a handshake. Without a tunnel (DNS-only mode) the
+        tunnel's parts are null and the rest is still answered."""
+        nm = self.netmap
+        tunnel = self._tunnel.status() if self._tunnel is not None else None
+        running = bool(tunnel and tunnel.get("running"))
+        local: list[str] | None = None
+        local_error: str | None = None
+        if self._tunnel is not None and running:
+            try:
+                local = await self._tunnel.endpoints()
+            except OSError as exc:
+                local_error = f"cannot list local addresses: {exc}"
+                log.warning("netcheck: %s", local_error)
+        return {
+            "mode": "tunnel" if self._tunnel is not None else "dns-only",
+            "backend_state": self.backend.value,
+            "udp_port": tunnel.get("listen_port") if running and tunnel else None,
+            "interface": tunnel.get("interface") if running and tunnel else None,
+            "endpoints": {"local": local, "reported": self._reported_endpoints,
+                          "at_control": list(nm.self_node.endpoints) if nm else None,
+                          "error": local_error},
+            "control": await self._probe_control(req.timeout),
+            "peers": self._netcheck_peers(nm, tunnel if running else None) if nm else [],
+        }
+
+    async def _probe_control(self, timeout: float) -> dict[str, Any]:
+        """GET /key of the login server, bounded by `timeout`; never raises."""
+        import aiohttp
+        url = self.prefs.login_server
+        if not url:
+            return {"url": None, "reachable": False, "latency_ms": None, "key_matches_pin": None,
+                    "error": "no login server: run `meshnode up --login-server URL`"}
+        pinned = self.state.server_key(url)
+        start = time.monotonic()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+                async with http.get(url.rstrip("/") + "/key") as resp:
+                    status = resp.status
+                    body = await resp.json(content_type=None) if status == 200 else None
+        except asyncio.TimeoutError:
+            error = f"no answer within {timeout:g}s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            error = str(exc) or type(exc).__name__
+        else:
+            latency = round((time.monotonic() - start) * 1000, 1)
+            if status != 200:
+                error = f"GET /key answered HTTP {status}"
+            elif not isinstance(body, dict) or not isinstance(body.get("public_key"), str):
+                error = "GET /key answered without a public key"
+            else:
+                return {"url": url, "reachable": True, "latency_ms": latency,
+                        "key_matches_pin": None if pinned is None else body["public_key"] == pinned,
+                        "error": None}
+        return {"url": url, "reachable": False, "latency_ms": None, "key_matches_pin": None,
+                "error": error}
+
+    @staticmethod
+    def _netcheck_peers(nm: NetMap, tunnel: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """Per map peer: its endpoints at control and, with a running tunnel, the handshake."""
+        by_key = {p["public_key"]: p for p in tunnel["peers"]} if tunnel else {}
+        out = []
+        for p in nm.peers:
+            wg = by_key.get(p.node_key)
+            shook = wg["last_handshake"] if wg else None
+            endpoint = wg["endpoint"] if wg else None
+            out.append({"name": p.name, "fqdn": p.fqdn, "addresses": list(p.addresses),
+                        "online": p.online, "endpoints_at_control": list(p.endpoints),
+                        "handshake": None if tunnel is None else shook is not None,
+                        "last_handshake": shook, "endpoint": endpoint,
+                        # No relays yet: a handshake is always over a direct path.
+                        "path": "direct" if shook is not None and endpoint else None})
+        return out
 
     @staticmethod
     def _check_exit_node(nm: NetMap, ref: str) -> None:

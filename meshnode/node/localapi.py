@@ -6,6 +6,7 @@
     POST /localapi/v0/logout
     GET  /localapi/v0/ip?family=4|6&peer=NAME
     POST /localapi/v0/ping                {peer, count, timeout}
+    GET  /localapi/v0/netcheck?timeout=S  UDP port, endpoints, control server reachable, handshakes
     GET  /localapi/v0/dns/status
     POST /localapi/v0/dns/query           {name, type}
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .apitypes import API_PREFIX, ApiError, parse_ip, parse_ping, parse_query, parse_up
+from .apitypes import API_PREFIX, ApiError, parse_ip, parse_netcheck, parse_ping, parse_query, parse_up
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -97,6 +98,9 @@ def make_app(daemon: "Daemon") -> web.Application:
     async def ping(request: web.Request) -> web.Response:
         return _ok(await daemon.ping(parse_ping(await _json_body(request))))
 
+    async def netcheck(request: web.Request) -> web.Response:
+        return _ok(await daemon.netcheck(parse_netcheck(dict(request.query))))
+
     async def dns_status(request: web.Request) -> web.Response:
         return _ok(await daemon.dns_status())
 
@@ -109,6 +113,7 @@ def make_app(daemon: "Daemon") -> web.Application:
     app.router.add_post(API_PREFIX + "/logout", logout)
     app.router.add_get(API_PREFIX + "/ip", ip)
     app.router.add_post(API_PREFIX + "/ping", ping)
+    app.router.add_get(API_PREFIX + "/netcheck", netcheck)
     app.router.add_get(API_PREFIX + "/dns/status", dns_status)
     app.router.add_post(API_PREFIX + "/dns/query", dns_query)
     return app

@@ -83,3 +83,12 @@ class LocalClient:
             msg = obj.get("error") if isinstance(obj, dict) else None
             raise LocalApiRefused(resp.status, str(msg or f"HTTP {resp.status}"))
         return obj
+
+    def netcheck(self, probe_timeout: float | None = None) -> dict[str, Any]:
+        """The daemon's network report (`meshnode netcheck`); `probe_timeout` bounds the control
+        server probe (seconds, 0.1-10; the daemon's default otherwise)."""
+        params = {"timeout": f"{probe_timeout:g}"} if probe_timeout is not None else None
+        report = self.request("GET", "/netcheck", params=params)
+        if not isinstance(report, dict):
+            raise LocalApiRefused(502, "the daemon answered netcheck with something else than an object")
+        return report

@@ -7,6 +7,8 @@ node2 (tag:b) on TCP port 8000 but not 8001, and node2 reach node1 on 9000 only.
     node2 -> node1.tailnet:9000   connects: node1's replies pass node2's filter, which has no rule
                                   for them, because node2's send path tracked the connection
     policy set opening 8001       node1 connects within seconds, no restart
+
+and, on the same LAN, `meshnode netcheck` with a tunnel (port, endpoints, direct handshake).
 """
 
 from __future__ import annotations
@@ -137,6 +139,19 @@ def test_acl_allows_one_port_drops_another_and_passes_replies(lan: Lan) -> None:
     assert filter_status(2)["accepted"]["reply"] > replies_before
     # ... and node1 keeps node2 out everywhere else.
     assert connect(lan.nodes[1], "node1.tailnet", 9001, timeout=1.0) == "timeout"
+
+    # netcheck with a tunnel (on this LAN, to save another one's setup): the WireGuard port, the
+    # endpoints the control server holds for us, and the direct handshake with node2.
+    wait_until(lambda: "10.78.0.11:41641" in json.loads(cli(1, "netcheck", "--json").stdout)
+               ["endpoints"]["at_control"], timeout=10, what="node1's endpoint at the control server")
+    report = json.loads(cli(1, "netcheck", "--json").stdout)
+    assert report["mode"] == "tunnel" and report["udp_port"] == 41641 and report["interface"] == "mn0"
+    assert report["endpoints"]["local"] == ["10.78.0.11:41641"] and report["control"]["reachable"]
+    (peer,) = report["peers"]
+    assert peer["fqdn"] == "node2.tailnet" and peer["handshake"] is True
+    assert peer["path"] == "direct" and peer["endpoint"] == "10.78.0.12:41641"
+    human = cli(1, "netcheck").stdout
+    assert "UDP: port 41641 on mn0" in human and "node2.tailnet  direct 10.78.0.12:41641, handshake" in human
 
     # A policy change opening 8001 takes effect without a restart, within a couple of seconds.
     version = json.loads(cli(2, "status", "--json").stdout)["map"]["version"]
