@@ -76,11 +76,13 @@ def main() -> None:
               help="Where the system's resolvers are read from when no upstream is given.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Processes sharing the listeners (SO_REUSEPORT); status shows the first one's counters.")
+@click.option("--udp-batch/--no-udp-batch", default=True, show_default=True,
+              help="Move UDP datagrams in batches (recvmmsg/sendmmsg) where the platform allows.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
           max_tcp_connections: int, control_socket: str,
-          metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, log_level: str) -> None:
+          metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,7 +110,7 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     metrics_addr = parse_hostport(metrics, 9153) if metrics else None
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
-                          max_tcp_connections=max_tcp_connections)
+                          max_tcp_connections=max_tcp_connections, batch_udp=udp_batch)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):

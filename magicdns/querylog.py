@@ -41,7 +41,7 @@ class QueryLog:
     def open(cls, path: str) -> "QueryLog":
         if path == "-":
             return cls(sys.stderr, False)
-        return cls(open(path, "a", buffering=1 << 16), True)
+        return cls(open(path, "a", buffering=1), True)  # line-buffered: operators tail it
 
     def write(self, client: str, query: bytes, reply: bytes, source: str) -> None:
         name, qtype = question_text(query)

@@ -24,6 +24,7 @@ from .engine import Engine, Forward
 from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
+from .udpbatch import BatchUdpListener
 from .upstream import Upstream
 from .view import DnsView
 from .zone import RESOLVER_V4, RESOLVER_V6, Zone
@@ -67,6 +68,7 @@ class ServerConfig:
     cache_bytes: int = 32 * 1024 * 1024
     query_log: str | None = None
     reuse_port: bool = False
+    batch_udp: bool = True  # recvmmsg/sendmmsg listener where the platform has it (udpbatch.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,6 +95,7 @@ class DnsServer:
         self.counters = _Counters()
         self._allowed: dict[str, bool] = {}
         self._transports: list[asyncio.BaseTransport] = []
+        self._batch: list[BatchUdpListener] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp: set[_TcpConn] = set()
@@ -150,8 +153,14 @@ class DnsServer:
             if exc.errno == errno.EADDRINUSE:
                 raise _TcpPortTaken() from None  # the kernel's free UDP port is busy for TCP
             raise ServerError(f"cannot listen on {_fmt(host, bound)} (TCP): {exc.strerror}") from None
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
-        self._transports.append(transport)
+        if self.config.batch_udp and BatchUdpListener.supported():
+            udp.setblocking(False)
+            listener = BatchUdpListener(self, udp)
+            listener.start(loop)
+            self._batch.append(listener)
+        else:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+            self._transports.append(transport)
         self._servers.append(server)
         return bound
 
@@ -159,6 +168,8 @@ class DnsServer:
         """Close listeners and connections and finish forwarding tasks."""
         for t in self._transports:
             t.close()
+        for b in self._batch:
+            b.close()
         for s in self._servers:
             s.close()
         for conn in list(self._tcp):
@@ -171,6 +182,7 @@ class DnsServer:
         for s in self._servers:
             await s.wait_closed()
         self._transports.clear()
+        self._batch.clear()
         self._servers.clear()
         if self.qlog:
             self.qlog.close()

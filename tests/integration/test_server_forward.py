@@ -212,3 +212,39 @@ def test_cname_to_an_outside_name_is_left_to_the_client() -> None:
             finally:
                 await server.stop()
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_both_udp_listeners_on_v4_and_v6(batch: bool) -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = DnsServer(ServerConfig(listen=(("127.0.0.1", 0), ("::1", 0)), batch_udp=batch,
+                                            forward_timeout=1.0))
+            await server.start(make_view((Upstream(up.host, up.port),)))
+            try:
+                assert bool(server._batch) == batch
+                for host, port in server.bound:
+                    q = dns.message.make_query("server.tailnet", "A")
+                    r = await dns.asyncquery.udp(q, host, port=port, timeout=5)
+                    assert addrs(r) == ["100.64.0.2"]
+                    q = dns.message.make_query("www.example.test", "A")  # forwarded: reply via sendto
+                    r = await dns.asyncquery.udp(q, host, port=port, timeout=5)
+                    assert addrs(r) == ["192.0.2.10"]
+                # a burst larger than one batch is answered in full
+                port = server.bound[0][1]
+                loop = asyncio.get_running_loop()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.connect(("127.0.0.1", port))
+                ids = set()
+                for i in range(150):
+                    q = dns.message.make_query("server.tailnet", "A")
+                    ids.add(q.id)
+                    sock.send(q.to_wire())
+                got = set()
+                while got != ids:
+                    got.add(dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).id)
+                sock.close()
+            finally:
+                await server.stop()
+    asyncio.run(main())
