@@ -36,6 +36,7 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
 from .prefs import Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .state import StateDir
+from .router import Router, RouterError, control_addresses, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
 log = logging.getLogger("meshnode.node.daemon")
@@ -100,6 +101,8 @@ class Daemon:
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
         self._tunnel = Tunnel(config.tun, config.port) if config.tun else None
+        self._router = Router(config.tun) if config.tun else None
+        self.router_error: str | None = None
         self._reported_endpoints: list[str] | None = None
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
@@ -198,6 +201,8 @@ class Daemon:
             self._applied_osdns = None
         await asyncio.to_thread(self.dns.stop)
         await self._remove_addresses()
+        if self._router is not None:
+            await self._router.close()
         if self._tunnel is not None:
             await self._tunnel.close()
             self._reported_endpoints = None
@@ -214,9 +219,24 @@ class Daemon:
         try:
             await self._tunnel.start(bytes(node_key))
             if self.netmap is not None:
-                await self._tunnel.apply(self.netmap, self.prefs.exit_node)
+                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes)
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
+        await self._route(self.netmap)
+
+    async def _route(self, netmap: NetMap | None) -> None:
+        """Forwarding, masquerading and exit node routing for `netmap` and the prefs (router.py)."""
+        if self._router is None:
+            return
+        control: tuple[str, ...] = ()
+        if self.prefs.exit_node:
+            control = await asyncio.to_thread(control_addresses, self.prefs.login_server)
+        try:
+            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control))
+            self.router_error = None
+        except (RouterError, OSError) as exc:  # the tunnel and DNS keep working without it
+            self.router_error = f"routing: {exc}"
+            log.error("router: %s", exc)
 
     async def _report_endpoints(self, client: ControlClient) -> None:
         # Peers find us at these addresses; WireGuard also learns them from handshakes, so a
@@ -355,9 +375,10 @@ class Daemon:
         await asyncio.wrap_future(self.dns.set_view(view))
         if self._tunnel is not None:
             try:
-                await self._tunnel.apply(netmap, self.prefs.exit_node)
+                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes)
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
+            await self._route(netmap)
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -531,6 +552,8 @@ class Daemon:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
             health.append(f"control server: {self.control_error}")
+        if self.router_error:
+            health.append(self.router_error)
         tunnel = self._tunnel.status() if self._tunnel is not None else None
         if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
                 and not tunnel.get("running")):

@@ -36,26 +36,34 @@ class TunnelError(RuntimeError):
     """The tunnel could not be created or configured; the message says why."""
 
 
-def _endpoint(texts: tuple[str, ...]) -> tuple[str, int] | None:
+def _endpoint(texts: tuple[str, ...], tunneled: tuple[Any, ...] = ()) -> tuple[str, int] | None:
+    """The first usable endpoint, preferring one outside the subnet routes we send into the tunnel:
+    a subnet router reports its address on the subnet too, and WireGuard's own UDP to it would
+    loop into the tunnel."""
     from ..wg.config import parse_endpoint
+    first = None
     for text in texts:
         try:
             host, port = parse_endpoint(text)
-            ipaddress.ip_address(host)
-            return host, port
+            ip = ipaddress.ip_address(host)
         except ValueError:
             continue
-    return None
+        if not any(ip in net for net in tunneled):
+            return host, port
+        first = first or (host, port)
+    return first
 
 
-def peer_configs(netmap: NetMap, exit_node: str = "") -> list[Any]:
+def peer_configs(netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> list[Any]:
     """One WireGuard peer per map peer: its node key, first usable endpoint and allowed IPs.
 
     A peer's default routes (an approved exit node) are only taken for the exit node the user
-    chose: two peers claiming 0.0.0.0/0 would otherwise fight over all traffic.
+    chose: two peers claiming 0.0.0.0/0 would otherwise fight over all traffic. Its subnet routes
+    are only taken with `accept_routes` (`up --accept-routes`), as with Tailscale.
     """
     from ..wg.peer import PeerConfig
-    out = []
+    out: list[tuple[tuple[str, ...], bytes, tuple[Any, ...]]] = []
+    subnets: list[Any] = []  # accepted subnet routes (of every peer): endpoints there would loop
     for p in netmap.peers:
         try:
             key = base64.b64decode(p.node_key, validate=True)
@@ -66,17 +74,24 @@ def peer_configs(netmap: NetMap, exit_node: str = "") -> list[Any]:
             log.warning("tunnel: peer %s has a %d-byte node key; skipped", p.fqdn, len(key))
             continue
         chosen = bool(exit_node) and exit_node in (p.name, p.fqdn, *p.addresses)
+        own = {f"{a}/{128 if ':' in a else 32}" for a in p.addresses}
         allowed = []
         for cidr in p.allowed_ips:
             if cidr in _EXIT_ROUTES and not chosen:
+                continue
+            if cidr not in own and cidr not in _EXIT_ROUTES and not accept_routes:
                 continue
             try:
                 allowed.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
                 log.warning("tunnel: peer %s: bad allowed IP %r ignored", p.fqdn, cidr)
-        out.append(PeerConfig(public_key=key, endpoint=_endpoint(p.endpoints), allowed_ips=tuple(allowed),
-                              persistent_keepalive=KEEPALIVE))
-    return out
+                continue
+            if cidr not in own and cidr not in _EXIT_ROUTES:
+                subnets.append(allowed[-1])
+        out.append((p.endpoints, key, tuple(allowed)))
+    tunneled = tuple(subnets)
+    return [PeerConfig(public_key=key, endpoint=_endpoint(endpoints, tunneled), allowed_ips=allowed,
+                       persistent_keepalive=KEEPALIVE) for endpoints, key, allowed in out]
 
 
 def self_interfaces(netmap: NetMap) -> tuple[Interface, ...]:
@@ -190,14 +205,17 @@ class Tunnel:
             raise TunnelError(f"cannot create tunnel {self.ifname}: {exc}") from None
         except OSError as exc:
             raise TunnelError(f"cannot listen on UDP port {self.port}: {exc.strerror or exc}") from None
+        from .router import BYPASS_MARK
+        self._device.set_fwmark(BYPASS_MARK)  # exit node routing must never take our own UDP
         # Before any peer exists: no packet from the tunnel ever bypasses the filter.
         self._filter = TunnelFilter()
         self._device.set_packet_filter(*self._filter.hooks())
         log.info("tunnel: %s up, UDP port %d", self._device.ifname, self._device.listen_port)
         return self._device.ifname
 
-    async def apply(self, netmap: NetMap, exit_node: str = "") -> None:
-        """Make addresses, peers and routes match `netmap`."""
+    async def apply(self, netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> None:
+        """Make addresses, peers and routes match `netmap` (and the `--exit-node`, `--accept-routes`
+        prefs)."""
         device = self._device
         if device is None:
             return
@@ -216,7 +234,7 @@ class Tunnel:
             await asyncio.to_thread(configure)
             self._addresses = addresses
         await self._apply_filter(device, netmap)
-        await asyncio.to_thread(device.set_peers, peer_configs(netmap, exit_node))
+        await asyncio.to_thread(device.set_peers, peer_configs(netmap, exit_node, accept_routes))
 
     async def _apply_filter(self, device: Any, netmap: NetMap) -> None:
         # Rules first, then peers: a peer the new map adds is never seen under older rules.

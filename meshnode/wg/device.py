@@ -232,6 +232,11 @@ class Device:
         for fn, future in pending:
             _run_call(fn, future)
 
+    def set_fwmark(self, mark: int) -> None:
+        """Mark the tunnel's own UDP packets (SO_MARK, like `wg set fwmark`): policy routing can
+        then keep them out of the tunnel when default routes point into it."""
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
     def stats(self) -> list[PeerStats]:
         """Per-peer endpoint, latest handshake (Unix time), rx/tx bytes."""
         out = []
