@@ -7,10 +7,14 @@ namespaces.
     node i (10.78.0.1<i>): meshnode daemon --tun mn0
     corp:  10.77.0.10 (TCP server) and 10.77.0.53 (dnsmasq: corp.example), linked to the subnet
            router only, with no default route: replies only find their way back masqueraded.
+    inet:  198.18.0.10 (TCP server), the "internet": linked to the exit node (198.18.0.1) and to
+           ctl (10.79.0.0/30), which routes the LAN there too, so the server's view of the client
+           address tells which path a connection took.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -26,6 +30,7 @@ from tests.support import needs_root, wait_until
 pytestmark = [pytest.mark.slow, needs_root]
 
 CONTROL = "10.78.0.1:8080"
+_links = itertools.count()
 
 
 class Tailnet:
@@ -36,6 +41,7 @@ class Tailnet:
         self.db = lan.root / "control.db"
 
     def start(self, listen: str = CONTROL) -> None:
+        """The control server on `listen`, then every node's daemon."""
         self.lan.popen(self.lan.ctl, *MESHNODE, "control", "serve", "--listen", listen, "--db", str(self.db),
                        log=self.lan.root / "control.log")
         for i, ns in enumerate(self.lan.nodes, 1):
@@ -86,7 +92,8 @@ def add_netns(lan: Lan, name: str) -> str:
 
 def link(a_ns: str, a_addr: str, b_ns: str, b_addrs: tuple[str, ...]) -> None:
     """A veth pair between two namespaces, with addresses (CIDR) on each end."""
-    a, b = f"{a_ns}v"[-15:], f"{b_ns}w"[-15:]
+    k = next(_links)
+    a, b = f"{a_ns}v{k}"[-15:], f"{b_ns}w{k}"[-15:]
     run("ip", "link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns", b_ns)
     run("ip", "-n", a_ns, "addr", "add", a_addr, "dev", a)
     for addr in b_addrs:
@@ -175,3 +182,89 @@ def test_subnet_router_and_split_dns_through_it(lan4: Lan) -> None:
     wait_until(lambda: net.route_dev(1, "10.77.0.10") != "mn0", timeout=10, what="node1's route gone")
     wait_until(lambda: "meshnode" not in nft_tables(net, 2), timeout=10, what="node2's table gone")
     assert ask(net.ns(1), "10.77.0.10") == ""
+
+
+def test_exit_node(tmp_path: Path) -> None:
+    """node1 sends its internet traffic through node2; its control connection and WireGuard's own
+    UDP stay outside the tunnel even though both use node1's default route."""
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs /dev/net/tun")
+    lan = Lan(tmp_path, 3)
+    try:
+        lan.build()
+        _exit_node(lan)
+    finally:
+        lan.destroy()
+
+
+def _exit_node(lan: Lan) -> None:
+    net = Tailnet(lan)
+    ctl = lan.ctl
+    # ctl is the LAN's router: the control server also answers on 10.80.0.1, reachable from node1
+    # only through its default route; the exit node (node2) sits on another subnet of the bridge
+    # (10.78.1.0/24), so node1 reaches its WireGuard endpoint through the default route as well.
+    for cmd in (("addr", "add", "10.78.1.1/24", "dev", "br0"), ("addr", "add", "10.80.0.1/32", "dev", "lo")):
+        run("ip", "-n", ctl, *cmd)
+    for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.br0.send_redirects=0"):
+        run("ip", "netns", "exec", ctl, "sysctl", "-qw", key)
+    veth2 = f"{net.ns(2)}b"[-15:]
+    run("ip", "-n", net.ns(2), "addr", "flush", "dev", veth2)
+    run("ip", "-n", net.ns(2), "addr", "add", "10.78.1.12/24", "dev", veth2)
+    run("ip", "-n", net.ns(2), "route", "add", "10.78.0.0/24", "via", "10.78.1.1")
+    for i in (1, 3):
+        run("ip", "-n", net.ns(i), "route", "add", "default", "via", "10.78.0.1")
+    inet = add_netns(lan, "inet")
+    link(net.ns(2), "198.18.0.1/24", inet, ("198.18.0.10/24",))
+    link(ctl, "10.79.0.1/30", inet, ("10.79.0.2/30",))
+    run("ip", "-n", inet, "route", "add", "10.78.0.0/16", "via", "10.79.0.1")
+    run("ip", "-n", ctl, "route", "add", "198.18.0.0/24", "via", "10.79.0.2")
+    lan.popen(inet, sys.executable, "-c", WHO_SERVER, "inet", log=lan.root / "inet.log")
+
+    net.start(listen="0.0.0.0:8080")
+    key = net.control("authkey", "create", "--reusable")
+    net.cli(2, "up", "--login-server", "http://10.78.1.1:8080", "--authkey", key, "--hostname", "node2",
+            "--advertise-exit-node", "true")
+    for i in (1, 3):
+        net.cli(i, "up", "--login-server", "http://10.80.0.1:8080", "--authkey", key, "--hostname", f"node{i}")
+    # Without an exit node, node1 reaches the internet directly (through ctl).
+    wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 10.78.0.11", timeout=10, what="direct path")
+    # The exit node cannot reach the control server's 10.80.0.1: a control connection of node1
+    # that fell into the tunnel would die there.
+    assert net.sh(2, "ip", "route", "get", "10.80.0.1").returncode != 0
+
+    r = net.cli(1, "up", "--exit-node", "node2", check=False)
+    assert r.returncode != 0 and "not an approved exit node" in r.stderr
+    net.control("routes", "approve", "node2", "0.0.0.0/0,::/0")
+    wait_until(lambda: any(p["name"] == "node2" and p["exit_node"] for p in net.status(1)["peers"]),
+               timeout=10, what="node2 approved as exit node in node1's map")
+    net.cli(1, "up", "--exit-node", "node2")
+    wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 198.18.0.1", timeout=15,
+               what="node1 reaching the internet through node2 (masqueraded there)")
+    assert forwarding(net, 2) == "1" and "table inet meshnode" in nft_tables(net, 2)
+    assert net.route_dev(1, "198.18.0.10") == "mn0"
+    assert net.route_dev(1, "10.80.0.1") != "mn0"                 # the control server
+    assert net.route_dev(1, "10.78.1.12") == "mn0"                # node2's endpoint, unmarked...
+    assert net.route_dev(1, "10.78.1.12", "mark", "0x80000") != "mn0"  # ...but WireGuard's UDP is marked
+    assert net.route_dev(1, "10.78.0.13") != "mn0"                # the LAN stays on the LAN
+
+    # The control connection works: a map change still arrives (the stream restarted with `up`).
+    before = net.status(1)["map"]["version"]
+    net.control("dns", "search-domains", "set", "example.test")
+    wait_until(lambda: net.status(1)["map"]["version"] > before, timeout=10,
+               what="a map change reaching node1 while it uses the exit node")
+    # The tunnels stay up: to the exit node itself and to another peer.
+    for peer in ("node2", "node3"):
+        assert "pong from" in net.cli(1, "ping", "-c", "2", peer).stdout
+    assert ask(net.ns(1), "198.18.0.10") == "inet 198.18.0.1"
+    # A node that did not choose the exit node keeps going direct.
+    assert ask(net.ns(3), "198.18.0.10") == "inet 10.78.0.13"
+
+    # Clearing the exit node restores direct routing, and leaves no rule behind.
+    net.cli(1, "up", "--exit-node", "")
+    wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 10.78.0.11", timeout=10,
+               what="node1 going direct again")
+    assert "lookup 52" not in net.sh(1, "ip", "rule").stdout
+    assert net.sh(1, "ip", "route", "show", "table", "52").stdout.strip() == ""
+    # The exit node going down takes its forwarding and table away.
+    net.cli(2, "down")
+    assert "meshnode" not in nft_tables(net, 2) and forwarding(net, 2) == "0"
