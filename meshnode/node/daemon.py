@@ -101,7 +101,8 @@ class Daemon:
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
         self._tunnel = Tunnel(config.tun, config.port) if config.tun else None
-        self._router = Router(config.tun) if config.tun else None
+        self._router = (Router(config.tun, config.state_dir / "forwarding.pre-meshnode.json")
+                        if config.tun else None)
         self.router_error: str | None = None
         self._reported_endpoints: list[str] | None = None
         self._dns_hosts: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import socket
 import subprocess
@@ -222,12 +223,16 @@ def _install_policy_routing(ipr: Any, tun: str, control: tuple[str, ...]) -> Non
 class Router:
     """Applies `RoutingPlan`s in the daemon's network namespace; `close` undoes everything."""
 
-    def __init__(self, tun: str, proc_sys: dict[int, Path] | None = None) -> None:
+    def __init__(self, tun: str, saved_sysctls: Path | None = None,
+                 proc_sys: dict[int, Path] | None = None) -> None:
+        """`saved_sysctls`: where the forwarding settings found before we changed them are kept,
+        so that a run after a crash still restores the machine's own values."""
         self.tun = tun
         self._sysctls = proc_sys or _SYSCTLS
         self._applied: RoutingPlan | None = None
         self._nft_text = ""
-        self._saved_sysctls: dict[int, str] = {}
+        self._saved_path = saved_sysctls
+        self._saved_sysctls: dict[int, str] = self._load_saved()
         self._dirty = True  # a crashed run may have left rules and a table: clear on first apply
 
     @property
@@ -243,7 +248,7 @@ class Router:
     def _apply(self, plan: RoutingPlan) -> None:
         from pyroute2 import IPRoute
         old = self._applied if not self._dirty else None
-        self._sync_forwarding(plan.families() if plan.forwarding else frozenset())
+        self.set_forwarding(plan.families() if plan.forwarding else frozenset())
         text = nft_ruleset(plan, self.tun)
         if self._dirty or text != self._nft_text:
             if text:
@@ -263,18 +268,45 @@ class Router:
                  ",".join(plan.subnets) or "-", plan.exit_node,
                  plan.exit_peer or ("(unavailable)" if plan.use_exit else "no"))
 
-    def _sync_forwarding(self, families: frozenset[int]) -> None:
+    def _load_saved(self) -> dict[int, str]:
+        if self._saved_path is None:
+            return {}
+        try:
+            return {int(k): str(v) for k, v in json.loads(self._saved_path.read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as exc:
+            log.error("router: ignoring %s: %s", self._saved_path, exc)
+            return {}
+
+    def _store_saved(self) -> None:
+        if self._saved_path is None:
+            return
+        try:
+            if self._saved_sysctls:
+                self._saved_path.write_text(json.dumps(self._saved_sysctls) + "\n")
+            else:
+                self._saved_path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("router: cannot record forwarding settings in %s: %s", self._saved_path, exc)
+
+    def set_forwarding(self, families: frozenset[int]) -> None:
+        """Forwarding on for `families` (4, 6), and back to what it was for the others."""
         for version, path in self._sysctls.items():
-            if version in families and version not in self._saved_sysctls:
-                try:
-                    before = path.read_text().strip()
-                    if before != "1":
-                        path.write_text("1\n")
-                    self._saved_sysctls[version] = before
-                except OSError as exc:
-                    raise RouterError(f"cannot enable IPv{version} forwarding ({path}): {exc}") from None
-            elif version not in families and version in self._saved_sysctls:
+            wanted = version in families
+            try:
+                current = path.read_text().strip()
+                if wanted and current != "1":
+                    self._saved_sysctls.setdefault(version, current)
+                    self._store_saved()  # before the change: a crash must not lose the old value
+                    path.write_text("1\n")
+                elif wanted:
+                    self._saved_sysctls.setdefault(version, current)
+            except OSError as exc:
+                raise RouterError(f"cannot enable IPv{version} forwarding ({path}): {exc}") from None
+            if not wanted and version in self._saved_sysctls:
                 self._restore_sysctl(version)
+        self._store_saved()
 
     def _restore_sysctl(self, version: int) -> None:
         before = self._saved_sysctls.pop(version)
@@ -283,6 +315,7 @@ class Router:
                 self._sysctls[version].write_text(before + "\n")
             except OSError as exc:
                 log.error("router: cannot restore %s to %s: %s", self._sysctls[version], before, exc)
+        self._store_saved()
 
     async def close(self) -> None:
         """Remove our rules, table 52 and nft table; put forwarding back as we found it."""

@@ -39,23 +39,30 @@ class Tailnet:
     def __init__(self, lan: Lan) -> None:
         self.lan = lan
         self.db = lan.root / "control.db"
+        self.daemons: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, listen: str = CONTROL) -> None:
         """The control server on `listen`, then every node's daemon."""
         self.lan.popen(self.lan.ctl, *MESHNODE, "control", "serve", "--listen", listen, "--db", str(self.db),
                        log=self.lan.root / "control.log")
-        for i, ns in enumerate(self.lan.nodes, 1):
-            d = self.dir(i)
-            d.mkdir()
-            self.lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket",
-                           str(d / "mn.sock"), "--tun", "mn0", "--resolv-conf",
-                           f"/etc/netns/{ns}/resolv.conf", "-v", log=d / "daemon.log")
         for i in range(1, len(self.lan.nodes) + 1):
-            wait_until(lambda i=i: self.cli(i, "status", check=False).returncode == 0, timeout=20,
-                       what=f"node{i}'s daemon")
+            self.dir(i).mkdir()
+            self.start_daemon(i)
+        for i in range(1, len(self.lan.nodes) + 1):
+            self.wait_daemon(i)
         wait_until(lambda: self.sh(1, sys.executable, "-c", "import socket; socket.create_connection("
                                    f"('10.78.0.1', 8080), 1).close()").returncode == 0,
                    timeout=20, what="control server")
+
+    def start_daemon(self, i: int) -> None:
+        d, ns = self.dir(i), self.ns(i)
+        self.daemons[i] = self.lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket",
+                                         str(d / "mn.sock"), "--tun", "mn0", "--resolv-conf",
+                                         f"/etc/netns/{ns}/resolv.conf", "-v", log=d / "daemon.log")
+
+    def wait_daemon(self, i: int) -> None:
+        wait_until(lambda: self.cli(i, "status", check=False).returncode == 0, timeout=20,
+                   what=f"node{i}'s daemon")
 
     def dir(self, i: int) -> Path:
         return self.lan.root / f"node{i}"
@@ -176,11 +183,23 @@ def test_subnet_router_and_split_dns_through_it(lan4: Lan) -> None:
     wait_until(lambda: ask(net.ns(1), "10.77.0.10") == "corp 10.77.0.1", timeout=15,
                what="node1 reaching 10.77.0.10 again after node2's down/up")
     assert nft_tables(net, 2).count("meshnode") == 1
+    # A daemon killed outright leaves its table behind; the restarted one replaces it (one table,
+    # working masquerade) from its saved map and prefs.
+    net.daemons[2].kill()
+    net.daemons[2].wait(5)
+    assert "table inet meshnode" in nft_tables(net, 2)
+    net.start_daemon(2)
+    net.wait_daemon(2)
+    wait_until(lambda: ask(net.ns(1), "10.77.0.10") == "corp 10.77.0.1", timeout=15,
+               what="node1 reaching 10.77.0.10 again after node2 was killed and restarted")
+    assert nft_tables(net, 2).count("meshnode") == 1
+    assert forwarding(net, 2) == "1"
 
     # Unapproving the route takes it away from node1, and node2 stops forwarding.
     net.control("routes", "approve", "node2", "")
     wait_until(lambda: net.route_dev(1, "10.77.0.10") != "mn0", timeout=10, what="node1's route gone")
     wait_until(lambda: "meshnode" not in nft_tables(net, 2), timeout=10, what="node2's table gone")
+    assert forwarding(net, 2) == "0"  # as before the first run, though that run was killed
     assert ask(net.ns(1), "10.77.0.10") == ""
 
 

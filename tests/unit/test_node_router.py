@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from meshnode.netmap import MapNode, NetMap, default_allowed_ips
-from meshnode.node.router import (NFT_TABLE, RoutingPlan, control_addresses, find_exit_node,
+from meshnode.node.router import (NFT_TABLE, Router, RoutingPlan, control_addresses, find_exit_node,
                                   nft_delete, nft_ruleset, plan_routing)
 from meshnode.node.tunnel import peer_configs
 from tests.unit.test_node_tunnel import KEY
@@ -148,3 +149,40 @@ def test_endpoints_inside_accepted_subnets_are_avoided() -> None:
                                                                           ("10.77.0.3", 41641)]
     # Without the routes nothing of 10.77.0.0/24 goes into the tunnel: the first endpoint is fine.
     assert peer_configs(nm)[0].endpoint == ("10.77.0.1", 41641)
+
+
+# -- forwarding: on while serving, back as found, even across a crash ---------------------------
+
+def sysctls(tmp_path: Path, v4: str = "0", v6: str = "0") -> dict[int, Path]:
+    files = {4: tmp_path / "ip_forward", 6: tmp_path / "forwarding6"}
+    files[4].write_text(v4 + "\n")
+    files[6].write_text(v6 + "\n")
+    return files
+
+
+def test_forwarding_is_restored_as_found(tmp_path: Path) -> None:
+    files = sysctls(tmp_path, v4="0", v6="1")
+    saved = tmp_path / "saved.json"
+    router = Router("mn0", saved, proc_sys=files)
+    router.set_forwarding(frozenset({4, 6}))
+    assert files[4].read_text() == "1\n" and files[6].read_text() == "1\n"
+    router.set_forwarding(frozenset({6}))
+    assert files[4].read_text() == "0\n"
+    router.set_forwarding(frozenset())
+    assert files[6].read_text() == "1\n"  # it was on before us: left on
+    assert not saved.exists()
+
+
+def test_forwarding_found_before_a_crash_is_restored_by_the_next_run(tmp_path: Path) -> None:
+    files = sysctls(tmp_path)
+    saved = tmp_path / "saved.json"
+    Router("mn0", saved, proc_sys=files).set_forwarding(frozenset({4}))  # then the process dies
+    assert files[4].read_text() == "1\n" and saved.exists()
+    again = Router("mn0", saved, proc_sys=files)
+    again.set_forwarding(frozenset({4}))  # sees 1, but knows the machine had 0
+    again.set_forwarding(frozenset())
+    assert files[4].read_text() == "0\n" and not saved.exists()
+    # A restarted node that no longer forwards puts the old value back at once.
+    Router("mn0", saved, proc_sys=files).set_forwarding(frozenset({4}))
+    Router("mn0", saved, proc_sys=files).set_forwarding(frozenset())
+    assert files[4].read_text() == "0\n"
