@@ -555,6 +555,10 @@ class Daemon:
             health.append(f"control server: {self.control_error}")
         if self.router_error:
             health.append(self.router_error)
+        routing = self._router.applied if self._router is not None else None
+        if routing is not None and routing.use_exit and routing.exit_peer is None:
+            health.append(f"exit node {self.prefs.exit_node!r} is not an approved exit node in the map:"
+                          " internet traffic is blocked (`meshnode up --exit-node ''` goes direct)")
         tunnel = self._tunnel.status() if self._tunnel is not None else None
         if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
                 and not tunnel.get("running")):

@@ -284,6 +284,19 @@ def _exit_node(lan: Lan) -> None:
                what="node1 going direct again")
     assert "lookup 52" not in net.sh(1, "ip", "rule").stdout
     assert net.sh(1, "ip", "route", "show", "table", "52").stdout.strip() == ""
-    # The exit node going down takes its forwarding and table away.
-    net.cli(2, "down")
-    assert "meshnode" not in nft_tables(net, 2) and forwarding(net, 2) == "0"
+    net.cli(1, "up", "--exit-node", "node2")
+    wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 198.18.0.1", timeout=15,
+               what="node1 through node2 again")
+
+    # The exit node leaving the tailnet blocks node1's internet traffic rather than leaking it
+    # around the exit node the user chose, and status says why. node2, refused by the control
+    # server, goes down: its forwarding and table go with it.
+    net.control("nodes", "rm", "node2")
+    wait_until(lambda: any("not an approved exit node" in h for h in net.status(1)["health"]), timeout=10,
+               what="node1's health reporting the missing exit node")
+    assert ask(net.ns(1), "198.18.0.10") == ""
+    wait_until(lambda: "meshnode" not in nft_tables(net, 2), timeout=10, what="node2's table gone")
+    assert forwarding(net, 2) == "0"
+    net.cli(1, "up", "--exit-node", "")
+    wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 10.78.0.11", timeout=10,
+               what="node1 going direct once more")
