@@ -591,11 +591,12 @@ class ControlStore:
                               [time.time() if when is None else when, node.id])
         return self.get_node(node.id)
 
-    def approve_routes(self, ref: str, routes: Sequence[str], exit_node: bool | None = None) -> Node:
-        """Set the approved routes (each must be advertised; 0.0.0.0/0 or ::/0 approve the exit node)."""
+    def approve_routes(self, ref: str, routes: Sequence[str]) -> Node:
+        """Set exactly the approved routes (each must be advertised): 0.0.0.0/0 or ::/0 approve the
+        exit node, and leaving them out withdraws that approval, like any unlisted route's."""
         with self._tx():
             node = self.find_node(ref)
-            wanted, exit_flag = [], exit_node
+            wanted, exit_flag = [], False
             for r in routes:
                 cidr = normalize_cidr(r)
                 if cidr in ("0.0.0.0/0", "::/0"):
@@ -607,8 +608,7 @@ class ControlStore:
             if exit_flag and not node.advertises_exit_node:
                 raise InvalidValue(f"{node.name} does not advertise itself as an exit node")
             self.conn.execute("UPDATE nodes SET approved_routes = ?, exit_node_approved = ? WHERE id = ?",
-                              [_j(sorted(set(wanted))), int(bool(exit_flag) if exit_flag is not None
-                                                            else node.exit_node_approved), node.id])
+                              [_j(sorted(set(wanted))), int(exit_flag), node.id])
         return self.get_node(node.id)
 
     def set_endpoints(self, node_id: int, endpoints: Sequence[str]) -> None:

@@ -177,6 +177,10 @@ def test_approve_routes_needs_advertisement(store: ControlStore) -> None:
     assert node.approved_routes == ("10.0.0.0/24",) and node.exit_node_approved
     with pytest.raises(InvalidValue):
         store.approve_routes("gw", ["192.168.0.0/16"])
+    node = store.approve_routes("gw", ["10.0.0.0/24"])  # the exit node is not listed: withdrawn
+    assert node.approved_routes == ("10.0.0.0/24",) and not node.exit_node_approved
+    node = store.approve_routes("gw", [])
+    assert node.approved_routes == () and not node.exit_node_approved
 
 
 _WRITER = textwrap.dedent("""
