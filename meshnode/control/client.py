@@ -127,6 +127,8 @@ class ControlClient:
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._channel: Channel | None = None
+        self.stream_since: float | None = None  # when the map stream last came up or broke
+        self.stream_error: str | None = None    # why it is down (None while connected)
 
     async def __aenter__(self) -> "ControlClient":
         return self
@@ -234,6 +236,18 @@ class ControlClient:
             return nm
         raise ControlError(ErrorCode.INTERNAL, "the map stream ended before the first map")
 
+    def _stream_up(self, error: str | None) -> None:
+        """Record the map stream's state for operators: connected (error None) or broken since when."""
+        if (error is None) != (self.stream_error is None) or self.stream_since is None:
+            self.stream_since = time.time()
+        self.stream_error = error
+
+    @property
+    def stream_state(self) -> dict[str, Any]:
+        """{"connected": bool, "since": unix time or None, "error": why it is not}."""
+        return {"connected": self.stream_since is not None and self.stream_error is None,
+                "since": self.stream_since, "error": self.stream_error}
+
     async def stream_map(self, *, reconnect: bool = True, once: bool = False,
                          max_backoff: float = 10.0) -> AsyncIterator[NetMap]:
         """Full `NetMap`s as the server pushes changes; the first one arrives at once.
@@ -247,6 +261,7 @@ class ControlClient:
             try:
                 async for nm in self._stream_once():
                     backoff = 0.1
+                    self._stream_up(None)
                     yield nm
                     if once:
                         return
@@ -257,6 +272,7 @@ class ControlClient:
                 err = exc
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 err = ControlError(ErrorCode.INTERNAL, f"map stream broke: {exc!r}")
+            self._stream_up(str(err))
             if not reconnect:
                 raise err
             log.info("map stream: %s; reconnecting in %.1fs", err, backoff)

@@ -553,6 +553,10 @@ class Daemon:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
             health.append(f"control server: {self.control_error}")
+        control = self._client.stream_state if self._client is not None else None
+        if control is not None and control["error"] and not self.control_error:
+            health.append(f"control server unreachable since {time.strftime('%H:%M:%S', time.localtime(control['since']))}"
+                          f" ({control['error']}); serving the last map")
         if self.router_error:
             health.append(self.router_error)
         routing = self._router.applied if self._router is not None else None
@@ -575,6 +579,7 @@ class Daemon:
             "map": {"version": nm.version if nm else None, "source": self.map_source or None,
                     "received_at": self.map_received_at, "saved_version": self.saved_version},
             "prefs": self.prefs.to_json(),
+            "control": control,
             "tunnel": tunnel,
             "health": health,
         }

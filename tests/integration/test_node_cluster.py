@@ -265,11 +265,20 @@ def test_restarted_daemon_answers_at_once_from_its_saved_map_while_control_is_do
     st = alpha.api().request("GET", "/status")
     assert st["backend_state"] == "Starting" and st["map"]["source"] == "saved"
     assert is_ours(alpha.resolv.read_text())
+    # status says the control server is unreachable, and that the saved map is being served
+    wait_until(lambda: (alpha.api().request("GET", "/status")["control"] or {}).get("error"), timeout=10,
+               what="the broken map stream in status")
+    st = alpha.api().request("GET", "/status")
+    assert st["control"]["connected"] is False
+    assert any("control server unreachable since" in h for h in st["health"])
 
     # When the control server is back, the node picks the stream up again by itself.
     cluster.control.start()
     wait_until(lambda: alpha.api().request("GET", "/status")["backend_state"] == "Running", timeout=15,
                what="reconnection")
+    st = alpha.api().request("GET", "/status")
+    assert st["control"]["connected"] is True and st["control"]["error"] is None
+    assert not any("unreachable" in h for h in st["health"])
 
 
 def test_resolv_conf_follows_up_down_and_accept_dns(cluster: Cluster) -> None:
