@@ -291,7 +291,6 @@ def main() -> int:
             cmd = [ctx.Queue() for _ in range(args.workers)]
             res = ctx.Queue()
             per = [args.nodes // args.workers + (1 if i < args.nodes % args.workers else 0) for i in range(args.workers)]
-            deadline_reg = time.monotonic() + args.deadline
             t0 = time.monotonic()
             for i in range(args.workers):
                 p = ctx.Process(target=worker, args=(i, url, key, per[i], args.concurrency,

@@ -59,13 +59,11 @@ class Template:
 class Forward:
     """The engine's decision to forward: the server hands it to the forwarder."""
 
-    __slots__ = ("route", "limit", "qname", "qtype")
+    __slots__ = ("route", "limit")
 
-    def __init__(self, route: ForwardRoute | None, limit: int, qname: str, qtype: int) -> None:
+    def __init__(self, route: ForwardRoute | None, limit: int) -> None:
         self.route = route
         self.limit = limit  # the client's UDP size (or 65535 over TCP)
-        self.qname = qname
-        self.qtype = qtype
 
 
 Result = Union[bytes, Forward, None]
@@ -168,7 +166,7 @@ class Engine:
             if len(labels) == 1 and zone.host_for_short_name(name):
                 return self._slow(data, tcp)
             self.fast_hits += 1
-            return Forward(target, limit, name, qtype)  # type: ignore[arg-type]
+            return Forward(target, limit)  # type: ignore[arg-type]
         if zone.exists(name, target) or zone.wildcard_for(name, target):  # type: ignore[arg-type]
             return self._slow(data, tcp)
         # NXDOMAIN: header, the client's question, and the zone's SOA owned by a pointer to where
@@ -229,7 +227,7 @@ class Engine:
             short = self.zone.host_for_short_name(qname)
             if short is None:
                 # Forwarding decisions are not memoised: unique names would evict local answers.
-                return Forward(target, limit, qname, q.qtype)
+                return Forward(target, limit)
             template = self._short_template(_owner_label(q.qname), short, q.qtype)
         if key is not None and template.rcode != Rcode.NXDOMAIN:
             self._remember(key, template)

@@ -27,7 +27,7 @@ from .querylog import QueryLog
 from .udpbatch import BatchUdpListener
 from .upstream import Upstream
 from .view import DnsView
-from .zone import RESOLVER_V4, RESOLVER_V6, Zone
+from .zone import RESOLVER_V4, RESOLVER_V6, LocalZone, Zone
 
 log = logging.getLogger(__name__)
 
@@ -189,29 +189,23 @@ class DnsServer:
 
     def set_view(self, view: DnsView) -> None:
         """Swap in a new snapshot: one assignment, so no query sees half of two views."""
-        engine = Engine(Zone(view, self.config.fallback_upstreams, self.config.resolver_addresses))
-        old = self.engine
-        if old is not None:
-            self.counters.engine_fast += old.fast_hits
-            self.counters.engine_slow += old.slow
-            if _routes_changed(old.zone, engine.zone):
-                self.forwarder.flush_cache()
-        self.engine = engine
-        self.view = view
+        self._install(Zone(view, self.config.fallback_upstreams, self.config.resolver_addresses), view)
 
     async def set_view_async(self, view: DnsView) -> None:
         """`set_view`, building the snapshot in a thread so large views do not stall the listeners."""
         loop = asyncio.get_running_loop()
         zone = await loop.run_in_executor(
             None, Zone, view, self.config.fallback_upstreams, self.config.resolver_addresses)
-        engine = Engine(zone)
+        self._install(zone, view)
+
+    def _install(self, zone: Zone, view: DnsView) -> None:
         old = self.engine
         if old is not None:
             self.counters.engine_fast += old.fast_hits
             self.counters.engine_slow += old.slow
             if _routes_changed(old.zone, zone):
-                self.forwarder.flush_cache()
-        self.engine = engine
+                self.forwarder.flush_cache()  # a cached answer may have come from the wrong upstream
+        self.engine = Engine(zone)
         self.view = view
 
     # -- clients ---------------------------------------------------------------------------------
@@ -283,7 +277,6 @@ class DnsServer:
         c = self.counters
         routes: dict[str, Any] = {}
         if zone is not None:
-            from .zone import ForwardRoute, LocalZone
             for suffix, target in sorted(zone.routes.items()):
                 if isinstance(target, LocalZone):
                     if target.kind in ("reverse4", "reverse6"):

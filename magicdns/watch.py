@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from .records import Record
-from .store import RecordStore, StoreError
+from .store import RecordStore
 from .view import DnsView, ViewError, load_view
 
 log = logging.getLogger(__name__)

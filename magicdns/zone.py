@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable
 
-from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, A
+from dnslib import AAAA, NS, PTR, QTYPE, RR, SOA, A
 
 from .names import is_subdomain
 from .records import Record

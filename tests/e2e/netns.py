@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import threading
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, TypeVar
 
 _serial = itertools.count()
@@ -55,12 +57,61 @@ def in_netns(name: str, fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def run(*cmd: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+MESHNODE = [sys.executable, "-c", "from meshnode.cli import main; main()"]
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing output; raise with its stderr on failure when `check`."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
+
+
+class Lab:
+    """Namespaces, /etc/netns files and processes made by one test; `destroy` removes all of it."""
+
+    def __init__(self) -> None:
+        self.namespaces: list[str] = []
+        self.etc_dirs: list[Path] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def add_namespace(self, ns: str) -> None:
+        run("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def write_resolv_conf(self, ns: str, text: str) -> None:
+        """The namespace's own resolv.conf (`ip netns exec` mounts it over /etc/resolv.conf)."""
+        etc = Path("/etc/netns") / ns
+        etc.mkdir(parents=True, exist_ok=True)
+        self.etc_dirs.append(etc)
+        (etc / "resolv.conf").write_text(text)
+
+    def popen(self, ns: str, *cmd: str, log: Path) -> subprocess.Popen[bytes]:
+        """Start `cmd` in `ns` in its own process group, output appended to `log`."""
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def destroy(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait(5)
+        for ns in self.namespaces:
+            run("ip", "netns", "del", ns, check=False)
+        for etc in self.etc_dirs:
+            shutil.rmtree(etc, ignore_errors=True)
 
 
 def unique_name(prefix: str) -> str:

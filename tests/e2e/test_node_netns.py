@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -25,22 +24,16 @@ from typing import Iterator
 import pytest
 
 from meshnode.node.resolvconf import is_ours, parse_resolv_conf
+from tests.e2e.netns import MESHNODE, Lab, run
 from tests.support import needs_root, wait_until
 
 pytestmark = [pytest.mark.slow, needs_root]
 
-MESHNODE = [sys.executable, "-c", "from meshnode.cli import main; main()"]
 CONTROL_PORT = 8080
 
 
-def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
 
-
-class Topology:
+class Topology(Lab):
     """Namespaces, veths, /etc/netns files and processes; `destroy` removes all of it."""
 
     def __init__(self, root: Path) -> None:
@@ -48,15 +41,11 @@ class Topology:
         self.root = root
         self.ctl = f"{tag}c"
         self.nodes = [f"{tag}n{i}" for i in (1, 2, 3)]
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.namespaces: list[str] = []
-        self.etc_dirs: list[Path] = []
+        super().__init__()
 
     def build(self) -> None:
         for ns in [self.ctl, *self.nodes]:
-            run("ip", "netns", "add", ns)
-            self.namespaces.append(ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
+            self.add_namespace(ns)
         for i, ns in enumerate(self.nodes, 1):
             a, b = f"{ns}a"[-15:], f"{ns}b"[-15:]
             run("ip", "link", "add", a, "netns", self.ctl, "type", "veth", "peer", "name", b, "netns", ns)
@@ -64,39 +53,12 @@ class Topology:
             run("ip", "-n", ns, "addr", "add", f"10.77.{i}.2/24", "dev", b)
             run("ip", "-n", self.ctl, "link", "set", a, "up")
             run("ip", "-n", ns, "link", "set", b, "up")
-            etc = Path("/etc/netns") / ns
-            etc.mkdir(parents=True, exist_ok=True)
-            self.etc_dirs.append(etc)
-            (etc / "resolv.conf").write_text(self.original_resolv(i))
+            self.write_resolv_conf(ns, self.original_resolv(i))
 
     @staticmethod
     def original_resolv(i: int) -> str:
         # The namespace's "upstream" resolver: an address inside our own topology, never outside.
         return f"# namespace {i}'s own resolver\nnameserver 10.77.{i}.1\nsearch e2e.test\n"
-
-    def popen(self, ns: str, *cmd: str, log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def destroy(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    proc.wait(5)
-        for ns in self.namespaces:
-            run("ip", "netns", "del", ns, check=False)
-        for etc in self.etc_dirs:
-            shutil.rmtree(etc, ignore_errors=True)
 
 
 class NodeDaemon:

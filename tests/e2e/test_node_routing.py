@@ -51,7 +51,7 @@ class Tailnet:
         for i in range(1, len(self.lan.nodes) + 1):
             self.wait_daemon(i)
         wait_until(lambda: self.sh(1, sys.executable, "-c", "import socket; socket.create_connection("
-                                   f"('10.78.0.1', 8080), 1).close()").returncode == 0,
+                                   "('10.78.0.1', 8080), 1).close()").returncode == 0,
                    timeout=20, what="control server")
 
     def start_daemon(self, i: int) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,21 +18,15 @@ from typing import Iterator
 
 import pytest
 
+from tests.e2e.netns import MESHNODE, Lab, run
 from tests.support import needs_root, wait_until
 
 pytestmark = [pytest.mark.slow, needs_root]
 
-MESHNODE = [sys.executable, "-c", "from meshnode.cli import main; main()"]
 
 
-def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
 
-
-class Lan:
+class Lan(Lab):
     """A control namespace with a bridge, and node namespaces plugged into it."""
 
     def __init__(self, root: Path, count: int) -> None:
@@ -42,15 +34,11 @@ class Lan:
         self.root = root
         self.ctl = f"{tag}c"
         self.nodes = [f"{tag}n{i}" for i in range(1, count + 1)]
-        self.namespaces: list[str] = []
-        self.etc_dirs: list[Path] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
+        super().__init__()
 
     def build(self) -> None:
         for ns in [self.ctl, *self.nodes]:
-            run("ip", "netns", "add", ns)
-            self.namespaces.append(ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
+            self.add_namespace(ns)
         run("ip", "-n", self.ctl, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", self.ctl, "addr", "add", "10.78.0.1/24", "dev", "br0")
         run("ip", "-n", self.ctl, "link", "set", "br0", "up")
@@ -60,34 +48,7 @@ class Lan:
             run("ip", "-n", self.ctl, "link", "set", a, "master", "br0", "up")
             run("ip", "-n", ns, "addr", "add", f"10.78.0.{10 + i}/24", "dev", b)
             run("ip", "-n", ns, "link", "set", b, "up")
-            etc = Path("/etc/netns") / ns
-            etc.mkdir(parents=True, exist_ok=True)
-            self.etc_dirs.append(etc)
-            (etc / "resolv.conf").write_text("nameserver 10.78.0.1\n")
-
-    def popen(self, ns: str, *cmd: str, log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def destroy(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    proc.wait(5)
-        for ns in self.namespaces:
-            run("ip", "netns", "del", ns, check=False)
-        for etc in self.etc_dirs:
-            shutil.rmtree(etc, ignore_errors=True)
+            self.write_resolv_conf(ns, "nameserver 10.78.0.1\n")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ import dns.exception
 import dns.message
 import dns.query
 
-from tests.support import free_port, wait_until
+from tests.support import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MAGICDNS = [sys.executable, "-m", "magicdns.cli"]
@@ -44,13 +43,7 @@ class MagicDnsProcess:
         return Path(self.log_path).read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def start_magicdns(*args: str, view: str | None = str(ROOT / "conf" / "view.json"), db: bool = True,

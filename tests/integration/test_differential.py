@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ import pytest
 
 from magicdns.view import view_from_json
 from tests.integration.magicdns_proc import ROOT, MagicDnsProcess, start_magicdns
-from tests.support import free_port, wait_until
+from tests.support import free_port, stop_process, wait_until
 
 
 def _binary(name: str) -> str | None:
@@ -306,13 +305,7 @@ class Reference:
     log_path: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def ask(port: int, name: str, rtype: str, edns: bool) -> dns.message.Message:

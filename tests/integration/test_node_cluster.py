@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from meshnode.control.store import ControlStore
 from meshnode.node.localclient import LocalApiRefused, LocalClient
 from meshnode.node.resolvconf import is_ours, parse_resolv_conf
 from tests.integration.upstreams import EXAMPLE_ZONE, FakeUpstream
-from tests.support import free_port, wait_until
+from tests.support import free_port, stop_process, wait_until
 
 PROPAGATION = 1.0  # seconds: the bound for a change to reach every node's DNS
 MESHNODE = [sys.executable, "-c", "from meshnode.cli import main; main()"]
@@ -114,13 +112,8 @@ class Node:
         return LocalClient(self.sock, timeout=30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, grace=15)
         self.proc = None
 
     def kill9(self) -> None:

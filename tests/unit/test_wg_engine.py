@@ -7,7 +7,6 @@ import hashlib
 import ipaddress
 import struct
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -24,7 +24,7 @@ from meshnode.wg.device import Device, open_udp
 from meshnode.wg.engine import Drop, Engine
 from meshnode.wg.peer import PeerConfig
 from tests.support import wait_until
-from tests.unit.test_wg_engine import A_IP, A_PUB, B_IP, B_PUB, EP_A, T0, handshake, ip4, make_pair
+from tests.unit.test_wg_engine import A_IP, B_IP, B_PUB, EP_A, T0, handshake, make_pair
 
 TCP = 6
 
