@@ -133,8 +133,16 @@ class AUM:
 
     @classmethod
     def parse(cls, data: bytes) -> "AUM":
-        """Decode canonical AUM bytes (Unserialize); raise DecodeError on malformed input."""
-        return cls.from_cbor(decode(data, "AUM"))
+        """Decode canonical AUM bytes (Unserialize); raise DecodeError on malformed input.
+
+        Stricter than Go, which re-encodes what it decoded: bytes that do not re-encode identically
+        (an unknown field, a null where a field must be absent) are refused, so an AUM's hash is
+        always the hash of the bytes received and no byte can change without changing it."""
+        aum = cls.from_cbor(decode(data, "AUM"))
+        if aum.serialized != bytes(data):
+            raise DecodeError("AUM: not in Tailscale's encoding (unknown field, or null/empty value "
+                              "where the field must be omitted)")
+        return aum
 
     @classmethod
     def from_cbor(cls, value: Any) -> "AUM":

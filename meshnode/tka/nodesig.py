@@ -72,7 +72,12 @@ class NodeKeySignature:
 
     @classmethod
     def parse(cls, data: bytes) -> "NodeKeySignature":
-        return cls.from_cbor(decode(data, "node-key signature"))
+        """Decode a serialized signature; like AUM.parse, bytes must re-encode identically."""
+        sig = cls.from_cbor(decode(data, "node-key signature"))
+        if sig.serialize() != bytes(data):
+            raise DecodeError("node-key signature: not in Tailscale's encoding (unknown field, or "
+                              "empty value where the field must be omitted)")
+        return sig
 
     @classmethod
     def from_cbor(cls, value: Any, what: str = "node-key signature") -> "NodeKeySignature":
