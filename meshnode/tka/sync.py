@@ -139,3 +139,34 @@ def missing_aums(authority: Authority, store: ChainStore, remote: SyncOffer) -> 
 
     _fast_forward(store, MAX_SYNC_ITER, compute_state_at(store, start, MAX_SYNC_ITER), collect)
     return out
+
+
+@dataclass(frozen=True)
+class SyncResponse:
+    """What the side that received an offer sends back: its own offer and what the offerer lacks."""
+
+    offer: SyncOffer
+    missing: tuple[AUM, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"offer": self.offer.to_wire(), "missing_aums": aums_to_wire(self.missing)}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> "SyncResponse":
+        if not isinstance(obj, dict):
+            raise DecodeError("sync response: expected an object")
+        return cls(SyncOffer.from_wire(obj.get("offer")), tuple(aums_from_wire(obj.get("missing_aums", []))))
+
+
+def answer_offer(authority: Authority, store: ChainStore, remote: SyncOffer) -> SyncResponse:
+    """Step 2 of the exchange, on the side that received `remote`."""
+    return SyncResponse(make_offer(authority, store), tuple(missing_aums(authority, store, remote)))
+
+
+def apply_response(authority: Authority, store: ChainStore,
+                   response: SyncResponse) -> tuple[Authority, list[AUM]]:
+    """Step 3, on the offerer: apply what the other side sent (verified, all or nothing), then return
+    the new authority and the AUMs the other side lacks (to send it)."""
+    if response.missing:
+        authority = authority.inform(store, list(response.missing))
+    return authority, missing_aums(authority, store, response.offer)
