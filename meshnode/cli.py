@@ -7,6 +7,7 @@ import click
 
 from .control.cli import control
 from .node.cli import register_node_commands
+from .node.lockcli import lock
 from .wg.cli import wg
 
 
@@ -22,6 +23,7 @@ def main(ctx: click.Context, socket_path: str | None) -> None:
 
 main.add_command(control)
 main.add_command(wg)
+main.add_command(lock)
 register_node_commands(main)
 
 
