@@ -42,6 +42,9 @@ class ChainStore(Protocol):
     def all_hashes(self) -> list[AUMHash]:
         ...
 
+    def clear(self) -> None:
+        """Forget the whole chain (the lock was disabled)."""
+
 
 class MemoryStore:
     """A ChainStore in memory; thread-safe."""
