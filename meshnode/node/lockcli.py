@@ -8,6 +8,7 @@ README "Tailnet Lock".
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -110,8 +111,12 @@ def init(ctx: click.Context, n: int, args: tuple[str, ...]) -> None:
     ids = os.urandom(16)
     state = State(disablement_values=tuple(values), keys=tuple(keys),
                   state_id1=int.from_bytes(ids[:8], "big"), state_id2=int.from_bytes(ids[8:], "big"))
-    authority, _ = Authority.create(lock_dir.store(), state, me)
+    authority, genesis = Authority.create(lock_dir.store(), state, me)
     lock_dir.clear_local_disabled()
+    box = lock_dir.outbox()
+    box.init_genesis = base64.b64encode(genesis.serialized).decode()
+    box.disablement_secret = None
+    lock_dir.save_outbox(box)
     own = lock_dir.own_node_key()
     if own is not None:
         _queue_signature(lock_dir, own, sign_direct(me, own, me.public).serialize())
@@ -126,8 +131,6 @@ def init(ctx: click.Context, n: int, args: tuple[str, ...]) -> None:
 
 
 def _queue_signature(lock_dir: LockDir, node_key: bytes, sig: bytes) -> None:
-    import base64
-
     box = lock_dir.outbox()
     box.signatures[format_node_key(node_key)] = base64.b64encode(sig).decode()
     lock_dir.save_outbox(box)
@@ -290,8 +293,6 @@ def sign(ctx: click.Context, target: str, rotation_key: str | None) -> None:
         raise click.BadParameter(str(exc)) from None
     sig = sign_direct(me, node_key, rot).serialize()
     _queue_signature(lock_dir, node_key, sig)
-    import base64
-
     click.echo(base64.b64encode(sig).decode())
 
 

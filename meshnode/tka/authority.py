@@ -244,11 +244,12 @@ class Authority:
             raise LimitExceeded(f"{len(updates)} updates at once (max {MAX_SCAN_ITERATIONS})")
         state_at: dict[bytes, State] = {bytes(self.head): self.state}
         to_commit: list[AUM] = []
+        seen: set[bytes] = set()
         prev = bytes(self.head)
         head_chain = True
         for i, update in enumerate(updates):
             h = bytes(update.hash)
-            if store.aum(h) is not None or any(bytes(c.hash) == h for c in to_commit):
+            if h in seen or store.aum(h) is not None:
                 if not allow_known:
                     raise ReplayedAUM(f"update {i}: AUM {update.hash} is already in the chain (replayed)")
                 head_chain = False
@@ -272,6 +273,7 @@ class Authority:
             if bytes(parent) != prev:
                 head_chain = False
             prev = h
+            seen.add(h)
             to_commit.append(update)
         if not to_commit:
             return self

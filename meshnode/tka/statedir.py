@@ -3,8 +3,9 @@
     lock.key          this node's lock private key (`nlpriv:HEX`), 0600, made on first use
     aums/, ancestor   the chain (FileStore)
     local-disabled    present after `lock local-disable`: this node stops enforcing (holds the head)
-    outbox.json       what must reach the control server once connected: node-key signatures made
-                      here and a disablement secret used here (the daemon sends and clears it)
+    outbox.json       what must reach the control server once connected: the genesis AUM of a
+                      `lock init` made here, node-key signatures made here and a disablement secret
+                      used here (the daemon sends and clears it)
 
 While the daemon is not wired to Tailnet Lock, the `meshnode lock` commands work on these files
 directly; once it is, they go through the LocalAPI and the daemon stays the only writer.
@@ -29,9 +30,14 @@ from .store import FileStore
 class Outbox:
     signatures: dict[str, str] = field(default_factory=dict)   # node key (base64) -> signature (base64)
     disablement_secret: str | None = None                      # hex
+    # Set by `lock init`: the genesis AUM (base64) to hand to the control server (ControlChain.init).
+    # It tells "I enabled the lock here" apart from "the control server says the lock is off".
+    init_genesis: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"signatures": self.signatures}
+        if self.init_genesis:
+            out["init_genesis"] = self.init_genesis
         if self.disablement_secret:
             out["disablement_secret"] = self.disablement_secret
         return out
@@ -86,7 +92,7 @@ class LockDir:
             return Outbox()
         try:
             obj = json.loads(f.read_text())
-            return Outbox(dict(obj.get("signatures", {})), obj.get("disablement_secret"))
+            return Outbox(dict(obj.get("signatures", {})), obj.get("disablement_secret"), obj.get("init_genesis"))
         except (ValueError, AttributeError, TypeError) as exc:
             raise StorageError(f"{f}: unreadable: {exc}") from None
 

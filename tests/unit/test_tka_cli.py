@@ -73,6 +73,8 @@ def test_init_requires_own_key_and_prints_secrets(nodes) -> None:
     assert doc["node_key_signed"] is True  # init signed this node's own node key
     assert "already enabled" in run(a, "init", ka, code=1)
     assert status(b)["head"] == doc["head"]
+    genesis = base64.b64decode(json.loads((a / "tka" / "outbox.json").read_text())["init_genesis"])
+    assert LockDir(a).authority()[0].oldest_ancestor.serialized == genesis
 
 
 def test_sign_node_keys_and_status_of_peers(nodes) -> None:
