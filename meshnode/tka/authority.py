@@ -308,6 +308,18 @@ class Authority:
 
         return UpdateBuilder(self, signer)
 
+    def compact(self, store: ChainStore, now: float, **options: float) -> "Authority":
+        """Delete old AUMs (see compact.py) and return the authority with its new oldest ancestor.
+        Run it from time to time (Tailscale does on sync): without it, a chain stops opening once it
+        is longer than the scan limit."""
+        from .compact import compact
+
+        ancestor = compact(store, self.head, now, **options)  # type: ignore[arg-type]
+        oldest = store.aum(ancestor)
+        if oldest is None:
+            raise StorageError(f"ancestor {ancestor} vanished during compaction")
+        return Authority(self.head_aum, oldest, self.state)
+
     def log(self, store: ChainStore, limit: int = 50) -> list[AUM]:
         """The active chain from head backwards, at most `limit` AUMs (`lock log`)."""
         out: list[AUM] = []

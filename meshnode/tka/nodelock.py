@@ -143,6 +143,11 @@ class NodeLock:
         state = None if self._authority is None or self.locally_disabled else self._authority.state
         return filter_peers(state, peers, node_key=node_key, signature=signature, cache=self._cache)
 
+    def compact(self, now: float) -> None:
+        """Drop AUMs older than two weeks beyond the last 24 (call after a sync, say daily)."""
+        if self._authority is not None:
+            self._authority = self._authority.compact(self._store, now)
+
     def disable(self, secret: bytes) -> bool:
         """Turn the lock off here if `secret` is a disablement secret of our chain; True if it was."""
         if self._authority is None:
@@ -209,6 +214,11 @@ class ControlChain:
         if self._authority is None:
             raise StateError("Tailnet Lock is not enabled on this tailnet")
         return node_key_authorized(self._authority.state, node_key, blob)
+
+    def compact(self, now: float) -> None:
+        """As NodeLock.compact; a node offline for longer than the kept history must re-bootstrap."""
+        if self._authority is not None:
+            self._authority = self._authority.compact(self._store, now)
 
     def disable(self, secret: bytes) -> bool:
         """`lock disable`: if the secret is valid, the lock is off for the tailnet (the caller keeps
