@@ -173,7 +173,9 @@ class NodeLock:
 
 class ControlChain:
     """The chain of one tailnet at the control server: it stores and relays AUMs and checks them like
-    any node (every signature is verified), but it holds no signing key and cannot forge one."""
+    any node (every signature is verified), but it holds no signing key and cannot forge one. It keeps
+    the whole history (no compaction, as Tailscale's control plane), so a node that compacted its own
+    chain or was offline for long still finds a common AUM."""
 
     def __init__(self, store: ChainStore) -> None:
         self._store = store
@@ -214,11 +216,6 @@ class ControlChain:
         if self._authority is None:
             raise StateError("Tailnet Lock is not enabled on this tailnet")
         return node_key_authorized(self._authority.state, node_key, blob)
-
-    def compact(self, now: float) -> None:
-        """As NodeLock.compact; a node offline for longer than the kept history must re-bootstrap."""
-        if self._authority is not None:
-            self._authority = self._authority.compact(self._store, now)
 
     def disable(self, secret: bytes) -> bool:
         """`lock disable`: if the secret is valid, the lock is off for the tailnet (the caller keeps
