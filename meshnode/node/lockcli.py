@@ -23,6 +23,7 @@ from ..tka.cli_format import (format_node_key, format_public, format_secret, par
                               parse_node_key, parse_public)
 from ..tka.enforce import decode_signature_blob
 from ..tka.errors import NodeKeyNotAuthorized
+from ..tka.nodelock import NodeLock
 from ..tka.nodesig import sign_credential, sign_direct, wrap_authkey
 from ..tka.signing import LockPrivateKey
 from ..tka.statedir import LockDir
@@ -148,20 +149,19 @@ def _peers_from_saved_map(lock_dir: LockDir) -> list[dict[str, Any]]:
 
 
 def _status_doc(lock_dir: LockDir) -> dict[str, Any]:
-    authority, _store = lock_dir.authority()
-    me = lock_dir.lock_key()
-    doc: dict[str, Any] = {"enabled": authority is not None, "node_lock_key": format_public(me.public),
-                           "locally_disabled": lock_dir.locally_disabled}
-    if authority is None:
-        return doc
-    doc["head"] = str(authority.head)
-    doc["trusted_keys"] = [{"key": format_public(k.key_id), "votes": k.votes, "meta": dict(k.meta or {}),
-                            "self": k.key_id == me.public} for k in authority.keys]
+    """NodeLock's status (the shape the daemon will report too), plus this node's key and the peers
+    of the saved map, offline."""
     box = lock_dir.outbox()
     own = lock_dir.own_node_key()
+    own_sig = box.signatures.get(format_node_key(own)) if own is not None else None
+    node = NodeLock(lock_dir.store(), lock_dir.lock_key(), locally_disabled=lock_dir.locally_disabled)
+    doc = node.status(own, decode_signature_blob(own_sig)).to_json()
+    authority = node.authority
+    if authority is None:
+        return doc
     if own is not None:
         doc["node_key"] = format_node_key(own)
-        doc["node_key_signed"] = _signed(authority, own, box.signatures.get(format_node_key(own)))
+        doc["node_key_signed"] = doc["self_locked_out"] is None
     peers = []
     for p in _peers_from_saved_map(lock_dir):
         nk_text = str(p.get("node_key", ""))

@@ -37,6 +37,7 @@ class TrustedKey:
     key: str        # tlpub:HEX
     votes: int
     is_self: bool
+    meta: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class LockStatus:
     def to_json(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "locally_disabled": self.locally_disabled,
                 "node_lock_key": self.node_lock_key, "head": self.head,
-                "trusted_keys": [{"key": k.key, "votes": k.votes, "self": k.is_self} for k in self.trusted_keys],
+                "trusted_keys": [{"key": k.key, "votes": k.votes, "self": k.is_self, "meta": dict(k.meta)}
+                                 for k in self.trusted_keys],
                 "self_locked_out": self.self_locked_out, "last_refusal": self.last_refusal}
 
 
@@ -165,7 +167,8 @@ class NodeLock:
         return LockStatus(
             enabled=a is not None, locally_disabled=self.locally_disabled, node_lock_key=format_public(me),
             head=self.head,
-            trusted_keys=tuple(TrustedKey(format_public(k.key_id), k.votes, k.key_id == me) for k in (a.keys if a else ())),
+            trusted_keys=tuple(TrustedKey(format_public(k.key_id), k.votes, k.key_id == me, tuple(sorted((k.meta or {}).items())))
+                               for k in (a.keys if a else ())),
             self_locked_out=(self_locked_out(a.state, node_key, signature) if a is not None and node_key is not None
                              else None),
             last_refusal=self.last_refusal)
