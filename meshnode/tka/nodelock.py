@@ -16,7 +16,7 @@ The protocol between them (to be carried over the node protocol; JSON bodies):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .authority import Authority
 from .aum import AUM
@@ -79,6 +79,10 @@ class NodeLock:
     def head(self) -> str | None:
         return str(self._authority.head) if self._authority else None
 
+    @property
+    def store(self) -> ChainStore:
+        return self._store
+
     def needs_sync(self, control_head: str | None) -> bool:
         """True when the map's head differs from ours (and the lock is on at the control server)."""
         return control_head is not None and control_head != self.head
@@ -115,7 +119,8 @@ class NodeLock:
             raise
         return result
 
-    def modify(self, add: Sequence[Key] = (), remove: Sequence[bytes] = ()) -> list[AUM]:
+    def modify(self, add: Sequence[Key] = (), remove: Sequence[bytes] = (),
+               votes: Mapping[bytes, int] | None = None) -> list[AUM]:
         """`lock add`/`lock remove` on this node: AUMs signed with this node's lock key, applied here
         (the next sync sends them to the control server)."""
         if self._authority is None:
@@ -127,6 +132,8 @@ class NodeLock:
             b.add_key(k)
         for kid in remove:
             b.remove_key(kid)
+        for kid, n in (votes or {}).items():
+            b.set_key_vote(kid, n)
         updates = b.finalize(self._store)
         self._authority = self._authority.inform(self._store, updates, allow_known=False)
         return updates
