@@ -24,7 +24,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from .frames import (KEY_LEN, MAX_CLIENT_INFO_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION, ClientInfoFrame, ClosePeer,
-                     ForwardPacket, Frame, FrameError, FrameReader, FrameType, KeepAlive, NotePreferred, Ping,
+                     ForwardPacket, Frame, FrameError, FrameReader, FrameType, Health, KeepAlive, NotePreferred, Ping,
                      Pong, SendPacket, ServerInfoFrame, ServerKey, Unknown, WatchConns, parse_frame)
 
 
@@ -174,6 +174,8 @@ class ClientSession:
                 # Tailscale's client tolerates (skips) keepalives before the server info.
                 if isinstance(frame, (KeepAlive, Unknown)):
                     return None
+                if isinstance(frame, Health) and frame.problem:
+                    raise LoginError(f"refused by the server: {frame.problem}")
                 raise LoginError(f"expected the server info frame, got {type(frame).__name__}")
             assert self.server_key is not None
             try:
