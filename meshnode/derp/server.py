@@ -211,7 +211,7 @@ class RelayServer:
 
     def __init__(self, private_key: bytes, *, admit: Callable[[bytes], bool] | None = None,
                  mesh_key: bytes | None = None, mesh_with: tuple[str, ...] = (), queue_depth: int = 64,
-                 keepalive: float = KEEPALIVE_SECONDS) -> None:
+                 keepalive: float = KEEPALIVE_SECONDS, login_timeout: float = LOGIN_TIMEOUT) -> None:
         self.private_key = private_key
         self.public_key = public_key(private_key)
         self.admit = admit
@@ -219,6 +219,7 @@ class RelayServer:
         self.mesh_with = tuple(mesh_with)
         self.queue_depth = queue_depth
         self.keepalive = keepalive
+        self.login_timeout = login_timeout
         self.clients: dict[bytes, _Conn] = {}
         self.mesh_clients: dict[bytes, object] = {}      # key -> the mesh link it lives behind
         self.watchers: set[_Conn] = set()
@@ -277,7 +278,7 @@ class RelayServer:
         request.protocol.keep_alive(False)
         try:
             login = asyncio.ensure_future(conn.logged_in.wait())
-            await asyncio.wait([login, conn.done], timeout=LOGIN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([login, conn.done], timeout=self.login_timeout, return_when=asyncio.FIRST_COMPLETED)
             login.cancel()
             if not conn.ready:
                 conn.close("login timeout")
