@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from .control.cli import control
+from .derp.cli import derp
 from .node.cli import register_node_commands
 from .wg.cli import wg
 
@@ -21,6 +22,7 @@ def main(ctx: click.Context, socket_path: str | None) -> None:
 
 
 main.add_command(control)
+main.add_command(derp)
 main.add_command(wg)
 register_node_commands(main)
 
