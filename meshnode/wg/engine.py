@@ -189,6 +189,16 @@ class Engine:
             for c in configs:
                 self.set_peer(c)
 
+    def set_endpoint(self, public_key: bytes, endpoint: Endpoint | None) -> bool:
+        """Send to `endpoint` from now on (the path layer's choice); sessions are kept. An
+        authenticated packet from elsewhere still moves it (roaming). False: no such peer."""
+        with self.lock:
+            peer = self._peers.get(public_key)
+            if peer is None:
+                return False
+            peer.endpoint = endpoint
+            return True
+
     def remove_peer(self, public_key: bytes) -> None:
         """Forget a peer: its routes, sessions and pending handshake go at once."""
         with self.lock:
@@ -577,6 +587,8 @@ class Engine:
             self._confirm_next(peer, kp, now)
         peer.endpoint = src
         peer.rx_bytes += nbytes
+        peer.last_received = now
+        peer.unanswered_since = None
         t = peer.timers
         t.any_authenticated_packet_traversal(now)
         t.any_authenticated_packet_received(now)
@@ -666,6 +678,9 @@ class Engine:
 
     def _sent(self, peer: Peer, kp: Keypair, counter: int, nbytes: int, now: float) -> None:
         peer.tx_bytes += nbytes
+        peer.last_sent = now
+        if peer.unanswered_since is None:
+            peer.unanswered_since = now
         t = peer.timers
         t.any_authenticated_packet_traversal(now)
         t.any_authenticated_packet_sent(now)
