@@ -87,6 +87,10 @@ class Drop(enum.Enum):
     NO_ENDPOINT = "no_endpoint"
 
 
+_WG_PREFIXES = frozenset({m.TRANSPORT_PREFIX, m.INITIATION_PREFIX, m.RESPONSE_PREFIX,
+                          m.COOKIE_REPLY_PREFIX})
+
+
 def short_key(public_key: bytes) -> str:
     """A peer key as logs show it (like `wg show`'s, shortened)."""
     return base64.b64encode(public_key).decode()[:10] + "…"
@@ -114,6 +118,10 @@ class Engine:
         self.drops: collections.Counter[Drop] = collections.Counter()
         # Each read once per batch, so replacing one is a single atomic attribute write.
         self.inbound_filter: PacketFilter | None = None
+        # Datagrams that are not WireGuard messages go here (run on the receive thread; must
+        # neither block nor raise), else they are dropped as UNKNOWN_TYPE.
+        self.other_datagram: Callable[[bytes, Endpoint], None] | None = None
+        self.others = 0
         self.outbound_hook: OutboundHook | None = None
         self._peers: dict[bytes, Peer] = {}
         self._allowed: AllowedIPs[Peer] = AllowedIPs()
@@ -488,8 +496,14 @@ class Engine:
                 self._receive_response(data, src, now)
             elif prefix == m.COOKIE_REPLY_PREFIX:
                 self._receive_cookie_reply(data, now)
-            else:
+            elif self.other_datagram is None:
                 self.drops[Drop.UNKNOWN_TYPE] += 1
+            else:
+                self.others += 1
+        if self.other_datagram is not None and prefix not in _WG_PREFIXES:
+            # Not WireGuard (disco, STUN): the socket is shared, as Tailscale's is. Transport
+            # packets never get here, so this costs the data path nothing.
+            self.other_datagram(data, src)
 
     def receive_batch(self, datagrams: Iterable[bytes | memoryview], src: Endpoint, now: float,
                       out: list[bytes]) -> None:
