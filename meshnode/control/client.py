@@ -194,7 +194,7 @@ class ControlClient:
     async def register(self, authkey: str | None = None, hostname: str | None = None, os: str | None = None,
                        advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
                        advertise_exit_node: bool = False, ephemeral: bool = False,
-                       endpoints: Iterable[str] = ()) -> RegisterResult:
+                       endpoints: Iterable[str] = (), disco_key: str = "") -> RegisterResult:
         """Register this machine (or log it in again: same machine key -> same node, name, addresses).
 
         `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
@@ -214,6 +214,8 @@ class ControlClient:
             "advertise_exit_node": advertise_exit_node, "ephemeral": ephemeral,
             "endpoints": list(endpoints),
         }
+        if disco_key:
+            payload["disco_key"] = disco_key
         body = await self._post("/machine/register", payload)
         try:
             node = MapNode.from_json(body.get("node"))
@@ -222,9 +224,13 @@ class ControlClient:
         return RegisterResult(node.id, node.name, node.fqdn, node.user, node.addresses, node.tags,
                               node.approved_routes, node.exit_node, node.ephemeral, self.server_public_key)
 
-    async def update_endpoints(self, endpoints: Iterable[str]) -> None:
-        """Report the UDP endpoints (`ip:port`) peers can reach this node at."""
-        await self._post("/machine/endpoints", {"node_key": self.node_key_public, "endpoints": list(endpoints)})
+    async def update_endpoints(self, endpoints: Iterable[str], disco_key: str = "") -> None:
+        """Report the UDP endpoints (`ip:port`) peers can reach this node at (and the disco key of
+        this run, which peers seal their path probes to)."""
+        body: dict[str, Any] = {"node_key": self.node_key_public, "endpoints": list(endpoints)}
+        if disco_key:
+            body["disco_key"] = disco_key
+        await self._post("/machine/endpoints", body)
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""

@@ -317,7 +317,7 @@ class ControlServer:
             advertise_routes=tuple(sorted({normalize_cidr(r) for r in _strs(p, "advertise_routes")})),
             advertise_tags=tuple(sorted({check_tag(t) for t in _strs(p, "advertise_tags")})),
             advertise_exit_node=_bool(p, "advertise_exit_node"), ephemeral=_bool(p, "ephemeral"),
-            endpoints=tuple(_strs(p, "endpoints")))
+            endpoints=tuple(_strs(p, "endpoints")), disco_key=_disco_key(p) or "")
         _, policy = self._policy()
         try:
             node = self.store.register(reg, lambda *a: authorize(policy, *a))
@@ -332,7 +332,7 @@ class ControlServer:
     async def _endpoints(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.set_endpoints(node.id, _strs(p, "endpoints"))
+        self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p))
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
 
@@ -510,4 +510,13 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     value = obj.get(key, False)
     if not isinstance(value, bool):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be true or false")
+    return value
+
+
+def _disco_key(obj: dict[str, Any]) -> str | None:
+    """The optional `disco_key` (base64 of 32 bytes); None when the request carries none."""
+    if obj.get("disco_key") in (None, ""):
+        return None
+    value = _str(obj, "disco_key", 64)
+    decode_key(value, "disco_key")
     return value

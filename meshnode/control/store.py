@@ -87,6 +87,7 @@ class Node:
     logged_out: bool
     offset: int
     authkey_id: str | None
+    disco_key: str = ""  # this run's disco public key (base64), for path discovery
 
     @property
     def addresses(self) -> tuple[str, str]:
@@ -123,6 +124,7 @@ class Registration:
     advertise_exit_node: bool = False
     ephemeral: bool = False
     endpoints: tuple[str, ...] = ()
+    disco_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +178,11 @@ def _m2_dns(db: sqlite_utils.Database) -> None:
     db["nodes"].create_index(["user_id"])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns)
+def _m3_disco(db: sqlite_utils.Database) -> None:
+    db["nodes"].add_column("disco_key", str)
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -190,7 +196,7 @@ def _t(text: str | None) -> tuple[str, ...]:
 
 _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"
               " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
-              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id")
+              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -202,7 +208,7 @@ def _address_texts(offset: int) -> tuple[str, str]:
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
                 _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
-                row[16], bool(row[17]), row[18], row[19])
+                row[16], bool(row[17]), row[18], row[19], row[20] or "")
 
 
 class _Leases:
@@ -517,6 +523,12 @@ class ControlStore:
                 "exit_node_approved": int(grant.exit_node_approved), "ephemeral": int(ephemeral),
                 "last_seen": now, "logged_out": 0,
             }
+            if existing is not None and not reg.endpoints:
+                # A login again (`meshnode up` on a registered node) that carries no endpoints
+                # must not erase the ones the node reported: peers would lose their way to it.
+                del fields["endpoints"]
+            if reg.disco_key or existing is None:
+                fields["disco_key"] = reg.disco_key
             if key is not None:
                 fields["authkey_id"] = key.id
                 fields["expiry"] = None  # a fresh login clears an admin expiry
@@ -611,9 +623,14 @@ class ControlStore:
                               [_j(sorted(set(wanted))), int(exit_flag), node.id])
         return self.get_node(node.id)
 
-    def set_endpoints(self, node_id: int, endpoints: Sequence[str]) -> None:
+    def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
+        """The node's reported endpoints (and, when given, its disco key of this run)."""
         with self._tx():
-            self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            if disco_key is None:
+                self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            else:
+                self.conn.execute("UPDATE nodes SET endpoints = ?, disco_key = ? WHERE id = ?",
+                                  [_j(endpoints), disco_key, node_id])
 
     def logout(self, node_id: int) -> None:
         """The node leaves maps; it keeps its name and addresses for its next login (with a key)."""
