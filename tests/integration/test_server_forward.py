@@ -276,3 +276,30 @@ def test_both_udp_listeners_on_v4_and_v6(batch: bool) -> None:
             finally:
                 await server.stop()
     asyncio.run(main())
+
+
+def test_overlong_labels_and_names_are_formerr_unlogged_and_never_forwarded(caplog: pytest.LogCaptureFixture) -> None:
+    long_label = b"\x40" + b"a" * 64 + b"\x07example\x04test\x00"
+    long_name = (b"\x3f" + b"a" * 63) * 3 + b"\x3e" + b"b" * 62 + b"\x00"
+
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            try:
+                loop = asyncio.get_running_loop()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.connect(("127.0.0.1", server.bound[0][1]))
+                for i in range(20):
+                    qname = long_label if i % 2 else long_name
+                    sock.send(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x01\x00\x01")
+                    reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+                    assert reply[:2] == struct.pack("!H", i) and reply[3] & 0xF == dns.rcode.FORMERR
+                sock.close()
+                assert up.queries == [] and server.counters.dropped == 0
+            finally:
+                await server.stop()
+
+    with caplog.at_level("DEBUG", logger="magicdns"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]
