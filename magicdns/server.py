@@ -20,7 +20,8 @@ from typing import Any, Callable
 from dnslib import QTYPE, DNSRecord
 
 from .cache import Cache
-from .engine import Engine, Forward
+from .chase import chase_reply, complete_chain
+from .engine import Chase, Engine, Forward
 from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
@@ -233,6 +234,9 @@ class DnsServer:
 
     def forward(self, fwd: Forward, data: bytes, reply_to: Callable[[bytes], None], tcp: bool) -> None:
         """Answer a non-local query: cache, or a forwarding task whose reply goes to `reply_to`."""
+        if fwd.__class__ is Chase:  # our CNAME leads out of our zones: ask for its target
+            self._chase(fwd, data, reply_to)  # type: ignore[arg-type]
+            return
         c = self.counters
         route = fwd.route
         if route is None or not route.upstreams:
@@ -251,6 +255,7 @@ class DnsServer:
         cached = self.forwarder.answer_from_cache(data, time.monotonic())
         if cached is not None:
             c.cache_answers += 1
+            cached = complete_chain(self.engine.zone, cached)  # type: ignore[union-attr]
             reply_to(cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit))
             return
         c.forwarded += 1
@@ -264,9 +269,16 @@ class DnsServer:
         assert route is not None
         reply = await self.forwarder.forward(data, route.upstreams,
                                              allow_tailnet_answers=route.allow_tailnet_answers)
+        reply = complete_chain(self.engine.zone, reply)  # type: ignore[union-attr]
         if not tcp and len(reply) > fwd.limit:
             reply = truncate(reply, fwd.limit)
         reply_to(reply)
+
+    def _chase(self, chase: Chase, data: bytes, reply_to: Callable[[bytes], None]) -> None:
+        """Forward the chase's subquery like any query (cache, race, rebinding rules of the target's
+        route), then hand the client our chain spliced in front of the answer (chase.py)."""
+        self.forward(Forward(chase.route, 65535), chase.subquery,
+                     lambda reply: reply_to(chase_reply(chase, data, reply)), tcp=True)
 
     # -- operators -------------------------------------------------------------------------------
 
