@@ -592,6 +592,17 @@ class Forwarder:
             return error_reply(query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
         return reply
 
+    def overloaded(self, query: bytes) -> bytes:
+        """The answer for a query over the in-flight cap, given at once: a stale cached answer, else
+        SERVFAIL (EDE "other"). Costs a header and question parse, no socket, no task."""
+        self.queries += 1
+        self.overload += 1
+        try:
+            info = query_info(query)
+        except WireError:
+            return error_reply(query, Rcode.FORMERR)
+        return self._failed(query, info, None, EDE_OTHER)
+
     def looped(self, query: bytes) -> bool:
         """True if `query` is one of our own forwarded queries arriving back at our listener."""
         if query[0:2] not in self._outgoing_ids or len(query) < 12:
