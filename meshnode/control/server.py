@@ -37,8 +37,8 @@ from . import authkeys, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, Channel, ErrorCode,
-                       ProtocolError, ReplayGuard, decode_key, frame, public_key_of,
-                       verify_node_key_proof)
+                       ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
+                       parse_json, public_key_of, verify_node_key_proof)
 from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Node, NotFound, Registration,
                     check_tag, normalize_cidr)
 
@@ -49,7 +49,7 @@ _STATUS = {
     ErrorCode.AUTHKEY_REQUIRED: 401, ErrorCode.AUTHKEY_UNKNOWN: 401, ErrorCode.AUTHKEY_EXPIRED: 403,
     ErrorCode.AUTHKEY_USED: 403, ErrorCode.AUTHKEY_REVOKED: 403, ErrorCode.NOT_REGISTERED: 403,
     ErrorCode.NODE_EXPIRED: 403, ErrorCode.NODE_KEY_MISMATCH: 403, ErrorCode.BAD_NODE_KEY_PROOF: 403,
-    ErrorCode.TAG_NOT_ALLOWED: 403, ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.INTERNAL: 500,
+    ErrorCode.TAG_NOT_ALLOWED: 403, ErrorCode.RATE_LIMITED: 429, ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.INTERNAL: 500,
 }
 
 
@@ -62,6 +62,10 @@ class ServerConfig:
     keepalive: float = KEEPALIVE_SECONDS
     ephemeral_grace: float = 300.0      # an offline ephemeral node is deleted after this long
     reap_interval: float = 5.0
+    # Requests from machine keys no node has (registrations, strangers): anyone can mint such keys,
+    # so they share one budget and cannot crowd out the tailnet's own nodes.
+    unregistered_rate: float = 200.0    # a second
+    unregistered_burst: float = 1000.0
 
 
 def _error(code: ErrorCode, message: str) -> web.Response:
@@ -108,7 +112,8 @@ class ControlServer:
         self.config = config
         self.private_key = store.server_private_key()
         self.public_key = public_key_of(self.private_key)
-        self.replay = ReplayGuard()
+        self.replay = ReplayGuard(load=store.replay_mark)
+        self._unregistered = TokenBucket(config.unregistered_rate, config.unregistered_burst)
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self.online: dict[int, int] = {}          # node id -> open streams
         self.snapshot: Snapshot | None = None
@@ -282,9 +287,15 @@ class ControlServer:
         body = await request.read()
         if not body:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "empty body: expected a sealed request")
+        known = self.store.node_by_machine_key(header) is not None
+        if not known and not self._unregistered.allow(time.monotonic()):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests from unregistered machines; retry later")
         chan = self._channel(header)
         nonce, payload = chan.open(body)
-        self.replay.check(nonce, payload.get("ts"), time.time())
+        ts = self.replay.check(header, nonce, payload.get("ts"), time.time())
+        if known:
+            # Persisted before the request acts, so a replay after a restart (or crash) is refused.
+            self.store.save_replay_mark(header, ts)
         return header, chan, payload
 
     def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
@@ -304,8 +315,8 @@ class ControlServer:
         machine_key, chan, p = await self._open(request)
         node_key = _str(p, "node_key", 64)
         decode_key(node_key, "node_key")
-        proof_ts = p.get("proof_ts")
-        if not isinstance(proof_ts, (int, float)) or abs(proof_ts - p["ts"]) > 5:
+        proof_ts = check_timestamp(p.get("proof_ts"))
+        if abs(proof_ts - p["ts"]) > 5:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "proof_ts must be the request's time")
         verify_node_key_proof(p.get("node_key_proof"), node_key, self.private_key, machine_key, float(proof_ts))
         authkey = p.get("authkey")
@@ -325,6 +336,7 @@ class ControlServer:
             self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
+        self.store.save_replay_mark(machine_key, float(p["ts"]))
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()
         return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})
@@ -417,10 +429,7 @@ class ControlServer:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "admin API needs 'Authorization: Bearer <admin token>'")
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object") from None
+        body = parse_json(await request.read())
         if not isinstance(body, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
         return body

@@ -176,7 +176,18 @@ def _m2_dns(db: sqlite_utils.Database) -> None:
     db["nodes"].create_index(["user_id"])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns)
+def _m3_security(db: sqlite_utils.Database) -> None:
+    # The newest request timestamp accepted from each registered machine (protocol.ReplayGuard), so a
+    # request captured before a restart is refused after it.
+    db["replay_marks"].create({"machine_key": str, "ts": float}, pk="machine_key", not_null={"ts"})
+    # The hash-chained audit log (audit.py owns its rows).
+    db["audit"].create({"id": int, "time": float, "actor": str, "action": str, "target": str,
+                        "old": str, "new": str, "prev_hash": str, "hash": str},
+                       pk="id", not_null={"time", "actor", "action", "target", "prev_hash", "hash"})
+    db["audit"].create_index(["time"])
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_security)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -347,6 +358,19 @@ class ControlStore:
         with self._tx(bump=False):
             self._set_meta("admin_token_hash", authkeys.hash_secret(token))
         return token
+
+    # -- replay marks (protocol.ReplayGuard) -----------------------------------------------------
+
+    def replay_mark(self, machine_key: str) -> float | None:
+        """The newest request timestamp accepted from `machine_key` by any run of the server."""
+        row = self.conn.execute("SELECT ts FROM replay_marks WHERE machine_key = ?", [machine_key]).fetchone()
+        return None if row is None else float(row[0])
+
+    def save_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", [machine_key, ts])
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
