@@ -13,7 +13,9 @@ Security design (see the module docstring of `server.py` for the HTTP side):
   reordering, where the box nonce decides): `ReplayGuard`. The newest `ts` of each registered machine
   is persisted, so a captured request cannot be replayed, even after a server restart.
 - Every answer (and every frame of the map stream) is `Box(server_priv, machine_pub)`: only that
-  machine can read it, and only the server can have written it.
+  machine can read it, and only the server can have written it. So is every refusal of a request
+  that opened (with the request's nonce in `re`): a node changes its login state only on such a
+  refusal, never on a plain HTTP error that anyone on the path could send.
 - Registration also proves possession of the WireGuard node key: `node_key_proof` is a box from the
   node key to the server over the machine key and timestamp, so no one can register (and so hijack
   traffic to) a node key they do not hold.
@@ -37,6 +39,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 PROTOCOL_VERSION = 1
 MACHINE_KEY_HEADER = "X-Meshnode-Machine-Key"
+SEALED_HEADER = "X-Meshnode-Sealed"   # on an error answer sealed to the requesting machine
 MAX_SKEW = 120.0              # seconds a request timestamp may be off the server's clock
 MAX_REQUEST_BYTES = 1 << 20   # a sealed request body; maps flow the other way
 MAX_FRAME_BYTES = 256 << 20   # one stream frame (a full 10k-node map is a few MB)

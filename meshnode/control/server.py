@@ -23,6 +23,7 @@ the next map version, and wakes every stream, which sends its own full or delta 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import time
@@ -36,8 +37,8 @@ from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
-from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, Channel, ErrorCode,
-                       ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
+from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
+                       ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
                        parse_json, public_key_of, verify_node_key_proof)
 from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Node, NotFound, Registration,
                     check_tag, normalize_cidr)
@@ -68,7 +69,19 @@ class ServerConfig:
     unregistered_burst: float = 1000.0
 
 
-def _error(code: ErrorCode, message: str) -> web.Response:
+_CHAN = web.RequestKey("meshnode.channel", Channel)
+_NONCE = web.RequestKey("meshnode.nonce", str)
+
+
+def _error(code: ErrorCode, message: str, request: web.Request | None = None) -> web.Response:
+    """An error answer. To a node whose request opened, it is sealed to its machine key and names the
+    request's nonce: the node acts on a refusal only when it is sealed so (an impostor or a captive
+    portal answering on the control URL cannot log it out, nor replay an old refusal)."""
+    chan = request.get(_CHAN) if request is not None else None
+    if chan is not None:
+        body = chan.seal({"error": code.value, "message": message, "re": request[_NONCE]})  # type: ignore[index]
+        return web.Response(body=body, status=_STATUS[code], content_type="application/octet-stream",
+                            headers={SEALED_HEADER: "1"})
     return web.json_response({"error": code.value, "message": message}, status=_STATUS[code])
 
 
@@ -79,17 +92,17 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     try:
         return await handler(request)
     except ProtocolError as exc:
-        return _error(exc.code, exc.message)
+        return _error(exc.code, exc.message, request)
     except authkeys.AuthKeyRefused as exc:
-        return _error(ErrorCode(exc.reason.value), str(exc))
+        return _error(ErrorCode(exc.reason.value), str(exc), request)
     except TagNotAllowed as exc:
-        return _error(ErrorCode.TAG_NOT_ALLOWED, str(exc))
+        return _error(ErrorCode.TAG_NOT_ALLOWED, str(exc), request)
     except NotFound as exc:
-        return _error(ErrorCode.NOT_FOUND, str(exc))
+        return _error(ErrorCode.NOT_FOUND, str(exc), request)
     except (Conflict, naming.NameTaken) as exc:
-        return _error(ErrorCode.CONFLICT, str(exc))
+        return _error(ErrorCode.CONFLICT, str(exc), request)
     except (InvalidValue, naming.NameInvalid, PolicyError) as exc:
-        return _error(ErrorCode.BAD_REQUEST, str(exc))
+        return _error(ErrorCode.BAD_REQUEST, str(exc), request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -101,7 +114,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        return _error(ErrorCode.INTERNAL, "internal error (see the server log)")
+        return _error(ErrorCode.INTERNAL, "internal error (see the server log)", request)
 
 
 class ControlServer:
@@ -292,6 +305,8 @@ class ControlServer:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests from unregistered machines; retry later")
         chan = self._channel(header)
         nonce, payload = chan.open(body)
+        # From here on, refusals are sealed to this machine (see `_error`).
+        request[_CHAN], request[_NONCE] = chan, base64.b64encode(nonce).decode()
         ts = self.replay.check(header, nonce, payload.get("ts"), time.time())
         if known:
             # Persisted before the request acts, so a replay after a restart (or crash) is refused.

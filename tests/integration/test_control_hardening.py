@@ -44,7 +44,7 @@ async def test_logout_captured_and_replayed_after_a_restart_is_refused(tmp_path:
     port = await server.start("127.0.0.1", 0)
     try:
         status, body = await _post(f"http://127.0.0.1:{port}/machine/logout", captured, m_pub)
-        assert status == 401 and json.loads(body)["error"] == "replay", body
+        assert status == 401 and Channel(m_priv, server_pub).open(body)[1]["error"] == "replay", body
         assert store.find_node("laptop").logged_out is False
         # The node itself carries on after the restart.
         client = ControlClient(f"http://127.0.0.1:{port}", m_priv, node.client.node_key_private,
