@@ -475,9 +475,9 @@ class ControlServer:
     async def _admin_policy_set(self, request: web.Request) -> web.Response:
         self._admin(request)
         text = await request.text()
-        set_policy(self.store, text)
+        change = set_policy(self.store, text)
         self.mark_dirty()
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True, "tags_removed": {name: list(tags) for name, tags in change.tags_removed}})
 
     async def _admin_authkey(self, request: web.Request) -> web.Response:
         self._admin(request)

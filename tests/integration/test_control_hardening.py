@@ -17,7 +17,7 @@ from meshnode.control.client import ControlClient, ControlError, generate_privat
 from meshnode.control.protocol import MACHINE_KEY_HEADER, Channel, ErrorCode, public_key_of
 from meshnode.control.server import ControlServer
 from meshnode.control.store import ControlStore
-from tests.integration.test_control_server import FAST, Tailnet, run, within_1s
+from tests.integration.test_control_server import FAST, MESHNODE, Tailnet, run, within_1s
 
 
 async def _post(url: str, body: bytes, machine_pub: str) -> tuple[int, bytes]:
@@ -109,3 +109,51 @@ async def test_bad_numbers_and_deep_json_get_400_not_500(tmp_path: Path) -> None
                     assert resp.status == 400, (raw[:20], resp.status)
                     assert "\n" not in (await resp.json())["message"]
             assert (await http.get(net.url + "/healthz")).status == 200
+
+
+def _filter_text(node) -> str:  # noqa: ANN001
+    return json.dumps([dict(r) for r in node.map.packet_filter]) if node.map else ""
+
+
+@run
+async def test_tags_need_an_owner_and_a_policy_change_takes_them_away(tmp_path: Path) -> None:
+    async with Tailnet(tmp_path) as net:
+        # A fresh server with no policy: no one owns any tag.
+        with pytest.raises(ControlError) as err:
+            await net.join("grab", start=False, advertise_tags=["tag:anything", "tag:prod"])
+        assert err.value.code is ErrorCode.TAG_NOT_ALLOWED
+        assert net.admin_store.list_nodes() == []
+        # A tagged auth key can tag, and so can an admin.
+        ci_key, _ = net.admin_store.create_authkey("alice@example.com", tags=["tag:ci"])
+        ci = await net.join("ci", key=ci_key)
+        db = await net.join("db")
+        net.admin_store.set_tags("db", ["tag:db"])
+        from meshnode.control.access import set_policy
+        set_policy(net.admin_store, json.dumps({
+            "tagOwners": {"tag:prod": ["alice@example.com"], "tag:db": [], "tag:ci": []},
+            "acls": [{"action": "accept", "src": ["tag:prod"], "dst": ["tag:db:5432"]},
+                     {"action": "accept", "src": ["tag:ci"], "dst": ["tag:ci:*"]}]}))
+        prod = await net.join("prod", advertise_tags=["tag:prod"])       # alice owns tag:prod now
+        prod_ip = net.admin_store.find_node("prod").addresses[0]
+        await within_1s(lambda: prod_ip in _filter_text(db) and "db" in prod.peer_names(), "prod reaches db")
+
+        # The policy gives tag:prod to the admin only: the node loses it, db's filter and prod's map
+        # follow, and `policy set` says who lost what.
+        policy = tmp_path / "policy.json"
+        policy.write_text(json.dumps({
+            "tagOwners": {"tag:prod": ["admin@example.com"], "tag:db": [], "tag:ci": []},
+            "acls": [{"action": "accept", "src": ["tag:prod"], "dst": ["tag:db:5432"]},
+                     {"action": "accept", "src": ["tag:ci"], "dst": ["tag:ci:*"]}]}))
+        proc = await asyncio.create_subprocess_exec(
+            MESHNODE, "control", "policy", "set", str(policy), "--db", str(net.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, errout = await proc.communicate()
+        assert proc.returncode == 0, errout
+        assert "prod: lost tag:prod" in out.decode()
+        assert net.admin_store.find_node("prod").tags == ()
+        await within_1s(lambda: prod_ip not in _filter_text(db) and "db" not in prod.peer_names(),
+                        "prod no longer reaches db")
+        # Tags from an admin or an auth key stand.
+        assert net.admin_store.find_node("db").tags == ("tag:db",)
+        assert net.admin_store.find_node("ci").tags == ("tag:ci",)
+        assert ci.map is not None
