@@ -15,6 +15,7 @@ the machine to the control server, the node key is the WireGuard key peers see.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import platform
@@ -37,19 +38,34 @@ __all__ = ["ControlClient", "ControlError", "RegisterResult", "generate_private_
 log = logging.getLogger("meshnode.control.client")
 
 
-class ControlError(RuntimeError):
-    """The control server refused a request (`code`, HTTP `status`) or could not be reached."""
+# Refusals that mean this node is no longer in the tailnet (deleted, logged out, expired, re-keyed).
+LOGIN_REFUSALS = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.NODE_EXPIRED, ErrorCode.NODE_KEY_MISMATCH})
 
-    def __init__(self, code: ErrorCode, message: str, status: int = 0) -> None:
+
+class ControlError(RuntimeError):
+    """The control server refused a request (`code`, HTTP `status`) or could not be reached.
+
+    `sealed` is True only for a refusal sealed by the pinned server key to this machine, naming the
+    request it answers: anything else (a captive portal's 404, an impostor's 401, a proxy's 502) may
+    come from anyone on the path and is treated as a transient failure.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.sealed = sealed
 
     @property
     def retryable(self) -> bool:
-        """Worth retrying later: the server was unreachable or failed, not a refusal."""
-        return self.status == 0 or self.status >= 500
+        """Worth retrying later: unreachable, failed, rate-limited, or not provably the server's word."""
+        return not self.sealed or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
+
+    @property
+    def logs_out(self) -> bool:
+        """The pinned server itself says this node is out of the tailnet: drop the map and log out."""
+        return self.sealed and self.code in LOGIN_REFUSALS
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,13 +193,14 @@ class ControlClient:
         """One sealed request and its sealed answer."""
         chan = await self._chan()
         payload = dict(payload, ts=time.time())
+        sealed = chan.seal(payload)
         try:
-            async with self._http().post(self.server_url + path, data=chan.seal(payload),
+            async with self._http().post(self.server_url + path, data=sealed,
                                          headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    raise _error_from(resp.status, body)
+                    raise _error_from(resp.status, body, chan, sealed)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
         try:
@@ -258,9 +275,10 @@ class ControlClient:
                          max_backoff: float = 10.0) -> AsyncIterator[NetMap]:
         """Full `NetMap`s as the server pushes changes; the first one arrives at once.
 
-        On a dropped connection or server error it reconnects with capped exponential backoff and
-        jitter (the next map after a reconnect is a full one). A refusal (node deleted, expired, logged
-        out, key mismatch) ends the stream with `ControlError`.
+        On a dropped connection, a server error or any answer not sealed by the pinned server key it
+        reconnects with capped exponential backoff and jitter (the next map after a reconnect is a full
+        one). Only a sealed login refusal (node deleted, expired, logged out, key mismatch; see
+        `ControlError.logs_out`) ends the stream with `ControlError`.
         """
         backoff = 0.1
         while True:
@@ -273,7 +291,7 @@ class ControlClient:
                         return
                 err = ControlError(ErrorCode.INTERNAL, "the server closed the map stream")
             except ControlError as exc:
-                if not exc.retryable:
+                if exc.logs_out:
                     raise
                 err = exc
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
@@ -294,7 +312,7 @@ class ControlClient:
                                      headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                      timeout=timeout) as resp:
             if resp.status != 200:
-                raise _error_from(resp.status, await resp.read())
+                raise _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
             reader = FrameReader()
             assembler = MapAssembler()
             async for chunk in resp.content.iter_any():
@@ -305,7 +323,9 @@ class ControlClient:
                 for sealed in frames:
                     try:
                         with gc_paused(len(sealed) // 256):  # roughly one peer per 256 bytes
-                            msg = chan.open(sealed)[1]
+                            # The server's own frames: sealed, so trusted to be sane JSON; the
+                            # strict parser would cost seconds on a 10k-node map.
+                            msg = json.loads(chan.open_bytes(sealed))
                             nm = assembler.apply(msg)
                     except ProtocolError as exc:
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
@@ -315,11 +335,20 @@ class ControlClient:
                         yield nm
 
 
-def _error_from(status: int, body: bytes) -> ControlError:
+def _error_from(status: int, body: bytes, chan: Channel | None = None, request: bytes = b"") -> ControlError:
+    """The error an HTTP answer carries; `sealed` only when it opens under the pinned server key and
+    names `request` (the sealed request it answers) by its nonce."""
+    if chan is not None and request:
+        try:
+            obj = json.loads(chan.open_bytes(body))
+            if obj.get("re") == base64.b64encode(request[:24]).decode():
+                return ControlError(ErrorCode(obj.get("error")), str(obj.get("message", "")), status, sealed=True)
+        except (ProtocolError, ValueError, TypeError, AttributeError):
+            pass
     try:
         obj = json.loads(body)
         code = ErrorCode(obj.get("error"))
         message = str(obj.get("message", ""))
     except (ValueError, AttributeError, TypeError):
         code, message = ErrorCode.INTERNAL, body[:200].decode(errors="replace")
-    return ControlError(code, message, status)
+    return ControlError(code, f"{message} (HTTP {status}, not sealed by the server key)", status)

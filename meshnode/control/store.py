@@ -182,7 +182,21 @@ def _m3_disco(db: sqlite_utils.Database) -> None:
     db["nodes"].add_column("disco_key", str)
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco)
+def _m4_security(db: sqlite_utils.Database) -> None:
+    # The newest request timestamp accepted from each registered machine (protocol.ReplayGuard), so a
+    # request captured before a restart is refused after it.
+    db["replay_marks"].create({"machine_key": str, "ts": float}, pk="machine_key", not_null={"ts"})
+    # The hash-chained audit log (audit.py owns its rows).
+    db["audit"].create({"id": int, "time": float, "actor": str, "action": str, "target": str,
+                        "old": str, "new": str, "prev_hash": str, "hash": str},
+                       pk="id", not_null={"time", "actor", "action", "target", "prev_hash", "hash"})
+    db["audit"].create_index(["time"])
+    # Tags an admin applied (`nodes tag`): they stand whatever tagOwners says, unlike tags a node's
+    # user applied, which a policy change can take away.
+    db["nodes"].add_column("admin_tags", str)
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -353,6 +367,19 @@ class ControlStore:
         with self._tx(bump=False):
             self._set_meta("admin_token_hash", authkeys.hash_secret(token))
         return token
+
+    # -- replay marks (protocol.ReplayGuard) -----------------------------------------------------
+
+    def replay_mark(self, machine_key: str) -> float | None:
+        """The newest request timestamp accepted from `machine_key` by any run of the server."""
+        row = self.conn.execute("SELECT ts FROM replay_marks WHERE machine_key = ?", [machine_key]).fetchone()
+        return None if row is None else float(row[0])
+
+    def save_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", [machine_key, ts])
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
@@ -592,8 +619,16 @@ class ControlStore:
             check_tag(tag)
         with self._tx():
             node = self.find_node(ref)
-            self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(sorted(set(tags))), node.id])
+            self.conn.execute("UPDATE nodes SET tags = ?, admin_tags = ? WHERE id = ?",
+                              [_j(sorted(set(tags))), _j(sorted(set(tags))), node.id])
         return self.get_node(node.id)
+
+    def tag_grants(self, node: Node) -> frozenset[str]:
+        """Tags `node` holds whatever the policy says: applied by an admin, or carried by the auth key
+        it registered with. Its other tags stand only while tagOwners lets its user apply them."""
+        row = self.conn.execute("SELECT n.admin_tags, k.tags FROM nodes n LEFT JOIN authkeys k"
+                                " ON k.id = n.authkey_id WHERE n.id = ?", [node.id]).fetchone()
+        return frozenset(_t(row[0]) + _t(row[1])) if row else frozenset()
 
     def expire_node(self, ref: str, when: float | None = None) -> Node:
         """Expire a node's login now (or at `when`): it leaves every map until it logs in again."""
@@ -649,14 +684,25 @@ class ControlStore:
         row = self.conn.execute("SELECT text FROM policy WHERE id = 1").fetchone()
         return row[0] if row else None
 
-    def set_policy_text(self, text: str, validate: Callable[[str, list[Node]], None]) -> None:
-        """Store a policy after `validate(text, nodes)` passes, inside the same transaction (so the
-        policy's tests ran against the nodes as they are when it lands)."""
+    def set_policy_text(self, text: str, decide: Callable[[str, list[Node]], dict[int, tuple[str, ...]] | None]
+                        ) -> list[tuple[Node, tuple[str, ...]]]:
+        """Store a policy after `decide(text, nodes)` passes, inside the same transaction (so the
+        policy's tests ran against the nodes as they are when it lands). `decide` may return new tags
+        for nodes (those that lost the right to some); they are written in the same transaction.
+        Returns (node as it was, tags it lost) for each of those."""
         with self._tx():
-            validate(text, self.list_nodes())
+            nodes = self.list_nodes()
+            retag = decide(text, nodes) or {}
             self.conn.execute("INSERT INTO policy(id, text, updated) VALUES (1, ?, ?)"
                               " ON CONFLICT(id) DO UPDATE SET text = excluded.text, updated = excluded.updated",
                               [text, time.time()])
+            lost = []
+            for node in nodes:
+                if node.id in retag:
+                    tags = tuple(sorted(set(retag[node.id])))
+                    self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(tags), node.id])
+                    lost.append((node, tuple(t for t in node.tags if t not in tags)))
+        return lost
 
     # -- DNS settings ---------------------------------------------------------------------------
 

@@ -341,6 +341,13 @@ class Daemon:
                     await self._report_endpoints(client)
                 return
             except ControlError as exc:
+                if not exc.logs_out:
+                    # Only a refusal sealed by the pinned server key changes the login state; anything
+                    # else (a captive portal, an impostor) is transient: keep serving what we have.
+                    log.warning("control: %s (not a sealed refusal); retrying in 1s", exc)
+                    self.control_error = None
+                    await asyncio.sleep(1.0)
+                    continue
                 await self._refused_by_control(client, exc)
                 return
             except (asyncio.CancelledError, KeyboardInterrupt):
@@ -352,8 +359,9 @@ class Daemon:
                 await asyncio.sleep(1.0)
 
     async def _refused_by_control(self, client: ControlClient, exc: ControlError) -> None:
-        # Retryable failures are retried inside stream_map; this is a refusal (deleted, expired,
-        # logged out elsewhere): the map we hold describes a tailnet we are no longer part of.
+        # Transient failures are retried inside stream_map; this is a refusal sealed by the pinned
+        # server key (deleted, expired, logged out elsewhere): the map we hold describes a tailnet we
+        # are no longer part of.
         log.error("control: %s refused this node: %s", client.server_url, exc)
         self.control_error = str(exc)
         self.netmap, self.map_source = None, ""
