@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 
 import aiohttp
 
+from ..words import control_unreachable, detail
 from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
                        generate_private_key, node_key_proof, public_key_of)
@@ -50,12 +51,14 @@ class ControlError(RuntimeError):
     come from anyone on the path and is treated as a transient failure.
     """
 
-    def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False) -> None:
+    def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False,
+                 detail: str = "") -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.status = status
         self.sealed = sealed
+        self.detail = detail  # the technical form (a repr), for `-v` and debug logs only
 
     @property
     def retryable(self) -> bool:
@@ -173,7 +176,7 @@ class ControlClient:
                     raise ControlError(ErrorCode.INTERNAL, f"GET /key answered {resp.status}", resp.status)
                 body = await resp.json()
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         key = str(body.get("public_key", ""))
         if self.server_public_key is not None and key != self.server_public_key:
             raise ControlError(ErrorCode.BAD_SEAL, "the server key changed since it was pinned;"
@@ -202,7 +205,7 @@ class ControlClient:
                 if resp.status != 200:
                     raise _error_from(resp.status, body, chan, sealed)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         try:
             return chan.open(body)[1]
         except ProtocolError as exc:
@@ -285,6 +288,8 @@ class ControlClient:
             try:
                 async for nm in self._stream_once():
                     backoff = 0.1
+                    if self.stream_error is not None:
+                        log.info("map stream: connected again")
                     self._stream_up(None)
                     yield nm
                     if once:
@@ -295,11 +300,14 @@ class ControlClient:
                     raise
                 err = exc
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-                err = ControlError(ErrorCode.INTERNAL, f"map stream broke: {exc!r}")
-            self._stream_up(str(err))
+                err = _unreachable(self.server_url, exc)
+            # Said once when the stream breaks (or the reason changes), not at every backoff.
+            if err.message != self.stream_error:
+                log.warning("map stream: %s; reconnecting with backoff", err.message)
+            log.debug("map stream: %s (%s); reconnecting in %.1fs", err.message, err.detail, backoff)
+            self._stream_up(err.message)
             if not reconnect:
                 raise err
-            log.info("map stream: %s; reconnecting in %.1fs", err, backoff)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(max_backoff, backoff * 2)
 
@@ -333,6 +341,11 @@ class ControlClient:
                         raise ControlError(ErrorCode.BAD_REQUEST, f"bad map frame: {exc}", 0) from None
                     if nm is not None:
                         yield nm
+
+
+def _unreachable(url: str, exc: BaseException) -> ControlError:
+    """The server could not be asked: what failed, where, and what to try, in words."""
+    return ControlError(ErrorCode.INTERNAL, control_unreachable(url, exc), detail=detail(exc))
 
 
 def _error_from(status: int, body: bytes, chan: Channel | None = None, request: bytes = b"") -> ControlError:
