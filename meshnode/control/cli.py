@@ -113,7 +113,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
     from .server import ControlServer, ServerConfig
     host, port = _parse_listen(listen)
     console_settings = _console_settings(
-        server_url or f"http://{listen}", oidc_issuer, oidc_client_id, oidc_client_secret_file,
+        server_url or "http://pending", oidc_issuer, oidc_client_id, oidc_client_secret_file,
         oidc_allowed_domains, oidc_allowed_users, oidc_allowed_groups, oidc_preapproved_only,
         session_idle, session_lifetime)
     try:
@@ -135,8 +135,11 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
 
     async def main() -> None:
         server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2)))
-        mount(server, console_settings)
+        console = mount(server, console_settings)
         bound = await server.start(host, port)
+        if server_url is None:  # default: the address we listen on, as bound (port 0 works too)
+            shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+            console.use_server_url(f"http://{shown}:{bound}")
         click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})",
                    err=True)
         stop = asyncio.Event()

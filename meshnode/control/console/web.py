@@ -8,6 +8,7 @@ nodes get them at once, and every change is recorded with the signed-in user as 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -94,6 +95,17 @@ class Console:
         self.env.filters["when"] = _when
         self.env.filters["ago"] = _ago
         self.env.globals["fingerprint"] = fingerprint
+
+    def use_server_url(self, url: str) -> None:
+        """Set the URL browsers reach this server at, once it is bound (when not given up front)."""
+        url = url.rstrip("/")
+        oidc = self.settings.oidc
+        if oidc is not None:
+            oidc = dataclasses.replace(oidc, redirect_uri=url + "/oidc/callback")
+            self.oidc = OidcClient(oidc)
+        self.settings = dataclasses.replace(self.settings, server_url=url, oidc=oidc)
+        self.secure = url.startswith("https://")
+        self.logins.server_url = url
 
     # -- mounting -------------------------------------------------------------------------------
 
