@@ -392,3 +392,26 @@ async def test_browser_login_url_expires(tmp_path: Path) -> None:
                 assert r.status == 410
             login.cancel()
         await node.close()
+
+
+def test_cli_users_role(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meshnode.control.cli import control
+    db = str(tmp_path / "c.db")
+    store = ControlStore(db)
+    store.sign_in_user("olivia@example.com", "olivia@example.com", (), True, "owner", "member")
+    store.create_user("bob@example.com")
+    run_ = CliRunner().invoke
+    r = run_(control, ["users", "role", "bob@example.com", "network-admin", "--db", db])
+    assert r.exit_code == 0, r.output
+    assert store.user_role("bob@example.com").role == "network-admin"
+    r = run_(control, ["users", "role", "bob@example.com", "superuser", "--db", db])
+    assert r.exit_code == 2 and "unknown role" in r.output
+    r = run_(control, ["users", "role", "olivia@example.com", "member", "--db", db])
+    assert r.exit_code == 1 and "at least one owner" in r.output
+    r = run_(control, ["users", "role", "nobody@example.com", "member", "--db", db])
+    assert r.exit_code == 1 and "no user" in r.output
+    r = run_(control, ["serve", "--db", db, "--oidc-issuer", "http://127.0.0.1:1"])
+    assert r.exit_code == 2 and "--oidc-client-id" in r.output
+    store.close()
