@@ -24,7 +24,7 @@ import socket
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, AsyncIterator, Iterable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
@@ -33,7 +33,7 @@ from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
                        generate_private_key, node_key_proof, public_key_of)
 
-__all__ = ["ControlClient", "ControlError", "RegisterResult", "generate_private_key", "public_key_of",
+__all__ = ["ControlClient", "ControlError", "LoginRequired", "RegisterResult", "generate_private_key", "public_key_of",
            "MapAssembler"]
 
 log = logging.getLogger("meshnode.control.client")
@@ -69,6 +69,14 @@ class ControlError(RuntimeError):
     def logs_out(self) -> bool:
         """The pinned server itself says this node is out of the tailnet: drop the map and log out."""
         return self.sealed and self.code in LOGIN_REFUSALS
+
+
+class LoginRequired(ControlError):
+    """The server wants this machine confirmed in a browser at `url` (interactive registration)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(ErrorCode.AUTHKEY_REQUIRED, f"log in at {url}" if url else "waiting for the login", 401)
+        self.url = url
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +222,8 @@ class ControlClient:
     async def register(self, authkey: str | None = None, hostname: str | None = None, os: str | None = None,
                        advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
                        advertise_exit_node: bool = False, ephemeral: bool = False,
-                       endpoints: Iterable[str] = (), disco_key: str = "") -> RegisterResult:
+                       endpoints: Iterable[str] = (), disco_key: str = "",
+                       interactive: bool = False) -> RegisterResult:
         """Register this machine (or log it in again: same machine key -> same node, name, addresses).
 
         `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
@@ -236,13 +245,34 @@ class ControlClient:
         }
         if disco_key:
             payload["disco_key"] = disco_key
+        if interactive:
+            payload["interactive"] = True
         body = await self._post("/machine/register", payload)
+        if interactive and "node" not in body:
+            raise LoginRequired(str(body.get("auth_url") or ""))
         try:
             node = MapNode.from_json(body.get("node"))
         except NetMapError as exc:
             raise ControlError(ErrorCode.BAD_REQUEST, f"bad registration answer: {exc}") from None
         return RegisterResult(node.id, node.name, node.fqdn, node.user, node.addresses, node.tags,
                               node.approved_routes, node.exit_node, node.ephemeral, self.server_public_key)
+
+    async def login_interactive(self, on_url: Callable[[str], None], timeout: float = 600.0,
+                                **register_kw: Any) -> RegisterResult:
+        """Register without an auth key: the server gives a URL (`on_url` is called with each new
+        one) where a signed-in user confirms this machine; returns once they did. The server holds
+        each request until the confirmation, so this joins within a round trip of it."""
+        deadline = time.monotonic() + timeout
+        shown = ""
+        while True:
+            try:
+                return await self.register(interactive=True, **register_kw)
+            except LoginRequired as need:
+                if need.url and need.url != shown:
+                    shown = need.url
+                    on_url(need.url)
+            if time.monotonic() > deadline:
+                raise ControlError(ErrorCode.AUTHKEY_REQUIRED, f"nobody confirmed {shown} within {timeout:g}s")
 
     async def update_endpoints(self, endpoints: Iterable[str], disco_key: str = "") -> None:
         """Report the UDP endpoints (`ip:port`) peers can reach this node at (and the disco key of

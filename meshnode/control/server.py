@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import logging
 import time
@@ -152,6 +153,9 @@ class ControlServer:
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
+        # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
+        # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
+        self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -344,6 +348,13 @@ class ControlServer:
             advertise_tags=tuple(sorted({check_tag(t) for t in _strs(p, "advertise_tags")})),
             advertise_exit_node=_bool(p, "advertise_exit_node"), ephemeral=_bool(p, "ephemeral"),
             endpoints=tuple(_strs(p, "endpoints")), disco_key=_disco_key(p) or "")
+        if reg.authkey is None and p.get("interactive") is True and self.interactive_login is not None:
+            existing = self.store.node_by_machine_key(machine_key)
+            if existing is None or not existing.active(time.time()):
+                key, url = await self.interactive_login(machine_key, node_key, reg.hostname, reg.os)
+                if key is None:
+                    return self._sealed(chan, {"auth_url": url})
+                reg = dataclasses.replace(reg, authkey=key)
         _, policy = self._policy()
         try:
             node = self.store.register(reg, lambda *a: authorize(policy, *a))

@@ -197,7 +197,7 @@ def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, ho
            accept_dns: bool | None, accept_routes: bool | None, advertise_routes: tuple[str, ...],
            advertise_exit_node: bool | None, exit_node: str | None, advertise_tags: tuple[str, ...],
            timeout: float, force_reauth: bool, as_json: bool) -> None:
-    """Connect to the tailnet (registering with --authkey the first time)."""
+    """Connect to the tailnet (the first time with --authkey, or without one: log in in the browser)."""
     body: dict[str, Any] = {"timeout": timeout}
     if force_reauth:
         if not authkey:
@@ -219,12 +219,45 @@ def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, ho
                        ("exit_node", exit_node)):
         if value is not None:
             body[key] = value
-    status = _call(ctx, "POST", "/up", body, timeout=timeout + 30)
+    if authkey:
+        status = _call(ctx, "POST", "/up", body, timeout=timeout + 30)
+    else:
+        status = _up_in_browser(ctx, body, timeout, as_json)
     if as_json:
         click.echo(json.dumps(status, indent=2))
     else:
         me = status.get("self") or {}
         click.echo(f"Connected as {me.get('fqdn', '?')} ({', '.join(me.get('addresses', []))})")
+
+
+def _up_in_browser(ctx: click.Context, body: dict[str, Any], timeout: float, as_json: bool) -> Any:
+    """`up` without a key: a known machine just logs in; a new one prints the URL the control server
+    gives (from `status`, while `/up` waits) and finishes once someone confirms it in the browser."""
+    import threading
+
+    from .daemon import BROWSER_LOGIN_WAIT
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["status"] = _call(ctx, "POST", "/up", dict(body, interactive=True),
+                                     timeout=BROWSER_LOGIN_WAIT + timeout + 30)
+        except BaseException as exc:  # re-raised in the main thread
+            result["error"] = exc
+    # A daemon thread: Ctrl-C ends the command at once instead of waiting for the login.
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    shown = ""
+    while True:
+        worker.join(0.2)
+        if not worker.is_alive():
+            if "error" in result:
+                raise result["error"]
+            return result["status"]
+        url = (_call(ctx, "GET", "/status", timeout=10) or {}).get("auth_url") or ""
+        if url and url != shown:
+            shown = url
+            click.echo(f"\nTo authenticate, visit:\n\n\t{url}\n", err=as_json)
 
 
 @click.command("down")

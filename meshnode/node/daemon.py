@@ -45,6 +45,7 @@ log = logging.getLogger("meshnode.node.daemon")
 DEFAULT_STATE_DIR = Path("/var/lib/meshnode")
 DEFAULT_SOCKET = Path("/run/meshnode/meshnode.sock")
 SYSTEM_RESOLV_CONF = Path("/etc/resolv.conf")
+BROWSER_LOGIN_WAIT = 600.0  # `meshnode up` without a key waits this long for someone to confirm the URL
 
 
 class BackendState(enum.Enum):
@@ -97,6 +98,7 @@ class Daemon:
         self.map_source = ""            # "saved" or "control"
         self.map_received_at: float | None = None
         self.control_error: str | None = None
+        self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server, metrics=config.metrics)
         self.osdns: OsDnsConfigurator = self._make_osdns()
@@ -480,11 +482,13 @@ class Daemon:
             client = self._control_client()
             assert client is not None
             try:
-                await client.register(authkey=req.authkey, hostname=prefs.hostname or None,
-                                      os=self.config.os_name,
-                                      advertise_routes=prefs.advertise_routes,
-                                      advertise_tags=prefs.advertise_tags,
-                                      advertise_exit_node=prefs.advertise_exit_node)
+                register_kw = dict(hostname=prefs.hostname or None, os=self.config.os_name,
+                                   advertise_routes=prefs.advertise_routes, advertise_tags=prefs.advertise_tags,
+                                   advertise_exit_node=prefs.advertise_exit_node)
+                if req.authkey is None and req.interactive:
+                    await self._login_in_browser(client, register_kw)
+                else:
+                    await client.register(authkey=req.authkey, **register_kw)
             except ControlError as exc:
                 await self._stop_map_stream()
                 if fresh_key:
@@ -523,6 +527,17 @@ class Daemon:
         if self.netmap is None and self.control_error:
             raise ApiError(403, self.control_error)
         return self.status()
+
+    async def _login_in_browser(self, client: ControlClient, register_kw: dict[str, Any]) -> None:
+        """No auth key: the control server gives a URL where a signed-in user confirms this machine
+        (`status` shows it as `auth_url` for the CLI to print); returns once they did."""
+        def show(url: str) -> None:
+            self.auth_url = url
+            log.info("to add this machine to the tailnet, open %s", url)
+        try:
+            await client.login_interactive(show, timeout=BROWSER_LOGIN_WAIT, **register_kw)
+        finally:
+            self.auth_url = None
 
     def _merge_prefs(self, req: UpRequest) -> Prefs:
         changes = {k: getattr(req, k) for k in ("login_server", "hostname", "accept_dns", "accept_routes",
@@ -590,6 +605,7 @@ class Daemon:
             health.append(tunnel["filter"]["error"])
         return {
             "backend_state": self.backend.value,
+            "auth_url": self.auth_url,
             "login_server": self.prefs.login_server or None,
             "tailnet": nm.domain if nm else None,
             "self": node_json(nm.self_node) if nm else None,
