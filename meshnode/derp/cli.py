@@ -89,7 +89,9 @@ def serve(listen: str, stun_port: int, tls_cert: str | None, tls_key: str | None
             tasks.append(asyncio.create_task(_follow_store(control_db, admit, relay)))
         app = web.Application()
         relay.attach(app)
-        app.router.add_get("/metrics", lambda _r: _metrics(relay))
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(text="\n".join(relay.metrics_lines()) + "\n", content_type="text/plain")
+        app.router.add_get("/metrics", metrics)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=4096)
@@ -124,10 +126,6 @@ def serve(listen: str, stun_port: int, tls_cert: str | None, tls_key: str | None
         asyncio.run(main())
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-
-
-async def _metrics(relay: object) -> web.Response:
-    return web.Response(text="\n".join(relay.metrics_lines()) + "\n", content_type="text/plain")  # type: ignore[attr-defined]
 
 
 async def _follow_store(db: str, admit: object, relay: object) -> None:
