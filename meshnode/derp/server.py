@@ -43,6 +43,7 @@ log = logging.getLogger("meshnode.derp.server")
 
 _RECV_HEADER = struct.Struct(">BI")
 LOGIN_TIMEOUT = 10.0
+WRITE_HIGH_WATER = 256 << 10     # bytes buffered for one client before its frames queue (and may drop)
 NOT_HERE_INTERVAL = 1.0          # at most one "peer not here" per destination and second, as Tailscale's
 
 
@@ -105,14 +106,13 @@ class _Conn:
         self.not_here_at: dict[bytes, float] = {}
         self.preferred = False
         self.mesh = False                        # a server of our region (holds the mesh key)
-        self.refusing = False                    # refused: flush the health frame, then close
         self.logged_in = asyncio.Event()
         self.drops = 0
 
     # -- input ------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        if self.closed or self.refusing:
+        if self.closed:
             return
         try:
             events = self.session.receive(data)
@@ -153,7 +153,14 @@ class _Conn:
 
     # -- output -----------------------------------------------------------------------------
 
+    # Frames go straight into the transport while its buffer is below the high-water mark, so a
+    # reader that keeps up costs no queueing and no task switch. Once a client stops reading, its
+    # buffer fills, frames wait in its bounded queues (disco first), and the oldest are dropped.
+
     def queue_ctrl(self, frame: bytes) -> None:
+        if not self.ctrl and not self.disco and not self.data and self._can_write():
+            self.transport.write(frame)  # type: ignore[union-attr]
+            return
         if len(self.ctrl) >= 4096:
             self.close("control queue overflow")   # a watcher or client that never reads
             return
@@ -161,34 +168,53 @@ class _Conn:
         self.wake.set()
 
     def queue_packet(self, src: bytes, packet: bytes) -> None:
-        """Queue a RecvPacket frame; the oldest is dropped (and counted) when the queue is full."""
+        """Send a RecvPacket frame, or queue it; the oldest is dropped (and counted) when the queue is full."""
+        frame = _RECV_HEADER.pack(FrameType.RECV_PACKET, 32 + len(packet)) + src + packet
+        if not self.ctrl and not self.disco and not self.data and self._can_write():
+            self.transport.write(frame)  # type: ignore[union-attr]
+            return
         q = self.disco if looks_like_disco(packet) else self.data
         if len(q) >= self.server.queue_depth:
             q.popleft()
             self.drops += 1
             self.server.count_drop(DropReason.QUEUE_HEAD)
-        q.append(_RECV_HEADER.pack(FrameType.RECV_PACKET, 32 + len(packet)) + src + packet)
+        q.append(frame)
         self.wake.set()
 
+    def _can_write(self) -> bool:
+        t = self.transport
+        return t is not None and not self.closed and t.get_write_buffer_size() < WRITE_HIGH_WATER
+
     async def write_loop(self) -> None:
-        write = self.writer.write  # type: ignore[attr-defined]
         try:
             while not self.closed:
                 await self.wake.wait()
                 self.wake.clear()
                 while (self.ctrl or self.disco or self.data) and not self.closed:
+                    if not self._can_write():
+                        await self.writer.drain()  # type: ignore[attr-defined]  # until the reader catches up
+                        if not self._can_write():
+                            await asyncio.sleep(0.005)
+                            continue
                     chunks = list(self.ctrl)
                     self.ctrl.clear()
                     chunks.extend(self.disco)
                     self.disco.clear()
                     for _ in range(min(len(self.data), 64)):
                         chunks.append(self.data.popleft())
-                    await write(b"".join(chunks))   # waits for the kernel when its buffer is full
-                if self.refusing:
-                    self.close("not admitted")
+                    self.transport.write(b"".join(chunks))  # type: ignore[union-attr]
         except (ConnectionError, RuntimeError, OSError) as exc:
             self.server.count_drop(DropReason.WRITE_ERROR, len(self.data) + len(self.disco))
             self.close(f"write failed: {exc}")
+
+    def flush_and_close(self, why: str) -> None:
+        """Write whatever is queued (a last health frame), then close: transports flush on close."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(b"".join([*self.ctrl, *self.disco, *self.data]))
+            self.ctrl.clear()
+            self.disco.clear()
+            self.data.clear()
+        self.close(why)
 
     def close(self, why: str) -> None:
         if self.closed:
@@ -305,8 +331,8 @@ class RelayServer:
         if not mesh and not (self.admit is None or self.admit(key)):
             self.refused += 1
             log.info("derp: refused key %s from %s (not in the tailnet)", key.hex()[:16], conn.remote)
-            conn.refusing = True
-            conn.queue_ctrl(Health("this node key is not allowed on this relay").encode())
+            conn.ctrl.append(Health("this node key is not allowed on this relay").encode())
+            conn.flush_and_close("not admitted")
             return False
         old = self.clients.get(key)
         conn.key = key
@@ -314,9 +340,9 @@ class RelayServer:
         conn.mesh = mesh
         self.clients[key] = conn
         if old is not None and old is not conn:
-            old.queue_ctrl(Health("another connection with this node key replaced this one").encode())
+            old.ctrl.append(Health("another connection with this node key replaced this one").encode())
             old.key = None      # its close must not unregister the new connection
-            old.close("replaced by a newer connection")
+            old.flush_and_close("replaced by a newer connection")
         if not mesh:
             self.mesh_clients.pop(key, None)
             peer_ip, port = _peer_addr(conn)
@@ -353,8 +379,8 @@ class RelayServer:
         conn = self.clients.get(key)
         if conn is None:
             return False
-        conn.queue_ctrl(Health("disconnected by the relay operator").encode())
-        conn.close("disconnected")
+        conn.ctrl.append(Health("disconnected by the relay operator").encode())
+        conn.flush_and_close("disconnected")
         return True
 
     def recheck(self) -> int:
