@@ -399,3 +399,68 @@ def test_killed_server_clients_fail_over_within_5s(region) -> None:
             await a.close()
             await b.close()
     run(body())
+
+
+def test_disco_jumps_the_queue_of_a_slow_reader() -> None:
+    async def body() -> None:
+        async with Relay(queue_depth=16) as relay:
+            sender = await connected([relay.url])
+            r, w, _ = await raw_login(relay.port)
+            slow = next(c for c in relay.server.clients.values() if c.key != key(sender))
+            try:
+                i = 0
+                deadline = time.monotonic() + 10
+                while len(slow.data) < 16:               # fill its socket, its buffer, then its queue
+                    assert i < 50_000 and time.monotonic() < deadline, "queue never filled"
+                    if sender.send(slow.key, b"data %d " % i + b"\0" * 1200):
+                        i += 1
+                    else:
+                        await asyncio.sleep(0.001)       # our own send buffer is full: let it drain
+                    if i % 64 == 0:
+                        await asyncio.sleep(0)
+                sender.send(slow.key, DISCO)
+                await async_wait_until(lambda: len(slow.disco) == 1, 2.0, what="disco queued")
+                reader, frames = FrameReader(), []
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:       # now read everything, until it goes quiet
+                    try:
+                        data = await asyncio.wait_for(r.read(1 << 16), 0.5)
+                    except asyncio.TimeoutError:
+                        break
+                    frames += reader.feed(data)
+                packets = [p[32:] for t, p in frames if t == FrameType.RECV_PACKET]
+                at = packets.index(DISCO)
+                # The 16 data packets queued before the disco packet arrive after it.
+                assert len(packets) - at - 1 == 16
+                assert [int(p.split()[1].rstrip(b"\0")) for p in packets[at + 1:]] == sorted(
+                    int(p.split()[1].rstrip(b"\0")) for p in packets[at + 1:])
+            finally:
+                w.close()
+                await sender.close()
+    run(body())
+
+
+def test_random_frames_never_take_the_server_down() -> None:
+    import random
+    rng = random.Random(7)
+
+    async def body() -> None:
+        async with Relay() as relay:
+            a, b = await connected([relay.url]), await connected([relay.url])
+            try:
+                for round_ in range(40):                 # bounded: 40 hostile connections
+                    r, w, _ = await raw_login(relay.port)
+                    junk = b"".join(encode_frame(rng.randrange(256), rng.randbytes(rng.randrange(0, 80)))
+                                    for _ in range(rng.randrange(1, 6)))
+                    if rng.random() < 0.3:
+                        junk = rng.randbytes(rng.randrange(1, 200))
+                    w.write(junk)
+                    await w.drain()
+                    w.close()
+                    assert a.send(key(b), b"alive %d" % round_)
+                    assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"alive %d" % round_)
+                assert a.connected_url and b.connected_url
+            finally:
+                await a.close()
+                await b.close()
+    run(body())
