@@ -28,6 +28,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 import ssl as ssl_module
 import struct
 import time
@@ -224,7 +225,6 @@ class DerpClient:
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
-                import socket
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hostport = host if ":" not in host else f"[{host}]"
             writer.write((f"GET {path} HTTP/1.1\r\nHost: {hostport}:{port}\r\nUpgrade: DERP\r\n"

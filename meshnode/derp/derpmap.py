@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import os
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+
+log = logging.getLogger("meshnode.derp")
 
 EMBEDDED_REGION_ID = 999
 MAX_REGIONS = 1000
@@ -244,8 +248,6 @@ class RelayMapFile:
 
     def reload(self) -> bool:
         """Re-read the file if it changed; True if the map in force changed."""
-        import logging
-        import os
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -260,8 +262,7 @@ class RelayMapFile:
                 new = RelayMap.from_tailscale(json.load(f), "derpMap")
         except (OSError, ValueError) as exc:       # RelayMapError and JSON errors are ValueErrors
             self.error = str(exc)
-            logging.getLogger("meshnode.derp").error("relay map %s does not load (%s); keeping the last good "
-                                                     "one", self.path, exc)
+            log.error("relay map %s does not load (%s); keeping the last good one", self.path, exc)
             return False
         self.error = None
         changed = new != self.current

@@ -8,9 +8,9 @@
 What it guarantees:
 - Only keys `admit` accepts (and mesh peers holding the mesh key) are served; others get a health
   frame saying why and are closed.
-- Each client has two bounded queues (disco first, then data). When a queue is full the oldest packet
-  is dropped and counted (`drops[reason]`): a slow reader loses only its own packets, and the sender's
-  reading loop never waits on anyone.
+- Frames go straight into a client's socket while it keeps up. A client that stops reading gets two
+  bounded queues (disco first, then data); when one is full the oldest packet is dropped and counted
+  (`drops[reason]`): a slow reader loses only its own packets, and no sender ever waits on it.
 - A client that disconnects is announced (peer gone) to every client it had sent to.
 - Meshing: with `mesh_with` URLs and a mesh key, this server connects to each other server of its
   region as a watcher, learns which keys live there and forwards one hop to them; packets forwarded
@@ -30,13 +30,14 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from aiohttp import web
 
 from .frames import (FrameError, FrameType, ForwardPacket, Health, KeepAlive, NotePreferred, PeerGone,
                      PeerGoneReason, PeerPresent, PeerPresentFlags, Ping, SendPacket, WatchConns, ClosePeer,
                      KEEPALIVE_SECONDS, PROTOCOL_VERSION, looks_like_disco)
+from .mesh import MeshLink
 from .session import ClientHello, ServerSession, public_key
 
 log = logging.getLogger("meshnode.derp.server")
@@ -53,6 +54,12 @@ class DropReason(enum.Enum):
     GONE_DISCONNECTED = "gone_disconnected"
     QUEUE_HEAD = "queue_head"
     WRITE_ERROR = "write_error"
+
+
+class Forwarder(Protocol):
+    """Where a key that lives on another server of the region is reached (a mesh link)."""
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +254,7 @@ class RelayServer:
         self.keepalive = keepalive
         self.login_timeout = login_timeout
         self.clients: dict[bytes, _Conn] = {}
-        self.mesh_clients: dict[bytes, object] = {}      # key -> the mesh link it lives behind
+        self.mesh_clients: dict[bytes, Forwarder] = {}   # key -> the mesh link it lives behind
         self.watchers: set[_Conn] = set()
         self.packets_relayed = 0
         self.bytes_relayed = 0
@@ -256,7 +263,7 @@ class RelayServer:
         self.refused = 0
         self.protocol_errors = 0
         self.drops: collections.Counter[str] = collections.Counter()
-        self._links: list[object] = []
+        self._links: list[MeshLink] = []
         self._conns: set[_Conn] = set()
 
     # -- HTTP ---------------------------------------------------------------------------------
@@ -275,7 +282,6 @@ class RelayServer:
         """Start the mesh links (nothing else needs starting)."""
         if self.mesh_with and not self.mesh_key:
             raise ValueError("meshing needs a mesh key")
-        from .mesh import MeshLink
         for url in self.mesh_with:
             link = MeshLink(self, url)
             link.start()
@@ -284,7 +290,7 @@ class RelayServer:
     async def stop(self) -> None:
         links, self._links = self._links, []
         for link in links:
-            await link.close()  # type: ignore[attr-defined]
+            await link.close()
         for conn in list(self._conns):
             conn.close("server stopping")
 
@@ -404,7 +410,8 @@ class RelayServer:
         link = self.mesh_clients.get(dst)
         if link is not None:
             self.packets_forwarded_out += 1
-            link.forward(src.key, dst, packet)  # type: ignore[attr-defined]
+            if not link.forward(src.key, dst, packet):
+                self.count_drop(DropReason.WRITE_ERROR)      # the link is down or backed up
             return
         self.count_drop(DropReason.UNKNOWN_DEST)
         now = time.monotonic()
@@ -430,11 +437,11 @@ class RelayServer:
 
     # -- mesh (called by MeshLink) ------------------------------------------------------------
 
-    def mesh_peer_present(self, link: object, key: bytes) -> None:
+    def mesh_peer_present(self, link: Forwarder, key: bytes) -> None:
         if key != self.public_key and key not in self.clients:
             self.mesh_clients[key] = link
 
-    def mesh_peer_gone(self, link: object, key: bytes) -> None:
+    def mesh_peer_gone(self, link: Forwarder, key: bytes) -> None:
         if self.mesh_clients.get(key) is link:
             del self.mesh_clients[key]
             # Tell local clients that talked to it, so their reverse paths are forgotten.
@@ -443,7 +450,7 @@ class RelayServer:
                 if key in c.sent_to:
                     c.queue_ctrl(gone)
 
-    def mesh_link_down(self, link: object) -> None:
+    def mesh_link_down(self, link: Forwarder) -> None:
         for key in [k for k, lk in self.mesh_clients.items() if lk is link]:
             del self.mesh_clients[key]
 

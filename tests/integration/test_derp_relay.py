@@ -10,14 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 from aiohttp import web
 
 from meshnode.derp.admission import TailnetKeys
 from meshnode.derp.client import DerpClient
-from meshnode.derp.frames import (MAGIC, FrameReader, FrameType, Health, KeepAlive, PeerGone, PeerGoneReason,
+from meshnode.derp.frames import (MAGIC, FrameReader, FrameType, PeerGone, PeerGoneReason,
                                   SendPacket, encode_frame, parse_frame)
 from meshnode.derp.server import RelayServer
 from meshnode.derp.session import ClientSession, LoggedIn, public_key
