@@ -98,6 +98,7 @@ class DerpClient:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._index = 0
+        self._since: float | None = None          # when the current connection logged in
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -186,13 +187,13 @@ class DerpClient:
         failures = 0
         while not self._closed:
             url = self.urls[self._index % len(self.urls)]
+            self._since = None
             try:
                 await self._session(url)
-                failures = 0
             except (OSError, asyncio.TimeoutError, DerpConnectError, FrameError, EOFError) as exc:
                 log.info("relay %s: %s", url, exc)
-                self.stats["connect_failures"] += 1
-                failures += 1
+                if self._since is None:
+                    self.stats["connect_failures"] += 1
             finally:
                 was = self.connected_url is not None
                 self._drop_writer()
@@ -200,6 +201,10 @@ class DerpClient:
                     self.on_connection(False)
             if self._closed:
                 return
+            # A connection that lasted resets the back-off; one dropped right after login does not,
+            # so a server that accepts and closes at once is not hammered.
+            lasted = self._since is not None and time.monotonic() - self._since > 1.0
+            failures = 0 if lasted else failures + 1
             self._index += 1
             # A whole round of servers failed: back off a little (capped) before the next round.
             if failures and failures % len(self.urls) == 0:
@@ -261,6 +266,7 @@ class DerpClient:
             writer.write(WatchConns().encode())
         self._writer = writer
         self.connected_url = url
+        self._since = time.monotonic()
         self._connected.set()
         self.stats["connects"] += 1
         log.info("relay: connected to %s", url)

@@ -463,3 +463,63 @@ def test_random_frames_never_take_the_server_down() -> None:
                 await a.close()
                 await b.close()
     run(body())
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_derp_serve_over_tls(tmp_path: Path) -> None:
+    import ssl
+    cert, keyfile = _self_signed(tmp_path)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([MESHNODE, "derp", "serve", "--listen", "127.0.0.1:0", "--stun-port", "-1",
+                             "--admit-any", "--tls-cert", str(cert), "--tls-key", str(keyfile),
+                             "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        port = int(ready.read_text().split()[0])
+        url = f"https://127.0.0.1:{port}/derp"
+
+        async def body() -> None:
+            trusted = ssl.create_default_context(cafile=str(cert))
+            a = await connected([url], ssl=trusted)
+            b = await connected([url], ssl=trusted)
+            untrusting = DerpClient(os.urandom(32), [url], connect_timeout=1.0)   # system CAs only
+            await untrusting.start()
+            try:
+                a.send(key(b), b"over TLS")
+                assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"over TLS")
+                await async_wait_until(lambda: untrusting.stats["connect_failures"] >= 1, 3.0,
+                                       what="certificate refused")
+                assert untrusting.connected_url is None
+            finally:
+                for c in (a, b, untrusting):
+                    await c.close()
+        run(body())
+    finally:
+        stop_process(proc)

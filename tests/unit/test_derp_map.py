@@ -82,3 +82,13 @@ def test_map_file_keeps_the_last_good_map(tmp_path: Path) -> None:
     p.write_text("nope")
     with pytest.raises(RelayMapError):
         RelayMapFile(str(p))
+
+
+def test_relay_urls() -> None:
+    from meshnode.derp.client import parse_relay_url
+    assert parse_relay_url("https://relay.example") == ("https", "relay.example", 443, "/derp", True)
+    assert parse_relay_url("http://127.0.0.1:8080/derp") == ("http", "127.0.0.1", 8080, "/derp", False)
+    assert parse_relay_url("[::1]:80") == ("http", "::1", 80, "/derp", False)
+    for bad in ("ftp://x/derp", "http://", ""):
+        with pytest.raises(ValueError):
+            parse_relay_url(bad)
