@@ -38,7 +38,7 @@ def derp() -> None:
 @click.option("--mesh-key-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the region's mesh key (64 hex digits; `meshnode derp meshkey` makes one).")
 @click.option("--control-db", type=click.Path(dir_okay=False), default=None,
-              help="Admit exactly the node keys of this control server database (read-only, re-read on change).")
+              help="Admit exactly the active node keys of this control server database (re-read on every change).")
 @click.option("--admit-any", is_flag=True, help="Admit any node key (an open relay: tests and labs only).")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Write 'HTTP_PORT STUN_PORT' here once listening (for scripts using port 0).")

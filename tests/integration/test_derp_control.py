@@ -179,3 +179,48 @@ def test_control_serve_derp_process(tmp_path: Path) -> None:
         asyncio.run(asyncio.wait_for(body(), 30))
     finally:
         stop_process(proc)
+
+
+def test_standalone_relay_follows_a_control_db(tmp_path: Path) -> None:
+    """`meshnode derp serve --control-db`: the nodes of that database get in, others do not, and a node
+    removed by another process (the admin CLI's path) is dropped within a second."""
+    db = tmp_path / "c.db"
+    ready = tmp_path / "ready"
+
+    async def body() -> None:
+        store = ControlStore(db)
+        server = ControlServer(store, FAST)
+        port = await server.start("127.0.0.1", 0)
+        key, _ = store.create_authkey("carol@example.com", reusable=True)
+        m = Member(f"http://127.0.0.1:{port}")
+        await m.client.register(key, hostname="carol")
+        proc = subprocess.Popen([MESHNODE, "derp", "serve", "--listen", "127.0.0.1:0", "--stun-port", "-1",
+                                 "--control-db", str(db), "--ready-file", str(ready)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        clients: list[DerpClient] = []
+        try:
+            await async_wait_until(lambda: ready.exists() or proc.poll() is not None, 15.0, interval=0.02,
+                                   what="relay ready")
+            assert proc.poll() is None
+            url = f"http://127.0.0.1:{int(ready.read_text().split()[0])}/derp"
+            member = DerpClient(m.raw_priv, [url])
+            stranger = DerpClient(os.urandom(32), [url], connect_timeout=1.0)
+            clients += [member, stranger]
+            for c in clients:
+                await c.start()
+            assert await member.wait_connected(3.0)
+            await async_wait_until(lambda: stranger.stats["connect_failures"] >= 1, 3.0, what="stranger refused")
+            admin = ControlStore(db)
+            admin.delete_node("carol")
+            admin.close()
+            t0 = time.monotonic()
+            await async_wait_until(lambda: member.connected_url is None, 1.0, interval=0.005, what="carol dropped")
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            for c in clients:
+                await c.close()
+            await m.stop()
+            stop_process(proc)
+            await server.stop()
+            store.close()
+    asyncio.run(asyncio.wait_for(body(), 40))
