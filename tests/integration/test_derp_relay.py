@@ -347,29 +347,31 @@ def region(tmp_path: Path):
     subprocess.run([MESHNODE, "derp", "meshkey", str(keyfile)], check=True, capture_output=True)
     ports = [free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)]
     urls = [f"http://127.0.0.1:{p}/derp" for p in ports]
-    procs = []
-    for i, port in enumerate(ports):
+
+    def start(i: int) -> subprocess.Popen:
         ready = tmp_path / f"ready{i}"
-        log = open(tmp_path / f"relay{i}.log", "wb")
-        procs.append(subprocess.Popen(
-            [MESHNODE, "derp", "serve", "--listen", f"127.0.0.1:{port}", "--stun-port", "0", "--admit-any",
-             "--mesh-with", urls[1 - i], "--mesh-key-file", str(keyfile), "--ready-file", str(ready)],
-            stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-    deadline = time.monotonic() + 15
-    for i in range(2):
-        while not (tmp_path / f"ready{i}").exists():
-            assert procs[i].poll() is None, (tmp_path / f"relay{i}.log").read_text()
+        ready.unlink(missing_ok=True)
+        with open(tmp_path / f"relay{i}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [MESHNODE, "derp", "serve", "--listen", f"127.0.0.1:{ports[i]}", "--stun-port", "0", "--admit-any",
+                 "--mesh-with", urls[1 - i], "--mesh-key-file", str(keyfile), "--ready-file", str(ready)],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert proc.poll() is None, (tmp_path / f"relay{i}.log").read_text()
             assert time.monotonic() < deadline, "relay did not start"
             time.sleep(0.02)
-    yield urls, procs
+        return proc
+
+    procs = [start(0), start(1)]
+    yield urls, procs, start
     for p in procs:
         stop_process(p)
 
 
 @pytest.mark.slow
 def test_killed_server_clients_fail_over_within_5s(region) -> None:
-    urls, procs = region
+    urls, procs, start = region
 
     async def body() -> None:
         # a prefers server 0, b prefers server 1; both know the whole region.
@@ -394,6 +396,22 @@ def test_killed_server_clients_fail_over_within_5s(region) -> None:
             await async_wait_until(lambda: a.connected_url == urls[1], 5.0, what="a fails over to server 1")
             await exchange(b"after", 5.0 - (time.monotonic() - t0))
             assert time.monotonic() - t0 < 5.0
+            # The dead server comes back on its port: the mesh links up again, and a node homed
+            # there reaches b on the other server.
+            procs[0] = start(0)
+            c = await connected([urls[0]])
+            try:
+                deadline = time.monotonic() + 10
+                while True:
+                    c.send(key(b), b"after restart")
+                    try:
+                        if (await asyncio.wait_for(b.recv(), 0.2))[1] == b"after restart":
+                            break
+                    except asyncio.TimeoutError:
+                        pass
+                    assert time.monotonic() < deadline, "the restarted server never re-joined the mesh"
+            finally:
+                await c.close()
         finally:
             await a.close()
             await b.close()
