@@ -12,7 +12,8 @@ API (asyncio; keys are raw 32-byte Curve25519 public keys, i.e. the node's WireG
     client.connected_url                  # the server in use, or None
     await client.close()
 
-The URLs are the servers of ONE region, preferred first. The client keeps one connection; when it
+The URLs are the servers of ONE region, preferred first (`RelayMap.region(id).urls(control_url)` gives
+them from the network map's `derp_map`). The client keeps one connection; when it
 breaks (server killed, connection reset, or silent for `dead_after` seconds despite pings) it moves to
 the next URL at once and keeps cycling, so a dead server is replaced within about a second.
 Received packets wait in a bounded queue (`recv_queue` packets); when the reader falls behind, the

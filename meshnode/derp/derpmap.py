@@ -73,6 +73,10 @@ class Region:
     name: str
     nodes: tuple[RelayNode, ...]
 
+    def urls(self, control_url: str = "") -> list[str]:
+        """The /derp URLs of this region's servers, in the map's order: what `DerpClient` takes."""
+        return [n.url(control_url) for n in self.nodes]
+
     def to_json(self) -> dict[str, Any]:
         return {"region_id": self.region_id, "code": self.code, "name": self.name,
                 "nodes": [n.to_json() for n in self.nodes]}

@@ -26,6 +26,7 @@ def test_tailscale_format_defaults_and_round_trip() -> None:
     assert (r.nodes[1].port, r.nodes[1].stun_port) == (8443, -1)
     assert RelayMap.from_json(json.loads(m.dumps())) == m
     assert r.nodes[1].url() == "https://derp1b.example:8443/derp"
+    assert r.urls() == ["https://derp1.example:443/derp", "https://derp1b.example:8443/derp"]
 
 
 def test_merge_replaces_regions_by_id_unless_omit_default() -> None:
