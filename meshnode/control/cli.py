@@ -88,6 +88,17 @@ def _parse_listen(text: str) -> tuple[str, int]:
               help="Delete an offline ephemeral node after this long (e.g. 30s, 5m).")
 @click.option("--admin-token-file", default=None,
               help="Where to write the admin API token at first start (default: DB path + .admin-token).")
+@click.option("--derp", "embed_derp", is_flag=True,
+              help="Also serve a DERP relay (region 999) on this listener, with STUN on --stun-port.")
+@click.option("--stun-port", type=click.IntRange(-1, 65535), default=3478, show_default=True,
+              help="UDP port of the embedded relay's STUN server (-1: none, 0: any free port).")
+@click.option("--derp-region-id", type=click.IntRange(1, 65535), default=999, show_default=True,
+              help="Region ID of the embedded relay in the relay map.")
+@click.option("--derp-host", default="",
+              help="Host name nodes use for the embedded relay (default: the host of their --login-server URL).")
+@click.option("--derp-map", "derp_map_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Relay regions in Tailscale's DERPMap JSON, published in the network map; re-read when it "
+                   "changes (a version that does not load is logged and the last good one kept).")
 @click.option("--server-url", default=None,
               help="This server's URL as browsers reach it (default: http://LISTEN); the OIDC redirect URI"
                    " is SERVER_URL/oidc/callback.")
@@ -104,14 +115,22 @@ def _parse_listen(text: str) -> tuple[str, int]:
 @click.option("--session-lifetime", default="7d", show_default=True, help="Console sign-out this long after sign-in.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, admin_token_file: str | None,
+          embed_derp: bool, stun_port: int, derp_region_id: int, derp_host: str, derp_map_file: str | None,
           server_url: str | None, oidc_issuer: str | None, oidc_client_id: str | None,
           oidc_client_secret_file: str | None, oidc_allowed_domains: str, oidc_allowed_users: str,
           oidc_allowed_groups: str, oidc_preapproved_only: bool, session_idle: str, session_lifetime: str,
           verbose: bool) -> None:
     """Run the coordination server."""
+    from ..derp.derpmap import RelayMapError, RelayMapFile
     from .console.web import mount
     from .server import ControlServer, ServerConfig
     host, port = _parse_listen(listen)
+    map_file = None
+    if derp_map_file:
+        try:
+            map_file = RelayMapFile(derp_map_file)
+        except RelayMapError as exc:
+            raise click.BadParameter(str(exc), param_hint="--derp-map") from None
     console_settings = _console_settings(
         server_url or "http://pending", oidc_issuer, oidc_client_id, oidc_client_secret_file,
         oidc_allowed_domains, oidc_allowed_users, oidc_allowed_groups, oidc_preapproved_only,
@@ -134,19 +153,40 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         pass
 
     async def main() -> None:
-        server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2)))
+        relay, stun_transport, bound_stun = None, None, -1
+        if embed_derp:
+            from ..derp.server import RelayServer
+            from ..stun.server import start_stun_server
+            relay = RelayServer(os.urandom(32))
+            if stun_port >= 0:
+                stun_transport, stun = await start_stun_server("" if host in ("0.0.0.0", "::") else host,
+                                                               stun_port)
+                bound_stun = stun.port
+        server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2)),
+                               relay=relay, relay_map_file=map_file)
+        if relay is not None and port != 0:
+            # Known before listening, so the first snapshot already carries the relay.
+            from ..derp.derpmap import embedded_map
+            server.relay_map = embedded_map(derp_region_id, derp_host, port, tls=False, stun_port=bound_stun)
         console = mount(server, console_settings)
         bound = await server.start(host, port)
+        if relay is not None and port == 0:
+            from ..derp.derpmap import embedded_map
+            server.relay_map = embedded_map(derp_region_id, derp_host, bound, tls=False, stun_port=bound_stun)
+            server.mark_dirty()
         if server_url is None:  # default: the address we listen on, as bound (port 0 works too)
             shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
             console.use_server_url(f"http://{shown}:{bound}")
-        click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})",
-                   err=True)
+        click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})"
+                   + (f", relay on /derp (region {derp_region_id})" if relay is not None else "")
+                   + (f", STUN on udp/{bound_stun}" if bound_stun >= 0 else ""), err=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if stun_transport is not None:
+            stun_transport.close()
         await server.stop()
 
     try:

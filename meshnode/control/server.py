@@ -10,6 +10,8 @@ Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-2
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
   GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
 Unauthenticated: GET /metrics (Prometheus text; counts only), GET /healthz.
+With an embedded relay (`relay=`): GET /derp (DERP upgrade), /derp/probe, /generate_204; the relay
+admits exactly the active nodes' keys and drops a node as soon as a snapshot no longer has it.
 
 Errors are JSON `{"error": code, "message": text}` with a 4xx/5xx status; a handler never takes
 the server down.
@@ -34,6 +36,9 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ..derp.admission import TailnetKeys, node_keys
+from ..derp.derpmap import RelayMap, RelayMapFile
+from ..derp.server import RelayServer
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, naming
 from .access import TagNotAllowed, authorize, set_policy
@@ -121,7 +126,9 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 class ControlServer:
     """One coordination server bound to one store."""
 
-    def __init__(self, store: ControlStore, config: ServerConfig = ServerConfig()) -> None:
+    def __init__(self, store: ControlStore, config: ServerConfig = ServerConfig(), *,
+                 relay: RelayServer | None = None, relay_map: RelayMap | None = None,
+                 relay_map_file: RelayMapFile | None = None) -> None:
         self.store = store
         self.config = config
         self.private_key = store.server_private_key()
@@ -150,6 +157,13 @@ class ControlServer:
             web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
             web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
         ])
+        # The relay map in the network map: `relay_map` (the embedded relay's region), then the
+        # --derp-map file, then the policy's "derpMap" section, each on top of the one before.
+        self.relay, self.relay_map, self.relay_map_file = relay, relay_map, relay_map_file
+        self.relay_keys = TailnetKeys()
+        if relay is not None:
+            relay.admit = self.relay_keys
+            relay.attach(self.app)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
@@ -161,6 +175,8 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._publish()
+        if self.relay is not None:
+            await self.relay.start()
         for coro in (self._publisher(), self._poller(), self._reaper()):
             self._tasks.append(asyncio.create_task(coro))
 
@@ -230,7 +246,12 @@ class ControlServer:
         snap, differs = build_snapshot(prev, version=prev.version if prev else self.store.map_version(),
                                        domain=self.store.domain(), nodes=nodes,
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
-                                       dns=self.store.dns_settings(), records=records)
+                                       dns=self.store.dns_settings(), records=records,
+                                       derp_map_text=self._relay_map_text(policy))
+        if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
+            gone = self.relay.recheck()
+            if gone:
+                log.info("relay: disconnected %d node(s) no longer in the tailnet", gone)
         if not differs:
             return
         if prev is not None or snap.version == 0:
@@ -238,6 +259,14 @@ class ControlServer:
         self.snapshot = snap
         self.stats["snapshots"] += 1
         self._wake_streams()
+
+    def _relay_map_text(self, policy: Policy | None) -> str:
+        rmap = self.relay_map or RelayMap()
+        if self.relay_map_file is not None and self.relay_map_file.current is not None:
+            rmap = rmap.merged(self.relay_map_file.current)
+        if policy is not None and policy.derp_map is not None:
+            rmap = rmap.merged(policy.derp_map)
+        return rmap.dumps() if rmap.regions else "null"
 
     def _wake_streams(self) -> None:
         old, self._changed = self._changed, asyncio.Event()
@@ -265,7 +294,8 @@ class ControlServer:
             await asyncio.sleep(self.config.poll_interval)
             try:
                 if (self.store.change_counter() != self._seen_counter
-                        or self.store.records.version() != self._seen_records):
+                        or self.store.records.version() != self._seen_records
+                        or (self.relay_map_file is not None and self.relay_map_file.reload())):
                     self.mark_dirty()
             except Exception:
                 log.exception("polling the store failed")
@@ -521,6 +551,8 @@ class ControlServer:
             f"meshnode_control_snapshots_total {self.stats['snapshots']}",
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
         ]
+        if self.relay is not None:
+            lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
