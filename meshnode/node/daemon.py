@@ -106,6 +106,7 @@ class Daemon:
                         if config.tun else None)
         self.router_error: str | None = None
         self._reported_endpoints: list[str] | None = None
+        self._reported_disco = ""  # the disco key the control server has from us
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
         self._applied_osdns: OsDnsConfig | None = None
@@ -251,12 +252,12 @@ class Daemon:
         except OSError as exc:
             log.warning("endpoints: cannot list local addresses: %s", exc)
             return
-        reported = [*endpoints, self._tunnel.disco_key]
-        if reported == self._reported_endpoints:
+        disco = self._tunnel.disco_key
+        if endpoints == self._reported_endpoints and disco == self._reported_disco:
             return
         try:
-            await client.update_endpoints(endpoints, disco_key=self._tunnel.disco_key)
-            self._reported_endpoints = reported
+            await client.update_endpoints(endpoints, disco_key=disco)
+            self._reported_endpoints, self._reported_disco = endpoints, disco
             log.info("control: reported endpoints %s", ", ".join(endpoints) or "(none)")
         except ControlError as exc:
             log.warning("control: reporting endpoints %s failed: %s", endpoints, exc)
