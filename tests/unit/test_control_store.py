@@ -15,7 +15,7 @@ import sqlite_utils
 from magicdns.records import parse_record
 from meshnode.control import store as store_mod
 from meshnode.control.naming import NameInvalid, NameTaken
-from meshnode.control.store import (Conflict, ControlStore, Grant, InvalidValue, NotFound, Registration,
+from meshnode.control.store import (SCHEMA_VERSION, Conflict, ControlStore, Grant, InvalidValue, NotFound, Registration,
                                     SchemaTooNew)
 
 REPO = Path(__file__).resolve().parents[2]
