@@ -61,6 +61,7 @@ class PingRequest:
     peer: str
     count: int = 1
     timeout: float = 2.0  # seconds per probe
+    until_direct: bool = False  # stop at the first pong over a direct path
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,7 @@ def parse_ip(params: Mapping[str, str]) -> IpRequest:
 def parse_ping(body: Any) -> PingRequest:
     """Validate a `ping` request: a peer (name or address), 1-100 probes, 0.1-30 s each."""
     obj = _object(body)
-    _check_keys(obj, {"peer", "count", "timeout"})
+    _check_keys(obj, {"peer", "count", "timeout", "until_direct"})
     peer = _opt_str(obj, "peer", 253)
     if not peer or not peer.strip():
         raise bad_request("peer: expected a peer name or address")
@@ -185,7 +186,10 @@ def parse_ping(body: Any) -> PingRequest:
     timeout = obj.get("timeout", 2.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 30:
         raise bad_request("timeout: expected seconds from 0.1 to 30")
-    return PingRequest(peer.strip(), count, float(timeout))
+    until_direct = obj.get("until_direct", False)
+    if not isinstance(until_direct, bool):
+        raise bad_request("until_direct: expected true or false")
+    return PingRequest(peer.strip(), count, float(timeout), until_direct)
 
 
 def parse_netcheck(params: Mapping[str, str]) -> NetcheckRequest:

@@ -283,6 +283,13 @@ def _owner(node: dict[str, Any]) -> str:
 def _peer_state(peer: dict[str, Any]) -> str:
     if not peer.get("online"):
         return "offline"
+    path = peer.get("path")
+    if path is not None:  # the path layer's word: a path that answers, not one configured
+        if path["type"] == "direct" and path.get("endpoint"):
+            return f"active; direct {path['endpoint']}"
+        if path["type"] == "relay":
+            return f'active; relay "{path["relay_region"]}"'
+        return "-"
     wg = peer.get("tunnel") or {}
     shook = wg.get("last_handshake")
     # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
@@ -362,18 +369,25 @@ def ip_cmd(ctx: click.Context, v4: bool, v6: bool, peer: str | None) -> None:
 @click.option("-c", "--count", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--timeout", type=click.FloatRange(0.1, 30), default=2.0, show_default=True,
               help="Seconds to wait for each pong.")
+@click.option("--until-direct", is_flag=True,
+              help="Stop at the first pong over a direct path; fail if none comes within COUNT pings.")
 @click.pass_context
-def ping_cmd(ctx: click.Context, peer: str, count: int, timeout: float) -> None:
-    """Ping PEER over the tunnel (ICMP echo to its tailnet address)."""
-    res = _call(ctx, "POST", "/ping", {"peer": peer, "count": count, "timeout": timeout},
-                timeout=count * timeout + 30)
+def ping_cmd(ctx: click.Context, peer: str, count: int, timeout: float, until_direct: bool) -> None:
+    """Ping PEER and say which path answered (disco pings, as `tailscale ping`; ICMP through the
+    tunnel for a peer without a disco key)."""
+    res = _call(ctx, "POST", "/ping", {"peer": peer, "count": count, "timeout": timeout,
+                                       "until_direct": until_direct},
+                timeout=count * (timeout + 1) + 30)
     name, addr = res["peer"].split(".")[0], res["address"]
-    via = f" via {res['endpoint']}" if res.get("endpoint") else ""
-    for rtt in res["replies_ms"]:
-        click.echo(f"pong from {name} ({addr}){via} in {rtt:g}ms" if rtt is not None
+    replies = res.get("replies") or [{"ms": r, "via": res.get("endpoint")} for r in res["replies_ms"]]
+    for r in replies:
+        via = f" via {r['via']}" if r.get("via") else ""
+        click.echo(f"pong from {name} ({addr}){via} in {r['ms']:g}ms" if r["ms"] is not None
                    else f"timeout waiting for pong from {name} ({addr})")
-    if all(r is None for r in res["replies_ms"]):
+    if all(r["ms"] is None for r in replies):
         raise click.ClickException(f"no reply from {name} ({addr})")
+    if until_direct and not any(r.get("direct") for r in replies):
+        raise click.ClickException(f"{name} ({addr}) answered, but not over a direct path")
 
 
 # -- netcheck ------------------------------------------------------------------------------------
