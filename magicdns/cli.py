@@ -20,8 +20,8 @@ import click
 
 from .forward import ForwardingLoopError, reject_self
 from .names import NameError_, normalize_domain
-from .records import Record, RecordError, parse_record
-from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, StoreError
+from .records import SHADOWING_TYPES, Record, RecordError, parse_record
+from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, RRsetTooLarge, StoreError
 from .sysresolv import read_original_resolvers
 from .upstream import Upstream, UpstreamError, parse_upstream
 from .view import DEFAULT_DOMAIN, DnsSettings, DnsView, ViewError
@@ -207,14 +207,38 @@ async def _serve(config: Any, view: DnsView, source: Any, ups: tuple[Upstream, .
               help="Records store (the standalone resolver's, or the control server's database).")
 @click.option("--domain", default=os.environ.get("MAGICDNS_DOMAIN", DEFAULT_DOMAIN), show_default=True,
               help="Tailnet domain that relative names are completed with.")
+@click.option("--view", "view_path", default=os.environ.get("MAGICDNS_VIEW"), type=click.Path(dir_okay=False),
+              help="The network view the standalone server loads: its node names are known taken.")
 @click.pass_context
-def records(ctx: click.Context, db_path: str, domain: str) -> None:
+def records(ctx: click.Context, db_path: str, domain: str, view_path: str | None) -> None:
     """Manage admin-defined records."""
     try:
         dom = normalize_domain(domain)
     except NameError_ as exc:
         fail_usage(f"--domain: {exc}")
-    ctx.obj = {"db": db_path, "domain": dom}
+    ctx.obj = {"db": db_path, "domain": dom, "view": view_path}
+
+
+def _node_names(ctx: click.Context, store: RecordStore) -> set[str]:
+    """Names of nodes that records could shadow: the control database's, and the view file's."""
+    names = store.node_names()
+    if ctx.obj.get("view"):
+        from .view import load_view
+        try:
+            view = load_view(ctx.obj["view"])
+        except ViewError as exc:
+            fail_usage(f"--view: {exc}")
+        names |= {f"{h.name}.{view.domain}" for h in view.hosts}
+    return names
+
+
+def _refuse_shadowing(recs: list[Record], nodes: set[str], where: str = "") -> None:
+    """A record that would replace a node's addresses needs --override (DESIGN.md 3): without it
+    the resolver would ignore it, so refuse it now instead of saying "added"."""
+    for rec in recs:
+        if rec.name in nodes and rec.rtype in SHADOWING_TYPES and not rec.override:
+            fail_usage(f"{where}{rec.name} is the name of a node; a {rec.rtype} record there would shadow its "
+                       "addresses: add --override to do that on purpose" + ("; nothing was imported" if where else ""))
 
 
 def _store(ctx: click.Context) -> RecordStore:
@@ -239,9 +263,10 @@ def records_add(ctx: click.Context, name: str, rtype: str, value: tuple[str, ...
     except RecordError as exc:
         fail_usage(str(exc))
     store = _store(ctx)
+    _refuse_shadowing([rec], _node_names(ctx, store))
     try:
         store.add(rec)
-    except (DuplicateRecord, CnameConflict) as exc:
+    except (DuplicateRecord, CnameConflict, RRsetTooLarge) as exc:
         fail_usage(str(exc))
     except StoreError as exc:
         fail(str(exc))
@@ -309,9 +334,12 @@ def read_records_file(text: str, domain: str, source: str) -> list[Record]:
                 raise RecordError(f"{source}: record {i + 1}: {exc}") from None
         return out
     for lineno, line in enumerate(text.splitlines(), 1):
-        body = line.split(";", 1)[0].strip() if '"' not in line else line.strip()
-        if not body or body.startswith(("#", ";")):
+        if line.lstrip().startswith("#"):
             continue
+        body, comment = split_comment(line)
+        if not body:
+            continue
+        override = comment.strip() == OVERRIDE_COMMENT[1:].strip()
         fields = body.split(None, 1)
         if len(fields) < 2:
             raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
@@ -327,10 +355,28 @@ def read_records_file(text: str, domain: str, source: str) -> list[Record]:
         if len(parts) < 2:
             raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
         try:
-            out.append(parse_record(name, parts[0], parts[1], ttl, domain))
+            out.append(parse_record(name, parts[0], parts[1], ttl, domain, override))
         except RecordError as exc:
             raise RecordError(f"{source}:{lineno}: {exc}") from None
     return out
+
+
+OVERRIDE_COMMENT = "; override"
+
+
+def split_comment(line: str) -> tuple[str, str]:
+    """A zone-file line split at its first `;` outside quotes and escapes: (body, comment)."""
+    quoted = escaped = False
+    for i, ch in enumerate(line):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            return line[:i].strip(), line[i + 1:]
+    return line.strip(), ""
 
 
 @records.command("import")
@@ -347,9 +393,11 @@ def records_import(ctx: click.Context, path: str, replace: bool) -> None:
         recs = read_records_file(text, ctx.obj["domain"], path)
     except RecordError as exc:
         fail_usage(str(exc))
+    store = _store(ctx)
+    _refuse_shadowing(recs, _node_names(ctx, store), f"{path}: ")
     try:
-        added = _store(ctx).import_records(recs, replace=replace)
-    except CnameConflict as exc:
+        added = store.import_records(recs, replace=replace)
+    except (CnameConflict, RRsetTooLarge) as exc:
         fail_usage(f"{path}: {exc}; nothing was imported")
     except StoreError as exc:
         fail(str(exc))
@@ -366,8 +414,8 @@ def records_export(ctx: click.Context, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([r.to_json() for r in recs], indent=2))
     else:
-        for r in recs:
-            click.echo(f"{r.name}. {r.ttl} IN {r.rtype} {r.value}")
+        for r in recs:  # the override flag has no zone-file field: a comment that import reads back
+            click.echo(f"{r.name}. {r.ttl} IN {r.rtype} {r.value}" + (f" {OVERRIDE_COMMENT}" if r.override else ""))
 
 
 # -- query and status ----------------------------------------------------------------------------
