@@ -420,19 +420,35 @@ def records_export(ctx: click.Context, fmt: str) -> None:
 
 # -- query and status ----------------------------------------------------------------------------
 
+def question_for(name: str, qtype: str | None, reverse: bool) -> tuple[str, str]:
+    """What to ask for NAME [TYPE]: an IP address (or -x) means its PTR name, as `dig -x` does;
+    otherwise the name as given, type A by default. Raises click.UsageError for -x without an IP."""
+    try:
+        addr = ipaddress.ip_address(name.strip().strip("[]"))
+    except ValueError:
+        if reverse:
+            raise click.UsageError(f"-x needs an IP address, not {name!r}") from None
+        return name, (qtype or "A")
+    return addr.reverse_pointer, (qtype or "PTR")
+
+
 @main.command()
 @click.argument("name")
-@click.argument("qtype", default="A", metavar="[TYPE]")
+@click.argument("qtype", required=False, metavar="[TYPE]")
+@click.option("-x", "reverse", is_flag=True, help="NAME is an IP address: ask for its PTR name.")
 @click.option("--server", default="127.0.0.1:53", show_default=True, help="HOST[:PORT] to ask.")
 @click.option("--tcp", is_flag=True, help="Ask over TCP.")
 @click.option("--timeout", default=3.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def query(name: str, qtype: str, server: str, tcp: bool, timeout: float, as_json: bool) -> None:
-    """Ask a resolver (this one by default) a question and print the answer."""
+def query(name: str, qtype: str | None, reverse: bool, server: str, tcp: bool, timeout: float,
+          as_json: bool) -> None:
+    """Ask a resolver (this one by default) a question and print the answer. An IP address (or -x IP)
+    asks for its PTR name."""
     from dnslib import EDNS0, QTYPE, DNSRecord
 
     from .server import reply_to_json
 
+    name, qtype = question_for(name, qtype, reverse)
     host, port = parse_hostport(server)
     try:
         getattr(QTYPE, qtype.upper())

@@ -274,6 +274,10 @@ def test_query_command(server: MagicDnsProcess) -> None:
     assert res.stdout.count(" A ") == 80  # retried over TCP after truncation
     bad = run_cli("query", "x.tailnet", "BOGUS", "--server", f"{server.host}:{server.port}")
     assert bad.returncode == 2
+    for args in (("-x", "100.64.0.2"), ("100.64.0.2",), ("-x", "fd7a:115c:a1e0::2")):  # as dig -x
+        out = json.loads(run_cli("query", *args, "--server", f"{server.host}:{server.port}", "--json").stdout)
+        assert [(a["type"], a["value"]) for a in out["answer"]] == [("PTR", "my-server.tailnet.")], args
+    assert run_cli("query", "-x", "my-server.tailnet", "--server", f"{server.host}:{server.port}").returncode == 2
 
 
 def test_status_without_server_fails_clearly(tmp_path: Path) -> None:
