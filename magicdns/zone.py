@@ -16,6 +16,8 @@ from typing import Iterable
 from dnslib import AAAA, NS, PTR, QTYPE, RR, SOA, A
 
 from .names import is_subdomain
+from .ranges import (RESOLVER_V4, RESOLVER_V6, TAILNET_V4, TAILNET_V6, V4_REVERSE_APEXES,  # noqa: F401
+                     V6_REVERSE_APEX, in_tailnet)
 from .records import SHADOWING_TYPES, Record
 from .upstream import Upstream
 from .view import DnsView, Host, paused_gc
@@ -26,12 +28,6 @@ NODE_TTL = 300
 APEX_TTL = 3600
 NEGATIVE_TTL = 60  # SOA MINIMUM: how long resolvers may cache "no such name" (RFC 2308)
 
-TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
-TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
-RESOLVER_V4 = ipaddress.ip_address("100.100.100.100")
-RESOLVER_V6 = ipaddress.ip_address("fd7a:115c:a1e0::53")
-V6_REVERSE_APEX = "0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa"
-V4_REVERSE_APEXES = tuple(f"{n}.100.in-addr.arpa" for n in range(64, 128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +45,6 @@ class ForwardRoute:
     suffix: str
     upstreams: tuple[Upstream, ...]
     allow_tailnet_answers: bool
-
-
-def in_tailnet(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return addr in TAILNET_V4 or addr in TAILNET_V6
 
 
 class Zone:
