@@ -52,6 +52,9 @@ def complete_chain(zone: Zone, reply: bytes) -> bytes:
     at a name we are authoritative for; otherwise `reply` itself, untouched and cheaply."""
     if _CNAME_IN not in reply:
         return reply
+    low = reply.lower()
+    if not any(top in low for top in zone.top_label_wires):  # no name of ours in it: spare the parse
+        return reply
     try:
         msg = DNSRecord.parse(reply)
     except (DNSError, ValueError, IndexError, UnicodeError, KeyError, TypeError):

@@ -77,6 +77,13 @@ class Zone:
         self._add_routes(view, fallback_upstreams)
         self.max_route_labels = max((s.count(".") + 1 for s in self.routes), default=1)
         self.exact = self._exact_names()
+        # The last label of every name we answer for, in wire form: the first time a name under
+        # one of our zones appears in a message, this is written out (compression only points
+        # back), so a reply without any of these holds none of our names. chase.complete_chain's
+        # cheap test.
+        self.top_label_wires = frozenset(
+            bytes((len(top),)) + top + b"\x00"
+            for top in {apex.rsplit(".", 1)[-1].encode() for apex in [*self.local_apexes(), *self.exact]})
 
     # -- construction -------------------------------------------------------------------------
 
@@ -149,6 +156,10 @@ class Zone:
             if not isinstance(self.route_for(name)[0], LocalZone):
                 exact[name] = LocalZone(name, "exact")
         return exact
+
+    def local_apexes(self) -> list[str]:
+        """The apexes of every zone we answer with authority (the tailnet, reverse and local routes)."""
+        return [suffix for suffix, target in self.routes.items() if isinstance(target, LocalZone)]
 
     # -- lookups ------------------------------------------------------------------------------
 
