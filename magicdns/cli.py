@@ -103,6 +103,8 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     fallback = read_original_resolvers(resolv_conf, own_addresses=own) if not ups else ()
     try:
         store = RecordStore(db_path, dom or DEFAULT_DOMAIN) if db_path else None
+        if store is not None:  # so `records add` knows this view's node names without --view
+            store.set_served_view(os.path.abspath(view_path) if view_path else None)
         source = ViewSource(view_path, store, dom)
         view = _with_overrides(source.load(), ups, route_map)
     except (ViewError, StoreError) as exc:
@@ -208,7 +210,7 @@ async def _serve(config: Any, view: DnsView, source: Any, ups: tuple[Upstream, .
 @click.option("--domain", default=os.environ.get("MAGICDNS_DOMAIN", DEFAULT_DOMAIN), show_default=True,
               help="Tailnet domain that relative names are completed with.")
 @click.option("--view", "view_path", default=os.environ.get("MAGICDNS_VIEW"), type=click.Path(dir_okay=False),
-              help="The network view the standalone server loads: its node names are known taken.")
+              help="A network view whose node names are taken (default: the view of the server using --db).")
 @click.pass_context
 def records(ctx: click.Context, db_path: str, domain: str, view_path: str | None) -> None:
     """Manage admin-defined records."""
@@ -222,12 +224,17 @@ def records(ctx: click.Context, db_path: str, domain: str, view_path: str | None
 def _node_names(ctx: click.Context, store: RecordStore) -> set[str]:
     """Names of nodes that records could shadow: the control database's, and the view file's."""
     names = store.node_names()
-    if ctx.obj.get("view"):
+    path = ctx.obj.get("view") or store.served_view()
+    if path:
         from .view import load_view
         try:
-            view = load_view(ctx.obj["view"])
+            view = load_view(path)
         except ViewError as exc:
-            fail_usage(f"--view: {exc}")
+            if ctx.obj.get("view"):
+                fail_usage(f"--view: {exc}")
+            # the server's view moved or broke since it started: its names are unknown, say so
+            click.echo(f"magicdns: cannot read the served view to check node names: {exc}", err=True)
+            return names
         names |= {f"{h.name}.{view.domain}" for h in view.hosts}
     return names
 

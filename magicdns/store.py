@@ -177,6 +177,18 @@ class RecordStore:
             raise RRsetTooLarge(f"{record.name} {record.rtype}: the RRset would take {size} bytes, more than "
                                 f"one DNS message holds ({MAX_MESSAGE}); no client could receive it")
 
+    def set_served_view(self, path: str | None) -> None:
+        """Remember which view file the server using this store loads (None: none), so that the
+        records CLI can refuse records that would shadow its nodes. Not a records change: no bump."""
+        with self._tx():
+            self.db.execute("DELETE FROM meta WHERE key = 'served_view'")
+            if path:
+                self.db.execute("INSERT INTO meta(key, value) VALUES ('served_view', ?)", [path])
+
+    def served_view(self) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'served_view'").fetchone()
+        return str(row[0]) if row and row[0] else None
+
     def node_names(self) -> set[str]:
         """The names of the nodes of a control database that shares this file (its `nodes` table and
         the domain in `control_meta`, read only), as FQDNs; empty for a standalone records store.
