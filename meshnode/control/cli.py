@@ -88,12 +88,34 @@ def _parse_listen(text: str) -> tuple[str, int]:
               help="Delete an offline ephemeral node after this long (e.g. 30s, 5m).")
 @click.option("--admin-token-file", default=None,
               help="Where to write the admin API token at first start (default: DB path + .admin-token).")
+@click.option("--server-url", default=None,
+              help="This server's URL as browsers reach it (default: http://LISTEN); the OIDC redirect URI"
+                   " is SERVER_URL/oidc/callback.")
+@click.option("--oidc-issuer", default=None, help="OpenID Connect issuer URL: enables single sign-on to the console.")
+@click.option("--oidc-client-id", default=None, help="OIDC client id registered at the issuer.")
+@click.option("--oidc-client-secret-file", default=None, type=click.Path(dir_okay=False),
+              help="File holding the OIDC client secret.")
+@click.option("--oidc-allowed-domains", default="", help="Only these e-mail domains may sign in (comma list).")
+@click.option("--oidc-allowed-users", default="", help="Only these e-mail addresses may sign in (comma list).")
+@click.option("--oidc-allowed-groups", default="", help="Only members of these OIDC groups may sign in (comma list).")
+@click.option("--oidc-preapproved-only", is_flag=True,
+              help="Users are not created on first sign-in: they must exist (control users create).")
+@click.option("--session-idle", default="8h", show_default=True, help="Console sign-out after this idle time.")
+@click.option("--session-lifetime", default="7d", show_default=True, help="Console sign-out this long after sign-in.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, admin_token_file: str | None,
+          server_url: str | None, oidc_issuer: str | None, oidc_client_id: str | None,
+          oidc_client_secret_file: str | None, oidc_allowed_domains: str, oidc_allowed_users: str,
+          oidc_allowed_groups: str, oidc_preapproved_only: bool, session_idle: str, session_lifetime: str,
           verbose: bool) -> None:
     """Run the coordination server."""
+    from .console.web import mount
     from .server import ControlServer, ServerConfig
     host, port = _parse_listen(listen)
+    console_settings = _console_settings(
+        server_url or "http://pending", oidc_issuer, oidc_client_id, oidc_client_secret_file,
+        oidc_allowed_domains, oidc_allowed_users, oidc_allowed_groups, oidc_preapproved_only,
+        session_idle, session_lifetime)
     try:
         grace = authkeys.parse_duration(ephemeral_grace)
     except ValueError as exc:
@@ -113,7 +135,11 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
 
     async def main() -> None:
         server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2)))
+        console = mount(server, console_settings)
         bound = await server.start(host, port)
+        if server_url is None:  # default: the address we listen on, as bound (port 0 works too)
+            shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+            console.use_server_url(f"http://{shown}:{bound}")
         click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})",
                    err=True)
         stop = asyncio.Event()
@@ -129,6 +155,34 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     finally:
         store.close()
+
+
+def _console_settings(server_url: str, issuer: str | None, client_id: str | None, secret_file: str | None,
+                      domains: str, users_: str, groups: str, preapproved_only: bool, idle: str,
+                      lifetime: str) -> Any:
+    """The admin console's settings from `serve`'s flags; bad usage is exit code 2."""
+    from .console.oidc import OidcSettings
+    from .console.sessions import SessionPolicy
+    from .console.web import ConsoleSettings
+    if not server_url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{server_url!r}: expected http://HOST:PORT or https://...", param_hint="--server-url")
+    try:
+        sessions = SessionPolicy(idle=authkeys.parse_duration(idle), absolute=authkeys.parse_duration(lifetime))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--session-idle/--session-lifetime") from None
+    oidc = None
+    if issuer or client_id or secret_file:
+        if not (issuer and client_id and secret_file):
+            raise click.UsageError("single sign-on needs --oidc-issuer, --oidc-client-id and --oidc-client-secret-file")
+        try:
+            secret = Path(secret_file).read_text().strip()
+        except OSError as exc:
+            raise click.BadParameter(f"{secret_file}: {exc.strerror}", param_hint="--oidc-client-secret-file") from None
+        oidc = OidcSettings(issuer=issuer.rstrip("/"), client_id=client_id, client_secret=secret,
+                            redirect_uri=server_url.rstrip("/") + "/oidc/callback",
+                            allowed_domains=tuple(_split([domains])), allowed_users=tuple(_split([users_])),
+                            allowed_groups=tuple(_split([groups])), preapproved_only=preapproved_only)
+    return ConsoleSettings(server_url=server_url.rstrip("/"), oidc=oidc, sessions=sessions)
 
 
 def _write_token(path: Path, token: str) -> Path:
@@ -189,6 +243,30 @@ def users_rm(name: str, db_path: str) -> None:
     """Delete a user that owns no nodes."""
     _run(lambda: _open(db_path).delete_user(name))
     click.echo(f"deleted user {name}")
+
+
+@users.command("role")
+@click.argument("name")
+@click.argument("role")
+@_db_option
+def users_role(name: str, role: str, db_path: str) -> None:
+    """Set a user's console role: owner, admin, network-admin, it-admin, auditor or member."""
+    from .console.roles import RoleRefused, parse_role
+    try:
+        new = parse_role(role)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ROLE") from None
+
+    def keep_an_owner(_old: str, owners_after: int) -> None:
+        if owners_after < 1:
+            raise RoleRefused("the tailnet needs at least one owner: make someone else owner first")
+    try:
+        _run(lambda: _open(db_path).set_user_role(name, new.value, keep_an_owner))
+    except RoleRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    from .console import auditlog
+    auditlog.record("cli", "user.role", name, f"role={new.value}")
+    click.echo(f"{name} is now {new.value}")
 
 
 # -- auth keys ----------------------------------------------------------------------------------
@@ -390,8 +468,10 @@ def policy_set(file: str, db_path: str) -> None:
     """Replace the policy with FILE after it parses and its `tests` pass (else the old one stays)."""
     from .access import set_policy
     text = _read(file)
-    _run(lambda: set_policy(_open(db_path), text))
+    change = _run(lambda: set_policy(_open(db_path), text))
     click.echo("policy updated")
+    for name, tags in change.tags_removed:
+        click.echo(f"{name}: lost {','.join(tags)} (no longer owned under tagOwners)")
 
 
 @policy.command("check")

@@ -87,6 +87,7 @@ class Node:
     logged_out: bool
     offset: int
     authkey_id: str | None
+    disco_key: str = ""  # this run's disco public key (base64), for path discovery
 
     @property
     def addresses(self) -> tuple[str, str]:
@@ -98,6 +99,41 @@ class Node:
     def active(self, now: float) -> bool:
         """Present in maps: logged in and not expired."""
         return not self.logged_out and not self.expired(now)
+
+
+@dataclass(frozen=True, slots=True)
+class UserRole:
+    """A user's console role and what their identity provider last said about them."""
+
+    name: str
+    role: str
+    email: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSession:
+    id_hash: str
+    user: str
+    csrf: str
+    created: float
+    last_active: float
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRequest:
+    """A machine's browser login: pending until a signed-in user approves it, then used once."""
+
+    id_hash: str
+    machine_key: str
+    node_key: str
+    hostname: str
+    os: str
+    created: float
+    expires: float
+    user: str
+    authkey: str
+    state: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +159,7 @@ class Registration:
     advertise_exit_node: bool = False
     ephemeral: bool = False
     endpoints: tuple[str, ...] = ()
+    disco_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +213,40 @@ def _m2_dns(db: sqlite_utils.Database) -> None:
     db["nodes"].create_index(["user_id"])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns)
+def _m3_disco(db: sqlite_utils.Database) -> None:
+    db["nodes"].add_column("disco_key", str)
+
+
+def _m4_security(db: sqlite_utils.Database) -> None:
+    # The newest request timestamp accepted from each registered machine (protocol.ReplayGuard), so a
+    # request captured before a restart is refused after it.
+    db["replay_marks"].create({"machine_key": str, "ts": float}, pk="machine_key", not_null={"ts"})
+    # The hash-chained audit log (audit.py owns its rows).
+    db["audit"].create({"id": int, "time": float, "actor": str, "action": str, "target": str,
+                        "old": str, "new": str, "prev_hash": str, "hash": str},
+                       pk="id", not_null={"time", "actor", "action", "target", "prev_hash", "hash"})
+    db["audit"].create_index(["time"])
+    # Tags an admin applied (`nodes tag`): they stand whatever tagOwners says, unlike tags a node's
+    # user applied, which a policy change can take away.
+    db["nodes"].add_column("admin_tags", str)
+
+
+def _m5_console(db: sqlite_utils.Database) -> None:
+    # The admin console (meshnode/control/console): a role and the identity provider's facts per user,
+    # server-side sessions (only the SHA-256 of the cookie is stored), and browser logins of machines.
+    db["user_roles"].create({"user_id": int, "role": str, "email": str, "groups": str, "updated": float},
+                            pk="user_id", not_null={"role"}, foreign_keys=[("user_id", "users", "id")])
+    db["console_sessions"].create({"id_hash": str, "user_id": int, "csrf": str, "created": float,
+                                   "last_active": float}, pk="id_hash", not_null={"user_id", "csrf"},
+                                  foreign_keys=[("user_id", "users", "id")])
+    db["register_requests"].create({"id_hash": str, "machine_key": str, "node_key": str, "hostname": str,
+                                    "os": str, "created": float, "expires": float, "user": str,
+                                    "authkey": str, "state": str}, pk="id_hash",
+                                   not_null={"machine_key", "node_key", "state"})
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
+                                                                  _m5_console)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -190,7 +260,7 @@ def _t(text: str | None) -> tuple[str, ...]:
 
 _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"
               " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
-              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id")
+              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -202,7 +272,7 @@ def _address_texts(offset: int) -> tuple[str, str]:
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
                 _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
-                row[16], bool(row[17]), row[18], row[19])
+                row[16], bool(row[17]), row[18], row[19], row[20] or "")
 
 
 class _Leases:
@@ -348,6 +418,19 @@ class ControlStore:
             self._set_meta("admin_token_hash", authkeys.hash_secret(token))
         return token
 
+    # -- replay marks (protocol.ReplayGuard) -----------------------------------------------------
+
+    def replay_mark(self, machine_key: str) -> float | None:
+        """The newest request timestamp accepted from `machine_key` by any run of the server."""
+        row = self.conn.execute("SELECT ts FROM replay_marks WHERE machine_key = ?", [machine_key]).fetchone()
+        return None if row is None else float(row[0])
+
+    def save_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", [machine_key, ts])
+
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
 
@@ -394,6 +477,8 @@ class ControlStore:
             if count:
                 raise Conflict(f"user {name!r} still owns {count} node(s); delete them first")
             self.conn.execute("DELETE FROM authkeys WHERE user_id = ?", [uid])
+            self.conn.execute("DELETE FROM console_sessions WHERE user_id = ?", [uid])
+            self.conn.execute("DELETE FROM user_roles WHERE user_id = ?", [uid])
             self.conn.execute("DELETE FROM users WHERE id = ?", [uid])
 
     # -- auth keys ------------------------------------------------------------------------------
@@ -517,6 +602,12 @@ class ControlStore:
                 "exit_node_approved": int(grant.exit_node_approved), "ephemeral": int(ephemeral),
                 "last_seen": now, "logged_out": 0,
             }
+            if existing is not None and not reg.endpoints:
+                # A login again (`meshnode up` on a registered node) that carries no endpoints
+                # must not erase the ones the node reported: peers would lose their way to it.
+                del fields["endpoints"]
+            if reg.disco_key or existing is None:
+                fields["disco_key"] = reg.disco_key
             if key is not None:
                 fields["authkey_id"] = key.id
                 fields["expiry"] = None  # a fresh login clears an admin expiry
@@ -580,8 +671,16 @@ class ControlStore:
             check_tag(tag)
         with self._tx():
             node = self.find_node(ref)
-            self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(sorted(set(tags))), node.id])
+            self.conn.execute("UPDATE nodes SET tags = ?, admin_tags = ? WHERE id = ?",
+                              [_j(sorted(set(tags))), _j(sorted(set(tags))), node.id])
         return self.get_node(node.id)
+
+    def tag_grants(self, node: Node) -> frozenset[str]:
+        """Tags `node` holds whatever the policy says: applied by an admin, or carried by the auth key
+        it registered with. Its other tags stand only while tagOwners lets its user apply them."""
+        row = self.conn.execute("SELECT n.admin_tags, k.tags FROM nodes n LEFT JOIN authkeys k"
+                                " ON k.id = n.authkey_id WHERE n.id = ?", [node.id]).fetchone()
+        return frozenset(_t(row[0]) + _t(row[1])) if row else frozenset()
 
     def expire_node(self, ref: str, when: float | None = None) -> Node:
         """Expire a node's login now (or at `when`): it leaves every map until it logs in again."""
@@ -611,9 +710,14 @@ class ControlStore:
                               [_j(sorted(set(wanted))), int(exit_flag), node.id])
         return self.get_node(node.id)
 
-    def set_endpoints(self, node_id: int, endpoints: Sequence[str]) -> None:
+    def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
+        """The node's reported endpoints (and, when given, its disco key of this run)."""
         with self._tx():
-            self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            if disco_key is None:
+                self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            else:
+                self.conn.execute("UPDATE nodes SET endpoints = ?, disco_key = ? WHERE id = ?",
+                                  [_j(endpoints), disco_key, node_id])
 
     def logout(self, node_id: int) -> None:
         """The node leaves maps; it keeps its name and addresses for its next login (with a key)."""
@@ -632,14 +736,157 @@ class ControlStore:
         row = self.conn.execute("SELECT text FROM policy WHERE id = 1").fetchone()
         return row[0] if row else None
 
-    def set_policy_text(self, text: str, validate: Callable[[str, list[Node]], None]) -> None:
-        """Store a policy after `validate(text, nodes)` passes, inside the same transaction (so the
-        policy's tests ran against the nodes as they are when it lands)."""
+    def set_policy_text(self, text: str, decide: Callable[[str, list[Node]], dict[int, tuple[str, ...]] | None]
+                        ) -> list[tuple[Node, tuple[str, ...]]]:
+        """Store a policy after `decide(text, nodes)` passes, inside the same transaction (so the
+        policy's tests ran against the nodes as they are when it lands). `decide` may return new tags
+        for nodes (those that lost the right to some); they are written in the same transaction.
+        Returns (node as it was, tags it lost) for each of those."""
         with self._tx():
-            validate(text, self.list_nodes())
+            nodes = self.list_nodes()
+            retag = decide(text, nodes) or {}
             self.conn.execute("INSERT INTO policy(id, text, updated) VALUES (1, ?, ?)"
                               " ON CONFLICT(id) DO UPDATE SET text = excluded.text, updated = excluded.updated",
                               [text, time.time()])
+            lost = []
+            for node in nodes:
+                if node.id in retag:
+                    tags = tuple(sorted(set(retag[node.id])))
+                    self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(tags), node.id])
+                    lost.append((node, tuple(t for t in node.tags if t not in tags)))
+        return lost
+
+    # -- console: roles, sessions, browser logins of machines ------------------------------------
+    # None of these bump the change counter: they never change what a node's map says.
+
+    def user_role(self, name: str) -> UserRole | None:
+        row = self.conn.execute("SELECT u.name, r.role, r.email, r.groups FROM users u JOIN user_roles r"
+                                " ON r.user_id = u.id WHERE u.name = ?", [name]).fetchone()
+        return None if row is None else UserRole(row[0], row[1], row[2] or "", _t(row[3]))
+
+    def list_user_roles(self) -> list[UserRole]:
+        """Every user with their role ('member' for users that never signed in to the console)."""
+        return [UserRole(r[0], r[1] or "member", r[2] or "", _t(r[3])) for r in self.conn.execute(
+            "SELECT u.name, r.role, r.email, r.groups FROM users u LEFT JOIN user_roles r ON r.user_id = u.id"
+            " ORDER BY u.name")]
+
+    def sign_in_user(self, name: str, email: str, groups: Sequence[str], create: bool,
+                     first_role: str, default_role: str) -> UserRole:
+        """Record a console sign-in: create the user if `create`, give the first user ever to sign in
+        `first_role` (owner) and later new ones `default_role`; refresh e-mail and groups."""
+        name = self._check_user_name(name)
+        with self._tx(bump=False):
+            if not create:
+                self._user_id(name)  # NotFound: not pre-approved
+            uid = self._user_id(name, create=True)
+            row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
+            if row is None:
+                anyone = self.conn.execute("SELECT 1 FROM user_roles LIMIT 1").fetchone()
+                role = default_role if anyone else first_role
+                self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated)"
+                                  " VALUES (?, ?, ?, ?, ?)", [uid, role, email, _j(groups), time.time()])
+            else:
+                self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
+                                  [email, _j(groups), time.time(), uid])
+        role = self.user_role(name)
+        assert role is not None
+        return role
+
+    def set_user_role(self, name: str, role: str, check: Callable[[str, int], None] = lambda r, n: None) -> None:
+        """Set a user's role; `check(old_role, owners_left_after)` may refuse it, inside the transaction."""
+        with self._tx(bump=False):
+            uid = self._user_id(name)
+            row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
+            old = row[0] if row else "member"
+            owners = self.conn.execute("SELECT COUNT(*) FROM user_roles WHERE role = 'owner' AND user_id != ?",
+                                       [uid]).fetchone()[0] + (role == "owner")
+            check(old, owners)
+            self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated) VALUES (?, ?, '', '[]', ?)"
+                              " ON CONFLICT(user_id) DO UPDATE SET role = excluded.role, updated = excluded.updated",
+                              [uid, role, time.time()])
+
+    def create_session(self, id_hash: str, user: str, csrf: str, now: float) -> None:
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO console_sessions(id_hash, user_id, csrf, created, last_active)"
+                              " VALUES (?, ?, ?, ?, ?)", [id_hash, self._user_id(user), csrf, now, now])
+
+    def get_session(self, id_hash: str) -> ConsoleSession | None:
+        row = self.conn.execute("SELECT s.id_hash, u.name, s.csrf, s.created, s.last_active FROM console_sessions s"
+                                " JOIN users u ON u.id = s.user_id WHERE s.id_hash = ?", [id_hash]).fetchone()
+        return None if row is None else ConsoleSession(*row)
+
+    def touch_session(self, id_hash: str, now: float) -> None:
+        with self._tx(bump=False):
+            self.conn.execute("UPDATE console_sessions SET last_active = ? WHERE id_hash = ?", [now, id_hash])
+
+    def delete_sessions(self, id_hash: str | None = None, user: str | None = None,
+                        idle_before: float | None = None, created_before: float | None = None) -> int:
+        """End one session, all of a user's, or every session idle/created before the given times."""
+        with self._tx(bump=False):
+            n = 0
+            if id_hash is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE id_hash = ?", [id_hash]).rowcount
+            if user is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE user_id = ?",
+                                       [self._user_id(user)]).rowcount
+            if idle_before is not None and created_before is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE last_active < ? OR created < ?",
+                                       [idle_before, created_before]).rowcount
+            return n
+
+    def create_register_request(self, id_hash: str, machine_key: str, node_key: str, hostname: str, os_: str,
+                                now: float, expires: float) -> None:
+        """A machine waiting for someone to confirm its login in the browser; a new one replaces the
+        machine's pending request (its old URL stops working)."""
+        with self._tx(bump=False):
+            self.conn.execute("DELETE FROM register_requests WHERE machine_key = ? AND state = 'pending'",
+                              [machine_key])
+            self.conn.execute("DELETE FROM register_requests WHERE expires < ?", [now - 3600])
+            self.conn.execute("INSERT INTO register_requests(id_hash, machine_key, node_key, hostname, os, created,"
+                              " expires, user, authkey, state) VALUES (?, ?, ?, ?, ?, ?, ?, '', '', 'pending')",
+                              [id_hash, machine_key, node_key, hostname, os_, now, expires])
+
+    def get_register_request(self, id_hash: str) -> RegisterRequest | None:
+        row = self.conn.execute("SELECT id_hash, machine_key, node_key, hostname, os, created, expires, user,"
+                                " authkey, state FROM register_requests WHERE id_hash = ?", [id_hash]).fetchone()
+        return None if row is None else RegisterRequest(*row)
+
+    def pending_register_request(self, machine_key: str, node_key: str, now: float) -> RegisterRequest | None:
+        row = self.conn.execute("SELECT id_hash FROM register_requests WHERE machine_key = ? AND node_key = ?"
+                                " AND state = 'pending' AND expires > ?", [machine_key, node_key, now]).fetchone()
+        return self.get_register_request(row[0]) if row else None
+
+    def approve_register_request(self, id_hash: str, user: str, now: float) -> RegisterRequest:
+        """Confirm a pending, unexpired request for `user`: it gets a single-use auth key of that user
+        (expiring with the request) that the waiting machine registers with. A second use is refused."""
+        with self._tx(bump=False):
+            req = self.get_register_request(id_hash)
+            if req is None or req.state != "pending":
+                raise Conflict("this login link was already used or is unknown")
+            if now >= req.expires:
+                raise Conflict("this login link expired; run `meshnode up` again for a new one")
+            new = authkeys.generate()
+            uid = self._user_id(user)
+            self.conn.execute(
+                "INSERT INTO authkeys(id, secret_hash, user_id, reusable, ephemeral, tags, created, expires,"
+                " used_count, revoked) VALUES (?, ?, ?, 0, 0, '[]', ?, ?, 0, 0)",
+                [new.id, new.secret_hash, uid, now, req.expires])
+            self.conn.execute("UPDATE register_requests SET state = 'approved', user = ?, authkey = ?"
+                              " WHERE id_hash = ? AND state = 'pending'", [user, new.text, id_hash])
+        got = self.get_register_request(id_hash)
+        assert got is not None
+        return got
+
+    def claim_register_request(self, machine_key: str, node_key: str) -> RegisterRequest | None:
+        """The machine's approved request, at most once: its auth key is handed over and forgotten."""
+        with self._tx(bump=False):
+            row = self.conn.execute("SELECT id_hash FROM register_requests WHERE machine_key = ? AND node_key = ?"
+                                    " AND state = 'approved'", [machine_key, node_key]).fetchone()
+            if row is None:
+                return None
+            req = self.get_register_request(row[0])
+            self.conn.execute("UPDATE register_requests SET state = 'used', authkey = '' WHERE id_hash = ?", [row[0]])
+        return req
 
     # -- DNS settings ---------------------------------------------------------------------------
 

@@ -21,10 +21,11 @@ QUERY_TYPES = frozenset({"A", "AAAA", "CNAME", "TXT", "SRV", "MX", "CAA", "PTR",
 class ApiError(Exception):
     """A request the LocalAPI refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.detail = detail  # technical form (`meshnode -v` shows it); never the message itself
 
 
 def bad_request(message: str) -> ApiError:
@@ -46,6 +47,7 @@ class UpRequest:
     advertise_tags: tuple[str, ...] | None = None
     timeout: float = 30.0  # seconds to wait for the first network map
     force_reauth: bool = False  # forget node key and pinned server key: register afresh
+    interactive: bool = False   # no auth key: log in through the browser (the server gives a URL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +137,7 @@ def parse_up(body: Any) -> UpRequest:
     return UpRequest(login, _opt_str(obj, "authkey"), hostname, _opt_bool(obj, "accept_dns"),
                      _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
                      _opt_str(obj, "exit_node", 253), tags, float(timeout),
-                     bool(_opt_bool(obj, "force_reauth")))
+                     bool(_opt_bool(obj, "force_reauth")), bool(_opt_bool(obj, "interactive")))
 
 
 def parse_query(body: Any) -> QueryRequest:

@@ -27,9 +27,54 @@ from .prefs import PrefsError, check_login_server, check_route, check_tag
 DEFAULT_SOCKET = "/run/meshnode/meshnode.sock"
 
 
+def _root_obj(ctx: click.Context) -> dict[str, Any]:
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {}
+    return root.obj
+
+
 def _client(ctx: click.Context, timeout: float = 60.0) -> LocalClient:
-    path = (ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET
+    path = _root_obj(ctx).get("socket") or DEFAULT_SOCKET
     return LocalClient(path, timeout=timeout)
+
+
+def _set_socket(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # `meshnode status --socket S` as well as `meshnode --socket S status`: the later one wins.
+    if value is not None:
+        _root_obj(ctx)["socket"] = value
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        _root_obj(ctx)["verbose"] = _root_obj(ctx).get("verbose", 0) + value
+
+
+SOCKET_HELP = (f"LocalAPI unix socket of the daemon (env MESHNODE_SOCKET) [default: {DEFAULT_SOCKET}]."
+               " Accepted before or after the command.")
+
+
+def socket_options(cmd: click.Command) -> click.Command:
+    """Give `cmd` (and its subcommands) `--socket` and `-v`, as the top-level group has them."""
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            socket_options(sub)
+        return cmd
+    names = {o for p in cmd.params for o in p.opts}
+    if "--socket" not in names:
+        cmd.params.append(click.Option(["--socket"], default=None, expose_value=False, is_eager=True,
+                                       callback=_set_socket, metavar="PATH", help=SOCKET_HELP))
+    if "-v" not in names:
+        cmd.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                                       callback=_set_verbose, help="Show technical details of failures."))
+    return cmd
+
+
+class CliFailure(click.ClickException):
+    """A failure with the technical detail shown only under `-v`."""
+
+    def __init__(self, message: str, detail: str = "", verbose: bool = False) -> None:
+        super().__init__(message + (f"\n  detail: {detail}" if verbose and detail else ""))
 
 
 @contextlib.contextmanager
@@ -42,7 +87,9 @@ def _api_errors() -> Iterator[None]:
     except LocalApiRefused as exc:
         if exc.status == 400:
             raise click.UsageError(exc.message) from None
-        raise click.ClickException(exc.message) from None
+        ctx = click.get_current_context(silent=True)
+        verbose = bool(ctx and _root_obj(ctx).get("verbose"))
+        raise CliFailure(exc.message, exc.detail, verbose) from None
 
 
 def _call(ctx: click.Context, method: str, path: str, body: Any = None,
@@ -150,7 +197,7 @@ def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, ho
            accept_dns: bool | None, accept_routes: bool | None, advertise_routes: tuple[str, ...],
            advertise_exit_node: bool | None, exit_node: str | None, advertise_tags: tuple[str, ...],
            timeout: float, force_reauth: bool, as_json: bool) -> None:
-    """Connect to the tailnet (registering with --authkey the first time)."""
+    """Connect to the tailnet (the first time with --authkey, or without one: log in in the browser)."""
     body: dict[str, Any] = {"timeout": timeout}
     if force_reauth:
         if not authkey:
@@ -172,12 +219,45 @@ def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, ho
                        ("exit_node", exit_node)):
         if value is not None:
             body[key] = value
-    status = _call(ctx, "POST", "/up", body, timeout=timeout + 30)
+    if authkey:
+        status = _call(ctx, "POST", "/up", body, timeout=timeout + 30)
+    else:
+        status = _up_in_browser(ctx, body, timeout, as_json)
     if as_json:
         click.echo(json.dumps(status, indent=2))
     else:
         me = status.get("self") or {}
         click.echo(f"Connected as {me.get('fqdn', '?')} ({', '.join(me.get('addresses', []))})")
+
+
+def _up_in_browser(ctx: click.Context, body: dict[str, Any], timeout: float, as_json: bool) -> Any:
+    """`up` without a key: a known machine just logs in; a new one prints the URL the control server
+    gives (from `status`, while `/up` waits) and finishes once someone confirms it in the browser."""
+    import threading
+
+    from .daemon import BROWSER_LOGIN_WAIT
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["status"] = _call(ctx, "POST", "/up", dict(body, interactive=True),
+                                     timeout=BROWSER_LOGIN_WAIT + timeout + 30)
+        except BaseException as exc:  # re-raised in the main thread
+            result["error"] = exc
+    # A daemon thread: Ctrl-C ends the command at once instead of waiting for the login.
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    shown = ""
+    while True:
+        worker.join(0.2)
+        if not worker.is_alive():
+            if "error" in result:
+                raise result["error"]
+            return result["status"]
+        url = (_call(ctx, "GET", "/status", timeout=10) or {}).get("auth_url") or ""
+        if url and url != shown:
+            shown = url
+            click.echo(f"\nTo authenticate, visit:\n\n\t{url}\n", err=as_json)
 
 
 @click.command("down")
@@ -417,4 +497,4 @@ def register_node_commands(group: click.Group) -> None:
     """Attach the node's commands to the top-level `meshnode` group."""
     for cmd in (daemon_cmd, up_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, ping_cmd, netcheck_cmd,
                 dns_group):
-        group.add_command(cmd)
+        group.add_command(cmd if cmd is daemon_cmd else socket_options(cmd))
