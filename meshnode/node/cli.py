@@ -491,11 +491,16 @@ def format_answer(ans: dict[str, Any]) -> str:
 
 @dns_group.command("query")
 @click.argument("name")
-@click.argument("qtype", required=False, default="A")
+@click.argument("qtype", required=False)
+@click.option("-x", "reverse", is_flag=True, help="NAME is an IP address: ask for its PTR name.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def dns_query_cmd(ctx: click.Context, name: str, qtype: str, as_json: bool) -> None:
-    """Resolve NAME (type A by default) through the node's resolver."""
+def dns_query_cmd(ctx: click.Context, name: str, qtype: str | None, reverse: bool, as_json: bool) -> None:
+    """Resolve NAME (type A by default) through the node's resolver; an IP address (or -x IP) asks
+    for its PTR name."""
+    from magicdns.cli import question_for
+
+    name, qtype = question_for(name, qtype, reverse)
     if qtype.upper() not in QUERY_TYPES:
         raise click.UsageError(f"TYPE must be one of {', '.join(sorted(QUERY_TYPES))}")
     ans = _call(ctx, "POST", "/dns/query", {"name": name, "type": qtype.upper()})
