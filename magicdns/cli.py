@@ -62,7 +62,9 @@ def main() -> None:
               help="HOST:PORT to answer on (UDP and TCP); repeat for more.")
 @click.option("--view", "view_path", type=click.Path(dir_okay=False), help="JSON network view, reloaded on change.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Records store (SQLite).")
-@click.option("--upstream", "upstreams", multiple=True, help="Global nameserver HOST[:PORT]; repeat for more.")
+@click.option("--upstream", "upstreams", multiple=True,
+              help="Global nameserver HOST[:PORT]; repeat for more. A host name is resolved at start "
+                   "through the system's original resolvers, never through us.")
 @click.option("--route", "routes", multiple=True, help="Split route DOMAIN=HOST[:PORT][,HOST...]; DOMAIN= is local-only.")
 @click.option("--domain", default=None, help=f"Tailnet domain (default: the view's, else {DEFAULT_DOMAIN}).")
 @click.option("--allow", "allows", multiple=True,
@@ -87,17 +89,22 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .server import DEFAULT_ALLOW, ServerConfig
+    from .stub import StubError, resolve_upstreams_sync
     from .watch import ViewSource
 
     listen = tuple(parse_hostport(item) for item in listens)
     own = tuple(Upstream(h, p) for h, p in listen)
     try:
-        ups = reject_self((parse_upstream(u) for u in upstreams), own)
+        # A name is resolved by the stub resolver against the system's original resolvers: /etc/resolv.conf
+        # may already point at us, and we do not answer yet.
+        ups = reject_self(resolve_upstreams_sync(upstreams, resolv_conf=resolv_conf, own_addresses=own), own)
         route_map = _parse_routes(routes, own)
         dom = normalize_domain(domain) if domain else None
         allow = tuple(ipaddress.ip_network(a, strict=False) for a in allows) or DEFAULT_ALLOW
     except (UpstreamError, ForwardingLoopError, NameError_) as exc:
         fail_usage(str(exc))
+    except StubError as exc:
+        fail(f"--upstream: {exc}")
     except ValueError as exc:
         fail_usage(f"--allow: {exc}")
     fallback = read_original_resolvers(resolv_conf, own_addresses=own) if not ups else ()
