@@ -219,3 +219,36 @@ async def resolve_upstreams(specs: Iterable[str], resolver: StubResolver | None 
 def resolve_upstreams_sync(specs: Iterable[str], **kwargs: object) -> tuple[Upstream, ...]:
     """`resolve_upstreams` for code outside an event loop (the command line, at start)."""
     return asyncio.run(resolve_upstreams(specs, **kwargs))  # type: ignore[arg-type]
+
+
+class AiohttpStubResolver:
+    """The stub as an aiohttp resolver, for HTTP clients that must not depend on our own DNS
+    (the node's control client, relay connections):
+
+        connector = aiohttp.TCPConnector(resolver=AiohttpStubResolver(StubResolver.from_system()))
+    """
+
+    def __init__(self, stub: StubResolver) -> None:
+        self.stub = stub
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        addrs = await self.stub.resolve(host, family)
+        return [{"hostname": host, "host": str(a), "port": port,
+                 "family": socket.AF_INET if a.version == 4 else socket.AF_INET6,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST} for a in addrs]
+
+    async def close(self) -> None:
+        await self.stub.close()
+
+
+def _register_with_aiohttp() -> None:
+    # Registered as a virtual subclass so aiohttp's connector accepts it, without importing aiohttp
+    # for every user of this module at class-definition time.
+    try:
+        from aiohttp.abc import AbstractResolver
+    except ImportError:  # aiohttp is a dependency, but the stub itself does not need it
+        return
+    AbstractResolver.register(AiohttpStubResolver)
+
+
+_register_with_aiohttp()

@@ -91,3 +91,36 @@ def test_no_event_thread_watching_resolv_conf() -> None:
         assert channel._event_thread is False  # sockets on our loop; nothing reloads resolv.conf
         await stub.close()
     asyncio.run(main())
+
+
+def test_aiohttp_client_resolves_through_the_stub() -> None:
+    """An aiohttp request to a name only the stub's resolver knows reaches the right address."""
+    import aiohttp
+    from aiohttp import web
+
+    from magicdns.stub import AiohttpStubResolver
+
+    zone = dict(ZONE)
+    zone[("login.example.test", "A")] = ["login.example.test. 300 IN A 127.0.0.1"]
+
+    async def main() -> None:
+        async def hello(_: web.Request) -> web.Response:
+            return web.Response(text="control")
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with FakeUpstream.start("127.0.0.2", zone=zone) as up:
+                stub = StubResolver([Upstream(up.host, up.port)], use_hosts_file=False)
+                connector = aiohttp.TCPConnector(resolver=AiohttpStubResolver(stub))
+                async with aiohttp.ClientSession(connector=connector) as http:
+                    async with http.get(f"http://login.example.test:{port}/") as resp:
+                        assert await resp.text() == "control"
+        finally:
+            await runner.cleanup()
+    asyncio.run(main())
