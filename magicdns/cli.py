@@ -71,6 +71,8 @@ def main() -> None:
               help="CIDR allowed to query; repeat for more. Default: loopback and the tailnet ranges.")
 @click.option("--tcp-idle-timeout", default=10.0, show_default=True, help="Seconds before an idle TCP client is closed.")
 @click.option("--max-tcp-connections", default=512, show_default=True, help="TCP clients served at once.")
+@click.option("--max-forward-qps", default=0, show_default=True, type=click.IntRange(0),
+              help="New upstream queries a second (0: no limit); over it, SERVFAIL (or a stale answer) at once.")
 @click.option("--control-socket", default=DEFAULT_SOCKET, show_default=True, help="Unix socket for `magicdns status`.")
 @click.option("--metrics", default=None, help="HOST:PORT to serve Prometheus metrics on.")
 @click.option("--query-log", default=None, help="Log every query to FILE ('-' for stderr).")
@@ -83,7 +85,7 @@ def main() -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
-          max_tcp_connections: int, control_socket: str,
+          max_tcp_connections: int, max_forward_qps: int, control_socket: str,
           metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
@@ -117,7 +119,8 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     metrics_addr = parse_hostport(metrics, 9153) if metrics else None
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
-                          max_tcp_connections=max_tcp_connections, batch_udp=udp_batch)
+                          max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
+                          max_forward_qps=max_forward_qps)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):
