@@ -62,13 +62,17 @@ def main() -> None:
               help="HOST:PORT to answer on (UDP and TCP); repeat for more.")
 @click.option("--view", "view_path", type=click.Path(dir_okay=False), help="JSON network view, reloaded on change.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Records store (SQLite).")
-@click.option("--upstream", "upstreams", multiple=True, help="Global nameserver HOST[:PORT]; repeat for more.")
+@click.option("--upstream", "upstreams", multiple=True,
+              help="Global nameserver HOST[:PORT]; repeat for more. A host name is resolved at start "
+                   "through the system's original resolvers, never through us.")
 @click.option("--route", "routes", multiple=True, help="Split route DOMAIN=HOST[:PORT][,HOST...]; DOMAIN= is local-only.")
 @click.option("--domain", default=None, help=f"Tailnet domain (default: the view's, else {DEFAULT_DOMAIN}).")
 @click.option("--allow", "allows", multiple=True,
               help="CIDR allowed to query; repeat for more. Default: loopback and the tailnet ranges.")
 @click.option("--tcp-idle-timeout", default=10.0, show_default=True, help="Seconds before an idle TCP client is closed.")
 @click.option("--max-tcp-connections", default=512, show_default=True, help="TCP clients served at once.")
+@click.option("--max-forward-qps", default=0, show_default=True, type=click.IntRange(0),
+              help="New upstream queries a second (0: no limit); over it, SERVFAIL (or a stale answer) at once.")
 @click.option("--control-socket", default=DEFAULT_SOCKET, show_default=True, help="Unix socket for `magicdns status`.")
 @click.option("--metrics", default=None, help="HOST:PORT to serve Prometheus metrics on.")
 @click.option("--query-log", default=None, help="Log every query to FILE ('-' for stderr).")
@@ -81,23 +85,28 @@ def main() -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
-          max_tcp_connections: int, control_socket: str,
+          max_tcp_connections: int, max_forward_qps: int, control_socket: str,
           metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .server import DEFAULT_ALLOW, ServerConfig
+    from .stub import StubError, resolve_upstreams_sync
     from .watch import ViewSource
 
     listen = tuple(parse_hostport(item) for item in listens)
     own = tuple(Upstream(h, p) for h, p in listen)
     try:
-        ups = reject_self((parse_upstream(u) for u in upstreams), own)
+        # A name is resolved by the stub resolver against the system's original resolvers: /etc/resolv.conf
+        # may already point at us, and we do not answer yet.
+        ups = reject_self(resolve_upstreams_sync(upstreams, resolv_conf=resolv_conf, own_addresses=own), own)
         route_map = _parse_routes(routes, own)
         dom = normalize_domain(domain) if domain else None
         allow = tuple(ipaddress.ip_network(a, strict=False) for a in allows) or DEFAULT_ALLOW
     except (UpstreamError, ForwardingLoopError, NameError_) as exc:
         fail_usage(str(exc))
+    except StubError as exc:
+        fail(f"--upstream: {exc}")
     except ValueError as exc:
         fail_usage(f"--allow: {exc}")
     fallback = read_original_resolvers(resolv_conf, own_addresses=own) if not ups else ()
@@ -112,7 +121,8 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     metrics_addr = parse_hostport(metrics, 9153) if metrics else None
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
-                          max_tcp_connections=max_tcp_connections, batch_udp=udp_batch)
+                          max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
+                          max_forward_qps=max_forward_qps)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):
