@@ -65,6 +65,9 @@ class ServerConfig:
     reap_interval: float = 5.0
     # Requests from machine keys no node has (registrations, strangers): anyone can mint such keys,
     # so they share one budget and cannot crowd out the tailnet's own nodes.
+    stream_deadline: float = 30.0       # a map stream that does not take a frame within this is closed
+    full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
+    max_streams_per_node: int = 2
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
 
@@ -133,13 +136,15 @@ class ControlServer:
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
         self._full_maps = asyncio.Semaphore(8)
+        self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_counter = -1
         self._built_counter = -1
         self._seen_records = -1
         self._records: list | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
-        self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0}
+        self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
+                      "slow_streams_closed": 0}
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
         self.app.add_routes([
             web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
@@ -380,14 +385,28 @@ class ControlServer:
                                            "Cache-Control": "no-store"})
         await resp.prepare(request)
         state = StreamState(node.id)
+        # A node needs one stream (two while it reconnects): older ones are closed, so one machine
+        # cannot pile up streams that each hold a map in memory.
+        mine = self._node_streams.setdefault(node.id, [])
+        handle = (asyncio.current_task(), request)
+        mine.append(handle)
+        while len(mine) > self.config.max_streams_per_node:
+            old_task, old_request = mine.pop(0)
+            _abort(old_request)
+            if old_task is not None:
+                old_task.cancel()
         self.online[node.id] = self.online.get(node.id, 0) + 1
         self.stats["streams"] += 1
         self.mark_dirty()
         try:
-            await self._serve_stream(resp, chan, state)
+            await self._serve_stream(request, resp, chan, state)
         except (ConnectionResetError, ConnectionError):
             pass
         finally:
+            if handle in mine:
+                mine.remove(handle)
+            if not mine:
+                self._node_streams.pop(node.id, None)
             self.stats["streams"] -= 1
             left = self.online.get(node.id, 1) - 1
             if left:
@@ -401,36 +420,66 @@ class ControlServer:
             self.mark_dirty()
         return resp
 
-    async def _serve_stream(self, resp: web.StreamResponse, chan: Channel, state: StreamState) -> None:
+    async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
+                            state: StreamState) -> None:
         keepalive = frame(chan.seal({"type": "keepalive"}))
         while True:
             changed = self._changed
             snap = self.snapshot
             if snap is not None and snap.seq != state.seq:
-                if state.full:
-                    # A full map of a 10k-node tailnet is megabytes, held in the socket buffer until
-                    # the node reads it: a bounded number in flight keeps a reconnect storm from
-                    # costing gigabytes.
-                    async with self._full_maps:
-                        if not await self._send(resp, chan, snap, state):
-                            return
-                elif not await self._send(resp, chan, snap, state):
+                # Frames are computed from the newest snapshot when the previous one was taken, so
+                # a slow reader gets one delta covering every change it missed (coalesced), and each
+                # stream has at most one frame queued: its own, never anyone else's.
+                if not await self._send(request, resp, chan, snap, state):
                     return
             if not self._tasks:  # shutting down
                 return
             try:
                 await asyncio.wait_for(changed.wait(), self.config.keepalive)
             except asyncio.TimeoutError:
-                await resp.write(keepalive)
+                if not await self._write(request, resp, keepalive, count=False):
+                    return
 
-    async def _send(self, resp: web.StreamResponse, chan: Channel, snap: Snapshot, state: StreamState) -> bool:
-        """Write the frame that brings this stream up to `snap`; False when its node is gone."""
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chan: Channel, snap: Snapshot,
+                    state: StreamState) -> bool:
+        """Write the frame that brings this stream up to `snap`; False when the stream must end."""
+        if not state.full:
+            try:
+                text = next_frame(snap, state)
+            except NodeGone:
+                return False  # deleted, logged out or expired: the client learns why when it reconnects
+            return text is None or await self._write(request, resp, frame(chan.seal_bytes(text.encode())))
+        # A full map of a 10k-node tailnet is megabytes: a bounded number are built and handed to the
+        # kernel at once, which keeps a reconnect storm from costing gigabytes. A reader too slow to
+        # take its map within `full_map_slot` gives its slot up and finishes on its own deadline.
+        async with self._full_maps:
+            try:
+                text = next_frame(snap, state)
+            except NodeGone:
+                return False
+            if text is None:
+                return True
+            write = asyncio.ensure_future(resp.write(frame(chan.seal_bytes(text.encode()))))
+            await asyncio.wait({write}, timeout=self.config.full_map_slot)
+        return await self._write(request, resp, write)
+
+    async def _write(self, request: web.Request, resp: web.StreamResponse,
+                     data: bytes | asyncio.Future[None], count: bool = True) -> bool:
+        """One frame (or a write already started) within `stream_deadline`; a stream whose node does
+        not take it in time is closed (the node reconnects and gets a full map)."""
+        write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
         try:
-            text = next_frame(snap, state)
-        except NodeGone:
-            return False  # deleted, logged out or expired: the client learns why when it reconnects
-        if text is not None:
-            await resp.write(frame(chan.seal_bytes(text.encode())))
+            await asyncio.wait_for(write, self.config.stream_deadline)
+        except asyncio.TimeoutError:
+            self.stats["slow_streams_closed"] += 1
+            log.info("map stream of %s did not take a frame within %.0fs; closing it",
+                     request.remote, self.config.stream_deadline)
+            _abort(request)
+            return False
+        finally:
+            if not write.done():
+                write.cancel()
+        if count:
             self.stats["frames"] += 1
         return True
 
@@ -511,6 +560,13 @@ class ControlServer:
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _abort(request: web.Request) -> None:
+    """Drop a connection now, whatever it has buffered (a stuck stream would otherwise linger)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _str(obj: dict[str, Any], key: str, max_len: int, required: bool = True) -> str:
