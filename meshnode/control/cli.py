@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import click
 
 from . import authkeys, naming
-from .store import DEFAULT_DB, ControlStore, ControlStoreError
+from .store import DEFAULT_DB, ControlStore, ControlStoreError, tighten
 
 _DB_HELP = "Control database (env MESHNODE_CONTROL_DB; default /var/lib/meshnode/control.db)."
 
@@ -102,9 +102,12 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = _open(db_path, domain)
     token = store.ensure_admin_token()
+    token_path = Path(admin_token_file or db_path + ".admin-token")
     if token is not None:
-        path = _write_token(Path(admin_token_file or db_path + ".admin-token"), token)
+        path = _write_token(token_path, token)
         logging.getLogger("meshnode.control").info("admin API token written to %s", path)
+    else:
+        tighten(token_path)
     try:
         import uvloop
         uvloop.install()
@@ -134,6 +137,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
 def _write_token(path: Path, token: str) -> Path:
     """Write a secret readable by its owner only (created 0600, never world-readable even briefly)."""
     try:
+        tighten(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -31,6 +32,8 @@ from magicdns.upstream import UpstreamError, parse_upstream
 
 from . import addresses, authkeys, naming
 from .protocol import generate_private_key
+
+log = logging.getLogger("meshnode.control.store")
 
 DEFAULT_DB = os.environ.get("MESHNODE_CONTROL_DB", "/var/lib/meshnode/control.db")
 DEFAULT_DOMAIN = "tailnet"
@@ -136,6 +139,36 @@ class Grant:
 
 # authorize(user, key_tags, registration, existing) -> Grant, run inside the registration transaction.
 Authorizer = Callable[[str, tuple[str, ...], Registration, "Node | None"], Grant]
+
+
+def tighten(path: Path, mode: int = 0o600) -> bool:
+    """Narrow `path` to `mode` if it is wider (the database holds the server's private key; token
+    files are secrets); logs what it fixed. True when it changed something."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    if st.st_mode & 0o777 & ~mode:
+        os.chmod(path, mode)
+        log.warning("%s had mode %o, readable beyond its owner; set it to %o", path, st.st_mode & 0o777, mode)
+        return True
+    return False
+
+
+def _prepare_path(path: Path) -> None:
+    """The database file exists 0600 before SQLite opens it (SQLite gives its -wal and -shm files the
+    database's mode), in a directory created 0700, whatever the umask."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(parent, 0o700)
+    elif parent.stat().st_mode & 0o077 and not parent.stat().st_mode & 0o1000:
+        log.warning("the control database's directory %s is open to other users (mode %o); 0700 is"
+                    " recommended", parent, parent.stat().st_mode & 0o777)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        tighten(path.with_name(path.name + suffix))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -248,8 +281,10 @@ class ControlStore:
                 self.db = db
             else:
                 path = Path(db)
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _prepare_path(path)
                 self.db = sqlite_utils.Database(_connect(path))
+                for suffix in ("-wal", "-shm"):
+                    tighten(path.with_name(path.name + suffix))
             self.conn = self.db.conn
             self._migrate()
             if domain is not None:
