@@ -88,12 +88,17 @@ def _parse_listen(text: str) -> tuple[str, int]:
               help="Delete an offline ephemeral node after this long (e.g. 30s, 5m).")
 @click.option("--admin-token-file", default=None,
               help="Where to write the admin API token at first start (default: DB path + .admin-token).")
+@click.option("--metrics", "metrics_listen", default=None,
+              help="HOST:PORT serving /metrics without a token (otherwise /metrics needs the admin token).")
+@click.option("--register-rate", default=200.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Requests a second from machine keys no node has (registrations); bursts of 5x.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, admin_token_file: str | None,
-          verbose: bool) -> None:
+          metrics_listen: str | None, register_rate: float, verbose: bool) -> None:
     """Run the coordination server."""
     from .server import ControlServer, ServerConfig
     host, port = _parse_listen(listen)
+    metrics = _parse_listen(metrics_listen) if metrics_listen else None
     try:
         grace = authkeys.parse_duration(ephemeral_grace)
     except ValueError as exc:
@@ -115,8 +120,13 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         pass
 
     async def main() -> None:
-        server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2)))
+        server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2),
+                                                   unregistered_rate=register_rate,
+                                                   unregistered_burst=5 * register_rate))
         bound = await server.start(host, port)
+        if metrics is not None:
+            mport = await server.start_metrics(*metrics)
+            click.echo(f"metrics on {metrics[0]}:{mport}/metrics", err=True)
         click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})",
                    err=True)
         stop = asyncio.Event()

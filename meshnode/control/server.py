@@ -9,7 +9,9 @@ Node endpoints (bodies sealed, see `protocol.py`):
 Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
   GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
-Unauthenticated: GET /metrics (Prometheus text; counts only), GET /healthz.
+GET /metrics (Prometheus text) needs the admin token too, or is served without one on its own
+listener (`start_metrics`, `control serve --metrics HOST:PORT`), never to nodes by default.
+Unauthenticated: GET /healthz.
 
 Errors are JSON `{"error": code, "message": text}` with a 4xx/5xx status; a handler never takes
 the server down.
@@ -157,6 +159,7 @@ class ControlServer:
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -188,6 +191,9 @@ class ControlServer:
         return int(sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -543,7 +549,25 @@ class ControlServer:
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": self.snapshot.version if self.snapshot else 0})
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return self._metrics_text()
+
+    async def start_metrics(self, host: str, port: int) -> int:
+        """Serve GET /metrics without a token on its own listener (for a Prometheus scraper on a
+        management address); returns the port."""
+        app = web.Application(middlewares=[_errors])
+        app.router.add_get("/metrics", self._metrics_web)
+        self._metrics_runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host, port)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def _metrics_web(self, _request: web.Request) -> web.Response:
+        return self._metrics_text()
+
+    def _metrics_text(self) -> web.Response:
         snap = self.snapshot
         lines = [
             "# TYPE meshnode_control_nodes gauge", f"meshnode_control_nodes {len(snap.nodes) if snap else 0}",
@@ -558,6 +582,8 @@ class ControlServer:
             "# TYPE meshnode_control_snapshots_total counter",
             f"meshnode_control_snapshots_total {self.stats['snapshots']}",
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
+            "# TYPE meshnode_control_slow_streams_closed_total counter",
+            f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

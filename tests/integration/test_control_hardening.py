@@ -217,3 +217,24 @@ async def test_unread_map_streams_do_not_hold_up_other_nodes(tmp_path: Path) -> 
         finally:
             for s in socks:
                 s.close()
+
+
+@run
+async def test_metrics_need_the_admin_token_or_their_own_listener(tmp_path: Path) -> None:
+    async with Tailnet(tmp_path) as net:
+        await net.join("n1", start=False)
+        token = net.store.ensure_admin_token() or ""
+        async with aiohttp.ClientSession() as http:
+            async with http.get(net.url + "/metrics") as resp:
+                assert resp.status == 401
+            async with http.get(net.url + "/metrics", headers={"Authorization": "Bearer wrong"}) as resp:
+                assert resp.status == 401
+            net.admin_store.rotate_admin_token()
+            token = net.admin_store.rotate_admin_token()
+            async with http.get(net.url + "/metrics", headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200 and "meshnode_control_nodes " in await resp.text()
+            mport = await net.server.start_metrics("127.0.0.1", 0)
+            async with http.get(f"http://127.0.0.1:{mport}/metrics") as resp:
+                assert resp.status == 200 and "meshnode_control_slow_streams_closed_total 0" in await resp.text()
+            async with http.get(f"http://127.0.0.1:{mport}/admin/nodes") as resp:
+                assert resp.status == 404          # the metrics listener serves nothing else
