@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
-from . import authkeys, naming
+from . import audit, authkeys, naming
 from .store import DEFAULT_DB, ControlStore, ControlStoreError, tighten
 
 _DB_HELP = "Control database (env MESHNODE_CONTROL_DB; default /var/lib/meshnode/control.db)."
@@ -34,8 +34,13 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _open(db_path: str, domain: str | None = None) -> ControlStore:
+    """The store, with changes audited as this CLI's local user."""
     try:
-        return ControlStore(db_path, domain)
+        store = ControlStore(db_path)
+        store.actor = audit.cli_actor()
+        if domain is not None:
+            store.set_domain(domain)
+        return store
     except (ControlStoreError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -106,6 +111,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = _open(db_path, domain)
+    store.actor = "system"   # the server's own changes (ephemeral clean-up, retention)
     token = store.ensure_admin_token()
     token_path = Path(admin_token_file or db_path + ".admin-token")
     if token is not None:
@@ -503,3 +509,88 @@ def dns_search_set(domains: tuple[str, ...], db_path: str) -> None:
     """Set the search domains; none clears them."""
     _run(lambda: _open(db_path).set_search_domains(_split(domains)))
     click.echo("search domains updated")
+
+
+# -- audit log ----------------------------------------------------------------------------------
+
+@control.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit log of configuration changes."""
+
+
+def _since(text: str | None) -> float | None:
+    """`--since`: a duration ago (30m, 7d) or a date/time (2026-01-31, 2026-01-31T12:00, unix seconds)."""
+    if not text:
+        return None
+    try:
+        return time.time() - authkeys.parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a duration (7d, 1h) or a date/time (2026-01-31T12:00)",
+                                 param_hint="--since") from None
+
+
+@audit_group.command("ls")
+@click.option("--since", default=None, help="Only entries since a duration ago (7d) or a date/time.")
+@click.option("--actor", default=None, help="Only this actor (e.g. admin-token, cli:root@host, node:web; 'node:' or"
+              " 'cli:*' match a prefix).")
+@click.option("--target", default=None, help="Only this target (e.g. node:web, policy, authkey:ID; prefixes as --actor).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the newest N entries.")
+@_db_option
+@_json_option
+def audit_ls(since: str | None, actor: str | None, target: str | None, limit: int | None, db_path: str,
+             as_json: bool) -> None:
+    """List audit entries, oldest first."""
+    store = _open(db_path)
+    items = _run(lambda: store.audit_entries(_since(since), actor, target, limit))
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in items], indent=2))
+        return
+
+    def change(e: audit.Entry) -> str:
+        if e.action == "policy.set":
+            return "(diff: audit ls --json)"
+        old = "-" if e.old is None else json.dumps(e.old, sort_keys=True)
+        new = "-" if e.new is None else json.dumps(e.new, sort_keys=True)
+        text = f"{old} -> {new}"
+        return text if len(text) <= 100 else text[:97] + "..."
+    _table(["id", "time", "actor", "action", "target", "change"],
+           [(e.id, _when(e.time), e.actor, e.action, e.target, change(e)) for e in items])
+
+
+@audit_group.command("verify")
+@_db_option
+def audit_verify(db_path: str) -> None:
+    """Check the hash chain: exit 0 when intact, 1 naming the first entry that was altered or removed."""
+    result = _run(lambda: _open(db_path).verify_audit())
+    if not result.ok:
+        raise click.ClickException(f"audit log verification FAILED: {result.problem}")
+    span = f" (entries {result.first_id}..{result.last_id})" if result.entries else ""
+    click.echo(f"audit log OK: {result.entries} entries{span}")
+
+
+@audit_group.command("retention")
+@click.argument("days", required=False, type=float)
+@_db_option
+def audit_retention(days: float | None, db_path: str) -> None:
+    """Show or set how many days entries are kept (default 90); the server prunes older ones hourly."""
+    store = _open(db_path)
+    if days is not None:
+        _run(lambda: store.set_audit_retention(days))
+    click.echo(f"audit retention: {store.audit_retention_days():g} days")
+
+
+@audit_group.command("prune")
+@_db_option
+def audit_prune(db_path: str) -> None:
+    """Remove entries older than the retention now (recorded in the log itself)."""
+    removed = _run(lambda: _open(db_path).prune_audit())
+    click.echo(f"removed {removed} entries older than the retention")

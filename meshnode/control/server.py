@@ -47,6 +47,8 @@ from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Nod
 
 log = logging.getLogger("meshnode.control.server")
 
+ADMIN_ACTOR = "admin-token"   # who the audit log names for changes through the admin API
+
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
     ErrorCode.AUTHKEY_REQUIRED: 401, ErrorCode.AUTHKEY_UNKNOWN: 401, ErrorCode.AUTHKEY_EXPIRED: 403,
@@ -70,6 +72,7 @@ class ServerConfig:
     stream_deadline: float = 30.0       # a map stream that does not take a frame within this is closed
     full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
     max_streams_per_node: int = 2
+    audit_prune_interval: float = 3600.0
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
 
@@ -165,7 +168,7 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._publish()
-        for coro in (self._publisher(), self._poller(), self._reaper()):
+        for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -274,6 +277,7 @@ class ControlServer:
                 if (self.store.change_counter() != self._seen_counter
                         or self.store.records.version() != self._seen_records):
                     self.mark_dirty()
+                    self.store.fold_pending_audit()
             except Exception:
                 log.exception("polling the store failed")
 
@@ -288,6 +292,18 @@ class ControlServer:
             if gone:
                 log.info("removed %d offline ephemeral node(s): %s", len(gone), ", ".join(n.name for n in gone))
                 self.mark_dirty()
+
+    async def _audit_pruner(self) -> None:
+        """Apply the audit log's retention at start and then hourly (the pruning is itself logged)."""
+        while True:
+            try:
+                removed = self.store.prune_audit()
+                if removed:
+                    log.info("audit: removed %d entries older than %g days", removed,
+                             self.store.audit_retention_days())
+            except Exception:
+                log.exception("pruning the audit log failed")
+            await asyncio.sleep(self.config.audit_prune_interval)
 
     # -- node protocol --------------------------------------------------------------------------
 
@@ -356,8 +372,10 @@ class ControlServer:
             advertise_exit_node=_bool(p, "advertise_exit_node"), ephemeral=_bool(p, "ephemeral"),
             endpoints=tuple(_strs(p, "endpoints")))
         _, policy = self._policy()
+        known = self.store.node_by_machine_key(machine_key)
         try:
-            node = self.store.register(reg, lambda *a: authorize(policy, *a))
+            with self.store.acting_as(f"node:{known.name if known else reg.hostname}"):
+                node = self.store.register(reg, lambda *a: authorize(policy, *a))
         except authkeys.AuthKeyRefused:
             self.stats["refusals"] += 1
             raise
@@ -377,7 +395,8 @@ class ControlServer:
     async def _logout(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.logout(node.id)
+        with self.store.acting_as(f"node:{node.name}"):
+            self.store.logout(node.id)
         log.info("node %d %s logged out", node.id, node.name)
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
@@ -513,13 +532,15 @@ class ControlServer:
     async def _admin_rename(self, request: web.Request) -> web.Response:
         self._admin(request)
         body = await self._json_body(request)
-        node = self.store.rename_node(request.match_info["ref"], _str(body, "name", 63))
+        with self.store.acting_as(ADMIN_ACTOR):
+            node = self.store.rename_node(request.match_info["ref"], _str(body, "name", 63))
         self.mark_dirty()
         return web.json_response({"id": node.id, "name": node.name})
 
     async def _admin_delete(self, request: web.Request) -> web.Response:
         self._admin(request)
-        node = self.store.delete_node(request.match_info["ref"])
+        with self.store.acting_as(ADMIN_ACTOR):
+            node = self.store.delete_node(request.match_info["ref"])
         self.mark_dirty()
         return web.json_response({"deleted": node.id, "name": node.name})
 
@@ -530,7 +551,8 @@ class ControlServer:
     async def _admin_policy_set(self, request: web.Request) -> web.Response:
         self._admin(request)
         text = await request.text()
-        change = set_policy(self.store, text)
+        with self.store.acting_as(ADMIN_ACTOR):
+            change = set_policy(self.store, text)
         self.mark_dirty()
         return web.json_response({"ok": True, "tags_removed": {name: list(tags) for name, tags in change.tags_removed}})
 
@@ -539,8 +561,9 @@ class ControlServer:
         body = await self._json_body(request)
         expiry = body.get("expiry")
         expires = time.time() + authkeys.parse_duration(str(expiry)) if expiry else None
-        text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
-                                              _bool(body, "ephemeral"), _strs(body, "tags"), expires)
+        with self.store.acting_as(ADMIN_ACTOR):
+            text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
+                                                  _bool(body, "ephemeral"), _strs(body, "tags"), expires)
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
 
     async def _key(self, _request: web.Request) -> web.Response:

@@ -238,3 +238,23 @@ async def test_metrics_need_the_admin_token_or_their_own_listener(tmp_path: Path
                 assert resp.status == 200 and "meshnode_control_slow_streams_closed_total 0" in await resp.text()
             async with http.get(f"http://127.0.0.1:{mport}/admin/nodes") as resp:
                 assert resp.status == 404          # the metrics listener serves nothing else
+
+
+@run
+async def test_changes_through_the_server_are_audited_with_their_actor(tmp_path: Path) -> None:
+    async with Tailnet(tmp_path) as net:
+        node = await net.join("laptop", start=False)
+        token = net.store.rotate_admin_token()
+        async with aiohttp.ClientSession() as http:
+            auth = {"Authorization": f"Bearer {token}"}
+            async with http.post(net.url + "/admin/nodes/laptop/rename", json={"name": "lap"}, headers=auth) as r:
+                assert r.status == 200
+            async with http.post(net.url + "/admin/nodes/lap/rename", json={"name": "Bad Name"}, headers=auth) as r:
+                assert r.status == 400
+        await node.client.logout()
+        got = [(e.actor, e.action, e.target) for e in net.admin_store.audit_entries()]
+        assert ("node:laptop", "node.register", "node:laptop") in got
+        assert ("admin-token", "node.rename", "node:lap") in got
+        assert ("node:lap", "node.logout", "node:lap") in got
+        assert not any(a == "node.rename" and t == "node:bad name" for _, a, t in got)
+        assert net.admin_store.verify_audit().ok
