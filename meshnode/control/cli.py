@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from ..safetext import safe
 from . import audit, authkeys, naming
 from .store import DEFAULT_DB, ControlStore, ControlStoreError, tighten
 
@@ -55,7 +56,8 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    rows = [["-" if v is None or v == "" else str(v) for v in r] for r in rows]
+    # Host names, OS strings and user names come from the network: escapes are shown, never obeyed.
+    rows = [["-" if v is None or v == "" else safe(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:
@@ -413,7 +415,7 @@ def policy_set(file: str, db_path: str) -> None:
     change = _run(lambda: set_policy(_open(db_path), text))
     click.echo("policy updated")
     for name, tags in change.tags_removed:
-        click.echo(f"{name}: lost {','.join(tags)} (no longer owned under tagOwners)")
+        click.echo(safe(f"{name}: lost {','.join(tags)} (no longer owned under tagOwners)"))
 
 
 @policy.command("check")
