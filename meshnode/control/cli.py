@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
-from . import authkeys, naming
-from .store import DEFAULT_DB, ControlStore, ControlStoreError
+from ..safetext import safe
+from . import audit, authkeys, naming
+from .store import DEFAULT_DB, ControlStore, ControlStoreError, tighten
 
 _DB_HELP = "Control database (env MESHNODE_CONTROL_DB; default /var/lib/meshnode/control.db)."
 
@@ -34,8 +35,13 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _open(db_path: str, domain: str | None = None) -> ControlStore:
+    """The store, with changes audited as this CLI's local user."""
     try:
-        return ControlStore(db_path, domain)
+        store = ControlStore(db_path)
+        store.actor = audit.cli_actor()
+        if domain is not None:
+            store.set_domain(domain)
+        return store
     except (ControlStoreError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -50,7 +56,8 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    rows = [["-" if v is None or v == "" else str(v) for v in r] for r in rows]
+    # Host names, OS strings and user names come from the network: escapes are shown, never obeyed.
+    rows = [["-" if v is None or v == "" else safe(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:
@@ -113,13 +120,17 @@ def _parse_listen(text: str) -> tuple[str, int]:
               help="Users are not created on first sign-in: they must exist (control users create).")
 @click.option("--session-idle", default="8h", show_default=True, help="Console sign-out after this idle time.")
 @click.option("--session-lifetime", default="7d", show_default=True, help="Console sign-out this long after sign-in.")
+@click.option("--metrics", "metrics_listen", default=None,
+              help="HOST:PORT serving /metrics without a token (otherwise /metrics needs the admin token).")
+@click.option("--register-rate", default=200.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Requests a second from machine keys no node has (registrations); bursts of 5x.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, admin_token_file: str | None,
           embed_derp: bool, stun_port: int, derp_region_id: int, derp_host: str, derp_map_file: str | None,
           server_url: str | None, oidc_issuer: str | None, oidc_client_id: str | None,
           oidc_client_secret_file: str | None, oidc_allowed_domains: str, oidc_allowed_users: str,
           oidc_allowed_groups: str, oidc_preapproved_only: bool, session_idle: str, session_lifetime: str,
-          verbose: bool) -> None:
+          metrics_listen: str | None, register_rate: float, verbose: bool) -> None:
     """Run the coordination server."""
     from ..derp.derpmap import RelayMapError, RelayMapFile
     from .console.web import mount
@@ -135,6 +146,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         server_url or "http://pending", oidc_issuer, oidc_client_id, oidc_client_secret_file,
         oidc_allowed_domains, oidc_allowed_users, oidc_allowed_groups, oidc_preapproved_only,
         session_idle, session_lifetime)
+    metrics = _parse_listen(metrics_listen) if metrics_listen else None
     try:
         grace = authkeys.parse_duration(ephemeral_grace)
     except ValueError as exc:
@@ -142,10 +154,14 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = _open(db_path, domain)
+    store.actor = "system"   # the server's own changes (ephemeral clean-up, retention)
     token = store.ensure_admin_token()
+    token_path = Path(admin_token_file or db_path + ".admin-token")
     if token is not None:
-        path = _write_token(Path(admin_token_file or db_path + ".admin-token"), token)
+        path = _write_token(token_path, token)
         logging.getLogger("meshnode.control").info("admin API token written to %s", path)
+    else:
+        tighten(token_path)
     try:
         import uvloop
         uvloop.install()
@@ -162,7 +178,9 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
                 stun_transport, stun = await start_stun_server("" if host in ("0.0.0.0", "::") else host,
                                                                stun_port)
                 bound_stun = stun.port
-        server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2)),
+        server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2),
+                                                   unregistered_rate=register_rate,
+                                                   unregistered_burst=5 * register_rate),
                                relay=relay, relay_map_file=map_file)
         if relay is not None and port != 0:
             # Known before listening, so the first snapshot already carries the relay.
@@ -170,6 +188,9 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
             server.relay_map = embedded_map(derp_region_id, derp_host, port, tls=False, stun_port=bound_stun)
         console = mount(server, console_settings)
         bound = await server.start(host, port)
+        if metrics is not None:
+            mport = await server.start_metrics(*metrics)
+            click.echo(f"metrics on {metrics[0]}:{mport}/metrics", err=True)
         if relay is not None and port == 0:
             from ..derp.derpmap import embedded_map
             server.relay_map = embedded_map(derp_region_id, derp_host, bound, tls=False, stun_port=bound_stun)
@@ -228,6 +249,7 @@ def _console_settings(server_url: str, issuer: str | None, client_id: str | None
 def _write_token(path: Path, token: str) -> Path:
     """Write a secret readable by its owner only (created 0600, never world-readable even briefly)."""
     try:
+        tighten(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -511,7 +533,7 @@ def policy_set(file: str, db_path: str) -> None:
     change = _run(lambda: set_policy(_open(db_path), text))
     click.echo("policy updated")
     for name, tags in change.tags_removed:
-        click.echo(f"{name}: lost {','.join(tags)} (no longer owned under tagOwners)")
+        click.echo(safe(f"{name}: lost {','.join(tags)} (no longer owned under tagOwners)"))
 
 
 @policy.command("check")
@@ -607,3 +629,88 @@ def dns_search_set(domains: tuple[str, ...], db_path: str) -> None:
     """Set the search domains; none clears them."""
     _run(lambda: _open(db_path).set_search_domains(_split(domains)))
     click.echo("search domains updated")
+
+
+# -- audit log ----------------------------------------------------------------------------------
+
+@control.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit log of configuration changes."""
+
+
+def _since(text: str | None) -> float | None:
+    """`--since`: a duration ago (30m, 7d) or a date/time (2026-01-31, 2026-01-31T12:00, unix seconds)."""
+    if not text:
+        return None
+    try:
+        return time.time() - authkeys.parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a duration (7d, 1h) or a date/time (2026-01-31T12:00)",
+                                 param_hint="--since") from None
+
+
+@audit_group.command("ls")
+@click.option("--since", default=None, help="Only entries since a duration ago (7d) or a date/time.")
+@click.option("--actor", default=None, help="Only this actor (e.g. admin-token, cli:root@host, node:web; 'node:' or"
+              " 'cli:*' match a prefix).")
+@click.option("--target", default=None, help="Only this target (e.g. node:web, policy, authkey:ID; prefixes as --actor).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the newest N entries.")
+@_db_option
+@_json_option
+def audit_ls(since: str | None, actor: str | None, target: str | None, limit: int | None, db_path: str,
+             as_json: bool) -> None:
+    """List audit entries, oldest first."""
+    store = _open(db_path)
+    items = _run(lambda: store.audit_entries(_since(since), actor, target, limit))
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in items], indent=2))
+        return
+
+    def change(e: audit.Entry) -> str:
+        if e.action == "policy.set":
+            return "(diff: audit ls --json)"
+        old = "-" if e.old is None else json.dumps(e.old, sort_keys=True)
+        new = "-" if e.new is None else json.dumps(e.new, sort_keys=True)
+        text = f"{old} -> {new}"
+        return text if len(text) <= 100 else text[:97] + "..."
+    _table(["id", "time", "actor", "action", "target", "change"],
+           [(e.id, _when(e.time), e.actor, e.action, e.target, change(e)) for e in items])
+
+
+@audit_group.command("verify")
+@_db_option
+def audit_verify(db_path: str) -> None:
+    """Check the hash chain: exit 0 when intact, 1 naming the first entry that was altered or removed."""
+    result = _run(lambda: _open(db_path).verify_audit())
+    if not result.ok:
+        raise click.ClickException(f"audit log verification FAILED: {result.problem}")
+    span = f" (entries {result.first_id}..{result.last_id})" if result.entries else ""
+    click.echo(f"audit log OK: {result.entries} entries{span}")
+
+
+@audit_group.command("retention")
+@click.argument("days", required=False, type=float)
+@_db_option
+def audit_retention(days: float | None, db_path: str) -> None:
+    """Show or set how many days entries are kept (default 90); the server prunes older ones hourly."""
+    store = _open(db_path)
+    if days is not None:
+        _run(lambda: store.set_audit_retention(days))
+    click.echo(f"audit retention: {store.audit_retention_days():g} days")
+
+
+@audit_group.command("prune")
+@_db_option
+def audit_prune(db_path: str) -> None:
+    """Remove entries older than the retention now (recorded in the log itself)."""
+    removed = _run(lambda: _open(db_path).prune_audit())
+    click.echo(f"removed {removed} entries older than the retention")

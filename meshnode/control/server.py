@@ -9,7 +9,9 @@ Node endpoints (bodies sealed, see `protocol.py`):
 Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
   GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
-Unauthenticated: GET /metrics (Prometheus text; counts only), GET /healthz.
+GET /metrics (Prometheus text) needs the admin token too, or is served without one on its own
+listener (`start_metrics`, `control serve --metrics HOST:PORT`), never to nodes by default.
+Unauthenticated: GET /healthz.
 With an embedded relay (`relay=`): GET /derp (DERP upgrade), /derp/probe, /generate_204; the relay
 admits exactly the active nodes' keys and drops a node as soon as a snapshot no longer has it.
 
@@ -51,6 +53,8 @@ from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Nod
 
 log = logging.getLogger("meshnode.control.server")
 
+ADMIN_ACTOR = "admin-token"   # who the audit log names for changes through the admin API
+
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
     ErrorCode.AUTHKEY_REQUIRED: 401, ErrorCode.AUTHKEY_UNKNOWN: 401, ErrorCode.AUTHKEY_EXPIRED: 403,
@@ -71,6 +75,10 @@ class ServerConfig:
     reap_interval: float = 5.0
     # Requests from machine keys no node has (registrations, strangers): anyone can mint such keys,
     # so they share one budget and cannot crowd out the tailnet's own nodes.
+    stream_deadline: float = 30.0       # a map stream that does not take a frame within this is closed
+    full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
+    max_streams_per_node: int = 2
+    audit_prune_interval: float = 3600.0
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
 
@@ -141,13 +149,15 @@ class ControlServer:
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
         self._full_maps = asyncio.Semaphore(8)
+        self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_counter = -1
         self._built_counter = -1
         self._seen_records = -1
         self._records: list | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
-        self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0}
+        self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
+                      "slow_streams_closed": 0}
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
         self.app.add_routes([
             web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
@@ -170,6 +180,7 @@ class ControlServer:
         # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
         # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
         self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -177,7 +188,7 @@ class ControlServer:
         self._publish()
         if self.relay is not None:
             await self.relay.start()
-        for coro in (self._publisher(), self._poller(), self._reaper()):
+        for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -203,6 +214,9 @@ class ControlServer:
         return int(sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -297,6 +311,7 @@ class ControlServer:
                         or self.store.records.version() != self._seen_records
                         or (self.relay_map_file is not None and self.relay_map_file.reload())):
                     self.mark_dirty()
+                    self.store.fold_pending_audit()
             except Exception:
                 log.exception("polling the store failed")
 
@@ -311,6 +326,18 @@ class ControlServer:
             if gone:
                 log.info("removed %d offline ephemeral node(s): %s", len(gone), ", ".join(n.name for n in gone))
                 self.mark_dirty()
+
+    async def _audit_pruner(self) -> None:
+        """Apply the audit log's retention at start and then hourly (the pruning is itself logged)."""
+        while True:
+            try:
+                removed = self.store.prune_audit()
+                if removed:
+                    log.info("audit: removed %d entries older than %g days", removed,
+                             self.store.audit_retention_days())
+            except Exception:
+                log.exception("pruning the audit log failed")
+            await asyncio.sleep(self.config.audit_prune_interval)
 
     # -- node protocol --------------------------------------------------------------------------
 
@@ -386,8 +413,10 @@ class ControlServer:
                     return self._sealed(chan, {"auth_url": url})
                 reg = dataclasses.replace(reg, authkey=key)
         _, policy = self._policy()
+        known = self.store.node_by_machine_key(machine_key)
         try:
-            node = self.store.register(reg, lambda *a: authorize(policy, *a))
+            with self.store.acting_as(f"node:{known.name if known else reg.hostname}"):
+                node = self.store.register(reg, lambda *a: authorize(policy, *a))
         except authkeys.AuthKeyRefused:
             self.stats["refusals"] += 1
             raise
@@ -407,7 +436,8 @@ class ControlServer:
     async def _logout(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.logout(node.id)
+        with self.store.acting_as(f"node:{node.name}"):
+            self.store.logout(node.id)
         log.info("node %d %s logged out", node.id, node.name)
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
@@ -421,14 +451,28 @@ class ControlServer:
                                            "Cache-Control": "no-store"})
         await resp.prepare(request)
         state = StreamState(node.id)
+        # A node needs one stream (two while it reconnects): older ones are closed, so one machine
+        # cannot pile up streams that each hold a map in memory.
+        mine = self._node_streams.setdefault(node.id, [])
+        handle = (asyncio.current_task(), request)
+        mine.append(handle)
+        while len(mine) > self.config.max_streams_per_node:
+            old_task, old_request = mine.pop(0)
+            _abort(old_request)
+            if old_task is not None:
+                old_task.cancel()
         self.online[node.id] = self.online.get(node.id, 0) + 1
         self.stats["streams"] += 1
         self.mark_dirty()
         try:
-            await self._serve_stream(resp, chan, state)
+            await self._serve_stream(request, resp, chan, state)
         except (ConnectionResetError, ConnectionError):
             pass
         finally:
+            if handle in mine:
+                mine.remove(handle)
+            if not mine:
+                self._node_streams.pop(node.id, None)
             self.stats["streams"] -= 1
             left = self.online.get(node.id, 1) - 1
             if left:
@@ -442,36 +486,66 @@ class ControlServer:
             self.mark_dirty()
         return resp
 
-    async def _serve_stream(self, resp: web.StreamResponse, chan: Channel, state: StreamState) -> None:
+    async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
+                            state: StreamState) -> None:
         keepalive = frame(chan.seal({"type": "keepalive"}))
         while True:
             changed = self._changed
             snap = self.snapshot
             if snap is not None and snap.seq != state.seq:
-                if state.full:
-                    # A full map of a 10k-node tailnet is megabytes, held in the socket buffer until
-                    # the node reads it: a bounded number in flight keeps a reconnect storm from
-                    # costing gigabytes.
-                    async with self._full_maps:
-                        if not await self._send(resp, chan, snap, state):
-                            return
-                elif not await self._send(resp, chan, snap, state):
+                # Frames are computed from the newest snapshot when the previous one was taken, so
+                # a slow reader gets one delta covering every change it missed (coalesced), and each
+                # stream has at most one frame queued: its own, never anyone else's.
+                if not await self._send(request, resp, chan, snap, state):
                     return
             if not self._tasks:  # shutting down
                 return
             try:
                 await asyncio.wait_for(changed.wait(), self.config.keepalive)
             except asyncio.TimeoutError:
-                await resp.write(keepalive)
+                if not await self._write(request, resp, keepalive, count=False):
+                    return
 
-    async def _send(self, resp: web.StreamResponse, chan: Channel, snap: Snapshot, state: StreamState) -> bool:
-        """Write the frame that brings this stream up to `snap`; False when its node is gone."""
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chan: Channel, snap: Snapshot,
+                    state: StreamState) -> bool:
+        """Write the frame that brings this stream up to `snap`; False when the stream must end."""
+        if not state.full:
+            try:
+                text = next_frame(snap, state)
+            except NodeGone:
+                return False  # deleted, logged out or expired: the client learns why when it reconnects
+            return text is None or await self._write(request, resp, frame(chan.seal_bytes(text.encode())))
+        # A full map of a 10k-node tailnet is megabytes: a bounded number are built and handed to the
+        # kernel at once, which keeps a reconnect storm from costing gigabytes. A reader too slow to
+        # take its map within `full_map_slot` gives its slot up and finishes on its own deadline.
+        async with self._full_maps:
+            try:
+                text = next_frame(snap, state)
+            except NodeGone:
+                return False
+            if text is None:
+                return True
+            write = asyncio.ensure_future(resp.write(frame(chan.seal_bytes(text.encode()))))
+            await asyncio.wait({write}, timeout=self.config.full_map_slot)
+        return await self._write(request, resp, write)
+
+    async def _write(self, request: web.Request, resp: web.StreamResponse,
+                     data: bytes | asyncio.Future[None], count: bool = True) -> bool:
+        """One frame (or a write already started) within `stream_deadline`; a stream whose node does
+        not take it in time is closed (the node reconnects and gets a full map)."""
+        write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
         try:
-            text = next_frame(snap, state)
-        except NodeGone:
-            return False  # deleted, logged out or expired: the client learns why when it reconnects
-        if text is not None:
-            await resp.write(frame(chan.seal_bytes(text.encode())))
+            await asyncio.wait_for(write, self.config.stream_deadline)
+        except asyncio.TimeoutError:
+            self.stats["slow_streams_closed"] += 1
+            log.info("map stream of %s did not take a frame within %.0fs; closing it",
+                     request.remote, self.config.stream_deadline)
+            _abort(request)
+            return False
+        finally:
+            if not write.done():
+                write.cancel()
+        if count:
             self.stats["frames"] += 1
         return True
 
@@ -499,13 +573,15 @@ class ControlServer:
     async def _admin_rename(self, request: web.Request) -> web.Response:
         self._admin(request)
         body = await self._json_body(request)
-        node = self.store.rename_node(request.match_info["ref"], _str(body, "name", 63))
+        with self.store.acting_as(ADMIN_ACTOR):
+            node = self.store.rename_node(request.match_info["ref"], _str(body, "name", 63))
         self.mark_dirty()
         return web.json_response({"id": node.id, "name": node.name})
 
     async def _admin_delete(self, request: web.Request) -> web.Response:
         self._admin(request)
-        node = self.store.delete_node(request.match_info["ref"])
+        with self.store.acting_as(ADMIN_ACTOR):
+            node = self.store.delete_node(request.match_info["ref"])
         self.mark_dirty()
         return web.json_response({"deleted": node.id, "name": node.name})
 
@@ -516,7 +592,8 @@ class ControlServer:
     async def _admin_policy_set(self, request: web.Request) -> web.Response:
         self._admin(request)
         text = await request.text()
-        change = set_policy(self.store, text)
+        with self.store.acting_as(ADMIN_ACTOR):
+            change = set_policy(self.store, text)
         self.mark_dirty()
         return web.json_response({"ok": True, "tags_removed": {name: list(tags) for name, tags in change.tags_removed}})
 
@@ -525,8 +602,9 @@ class ControlServer:
         body = await self._json_body(request)
         expiry = body.get("expiry")
         expires = time.time() + authkeys.parse_duration(str(expiry)) if expiry else None
-        text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
-                                              _bool(body, "ephemeral"), _strs(body, "tags"), expires)
+        with self.store.acting_as(ADMIN_ACTOR):
+            text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
+                                                  _bool(body, "ephemeral"), _strs(body, "tags"), expires)
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
 
     async def _key(self, _request: web.Request) -> web.Response:
@@ -535,7 +613,25 @@ class ControlServer:
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": self.snapshot.version if self.snapshot else 0})
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return self._metrics_text()
+
+    async def start_metrics(self, host: str, port: int) -> int:
+        """Serve GET /metrics without a token on its own listener (for a Prometheus scraper on a
+        management address); returns the port."""
+        app = web.Application(middlewares=[_errors])
+        app.router.add_get("/metrics", self._metrics_web)
+        self._metrics_runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host, port)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def _metrics_web(self, _request: web.Request) -> web.Response:
+        return self._metrics_text()
+
+    def _metrics_text(self) -> web.Response:
         snap = self.snapshot
         lines = [
             "# TYPE meshnode_control_nodes gauge", f"meshnode_control_nodes {len(snap.nodes) if snap else 0}",
@@ -550,10 +646,19 @@ class ControlServer:
             "# TYPE meshnode_control_snapshots_total counter",
             f"meshnode_control_snapshots_total {self.stats['snapshots']}",
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
+            "# TYPE meshnode_control_slow_streams_closed_total counter",
+            f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
         ]
         if self.relay is not None:
             lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _abort(request: web.Request) -> None:
+    """Drop a connection now, whatever it has buffered (a stuck stream would otherwise linger)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _str(obj: dict[str, Any], key: str, max_len: int, required: bool = True) -> str:

@@ -6,7 +6,7 @@ dataclasses, or an `ApiError` naming the bad field; the daemon only ever sees va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from magicdns.names import NameError_, normalize_domain
@@ -37,7 +37,7 @@ class UpRequest:
     """`meshnode up`: None means 'keep what is set'."""
 
     login_server: str | None = None
-    authkey: str | None = None
+    authkey: str | None = field(default=None, repr=False)   # a secret: never in a log line or repr
     hostname: str | None = None
     accept_dns: bool | None = None
     accept_routes: bool | None = None

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import click
 
 from magicdns.upstream import UpstreamError, parse_upstream
 
+from ..safetext import safe
 from .apitypes import QUERY_TYPES
 from .localclient import DaemonNotRunning, LocalApiRefused, LocalClient
 from .prefs import PrefsError, check_login_server, check_route, check_tag
@@ -177,9 +179,41 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
 
 # -- up / down / logout --------------------------------------------------------------------------
 
+AUTHKEY_ENV = "MESHNODE_AUTHKEY"
+
+
+def resolve_authkey(value: str | None, env: str | None) -> str | None:
+    """The auth key from `--authkey` (KEY, file:PATH or - for standard input) or MESHNODE_AUTHKEY.
+
+    An inline key is accepted with a warning: any local user can read a command line from /proc.
+    The key itself never appears in a message.
+    """
+    if value is None:
+        return env.strip() or None if env else None
+    if value == "-":
+        key = click.get_text_stream("stdin").readline().strip()
+        if not key:
+            raise click.UsageError("--authkey -: nothing on standard input")
+        return key
+    if value.startswith("file:"):
+        path = Path(value[5:]).expanduser()
+        try:
+            key = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise click.UsageError(f"--authkey file:{path}: cannot read: {reason}") from None
+        if not key or "\n" in key:
+            raise click.UsageError(f"--authkey file:{path}: expected one key on one line")
+        return key
+    click.echo("warning: an auth key on the command line can be read by every local user (ps, /proc);"
+               f" prefer --authkey file:PATH, --authkey - or {AUTHKEY_ENV}", err=True)
+    return value
+
 @click.command("up")
 @click.option("--login-server", default=None, help="Control server URL (needed the first time).")
-@click.option("--authkey", default=None, help="Pre-auth key (needed to register a new node).")
+@click.option("--authkey", default=None, metavar="KEY|file:PATH|-",
+              help="Pre-auth key (needed to register a new node): file:PATH reads it from a file, - from"
+              " standard input; env MESHNODE_AUTHKEY. Inline keys are visible to every local user.")
 @click.option("--hostname", default=None, help="Name to register with [default: the OS hostname].")
 @_bool_option("--accept-dns", "Point the system resolver at MagicDNS [default: true].")
 @_bool_option("--accept-routes", "Accept subnet routes advertised by other nodes.")
@@ -198,6 +232,7 @@ def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, ho
            advertise_exit_node: bool | None, exit_node: str | None, advertise_tags: tuple[str, ...],
            timeout: float, force_reauth: bool, as_json: bool) -> None:
     """Connect to the tailnet (the first time with --authkey, or without one: log in in the browser)."""
+    authkey = resolve_authkey(authkey, os.environ.get(AUTHKEY_ENV))
     body: dict[str, Any] = {"timeout": timeout}
     if force_reauth:
         if not authkey:
@@ -227,7 +262,7 @@ def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, ho
         click.echo(json.dumps(status, indent=2))
     else:
         me = status.get("self") or {}
-        click.echo(f"Connected as {me.get('fqdn', '?')} ({', '.join(me.get('addresses', []))})")
+        click.echo(safe(f"Connected as {me.get('fqdn', '?')} ({', '.join(me.get('addresses', []))})"))
 
 
 def _up_in_browser(ctx: click.Context, body: dict[str, Any], timeout: float, as_json: bool) -> Any:
@@ -319,8 +354,9 @@ def format_status(st: dict[str, Any]) -> str:
     else:
         rows = [(me, "-")]
         rows += [(p, _peer_state(p)) for p in st.get("peers", [])]
-        table = [((n.get("addresses") or ["-"])[0], n.get("name", "?"), _owner(n), n.get("os") or "-", s)
-                 for n, s in rows]
+        # Names, OS strings and users come from other nodes: escapes are shown, never obeyed.
+        table = [tuple(safe(v) for v in ((n.get("addresses") or ["-"])[0], n.get("name", "?"), _owner(n),
+                                         n.get("os") or "-", s)) for n, s in rows]
         widths = [max(len(r[i]) for r in table) for i in range(4)]
         for r in table:
             lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
@@ -333,7 +369,7 @@ def format_status(st: dict[str, Any]) -> str:
     if health:
         lines.append("")
         lines.append("# Health check:")
-        lines += [f"#     - {h}" for h in health]
+        lines += [f"#     - {safe(h)}" for h in health]
     return "\n".join(lines)
 
 
