@@ -465,7 +465,8 @@ class ControlServer:
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
 
     async def _key(self, _request: web.Request) -> web.Response:
-        return web.json_response({"public_key": self.public_key, "protocol": 1})
+        from ..version import version  # lets `meshnode version` compare node and server
+        return web.json_response({"public_key": self.public_key, "protocol": 1, "version": version()})
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": self.snapshot.version if self.snapshot else 0})

@@ -47,6 +47,8 @@ class UpRequest:
     advertise_tags: tuple[str, ...] | None = None
     timeout: float = 30.0  # seconds to wait for the first network map
     force_reauth: bool = False  # forget node key and pinned server key: register afresh
+    shields_up: bool | None = None
+    exit_node_allow_lan_access: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,48 @@ def parse_up(body: Any) -> UpRequest:
     return UpRequest(login, _opt_str(obj, "authkey"), hostname, _opt_bool(obj, "accept_dns"),
                      _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
                      _opt_str(obj, "exit_node", 253), tags, float(timeout),
-                     bool(_opt_bool(obj, "force_reauth")))
+                     bool(_opt_bool(obj, "force_reauth")), _opt_bool(obj, "shields_up"),
+                     _opt_bool(obj, "exit_node_allow_lan_access"))
+
+
+_SET_ONLY_UP = {"login_server", "authkey", "force_reauth"}
+
+
+def parse_set(body: Any) -> UpRequest:
+    """Validate a `set` request: the prefs of `up` (one or more), without login or auth key."""
+    obj = _object(body)
+    _check_keys(obj, {f for f in UpRequest.__dataclass_fields__} - _SET_ONLY_UP)
+    req = parse_up(obj)
+    if all(getattr(req, k) is None for k in ("hostname", "accept_dns", "accept_routes", "advertise_routes",
+                                              "advertise_exit_node", "exit_node", "advertise_tags",
+                                              "shields_up", "exit_node_allow_lan_access")):
+        raise bad_request("nothing to set: give at least one preference")
+    return req
+
+
+@dataclass(frozen=True, slots=True)
+class WhoisRequest:
+    address: str         # a tailnet IP address (the port, if given, is dropped)
+
+
+def parse_whois(params: Mapping[str, str]) -> WhoisRequest:
+    """Validate `whois` parameters: addr=IP, IP:PORT or [IPv6]:PORT."""
+    import ipaddress
+    _check_keys(params, {"addr"})
+    text = (params.get("addr") or "").strip()
+    host = text
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            raise bad_request(f"addr: {text!r} is not IP, IP:PORT or [IPv6]:PORT")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            raise bad_request(f"addr: {text!r} is not IP, IP:PORT or [IPv6]:PORT")
+    try:
+        return WhoisRequest(str(ipaddress.ip_address(host)))
+    except ValueError:
+        raise bad_request(f"addr: {text!r} is not IP, IP:PORT or [IPv6]:PORT") from None
 
 
 def parse_query(body: Any) -> QueryRequest:

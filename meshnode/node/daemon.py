@@ -27,14 +27,15 @@ from magicdns.view import DnsView
 
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
-from ..words import control_failure, in_words
+from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
-from .apitypes import ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, UpRequest
+from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, UpRequest,
+                       WhoisRequest)
 from .dnsthread import DnsThread, DnsThreadError
 from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
                     resolved_in_use)
-from .prefs import Prefs, PrefsError
+from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .state import StateDir
 from .router import Router, RouterError, control_addresses, plan_routing
@@ -72,11 +73,19 @@ class DaemonConfig:
     port: int = DEFAULT_PORT                           # WireGuard UDP port (with --tun)
 
 
+# `status --json` field names are stable within a schema number (README.md, "status --json schema"):
+# fields may be added; a rename or removal bumps it.
+STATUS_SCHEMA = 1
+ACTIVE_SECONDS = 180  # a handshake younger than this: the peer is exchanging traffic
+
+
 def node_json(node: MapNode) -> dict[str, Any]:
     """The part of a node `meshnode status` shows."""
     return {"id": node.id, "name": node.name, "fqdn": node.fqdn, "user": node.user,
             "addresses": list(node.addresses), "online": node.online, "tags": list(node.tags),
             "os": node.os, "last_seen": node.last_seen, "exit_node": node.exit_node,
+            "offers_exit_node": node.exit_node, "advertises_exit_node": node.advertises_exit_node,
+            "ephemeral": node.ephemeral,
             "advertised_routes": list(node.advertised_routes),
             "approved_routes": list(node.approved_routes)}
 
@@ -220,6 +229,7 @@ class Daemon:
             return
         try:
             await self._tunnel.start(bytes(node_key))
+            await self._tunnel.set_shields(self.prefs.shields_up)
             if self.netmap is not None:
                 await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes)
         except TunnelError as exc:
@@ -378,6 +388,7 @@ class Daemon:
         if self._tunnel is not None:
             try:
                 await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.set_shields(self.prefs.shields_up)
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
             await self._route(netmap)
@@ -517,14 +528,69 @@ class Daemon:
         return self.status()
 
     def _merge_prefs(self, req: UpRequest) -> Prefs:
-        changes = {k: getattr(req, k) for k in ("login_server", "hostname", "accept_dns", "accept_routes",
-                                                  "advertise_routes", "advertise_exit_node", "exit_node",
-                                                  "advertise_tags")
-                   if getattr(req, k) is not None}
+        changes = {k: getattr(req, k) for k in ("login_server", *SETTABLE) if getattr(req, k) is not None}
         try:
             return self.prefs.updated(**changes)
         except PrefsError as exc:
             raise ApiError(400, str(exc)) from None
+
+    async def set_prefs(self, req: UpRequest) -> dict[str, Any]:
+        """`meshnode set`: change the given prefs only. A running node applies them at once (through
+        `up`, which re-registers: advertised routes, tags and the hostname live on the control
+        server); a stopped or logged-out one keeps them for the next `up`."""
+        if self.backend in (BackendState.RUNNING, BackendState.STARTING) and self.state.node_key() is not None:
+            return await self.up(req)
+        async with self._lock:
+            prefs = self._merge_prefs(req)
+            if req.exit_node and self.netmap is not None:
+                self._check_exit_node(self.netmap, req.exit_node)
+            self.prefs = prefs
+            self.state.save_prefs(prefs)
+        return self.status()
+
+    def whois(self, req: WhoisRequest) -> dict[str, Any]:
+        """The node and user owning a tailnet address (the identity ACLs and `serve` use)."""
+        node = self.node_of(req.address)
+        if node is None:
+            raise ApiError(404, f"{req.address} is not the address of any node in the network map")
+        return {"address": req.address, "node": node_json(node), "user": node.user,
+                "tags": list(node.tags), "self": self.netmap is not None and node is self.netmap.self_node}
+
+    def node_of(self, address: str) -> MapNode | None:
+        """The map node (self or a peer) that owns tailnet `address`, or None."""
+        nm = self.netmap
+        if nm is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        text = str(ip)
+        for node in (nm.self_node, *nm.peers):
+            if text in node.addresses:
+                return node
+        return None
+
+    async def version(self) -> dict[str, Any]:
+        """This daemon's version and the control server's (from its GET /key), and whether they match."""
+        from ..version import version
+        import aiohttp
+        mine = version()
+        url = self.prefs.login_server or None
+        control: dict[str, Any] = {"url": url, "version": None, "error": None}
+        if url:
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
+                    async with http.get(url.rstrip("/") + "/key") as resp:
+                        body = await resp.json(content_type=None)
+                control["version"] = body.get("version") if isinstance(body, dict) else None
+                if control["version"] is None:
+                    control["error"] = "the control server does not report its version (older than 0.1.0?)"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                control["error"] = control_unreachable(url, exc)
+        return {"daemon": mine, "control": control}
 
     async def down(self) -> dict[str, Any]:
         async with self._lock:
@@ -572,7 +638,7 @@ class Daemon:
         routing = self._router.applied if self._router is not None else None
         if routing is not None and routing.use_exit and routing.exit_peer is None:
             health.append(f"exit node {self.prefs.exit_node!r} is not an approved exit node in the map:"
-                          " internet traffic is blocked (`meshnode up --exit-node ''` goes direct)")
+                          " internet traffic is blocked (`meshnode set --exit-node=` goes direct)")
         tunnel = self._tunnel.status() if self._tunnel is not None else None
         if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
                 and not tunnel.get("running")):
@@ -580,7 +646,10 @@ class Daemon:
                           + (f": {tunnel['failure']}" if tunnel.get("failure") else ""))
         if tunnel is not None and (tunnel.get("filter") or {}).get("error"):
             health.append(tunnel["filter"]["error"])
+        from ..version import version
         return {
+            "schema": STATUS_SCHEMA,
+            "version": version(),
             "backend_state": self.backend.value,
             "login_server": self.prefs.login_server or None,
             "tailnet": nm.domain if nm else None,
@@ -597,13 +666,21 @@ class Daemon:
     def _peers_json(self, nm: NetMap) -> list[dict[str, Any]]:
         tunnel = self._tunnel.status() if self._tunnel is not None else {}
         by_key = {p["public_key"]: p for p in tunnel.get("peers", [])}
+        ref = self.prefs.exit_node
+        now = time.time()
         out = []
         for p in nm.peers:
             obj = node_json(p)
+            obj["exit_node_in_use"] = bool(ref) and p.exit_node and ref in (p.name, p.fqdn, *p.addresses)
             wg = by_key.get(p.node_key)
+            obj["tunnel"] = None
+            obj["active"] = False
             if wg is not None:
                 obj["tunnel"] = {"endpoint": wg["endpoint"], "last_handshake": wg["last_handshake"],
                                  "rx_bytes": wg["rx_bytes"], "tx_bytes": wg["tx_bytes"]}
+                # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
+                shook = wg["last_handshake"]
+                obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg["endpoint"])
             out.append(obj)
         return out
 

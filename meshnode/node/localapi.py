@@ -2,6 +2,9 @@
 
     GET  /localapi/v0/status              self, peers, state, health
     POST /localapi/v0/up                  {login_server, authkey, hostname, accept_dns, ...}
+    POST /localapi/v0/set                 {accept_dns, shields_up, ...}: change only these prefs
+    GET  /localapi/v0/whois?addr=IP[:PORT] the node and user owning a tailnet address
+    GET  /localapi/v0/version             daemon and control server versions
     POST /localapi/v0/down
     POST /localapi/v0/logout
     GET  /localapi/v0/ip?family=4|6&peer=NAME
@@ -25,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .apitypes import API_PREFIX, ApiError, parse_ip, parse_netcheck, parse_ping, parse_query, parse_up
+from .apitypes import (API_PREFIX, ApiError, parse_ip, parse_netcheck, parse_ping, parse_query, parse_set,
+                       parse_up, parse_whois)
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -87,6 +91,15 @@ def make_app(daemon: "Daemon") -> web.Application:
     async def up(request: web.Request) -> web.Response:
         return _ok(await daemon.up(parse_up(await _json_body(request))))
 
+    async def set_prefs(request: web.Request) -> web.Response:
+        return _ok(await daemon.set_prefs(parse_set(await _json_body(request))))
+
+    async def whois(request: web.Request) -> web.Response:
+        return _ok(daemon.whois(parse_whois(dict(request.query))))
+
+    async def version(request: web.Request) -> web.Response:
+        return _ok(await daemon.version())
+
     async def down(request: web.Request) -> web.Response:
         await _json_body(request)
         return _ok(await daemon.down())
@@ -112,6 +125,9 @@ def make_app(daemon: "Daemon") -> web.Application:
 
     app.router.add_get(API_PREFIX + "/status", status)
     app.router.add_post(API_PREFIX + "/up", up)
+    app.router.add_post(API_PREFIX + "/set", set_prefs)
+    app.router.add_get(API_PREFIX + "/whois", whois)
+    app.router.add_get(API_PREFIX + "/version", version)
     app.router.add_post(API_PREFIX + "/down", down)
     app.router.add_post(API_PREFIX + "/logout", logout)
     app.router.add_get(API_PREFIX + "/ip", ip)
