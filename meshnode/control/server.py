@@ -62,6 +62,7 @@ class ServerConfig:
     keepalive: float = KEEPALIVE_SECONDS
     ephemeral_grace: float = 300.0      # an offline ephemeral node is deleted after this long
     reap_interval: float = 5.0
+    presence_interval: float = 15.0     # how often the online set is written for `control nodes ls`
 
 
 def _error(code: ErrorCode, message: str) -> web.Response:
@@ -114,6 +115,7 @@ class ControlServer:
         self.snapshot: Snapshot | None = None
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
+        self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
         self._full_maps = asyncio.Semaphore(8)
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_counter = -1
@@ -139,7 +141,7 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._publish()
-        for coro in (self._publisher(), self._poller(), self._reaper()):
+        for coro in (self._publisher(), self._poller(), self._reaper(), self._presence()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -168,6 +170,24 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            try:  # nobody is online on a stopped server: `control nodes ls` says so at once
+                self.store.set_presence((), time.time(), self.config.presence_interval)
+            except ControlStoreError:
+                log.exception("recording presence failed")
+
+    async def _presence(self) -> None:
+        """Write who is online now and then (and at once when it changes), so `control nodes ls`
+        shows ONLINE and a LAST SEEN that keeps moving while a node stays connected."""
+        while True:
+            self._presence_changed.clear()
+            try:
+                self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
+            except Exception:
+                log.exception("recording presence failed")
+            try:
+                await asyncio.wait_for(self._presence_changed.wait(), self.config.presence_interval)
+            except asyncio.TimeoutError:
+                pass
 
     # -- change propagation ---------------------------------------------------------------------
 
@@ -356,6 +376,7 @@ class ControlServer:
         self.online[node.id] = self.online.get(node.id, 0) + 1
         self.stats["streams"] += 1
         self.mark_dirty()
+        self._presence_changed.set()
         try:
             await self._serve_stream(resp, chan, state)
         except (ConnectionResetError, ConnectionError):
@@ -372,6 +393,7 @@ class ControlServer:
             except ControlStoreError:
                 log.exception("recording last-seen of node %d failed", node.id)
             self.mark_dirty()
+            self._presence_changed.set()
         return resp
 
     async def _serve_stream(self, resp: web.StreamResponse, chan: Channel, state: StreamState) -> None:
