@@ -243,3 +243,44 @@ def parse_netcheck(params: Mapping[str, str]) -> NetcheckRequest:
     if not 0.1 <= timeout <= 10:  # also refuses nan
         raise bad_request("timeout: expected seconds from 0.1 to 10")
     return NetcheckRequest(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeRequest:
+    """`meshnode serve --tcp|--http PORT TARGET` (target already normalised by serve.parse_target)."""
+
+    kind: str      # "tcp" or "http"
+    port: int
+    target: str
+
+
+def parse_serve(body: Any) -> ServeRequest:
+    """Validate a serve request: kind tcp|http (https is refused with the reason), a port, a local target."""
+    from .serve import Kind, ServeError, parse_target
+    obj = _object(body)
+    _check_keys(obj, {"kind", "port", "target"})
+    kind = obj.get("kind")
+    if kind == "https":
+        raise ApiError(409, "HTTPS needs the tailnet's certificate authority, which this tailnet does not"
+                            " have yet; serve over --http for now (the tunnel already encrypts it)")
+    if kind not in ("tcp", "http"):
+        raise bad_request("kind: expected tcp or http")
+    port = obj.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise bad_request("port: expected a port number from 1 to 65535")
+    target = _opt_str(obj, "target", 1024)
+    if not target:
+        raise bad_request("target: expected e.g. tcp://127.0.0.1:22 or http://127.0.0.1:8080")
+    try:
+        return ServeRequest(kind, port, parse_target(Kind(kind), target))
+    except ServeError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def parse_serve_off(body: Any) -> int:
+    obj = _object(body)
+    _check_keys(obj, {"port"})
+    port = obj.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise bad_request("port: expected a port number from 1 to 65535")
+    return port

@@ -556,6 +556,90 @@ def version_cmd(ctx: click.Context, as_json: bool) -> None:
         click.echo("All versions match.")
 
 
+# -- serve ---------------------------------------------------------------------------------------
+
+def format_serve(st: dict[str, Any]) -> str:
+    entries = st.get("entries") or []
+    if not entries:
+        return "Nothing is served (`meshnode serve --http 80 http://127.0.0.1:8080` shares a local web server)."
+    lines = []
+    for e in entries:
+        where = ", ".join(e.get("listening") or []) or "-"
+        lines.append(f"{e['kind']:<4} port {e['port']:<5} -> {e['target']}   listening on {where}"
+                     + (f"   ({e['error']})" if e.get("error") else ""))
+    return "\n".join(lines)
+
+
+@click.command("serve", context_settings={"ignore_unknown_options": False})
+@click.option("--tcp", "tcp_port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="Forward this TCP port of the node's tailnet addresses to TARGET (tcp://127.0.0.1:PORT).")
+@click.option("--http", "http_port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="Reverse-proxy HTTP on this port to TARGET (http://127.0.0.1:PORT), adding the caller's"
+                   " Tailscale-User-Login and Tailscale-User-Name.")
+@click.option("--https", "https_port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="HTTPS: needs the tailnet certificate authority (not available yet).")
+@click.option("--off", is_flag=True, help="Stop serving the given port.")
+@click.option("--bg", is_flag=True, help="Return at once and keep serving (saved across restarts).")
+@click.option("--json", "as_json", is_flag=True, help="With `status`: machine-readable output.")
+@click.argument("args", nargs=-1, metavar="[TARGET | status | reset]")
+@click.pass_context
+def serve_cmd(ctx: click.Context, tcp_port: int | None, http_port: int | None, https_port: int | None,
+              off: bool, bg: bool, as_json: bool, args: tuple[str, ...]) -> None:
+    """Share a local service with the tailnet, as Tailscale Serve does.
+
+    \b
+      meshnode serve --http 80 http://127.0.0.1:8080 --bg
+      meshnode serve --tcp 2222 tcp://127.0.0.1:22 --bg
+      meshnode serve status [--json]
+      meshnode serve --http 80 --off
+      meshnode serve reset
+
+    Without --bg it serves until interrupted (Ctrl+C), then stops serving that port. The ACL policy
+    still decides who can connect: the listener is on the tailnet addresses, behind the packet filter."""
+    if args and args[0] in ("status", "reset"):
+        if len(args) > 1 or any(v is not None for v in (tcp_port, http_port, https_port)) or off or bg:
+            raise click.UsageError(f"`meshnode serve {args[0]}` takes no other arguments"
+                                   + ("" if args[0] == "reset" else " (but --json)"))
+        if args[0] == "reset":
+            _call(ctx, "POST", "/serve/reset")
+            click.echo("Nothing is served any more.")
+            return
+        st = _call(ctx, "GET", "/serve")
+        click.echo(json.dumps(st, indent=2) if as_json else format_serve(st))
+        return
+    ports = [(k, p) for k, p in (("tcp", tcp_port), ("http", http_port), ("https", https_port)) if p is not None]
+    if len(ports) != 1:
+        raise click.UsageError("give one of --tcp PORT, --http PORT or --https PORT (or `serve status`)")
+    kind, port = ports[0]
+    if off:
+        if args:
+            raise click.UsageError("--off takes no TARGET")
+        _call(ctx, "POST", "/serve/off", {"port": port})
+        click.echo(f"Port {port} is no longer served.")
+        return
+    if kind == "https":
+        raise click.ClickException("HTTPS needs the tailnet's certificate authority, which this tailnet does not"
+                                   " have yet; serve over --http for now (the tunnel already encrypts it)")
+    if len(args) != 1:
+        raise click.UsageError(f"give one TARGET, e.g. {kind}://127.0.0.1:8080")
+    st = _call(ctx, "POST", "/serve", {"kind": kind, "port": port, "target": args[0]})
+    entry = next((e for e in st.get("entries", []) if e["port"] == port), {})
+    where = ", ".join(entry.get("listening") or []) or "(waiting for the tunnel)"
+    click.echo(f"Serving {entry.get('target')} on {kind} port {port}: {where}")
+    if entry.get("error"):
+        click.echo(f"  note: {entry['error']}")
+    if bg:
+        click.echo(f"In the background; `meshnode serve --{kind} {port} --off` stops it.")
+        return
+    import signal
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # taken by sigwait below, never lost in between
+    click.echo("Press Ctrl+C to stop.")
+    signal.sigwait(sigs)
+    _call(ctx, "POST", "/serve/off", {"port": port})
+    click.echo(f"Port {port} is no longer served.")
+
+
 # -- netcheck ------------------------------------------------------------------------------------
 
 def _ago(when: float | None) -> str:
@@ -671,5 +755,5 @@ def dns_query_cmd(ctx: click.Context, name: str, qtype: str, as_json: bool) -> N
 def register_node_commands(group: click.Group) -> None:
     """Attach the node's commands to the top-level `meshnode` group."""
     for cmd in (daemon_cmd, up_cmd, set_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, ping_cmd, netcheck_cmd,
-                whois_cmd, version_cmd, dns_group):
+                whois_cmd, version_cmd, serve_cmd, dns_group):
         group.add_command(cmd if cmd is daemon_cmd else socket_options(cmd))

@@ -29,14 +29,15 @@ from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
-from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, UpRequest,
-                       WhoisRequest)
+from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
+                       UpRequest, WhoisRequest)
 from .dnsthread import DnsThread, DnsThreadError
 from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
                     resolved_in_use)
 from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
+from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
 from .state import StateDir
 from .router import Router, RouterError, control_addresses, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
@@ -114,6 +115,8 @@ class Daemon:
         self._router = (Router(config.tun, config.state_dir / "forwarding.pre-meshnode.json")
                         if config.tun else None)
         self.router_error: str | None = None
+        self.serve_config = ServeConfig()
+        self._serve = ServeRunner(self._caller)
         self._reported_endpoints: list[str] | None = None
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
@@ -171,6 +174,8 @@ class Daemon:
         else:
             await self._go_up()
         self._drift_task = asyncio.create_task(self._watch_osdns())
+        self.serve_config = load_config(self._serve_path)
+        await self._sync_serve()
         log.info("daemon: started in state %s (state dir %s)", self.backend.value, self.state.path)
 
     async def close(self) -> None:
@@ -180,6 +185,7 @@ class Daemon:
         for task in list(self._background):
             task.cancel()
         await self._go_down(BackendState.STOPPED)
+        await self._serve.close()
         await self._flush_saves()
         self._writer.shutdown(wait=True)
         self.state.close()
@@ -211,6 +217,7 @@ class Daemon:
                 log.error("osdns: restore failed: %s", exc)
             self._applied_osdns = None
         await asyncio.to_thread(self.dns.stop)
+        await self._serve.apply(self.serve_config, ())
         await self._remove_addresses()
         if self._router is not None:
             await self._router.close()
@@ -235,6 +242,7 @@ class Daemon:
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
         await self._route(self.netmap)
+        await self._sync_serve()
 
     async def _route(self, netmap: NetMap | None) -> None:
         """Forwarding, masquerading and exit node routing for `netmap` and the prefs (router.py)."""
@@ -392,6 +400,7 @@ class Daemon:
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
             await self._route(netmap)
+            await self._sync_serve()
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -591,6 +600,71 @@ class Daemon:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 control["error"] = control_unreachable(url, exc)
         return {"daemon": mine, "control": control}
+
+    # -- serve ----------------------------------------------------------------------------------
+
+    @property
+    def _serve_path(self) -> Path:
+        return self.config.state_dir / "serve.json"
+
+    def _serve_addresses(self) -> tuple[str, ...]:
+        if (self._tunnel is None or not self._tunnel.running or self.netmap is None
+                or self.backend not in (BackendState.RUNNING, BackendState.STARTING)):
+            return ()
+        return tuple(self.netmap.self_node.addresses)
+
+    async def _sync_serve(self, strict_port: int | None = None) -> None:
+        await self._serve.apply(self.serve_config, self._serve_addresses(), strict_port)
+
+    def _caller(self, address: str) -> Caller | None:
+        node = self.node_of(address)
+        if node is None:
+            return None
+        return Caller(address, node.fqdn, node.user, tuple(node.tags))
+
+    def serve_status(self) -> dict[str, Any]:
+        return {"entries": self._serve.status(self.serve_config),
+                "addresses": list(self._serve_addresses()),
+                "tunnel": self._tunnel is not None}
+
+    async def serve_set(self, req: ServeRequest) -> dict[str, Any]:
+        """Serve a port: it listens at once (or the request is refused, nothing changed), and is
+        saved so a restarted daemon serves it again."""
+        if self._tunnel is None:
+            raise ApiError(409, "serve shares a port on the node's tailnet addresses, which need the tunnel:"
+                                " run the daemon with --tun NAME")
+        async with self._lock:
+            old = self.serve_config
+            try:
+                new = old.with_entry(ServeEntry(req.port, Kind(req.kind), req.target))
+            except ServeError as exc:
+                raise ApiError(400, str(exc)) from None
+            self.serve_config = new
+            try:
+                await self._sync_serve(strict_port=req.port)
+            except ServeError as exc:
+                self.serve_config = old
+                await self._sync_serve()
+                raise ApiError(409, str(exc)) from None
+            save_config(self._serve_path, new)
+        return self.serve_status()
+
+    async def serve_off(self, port: int) -> dict[str, Any]:
+        async with self._lock:
+            try:
+                self.serve_config = self.serve_config.without(port)
+            except ServeError as exc:
+                raise ApiError(404, str(exc)) from None
+            save_config(self._serve_path, self.serve_config)
+            await self._sync_serve()
+        return self.serve_status()
+
+    async def serve_reset(self) -> dict[str, Any]:
+        async with self._lock:
+            self.serve_config = ServeConfig()
+            save_config(self._serve_path, self.serve_config)
+            await self._sync_serve()
+        return self.serve_status()
 
     async def down(self) -> dict[str, Any]:
         async with self._lock:
