@@ -29,7 +29,6 @@ class Prefs:
     exit_node: str = ""
     advertise_tags: tuple[str, ...] = ()
     shields_up: bool = False                  # drop every new connection arriving from the tailnet
-    exit_node_allow_lan_access: bool = False  # with an exit node: still reach the local LAN directly
     # False after `down`: the daemon keeps keys and map but neither connects nor serves DNS.
     want_running: bool = False
 
@@ -75,11 +74,10 @@ def validate_prefs(p: Prefs) -> Prefs:
     return replace(p, login_server=login, advertise_routes=routes, advertise_tags=tags)
 
 
-_BOOL_FIELDS = {"accept_dns", "accept_routes", "advertise_exit_node", "want_running", "shields_up",
-                "exit_node_allow_lan_access"}
+_BOOL_FIELDS = {"accept_dns", "accept_routes", "advertise_exit_node", "want_running", "shields_up"}
 # The prefs a user sets with `up`/`set` flags (all but login_server and want_running), flag-named.
 SETTABLE = ("hostname", "accept_dns", "accept_routes", "advertise_routes", "advertise_exit_node",
-            "exit_node", "exit_node_allow_lan_access", "advertise_tags", "shields_up")
+            "exit_node", "advertise_tags", "shields_up")
 
 
 def flag_name(field: str) -> str:
