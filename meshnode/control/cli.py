@@ -73,6 +73,16 @@ def _split(values: Sequence[str]) -> list[str]:
     return [v for item in values for v in item.split(",") if v]
 
 
+def _split_or_none(values: Sequence[str], what: str) -> list[str]:
+    """`_split`, where the single word `none` (or nothing at all) means the empty list: clear."""
+    items = _split(values)
+    if [v.lower() for v in items] == ["none"]:
+        return []
+    if any(v.lower() == "none" for v in items):
+        raise click.UsageError(f"'none' clears the {what}: give it alone")
+    return items
+
+
 @click.group()
 def control() -> None:
     """Run and administer the coordination server."""
@@ -344,11 +354,17 @@ def authkey() -> None:
 @click.option("--ephemeral", is_flag=True, help="Nodes it registers are removed after going offline.")
 @click.option("--tags", default="", help="Tags its nodes get, e.g. tag:server,tag:prod.")
 @click.option("--expiry", default="90d", show_default=True, help="Lifetime, e.g. 1h, 30d; 'never' for none.")
+@click.option("--create-user", is_flag=True, help="Create the --user if it does not exist yet.")
 @_db_option
 @_json_option
-def authkey_create(user: str, reusable: bool, ephemeral: bool, tags: str, expiry: str, db_path: str,
-                   as_json: bool) -> None:
-    """Create a pre-auth key and print it (it is shown only once)."""
+@click.pass_context
+def authkey_create(ctx: click.Context, user: str, reusable: bool, ephemeral: bool, tags: str, expiry: str,
+                   create_user: bool, db_path: str, as_json: bool) -> None:
+    """Create a pre-auth key and print it (it is shown only once).
+
+    The --user must exist (`control users create`), unless --create-user is given: a typo must not
+    quietly make a new user. The default user is created when first needed."""
+    from click.core import ParameterSource
     if expiry == "never":
         expires = None
     else:
@@ -358,6 +374,10 @@ def authkey_create(user: str, reusable: bool, ephemeral: bool, tags: str, expiry
             raise click.BadParameter(str(exc), param_hint="--expiry") from None
     tag_list = _split([tags])
     store = _open(db_path)
+    explicit = ctx.get_parameter_source("user") is not ParameterSource.DEFAULT
+    if explicit and not create_user and user not in {u.name for u in store.list_users()}:
+        raise click.ClickException(f"no user {user!r}: create it with `meshnode control users create {user}`,"
+                                   " or pass --create-user")
     text, key = _run(lambda: store.create_authkey(user, reusable, ephemeral, tag_list, expires))
     if as_json:
         click.echo(json.dumps({"key": text, "id": key.id, "user": key.user, "reusable": key.reusable,
@@ -410,20 +430,43 @@ def _node_json(n: Any, domain: str, now: float) -> dict[str, Any]:
             "approved_routes": list(n.approved_routes), "exit_node": n.exit_node_approved}
 
 
+def _presence(store: ControlStore, now: float) -> tuple[bool, frozenset[int], float | None]:
+    """(a running server reports presence, online node ids, when it last wrote it)."""
+    p = store.presence()
+    if p is None:
+        return False, frozenset(), None
+    at, interval, ids = p
+    # Three missed heartbeats: the server is gone (or stopped without saying so, e.g. killed).
+    return now - at < 3 * interval + 1, ids, at
+
+
 @nodes.command("ls")
 @_db_option
 @_json_option
 def nodes_ls(db_path: str, as_json: bool) -> None:
-    """List nodes."""
+    """List nodes: ONLINE (connected to a running control server now), LAST SEEN (now while online),
+    and STATE (active, expired, logged-out; ephemeral nodes are marked)."""
     store = _open(db_path)
     now, domain = time.time(), store.domain()
-    items = [_node_json(n, domain, now) for n in store.list_nodes()]
+    live, online_ids, at = _presence(store, now)
+    items = []
+    for n in store.list_nodes():
+        item = _node_json(n, domain, now)
+        online = live and n.id in online_ids
+        item["online"] = online if live else None  # None: no running server to ask
+        if online and at is not None:
+            item["last_seen"] = max(at, n.last_seen or 0)
+        items.append(item)
     if as_json:
         click.echo(json.dumps(items, indent=2))
-    else:
-        _table(["id", "name", "user", "addresses", "tags", "os", "last seen", "state"],
-               [(n["id"], n["name"], n["user"], " ".join(n["addresses"]), ",".join(n["tags"]), n["os"],
-                 _when(n["last_seen"]), n["state"]) for n in items])
+        return
+    _table(["id", "name", "user", "addresses", "tags", "os", "online", "last seen", "state"],
+           [(n["id"], n["name"], n["user"], " ".join(n["addresses"]), ",".join(n["tags"]), n["os"],
+             "yes" if n["online"] else "?" if n["online"] is None else "no",
+             "now" if n["online"] else _when(n["last_seen"]),
+             n["state"] + (", ephemeral" if n["ephemeral"] else "")) for n in items])
+    if not live:
+        click.echo("# ONLINE unknown: no control server has reported presence lately (is it running?)")
 
 
 @nodes.command("rename")
@@ -451,7 +494,7 @@ def nodes_rm(node: str, db_path: str) -> None:
 @_db_option
 def nodes_tag(node: str, tags: tuple[str, ...], db_path: str) -> None:
     """Set NODE's tags (tag:a tag:b or tag:a,tag:b; none clears them)."""
-    n = _run(lambda: _open(db_path).set_tags(node, _split(tags)))
+    n = _run(lambda: _open(db_path).set_tags(node, _split_or_none(tags, "tags")))
     click.echo(f"{n.name}: tags {','.join(n.tags) or '(none)'}")
 
 
@@ -495,8 +538,8 @@ def routes_ls(db_path: str, as_json: bool) -> None:
 @_db_option
 def routes_approve(node: str, routes_: tuple[str, ...], db_path: str) -> None:
     """Set NODE's approved routes (CIDRs it advertises; 0.0.0.0/0 or ::/0 approve it as exit node).
-    Routes not listed lose their approval."""
-    n = _run(lambda: _open(db_path).approve_routes(node, _split(routes_)))
+    Routes not listed lose their approval; none withdraws them all."""
+    n = _run(lambda: _open(db_path).approve_routes(node, _split_or_none(routes_, "approved routes")))
     click.echo(f"{n.name}: approved {','.join(n.approved_routes) or '(no subnets)'}"
                + ("; exit node" if n.exit_node_approved else ""))
 
@@ -577,6 +620,12 @@ def dns_show(db_path: str, as_json: bool) -> None:
     for d, ups in s.routes:
         click.echo(f"route:           {d} -> {' '.join(ups) or '(answered locally)'}")
     click.echo(f"records:         {len(records)}")
+    rows = [(r["name"], r["ttl"], r["type"], r["value"] + ("  (override)" if r.get("override") else ""))
+            for r in data["records"]]
+    if rows:
+        width = [max(len(str(r[i])) for r in rows) for i in range(3)]
+        for r in rows:
+            click.echo(f"  {r[0].ljust(width[0])}  {str(r[1]).rjust(width[1])}  IN  {r[2].ljust(width[2])}  {r[3]}")
 
 
 @dns.group("nameservers")
@@ -589,7 +638,7 @@ def dns_nameservers() -> None:
 @_db_option
 def dns_nameservers_set(servers: tuple[str, ...], db_path: str) -> None:
     """Set the global nameservers (IP[:PORT] ...); none clears them."""
-    _run(lambda: _open(db_path).set_nameservers(_split(servers)))
+    _run(lambda: _open(db_path).set_nameservers(_split_or_none(servers, "nameservers")))
     click.echo("nameservers updated")
 
 
@@ -604,7 +653,7 @@ def dns_routes() -> None:
 @_db_option
 def dns_routes_add(domain: str, servers: tuple[str, ...], db_path: str) -> None:
     """Send DOMAIN to SERVERS (none: answer DOMAIN locally, NXDOMAIN for unknown names)."""
-    _run(lambda: _open(db_path).add_route(domain, _split(servers)))
+    _run(lambda: _open(db_path).add_route(domain, _split_or_none(servers, "servers")))
     click.echo(f"route {domain} set")
 
 
@@ -627,7 +676,7 @@ def dns_search() -> None:
 @_db_option
 def dns_search_set(domains: tuple[str, ...], db_path: str) -> None:
     """Set the search domains; none clears them."""
-    _run(lambda: _open(db_path).set_search_domains(_split(domains)))
+    _run(lambda: _open(db_path).set_search_domains(_split_or_none(domains, "search domains")))
     click.echo("search domains updated")
 
 

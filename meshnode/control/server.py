@@ -81,6 +81,7 @@ class ServerConfig:
     audit_prune_interval: float = 3600.0
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
+    presence_interval: float = 15.0     # how often the online set is written for `control nodes ls`
 
 
 _CHAN = web.RequestKey("meshnode.channel", Channel)
@@ -148,6 +149,7 @@ class ControlServer:
         self.snapshot: Snapshot | None = None
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
+        self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
         self._full_maps = asyncio.Semaphore(8)
         self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -188,7 +190,8 @@ class ControlServer:
         self._publish()
         if self.relay is not None:
             await self.relay.start()
-        for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner()):
+        for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner(),
+                     self._presence()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -220,6 +223,24 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            try:  # nobody is online on a stopped server: `control nodes ls` says so at once
+                self.store.set_presence((), time.time(), self.config.presence_interval)
+            except ControlStoreError:
+                log.exception("recording presence failed")
+
+    async def _presence(self) -> None:
+        """Write who is online now and then (and at once when it changes), so `control nodes ls`
+        shows ONLINE and a LAST SEEN that keeps moving while a node stays connected."""
+        while True:
+            self._presence_changed.clear()
+            try:
+                self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
+            except Exception:
+                log.exception("recording presence failed")
+            try:
+                await asyncio.wait_for(self._presence_changed.wait(), self.config.presence_interval)
+            except asyncio.TimeoutError:
+                pass
 
     # -- change propagation ---------------------------------------------------------------------
 
@@ -464,6 +485,7 @@ class ControlServer:
         self.online[node.id] = self.online.get(node.id, 0) + 1
         self.stats["streams"] += 1
         self.mark_dirty()
+        self._presence_changed.set()
         try:
             await self._serve_stream(request, resp, chan, state)
         except (ConnectionResetError, ConnectionError):
@@ -484,6 +506,7 @@ class ControlServer:
             except ControlStoreError:
                 log.exception("recording last-seen of node %d failed", node.id)
             self.mark_dirty()
+            self._presence_changed.set()
         return resp
 
     async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
@@ -608,7 +631,8 @@ class ControlServer:
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
 
     async def _key(self, _request: web.Request) -> web.Response:
-        return web.json_response({"public_key": self.public_key, "protocol": 1})
+        from ..version import version  # lets `meshnode version` compare node and server
+        return web.json_response({"public_key": self.public_key, "protocol": 1, "version": version()})
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": self.snapshot.version if self.snapshot else 0})

@@ -895,6 +895,22 @@ class ControlStore:
         with self._tx():
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
 
+    def set_presence(self, node_ids: Sequence[int], now: float, interval: float) -> None:
+        """What a running server sees online, for `control nodes ls` (another process). Not a change
+        of the tailnet: the counter servers poll is left alone, so no map is rebuilt for it."""
+        with self._tx(bump=False):
+            self._set_meta("presence", json.dumps({"at": now, "interval": interval,
+                                                   "ids": sorted(int(i) for i in node_ids)}))
+
+    def presence(self) -> tuple[float, float, frozenset[int]] | None:
+        """(written at, heartbeat interval, online node ids) as the server last wrote them, or None."""
+        raw = self._meta("presence")
+        try:
+            obj = json.loads(raw) if raw else None
+            return (float(obj["at"]), float(obj["interval"]), frozenset(int(i) for i in obj["ids"])) if obj else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
     # -- policy ---------------------------------------------------------------------------------
 
     def policy_text(self) -> str | None:
