@@ -251,6 +251,7 @@ class Console:
                                     " an admin must add them first.")
         except OidcError as exc:
             return self._page_error(request, None, 403, str(exc))
+        self.sessions.sweep(time.time())  # sign-ins are rare: a good moment to drop dead sessions
         sid, _ = self.sessions.create(role.name, time.time())
         auditlog.record(role.name, "console.sign-in", role.name, f"role={role.role} sub={identity.subject}")
         resp = _redirect(pending.next_path)
