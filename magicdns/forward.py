@@ -17,8 +17,9 @@ One `Forwarder` per server. For each query:
 - a query identical to one in flight (same cache key, route and rebinding rule) waits for that one's
   answer instead of asking again, and gets it with its own ID and question case, minus OPT options;
 - more than `max_inflight` queries at once: the new one gets a stale answer or SERVFAIL at once;
-- unless the route allows it, A/AAAA records into the tailnet ranges are removed from the answer
-  (rebinding protection); what is left is what the client gets and what is cached.
+- unless the route allows it, tailnet addresses are removed from the answer (rebinding protection,
+  rebind.py: A/AAAA, IPv4-mapped and NAT64 forms, SVCB/HTTPS hints); what is left is what the
+  client gets and what is cached.
 
 The per-query work is kept to callbacks on the loop (no task per attempt); only a TCP fallback runs
 as a task, because it is rare.
@@ -37,10 +38,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from dnslib import DNSRecord, DNSError
+from dnslib import DNSError
 
-from .cache import (TYPE_A, TYPE_AAAA, Cache, MessageScan, QueryInfo, Rcode, Section, WireError,
-                    query_info, question_end, scan_message, strip_opt_options)
+from .cache import (Cache, MessageScan, QueryInfo, Rcode, WireError, query_info, question_end, scan_message,
+                    strip_opt_options)
+from .rebind import TAILNET_V4, TAILNET_V6, strip_tailnet_addresses, tailnet_address_records  # noqa: F401
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,6 @@ log = logging.getLogger(__name__)
 # Addresses that are this resolver wherever it runs (DESIGN.md section 1).
 MAGICDNS_V4 = ipaddress.IPv4Address("100.100.100.100")
 MAGICDNS_V6 = ipaddress.IPv6Address("fd7a:115c:a1e0::53")
-TAILNET_V4 = ipaddress.IPv4Network("100.64.0.0/10")
-TAILNET_V6 = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
-_TAILNET_V6_PREFIX = TAILNET_V6.network_address.packed[:6]
-_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 EDNS_UDP_SIZE = 1232  # what we advertise in replies we build (DNS flag day 2020)
 EDE_OPTION = 15  # RFC 8914 Extended DNS Error
@@ -136,50 +134,6 @@ def error_reply(query: bytes, rcode: Rcode, ede: int | None = None) -> bytes:
         rdata = b"" if ede is None else struct.pack(">HHH", EDE_OPTION, 2, ede)
         out += b"\x00\x00\x29" + struct.pack(">HBBBBH", EDNS_UDP_SIZE, 0, 0, opt_flags & 0x80, 0, len(rdata)) + rdata
     return out
-
-
-# -- rebinding protection ------------------------------------------------------------------------
-
-def tailnet_address_records(reply: bytes, scan: MessageScan) -> bool:
-    """True when an A/AAAA record in the answer or additional section points into the tailnet ranges."""
-    for rec in scan.records:
-        if rec.section == Section.AUTHORITY:
-            continue
-        if rec.rtype == TYPE_A and rec.rdlen == 4:
-            if reply[rec.rdata_off] == 100 and reply[rec.rdata_off + 1] & 0xC0 == 64:
-                return True
-        elif rec.rtype == TYPE_AAAA and rec.rdlen == 16:
-            off = rec.rdata_off
-            if reply[off:off + 6] == _TAILNET_V6_PREFIX:
-                return True
-            if (reply[off:off + 12] == _V4_MAPPED_PREFIX and reply[off + 12] == 100
-                    and reply[off + 13] & 0xC0 == 64):
-                return True  # ::ffff:100.64.0.0/106 reaches the same tailnet addresses
-    return False
-
-
-def _in_tailnet(rr) -> bool:  # type: ignore[no-untyped-def]
-    if rr.rtype not in (TYPE_A, TYPE_AAAA):
-        return False
-    try:
-        addr = ipaddress.ip_address(str(rr.rdata))
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr in TAILNET_V4 if addr.version == 4 else addr in TAILNET_V6
-
-
-def strip_tailnet_addresses(reply: bytes) -> tuple[bytes, tuple[str, ...]]:
-    """`reply` without its A/AAAA records into 100.64.0.0/10 (also IPv4-mapped) or fd7a:115c:a1e0::/48
-    (answer and additional sections) and the owner names removed. The rcode stays: NOERROR with nothing left is
-    NODATA. Re-encoded with dnslib: removing records in place would break compression pointers."""
-    msg = DNSRecord.parse(reply)
-    names = sorted({str(rr.rname) for rr in msg.rr + msg.ar if _in_tailnet(rr)})
-    msg.rr = [rr for rr in msg.rr if not _in_tailnet(rr)]
-    msg.ar = [rr for rr in msg.ar if not _in_tailnet(rr)]
-    msg.set_header_qa()
-    return msg.pack(), tuple(names)
 
 
 # -- health of an upstream -----------------------------------------------------------------------
@@ -591,6 +545,17 @@ class Forwarder:
                 return stale
             return error_reply(query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
         return reply
+
+    def overloaded(self, query: bytes) -> bytes:
+        """The answer for a query over the in-flight cap, given at once: a stale cached answer, else
+        SERVFAIL (EDE "other"). Costs a header and question parse, no socket, no task."""
+        self.queries += 1
+        self.overload += 1
+        try:
+            info = query_info(query)
+        except WireError:
+            return error_reply(query, Rcode.FORMERR)
+        return self._failed(query, info, None, EDE_OTHER)
 
     def looped(self, query: bytes) -> bool:
         """True if `query` is one of our own forwarded queries arriving back at our listener."""

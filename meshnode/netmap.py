@@ -67,6 +67,7 @@ class MapNode:
     os: str = ""
     last_seen: float | None = None         # unix seconds; None when never seen
     ephemeral: bool = False
+    disco_key: str = ""                    # disco public key of the node's current run (base64)
 
     def to_json(self, domain: str | None = None) -> dict[str, Any]:
         """JSON form. Empty lists, false flags and a None last_seen are left out, and so are `fqdn`
@@ -82,6 +83,8 @@ class MapNode:
         out["online"] = self.online
         if self.os:
             out["os"] = self.os
+        if self.disco_key:
+            out["disco_key"] = self.disco_key
         for key, value in (("endpoints", self.endpoints), ("advertised_routes", self.advertised_routes),
                            ("approved_routes", self.approved_routes), ("tags", self.tags)):
             if value:
@@ -119,7 +122,8 @@ class MapNode:
                 tuple(obj.get("advertised_routes") or ()), approved, exit_node,
                 bool(obj.get("advertises_exit_node", False)), tuple(obj.get("tags") or ()),
                 bool(obj.get("online", False)), str(obj.get("os", "")),
-                float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)))
+                float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)),
+                str(obj.get("disco_key") or ""))
         except KeyError as exc:
             raise NetMapError(f"node {obj.get('id', '?')}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:

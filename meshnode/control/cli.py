@@ -468,8 +468,10 @@ def policy_set(file: str, db_path: str) -> None:
     """Replace the policy with FILE after it parses and its `tests` pass (else the old one stays)."""
     from .access import set_policy
     text = _read(file)
-    _run(lambda: set_policy(_open(db_path), text))
+    change = _run(lambda: set_policy(_open(db_path), text))
     click.echo("policy updated")
+    for name, tags in change.tags_removed:
+        click.echo(f"{name}: lost {','.join(tags)} (no longer owned under tagOwners)")
 
 
 @policy.command("check")

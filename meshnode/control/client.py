@@ -15,6 +15,7 @@ the machine to the control server, the node key is the WireGuard key peers see.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import platform
@@ -27,6 +28,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
+from ..words import control_unreachable, detail
 from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
                        generate_private_key, node_key_proof, public_key_of)
@@ -37,19 +39,36 @@ __all__ = ["ControlClient", "ControlError", "LoginRequired", "RegisterResult", "
 log = logging.getLogger("meshnode.control.client")
 
 
-class ControlError(RuntimeError):
-    """The control server refused a request (`code`, HTTP `status`) or could not be reached."""
+# Refusals that mean this node is no longer in the tailnet (deleted, logged out, expired, re-keyed).
+LOGIN_REFUSALS = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.NODE_EXPIRED, ErrorCode.NODE_KEY_MISMATCH})
 
-    def __init__(self, code: ErrorCode, message: str, status: int = 0) -> None:
+
+class ControlError(RuntimeError):
+    """The control server refused a request (`code`, HTTP `status`) or could not be reached.
+
+    `sealed` is True only for a refusal sealed by the pinned server key to this machine, naming the
+    request it answers: anything else (a captive portal's 404, an impostor's 401, a proxy's 502) may
+    come from anyone on the path and is treated as a transient failure.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False,
+                 detail: str = "") -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.sealed = sealed
+        self.detail = detail  # the technical form (a repr), for `-v` and debug logs only
 
     @property
     def retryable(self) -> bool:
-        """Worth retrying later: the server was unreachable or failed, not a refusal."""
-        return self.status == 0 or self.status >= 500
+        """Worth retrying later: unreachable, failed, rate-limited, or not provably the server's word."""
+        return not self.sealed or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
+
+    @property
+    def logs_out(self) -> bool:
+        """The pinned server itself says this node is out of the tailnet: drop the map and log out."""
+        return self.sealed and self.code in LOGIN_REFUSALS
 
 
 class LoginRequired(ControlError):
@@ -165,7 +184,7 @@ class ControlClient:
                     raise ControlError(ErrorCode.INTERNAL, f"GET /key answered {resp.status}", resp.status)
                 body = await resp.json()
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         key = str(body.get("public_key", ""))
         if self.server_public_key is not None and key != self.server_public_key:
             raise ControlError(ErrorCode.BAD_SEAL, "the server key changed since it was pinned;"
@@ -185,15 +204,16 @@ class ControlClient:
         """One sealed request and its sealed answer."""
         chan = await self._chan()
         payload = dict(payload, ts=time.time())
+        sealed = chan.seal(payload)
         try:
-            async with self._http().post(self.server_url + path, data=chan.seal(payload),
+            async with self._http().post(self.server_url + path, data=sealed,
                                          headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    raise _error_from(resp.status, body)
+                    raise _error_from(resp.status, body, chan, sealed)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         try:
             return chan.open(body)[1]
         except ProtocolError as exc:
@@ -202,7 +222,8 @@ class ControlClient:
     async def register(self, authkey: str | None = None, hostname: str | None = None, os: str | None = None,
                        advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
                        advertise_exit_node: bool = False, ephemeral: bool = False,
-                       endpoints: Iterable[str] = (), interactive: bool = False) -> RegisterResult:
+                       endpoints: Iterable[str] = (), disco_key: str = "",
+                       interactive: bool = False) -> RegisterResult:
         """Register this machine (or log it in again: same machine key -> same node, name, addresses).
 
         `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
@@ -222,6 +243,8 @@ class ControlClient:
             "advertise_exit_node": advertise_exit_node, "ephemeral": ephemeral,
             "endpoints": list(endpoints),
         }
+        if disco_key:
+            payload["disco_key"] = disco_key
         if interactive:
             payload["interactive"] = True
         body = await self._post("/machine/register", payload)
@@ -251,9 +274,13 @@ class ControlClient:
             if time.monotonic() > deadline:
                 raise ControlError(ErrorCode.AUTHKEY_REQUIRED, f"nobody confirmed {shown} within {timeout:g}s")
 
-    async def update_endpoints(self, endpoints: Iterable[str]) -> None:
-        """Report the UDP endpoints (`ip:port`) peers can reach this node at."""
-        await self._post("/machine/endpoints", {"node_key": self.node_key_public, "endpoints": list(endpoints)})
+    async def update_endpoints(self, endpoints: Iterable[str], disco_key: str = "") -> None:
+        """Report the UDP endpoints (`ip:port`) peers can reach this node at (and the disco key of
+        this run, which peers seal their path probes to)."""
+        body: dict[str, Any] = {"node_key": self.node_key_public, "endpoints": list(endpoints)}
+        if disco_key:
+            body["disco_key"] = disco_key
+        await self._post("/machine/endpoints", body)
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""
@@ -281,30 +308,36 @@ class ControlClient:
                          max_backoff: float = 10.0) -> AsyncIterator[NetMap]:
         """Full `NetMap`s as the server pushes changes; the first one arrives at once.
 
-        On a dropped connection or server error it reconnects with capped exponential backoff and
-        jitter (the next map after a reconnect is a full one). A refusal (node deleted, expired, logged
-        out, key mismatch) ends the stream with `ControlError`.
+        On a dropped connection, a server error or any answer not sealed by the pinned server key it
+        reconnects with capped exponential backoff and jitter (the next map after a reconnect is a full
+        one). Only a sealed login refusal (node deleted, expired, logged out, key mismatch; see
+        `ControlError.logs_out`) ends the stream with `ControlError`.
         """
         backoff = 0.1
         while True:
             try:
                 async for nm in self._stream_once():
                     backoff = 0.1
+                    if self.stream_error is not None:
+                        log.info("map stream: connected again")
                     self._stream_up(None)
                     yield nm
                     if once:
                         return
                 err = ControlError(ErrorCode.INTERNAL, "the server closed the map stream")
             except ControlError as exc:
-                if not exc.retryable:
+                if exc.logs_out:
                     raise
                 err = exc
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-                err = ControlError(ErrorCode.INTERNAL, f"map stream broke: {exc!r}")
-            self._stream_up(str(err))
+                err = _unreachable(self.server_url, exc)
+            # Said once when the stream breaks (or the reason changes), not at every backoff.
+            if err.message != self.stream_error:
+                log.warning("map stream: %s; reconnecting with backoff", err.message)
+            log.debug("map stream: %s (%s); reconnecting in %.1fs", err.message, err.detail, backoff)
+            self._stream_up(err.message)
             if not reconnect:
                 raise err
-            log.info("map stream: %s; reconnecting in %.1fs", err, backoff)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(max_backoff, backoff * 2)
 
@@ -317,7 +350,7 @@ class ControlClient:
                                      headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                      timeout=timeout) as resp:
             if resp.status != 200:
-                raise _error_from(resp.status, await resp.read())
+                raise _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
             reader = FrameReader()
             assembler = MapAssembler()
             async for chunk in resp.content.iter_any():
@@ -328,7 +361,9 @@ class ControlClient:
                 for sealed in frames:
                     try:
                         with gc_paused(len(sealed) // 256):  # roughly one peer per 256 bytes
-                            msg = chan.open(sealed)[1]
+                            # The server's own frames: sealed, so trusted to be sane JSON; the
+                            # strict parser would cost seconds on a 10k-node map.
+                            msg = json.loads(chan.open_bytes(sealed))
                             nm = assembler.apply(msg)
                     except ProtocolError as exc:
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
@@ -338,11 +373,25 @@ class ControlClient:
                         yield nm
 
 
-def _error_from(status: int, body: bytes) -> ControlError:
+def _unreachable(url: str, exc: BaseException) -> ControlError:
+    """The server could not be asked: what failed, where, and what to try, in words."""
+    return ControlError(ErrorCode.INTERNAL, control_unreachable(url, exc), detail=detail(exc))
+
+
+def _error_from(status: int, body: bytes, chan: Channel | None = None, request: bytes = b"") -> ControlError:
+    """The error an HTTP answer carries; `sealed` only when it opens under the pinned server key and
+    names `request` (the sealed request it answers) by its nonce."""
+    if chan is not None and request:
+        try:
+            obj = json.loads(chan.open_bytes(body))
+            if obj.get("re") == base64.b64encode(request[:24]).decode():
+                return ControlError(ErrorCode(obj.get("error")), str(obj.get("message", "")), status, sealed=True)
+        except (ProtocolError, ValueError, TypeError, AttributeError):
+            pass
     try:
         obj = json.loads(body)
         code = ErrorCode(obj.get("error"))
         message = str(obj.get("message", ""))
     except (ValueError, AttributeError, TypeError):
         code, message = ErrorCode.INTERNAL, body[:200].decode(errors="replace")
-    return ControlError(code, message, status)
+    return ControlError(code, f"{message} (HTTP {status}, not sealed by the server key)", status)

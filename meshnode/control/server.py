@@ -23,6 +23,7 @@ the next map version, and wakes every stream, which sends its own full or delta 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import logging
@@ -37,9 +38,9 @@ from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
-from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, Channel, ErrorCode,
-                       ProtocolError, ReplayGuard, decode_key, frame, public_key_of,
-                       verify_node_key_proof)
+from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
+                       ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
+                       parse_json, public_key_of, verify_node_key_proof)
 from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Node, NotFound, Registration,
                     check_tag, normalize_cidr)
 
@@ -50,7 +51,7 @@ _STATUS = {
     ErrorCode.AUTHKEY_REQUIRED: 401, ErrorCode.AUTHKEY_UNKNOWN: 401, ErrorCode.AUTHKEY_EXPIRED: 403,
     ErrorCode.AUTHKEY_USED: 403, ErrorCode.AUTHKEY_REVOKED: 403, ErrorCode.NOT_REGISTERED: 403,
     ErrorCode.NODE_EXPIRED: 403, ErrorCode.NODE_KEY_MISMATCH: 403, ErrorCode.BAD_NODE_KEY_PROOF: 403,
-    ErrorCode.TAG_NOT_ALLOWED: 403, ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.INTERNAL: 500,
+    ErrorCode.TAG_NOT_ALLOWED: 403, ErrorCode.RATE_LIMITED: 429, ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.INTERNAL: 500,
 }
 
 
@@ -63,9 +64,25 @@ class ServerConfig:
     keepalive: float = KEEPALIVE_SECONDS
     ephemeral_grace: float = 300.0      # an offline ephemeral node is deleted after this long
     reap_interval: float = 5.0
+    # Requests from machine keys no node has (registrations, strangers): anyone can mint such keys,
+    # so they share one budget and cannot crowd out the tailnet's own nodes.
+    unregistered_rate: float = 200.0    # a second
+    unregistered_burst: float = 1000.0
 
 
-def _error(code: ErrorCode, message: str) -> web.Response:
+_CHAN = web.RequestKey("meshnode.channel", Channel)
+_NONCE = web.RequestKey("meshnode.nonce", str)
+
+
+def _error(code: ErrorCode, message: str, request: web.Request | None = None) -> web.Response:
+    """An error answer. To a node whose request opened, it is sealed to its machine key and names the
+    request's nonce: the node acts on a refusal only when it is sealed so (an impostor or a captive
+    portal answering on the control URL cannot log it out, nor replay an old refusal)."""
+    chan = request.get(_CHAN) if request is not None else None
+    if chan is not None:
+        body = chan.seal({"error": code.value, "message": message, "re": request[_NONCE]})  # type: ignore[index]
+        return web.Response(body=body, status=_STATUS[code], content_type="application/octet-stream",
+                            headers={SEALED_HEADER: "1"})
     return web.json_response({"error": code.value, "message": message}, status=_STATUS[code])
 
 
@@ -76,17 +93,17 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     try:
         return await handler(request)
     except ProtocolError as exc:
-        return _error(exc.code, exc.message)
+        return _error(exc.code, exc.message, request)
     except authkeys.AuthKeyRefused as exc:
-        return _error(ErrorCode(exc.reason.value), str(exc))
+        return _error(ErrorCode(exc.reason.value), str(exc), request)
     except TagNotAllowed as exc:
-        return _error(ErrorCode.TAG_NOT_ALLOWED, str(exc))
+        return _error(ErrorCode.TAG_NOT_ALLOWED, str(exc), request)
     except NotFound as exc:
-        return _error(ErrorCode.NOT_FOUND, str(exc))
+        return _error(ErrorCode.NOT_FOUND, str(exc), request)
     except (Conflict, naming.NameTaken) as exc:
-        return _error(ErrorCode.CONFLICT, str(exc))
+        return _error(ErrorCode.CONFLICT, str(exc), request)
     except (InvalidValue, naming.NameInvalid, PolicyError) as exc:
-        return _error(ErrorCode.BAD_REQUEST, str(exc))
+        return _error(ErrorCode.BAD_REQUEST, str(exc), request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -98,7 +115,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        return _error(ErrorCode.INTERNAL, "internal error (see the server log)")
+        return _error(ErrorCode.INTERNAL, "internal error (see the server log)", request)
 
 
 class ControlServer:
@@ -109,7 +126,8 @@ class ControlServer:
         self.config = config
         self.private_key = store.server_private_key()
         self.public_key = public_key_of(self.private_key)
-        self.replay = ReplayGuard()
+        self.replay = ReplayGuard(load=store.replay_mark)
+        self._unregistered = TokenBucket(config.unregistered_rate, config.unregistered_burst)
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self.online: dict[int, int] = {}          # node id -> open streams
         self.snapshot: Snapshot | None = None
@@ -286,9 +304,17 @@ class ControlServer:
         body = await request.read()
         if not body:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "empty body: expected a sealed request")
+        known = self.store.node_by_machine_key(header) is not None
+        if not known and not self._unregistered.allow(time.monotonic()):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests from unregistered machines; retry later")
         chan = self._channel(header)
         nonce, payload = chan.open(body)
-        self.replay.check(nonce, payload.get("ts"), time.time())
+        # From here on, refusals are sealed to this machine (see `_error`).
+        request[_CHAN], request[_NONCE] = chan, base64.b64encode(nonce).decode()
+        ts = self.replay.check(header, nonce, payload.get("ts"), time.time())
+        if known:
+            # Persisted before the request acts, so a replay after a restart (or crash) is refused.
+            self.store.save_replay_mark(header, ts)
         return header, chan, payload
 
     def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
@@ -308,8 +334,8 @@ class ControlServer:
         machine_key, chan, p = await self._open(request)
         node_key = _str(p, "node_key", 64)
         decode_key(node_key, "node_key")
-        proof_ts = p.get("proof_ts")
-        if not isinstance(proof_ts, (int, float)) or abs(proof_ts - p["ts"]) > 5:
+        proof_ts = check_timestamp(p.get("proof_ts"))
+        if abs(proof_ts - p["ts"]) > 5:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "proof_ts must be the request's time")
         verify_node_key_proof(p.get("node_key_proof"), node_key, self.private_key, machine_key, float(proof_ts))
         authkey = p.get("authkey")
@@ -321,7 +347,7 @@ class ControlServer:
             advertise_routes=tuple(sorted({normalize_cidr(r) for r in _strs(p, "advertise_routes")})),
             advertise_tags=tuple(sorted({check_tag(t) for t in _strs(p, "advertise_tags")})),
             advertise_exit_node=_bool(p, "advertise_exit_node"), ephemeral=_bool(p, "ephemeral"),
-            endpoints=tuple(_strs(p, "endpoints")))
+            endpoints=tuple(_strs(p, "endpoints")), disco_key=_disco_key(p) or "")
         if reg.authkey is None and p.get("interactive") is True and self.interactive_login is not None:
             existing = self.store.node_by_machine_key(machine_key)
             if existing is None or not existing.active(time.time()):
@@ -336,6 +362,7 @@ class ControlServer:
             self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
+        self.store.save_replay_mark(machine_key, float(p["ts"]))
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()
         return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})
@@ -343,7 +370,7 @@ class ControlServer:
     async def _endpoints(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.set_endpoints(node.id, _strs(p, "endpoints"))
+        self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p))
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
 
@@ -428,10 +455,7 @@ class ControlServer:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "admin API needs 'Authorization: Bearer <admin token>'")
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object") from None
+        body = parse_json(await request.read())
         if not isinstance(body, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
         return body
@@ -462,9 +486,9 @@ class ControlServer:
     async def _admin_policy_set(self, request: web.Request) -> web.Response:
         self._admin(request)
         text = await request.text()
-        set_policy(self.store, text)
+        change = set_policy(self.store, text)
         self.mark_dirty()
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True, "tags_removed": {name: list(tags) for name, tags in change.tags_removed}})
 
     async def _admin_authkey(self, request: web.Request) -> web.Response:
         self._admin(request)
@@ -521,4 +545,13 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     value = obj.get(key, False)
     if not isinstance(value, bool):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be true or false")
+    return value
+
+
+def _disco_key(obj: dict[str, Any]) -> str | None:
+    """The optional `disco_key` (base64 of 32 bytes); None when the request carries none."""
+    if obj.get("disco_key") in (None, ""):
+        return None
+    value = _str(obj, "disco_key", 64)
+    decode_key(value, "disco_key")
     return value

@@ -87,6 +87,7 @@ class Node:
     logged_out: bool
     offset: int
     authkey_id: str | None
+    disco_key: str = ""  # this run's disco public key (base64), for path discovery
 
     @property
     def addresses(self) -> tuple[str, str]:
@@ -158,6 +159,7 @@ class Registration:
     advertise_exit_node: bool = False
     ephemeral: bool = False
     endpoints: tuple[str, ...] = ()
+    disco_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +213,25 @@ def _m2_dns(db: sqlite_utils.Database) -> None:
     db["nodes"].create_index(["user_id"])
 
 
-def _m3_console(db: sqlite_utils.Database) -> None:
+def _m3_disco(db: sqlite_utils.Database) -> None:
+    db["nodes"].add_column("disco_key", str)
+
+
+def _m4_security(db: sqlite_utils.Database) -> None:
+    # The newest request timestamp accepted from each registered machine (protocol.ReplayGuard), so a
+    # request captured before a restart is refused after it.
+    db["replay_marks"].create({"machine_key": str, "ts": float}, pk="machine_key", not_null={"ts"})
+    # The hash-chained audit log (audit.py owns its rows).
+    db["audit"].create({"id": int, "time": float, "actor": str, "action": str, "target": str,
+                        "old": str, "new": str, "prev_hash": str, "hash": str},
+                       pk="id", not_null={"time", "actor", "action", "target", "prev_hash", "hash"})
+    db["audit"].create_index(["time"])
+    # Tags an admin applied (`nodes tag`): they stand whatever tagOwners says, unlike tags a node's
+    # user applied, which a policy change can take away.
+    db["nodes"].add_column("admin_tags", str)
+
+
+def _m5_console(db: sqlite_utils.Database) -> None:
     # The admin console (meshnode/control/console): a role and the identity provider's facts per user,
     # server-side sessions (only the SHA-256 of the cookie is stored), and browser logins of machines.
     db["user_roles"].create({"user_id": int, "role": str, "email": str, "groups": str, "updated": float},
@@ -225,7 +245,8 @@ def _m3_console(db: sqlite_utils.Database) -> None:
                                    not_null={"machine_key", "node_key", "state"})
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_console)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
+                                                                  _m5_console)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -239,7 +260,7 @@ def _t(text: str | None) -> tuple[str, ...]:
 
 _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"
               " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
-              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id")
+              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -251,7 +272,7 @@ def _address_texts(offset: int) -> tuple[str, str]:
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
                 _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
-                row[16], bool(row[17]), row[18], row[19])
+                row[16], bool(row[17]), row[18], row[19], row[20] or "")
 
 
 class _Leases:
@@ -396,6 +417,19 @@ class ControlStore:
         with self._tx(bump=False):
             self._set_meta("admin_token_hash", authkeys.hash_secret(token))
         return token
+
+    # -- replay marks (protocol.ReplayGuard) -----------------------------------------------------
+
+    def replay_mark(self, machine_key: str) -> float | None:
+        """The newest request timestamp accepted from `machine_key` by any run of the server."""
+        row = self.conn.execute("SELECT ts FROM replay_marks WHERE machine_key = ?", [machine_key]).fetchone()
+        return None if row is None else float(row[0])
+
+    def save_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", [machine_key, ts])
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
@@ -568,6 +602,12 @@ class ControlStore:
                 "exit_node_approved": int(grant.exit_node_approved), "ephemeral": int(ephemeral),
                 "last_seen": now, "logged_out": 0,
             }
+            if existing is not None and not reg.endpoints:
+                # A login again (`meshnode up` on a registered node) that carries no endpoints
+                # must not erase the ones the node reported: peers would lose their way to it.
+                del fields["endpoints"]
+            if reg.disco_key or existing is None:
+                fields["disco_key"] = reg.disco_key
             if key is not None:
                 fields["authkey_id"] = key.id
                 fields["expiry"] = None  # a fresh login clears an admin expiry
@@ -631,8 +671,16 @@ class ControlStore:
             check_tag(tag)
         with self._tx():
             node = self.find_node(ref)
-            self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(sorted(set(tags))), node.id])
+            self.conn.execute("UPDATE nodes SET tags = ?, admin_tags = ? WHERE id = ?",
+                              [_j(sorted(set(tags))), _j(sorted(set(tags))), node.id])
         return self.get_node(node.id)
+
+    def tag_grants(self, node: Node) -> frozenset[str]:
+        """Tags `node` holds whatever the policy says: applied by an admin, or carried by the auth key
+        it registered with. Its other tags stand only while tagOwners lets its user apply them."""
+        row = self.conn.execute("SELECT n.admin_tags, k.tags FROM nodes n LEFT JOIN authkeys k"
+                                " ON k.id = n.authkey_id WHERE n.id = ?", [node.id]).fetchone()
+        return frozenset(_t(row[0]) + _t(row[1])) if row else frozenset()
 
     def expire_node(self, ref: str, when: float | None = None) -> Node:
         """Expire a node's login now (or at `when`): it leaves every map until it logs in again."""
@@ -662,9 +710,14 @@ class ControlStore:
                               [_j(sorted(set(wanted))), int(exit_flag), node.id])
         return self.get_node(node.id)
 
-    def set_endpoints(self, node_id: int, endpoints: Sequence[str]) -> None:
+    def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
+        """The node's reported endpoints (and, when given, its disco key of this run)."""
         with self._tx():
-            self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            if disco_key is None:
+                self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            else:
+                self.conn.execute("UPDATE nodes SET endpoints = ?, disco_key = ? WHERE id = ?",
+                                  [_j(endpoints), disco_key, node_id])
 
     def logout(self, node_id: int) -> None:
         """The node leaves maps; it keeps its name and addresses for its next login (with a key)."""
@@ -683,14 +736,25 @@ class ControlStore:
         row = self.conn.execute("SELECT text FROM policy WHERE id = 1").fetchone()
         return row[0] if row else None
 
-    def set_policy_text(self, text: str, validate: Callable[[str, list[Node]], None]) -> None:
-        """Store a policy after `validate(text, nodes)` passes, inside the same transaction (so the
-        policy's tests ran against the nodes as they are when it lands)."""
+    def set_policy_text(self, text: str, decide: Callable[[str, list[Node]], dict[int, tuple[str, ...]] | None]
+                        ) -> list[tuple[Node, tuple[str, ...]]]:
+        """Store a policy after `decide(text, nodes)` passes, inside the same transaction (so the
+        policy's tests ran against the nodes as they are when it lands). `decide` may return new tags
+        for nodes (those that lost the right to some); they are written in the same transaction.
+        Returns (node as it was, tags it lost) for each of those."""
         with self._tx():
-            validate(text, self.list_nodes())
+            nodes = self.list_nodes()
+            retag = decide(text, nodes) or {}
             self.conn.execute("INSERT INTO policy(id, text, updated) VALUES (1, ?, ?)"
                               " ON CONFLICT(id) DO UPDATE SET text = excluded.text, updated = excluded.updated",
                               [text, time.time()])
+            lost = []
+            for node in nodes:
+                if node.id in retag:
+                    tags = tuple(sorted(set(retag[node.id])))
+                    self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(tags), node.id])
+                    lost.append((node, tuple(t for t in node.tags if t not in tags)))
+        return lost
 
     # -- console: roles, sessions, browser logins of machines ------------------------------------
     # None of these bump the change counter: they never change what a node's map says.

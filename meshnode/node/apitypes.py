@@ -21,10 +21,11 @@ QUERY_TYPES = frozenset({"A", "AAAA", "CNAME", "TXT", "SRV", "MX", "CAA", "PTR",
 class ApiError(Exception):
     """A request the LocalAPI refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.detail = detail  # technical form (`meshnode -v` shows it); never the message itself
 
 
 def bad_request(message: str) -> ApiError:

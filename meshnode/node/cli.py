@@ -27,9 +27,54 @@ from .prefs import PrefsError, check_login_server, check_route, check_tag
 DEFAULT_SOCKET = "/run/meshnode/meshnode.sock"
 
 
+def _root_obj(ctx: click.Context) -> dict[str, Any]:
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {}
+    return root.obj
+
+
 def _client(ctx: click.Context, timeout: float = 60.0) -> LocalClient:
-    path = (ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET
+    path = _root_obj(ctx).get("socket") or DEFAULT_SOCKET
     return LocalClient(path, timeout=timeout)
+
+
+def _set_socket(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # `meshnode status --socket S` as well as `meshnode --socket S status`: the later one wins.
+    if value is not None:
+        _root_obj(ctx)["socket"] = value
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        _root_obj(ctx)["verbose"] = _root_obj(ctx).get("verbose", 0) + value
+
+
+SOCKET_HELP = (f"LocalAPI unix socket of the daemon (env MESHNODE_SOCKET) [default: {DEFAULT_SOCKET}]."
+               " Accepted before or after the command.")
+
+
+def socket_options(cmd: click.Command) -> click.Command:
+    """Give `cmd` (and its subcommands) `--socket` and `-v`, as the top-level group has them."""
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            socket_options(sub)
+        return cmd
+    names = {o for p in cmd.params for o in p.opts}
+    if "--socket" not in names:
+        cmd.params.append(click.Option(["--socket"], default=None, expose_value=False, is_eager=True,
+                                       callback=_set_socket, metavar="PATH", help=SOCKET_HELP))
+    if "-v" not in names:
+        cmd.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                                       callback=_set_verbose, help="Show technical details of failures."))
+    return cmd
+
+
+class CliFailure(click.ClickException):
+    """A failure with the technical detail shown only under `-v`."""
+
+    def __init__(self, message: str, detail: str = "", verbose: bool = False) -> None:
+        super().__init__(message + (f"\n  detail: {detail}" if verbose and detail else ""))
 
 
 @contextlib.contextmanager
@@ -42,7 +87,9 @@ def _api_errors() -> Iterator[None]:
     except LocalApiRefused as exc:
         if exc.status == 400:
             raise click.UsageError(exc.message) from None
-        raise click.ClickException(exc.message) from None
+        ctx = click.get_current_context(silent=True)
+        verbose = bool(ctx and _root_obj(ctx).get("verbose"))
+        raise CliFailure(exc.message, exc.detail, verbose) from None
 
 
 def _call(ctx: click.Context, method: str, path: str, body: Any = None,
@@ -445,4 +492,4 @@ def register_node_commands(group: click.Group) -> None:
     """Attach the node's commands to the top-level `meshnode` group."""
     for cmd in (daemon_cmd, up_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, ping_cmd, netcheck_cmd,
                 dns_group):
-        group.add_command(cmd)
+        group.add_command(cmd if cmd is daemon_cmd else socket_options(cmd))

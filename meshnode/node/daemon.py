@@ -27,6 +27,7 @@ from magicdns.view import DnsView
 
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
+from ..words import control_failure, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
 from .apitypes import ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, UpRequest
 from .dnsthread import DnsThread, DnsThreadError
@@ -343,6 +344,13 @@ class Daemon:
                     await self._report_endpoints(client)
                 return
             except ControlError as exc:
+                if not exc.logs_out:
+                    # Only a refusal sealed by the pinned server key changes the login state; anything
+                    # else (a captive portal, an impostor) is transient: keep serving what we have.
+                    log.warning("control: %s (not a sealed refusal); retrying in 1s", exc)
+                    self.control_error = None
+                    await asyncio.sleep(1.0)
+                    continue
                 await self._refused_by_control(client, exc)
                 return
             except (asyncio.CancelledError, KeyboardInterrupt):
@@ -350,14 +358,15 @@ class Daemon:
             except Exception as exc:
                 # A bug or a full disk must not silently end map updates: say so, then retry.
                 log.exception("netmap: following the map failed; retrying in 1s")
-                self.control_error = f"following the map failed: {exc!r}"
+                self.control_error = f"following the map failed: {in_words(exc)} (see the daemon's log)"
                 await asyncio.sleep(1.0)
 
     async def _refused_by_control(self, client: ControlClient, exc: ControlError) -> None:
-        # Retryable failures are retried inside stream_map; this is a refusal (deleted, expired,
-        # logged out elsewhere): the map we hold describes a tailnet we are no longer part of.
+        # Transient failures are retried inside stream_map; this is a refusal sealed by the pinned
+        # server key (deleted, expired, logged out elsewhere): the map we hold describes a tailnet we
+        # are no longer part of.
         log.error("control: %s refused this node: %s", client.server_url, exc)
-        self.control_error = str(exc)
+        self.control_error = control_failure(client.server_url, exc)
         self.netmap, self.map_source = None, ""
         await self._forget_map()
         self._first_map.set()  # wakes an `up` waiting for its first map: the answer is no
@@ -492,7 +501,15 @@ class Daemon:
                 if exc.code is ErrorCode.BAD_SEAL:
                     hint = (" (if the control server was reinstalled, start over with"
                             " `meshnode up --force-reauth --authkey KEY`)")
-                raise ApiError(status, f"control server {prefs.login_server}: {exc}{hint}") from None
+                if exc.code in (ErrorCode.AUTHKEY_UNKNOWN, ErrorCode.AUTHKEY_EXPIRED, ErrorCode.AUTHKEY_USED,
+                                ErrorCode.AUTHKEY_REVOKED, ErrorCode.AUTHKEY_REQUIRED):
+                    hint = (" (pass a valid --authkey; `meshnode control authkey create` on the control"
+                            " server makes one)")
+                if exc.code is ErrorCode.TAG_NOT_ALLOWED and prefs.advertise_tags:
+                    hint = (f" (this node asks for {', '.join(prefs.advertise_tags)}; drop them with"
+                            " `meshnode up --advertise-tags=` or `meshnode set --advertise-tags=`)")
+                raise ApiError(status, control_failure(prefs.login_server, exc) + hint,
+                               detail=exc.detail) from None
             if client.server_public_key:
                 self.state.save_server_key(prefs.login_server, client.server_public_key)
             self.prefs = replace(prefs, want_running=True)
@@ -508,7 +525,7 @@ class Daemon:
         except asyncio.TimeoutError:
             raise ApiError(504, f"registered, but no network map arrived within {req.timeout:g}s") from None
         if self.netmap is None and self.control_error:
-            raise ApiError(403, f"control server {self.prefs.login_server}: {self.control_error}")
+            raise ApiError(403, self.control_error)
         return self.status()
 
     async def _login_in_browser(self, client: ControlClient, register_kw: dict[str, Any]) -> None:
@@ -549,8 +566,9 @@ class Daemon:
                 except ControlError as exc:
                     if exc.retryable:
                         # Forgetting the key without telling the server would leave a ghost node.
-                        raise ApiError(502, f"cannot reach the control server to log out: {exc}"
-                                       " (`meshnode up --force-reauth` starts over without it)") from None
+                        raise ApiError(502, f"cannot log out: {control_failure(client.server_url, exc)}"
+                                       " (`meshnode up --force-reauth` starts over without it)",
+                                       detail=exc.detail) from None
                     log.warning("control: logout refused (%s); forgetting the node key anyway", exc)
             await self._go_down(BackendState.NEEDS_LOGIN)
             self.state.forget_node_key()
@@ -567,11 +585,11 @@ class Daemon:
         if drift != Drift.INTACT.value:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
-            health.append(f"control server: {self.control_error}")
+            health.append(self.control_error)
         control = self._client.stream_state if self._client is not None else None
         if control is not None and control["error"] and not self.control_error:
-            health.append(f"control server unreachable since {time.strftime('%H:%M:%S', time.localtime(control['since']))}"
-                          f" ({control['error']}); serving the last map")
+            since = time.strftime('%H:%M:%S', time.localtime(control['since']))
+            health.append(f"control server unreachable since {since}: {control['error']}; serving the last map")
         if self.router_error:
             health.append(self.router_error)
         routing = self._router.applied if self._router is not None else None

@@ -63,7 +63,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response({"error": exc.message}, status=exc.status)
+        body = {"error": exc.message}
+        if exc.detail:
+            body["detail"] = exc.detail
+        return web.json_response(body, status=exc.status)
     except web.HTTPRequestEntityTooLarge:
         return web.json_response({"error": f"request body larger than {MAX_BODY} bytes"}, status=413)
     except web.HTTPException as exc:

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -262,6 +263,28 @@ def test_status_and_metrics(server: MagicDnsProcess) -> None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.extra['metrics_port']}/metrics", timeout=5).read().decode()
     assert 'magicdns_queries_total{transport="udp"}' in text
     assert "magicdns_view_version" in text
+
+
+def test_metrics_listener_serves_metrics_only(server: MagicDnsProcess) -> None:
+    """The TCP metrics address is reachable by clients the DNS allow-list blocks: no resolver, no
+    tailnet map there. /query and /status stay on the control socket."""
+    base = f"http://127.0.0.1:{server.extra['metrics_port']}"
+    for path in ("/query?name=my-server.tailnet&type=A", "/status", "/"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + path, timeout=5)
+        assert err.value.code == 404, path
+    assert urllib.request.urlopen(base + "/metrics", timeout=5).status == 200
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(server.control_socket)
+        s.sendall(b"GET /query?name=my-server.tailnet&type=A HTTP/1.0\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"200" and json.loads(body)["answer"][0]["value"] == "100.64.0.2"
+    status = run_cli("status", "--control-socket", server.control_socket, "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["view"]["domain"] == "tailnet"
 
 
 def test_query_command(server: MagicDnsProcess) -> None:
