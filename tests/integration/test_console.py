@@ -415,3 +415,30 @@ def test_cli_users_role(tmp_path: Path) -> None:
     r = run_(control, ["serve", "--db", db, "--oidc-issuer", "http://127.0.0.1:1"])
     assert r.exit_code == 2 and "--oidc-client-id" in r.output
     store.close()
+
+
+@run
+async def test_policy_preview_shows_who_sees_whom_without_saving(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        http, csrf = await net.client_as("olivia@example.com", "owner")
+        key, _ = net.store.create_authkey("olivia@example.com", reusable=True)
+        srv, _ = net.store.create_authkey("olivia@example.com", reusable=True, tags=["tag:server"])
+        for host, k in (("laptop", key), ("db", srv)):
+            node = ControlClient(net.url, generate_private_key(), generate_private_key())
+            await node.register(k, hostname=host)
+            await node.close()
+        async with http:
+            async with http.get(net.url + "/console/acls") as r:  # the default policy: everyone sees everyone
+                assert "<td>laptop</td><td>db</td>" in await r.text()
+            isolated = '{"acls": [], "tagOwners": {"tag:server": ["olivia@example.com"]}}'
+            async with http.post(net.url + "/console/acls",
+                                 data={"_csrf": csrf, "policy": isolated, "action": "preview"}) as r:
+                text = await r.text()
+                assert r.status == 200 and "not saved" in text
+                assert "<td>laptop</td><td>nobody</td>" in text and "<td>db</td><td>nobody</td>" in text
+            assert net.store.policy_text() is None
+            unknown = '{\n  "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["*:*"]}]\n}'
+            async with http.post(net.url + "/console/acls",
+                                 data={"_csrf": csrf, "policy": unknown, "action": "preview"}) as r:
+                text = await r.text()
+                assert r.status == 400 and "unknown group" in text and 'data-line="2"' in text

@@ -24,10 +24,10 @@ from aiohttp import web
 from magicdns.records import RecordError, parse_record
 from magicdns.store import StoreError as RecordStoreError
 
-from ...policy import DEFAULT_POLICY_TEXT, PolicyError
-from ...policy.errors import HuJSONError
+from ...policy import DEFAULT_POLICY_TEXT, PolicyError, check_policy, compile_policy, parse_policy
 from .. import authkeys, naming
 from ..access import set_policy
+from ..mapbuilder import node_info
 from ..store import ConsoleSession, ControlStoreError, NotFound
 from . import auditlog, machine_filter
 from .register import BrowserLogins, approve, fingerprint, lookup
@@ -43,6 +43,7 @@ log = logging.getLogger("meshnode.control.console")
 HERE = Path(__file__).parent
 LOGIN_COOKIE = "meshnode_login"
 REGISTER_TTL = 600.0
+PREVIEW_NODES = 200   # the access-controls preview lists at most this many machines
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,17 +411,40 @@ class Console:
 
     # -- access controls ------------------------------------------------------------------------
 
+    def _preview(self, text: str) -> list[tuple[str, list[str]]]:
+        """Who would see whom under `text` (PolicyError if it does not parse): (machine, peers)."""
+        now = time.time()
+        nodes = [n for n in self.store.list_nodes() if n.active(now)][:PREVIEW_NODES]
+        compiled = compile_policy(parse_policy(text), [node_info(n) for n in nodes])
+        names = {n.id: n.name for n in nodes}
+        return [(n.name, sorted(names[p] for p in compiled.visible_peers(n.id) if p in names and p != n.id))
+                for n in nodes]
+
     async def _acls(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        return self._render(ctx, "acls.html", text=self.store.policy_text() or DEFAULT_POLICY_TEXT, error=None)
+        text = self.store.policy_text() or DEFAULT_POLICY_TEXT
+        try:
+            preview = self._preview(text)
+        except PolicyError:
+            preview = []
+        return self._render(ctx, "acls.html", text=text, error=None, where=None, preview=preview, previewing=False)
 
     async def _acls_save(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         form = await request.post()
         text = str(form.get("policy", ""))
+        previewing = form.get("action") == "preview"
         try:
-            set_policy(self.store, text)  # the same parse and `tests` checks as `policy set`
+            if previewing:
+                # The same parse and `tests` checks as saving, without storing anything.
+                check_policy(text, [node_info(n) for n in self.store.list_nodes() if n.active(time.time())])
+                preview = self._preview(text)
+            else:
+                set_policy(self.store, text)  # the same parse and `tests` checks as `policy set`
         except PolicyError as exc:
-            where = (exc.line, exc.column) if isinstance(exc, HuJSONError) and exc.line is not None else None
-            return self._render(ctx, "acls.html", status=400, text=text, error=str(exc), where=where)
+            where = (exc.line, exc.column) if getattr(exc, "line", None) is not None else None
+            return self._render(ctx, "acls.html", status=400, text=text, error=str(exc), where=where,
+                                preview=[], previewing=previewing)
+        if previewing:
+            return self._render(ctx, "acls.html", text=text, error=None, where=None, preview=preview, previewing=True)
         self._changed(ctx, "policy.set", "policy", f"{len(text)} bytes")
         return self._back(ctx, "/console/acls", ok="Policy saved; nodes have it now.")
 
