@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import urllib.parse
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -186,6 +187,30 @@ async def test_csrf_token_required_on_every_post(tmp_path: Path) -> None:
                 assert r.status == 303
             async with http.get(net.url + "/console/machines", allow_redirects=False) as r:
                 assert r.status == 303 and r.headers["Location"].startswith("/console/login")
+
+
+@run
+async def test_sign_in_returns_to_the_page_asked_for(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net, net.browser() as http:
+        async with http.get(net.url + "/console/dns?x=1", allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == "/console/login?next=%2Fconsole%2Fdns%3Fx%3D1"
+        async with http.get(net.url + r.headers["Location"]) as r:
+            href = re.search(r'id="sso" href="([^"]+)"', await r.text()).group(1)
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(href.replace("&amp;", "&")).query)["next"] == ["/console/dns?x=1"]
+        async with http.get(net.url + "/oidc/login?next=%2Fconsole%2Fdns%3Fx%3D1", allow_redirects=False) as r:
+            authorize = r.headers["Location"]
+        async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+            callback = r.headers["Location"]
+        async with http.get(callback, allow_redirects=False) as r:
+            assert r.headers["Location"] == "/console/dns?x=1"
+        # Never off-site: a `next` that is not a local path is ignored.
+        for evil in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+            async with http.get(net.url + "/oidc/login", params={"next": evil}, allow_redirects=False) as r:
+                authorize = r.headers["Location"]
+            async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+                callback = r.headers["Location"]
+            async with http.get(callback, allow_redirects=False) as r:
+                assert r.headers["Location"] == "/console/machines", evil
 
 
 @run
@@ -406,6 +431,9 @@ def test_cli_users_role(tmp_path: Path) -> None:
     r = run_(control, ["users", "role", "bob@example.com", "network-admin", "--db", db])
     assert r.exit_code == 0, r.output
     assert store.user_role("bob@example.com").role == "network-admin"
+    r = run_(control, ["users", "ls", "--db", db])
+    assert r.exit_code == 0 and any(line.split()[1:3] == ["bob@example.com", "network-admin"]
+                                    for line in r.output.splitlines()), r.output
     r = run_(control, ["users", "role", "bob@example.com", "superuser", "--db", db])
     assert r.exit_code == 2 and "unknown role" in r.output
     r = run_(control, ["users", "role", "olivia@example.com", "member", "--db", db])
