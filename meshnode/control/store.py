@@ -775,7 +775,10 @@ class ControlStore:
         """Record a console sign-in: create the user if `create`, give the first user ever to sign in
         `first_role` (owner) and later new ones `default_role`; refresh e-mail and groups."""
         name = self._check_user_name(name)
-        with self._tx(bump=False):
+        before = self.user_role(name)
+        # New group memberships change what the policy's groups hold, so maps: bump then.
+        groups_changed = tuple(groups) != (before.groups if before is not None else ())
+        with self._tx(bump=groups_changed):
             if not create:
                 self._user_id(name)  # NotFound: not pre-approved
             uid = self._user_id(name, create=True)
@@ -791,6 +794,15 @@ class ControlStore:
         role = self.user_role(name)
         assert role is not None
         return role
+
+    def idp_groups(self) -> dict[str, tuple[str, ...]]:
+        """The identity provider's groups as policy groups: {"group:eng": (users...)}."""
+        out: dict[str, list[str]] = {}
+        for name, groups in self.conn.execute("SELECT u.name, r.groups FROM users u JOIN user_roles r"
+                                              " ON r.user_id = u.id WHERE r.groups != '[]' ORDER BY u.name"):
+            for g in _t(groups):
+                out.setdefault(f"group:{g}", []).append(name)
+        return {g: tuple(m) for g, m in out.items()}
 
     def set_user_role(self, name: str, role: str, check: Callable[[str, int], None] = lambda r, n: None) -> None:
         """Set a user's role; `check(old_role, owners_left_after)` may refuse it, inside the transaction."""

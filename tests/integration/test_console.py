@@ -470,3 +470,33 @@ async def test_policy_preview_shows_who_sees_whom_without_saving(tmp_path: Path)
                                  data={"_csrf": csrf, "policy": unknown, "action": "preview"}) as r:
                 text = await r.text()
                 assert r.status == 400 and "unknown group" in text and 'data-line="2"' in text
+
+
+@run
+async def test_oidc_groups_fill_the_policy_groups(tmp_path: Path) -> None:
+    from meshnode.control.access import set_policy
+    async with Net(tmp_path) as net:
+        set_policy(net.store, '{"groups": {"group:eng": []}, "tagOwners": {"tag:server": ["olivia@example.com"]},'
+                              ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:server:*"]}]}')
+        net.server.mark_dirty()
+        key, _ = net.store.create_authkey("olivia@example.com", reusable=True)
+        srv, _ = net.store.create_authkey("olivia@example.com", tags=["tag:server"])
+        bkey, _ = net.store.create_authkey("bob@example.com")
+        clients = {}
+        for host, k in (("laptop", key), ("db", srv), ("bobs", bkey)):
+            clients[host] = ControlClient(net.url, generate_private_key(), generate_private_key())
+            await clients[host].register(k, hostname=host)
+
+        async def peers(host: str) -> set[str]:
+            return {p.name for p in (await clients[host].fetch_map()).peers}
+        assert await peers("laptop") == set() and await peers("bobs") == set()
+        async with net.browser() as http:
+            await net.sign_in(http, "owner-sub")  # the provider says olivia is in "eng"
+        t0 = time.monotonic()
+        while await peers("laptop") != {"db"}:
+            assert time.monotonic() - t0 < 1.0, "olivia's group membership did not reach the map within 1 s"
+            await asyncio.sleep(0.02)
+        assert await peers("bobs") == set()
+        assert await peers("db") == {"laptop"}
+        for c in clients.values():
+            await c.close()

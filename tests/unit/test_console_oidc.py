@@ -106,3 +106,15 @@ def test_roles() -> None:
                                     (Role.OWNER, Role.OWNER, Role.MEMBER, 0)):
         with pytest.raises(RoleRefused):
             check_assign(actor, old, new, owners)
+
+
+def test_idp_groups_fill_only_declared_groups() -> None:
+    from meshnode.control.console.idpgroups import cache_key, merge
+    from meshnode.policy import parse_policy
+    text = '{"groups": {"group:eng": ["carol@example.com"]}, "acls": []}'
+    policy = parse_policy(text)
+    merged = merge(policy, {"group:eng": ("alice@example.com",), "group:admins": ("mallory@example.com",)})
+    assert merged.groups == {"group:eng": ("carol@example.com", "alice@example.com")}  # no new groups
+    assert merge(policy, {}) is policy and merge(None, {"group:eng": ("a@b.c",)}) is None
+    assert cache_key(text, {}) == text
+    assert cache_key(text, {"group:eng": ("a@b.c",)}) != cache_key(text, {"group:eng": ("d@e.f",)}) != text

@@ -533,6 +533,7 @@ def mount(server: "ControlServer", settings: ConsoleSettings) -> Console:
     console = Console(server, settings)
     server.app.add_routes(console.routes())
     server.interactive_login = console.logins.login
+    server.policy_groups = server.store.idp_groups
     return console
 
 
