@@ -500,3 +500,80 @@ async def test_oidc_groups_fill_the_policy_groups(tmp_path: Path) -> None:
         assert await peers("db") == {"laptop"}
         for c in clients.values():
             await c.close()
+
+
+@run
+async def test_sessions_and_a_waiting_browser_login_survive_a_server_restart(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    async with net:
+        sid = net.session_for("olivia@example.com", "owner")
+        node = ControlClient(net.url, generate_private_key(), generate_private_key())
+        urls: list[str] = []
+        login = asyncio.create_task(node.login_interactive(hostname="kiosk", on_url=urls.append))
+        await async_wait_until(lambda: urls, timeout=5, what="a login URL")
+        port = int(net.url.rsplit(":", 1)[1])
+    # A new server process on the same database and port (the node keeps retrying meanwhile).
+    store = ControlStore(tmp_path / "control.db")
+    server = ControlServer(store, FAST)
+    console = mount(server, ConsoleSettings("http://pending", None))
+    await server.start("127.0.0.1", port)
+    console.use_server_url(net.url)
+    try:
+        async with net.browser() as http:
+            http.cookie_jar.update_cookies({COOKIE: sid}, aiohttp.client.URL(net.url))
+            async with http.get(net.url + "/console/machines") as r:
+                assert r.status == 200
+                csrf = CSRF_RE.search(await r.text()).group(1)
+            async with http.post(urls[0], data={"_csrf": csrf}) as r:
+                assert r.status == 200
+        reg = await asyncio.wait_for(login, 10)
+        assert reg.name == "kiosk" and reg.user == "olivia@example.com"
+    finally:
+        await node.close()
+        await server.stop()
+        store.close()
+
+
+@run
+async def test_bad_input_in_the_pages_changes_nothing(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        http, csrf = await net.client_as("olivia@example.com", "owner")
+        key, _ = net.store.create_authkey("olivia@example.com")
+        node = ControlClient(net.url, generate_private_key(), generate_private_key())
+        reg = await node.register(key, hostname="web")
+        await node.close()
+        before = net.store.get_node(reg.node_id)
+        async with http:
+            for path, data in ((f"/console/machines/{reg.node_id}/rename", {"name": "Not A Name!"}),
+                               (f"/console/machines/{reg.node_id}/tags", {"tags": "server"}),
+                               (f"/console/machines/{reg.node_id}/routes", {"route": "10.0.0.0/8"}),
+                               (f"/console/machines/{reg.node_id}/routes", {"route": "not-a-cidr"}),
+                               ("/console/dns/nameservers", {"nameservers": "not a resolver:99999"}),
+                               ("/console/dns/route-add", {"domain": "..", "servers": "10.0.0.53"}),
+                               ("/console/dns/record-add", {"name": "x", "type": "BOGUS", "value": "1"}),
+                               ("/console/keys", {"expiry": "forever"}),
+                               ("/console/users/olivia@example.com/role", {"role": "emperor"})):
+                async with http.post(net.url + path, data={**data, "_csrf": csrf}) as r:
+                    text = await r.text()
+                    assert r.status == 200 and 'class="flash error"' in text, (path, data, r.status)
+            for path in ("/console/machines/999/rename", "/console/machines/abc/rename",
+                         f"/console/machines/{reg.node_id}/explode", "/console/dns/explode"):
+                async with http.post(net.url + path, data={"_csrf": csrf, "name": "x"}) as r:
+                    assert r.status == 404, path
+        assert net.store.get_node(reg.node_id) == before
+        assert net.store.dns_settings().nameservers == () and net.store.dns_settings().routes == ()
+        assert net.store.records.list() == [] and net.store.list_authkeys()[1:] == []
+        assert net.store.user_role("olivia@example.com").role == "owner"
+
+
+@run
+async def test_unreachable_identity_provider_is_a_clear_error(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        net.console.oidc.settings = OidcSettings(issuer="http://127.0.0.1:9", client_id="x", client_secret="y",
+                                                 redirect_uri=net.url + "/oidc/callback")
+        net.console.oidc._meta = None
+        async with net.browser() as http:
+            t0 = time.monotonic()
+            async with http.get(net.url + "/oidc/login", allow_redirects=False) as r:
+                assert r.status == 502 and "cannot reach the identity provider" in await r.text()
+            assert time.monotonic() - t0 < 11
