@@ -196,7 +196,8 @@ async def test_sign_in_returns_to_the_page_asked_for(tmp_path: Path) -> None:
             assert r.status == 303 and r.headers["Location"] == "/console/login?next=%2Fconsole%2Fdns%3Fx%3D1"
         async with http.get(net.url + r.headers["Location"]) as r:
             href = re.search(r'id="sso" href="([^"]+)"', await r.text()).group(1)
-        assert urllib.parse.parse_qs(urllib.parse.urlsplit(href.replace("&amp;", "&")).query)["next"] == ["/console/dns?x=1"]
+        query = urllib.parse.urlsplit(href.replace("&amp;", "&")).query
+        assert urllib.parse.parse_qs(query)["next"] == ["/console/dns?x=1"]
         async with http.get(net.url + "/oidc/login?next=%2Fconsole%2Fdns%3Fx%3D1", allow_redirects=False) as r:
             authorize = r.headers["Location"]
         async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
@@ -286,7 +287,8 @@ async def test_role_matrix_is_enforced_on_the_server(tmp_path: Path) -> None:
                     assert r.status == 200
                     has_buttons = "/rename" in text or "/routes" in text
                     assert has_buttons == (role in ("owner", "admin", "network-admin", "it-admin")), role
-                    assert (f"<strong class=\"name\">{net.store.get_node(reg.node_id).name}<" in text) == (role != "member"), role
+                    name = net.store.get_node(reg.node_id).name
+                    assert (f'<strong class="name">{name}<' in text) == (role != "member"), role
                 for page in ("/console/dns", "/console/acls", "/console/users", "/console/logs"):
                     async with http.get(net.url + page) as r:
                         assert r.status == (403 if role == "member" else 200), (role, page)

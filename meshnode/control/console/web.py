@@ -141,10 +141,17 @@ class Console:
         session = self.sessions.lookup(request.cookies.get(COOKIE), time.time())
         if session is None:
             raise Unauthenticated()
-        role = self.store.user_role(session.user)
-        return Ctx(session.user, parse_role(role.role) if role else Role.MEMBER, session)
+        stored = self.store.user_role(session.user)
+        try:
+            role = parse_role(stored.role) if stored else Role.MEMBER
+        except ValueError:
+            log.error("user %s has an unknown role %r in the database; treating them as a member",
+                      session.user, stored.role if stored else None)
+            role = Role.MEMBER  # least privilege, never a 500 on every page
+        return Ctx(session.user, role, session)
 
-    def _guard(self, handler: Handler, perm: Perm | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    def _guard(self, handler: Handler, perm: Perm | None = None
+               ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def run(request: web.Request) -> web.StreamResponse:
             try:
                 ctx = self._session(request)
@@ -171,7 +178,8 @@ class Console:
     def _render(self, ctx: Ctx | None, template: str, status: int = 200, **values: Any) -> web.Response:
         flash = self._flash.pop(ctx.session.id_hash, None) if ctx else None
         html = self.env.get_template(template).render(
-            ctx=ctx, P=Perm, flash=flash, page=template.removesuffix(".html"), domain=self.store.domain(), oidc=self.settings.oidc, **values)
+            ctx=ctx, P=Perm, flash=flash, page=template.removesuffix(".html"), domain=self.store.domain(),
+            oidc=self.settings.oidc, **values)
         resp = web.Response(text=html, status=status, content_type="text/html")
         # The console shows secrets once (keys, tokens) and must not be framed by another site.
         resp.headers["Cache-Control"] = "no-store"
