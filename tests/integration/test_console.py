@@ -579,3 +579,32 @@ async def test_unreachable_identity_provider_is_a_clear_error(tmp_path: Path) ->
             async with http.get(net.url + "/oidc/login", allow_redirects=False) as r:
                 assert r.status == 502 and "cannot reach the identity provider" in await r.text()
             assert time.monotonic() - t0 < 11
+
+
+@run
+async def test_users_added_and_removed_in_the_page(tmp_path: Path) -> None:
+    async with Net(tmp_path, preapproved_only=True) as net:
+        http, csrf = await net.client_as("olivia@example.com", "owner")
+        async with http, net.browser() as bob:
+            assert (await net.sign_in(bob, "bob-sub")).status == 403  # not pre-approved yet
+            async with http.post(net.url + "/console/users", data={"_csrf": csrf, "name": "Bob@Example.com"}) as r:
+                assert "Added bob@example.com" in await r.text()
+            assert (await net.sign_in(bob, "bob-sub")).status == 303
+            async with bob.get(net.url + "/console/keys") as r:
+                assert r.status == 200
+            key, _ = net.store.create_authkey("bob@example.com")
+            node = ControlClient(net.url, generate_private_key(), generate_private_key())
+            reg = await node.register(key, hostname="bobs")
+            await node.close()
+            async with http.post(net.url + "/console/users/bob@example.com/remove", data={"_csrf": csrf}) as r:
+                assert "still owns 1 node" in await r.text()
+            net.store.delete_node(str(reg.node_id))
+            async with http.post(net.url + "/console/users/bob@example.com/remove", data={"_csrf": csrf}) as r:
+                assert "Removed bob@example.com" in await r.text()
+            async with bob.get(net.url + "/console/keys", allow_redirects=False) as r:
+                assert r.status == 303  # the session went with the user
+        it, csrf2 = await net.client_as("ian@example.com", "it-admin")
+        async with it:
+            async with it.post(net.url + "/console/users/olivia@example.com/remove", data={"_csrf": csrf2}) as r:
+                assert r.status == 403
+        assert net.store.user_role("olivia@example.com").role == "owner"

@@ -127,6 +127,8 @@ class Console:
             web.post("/console/acls", g(self._acls_save, Perm.EDIT_POLICY)),
             web.get("/console/users", g(self._users, Perm.VIEW_ALL)),
             web.post("/console/users/{name}/role", g(self._user_role, Perm.EDIT_USERS)),
+            web.post("/console/users", g(self._user_add, Perm.EDIT_USERS)),
+            web.post("/console/users/{name}/remove", g(self._user_remove, Perm.EDIT_USERS)),
             web.get("/console/logs", g(self._logs, Perm.VIEW_LOGS)),
             web.get("/console/settings", g(self._settings, Perm.VIEW_ALL)),
             web.post("/console/settings/admin-token", g(self._rotate_token, Perm.EDIT_SETTINGS)),
@@ -472,6 +474,32 @@ class Console:
             return self._back(ctx, "/console/users", err=str(exc))
         auditlog.record(ctx.user, "user.role", name, f"role={new.value}")
         return self._back(ctx, "/console/users", ok=f"{name} is now {new.value}.")
+
+    async def _user_add(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+        """Pre-approve someone (needed with --oidc-preapproved-only): they sign in as a member."""
+        form = await request.post()
+        name = str(form.get("name", "")).strip().lower()
+        try:
+            self.store.create_user(name)
+        except _ERRORS as exc:
+            return self._back(ctx, "/console/users", err=str(exc))
+        auditlog.record(ctx.user, "user.create", name)
+        return self._back(ctx, "/console/users", ok=f"Added {name}; they can sign in now.")
+
+    async def _user_remove(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+        name = request.match_info["name"]
+        stored = self.store.user_role(name)
+        old = parse_role(stored.role) if stored else Role.MEMBER
+        owners = sum(1 for u in self.store.list_user_roles() if u.role == Role.OWNER.value)
+        check_assign(ctx.role, old, Role.MEMBER, owners - (old is Role.OWNER))  # the same rank rules as roles
+        if name == ctx.user:
+            return self._back(ctx, "/console/users", err="You cannot remove yourself.")
+        try:
+            self.store.delete_user(name)  # refused while they own machines
+        except _ERRORS as exc:
+            return self._back(ctx, "/console/users", err=str(exc))
+        auditlog.record(ctx.user, "user.remove", name)
+        return self._back(ctx, "/console/users", ok=f"Removed {name}; their sessions ended.")
 
     async def _logs(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         q = request.query.get("q", "").lower()
