@@ -390,6 +390,10 @@ async def test_machine_logs_in_through_the_browser(tmp_path: Path) -> None:
             async with http.get(url) as r:
                 page = await r.text()
                 assert r.status == 200 and "kiosk" in page
+            auditor, acsrf = await net.client_as("audrey@example.com", "auditor")
+            async with auditor:
+                async with auditor.post(url, data={"_csrf": acsrf}) as r:
+                    assert r.status == 403  # read-only roles cannot add (and own) machines
             t0 = time.monotonic()
             async with http.post(url, data={"_csrf": csrf}) as r:
                 assert r.status == 200

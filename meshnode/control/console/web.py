@@ -133,7 +133,8 @@ class Console:
             web.get("/console/settings", g(self._settings, Perm.VIEW_ALL)),
             web.post("/console/settings/admin-token", g(self._rotate_token, Perm.EDIT_SETTINGS)),
             web.get("/register/{id}", g(self._register_page)),
-            web.post("/register/{id}", g(self._register_confirm)),
+            # Adding a machine makes the confirming user its owner: read-only roles may not.
+            web.post("/register/{id}", g(self._register_confirm, Perm.OWN_MACHINES)),
             web.static("/console/static", HERE / "static"),
         ]
 
