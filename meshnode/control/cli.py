@@ -268,8 +268,6 @@ def users_role(name: str, role: str, db_path: str) -> None:
         _run(lambda: _open(db_path).set_user_role(name, new.value, keep_an_owner))
     except RoleRefused as exc:
         raise click.ClickException(str(exc)) from None
-    from .console import auditlog
-    auditlog.record("cli", "user.role", name, f"role={new.value}")
     click.echo(f"{name} is now {new.value}")
 
 

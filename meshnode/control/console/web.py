@@ -203,7 +203,7 @@ class Console:
 
     def _changed(self, ctx: Ctx, action: str, target: str, detail: str = "") -> None:
         self.server.mark_dirty()
-        auditlog.record(ctx.user, action, target, detail)
+        auditlog.record(self.store, ctx.user, action, target, detail)
 
     # -- sign-in --------------------------------------------------------------------------------
 
@@ -265,7 +265,7 @@ class Console:
             return self._page_error(request, None, 403, str(exc))
         self.sessions.sweep(time.time())  # sign-ins are rare: a good moment to drop dead sessions
         sid, _ = self.sessions.create(role.name, time.time())
-        auditlog.record(role.name, "console.sign-in", role.name, f"role={role.role} sub={identity.subject}")
+        auditlog.record(self.store, role.name, "console.sign-in", role.name, f"role={role.role} sub={identity.subject}")
         resp = _redirect(pending.next_path)
         resp.set_cookie(COOKIE, sid, httponly=True, samesite="Lax", secure=self.secure, path="/",
                         max_age=int(self.settings.sessions.absolute))
@@ -274,7 +274,7 @@ class Console:
 
     async def _logout(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         self.sessions.end(request.cookies.get(COOKIE))
-        auditlog.record(ctx.user, "console.sign-out", ctx.user)
+        auditlog.record(self.store, ctx.user, "console.sign-out", ctx.user)
         resp = _redirect("/console/login")
         resp.del_cookie(COOKIE, path="/")
         return resp
@@ -315,26 +315,27 @@ class Console:
         if action == "tags":
             require(ctx.role, Perm.EDIT_MACHINES)  # tags change ownership: never a member's own call
         ref = str(node.id)
-        try:
-            if action == "rename":
-                new = self.store.rename_node(ref, str(form.get("name", "")))
-                msg = f"Renamed {node.name} to {new.name}."
-            elif action == "tags":
-                tags = [t for t in str(form.get("tags", "")).replace(",", " ").split() if t]
-                self.store.set_tags(ref, tags)
-                msg = f"Tags of {node.name}: {', '.join(tags) or 'none'}."
-            elif action == "routes":
-                routes = [str(r) for r in form.getall("route", [])]
-                self.store.approve_routes(ref, routes)
-                msg = f"Approved for {node.name}: {', '.join(routes) or 'nothing'}."
-            elif action == "expire":
-                self.store.expire_node(ref)
-                msg = f"The key of {node.name} expired; it must log in again."
-            else:
-                self.store.delete_node(ref)
-                msg = f"Removed {node.name}."
-        except _ERRORS as exc:
-            return self._back(ctx, back, err=str(exc))
+        with auditlog.acting(self.store, ctx.user):
+            try:
+                if action == "rename":
+                    new = self.store.rename_node(ref, str(form.get("name", "")))
+                    msg = f"Renamed {node.name} to {new.name}."
+                elif action == "tags":
+                    tags = [t for t in str(form.get("tags", "")).replace(",", " ").split() if t]
+                    self.store.set_tags(ref, tags)
+                    msg = f"Tags of {node.name}: {', '.join(tags) or 'none'}."
+                elif action == "routes":
+                    routes = [str(r) for r in form.getall("route", [])]
+                    self.store.approve_routes(ref, routes)
+                    msg = f"Approved for {node.name}: {', '.join(routes) or 'nothing'}."
+                elif action == "expire":
+                    self.store.expire_node(ref)
+                    msg = f"The key of {node.name} expired; it must log in again."
+                else:
+                    self.store.delete_node(ref)
+                    msg = f"Removed {node.name}."
+            except _ERRORS as exc:
+                return self._back(ctx, back, err=str(exc))
         self._changed(ctx, f"machine.{action}", node.name, msg)
         return self._back(ctx, back, ok=msg)
 
@@ -349,34 +350,35 @@ class Console:
 
         def words(key: str) -> list[str]:
             return [w for w in str(form.get(key, "")).replace(",", " ").split() if w]
-        try:
-            if action == "nameservers":
-                self.store.set_nameservers(words("nameservers"))
-                msg = "Nameservers saved."
-            elif action == "search":
-                self.store.set_search_domains(words("search"))
-                msg = "Search domains saved."
-            elif action == "route-add":
-                self.store.add_route(str(form.get("domain", "")), words("servers"))
-                msg = f"Split DNS route for {form.get('domain')} saved."
-            elif action == "route-remove":
-                self.store.remove_route(str(form.get("domain", "")))
-                msg = f"Split DNS route for {form.get('domain')} removed."
-            elif action == "record-add":
-                # The one validator `magicdns records add` uses (magicdns.records.parse_record).
-                rec = parse_record(str(form.get("name", "")), str(form.get("type", "")).upper(),
-                                   str(form.get("value", "")), form.get("ttl") or None, self.store.domain(),
-                                   form.get("override") == "on")
-                self.store.records.add(rec)
-                msg = f"Added {rec.name} {rec.ttl} {rec.rtype} {rec.value}."
-            elif action == "record-remove":
-                n = self.store.records.remove(str(form.get("name", "")), str(form.get("type", "")) or None,
-                                              str(form.get("value", "")) or None)
-                msg = f"Removed {n} record(s)."
-            else:
-                return self._page_error(request, ctx, 404, f"Unknown action {action!r}.")
-        except _ERRORS as exc:
-            return self._back(ctx, "/console/dns", err=str(exc))
+        with auditlog.acting(self.store, ctx.user):
+            try:
+                if action == "nameservers":
+                    self.store.set_nameservers(words("nameservers"))
+                    msg = "Nameservers saved."
+                elif action == "search":
+                    self.store.set_search_domains(words("search"))
+                    msg = "Search domains saved."
+                elif action == "route-add":
+                    self.store.add_route(str(form.get("domain", "")), words("servers"))
+                    msg = f"Split DNS route for {form.get('domain')} saved."
+                elif action == "route-remove":
+                    self.store.remove_route(str(form.get("domain", "")))
+                    msg = f"Split DNS route for {form.get('domain')} removed."
+                elif action == "record-add":
+                    # The one validator `magicdns records add` uses (magicdns.records.parse_record).
+                    rec = parse_record(str(form.get("name", "")), str(form.get("type", "")).upper(),
+                                       str(form.get("value", "")), form.get("ttl") or None, self.store.domain(),
+                                       form.get("override") == "on")
+                    self.store.records.add(rec)
+                    msg = f"Added {rec.name} {rec.ttl} {rec.rtype} {rec.value}."
+                elif action == "record-remove":
+                    n = self.store.records.remove(str(form.get("name", "")), str(form.get("type", "")) or None,
+                                                  str(form.get("value", "")) or None)
+                    msg = f"Removed {n} record(s)."
+                else:
+                    return self._page_error(request, ctx, 404, f"Unknown action {action!r}.")
+            except _ERRORS as exc:
+                return self._back(ctx, "/console/dns", err=str(exc))
         self._changed(ctx, f"dns.{action}", str(form.get("name") or form.get("domain") or ""), msg)
         return self._back(ctx, "/console/dns", ok=msg)
 
@@ -402,11 +404,12 @@ class Console:
         try:
             expiry = str(form.get("expiry") or "90d")
             expires = time.time() + authkeys.parse_duration(expiry)
-            text, key = self.store.create_authkey(user, form.get("reusable") == "on", form.get("ephemeral") == "on",
-                                                  tags, expires)
+            with auditlog.acting(self.store, ctx.user):
+                text, key = self.store.create_authkey(user, form.get("reusable") == "on", form.get("ephemeral") == "on",
+                                                      tags, expires)
         except _ERRORS as exc:
             return self._back(ctx, "/console/keys", err=str(exc))
-        auditlog.record(ctx.user, "authkey.create", key.id, f"user={user} tags={','.join(tags)}")
+        auditlog.record(self.store, ctx.user, "authkey.create", key.id, f"user={user} tags={','.join(tags)}")
         # Shown once, in this response only; the page is no-store.
         return self._keys_page(ctx, new_key=text)
 
@@ -416,8 +419,9 @@ class Console:
         except NotFound:
             return self._page_error(request, ctx, 404, "No such key.")
         require(ctx.role, Perm.EDIT_KEYS if key.user != ctx.user else Perm.OWN_KEYS)
-        self.store.revoke_authkey(key.id)
-        auditlog.record(ctx.user, "authkey.revoke", key.id, f"user={key.user}")
+        with auditlog.acting(self.store, ctx.user):
+            self.store.revoke_authkey(key.id)
+        auditlog.record(self.store, ctx.user, "authkey.revoke", key.id, f"user={key.user}")
         return self._back(ctx, "/console/keys", ok=f"Revoked key {key.id}.")
 
     # -- access controls ------------------------------------------------------------------------
@@ -449,7 +453,8 @@ class Console:
                 check_policy(text, [node_info(n) for n in self.store.list_nodes() if n.active(time.time())])
                 preview = self._preview(text)
             else:
-                set_policy(self.store, text)  # the same parse and `tests` checks as `policy set`
+                with auditlog.acting(self.store, ctx.user):
+                    set_policy(self.store, text)  # the same parse and `tests` checks as `policy set`
         except PolicyError as exc:
             where = (exc.line, exc.column) if getattr(exc, "line", None) is not None else None
             return self._render(ctx, "acls.html", status=400, text=text, error=str(exc), where=where,
@@ -469,11 +474,12 @@ class Console:
         name = request.match_info["name"]
         try:
             new = parse_role(str(form.get("role", "")))
-            self.store.set_user_role(name, new.value,
-                                     lambda old, owners: check_assign(ctx.role, parse_role(old), new, owners))
+            with auditlog.acting(self.store, ctx.user):
+                self.store.set_user_role(name, new.value,
+                                         lambda old, owners: check_assign(ctx.role, parse_role(old), new, owners))
         except (ValueError, NotFound) as exc:
             return self._back(ctx, "/console/users", err=str(exc))
-        auditlog.record(ctx.user, "user.role", name, f"role={new.value}")
+        auditlog.record(self.store, ctx.user, "user.role", name, f"role={new.value}")
         return self._back(ctx, "/console/users", ok=f"{name} is now {new.value}.")
 
     async def _user_add(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -481,10 +487,11 @@ class Console:
         form = await request.post()
         name = str(form.get("name", "")).strip().lower()
         try:
-            self.store.create_user(name)
+            with auditlog.acting(self.store, ctx.user):
+                self.store.create_user(name)
         except _ERRORS as exc:
             return self._back(ctx, "/console/users", err=str(exc))
-        auditlog.record(ctx.user, "user.create", name)
+        auditlog.record(self.store, ctx.user, "user.create", name)
         return self._back(ctx, "/console/users", ok=f"Added {name}; they can sign in now.")
 
     async def _user_remove(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -496,15 +503,16 @@ class Console:
         if name == ctx.user:
             return self._back(ctx, "/console/users", err="You cannot remove yourself.")
         try:
-            self.store.delete_user(name)  # refused while they own machines
+            with auditlog.acting(self.store, ctx.user):
+                self.store.delete_user(name)  # refused while they own machines
         except _ERRORS as exc:
             return self._back(ctx, "/console/users", err=str(exc))
-        auditlog.record(ctx.user, "user.remove", name)
+        auditlog.record(self.store, ctx.user, "user.remove", name)
         return self._back(ctx, "/console/users", ok=f"Removed {name}; their sessions ended.")
 
     async def _logs(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         q = request.query.get("q", "").lower()
-        entries = [e for e in auditlog.recent(500)
+        entries = [e for e in auditlog.recent(self.store, 500)
                    if not q or q in f"{e.actor} {e.action} {e.target} {e.detail}".lower()]
         return self._render(ctx, "logs.html", entries=entries, q=q)
 
@@ -512,8 +520,9 @@ class Console:
         return self._render(ctx, "settings.html", settings=self.settings, new_token="")
 
     async def _rotate_token(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        token = self.store.rotate_admin_token()
-        auditlog.record(ctx.user, "admin-token.rotate", "admin token")
+        with auditlog.acting(self.store, ctx.user):
+            token = self.store.rotate_admin_token()
+        auditlog.record(self.store, ctx.user, "admin-token.rotate", "admin token")
         return self._render(ctx, "settings.html", settings=self.settings, new_token=token)
 
     # -- machines logging in through the browser -------------------------------------------------
@@ -525,12 +534,13 @@ class Console:
 
     async def _register_confirm(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         try:
-            req = approve(self.store, request.match_info["id"], ctx.user, time.time())
+            with auditlog.acting(self.store, ctx.user):
+                req = approve(self.store, request.match_info["id"], ctx.user, time.time())
         except ControlStoreError as exc:
             return self._render(ctx, "register.html", status=410, req=None, problem=str(exc),
                                 rid=request.match_info["id"])
         self.logins.wake()
-        auditlog.record(ctx.user, "machine.browser-login", req.hostname, f"os={req.os}")
+        auditlog.record(self.store, ctx.user, "machine.browser-login", req.hostname, f"os={req.os}")
         return self._render(ctx, "register.html", req=req, problem="", rid="", done=True)
 
 
