@@ -48,6 +48,7 @@ class UpRequest:
     timeout: float = 30.0  # seconds to wait for the first network map
     force_reauth: bool = False  # forget node key and pinned server key: register afresh
     shields_up: bool | None = None
+    exit_node_allow_lan_access: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,8 @@ def parse_up(body: Any) -> UpRequest:
     return UpRequest(login, _opt_str(obj, "authkey"), hostname, _opt_bool(obj, "accept_dns"),
                      _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
                      _opt_str(obj, "exit_node", 253), tags, float(timeout),
-                     bool(_opt_bool(obj, "force_reauth")), _opt_bool(obj, "shields_up"))
+                     bool(_opt_bool(obj, "force_reauth")), _opt_bool(obj, "shields_up"),
+                     _opt_bool(obj, "exit_node_allow_lan_access"))
 
 
 _SET_ONLY_UP = {"login_server", "authkey", "force_reauth"}
@@ -150,7 +152,7 @@ def parse_set(body: Any) -> UpRequest:
     req = parse_up(obj)
     if all(getattr(req, k) is None for k in ("hostname", "accept_dns", "accept_routes", "advertise_routes",
                                               "advertise_exit_node", "exit_node", "advertise_tags",
-                                              "shields_up")):
+                                              "shields_up", "exit_node_allow_lan_access")):
         raise bad_request("nothing to set: give at least one preference")
     return req
 
