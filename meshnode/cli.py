@@ -6,7 +6,9 @@ from __future__ import annotations
 import click
 
 from .control.cli import control
+from .derp.cli import derp
 from .node.cli import DEFAULT_SOCKET, register_node_commands, version_cmd
+from .node.lockcli import lock
 from .wg.cli import wg
 
 
@@ -37,7 +39,9 @@ def main(ctx: click.Context, socket_path: str | None, verbose: int) -> None:
 
 
 main.add_command(control)
+main.add_command(derp)
 main.add_command(wg)
+main.add_command(lock)
 register_node_commands(main)
 
 

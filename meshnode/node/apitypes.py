@@ -6,7 +6,7 @@ dataclasses, or an `ApiError` naming the bad field; the daemon only ever sees va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from magicdns.names import NameError_, normalize_domain
@@ -37,7 +37,7 @@ class UpRequest:
     """`meshnode up`: None means 'keep what is set'."""
 
     login_server: str | None = None
-    authkey: str | None = None
+    authkey: str | None = field(default=None, repr=False)   # a secret: never in a log line or repr
     hostname: str | None = None
     accept_dns: bool | None = None
     accept_routes: bool | None = None
@@ -47,6 +47,7 @@ class UpRequest:
     advertise_tags: tuple[str, ...] | None = None
     timeout: float = 30.0  # seconds to wait for the first network map
     force_reauth: bool = False  # forget node key and pinned server key: register afresh
+    interactive: bool = False   # no auth key: log in through the browser (the server gives a URL)
     shields_up: bool | None = None
     exit_node_allow_lan_access: bool | None = None
 
@@ -62,6 +63,7 @@ class PingRequest:
     peer: str
     count: int = 1
     timeout: float = 2.0  # seconds per probe
+    until_direct: bool = False  # stop at the first pong over a direct path
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +140,12 @@ def parse_up(body: Any) -> UpRequest:
     return UpRequest(login, _opt_str(obj, "authkey"), hostname, _opt_bool(obj, "accept_dns"),
                      _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
                      _opt_str(obj, "exit_node", 253), tags, float(timeout),
-                     bool(_opt_bool(obj, "force_reauth")), _opt_bool(obj, "shields_up"),
-                     _opt_bool(obj, "exit_node_allow_lan_access"))
+                     bool(_opt_bool(obj, "force_reauth")), interactive=bool(_opt_bool(obj, "interactive")),
+                     shields_up=_opt_bool(obj, "shields_up"),
+                     exit_node_allow_lan_access=_opt_bool(obj, "exit_node_allow_lan_access"))
 
 
-_SET_ONLY_UP = {"login_server", "authkey", "force_reauth"}
+_SET_ONLY_UP = {"login_server", "authkey", "force_reauth", "interactive"}
 
 
 def parse_set(body: Any) -> UpRequest:
@@ -217,7 +220,7 @@ def parse_ip(params: Mapping[str, str]) -> IpRequest:
 def parse_ping(body: Any) -> PingRequest:
     """Validate a `ping` request: a peer (name or address), 1-100 probes, 0.1-30 s each."""
     obj = _object(body)
-    _check_keys(obj, {"peer", "count", "timeout"})
+    _check_keys(obj, {"peer", "count", "timeout", "until_direct"})
     peer = _opt_str(obj, "peer", 253)
     if not peer or not peer.strip():
         raise bad_request("peer: expected a peer name or address")
@@ -227,7 +230,10 @@ def parse_ping(body: Any) -> PingRequest:
     timeout = obj.get("timeout", 2.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 30:
         raise bad_request("timeout: expected seconds from 0.1 to 30")
-    return PingRequest(peer.strip(), count, float(timeout))
+    until_direct = obj.get("until_direct", False)
+    if not isinstance(until_direct, bool):
+        raise bad_request("until_direct: expected true or false")
+    return PingRequest(peer.strip(), count, float(timeout), until_direct)
 
 
 def parse_netcheck(params: Mapping[str, str]) -> NetcheckRequest:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import click
 
 from magicdns.upstream import UpstreamError, parse_upstream
 
+from ..safetext import safe
 from .apitypes import QUERY_TYPES
 from .localclient import DaemonNotRunning, LocalApiRefused, LocalClient
 from .prefs import SETTABLE, Prefs, PrefsError, check_login_server, check_route, check_tag, flag_name, flag_text
@@ -177,6 +179,37 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
 
 # -- up / down / logout --------------------------------------------------------------------------
 
+AUTHKEY_ENV = "MESHNODE_AUTHKEY"
+
+
+def resolve_authkey(value: str | None, env: str | None) -> str | None:
+    """The auth key from `--authkey` (KEY, file:PATH or - for standard input) or MESHNODE_AUTHKEY.
+
+    An inline key is accepted with a warning: any local user can read a command line from /proc.
+    The key itself never appears in a message.
+    """
+    if value is None:
+        return env.strip() or None if env else None
+    if value == "-":
+        key = click.get_text_stream("stdin").readline().strip()
+        if not key:
+            raise click.UsageError("--authkey -: nothing on standard input")
+        return key
+    if value.startswith("file:"):
+        path = Path(value[5:]).expanduser()
+        try:
+            key = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise click.UsageError(f"--authkey file:{path}: cannot read: {reason}") from None
+        if not key or "\n" in key:
+            raise click.UsageError(f"--authkey file:{path}: expected one key on one line")
+        return key
+    click.echo("warning: an auth key on the command line can be read by every local user (ps, /proc);"
+               f" prefer --authkey file:PATH, --authkey - or {AUTHKEY_ENV}", err=True)
+    return value
+
+
 _PREF_HELP = {
     "hostname": "Name to register with [default: the OS hostname].",
     "accept_dns": "Point the system resolver at MagicDNS [default: true].",
@@ -262,8 +295,10 @@ def _changes_text(cur: dict[str, Any], new: dict[str, Any], fields: list[str]) -
 
 @click.command("up")
 @click.option("--login-server", default=None, help="Control server URL (needed the first time).")
-@click.option("--authkey", "--auth-key", "authkey", default=None,
-              help="Pre-auth key (needed to register a new node).")
+@click.option("--authkey", "--auth-key", "authkey", default=None, metavar="KEY|file:PATH|-",
+              help="Pre-auth key (needed to register a new node): file:PATH reads it from a file, - from"
+              " standard input; env MESHNODE_AUTHKEY. Inline keys are visible to every local user."
+              " Without one, a new machine logs in through the browser.")
 @_pref_options
 @click.option("--reset", is_flag=True, help="Reset the settings not given here to their defaults.")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
@@ -274,12 +309,13 @@ def _changes_text(cur: dict[str, Any], new: dict[str, Any], fields: list[str]) -
 @click.pass_context
 def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, reset: bool, timeout: float,
            force_reauth: bool, as_json: bool, **values: Any) -> None:
-    """Connect to the tailnet (registering with --authkey the first time).
+    """Connect to the tailnet (registering with --authkey the first time, or in the browser without one).
 
     As with `tailscale up`, the settings are the flags given: a setting left out goes back to its
     default. When that would change something already set, `up` refuses and lists it; pass --reset
     to accept, or use `meshnode set --FLAG` to change one setting. A bare `meshnode up` reconnects
     with the saved settings (after `down`, `logout` or a refusal as well)."""
+    authkey = resolve_authkey(authkey, os.environ.get(AUTHKEY_ENV))
     body: dict[str, Any] = {"timeout": timeout}
     if force_reauth:
         if not authkey:
@@ -311,15 +347,48 @@ def up_cmd(ctx: click.Context, login_server: str | None, authkey: str | None, re
         body.update(new)
     else:
         body.update(given)
-    status = _call(ctx, "POST", "/up", body, timeout=timeout + 30)
+    if authkey:
+        status = _call(ctx, "POST", "/up", body, timeout=timeout + 30)
+    else:
+        status = _up_in_browser(ctx, body, timeout, as_json)
     if as_json:
         click.echo(json.dumps(status, indent=2))
         return
     me = status.get("self") or {}
-    click.echo(f"Connected as {me.get('fqdn', '?')} ({', '.join(me.get('addresses', []))})")
+    click.echo(safe(f"Connected as {me.get('fqdn', '?')} ({', '.join(me.get('addresses', []))})"))
     pending = _pending_approval(status)
     if pending:
         click.echo(pending)
+
+
+def _up_in_browser(ctx: click.Context, body: dict[str, Any], timeout: float, as_json: bool) -> Any:
+    """`up` without a key: a known machine just logs in; a new one prints the URL the control server
+    gives (from `status`, while `/up` waits) and finishes once someone confirms it in the browser."""
+    import threading
+
+    from .daemon import BROWSER_LOGIN_WAIT
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["status"] = _call(ctx, "POST", "/up", dict(body, interactive=True),
+                                     timeout=BROWSER_LOGIN_WAIT + timeout + 30)
+        except BaseException as exc:  # re-raised in the main thread
+            result["error"] = exc
+    # A daemon thread: Ctrl-C ends the command at once instead of waiting for the login.
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    shown = ""
+    while True:
+        worker.join(0.2)
+        if not worker.is_alive():
+            if "error" in result:
+                raise result["error"]
+            return result["status"]
+        url = (_call(ctx, "GET", "/status", timeout=10) or {}).get("auth_url") or ""
+        if url and url != shown:
+            shown = url
+            click.echo(f"\nTo authenticate, visit:\n\n\t{url}\n", err=as_json)
 
 
 @click.command("set")
@@ -373,13 +442,19 @@ def _peer_state(peer: dict[str, Any]) -> str:
     else:
         parts = []
         wg = peer.get("tunnel") or {}
-        if peer.get("active"):
+        path = peer.get("path")
+        if peer.get("active") or (path is not None and path.get("type") in ("direct", "relay")):
             parts.append("active")
         if peer.get("exit_node_in_use"):
             parts.append("exit node")
         elif peer.get("offers_exit_node"):
             parts.append("offers exit node")
-        if peer.get("active") and wg.get("endpoint"):
+        if path is not None:  # the path layer's word: a path that answers, not one configured
+            if path["type"] == "direct" and path.get("endpoint"):
+                parts.append(f"direct {path['endpoint']}")
+            elif path["type"] == "relay":
+                parts.append(f'relay "{path["relay_region"]}"')
+        elif peer.get("active") and wg.get("endpoint"):
             parts.append(f"direct {wg['endpoint']}")
     if not peer.get("online") and peer.get("exit_node_in_use"):
         parts.append("exit node (offline: internet traffic is blocked)")
@@ -402,15 +477,19 @@ def format_status(st: dict[str, Any], show_self: bool = True, show_peers: bool =
     me = st.get("self")
     lines: list[str] = []
     if state in ("NeedsLogin", "Stopped") or me is None:
-        lines.append({"NeedsLogin": "Logged out: run `meshnode up --login-server URL --authkey KEY`.",
+        if st.get("auth_url"):
+            lines.append(f"Waiting for the login to be confirmed at {st['auth_url']}")
+        lines.append({"NeedsLogin": "Logged out: run `meshnode up --login-server URL` (and log in in the browser)"
+                                    " or add `--authkey KEY`.",
                       "Stopped": "meshnode is stopped: run `meshnode up`."}.get(
                           state or "", f"State: {state}; no network map yet."))
     else:
         rows = [(me, "-")] if show_self else []
         if show_peers:
             rows += [(p, _peer_state(p)) for p in st.get("peers", []) if p.get("active") or not active_only]
-        table = [((n.get("addresses") or ["-"])[0], n.get("name", "?"), _owner(n), n.get("os") or "-", s)
-                 for n, s in rows]
+        # Names, OS strings and users come from other nodes: escapes are shown, never obeyed.
+        table = [tuple(safe(v) for v in ((n.get("addresses") or ["-"])[0], n.get("name", "?"), _owner(n),
+                                         n.get("os") or "-", s)) for n, s in rows]
         widths = [max((len(r[i]) for r in table), default=0) for i in range(4)]
         for r in table:
             lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
@@ -423,7 +502,7 @@ def format_status(st: dict[str, Any], show_self: bool = True, show_peers: bool =
     if health:
         lines.append("")
         lines.append("# Health check:")
-        lines += [f"#     - {h}" for h in health]
+        lines += [f"#     - {safe(h)}" for h in health]
     return "\n".join(lines)
 
 
@@ -478,18 +557,25 @@ def ip_cmd(ctx: click.Context, v4: bool, v6: bool, peer: str | None) -> None:
 @click.option("-c", "--count", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--timeout", type=click.FloatRange(0.1, 30), default=2.0, show_default=True,
               help="Seconds to wait for each pong.")
+@click.option("--until-direct", is_flag=True,
+              help="Stop at the first pong over a direct path; fail if none comes within COUNT pings.")
 @click.pass_context
-def ping_cmd(ctx: click.Context, peer: str, count: int, timeout: float) -> None:
-    """Ping PEER over the tunnel (ICMP echo to its tailnet address)."""
-    res = _call(ctx, "POST", "/ping", {"peer": peer, "count": count, "timeout": timeout},
-                timeout=count * timeout + 30)
+def ping_cmd(ctx: click.Context, peer: str, count: int, timeout: float, until_direct: bool) -> None:
+    """Ping PEER and say which path answered (disco pings, as `tailscale ping`; ICMP through the
+    tunnel for a peer without a disco key)."""
+    res = _call(ctx, "POST", "/ping", {"peer": peer, "count": count, "timeout": timeout,
+                                       "until_direct": until_direct},
+                timeout=count * (timeout + 1) + 30)
     name, addr = res["peer"].split(".")[0], res["address"]
-    via = f" via {res['endpoint']}" if res.get("endpoint") else ""
-    for rtt in res["replies_ms"]:
-        click.echo(f"pong from {name} ({addr}){via} in {rtt:g}ms" if rtt is not None
+    replies = res.get("replies") or [{"ms": r, "via": res.get("endpoint")} for r in res["replies_ms"]]
+    for r in replies:
+        via = f" via {r['via']}" if r.get("via") else ""
+        click.echo(f"pong from {name} ({addr}){via} in {r['ms']:g}ms" if r["ms"] is not None
                    else f"timeout waiting for pong from {name} ({addr})")
-    if all(r is None for r in res["replies_ms"]):
+    if all(r["ms"] is None for r in replies):
         raise click.ClickException(f"no reply from {name} ({addr})")
+    if until_direct and not any(r.get("direct") for r in replies):
+        raise click.ClickException(f"{name} ({addr}) answered, but not over a direct path")
 
 
 @click.command("whois")
@@ -742,11 +828,16 @@ def format_answer(ans: dict[str, Any]) -> str:
 
 @dns_group.command("query")
 @click.argument("name")
-@click.argument("qtype", required=False, default="A")
+@click.argument("qtype", required=False)
+@click.option("-x", "reverse", is_flag=True, help="NAME is an IP address: ask for its PTR name.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def dns_query_cmd(ctx: click.Context, name: str, qtype: str, as_json: bool) -> None:
-    """Resolve NAME (type A by default) through the node's resolver."""
+def dns_query_cmd(ctx: click.Context, name: str, qtype: str | None, reverse: bool, as_json: bool) -> None:
+    """Resolve NAME (type A by default) through the node's resolver; an IP address (or -x IP) asks
+    for its PTR name."""
+    from magicdns.cli import question_for
+
+    name, qtype = question_for(name, qtype, reverse)
     if qtype.upper() not in QUERY_TYPES:
         raise click.UsageError(f"TYPE must be one of {', '.join(sorted(QUERY_TYPES))}")
     ans = _call(ctx, "POST", "/dns/query", {"name": name, "type": qtype.upper()})

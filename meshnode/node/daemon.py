@@ -47,6 +47,8 @@ log = logging.getLogger("meshnode.node.daemon")
 DEFAULT_STATE_DIR = Path("/var/lib/meshnode")
 DEFAULT_SOCKET = Path("/run/meshnode/meshnode.sock")
 SYSTEM_RESOLV_CONF = Path("/etc/resolv.conf")
+ENDPOINT_POLL = 1.0  # seconds between looks at this node's endpoints (a change is reported within)
+BROWSER_LOGIN_WAIT = 600.0  # `meshnode up` without a key waits this long for someone to confirm the URL
 
 
 class BackendState(enum.Enum):
@@ -107,6 +109,7 @@ class Daemon:
         self.map_source = ""            # "saved" or "control"
         self.map_received_at: float | None = None
         self.control_error: str | None = None
+        self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server, metrics=config.metrics)
         self.osdns: OsDnsConfigurator = self._make_osdns()
@@ -118,11 +121,13 @@ class Daemon:
         self.serve_config = ServeConfig()
         self._serve = ServeRunner(self._caller)
         self._reported_endpoints: list[str] | None = None
+        self._reported_disco = ""  # the disco key the control server has from us
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
         self._applied_osdns: OsDnsConfig | None = None
         self._client: ControlClient | None = None
         self._map_task: asyncio.Task[None] | None = None
+        self._endpoint_task: asyncio.Task[None] | None = None
         self._drift_task: asyncio.Task[None] | None = None
         self._first_map = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
@@ -266,17 +271,45 @@ class Daemon:
 
     async def _report_endpoints(self, client: ControlClient) -> None:
         # Peers find us at these addresses; WireGuard also learns them from handshakes, so a
-        # failure here only delays the first contact.
-        if self._tunnel is None:
-            return
-        endpoints = await self._tunnel.endpoints()
-        if endpoints == self._reported_endpoints:
+        # failure here only delays the first contact (and the next poll retries).
+        if self._tunnel is None or not self._tunnel.running:
             return
         try:
-            await client.update_endpoints(endpoints)
-            self._reported_endpoints = endpoints
+            endpoints = await self._tunnel.endpoints()
+        except OSError as exc:
+            log.warning("endpoints: cannot list local addresses: %s", exc)
+            return
+        disco = self._tunnel.disco_key
+        if endpoints == self._reported_endpoints and disco == self._reported_disco:
+            return
+        try:
+            await client.update_endpoints(endpoints, disco_key=disco)
+            self._reported_endpoints, self._reported_disco = endpoints, disco
+            log.info("control: reported endpoints %s", ", ".join(endpoints) or "(none)")
         except ControlError as exc:
             log.warning("control: reporting endpoints %s failed: %s", endpoints, exc)
+
+    async def _watch_endpoints(self, client: ControlClient) -> None:
+        """Report this node's endpoints again within ENDPOINT_POLL of any change (an address
+        added or removed, an interface set down, a NAT address learned from peers)."""
+        while True:
+            await asyncio.sleep(ENDPOINT_POLL)
+            try:
+                await self._report_endpoints(client)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:  # never end the watch on a bug: say so and keep polling
+                log.exception("endpoints: report failed")
+
+    async def _current_endpoints(self) -> tuple[list[str], str]:
+        """(endpoints, disco key) of the running tunnel, for a registration; empty without one."""
+        if self._tunnel is None or not self._tunnel.running:
+            return [], ""
+        try:
+            return await self._tunnel.endpoints(), self._tunnel.disco_key
+        except OSError as exc:
+            log.warning("endpoints: cannot list local addresses: %s", exc)
+            return [], self._tunnel.disco_key
 
     async def _place_addresses(self) -> None:
         if self.config.dns_listen:
@@ -333,8 +366,17 @@ class Daemon:
         if client is None:
             return
         self._map_task = asyncio.create_task(self._follow_map(client))
+        if self._endpoint_task is None or self._endpoint_task.done():
+            self._endpoint_task = asyncio.create_task(self._watch_endpoints(client))
 
     async def _stop_map_stream(self) -> None:
+        watcher, self._endpoint_task = self._endpoint_task, None
+        if watcher is not None:
+            watcher.cancel()
+            try:
+                await watcher
+            except asyncio.CancelledError:
+                pass
         task, self._map_task = self._map_task, None
         if task is not None:
             task.cancel()
@@ -366,6 +408,13 @@ class Daemon:
                     await self._report_endpoints(client)
                 return
             except ControlError as exc:
+                if not exc.logs_out:
+                    # Only a refusal sealed by the pinned server key changes the login state; anything
+                    # else (a captive portal, an impostor) is transient: keep serving what we have.
+                    log.warning("control: %s (not a sealed refusal); retrying in 1s", exc)
+                    self.control_error = None
+                    await asyncio.sleep(1.0)
+                    continue
                 await self._refused_by_control(client, exc)
                 return
             except (asyncio.CancelledError, KeyboardInterrupt):
@@ -377,8 +426,9 @@ class Daemon:
                 await asyncio.sleep(1.0)
 
     async def _refused_by_control(self, client: ControlClient, exc: ControlError) -> None:
-        # Retryable failures are retried inside stream_map; this is a refusal (deleted, expired,
-        # logged out elsewhere): the map we hold describes a tailnet we are no longer part of.
+        # Transient failures are retried inside stream_map; this is a refusal sealed by the pinned
+        # server key (deleted, expired, logged out elsewhere): the map we hold describes a tailnet we
+        # are no longer part of.
         log.error("control: %s refused this node: %s", client.server_url, exc)
         self.control_error = control_failure(client.server_url, exc)
         self.netmap, self.map_source = None, ""
@@ -498,11 +548,17 @@ class Daemon:
             client = self._control_client()
             assert client is not None
             try:
-                await client.register(authkey=req.authkey, hostname=prefs.hostname or None,
-                                      os=self.config.os_name,
-                                      advertise_routes=prefs.advertise_routes,
-                                      advertise_tags=prefs.advertise_tags,
-                                      advertise_exit_node=prefs.advertise_exit_node)
+                endpoints, disco = await self._current_endpoints()
+                register_kw = dict(hostname=prefs.hostname or None, os=self.config.os_name,
+                                   advertise_routes=prefs.advertise_routes, advertise_tags=prefs.advertise_tags,
+                                   advertise_exit_node=prefs.advertise_exit_node,
+                                   endpoints=endpoints, disco_key=disco)
+                if req.authkey is None and req.interactive:
+                    await self._login_in_browser(client, register_kw)
+                else:
+                    await client.register(authkey=req.authkey, **register_kw)
+                # Whatever was reported before, report again now: the server has what we just sent.
+                self._reported_endpoints = None
             except ControlError as exc:
                 await self._stop_map_stream()
                 if fresh_key:
@@ -541,6 +597,17 @@ class Daemon:
         if self.netmap is None and self.control_error:
             raise ApiError(403, self.control_error)
         return self.status()
+
+    async def _login_in_browser(self, client: ControlClient, register_kw: dict[str, Any]) -> None:
+        """No auth key: the control server gives a URL where a signed-in user confirms this machine
+        (`status` shows it as `auth_url` for the CLI to print); returns once they did."""
+        def show(url: str) -> None:
+            self.auth_url = url
+            log.info("to add this machine to the tailnet, open %s", url)
+        try:
+            await client.login_interactive(show, timeout=BROWSER_LOGIN_WAIT, **register_kw)
+        finally:
+            self.auth_url = None
 
     def _merge_prefs(self, req: UpRequest) -> Prefs:
         changes = {k: getattr(req, k) for k in ("login_server", *SETTABLE) if getattr(req, k) is not None}
@@ -731,6 +798,7 @@ class Daemon:
             "schema": STATUS_SCHEMA,
             "version": version(),
             "backend_state": self.backend.value,
+            "auth_url": self.auth_url,
             "login_server": self.prefs.login_server or None,
             "tailnet": nm.domain if nm else None,
             "self": node_json(nm.self_node) if nm else None,
@@ -758,6 +826,8 @@ class Daemon:
             if wg is not None:
                 obj["tunnel"] = {"endpoint": wg["endpoint"], "last_handshake": wg["last_handshake"],
                                  "rx_bytes": wg["rx_bytes"], "tx_bytes": wg["tx_bytes"]}
+                if wg.get("path") is not None:
+                    obj["path"] = wg["path"]
                 # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
                 shook = wg["last_handshake"]
                 obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg["endpoint"])
@@ -774,8 +844,8 @@ class Daemon:
         return {"name": node.fqdn, "addresses": addrs}
 
     async def ping(self, req: PingRequest) -> dict[str, Any]:
-        """ICMP echo to a peer's tailnet address, through the tunnel."""
-        from .icmp import ping_once
+        """Ping a peer as `tailscale ping` does: disco pings on every path it may take, each reply
+        saying which path answered (ICMP through the tunnel for a peer without a disco key)."""
         nm = self.netmap
         if nm is None:
             raise ApiError(409, "no network map yet: run `meshnode up`")
@@ -785,14 +855,43 @@ class Daemon:
         if node is nm.self_node:
             raise ApiError(400, f"{node.fqdn} is this node")
         v4 = next((a for a in node.addresses if ":" not in a), None)
+        paths = self._tunnel.paths
+        if paths is not None and node.disco_key:
+            return await self._disco_ping(paths, node, v4 or node.addresses[0], req)
         if v4 is None:
             raise ApiError(409, f"{node.fqdn} has no IPv4 address to ping")
+        from .icmp import ping_once
         replies: list[float | None] = []
         for seq in range(1, req.count + 1):
             pong = await asyncio.to_thread(ping_once, v4, seq, req.timeout)
             replies.append(round(pong.rtt * 1000, 3) if pong else None)
         wg = next((p for p in self._tunnel.status().get("peers", []) if p["public_key"] == node.node_key), {})
-        return {"peer": node.fqdn, "address": v4, "endpoint": wg.get("endpoint"), "replies_ms": replies}
+        via = wg.get("endpoint")
+        return {"peer": node.fqdn, "address": v4, "endpoint": via, "replies_ms": replies,
+                "replies": [{"ms": r, "via": via if r is not None else None} for r in replies]}
+
+    async def _disco_ping(self, paths: Any, node: MapNode, addr: str, req: PingRequest) -> dict[str, Any]:
+        from .pathrunner import b64_key
+        key = b64_key(node.node_key)
+        if key is None:
+            raise ApiError(409, f"{node.fqdn} has an unusable node key")
+        replies: list[dict[str, Any]] = []
+        for _ in range(req.count):
+            res = await paths.ping(key, req.timeout)
+            if res is None:
+                replies.append({"ms": None, "via": None})
+                continue
+            via = (f"{res.endpoint[0]}:{res.endpoint[1]}" if res.endpoint and ":" not in res.endpoint[0]
+                   else f"[{res.endpoint[0]}]:{res.endpoint[1]}" if res.endpoint
+                   else f"DERP({res.relay_region})")
+            replies.append({"ms": round(res.latency_ms, 3), "via": via, "direct": res.endpoint is not None})
+            if req.until_direct and res.endpoint is not None:
+                break
+            if req.count > 1:
+                await asyncio.sleep(min(1.0, req.timeout))  # tailscale pings once a second
+        last = next((r["via"] for r in reversed(replies) if r["via"]), None)
+        return {"peer": node.fqdn, "address": addr, "endpoint": last,
+                "replies_ms": [r["ms"] for r in replies], "replies": replies}
 
     async def netcheck(self, req: NetcheckRequest) -> dict[str, Any]:
         """What this node knows of its connectivity: the WireGuard UDP port, the endpoints peers

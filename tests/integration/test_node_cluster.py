@@ -371,6 +371,10 @@ def test_status_ip_and_query_through_the_cli(cluster: Cluster) -> None:
     assert [a["value"] for a in out["answer"]] == v6
     out = json.loads(alpha.cli("dns", "query", "nope.tailnet", "--json").stdout)
     assert out["rcode"] == "NXDOMAIN"
+    for args in (("-x", v4[0]), (v4[0],), ("-x", v6[0])):  # an address asks for its PTR name, as dig -x
+        out = json.loads(alpha.cli("dns", "query", *args, "--json").stdout)
+        assert [(a["type"], a["value"]) for a in out["answer"]] == [("PTR", "bravo.tailnet.")], args
+    assert alpha.cli("dns", "query", "-x", "bravo.tailnet").returncode == 2
 
     r = alpha.cli("ping", "bravo")
     assert r.returncode == 1 and "--tun" in r.stderr  # DNS-only nodes have no tunnel to ping through
