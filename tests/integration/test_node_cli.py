@@ -161,7 +161,6 @@ def test_auto_approved_routes_say_nothing_about_approval(cluster: Cluster) -> No
 def test_status_marks_exit_nodes_and_exits_nonzero_when_logged_out_or_stopped(cluster: Cluster) -> None:
     alpha, bravo, charlie = cluster.nodes
     key = cluster.authkey()
-    r = None
     alpha.start()
     r = alpha.cli("status")
     assert r.returncode == 1 and "Logged out" in r.stdout
