@@ -217,6 +217,8 @@ _PREF_HELP = {
     "advertise_routes": "Subnets to offer to the tailnet (CIDR,...; empty: none).",
     "advertise_exit_node": "Offer this node as an exit node [default: false].",
     "exit_node": "Send internet traffic through this peer (NAME|IP; empty: none).",
+    "exit_node_allow_lan_access": "With --exit-node: still reach the local networks directly"
+                                  " (by default they are blocked, as Tailscale's) [default: false].",
     "advertise_tags": "Tags to request for this node (tag:a,tag:b; empty: none).",
     "shields_up": "Refuse every connection arriving from the tailnet (replies to ours pass) [default: false].",
 }

@@ -39,7 +39,7 @@ from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
 from .state import StateDir
-from .router import Router, RouterError, control_addresses, plan_routing
+from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
 log = logging.getLogger("meshnode.node.daemon")
@@ -254,10 +254,16 @@ class Daemon:
         if self._router is None:
             return
         control: tuple[str, ...] = ()
+        lan: tuple[str, ...] = ()
         if self.prefs.exit_node:
             control = await asyncio.to_thread(control_addresses, self.prefs.login_server)
+            if not self.prefs.exit_node_allow_lan_access:
+                try:
+                    lan = await asyncio.to_thread(local_networks, self._router.tun)
+                except OSError as exc:
+                    log.error("router: cannot list the local networks to block: %s", exc)
         try:
-            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control))
+            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control, lan))
             self.router_error = None
         except (RouterError, OSError) as exc:  # the tunnel and DNS keep working without it
             self.router_error = f"routing: {exc}"
