@@ -787,7 +787,6 @@ class ControlStore:
         with self._tx(bump=groups_changed):
             if not create:
                 self._user_id(name)  # NotFound: not pre-approved
-            existed = self.conn.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is not None
             uid = self._user_id(name, create=True)
             row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
             if row is None:
@@ -795,8 +794,7 @@ class ControlStore:
                 role = default_role if anyone else first_role
                 self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated)"
                                   " VALUES (?, ?, ?, ?, ?)", [uid, role, email, _j(groups), time.time()])
-                self._console_audit("user.create" if not existed else "user.role", f"user:{name}", None,
-                                    {"name": name, "role": role, "via": "oidc sign-in"})
+                self._console_audit("user.role", f"user:{name}", None, {"role": role, "via": "first sign-in"})
             else:
                 self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
                                   [email, _j(groups), time.time(), uid])
