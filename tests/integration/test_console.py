@@ -614,3 +614,46 @@ async def test_users_added_and_removed_in_the_page(tmp_path: Path) -> None:
             async with it.post(net.url + "/console/users/olivia@example.com/remove", data={"_csrf": csrf2}) as r:
                 assert r.status == 403
         assert net.store.user_role("olivia@example.com").role == "owner"
+
+
+@run
+async def test_serve_flags_sign_in_through_the_real_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    from tests.support import stop_process
+    with oidc_provider_mock.run_server_in_thread(port=0, require_nonce=True, user_claims=provider_users()) as idp:
+        secret = tmp_path / "oidc-secret"
+        secret.write_text("s3cret\n")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from meshnode.cli import main; main()", "control", "serve",
+             "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"),
+             "--oidc-issuer", f"http://localhost:{idp.server_port}", "--oidc-client-id", "meshnode",
+             "--oidc-client-secret-file", str(secret), "--oidc-allowed-domains", "example.com"],
+            stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            line = ""
+            while "listening on" not in line:
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
+                assert line, "the server exited"
+            url = "http://" + line.split("listening on ")[1].split()[0]
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                async with http.get(url + "/oidc/login", allow_redirects=False) as r:
+                    authorize = r.headers["Location"]
+                q = urllib.parse.parse_qs(urllib.parse.urlsplit(authorize).query)
+                assert q["redirect_uri"] == [url + "/oidc/callback"] and q["code_challenge_method"] == ["S256"]
+                async with http.post(authorize, data={"sub": "eve-sub"}, allow_redirects=False) as r:
+                    callback = r.headers["Location"]
+                async with http.get(callback, allow_redirects=False) as r:
+                    assert r.status == 403  # evil.example is not an allowed domain
+                async with http.get(url + "/oidc/login", allow_redirects=False) as r:
+                    authorize = r.headers["Location"]
+                async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+                    callback = r.headers["Location"]
+                async with http.get(callback, allow_redirects=False) as r:
+                    assert r.status == 303
+                async with http.get(url + "/console/settings") as r:
+                    text = await r.text()
+                    assert r.status == 200 and "example.com" in text and url + "/oidc/callback" in text
+        finally:
+            stop_process(proc)
