@@ -657,3 +657,20 @@ async def test_serve_flags_sign_in_through_the_real_command(tmp_path: Path) -> N
                     assert r.status == 200 and "example.com" in text and url + "/oidc/callback" in text
         finally:
             stop_process(proc)
+
+
+@run
+async def test_cookies_are_secure_when_served_over_https(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        net.console.use_server_url("https://ctl.example.com")  # behind a TLS-terminating proxy
+        async with net.browser() as http:
+            async with http.get(net.url + "/oidc/login", allow_redirects=False) as r:
+                cookie = r.cookies["meshnode_login"]
+                assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Lax"
+                assert "redirect_uri=https%3A%2F%2Fctl.example.com%2Foidc%2Fcallback" in r.headers["Location"]
+                authorize = r.headers["Location"]
+            async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+                callback = r.headers["Location"].replace("https://ctl.example.com", net.url)
+            http.cookie_jar.update_cookies({"meshnode_login": cookie.value}, aiohttp.client.URL(net.url + "/oidc/"))
+            async with http.get(callback, allow_redirects=False) as r:
+                assert r.status == 303 and r.cookies[COOKIE]["secure"]
