@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
+from ..derp.derpmap import RelayMap, RelayMapError
 from ..words import control_unreachable, detail
 from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
@@ -106,6 +107,7 @@ class MapAssembler:
         self._dns = DnsConfig()
         self._filter: tuple[Mapping[str, Any], ...] = ()
         self._derp: Mapping[str, Any] = MappingProxyType({})
+        self._derp_map: RelayMap | None = None
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
@@ -116,7 +118,7 @@ class MapAssembler:
             nm = NetMap.from_json(msg.get("netmap"))
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
-            self._dns, self._filter, self._derp = nm.dns, nm.packet_filter, nm.derp
+            self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -136,8 +138,14 @@ class MapAssembler:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
         if "packet_filter" in msg:
             self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
+        if "derp_map" in msg:
+            try:
+                self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
+            except RelayMapError as exc:
+                raise NetMapError(str(exc)) from None
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
-        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp)
+        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
+                      self._derp_map)
 
 
 class ControlClient:
