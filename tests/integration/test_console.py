@@ -677,3 +677,19 @@ async def test_cookies_are_secure_when_served_over_https(tmp_path: Path) -> None
             http.cookie_jar.update_cookies({"meshnode_login": cookie.value}, aiohttp.client.URL(net.url + "/oidc/"))
             async with http.get(callback, allow_redirects=False) as r:
                 assert r.status == 303 and r.cookies[COOKIE]["secure"]
+
+
+@run
+async def test_settings_show_the_relay_map_nodes_get(tmp_path: Path) -> None:
+    from meshnode.derp.derpmap import embedded_map
+    async with Net(tmp_path) as net:
+        http, _ = await net.client_as("olivia@example.com", "owner")
+        async with http:
+            async with http.get(net.url + "/console/settings") as r:
+                assert "No relays" in await r.text()
+            port = int(net.url.rsplit(":", 1)[1])
+            net.server.relay_map = embedded_map(900, "", port, tls=False, stun_port=-1)
+            net.server.mark_dirty()
+            await async_wait_until(lambda: net.server.snapshot.derp_map_text != "null", timeout=1, what="relay map")
+            async with http.get(net.url + "/console/settings") as r:
+                assert f"http://127.0.0.1:{port}/derp" in await r.text()

@@ -9,6 +9,7 @@ nodes get them at once, and every change is recorded with the signed-in user as 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -24,6 +25,7 @@ from aiohttp import web
 from magicdns.records import RecordError, parse_record
 from magicdns.store import StoreError as RecordStoreError
 
+from ...derp.derpmap import RelayMap, RelayMapError
 from ...policy import DEFAULT_POLICY_TEXT, PolicyError, check_policy, compile_policy, parse_policy
 from .. import authkeys, naming
 from ..access import set_policy
@@ -187,8 +189,7 @@ class Console:
         # The console shows secrets once (keys, tokens) and must not be framed by another site.
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers["Content-Security-Policy"] = ("default-src 'self'; frame-ancestors 'none'; form-action 'self' "
-                                                   + (self.settings.oidc.issuer if self.settings.oidc else ""))
+        resp.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'; form-action 'self'"
         resp.headers["Referrer-Policy"] = "same-origin"
         return resp
 
@@ -517,14 +518,33 @@ class Console:
                    if not q or q in f"{e.actor} {e.action} {e.target} {e.detail}".lower()]
         return self._render(ctx, "logs.html", entries=entries, q=q)
 
+    def _relay_regions(self) -> list[dict[str, Any]]:
+        """The relay map nodes get (from the published snapshot): regions and their /derp URLs."""
+        snap = self.server.snapshot
+        try:
+            rmap = RelayMap.from_json(json.loads(snap.derp_map_text)) if snap and snap.derp_map_text != "null" else None
+        except (ValueError, RelayMapError):
+            return []
+        if rmap is None:
+            return []
+        out = []
+        for region in rmap.regions:
+            try:
+                urls = region.urls(self.settings.server_url)
+            except RelayMapError:
+                urls = []
+            out.append({"id": region.region_id, "code": region.code, "name": region.name, "urls": urls})
+        return out
+
     async def _settings(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        return self._render(ctx, "settings.html", settings=self.settings, new_token="")
+        return self._render(ctx, "settings.html", settings=self.settings, new_token="", relays=self._relay_regions())
 
     async def _rotate_token(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         with auditlog.acting(self.store, ctx.user):
             token = self.store.rotate_admin_token()
         auditlog.record(ctx.user, "admin-token.rotate", "admin token")
-        return self._render(ctx, "settings.html", settings=self.settings, new_token=token)
+        return self._render(ctx, "settings.html", settings=self.settings, new_token=token,
+                            relays=self._relay_regions())
 
     # -- machines logging in through the browser -------------------------------------------------
 
