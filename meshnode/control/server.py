@@ -180,9 +180,9 @@ class ControlServer:
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
-        # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
-        # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
-        # Also set by the console: OIDC group members for the policy's groups ({"group:eng": users}).
+        # Set by the admin console (console/web.py `mount`): OIDC group members for the policy's groups
+        # ({"group:eng": users}), and the browser login of a machine without an auth key:
+        # async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
         self.policy_groups: Callable[[], dict[str, tuple[str, ...]]] | None = None
         self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
         self._metrics_runner: web.AppRunner | None = None

@@ -947,12 +947,6 @@ class ControlStore:
     # -- console: roles, sessions, browser logins of machines ------------------------------------
     # None of these bump the change counter: they never change what a node's map says.
 
-    def _console_audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
-        """An entry in the hash-chained audit log, where this store has one (control hardening)."""
-        audit_change = getattr(self, "_audit", None)
-        if audit_change is not None:
-            audit_change(action, target, old, new)
-
     def user_role(self, name: str) -> UserRole | None:
         row = self.conn.execute("SELECT u.name, r.role, r.email, r.groups FROM users u JOIN user_roles r"
                                 " ON r.user_id = u.id WHERE u.name = ?", [name]).fetchone()
@@ -975,7 +969,6 @@ class ControlStore:
         with self._tx(bump=groups_changed):
             if not create:
                 self._user_id(name)  # NotFound: not pre-approved
-            existed = self.conn.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is not None
             uid = self._user_id(name, create=True)
             row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
             if row is None:
@@ -983,8 +976,7 @@ class ControlStore:
                 role = default_role if anyone else first_role
                 self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated)"
                                   " VALUES (?, ?, ?, ?, ?)", [uid, role, email, _j(groups), time.time()])
-                self._console_audit("user.create" if not existed else "user.role", f"user:{name}", None,
-                                    {"name": name, "role": role, "via": "oidc sign-in"})
+                self._audit("user.role", f"user:{name}", None, {"role": role, "via": "first sign-in"})
             else:
                 self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
                                   [email, _j(groups), time.time(), uid])
@@ -1013,7 +1005,7 @@ class ControlStore:
             self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated) VALUES (?, ?, '', '[]', ?)"
                               " ON CONFLICT(user_id) DO UPDATE SET role = excluded.role, updated = excluded.updated",
                               [uid, role, time.time()])
-            self._console_audit("user.role", f"user:{name}", {"role": old}, {"role": role})
+            self._audit("user.role", f"user:{name}", {"role": old}, {"role": role})
 
     def create_session(self, id_hash: str, user: str, csrf: str, now: float) -> None:
         with self._tx(bump=False):
@@ -1083,7 +1075,7 @@ class ControlStore:
                 [new.id, new.secret_hash, uid, now, req.expires])
             self.conn.execute("UPDATE register_requests SET state = 'approved', user = ?, authkey = ?"
                               " WHERE id_hash = ? AND state = 'pending'", [user, new.text, id_hash])
-            self._console_audit("node.login-approved", f"machine:{req.hostname}", None,
+            self._audit("node.login-approved", f"machine:{req.hostname}", None,
                                 {"user": user, "os": req.os, "authkey": new.id})
         got = self.get_register_request(id_hash)
         assert got is not None
