@@ -185,6 +185,13 @@ class PathLayer:
                 peer.add(src, "wireguard", now)
         self._check_liveness(peer, now)
         self._update_path(peer, now)
+        if (peer.path.type is PathType.DIRECT and peer.send_to is not None and src is not None
+                and src != peer.send_to):
+            # WireGuard roamed off a path that answers (say, to where a handshake came from, which
+            # may be a one-way path): put it back. Were the peer really gone from there, the pongs
+            # would stop and its new address, now a candidate, would take over.
+            self._out.append(PathChanged(peer.info.node_key, peer.path, peer.send_to))
+            self.counters["path_reasserted"] += 1
 
     def receive(self, datagram: bytes, src: Endpoint | None, now: float) -> bool:
         """A disco datagram from `src` (None: through the relay). False if it was not usable

@@ -377,3 +377,16 @@ def test_a_hostile_peer_cannot_crash_or_bloat_the_layer(msgs) -> None:
         a.layer.drain()
     peer = a.layer._peers[b.node_key]
     assert len(peer.candidates) <= 16 and len(a.layer.discovered) <= 8
+
+
+def test_wireguard_roaming_off_a_working_path_is_put_back() -> None:
+    """A handshake that arrives over a one-way path (node2 drops what node1 sends there) moves
+    WireGuard's endpoint; the path layer puts back the path that answers pings."""
+    a, b, net = multihomed_pair()
+    net.traffic(a, b)
+    net.run(1.0)
+    assert a.engine_endpoint == ("10.2.0.2", 41641)
+    a.layer.data_plane(b.node_key, DataPlane(net.now, net.now, None, ("10.1.0.2", 41641)), net.now)
+    net.pump()
+    assert a.engine_endpoint == ("10.2.0.2", 41641)
+    assert a.layer.counters["path_reasserted"] == 1
