@@ -24,6 +24,7 @@ log = logging.getLogger("meshnode.node.paths")
 POLL = 1.0         # seconds between reads of WireGuard's per-peer state (also the longest sleep)
 QUEUE_MAX = 4096   # disco datagrams waiting for the loop; beyond, they are dropped and counted
 STUN_COOKIE = b"\x21\x12\xa4\x42"
+STUN_INTERVAL = 20.0  # seconds between STUN queries (Tailscale re-STUNs every 20-26 s)
 
 
 def b64_key(text: str) -> bytes | None:
@@ -69,6 +70,11 @@ class PathRunner:
         self._relay_ids: dict[bytes, int] = {}
         self._relay_keys: dict[int, bytes] = {}
         self._peers: list[Any] = []
+        # STUN servers of the relay region: our public address as they see the WireGuard socket.
+        self._stun_servers: tuple[Endpoint, ...] = ()
+        self._stun_txids: dict[bytes, float] = {}
+        self._last_stun = float("-inf")
+        self.stun_endpoint: Endpoint | None = None
         self._order: Callable[[tuple[str, ...]], list[Endpoint]] = lambda texts: []
 
     # -------------------------------------------------------------- lifecycle
@@ -133,6 +139,42 @@ class PathRunner:
         # Traffic to a peer with no direct path goes through the relay at once.
         self.layer.set_relay(self.relay_region, self._clock())
         self.set_peers(self._peers, self._order)
+
+    def set_stun_servers(self, servers: Iterable[Endpoint]) -> None:
+        """STUN servers (ip, port) to learn our public address from; asked now and every
+        STUN_INTERVAL from the WireGuard socket, so the mapping found is the one peers will use."""
+        servers = tuple(servers)
+        if servers != self._stun_servers:
+            self._stun_servers, self._last_stun = servers, float("-inf")
+            self._kick()
+
+    def _stun(self, now: float) -> None:
+        from ..stun.message import new_txid, request
+        self._last_stun = now
+        self._stun_txids = {t: at for t, at in self._stun_txids.items() if now - at < STUN_INTERVAL}
+        for server in self._stun_servers:
+            txid = new_txid()
+            self._stun_txids[txid] = now
+            self.device.send_datagram(request(txid), server)
+            self.counters["stun_sent"] += 1
+
+    def _on_stun(self, data: bytes, src: Endpoint) -> None:
+        """On the loop: a STUN answer from the WireGuard socket."""
+        from ..stun.message import StunError, parse_response
+        try:
+            res = parse_response(data)
+        except (StunError, ValueError):
+            self.counters["stun_bad"] += 1
+            return
+        if self._stun_txids.pop(res.txid, None) is None:
+            self.counters["stun_unknown"] += 1
+            return
+        self.counters["stun_received"] += 1
+        ep = (res.ip, res.port)
+        if ep != self.stun_endpoint:
+            log.info("paths: STUN says we are %s", format_endpoint(ep))
+        self.stun_endpoint = ep
+        self.layer.discovered[ep] = self._clock()  # reported with our endpoints, sent in call-me-maybe
 
     def _relay_id(self, key: bytes) -> int:
         rid = self._relay_ids.get(key)
@@ -225,8 +267,11 @@ class PathRunner:
                 self._inbox.append((data, src, self._clock()))
             if first and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._kick)
-        elif len(data) >= 20 and data[4:8] == STUN_COOKIE and self.stun_handler is not None:
-            self.stun_handler(data, src)
+        elif len(data) >= 20 and data[4:8] == STUN_COOKIE:
+            if self.stun_handler is not None:
+                self.stun_handler(data, src)
+            if self._loop is not None and self._stun_txids:
+                self._loop.call_soon_threadsafe(self._on_stun, data, src)
         else:
             self.counters["socket_junk"] += 1
 
@@ -274,6 +319,8 @@ class PathRunner:
         if now - self._last_poll >= POLL:
             self._last_poll = now
             self._poll_data_plane(now)
+            if self._stun_servers and now - self._last_stun >= STUN_INTERVAL:
+                self._stun(now)
         layer.tick(now)
         self._apply(layer.drain())
 

@@ -95,6 +95,45 @@ def relay_choice(netmap: NetMap, login_server: str = "") -> tuple[int, list[str]
     return None
 
 
+def stun_servers(netmap: NetMap, login_server: str = "") -> list[tuple[str, int]]:
+    """(host, port) of the STUN servers of the relay region we home on (hosts may be names)."""
+    from urllib.parse import urlsplit
+    derp_map = getattr(netmap, "derp_map", None)
+    chosen = relay_choice(netmap, login_server)
+    if derp_map is None or chosen is None:
+        return []
+    out = []
+    for region in getattr(derp_map, "regions", ()):
+        if int(region.region_id) != chosen[0]:
+            continue
+        for node in region.nodes:
+            port = int(getattr(node, "stun_port", -1))
+            host = getattr(node, "ipv4", "") or node.host or (urlsplit(login_server).hostname or "")
+            if port > 0 and host:
+                out.append((host, port))
+    return out
+
+
+def _resolve(servers: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Names to addresses (blocking); unresolvable ones are left out."""
+    import socket
+    out = []
+    for host, port in servers:
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+            continue
+        except ValueError:
+            pass
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("tunnel: STUN server %s: %s", host, exc)
+            continue
+        out.append((str(info[0][4][0]), port))
+    return out
+
+
 def peer_configs(netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> list[Any]:
     """One WireGuard peer per map peer: its node key, first usable endpoint and allowed IPs.
 
@@ -294,6 +333,8 @@ class Tunnel:
             self.paths.set_peers(netmap.peers, lambda texts: candidate_order(texts, tunneled))
             relay = relay_choice(netmap, login_server)
             await self.paths.set_relay(*(relay or (None, ())))
+            stun = stun_servers(netmap, login_server)
+            self.paths.set_stun_servers(await asyncio.to_thread(_resolve, stun) if stun else [])
 
     async def _apply_filter(self, device: Any, netmap: NetMap) -> None:
         # Rules first, then peers: a peer the new map adds is never seen under older rules.
