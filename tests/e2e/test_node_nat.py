@@ -10,7 +10,8 @@ Each node learns its public address by STUN and reports it; a call-me-maybe thro
 makes both send at once, which opens both NATs: the path ends up direct, between the routers'
 public addresses ("easy"). With r2 mapping each destination to a random port ("hard",
 `masquerade random`, endpoint-dependent) facing r1's port-restricted filtering, no direct path can
-exist and the relay carries the traffic."""
+exist and the relay carries the traffic. Two nodes on one LAN behind one NAT ("same-lan") meet over
+their LAN addresses."""
 
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ table inet filter {
 class NatLab(Lab):
     """The topology in the module docstring; `nodes` and `ctl` as `Lan` has them, for Tailnet."""
 
-    def __init__(self, root: Path, hard: bool = False) -> None:
+    def __init__(self, root: Path, kind: str = "easy") -> None:
         super().__init__()
-        self.hard = hard  # r2 maps each destination to a new random port (endpoint-dependent)
+        self.kind = kind
+        self.hard = kind == "hard"  # r2 maps each destination to a new random port
         tag = unique_name("mnn")
         self.root = root
         self.ctl = f"{tag}c"
@@ -69,6 +71,9 @@ class NatLab(Lab):
         return a, b
 
     def build(self) -> None:
+        if self.kind == "same-lan":
+            self.build_one_lan()
+            return
         for ns in [self.ctl, *self.routers, *self.nodes]:
             self.add_namespace(ns)
         run("ip", "-n", self.ctl, "link", "add", "br0", "type", "bridge")
@@ -93,13 +98,40 @@ class NatLab(Lab):
             self.write_resolv_conf(node, "nameserver 10.78.0.1\n")
 
 
-@pytest.fixture(params=["easy", "hard"])
+    def build_one_lan(self) -> None:
+        """Both nodes on one LAN (a bridge in r1) behind r1's NAT."""
+        router = self.routers[0]
+        for ns in [self.ctl, router, *self.nodes]:
+            self.add_namespace(ns)
+        run("ip", "-n", self.ctl, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", self.ctl, "addr", "add", "10.78.0.1/24", "dev", "br0")
+        run("ip", "-n", self.ctl, "link", "set", "br0", "up")
+        br, wan = self.veth(self.ctl, router)
+        run("ip", "-n", self.ctl, "link", "set", br, "master", "br0", "up")
+        run("ip", "-n", router, "addr", "add", "10.78.0.21/24", "dev", wan)
+        run("ip", "-n", router, "link", "set", wan, "up")
+        run("ip", "-n", router, "link", "add", "lan0", "type", "bridge")
+        run("ip", "-n", router, "addr", "add", "192.168.1.1/24", "dev", "lan0")
+        run("ip", "-n", router, "link", "set", "lan0", "up")
+        for i, node in enumerate(self.nodes, 1):
+            port, eth = self.veth(router, node)
+            run("ip", "-n", router, "link", "set", port, "master", "lan0", "up")
+            run("ip", "-n", node, "addr", "add", f"192.168.1.{9 + i}/24", "dev", eth)
+            run("ip", "-n", node, "link", "set", eth, "up")
+            run("ip", "-n", node, "route", "add", "default", "via", "192.168.1.1")
+            self.write_resolv_conf(node, "nameserver 10.78.0.1\n")
+        run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        (self.root / "nat.nft").write_text(NAT.replace("WAN", wan).replace("LAN", "lan0").replace("MODE", ""))
+        run("ip", "netns", "exec", router, "nft", "-f", str(self.root / "nat.nft"))
+
+
+@pytest.fixture(params=["easy", "hard", "same-lan"])
 def natlab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NatLab]:
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("needs /dev/net/tun")
     if not relay_supported():
         pytest.skip("this control server has no embedded relay and STUN (--derp) yet")
-    lab = NatLab(tmp_path, hard=request.param == "hard")
+    lab = NatLab(tmp_path, request.param)
     try:
         lab.build()
         yield lab
@@ -127,6 +159,12 @@ def test_two_nats(natlab: NatLab) -> None:
         time.sleep(8)  # probes for a while: no direct path may appear (a check over time)
         assert path(net, 1)["type"] == "relay" and path(net, 2)["type"] == "relay"
         assert ask(net.ns(2), "node1.tailnet", "4").startswith("node1 ")
+        return
+    if natlab.kind == "same-lan":
+        # Both have the NAT's public address too (STUN), but the LAN is private and faster.
+        wait_until(lambda: path(net, 1).get("endpoint") == "192.168.1.11:41641"
+                   and path(net, 2).get("endpoint") == "192.168.1.10:41641", timeout=15,
+                   what="a direct path over the LAN")
         return
     # ...and the path becomes direct between the routers' public addresses.
     wait_until(lambda: path(net, 1).get("type") == "direct" and path(net, 2).get("type") == "direct",
