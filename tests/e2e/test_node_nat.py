@@ -11,7 +11,8 @@ makes both send at once, which opens both NATs: the path ends up direct, between
 public addresses ("easy"). With r2 mapping each destination to a random port ("hard",
 `masquerade random`, endpoint-dependent) facing r1's port-restricted filtering, no direct path can
 exist and the relay carries the traffic. Two nodes on one LAN behind one NAT ("same-lan") meet over
-their LAN addresses."""
+their LAN addresses. Behind a carrier-grade NAT in front of a home NAT ("double"), node1 still
+meets node2 directly, at the carrier NAT's public address."""
 
 from __future__ import annotations
 
@@ -80,10 +81,13 @@ class NatLab(Lab):
         run("ip", "-n", self.ctl, "addr", "add", "10.78.0.1/24", "dev", "br0")
         run("ip", "-n", self.ctl, "link", "set", "br0", "up")
         for i, (router, node) in enumerate(zip(self.routers, self.nodes), 1):
-            br, wan = self.veth(self.ctl, router)
-            run("ip", "-n", self.ctl, "link", "set", br, "master", "br0", "up")
-            run("ip", "-n", router, "addr", "add", f"10.78.0.{20 + i}/24", "dev", wan)
-            run("ip", "-n", router, "link", "set", wan, "up")
+            if self.kind == "double" and i == 1:
+                wan = self.carrier_nat(router)
+            else:
+                br, wan = self.veth(self.ctl, router)
+                run("ip", "-n", self.ctl, "link", "set", br, "master", "br0", "up")
+                run("ip", "-n", router, "addr", "add", f"10.78.0.{20 + i}/24", "dev", wan)
+                run("ip", "-n", router, "link", "set", wan, "up")
             lan, eth = self.veth(router, node)
             run("ip", "-n", router, "addr", "add", f"192.168.{i}.1/24", "dev", lan)
             run("ip", "-n", router, "link", "set", lan, "up")
@@ -97,6 +101,27 @@ class NatLab(Lab):
             run("ip", "netns", "exec", router, "nft", "-f", str(self.root / f"nat{i}.nft"))
             self.write_resolv_conf(node, "nameserver 10.78.0.1\n")
 
+
+    def carrier_nat(self, home: str) -> str:
+        """A carrier-grade NAT between `home` (the home router) and the internet bridge: its
+        public side is 10.78.0.21, the carrier network 172.16.0.0/24. Returns home's WAN."""
+        cgnat = f"{home}g"
+        self.add_namespace(cgnat)
+        br, wan = self.veth(self.ctl, cgnat)
+        run("ip", "-n", self.ctl, "link", "set", br, "master", "br0", "up")
+        run("ip", "-n", cgnat, "addr", "add", "10.78.0.21/24", "dev", wan)
+        run("ip", "-n", cgnat, "link", "set", wan, "up")
+        inside, home_wan = self.veth(cgnat, home)
+        run("ip", "-n", cgnat, "addr", "add", "172.16.0.1/24", "dev", inside)
+        run("ip", "-n", cgnat, "link", "set", inside, "up")
+        run("ip", "-n", home, "addr", "add", "172.16.0.2/24", "dev", home_wan)
+        run("ip", "-n", home, "link", "set", home_wan, "up")
+        run("ip", "-n", home, "route", "add", "default", "via", "172.16.0.1")
+        run("ip", "-n", cgnat, "route", "add", "192.168.1.0/24", "via", "172.16.0.2")
+        run("ip", "netns", "exec", cgnat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        (self.root / "cgnat.nft").write_text(NAT.replace("WAN", wan).replace("LAN", inside).replace("MODE", ""))
+        run("ip", "netns", "exec", cgnat, "nft", "-f", str(self.root / "cgnat.nft"))
+        return home_wan
 
     def build_one_lan(self) -> None:
         """Both nodes on one LAN (a bridge in r1) behind r1's NAT."""
@@ -125,7 +150,7 @@ class NatLab(Lab):
         run("ip", "netns", "exec", router, "nft", "-f", str(self.root / "nat.nft"))
 
 
-@pytest.fixture(params=["easy", "hard", "same-lan"])
+@pytest.fixture(params=["easy", "hard", "same-lan", "double"])
 def natlab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NatLab]:
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("needs /dev/net/tun")
