@@ -243,7 +243,8 @@ class Daemon:
             await self._tunnel.start(bytes(node_key))
             await self._tunnel.set_shields(self.prefs.shields_up)
             if self.netmap is not None:
-                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
         await self._route(self.netmap)
@@ -451,7 +452,8 @@ class Daemon:
         await asyncio.wrap_future(self.dns.set_view(view))
         if self._tunnel is not None:
             try:
-                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
                 await self._tunnel.set_shields(self.prefs.shields_up)
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
