@@ -1,7 +1,9 @@
 """Prometheus text exposition of the server's status, and the small HTTP API that serves it.
 
-The same aiohttp application answers on the control socket (unix, for `magicdns status`) and, when
-asked, on a TCP `--metrics HOST:PORT` for a Prometheus scraper.
+The control socket (unix, mode 0600, for `magicdns status` and `magicdns query`) serves the whole
+API. The TCP `--metrics HOST:PORT` listener serves `/metrics` and nothing else: it is reachable by
+whoever can reach that address, and `/query` there would be a resolver open to clients the DNS
+allow-list blocks, `/status` a map of the tailnet.
 """
 
 from __future__ import annotations
@@ -97,14 +99,42 @@ def make_app(server: DnsServer, extra_status: Any = None) -> web.Application:
     app.router.add_get("/status", get_status)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/query", get_query)
+    app[_SERVER] = server
     return app
 
 
+_SERVER = web.AppKey("server", DnsServer)
+
+
+def make_metrics_app(server: DnsServer) -> web.Application:
+    """GET /metrics only: what the TCP metrics listener serves (anything else is 404)."""
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        return web.Response(text=prometheus_text(server.status()), content_type="text/plain",
+                            charset="utf-8", headers={"X-Format": "prometheus-0.0.4"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    return app
+
+
+class ApiRunners:
+    """The control-socket runner and the metrics-only runner, cleaned up together."""
+
+    def __init__(self, runners: list[web.AppRunner]) -> None:
+        self.runners = runners
+
+    async def cleanup(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+
 async def start_api(app: web.Application, socket_path: str | None,
-                    metrics: tuple[str, int] | None) -> web.AppRunner:
-    """Serve `app` on a unix socket (mode 0600) and/or a TCP address."""
+                    metrics: tuple[str, int] | None) -> ApiRunners:
+    """Serve `app` on a unix socket (mode 0600), and `/metrics` alone on a TCP address."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    runners = ApiRunners([runner])
     if socket_path:
         if os.path.exists(socket_path):
             os.unlink(socket_path)  # a stale socket of a previous run
@@ -113,5 +143,8 @@ async def start_api(app: web.Application, socket_path: str | None,
         await site.start()
         os.chmod(socket_path, 0o600)
     if metrics:
-        await web.TCPSite(runner, metrics[0], metrics[1]).start()
-    return runner
+        metrics_runner = web.AppRunner(make_metrics_app(app[_SERVER]), access_log=None)
+        await metrics_runner.setup()
+        runners.runners.append(metrics_runner)
+        await web.TCPSite(metrics_runner, metrics[0], metrics[1]).start()
+    return runners

@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import resource
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,10 +19,14 @@ from typing import Any, Callable
 from dnslib import QTYPE, DNSRecord
 
 from .cache import Cache
-from .engine import Engine, Forward
+from .chase import chase_reply, complete_chain
+from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
+from .engine import Chase, Engine, Forward
 from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
+from .tcp import TcpConnection, TcpSlots
+from .udp import UdpListener
 from .udpbatch import BatchUdpListener
 from .upstream import Upstream
 from .view import DnsView
@@ -58,12 +61,17 @@ class ServerConfig:
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_ALLOW
     fallback_upstreams: tuple[Upstream, ...] = ()
     resolver_addresses: tuple[str, ...] = (str(RESOLVER_V4), str(RESOLVER_V6))
-    tcp_idle_timeout: float = 10.0
+    tcp_idle_timeout: float = 10.0  # a complete message must arrive within this
     max_tcp_connections: int = 512
+    max_tcp_per_client: int | None = None  # None: max(4, max_tcp_connections / 8)
     max_tcp_pipeline: int = 64
+    tcp_write_high_water: int = 64 * 1024  # replies buffered for a non-reading client, then it is not read
     forward_timeout: float = 2.5
     forward_stagger: float = 0.15
     max_inflight: int = 2048
+    # New upstream queries a second (token bucket, burst of one second's worth; 0: no limit): an
+    # operator's fixed cap. Without it, forwards are still shed when the listener falls behind.
+    max_forward_qps: int = 0
     cache_entries: int = 20_000
     cache_bytes: int = 32 * 1024 * 1024
     query_log: str | None = None
@@ -72,36 +80,37 @@ class ServerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _Counters:
-    __slots__ = ("udp", "tcp", "refused_clients", "dropped", "forwarded", "cache_answers",
-                 "no_upstream", "looped", "tcp_rejected", "tcp_idle_closed", "engine_fast", "engine_slow")
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-
 class DnsServer:
     """One resolver instance: listeners, the current engine, the forwarder."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.engine: Engine | None = None
         self.view: DnsView | None = None
         self.forwarder = Forwarder(
             cache=Cache(max_entries=config.cache_entries, max_bytes=config.cache_bytes),
             timeout=config.forward_timeout, stagger=config.forward_stagger,
             max_inflight=config.max_inflight)
-        self.counters = _Counters()
-        self._allowed: dict[str, bool] = {}
+        self.qlog = QueryLog.open(config.query_log) if config.query_log else None
+        limits = ListenerLimits(
+            idle_timeout=config.tcp_idle_timeout, max_connections=config.max_tcp_connections,
+            max_per_client=(config.max_tcp_per_client if config.max_tcp_per_client is not None
+                            else per_client_share(config.max_tcp_connections)),
+            max_pipeline=config.max_tcp_pipeline, write_high_water=config.tcp_write_high_water)
+        self.dispatch = Dispatch(config.allow, self.forward, limits, self.qlog)
+        self.counters = self.dispatch.counters
         self._transports: list[asyncio.BaseTransport] = []
         self._batch: list[BatchUdpListener] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
-        self._tcp: set[_TcpConn] = set()
+        self._tcp = TcpSlots(limits)
+        self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()
-        self.qlog = QueryLog.open(config.query_log) if config.query_log else None
+
+    @property
+    def engine(self) -> Engine | None:
+        """The answer engine of the current snapshot."""
+        return self.dispatch.engine
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -145,7 +154,7 @@ class DnsServer:
             raise ServerError(f"cannot listen on {_fmt(host, port)} (UDP): {exc.strerror}") from None
         bound = udp.getsockname()[1]
         try:
-            server = await loop.create_server(lambda: _TcpConn(self), host=host, port=bound,
+            server = await loop.create_server(lambda: TcpConnection(self.dispatch, self._tcp), host=host, port=bound,
                                               family=family, reuse_address=True,
                                               reuse_port=self.config.reuse_port or None, backlog=1024)
         except OSError as exc:
@@ -155,11 +164,11 @@ class DnsServer:
             raise ServerError(f"cannot listen on {_fmt(host, bound)} (TCP): {exc.strerror}") from None
         if self.config.batch_udp and BatchUdpListener.supported():
             udp.setblocking(False)
-            listener = BatchUdpListener(self, udp)
+            listener = BatchUdpListener(self.dispatch, udp)
             listener.start(loop)
             self._batch.append(listener)
         else:
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+            transport, _ = await loop.create_datagram_endpoint(lambda: UdpListener(self.dispatch), sock=udp)
             self._transports.append(transport)
         self._servers.append(server)
         return bound
@@ -172,8 +181,8 @@ class DnsServer:
             b.close()
         for s in self._servers:
             s.close()
-        for conn in list(self._tcp):
-            conn.transport.close()
+        for conn in list(self._tcp.conns):
+            conn.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -205,34 +214,19 @@ class DnsServer:
             self.counters.engine_slow += old.slow
             if _routes_changed(old.zone, zone):
                 self.forwarder.flush_cache()  # a cached answer may have come from the wrong upstream
-        self.engine = Engine(zone)
+        self.dispatch.engine = Engine(zone)
         self.view = view
 
     # -- clients ---------------------------------------------------------------------------------
 
     def client_allowed(self, host: str) -> bool:
-        ok = self._allowed.get(host)
-        if ok is None:
-            try:
-                addr = ipaddress.ip_address(host.split("%", 1)[0])
-            except ValueError:
-                return False
-            if addr.version == 6 and addr.ipv4_mapped:
-                addr = addr.ipv4_mapped
-            ok = any(addr in net for net in self.config.allow)
-            if len(self._allowed) > 65536:
-                self._allowed.clear()
-            self._allowed[host] = ok
-        return ok
+        return self.dispatch.client_allowed(host)
 
-    def engine_error(self, data: bytes) -> None:
-        """Count and report a query that made the engine raise (a bug): it is dropped."""
-        self.counters.dropped += 1
-        log.exception("answer engine failed on a query (%d bytes, first 64: %s); dropped",
-                      len(data), data[:64].hex())
-
-    def forward(self, fwd: Forward, data: bytes, reply_to: Callable[[bytes], None], tcp: bool) -> None:
+    def forward(self, fwd: Forward, data: bytes, reply_to: ReplyTo, tcp: bool) -> None:
         """Answer a non-local query: cache, or a forwarding task whose reply goes to `reply_to`."""
+        if fwd.__class__ is Chase:  # our CNAME leads out of our zones: ask for its target
+            self._chase(fwd, data, reply_to)  # type: ignore[arg-type]
+            return
         c = self.counters
         route = fwd.route
         if route is None or not route.upstreams:
@@ -248,11 +242,26 @@ class DnsServer:
             if reply:
                 reply_to(reply)
             return
-        cached = self.forwarder.answer_from_cache(data, time.monotonic())
+        now = time.monotonic()
+        cached = self.forwarder.answer_from_cache(data, now)
         if cached is not None:
             c.cache_answers += 1
+            cached = complete_chain(self.engine.zone, cached)  # type: ignore[union-attr]
             reply_to(cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit))
             return
+        allowance = self.dispatch.forward_allowance
+        if (allowance == 0 or len(self._tasks) >= self.config.max_inflight
+                or not self._forward_budget.take(now)):
+            # Over the in-flight cap, the forwarding rate, or the listener is behind (a full batch
+            # waiting, dispatch.forward_allowance): answered now, before any task or socket exists,
+            # so a flood of unique names costs what an authoritative answer costs.
+            c.overload += 1
+            reply = self.forwarder.overloaded(data)
+            if reply:
+                reply_to(reply)
+            return
+        if allowance > 0:
+            self.dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
         task = asyncio.get_running_loop().create_task(self._forward_task(fwd, data, reply_to, tcp))
         self._tasks.add(task)
@@ -264,9 +273,16 @@ class DnsServer:
         assert route is not None
         reply = await self.forwarder.forward(data, route.upstreams,
                                              allow_tailnet_answers=route.allow_tailnet_answers)
+        reply = complete_chain(self.engine.zone, reply)  # type: ignore[union-attr]
         if not tcp and len(reply) > fwd.limit:
             reply = truncate(reply, fwd.limit)
         reply_to(reply)
+
+    def _chase(self, chase: Chase, data: bytes, reply_to: Callable[[bytes], None]) -> None:
+        """Forward the chase's subquery like any query (cache, race, rebinding rules of the target's
+        route), then hand the client our chain spliced in front of the answer (chase.py)."""
+        self.forward(Forward(chase.route, 65535), chase.subquery,
+                     lambda reply: reply_to(chase_reply(chase, data, reply)), tcp=True)
 
     # -- operators -------------------------------------------------------------------------------
 
@@ -298,9 +314,10 @@ class DnsServer:
             "queries": {"udp": c.udp, "tcp": c.tcp, "answered_fast": fast, "answered_slow": slow,
                         "forwarded": c.forwarded, "cache_answers": c.cache_answers,
                         "refused_clients": c.refused_clients, "dropped": c.dropped,
-                        "no_upstream": c.no_upstream, "looped": c.looped},
-            "tcp": {"connections": len(self._tcp), "rejected": c.tcp_rejected,
-                    "idle_closed": c.tcp_idle_closed},
+                        "no_upstream": c.no_upstream, "looped": c.looped, "overload": c.overload},
+            "tcp": {"connections": len(self._tcp.conns), "rejected": c.tcp_rejected,
+                    "per_client_rejected": c.tcp_per_client_rejected, "idle_closed": c.tcp_idle_closed,
+                    "stalled_closed": c.tcp_stalled_closed},
             "forwarder": self.forwarder.stats(),
         }
 
@@ -345,6 +362,29 @@ def reply_to_json(reply: bytes) -> dict[str, Any]:
             "answer": rrs(msg.rr), "authority": rrs(msg.auth), "additional": rrs(msg.ar)}
 
 
+class TokenBucket:
+    """`rate` events a second with a burst of one second's worth; rate 0 allows everything."""
+
+    __slots__ = ("rate", "tokens", "last")
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.last = float("-inf")
+
+    def take(self, now: float) -> bool:
+        if not self.rate:
+            return True
+        tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate) if self.last != float("-inf") \
+            else self.tokens
+        self.last = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
 def _routes_changed(old: Zone, new: Zone) -> bool:
     return old.routes != new.routes or old.default_route != new.default_route
 
@@ -359,137 +399,3 @@ def _refused(data: bytes) -> bytes | None:
 
 def _servfail(data: bytes) -> bytes | None:
     return error_reply(data, Rcode.SERVFAIL) or None
-
-
-class _Udp(asyncio.DatagramProtocol):
-    """One UDP listener: the hot path of the whole server."""
-
-    def __init__(self, server: DnsServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        server = self.server
-        c = server.counters
-        c.udp += 1
-        host = addr[0]
-        ok = server._allowed.get(host)
-        if not ok and (ok is not None or not server.client_allowed(host)):
-            c.refused_clients += 1  # dropped, not answered: we are no reflector
-            return
-        try:
-            result = server.engine.handle(data)  # type: ignore[union-attr]
-        except Exception:  # a bug must cost one query, never the listener (try is free in 3.11)
-            server.engine_error(data)
-            return
-        if result.__class__ is bytes:
-            self.transport.sendto(result, addr)  # type: ignore[union-attr]
-            if server.qlog:
-                server.qlog.write(host, data, result, "local")
-        elif result is None:
-            c.dropped += 1
-        else:
-            transport = self.transport
-
-            def reply_to(reply: bytes) -> None:
-                if not transport.is_closing():  # type: ignore[union-attr]
-                    transport.sendto(reply, addr)  # type: ignore[union-attr]
-                    if server.qlog:
-                        server.qlog.write(host, data, reply, "forward")
-
-            server.forward(result, data, reply_to, tcp=False)  # type: ignore[arg-type]
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP error: %s", exc)
-
-
-class _TcpConn(asyncio.Protocol):
-    """One TCP client (RFC 7766): pipelined queries, replies in completion order, idle timeout."""
-
-    def __init__(self, server: DnsServer) -> None:
-        self.server = server
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.buf = bytearray()
-        self.pending = 0
-        self.paused = False
-        self.idle: asyncio.TimerHandle | None = None
-        self.host = ""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        server = self.server
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.host = peer[0]
-        if not server.client_allowed(self.host):
-            server.counters.refused_clients += 1
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        if len(server._tcp) >= server.config.max_tcp_connections:
-            server.counters.tcp_rejected += 1
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        server._tcp.add(self)
-        self._arm()
-
-    def _arm(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(self.server.config.tcp_idle_timeout, self._on_idle)
-
-    def _on_idle(self) -> None:
-        if self.pending:
-            self._arm()
-            return
-        self.server.counters.tcp_idle_closed += 1
-        self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.server._tcp.discard(self)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        self._arm()
-        server = self.server
-        while len(buf) >= 2:
-            size = buf[0] << 8 | buf[1]
-            if size < 12:  # a message shorter than a header: the stream cannot be trusted any more
-                self.transport.close()
-                return
-            if len(buf) < size + 2:
-                break
-            msg = bytes(buf[2:size + 2])
-            del buf[:size + 2]
-            server.counters.tcp += 1
-            try:
-                result = server.engine.handle(msg, tcp=True)  # type: ignore[union-attr]
-            except Exception:
-                server.engine_error(msg)
-                continue
-            if result.__class__ is bytes:
-                self._write(result)  # type: ignore[arg-type]
-            elif result is None:
-                server.counters.dropped += 1
-            else:
-                self.pending += 1
-                if self.pending >= server.config.max_tcp_pipeline and not self.paused:
-                    self.paused = True
-                    self.transport.pause_reading()
-                server.forward(result, msg, self._forwarded, tcp=True)  # type: ignore[arg-type]
-
-    def _forwarded(self, reply: bytes) -> None:
-        self.pending -= 1
-        if self.paused and self.pending < self.server.config.max_tcp_pipeline:
-            self.paused = False
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
-        self._write(reply)
-
-    def _write(self, reply: bytes) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(struct.pack("!H", len(reply)) + reply)

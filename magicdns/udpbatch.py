@@ -16,16 +16,16 @@ import asyncio
 import ctypes
 import errno
 import socket
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:
-    from .server import DnsServer
+from .dispatch import Dispatch
 
 BATCH = 64
 BUF_SIZE = 4096  # larger than any query we answer (EDNS clients send small queries)
 NAME_SIZE = 28  # sizeof(struct sockaddr_in6)
 MSG_DONTWAIT = 0x40
 MAX_ROUNDS = 8  # batches per readiness callback: bounded, so other work on the loop gets its turn
+FORWARDS_PER_FULL_BATCH = 1  # new forwards a backlogged batch may start (dispatch.forward_allowance)
 
 
 class _Iovec(ctypes.Structure):
@@ -61,8 +61,8 @@ class BatchUdpListener:
     def supported() -> bool:
         return _recvmmsg is not None and ctypes.sizeof(_Mmsghdr) == 64 and ctypes.sizeof(_Iovec) == 16
 
-    def __init__(self, server: "DnsServer", sock: socket.socket) -> None:
-        self.server = server
+    def __init__(self, dispatch: Dispatch, sock: socket.socket) -> None:
+        self.dispatch = dispatch
         self.sock = sock
         self.fd = sock.fileno()
         self.family = sock.family
@@ -117,18 +117,27 @@ class BatchUdpListener:
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, int.from_bytes(raw[24:28], "little"))
 
     def _on_readable(self) -> None:
-        server = self.server
-        handle = server.engine.handle  # type: ignore[union-attr]
+        try:
+            self._rounds()
+        finally:
+            self.dispatch.forward_allowance = -1
+
+    def _rounds(self) -> None:
+        dispatch = self.dispatch
+        answer = dispatch.answer
+        c = dispatch.counters
+        qlog = dispatch.qlog
         rview, sview, nview = self._rview, self._sview, self._nview
         rmsg_u, smsg_u, smsg_q, siov_q = self._rmsg_u, self._smsg_u, self._smsg_q, self._siov_q
         name_ptr = self._name_ptr
         allowed = self._allowed
         a0, a1 = self._addr_off
-        c = server.counters
         for _ in range(MAX_ROUNDS):
             count = _recvmmsg(self.fd, self._rmsg, BATCH, MSG_DONTWAIT, None)
             if count <= 0:
                 return
+            # A full batch means more is waiting in the socket: we are behind, shed forwards.
+            dispatch.forward_allowance = FORWARDS_PER_FULL_BATCH if count == BATCH else -1
             c.udp += count
             out = 0
             for i in range(count):
@@ -142,11 +151,7 @@ class BatchUdpListener:
                     continue
                 start = i * BUF_SIZE
                 data = bytes(rview[start:start + rmsg_u[i * 16 + 14]])
-                try:
-                    result = handle(data)
-                except Exception:
-                    server.engine_error(data)
-                    continue
+                result = answer(data)
                 if result.__class__ is bytes:
                     size = len(result)
                     base = out * BUF_SIZE
@@ -157,12 +162,11 @@ class BatchUdpListener:
                     smsg_q[out * 8] = name_ptr[i]
                     smsg_u[out * 16 + 2] = rmsg_u[i * 16 + 2]
                     out += 1
-                    if server.qlog:
-                        server.qlog.write(self._client(i)[0], data, result, "local")
-                elif result is None:
-                    c.dropped += 1
-                else:
-                    server.forward(result, data, self._replier(self._client(i), data), tcp=False)  # type: ignore[arg-type]
+                    if qlog is not None:
+                        qlog.write(self._client(i)[0], data, result, "local")
+                elif result is not None:
+                    addr = self._client(i)
+                    dispatch.forward(result, data, addr[0], self._replier(addr), False)  # type: ignore[arg-type]
             if out:
                 _sendmmsg(self.fd, self._smsg, out, 0)
             for i in range(count):  # the kernel shrank these to the address length: reset
@@ -171,14 +175,14 @@ class BatchUdpListener:
                 return
 
     def _check(self, i: int, who: bytes) -> bool:
-        ok = self.server.client_allowed(self._client(i)[0])
+        ok = self.dispatch.client_allowed(self._client(i)[0])
         if len(self._allowed) > 65536:
             self._allowed.clear()
         self._allowed[who] = ok
         return ok
 
-    def _replier(self, addr: tuple, query: bytes) -> Callable[[bytes], None]:
-        server, sock = self.server, self.sock
+    def _replier(self, addr: tuple) -> Callable[[bytes], None]:
+        sock = self.sock
 
         def reply_to(reply: bytes) -> None:
             if self.closed:
@@ -188,7 +192,5 @@ class BatchUdpListener:
             except OSError as exc:  # a full send buffer drops this reply, as UDP may
                 if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
                     raise
-            if server.qlog:
-                server.qlog.write(addr[0], query, reply, "forward")
 
         return reply_to

@@ -24,15 +24,17 @@ import socket
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, AsyncIterator, Iterable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
+from ..derp.derpmap import RelayMap, RelayMapError
+from ..words import control_unreachable, detail
 from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
                        generate_private_key, node_key_proof, public_key_of)
 
-__all__ = ["ControlClient", "ControlError", "RegisterResult", "generate_private_key", "public_key_of",
+__all__ = ["ControlClient", "ControlError", "LoginRequired", "RegisterResult", "generate_private_key", "public_key_of",
            "MapAssembler"]
 
 log = logging.getLogger("meshnode.control.client")
@@ -50,12 +52,14 @@ class ControlError(RuntimeError):
     come from anyone on the path and is treated as a transient failure.
     """
 
-    def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False) -> None:
+    def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False,
+                 detail: str = "") -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.status = status
         self.sealed = sealed
+        self.detail = detail  # the technical form (a repr), for `-v` and debug logs only
 
     @property
     def retryable(self) -> bool:
@@ -66,6 +70,14 @@ class ControlError(RuntimeError):
     def logs_out(self) -> bool:
         """The pinned server itself says this node is out of the tailnet: drop the map and log out."""
         return self.sealed and self.code in LOGIN_REFUSALS
+
+
+class LoginRequired(ControlError):
+    """The server wants this machine confirmed in a browser at `url` (interactive registration)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(ErrorCode.AUTHKEY_REQUIRED, f"log in at {url}" if url else "waiting for the login", 401)
+        self.url = url
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,7 @@ class MapAssembler:
         self._dns = DnsConfig()
         self._filter: tuple[Mapping[str, Any], ...] = ()
         self._derp: Mapping[str, Any] = MappingProxyType({})
+        self._derp_map: RelayMap | None = None
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
@@ -105,7 +118,7 @@ class MapAssembler:
             nm = NetMap.from_json(msg.get("netmap"))
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
-            self._dns, self._filter, self._derp = nm.dns, nm.packet_filter, nm.derp
+            self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -125,8 +138,14 @@ class MapAssembler:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
         if "packet_filter" in msg:
             self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
+        if "derp_map" in msg:
+            try:
+                self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
+            except RelayMapError as exc:
+                raise NetMapError(str(exc)) from None
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
-        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp)
+        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
+                      self._derp_map)
 
 
 class ControlClient:
@@ -173,7 +192,7 @@ class ControlClient:
                     raise ControlError(ErrorCode.INTERNAL, f"GET /key answered {resp.status}", resp.status)
                 body = await resp.json()
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         key = str(body.get("public_key", ""))
         if self.server_public_key is not None and key != self.server_public_key:
             raise ControlError(ErrorCode.BAD_SEAL, "the server key changed since it was pinned;"
@@ -202,7 +221,7 @@ class ControlClient:
                 if resp.status != 200:
                     raise _error_from(resp.status, body, chan, sealed)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         try:
             return chan.open(body)[1]
         except ProtocolError as exc:
@@ -211,7 +230,8 @@ class ControlClient:
     async def register(self, authkey: str | None = None, hostname: str | None = None, os: str | None = None,
                        advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
                        advertise_exit_node: bool = False, ephemeral: bool = False,
-                       endpoints: Iterable[str] = ()) -> RegisterResult:
+                       endpoints: Iterable[str] = (), disco_key: str = "",
+                       interactive: bool = False) -> RegisterResult:
         """Register this machine (or log it in again: same machine key -> same node, name, addresses).
 
         `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
@@ -231,7 +251,13 @@ class ControlClient:
             "advertise_exit_node": advertise_exit_node, "ephemeral": ephemeral,
             "endpoints": list(endpoints),
         }
+        if disco_key:
+            payload["disco_key"] = disco_key
+        if interactive:
+            payload["interactive"] = True
         body = await self._post("/machine/register", payload)
+        if interactive and "node" not in body:
+            raise LoginRequired(str(body.get("auth_url") or ""))
         try:
             node = MapNode.from_json(body.get("node"))
         except NetMapError as exc:
@@ -239,9 +265,39 @@ class ControlClient:
         return RegisterResult(node.id, node.name, node.fqdn, node.user, node.addresses, node.tags,
                               node.approved_routes, node.exit_node, node.ephemeral, self.server_public_key)
 
-    async def update_endpoints(self, endpoints: Iterable[str]) -> None:
-        """Report the UDP endpoints (`ip:port`) peers can reach this node at."""
-        await self._post("/machine/endpoints", {"node_key": self.node_key_public, "endpoints": list(endpoints)})
+    async def login_interactive(self, on_url: Callable[[str], None], timeout: float = 600.0,
+                                **register_kw: Any) -> RegisterResult:
+        """Register without an auth key: the server gives a URL (`on_url` is called with each new
+        one) where a signed-in user confirms this machine; returns once they did. The server holds
+        each request until the confirmation, so this joins within a round trip of it."""
+        deadline = time.monotonic() + timeout
+        shown = ""
+        backoff = 0.2
+        while True:
+            try:
+                return await self.register(interactive=True, **register_kw)
+            except LoginRequired as need:
+                backoff = 0.2
+                if need.url and need.url != shown:
+                    shown = need.url
+                    on_url(need.url)
+            except ControlError as exc:
+                # A restarting or unreachable server: the confirmation is stored there, so keep
+                # asking (with backoff) until the deadline; a refusal ends the login.
+                if not exc.retryable or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            if time.monotonic() > deadline:
+                raise ControlError(ErrorCode.AUTHKEY_REQUIRED, f"nobody confirmed {shown} within {timeout:g}s")
+
+    async def update_endpoints(self, endpoints: Iterable[str], disco_key: str = "") -> None:
+        """Report the UDP endpoints (`ip:port`) peers can reach this node at (and the disco key of
+        this run, which peers seal their path probes to)."""
+        body: dict[str, Any] = {"node_key": self.node_key_public, "endpoints": list(endpoints)}
+        if disco_key:
+            body["disco_key"] = disco_key
+        await self._post("/machine/endpoints", body)
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""
@@ -279,6 +335,8 @@ class ControlClient:
             try:
                 async for nm in self._stream_once():
                     backoff = 0.1
+                    if self.stream_error is not None:
+                        log.info("map stream: connected again")
                     self._stream_up(None)
                     yield nm
                     if once:
@@ -289,11 +347,14 @@ class ControlClient:
                     raise
                 err = exc
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-                err = ControlError(ErrorCode.INTERNAL, f"map stream broke: {exc!r}")
-            self._stream_up(str(err))
+                err = _unreachable(self.server_url, exc)
+            # Said once when the stream breaks (or the reason changes), not at every backoff.
+            if err.message != self.stream_error:
+                log.warning("map stream: %s; reconnecting with backoff", err.message)
+            log.debug("map stream: %s (%s); reconnecting in %.1fs", err.message, err.detail, backoff)
+            self._stream_up(err.message)
             if not reconnect:
                 raise err
-            log.info("map stream: %s; reconnecting in %.1fs", err, backoff)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(max_backoff, backoff * 2)
 
@@ -327,6 +388,11 @@ class ControlClient:
                         raise ControlError(ErrorCode.BAD_REQUEST, f"bad map frame: {exc}", 0) from None
                     if nm is not None:
                         yield nm
+
+
+def _unreachable(url: str, exc: BaseException) -> ControlError:
+    """The server could not be asked: what failed, where, and what to try, in words."""
+    return ControlError(ErrorCode.INTERNAL, control_unreachable(url, exc), detail=detail(exc))
 
 
 def _error_from(status: int, body: bytes, chan: Channel | None = None, request: bytes = b"") -> ControlError:

@@ -12,6 +12,8 @@ Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-2
 GET /metrics (Prometheus text) needs the admin token too, or is served without one on its own
 listener (`start_metrics`, `control serve --metrics HOST:PORT`), never to nodes by default.
 Unauthenticated: GET /healthz.
+With an embedded relay (`relay=`): GET /derp (DERP upgrade), /derp/probe, /generate_204; the relay
+admits exactly the active nodes' keys and drops a node as soon as a snapshot no longer has it.
 
 Errors are JSON `{"error": code, "message": text}` with a 4xx/5xx status; a handler never takes
 the server down.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import logging
 import time
@@ -35,9 +38,13 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ..derp.admission import TailnetKeys, node_keys
+from ..derp.derpmap import RelayMap, RelayMapFile
+from ..derp.server import RelayServer
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, naming
 from .access import TagNotAllowed, authorize, set_policy
+from .console import idpgroups
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
@@ -75,6 +82,7 @@ class ServerConfig:
     audit_prune_interval: float = 3600.0
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
+    presence_interval: float = 15.0     # how often the online set is written for `control nodes ls`
 
 
 _CHAN = web.RequestKey("meshnode.channel", Channel)
@@ -128,7 +136,9 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 class ControlServer:
     """One coordination server bound to one store."""
 
-    def __init__(self, store: ControlStore, config: ServerConfig = ServerConfig()) -> None:
+    def __init__(self, store: ControlStore, config: ServerConfig = ServerConfig(), *,
+                 relay: RelayServer | None = None, relay_map: RelayMap | None = None,
+                 relay_map_file: RelayMapFile | None = None) -> None:
         self.store = store
         self.config = config
         self.private_key = store.server_private_key()
@@ -140,6 +150,7 @@ class ControlServer:
         self.snapshot: Snapshot | None = None
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
+        self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
         self._full_maps = asyncio.Semaphore(8)
         self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -159,16 +170,31 @@ class ControlServer:
             web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
             web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
         ])
+        # The relay map in the network map: `relay_map` (the embedded relay's region), then the
+        # --derp-map file, then the policy's "derpMap" section, each on top of the one before.
+        self.relay, self.relay_map, self.relay_map_file = relay, relay_map, relay_map_file
+        self.relay_keys = TailnetKeys()
+        if relay is not None:
+            relay.admit = self.relay_keys
+            relay.attach(self.app)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
+        # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
+        # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
+        # Also set by the console: OIDC group members for the policy's groups ({"group:eng": users}).
+        self.policy_groups: Callable[[], dict[str, tuple[str, ...]]] | None = None
+        self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
         self._metrics_runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._publish()
-        for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner()):
+        if self.relay is not None:
+            await self.relay.start()
+        for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner(),
+                     self._presence()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -200,6 +226,24 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            try:  # nobody is online on a stopped server: `control nodes ls` says so at once
+                self.store.set_presence((), time.time(), self.config.presence_interval)
+            except ControlStoreError:
+                log.exception("recording presence failed")
+
+    async def _presence(self) -> None:
+        """Write who is online now and then (and at once when it changes), so `control nodes ls`
+        shows ONLINE and a LAST SEEN that keeps moving while a node stays connected."""
+        while True:
+            self._presence_changed.clear()
+            try:
+                self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
+            except Exception:
+                log.exception("recording presence failed")
+            try:
+                await asyncio.wait_for(self._presence_changed.wait(), self.config.presence_interval)
+            except asyncio.TimeoutError:
+                pass
 
     # -- change propagation ---------------------------------------------------------------------
 
@@ -207,15 +251,19 @@ class ControlServer:
         self._dirty.set()
 
     def _policy(self) -> tuple[str | None, Policy | None]:
+        """(cache key: the text, plus the provider's group members when the console adds them; policy)."""
         text = self.store.policy_text()
-        if text != self._policy_cache[0]:
+        extra = self.policy_groups() if self.policy_groups is not None else {}
+        key = idpgroups.cache_key(text, extra)
+        if key != self._policy_cache[0]:
             try:
-                self._policy_cache = (text, parse_policy(text) if text is not None else None)
+                parsed = parse_policy(text) if text is not None else None
+                self._policy_cache = (key, idpgroups.merge(parsed, extra))
             except PolicyError:
                 # Stored policies were checked on `set`; a newer parser refusing one must not take
                 # every map down: keep the last good one and say so.
                 log.exception("stored policy no longer parses; keeping the previous one")
-                self._policy_cache = (text, self._policy_cache[1])
+                self._policy_cache = (key, self._policy_cache[1])
         return self._policy_cache
 
     def _publish(self) -> None:
@@ -240,7 +288,12 @@ class ControlServer:
         snap, differs = build_snapshot(prev, version=prev.version if prev else self.store.map_version(),
                                        domain=self.store.domain(), nodes=nodes,
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
-                                       dns=self.store.dns_settings(), records=records)
+                                       dns=self.store.dns_settings(), records=records,
+                                       derp_map_text=self._relay_map_text(policy))
+        if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
+            gone = self.relay.recheck()
+            if gone:
+                log.info("relay: disconnected %d node(s) no longer in the tailnet", gone)
         if not differs:
             return
         if prev is not None or snap.version == 0:
@@ -248,6 +301,14 @@ class ControlServer:
         self.snapshot = snap
         self.stats["snapshots"] += 1
         self._wake_streams()
+
+    def _relay_map_text(self, policy: Policy | None) -> str:
+        rmap = self.relay_map or RelayMap()
+        if self.relay_map_file is not None and self.relay_map_file.current is not None:
+            rmap = rmap.merged(self.relay_map_file.current)
+        if policy is not None and policy.derp_map is not None:
+            rmap = rmap.merged(policy.derp_map)
+        return rmap.dumps() if rmap.regions else "null"
 
     def _wake_streams(self) -> None:
         old, self._changed = self._changed, asyncio.Event()
@@ -275,7 +336,8 @@ class ControlServer:
             await asyncio.sleep(self.config.poll_interval)
             try:
                 if (self.store.change_counter() != self._seen_counter
-                        or self.store.records.version() != self._seen_records):
+                        or self.store.records.version() != self._seen_records
+                        or (self.relay_map_file is not None and self.relay_map_file.reload())):
                     self.mark_dirty()
                     self.store.fold_pending_audit()
             except Exception:
@@ -370,7 +432,14 @@ class ControlServer:
             advertise_routes=tuple(sorted({normalize_cidr(r) for r in _strs(p, "advertise_routes")})),
             advertise_tags=tuple(sorted({check_tag(t) for t in _strs(p, "advertise_tags")})),
             advertise_exit_node=_bool(p, "advertise_exit_node"), ephemeral=_bool(p, "ephemeral"),
-            endpoints=tuple(_strs(p, "endpoints")))
+            endpoints=tuple(_strs(p, "endpoints")), disco_key=_disco_key(p) or "")
+        if reg.authkey is None and p.get("interactive") is True and self.interactive_login is not None:
+            existing = self.store.node_by_machine_key(machine_key)
+            if existing is None or not existing.active(time.time()):
+                key, url = await self.interactive_login(machine_key, node_key, reg.hostname, reg.os)
+                if key is None:
+                    return self._sealed(chan, {"auth_url": url})
+                reg = dataclasses.replace(reg, authkey=key)
         _, policy = self._policy()
         known = self.store.node_by_machine_key(machine_key)
         try:
@@ -388,7 +457,7 @@ class ControlServer:
     async def _endpoints(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.set_endpoints(node.id, _strs(p, "endpoints"))
+        self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p))
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
 
@@ -423,6 +492,7 @@ class ControlServer:
         self.online[node.id] = self.online.get(node.id, 0) + 1
         self.stats["streams"] += 1
         self.mark_dirty()
+        self._presence_changed.set()
         try:
             await self._serve_stream(request, resp, chan, state)
         except (ConnectionResetError, ConnectionError):
@@ -443,6 +513,7 @@ class ControlServer:
             except ControlStoreError:
                 log.exception("recording last-seen of node %d failed", node.id)
             self.mark_dirty()
+            self._presence_changed.set()
         return resp
 
     async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
@@ -567,7 +638,8 @@ class ControlServer:
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
 
     async def _key(self, _request: web.Request) -> web.Response:
-        return web.json_response({"public_key": self.public_key, "protocol": 1})
+        from ..version import version  # lets `meshnode version` compare node and server
+        return web.json_response({"public_key": self.public_key, "protocol": 1, "version": version()})
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": self.snapshot.version if self.snapshot else 0})
@@ -608,6 +680,8 @@ class ControlServer:
             "# TYPE meshnode_control_slow_streams_closed_total counter",
             f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
         ]
+        if self.relay is not None:
+            lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
@@ -639,4 +713,13 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     value = obj.get(key, False)
     if not isinstance(value, bool):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be true or false")
+    return value
+
+
+def _disco_key(obj: dict[str, Any]) -> str | None:
+    """The optional `disco_key` (base64 of 32 bytes); None when the request carries none."""
+    if obj.get("disco_key") in (None, ""):
+        return None
+    value = _str(obj, "disco_key", 64)
+    decode_key(value, "disco_key")
     return value

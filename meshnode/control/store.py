@@ -92,6 +92,7 @@ class Node:
     logged_out: bool
     offset: int
     authkey_id: str | None
+    disco_key: str = ""  # this run's disco public key (base64), for path discovery
 
     @property
     def addresses(self) -> tuple[str, str]:
@@ -103,6 +104,41 @@ class Node:
     def active(self, now: float) -> bool:
         """Present in maps: logged in and not expired."""
         return not self.logged_out and not self.expired(now)
+
+
+@dataclass(frozen=True, slots=True)
+class UserRole:
+    """A user's console role and what their identity provider last said about them."""
+
+    name: str
+    role: str
+    email: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSession:
+    id_hash: str
+    user: str
+    csrf: str
+    created: float
+    last_active: float
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRequest:
+    """A machine's browser login: pending until a signed-in user approves it, then used once."""
+
+    id_hash: str
+    machine_key: str
+    node_key: str
+    hostname: str
+    os: str
+    created: float
+    expires: float
+    user: str
+    authkey: str
+    state: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +164,7 @@ class Registration:
     advertise_exit_node: bool = False
     ephemeral: bool = False
     endpoints: tuple[str, ...] = ()
+    disco_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +248,11 @@ def _m2_dns(db: sqlite_utils.Database) -> None:
     db["nodes"].create_index(["user_id"])
 
 
-def _m3_security(db: sqlite_utils.Database) -> None:
+def _m3_disco(db: sqlite_utils.Database) -> None:
+    db["nodes"].add_column("disco_key", str)
+
+
+def _m4_security(db: sqlite_utils.Database) -> None:
     # The newest request timestamp accepted from each registered machine (protocol.ReplayGuard), so a
     # request captured before a restart is refused after it.
     db["replay_marks"].create({"machine_key": str, "ts": float}, pk="machine_key", not_null={"ts"})
@@ -227,7 +268,22 @@ def _m3_security(db: sqlite_utils.Database) -> None:
     db["nodes"].add_column("admin_tags", str)
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_security)
+def _m5_console(db: sqlite_utils.Database) -> None:
+    # The admin console (meshnode/control/console): a role and the identity provider's facts per user,
+    # server-side sessions (only the SHA-256 of the cookie is stored), and browser logins of machines.
+    db["user_roles"].create({"user_id": int, "role": str, "email": str, "groups": str, "updated": float},
+                            pk="user_id", not_null={"role"}, foreign_keys=[("user_id", "users", "id")])
+    db["console_sessions"].create({"id_hash": str, "user_id": int, "csrf": str, "created": float,
+                                   "last_active": float}, pk="id_hash", not_null={"user_id", "csrf"},
+                                  foreign_keys=[("user_id", "users", "id")])
+    db["register_requests"].create({"id_hash": str, "machine_key": str, "node_key": str, "hostname": str,
+                                    "os": str, "created": float, "expires": float, "user": str,
+                                    "authkey": str, "state": str}, pk="id_hash",
+                                   not_null={"machine_key", "node_key", "state"})
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
+                                                                  _m5_console)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -241,7 +297,7 @@ def _t(text: str | None) -> tuple[str, ...]:
 
 _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"
               " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
-              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id")
+              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -253,7 +309,7 @@ def _address_texts(offset: int) -> tuple[str, str]:
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
                 _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
-                row[16], bool(row[17]), row[18], row[19])
+                row[16], bool(row[17]), row[18], row[19], row[20] or "")
 
 
 class _Leases:
@@ -560,6 +616,8 @@ class ControlStore:
                 raise Conflict(f"user {name!r} still owns {count} node(s); delete them first")
             keys = [r[0] for r in self.conn.execute("SELECT id FROM authkeys WHERE user_id = ?", [uid])]
             self.conn.execute("DELETE FROM authkeys WHERE user_id = ?", [uid])
+            self.conn.execute("DELETE FROM console_sessions WHERE user_id = ?", [uid])
+            self.conn.execute("DELETE FROM user_roles WHERE user_id = ?", [uid])
             self.conn.execute("DELETE FROM users WHERE id = ?", [uid])
             self._audit("user.delete", f"user:{name}", {"name": name, "authkeys": keys}, None)
 
@@ -690,6 +748,12 @@ class ControlStore:
                 "exit_node_approved": int(grant.exit_node_approved), "ephemeral": int(ephemeral),
                 "last_seen": now, "logged_out": 0,
             }
+            if existing is not None and not reg.endpoints:
+                # A login again (`meshnode up` on a registered node) that carries no endpoints
+                # must not erase the ones the node reported: peers would lose their way to it.
+                del fields["endpoints"]
+            if reg.disco_key or existing is None:
+                fields["disco_key"] = reg.disco_key
             if key is not None:
                 fields["authkey_id"] = key.id
                 fields["expiry"] = None  # a fresh login clears an admin expiry
@@ -810,9 +874,14 @@ class ControlStore:
                         {"approved_routes": sorted(set(wanted)), "exit_node": exit_flag})
         return self.get_node(node.id)
 
-    def set_endpoints(self, node_id: int, endpoints: Sequence[str]) -> None:
+    def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
+        """The node's reported endpoints (and, when given, its disco key of this run)."""
         with self._tx():
-            self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            if disco_key is None:
+                self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            else:
+                self.conn.execute("UPDATE nodes SET endpoints = ?, disco_key = ? WHERE id = ?",
+                                  [_j(endpoints), disco_key, node_id])
 
     def logout(self, node_id: int) -> None:
         """The node leaves maps; it keeps its name and addresses for its next login (with a key)."""
@@ -825,6 +894,22 @@ class ControlStore:
         """Record last-seen times (peers see them in their maps, so this counts as a change)."""
         with self._tx():
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
+
+    def set_presence(self, node_ids: Sequence[int], now: float, interval: float) -> None:
+        """What a running server sees online, for `control nodes ls` (another process). Not a change
+        of the tailnet: the counter servers poll is left alone, so no map is rebuilt for it."""
+        with self._tx(bump=False):
+            self._set_meta("presence", json.dumps({"at": now, "interval": interval,
+                                                   "ids": sorted(int(i) for i in node_ids)}))
+
+    def presence(self) -> tuple[float, float, frozenset[int]] | None:
+        """(written at, heartbeat interval, online node ids) as the server last wrote them, or None."""
+        raw = self._meta("presence")
+        try:
+            obj = json.loads(raw) if raw else None
+            return (float(obj["at"]), float(obj["interval"]), frozenset(int(i) for i in obj["ids"])) if obj else None
+        except (ValueError, KeyError, TypeError):
+            return None
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -858,6 +943,162 @@ class ControlStore:
                                 {"tags": list(tags), "reason": "policy: tagOwners no longer gives them to "
                                  + node.user})
         return lost
+
+    # -- console: roles, sessions, browser logins of machines ------------------------------------
+    # None of these bump the change counter: they never change what a node's map says.
+
+    def _console_audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
+        """An entry in the hash-chained audit log, where this store has one (control hardening)."""
+        audit_change = getattr(self, "_audit", None)
+        if audit_change is not None:
+            audit_change(action, target, old, new)
+
+    def user_role(self, name: str) -> UserRole | None:
+        row = self.conn.execute("SELECT u.name, r.role, r.email, r.groups FROM users u JOIN user_roles r"
+                                " ON r.user_id = u.id WHERE u.name = ?", [name]).fetchone()
+        return None if row is None else UserRole(row[0], row[1], row[2] or "", _t(row[3]))
+
+    def list_user_roles(self) -> list[UserRole]:
+        """Every user with their role ('member' for users that never signed in to the console)."""
+        return [UserRole(r[0], r[1] or "member", r[2] or "", _t(r[3])) for r in self.conn.execute(
+            "SELECT u.name, r.role, r.email, r.groups FROM users u LEFT JOIN user_roles r ON r.user_id = u.id"
+            " ORDER BY u.name")]
+
+    def sign_in_user(self, name: str, email: str, groups: Sequence[str], create: bool,
+                     first_role: str, default_role: str) -> UserRole:
+        """Record a console sign-in: create the user if `create`, give the first user ever to sign in
+        `first_role` (owner) and later new ones `default_role`; refresh e-mail and groups."""
+        name = self._check_user_name(name)
+        before = self.user_role(name)
+        # New group memberships change what the policy's groups hold, so maps: bump then.
+        groups_changed = tuple(groups) != (before.groups if before is not None else ())
+        with self._tx(bump=groups_changed):
+            if not create:
+                self._user_id(name)  # NotFound: not pre-approved
+            existed = self.conn.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is not None
+            uid = self._user_id(name, create=True)
+            row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
+            if row is None:
+                anyone = self.conn.execute("SELECT 1 FROM user_roles LIMIT 1").fetchone()
+                role = default_role if anyone else first_role
+                self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated)"
+                                  " VALUES (?, ?, ?, ?, ?)", [uid, role, email, _j(groups), time.time()])
+                self._console_audit("user.create" if not existed else "user.role", f"user:{name}", None,
+                                    {"name": name, "role": role, "via": "oidc sign-in"})
+            else:
+                self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
+                                  [email, _j(groups), time.time(), uid])
+        role = self.user_role(name)
+        assert role is not None
+        return role
+
+    def idp_groups(self) -> dict[str, tuple[str, ...]]:
+        """The identity provider's groups as policy groups: {"group:eng": (users...)}."""
+        out: dict[str, list[str]] = {}
+        for name, groups in self.conn.execute("SELECT u.name, r.groups FROM users u JOIN user_roles r"
+                                              " ON r.user_id = u.id WHERE r.groups != '[]' ORDER BY u.name"):
+            for g in _t(groups):
+                out.setdefault(f"group:{g}", []).append(name)
+        return {g: tuple(m) for g, m in out.items()}
+
+    def set_user_role(self, name: str, role: str, check: Callable[[str, int], None] = lambda r, n: None) -> None:
+        """Set a user's role; `check(old_role, owners_left_after)` may refuse it, inside the transaction."""
+        with self._tx(bump=False):
+            uid = self._user_id(name)
+            row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
+            old = row[0] if row else "member"
+            owners = self.conn.execute("SELECT COUNT(*) FROM user_roles WHERE role = 'owner' AND user_id != ?",
+                                       [uid]).fetchone()[0] + (role == "owner")
+            check(old, owners)
+            self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated) VALUES (?, ?, '', '[]', ?)"
+                              " ON CONFLICT(user_id) DO UPDATE SET role = excluded.role, updated = excluded.updated",
+                              [uid, role, time.time()])
+            self._console_audit("user.role", f"user:{name}", {"role": old}, {"role": role})
+
+    def create_session(self, id_hash: str, user: str, csrf: str, now: float) -> None:
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO console_sessions(id_hash, user_id, csrf, created, last_active)"
+                              " VALUES (?, ?, ?, ?, ?)", [id_hash, self._user_id(user), csrf, now, now])
+
+    def get_session(self, id_hash: str) -> ConsoleSession | None:
+        row = self.conn.execute("SELECT s.id_hash, u.name, s.csrf, s.created, s.last_active FROM console_sessions s"
+                                " JOIN users u ON u.id = s.user_id WHERE s.id_hash = ?", [id_hash]).fetchone()
+        return None if row is None else ConsoleSession(*row)
+
+    def touch_session(self, id_hash: str, now: float) -> None:
+        with self._tx(bump=False):
+            self.conn.execute("UPDATE console_sessions SET last_active = ? WHERE id_hash = ?", [now, id_hash])
+
+    def delete_sessions(self, id_hash: str | None = None, user: str | None = None,
+                        idle_before: float | None = None, created_before: float | None = None) -> int:
+        """End one session, all of a user's, or every session idle/created before the given times."""
+        with self._tx(bump=False):
+            n = 0
+            if id_hash is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE id_hash = ?", [id_hash]).rowcount
+            if user is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE user_id = ?",
+                                       [self._user_id(user)]).rowcount
+            if idle_before is not None and created_before is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE last_active < ? OR created < ?",
+                                       [idle_before, created_before]).rowcount
+            return n
+
+    def create_register_request(self, id_hash: str, machine_key: str, node_key: str, hostname: str, os_: str,
+                                now: float, expires: float) -> None:
+        """A machine waiting for someone to confirm its login in the browser; a new one replaces the
+        machine's pending request (its old URL stops working)."""
+        with self._tx(bump=False):
+            self.conn.execute("DELETE FROM register_requests WHERE machine_key = ? AND state = 'pending'",
+                              [machine_key])
+            self.conn.execute("DELETE FROM register_requests WHERE expires < ?", [now - 3600])
+            self.conn.execute("INSERT INTO register_requests(id_hash, machine_key, node_key, hostname, os, created,"
+                              " expires, user, authkey, state) VALUES (?, ?, ?, ?, ?, ?, ?, '', '', 'pending')",
+                              [id_hash, machine_key, node_key, hostname, os_, now, expires])
+
+    def get_register_request(self, id_hash: str) -> RegisterRequest | None:
+        row = self.conn.execute("SELECT id_hash, machine_key, node_key, hostname, os, created, expires, user,"
+                                " authkey, state FROM register_requests WHERE id_hash = ?", [id_hash]).fetchone()
+        return None if row is None else RegisterRequest(*row)
+
+    def pending_register_request(self, machine_key: str, node_key: str, now: float) -> RegisterRequest | None:
+        row = self.conn.execute("SELECT id_hash FROM register_requests WHERE machine_key = ? AND node_key = ?"
+                                " AND state = 'pending' AND expires > ?", [machine_key, node_key, now]).fetchone()
+        return self.get_register_request(row[0]) if row else None
+
+    def approve_register_request(self, id_hash: str, user: str, now: float) -> RegisterRequest:
+        """Confirm a pending, unexpired request for `user`: it gets a single-use auth key of that user
+        (expiring with the request) that the waiting machine registers with. A second use is refused."""
+        with self._tx(bump=False):
+            req = self.get_register_request(id_hash)
+            if req is None or req.state != "pending":
+                raise Conflict("this login link was already used or is unknown")
+            if now >= req.expires:
+                raise Conflict("this login link expired; run `meshnode up` again for a new one")
+            new = authkeys.generate()
+            uid = self._user_id(user)
+            self.conn.execute(
+                "INSERT INTO authkeys(id, secret_hash, user_id, reusable, ephemeral, tags, created, expires,"
+                " used_count, revoked) VALUES (?, ?, ?, 0, 0, '[]', ?, ?, 0, 0)",
+                [new.id, new.secret_hash, uid, now, req.expires])
+            self.conn.execute("UPDATE register_requests SET state = 'approved', user = ?, authkey = ?"
+                              " WHERE id_hash = ? AND state = 'pending'", [user, new.text, id_hash])
+            self._console_audit("node.login-approved", f"machine:{req.hostname}", None,
+                                {"user": user, "os": req.os, "authkey": new.id})
+        got = self.get_register_request(id_hash)
+        assert got is not None
+        return got
+
+    def claim_register_request(self, machine_key: str, node_key: str) -> RegisterRequest | None:
+        """The machine's approved request, at most once: its auth key is handed over and forgotten."""
+        with self._tx(bump=False):
+            row = self.conn.execute("SELECT id_hash FROM register_requests WHERE machine_key = ? AND node_key = ?"
+                                    " AND state = 'approved'", [machine_key, node_key]).fetchone()
+            if row is None:
+                return None
+            req = self.get_register_request(row[0])
+            self.conn.execute("UPDATE register_requests SET state = 'used', authkey = '' WHERE id_hash = ?", [row[0]])
+        return req
 
     # -- DNS settings ---------------------------------------------------------------------------
 

@@ -185,6 +185,35 @@ class Device:
     def _routed(self) -> set[Network]:
         return {net for s in self.engine.peers() for net in s.allowed_ips}
 
+    def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int] | None) -> bool:
+        """Send the peer's WireGuard traffic to `endpoint` (the path layer's choice) from now on;
+        a peer roaming to another address still moves it. False: no such peer."""
+        ep = dual_stack_endpoint(*endpoint) if endpoint is not None else None
+        return self.engine.set_endpoint(public_key, ep)
+
+    def set_datagram_handler(self, handler: Callable[[bytes, tuple[str, int]], None] | None) -> None:
+        """Hand every datagram on the socket that is not WireGuard (disco, STUN) to
+        `handler(data, (ip, port))`, on the receive thread: it must neither block nor raise."""
+        if handler is None:
+            self.engine.other_datagram = None
+            return
+
+        def other(data: bytes, src: Endpoint) -> None:
+            ep = display_endpoint(src)
+            if ep is not None:
+                handler(data, ep)
+        self.engine.other_datagram = other
+
+    def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> bool:
+        """Send one datagram (disco, STUN) from the WireGuard socket, so NATs map it the same way
+        as WireGuard's own traffic. False if the socket refused it."""
+        try:
+            self._sock.sendto(data, dual_stack_endpoint(*endpoint))
+            return True
+        except OSError:
+            self.send_errors += 1
+            return False
+
     def set_packet_filter(self, accept: PacketFilter | None,
                           outbound: OutboundHook | None = None) -> None:
         """Install `accept(packet, peer_public_key) -> bool` for every decrypted inbound packet

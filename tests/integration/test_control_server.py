@@ -353,3 +353,29 @@ async def test_routes_need_approval_or_auto_approvers(tmp_path: Path) -> None:
         net.admin_store.approve_routes("gw", ["10.1.2.0/24", "192.168.0.0/24", "0.0.0.0/0"])
         await within_1s(lambda: "192.168.0.0/24" in watcher.map.peer_by_name("gw").allowed_ips
                         and watcher.map.peer_by_name("gw").exit_node, "approved routes")
+
+
+@run
+async def test_login_again_keeps_endpoints_and_disco_key_reaches_peers(tmp_path: Path) -> None:
+    """`meshnode up` on a registered node registers again without endpoints: the ones it reported
+    must stay at the control server (they used to be erased). The disco key of a run reaches peers
+    from the registration and from each endpoint report."""
+    import base64
+    disco = base64.b64encode(bytes(range(32))).decode()
+    async with Tailnet(tmp_path) as net:
+        watcher = await net.join("watcher")
+        n = await net.join("laptop", disco_key=disco)
+        await within_1s(lambda: watcher.map is not None and watcher.peer_names() == {"laptop"}, "laptop seen")
+        assert watcher.map.peer_by_name("laptop").disco_key == disco
+        await n.client.update_endpoints(["198.51.100.7:41641", "10.0.0.7:41641"])
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").endpoints
+                        == ("198.51.100.7:41641", "10.0.0.7:41641"), "endpoints reach peers")
+        await n.client.register(None, hostname="laptop")  # `up` again, no endpoints known yet
+        [stored] = [x for x in net.admin_store.list_nodes() if x.name == "laptop"]
+        assert stored.endpoints == ("198.51.100.7:41641", "10.0.0.7:41641")
+        assert stored.disco_key == disco  # a login without a disco key keeps the old one
+        rerun = base64.b64encode(bytes(range(1, 33))).decode()
+        await n.client.update_endpoints(["198.51.100.7:41641"], disco_key=rerun)
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").disco_key == rerun, "new disco key")
+        with pytest.raises(ControlError):
+            await n.client.update_endpoints([], disco_key="not base64 of 32 bytes")

@@ -512,6 +512,30 @@ def test_rebinding_answers_are_stripped() -> None:
     run(main)
 
 
+def test_rebinding_covers_nat64_and_svcb_hints() -> None:
+    """64:ff9b::/96 holding a 100.64.0.0/10 address, and HTTPS ipv4hint/ipv6hint into the tailnet,
+    are stripped like plain A/AAAA records (issue 8); other hints and addresses stay."""
+    zone = dict(EXAMPLE_ZONE)
+    zone[("nat64.example.test", "AAAA")] = ["nat64.example.test. 300 IN AAAA 64:ff9b::6440:102",
+                                            "nat64.example.test. 300 IN AAAA 64:ff9b::c000:201"]
+    zone[("svc.example.test", "HTTPS")] = [
+        "svc.example.test. 300 IN HTTPS 1 . alpn=h2 ipv4hint=100.64.1.2,192.0.2.1 ipv6hint=fd7a:115c:a1e0::2"]
+
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", zone=zone) as a:
+            fwd = Forwarder(cache=Cache())
+            reply = await fwd.forward(query("nat64.example.test", "AAAA"), (up(a),), allow_tailnet_answers=False)
+            assert addresses(reply) == ["64:ff9b::c000:201"]
+            reply = await fwd.forward(query("svc.example.test", "HTTPS"), (up(a),), allow_tailnet_answers=False)
+            (rr,) = DNSRecord.parse(reply).rr
+            text = str(rr.rdata)
+            assert "ipv4hint=192.0.2.1" in text and "100.64" not in text and "fd7a" not in text
+            assert fwd.stats()["rebind_blocked"] == 2
+            reply = await fwd.forward(query("svc.example.test", "HTTPS"), (up(a),), allow_tailnet_answers=True)
+            assert "100.64.1.2" in str(DNSRecord.parse(reply).rr[0].rdata)
+    run(main)
+
+
 def test_rebinding_logged_once_per_name(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         async with FakeUpstream.start("127.0.0.2") as a:

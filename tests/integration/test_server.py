@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -185,6 +186,14 @@ def test_formerr_and_notimp_over_the_wire(server: MagicDnsProcess) -> None:
     assert reply[:2] == raw[:2] and reply[3] & 0xF == dns.rcode.FORMERR
 
 
+def test_records_at_a_node_of_the_served_view_need_override(server: MagicDnsProcess) -> None:
+    """The running server's view names its nodes: `records add` knows them without --view."""
+    assert server.db
+    res = run_cli("records", "--db", server.db, "add", "my-server", "A", "100.64.0.99")
+    assert res.returncode == 2 and "--override" in res.stderr and "my-server.tailnet" in res.stderr
+    assert server.query("my-server.tailnet").answer[0][0].address == "100.64.0.2"
+
+
 def test_records_cli_change_is_served_within_a_second(server: MagicDnsProcess) -> None:
     assert server.db
     res = run_cli("records", "--db", server.db, "add", "live", "A", "100.64.9.9", "--ttl", "30")
@@ -264,6 +273,28 @@ def test_status_and_metrics(server: MagicDnsProcess) -> None:
     assert "magicdns_view_version" in text
 
 
+def test_metrics_listener_serves_metrics_only(server: MagicDnsProcess) -> None:
+    """The TCP metrics address is reachable by clients the DNS allow-list blocks: no resolver, no
+    tailnet map there. /query and /status stay on the control socket."""
+    base = f"http://127.0.0.1:{server.extra['metrics_port']}"
+    for path in ("/query?name=my-server.tailnet&type=A", "/status", "/"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + path, timeout=5)
+        assert err.value.code == 404, path
+    assert urllib.request.urlopen(base + "/metrics", timeout=5).status == 200
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(server.control_socket)
+        s.sendall(b"GET /query?name=my-server.tailnet&type=A HTTP/1.0\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"200" and json.loads(body)["answer"][0]["value"] == "100.64.0.2"
+    status = run_cli("status", "--control-socket", server.control_socket, "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["view"]["domain"] == "tailnet"
+
+
 def test_query_command(server: MagicDnsProcess) -> None:
     res = run_cli("query", "grafana.tailnet", "A", "--server", f"{server.host}:{server.port}", "--json")
     assert res.returncode == 0, res.stderr
@@ -274,6 +305,10 @@ def test_query_command(server: MagicDnsProcess) -> None:
     assert res.stdout.count(" A ") == 80  # retried over TCP after truncation
     bad = run_cli("query", "x.tailnet", "BOGUS", "--server", f"{server.host}:{server.port}")
     assert bad.returncode == 2
+    for args in (("-x", "100.64.0.2"), ("100.64.0.2",), ("-x", "fd7a:115c:a1e0::2")):  # as dig -x
+        out = json.loads(run_cli("query", *args, "--server", f"{server.host}:{server.port}", "--json").stdout)
+        assert [(a["type"], a["value"]) for a in out["answer"]] == [("PTR", "my-server.tailnet.")], args
+    assert run_cli("query", "-x", "my-server.tailnet", "--server", f"{server.host}:{server.port}").returncode == 2
 
 
 def test_status_without_server_fails_clearly(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def test_migration_from_v1_keeps_data(tmp_path: Path) -> None:
     db.execute("INSERT INTO users(name, created) VALUES ('alice', 1.0)")
     db.conn.close()
     s = ControlStore(path)
-    assert s.schema_version() == SCHEMA_VERSION
+    assert s.schema_version() == store_mod.SCHEMA_VERSION
     assert [u.name for u in s.list_users()] == ["alice"]
     s.set_nameservers(["1.1.1.1"])  # the v2 table exists
     assert s.dns_settings().nameservers == ("1.1.1.1",)

@@ -1,0 +1,145 @@
+"""The one entry point every listener calls: bytes of a query in, bytes of a reply out (now or later).
+
+A listener (batched UDP, asyncio UDP, TCP, and later DoT/DoH) owns its transport: reading, framing,
+writing, per-connection limits. What happens to a query once read is the same for all of them and
+lives here: the client allow-list, the answer engine of the current snapshot, counters, the query
+log, and handing non-local queries to the forwarding path. Listeners import this module, never the
+server, so the server can import the listeners without a cycle.
+
+The hot path is `answer`: one call, no allocation beyond the engine's own, bytes back. Only a query
+that is not answered locally costs a callback (`forward`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Union
+
+from .engine import Engine, Forward
+from .message import truncate
+from .querylog import QueryLog
+
+log = logging.getLogger(__name__)
+
+ReplyTo = Callable[[bytes], None]
+"""Where a reply that comes later (a forwarded query) is delivered: the listener's writer."""
+
+ForwardFn = Callable[[Forward, bytes, ReplyTo, bool], None]
+
+MAX_STREAM_MESSAGE = 65535  # RFC 1035 section 4.2.2: a two-octet length prefix
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """The per-transport limits a stream listener enforces (taken from the server's config)."""
+
+    idle_timeout: float = 10.0  # a complete message must arrive within this, else the connection closes
+    max_connections: int = 512
+    max_per_client: int = 64  # connections one client address may hold (a small share of the slots)
+    max_pipeline: int = 64  # forwarded queries outstanding on one connection before it stops reading
+    write_high_water: int = 64 * 1024  # replies buffered for a client that is not reading them
+
+
+def per_client_share(max_connections: int) -> int:
+    """The connections one client address may hold: max(4, cap/8), so a single host (or a
+    slowloris) can never take every slot."""
+    return max(4, max_connections // 8)
+
+
+class Counters:
+    """What the listeners and the forwarding path count; read by `status()`."""
+
+    __slots__ = ("udp", "tcp", "refused_clients", "dropped", "forwarded", "cache_answers",
+                 "no_upstream", "looped", "tcp_rejected", "tcp_idle_closed", "tcp_per_client_rejected",
+                 "tcp_stalled_closed", "overload", "engine_fast", "engine_slow")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+Answer = Union[bytes, Forward, None]
+
+
+class Dispatch:
+    """Transport-neutral query handling shared by every listener (see the module docstring).
+
+    `engine` is swapped whole by the server when a new view arrives; `forward_fn` is the server's
+    forwarding path (cache, in-flight cap, upstream race).
+    """
+
+    def __init__(self, allow: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network], forward_fn: ForwardFn,
+                 limits: ListenerLimits, qlog: QueryLog | None = None) -> None:
+        self.allow = tuple(allow)
+        self.engine: Engine | None = None
+        self.forward_fn = forward_fn
+        self.limits = limits
+        self.qlog = qlog
+        self.counters = Counters()
+        self._allowed: dict[str, bool] = {}
+        # New forwards the current batch may still start; -1: no limit. A batched listener that
+        # finds its socket backlogged (a full batch) sets a small allowance per batch: a forward
+        # costs ~10x an authoritative answer, so under overload a flood of unique names is answered
+        # SERVFAIL at once and the tailnet's own names keep their share of the CPU.
+        self.forward_allowance = -1
+
+    def client_allowed(self, host: str) -> bool:
+        """True when `host` (text form, as a socket gives it) may query us: we are no open resolver."""
+        ok = self._allowed.get(host)
+        if ok is None:
+            try:
+                addr = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                return False
+            if addr.version == 6 and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            ok = any(addr in net for net in self.allow)
+            if len(self._allowed) > 65536:
+                self._allowed.clear()
+            self._allowed[host] = ok
+        return ok
+
+    def answer(self, data: bytes, stream: bool = False) -> Answer:
+        """The local reply (bytes), a `Forward` to pass to `forward`, or None (dropped and counted).
+        `stream` says the transport has no size limit below 64 KiB (TCP, DoT, DoH)."""
+        try:
+            result = self.engine.handle(data, tcp=stream)  # type: ignore[union-attr]
+        except Exception:  # a bug must cost one query, never the listener (try is free in 3.11)
+            self.engine_error(data)
+            return None
+        if result is None:
+            self.counters.dropped += 1
+        elif stream and result.__class__ is bytes and len(result) > MAX_STREAM_MESSAGE:  # type: ignore[arg-type]
+            return truncate(result, MAX_STREAM_MESSAGE)  # type: ignore[arg-type]
+        return result
+
+    def forward(self, fwd: Forward, data: bytes, client: str, reply_to: ReplyTo, stream: bool) -> None:
+        """Send a non-local query on its way; its reply (fitted to the transport) goes to `reply_to`."""
+        qlog = self.qlog
+        if qlog is not None:
+            def logged(reply: bytes) -> None:
+                reply_to(reply)
+                qlog.write(client, data, reply, "forward")
+            self.forward_fn(fwd, data, logged, stream)
+        else:
+            self.forward_fn(fwd, data, reply_to, stream)
+
+    def handle(self, data: bytes, client: str, reply_to: ReplyTo, stream: bool) -> bytes | None:
+        """`answer` and `forward` in one call, for listeners off the hot path (TCP, DoT, DoH): the
+        local reply now, or None (dropped, or `reply_to` is called later)."""
+        result = self.answer(data, stream)
+        if result.__class__ is bytes:
+            if self.qlog is not None:
+                self.qlog.write(client, data, result, "local")  # type: ignore[arg-type]
+            return result  # type: ignore[return-value]
+        if result is not None:
+            self.forward(result, data, client, reply_to, stream)  # type: ignore[arg-type]
+        return None
+
+    def engine_error(self, data: bytes) -> None:
+        """Count and report a query that made the engine raise (a bug): it is dropped."""
+        self.counters.dropped += 1
+        log.exception("answer engine failed on a query (%d bytes, first 64: %s); dropped",
+                      len(data), data[:64].hex())
