@@ -379,11 +379,16 @@ class ControlStore:
     def acting_as(self, actor: str) -> Iterator["ControlStore"]:
         """Changes made inside are audited as `actor` ("admin-token", "node:laptop", "cli:root@host").
         Store calls are synchronous, so this is safe on the server's one event loop thread."""
+        self.fold_pending_audit()   # record changes from before keep their own actor
         previous, self.actor = self.actor, actor
         try:
             yield self
         finally:
-            self.actor = previous
+            try:
+                # Records written inside (through `self.records`, e.g. by the console) are this actor's.
+                self.fold_pending_audit(actor)
+            finally:
+                self.actor = previous
 
     def _audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
         """One audit entry in the current transaction (audit.py)."""
@@ -415,21 +420,22 @@ class ControlStore:
             for name, body in self._RECORD_TRIGGERS.items():
                 self.conn.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
 
-    def _fold_pending(self) -> None:
+    def _fold_pending(self, actor: str | None = None) -> None:
         rows = self.conn.execute("SELECT id, time, action, target, old, new FROM audit_pending ORDER BY id").fetchall()
         for _id, when, action, target, old, new in rows:
-            audit.record(self.conn, self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
+            audit.record(self.conn, actor or self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
                          json.loads(new) if new else None, now=when)
         if rows:
             self.conn.execute("DELETE FROM audit_pending WHERE id <= ?", [rows[-1][0]])
 
-    def fold_pending_audit(self) -> int:
-        """Chain the record changes the triggers noted; returns how many."""
+    def fold_pending_audit(self, actor: str | None = None) -> int:
+        """Chain the record changes the triggers noted (as `actor`, default RECORDS_ACTOR); returns
+        how many."""
         if self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is None:
             return 0
         with self._tx(bump=False):
             count = self.conn.execute("SELECT COUNT(*) FROM audit_pending").fetchone()[0]
-            self._fold_pending()
+            self._fold_pending(actor)
         return int(count)
 
     # -- audit log ------------------------------------------------------------------------------
