@@ -398,8 +398,9 @@ class ControlServer:
         request[_CHAN], request[_NONCE] = chan, base64.b64encode(nonce).decode()
         ts = self.replay.check(header, nonce, payload.get("ts"), time.time())
         if known:
-            # Persisted before the request acts, so a replay after a restart (or crash) is refused.
-            self.store.save_replay_mark(header, ts)
+            # Persisted in the same transaction as the change the request makes (or before, by any
+            # earlier one), so a replay after a restart or crash is refused.
+            self.store.note_replay_mark(header, ts)
         return header, chan, payload
 
     def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
@@ -442,14 +443,17 @@ class ControlServer:
                 reg = dataclasses.replace(reg, authkey=key)
         _, policy = self._policy()
         known = self.store.node_by_machine_key(machine_key)
+        self.store.note_replay_mark(machine_key, float(p["ts"]))   # written by the registration itself
         try:
             with self.store.acting_as(f"node:{known.name if known else reg.hostname}"):
                 node = self.store.register(reg, lambda *a: authorize(policy, *a))
-        except authkeys.AuthKeyRefused:
-            self.stats["refusals"] += 1
+        except BaseException as exc:
+            if known is None:
+                self.store.drop_replay_mark(machine_key)   # no row for a machine that never got in
+            if isinstance(exc, authkeys.AuthKeyRefused):
+                self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
-        self.store.save_replay_mark(machine_key, float(p["ts"]))
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()
         return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})

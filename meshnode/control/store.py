@@ -338,6 +338,7 @@ class ControlStore:
         self._node_cache: dict[int, tuple[tuple, Node]] = {}
         # Who the audit log names for changes made through this store (see `acting_as`).
         self.actor = "system"
+        self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
         try:
             if isinstance(db, sqlite_utils.Database):
                 self.db = db
@@ -366,6 +367,8 @@ class ControlStore:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            if self._marks:
+                self._write_marks()
             if bump:
                 self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                                   " WHERE key = 'change_counter'")
@@ -568,10 +571,28 @@ class ControlStore:
         return None if row is None else float(row[0])
 
     def save_replay_mark(self, machine_key: str, ts: float) -> None:
-        """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
+        """Raise the persisted mark now (never lowers it); not a tailnet change, so no counter bump."""
+        self.note_replay_mark(machine_key, ts)
         with self._tx(bump=False):
-            self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
-                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", [machine_key, ts])
+            pass
+
+    def note_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Persist the mark with the next transaction of this store, so a request's mark is written
+        atomically with the change it makes (one commit instead of two)."""
+        if ts > self._marks.get(machine_key, float("-inf")):
+            self._marks[machine_key] = ts
+        if len(self._marks) > 10_000:
+            with self._tx(bump=False):
+                pass
+
+    def drop_replay_mark(self, machine_key: str) -> None:
+        """Forget a noted mark not yet written (a failed registration of an unknown machine)."""
+        self._marks.pop(machine_key, None)
+
+    def _write_marks(self) -> None:
+        self.conn.executemany("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", list(self._marks.items()))
+        self._marks.clear()
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
