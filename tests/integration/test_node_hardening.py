@@ -131,3 +131,22 @@ def test_a_deeply_nested_map_and_damaged_prefs_are_moved_aside_and_reported(clus
     h = health(alpha)
     assert any("netmap.json was damaged" in x and "nested" in x for x in h), h
     assert any("prefs.json was damaged" in x and "login_server" in x for x in h), h
+
+
+def test_status_and_whois_show_a_hostile_peers_strings_escaped(cluster: Cluster) -> None:
+    from meshnode.control.protocol import generate_private_key, public_key_of
+    from meshnode.control.store import Grant, Registration
+    alpha = cluster.nodes[0]
+    alpha.start()
+    alpha.up(cluster.control, cluster.authkey())
+    evil_key, _ = cluster.admin.create_authkey("mallory\x1b[8m")
+    peer = cluster.admin.register(
+        Registration(public_key_of(generate_private_key()), public_key_of(generate_private_key()), "evil",
+                     "linux\x1b[2J\x1b]52;c;ZXZpbA==\x07\u202e", evil_key),
+        lambda user, tags, reg, existing: Grant((), (), False))
+    wait_until(lambda: "evil" in cli(alpha, "status").stdout, timeout=5, what="the peer in status")
+    for args in (("status",), ("whois", peer.addresses[0])):
+        r = cli(alpha, *args)
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\u202e" not in r.stdout, args
+        assert "\\x1b[2J" in r.stdout, (args, r.stdout)
