@@ -504,8 +504,8 @@ class ControlServer:
         finally:
             if handle in mine:
                 mine.remove(handle)
-            if not mine:
-                self._node_streams.pop(node.id, None)
+            if not mine and self._node_streams.get(node.id) is mine:
+                del self._node_streams[node.id]
             self.stats["streams"] -= 1
             left = self.online.get(node.id, 1) - 1
             if left:
