@@ -8,7 +8,9 @@ Node endpoints (bodies sealed, see `protocol.py`):
   POST /machine/logout      leave the tailnet                 -> sealed {"ok": true}
 Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
-  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
+  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"},
+  GET /admin/audit?since=UNIX&actor=A&target=T&limit=N (the audit log, oldest first),
+  GET /admin/audit/verify (the hash chain's state)
 GET /metrics (Prometheus text) needs the admin token too, or is served without one on its own
 listener (`start_metrics`, `control serve --metrics HOST:PORT`), never to nodes by default.
 Unauthenticated: GET /healthz.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import dataclasses
 import hmac
 import logging
@@ -169,6 +172,7 @@ class ControlServer:
             web.get("/admin/nodes", self._admin_nodes), web.post("/admin/nodes/{ref}/rename", self._admin_rename),
             web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
             web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
+            web.get("/admin/audit", self._admin_audit), web.get("/admin/audit/verify", self._admin_audit_verify),
         ])
         # The relay map in the network map: `relay_map` (the embedded relay's region), then the
         # --derp-map file, then the policy's "derpMap" section, each on top of the one before.
@@ -640,6 +644,25 @@ class ControlServer:
             text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
                                                   _bool(body, "ephemeral"), _strs(body, "tags"), expires)
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
+
+    async def _admin_audit(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        q = request.query
+        try:
+            since = float(q["since"]) if "since" in q else None
+            limit = int(q["limit"]) if "limit" in q else None
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be unix seconds and limit a number") from None
+        if since is not None and not math.isfinite(since) or limit is not None and not 0 < limit <= 100_000:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be finite and limit between 1 and 100000")
+        entries = self.store.audit_entries(since, q.get("actor") or None, q.get("target") or None, limit)
+        return web.json_response({"entries": [e.to_json() for e in entries]})
+
+    async def _admin_audit_verify(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        v = self.store.verify_audit()
+        return web.json_response({"ok": v.ok, "entries": v.entries, "problem": v.problem, "first_id": v.first_id,
+                                  "last_id": v.last_id, "head": v.head})
 
     async def _key(self, _request: web.Request) -> web.Response:
         from ..version import version  # lets `meshnode version` compare node and server
