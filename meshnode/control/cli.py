@@ -749,6 +749,9 @@ def audit_verify(db_path: str) -> None:
         raise click.ClickException(f"audit log verification FAILED: {result.problem}")
     span = f" (entries {result.first_id}..{result.last_id})" if result.entries else ""
     click.echo(f"audit log OK: {result.entries} entries{span}")
+    if result.head:
+        # Kept somewhere else, this pins today's log: even a rewrite of the whole chain shows later.
+        click.echo(f"head: {result.head}")
 
 
 @audit_group.command("retention")

@@ -338,6 +338,7 @@ class ControlStore:
         self._node_cache: dict[int, tuple[tuple, Node]] = {}
         # Who the audit log names for changes made through this store (see `acting_as`).
         self.actor = "system"
+        self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
         try:
             if isinstance(db, sqlite_utils.Database):
                 self.db = db
@@ -366,6 +367,8 @@ class ControlStore:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            if self._marks:
+                self._write_marks()
             if bump:
                 self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                                   " WHERE key = 'change_counter'")
@@ -379,11 +382,16 @@ class ControlStore:
     def acting_as(self, actor: str) -> Iterator["ControlStore"]:
         """Changes made inside are audited as `actor` ("admin-token", "node:laptop", "cli:root@host").
         Store calls are synchronous, so this is safe on the server's one event loop thread."""
+        self.fold_pending_audit()   # record changes from before keep their own actor
         previous, self.actor = self.actor, actor
         try:
             yield self
         finally:
-            self.actor = previous
+            try:
+                # Records written inside (through `self.records`, e.g. by the console) are this actor's.
+                self.fold_pending_audit(actor)
+            finally:
+                self.actor = previous
 
     def _audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
         """One audit entry in the current transaction (audit.py)."""
@@ -415,21 +423,22 @@ class ControlStore:
             for name, body in self._RECORD_TRIGGERS.items():
                 self.conn.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
 
-    def _fold_pending(self) -> None:
+    def _fold_pending(self, actor: str | None = None) -> None:
         rows = self.conn.execute("SELECT id, time, action, target, old, new FROM audit_pending ORDER BY id").fetchall()
         for _id, when, action, target, old, new in rows:
-            audit.record(self.conn, self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
+            audit.record(self.conn, actor or self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
                          json.loads(new) if new else None, now=when)
         if rows:
             self.conn.execute("DELETE FROM audit_pending WHERE id <= ?", [rows[-1][0]])
 
-    def fold_pending_audit(self) -> int:
-        """Chain the record changes the triggers noted; returns how many."""
+    def fold_pending_audit(self, actor: str | None = None) -> int:
+        """Chain the record changes the triggers noted (as `actor`, default RECORDS_ACTOR); returns
+        how many."""
         if self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is None:
             return 0
         with self._tx(bump=False):
             count = self.conn.execute("SELECT COUNT(*) FROM audit_pending").fetchone()[0]
-            self._fold_pending()
+            self._fold_pending(actor)
         return int(count)
 
     # -- audit log ------------------------------------------------------------------------------
@@ -562,10 +571,28 @@ class ControlStore:
         return None if row is None else float(row[0])
 
     def save_replay_mark(self, machine_key: str, ts: float) -> None:
-        """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
+        """Raise the persisted mark now (never lowers it); not a tailnet change, so no counter bump."""
+        self.note_replay_mark(machine_key, ts)
         with self._tx(bump=False):
-            self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
-                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", [machine_key, ts])
+            pass
+
+    def note_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Persist the mark with the next transaction of this store, so a request's mark is written
+        atomically with the change it makes (one commit instead of two)."""
+        if ts > self._marks.get(machine_key, float("-inf")):
+            self._marks[machine_key] = ts
+        if len(self._marks) > 10_000:
+            with self._tx(bump=False):
+                pass
+
+    def drop_replay_mark(self, machine_key: str) -> None:
+        """Forget a noted mark not yet written (a failed registration of an unknown machine)."""
+        self._marks.pop(machine_key, None)
+
+    def _write_marks(self) -> None:
+        self.conn.executemany("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", list(self._marks.items()))
+        self._marks.clear()
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")

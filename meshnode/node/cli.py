@@ -589,11 +589,12 @@ def whois_cmd(ctx: click.Context, address: str, as_json: bool) -> None:
         click.echo(json.dumps(res, indent=2))
         return
     node = res["node"]
-    click.echo(f"Machine:\n  Name:      {node['fqdn']}\n  ID:        {node['id']}\n"
-               f"  Addresses: {', '.join(node['addresses'])}\n  OS:        {node.get('os') or '-'}")
+    # The OS string and user name come from the network: shown, never obeyed (safetext).
+    click.echo(f"Machine:\n  Name:      {safe(node['fqdn'])}\n  ID:        {node['id']}\n"
+               f"  Addresses: {', '.join(node['addresses'])}\n  OS:        {safe(node.get('os') or '-')}")
     if res.get("tags"):
-        click.echo(f"  Tags:      {', '.join(res['tags'])}")
-    click.echo(f"User:\n  Name:      {res['user']}")
+        click.echo(f"  Tags:      {safe(', '.join(res['tags']))}")
+    click.echo(f"User:\n  Name:      {safe(res['user'])}")
 
 
 def _version_lines(cli: str, remote: dict[str, Any] | None, error: str | None) -> list[str]:

@@ -38,7 +38,7 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
 from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
-from .state import StateDir
+from .state import IdentityDamaged, StateDir
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
@@ -109,6 +109,7 @@ class Daemon:
         self.map_source = ""            # "saved" or "control"
         self.map_received_at: float | None = None
         self.control_error: str | None = None
+        self.identity_error: str | None = None   # damaged pin or lost machine key (state.IdentityDamaged)
         self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server, metrics=config.metrics)
@@ -157,7 +158,12 @@ class Daemon:
     async def start(self) -> None:
         """Open the state, undo a crashed run's leftovers, and resume what the prefs say."""
         self.state.open()
-        self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        try:
+            self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        except IdentityDamaged as exc:
+            # Not a new machine behind the user's back: `up --force-reauth` decides (health says so).
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
         self.prefs = self.state.prefs()
         try:
             self.osdns.recover()
@@ -172,7 +178,7 @@ class Daemon:
             except NetMapError as exc:
                 self.state.reject_saved_map(f"unusable map: {exc}")
         has_key = self.state.node_key() is not None
-        if not has_key:
+        if not has_key or (self.identity_error and "machine.key" in self.identity_error):
             self.backend = BackendState.NEEDS_LOGIN
         elif not self.prefs.want_running:
             self.backend = BackendState.STOPPED
@@ -363,7 +369,13 @@ class Daemon:
     def _start_map_stream(self) -> None:
         if self._map_task is not None and not self._map_task.done():
             return
-        client = self._control_client()
+        try:
+            client = self._control_client()
+        except IdentityDamaged as exc:
+            # Keep serving the saved map, but never talk to a server we can no longer authenticate.
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
+            return
         if client is None:
             return
         self._map_task = asyncio.create_task(self._follow_map(client))
@@ -532,6 +544,13 @@ class Daemon:
             prefs = self._merge_prefs(req)
             if not prefs.login_server:
                 raise ApiError(400, "no login server: pass --login-server URL")
+            if not req.force_reauth:
+                try:
+                    self.state.machine_key()
+                    self.state.server_key(prefs.login_server)
+                except IdentityDamaged as exc:
+                    self.identity_error = str(exc)
+                    raise ApiError(409, str(exc)) from None
             if req.exit_node and self.netmap is not None:
                 self._check_exit_node(self.netmap, req.exit_node)
             if req.force_reauth or (prefs.login_server != self.prefs.login_server and self.prefs.login_server):
@@ -542,6 +561,7 @@ class Daemon:
                 self.state.forget_server_key()
                 await self._forget_map()
                 self.netmap, self.map_source = None, ""
+                self.state.machine_key()   # a lost machine key is replaced only here, on request
             await self._stop_map_stream()
             fresh_key = self.state.node_key() is None
             if fresh_key:
@@ -584,6 +604,7 @@ class Daemon:
                                detail=exc.detail) from None
             if client.server_public_key:
                 self.state.save_server_key(prefs.login_server, client.server_public_key)
+            self.identity_error = None
             self.prefs = replace(prefs, want_running=True)
             self.state.save_prefs(self.prefs)
             self.control_error = None
@@ -778,6 +799,9 @@ class Daemon:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
             health.append(self.control_error)
+        if self.identity_error:
+            health.append(self.identity_error)
+        health += [f"state: {d}" for d in self.state.damage]
         control = self._client.stream_state if self._client is not None else None
         if control is not None and control["error"] and not self.control_error:
             since = time.strftime('%H:%M:%S', time.localtime(control['since']))
@@ -930,7 +954,10 @@ class Daemon:
         if not url:
             return {"url": None, "reachable": False, "latency_ms": None, "key_matches_pin": None,
                     "error": "no login server: run `meshnode up --login-server URL`"}
-        pinned = self.state.server_key(url)
+        try:
+            pinned = self.state.server_key(url)
+        except IdentityDamaged:
+            pinned = None
         start = time.monotonic()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
