@@ -192,6 +192,7 @@ class NetMap:
     dns: DnsConfig = field(default_factory=DnsConfig)
     packet_filter: tuple[Mapping[str, Any], ...] = ()
     derp: Mapping[str, Any] = field(default_factory=dict)  # relay map placeholder; empty until relays exist
+    tailnet_ca: str = ""  # PEM of the tailnet CA (control/ca.py); "" from servers without one
 
     def peer_by_name(self, name: str) -> MapNode | None:
         """The peer whose short name or FQDN is `name` (case-insensitive), if visible."""
@@ -207,7 +208,7 @@ class NetMap:
                 "peers": [p.to_json(self.domain) for p in self.peers],
                 "dns": self.dns.to_json(),
                 "packet_filter": [dict(r) for r in self.packet_filter],
-                "derp": dict(self.derp)}
+                "derp": dict(self.derp), **({"tailnet_ca": self.tailnet_ca} if self.tailnet_ca else {})}
 
     @staticmethod
     def from_json(obj: Any) -> "NetMap":
@@ -233,7 +234,15 @@ class NetMap:
         return NetMap(version, domain, MapNode.from_json(self_obj, domain), peers,
                       DnsConfig.from_json(obj.get("dns") or {}, domain),
                       tuple(MappingProxyType(r) for r in pf),
-                      MappingProxyType(dict(obj.get("derp") or {})))
+                      MappingProxyType(dict(obj.get("derp") or {})), _ca_text(obj.get("tailnet_ca")))
+
+
+def _ca_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or (value and "-----BEGIN CERTIFICATE-----" not in value):
+        raise NetMapError("tailnet_ca: expected a PEM certificate")
+    return value
 
 
 @contextmanager
