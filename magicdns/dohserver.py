@@ -140,11 +140,23 @@ class DohConnection(asyncio.Protocol):
 
     # -- DNS ------------------------------------------------------------------------------------
 
-    def resolve(self, query: bytes, respond: Callable[[bytes], None]) -> None:
-        """Answer one DNS query through the shared Dispatch; `respond` gets the reply (now or later)."""
+    def resolve(self, query: bytes, respond: Callable[[bytes], None], refuse: Callable[[DohError], None]) -> None:
+        """Answer one DNS query through the shared Dispatch; `respond` gets the reply (now or later).
+        A query the DNS layer drops (unreadable: no header) gets an HTTP 400 through `refuse`, since an
+        HTTP request, unlike a datagram, must be answered."""
         self.arm()  # a complete request: only these keep a connection alive
         self.stats.queries += 1
-        self.dispatch.counters.tcp += 1
+        dispatch = self.dispatch
+        dispatch.counters.tcp += 1
+        result = dispatch.answer(query, True)
+        if result.__class__ is bytes:
+            if dispatch.qlog is not None:
+                dispatch.qlog.write(self.host, query, result, "local")  # type: ignore[arg-type]
+            respond(result)  # type: ignore[arg-type]
+            return
+        if result is None:
+            refuse(DohError(HttpStatus.BAD_REQUEST, "not a DNS query"))
+            return
 
         def later(reply: bytes) -> None:
             self.pending -= 1
@@ -152,10 +164,7 @@ class DohConnection(asyncio.Protocol):
                 respond(reply)
 
         self.pending += 1
-        reply = self.dispatch.handle(query, self.host, later, True)
-        if reply is not None:
-            self.pending -= 1
-            respond(reply)
+        dispatch.forward(result, query, self.host, later, True)  # type: ignore[arg-type]
 
 
 class _Http2:
@@ -235,7 +244,7 @@ class _Http2:
         except DohError as exc:
             self._error(sid, exc)
             return
-        self.conn.resolve(query, lambda reply: self._respond(sid, reply))
+        self.conn.resolve(query, lambda reply: self._respond(sid, reply), lambda exc: self._error(sid, exc))
 
     def _respond(self, sid: int, reply: bytes) -> None:
         self._send(sid, 200, response_headers(reply), reply)
@@ -334,7 +343,7 @@ class _Http11:
             return
         self.conn.busy = True
         self.conn.update_reading()
-        self.conn.resolve(query, self._respond)
+        self.conn.resolve(query, self._respond, self._finish)
 
     def _respond(self, reply: bytes) -> None:
         self._write(200, response_headers(reply), reply, close=False)

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 
 @dataclass(frozen=True)
-class TestCa:
+class CaForTests:
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
 
@@ -32,7 +32,7 @@ def _t(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
 
 
-def make_ca(name: str = "test CA") -> TestCa:
+def make_ca(name: str = "test CA") -> CaForTests:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = time.time()
@@ -43,10 +43,10 @@ def make_ca(name: str = "test CA") -> TestCa:
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    return TestCa(key, cert)
+    return CaForTests(key, cert)
 
 
-def make_leaf(ca: TestCa, dns_names: tuple[str, ...] = ("dns.test",), ips: tuple[str, ...] = ("127.0.0.1",),
+def make_leaf(ca: CaForTests, dns_names: tuple[str, ...] = ("dns.test",), ips: tuple[str, ...] = ("127.0.0.1",),
               not_before: float | None = None, not_after: float | None = None) -> tuple[str, str]:
     """(certificate PEM, key PEM) signed by `ca`."""
     key = ec.generate_private_key(ec.SECP256R1())
