@@ -20,8 +20,8 @@ import click
 
 from .forward import ForwardingLoopError, reject_self
 from .names import NameError_, normalize_domain
-from .records import Record, RecordError, parse_record
-from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, StoreError
+from .records import SHADOWING_TYPES, Record, RecordError, parse_record
+from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, RRsetTooLarge, StoreError
 from .sysresolv import read_original_resolvers
 from .upstream import Upstream, UpstreamError, parse_upstream
 from .view import DEFAULT_DOMAIN, DnsSettings, DnsView, ViewError
@@ -62,13 +62,17 @@ def main() -> None:
               help="HOST:PORT to answer on (UDP and TCP); repeat for more.")
 @click.option("--view", "view_path", type=click.Path(dir_okay=False), help="JSON network view, reloaded on change.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Records store (SQLite).")
-@click.option("--upstream", "upstreams", multiple=True, help="Global nameserver HOST[:PORT]; repeat for more.")
+@click.option("--upstream", "upstreams", multiple=True,
+              help="Global nameserver HOST[:PORT]; repeat for more. A host name is resolved at start "
+                   "through the system's original resolvers, never through us.")
 @click.option("--route", "routes", multiple=True, help="Split route DOMAIN=HOST[:PORT][,HOST...]; DOMAIN= is local-only.")
 @click.option("--domain", default=None, help=f"Tailnet domain (default: the view's, else {DEFAULT_DOMAIN}).")
 @click.option("--allow", "allows", multiple=True,
               help="CIDR allowed to query; repeat for more. Default: loopback and the tailnet ranges.")
 @click.option("--tcp-idle-timeout", default=10.0, show_default=True, help="Seconds before an idle TCP client is closed.")
 @click.option("--max-tcp-connections", default=512, show_default=True, help="TCP clients served at once.")
+@click.option("--max-forward-qps", default=0, show_default=True, type=click.IntRange(0),
+              help="New upstream queries a second (0: no limit); over it, SERVFAIL (or a stale answer) at once.")
 @click.option("--control-socket", default=DEFAULT_SOCKET, show_default=True, help="Unix socket for `magicdns status`.")
 @click.option("--metrics", default=None, help="HOST:PORT to serve Prometheus metrics on.")
 @click.option("--query-log", default=None, help="Log every query to FILE ('-' for stderr).")
@@ -86,7 +90,7 @@ def main() -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
-          max_tcp_connections: int, control_socket: str,
+          max_tcp_connections: int, max_forward_qps: int, control_socket: str,
           metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str,
           dots: tuple[str, ...] = (), dohs: tuple[str, ...] = (), tls_cert: str | None = None,
           tls_key: str | None = None) -> None:
@@ -94,22 +98,29 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .server import DEFAULT_ALLOW, ServerConfig
+    from .stub import StubError, resolve_upstreams_sync
     from .watch import ViewSource
 
     listen = tuple(parse_hostport(item) for item in listens)
     own = tuple(Upstream(h, p) for h, p in listen)
     try:
-        ups = reject_self((parse_upstream(u) for u in upstreams), own)
+        # A name is resolved by the stub resolver against the system's original resolvers: /etc/resolv.conf
+        # may already point at us, and we do not answer yet.
+        ups = reject_self(resolve_upstreams_sync(upstreams, resolv_conf=resolv_conf, own_addresses=own), own)
         route_map = _parse_routes(routes, own)
         dom = normalize_domain(domain) if domain else None
         allow = tuple(ipaddress.ip_network(a, strict=False) for a in allows) or DEFAULT_ALLOW
     except (UpstreamError, ForwardingLoopError, NameError_) as exc:
         fail_usage(str(exc))
+    except StubError as exc:
+        fail(f"--upstream: {exc}")
     except ValueError as exc:
         fail_usage(f"--allow: {exc}")
     fallback = read_original_resolvers(resolv_conf, own_addresses=own) if not ups else ()
     try:
         store = RecordStore(db_path, dom or DEFAULT_DOMAIN) if db_path else None
+        if store is not None:  # so `records add` knows this view's node names without --view
+            store.set_served_view(os.path.abspath(view_path) if view_path else None)
         source = ViewSource(view_path, store, dom)
         view = _with_overrides(source.load(), ups, route_map)
     except (ViewError, StoreError) as exc:
@@ -118,7 +129,8 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     encrypted = _encrypted_config(dots, dohs, tls_cert, tls_key)
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
-                          max_tcp_connections=max_tcp_connections, batch_udp=udp_batch, encrypted=encrypted)
+                          max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
+                          max_forward_qps=max_forward_qps, encrypted=encrypted)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):
@@ -245,14 +257,43 @@ async def _serve(config: Any, view: DnsView, source: Any, ups: tuple[Upstream, .
               help="Records store (the standalone resolver's, or the control server's database).")
 @click.option("--domain", default=os.environ.get("MAGICDNS_DOMAIN", DEFAULT_DOMAIN), show_default=True,
               help="Tailnet domain that relative names are completed with.")
+@click.option("--view", "view_path", default=os.environ.get("MAGICDNS_VIEW"), type=click.Path(dir_okay=False),
+              help="A network view whose node names are taken (default: the view of the server using --db).")
 @click.pass_context
-def records(ctx: click.Context, db_path: str, domain: str) -> None:
+def records(ctx: click.Context, db_path: str, domain: str, view_path: str | None) -> None:
     """Manage admin-defined records."""
     try:
         dom = normalize_domain(domain)
     except NameError_ as exc:
         fail_usage(f"--domain: {exc}")
-    ctx.obj = {"db": db_path, "domain": dom}
+    ctx.obj = {"db": db_path, "domain": dom, "view": view_path}
+
+
+def _node_names(ctx: click.Context, store: RecordStore) -> set[str]:
+    """Names of nodes that records could shadow: the control database's, and the view file's."""
+    names = store.node_names()
+    path = ctx.obj.get("view") or store.served_view()
+    if path:
+        from .view import load_view
+        try:
+            view = load_view(path)
+        except ViewError as exc:
+            if ctx.obj.get("view"):
+                fail_usage(f"--view: {exc}")
+            # the server's view moved or broke since it started: its names are unknown, say so
+            click.echo(f"magicdns: cannot read the served view to check node names: {exc}", err=True)
+            return names
+        names |= {f"{h.name}.{view.domain}" for h in view.hosts}
+    return names
+
+
+def _refuse_shadowing(recs: list[Record], nodes: set[str], where: str = "") -> None:
+    """A record that would replace a node's addresses needs --override (DESIGN.md 3): without it
+    the resolver would ignore it, so refuse it now instead of saying "added"."""
+    for rec in recs:
+        if rec.name in nodes and rec.rtype in SHADOWING_TYPES and not rec.override:
+            fail_usage(f"{where}{rec.name} is the name of a node; a {rec.rtype} record there would shadow its "
+                       "addresses: add --override to do that on purpose" + ("; nothing was imported" if where else ""))
 
 
 def _store(ctx: click.Context) -> RecordStore:
@@ -277,9 +318,10 @@ def records_add(ctx: click.Context, name: str, rtype: str, value: tuple[str, ...
     except RecordError as exc:
         fail_usage(str(exc))
     store = _store(ctx)
+    _refuse_shadowing([rec], _node_names(ctx, store))
     try:
         store.add(rec)
-    except (DuplicateRecord, CnameConflict) as exc:
+    except (DuplicateRecord, CnameConflict, RRsetTooLarge) as exc:
         fail_usage(str(exc))
     except StoreError as exc:
         fail(str(exc))
@@ -347,9 +389,12 @@ def read_records_file(text: str, domain: str, source: str) -> list[Record]:
                 raise RecordError(f"{source}: record {i + 1}: {exc}") from None
         return out
     for lineno, line in enumerate(text.splitlines(), 1):
-        body = line.split(";", 1)[0].strip() if '"' not in line else line.strip()
-        if not body or body.startswith(("#", ";")):
+        if line.lstrip().startswith("#"):
             continue
+        body, comment = split_comment(line)
+        if not body:
+            continue
+        override = comment.strip() == OVERRIDE_COMMENT[1:].strip()
         fields = body.split(None, 1)
         if len(fields) < 2:
             raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
@@ -365,10 +410,28 @@ def read_records_file(text: str, domain: str, source: str) -> list[Record]:
         if len(parts) < 2:
             raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
         try:
-            out.append(parse_record(name, parts[0], parts[1], ttl, domain))
+            out.append(parse_record(name, parts[0], parts[1], ttl, domain, override))
         except RecordError as exc:
             raise RecordError(f"{source}:{lineno}: {exc}") from None
     return out
+
+
+OVERRIDE_COMMENT = "; override"
+
+
+def split_comment(line: str) -> tuple[str, str]:
+    """A zone-file line split at its first `;` outside quotes and escapes: (body, comment)."""
+    quoted = escaped = False
+    for i, ch in enumerate(line):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            return line[:i].strip(), line[i + 1:]
+    return line.strip(), ""
 
 
 @records.command("import")
@@ -385,9 +448,11 @@ def records_import(ctx: click.Context, path: str, replace: bool) -> None:
         recs = read_records_file(text, ctx.obj["domain"], path)
     except RecordError as exc:
         fail_usage(str(exc))
+    store = _store(ctx)
+    _refuse_shadowing(recs, _node_names(ctx, store), f"{path}: ")
     try:
-        added = _store(ctx).import_records(recs, replace=replace)
-    except CnameConflict as exc:
+        added = store.import_records(recs, replace=replace)
+    except (CnameConflict, RRsetTooLarge) as exc:
         fail_usage(f"{path}: {exc}; nothing was imported")
     except StoreError as exc:
         fail(str(exc))
@@ -404,25 +469,41 @@ def records_export(ctx: click.Context, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([r.to_json() for r in recs], indent=2))
     else:
-        for r in recs:
-            click.echo(f"{r.name}. {r.ttl} IN {r.rtype} {r.value}")
+        for r in recs:  # the override flag has no zone-file field: a comment that import reads back
+            click.echo(f"{r.name}. {r.ttl} IN {r.rtype} {r.value}" + (f" {OVERRIDE_COMMENT}" if r.override else ""))
 
 
 # -- query and status ----------------------------------------------------------------------------
 
+def question_for(name: str, qtype: str | None, reverse: bool) -> tuple[str, str]:
+    """What to ask for NAME [TYPE]: an IP address (or -x) means its PTR name, as `dig -x` does;
+    otherwise the name as given, type A by default. Raises click.UsageError for -x without an IP."""
+    try:
+        addr = ipaddress.ip_address(name.strip().strip("[]"))
+    except ValueError:
+        if reverse:
+            raise click.UsageError(f"-x needs an IP address, not {name!r}") from None
+        return name, (qtype or "A")
+    return addr.reverse_pointer, (qtype or "PTR")
+
+
 @main.command()
 @click.argument("name")
-@click.argument("qtype", default="A", metavar="[TYPE]")
+@click.argument("qtype", required=False, metavar="[TYPE]")
+@click.option("-x", "reverse", is_flag=True, help="NAME is an IP address: ask for its PTR name.")
 @click.option("--server", default="127.0.0.1:53", show_default=True, help="HOST[:PORT] to ask.")
 @click.option("--tcp", is_flag=True, help="Ask over TCP.")
 @click.option("--timeout", default=3.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def query(name: str, qtype: str, server: str, tcp: bool, timeout: float, as_json: bool) -> None:
-    """Ask a resolver (this one by default) a question and print the answer."""
+def query(name: str, qtype: str | None, reverse: bool, server: str, tcp: bool, timeout: float,
+          as_json: bool) -> None:
+    """Ask a resolver (this one by default) a question and print the answer. An IP address (or -x IP)
+    asks for its PTR name."""
     from dnslib import EDNS0, QTYPE, DNSRecord
 
     from .server import reply_to_json
 
+    name, qtype = question_for(name, qtype, reverse)
     host, port = parse_hostport(server)
     try:
         getattr(QTYPE, qtype.upper())

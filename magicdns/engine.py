@@ -268,14 +268,14 @@ class Engine:
                 return Forward(target, limit)
             owner = _owner_label(q.qname)
             ans = self._short_answer(owner, short, q.qtype)
-        template = build_template(owner, q.qtype, ans)
         if ans.external is not None:
             chase = self._chase(query, data, ans, edns, limit)
             if chase is not None:
                 return chase
             # RD clear (or nowhere to ask): the bare chain, as an authoritative server answers. Not
             # memoised, because the fast path does not look at RD.
-            return self._serve(template, query, data, edns, tcp, limit)
+            return self._serve(build_template(owner, q.qtype, ans), query, data, edns, tcp, limit)
+        template = build_template(owner, q.qtype, ans)
         if key is not None and template.rcode != Rcode.NXDOMAIN:
             self._remember(key, template)
         return self._serve(template, query, data, edns, tcp, limit)

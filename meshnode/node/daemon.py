@@ -29,16 +29,18 @@ from magicdns.view import DnsView
 from ..control import ca as tailnet_ca
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
-from ..words import control_failure, in_words
+from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
-from .apitypes import ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, UpRequest
+from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
+                       UpRequest, WhoisRequest)
 from .cert import RECHECK as CERT_RECHECK, NodeCertificates, renewal_delay
 from .dnsthread import DnsThread, DnsThreadError
 from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
                     resolved_in_use)
-from .prefs import Prefs, PrefsError
+from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
+from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
 from .state import StateDir
 from .router import Router, RouterError, control_addresses, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
@@ -48,6 +50,7 @@ log = logging.getLogger("meshnode.node.daemon")
 DEFAULT_STATE_DIR = Path("/var/lib/meshnode")
 DEFAULT_SOCKET = Path("/run/meshnode/meshnode.sock")
 SYSTEM_RESOLV_CONF = Path("/etc/resolv.conf")
+ENDPOINT_POLL = 1.0  # seconds between looks at this node's endpoints (a change is reported within)
 BROWSER_LOGIN_WAIT = 600.0  # `meshnode up` without a key waits this long for someone to confirm the URL
 
 
@@ -79,11 +82,19 @@ class DaemonConfig:
     doh_listen: tuple[tuple[str, int], ...] = ()
 
 
+# `status --json` field names are stable within a schema number (README.md, "status --json schema"):
+# fields may be added; a rename or removal bumps it.
+STATUS_SCHEMA = 1
+ACTIVE_SECONDS = 180  # a handshake younger than this: the peer is exchanging traffic
+
+
 def node_json(node: MapNode) -> dict[str, Any]:
     """The part of a node `meshnode status` shows."""
     return {"id": node.id, "name": node.name, "fqdn": node.fqdn, "user": node.user,
             "addresses": list(node.addresses), "online": node.online, "tags": list(node.tags),
             "os": node.os, "last_seen": node.last_seen, "exit_node": node.exit_node,
+            "offers_exit_node": node.exit_node, "advertises_exit_node": node.advertises_exit_node,
+            "ephemeral": node.ephemeral,
             "advertised_routes": list(node.advertised_routes),
             "approved_routes": list(node.approved_routes)}
 
@@ -113,12 +124,16 @@ class Daemon:
         self._router = (Router(config.tun, config.state_dir / "forwarding.pre-meshnode.json")
                         if config.tun else None)
         self.router_error: str | None = None
+        self.serve_config = ServeConfig()
+        self._serve = ServeRunner(self._caller)
         self._reported_endpoints: list[str] | None = None
+        self._reported_disco = ""  # the disco key the control server has from us
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
         self._applied_osdns: OsDnsConfig | None = None
         self._client: ControlClient | None = None
         self._map_task: asyncio.Task[None] | None = None
+        self._endpoint_task: asyncio.Task[None] | None = None
         self._drift_task: asyncio.Task[None] | None = None
         self._first_map = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
@@ -182,6 +197,8 @@ class Daemon:
         else:
             await self._go_up()
         self._drift_task = asyncio.create_task(self._watch_osdns())
+        self.serve_config = load_config(self._serve_path)
+        await self._sync_serve()
         log.info("daemon: started in state %s (state dir %s)", self.backend.value, self.state.path)
 
     async def close(self) -> None:
@@ -191,6 +208,7 @@ class Daemon:
         for task in list(self._background):
             task.cancel()
         await self._go_down(BackendState.STOPPED)
+        await self._serve.close()
         await self._flush_saves()
         self._writer.shutdown(wait=True)
         self.state.close()
@@ -223,6 +241,7 @@ class Daemon:
                 log.error("osdns: restore failed: %s", exc)
             self._applied_osdns = None
         await asyncio.to_thread(self.dns.stop)
+        await self._serve.apply(self.serve_config, ())
         await self._remove_addresses()
         if self._router is not None:
             await self._router.close()
@@ -241,11 +260,13 @@ class Daemon:
             return
         try:
             await self._tunnel.start(bytes(node_key))
+            await self._tunnel.set_shields(self.prefs.shields_up)
             if self.netmap is not None:
                 await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes)
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
         await self._route(self.netmap)
+        await self._sync_serve()
 
     async def _route(self, netmap: NetMap | None) -> None:
         """Forwarding, masquerading and exit node routing for `netmap` and the prefs (router.py)."""
@@ -263,17 +284,45 @@ class Daemon:
 
     async def _report_endpoints(self, client: ControlClient) -> None:
         # Peers find us at these addresses; WireGuard also learns them from handshakes, so a
-        # failure here only delays the first contact.
-        if self._tunnel is None:
-            return
-        endpoints = await self._tunnel.endpoints()
-        if endpoints == self._reported_endpoints:
+        # failure here only delays the first contact (and the next poll retries).
+        if self._tunnel is None or not self._tunnel.running:
             return
         try:
-            await client.update_endpoints(endpoints)
-            self._reported_endpoints = endpoints
+            endpoints = await self._tunnel.endpoints()
+        except OSError as exc:
+            log.warning("endpoints: cannot list local addresses: %s", exc)
+            return
+        disco = self._tunnel.disco_key
+        if endpoints == self._reported_endpoints and disco == self._reported_disco:
+            return
+        try:
+            await client.update_endpoints(endpoints, disco_key=disco)
+            self._reported_endpoints, self._reported_disco = endpoints, disco
+            log.info("control: reported endpoints %s", ", ".join(endpoints) or "(none)")
         except ControlError as exc:
             log.warning("control: reporting endpoints %s failed: %s", endpoints, exc)
+
+    async def _watch_endpoints(self, client: ControlClient) -> None:
+        """Report this node's endpoints again within ENDPOINT_POLL of any change (an address
+        added or removed, an interface set down, a NAT address learned from peers)."""
+        while True:
+            await asyncio.sleep(ENDPOINT_POLL)
+            try:
+                await self._report_endpoints(client)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:  # never end the watch on a bug: say so and keep polling
+                log.exception("endpoints: report failed")
+
+    async def _current_endpoints(self) -> tuple[list[str], str]:
+        """(endpoints, disco key) of the running tunnel, for a registration; empty without one."""
+        if self._tunnel is None or not self._tunnel.running:
+            return [], ""
+        try:
+            return await self._tunnel.endpoints(), self._tunnel.disco_key
+        except OSError as exc:
+            log.warning("endpoints: cannot list local addresses: %s", exc)
+            return [], self._tunnel.disco_key
 
     async def _place_addresses(self) -> None:
         if self.config.dns_listen:
@@ -330,9 +379,18 @@ class Daemon:
         if client is None:
             return
         self._map_task = asyncio.create_task(self._follow_map(client))
+        if self._endpoint_task is None or self._endpoint_task.done():
+            self._endpoint_task = asyncio.create_task(self._watch_endpoints(client))
 
     async def _stop_map_stream(self) -> None:
         await self._stop_cert_task()
+        watcher, self._endpoint_task = self._endpoint_task, None
+        if watcher is not None:
+            watcher.cancel()
+            try:
+                await watcher
+            except asyncio.CancelledError:
+                pass
         task, self._map_task = self._map_task, None
         if task is not None:
             task.cancel()
@@ -486,9 +544,11 @@ class Daemon:
         if self._tunnel is not None:
             try:
                 await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.set_shields(self.prefs.shields_up)
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
             await self._route(netmap)
+            await self._sync_serve()
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -580,13 +640,17 @@ class Daemon:
             client = self._control_client()
             assert client is not None
             try:
+                endpoints, disco = await self._current_endpoints()
                 register_kw = dict(hostname=prefs.hostname or None, os=self.config.os_name,
                                    advertise_routes=prefs.advertise_routes, advertise_tags=prefs.advertise_tags,
-                                   advertise_exit_node=prefs.advertise_exit_node)
+                                   advertise_exit_node=prefs.advertise_exit_node,
+                                   endpoints=endpoints, disco_key=disco)
                 if req.authkey is None and req.interactive:
                     await self._login_in_browser(client, register_kw)
                 else:
                     await client.register(authkey=req.authkey, **register_kw)
+                # Whatever was reported before, report again now: the server has what we just sent.
+                self._reported_endpoints = None
             except ControlError as exc:
                 await self._stop_map_stream()
                 if fresh_key:
@@ -638,14 +702,134 @@ class Daemon:
             self.auth_url = None
 
     def _merge_prefs(self, req: UpRequest) -> Prefs:
-        changes = {k: getattr(req, k) for k in ("login_server", "hostname", "accept_dns", "accept_routes",
-                                                  "advertise_routes", "advertise_exit_node", "exit_node",
-                                                  "advertise_tags")
-                   if getattr(req, k) is not None}
+        changes = {k: getattr(req, k) for k in ("login_server", *SETTABLE) if getattr(req, k) is not None}
         try:
             return self.prefs.updated(**changes)
         except PrefsError as exc:
             raise ApiError(400, str(exc)) from None
+
+    async def set_prefs(self, req: UpRequest) -> dict[str, Any]:
+        """`meshnode set`: change the given prefs only. A running node applies them at once (through
+        `up`, which re-registers: advertised routes, tags and the hostname live on the control
+        server); a stopped or logged-out one keeps them for the next `up`."""
+        if self.backend in (BackendState.RUNNING, BackendState.STARTING) and self.state.node_key() is not None:
+            return await self.up(req)
+        async with self._lock:
+            prefs = self._merge_prefs(req)
+            if req.exit_node and self.netmap is not None:
+                self._check_exit_node(self.netmap, req.exit_node)
+            self.prefs = prefs
+            self.state.save_prefs(prefs)
+        return self.status()
+
+    def whois(self, req: WhoisRequest) -> dict[str, Any]:
+        """The node and user owning a tailnet address (the identity ACLs and `serve` use)."""
+        node = self.node_of(req.address)
+        if node is None:
+            raise ApiError(404, f"{req.address} is not the address of any node in the network map")
+        return {"address": req.address, "node": node_json(node), "user": node.user,
+                "tags": list(node.tags), "self": self.netmap is not None and node is self.netmap.self_node}
+
+    def node_of(self, address: str) -> MapNode | None:
+        """The map node (self or a peer) that owns tailnet `address`, or None."""
+        nm = self.netmap
+        if nm is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        text = str(ip)
+        for node in (nm.self_node, *nm.peers):
+            if text in node.addresses:
+                return node
+        return None
+
+    async def version(self) -> dict[str, Any]:
+        """This daemon's version and the control server's (from its GET /key), and whether they match."""
+        from ..version import version
+        import aiohttp
+        mine = version()
+        url = self.prefs.login_server or None
+        control: dict[str, Any] = {"url": url, "version": None, "error": None}
+        if url:
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
+                    async with http.get(url.rstrip("/") + "/key") as resp:
+                        body = await resp.json(content_type=None)
+                control["version"] = body.get("version") if isinstance(body, dict) else None
+                if control["version"] is None:
+                    control["error"] = "the control server does not report its version (older than 0.1.0?)"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                control["error"] = control_unreachable(url, exc)
+        return {"daemon": mine, "control": control}
+
+    # -- serve ----------------------------------------------------------------------------------
+
+    @property
+    def _serve_path(self) -> Path:
+        return self.config.state_dir / "serve.json"
+
+    def _serve_addresses(self) -> tuple[str, ...]:
+        if (self._tunnel is None or not self._tunnel.running or self.netmap is None
+                or self.backend not in (BackendState.RUNNING, BackendState.STARTING)):
+            return ()
+        return tuple(self.netmap.self_node.addresses)
+
+    async def _sync_serve(self, strict_port: int | None = None) -> None:
+        await self._serve.apply(self.serve_config, self._serve_addresses(), strict_port)
+
+    def _caller(self, address: str) -> Caller | None:
+        node = self.node_of(address)
+        if node is None:
+            return None
+        return Caller(address, node.fqdn, node.user, tuple(node.tags))
+
+    def serve_status(self) -> dict[str, Any]:
+        return {"entries": self._serve.status(self.serve_config),
+                "addresses": list(self._serve_addresses()),
+                "tunnel": self._tunnel is not None}
+
+    async def serve_set(self, req: ServeRequest) -> dict[str, Any]:
+        """Serve a port: it listens at once (or the request is refused, nothing changed), and is
+        saved so a restarted daemon serves it again."""
+        if self._tunnel is None:
+            raise ApiError(409, "serve shares a port on the node's tailnet addresses, which need the tunnel:"
+                                " run the daemon with --tun NAME")
+        async with self._lock:
+            old = self.serve_config
+            try:
+                new = old.with_entry(ServeEntry(req.port, Kind(req.kind), req.target))
+            except ServeError as exc:
+                raise ApiError(400, str(exc)) from None
+            self.serve_config = new
+            try:
+                await self._sync_serve(strict_port=req.port)
+            except ServeError as exc:
+                self.serve_config = old
+                await self._sync_serve()
+                raise ApiError(409, str(exc)) from None
+            save_config(self._serve_path, new)
+        return self.serve_status()
+
+    async def serve_off(self, port: int) -> dict[str, Any]:
+        async with self._lock:
+            try:
+                self.serve_config = self.serve_config.without(port)
+            except ServeError as exc:
+                raise ApiError(404, str(exc)) from None
+            save_config(self._serve_path, self.serve_config)
+            await self._sync_serve()
+        return self.serve_status()
+
+    async def serve_reset(self) -> dict[str, Any]:
+        async with self._lock:
+            self.serve_config = ServeConfig()
+            save_config(self._serve_path, self.serve_config)
+            await self._sync_serve()
+        return self.serve_status()
 
     async def down(self) -> dict[str, Any]:
         async with self._lock:
@@ -693,7 +877,7 @@ class Daemon:
         routing = self._router.applied if self._router is not None else None
         if routing is not None and routing.use_exit and routing.exit_peer is None:
             health.append(f"exit node {self.prefs.exit_node!r} is not an approved exit node in the map:"
-                          " internet traffic is blocked (`meshnode up --exit-node ''` goes direct)")
+                          " internet traffic is blocked (`meshnode set --exit-node=` goes direct)")
         tunnel = self._tunnel.status() if self._tunnel is not None else None
         if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
                 and not tunnel.get("running")):
@@ -701,7 +885,10 @@ class Daemon:
                           + (f": {tunnel['failure']}" if tunnel.get("failure") else ""))
         if tunnel is not None and (tunnel.get("filter") or {}).get("error"):
             health.append(tunnel["filter"]["error"])
+        from ..version import version
         return {
+            "schema": STATUS_SCHEMA,
+            "version": version(),
             "backend_state": self.backend.value,
             "auth_url": self.auth_url,
             "login_server": self.prefs.login_server or None,
@@ -719,13 +906,23 @@ class Daemon:
     def _peers_json(self, nm: NetMap) -> list[dict[str, Any]]:
         tunnel = self._tunnel.status() if self._tunnel is not None else {}
         by_key = {p["public_key"]: p for p in tunnel.get("peers", [])}
+        ref = self.prefs.exit_node
+        now = time.time()
         out = []
         for p in nm.peers:
             obj = node_json(p)
+            obj["exit_node_in_use"] = bool(ref) and p.exit_node and ref in (p.name, p.fqdn, *p.addresses)
             wg = by_key.get(p.node_key)
+            obj["tunnel"] = None
+            obj["active"] = False
             if wg is not None:
                 obj["tunnel"] = {"endpoint": wg["endpoint"], "last_handshake": wg["last_handshake"],
                                  "rx_bytes": wg["rx_bytes"], "tx_bytes": wg["tx_bytes"]}
+                if wg.get("path") is not None:
+                    obj["path"] = wg["path"]
+                # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
+                shook = wg["last_handshake"]
+                obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg["endpoint"])
             out.append(obj)
         return out
 
@@ -739,8 +936,8 @@ class Daemon:
         return {"name": node.fqdn, "addresses": addrs}
 
     async def ping(self, req: PingRequest) -> dict[str, Any]:
-        """ICMP echo to a peer's tailnet address, through the tunnel."""
-        from .icmp import ping_once
+        """Ping a peer as `tailscale ping` does: disco pings on every path it may take, each reply
+        saying which path answered (ICMP through the tunnel for a peer without a disco key)."""
         nm = self.netmap
         if nm is None:
             raise ApiError(409, "no network map yet: run `meshnode up`")
@@ -750,14 +947,43 @@ class Daemon:
         if node is nm.self_node:
             raise ApiError(400, f"{node.fqdn} is this node")
         v4 = next((a for a in node.addresses if ":" not in a), None)
+        paths = self._tunnel.paths
+        if paths is not None and node.disco_key:
+            return await self._disco_ping(paths, node, v4 or node.addresses[0], req)
         if v4 is None:
             raise ApiError(409, f"{node.fqdn} has no IPv4 address to ping")
+        from .icmp import ping_once
         replies: list[float | None] = []
         for seq in range(1, req.count + 1):
             pong = await asyncio.to_thread(ping_once, v4, seq, req.timeout)
             replies.append(round(pong.rtt * 1000, 3) if pong else None)
         wg = next((p for p in self._tunnel.status().get("peers", []) if p["public_key"] == node.node_key), {})
-        return {"peer": node.fqdn, "address": v4, "endpoint": wg.get("endpoint"), "replies_ms": replies}
+        via = wg.get("endpoint")
+        return {"peer": node.fqdn, "address": v4, "endpoint": via, "replies_ms": replies,
+                "replies": [{"ms": r, "via": via if r is not None else None} for r in replies]}
+
+    async def _disco_ping(self, paths: Any, node: MapNode, addr: str, req: PingRequest) -> dict[str, Any]:
+        from .pathrunner import b64_key
+        key = b64_key(node.node_key)
+        if key is None:
+            raise ApiError(409, f"{node.fqdn} has an unusable node key")
+        replies: list[dict[str, Any]] = []
+        for _ in range(req.count):
+            res = await paths.ping(key, req.timeout)
+            if res is None:
+                replies.append({"ms": None, "via": None})
+                continue
+            via = (f"{res.endpoint[0]}:{res.endpoint[1]}" if res.endpoint and ":" not in res.endpoint[0]
+                   else f"[{res.endpoint[0]}]:{res.endpoint[1]}" if res.endpoint
+                   else f"DERP({res.relay_region})")
+            replies.append({"ms": round(res.latency_ms, 3), "via": via, "direct": res.endpoint is not None})
+            if req.until_direct and res.endpoint is not None:
+                break
+            if req.count > 1:
+                await asyncio.sleep(min(1.0, req.timeout))  # tailscale pings once a second
+        last = next((r["via"] for r in reversed(replies) if r["via"]), None)
+        return {"peer": node.fqdn, "address": addr, "endpoint": last,
+                "replies_ms": [r["ms"] for r in replies], "replies": replies}
 
     async def netcheck(self, req: NetcheckRequest) -> dict[str, Any]:
         """What this node knows of its connectivity: the WireGuard UDP port, the endpoints peers

@@ -2,8 +2,10 @@
 
 Serving side (`up --advertise-routes` / `--advertise-exit-node`, approved on the control server):
 IP forwarding on, and an nftables table of our own (`table inet meshnode`) that masquerades
-tailnet sources leaving by any interface but the TUN, so hosts behind the router answer without
-knowing the tailnet. A router serving only subnets drops what arrives from the tunnel for any other
+tailnet sources leaving through a real interface (not the TUN, not `lo`: traffic that stays on this
+machine, such as the node's own queries to 100.100.100.100, keeps its address, or the resolver
+would refuse it as a foreign client), so hosts behind the router answer without knowing the
+tailnet. A router serving only subnets drops what arrives from the tunnel for any other
 destination: a peer must not use it as an exit node it was never approved as.
 
 Using side (`up --exit-node NAME|IP`): default routes into the TUN in a table of our own (52), used
@@ -47,6 +49,8 @@ PRIO_TUNNEL = 5250
 NFT_TABLE = "meshnode"
 TAILNET_V4 = "100.64.0.0/10"
 TAILNET_V6 = "fd7a:115c:a1e0::/48"
+DNS_SERVICE_V4 = "100.100.100.100"  # the node's own resolver: its clients must keep their address
+DNS_SERVICE_V6 = "fd7a:115c:a1e0::53"
 _EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 _SYSCTLS = {4: Path("/proc/sys/net/ipv4/ip_forward"), 6: Path("/proc/sys/net/ipv6/conf/all/forwarding")}
 
@@ -131,8 +135,11 @@ def nft_ruleset(plan: RoutingPlan, tun: str) -> str:
              "\tchain forward {", "\t\ttype filter hook forward priority filter; policy accept;",
              *(f"\t\t{r}" for r in forward), "\t}",
              "\tchain postrouting {", "\t\ttype nat hook postrouting priority srcnat; policy accept;",
-             f"\t\toifname != {tun_q} ip saddr {TAILNET_V4} masquerade",
-             f"\t\toifname != {tun_q} ip6 saddr {TAILNET_V6} masquerade",
+             f"\t\toifname {{ {tun_q}, \"lo\" }} accept",
+             f"\t\tip daddr {DNS_SERVICE_V4} accept",
+             f"\t\tip6 daddr {DNS_SERVICE_V6} accept",
+             f"\t\tip saddr {TAILNET_V4} masquerade",
+             f"\t\tip6 saddr {TAILNET_V6} masquerade",
              "\t}", "}"]
     return "\n".join(lines) + "\n"
 

@@ -92,6 +92,10 @@ class StateDir:
             raise StateError(f"state directory {self.path}: {exc.strerror}") from None
         if not self.path.is_dir():
             raise StateError(f"state directory {self.path}: not a directory")
+        self._tighten(self.path, 0o700)
+        for name in ("machine.key", "node.key", "prefs.json", "netmap.json", "control.json", "daemon.lock",
+                     "forwarding.pre-meshnode.json", "resolv.pre-meshnode.conf"):
+            self._tighten(self.path / name, 0o600)
         try:
             fd = os.open(self.path / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -104,6 +108,22 @@ class StateDir:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+
+    @staticmethod
+    def _tighten(path: Path, mode: int) -> None:
+        """Keys, the map and the saved resolv.conf are this machine's business only: narrow a wider
+        mode (a copy, a restore from backup, a hand edit) and say so."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StateError(f"{path}: cannot stat: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            return
+        if st.st_mode & 0o777 & ~mode:
+            os.chmod(path, mode)
+            log.warning("state: %s had mode %o; set it to %o", path, st.st_mode & 0o777, mode)
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -18,6 +18,7 @@ import binascii
 import ipaddress
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from ..netmap import NetMap
@@ -25,6 +26,7 @@ from ..netmap import NetMap
 log = logging.getLogger("meshnode.node.tunnel")
 
 DEFAULT_PORT = 41641
+IFF_UP = 0x1
 KEEPALIVE = 25  # seconds: keeps NAT mappings open, as Tailscale does
 _EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
 _TAILNET = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
@@ -52,6 +54,28 @@ def _endpoint(texts: tuple[str, ...], tunneled: tuple[Any, ...] = ()) -> tuple[s
             return host, port
         first = first or (host, port)
     return first
+
+
+def candidate_order(texts: tuple[str, ...], tunneled: tuple[Any, ...] = ()) -> list[tuple[str, int]]:
+    """A peer's reported endpoints as path candidates, in the order to guess before any answers:
+    as reported, except that those inside subnet routes we send into the tunnel come last (their
+    UDP would loop into the tunnel). Unparsable ones are left out."""
+    from ..paths import parse_endpoint
+    outside, inside = [], []
+    for text in texts:
+        try:
+            ep = parse_endpoint(text)
+        except ValueError:
+            continue
+        ip = ipaddress.ip_address(ep[0])
+        (inside if any(ip in net for net in tunneled) else outside).append(ep)
+    return outside + inside
+
+
+def tunneled_subnets(configs: list[Any]) -> tuple[Any, ...]:
+    """The subnet routes (not host routes, not default routes) the configs send into the tunnel."""
+    return tuple(net for c in configs for net in c.allowed_ips
+                 if 0 < net.prefixlen < net.max_prefixlen)
 
 
 def peer_configs(netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> list[Any]:
@@ -108,10 +132,12 @@ def local_endpoints(port: int, exclude_ifname: str) -> list[str]:
     from pyroute2 import IPRoute
     found: list[str] = []
     with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        links = ipr.get_links()
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        down = {link["index"] for link in links if not link["flags"] & IFF_UP}
         for msg in ipr.get_addr():
-            if names.get(msg["index"]) in (exclude_ifname, "lo"):
-                continue
+            if names.get(msg["index"]) in (exclude_ifname, "lo") or msg["index"] in down:
+                continue  # an interface set down no longer reaches anyone
             ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
             if ip.is_loopback or ip.is_link_local or ip.is_multicast or any(ip in n for n in _TAILNET):
                 continue
@@ -132,6 +158,8 @@ class TunnelFilter:
         self.version: int | None = None  # the map version whose rules are in force
         self.error: str | None = None    # why the last map's rules were refused
         self._source: tuple[Any, ...] | None = None
+        self._rules: tuple[Any, ...] = ()  # the map's rules, kept while shields are up
+        self.shields_up = False          # `up --shields-up`: no rule in force, only replies pass
 
     def hooks(self) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
         """(inbound check, outbound tap) for `Device.set_packet_filter`."""
@@ -162,7 +190,20 @@ class TunnelFilter:
             return None
         self._source, self.error = source, None
         self.rule_count, self.version = len(rules), netmap.version
-        pf = self.filter
+        self._rules = tuple(rules)
+        return self._in_force()
+
+    def shields_update(self, on: bool) -> Callable[[], None] | None:
+        """What to run on the data-plane thread to raise (or lower) the shields, or None if unchanged.
+        Raised, no rule is in force: new connections from the tailnet are dropped, replies of this
+        node's own connections still pass through the flow table."""
+        if on == self.shields_up:
+            return None
+        self.shields_up = on
+        return self._in_force()
+
+    def _in_force(self) -> Callable[[], None]:
+        pf, rules = self.filter, (() if self.shields_up else self._rules)
 
         def update() -> None:
             pf.set_rules(rules)
@@ -174,7 +215,7 @@ class TunnelFilter:
         return {"rules": self.rule_count, "map_version": self.version,
                 "dropped": {r.name.lower(): n for r, n in pf.drops.items()},
                 "accepted": {r.name.lower(): n for r, n in pf.accepts.items()},
-                "flows": pf.flow_count, "error": self.error}
+                "flows": pf.flow_count, "error": self.error, "shields_up": self.shields_up}
 
 
 class Tunnel:
@@ -186,6 +227,7 @@ class Tunnel:
         self._device: Any = None
         self._addresses: tuple[Interface, ...] = ()
         self._filter: TunnelFilter | None = None
+        self.paths: Any = None  # the PathRunner while the device runs
 
     @property
     def running(self) -> bool:
@@ -210,6 +252,9 @@ class Tunnel:
         # Before any peer exists: no packet from the tunnel ever bypasses the filter.
         self._filter = TunnelFilter()
         self._device.set_packet_filter(*self._filter.hooks())
+        from .pathrunner import PathRunner
+        self.paths = PathRunner(self._device, private_key)
+        self.paths.start()
         log.info("tunnel: %s up, UDP port %d", self._device.ifname, self._device.listen_port)
         return self._device.ifname
 
@@ -234,7 +279,16 @@ class Tunnel:
             await asyncio.to_thread(configure)
             self._addresses = addresses
         await self._apply_filter(device, netmap)
-        await asyncio.to_thread(device.set_peers, peer_configs(netmap, exit_node, accept_routes))
+        configs = peer_configs(netmap, exit_node, accept_routes)
+        if self.paths is not None:
+            # The path layer owns each known peer's endpoint: a map update (a record, a policy,
+            # a tag) must not send a peer back to its first reported endpoint.
+            known = {s.public_key for s in device.stats()}
+            configs = [replace(c, endpoint=None) if c.public_key in known else c for c in configs]
+        await asyncio.to_thread(device.set_peers, configs)
+        if self.paths is not None:
+            tunneled = tunneled_subnets(configs)
+            self.paths.set_peers(netmap.peers, lambda texts: candidate_order(texts, tunneled))
 
     async def _apply_filter(self, device: Any, netmap: NetMap) -> None:
         # Rules first, then peers: a peer the new map adds is never seen under older rules.
@@ -246,11 +300,33 @@ class Tunnel:
             log.info("tunnel: packet filter of map version %d in force (%d rules)", netmap.version,
                      self._filter.rule_count)
 
+    async def set_shields(self, on: bool) -> None:
+        """`--shields-up`: drop new inbound connections from the tailnet (replies still pass)."""
+        device, filt = self._device, self._filter
+        if device is None or filt is None:
+            return
+        update = filt.shields_update(on)
+        if update is not None:
+            await asyncio.wrap_future(device.call_soon_dataplane(update))
+            log.info("tunnel: shields %s", "up: new inbound connections are dropped" if on else "down")
+
     async def endpoints(self) -> list[str]:
         """Where peers can reach us (to report to the control server)."""
         if self._device is None:
             return []
-        return await asyncio.to_thread(local_endpoints, self._device.listen_port, self._device.ifname)
+        found = await asyncio.to_thread(local_endpoints, self._device.listen_port, self._device.ifname)
+        if self.paths is not None:
+            self.paths.set_local_endpoints(found)
+            # Our address as peers see it through a NAT (from their pongs), like a STUN result.
+            found = found + [e for e in sorted(self.paths.discovered_endpoints()) if e not in found]
+        return found
+
+    @property
+    def disco_key(self) -> str:
+        """This run's disco public key (base64), or "" without a running device."""
+        if self.paths is None:
+            return ""
+        return base64.b64encode(self.paths.disco_key.public).decode()
 
     def status(self) -> dict[str, Any]:
         device = self._device
@@ -262,9 +338,11 @@ class Tunnel:
             ep = display_endpoint(s.endpoint)
             peers.append({"public_key": base64.b64encode(s.public_key).decode(),
                           "endpoint": f"{ep[0]}:{ep[1]}" if ep else None,
-                          "last_handshake": s.last_handshake, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes})
+                          "last_handshake": s.last_handshake, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes,
+                          "path": self.paths.path_json(s.public_key) if self.paths is not None else None})
         return {"running": device.running, "interface": device.ifname, "listen_port": device.listen_port,
                 "peers": peers, "drops": device.drops(),
+                "paths": self.paths.metrics() if self.paths is not None else None,
                 "filter": self._filter.status() if self._filter is not None else None,
                 "failure": str(device.failure) if device.failure else None}
 
@@ -273,6 +351,9 @@ class Tunnel:
         device, self._device = self._device, None
         self._addresses = ()
         self._filter = None
+        paths, self.paths = self.paths, None
+        if paths is not None:
+            await paths.close()
         if device is not None:
             await asyncio.to_thread(device.close)
             log.info("tunnel: %s down", device.ifname)

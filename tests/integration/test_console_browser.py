@@ -88,7 +88,8 @@ def chromium(profile: Path) -> webdriver.Chrome:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--no-first-run", "--no-default-browser-check", "--disable-domain-reliability",
-                "--disable-client-side-phishing-detection", "--disable-features=OptimizationHints,Translate,MediaRouter",
+                "--disable-client-side-phishing-detection",
+                "--disable-features=OptimizationHints,Translate,MediaRouter",
                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
                 f"--user-data-dir={profile}", "--window-size=1280,1000"):
         o.add_argument(arg)

@@ -186,6 +186,14 @@ def test_formerr_and_notimp_over_the_wire(server: MagicDnsProcess) -> None:
     assert reply[:2] == raw[:2] and reply[3] & 0xF == dns.rcode.FORMERR
 
 
+def test_records_at_a_node_of_the_served_view_need_override(server: MagicDnsProcess) -> None:
+    """The running server's view names its nodes: `records add` knows them without --view."""
+    assert server.db
+    res = run_cli("records", "--db", server.db, "add", "my-server", "A", "100.64.0.99")
+    assert res.returncode == 2 and "--override" in res.stderr and "my-server.tailnet" in res.stderr
+    assert server.query("my-server.tailnet").answer[0][0].address == "100.64.0.2"
+
+
 def test_records_cli_change_is_served_within_a_second(server: MagicDnsProcess) -> None:
     assert server.db
     res = run_cli("records", "--db", server.db, "add", "live", "A", "100.64.9.9", "--ttl", "30")
@@ -297,6 +305,10 @@ def test_query_command(server: MagicDnsProcess) -> None:
     assert res.stdout.count(" A ") == 80  # retried over TCP after truncation
     bad = run_cli("query", "x.tailnet", "BOGUS", "--server", f"{server.host}:{server.port}")
     assert bad.returncode == 2
+    for args in (("-x", "100.64.0.2"), ("100.64.0.2",), ("-x", "fd7a:115c:a1e0::2")):  # as dig -x
+        out = json.loads(run_cli("query", *args, "--server", f"{server.host}:{server.port}", "--json").stdout)
+        assert [(a["type"], a["value"]) for a in out["answer"]] == [("PTR", "my-server.tailnet.")], args
+    assert run_cli("query", "-x", "my-server.tailnet", "--server", f"{server.host}:{server.port}").returncode == 2
 
 
 def test_status_without_server_fails_clearly(tmp_path: Path) -> None:

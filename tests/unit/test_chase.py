@@ -169,3 +169,17 @@ def test_forwarded_replies_without_our_names_are_untouched(engine: Engine) -> No
                           "b.example.com. 300 A 192.0.2.2"),
                 forwarded("a.example.com", "CNAME", "a.example.com. 300 CNAME server.tailnet.")):
         assert complete_chain(engine.zone, raw) is raw
+
+
+def test_completion_does_not_parse_replies_without_our_names(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forwarded CNAME answers are common (CDNs): only those naming one of our zones are parsed."""
+    import magicdns.chase
+
+    parsed = []
+    real = magicdns.chase.DNSRecord.parse
+    monkeypatch.setattr(magicdns.chase.DNSRecord, "parse", lambda data: parsed.append(data) or real(data))
+    cdn = forwarded("www.example.com", "A", "www.example.com. 300 CNAME edge.cdn.example.net.",
+                    "edge.cdn.example.net. 300 A 192.0.2.3")
+    assert complete_chain(engine.zone, cdn) is cdn and not parsed
+    ours = forwarded("www.example.com", "A", "www.example.com. 300 CNAME SERVER.TAILNET.")
+    assert complete_chain(engine.zone, ours) is not ours and parsed

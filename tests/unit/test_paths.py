@@ -352,3 +352,28 @@ def test_any_sequence_of_inputs_is_safe_and_deadlines_move_forward(ops) -> None:
             a.layer.set_relay(None if junk else 1, net.now)
         net.pump()
         net.run(net.now + 0.01)
+
+
+from meshnode.disco import CallMeMaybe, Pong  # noqa: E402
+
+SEALED = st.one_of(
+    st.builds(Ping, st.binary(min_size=12, max_size=12), st.one_of(st.none(), st.just(b"\x02" * 32))),
+    st.builds(Pong, st.binary(min_size=12, max_size=12), st.tuples(ADDRS, st.integers(0, 65535))),
+    st.builds(CallMeMaybe, st.lists(st.tuples(ADDRS, st.integers(1, 65535)), max_size=40).map(tuple)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(SEALED, st.one_of(st.none(), st.tuples(ADDRS, st.integers(1, 65535))),
+                          st.floats(0, 2)), max_size=60))
+def test_a_hostile_peer_cannot_crash_or_bloat_the_layer(msgs) -> None:
+    """Whatever a peer with a valid disco key sends (floods of call-me-maybe, pongs for pings
+    never sent, pings from anywhere), nothing raises and its candidates stay bounded."""
+    a, b, net = multihomed_pair(relay=True)
+    box = b.disco.box_with(a.disco.public)
+    for msg, src, dt in msgs:
+        net.now += dt
+        assert a.layer.receive(box.seal(msg), src, net.now) is True
+        a.layer.tick(net.now)
+        a.layer.drain()
+    peer = a.layer._peers[b.node_key]
+    assert len(peer.candidates) <= 16 and len(a.layer.discovered) <= 8
