@@ -282,8 +282,15 @@ def _m5_console(db: sqlite_utils.Database) -> None:
                                    not_null={"machine_key", "node_key", "state"})
 
 
+def _m6_tailnet_ca(db: sqlite_utils.Database) -> None:
+    # The tailnet certificate authority (ca.py): one row per CA ever made, the newest in use. The
+    # private key lives only here (the database file is made 0600 when a CA is stored).
+    db["tailnet_ca"].create({"id": int, "created": float, "domain": str, "key_pem": str, "cert_pem": str},
+                            pk="id", not_null={"key_pem", "cert_pem"})
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
-                                                                  _m5_console)
+                                                                  _m5_console, _m6_tailnet_ca)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -542,6 +549,26 @@ class ControlStore:
                     key = generate_private_key()
                     self._set_meta("server_private_key", key)
         return key
+
+    def tailnet_ca(self) -> tuple[str, str, str] | None:
+        """The CA in use: (domain, key PEM, certificate PEM), or None before the first one exists."""
+        row = self.conn.execute("SELECT domain, key_pem, cert_pem FROM tailnet_ca ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else (str(row[0] or ""), str(row[1]), str(row[2]))
+
+    def save_tailnet_ca(self, domain: str, key_pem: str, cert_pem: str, now: float) -> None:
+        """Store a new CA (it becomes the one in use); the database file is made owner-only first."""
+        self._restrict_file_mode()
+        with self._tx():
+            self.conn.execute("INSERT INTO tailnet_ca(created, domain, key_pem, cert_pem) VALUES (?, ?, ?, ?)",
+                              [now, domain, key_pem, cert_pem])
+
+    def _restrict_file_mode(self) -> None:
+        # The CA key (and the server key) sit in this file: nobody but the owner may read it.
+        row = self.conn.execute("PRAGMA database_list").fetchone()
+        path = row[2] if row else ""
+        for suffix in ("", "-wal", "-shm"):
+            if path and os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
 
     def ensure_admin_token(self) -> str | None:
         """Create the admin API token if there is none; returns it (once) or None if one exists."""

@@ -290,3 +290,22 @@ def parse_serve_off(body: Any) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise bad_request("port: expected a port number from 1 to 65535")
     return port
+
+
+@dataclass(frozen=True, slots=True)
+class CertRequest:
+    """`meshnode cert NAME`: the CLI's CSR (its key stays with the CLI) and the name asked for."""
+
+    csr: str
+    name: str
+
+
+def parse_cert(body: Any) -> CertRequest:
+    obj = _object(body)
+    _check_keys(obj, {"csr", "name"})
+    csr, name = obj.get("csr"), obj.get("name")
+    if not isinstance(csr, str) or "BEGIN CERTIFICATE REQUEST" not in csr or len(csr) > 8192:
+        raise bad_request("csr: expected a PEM certificate request")
+    if not isinstance(name, str) or not name.strip() or len(name) > 253:
+        raise bad_request("name: expected this node's name")
+    return CertRequest(csr, name.strip())
