@@ -53,17 +53,20 @@ class ControlError(RuntimeError):
     """
 
     def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False,
-                 detail: str = "") -> None:
+                 detail: str = "", final: bool = False) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.status = status
         self.sealed = sealed
+        self.final = final    # decided here, not heard on the network (a changed pinned key): no retry
         self.detail = detail  # the technical form (a repr), for `-v` and debug logs only
 
     @property
     def retryable(self) -> bool:
         """Worth retrying later: unreachable, failed, rate-limited, or not provably the server's word."""
+        if self.final:
+            return False
         return not self.sealed or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
 
     @property
@@ -200,9 +203,22 @@ class ControlClient:
         key = str(body.get("public_key", ""))
         if self.server_public_key is not None and key != self.server_public_key:
             raise ControlError(ErrorCode.BAD_SEAL, "the server key changed since it was pinned;"
-                               " refusing to talk to a possibly different server")
+                               " refusing to talk to a possibly different server", final=True)
         self.server_public_key = key
         return key
+
+    async def _diagnosed(self, err: ControlError) -> ControlError:
+        """An unsealed 401 may mean our pinned key is no longer the server's (reinstalled server):
+        ask GET /key, and if it differs, say so as a final error naming the way out. Never re-pins:
+        an impostor can publish any key, so this only changes the words, not the login state."""
+        if err.sealed or err.status != 401 or self.server_public_key is None:
+            return err
+        try:
+            await self.fetch_server_key()
+        except ControlError as exc:
+            if exc.final:
+                return exc
+        return err
 
     async def _chan(self) -> Channel:
         if self._channel is None:
@@ -222,10 +238,11 @@ class ControlClient:
                                          headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 body = await resp.read()
-                if resp.status != 200:
-                    raise _error_from(resp.status, body, chan, sealed)
+                status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _unreachable(self.server_url, exc) from None
+        if status != 200:
+            raise await self._diagnosed(_error_from(status, body, chan, sealed))
         try:
             return chan.open(body)[1]
         except ProtocolError as exc:
@@ -380,7 +397,8 @@ class ControlClient:
                                      headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                      timeout=timeout) as resp:
             if resp.status != 200:
-                raise _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
+                err = _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
+                raise await self._diagnosed(err)
             reader = FrameReader()
             assembler = MapAssembler()
             async for chunk in resp.content.iter_any():
