@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# DNS benchmark, run by hand (not a test): magicdns beside nsd, knotd, dnsmasq and unbound serving the
+# DNS benchmark, run by hand (not a test): magicdns beside nsd, knotd, dnsmasq (twice: host-record
+# without a cache, and addn-hosts with its default cache, as users run it) and unbound serving the
 # same 1,000-name zone, measured with dnsperf on loopback in the same run with the same query mix;
 # then magicdns's latency at half its one-core load, the latency forwarding adds, and the cost of a
 # 100,000-name view. Prints one table. Takes about 4-5 minutes.
@@ -120,6 +121,7 @@ start_all() {  # start_all WORKERS CPUS
     start nsd "$cpus" "$PORT_NSD" "$PROBE" nsd -d -c "$TMP/nsd$w/nsd.conf"
     start unbound "$cpus" "$PORT_UNBOUND" "$PROBE" unbound -d -c "$TMP/unbound$w/unbound.conf"
     start dnsmasq "$cpus" "$PORT_DNSMASQ" "$PROBE" dnsmasq -k -C "$TMP/dnsmasq/dnsmasq.conf"
+    start dnsmasq_hosts "$cpus" "$PORT_DNSMASQ_HOSTS" "$PROBE" dnsmasq -k -C "$TMP/dnsmasq-hosts/dnsmasq.conf"
     local extra=()
     [ "$w" -gt 1 ] && [ "$HAVE_WORKERS" = 1 ] && extra=(--workers "$w")
     start magicdns "$cpus" "$PORT_MAGICDNS" "$PROBE" "$MAGICDNS" serve --listen "127.0.0.1:$PORT_MAGICDNS" \
@@ -129,19 +131,19 @@ start_all() {  # start_all WORKERS CPUS
 
 stop_all() {
     local s
-    for s in knot nsd unbound dnsmasq magicdns; do eval "stop \$PID_$s"; done
+    for s in knot nsd unbound dnsmasq dnsmasq_hosts magicdns; do eval "stop \$PID_$s"; done
 }
 
 run_rounds() {  # run_rounds MODE CLIENT_CPUS
     local mode=$1 ccpus=$2 r s port pid
-    for s in knot nsd unbound dnsmasq magicdns; do
+    for s in knot nsd unbound dnsmasq dnsmasq_hosts magicdns; do
         eval "port=\$PORT_${s^^}"
         warm "$port" "$Q"
     done
     for r in $(seq "$ROUNDS"); do
-        for s in magicdns dnsmasq knot nsd unbound; do
+        for s in magicdns dnsmasq dnsmasq_hosts knot nsd unbound; do
             eval "port=\$PORT_${s^^} pid=\$PID_$s"
-            measure "$s $mode" "$port" "$pid" "$ccpus" "$Q"
+            measure "${s/_/-} $mode" "$port" "$pid" "$ccpus" "$Q"
         done
     done
 }

@@ -198,6 +198,23 @@ def dnsmasq_conf(view: DnsView, tmp: Path, port: int, address: str = "127.0.0.1"
     return "\n".join(lines) + "\n"
 
 
+def dnsmasq_hosts_conf(view: DnsView, tmp: Path, port: int, address: str = "127.0.0.1") -> str:
+    """dnsmasq as its users usually run it: the names in an addn-hosts file (A, AAAA and PTRs) and
+    its default cache, local= domains so unknown names get NXDOMAIN."""
+    domain = view.domain
+    hosts = tmp / "hosts"
+    hosts.write_text("".join(f"{a} {h.name}.{domain}\n" for h in view.hosts for a in h.addresses))
+    lines = [f"port={port}", f"listen-address={address}", "bind-interfaces", "no-resolv", "no-hosts",
+             "no-poll", "user=root", f"pid-file={tmp}/dnsmasq.pid", f"addn-hosts={hosts}",
+             f"local=/{domain}/", f"local=/{V6_REVERSE_APEX}/", "log-facility=/dev/null"]
+    apexes = {reverse_apex(a) for h in view.hosts for a in h.addresses} - {None}
+    lines += [f"local=/{a}/" for a in sorted(apexes) if a != V6_REVERSE_APEX]
+    for rec in view.dns.records:
+        if rec.rtype == "TXT":
+            lines.append(f"txt-record={rec.name},{rec.value.strip(chr(34))}")
+    return "\n".join(lines) + "\n"
+
+
 def unbound_conf(zones: dict[str, ZoneData], tmp: Path, port: int, threads: int = 1,
                  address: str = "127.0.0.1") -> str:
     """unbound answering the zones from local-zone/local-data (static: NXDOMAIN/NODATA with the SOA)."""

@@ -11,11 +11,16 @@ AA is set only on answers whose data is all ours (RFC 1034 4.3.1), so never on t
 
 from __future__ import annotations
 
-from dnslib import CLASS, QTYPE, RR, DNSError, DNSRecord
+import logging
+
+from dnslib import CLASS, QTYPE, RR, DNSError, DNSQuestion, DNSRecord
+from dnslib.label import DNSBuffer
 
 from .engine import Chase, name_text, resolve_local
 from .message import Rcode, error_reply, header_only_reply, truncate, with_opt
 from .zone import Zone
+
+log = logging.getLogger(__name__)
 
 # What an upstream's rcode becomes at the end of our chain: its data rcodes pass, failures are ours.
 _PASSED_RCODES = frozenset((Rcode.NOERROR, Rcode.NXDOMAIN))
@@ -31,10 +36,23 @@ def chase_reply(chase: Chase, query: bytes, upstream: bytes) -> bytes:
     except (DNSError, ValueError, IndexError, UnicodeError, KeyError, TypeError):
         up = None
     rcode = up.header.rcode if up is not None else Rcode.SERVFAIL
-    if rcode not in _PASSED_RCODES:
-        return error_reply(query, Rcode.SERVFAIL, chase.edns) or header_only_reply(query, Rcode.SERVFAIL) or b""
-    assert up is not None
-    reply = DNSRecord(q=chase.question)
+    if up is None or rcode not in _PASSED_RCODES:
+        return _servfail(chase, query)
+    try:
+        return _splice(chase, query, up, rcode)
+    except (DNSError, ValueError, IndexError, UnicodeError, KeyError, TypeError) as exc:
+        # dnslib read the upstream's records but cannot write one back: the client still gets an
+        # answer (a TCP client waits for every one it asked for).
+        log.info("cannot splice the upstream's answer for %s behind our chain: %s", chase.target, exc)
+        return _servfail(chase, query)
+
+
+def _servfail(chase: Chase, query: bytes) -> bytes:
+    return error_reply(query, Rcode.SERVFAIL, chase.edns) or header_only_reply(query, Rcode.SERVFAIL) or b""
+
+
+def _splice(chase: Chase, query: bytes, up: DNSRecord, rcode: int) -> bytes:
+    reply = DNSRecord(q=DNSQuestion.parse(DNSBuffer(chase.question)))
     h = reply.header
     h.id = query[0] << 8 | query[1]
     h.qr, h.aa, h.ra, h.rd, h.cd = 1, 0, 1, query[2] & 1, (query[3] >> 4) & 1
@@ -51,6 +69,9 @@ def complete_chain(zone: Zone, reply: bytes) -> bytes:
     """`reply` (a forwarded answer) with its CNAME chain completed from our zone when the chain ends
     at a name we are authoritative for; otherwise `reply` itself, untouched and cheaply."""
     if _CNAME_IN not in reply:
+        return reply
+    low = reply.lower()
+    if not any(top in low for top in zone.top_label_wires):  # no name of ours in it: spare the parse
         return reply
     try:
         msg = DNSRecord.parse(reply)

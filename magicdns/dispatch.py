@@ -79,6 +79,11 @@ class Dispatch:
         self.qlog = qlog
         self.counters = Counters()
         self._allowed: dict[str, bool] = {}
+        # New forwards the current batch may still start; -1: no limit. A batched listener that
+        # finds its socket backlogged (a full batch) sets a small allowance per batch: a forward
+        # costs ~10x an authoritative answer, so under overload a flood of unique names is answered
+        # SERVFAIL at once and the tailnet's own names keep their share of the CPU.
+        self.forward_allowance = -1
 
     def client_allowed(self, host: str) -> bool:
         """True when `host` (text form, as a socket gives it) may query us: we are no open resolver."""

@@ -21,8 +21,10 @@ One `Forwarder` per server. For each query:
   rebind.py: A/AAAA, IPv4-mapped and NAT64 forms, SVCB/HTTPS hints); what is left is what the
   client gets and what is cached.
 
-The per-query work is kept to callbacks on the loop (no task per attempt); only a TCP fallback runs
-as a task, because it is rare.
+The race rules live in race.py, a sans-I/O core (time passed in, sends and one deadline out);
+`_RaceIO` here is its asyncio glue: sockets, one timer, the future the caller awaits. The per-query
+work is kept to callbacks on the loop (no task per attempt); only a TCP fallback runs as a task,
+because it is rare.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from dnslib import DNSError
 from .cache import (Cache, MessageScan, QueryInfo, Rcode, WireError, query_info, question_end, scan_message,
                     strip_opt_options)
 from .rebind import TAILNET_V4, TAILNET_V6, strip_tailnet_addresses, tailnet_address_records  # noqa: F401
+from .race import FAILURE_RCODES as _FAILURE_RCODES
+from .race import Health as _Health
+from .race import Race, Send, Transport, UpstreamHealth  # noqa: F401  (UpstreamHealth: public API)
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -56,11 +61,9 @@ EDE_OPTION = 15  # RFC 8914 Extended DNS Error
 EDE_OTHER = 0
 EDE_NO_REACHABLE_AUTHORITY = 22
 
-_FAILURE_RCODES = frozenset((Rcode.SERVFAIL, Rcode.REFUSED, Rcode.FORMERR, Rcode.NOTIMP))
 _UNREACHABLE_RCODES = frozenset((Rcode.SERVFAIL, Rcode.REFUSED))  # failures of the upstream, not the query
 _REBIND_LOG_INTERVAL = 600.0  # seconds between two log lines for the same name
 _REBIND_LOG_NAMES = 4096  # names remembered for that rate limit
-_HEALTH_LOG_INTERVAL = 60.0  # seconds between two "upstream failing" warnings for one upstream
 _PURGE_INTERVAL = 300.0  # seconds between two sweeps of the cache for dead entries
 
 
@@ -136,323 +139,160 @@ def error_reply(query: bytes, rcode: Rcode, ede: int | None = None) -> bytes:
     return out
 
 
-# -- health of an upstream -----------------------------------------------------------------------
+# -- one query's race: asyncio glue around race.Race ----------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class UpstreamHealth:
-    """A snapshot of one upstream's counters, for `stats()` and operators."""
-
-    upstream: str
-    sent: int
-    answered: int
-    servfail: int
-    timeouts: int
-    tcp_fallbacks: int
-    srtt_ms: float
-    last_error: str | None
-
-
-class _Health:
-    __slots__ = ("sent", "answered", "servfail", "timeouts", "tcp_fallbacks", "srtt", "last_error", "failing",
-                 "warned_at", "announced")
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.answered = 0
-        self.servfail = 0
-        self.timeouts = 0
-        self.tcp_fallbacks = 0
-        self.srtt = 0.0  # seconds; an unknown upstream is tried first, in configured order
-        self.last_error: str | None = None
-        self.failing = False  # logged when it starts failing and when it answers again
-        self.warned_at = float("-inf")  # a flapping upstream logs at most once a minute
-        self.announced = False  # its failure was logged: log its recovery too
-
-    def sample(self, rtt: float) -> None:
-        # Weights as BIND's: quick to notice a slow server, slow to forget it.
-        self.srtt = rtt if self.srtt == 0.0 else 0.7 * self.srtt + 0.3 * rtt
-
-    def snapshot(self, name: str) -> UpstreamHealth:
-        return UpstreamHealth(name, self.sent, self.answered, self.servfail, self.timeouts,
-                              self.tcp_fallbacks, round(self.srtt * 1000, 3), self.last_error)
-
-
-# -- one query's race ----------------------------------------------------------------------------
-
-_PENDING, _UDP, _TCP, _DONE = range(4)
 _UDP_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK  # Linux: non-blocking from creation
 
 
-class _Attempt:
-    __slots__ = ("upstream", "health", "sock", "fd", "sent_id", "wire", "started", "state", "task", "tracked")
-
-    def __init__(self, upstream: Upstream, health: _Health) -> None:
-        self.upstream = upstream
-        self.health = health
-        self.sock: _socket.socket | None = None
-        self.fd = -1
-        self.sent_id = b""
-        self.wire = b""
-        self.started = 0.0
-        self.state = _PENDING
-        self.task: asyncio.Task[None] | None = None
-        self.tracked: list[bytes] = []
+def _new_id() -> bytes:
+    return secrets.token_bytes(2)
 
 
-class _Race:
-    """The state of one forwarded query: attempts, timers and the future the caller awaits."""
+class _RaceIO:
+    """Sockets, timer and future around one `Race`: read, call the core, do what it says."""
 
-    __slots__ = ("fwd", "loop", "query", "qbytes", "upstreams", "attempts", "next_index", "result",
-                 "stagger_handle", "deadline_handle", "failure", "timed_out")
+    __slots__ = ("fwd", "loop", "core", "socks", "tasks", "timer", "timer_at", "result")
 
     def __init__(self, fwd: "Forwarder", query: bytes, qend: int, upstreams: list[Upstream]) -> None:
         self.fwd = fwd
         self.loop = fwd._loop
-        self.query = query
-        self.qbytes = query[12:qend]
-        self.upstreams = upstreams
-        self.attempts: list[_Attempt] = []
-        self.next_index = 0
-        self.result: asyncio.Future[tuple[bytes, MessageScan] | None] = self.loop.create_future()
-        self.stagger_handle: asyncio.TimerHandle | None = None
-        self.deadline_handle: asyncio.TimerHandle | None = None
-        self.failure: bytes | None = None  # the latest SERVFAIL/REFUSED/... reply, passed on if all fail
-        self.timed_out = False
+        self.socks: dict[int, _socket.socket] = {}  # attempt -> its connected UDP socket
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # attempt -> its TCP fallback
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: float | None = None
+        self.result: asyncio.Future[None] = self.loop.create_future()
+        self.core = Race(query, qend, upstreams, [fwd._health_of(u) for u in upstreams], now=self.loop.time(),
+                         timeout=fwd.timeout, stagger=fwd.stagger, new_id=_new_id, book=fwd)
+        self._pump()
 
-    def start(self, timeout: float) -> None:
-        self.deadline_handle = self.loop.call_later(timeout, self._on_deadline)
-        self.start_next()
+    def _pump(self) -> None:
+        """Carry out what the core asks: sends, closes, the one timer, the end."""
+        core = self.core
+        while True:
+            sends = core.datagrams_to_send(self.loop.time())
+            for send in sends:
+                if send.transport is Transport.UDP:
+                    self._send_udp(send)
+                else:
+                    self._start_tcp(send)
+            for index in core.closed_attempts():
+                self._close_attempt(index)
+            if not sends:
+                break
+        if core.done:
+            self._cancel_timer()
+            if not self.result.done():
+                self.result.set_result(None)
+            return
+        at = core.get_timer()
+        if at != self.timer_at:
+            self._cancel_timer()
+            if at is not None:
+                self.timer_at = at
+                self.timer = self.loop.call_at(at, self._on_timer)
 
-    # Attempts ----------------------------------------------------------------------------------
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_at = None
 
-    def start_next(self) -> None:
-        if self.stagger_handle is not None:
-            self.stagger_handle.cancel()
-            self.stagger_handle = None
-        while self.next_index < len(self.upstreams) and not self.result.done():
-            up = self.upstreams[self.next_index]
-            self.next_index += 1
-            attempt = _Attempt(up, self.fwd._health_of(up))
-            self.attempts.append(attempt)
-            if self._send_udp(attempt):
-                if self.next_index < len(self.upstreams):
-                    self.stagger_handle = self.loop.call_later(self.fwd.stagger, self.start_next)
-                return
-        self._check_all_failed()
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.timer_at = None
+        self.core.handle_timer(self.loop.time())
+        self._pump()
 
-    def _new_wire(self, attempt: _Attempt) -> bytes:
-        sent_id = secrets.token_bytes(2)
-        attempt.sent_id = sent_id
-        key = sent_id + self.qbytes
-        attempt.tracked.append(key)
-        fwd = self.fwd
-        fwd._outgoing[key] = fwd._outgoing.get(key, 0) + 1
-        fwd._outgoing_ids[sent_id] = fwd._outgoing_ids.get(sent_id, 0) + 1
-        return sent_id + self.query[2:]
-
-    def _send_udp(self, attempt: _Attempt) -> bool:
-        up = attempt.upstream
-        attempt.wire = self._new_wire(attempt)
-        attempt.started = self.loop.time()
-        attempt.health.sent += 1
-        self.fwd.sent += 1
+    def _send_udp(self, send: Send) -> None:
+        up = send.upstream
         try:
             # The C socket type without socket.socket's Python wrapper, created non-blocking in one
             # call: a third less CPU per attempt, and attempts are the forwarding hot path.
             sock = _socket.socket(socket.AF_INET6 if up.family_v6 else socket.AF_INET, _UDP_NONBLOCK)
         except OSError as exc:
-            self._fail(attempt, f"socket: {exc.strerror}")
-            return False
-        attempt.sock = sock
+            self.core.attempt_failed(send.attempt, f"socket: {exc.strerror}", self.loop.time())
+            return
+        self.socks[send.attempt] = sock
         try:
             sock.connect((up.host, up.port))
-            sock.send(attempt.wire)
+            sock.send(send.wire)
         except OSError as exc:
-            self._fail(attempt, f"send: {exc.strerror or exc}")
-            return False
-        attempt.fd = sock.fileno()
-        attempt.state = _UDP
-        self.loop.add_reader(attempt.fd, self._on_readable, attempt)
-        return True
+            self.core.attempt_failed(send.attempt, f"send: {exc.strerror or exc}", self.loop.time())
+            return
+        self.loop.add_reader(sock.fileno(), self._on_readable, send.attempt, sock)
 
-    def _close_udp(self, attempt: _Attempt) -> None:
-        if attempt.fd >= 0:
-            self.loop.remove_reader(attempt.fd)
-            attempt.fd = -1
-        if attempt.sock is not None:
-            attempt.sock.close()
-            attempt.sock = None
-
-    def _on_readable(self, attempt: _Attempt) -> None:
-        sock = attempt.sock
-        while sock is not None and attempt.state == _UDP:
+    def _on_readable(self, index: int, sock: _socket.socket) -> None:
+        core = self.core
+        while self.socks.get(index) is sock:
             try:
                 data = sock.recv(65535)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:  # ICMP unreachable reported on the connected socket
-                self._attempt_failed(attempt, f"recv: {exc.strerror or exc}")
-                return
-            if not self._matches(attempt, data):
-                continue
-            if data[2] & 0x02:
-                self._tcp_fallback(attempt)
-                return
-            self._on_reply(attempt, data)
+                core.attempt_failed(index, f"recv: {exc.strerror or exc}", self.loop.time())
+                break
+            if core.receive(index, data, self.loop.time()):
+                break
+        self._pump()
 
-    def _matches(self, attempt: _Attempt, data: bytes) -> bool:
-        qb = self.qbytes
-        if (len(data) >= 12 + len(qb) and data[0:2] == attempt.sent_id and data[2] & 0x80
-                and data[4] == 0 and data[5] == 1 and data[12:12 + len(qb)] == qb):
-            return True
-        # A bare failure header (FORMERR/NOTIMP/... without the question) from the right peer and ID.
-        if (len(data) >= 12 and data[0:2] == attempt.sent_id and data[2] & 0x80
-                and data[4] == 0 and data[5] == 0 and (data[3] & 0x0F) in _FAILURE_RCODES):
-            return True
-        self.fwd.dropped_mismatch += 1
-        return False
+    def _close_attempt(self, index: int) -> None:
+        sock = self.socks.pop(index, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        task = self.tasks.get(index)
+        if task is not None and not task.done() and self.core.done:
+            task.cancel()
 
-    def _tcp_fallback(self, attempt: _Attempt) -> None:
-        self._close_udp(attempt)
-        attempt.state = _TCP
-        attempt.health.tcp_fallbacks += 1
-        self.fwd.tcp_fallbacks += 1
-        attempt.task = task = self.loop.create_task(self._tcp(attempt))
+    def _start_tcp(self, send: Send) -> None:
+        self.tasks[send.attempt] = task = self.loop.create_task(self._tcp(send))
         tasks = self.fwd._tcp_tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _tcp(self, attempt: _Attempt) -> None:
-        up = attempt.upstream
-        wire = self._new_wire(attempt)
+    async def _tcp(self, send: Send) -> None:
+        up = send.upstream
+        core = self.core
         writer: asyncio.StreamWriter | None = None
         try:
             # No explicit timeout: the race's deadline cancels this task.
             reader, writer = await asyncio.open_connection(up.host, up.port)
-            writer.write(struct.pack(">H", len(wire)) + wire)
+            writer.write(struct.pack(">H", len(send.wire)) + send.wire)
             await writer.drain()
             while True:
                 (length,) = struct.unpack(">H", await reader.readexactly(2))
                 data = await reader.readexactly(length)
-                if self._matches(attempt, data):
+                if core.receive(send.attempt, data, self.loop.time()):
                     break
         except (OSError, asyncio.IncompleteReadError) as exc:
             reason = "closed by peer" if isinstance(exc, asyncio.IncompleteReadError) else (exc.strerror or str(exc))
-            self._attempt_failed(attempt, f"tcp: {reason}")
-            return
+            core.attempt_failed(send.attempt, f"tcp: {reason}", self.loop.time())
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # a bug: fail this attempt, keep the race (and the server) going
             log.exception("TCP fallback to %s failed unexpectedly", up.spec)
-            self._attempt_failed(attempt, f"tcp: {exc!r}")
-            return
+            core.attempt_failed(send.attempt, f"tcp: {exc!r}", self.loop.time())
         finally:
             if writer is not None:
                 writer.close()
-        if attempt.state == _TCP:
-            self._on_reply(attempt, data)
+        self._pump()
 
-    # Outcomes ----------------------------------------------------------------------------------
-
-    def _on_reply(self, attempt: _Attempt, data: bytes) -> None:
-        health = attempt.health
-        health.answered += 1
-        health.sample(self.loop.time() - attempt.started)
-        if (data[3] & 0x0F) in _FAILURE_RCODES:
-            health.servfail += 1
-            health.last_error = Rcode(data[3] & 0x0F).name
-            self.failure = data
-            self._finish_attempt(attempt)
-            if self.next_index < len(self.upstreams):
-                self.start_next()
-            else:
-                self._check_all_failed()
-            return
-        try:
-            scan = scan_message(data)
-        except WireError as exc:
-            # Checked here, not passed on: a garbled answer is this upstream's failure, and the
-            # next upstream may do better.
-            self.fwd.malformed += 1
-            self._attempt_failed(attempt, f"malformed reply: {exc}")
-            return
-        self._finish_attempt(attempt)
-        if health.failing:
-            health.failing = False
-            if health.announced:
-                health.announced = False
-                log.info("upstream %s answers again", attempt.upstream.spec)
-        if not self.result.done():
-            self.result.set_result((data, scan))
-
-    def _attempt_failed(self, attempt: _Attempt, reason: str) -> None:
-        self._fail(attempt, reason)
-        if self.next_index < len(self.upstreams):
-            self.start_next()
-        else:
-            self._check_all_failed()
-
-    def _fail(self, attempt: _Attempt, reason: str) -> None:
-        """Book-keeping for a failed attempt; the caller decides what starts next."""
-        attempt.health.last_error = reason
-        self.fwd._note_down(attempt.upstream, attempt.health, reason)
-        # A failed attempt says the upstream is unusable right now: rank it behind the others.
-        attempt.health.sample(max(self.fwd.timeout, attempt.health.srtt))
-        self._finish_attempt(attempt)
-
-    def _finish_attempt(self, attempt: _Attempt) -> None:
-        self._close_udp(attempt)
-        attempt.state = _DONE
-
-    def _check_all_failed(self) -> None:
-        if self.result.done() or self.next_index < len(self.upstreams):
-            return
-        if all(a.state == _DONE for a in self.attempts):
-            self.result.set_result(None)
-
-    def _on_deadline(self) -> None:
-        self.deadline_handle = None
-        self.timed_out = True
-        if not self.result.done():
-            self.result.set_result(None)
+    def end(self) -> None:
+        """End the race now, unanswered (the forwarder is closing)."""
+        self.core.end()
+        self._pump()
 
     def close(self) -> None:
         """Release every socket, timer and task of this race (called once, whatever happened)."""
-        if self.stagger_handle is not None:
-            self.stagger_handle.cancel()
-        if self.deadline_handle is not None:
-            self.deadline_handle.cancel()
-        now = self.loop.time()
-        outgoing = self.fwd._outgoing
-        outgoing_ids = self.fwd._outgoing_ids
-        for attempt in self.attempts:
-            if attempt.state in (_UDP, _TCP):
-                # Unanswered when the race ended: its RTT is at least this long.
-                waited = now - attempt.started
-                if waited > attempt.health.srtt:
-                    attempt.health.sample(waited)
-                if self.timed_out:
-                    attempt.health.timeouts += 1
-                    attempt.health.last_error = "timeout"
-                    self.fwd._note_down(attempt.upstream, attempt.health, "timeout")
-            self._close_udp(attempt)
-            if attempt.task is not None and not attempt.task.done():
-                attempt.task.cancel()
-            attempt.state = _DONE
-            for key in attempt.tracked:
-                left = outgoing[key] - 1
-                if left:
-                    outgoing[key] = left
-                else:
-                    del outgoing[key]
-                sent_id = key[:2]
-                left = outgoing_ids[sent_id] - 1
-                if left:
-                    outgoing_ids[sent_id] = left
-                else:
-                    del outgoing_ids[sent_id]
-        # Upstreams skipped this time drift back towards the front, so a server that failed once
-        # is probed again now and then rather than never.
-        for up in self.upstreams[self.next_index:]:
-            self.fwd._health_of(up).srtt *= 0.98
+        self._cancel_timer()
+        self.core.close(self.loop.time())
+        for index in self.core.closed_attempts():
+            self._close_attempt(index)
+        for index in list(self.socks):
+            self._close_attempt(index)
+        for task in self.tasks.values():
+            if not task.done():
+                task.cancel()
 
 
 # -- the forwarder -------------------------------------------------------------------------------
@@ -475,7 +315,7 @@ class Forwarder:
         self._health: dict[Upstream, _Health] = {}
         self._outgoing: dict[bytes, int] = {}  # (sent ID + question bytes) -> attempts in flight
         self._outgoing_ids: dict[bytes, int] = {}  # sent ID -> attempts in flight: looped()'s quick "no"
-        self._races: set[_Race] = set()
+        self._races: set[_RaceIO] = set()
         # Identical queries in flight share one upstream query: (cache key, route, rebinding rule)
         # -> the leader's final reply (None when it failed).
         self._flights: dict[tuple[object, ...], asyncio.Future[bytes | None]] = {}
@@ -513,16 +353,24 @@ class Forwarder:
             health = self._health[up] = _Health()
         return health
 
-    def _note_down(self, up: Upstream, health: _Health, reason: str) -> None:
-        # One warning when an upstream starts failing, not one per query.
-        now = time.monotonic()
-        if not health.failing and now - health.warned_at >= _HEALTH_LOG_INTERVAL:
-            health.warned_at = now
-            health.announced = True
-            log.warning("upstream %s failing: %s", up.spec, reason)
+    # The race's book (race.RaceBook): IDs in flight, for looped().
+    def track(self, key: bytes) -> None:
+        self._outgoing[key] = self._outgoing.get(key, 0) + 1
+        sent_id = key[:2]
+        self._outgoing_ids[sent_id] = self._outgoing_ids.get(sent_id, 0) + 1
+
+    def untrack(self, key: bytes) -> None:
+        left = self._outgoing[key] - 1
+        if left:
+            self._outgoing[key] = left
         else:
-            log.debug("upstream %s: %s", up.spec, reason)
-        health.failing = True
+            del self._outgoing[key]
+        sent_id = key[:2]
+        left = self._outgoing_ids[sent_id] - 1
+        if left:
+            self._outgoing_ids[sent_id] = left
+        else:
+            del self._outgoing_ids[sent_id]
 
     # -- the server's entry points ---------------------------------------------------------------
 
@@ -612,23 +460,25 @@ class Forwarder:
         if len(ordered) > 1:
             health = self._health
             ordered.sort(key=lambda u: health[u].srtt if u in health else 0.0)
-        race = _Race(self, query, info.qend, ordered)
-        self._races.add(race)
+        race: _RaceIO | None = None
         try:
-            race.start(self.timeout)
-            outcome = await race.result
+            race = _RaceIO(self, query, info.qend, ordered)
+            self._races.add(race)
+            await race.result
+            outcome = race.core.result
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must cost one SERVFAIL, not the server
             log.exception("forwarding failed unexpectedly")
             outcome = None
         finally:
-            race.close()
-            self._races.discard(race)
+            if race is not None:
+                race.close()
+                self._races.discard(race)
         if outcome is None:
-            if race.timed_out:
+            if race is not None and race.core.timed_out:
                 self.timeouts += 1
-            failure = race.failure
+            failure = race.core.failure if race is not None else None
             if self.cache is not None and (failure is None or (failure[3] & 0x0F) in _UNREACHABLE_RCODES):
                 # FORMERR/NOTIMP are about the query itself and are not remembered as failures.
                 self.cache.note_failure(info, self._clock())
@@ -747,8 +597,7 @@ class Forwarder:
         later `forward` calls answer SERVFAIL (or stale) at once."""
         self._closed = True
         for race in list(self._races):
-            if not race.result.done():
-                race.result.set_result(None)
+            race.end()
         # The awaiting forward() calls resume on the next loop turns and close their races (which
         # cancels TCP fallbacks); wait for that, boundedly, then for the cancelled tasks themselves.
         for _ in range(100):

@@ -21,6 +21,7 @@ from dnslib import QTYPE, DNSRecord
 from .cache import Cache
 from .chase import chase_reply, complete_chain
 from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
+from .encrypted import EncryptedConfig, EncryptedListenError, EncryptedListeners
 from .engine import Chase, Engine, Forward
 from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
@@ -69,12 +70,16 @@ class ServerConfig:
     forward_timeout: float = 2.5
     forward_stagger: float = 0.15
     max_inflight: int = 2048
+    # New upstream queries a second (token bucket, burst of one second's worth; 0: no limit): an
+    # operator's fixed cap. Without it, forwards are still shed when the listener falls behind.
+    max_forward_qps: int = 0
     cache_entries: int = 20_000
     cache_bytes: int = 32 * 1024 * 1024
     query_log: str | None = None
     reuse_port: bool = False
     batch_udp: bool = True  # recvmmsg/sendmmsg listener where the platform has it (udpbatch.py)
     extra: dict[str, Any] = field(default_factory=dict)
+    encrypted: EncryptedConfig = EncryptedConfig()  # DoT/DoH listeners and their certificate (encrypted.py)
 
 
 class DnsServer:
@@ -100,6 +105,8 @@ class DnsServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
+        self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
+        self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()
 
@@ -119,6 +126,10 @@ class DnsServer:
             for host, port in self.config.listen:
                 port = await self._bind(loop, host, port)
                 self.bound.append((host, port))
+            await self.encrypted.start()
+        except EncryptedListenError as exc:
+            await self.stop()
+            raise ServerError(str(exc)) from None
         except BaseException:
             await self.stop()
             raise
@@ -179,6 +190,7 @@ class DnsServer:
             s.close()
         for conn in list(self._tcp.conns):
             conn.transport.abort()
+        await self.encrypted.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -238,20 +250,26 @@ class DnsServer:
             if reply:
                 reply_to(reply)
             return
-        cached = self.forwarder.answer_from_cache(data, time.monotonic())
+        now = time.monotonic()
+        cached = self.forwarder.answer_from_cache(data, now)
         if cached is not None:
             c.cache_answers += 1
             cached = complete_chain(self.engine.zone, cached)  # type: ignore[union-attr]
             reply_to(cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit))
             return
-        if len(self._tasks) >= self.config.max_inflight:
-            # Over the in-flight cap: answered now, before any task or socket exists, so a flood
-            # of unique names costs what an authoritative answer costs and no more.
+        allowance = self.dispatch.forward_allowance
+        if (allowance == 0 or len(self._tasks) >= self.config.max_inflight
+                or not self._forward_budget.take(now)):
+            # Over the in-flight cap, the forwarding rate, or the listener is behind (a full batch
+            # waiting, dispatch.forward_allowance): answered now, before any task or socket exists,
+            # so a flood of unique names costs what an authoritative answer costs.
             c.overload += 1
             reply = self.forwarder.overloaded(data)
             if reply:
                 reply_to(reply)
             return
+        if allowance > 0:
+            self.dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
         task = asyncio.get_running_loop().create_task(self._forward_task(fwd, data, reply_to, tcp))
         self._tasks.add(task)
@@ -309,6 +327,7 @@ class DnsServer:
                     "per_client_rejected": c.tcp_per_client_rejected, "idle_closed": c.tcp_idle_closed,
                     "stalled_closed": c.tcp_stalled_closed},
             "forwarder": self.forwarder.stats(),
+            **({"encrypted": self.encrypted.status()} if self.config.encrypted.wanted else {}),
         }
 
     async def query(self, name: str, qtype: str = "A") -> dict[str, Any]:
@@ -350,6 +369,29 @@ def reply_to_json(reply: bytes) -> dict[str, Any]:
                                                  "ra": bool(h.ra)},
             "question": [{"name": str(q.qname), "type": QTYPE.get(q.qtype)} for q in msg.questions],
             "answer": rrs(msg.rr), "authority": rrs(msg.auth), "additional": rrs(msg.ar)}
+
+
+class TokenBucket:
+    """`rate` events a second with a burst of one second's worth; rate 0 allows everything."""
+
+    __slots__ = ("rate", "tokens", "last")
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.last = float("-inf")
+
+    def take(self, now: float) -> bool:
+        if not self.rate:
+            return True
+        tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate) if self.last != float("-inf") \
+            else self.tokens
+        self.last = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
 
 
 def _routes_changed(old: Zone, new: Zone) -> bool:

@@ -25,6 +25,7 @@ BUF_SIZE = 4096  # larger than any query we answer (EDNS clients send small quer
 NAME_SIZE = 28  # sizeof(struct sockaddr_in6)
 MSG_DONTWAIT = 0x40
 MAX_ROUNDS = 8  # batches per readiness callback: bounded, so other work on the loop gets its turn
+FORWARDS_PER_FULL_BATCH = 1  # new forwards a backlogged batch may start (dispatch.forward_allowance)
 
 
 class _Iovec(ctypes.Structure):
@@ -116,19 +117,27 @@ class BatchUdpListener:
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, int.from_bytes(raw[24:28], "little"))
 
     def _on_readable(self) -> None:
+        try:
+            self._rounds()
+        finally:
+            self.dispatch.forward_allowance = -1
+
+    def _rounds(self) -> None:
         dispatch = self.dispatch
         answer = dispatch.answer
+        c = dispatch.counters
+        qlog = dispatch.qlog
         rview, sview, nview = self._rview, self._sview, self._nview
         rmsg_u, smsg_u, smsg_q, siov_q = self._rmsg_u, self._smsg_u, self._smsg_q, self._siov_q
         name_ptr = self._name_ptr
         allowed = self._allowed
         a0, a1 = self._addr_off
-        c = dispatch.counters
-        qlog = dispatch.qlog
         for _ in range(MAX_ROUNDS):
             count = _recvmmsg(self.fd, self._rmsg, BATCH, MSG_DONTWAIT, None)
             if count <= 0:
                 return
+            # A full batch means more is waiting in the socket: we are behind, shed forwards.
+            dispatch.forward_allowance = FORWARDS_PER_FULL_BATCH if count == BATCH else -1
             c.udp += count
             out = 0
             for i in range(count):

@@ -51,3 +51,21 @@ def parse_upstream(text: str) -> Upstream:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise UpstreamError(f"{text!r}: port must be 1-65535")
     return Upstream(str(addr), int(port))
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """'dns.example' or 'dns.example:5353' as (host name, port), for upstreams given by name (they
+    are resolved through the stub resolver, stub.py). Raises UpstreamError when it is neither."""
+    spec = text.strip()
+    host, port = spec, "53"
+    if spec.count(":") == 1:
+        host, port = spec.split(":")
+    name = host.rstrip(".")
+    labels = name.split(".")
+    if (not name or len(name) > 253 or any(not 0 < len(label) < 64 for label in labels)
+            or not all(c.isascii() and (c.isalnum() or c in "-_") for label in labels for c in label)
+            or labels[-1].isdigit()):
+        raise UpstreamError(f"{text!r}: a resolver must be an IP address or a host name, optionally with a port")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UpstreamError(f"{text!r}: port must be 1-65535")
+    return name, int(port)

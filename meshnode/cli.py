@@ -7,8 +7,16 @@ import click
 
 from .control.cli import control
 from .derp.cli import derp
-from .node.cli import DEFAULT_SOCKET, register_node_commands
+from .node.cli import DEFAULT_SOCKET, register_node_commands, version_cmd
+from .node.lockcli import lock
 from .wg.cli import wg
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    ctx.invoke(version_cmd)
+    ctx.exit(0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,6 +24,8 @@ from .wg.cli import wg
               help=f"LocalAPI unix socket of the daemon [default: {DEFAULT_SOCKET}];"
                    " also accepted after the command.")
 @click.option("-v", "--verbose", count=True, help="Show technical details of failures.")
+@click.option("--version", "show_version", is_flag=True, is_eager=True, expose_value=False,
+              callback=_print_version, help="Show the CLI, daemon and control server versions.")
 @click.pass_context
 def main(ctx: click.Context, socket_path: str | None, verbose: int) -> None:
     """meshnode: a mesh VPN node with MagicDNS.
@@ -31,6 +41,7 @@ def main(ctx: click.Context, socket_path: str | None, verbose: int) -> None:
 main.add_command(control)
 main.add_command(derp)
 main.add_command(wg)
+main.add_command(lock)
 register_node_commands(main)
 
 

@@ -38,7 +38,7 @@ def derp() -> None:
 @click.option("--mesh-key-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the region's mesh key (64 hex digits; `meshnode derp meshkey` makes one).")
 @click.option("--control-db", type=click.Path(dir_okay=False), default=None,
-              help="Admit exactly the node keys of this control server database (read-only, re-read on change).")
+              help="Admit exactly the active node keys of this control server database (re-read on every change).")
 @click.option("--admit-any", is_flag=True, help="Admit any node key (an open relay: tests and labs only).")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Write 'HTTP_PORT STUN_PORT' here once listening (for scripts using port 0).")
@@ -89,7 +89,9 @@ def serve(listen: str, stun_port: int, tls_cert: str | None, tls_key: str | None
             tasks.append(asyncio.create_task(_follow_store(control_db, admit, relay)))
         app = web.Application()
         relay.attach(app)
-        app.router.add_get("/metrics", lambda _r: _metrics(relay))
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(text="\n".join(relay.metrics_lines()) + "\n", content_type="text/plain")
+        app.router.add_get("/metrics", metrics)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=4096)
@@ -124,10 +126,6 @@ def serve(listen: str, stun_port: int, tls_cert: str | None, tls_key: str | None
         asyncio.run(main())
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-
-
-async def _metrics(relay: object) -> web.Response:
-    return web.Response(text="\n".join(relay.metrics_lines()) + "\n", content_type="text/plain")  # type: ignore[attr-defined]
 
 
 async def _follow_store(db: str, admit: object, relay: object) -> None:

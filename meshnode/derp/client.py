@@ -12,7 +12,8 @@ API (asyncio; keys are raw 32-byte Curve25519 public keys, i.e. the node's WireG
     client.connected_url                  # the server in use, or None
     await client.close()
 
-The URLs are the servers of ONE region, preferred first. The client keeps one connection; when it
+The URLs are the servers of ONE region, preferred first (`RelayMap.region(id).urls(control_url)` gives
+them from the network map's `derp_map`). The client keeps one connection; when it
 breaks (server killed, connection reset, or silent for `dead_after` seconds despite pings) it moves to
 the next URL at once and keeps cycling, so a dead server is replaced within about a second.
 Received packets wait in a bounded queue (`recv_queue` packets); when the reader falls behind, the
@@ -28,6 +29,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 import ssl as ssl_module
 import struct
 import time
@@ -97,6 +99,7 @@ class DerpClient:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._index = 0
+        self._since: float | None = None          # when the current connection logged in
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -185,13 +188,13 @@ class DerpClient:
         failures = 0
         while not self._closed:
             url = self.urls[self._index % len(self.urls)]
+            self._since = None
             try:
                 await self._session(url)
-                failures = 0
             except (OSError, asyncio.TimeoutError, DerpConnectError, FrameError, EOFError) as exc:
                 log.info("relay %s: %s", url, exc)
-                self.stats["connect_failures"] += 1
-                failures += 1
+                if self._since is None:
+                    self.stats["connect_failures"] += 1
             finally:
                 was = self.connected_url is not None
                 self._drop_writer()
@@ -199,6 +202,10 @@ class DerpClient:
                     self.on_connection(False)
             if self._closed:
                 return
+            # A connection that lasted resets the back-off; one dropped right after login does not,
+            # so a server that accepts and closes at once is not hammered.
+            lasted = self._since is not None and time.monotonic() - self._since > 1.0
+            failures = 0 if lasted else failures + 1
             self._index += 1
             # A whole round of servers failed: back off a little (capped) before the next round.
             if failures and failures % len(self.urls) == 0:
@@ -224,7 +231,6 @@ class DerpClient:
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
-                import socket
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hostport = host if ":" not in host else f"[{host}]"
             writer.write((f"GET {path} HTTP/1.1\r\nHost: {hostport}:{port}\r\nUpgrade: DERP\r\n"
@@ -261,6 +267,7 @@ class DerpClient:
             writer.write(WatchConns().encode())
         self._writer = writer
         self.connected_url = url
+        self._since = time.monotonic()
         self._connected.set()
         self.stats["connects"] += 1
         log.info("relay: connected to %s", url)

@@ -363,16 +363,17 @@ class FrameReader:
         out: list[tuple[int, bytes]] = []
         pos = 0
         n = len(buf)
-        while n - pos >= FRAME_HEADER_LEN:
-            ftype, length = _HEADER.unpack_from(buf, pos)
-            if length > self.max_frame:
-                raise FrameTooLarge(f"frame type 0x{ftype:02x} of {length} bytes exceeds the limit of "
-                                    f"{self.max_frame}")
-            end = pos + FRAME_HEADER_LEN + length
-            if end > n:
-                break
-            out.append((ftype, bytes(buf[pos + FRAME_HEADER_LEN:end])))
-            pos = end
+        with memoryview(buf) as view:        # one copy per payload, not two
+            while n - pos >= FRAME_HEADER_LEN:
+                ftype, length = _HEADER.unpack_from(buf, pos)
+                if length > self.max_frame:
+                    raise FrameTooLarge(f"frame type 0x{ftype:02x} of {length} bytes exceeds the limit of "
+                                        f"{self.max_frame}")
+                end = pos + FRAME_HEADER_LEN + length
+                if end > n:
+                    break
+                out.append((ftype, view[pos + FRAME_HEADER_LEN:end].tobytes()))
+                pos = end
         if pos:
             del buf[:pos]
         return out

@@ -44,10 +44,8 @@ class MeshLink:
     def start(self) -> None:
         asyncio.get_running_loop().create_task(self.client.start())
 
-    def forward(self, src: bytes, dst: bytes, packet: bytes) -> None:
-        if not self.client.forward(src, dst, packet):
-            from .server import DropReason
-            self.server.count_drop(DropReason.WRITE_ERROR)
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        return self.client.forward(src, dst, packet)
 
     def _frame(self, ev: object) -> None:
         if isinstance(ev, PeerPresent):

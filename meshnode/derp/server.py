@@ -8,9 +8,9 @@
 What it guarantees:
 - Only keys `admit` accepts (and mesh peers holding the mesh key) are served; others get a health
   frame saying why and are closed.
-- Each client has two bounded queues (disco first, then data). When a queue is full the oldest packet
-  is dropped and counted (`drops[reason]`): a slow reader loses only its own packets, and the sender's
-  reading loop never waits on anyone.
+- Frames go straight into a client's socket while it keeps up. A client that stops reading gets two
+  bounded queues (disco first, then data); when one is full the oldest packet is dropped and counted
+  (`drops[reason]`): a slow reader loses only its own packets, and no sender ever waits on it.
 - A client that disconnects is announced (peer gone) to every client it had sent to.
 - Meshing: with `mesh_with` URLs and a mesh key, this server connects to each other server of its
   region as a watcher, learns which keys live there and forwards one hop to them; packets forwarded
@@ -30,19 +30,21 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from aiohttp import web
 
 from .frames import (FrameError, FrameType, ForwardPacket, Health, KeepAlive, NotePreferred, PeerGone,
                      PeerGoneReason, PeerPresent, PeerPresentFlags, Ping, SendPacket, WatchConns, ClosePeer,
                      KEEPALIVE_SECONDS, PROTOCOL_VERSION, looks_like_disco)
+from .mesh import MeshLink
 from .session import ClientHello, ServerSession, public_key
 
 log = logging.getLogger("meshnode.derp.server")
 
 _RECV_HEADER = struct.Struct(">BI")
 LOGIN_TIMEOUT = 10.0
+WRITE_HIGH_WATER = 256 << 10     # bytes buffered for one client before its frames queue (and may drop)
 NOT_HERE_INTERVAL = 1.0          # at most one "peer not here" per destination and second, as Tailscale's
 
 
@@ -52,6 +54,12 @@ class DropReason(enum.Enum):
     GONE_DISCONNECTED = "gone_disconnected"
     QUEUE_HEAD = "queue_head"
     WRITE_ERROR = "write_error"
+
+
+class Forwarder(Protocol):
+    """Where a key that lives on another server of the region is reached (a mesh link)."""
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +113,13 @@ class _Conn:
         self.not_here_at: dict[bytes, float] = {}
         self.preferred = False
         self.mesh = False                        # a server of our region (holds the mesh key)
-        self.refusing = False                    # refused: flush the health frame, then close
         self.logged_in = asyncio.Event()
         self.drops = 0
 
     # -- input ------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        if self.closed or self.refusing:
+        if self.closed:
             return
         try:
             events = self.session.receive(data)
@@ -153,7 +160,14 @@ class _Conn:
 
     # -- output -----------------------------------------------------------------------------
 
+    # Frames go straight into the transport while its buffer is below the high-water mark, so a
+    # reader that keeps up costs no queueing and no task switch. Once a client stops reading, its
+    # buffer fills, frames wait in its bounded queues (disco first), and the oldest are dropped.
+
     def queue_ctrl(self, frame: bytes) -> None:
+        if not self.ctrl and not self.disco and not self.data and self._can_write():
+            self.transport.write(frame)  # type: ignore[union-attr]
+            return
         if len(self.ctrl) >= 4096:
             self.close("control queue overflow")   # a watcher or client that never reads
             return
@@ -161,34 +175,53 @@ class _Conn:
         self.wake.set()
 
     def queue_packet(self, src: bytes, packet: bytes) -> None:
-        """Queue a RecvPacket frame; the oldest is dropped (and counted) when the queue is full."""
+        """Send a RecvPacket frame, or queue it; the oldest is dropped (and counted) when the queue is full."""
+        frame = _RECV_HEADER.pack(FrameType.RECV_PACKET, 32 + len(packet)) + src + packet
+        if not self.ctrl and not self.disco and not self.data and self._can_write():
+            self.transport.write(frame)  # type: ignore[union-attr]
+            return
         q = self.disco if looks_like_disco(packet) else self.data
         if len(q) >= self.server.queue_depth:
             q.popleft()
             self.drops += 1
             self.server.count_drop(DropReason.QUEUE_HEAD)
-        q.append(_RECV_HEADER.pack(FrameType.RECV_PACKET, 32 + len(packet)) + src + packet)
+        q.append(frame)
         self.wake.set()
 
+    def _can_write(self) -> bool:
+        t = self.transport
+        return t is not None and not self.closed and t.get_write_buffer_size() < WRITE_HIGH_WATER
+
     async def write_loop(self) -> None:
-        write = self.writer.write  # type: ignore[attr-defined]
         try:
             while not self.closed:
                 await self.wake.wait()
                 self.wake.clear()
                 while (self.ctrl or self.disco or self.data) and not self.closed:
+                    if not self._can_write():
+                        await self.writer.drain()  # type: ignore[attr-defined]  # until the reader catches up
+                        if not self._can_write():
+                            await asyncio.sleep(0.005)
+                            continue
                     chunks = list(self.ctrl)
                     self.ctrl.clear()
                     chunks.extend(self.disco)
                     self.disco.clear()
                     for _ in range(min(len(self.data), 64)):
                         chunks.append(self.data.popleft())
-                    await write(b"".join(chunks))   # waits for the kernel when its buffer is full
-                if self.refusing:
-                    self.close("not admitted")
+                    self.transport.write(b"".join(chunks))  # type: ignore[union-attr]
         except (ConnectionError, RuntimeError, OSError) as exc:
             self.server.count_drop(DropReason.WRITE_ERROR, len(self.data) + len(self.disco))
             self.close(f"write failed: {exc}")
+
+    def flush_and_close(self, why: str) -> None:
+        """Write whatever is queued (a last health frame), then close: transports flush on close."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(b"".join([*self.ctrl, *self.disco, *self.data]))
+            self.ctrl.clear()
+            self.disco.clear()
+            self.data.clear()
+        self.close(why)
 
     def close(self, why: str) -> None:
         if self.closed:
@@ -221,7 +254,7 @@ class RelayServer:
         self.keepalive = keepalive
         self.login_timeout = login_timeout
         self.clients: dict[bytes, _Conn] = {}
-        self.mesh_clients: dict[bytes, object] = {}      # key -> the mesh link it lives behind
+        self.mesh_clients: dict[bytes, Forwarder] = {}   # key -> the mesh link it lives behind
         self.watchers: set[_Conn] = set()
         self.packets_relayed = 0
         self.bytes_relayed = 0
@@ -230,7 +263,7 @@ class RelayServer:
         self.refused = 0
         self.protocol_errors = 0
         self.drops: collections.Counter[str] = collections.Counter()
-        self._links: list[object] = []
+        self._links: list[MeshLink] = []
         self._conns: set[_Conn] = set()
 
     # -- HTTP ---------------------------------------------------------------------------------
@@ -249,7 +282,6 @@ class RelayServer:
         """Start the mesh links (nothing else needs starting)."""
         if self.mesh_with and not self.mesh_key:
             raise ValueError("meshing needs a mesh key")
-        from .mesh import MeshLink
         for url in self.mesh_with:
             link = MeshLink(self, url)
             link.start()
@@ -258,7 +290,7 @@ class RelayServer:
     async def stop(self) -> None:
         links, self._links = self._links, []
         for link in links:
-            await link.close()  # type: ignore[attr-defined]
+            await link.close()
         for conn in list(self._conns):
             conn.close("server stopping")
 
@@ -305,8 +337,8 @@ class RelayServer:
         if not mesh and not (self.admit is None or self.admit(key)):
             self.refused += 1
             log.info("derp: refused key %s from %s (not in the tailnet)", key.hex()[:16], conn.remote)
-            conn.refusing = True
-            conn.queue_ctrl(Health("this node key is not allowed on this relay").encode())
+            conn.ctrl.append(Health("this node key is not allowed on this relay").encode())
+            conn.flush_and_close("not admitted")
             return False
         old = self.clients.get(key)
         conn.key = key
@@ -314,9 +346,9 @@ class RelayServer:
         conn.mesh = mesh
         self.clients[key] = conn
         if old is not None and old is not conn:
-            old.queue_ctrl(Health("another connection with this node key replaced this one").encode())
+            old.ctrl.append(Health("another connection with this node key replaced this one").encode())
             old.key = None      # its close must not unregister the new connection
-            old.close("replaced by a newer connection")
+            old.flush_and_close("replaced by a newer connection")
         if not mesh:
             self.mesh_clients.pop(key, None)
             peer_ip, port = _peer_addr(conn)
@@ -353,8 +385,8 @@ class RelayServer:
         conn = self.clients.get(key)
         if conn is None:
             return False
-        conn.queue_ctrl(Health("disconnected by the relay operator").encode())
-        conn.close("disconnected")
+        conn.ctrl.append(Health("disconnected by the relay operator").encode())
+        conn.flush_and_close("disconnected")
         return True
 
     def recheck(self) -> int:
@@ -378,7 +410,8 @@ class RelayServer:
         link = self.mesh_clients.get(dst)
         if link is not None:
             self.packets_forwarded_out += 1
-            link.forward(src.key, dst, packet)  # type: ignore[attr-defined]
+            if not link.forward(src.key, dst, packet):
+                self.count_drop(DropReason.WRITE_ERROR)      # the link is down or backed up
             return
         self.count_drop(DropReason.UNKNOWN_DEST)
         now = time.monotonic()
@@ -404,11 +437,11 @@ class RelayServer:
 
     # -- mesh (called by MeshLink) ------------------------------------------------------------
 
-    def mesh_peer_present(self, link: object, key: bytes) -> None:
+    def mesh_peer_present(self, link: Forwarder, key: bytes) -> None:
         if key != self.public_key and key not in self.clients:
             self.mesh_clients[key] = link
 
-    def mesh_peer_gone(self, link: object, key: bytes) -> None:
+    def mesh_peer_gone(self, link: Forwarder, key: bytes) -> None:
         if self.mesh_clients.get(key) is link:
             del self.mesh_clients[key]
             # Tell local clients that talked to it, so their reverse paths are forgotten.
@@ -417,7 +450,7 @@ class RelayServer:
                 if key in c.sent_to:
                     c.queue_ctrl(gone)
 
-    def mesh_link_down(self, link: object) -> None:
+    def mesh_link_down(self, link: Forwarder) -> None:
         for key in [k for k, lk in self.mesh_clients.items() if lk is link]:
             del self.mesh_clients[key]
 

@@ -23,7 +23,7 @@ from typing import Any, Union
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
-from .frames import (KEY_LEN, MAX_CLIENT_INFO_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION, ClientInfoFrame, ClosePeer,
+from .frames import (KEY_LEN, MAX_CLIENT_INFO_LEN, MAX_FRAME_LEN, MAX_PACKET_SIZE, PROTOCOL_VERSION, ClientInfoFrame, ClosePeer,
                      ForwardPacket, Frame, FrameError, FrameReader, FrameType, Health, KeepAlive, NotePreferred, Ping,
                      Pong, SendPacket, ServerInfoFrame, ServerKey, Unknown, WatchConns, parse_frame)
 
@@ -263,6 +263,8 @@ class ServerSession:
         return ServerInfoFrame(sealed).encode(), events
 
     def _frame(self, ftype: int, payload: bytes) -> Event | None:
+        if ftype == 0x04 and KEY_LEN <= len(payload) <= KEY_LEN + MAX_PACKET_SIZE:
+            return SendPacket(payload[:KEY_LEN], payload[KEY_LEN:])   # the hot path, parsed inline
         frame = parse_frame(ftype, payload)
         if isinstance(frame, (SendPacket, NotePreferred)):
             return frame

@@ -214,6 +214,8 @@ class TunnelFilter:
         self.version: int | None = None  # the map version whose rules are in force
         self.error: str | None = None    # why the last map's rules were refused
         self._source: tuple[Any, ...] | None = None
+        self._rules: tuple[Any, ...] = ()  # the map's rules, kept while shields are up
+        self.shields_up = False          # `up --shields-up`: no rule in force, only replies pass
 
     def hooks(self) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
         """(inbound check, outbound tap) for `Device.set_packet_filter`."""
@@ -244,7 +246,20 @@ class TunnelFilter:
             return None
         self._source, self.error = source, None
         self.rule_count, self.version = len(rules), netmap.version
-        pf = self.filter
+        self._rules = tuple(rules)
+        return self._in_force()
+
+    def shields_update(self, on: bool) -> Callable[[], None] | None:
+        """What to run on the data-plane thread to raise (or lower) the shields, or None if unchanged.
+        Raised, no rule is in force: new connections from the tailnet are dropped, replies of this
+        node's own connections still pass through the flow table."""
+        if on == self.shields_up:
+            return None
+        self.shields_up = on
+        return self._in_force()
+
+    def _in_force(self) -> Callable[[], None]:
+        pf, rules = self.filter, (() if self.shields_up else self._rules)
 
         def update() -> None:
             pf.set_rules(rules)
@@ -256,7 +271,7 @@ class TunnelFilter:
         return {"rules": self.rule_count, "map_version": self.version,
                 "dropped": {r.name.lower(): n for r, n in pf.drops.items()},
                 "accepted": {r.name.lower(): n for r, n in pf.accepts.items()},
-                "flows": pf.flow_count, "error": self.error}
+                "flows": pf.flow_count, "error": self.error, "shields_up": self.shields_up}
 
 
 class Tunnel:
@@ -345,6 +360,16 @@ class Tunnel:
             await asyncio.wrap_future(device.call_soon_dataplane(update))
             log.info("tunnel: packet filter of map version %d in force (%d rules)", netmap.version,
                      self._filter.rule_count)
+
+    async def set_shields(self, on: bool) -> None:
+        """`--shields-up`: drop new inbound connections from the tailnet (replies still pass)."""
+        device, filt = self._device, self._filter
+        if device is None or filt is None:
+            return
+        update = filt.shields_update(on)
+        if update is not None:
+            await asyncio.wrap_future(device.call_soon_dataplane(update))
+            log.info("tunnel: shields %s", "up: new inbound connections are dropped" if on else "down")
 
     async def endpoints(self) -> list[str]:
         """Where peers can reach us (to report to the control server)."""

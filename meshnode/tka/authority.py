@@ -244,11 +244,12 @@ class Authority:
             raise LimitExceeded(f"{len(updates)} updates at once (max {MAX_SCAN_ITERATIONS})")
         state_at: dict[bytes, State] = {bytes(self.head): self.state}
         to_commit: list[AUM] = []
+        seen: set[bytes] = set()
         prev = bytes(self.head)
         head_chain = True
         for i, update in enumerate(updates):
             h = bytes(update.hash)
-            if store.aum(h) is not None or any(bytes(c.hash) == h for c in to_commit):
+            if h in seen or store.aum(h) is not None:
                 if not allow_known:
                     raise ReplayedAUM(f"update {i}: AUM {update.hash} is already in the chain (replayed)")
                 head_chain = False
@@ -272,6 +273,7 @@ class Authority:
             if bytes(parent) != prev:
                 head_chain = False
             prev = h
+            seen.add(h)
             to_commit.append(update)
         if not to_commit:
             return self
@@ -305,6 +307,18 @@ class Authority:
         from .builder import UpdateBuilder
 
         return UpdateBuilder(self, signer)
+
+    def compact(self, store: ChainStore, now: float, **options: float) -> "Authority":
+        """Delete old AUMs (see compact.py) and return the authority with its new oldest ancestor.
+        Run it from time to time (Tailscale does on sync): without it, a chain stops opening once it
+        is longer than the scan limit."""
+        from .compact import compact
+
+        ancestor = compact(store, self.head, now, **options)  # type: ignore[arg-type]
+        oldest = store.aum(ancestor)
+        if oldest is None:
+            raise StorageError(f"ancestor {ancestor} vanished during compaction")
+        return Authority(self.head_aum, oldest, self.state)
 
     def log(self, store: ChainStore, limit: int = 50) -> list[AUM]:
         """The active chain from head backwards, at most `limit` AUMs (`lock log`)."""

@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Mapping
 
 from .aum import AUM, AUMKind
-from .errors import LimitExceeded, StateError, UnknownKey
+from .errors import InvalidAUM, LimitExceeded, StateError, UnknownKey
 from .key import Key
 from .limits import CHECKPOINT_EVERY, MAX_KEYS
 from .signing import LockPrivateKey
@@ -59,6 +59,9 @@ class UpdateBuilder:
         return self
 
     def set_key_meta(self, key_id: bytes, meta: Mapping[str, str]) -> "UpdateBuilder":
+        if not meta:
+            # An empty map is omitted on the wire, leaving an UpdateKey that every verifier refuses.
+            raise InvalidAUM("key metadata update must set at least one entry")
         if self._state.get_key(key_id) is None:
             raise UnknownKey(f"key tlpub:{key_id.hex()} is not trusted")
         self._make(AUM(AUMKind.UPDATE_KEY, key_id=key_id, meta=dict(meta)))

@@ -8,8 +8,8 @@ signature lists it as a previous key, or two peers claim the same rotation chain
 Wiring, for the daemon (not done yet, see README "Tailnet Lock"): on every new network map, before it
 reaches the WireGuard engine, the router, the packet filter and the DNS view,
 
-    result = filter_peers(lock_state, netmap.peers,
-                          node_key=lambda p: p.node_key, signature=lambda p: p.key_signature)
+    result = filter_peers(lock_state, netmap.peers, node_key=lambda p: p.node_key,
+                          signature=lambda p: p.key_signature, cache=self._lock_cache)
     netmap = dataclasses.replace(netmap, peers=result.admitted)
 
 and keep `result.locked_out` for `status` (each entry says why). `lock_state` is None when the lock
@@ -84,10 +84,40 @@ def decode_signature_blob(value: str | bytes | None) -> bytes | None:
         return b"\x00"  # undecodable: verification then fails with a clear reason
 
 
+class VerifyCache:
+    """Verdicts of signature checks under one lock state, so a new map only pays for new or changed
+    peers (an Ed25519 check is ~0.1 ms; a 1000-peer map would cost ~80 ms on every update). Owned by
+    the caller; emptied when the state changes; bounded."""
+
+    def __init__(self, max_entries: int = 65536) -> None:
+        self._state_key: bytes | None = None
+        self._entries: dict[tuple[bytes, bytes], NodeKeySignature | str] = {}
+        self._max = max_entries
+
+    def check(self, lock: State, node_key: bytes, blob: bytes) -> NodeKeySignature | str:
+        """The decoded signature, or the reason it does not authorize `node_key`."""
+        state_key = (lock.last_aum_hash or b"") + b"".join(k.key_id for k in lock.keys or ())
+        if state_key != self._state_key:
+            self._state_key, self._entries = state_key, {}
+        hit = self._entries.get((node_key, blob))
+        if hit is not None:
+            return hit
+        try:
+            verdict: NodeKeySignature | str = node_key_authorized(lock, node_key, blob)
+        except NodeKeyNotAuthorized as exc:
+            verdict = str(exc)
+        if len(self._entries) >= self._max:
+            self._entries.clear()
+        self._entries[(node_key, blob)] = verdict
+        return verdict
+
+
 def filter_peers(lock: State | None, peers: Sequence[P], *, node_key: Callable[[P], str | bytes],
-                 signature: Callable[[P], str | bytes | None]) -> PeerFilter[P]:
+                 signature: Callable[[P], str | bytes | None],
+                 cache: VerifyCache | None = None) -> PeerFilter[P]:
     """Split `peers` into those admitted under `lock` and those locked out, with the reason.
-    `lock` is the authority's current state (Authority.state), or None when the lock is off."""
+    `lock` is the authority's current state (Authority.state), or None when the lock is off.
+    Pass the same `cache` from one map to the next to verify only what changed."""
     if lock is None:
         return PeerFilter(tuple(peers), ())
     rejected: dict[int, LockedOut[P]] = {}
@@ -104,11 +134,17 @@ def filter_peers(lock: State | None, peers: Sequence[P], *, node_key: Callable[[
         if blob is None:
             rejected[i] = LockedOut(p, LockoutReason.NO_SIGNATURE, "no node-key signature")
             continue
-        try:
-            sig = node_key_authorized(lock, nk, blob)
-        except NodeKeyNotAuthorized as exc:
-            rejected[i] = LockedOut(p, LockoutReason.INVALID_SIGNATURE, f"signature check failed: {exc}")
+        if cache is not None:
+            verdict = cache.check(lock, nk, blob)
+        else:
+            try:
+                verdict = node_key_authorized(lock, nk, blob)
+            except NodeKeyNotAuthorized as exc:
+                verdict = str(exc)
+        if isinstance(verdict, str):
+            rejected[i] = LockedOut(p, LockoutReason.INVALID_SIGNATURE, f"signature check failed: {verdict}")
             continue
+        sig = verdict
         if sig.kind == SigKind.ROTATION:
             tracker.add(nk, sig)
     obsolete = tracker.obsolete_keys()

@@ -15,7 +15,7 @@ from .key import Key
 from .limits import DISABLEMENT_LENGTH, MAX_DISABLEMENT_VALUES, MAX_KEYS
 
 if TYPE_CHECKING:
-    from .aum import AUM, AUMHash
+    from .aum import AUM
 
 # DisablementKDF: Go's argon2.Key, which is Argon2i (version 0x13), time=4, memory=16 MiB, 4 lanes.
 DISABLEMENT_SALT = b"tailscale network-lock disablement salt"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from ..node.atomicfile import atomic_write
 from .aum import AUM, AUMHash
@@ -42,15 +43,27 @@ class ChainStore(Protocol):
     def all_hashes(self) -> list[AUMHash]:
         ...
 
+    def clear(self) -> None:
+        """Forget the whole chain (the lock was disabled)."""
+
+    def commit_time(self, h: bytes) -> float:
+        """When the AUM was stored (unix seconds): compaction keeps young AUMs."""
+
+    def purge(self, hashes: Iterable[bytes]) -> None:
+        """Delete AUMs (compaction)."""
+
 
 class MemoryStore:
-    """A ChainStore in memory; thread-safe."""
+    """A ChainStore in memory; thread-safe. `clock` stamps commits (the I/O edge reads time, the
+    core never does; tests pass their own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
         self._aums: dict[bytes, AUM] = {}
         self._children: dict[bytes, list[bytes]] = {}
+        self._times: dict[bytes, float] = {}
         self._ancestor: AUMHash | None = None
+        self.clock = clock
 
     def aum(self, h: bytes) -> AUM | None:
         with self._lock:
@@ -66,16 +79,38 @@ class MemoryStore:
 
     def commit_verified(self, aums: Iterable[AUM]) -> None:
         with self._lock:
+            now = self.clock()
             for a in aums:
-                self._index(a)
+                self._index(a, now)
 
-    def _index(self, a: AUM) -> None:
+    def _index(self, a: AUM, when: float) -> None:
         h = bytes(a.hash)
         if h in self._aums:
             return
         self._aums[h] = a
+        self._times[h] = when
         if a.parent is not None:
             self._children.setdefault(bytes(a.parent), []).append(h)
+
+    def commit_time(self, h: bytes) -> float:
+        with self._lock:
+            try:
+                return self._times[bytes(h)]
+            except KeyError:
+                raise StorageError(f"AUM {AUMHash(h)} is not stored") from None
+
+    def purge(self, hashes: Iterable[bytes]) -> None:
+        with self._lock:
+            for h in hashes:
+                self._forget(bytes(h))
+
+    def _forget(self, h: bytes) -> None:
+        a = self._aums.pop(h, None)
+        self._times.pop(h, None)
+        if a is not None and a.parent is not None:
+            siblings = self._children.get(bytes(a.parent), [])
+            if h in siblings:
+                siblings.remove(h)
 
     def last_active_ancestor(self) -> AUMHash | None:
         with self._lock:
@@ -93,6 +128,7 @@ class MemoryStore:
         with self._lock:
             self._aums.clear()
             self._children.clear()
+            self._times.clear()
             self._ancestor = None
 
 
@@ -119,7 +155,7 @@ class FileStore(MemoryStore):
                 raise StorageError(f"{path}: {exc}") from None
             if str(aum.hash) != entry:
                 raise StorageError(f"{path}: content hashes to {aum.hash}, not to its file name")
-            self._index(aum)
+            self._index(aum, path.stat().st_mtime)  # the file's mtime is its commit time
         anc = self.directory / "ancestor"
         if anc.exists():
             try:
@@ -135,12 +171,18 @@ class FileStore(MemoryStore):
                 # Written before indexing: a crash mid-batch leaves some verified AUMs on disk, which
                 # is harmless (each was verified against its parent before the batch was committed).
                 atomic_write(self._aum_dir / str(a.hash), a.serialized)
-                self._index(a)
+                self._index(a, (self._aum_dir / str(a.hash)).stat().st_mtime)
 
     def set_last_active_ancestor(self, h: bytes) -> None:
         with self._lock:
             self._ancestor = AUMHash(h)
             atomic_write(self.directory / "ancestor", str(self._ancestor) + "\n")
+
+    def purge(self, hashes: Iterable[bytes]) -> None:
+        with self._lock:
+            for h in hashes:
+                (self._aum_dir / str(AUMHash(h))).unlink(missing_ok=True)
+                self._forget(bytes(h))
 
     def clear(self) -> None:
         """Forget the whole chain (after the lock is disabled)."""
@@ -150,4 +192,5 @@ class FileStore(MemoryStore):
             (self.directory / "ancestor").unlink(missing_ok=True)
             self._aums.clear()
             self._children.clear()
+            self._times.clear()
             self._ancestor = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import urllib.parse
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -116,6 +117,8 @@ async def test_first_sign_in_becomes_owner_then_members(tmp_path: Path) -> None:
         assert cookie["httponly"] and cookie["samesite"] == "Lax" and not cookie["secure"]  # plain HTTP here
         assert net.store.user_role("olivia@example.com").role == "owner"
         assert net.store.user_role("olivia@example.com").groups == ("eng",)
+        created = {(e.actor, e.action) for e in auditlog.recent(net.store)}
+        assert {("user:olivia@example.com", "user.create"), ("user:olivia@example.com", "user.role")} <= created
         async with http.get(net.url + "/console/") as r:
             assert r.status == 200 and "Machines" in await r.text() and str(r.url).endswith("/console/machines")
         async with net.browser() as other:
@@ -186,6 +189,31 @@ async def test_csrf_token_required_on_every_post(tmp_path: Path) -> None:
                 assert r.status == 303
             async with http.get(net.url + "/console/machines", allow_redirects=False) as r:
                 assert r.status == 303 and r.headers["Location"].startswith("/console/login")
+
+
+@run
+async def test_sign_in_returns_to_the_page_asked_for(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net, net.browser() as http:
+        async with http.get(net.url + "/console/dns?x=1", allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == "/console/login?next=%2Fconsole%2Fdns%3Fx%3D1"
+        async with http.get(net.url + r.headers["Location"]) as r:
+            href = re.search(r'id="sso" href="([^"]+)"', await r.text()).group(1)
+        query = urllib.parse.urlsplit(href.replace("&amp;", "&")).query
+        assert urllib.parse.parse_qs(query)["next"] == ["/console/dns?x=1"]
+        async with http.get(net.url + "/oidc/login?next=%2Fconsole%2Fdns%3Fx%3D1", allow_redirects=False) as r:
+            authorize = r.headers["Location"]
+        async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+            callback = r.headers["Location"]
+        async with http.get(callback, allow_redirects=False) as r:
+            assert r.headers["Location"] == "/console/dns?x=1"
+        # Never off-site: a `next` that is not a local path is ignored.
+        for evil in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+            async with http.get(net.url + "/oidc/login", params={"next": evil}, allow_redirects=False) as r:
+                authorize = r.headers["Location"]
+            async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+                callback = r.headers["Location"]
+            async with http.get(callback, allow_redirects=False) as r:
+                assert r.headers["Location"] == "/console/machines", evil
 
 
 @run
@@ -261,7 +289,8 @@ async def test_role_matrix_is_enforced_on_the_server(tmp_path: Path) -> None:
                     assert r.status == 200
                     has_buttons = "/rename" in text or "/routes" in text
                     assert has_buttons == (role in ("owner", "admin", "network-admin", "it-admin")), role
-                    assert (f"<strong class=\"name\">{net.store.get_node(reg.node_id).name}<" in text) == (role != "member"), role
+                    name = net.store.get_node(reg.node_id).name
+                    assert (f'<strong class="name">{name}<' in text) == (role != "member"), role
                 for page in ("/console/dns", "/console/acls", "/console/users", "/console/logs"):
                     async with http.get(net.url + page) as r:
                         assert r.status == (403 if role == "member" else 200), (role, page)
@@ -294,7 +323,10 @@ async def test_member_keys_and_own_machines(tmp_path: Path) -> None:
             async with http.post(net.url + f"/console/machines/{reg.node_id}/tags",
                                  data={"_csrf": csrf, "tags": "tag:server"}) as r:
                 assert r.status == 403
-        assert any(e.actor == "mia@example.com" and e.action == "machine.rename" for e in auditlog.recent())
+        # The signed-in user is the actor in the hash-chained audit log, which still verifies.
+        assert any(e.actor == "user:mia@example.com" and e.action == "node.rename" and e.target == "node:mia-laptop"
+                   for e in auditlog.recent(net.store)), auditlog.recent(net.store)[:5]
+        assert net.store.verify_audit().ok
 
 
 @run
@@ -363,6 +395,10 @@ async def test_machine_logs_in_through_the_browser(tmp_path: Path) -> None:
             async with http.get(url) as r:
                 page = await r.text()
                 assert r.status == 200 and "kiosk" in page
+            auditor, acsrf = await net.client_as("audrey@example.com", "auditor")
+            async with auditor:
+                async with auditor.post(url, data={"_csrf": acsrf}) as r:
+                    assert r.status == 403  # read-only roles cannot add (and own) machines
             t0 = time.monotonic()
             async with http.post(url, data={"_csrf": csrf}) as r:
                 assert r.status == 200
@@ -406,6 +442,9 @@ def test_cli_users_role(tmp_path: Path) -> None:
     r = run_(control, ["users", "role", "bob@example.com", "network-admin", "--db", db])
     assert r.exit_code == 0, r.output
     assert store.user_role("bob@example.com").role == "network-admin"
+    r = run_(control, ["users", "ls", "--db", db])
+    assert r.exit_code == 0 and any(line.split()[1:3] == ["bob@example.com", "network-admin"]
+                                    for line in r.output.splitlines()), r.output
     r = run_(control, ["users", "role", "bob@example.com", "superuser", "--db", db])
     assert r.exit_code == 2 and "unknown role" in r.output
     r = run_(control, ["users", "role", "olivia@example.com", "member", "--db", db])
@@ -415,3 +454,242 @@ def test_cli_users_role(tmp_path: Path) -> None:
     r = run_(control, ["serve", "--db", db, "--oidc-issuer", "http://127.0.0.1:1"])
     assert r.exit_code == 2 and "--oidc-client-id" in r.output
     store.close()
+
+
+@run
+async def test_policy_preview_shows_who_sees_whom_without_saving(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        http, csrf = await net.client_as("olivia@example.com", "owner")
+        key, _ = net.store.create_authkey("olivia@example.com", reusable=True)
+        srv, _ = net.store.create_authkey("olivia@example.com", reusable=True, tags=["tag:server"])
+        for host, k in (("laptop", key), ("db", srv)):
+            node = ControlClient(net.url, generate_private_key(), generate_private_key())
+            await node.register(k, hostname=host)
+            await node.close()
+        async with http:
+            async with http.get(net.url + "/console/acls") as r:  # the default policy: everyone sees everyone
+                assert "<td>laptop</td><td>db</td>" in await r.text()
+            isolated = '{"acls": [], "tagOwners": {"tag:server": ["olivia@example.com"]}}'
+            async with http.post(net.url + "/console/acls",
+                                 data={"_csrf": csrf, "policy": isolated, "action": "preview"}) as r:
+                text = await r.text()
+                assert r.status == 200 and "not saved" in text
+                assert "<td>laptop</td><td>nobody</td>" in text and "<td>db</td><td>nobody</td>" in text
+            assert net.store.policy_text() is None
+            unknown = '{\n  "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["*:*"]}]\n}'
+            async with http.post(net.url + "/console/acls",
+                                 data={"_csrf": csrf, "policy": unknown, "action": "preview"}) as r:
+                text = await r.text()
+                assert r.status == 400 and "unknown group" in text and 'data-line="2"' in text
+
+
+@run
+async def test_oidc_groups_fill_the_policy_groups(tmp_path: Path) -> None:
+    from meshnode.control.access import set_policy
+    async with Net(tmp_path) as net:
+        set_policy(net.store, '{"groups": {"group:eng": []}, "tagOwners": {"tag:server": ["olivia@example.com"]},'
+                              ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:server:*"]}]}')
+        net.server.mark_dirty()
+        key, _ = net.store.create_authkey("olivia@example.com", reusable=True)
+        srv, _ = net.store.create_authkey("olivia@example.com", tags=["tag:server"])
+        bkey, _ = net.store.create_authkey("bob@example.com")
+        clients = {}
+        for host, k in (("laptop", key), ("db", srv), ("bobs", bkey)):
+            clients[host] = ControlClient(net.url, generate_private_key(), generate_private_key())
+            await clients[host].register(k, hostname=host)
+
+        async def peers(host: str) -> set[str]:
+            return {p.name for p in (await clients[host].fetch_map()).peers}
+        assert await peers("laptop") == set() and await peers("bobs") == set()
+        async with net.browser() as http:
+            await net.sign_in(http, "owner-sub")  # the provider says olivia is in "eng"
+        t0 = time.monotonic()
+        while await peers("laptop") != {"db"}:
+            assert time.monotonic() - t0 < 1.0, "olivia's group membership did not reach the map within 1 s"
+            await asyncio.sleep(0.02)
+        assert await peers("bobs") == set()
+        assert await peers("db") == {"laptop"}
+        for c in clients.values():
+            await c.close()
+
+
+@run
+async def test_sessions_and_a_waiting_browser_login_survive_a_server_restart(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    async with net:
+        sid = net.session_for("olivia@example.com", "owner")
+        node = ControlClient(net.url, generate_private_key(), generate_private_key())
+        urls: list[str] = []
+        login = asyncio.create_task(node.login_interactive(hostname="kiosk", on_url=urls.append))
+        await async_wait_until(lambda: urls, timeout=5, what="a login URL")
+        port = int(net.url.rsplit(":", 1)[1])
+    # A new server process on the same database and port (the node keeps retrying meanwhile).
+    store = ControlStore(tmp_path / "control.db")
+    server = ControlServer(store, FAST)
+    console = mount(server, ConsoleSettings("http://pending", None))
+    await server.start("127.0.0.1", port)
+    console.use_server_url(net.url)
+    try:
+        async with net.browser() as http:
+            http.cookie_jar.update_cookies({COOKIE: sid}, aiohttp.client.URL(net.url))
+            async with http.get(net.url + "/console/machines") as r:
+                assert r.status == 200
+                csrf = CSRF_RE.search(await r.text()).group(1)
+            async with http.post(urls[0], data={"_csrf": csrf}) as r:
+                assert r.status == 200
+        reg = await asyncio.wait_for(login, 10)
+        assert reg.name == "kiosk" and reg.user == "olivia@example.com"
+    finally:
+        await node.close()
+        await server.stop()
+        store.close()
+
+
+@run
+async def test_bad_input_in_the_pages_changes_nothing(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        http, csrf = await net.client_as("olivia@example.com", "owner")
+        key, _ = net.store.create_authkey("olivia@example.com")
+        node = ControlClient(net.url, generate_private_key(), generate_private_key())
+        reg = await node.register(key, hostname="web")
+        await node.close()
+        before = net.store.get_node(reg.node_id)
+        async with http:
+            for path, data in ((f"/console/machines/{reg.node_id}/rename", {"name": "Not A Name!"}),
+                               (f"/console/machines/{reg.node_id}/tags", {"tags": "server"}),
+                               (f"/console/machines/{reg.node_id}/routes", {"route": "10.0.0.0/8"}),
+                               (f"/console/machines/{reg.node_id}/routes", {"route": "not-a-cidr"}),
+                               ("/console/dns/nameservers", {"nameservers": "not a resolver:99999"}),
+                               ("/console/dns/route-add", {"domain": "..", "servers": "10.0.0.53"}),
+                               ("/console/dns/record-add", {"name": "x", "type": "BOGUS", "value": "1"}),
+                               ("/console/keys", {"expiry": "forever"}),
+                               ("/console/users/olivia@example.com/role", {"role": "emperor"})):
+                async with http.post(net.url + path, data={**data, "_csrf": csrf}) as r:
+                    text = await r.text()
+                    assert r.status == 200 and 'class="flash error"' in text, (path, data, r.status)
+            for path in ("/console/machines/999/rename", "/console/machines/abc/rename",
+                         f"/console/machines/{reg.node_id}/explode", "/console/dns/explode"):
+                async with http.post(net.url + path, data={"_csrf": csrf, "name": "x"}) as r:
+                    assert r.status == 404, path
+        assert net.store.get_node(reg.node_id) == before
+        assert net.store.dns_settings().nameservers == () and net.store.dns_settings().routes == ()
+        assert net.store.records.list() == [] and net.store.list_authkeys()[1:] == []
+        assert net.store.user_role("olivia@example.com").role == "owner"
+
+
+@run
+async def test_unreachable_identity_provider_is_a_clear_error(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        net.console.oidc.settings = OidcSettings(issuer="http://127.0.0.1:9", client_id="x", client_secret="y",
+                                                 redirect_uri=net.url + "/oidc/callback")
+        net.console.oidc._meta = None
+        async with net.browser() as http:
+            t0 = time.monotonic()
+            async with http.get(net.url + "/oidc/login", allow_redirects=False) as r:
+                assert r.status == 502 and "cannot reach the identity provider" in await r.text()
+            assert time.monotonic() - t0 < 11
+
+
+@run
+async def test_users_added_and_removed_in_the_page(tmp_path: Path) -> None:
+    async with Net(tmp_path, preapproved_only=True) as net:
+        http, csrf = await net.client_as("olivia@example.com", "owner")
+        async with http, net.browser() as bob:
+            assert (await net.sign_in(bob, "bob-sub")).status == 403  # not pre-approved yet
+            async with http.post(net.url + "/console/users", data={"_csrf": csrf, "name": "Bob@Example.com"}) as r:
+                assert "Added bob@example.com" in await r.text()
+            assert (await net.sign_in(bob, "bob-sub")).status == 303
+            async with bob.get(net.url + "/console/keys") as r:
+                assert r.status == 200
+            key, _ = net.store.create_authkey("bob@example.com")
+            node = ControlClient(net.url, generate_private_key(), generate_private_key())
+            reg = await node.register(key, hostname="bobs")
+            await node.close()
+            async with http.post(net.url + "/console/users/bob@example.com/remove", data={"_csrf": csrf}) as r:
+                assert "still owns 1 node" in await r.text()
+            net.store.delete_node(str(reg.node_id))
+            async with http.post(net.url + "/console/users/bob@example.com/remove", data={"_csrf": csrf}) as r:
+                assert "Removed bob@example.com" in await r.text()
+            async with bob.get(net.url + "/console/keys", allow_redirects=False) as r:
+                assert r.status == 303  # the session went with the user
+        it, csrf2 = await net.client_as("ian@example.com", "it-admin")
+        async with it:
+            async with it.post(net.url + "/console/users/olivia@example.com/remove", data={"_csrf": csrf2}) as r:
+                assert r.status == 403
+        assert net.store.user_role("olivia@example.com").role == "owner"
+
+
+@run
+async def test_serve_flags_sign_in_through_the_real_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    from tests.support import stop_process
+    with oidc_provider_mock.run_server_in_thread(port=0, require_nonce=True, user_claims=provider_users()) as idp:
+        secret = tmp_path / "oidc-secret"
+        secret.write_text("s3cret\n")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from meshnode.cli import main; main()", "control", "serve",
+             "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"),
+             "--oidc-issuer", f"http://localhost:{idp.server_port}", "--oidc-client-id", "meshnode",
+             "--oidc-client-secret-file", str(secret), "--oidc-allowed-domains", "example.com"],
+            stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            line = ""
+            while "listening on" not in line:
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
+                assert line, "the server exited"
+            url = "http://" + line.split("listening on ")[1].split()[0]
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                async with http.get(url + "/oidc/login", allow_redirects=False) as r:
+                    authorize = r.headers["Location"]
+                q = urllib.parse.parse_qs(urllib.parse.urlsplit(authorize).query)
+                assert q["redirect_uri"] == [url + "/oidc/callback"] and q["code_challenge_method"] == ["S256"]
+                async with http.post(authorize, data={"sub": "eve-sub"}, allow_redirects=False) as r:
+                    callback = r.headers["Location"]
+                async with http.get(callback, allow_redirects=False) as r:
+                    assert r.status == 403  # evil.example is not an allowed domain
+                async with http.get(url + "/oidc/login", allow_redirects=False) as r:
+                    authorize = r.headers["Location"]
+                async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+                    callback = r.headers["Location"]
+                async with http.get(callback, allow_redirects=False) as r:
+                    assert r.status == 303
+                async with http.get(url + "/console/settings") as r:
+                    text = await r.text()
+                    assert r.status == 200 and "example.com" in text and url + "/oidc/callback" in text
+        finally:
+            stop_process(proc)
+
+
+@run
+async def test_cookies_are_secure_when_served_over_https(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        net.console.use_server_url("https://ctl.example.com")  # behind a TLS-terminating proxy
+        async with net.browser() as http:
+            async with http.get(net.url + "/oidc/login", allow_redirects=False) as r:
+                cookie = r.cookies["meshnode_login"]
+                assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Lax"
+                assert "redirect_uri=https%3A%2F%2Fctl.example.com%2Foidc%2Fcallback" in r.headers["Location"]
+                authorize = r.headers["Location"]
+            async with http.post(authorize, data={"sub": "owner-sub"}, allow_redirects=False) as r:
+                callback = r.headers["Location"].replace("https://ctl.example.com", net.url)
+            http.cookie_jar.update_cookies({"meshnode_login": cookie.value}, aiohttp.client.URL(net.url + "/oidc/"))
+            async with http.get(callback, allow_redirects=False) as r:
+                assert r.status == 303 and r.cookies[COOKIE]["secure"]
+
+
+@run
+async def test_settings_show_the_relay_map_nodes_get(tmp_path: Path) -> None:
+    from meshnode.derp.derpmap import embedded_map
+    async with Net(tmp_path) as net:
+        http, _ = await net.client_as("olivia@example.com", "owner")
+        async with http:
+            async with http.get(net.url + "/console/settings") as r:
+                assert "No relays" in await r.text()
+            port = int(net.url.rsplit(":", 1)[1])
+            net.server.relay_map = embedded_map(900, "", port, tls=False, stun_port=-1)
+            net.server.mark_dirty()
+            await async_wait_until(lambda: net.server.snapshot.derp_map_text != "null", timeout=1, what="relay map")
+            async with http.get(net.url + "/console/settings") as r:
+                assert f"http://127.0.0.1:{port}/derp" in await r.text()

@@ -88,7 +88,8 @@ def chromium(profile: Path) -> webdriver.Chrome:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--no-first-run", "--no-default-browser-check", "--disable-domain-reliability",
-                "--disable-client-side-phishing-detection", "--disable-features=OptimizationHints,Translate,MediaRouter",
+                "--disable-client-side-phishing-detection",
+                "--disable-features=OptimizationHints,Translate,MediaRouter",
                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
                 f"--user-data-dir={profile}", "--window-size=1280,1000"):
         o.add_argument(arg)
@@ -164,13 +165,16 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Env]:
     e = Env(tmp_path_factory.mktemp("console"))
     try:
         yield e
     finally:
         e.close()
-        print(f"\nconsole screenshots: {ARTIFACTS}")
+        # Shown even when pytest captures output, so CI logs say where the screenshots are.
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled():
+            print(f"\nconsole screenshots: {ARTIFACTS} ({len(list(ARTIFACTS.glob('*.png')))} pages)")
 
 
 # The tests share one browser, server and set of nodes, and run in this order (each builds on the last).

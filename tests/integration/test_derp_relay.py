@@ -10,14 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 from aiohttp import web
 
 from meshnode.derp.admission import TailnetKeys
 from meshnode.derp.client import DerpClient
-from meshnode.derp.frames import (MAGIC, FrameReader, FrameType, Health, KeepAlive, PeerGone, PeerGoneReason,
+from meshnode.derp.frames import (MAGIC, FrameReader, FrameType, PeerGone, PeerGoneReason,
                                   SendPacket, encode_frame, parse_frame)
 from meshnode.derp.server import RelayServer
 from meshnode.derp.session import ClientSession, LoggedIn, public_key
@@ -348,29 +347,31 @@ def region(tmp_path: Path):
     subprocess.run([MESHNODE, "derp", "meshkey", str(keyfile)], check=True, capture_output=True)
     ports = [free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)]
     urls = [f"http://127.0.0.1:{p}/derp" for p in ports]
-    procs = []
-    for i, port in enumerate(ports):
+
+    def start(i: int) -> subprocess.Popen:
         ready = tmp_path / f"ready{i}"
-        log = open(tmp_path / f"relay{i}.log", "wb")
-        procs.append(subprocess.Popen(
-            [MESHNODE, "derp", "serve", "--listen", f"127.0.0.1:{port}", "--stun-port", "0", "--admit-any",
-             "--mesh-with", urls[1 - i], "--mesh-key-file", str(keyfile), "--ready-file", str(ready)],
-            stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-    deadline = time.monotonic() + 15
-    for i in range(2):
-        while not (tmp_path / f"ready{i}").exists():
-            assert procs[i].poll() is None, (tmp_path / f"relay{i}.log").read_text()
+        ready.unlink(missing_ok=True)
+        with open(tmp_path / f"relay{i}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [MESHNODE, "derp", "serve", "--listen", f"127.0.0.1:{ports[i]}", "--stun-port", "0", "--admit-any",
+                 "--mesh-with", urls[1 - i], "--mesh-key-file", str(keyfile), "--ready-file", str(ready)],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert proc.poll() is None, (tmp_path / f"relay{i}.log").read_text()
             assert time.monotonic() < deadline, "relay did not start"
             time.sleep(0.02)
-    yield urls, procs
+        return proc
+
+    procs = [start(0), start(1)]
+    yield urls, procs, start
     for p in procs:
         stop_process(p)
 
 
 @pytest.mark.slow
 def test_killed_server_clients_fail_over_within_5s(region) -> None:
-    urls, procs = region
+    urls, procs, start = region
 
     async def body() -> None:
         # a prefers server 0, b prefers server 1; both know the whole region.
@@ -395,7 +396,148 @@ def test_killed_server_clients_fail_over_within_5s(region) -> None:
             await async_wait_until(lambda: a.connected_url == urls[1], 5.0, what="a fails over to server 1")
             await exchange(b"after", 5.0 - (time.monotonic() - t0))
             assert time.monotonic() - t0 < 5.0
+            # The dead server comes back on its port: the mesh links up again, and a node homed
+            # there reaches b on the other server.
+            procs[0] = start(0)
+            c = await connected([urls[0]])
+            try:
+                deadline = time.monotonic() + 10
+                while True:
+                    c.send(key(b), b"after restart")
+                    try:
+                        if (await asyncio.wait_for(b.recv(), 0.2))[1] == b"after restart":
+                            break
+                    except asyncio.TimeoutError:
+                        pass
+                    assert time.monotonic() < deadline, "the restarted server never re-joined the mesh"
+            finally:
+                await c.close()
         finally:
             await a.close()
             await b.close()
     run(body())
+
+
+def test_disco_jumps_the_queue_of_a_slow_reader() -> None:
+    async def body() -> None:
+        async with Relay(queue_depth=16) as relay:
+            sender = await connected([relay.url])
+            r, w, _ = await raw_login(relay.port)
+            slow = next(c for c in relay.server.clients.values() if c.key != key(sender))
+            try:
+                i = 0
+                deadline = time.monotonic() + 10
+                while len(slow.data) < 16:               # fill its socket, its buffer, then its queue
+                    assert i < 50_000 and time.monotonic() < deadline, "queue never filled"
+                    if sender.send(slow.key, b"data %d " % i + b"\0" * 1200):
+                        i += 1
+                    else:
+                        await asyncio.sleep(0.001)       # our own send buffer is full: let it drain
+                    if i % 64 == 0:
+                        await asyncio.sleep(0)
+                sender.send(slow.key, DISCO)
+                await async_wait_until(lambda: len(slow.disco) == 1, 2.0, what="disco queued")
+                reader, frames = FrameReader(), []
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:       # now read everything, until it goes quiet
+                    try:
+                        data = await asyncio.wait_for(r.read(1 << 16), 0.5)
+                    except asyncio.TimeoutError:
+                        break
+                    frames += reader.feed(data)
+                packets = [p[32:] for t, p in frames if t == FrameType.RECV_PACKET]
+                at = packets.index(DISCO)
+                # The 16 data packets queued before the disco packet arrive after it.
+                assert len(packets) - at - 1 == 16
+                assert [int(p.split()[1].rstrip(b"\0")) for p in packets[at + 1:]] == sorted(
+                    int(p.split()[1].rstrip(b"\0")) for p in packets[at + 1:])
+            finally:
+                w.close()
+                await sender.close()
+    run(body())
+
+
+def test_random_frames_never_take_the_server_down() -> None:
+    import random
+    rng = random.Random(7)
+
+    async def body() -> None:
+        async with Relay() as relay:
+            a, b = await connected([relay.url]), await connected([relay.url])
+            try:
+                for round_ in range(40):                 # bounded: 40 hostile connections
+                    r, w, _ = await raw_login(relay.port)
+                    junk = b"".join(encode_frame(rng.randrange(256), rng.randbytes(rng.randrange(0, 80)))
+                                    for _ in range(rng.randrange(1, 6)))
+                    if rng.random() < 0.3:
+                        junk = rng.randbytes(rng.randrange(1, 200))
+                    w.write(junk)
+                    await w.drain()
+                    w.close()
+                    assert a.send(key(b), b"alive %d" % round_)
+                    assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"alive %d" % round_)
+                assert a.connected_url and b.connected_url
+            finally:
+                await a.close()
+                await b.close()
+    run(body())
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_derp_serve_over_tls(tmp_path: Path) -> None:
+    import ssl
+    cert, keyfile = _self_signed(tmp_path)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([MESHNODE, "derp", "serve", "--listen", "127.0.0.1:0", "--stun-port", "-1",
+                             "--admit-any", "--tls-cert", str(cert), "--tls-key", str(keyfile),
+                             "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        port = int(ready.read_text().split()[0])
+        url = f"https://127.0.0.1:{port}/derp"
+
+        async def body() -> None:
+            trusted = ssl.create_default_context(cafile=str(cert))
+            a = await connected([url], ssl=trusted)
+            b = await connected([url], ssl=trusted)
+            untrusting = DerpClient(os.urandom(32), [url], connect_timeout=1.0)   # system CAs only
+            await untrusting.start()
+            try:
+                a.send(key(b), b"over TLS")
+                assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"over TLS")
+                await async_wait_until(lambda: untrusting.stats["connect_failures"] >= 1, 3.0,
+                                       what="certificate refused")
+                assert untrusting.connected_url is None
+            finally:
+                for c in (a, b, untrusting):
+                    await c.close()
+        run(body())
+    finally:
+        stop_process(proc)

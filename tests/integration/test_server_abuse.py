@@ -225,3 +225,69 @@ def test_forwarding_over_the_inflight_cap_is_servfail_at_once() -> None:
             finally:
                 await server.stop()
     asyncio.run(main())
+
+
+def test_forwarding_rate_budget_sheds_a_flood_of_unique_names() -> None:
+    """Over --max-forward-qps, a new forwarded name is answered SERVFAIL at once without asking the
+    upstream; cached names and authoritative answers are not limited."""
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = await start(make_view((Upstream(up.host, up.port),)), max_forward_qps=5)
+            port = server.bound[0][1]
+            try:
+                async def ask(name: str) -> dns.message.Message:
+                    return await dns.asyncquery.udp(dns.message.make_query(name, "A"), "127.0.0.1",
+                                                    port=port, timeout=2)
+
+                first = await ask("www.example.test")
+                assert first.rcode() == dns.rcode.NOERROR
+                codes = [(await ask(f"u{i}.example.test")).rcode() for i in range(30)]
+                assert codes.count(dns.rcode.SERVFAIL) >= 20  # the burst of 5 spent, a few refilled
+                asked = len(up.queries)
+                assert asked <= 1 + 10
+                assert (await ask("www.example.test")).answer  # from the cache
+                for _ in range(50):
+                    assert (await ask("server.tailnet")).answer
+                assert len(up.queries) == asked
+                assert server.status()["queries"]["overload"] >= 20
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_backlogged_listener_sheds_forwards_and_answers_every_local_name() -> None:
+    """600 datagrams queued before the server reads any (a flood of unique forwarded names mixed
+    with the tailnet's own): every local name is answered, and most flood queries are answered
+    SERVFAIL at once instead of being forwarded."""
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            port = server.bound[0][1]
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setblocking(False)
+            sock.connect(("127.0.0.1", port))
+            try:
+                local, flood = set(), set()
+                for i in range(600):  # sent without yielding: the server reads only afterwards
+                    local_q = i % 4 == 0
+                    q = dns.message.make_query("server.tailnet" if local_q else f"f{i}.example.test", "A")
+                    q.id = i  # unique: random IDs would collide among 600
+                    (local if local_q else flood).add(q.id)
+                    sock.send(q.to_wire())
+                got: dict[int, int] = {}
+                while len(got) < 600:
+                    try:
+                        r = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(sock, 4096), 5))
+                    except TimeoutError:
+                        raise AssertionError((len(got), server.status()["queries"], server.forwarder.stats())) from None
+                    got[r.id] = r.rcode()
+                assert all(got[i] == dns.rcode.NOERROR for i in local)
+                shed = sum(1 for i in flood if got[i] == dns.rcode.SERVFAIL)
+                assert shed >= len(flood) // 2, (shed, len(flood))
+                assert len(up.queries) < len(flood) // 2
+            finally:
+                sock.close()
+                await server.stop()
+    asyncio.run(main())

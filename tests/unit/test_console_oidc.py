@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import time
 import urllib.parse
 
 import pytest
@@ -67,7 +66,8 @@ def test_wrong_key_and_symmetric_alg_refused() -> None:
 
 def test_pkce_rfc7636_vector_and_login_url() -> None:
     # RFC 7636 appendix B.
-    assert pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+    assert pkce_challenge(verifier) == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
     pending, url = start_login(SETTINGS, ISS + "/authorize", NOW)
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
     assert q["code_challenge_method"] == "S256" and q["state"] == pending.state and q["nonce"] == pending.nonce
@@ -102,7 +102,37 @@ def test_roles() -> None:
     check_assign(Role.OWNER, Role.MEMBER, Role.OWNER, 2)
     check_assign(Role.ADMIN, Role.MEMBER, Role.ADMIN, 1)
     for actor, old, new, owners in ((Role.ADMIN, Role.MEMBER, Role.OWNER, 2), (Role.ADMIN, Role.OWNER, Role.MEMBER, 1),
-                                    (Role.IT_ADMIN, Role.MEMBER, Role.ADMIN, 1), (Role.AUDITOR, Role.MEMBER, Role.AUDITOR, 1),
+                                    (Role.IT_ADMIN, Role.MEMBER, Role.ADMIN, 1),
+                                    (Role.AUDITOR, Role.MEMBER, Role.AUDITOR, 1),
                                     (Role.OWNER, Role.OWNER, Role.MEMBER, 0)):
         with pytest.raises(RoleRefused):
             check_assign(actor, old, new, owners)
+
+
+def test_idp_groups_fill_only_declared_groups() -> None:
+    from meshnode.control.console.idpgroups import cache_key, merge
+    from meshnode.policy import parse_policy
+    text = '{"groups": {"group:eng": ["carol@example.com"]}, "acls": []}'
+    policy = parse_policy(text)
+    merged = merge(policy, {"group:eng": ("alice@example.com",), "group:admins": ("mallory@example.com",)})
+    assert merged.groups == {"group:eng": ("carol@example.com", "alice@example.com")}  # no new groups
+    assert merge(policy, {}) is policy and merge(None, {"group:eng": ("a@b.c",)}) is None
+    assert cache_key(text, {}) == text
+    assert cache_key(text, {"group:eng": ("a@b.c",)}) != cache_key(text, {"group:eng": ("d@e.f",)}) != text
+
+
+def test_machine_filter() -> None:
+    from meshnode.control.console.machine_filter import matches
+    from tests.unit.test_control_mapbuilder import node
+    web = node(1, "web", tags=("tag:server",), os="linux")
+    gw = node(2, "gw", user="bob@example.com", advertises_exit_node=True, advertised_routes=("10.0.0.0/24",),
+              os="windows")
+    old = node(3, "old", expiry=100.0, ephemeral=True, os="macos")
+    now = 1000.0
+    cases = {"": {1, 2, 3}, "tag:server": {1}, "is:exit-node": {2}, "has:routes": {2}, "is:expired": {3},
+             "is:ephemeral": {3}, "is:tagged": {1}, "is:untagged": {2, 3}, "user:bob": {2}, "WEB": {1},
+             "linux": {1}, "100.64.0.2": {2}, "is:online": {1}, "is:offline": {2, 3}, "is:online tag:server": {1},
+             "is:online user:bob": set(), "is:nonsense": set(), "tag:": set()}
+    for query, want in cases.items():
+        got = {n.id for n in (web, gw, old) if matches(n, query, online=n.id == 1, now=now)}
+        assert got == want, query

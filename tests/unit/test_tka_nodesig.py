@@ -165,3 +165,20 @@ def test_self_locked_out(lock) -> None:
     good = base64.b64encode(sign_direct(priv(1), node_key(1)).serialize()).decode()
     assert self_locked_out(lock.state, nk, good) is None
     assert "not valid" in self_locked_out(lock.state, base64.b64encode(node_key(2)).decode(), good)
+
+
+def test_verify_cache_follows_the_lock_state(lock) -> None:
+    from meshnode.tka.enforce import VerifyCache
+
+    a, store, _ = genesis(key(1), key(2), signer=priv(1))
+    cache = VerifyCache(max_entries=2)
+    peers = [_peer(f"p{i}", node_key(i), sign_direct(priv(2), node_key(i))) for i in range(3)]
+    peers.append(_peer("bad", node_key(9), sign_direct(priv(9), node_key(9))))
+    for _ in range(2):
+        r = filter_peers(a.state, peers, node_key=lambda p: p.node_key, signature=lambda p: p.key_signature,
+                         cache=cache)
+        assert [p.name for p in r.admitted] == ["p0", "p1", "p2"]
+    # Removing key 2 changes the state: cached verdicts must not survive it.
+    a = a.inform(store, a.updater(priv(1)).remove_key(key(2).key_id).finalize(store))
+    r = filter_peers(a.state, peers, node_key=lambda p: p.node_key, signature=lambda p: p.key_signature, cache=cache)
+    assert r.admitted == ()

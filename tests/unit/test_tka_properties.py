@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from meshnode.tka import (AUM, Authority, DecodeError, MemoryStore, NodeKeyNotAuthorized, TKAError)
+from meshnode.tka import (AUM, Authority, DecodeError, MemoryStore, NodeKeyNotAuthorized, NodeKeySignature,
+                          TKAError)
 from meshnode.tka.nodesig import sign_direct, sign_rotation
 
 from .tka_helpers import genesis, key, node_key, priv
@@ -145,3 +146,53 @@ def test_any_tampered_node_key_signature_byte_is_refused(rotated, pos, xor) -> N
     except NodeKeyNotAuthorized:
         return
     raise AssertionError(f"tampered signature accepted: byte {pos % len(raw)} ^ {xor:#x}")
+
+
+cbor_values = st.recursive(
+    st.none() | st.integers(0, 2**64 - 1) | st.integers(-5, -1) | st.binary(max_size=40) | st.text(max_size=5)
+    | st.booleans(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.integers(0, 30) | st.text(max_size=3), children, max_size=6),
+    max_leaves=15)
+
+
+aum_like = st.fixed_dictionaries(
+    {1: st.integers(0, 6), 2: st.none() | st.binary(min_size=32, max_size=32)},
+    optional={3: st.fixed_dictionaries({1: st.integers(0, 2), 2: st.integers(0, 5), 3: st.none() | st.binary(max_size=33)}),
+              4: st.binary(max_size=33), 6: st.integers(0, 5), 7: st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+              23: st.lists(st.fixed_dictionaries({1: st.binary(max_size=32), 2: st.none() | st.binary(max_size=64)}), max_size=2),
+              9: cbor_values})
+
+
+@settings(max_examples=250, deadline=None)
+@given(value=aum_like | st.dictionaries(st.integers(0, 30), cbor_values, max_size=6) | cbor_values)
+def test_decoders_accept_only_what_they_reencode(value) -> None:
+    import cbor2
+
+    raw = cbor2.dumps(value, canonical=True)
+    for parse, serialize, lock_check in (
+        (AUM.parse, lambda a: a.serialized, None),
+        (NodeKeySignature.parse, lambda s: s.serialize(), True),
+    ):
+        try:
+            obj = parse(raw)
+        except DecodeError:
+            event(f"{parse.__qualname__}: refused")
+            continue
+        event(f"{parse.__qualname__}: accepted")
+        assert serialize(obj) == raw
+        if lock_check:
+            try:
+                _LOCK.node_key_authorized(node_key(1), raw)
+            except NodeKeyNotAuthorized:
+                pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_random_bytes_only_raise_decode_errors(raw) -> None:
+    for parse in (AUM.parse, NodeKeySignature.parse):
+        try:
+            parse(raw)
+        except DecodeError:
+            pass

@@ -135,3 +135,42 @@ def test_hostile_wire_input() -> None:
         aums_from_wire("x")
     with pytest.raises(DecodeError):
         SyncResponse.from_wire([])
+
+
+def test_sync_from_far_behind_fork_after_compaction() -> None:
+    # Tailscale's TestSyncFromFarBehindFork: the node compacted its chain, then signed an update
+    # with a low-vote key while the control plane went 800+ AUMs ahead with a high-vote key.
+    import time
+
+    from meshnode.tka import Key, KeyKind, State, ed25519_key
+
+    losing, winning = priv(1), priv(2)
+    state = State(disablement_values=(bytes(range(32)),),
+                  keys=(ed25519_key(losing.public, 1), ed25519_key(winning.public, 2)))
+    persistent_store = MemoryStore()
+    node_store = MemoryStore(clock=lambda: time.time() - 15 * 86400)  # old enough to compact
+    persistent, g = Authority.create(persistent_store, state, winning)
+    node = Authority.bootstrap(node_store, g)
+    seed_key = Key(KeyKind.ED25519, 1, b"\x01\x01\x01")
+
+    def seed(a, store, count, signer, others=()):
+        for i in range(count):
+            b = a.updater(signer)
+            b.add_key(seed_key) if not a.key_trusted(seed_key.key_id) else b.remove_key(seed_key.key_id)
+            ups = b.finalize(store)
+            a = a.inform(store, ups)
+            others = [(o.inform(s, ups), s) for o, s in others]
+        return a, others
+
+    persistent, [(node, _)] = seed(persistent, persistent_store, 100, winning, [(node, node_store)])
+    before = len(node_store.all_hashes())
+    node = node.compact(node_store, now=time.time())
+    assert len(node_store.all_hashes()) < before
+    node_store.clock = time.time
+    node, _ = seed(node, node_store, 1, losing)
+    persistent, _ = seed(persistent, persistent_store,
+                         len(node_store.all_hashes()) - len(persistent_store.all_hashes()) + 800, winning)
+    missing_aums(node, node_store, make_offer(persistent, persistent_store))
+    assert missing_aums(persistent, persistent_store, make_offer(node, node_store))
+    node, persistent = _sync(node, node_store, persistent, persistent_store)
+    assert node.head == persistent.head  # the high-vote chain wins on both

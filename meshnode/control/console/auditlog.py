@@ -1,17 +1,20 @@
-"""Where console changes are recorded, with the signed-in user as the actor.
+"""Console changes in the control store's hash-chained audit log, with the signed-in user as actor.
 
-The control-hardening work adds the hash-chained audit log (`meshnode.control.audit.record`); until
-it is on this branch, `record` is the one place that writes: it logs to `meshnode.control.audit` and
-keeps the recent entries in memory for the Logs page. When the audit module lands, this function
-becomes a call to it and `recent` reads from it.
+Store changes made inside `acting(store, user)` are audited by the store itself, in the change's own
+transaction, as `user:EMAIL` (`ControlStore.acting_as`, `meshnode/control/audit.py`); `record` adds
+the console's own events (sign-in, sign-out) to the `meshnode.control.audit` logger, and `recent`
+is what the Logs page shows.
 """
 
 from __future__ import annotations
 
-import collections
+import json
 import logging
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Iterator
+
+from ..store import ControlStore
 
 log = logging.getLogger("meshnode.control.audit")
 
@@ -25,16 +28,37 @@ class AuditEntry:
     detail: str
 
 
-_recent: collections.deque[AuditEntry] = collections.deque(maxlen=1000)
+def actor_of(user: str) -> str:
+    return f"user:{user}"
 
 
-def record(actor: str, action: str, target: str = "", detail: str = "") -> AuditEntry:
-    entry = AuditEntry(time.time(), actor, action, target, detail)
-    _recent.append(entry)
-    log.info("audit actor=%s action=%s target=%s %s", actor, action, target, detail)
-    return entry
+@contextmanager
+def acting(store: ControlStore, user: str) -> Iterator[None]:
+    """Store changes made inside are audited as this signed-in user. Store calls are synchronous,
+    so no other request's change can run inside on the event loop."""
+    with store.acting_as(actor_of(user)):
+        yield
 
 
-def recent(limit: int = 200) -> list[AuditEntry]:
-    """Newest first."""
-    return list(reversed(_recent))[:limit]
+def record(user: str, action: str, target: str = "", detail: str = "") -> None:
+    """A console event for the operator's log (the change itself is in the audit log already)."""
+    log.info("audit actor=%s action=%s target=%s %s", actor_of(user), action, target, detail)
+
+
+def recent(store: ControlStore, limit: int = 500) -> list[AuditEntry]:
+    """The newest audit entries first."""
+    return [AuditEntry(e.time, e.actor, e.action, e.target, _detail(e.old, e.new))
+            for e in reversed(store.audit_entries(limit=limit))]
+
+
+def _detail(old: Any, new: Any) -> str:
+    def short(v: Any) -> str:
+        text = json.dumps(v, sort_keys=True, separators=(",", ":"))
+        return text if len(text) <= 200 else text[:199] + "…"
+    if old is None and new is None:
+        return ""
+    if old is None:
+        return short(new)
+    if new is None:
+        return f"was {short(old)}"
+    return f"{short(old)} → {short(new)}"

@@ -9,6 +9,7 @@ nodes get them at once, and every change is recorded with the signed-in user as 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -24,10 +25,11 @@ from aiohttp import web
 from magicdns.records import RecordError, parse_record
 from magicdns.store import StoreError as RecordStoreError
 
-from ...policy import DEFAULT_POLICY_TEXT, PolicyError
-from ...policy.errors import HuJSONError
+from ...derp.derpmap import RelayMap, RelayMapError
+from ...policy import DEFAULT_POLICY_TEXT, PolicyError, check_policy, compile_policy, parse_policy
 from .. import authkeys, naming
 from ..access import set_policy
+from ..mapbuilder import node_info
 from ..store import ConsoleSession, ControlStoreError, NotFound
 from . import auditlog, machine_filter
 from .register import BrowserLogins, approve, fingerprint, lookup
@@ -43,6 +45,7 @@ log = logging.getLogger("meshnode.control.console")
 HERE = Path(__file__).parent
 LOGIN_COOKIE = "meshnode_login"
 REGISTER_TTL = 600.0
+PREVIEW_NODES = 200   # the access-controls preview lists at most this many machines
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +129,14 @@ class Console:
             web.post("/console/acls", g(self._acls_save, Perm.EDIT_POLICY)),
             web.get("/console/users", g(self._users, Perm.VIEW_ALL)),
             web.post("/console/users/{name}/role", g(self._user_role, Perm.EDIT_USERS)),
+            web.post("/console/users", g(self._user_add, Perm.EDIT_USERS)),
+            web.post("/console/users/{name}/remove", g(self._user_remove, Perm.EDIT_USERS)),
             web.get("/console/logs", g(self._logs, Perm.VIEW_LOGS)),
             web.get("/console/settings", g(self._settings, Perm.VIEW_ALL)),
             web.post("/console/settings/admin-token", g(self._rotate_token, Perm.EDIT_SETTINGS)),
             web.get("/register/{id}", g(self._register_page)),
-            web.post("/register/{id}", g(self._register_confirm)),
+            # Adding a machine makes the confirming user its owner: read-only roles may not.
+            web.post("/register/{id}", g(self._register_confirm, Perm.OWN_MACHINES)),
             web.static("/console/static", HERE / "static"),
         ]
 
@@ -140,10 +146,17 @@ class Console:
         session = self.sessions.lookup(request.cookies.get(COOKIE), time.time())
         if session is None:
             raise Unauthenticated()
-        role = self.store.user_role(session.user)
-        return Ctx(session.user, parse_role(role.role) if role else Role.MEMBER, session)
+        stored = self.store.user_role(session.user)
+        try:
+            role = parse_role(stored.role) if stored else Role.MEMBER
+        except ValueError:
+            log.error("user %s has an unknown role %r in the database; treating them as a member",
+                      session.user, stored.role if stored else None)
+            role = Role.MEMBER  # least privilege, never a 500 on every page
+        return Ctx(session.user, role, session)
 
-    def _guard(self, handler: Handler, perm: Perm | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    def _guard(self, handler: Handler, perm: Perm | None = None
+               ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def run(request: web.Request) -> web.StreamResponse:
             try:
                 ctx = self._session(request)
@@ -170,13 +183,13 @@ class Console:
     def _render(self, ctx: Ctx | None, template: str, status: int = 200, **values: Any) -> web.Response:
         flash = self._flash.pop(ctx.session.id_hash, None) if ctx else None
         html = self.env.get_template(template).render(
-            ctx=ctx, P=Perm, flash=flash, page=template.removesuffix(".html"), domain=self.store.domain(), oidc=self.settings.oidc, **values)
+            ctx=ctx, P=Perm, flash=flash, page=template.removesuffix(".html"), domain=self.store.domain(),
+            oidc=self.settings.oidc, **values)
         resp = web.Response(text=html, status=status, content_type="text/html")
         # The console shows secrets once (keys, tokens) and must not be framed by another site.
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers["Content-Security-Policy"] = ("default-src 'self'; frame-ancestors 'none'; form-action 'self' "
-                                                   + (self.settings.oidc.issuer if self.settings.oidc else ""))
+        resp.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'; form-action 'self'"
         resp.headers["Referrer-Policy"] = "same-origin"
         return resp
 
@@ -243,14 +256,16 @@ class Console:
             identity = await self.oidc.finish(pending, q.get("code", ""), time.time())
             oidc = self.settings.oidc
             assert oidc is not None
-            role = self.store.sign_in_user(identity.email, identity.email, identity.groups,
-                                           create=not oidc.preapproved_only, first_role=Role.OWNER.value,
-                                           default_role=Role.MEMBER.value)
+            with auditlog.acting(self.store, identity.email):
+                role = self.store.sign_in_user(identity.email, identity.email, identity.groups,
+                                               create=not oidc.preapproved_only, first_role=Role.OWNER.value,
+                                               default_role=Role.MEMBER.value)
         except NotFound:
             return self._page_error(request, None, 403, f"{identity.email} is not a user of this tailnet yet;"
                                     " an admin must add them first.")
         except OidcError as exc:
             return self._page_error(request, None, 403, str(exc))
+        self.sessions.sweep(time.time())  # sign-ins are rare: a good moment to drop dead sessions
         sid, _ = self.sessions.create(role.name, time.time())
         auditlog.record(role.name, "console.sign-in", role.name, f"role={role.role} sub={identity.subject}")
         resp = _redirect(pending.next_path)
@@ -302,26 +317,27 @@ class Console:
         if action == "tags":
             require(ctx.role, Perm.EDIT_MACHINES)  # tags change ownership: never a member's own call
         ref = str(node.id)
-        try:
-            if action == "rename":
-                new = self.store.rename_node(ref, str(form.get("name", "")))
-                msg = f"Renamed {node.name} to {new.name}."
-            elif action == "tags":
-                tags = [t for t in str(form.get("tags", "")).replace(",", " ").split() if t]
-                self.store.set_tags(ref, tags)
-                msg = f"Tags of {node.name}: {', '.join(tags) or 'none'}."
-            elif action == "routes":
-                routes = [str(r) for r in form.getall("route", [])]
-                self.store.approve_routes(ref, routes)
-                msg = f"Approved for {node.name}: {', '.join(routes) or 'nothing'}."
-            elif action == "expire":
-                self.store.expire_node(ref)
-                msg = f"The key of {node.name} expired; it must log in again."
-            else:
-                self.store.delete_node(ref)
-                msg = f"Removed {node.name}."
-        except _ERRORS as exc:
-            return self._back(ctx, back, err=str(exc))
+        with auditlog.acting(self.store, ctx.user):
+            try:
+                if action == "rename":
+                    new = self.store.rename_node(ref, str(form.get("name", "")))
+                    msg = f"Renamed {node.name} to {new.name}."
+                elif action == "tags":
+                    tags = [t for t in str(form.get("tags", "")).replace(",", " ").split() if t]
+                    self.store.set_tags(ref, tags)
+                    msg = f"Tags of {node.name}: {', '.join(tags) or 'none'}."
+                elif action == "routes":
+                    routes = [str(r) for r in form.getall("route", [])]
+                    self.store.approve_routes(ref, routes)
+                    msg = f"Approved for {node.name}: {', '.join(routes) or 'nothing'}."
+                elif action == "expire":
+                    self.store.expire_node(ref)
+                    msg = f"The key of {node.name} expired; it must log in again."
+                else:
+                    self.store.delete_node(ref)
+                    msg = f"Removed {node.name}."
+            except _ERRORS as exc:
+                return self._back(ctx, back, err=str(exc))
         self._changed(ctx, f"machine.{action}", node.name, msg)
         return self._back(ctx, back, ok=msg)
 
@@ -336,34 +352,35 @@ class Console:
 
         def words(key: str) -> list[str]:
             return [w for w in str(form.get(key, "")).replace(",", " ").split() if w]
-        try:
-            if action == "nameservers":
-                self.store.set_nameservers(words("nameservers"))
-                msg = "Nameservers saved."
-            elif action == "search":
-                self.store.set_search_domains(words("search"))
-                msg = "Search domains saved."
-            elif action == "route-add":
-                self.store.add_route(str(form.get("domain", "")), words("servers"))
-                msg = f"Split DNS route for {form.get('domain')} saved."
-            elif action == "route-remove":
-                self.store.remove_route(str(form.get("domain", "")))
-                msg = f"Split DNS route for {form.get('domain')} removed."
-            elif action == "record-add":
-                # The one validator `magicdns records add` uses (magicdns.records.parse_record).
-                rec = parse_record(str(form.get("name", "")), str(form.get("type", "")).upper(),
-                                   str(form.get("value", "")), form.get("ttl") or None, self.store.domain(),
-                                   form.get("override") == "on")
-                self.store.records.add(rec)
-                msg = f"Added {rec.name} {rec.ttl} {rec.rtype} {rec.value}."
-            elif action == "record-remove":
-                n = self.store.records.remove(str(form.get("name", "")), str(form.get("type", "")) or None,
-                                              str(form.get("value", "")) or None)
-                msg = f"Removed {n} record(s)."
-            else:
-                return self._page_error(request, ctx, 404, f"Unknown action {action!r}.")
-        except _ERRORS as exc:
-            return self._back(ctx, "/console/dns", err=str(exc))
+        with auditlog.acting(self.store, ctx.user):
+            try:
+                if action == "nameservers":
+                    self.store.set_nameservers(words("nameservers"))
+                    msg = "Nameservers saved."
+                elif action == "search":
+                    self.store.set_search_domains(words("search"))
+                    msg = "Search domains saved."
+                elif action == "route-add":
+                    self.store.add_route(str(form.get("domain", "")), words("servers"))
+                    msg = f"Split DNS route for {form.get('domain')} saved."
+                elif action == "route-remove":
+                    self.store.remove_route(str(form.get("domain", "")))
+                    msg = f"Split DNS route for {form.get('domain')} removed."
+                elif action == "record-add":
+                    # The one validator `magicdns records add` uses (magicdns.records.parse_record).
+                    rec = parse_record(str(form.get("name", "")), str(form.get("type", "")).upper(),
+                                       str(form.get("value", "")), form.get("ttl") or None, self.store.domain(),
+                                       form.get("override") == "on")
+                    self.store.records.add(rec)
+                    msg = f"Added {rec.name} {rec.ttl} {rec.rtype} {rec.value}."
+                elif action == "record-remove":
+                    n = self.store.records.remove(str(form.get("name", "")), str(form.get("type", "")) or None,
+                                                  str(form.get("value", "")) or None)
+                    msg = f"Removed {n} record(s)."
+                else:
+                    return self._page_error(request, ctx, 404, f"Unknown action {action!r}.")
+            except _ERRORS as exc:
+                return self._back(ctx, "/console/dns", err=str(exc))
         self._changed(ctx, f"dns.{action}", str(form.get("name") or form.get("domain") or ""), msg)
         return self._back(ctx, "/console/dns", ok=msg)
 
@@ -389,8 +406,9 @@ class Console:
         try:
             expiry = str(form.get("expiry") or "90d")
             expires = time.time() + authkeys.parse_duration(expiry)
-            text, key = self.store.create_authkey(user, form.get("reusable") == "on", form.get("ephemeral") == "on",
-                                                  tags, expires)
+            with auditlog.acting(self.store, ctx.user):
+                text, key = self.store.create_authkey(user, form.get("reusable") == "on", form.get("ephemeral") == "on",
+                                                      tags, expires)
         except _ERRORS as exc:
             return self._back(ctx, "/console/keys", err=str(exc))
         auditlog.record(ctx.user, "authkey.create", key.id, f"user={user} tags={','.join(tags)}")
@@ -403,23 +421,48 @@ class Console:
         except NotFound:
             return self._page_error(request, ctx, 404, "No such key.")
         require(ctx.role, Perm.EDIT_KEYS if key.user != ctx.user else Perm.OWN_KEYS)
-        self.store.revoke_authkey(key.id)
+        with auditlog.acting(self.store, ctx.user):
+            self.store.revoke_authkey(key.id)
         auditlog.record(ctx.user, "authkey.revoke", key.id, f"user={key.user}")
         return self._back(ctx, "/console/keys", ok=f"Revoked key {key.id}.")
 
     # -- access controls ------------------------------------------------------------------------
 
+    def _preview(self, text: str) -> list[tuple[str, list[str]]]:
+        """Who would see whom under `text` (PolicyError if it does not parse): (machine, peers)."""
+        now = time.time()
+        nodes = [n for n in self.store.list_nodes() if n.active(now)][:PREVIEW_NODES]
+        compiled = compile_policy(parse_policy(text), [node_info(n) for n in nodes])
+        names = {n.id: n.name for n in nodes}
+        return [(n.name, sorted(names[p] for p in compiled.visible_peers(n.id) if p in names and p != n.id))
+                for n in nodes]
+
     async def _acls(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        return self._render(ctx, "acls.html", text=self.store.policy_text() or DEFAULT_POLICY_TEXT, error=None)
+        text = self.store.policy_text() or DEFAULT_POLICY_TEXT
+        try:
+            preview = self._preview(text)
+        except PolicyError:
+            preview = []
+        return self._render(ctx, "acls.html", text=text, error=None, where=None, preview=preview, previewing=False)
 
     async def _acls_save(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         form = await request.post()
         text = str(form.get("policy", ""))
+        previewing = form.get("action") == "preview"
         try:
-            set_policy(self.store, text)  # the same parse and `tests` checks as `policy set`
+            if previewing:
+                # The same parse and `tests` checks as saving, without storing anything.
+                check_policy(text, [node_info(n) for n in self.store.list_nodes() if n.active(time.time())])
+                preview = self._preview(text)
+            else:
+                with auditlog.acting(self.store, ctx.user):
+                    set_policy(self.store, text)  # the same parse and `tests` checks as `policy set`
         except PolicyError as exc:
-            where = (exc.line, exc.column) if isinstance(exc, HuJSONError) and exc.line is not None else None
-            return self._render(ctx, "acls.html", status=400, text=text, error=str(exc), where=where)
+            where = (exc.line, exc.column) if getattr(exc, "line", None) is not None else None
+            return self._render(ctx, "acls.html", status=400, text=text, error=str(exc), where=where,
+                                preview=[], previewing=previewing)
+        if previewing:
+            return self._render(ctx, "acls.html", text=text, error=None, where=None, preview=preview, previewing=True)
         self._changed(ctx, "policy.set", "policy", f"{len(text)} bytes")
         return self._back(ctx, "/console/acls", ok="Policy saved; nodes have it now.")
 
@@ -433,26 +476,75 @@ class Console:
         name = request.match_info["name"]
         try:
             new = parse_role(str(form.get("role", "")))
-            self.store.set_user_role(name, new.value,
-                                     lambda old, owners: check_assign(ctx.role, parse_role(old), new, owners))
+            with auditlog.acting(self.store, ctx.user):
+                self.store.set_user_role(name, new.value,
+                                         lambda old, owners: check_assign(ctx.role, parse_role(old), new, owners))
         except (ValueError, NotFound) as exc:
             return self._back(ctx, "/console/users", err=str(exc))
         auditlog.record(ctx.user, "user.role", name, f"role={new.value}")
         return self._back(ctx, "/console/users", ok=f"{name} is now {new.value}.")
 
+    async def _user_add(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+        """Pre-approve someone (needed with --oidc-preapproved-only): they sign in as a member."""
+        form = await request.post()
+        name = str(form.get("name", "")).strip().lower()
+        try:
+            with auditlog.acting(self.store, ctx.user):
+                self.store.create_user(name)
+        except _ERRORS as exc:
+            return self._back(ctx, "/console/users", err=str(exc))
+        auditlog.record(ctx.user, "user.create", name)
+        return self._back(ctx, "/console/users", ok=f"Added {name}; they can sign in now.")
+
+    async def _user_remove(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+        name = request.match_info["name"]
+        stored = self.store.user_role(name)
+        old = parse_role(stored.role) if stored else Role.MEMBER
+        owners = sum(1 for u in self.store.list_user_roles() if u.role == Role.OWNER.value)
+        check_assign(ctx.role, old, Role.MEMBER, owners - (old is Role.OWNER))  # the same rank rules as roles
+        if name == ctx.user:
+            return self._back(ctx, "/console/users", err="You cannot remove yourself.")
+        try:
+            with auditlog.acting(self.store, ctx.user):
+                self.store.delete_user(name)  # refused while they own machines
+        except _ERRORS as exc:
+            return self._back(ctx, "/console/users", err=str(exc))
+        auditlog.record(ctx.user, "user.remove", name)
+        return self._back(ctx, "/console/users", ok=f"Removed {name}; their sessions ended.")
+
     async def _logs(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         q = request.query.get("q", "").lower()
-        entries = [e for e in auditlog.recent(500)
+        entries = [e for e in auditlog.recent(self.store, 500)
                    if not q or q in f"{e.actor} {e.action} {e.target} {e.detail}".lower()]
         return self._render(ctx, "logs.html", entries=entries, q=q)
 
+    def _relay_regions(self) -> list[dict[str, Any]]:
+        """The relay map nodes get (from the published snapshot): regions and their /derp URLs."""
+        snap = self.server.snapshot
+        try:
+            rmap = RelayMap.from_json(json.loads(snap.derp_map_text)) if snap and snap.derp_map_text != "null" else None
+        except (ValueError, RelayMapError):
+            return []
+        if rmap is None:
+            return []
+        out = []
+        for region in rmap.regions:
+            try:
+                urls = region.urls(self.settings.server_url)
+            except RelayMapError:
+                urls = []
+            out.append({"id": region.region_id, "code": region.code, "name": region.name, "urls": urls})
+        return out
+
     async def _settings(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        return self._render(ctx, "settings.html", settings=self.settings, new_token="")
+        return self._render(ctx, "settings.html", settings=self.settings, new_token="", relays=self._relay_regions())
 
     async def _rotate_token(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        token = self.store.rotate_admin_token()
+        with auditlog.acting(self.store, ctx.user):
+            token = self.store.rotate_admin_token()
         auditlog.record(ctx.user, "admin-token.rotate", "admin token")
-        return self._render(ctx, "settings.html", settings=self.settings, new_token=token)
+        return self._render(ctx, "settings.html", settings=self.settings, new_token=token,
+                            relays=self._relay_regions())
 
     # -- machines logging in through the browser -------------------------------------------------
 
@@ -463,7 +555,8 @@ class Console:
 
     async def _register_confirm(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         try:
-            req = approve(self.store, request.match_info["id"], ctx.user, time.time())
+            with auditlog.acting(self.store, ctx.user):
+                req = approve(self.store, request.match_info["id"], ctx.user, time.time())
         except ControlStoreError as exc:
             return self._render(ctx, "register.html", status=410, req=None, problem=str(exc),
                                 rid=request.match_info["id"])
@@ -508,6 +601,7 @@ def mount(server: "ControlServer", settings: ConsoleSettings) -> Console:
     console = Console(server, settings)
     server.app.add_routes(console.routes())
     server.interactive_login = console.logins.login
+    server.policy_groups = server.store.idp_groups
     return console
 
 

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Forwarding overload, run by hand (not a test): magicdns's authoritative qps on one core, alone and
+# while a flood of unique forwarded names arrives (issue 8: authoritative answers keep at least 80%
+# of their unloaded qps). Two floods: toward a live upstream (knotd; every name a cache miss), and
+# toward an upstream that never answers (forwards pile up to the in-flight cap, after which each
+# flooding query is answered SERVFAIL at once).
+#
+#   bench/dns_overload.sh                         (traffic stays on 127.0.0.1)
+#   DNS_BENCH_SECONDS=8 DNS_FLOOD_QPS=20000 bench/dns_overload.sh
+#
+# Server on core 0, dnsperf (both clients) and the upstream on core 1. Every run is bounded (-l).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+MAGICDNS=${MAGICDNS:-$ROOT/.venv/bin/magicdns}
+HELPER="$ROOT/bench/dns_bench.py"
+DUR=${DNS_BENCH_SECONDS:-8}
+FLOOD=${DNS_FLOOD_QPS:-20000}
+ROUNDS=${DNS_BENCH_ROUNDS:-2}
+export PATH="$PATH:/usr/sbin:/sbin"
+for tool in dnsperf knotd taskset dig; do
+    command -v "$tool" >/dev/null || { echo "dns_overload.sh: $tool is not installed" >&2; exit 2; }
+done
+
+TMP=$(mktemp -d /tmp/dns-overload.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+"$PY" "$HELPER" gen "$TMP" --hosts 1000 2>/dev/null
+# shellcheck disable=SC1091
+. "$TMP/ports.env"
+
+wait_answer() {  # wait_answer PORT NAME PID
+    local deadline=$((SECONDS + 15))
+    until dig +time=1 +tries=1 +short -p "$1" @127.0.0.1 "$2" 2>/dev/null | grep -q '^[^;]'; do
+        kill -0 "$3" 2>/dev/null && [ $SECONDS -le $deadline ] || { echo "server did not start" >&2; exit 1; }
+        sleep 0.1
+    done
+}
+
+taskset -c 1 knotd -c "$TMP/upstream/knot.conf" >"$TMP/knot.log" 2>&1 &
+PIDS+=($!); wait_answer "$PORT_UPSTREAM" "n1.up.test" "$!"
+# An upstream that never answers: a bound UDP socket nobody reads.
+"$PY" -c "import socket,sys,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1],flush=True); time.sleep(3600)" >"$TMP/hole.port" &
+PIDS+=($!)
+for _ in $(seq 50); do [ -s "$TMP/hole.port" ] && break; sleep 0.1; done
+HOLE=$(cat "$TMP/hole.port")
+
+grep -h 'rnd' "$TMP/fwd-miss-via.txt" "$TMP/fwd-miss-direct.txt" >"$TMP/flood.txt"
+
+run_server() {  # run_server UPSTREAM_PORT -> sets SRV
+    taskset -c 0 "$MAGICDNS" serve --listen "127.0.0.1:$PORT_MAGICDNS" --view "$TMP/view.json" \
+        --upstream "127.0.0.1:$1" --control-socket "$TMP/m.sock" --resolv-conf /dev/null --log-level error \
+        >"$TMP/magicdns.log" 2>&1 &
+    SRV=$!
+    PIDS+=("$SRV")
+    wait_answer "$PORT_MAGICDNS" "host-1.tailnet" "$SRV"
+    dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -n 1 -c 8 -l 30 >/dev/null 2>&1 || true
+}
+
+auth() {  # auth LABEL: authoritative qps at full load, best of ROUNDS
+    local best=0 q r
+    for r in $(seq "$ROUNDS"); do
+        q=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 2>&1 \
+            | awk '/Queries per second/ {print int($4)}')
+        [ "${q:-0}" -gt "$best" ] && best=$q
+    done
+    echo "$best"
+}
+
+flooded() {  # flooded: authoritative qps while $FLOOD qps of unique forwarded names arrive
+    local best=0 q r fp
+    for r in $(seq "$ROUNDS"); do
+        taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/flood.txt" -l $((DUR + 2)) -c 8 -q 20000 -t 1 -Q "$FLOOD" \
+            >"$TMP/flood.out" 2>&1 &
+        fp=$!
+        sleep 1
+        q=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 2>&1 \
+            | awk '/Queries per second/ {print int($4)}')
+        wait "$fp" || true
+        [ "${q:-0}" -gt "$best" ] && best=$q
+    done
+    echo "$best"
+}
+
+echo "dns_overload.sh $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); flood $FLOOD qps of unique names"
+run_server "$PORT_UPSTREAM"
+A0=$(auth)
+A1=$(flooded)
+FLOOD_LIVE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
+kill "$SRV"; wait "$SRV" 2>/dev/null || true
+run_server "$HOLE"
+A2=$(flooded)
+FLOOD_HOLE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
+kill "$SRV"; wait "$SRV" 2>/dev/null || true
+"$PY" - "$A0" "$A1" "$A2" <<'PY'
+import sys
+a0, a1, a2 = (int(x) for x in sys.argv[1:])
+print(f"{'authoritative qps, one core':44} {a0:>8}")
+print(f"{'  with a flood toward a live upstream':44} {a1:>8}  {a1 / a0:5.2f}x")
+print(f"{'  with a flood toward a silent upstream':44} {a2:>8}  {a2 / a0:5.2f}x   (target >= 0.80x)")
+PY
+echo "flood, live upstream: $FLOOD_LIVE"
+echo "flood, silent upstream: $FLOOD_HOLE"
