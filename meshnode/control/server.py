@@ -6,6 +6,8 @@ Node endpoints (bodies sealed, see `protocol.py`):
   POST /machine/map         the map stream: length-prefixed sealed frames (full, delta, keepalive)
   POST /machine/endpoints   report UDP endpoints              -> sealed {"ok": true}
   POST /machine/logout      leave the tailnet                 -> sealed {"ok": true}
+  POST /machine/cert        {"csr"}: a certificate for the node's names from the tailnet CA
+                                                              -> sealed {"cert": PEM, "ca": PEM}
 Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
   GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"},
@@ -45,7 +47,7 @@ from ..derp.admission import TailnetKeys, node_keys
 from ..derp.derpmap import RelayMap, RelayMapFile
 from ..derp.server import RelayServer
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
-from . import authkeys, naming
+from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .console import idpgroups
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
@@ -147,6 +149,8 @@ class ControlServer:
         self.private_key = store.server_private_key()
         self.public_key = public_key_of(self.private_key)
         self.replay = ReplayGuard(load=store.replay_mark)
+        self.ca = _ensure_ca(store, time.time())
+        self._cert_buckets: dict[int, TokenBucket] = {}
         self._unregistered = TokenBucket(config.unregistered_rate, config.unregistered_burst)
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self.online: dict[int, int] = {}          # node id -> open streams
@@ -169,6 +173,7 @@ class ControlServer:
             web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
             web.post("/machine/register", self._register), web.post("/machine/map", self._map),
             web.post("/machine/endpoints", self._endpoints), web.post("/machine/logout", self._logout),
+            web.post("/machine/cert", self._cert),
             web.get("/admin/nodes", self._admin_nodes), web.post("/admin/nodes/{ref}/rename", self._admin_rename),
             web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
             web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
@@ -184,9 +189,9 @@ class ControlServer:
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
-        # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
-        # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
-        # Also set by the console: OIDC group members for the policy's groups ({"group:eng": users}).
+        # Set by the admin console (console/web.py `mount`): OIDC group members for the policy's groups
+        # ({"group:eng": users}), and the browser login of a machine without an auth key:
+        # async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
         self.policy_groups: Callable[[], dict[str, tuple[str, ...]]] | None = None
         self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -293,7 +298,8 @@ class ControlServer:
                                        domain=self.store.domain(), nodes=nodes,
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
                                        dns=self.store.dns_settings(), records=records,
-                                       derp_map_text=self._relay_map_text(policy))
+                                       derp_map_text=self._relay_map_text(policy),
+                                       ca_pem=self._current_ca().cert_pem)
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:
@@ -468,6 +474,28 @@ class ControlServer:
         self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p))
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
+
+    def _current_ca(self) -> tailnet_ca.TailnetCa:
+        if self.ca.domain != self.store.domain():
+            self.ca = _ensure_ca(self.store, time.time())
+        return self.ca
+
+    async def _cert(self, request: web.Request) -> web.Response:
+        machine_key, chan, p = await self._open(request)
+        node = self._node_for(machine_key, p)
+        bucket = self._cert_buckets.setdefault(node.id, TokenBucket(rate=1 / 60, burst=5))
+        if not bucket.allow(time.monotonic()):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many certificate requests; retry in a minute")
+        try:
+            public_key = tailnet_ca.public_key_from_csr(p.get("csr"))  # type: ignore[arg-type]
+        except tailnet_ca.CertError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        ca = self._current_ca()
+        names = tailnet_ca.node_names(node.name, self.store.domain(), node.addresses)
+        cert = tailnet_ca.issue(ca, public_key, names, time.time())
+        log.info("issued a certificate to node %d %s for %s", node.id, node.name,
+                 ", ".join(names.dns_names + names.ip_addresses))
+        return self._sealed(chan, {"cert": cert, "ca": ca.cert_pem})
 
     async def _logout(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
@@ -723,6 +751,19 @@ class ControlServer:
         if self.relay is not None:
             lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _ensure_ca(store: ControlStore, now: float) -> tailnet_ca.TailnetCa:
+    """The tailnet CA, created on the first start (and again if the tailnet's domain changed, since
+    the CA is name-constrained to its domain)."""
+    domain = store.domain()
+    row = store.tailnet_ca()
+    if row is not None and row[0] == domain:
+        return tailnet_ca.TailnetCa(row[1], row[2], row[0])
+    ca = tailnet_ca.create_ca(domain, now)
+    store.save_tailnet_ca(domain, ca.key_pem, ca.cert_pem, now)
+    log.info("created the tailnet certificate authority for %s", domain)
+    return ca
 
 
 def _abort(request: web.Request) -> None:

@@ -282,8 +282,15 @@ def _m5_console(db: sqlite_utils.Database) -> None:
                                    not_null={"machine_key", "node_key", "state"})
 
 
+def _m6_tailnet_ca(db: sqlite_utils.Database) -> None:
+    # The tailnet certificate authority (ca.py): one row per CA ever made, the newest in use. The
+    # private key lives only here (the database file is made 0600 when a CA is stored).
+    db["tailnet_ca"].create({"id": int, "created": float, "domain": str, "key_pem": str, "cert_pem": str},
+                            pk="id", not_null={"key_pem", "cert_pem"})
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
-                                                                  _m5_console)
+                                                                  _m5_console, _m6_tailnet_ca)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -542,6 +549,26 @@ class ControlStore:
                     key = generate_private_key()
                     self._set_meta("server_private_key", key)
         return key
+
+    def tailnet_ca(self) -> tuple[str, str, str] | None:
+        """The CA in use: (domain, key PEM, certificate PEM), or None before the first one exists."""
+        row = self.conn.execute("SELECT domain, key_pem, cert_pem FROM tailnet_ca ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else (str(row[0] or ""), str(row[1]), str(row[2]))
+
+    def save_tailnet_ca(self, domain: str, key_pem: str, cert_pem: str, now: float) -> None:
+        """Store a new CA (it becomes the one in use); the database file is made owner-only first."""
+        self._restrict_file_mode()
+        with self._tx():
+            self.conn.execute("INSERT INTO tailnet_ca(created, domain, key_pem, cert_pem) VALUES (?, ?, ?, ?)",
+                              [now, domain, key_pem, cert_pem])
+
+    def _restrict_file_mode(self) -> None:
+        # The CA key (and the server key) sit in this file: nobody but the owner may read it.
+        row = self.conn.execute("PRAGMA database_list").fetchone()
+        path = row[2] if row else ""
+        for suffix in ("", "-wal", "-shm"):
+            if path and os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
 
     def ensure_admin_token(self) -> str | None:
         """Create the admin API token if there is none; returns it (once) or None if one exists."""
@@ -974,12 +1001,6 @@ class ControlStore:
     # -- console: roles, sessions, browser logins of machines ------------------------------------
     # None of these bump the change counter: they never change what a node's map says.
 
-    def _console_audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
-        """An entry in the hash-chained audit log, where this store has one (control hardening)."""
-        audit_change = getattr(self, "_audit", None)
-        if audit_change is not None:
-            audit_change(action, target, old, new)
-
     def user_role(self, name: str) -> UserRole | None:
         row = self.conn.execute("SELECT u.name, r.role, r.email, r.groups FROM users u JOIN user_roles r"
                                 " ON r.user_id = u.id WHERE u.name = ?", [name]).fetchone()
@@ -1002,7 +1023,6 @@ class ControlStore:
         with self._tx(bump=groups_changed):
             if not create:
                 self._user_id(name)  # NotFound: not pre-approved
-            existed = self.conn.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is not None
             uid = self._user_id(name, create=True)
             row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
             if row is None:
@@ -1010,8 +1030,7 @@ class ControlStore:
                 role = default_role if anyone else first_role
                 self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated)"
                                   " VALUES (?, ?, ?, ?, ?)", [uid, role, email, _j(groups), time.time()])
-                self._console_audit("user.create" if not existed else "user.role", f"user:{name}", None,
-                                    {"name": name, "role": role, "via": "oidc sign-in"})
+                self._audit("user.role", f"user:{name}", None, {"role": role, "via": "first sign-in"})
             else:
                 self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
                                   [email, _j(groups), time.time(), uid])
@@ -1040,7 +1059,7 @@ class ControlStore:
             self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated) VALUES (?, ?, '', '[]', ?)"
                               " ON CONFLICT(user_id) DO UPDATE SET role = excluded.role, updated = excluded.updated",
                               [uid, role, time.time()])
-            self._console_audit("user.role", f"user:{name}", {"role": old}, {"role": role})
+            self._audit("user.role", f"user:{name}", {"role": old}, {"role": role})
 
     def create_session(self, id_hash: str, user: str, csrf: str, now: float) -> None:
         with self._tx(bump=False):
@@ -1110,7 +1129,7 @@ class ControlStore:
                 [new.id, new.secret_hash, uid, now, req.expires])
             self.conn.execute("UPDATE register_requests SET state = 'approved', user = ?, authkey = ?"
                               " WHERE id_hash = ? AND state = 'pending'", [user, new.text, id_hash])
-            self._console_audit("node.login-approved", f"machine:{req.hostname}", None,
+            self._audit("node.login-approved", f"machine:{req.hostname}", None,
                                 {"user": user, "os": req.os, "authkey": new.id})
         got = self.get_register_request(id_hash)
         assert got is not None
