@@ -64,10 +64,11 @@ class ControlError(RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        """Worth retrying later: unreachable, failed, rate-limited, or not provably the server's word."""
+        """Worth retrying soon: the server was unreachable, failed or rate-limited us. (Whether an
+        error may change the login state is `logs_out`: only a sealed refusal can.)"""
         if self.final:
             return False
-        return not self.sealed or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
+        return self.status == 0 or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
 
     @property
     def logs_out(self) -> bool:

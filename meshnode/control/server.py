@@ -82,7 +82,7 @@ class ServerConfig:
     reap_interval: float = 5.0
     # Requests from machine keys no node has (registrations, strangers): anyone can mint such keys,
     # so they share one budget and cannot crowd out the tailnet's own nodes.
-    stream_deadline: float = 30.0       # a map stream that does not take a frame within this is closed
+    stream_deadline: float = 30.0       # a map stream that takes no bytes for this long is closed
     full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
     max_streams_per_node: int = 2
     audit_prune_interval: float = 3600.0
@@ -599,17 +599,30 @@ class ControlServer:
 
     async def _write(self, request: web.Request, resp: web.StreamResponse,
                      data: bytes | asyncio.Future[None], count: bool = True) -> bool:
-        """One frame (or a write already started) within `stream_deadline`; a stream whose node does
-        not take it in time is closed (the node reconnects and gets a full map)."""
+        """One frame (or a write already started). A stream whose node takes nothing of it for
+        `stream_deadline` is closed (the node reconnects and gets a full map); a slow link that keeps
+        taking bytes is not: a full map over a slow line may well take longer than the deadline."""
         write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
+        loop = asyncio.get_running_loop()
+        deadline = self.config.stream_deadline
+        transport = request.transport
+        last_size, last_progress = -1, loop.time()
         try:
-            await asyncio.wait_for(write, self.config.stream_deadline)
-        except asyncio.TimeoutError:
-            self.stats["slow_streams_closed"] += 1
-            log.info("map stream of %s did not take a frame within %.0fs; closing it",
-                     request.remote, self.config.stream_deadline)
-            _abort(request)
-            return False
+            while True:
+                done, _ = await asyncio.wait({write}, timeout=min(1.0, deadline))
+                if done:
+                    write.result()   # a connection error ends the stream as before
+                    break
+                size = transport.get_write_buffer_size() if transport is not None else 0
+                now = loop.time()
+                if last_size < 0 or size < last_size:
+                    last_progress = now
+                last_size = size
+                if now - last_progress >= deadline:
+                    self.stats["slow_streams_closed"] += 1
+                    log.info("map stream of %s took nothing for %.0fs; closing it", request.remote, deadline)
+                    _abort(request)
+                    return False
         finally:
             if not write.done():
                 write.cancel()

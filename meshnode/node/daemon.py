@@ -875,8 +875,9 @@ class Daemon:
                 try:
                     await client.logout()
                 except ControlError as exc:
-                    if exc.retryable:
-                        # Forgetting the key without telling the server would leave a ghost node.
+                    if exc.retryable or not exc.sealed:
+                        # Forgetting the key without the server's word (it answered not at all, or
+                        # something else answered on its URL) would leave a ghost node.
                         raise ApiError(502, f"cannot log out: {control_failure(client.server_url, exc)}"
                                        " (`meshnode up --force-reauth` starts over without it)",
                                        detail=exc.detail) from None
