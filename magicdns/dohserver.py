@@ -172,7 +172,9 @@ class _Http2:
 
     def __init__(self, conn: DohConnection) -> None:
         self.conn = conn
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        # Outbound headers are ours (validated by construction); inbound ones are still checked.
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
+                                           validate_outbound_headers=False, normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: conn.limits.max_pipeline,
