@@ -117,3 +117,33 @@ def _parse_encrypted(text: str, spec: str) -> Upstream:
     else:
         host, port = parse_upstream(where).host, default
     return Upstream(host, port, scheme, name, path)
+
+
+def encrypted_by_name(text: str) -> Upstream | None:
+    """'tls://NAME[:PORT]' or 'https://NAME[:PORT][/PATH]' without '@IP': the upstream with its host
+    left empty, for the stub resolver to fill in with NAME's addresses (stub.resolve_upstreams);
+    None when `text` is not of that form. Raises UpstreamError for a malformed one."""
+    from .names import NameError_, normalize_domain
+
+    spec = text.strip()
+    scheme, sep, rest = spec.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("tls", "https") or "@" in rest:
+        return None
+    path = ""
+    if scheme == "https":
+        slash = rest.find("/")
+        rest, path = (rest, "/dns-query") if slash < 0 else (rest[:slash], rest[slash:])
+    port = 853 if scheme == "tls" else 443
+    name, colon, port_text = rest.rpartition(":")
+    if colon:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise UpstreamError(f"{text!r}: port must be 1-65535")
+        port = int(port_text)
+    else:
+        name = rest
+    try:
+        name = normalize_domain(name)
+    except NameError_ as exc:
+        raise UpstreamError(f"{text!r}: {exc}") from None
+    return Upstream("", port, scheme, name, path)

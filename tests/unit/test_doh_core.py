@@ -94,3 +94,15 @@ def test_encrypted_upstream_specs_round_trip(text: str, want: Upstream) -> None:
 def test_bad_encrypted_specs_are_clear_errors(text: str) -> None:
     with pytest.raises(UpstreamError):
         parse_upstream(text)
+
+
+def test_encrypted_upstreams_by_name_leave_the_address_to_the_stub() -> None:
+    from magicdns.upstream import encrypted_by_name
+    assert encrypted_by_name("https://Dns.Example/dns-query") == Upstream("", 443, "https", "dns.example", "/dns-query")
+    assert encrypted_by_name("tls://dns.example:8853") == Upstream("", 8853, "tls", "dns.example", "")
+    assert encrypted_by_name("https://dns.example") == Upstream("", 443, "https", "dns.example", "/dns-query")
+    for not_this_form in ("tls://dns.example@192.0.2.1", "8.8.8.8", "dns.example:53"):
+        assert encrypted_by_name(not_this_form) is None
+    for bad in ("tls://dns.example:0", "tls://bad..name", "https://:443/x"):
+        with pytest.raises(UpstreamError):
+            encrypted_by_name(bad)
