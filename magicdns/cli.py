@@ -20,8 +20,9 @@ import click
 
 from .forward import ForwardingLoopError, reject_self
 from .names import NameError_, normalize_domain
-from .records import SHADOWING_TYPES, Record, RecordError, parse_record
-from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, RRsetTooLarge, StoreError
+from .records import Record, RecordError, parse_record
+from .store import (CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, RRsetTooLarge, ShadowsNode,
+                    StoreError)
 from .sysresolv import read_original_resolvers
 from .upstream import Upstream, UpstreamError, parse_upstream
 from .view import DEFAULT_DOMAIN, DnsSettings, DnsView, ViewError
@@ -271,9 +272,10 @@ def records(ctx: click.Context, db_path: str, domain: str, view_path: str | None
     ctx.obj = {"db": db_path, "domain": dom, "view": view_path}
 
 
-def _node_names(ctx: click.Context, store: RecordStore) -> set[str]:
-    """Names of nodes that records could shadow: the control database's, and the view file's."""
-    names = store.node_names()
+def _view_node_names(ctx: click.Context, store: RecordStore) -> set[str]:
+    """Names of the nodes of the view given by --view, else of the view the server using this store
+    loads (the store knows a control database's nodes itself)."""
+    names: set[str] = set()
     path = ctx.obj.get("view") or store.served_view()
     if path:
         from .view import load_view
@@ -288,14 +290,6 @@ def _node_names(ctx: click.Context, store: RecordStore) -> set[str]:
         names |= {f"{h.name}.{view.domain}" for h in view.hosts}
     return names
 
-
-def _refuse_shadowing(recs: list[Record], nodes: set[str], where: str = "") -> None:
-    """A record that would replace a node's addresses needs --override (DESIGN.md 3): without it
-    the resolver would ignore it, so refuse it now instead of saying "added"."""
-    for rec in recs:
-        if rec.name in nodes and rec.rtype in SHADOWING_TYPES and not rec.override:
-            fail_usage(f"{where}{rec.name} is the name of a node; a {rec.rtype} record there would shadow its "
-                       "addresses: add --override to do that on purpose" + ("; nothing was imported" if where else ""))
 
 
 def _store(ctx: click.Context) -> RecordStore:
@@ -320,10 +314,9 @@ def records_add(ctx: click.Context, name: str, rtype: str, value: tuple[str, ...
     except RecordError as exc:
         fail_usage(str(exc))
     store = _store(ctx)
-    _refuse_shadowing([rec], _node_names(ctx, store))
     try:
-        store.add(rec)
-    except (DuplicateRecord, CnameConflict, RRsetTooLarge) as exc:
+        store.add(rec, _view_node_names(ctx, store))
+    except (DuplicateRecord, CnameConflict, RRsetTooLarge, ShadowsNode) as exc:
         fail_usage(str(exc))
     except StoreError as exc:
         fail(str(exc))
@@ -451,10 +444,9 @@ def records_import(ctx: click.Context, path: str, replace: bool) -> None:
     except RecordError as exc:
         fail_usage(str(exc))
     store = _store(ctx)
-    _refuse_shadowing(recs, _node_names(ctx, store), f"{path}: ")
     try:
-        added = store.import_records(recs, replace=replace)
-    except (CnameConflict, RRsetTooLarge) as exc:
+        added = store.import_records(recs, replace=replace, node_names=_view_node_names(ctx, store))
+    except (CnameConflict, RRsetTooLarge, ShadowsNode) as exc:
         fail_usage(f"{path}: {exc}; nothing was imported")
     except StoreError as exc:
         fail(str(exc))

@@ -10,7 +10,9 @@ Node endpoints (bodies sealed, see `protocol.py`):
                                                               -> sealed {"cert": PEM, "ca": PEM}
 Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
-  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
+  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"},
+  GET /admin/audit?since=UNIX&actor=A&target=T&limit=N (the audit log, oldest first),
+  GET /admin/audit/verify (the hash chain's state)
 GET /metrics (Prometheus text) needs the admin token too, or is served without one on its own
 listener (`start_metrics`, `control serve --metrics HOST:PORT`), never to nodes by default.
 Unauthenticated: GET /healthz.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import dataclasses
 import hmac
 import logging
@@ -174,6 +177,7 @@ class ControlServer:
             web.get("/admin/nodes", self._admin_nodes), web.post("/admin/nodes/{ref}/rename", self._admin_rename),
             web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
             web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
+            web.get("/admin/audit", self._admin_audit), web.get("/admin/audit/verify", self._admin_audit_verify),
         ])
         # The relay map in the network map: `relay_map` (the embedded relay's region), then the
         # --derp-map file, then the policy's "derpMap" section, each on top of the one before.
@@ -185,9 +189,9 @@ class ControlServer:
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
-        # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
-        # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
-        # Also set by the console: OIDC group members for the policy's groups ({"group:eng": users}).
+        # Set by the admin console (console/web.py `mount`): OIDC group members for the policy's groups
+        # ({"group:eng": users}), and the browser login of a machine without an auth key:
+        # async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
         self.policy_groups: Callable[[], dict[str, tuple[str, ...]]] | None = None
         self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -404,8 +408,9 @@ class ControlServer:
         request[_CHAN], request[_NONCE] = chan, base64.b64encode(nonce).decode()
         ts = self.replay.check(header, nonce, payload.get("ts"), time.time())
         if known:
-            # Persisted before the request acts, so a replay after a restart (or crash) is refused.
-            self.store.save_replay_mark(header, ts)
+            # Persisted in the same transaction as the change the request makes (or before, by any
+            # earlier one), so a replay after a restart or crash is refused.
+            self.store.note_replay_mark(header, ts)
         return header, chan, payload
 
     def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
@@ -448,14 +453,17 @@ class ControlServer:
                 reg = dataclasses.replace(reg, authkey=key)
         _, policy = self._policy()
         known = self.store.node_by_machine_key(machine_key)
+        self.store.note_replay_mark(machine_key, float(p["ts"]))   # written by the registration itself
         try:
             with self.store.acting_as(f"node:{known.name if known else reg.hostname}"):
                 node = self.store.register(reg, lambda *a: authorize(policy, *a))
-        except authkeys.AuthKeyRefused:
-            self.stats["refusals"] += 1
+        except BaseException as exc:
+            if known is None:
+                self.store.drop_replay_mark(machine_key)   # no row for a machine that never got in
+            if isinstance(exc, authkeys.AuthKeyRefused):
+                self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
-        self.store.save_replay_mark(machine_key, float(p["ts"]))
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()
         return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})
@@ -528,8 +536,8 @@ class ControlServer:
         finally:
             if handle in mine:
                 mine.remove(handle)
-            if not mine:
-                self._node_streams.pop(node.id, None)
+            if not mine and self._node_streams.get(node.id) is mine:
+                del self._node_streams[node.id]
             self.stats["streams"] -= 1
             left = self.online.get(node.id, 1) - 1
             if left:
@@ -664,6 +672,25 @@ class ControlServer:
             text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
                                                   _bool(body, "ephemeral"), _strs(body, "tags"), expires)
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
+
+    async def _admin_audit(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        q = request.query
+        try:
+            since = float(q["since"]) if "since" in q else None
+            limit = int(q["limit"]) if "limit" in q else None
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be unix seconds and limit a number") from None
+        if since is not None and not math.isfinite(since) or limit is not None and not 0 < limit <= 100_000:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be finite and limit between 1 and 100000")
+        entries = self.store.audit_entries(since, q.get("actor") or None, q.get("target") or None, limit)
+        return web.json_response({"entries": [e.to_json() for e in entries]})
+
+    async def _admin_audit_verify(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        v = self.store.verify_audit()
+        return web.json_response({"ok": v.ok, "entries": v.entries, "problem": v.problem, "first_id": v.first_id,
+                                  "last_id": v.last_id, "head": v.head})
 
     async def _key(self, _request: web.Request) -> web.Response:
         from ..version import version  # lets `meshnode version` compare node and server

@@ -223,6 +223,8 @@ _PREF_HELP = {
     "advertise_routes": "Subnets to offer to the tailnet (CIDR,...; empty: none).",
     "advertise_exit_node": "Offer this node as an exit node [default: false].",
     "exit_node": "Send internet traffic through this peer (NAME|IP; empty: none).",
+    "exit_node_allow_lan_access": "With --exit-node: still reach the local networks directly"
+                                  " (by default they are blocked, as Tailscale's) [default: false].",
     "advertise_tags": "Tags to request for this node (tag:a,tag:b; empty: none).",
     "shields_up": "Refuse every connection arriving from the tailnet (replies to ours pass) [default: false].",
 }
@@ -593,11 +595,12 @@ def whois_cmd(ctx: click.Context, address: str, as_json: bool) -> None:
         click.echo(json.dumps(res, indent=2))
         return
     node = res["node"]
-    click.echo(f"Machine:\n  Name:      {node['fqdn']}\n  ID:        {node['id']}\n"
-               f"  Addresses: {', '.join(node['addresses'])}\n  OS:        {node.get('os') or '-'}")
+    # The OS string and user name come from the network: shown, never obeyed (safetext).
+    click.echo(f"Machine:\n  Name:      {safe(node['fqdn'])}\n  ID:        {node['id']}\n"
+               f"  Addresses: {', '.join(node['addresses'])}\n  OS:        {safe(node.get('os') or '-')}")
     if res.get("tags"):
-        click.echo(f"  Tags:      {', '.join(res['tags'])}")
-    click.echo(f"User:\n  Name:      {res['user']}")
+        click.echo(f"  Tags:      {safe(', '.join(res['tags']))}")
+    click.echo(f"User:\n  Name:      {safe(res['user'])}")
 
 
 def _version_lines(cli: str, remote: dict[str, Any] | None, error: str | None) -> list[str]:

@@ -41,8 +41,8 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
 from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
-from .state import StateDir
-from .router import Router, RouterError, control_addresses, plan_routing
+from .state import IdentityDamaged, StateDir
+from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
 log = logging.getLogger("meshnode.node.daemon")
@@ -115,6 +115,7 @@ class Daemon:
         self.map_source = ""            # "saved" or "control"
         self.map_received_at: float | None = None
         self.control_error: str | None = None
+        self.identity_error: str | None = None   # damaged pin or lost machine key (state.IdentityDamaged)
         self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server, metrics=config.metrics)
@@ -177,7 +178,12 @@ class Daemon:
     async def start(self) -> None:
         """Open the state, undo a crashed run's leftovers, and resume what the prefs say."""
         self.state.open()
-        self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        try:
+            self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        except IdentityDamaged as exc:
+            # Not a new machine behind the user's back: `up --force-reauth` decides (health says so).
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
         self.prefs = self.state.prefs()
         try:
             self.osdns.recover()
@@ -192,7 +198,7 @@ class Daemon:
             except NetMapError as exc:
                 self.state.reject_saved_map(f"unusable map: {exc}")
         has_key = self.state.node_key() is not None
-        if not has_key:
+        if not has_key or (self.identity_error and "machine.key" in self.identity_error):
             self.backend = BackendState.NEEDS_LOGIN
         elif not self.prefs.want_running:
             self.backend = BackendState.STOPPED
@@ -264,7 +270,8 @@ class Daemon:
             await self._tunnel.start(bytes(node_key))
             await self._tunnel.set_shields(self.prefs.shields_up)
             if self.netmap is not None:
-                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
         await self._route(self.netmap)
@@ -275,10 +282,16 @@ class Daemon:
         if self._router is None:
             return
         control: tuple[str, ...] = ()
+        lan: tuple[str, ...] = ()
         if self.prefs.exit_node:
             control = await asyncio.to_thread(control_addresses, self.prefs.login_server)
+            if not self.prefs.exit_node_allow_lan_access:
+                try:
+                    lan = await asyncio.to_thread(local_networks, self._router.tun)
+                except OSError as exc:
+                    log.error("router: cannot list the local networks to block: %s", exc)
         try:
-            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control))
+            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control, lan))
             self.router_error = None
         except (RouterError, OSError) as exc:  # the tunnel and DNS keep working without it
             self.router_error = f"routing: {exc}"
@@ -377,7 +390,13 @@ class Daemon:
     def _start_map_stream(self) -> None:
         if self._map_task is not None and not self._map_task.done():
             return
-        client = self._control_client()
+        try:
+            client = self._control_client()
+        except IdentityDamaged as exc:
+            # Keep serving the saved map, but never talk to a server we can no longer authenticate.
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
+            return
         if client is None:
             return
         self._map_task = asyncio.create_task(self._follow_map(client))
@@ -545,7 +564,8 @@ class Daemon:
         await asyncio.wrap_future(self.dns.set_view(view))
         if self._tunnel is not None:
             try:
-                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
                 await self._tunnel.set_shields(self.prefs.shields_up)
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
@@ -624,6 +644,13 @@ class Daemon:
             prefs = self._merge_prefs(req)
             if not prefs.login_server:
                 raise ApiError(400, "no login server: pass --login-server URL")
+            if not req.force_reauth:
+                try:
+                    self.state.machine_key()
+                    self.state.server_key(prefs.login_server)
+                except IdentityDamaged as exc:
+                    self.identity_error = str(exc)
+                    raise ApiError(409, str(exc)) from None
             if req.exit_node and self.netmap is not None:
                 self._check_exit_node(self.netmap, req.exit_node)
             if req.force_reauth or (prefs.login_server != self.prefs.login_server and self.prefs.login_server):
@@ -634,6 +661,7 @@ class Daemon:
                 self.state.forget_server_key()
                 await self._forget_map()
                 self.netmap, self.map_source = None, ""
+                self.state.machine_key()   # a lost machine key is replaced only here, on request
             await self._stop_map_stream()
             fresh_key = self.state.node_key() is None
             if fresh_key:
@@ -676,6 +704,7 @@ class Daemon:
                                detail=exc.detail) from None
             if client.server_public_key:
                 self.state.save_server_key(prefs.login_server, client.server_public_key)
+            self.identity_error = None
             self.prefs = replace(prefs, want_running=True)
             self.state.save_prefs(self.prefs)
             self.control_error = None
@@ -870,6 +899,9 @@ class Daemon:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
             health.append(self.control_error)
+        if self.identity_error:
+            health.append(self.identity_error)
+        health += [f"state: {d}" for d in self.state.damage]
         control = self._client.stream_state if self._client is not None else None
         if control is not None and control["error"] and not self.control_error:
             since = time.strftime('%H:%M:%S', time.localtime(control['since']))
@@ -1022,7 +1054,10 @@ class Daemon:
         if not url:
             return {"url": None, "reachable": False, "latency_ms": None, "key_matches_pin": None,
                     "error": "no login server: run `meshnode up --login-server URL`"}
-        pinned = self.state.server_key(url)
+        try:
+            pinned = self.state.server_key(url)
+        except IdentityDamaged:
+            pinned = None
         start = time.monotonic()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
