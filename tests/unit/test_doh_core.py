@@ -106,3 +106,25 @@ def test_encrypted_upstreams_by_name_leave_the_address_to_the_stub() -> None:
     for bad in ("tls://dns.example:0", "tls://bad..name", "https://:443/x"):
         with pytest.raises(UpstreamError):
             encrypted_by_name(bad)
+
+
+def test_encrypted_upstreams_travel_in_network_maps_and_the_control_store(tmp_path) -> None:  # noqa: ANN001
+    """An admin's `tls://` route reaches a node's view as an encrypted upstream (store -> map -> view)."""
+    from meshnode.control.store import ControlStore, InvalidValue
+    from meshnode.netmap import DnsConfig, NetMap, netmap_to_view
+    store = ControlStore(tmp_path / "c.db")
+    store.add_route("corp.example", ["tls://ns.corp.example@10.0.0.53"])
+    store.set_nameservers(["https://dns.example@192.0.2.53/dns-query"])
+    settings = store.dns_settings()
+    nm = NetMap(1, "tailnet", _self_node(), dns=DnsConfig(tuple(settings.nameservers), dict(settings.routes)))
+    view = netmap_to_view(NetMap.from_json(nm.to_json()))
+    assert view.dns.routes["corp.example"] == (Upstream("10.0.0.53", 853, "tls", "ns.corp.example"),)
+    assert view.dns.nameservers == (Upstream("192.0.2.53", 443, "https", "dns.example", "/dns-query"),)
+    with pytest.raises(InvalidValue):  # a node does not resolve its resolvers' names: @IP is required
+        store.add_route("corp.example", ["tls://no-address.example"])
+
+
+def _self_node():  # noqa: ANN202
+    from meshnode.netmap import MapNode
+    return MapNode(id=1, name="a", fqdn="a.tailnet", user="u", addresses=("100.64.0.1",),
+                   node_key="A" * 43 + "=")
