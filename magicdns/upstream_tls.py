@@ -73,6 +73,7 @@ class _DotConnection:
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
         self.next_id = 0
+        self.answered = 0
         self.dead = False
         self.reader_task: asyncio.Task[None] | None = None
 
@@ -134,6 +135,7 @@ class _DohConnection:
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.writer: asyncio.StreamWriter | None = None
         self.streams: dict[int, tuple[asyncio.Future[bytes], bytearray, list[str]]] = {}
+        self.answered = 0
         self.dead = False
         self.reader_task: asyncio.Task[None] | None = None
 
@@ -272,13 +274,24 @@ class EncryptedUpstreams:
             self._connecting.pop(up, None)
 
     async def query(self, up: Upstream, wire: bytes) -> bytes:
-        """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (logged once a minute per cause)."""
-        try:
-            conn = await self._conn(up)
-            return await conn.query(wire)
-        except EncryptedUpstreamError as exc:
-            self._log(up, str(exc))
-            raise
+        """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (logged once a minute per cause).
+
+        A kept connection the server closed while idle (servers time them out) is found out only by
+        using it: a query that fails on a connection which had already answered is retried once on a
+        fresh one, so an idle timeout never costs a client a SERVFAIL."""
+        for attempt in (0, 1):
+            conn = None
+            try:
+                conn = await self._conn(up)
+                reply = await conn.query(wire)
+                conn.answered += 1
+                return reply
+            except EncryptedUpstreamError as exc:
+                if attempt == 0 and conn is not None and conn.answered and conn.dead:
+                    continue
+                self._log(up, str(exc))
+                raise
+        raise AssertionError("unreachable")
 
     def _log(self, up: Upstream, why: str) -> None:
         now = time.monotonic()

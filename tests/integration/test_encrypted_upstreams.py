@@ -26,7 +26,7 @@ NAME = "ub.test"
 
 
 class Unbound:
-    def __init__(self, root: Path, ca, answer: str = "192.0.2.10") -> None:  # noqa: ANN001
+    def __init__(self, root: Path, ca, answer: str = "192.0.2.10", idle_ms: int = 30000) -> None:  # noqa: ANN001
         self.dir = root
         root.mkdir(parents=True, exist_ok=True)
         self.cert, self.key = write_pair(root, make_leaf(ca, (NAME,)))
@@ -49,6 +49,7 @@ class Unbound:
   do-ip6: no
   access-control: 127.0.0.0/8 allow
   module-config: "iterator"
+  tcp-idle-timeout: {idle_ms}
   local-zone: "upstream.test." static
   local-data: "www.upstream.test. 120 IN A {answer}"
 """)
@@ -228,3 +229,25 @@ def test_upstream_given_by_name_is_resolved_through_the_stub(unbound: Unbound, p
         assert "192.0.2.10" in ask(server).to_text()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["tls", "https"])
+def test_a_connection_the_upstream_closed_while_idle_is_replaced(tmp_path: Path, pki: dict, kind: str) -> None:
+    ub = Unbound(tmp_path / "idle", pki["ca"], idle_ms=300).start()
+    up = f"tls://{NAME}@127.0.0.1:{ub.dot}" if kind == "tls" else f"https://{NAME}@127.0.0.1:{ub.doh}/dns-query"
+    server = serve("--upstream", up, "--upstream-ca", str(pki["ca_file"]))
+    port = ub.dot if kind == "tls" else ub.doh
+    try:
+        assert "192.0.2.10" in ask(server).to_text()
+
+        def established() -> int:
+            ss = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+                                capture_output=True, text=True)
+            return len([ln for ln in ss.stdout.splitlines() if ln.strip()])
+        wait_until(lambda: established() == 0, timeout=10, what="unbound to close the idle connection")
+        for i in range(3):
+            r = ask(server, f"y{i}.upstream.test")
+            assert r.rcode() == dns.rcode.NXDOMAIN, r.to_text()
+    finally:
+        server.stop()
+        ub.stop()
