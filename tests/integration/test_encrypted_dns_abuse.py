@@ -250,3 +250,17 @@ def test_one_client_cannot_take_every_encrypted_slot(pki: dict) -> None:
         for h in held:
             h.close()
         s.stop()
+
+
+@pytest.mark.parametrize("kind", ["dot", "doh"])
+def test_a_client_that_never_finishes_its_handshake_is_closed(server: MagicDnsProcess, kind: str) -> None:
+    """Half a ClientHello, then silence: the 5 s handshake deadline closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.extra[kind]), timeout=12) as raw:
+        raw.sendall(HELLO[:20])
+        start = time.monotonic()
+        try:
+            while raw.recv(4096):
+                pass
+        except ConnectionError:
+            pass
+        assert time.monotonic() - start < 10
