@@ -38,7 +38,7 @@ import _socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from dnslib import DNSError
 
@@ -49,6 +49,9 @@ from .race import FAILURE_RCODES as _FAILURE_RCODES
 from .race import Health as _Health
 from .race import Race, Send, Transport, UpstreamHealth  # noqa: F401  (UpstreamHealth: public API)
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .upstream_tls import EncryptedUpstreams
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +208,9 @@ class _RaceIO:
 
     def _send_udp(self, send: Send) -> None:
         up = send.upstream
+        if up.scheme != "dns":  # DoT/DoH: a query on the upstream's shared connection (upstream_tls.py)
+            self._start_encrypted(send)
+            return
         try:
             # The C socket type without socket.socket's Python wrapper, created non-blocking in one
             # call: a third less CPU per attempt, and attempts are the forwarding hot path.
@@ -277,6 +283,26 @@ class _RaceIO:
                 writer.close()
         self._pump()
 
+    def _start_encrypted(self, send: Send) -> None:
+        self.tasks[send.attempt] = task = self.loop.create_task(self._encrypted(send))
+        tasks = self.fwd._tcp_tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _encrypted(self, send: Send) -> None:
+        core = self.core
+        try:
+            reply = await self.fwd.encrypted_upstreams().query(send.upstream, send.wire)
+            core.receive(send.attempt, reply, self.loop.time())
+        except OSError as exc:  # EncryptedUpstreamError: refused certificate, lost connection, HTTP status
+            core.attempt_failed(send.attempt, f"{send.upstream.scheme}: {exc}", self.loop.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: fail this attempt, keep the race (and the server) going
+            log.exception("encrypted query to %s failed unexpectedly", send.upstream.spec)
+            core.attempt_failed(send.attempt, f"{send.upstream.scheme}: {exc!r}", self.loop.time())
+        self._pump()
+
     def end(self) -> None:
         """End the race now, unanswered (the forwarder is closing)."""
         self.core.end()
@@ -321,6 +347,7 @@ class Forwarder:
         self._flights: dict[tuple[object, ...], asyncio.Future[bytes | None]] = {}
         self._closed = False
         self._tcp_tasks: set[asyncio.Task[None]] = set()
+        self.encrypted: "EncryptedUpstreams | None" = None  # DoT/DoH connections, made on first use
         self._last_purge = clock()
         self._rebind_logged: dict[str, float] = {}
         self._inflight = 0
@@ -338,6 +365,12 @@ class Forwarder:
         self.coalesced = 0
         self.malformed = 0
         self.failure_cached = 0
+
+    def encrypted_upstreams(self) -> "EncryptedUpstreams":
+        if self.encrypted is None:
+            from .upstream_tls import EncryptedUpstreams
+            self.encrypted = EncryptedUpstreams()
+        return self.encrypted
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -607,3 +640,5 @@ class Forwarder:
         tasks = [t for t in self._tcp_tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        if self.encrypted is not None:
+            await self.encrypted.close()

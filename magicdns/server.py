@@ -80,6 +80,7 @@ class ServerConfig:
     batch_udp: bool = True  # recvmmsg/sendmmsg listener where the platform has it (udpbatch.py)
     extra: dict[str, Any] = field(default_factory=dict)
     encrypted: EncryptedConfig = EncryptedConfig()  # DoT/DoH listeners and their certificate (encrypted.py)
+    upstream_ca: tuple[str, ...] = ()  # CA files trusted for tls:// and https:// upstreams, besides the system's
 
 
 class DnsServer:
@@ -106,6 +107,9 @@ class DnsServer:
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
         self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
+        if config.upstream_ca:
+            from .upstream_tls import EncryptedUpstreams
+            self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca)
         self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()

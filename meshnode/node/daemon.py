@@ -160,7 +160,9 @@ class Daemon:
     def _make_server(self) -> DnsServer:
         listen = self.config.dns_listen or tuple((h, 53) for h in self._dns_hosts)
         return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams,
-                                      query_log=self.config.query_log, encrypted=self._encrypted_config()))
+                                      query_log=self.config.query_log, encrypted=self._encrypted_config(),
+                                      # tls:// and https:// upstreams inside the tailnet verify against its CA
+                                      upstream_ca=(str(self.certs.ca_path),) if self.certs.ca_path.exists() else ()))
 
     def _encrypted_config(self) -> EncryptedConfig:
         c = self.config
