@@ -451,9 +451,12 @@ def nodes_ls(db_path: str, as_json: bool) -> None:
     store = _open(db_path)
     now, domain = time.time(), store.domain()
     live, online_ids, at = _presence(store, now)
+    from .lock import locked_out  # Tailnet Lock: nodes whose key no trusted key signed
+    locked = locked_out(store)
     items = []
     for n in store.list_nodes():
         item = _node_json(n, domain, now)
+        item["locked_out"] = locked.get(n.node_key)  # why, or null
         online = live and n.id in online_ids
         item["online"] = online if live else None  # None: no running server to ask
         if online and at is not None:
@@ -466,7 +469,8 @@ def nodes_ls(db_path: str, as_json: bool) -> None:
            [(n["id"], n["name"], n["user"], " ".join(n["addresses"]), ",".join(n["tags"]), n["os"],
              "yes" if n["online"] else "?" if n["online"] is None else "no",
              "now" if n["online"] else _when(n["last_seen"]),
-             n["state"] + (", ephemeral" if n["ephemeral"] else "")) for n in items])
+             n["state"] + (", ephemeral" if n["ephemeral"] else "")
+             + (", locked out" if n["locked_out"] else "")) for n in items])
     if not live:
         click.echo("# ONLINE unknown: no control server has reported presence lately (is it running?)")
 

@@ -108,6 +108,7 @@ class MapAssembler:
         self._filter: tuple[Mapping[str, Any], ...] = ()
         self._derp: Mapping[str, Any] = MappingProxyType({})
         self._derp_map: RelayMap | None = None
+        self._tka_head: str | None = None
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
@@ -119,6 +120,7 @@ class MapAssembler:
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
+            self._tka_head = nm.tka_head
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -143,9 +145,11 @@ class MapAssembler:
                 self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
             except RelayMapError as exc:
                 raise NetMapError(str(exc)) from None
+        if "tka_head" in msg:
+            self._tka_head = str(msg["tka_head"]) if msg["tka_head"] else None
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
         return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
-                      self._derp_map)
+                      self._derp_map, self._tka_head)
 
 
 class ControlClient:
@@ -298,6 +302,11 @@ class ControlClient:
         if disco_key:
             body["disco_key"] = disco_key
         await self._post("/machine/endpoints", body)
+
+    async def tka(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One Tailnet Lock request (`/machine/tka/VERB`: init, bootstrap, sync/offer, sync/send, sign,
+        disable), sealed like every node request; see meshnode/control/lock.py."""
+        return await self._post(f"/machine/tka/{verb}", dict(body, node_key=self.node_key_public))
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""

@@ -177,6 +177,9 @@ class ControlServer:
         if relay is not None:
             relay.admit = self.relay_keys
             relay.attach(self.app)
+        from .lock import ControlLock  # Tailnet Lock: the chain, signatures and /machine/tka/* endpoints
+        self.tka = ControlLock(self)
+        self.tka.attach(self.app)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
@@ -289,7 +292,8 @@ class ControlServer:
                                        domain=self.store.domain(), nodes=nodes,
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
                                        dns=self.store.dns_settings(), records=records,
-                                       derp_map_text=self._relay_map_text(policy))
+                                       derp_map_text=self._relay_map_text(policy),
+                                       tka_head=self.tka.head, signatures=self.tka.signatures())
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:

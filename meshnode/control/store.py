@@ -282,8 +282,15 @@ def _m5_console(db: sqlite_utils.Database) -> None:
                                    not_null={"machine_key", "node_key", "state"})
 
 
+def _m6_tka(db: sqlite_utils.Database) -> None:
+    # Tailnet Lock (control/lock.py): node-key signatures made by trusted keys on the nodes, keyed by
+    # the node key they sign (a re-keyed node needs a new one). The chain itself is beside the DB.
+    db["tka_signatures"].create({"node_key": str, "signature": str, "created": float}, pk="node_key",
+                                not_null={"signature"})
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
-                                                                  _m5_console)
+                                                                  _m5_console, _m6_tka)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -472,6 +479,34 @@ class ControlStore:
     def _set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT INTO control_meta(key, value) VALUES (?, ?)"
                           " ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])
+
+    # -- Tailnet Lock (control/lock.py verifies; the store only keeps) ---------------------------
+
+    def tka_signatures(self) -> dict[str, str]:
+        """node key (base64) -> its Tailnet Lock signature (base64)."""
+        return {str(k): str(v) for k, v in self.conn.execute("SELECT node_key, signature FROM tka_signatures")}
+
+    def set_tka_signature(self, node_key: str, signature: str) -> None:
+        with self._tx():
+            self.conn.execute("INSERT INTO tka_signatures(node_key, signature, created) VALUES (?, ?, ?)"
+                              " ON CONFLICT(node_key) DO UPDATE SET signature = excluded.signature,"
+                              " created = excluded.created", [node_key, signature, time.time()])
+            self._audit("tka.sign", f"nodekey:{node_key}", None, {"signature": _sha(signature)})
+
+    def tka_disablement_secret(self) -> str | None:
+        """The disablement secret (hex) that turned the lock off, handed to nodes so they follow."""
+        return self._meta("tka_disablement_secret")
+
+    def tka_changed(self, action: str, head: str | None, secret: str | None = None) -> None:
+        """Record a change of the chain (init, sync, disable) in the audit log and bump the change
+        counter, so every server's next map carries the new head. Disabling drops the signatures."""
+        with self._tx():
+            if action == "tka.disable":
+                self.conn.execute("DELETE FROM tka_signatures")
+                self._set_meta("tka_disablement_secret", secret or "")
+            elif action == "tka.init":
+                self.conn.execute("DELETE FROM control_meta WHERE key = 'tka_disablement_secret'")
+            self._audit(action, "tailnet-lock", None, {"head": head})
 
     def _migrate(self) -> None:
         with self._tx(bump=False):

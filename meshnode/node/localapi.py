@@ -16,6 +16,7 @@
     GET  /localapi/v0/netcheck?timeout=S  UDP port, endpoints, control server reachable, handshakes
     GET  /localapi/v0/dns/status
     POST /localapi/v0/dns/query           {name, type}
+    POST /localapi/v0/lock                {command, params}: `meshnode lock COMMAND` run by the daemon
 
 Every answer is JSON; an error is `{"error": "..."}` with a 4xx/5xx status. Who may call is decided
 by the socket's permissions (0600, owned by the daemon's user), as with Tailscale's socket.
@@ -156,6 +157,11 @@ def make_app(daemon: "Daemon") -> web.Application:
     app.router.add_get(API_PREFIX + "/netcheck", netcheck)
     app.router.add_get(API_PREFIX + "/dns/status", dns_status)
     app.router.add_post(API_PREFIX + "/dns/query", dns_query)
+
+    async def lock_command(request: web.Request) -> web.Response:
+        return _ok(await daemon.lock_command(await _json_body(request)))
+
+    app.router.add_post(API_PREFIX + "/lock", lock_command)
     return app
 
 
