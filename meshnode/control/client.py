@@ -243,6 +243,21 @@ class ControlClient:
         """
         await self._chan()
         assert self.server_public_key is not None
+        key_signature = None
+        if authkey and "--TL" in authkey:
+            # A pre-signed auth key (`meshnode lock sign AUTHKEY`): sign our node key with its
+            # credential, as tailscaled does, and send the plain key (meshnode/tka/nodesig.py).
+            from ..tka.errors import TKAError
+            from ..tka.nodesig import sign_by_credential, unwrap_authkey
+
+            try:
+                wrapped = unwrap_authkey(authkey)
+                assert wrapped is not None
+                key_signature = base64.b64encode(sign_by_credential(
+                    wrapped, base64.b64decode(self.node_key_public)).serialize()).decode()
+            except TKAError as exc:
+                raise ControlError(ErrorCode.BAD_REQUEST, f"the pre-signed auth key is not valid: {exc}") from None
+            authkey = wrapped.authkey
         ts = time.time()
         payload = {
             "authkey": authkey, "hostname": hostname or socket.gethostname(),
@@ -257,6 +272,8 @@ class ControlClient:
         }
         if disco_key:
             payload["disco_key"] = disco_key
+        if key_signature:
+            payload["key_signature"] = key_signature
         if interactive:
             payload["interactive"] = True
         body = await self._post("/machine/register", payload)

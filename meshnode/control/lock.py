@@ -110,6 +110,28 @@ class ControlLock:
         with self.store.acting_as(f"node:{node.name}"):
             self.store.set_tka_signature(target, base64.b64encode(sig).decode())
 
+    def registration(self, authkey: str | None, node_key: str, p: dict[str, Any]) -> tuple[str | None, bytes | None]:
+        """At registration: strip a pre-signed auth key's `--TL...` suffix (the node signs with it
+        itself and sends `key_signature`), and check that signature before anything is written."""
+        if authkey and "--TL" in authkey:
+            authkey = authkey.partition("--TL")[0]
+        raw = p.get("key_signature")
+        if raw is None:
+            return authkey, None
+        sig = _b64(raw, "key_signature")
+        if self.chain.head is not None:
+            try:
+                self.chain.check_signature(base64.b64decode(node_key), sig)
+            except TKAError as exc:
+                raise _refused(exc) from None
+        return authkey, sig
+
+    def store_registration_signature(self, node: Any, node_key: str, sig: bytes) -> None:
+        if self.chain.head is None:
+            return  # the lock is off: nothing to keep (a later init needs fresh signatures)
+        with self.store.acting_as(f"node:{node.name}"):
+            self.store.set_tka_signature(node_key, base64.b64encode(sig).decode())
+
     async def _init(self, request: web.Request) -> web.Response:
         node, chan, p = await self._node(request)
         genesis = _b64(p.get("genesis"), "genesis")

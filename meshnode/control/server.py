@@ -430,6 +430,7 @@ class ControlServer:
         authkey = p.get("authkey")
         if authkey is not None and not isinstance(authkey, str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "authkey must be a string")
+        authkey, key_signature = self.tka.registration(authkey, node_key, p)  # Tailnet Lock (lock.py)
         reg = Registration(
             machine_key=machine_key, node_key=node_key, hostname=_str(p, "hostname", 256),
             os=_str(p, "os", 64, required=False), authkey=authkey or None,
@@ -453,6 +454,8 @@ class ControlServer:
             self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
+        if key_signature is not None:
+            self.tka.store_registration_signature(node, node_key, key_signature)
         self.store.save_replay_mark(machine_key, float(p["ts"]))
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -32,6 +33,8 @@ from ..tka.nodelock import NodeLock
 from ..tka.statedir import LockDir
 
 log = logging.getLogger("meshnode.node.lock")
+
+COMPACT_EVERY = 86400.0  # seconds between compactions of this node's chain (after a sync)
 
 
 class LockService:
@@ -44,6 +47,7 @@ class LockService:
         self.locked_out: tuple[tuple[MapNode, str], ...] = ()   # (peer, why) of the last map
         self.last_refusal: str | None = None          # an update (or request) that was refused
         self.error: str | None = None                 # the lock could not be run (damaged files...)
+        self._compacted_at = 0.0
 
     # -- the chain ------------------------------------------------------------------------------
 
@@ -156,6 +160,12 @@ class LockService:
             if back:
                 await client.tka("sync/send", {"aums": back})
             log.info("tailnet lock: synced to head %s", node.head)
+            now = time.time()
+            if now - self._compacted_at > COMPACT_EVERY:
+                # Without compaction a chain stops opening past the 2000-AUM scan limit; the control
+                # server keeps the whole history, so a common AUM is always found.
+                node.compact(now)
+                self._compacted_at = now
         except TKAError as exc:
             # NodeLock keeps `last_refusal`; our chain is unchanged.
             self._refuse(f"refused an update from the control server: {type(exc).__name__}: {exc}")

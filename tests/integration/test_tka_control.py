@@ -146,6 +146,24 @@ async def test_lock_through_the_control_server(server, store, nodes, tmp) -> Non
     assert loop.time() - t0 < 1.0
     assert locked_out(ControlStore(tmp / "control.db")) == {}
 
+    # A pre-signed auth key: a node joining with it signs its own node key with the credential,
+    # and locked nodes admit it at once.
+    plain, _ = ControlStore(tmp / "control.db").create_authkey("alice@example.com")
+    wrapped = (await a.cmd("sign", target=plain, rotation_key=None)).strip()
+    assert wrapped.startswith(plain + "--TL")
+    await async_wait_until(lambda: server.tka.head == a.lock.node().head, timeout=5)
+    d = LockNode(a.client.server_url, tmp / "delta", "delta")
+    try:
+        await d.client.register(authkey=wrapped, hostname="delta")
+        await async_wait_until(lambda: "delta" in a.peers() and "delta" in b.peers(), timeout=2)
+        # The same auth key with a signature that does not verify is refused before registering.
+        e = LockNode(a.client.server_url, tmp / "epsilon", "epsilon")
+        with pytest.raises(ControlError, match="pre-signed auth key is not valid|NodeKeyNotAuthorized"):
+            await e.client.register(authkey=wrapped[:-8] + "AAAAAAAA", hostname="epsilon")
+        await e.client.close()
+    finally:
+        await d.stop()
+
     # The control server refuses what does not verify, with the reason.
     stranger = LockPrivateKey.generate()
     forged = base64.b64encode(sign_direct(stranger, decode_key(c.client.node_key_public, "k")).serialize()).decode()
@@ -175,7 +193,8 @@ async def test_lock_through_the_control_server(server, store, nodes, tmp) -> Non
     await b.cmd("disable", secret=secret)
     await async_wait_until(lambda: server.tka.head is None, timeout=5)
     await async_wait_until(lambda: all(not n.lock.status()["enabled"] for n in nodes.values()), timeout=10)
-    await async_wait_until(lambda: all(len(n.peers()) == 2 for n in nodes.values()), timeout=5)
+    await async_wait_until(lambda: all(n.peers() == {"alpha", "beta", "gamma", "delta"} - {n.name}
+                                       for n in nodes.values()), timeout=5)
     assert not (tmp / "alpha" / "tka" / "aums").exists() or not any((tmp / "alpha" / "tka" / "aums").iterdir())
 
 
