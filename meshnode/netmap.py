@@ -202,6 +202,7 @@ class NetMap:
     derp: Mapping[str, Any] = field(default_factory=dict)  # relay map placeholder; empty until relays exist
     derp_map: RelayMap | None = None       # relay regions and servers (meshnode.derp.derpmap), if any
     tka_head: str | None = None            # the control server's Tailnet Lock head; None: lock off
+    flow_logs: bool = False                # the admin turned connection logs on (`settings flow-logs`)
 
     def peer_by_name(self, name: str) -> MapNode | None:
         """The peer whose short name or FQDN is `name` (case-insensitive), if visible."""
@@ -219,7 +220,8 @@ class NetMap:
                 "packet_filter": [dict(r) for r in self.packet_filter],
                 "derp": dict(self.derp),
                 **({"derp_map": self.derp_map.to_json()} if self.derp_map is not None else {}),
-                **({"tka_head": self.tka_head} if self.tka_head is not None else {})}
+                **({"tka_head": self.tka_head} if self.tka_head is not None else {}),
+                **({"flow_logs": True} if self.flow_logs else {})}
 
     @staticmethod
     def from_json(obj: Any) -> "NetMap":
@@ -250,7 +252,7 @@ class NetMap:
                       DnsConfig.from_json(obj.get("dns") or {}, domain),
                       tuple(MappingProxyType(r) for r in pf),
                       MappingProxyType(dict(obj.get("derp") or {})), derp_map,
-                      str(obj["tka_head"]) if obj.get("tka_head") else None)
+                      str(obj["tka_head"]) if obj.get("tka_head") else None, bool(obj.get("flow_logs")))
 
 
 @contextmanager

@@ -109,6 +109,7 @@ class MapAssembler:
         self._derp: Mapping[str, Any] = MappingProxyType({})
         self._derp_map: RelayMap | None = None
         self._tka_head: str | None = None
+        self._flow_logs = False
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
@@ -120,7 +121,7 @@ class MapAssembler:
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
-            self._tka_head = nm.tka_head
+            self._tka_head, self._flow_logs = nm.tka_head, nm.flow_logs
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -147,9 +148,11 @@ class MapAssembler:
                 raise NetMapError(str(exc)) from None
         if "tka_head" in msg:
             self._tka_head = str(msg["tka_head"]) if msg["tka_head"] else None
+        if "flow_logs" in msg:
+            self._flow_logs = bool(msg["flow_logs"])
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
         return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
-                      self._derp_map, self._tka_head)
+                      self._derp_map, self._tka_head, self._flow_logs)
 
 
 class ControlClient:
@@ -324,6 +327,10 @@ class ControlClient:
         """One Tailnet Lock request (`/machine/tka/VERB`: init, bootstrap, sync/offer, sync/send, sign,
         disable), sealed like every node request; see meshnode/control/lock.py."""
         return await self._post(f"/machine/tka/{verb}", dict(body, node_key=self.node_key_public))
+
+    async def upload_flows(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Connection-log windows (`/machine/flows`, meshnode/control/flows.py); answers {ack}."""
+        return await self._post("/machine/flows", dict(body, node_key=self.node_key_public))
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""

@@ -79,6 +79,7 @@ class Snapshot:
     reach: "ReachSets" = field(default_factory=lambda: ReachSets())
     derp_map_text: str = "null"             # the relay map (JSON of meshnode.derp.derpmap.RelayMap), or null
     tka_head: str | None = None             # Tailnet Lock head of the tailnet (None: the lock is off)
+    flow_logs: bool = False                 # connection logs on (`control settings flow-logs on`)
 
     @property
     def differs(self) -> bool:
@@ -89,8 +90,8 @@ class Snapshot:
 def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: Iterable[Node],
                    online: Mapping[int, int], now: float, policy_text: str | None, policy: Policy | None,
                    dns: DnsSettings, records: Iterable[Record], derp_map_text: str = "null",
-                   tka_head: str | None = None, signatures: Mapping[str, str] | None = None
-                   ) -> tuple[Snapshot, bool]:
+                   tka_head: str | None = None, signatures: Mapping[str, str] | None = None,
+                   flow_logs: bool = False) -> tuple[Snapshot, bool]:
     """The next snapshot and whether it differs from `prev` (if not, keep serving `prev`'s version)."""
     rows: dict[int, Node] = {}
     mnodes: dict[int, MapNode] = {}
@@ -137,9 +138,10 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
     history = ((prev.history[-(HISTORY - 1):] if prev else ()) + ((seq, changed_f, removed),))
     reach = prev.reach if prev is not None and compiled is prev.compiled else ReachSets()
     snap = Snapshot(seq, version, domain, rows, mnodes, texts, infos_t, policy_text, policy, compiled,
-                    dns_text, changed_f, removed, history, reach, derp_map_text, tka_head)
+                    dns_text, changed_f, removed, history, reach, derp_map_text, tka_head, flow_logs)
     differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
-               or domain != prev.domain or derp_map_text != prev.derp_map_text or tka_head != prev.tka_head)
+               or domain != prev.domain or derp_map_text != prev.derp_map_text or tka_head != prev.tka_head
+               or flow_logs != prev.flow_logs)
     return snap, differs
 
 
@@ -195,6 +197,7 @@ class StreamState:
     domain: str | None = None
     derp_map_text: str = "null"
     tka_head: str | None = None
+    flow_logs: bool = False
 
     @property
     def full(self) -> bool:
@@ -228,7 +231,8 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             '{"type":"full","netmap":{"version":', str(snap.version), ',"domain":', _dumps(snap.domain),
             ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(reach) if p != nid]),
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{},"derp_map":',
-            snap.derp_map_text, ',"tka_head":', _dumps(snap.tka_head), '}}'])
+            snap.derp_map_text, ',"tka_head":', _dumps(snap.tka_head),
+            ',"flow_logs":', _dumps(snap.flow_logs), '}}'])
     else:
         since: set[int] = set()
         for seq, changed_ids, _removed in snap.history:
@@ -259,8 +263,10 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             parts += [',"derp_map":', snap.derp_map_text]
         if snap.tka_head != state.tka_head:
             parts += [',"tka_head":', _dumps(snap.tka_head)]
+        if snap.flow_logs != state.flow_logs:
+            parts += [',"flow_logs":', _dumps(snap.flow_logs)]
         frame = "".join(parts) + "}" if len(parts) > 2 else None
     state.seq, state.compiled, state.reach, state.filter_text = snap.seq, snap.compiled, reach, filter_text
     state.self_text, state.dns_text, state.domain = texts[nid], snap.dns_text, snap.domain
-    state.derp_map_text, state.tka_head = snap.derp_map_text, snap.tka_head
+    state.derp_map_text, state.tka_head, state.flow_logs = snap.derp_map_text, snap.tka_head, snap.flow_logs
     return frame

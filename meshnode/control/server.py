@@ -180,6 +180,8 @@ class ControlServer:
         from .lock import ControlLock  # Tailnet Lock: the chain, signatures and /machine/tka/* endpoints
         self.tka = ControlLock(self)
         self.tka.attach(self.app)
+        from .flows import ControlFlows  # connection logs: POST /machine/flows
+        ControlFlows(self).attach(self.app)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
@@ -293,7 +295,8 @@ class ControlServer:
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
                                        dns=self.store.dns_settings(), records=records,
                                        derp_map_text=self._relay_map_text(policy),
-                                       tka_head=self.tka.head, signatures=self.tka.signatures())
+                                       tka_head=self.tka.head, signatures=self.tka.signatures(),
+                                       flow_logs=self.store.flow_logs_enabled())
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:

@@ -29,6 +29,7 @@ from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
+from .flowlog import FlowLogger
 from .lock import LockService
 from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
                        UpRequest, WhoisRequest)
@@ -136,6 +137,7 @@ class Daemon:
         self._saver: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.tka = LockService(config.state_dir)  # Tailnet Lock: sync and peer filtering (node/lock.py)
+        self.flowlog = FlowLogger(self._tunnel, lambda: self._client)  # connection logs (node/flowlog.py)
         # One writer thread keeps saves in order and off the loop (a big map is megabytes).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
 
@@ -191,6 +193,7 @@ class Daemon:
             self._drift_task.cancel()
         for task in list(self._background):
             task.cancel()
+        self.flowlog.cancel()
         await self._go_down(BackendState.STOPPED)
         await self._serve.close()
         await self._flush_saves()
@@ -453,6 +456,7 @@ class Daemon:
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
             await self._route(netmap)
             await self._sync_serve()
+            await self.flowlog.on_map(netmap)
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -806,6 +810,7 @@ class Daemon:
             "tunnel": tunnel,
             "health": health,
             "tailnet_lock": self._tka_status(health),
+            "flow_logs": self.flowlog.on,
         }
 
     def _tka_status(self, health: list[str]) -> dict[str, Any]:
