@@ -47,32 +47,57 @@ def flow_key(packet: bytes) -> tuple[int, bytes, bytes, int, int] | None:
     return (proto, src, dst, 0, 0)
 
 
+def _fast_key(packet: bytes, peer: bytes) -> tuple | None:
+    """The counting key, cheap on the packet path: raw header bytes, decoded at `build_window`.
+    (peer, proto, src+dst, sport+dport bytes); IPv4 without options is the fast path."""
+    b0 = packet[0] if packet else 0
+    if b0 == 0x45 and len(packet) >= 24:
+        proto = packet[9]
+        if proto in _PORT_PROTOS and not (packet[6] & 0x1F or packet[7]):
+            return (peer, proto, packet[12:20], packet[20:24])
+        return (peer, proto, packet[12:20], b"")
+    k = flow_key(packet)
+    if k is None:
+        return None
+    proto, src, dst, sport, dport = k
+    ports = bytes([sport >> 8, sport & 255, dport >> 8, dport & 255]) if (sport or dport) else b""
+    return (peer, proto, src + dst, ports)
+
+
+def decode_key(key: tuple) -> tuple[int, bytes, bytes, int, int, bytes]:
+    """(proto, src, dst, sport, dport, peer) of a counting key."""
+    peer, proto, addrs, ports = key
+    half = len(addrs) // 2
+    sport = (ports[0] << 8) | ports[1] if ports else 0
+    dport = (ports[2] << 8) | ports[3] if ports else 0
+    return proto, addrs[:half], addrs[half:], sport, dport, peer
+
+
 class FlowCounter:
     """Per-connection counters, written by the data-plane hooks."""
 
     def __init__(self) -> None:
-        # key (proto, src, dst, sport, dport, peer) -> [packets, bytes]
+        # key (see _fast_key) -> [packets, bytes]
         self.tx: dict[tuple, list[int]] = {}
         self.rx: dict[tuple, list[int]] = {}
         self.dropped: dict[tuple, list[Any]] = {}   # key -> [packets, bytes, reason]
         self._pending: tuple[dict, dict, dict] | None = None
 
     def outbound(self, packet: bytes, peer: bytes) -> None:
-        k = flow_key(packet)
-        if k is None:
+        key = _fast_key(packet, peer)
+        if key is None:
             return
-        c = self.tx.get(k + (peer,))
+        c = self.tx.get(key)
         if c is None:
-            self.tx[k + (peer,)] = [1, len(packet)]
+            self.tx[key] = [1, len(packet)]
         else:
             c[0] += 1
             c[1] += len(packet)
 
     def inbound(self, packet: bytes, peer: bytes, accepted: bool, reason: str = "") -> None:
-        k = flow_key(packet)
-        if k is None:
-            k = (0, b"", b"", 0, 0)
-        key = k + (peer,)
+        key = _fast_key(packet, peer)
+        if key is None:
+            key = (peer, 0, b"", b"")
         if accepted:
             c = self.rx.get(key)
             if c is None:
@@ -162,7 +187,7 @@ def build_window(start: float, end: float, counts: tuple[dict, dict, dict],
     out: dict[tuple, dict[str, Any]] = {}
 
     def rec(key: tuple, direction: str) -> dict[str, Any]:
-        proto, src, dst, sport, dport, peer = key
+        proto, src, dst, sport, dport, peer = decode_key(key)
         r = out.get((key, direction == "drop"))
         if r is None:
             info = peers.get(peer)
