@@ -201,6 +201,7 @@ class NetMap:
     packet_filter: tuple[Mapping[str, Any], ...] = ()
     derp: Mapping[str, Any] = field(default_factory=dict)  # relay map placeholder; empty until relays exist
     derp_map: RelayMap | None = None       # relay regions and servers (meshnode.derp.derpmap), if any
+    tailnet_ca: str = ""  # PEM of the tailnet CA (control/ca.py); "" from servers without one
     tka_head: str | None = None            # the control server's Tailnet Lock head; None: lock off
     flow_logs: bool = False                # the admin turned connection logs on (`settings flow-logs`)
 
@@ -220,6 +221,7 @@ class NetMap:
                 "packet_filter": [dict(r) for r in self.packet_filter],
                 "derp": dict(self.derp),
                 **({"derp_map": self.derp_map.to_json()} if self.derp_map is not None else {}),
+                **({"tailnet_ca": self.tailnet_ca} if self.tailnet_ca else {}),
                 **({"tka_head": self.tka_head} if self.tka_head is not None else {}),
                 **({"flow_logs": True} if self.flow_logs else {})}
 
@@ -251,8 +253,16 @@ class NetMap:
         return NetMap(version, domain, MapNode.from_json(self_obj, domain), peers,
                       DnsConfig.from_json(obj.get("dns") or {}, domain),
                       tuple(MappingProxyType(r) for r in pf),
-                      MappingProxyType(dict(obj.get("derp") or {})), derp_map,
+                      MappingProxyType(dict(obj.get("derp") or {})), derp_map, _ca_text(obj.get("tailnet_ca")),
                       str(obj["tka_head"]) if obj.get("tka_head") else None, bool(obj.get("flow_logs")))
+
+
+def _ca_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or (value and "-----BEGIN CERTIFICATE-----" not in value):
+        raise NetMapError("tailnet_ca: expected a PEM certificate")
+    return value
 
 
 @contextmanager

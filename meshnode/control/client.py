@@ -107,6 +107,7 @@ class MapAssembler:
         self._dns = DnsConfig()
         self._filter: tuple[Mapping[str, Any], ...] = ()
         self._derp: Mapping[str, Any] = MappingProxyType({})
+        self._ca = ""
         self._derp_map: RelayMap | None = None
         self._tka_head: str | None = None
         self._flow_logs = False
@@ -121,6 +122,7 @@ class MapAssembler:
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
+            self._ca = nm.tailnet_ca
             self._tka_head, self._flow_logs = nm.tka_head, nm.flow_logs
             return nm
         if kind != "delta":
@@ -141,6 +143,8 @@ class MapAssembler:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
         if "packet_filter" in msg:
             self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
+        if "tailnet_ca" in msg:
+            self._ca = str(msg["tailnet_ca"] or "")
         if "derp_map" in msg:
             try:
                 self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
@@ -152,7 +156,8 @@ class MapAssembler:
             self._flow_logs = bool(msg["flow_logs"])
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
         return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
-                      self._derp_map, self._tka_head, self._flow_logs)
+                      self._derp_map, tailnet_ca=self._ca, tka_head=self._tka_head,
+                      flow_logs=self._flow_logs)
 
 
 class ControlClient:
@@ -331,6 +336,15 @@ class ControlClient:
     async def upload_flows(self, body: dict[str, Any]) -> dict[str, Any]:
         """Connection-log windows (`/machine/flows`, meshnode/control/flows.py); answers {ack}."""
         return await self._post("/machine/flows", dict(body, node_key=self.node_key_public))
+
+    async def request_cert(self, csr_pem: str) -> tuple[str, str]:
+        """Ask for a certificate for this node's names (control/ca.py): the CSR proves we hold the
+        key, the server decides the names. Returns (certificate PEM, CA certificate PEM)."""
+        answer = await self._post("/machine/cert", {"node_key": self.node_key_public, "csr": csr_pem})
+        cert, ca = answer.get("cert"), answer.get("ca")
+        if not isinstance(cert, str) or not isinstance(ca, str):
+            raise ControlError(ErrorCode.INTERNAL, "answer from server: no certificate in it")
+        return cert, ca
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""

@@ -78,6 +78,7 @@ class Snapshot:
     history: tuple[tuple[int, frozenset[int], frozenset[int]], ...] = ()
     reach: "ReachSets" = field(default_factory=lambda: ReachSets())
     derp_map_text: str = "null"             # the relay map (JSON of meshnode.derp.derpmap.RelayMap), or null
+    ca_pem: str = ""  # the tailnet CA's certificate (ca.py), in every map so nodes can verify each other
     tka_head: str | None = None             # Tailnet Lock head of the tailnet (None: the lock is off)
     flow_logs: bool = False                 # connection logs on (`control settings flow-logs on`)
 
@@ -90,8 +91,9 @@ class Snapshot:
 def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: Iterable[Node],
                    online: Mapping[int, int], now: float, policy_text: str | None, policy: Policy | None,
                    dns: DnsSettings, records: Iterable[Record], derp_map_text: str = "null",
-                   tka_head: str | None = None, signatures: Mapping[str, str] | None = None,
-                   flow_logs: bool = False) -> tuple[Snapshot, bool]:
+                   ca_pem: str = "", tka_head: str | None = None,
+                   signatures: Mapping[str, str] | None = None, flow_logs: bool = False
+                   ) -> tuple[Snapshot, bool]:
     """The next snapshot and whether it differs from `prev` (if not, keep serving `prev`'s version)."""
     rows: dict[int, Node] = {}
     mnodes: dict[int, MapNode] = {}
@@ -138,10 +140,10 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
     history = ((prev.history[-(HISTORY - 1):] if prev else ()) + ((seq, changed_f, removed),))
     reach = prev.reach if prev is not None and compiled is prev.compiled else ReachSets()
     snap = Snapshot(seq, version, domain, rows, mnodes, texts, infos_t, policy_text, policy, compiled,
-                    dns_text, changed_f, removed, history, reach, derp_map_text, tka_head, flow_logs)
+                    dns_text, changed_f, removed, history, reach, derp_map_text, ca_pem, tka_head, flow_logs)
     differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
-               or domain != prev.domain or derp_map_text != prev.derp_map_text or tka_head != prev.tka_head
-               or flow_logs != prev.flow_logs)
+               or domain != prev.domain or derp_map_text != prev.derp_map_text or ca_pem != prev.ca_pem
+               or tka_head != prev.tka_head or flow_logs != prev.flow_logs)
     return snap, differs
 
 
@@ -196,6 +198,7 @@ class StreamState:
     dns_text: str | None = None
     domain: str | None = None
     derp_map_text: str = "null"
+    ca_pem: str = ""
     tka_head: str | None = None
     flow_logs: bool = False
 
@@ -231,8 +234,8 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             '{"type":"full","netmap":{"version":', str(snap.version), ',"domain":', _dumps(snap.domain),
             ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(reach) if p != nid]),
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{},"derp_map":',
-            snap.derp_map_text, ',"tka_head":', _dumps(snap.tka_head),
-            ',"flow_logs":', _dumps(snap.flow_logs), '}}'])
+            snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "",
+            ',"tka_head":', _dumps(snap.tka_head), ',"flow_logs":', _dumps(snap.flow_logs), '}}'])
     else:
         since: set[int] = set()
         for seq, changed_ids, _removed in snap.history:
@@ -261,6 +264,8 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             parts += [',"packet_filter":', filter_text]
         if snap.derp_map_text != state.derp_map_text:
             parts += [',"derp_map":', snap.derp_map_text]
+        if snap.ca_pem != state.ca_pem:
+            parts += [',"tailnet_ca":', _dumps(snap.ca_pem)]
         if snap.tka_head != state.tka_head:
             parts += [',"tka_head":', _dumps(snap.tka_head)]
         if snap.flow_logs != state.flow_logs:
@@ -268,5 +273,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
         frame = "".join(parts) + "}" if len(parts) > 2 else None
     state.seq, state.compiled, state.reach, state.filter_text = snap.seq, snap.compiled, reach, filter_text
     state.self_text, state.dns_text, state.domain = texts[nid], snap.dns_text, snap.domain
-    state.derp_map_text, state.tka_head, state.flow_logs = snap.derp_map_text, snap.tka_head, snap.flow_logs
+    state.derp_map_text = snap.derp_map_text
+    state.ca_pem = snap.ca_pem
+    state.tka_head, state.flow_logs = snap.tka_head, snap.flow_logs
     return frame
