@@ -163,21 +163,27 @@ def _ip(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw)) if len(raw) in (4, 16) else ""
 
 
-def kind_of(remote: str, peer: PeerInfo | None) -> str:
-    """tunnel (a tailnet address), subnet (in one of the peer's approved routes) or exit."""
-    if not remote:
+def _tailnet(ip: Any) -> bool:
+    return ip in (TAILNET_V4 if ip.version == 4 else TAILNET_V6)
+
+
+def kind_of(src: str, dst: str, peer: PeerInfo | None, own: PeerInfo | None = None) -> str:
+    """tunnel (both ends tailnet addresses), subnet (the other end is in an approved route of the
+    peer, or of this node when it is the router) or exit (anything else: through an exit node)."""
+    others = [ipaddress.ip_address(a) for a in (src, dst) if a]
+    others = [ip for ip in others if not _tailnet(ip)]
+    if not others:
         return "tunnel"
-    ip = ipaddress.ip_address(remote)
-    if ip in (TAILNET_V4 if ip.version == 4 else TAILNET_V6):
-        return "tunnel"
-    if peer is not None:
-        for r in peer.approved_routes:
+    ip = others[0]
+    for info in (peer, own):
+        for r in (info.approved_routes if info is not None else ()):
             net = ipaddress.ip_network(r, strict=False)
-            if net.version == ip.version and ip in net:
+            if net.version == ip.version and ip in net and net.prefixlen > 0:
                 return "subnet"
-        if peer.exit_node:
-            return "exit"
-    return "subnet"
+    return "exit"
+
+
+OWN = b""   # the key under which `peers` holds this node's own routes (for a subnet router's records)
 
 
 def build_window(start: float, end: float, counts: tuple[dict, dict, dict],
@@ -192,9 +198,8 @@ def build_window(start: float, end: float, counts: tuple[dict, dict, dict],
         if r is None:
             info = peers.get(peer)
             s, d = _ip(src), _ip(dst)
-            remote = d if direction == "tx" else s
             r = {"start": start, "end": end, "proto": proto, "src": s, "dst": d, "sport": sport,
-                 "dport": dport, "peer": info.name if info else "", "kind": kind_of(remote, info),
+                 "dport": dport, "peer": info.name if info else "", "kind": kind_of(s, d, info, peers.get(OWN)),
                  "tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0}
             out[(key, direction == "drop")] = r
         return r
@@ -272,6 +277,8 @@ class FlowLogger:
         import base64
 
         self.peers = peer_table(netmap.peers, lambda p: base64.b64decode(p.node_key))
+        me = netmap.self_node
+        self.peers[OWN] = PeerInfo(me.name, tuple(me.approved_routes), bool(me.exit_node))
         want = bool(netmap.flow_logs) and self.tunnel is not None
         if want == self.on:
             return

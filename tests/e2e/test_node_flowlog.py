@@ -7,6 +7,8 @@
     node1 -> node2:8001 (blocked by the policy)                   node2 logs it as dropped (not_allowed)
     the control server is killed, traffic flows, it restarts      the windows buffered meanwhile
                                                                   arrive; nothing is counted twice
+and, on another LAN, a subnet router that is also an exit node: records of `subnet` and `exit` kind
+on both the client and the router.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.e2e.test_node_tunnel import MESHNODE, Lan, run, sh
+from tests.e2e.test_node_tunnel import MESHNODE, WHO_SERVER, Lan, ask, run, sh
 from tests.support import needs_root, wait_until
 
 pytestmark = [pytest.mark.slow, needs_root]
@@ -166,3 +168,73 @@ def test_flows_match_interface_counters_and_survive_a_control_restart(lan: Lan) 
     wait_until(lambda: sums("node1")[0] >= want_tx * 0.99, timeout=30, what="buffered windows uploaded")
     got = sums("node1")
     assert abs(got[0] - want_tx) <= 0.01 * want_tx and abs(got[1] - want_rx) <= 0.01 * want_rx
+
+
+def test_subnet_route_and_exit_node_flows_are_logged_with_their_kind(tmp_path: Path) -> None:
+    """node2 routes 10.77.0.0/24 (a namespace with no node) and is node1's exit node toward
+    198.18.0.10 (another namespace); node1's and node2's records say subnet and exit."""
+    from tests.e2e.test_node_routing import add_netns, link
+
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs /dev/net/tun")
+    lan = Lan(tmp_path, 2)
+    try:
+        lan.build()
+        db = lan.root / "control.db"
+        corp, inet = add_netns(lan, "corp"), add_netns(lan, "inet")
+        link(lan.nodes[1], "10.77.0.1/24", corp, ("10.77.0.10/24",))
+        link(lan.nodes[1], "198.18.0.1/24", inet, ("198.18.0.10/24",))
+        lan.popen(corp, sys.executable, "-c", WHO_SERVER, "corp", log=lan.root / "corp.log")
+        lan.popen(inet, sys.executable, "-c", WHO_SERVER, "inet", log=lan.root / "inet.log")
+        lan.popen(lan.ctl, *MESHNODE, "control", "serve", "--listen", "10.78.0.1:8080", "--db", str(db),
+                  log=lan.root / "control.log")
+        socks = []
+        for i, ns in enumerate(lan.nodes, 1):
+            d = lan.root / f"node{i}"
+            d.mkdir()
+            socks.append(d / "mn.sock")
+            lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket", str(d / "mn.sock"),
+                      "--tun", "mn0", "--resolv-conf", f"/etc/netns/{ns}/resolv.conf", "-v", log=d / "daemon.log")
+
+        def cli(i: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+            return run("ip", "netns", "exec", lan.nodes[i - 1], *MESHNODE, "--socket", str(socks[i - 1]),
+                       *args, check=check, timeout=60)
+
+        for i in (1, 2):
+            wait_until(lambda i=i: cli(i, "status", "--json", check=False).returncode == 0, timeout=20,
+                       what=f"node{i}'s daemon")
+        wait_until(lambda: sh(lan.nodes[0], sys.executable, "-c", "import socket; socket.create_connection("
+                              "('10.78.0.1', 8080), 1).close()").returncode == 0, timeout=20, what="control")
+        key = run(*MESHNODE, "control", "authkey", "create", "--reusable", "--db", str(db)).stdout.strip()
+        login = ("--login-server", "http://10.78.0.1:8080", "--authkey", key)
+        cli(2, "up", *login, "--hostname", "node2", "--advertise-routes", "10.77.0.0/24",
+            "--advertise-exit-node", "true")
+        cli(1, "up", *login, "--hostname", "node1", "--accept-routes", "true")
+        run(*MESHNODE, "control", "routes", "approve", "node2", "10.77.0.0/24,0.0.0.0/0,::/0", "--db", str(db))
+        wait_until(lambda: any(p["name"] == "node2" and p["exit_node"]
+                               for p in json.loads(cli(1, "status", "--json").stdout)["peers"]),
+                   timeout=10, what="node2 approved")
+        cli(1, "set", "--exit-node", "node2")
+        run(*MESHNODE, "control", "settings", "flow-logs", "on", "--db", str(db))
+        wait_until(lambda: all(json.loads(cli(i, "status", "--json").stdout)["flow_logs"] for i in (1, 2)),
+                   timeout=10, what="flow logs on")
+        wait_until(lambda: ask(lan.nodes[0], "10.77.0.10") == "corp 10.77.0.1", timeout=15, what="subnet")
+        wait_until(lambda: ask(lan.nodes[0], "198.18.0.10") == "inet 198.18.0.1", timeout=15, what="exit")
+
+        def kinds(node: str) -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for f in json.loads(run(*MESHNODE, "control", "flows", "ls", "--json", "--node", node, "--db",
+                                    str(db)).stdout):
+                for addr in (f["src"], f["dst"]):
+                    if addr in ("10.77.0.10", "198.18.0.10"):
+                        out.setdefault(addr, set()).add(f["kind"])
+            return out
+
+        want = {"10.77.0.10": {"subnet"}, "198.18.0.10": {"exit"}}
+        wait_until(lambda: kinds("node1") == want, timeout=20, what="node1's subnet and exit records")
+        wait_until(lambda: kinds("node2") == want, timeout=20, what="node2's subnet and exit records")
+        recs = json.loads(run(*MESHNODE, "control", "flows", "ls", "--json", "--node", "node1", "--peer", "node2",
+                              "--db", str(db)).stdout)
+        assert any(f["dst"] == "198.18.0.10" and f["dport"] == 8000 and f["tx_packets"] > 0 for f in recs)
+    finally:
+        lan.destroy()

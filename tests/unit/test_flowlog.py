@@ -41,11 +41,19 @@ def test_flow_key_and_counts_per_direction() -> None:
 def test_kinds_subnet_and_exit() -> None:
     c = FlowCounter()
     c.outbound(ipv4("100.64.0.1", "192.168.5.9", 17, 5000, 53), PEER)
-    c.outbound(ipv4("100.64.0.1", "93.184.216.34", 6, 5001, 443), PEER)
+    c.outbound(ipv4("100.64.0.1", "198.18.0.10", 6, 5001, 443), PEER)
+    c.outbound(ipv4("100.64.0.1", "100.64.0.7", 6, 5001, 443), PEER)
     c.harvest()
-    recs = build_window(0, 5, c.harvest(), {PEER: PeerInfo("gw", ("192.168.5.0/24",), exit_node=True)})
-    kinds = {r["dst"]: r["kind"] for r in recs}
-    assert kinds == {"192.168.5.9": "subnet", "93.184.216.34": "exit"}
+    gw = PeerInfo("gw", ("192.168.5.0/24", "0.0.0.0/0", "::/0"), exit_node=True)
+    recs = build_window(0, 5, c.harvest(), {PEER: gw})
+    assert {r["dst"]: r["kind"] for r in recs} == {"192.168.5.9": "subnet", "198.18.0.10": "exit",
+                                                   "100.64.0.7": "tunnel"}
+    # On the router: packets from a client to the routed network are subnet traffic by its own routes.
+    c.inbound(ipv4("100.64.0.1", "192.168.5.9", 17, 5000, 53), PEER, True)
+    c.inbound(ipv4("100.64.0.1", "198.18.0.10", 17, 5000, 53), PEER, True)
+    c.harvest()
+    recs = build_window(0, 5, c.harvest(), {PEER: PeerInfo("client"), b"": gw})
+    assert {r["dst"]: r["kind"] for r in recs} == {"192.168.5.9": "subnet", "198.18.0.10": "exit"}
 
 
 def test_dropped_packets_carry_the_filter_reason() -> None:
