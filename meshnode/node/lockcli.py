@@ -81,11 +81,13 @@ def run_in_daemon(state_dir: Path, command: str, params: dict[str, Any], extra: 
     bad = set(params) - names
     if bad:
         return "", f"unknown parameters {sorted(bad)} for lock {command}"
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
     buf = io.StringIO()
     obj = dict(extra, lock_state_dir=state_dir, out=buf, in_daemon=True)
     try:
         with click.Context(lock, obj=obj, info_name="lock") as root:
+            # Values from the socket are checked and converted as click does for the command line.
+            kwargs = {p.name: p.type_cast_value(root, params[p.name]) for p in cmd.params
+                      if p.name in params and params[p.name] is not None}
             root.invoke(cmd, **kwargs)
     except click.ClickException as exc:
         return buf.getvalue(), exc.format_message()
