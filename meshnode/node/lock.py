@@ -85,7 +85,20 @@ class LockService:
         try:
             return self._filter(netmap)
         except (TKAError, OSError):
+            pass
+        # The lock files cannot be read. If a chain was there, fail closed: no peer is known to be
+        # signed (the health line says how to recover); with no chain, the lock was never on here.
+        aums = self.dir.path / "aums"
+        try:
+            had_chain = aums.is_dir() and any(aums.iterdir())
+        except OSError:
+            had_chain = True
+        if not had_chain:
             return netmap
+        self.locked_out = tuple((p, "lock state unreadable") for p in netmap.peers)
+        self.error = (f"{self.error}; no peer is admitted until it is fixed (move {self.dir.path} away to "
+                      "start over: the next map bootstraps the chain again)")
+        return dataclasses.replace(netmap, peers=())
 
     def _filter(self, netmap: NetMap) -> NetMap:
         result = self.node().filter_peers(netmap.peers, node_key=lambda p: p.node_key,
