@@ -113,6 +113,8 @@ class MapAssembler:
         self._derp: Mapping[str, Any] = MappingProxyType({})
         self._ca = ""
         self._derp_map: RelayMap | None = None
+        self._tka_head: str | None = None
+        self._flow_logs = False
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
@@ -125,6 +127,7 @@ class MapAssembler:
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
             self._ca = nm.tailnet_ca
+            self._tka_head, self._flow_logs = nm.tka_head, nm.flow_logs
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -151,9 +154,14 @@ class MapAssembler:
                 self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
             except RelayMapError as exc:
                 raise NetMapError(str(exc)) from None
+        if "tka_head" in msg:
+            self._tka_head = str(msg["tka_head"]) if msg["tka_head"] else None
+        if "flow_logs" in msg:
+            self._flow_logs = bool(msg["flow_logs"])
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
         return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
-                      self._derp_map, tailnet_ca=self._ca)
+                      self._derp_map, tailnet_ca=self._ca, tka_head=self._tka_head,
+                      flow_logs=self._flow_logs)
 
 
 class ControlClient:
@@ -261,6 +269,21 @@ class ControlClient:
         """
         await self._chan()
         assert self.server_public_key is not None
+        key_signature = None
+        if authkey and "--TL" in authkey:
+            # A pre-signed auth key (`meshnode lock sign AUTHKEY`): sign our node key with its
+            # credential, as tailscaled does, and send the plain key (meshnode/tka/nodesig.py).
+            from ..tka.errors import TKAError
+            from ..tka.nodesig import sign_by_credential, unwrap_authkey
+
+            try:
+                wrapped = unwrap_authkey(authkey)
+                assert wrapped is not None
+                key_signature = base64.b64encode(sign_by_credential(
+                    wrapped, base64.b64decode(self.node_key_public)).serialize()).decode()
+            except TKAError as exc:
+                raise ControlError(ErrorCode.BAD_REQUEST, f"the pre-signed auth key is not valid: {exc}") from None
+            authkey = wrapped.authkey
         ts = time.time()
         payload = {
             "authkey": authkey, "hostname": hostname or socket.gethostname(),
@@ -275,6 +298,8 @@ class ControlClient:
         }
         if disco_key:
             payload["disco_key"] = disco_key
+        if key_signature:
+            payload["key_signature"] = key_signature
         if interactive:
             payload["interactive"] = True
         body = await self._post("/machine/register", payload)
@@ -320,6 +345,15 @@ class ControlClient:
         if disco_key:
             body["disco_key"] = disco_key
         await self._post("/machine/endpoints", body)
+
+    async def tka(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One Tailnet Lock request (`/machine/tka/VERB`: init, bootstrap, sync/offer, sync/send, sign,
+        disable), sealed like every node request; see meshnode/control/lock.py."""
+        return await self._post(f"/machine/tka/{verb}", dict(body, node_key=self.node_key_public))
+
+    async def upload_flows(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Connection-log windows (`/machine/flows`, meshnode/control/flows.py); answers {ack}."""
+        return await self._post("/machine/flows", dict(body, node_key=self.node_key_public))
 
     async def request_cert(self, csr_pem: str) -> tuple[str, str]:
         """Ask for a certificate for this node's names (control/ca.py): the CSR proves we hold the

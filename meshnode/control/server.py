@@ -187,6 +187,11 @@ class ControlServer:
         if relay is not None:
             relay.admit = self.relay_keys
             relay.attach(self.app)
+        from .lock import ControlLock  # Tailnet Lock: the chain, signatures and /machine/tka/* endpoints
+        self.tka = ControlLock(self)
+        self.tka.attach(self.app)
+        from .flows import ControlFlows  # connection logs: POST /machine/flows
+        ControlFlows(self).attach(self.app)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
@@ -301,7 +306,9 @@ class ControlServer:
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
                                        dns=self.store.dns_settings(), records=records,
                                        derp_map_text=self._relay_map_text(policy),
-                                       ca_pem=self._current_ca().cert_pem)
+                                       ca_pem=self._current_ca().cert_pem,
+                                       tka_head=self.tka.head, signatures=self.tka.signatures(),
+                                       flow_logs=self.store.flow_logs_enabled())
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:
@@ -439,6 +446,7 @@ class ControlServer:
         authkey = p.get("authkey")
         if authkey is not None and not isinstance(authkey, str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "authkey must be a string")
+        authkey, key_signature = self.tka.registration(authkey, node_key, p)  # Tailnet Lock (lock.py)
         reg = Registration(
             machine_key=machine_key, node_key=node_key, hostname=_str(p, "hostname", 256),
             os=_str(p, "os", 64, required=False), authkey=authkey or None,
@@ -466,6 +474,8 @@ class ControlServer:
                 self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
+        if key_signature is not None:
+            self.tka.store_registration_signature(node, node_key, key_signature)
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()
         return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})
