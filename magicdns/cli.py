@@ -21,7 +21,8 @@ import click
 from .forward import ForwardingLoopError, reject_self
 from .names import NameError_, normalize_domain
 from .records import Record, RecordError, parse_record
-from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, StoreError
+from .store import (CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, RRsetTooLarge, ShadowsNode,
+                    StoreError)
 from .sysresolv import read_original_resolvers
 from .upstream import Upstream, UpstreamError, parse_upstream
 from .view import DEFAULT_DOMAIN, DnsSettings, DnsView, ViewError
@@ -83,10 +84,17 @@ def main() -> None:
 @click.option("--udp-batch/--no-udp-batch", default=True, show_default=True,
               help="Move UDP datagrams in batches (recvmmsg/sendmmsg) where the platform allows.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--dot", "dots", multiple=True, help="HOST[:PORT] to serve DNS over TLS on (default port 853); repeat for more.")
+@click.option("--doh", "dohs", multiple=True,
+              help="HOST[:PORT] to serve DNS over HTTPS (/dns-query, HTTP/2 and 1.1) on (default port 443).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (chain) for --dot/--doh; re-read on change.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
           max_tcp_connections: int, max_forward_qps: int, control_socket: str,
-          metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str) -> None:
+          metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str,
+          dots: tuple[str, ...] = (), dohs: tuple[str, ...] = (), tls_cert: str | None = None,
+          tls_key: str | None = None) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,15 +120,18 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     fallback = read_original_resolvers(resolv_conf, own_addresses=own) if not ups else ()
     try:
         store = RecordStore(db_path, dom or DEFAULT_DOMAIN) if db_path else None
+        if store is not None:  # so `records add` knows this view's node names without --view
+            store.set_served_view(os.path.abspath(view_path) if view_path else None)
         source = ViewSource(view_path, store, dom)
         view = _with_overrides(source.load(), ups, route_map)
     except (ViewError, StoreError) as exc:
         fail_usage(str(exc))
     metrics_addr = parse_hostport(metrics, 9153) if metrics else None
+    encrypted = _encrypted_config(dots, dohs, tls_cert, tls_key)
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
                           max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
-                          max_forward_qps=max_forward_qps)
+                          max_forward_qps=max_forward_qps, encrypted=encrypted)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):
@@ -129,6 +140,36 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
         _run(_serve(config, view, source, ups, route_map, control_socket, metrics_addr))
     except KeyboardInterrupt:
         pass
+
+
+def _encrypted_config(dots: tuple[str, ...], dohs: tuple[str, ...], cert: str | None, key: str | None):  # type: ignore[no-untyped-def]
+    """--dot/--doh/--tls-cert/--tls-key as an EncryptedConfig (usage errors exit 2)."""
+    from .encrypted import EncryptedConfig
+    if (dots or dohs) and not (cert and key):
+        fail_usage("--dot and --doh need --tls-cert and --tls-key")
+    if (cert or key) and not (dots or dohs):
+        fail_usage("--tls-cert/--tls-key are for --dot or --doh; give one of them")
+    return EncryptedConfig(dot=tuple(_listen_addr(d, 853) for d in dots),
+                           doh=tuple(_listen_addr(d, 443) for d in dohs), cert_file=cert, key_file=key)
+
+
+def _listen_addr(text: str, default_port: int) -> tuple[str, int]:
+    """HOST, HOST:PORT, [V6] or [V6]:PORT; port 0 picks a free port (shown by `magicdns status`)."""
+    host, port = text, str(default_port)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+        value = int(port)
+        if not 0 <= value <= 65535:
+            raise ValueError(port)
+    except ValueError:
+        fail_usage(f"{text!r}: expected an IP address with an optional :PORT")
+    return host, value
 
 
 def _fork_workers(count: int) -> bool:
@@ -217,14 +258,36 @@ async def _serve(config: Any, view: DnsView, source: Any, ups: tuple[Upstream, .
               help="Records store (the standalone resolver's, or the control server's database).")
 @click.option("--domain", default=os.environ.get("MAGICDNS_DOMAIN", DEFAULT_DOMAIN), show_default=True,
               help="Tailnet domain that relative names are completed with.")
+@click.option("--view", "view_path", default=os.environ.get("MAGICDNS_VIEW"), type=click.Path(dir_okay=False),
+              help="A network view whose node names are taken (default: the view of the server using --db).")
 @click.pass_context
-def records(ctx: click.Context, db_path: str, domain: str) -> None:
+def records(ctx: click.Context, db_path: str, domain: str, view_path: str | None) -> None:
     """Manage admin-defined records."""
     try:
         dom = normalize_domain(domain)
     except NameError_ as exc:
         fail_usage(f"--domain: {exc}")
-    ctx.obj = {"db": db_path, "domain": dom}
+    ctx.obj = {"db": db_path, "domain": dom, "view": view_path}
+
+
+def _view_node_names(ctx: click.Context, store: RecordStore) -> set[str]:
+    """Names of the nodes of the view given by --view, else of the view the server using this store
+    loads (the store knows a control database's nodes itself)."""
+    names: set[str] = set()
+    path = ctx.obj.get("view") or store.served_view()
+    if path:
+        from .view import load_view
+        try:
+            view = load_view(path)
+        except ViewError as exc:
+            if ctx.obj.get("view"):
+                fail_usage(f"--view: {exc}")
+            # the server's view moved or broke since it started: its names are unknown, say so
+            click.echo(f"magicdns: cannot read the served view to check node names: {exc}", err=True)
+            return names
+        names |= {f"{h.name}.{view.domain}" for h in view.hosts}
+    return names
+
 
 
 def _store(ctx: click.Context) -> RecordStore:
@@ -250,8 +313,8 @@ def records_add(ctx: click.Context, name: str, rtype: str, value: tuple[str, ...
         fail_usage(str(exc))
     store = _store(ctx)
     try:
-        store.add(rec)
-    except (DuplicateRecord, CnameConflict) as exc:
+        store.add(rec, _view_node_names(ctx, store))
+    except (DuplicateRecord, CnameConflict, RRsetTooLarge, ShadowsNode) as exc:
         fail_usage(str(exc))
     except StoreError as exc:
         fail(str(exc))
@@ -319,9 +382,12 @@ def read_records_file(text: str, domain: str, source: str) -> list[Record]:
                 raise RecordError(f"{source}: record {i + 1}: {exc}") from None
         return out
     for lineno, line in enumerate(text.splitlines(), 1):
-        body = line.split(";", 1)[0].strip() if '"' not in line else line.strip()
-        if not body or body.startswith(("#", ";")):
+        if line.lstrip().startswith("#"):
             continue
+        body, comment = split_comment(line)
+        if not body:
+            continue
+        override = comment.strip() == OVERRIDE_COMMENT[1:].strip()
         fields = body.split(None, 1)
         if len(fields) < 2:
             raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
@@ -337,10 +403,28 @@ def read_records_file(text: str, domain: str, source: str) -> list[Record]:
         if len(parts) < 2:
             raise RecordError(f"{source}:{lineno}: expected NAME [TTL] [IN] TYPE VALUE")
         try:
-            out.append(parse_record(name, parts[0], parts[1], ttl, domain))
+            out.append(parse_record(name, parts[0], parts[1], ttl, domain, override))
         except RecordError as exc:
             raise RecordError(f"{source}:{lineno}: {exc}") from None
     return out
+
+
+OVERRIDE_COMMENT = "; override"
+
+
+def split_comment(line: str) -> tuple[str, str]:
+    """A zone-file line split at its first `;` outside quotes and escapes: (body, comment)."""
+    quoted = escaped = False
+    for i, ch in enumerate(line):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            return line[:i].strip(), line[i + 1:]
+    return line.strip(), ""
 
 
 @records.command("import")
@@ -357,9 +441,10 @@ def records_import(ctx: click.Context, path: str, replace: bool) -> None:
         recs = read_records_file(text, ctx.obj["domain"], path)
     except RecordError as exc:
         fail_usage(str(exc))
+    store = _store(ctx)
     try:
-        added = _store(ctx).import_records(recs, replace=replace)
-    except CnameConflict as exc:
+        added = store.import_records(recs, replace=replace, node_names=_view_node_names(ctx, store))
+    except (CnameConflict, RRsetTooLarge, ShadowsNode) as exc:
         fail_usage(f"{path}: {exc}; nothing was imported")
     except StoreError as exc:
         fail(str(exc))
@@ -376,25 +461,41 @@ def records_export(ctx: click.Context, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([r.to_json() for r in recs], indent=2))
     else:
-        for r in recs:
-            click.echo(f"{r.name}. {r.ttl} IN {r.rtype} {r.value}")
+        for r in recs:  # the override flag has no zone-file field: a comment that import reads back
+            click.echo(f"{r.name}. {r.ttl} IN {r.rtype} {r.value}" + (f" {OVERRIDE_COMMENT}" if r.override else ""))
 
 
 # -- query and status ----------------------------------------------------------------------------
 
+def question_for(name: str, qtype: str | None, reverse: bool) -> tuple[str, str]:
+    """What to ask for NAME [TYPE]: an IP address (or -x) means its PTR name, as `dig -x` does;
+    otherwise the name as given, type A by default. Raises click.UsageError for -x without an IP."""
+    try:
+        addr = ipaddress.ip_address(name.strip().strip("[]"))
+    except ValueError:
+        if reverse:
+            raise click.UsageError(f"-x needs an IP address, not {name!r}") from None
+        return name, (qtype or "A")
+    return addr.reverse_pointer, (qtype or "PTR")
+
+
 @main.command()
 @click.argument("name")
-@click.argument("qtype", default="A", metavar="[TYPE]")
+@click.argument("qtype", required=False, metavar="[TYPE]")
+@click.option("-x", "reverse", is_flag=True, help="NAME is an IP address: ask for its PTR name.")
 @click.option("--server", default="127.0.0.1:53", show_default=True, help="HOST[:PORT] to ask.")
 @click.option("--tcp", is_flag=True, help="Ask over TCP.")
 @click.option("--timeout", default=3.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def query(name: str, qtype: str, server: str, tcp: bool, timeout: float, as_json: bool) -> None:
-    """Ask a resolver (this one by default) a question and print the answer."""
+def query(name: str, qtype: str | None, reverse: bool, server: str, tcp: bool, timeout: float,
+          as_json: bool) -> None:
+    """Ask a resolver (this one by default) a question and print the answer. An IP address (or -x IP)
+    asks for its PTR name."""
     from dnslib import EDNS0, QTYPE, DNSRecord
 
     from .server import reply_to_json
 
+    name, qtype = question_for(name, qtype, reverse)
     host, port = parse_hostport(server)
     try:
         getattr(QTYPE, qtype.upper())
@@ -473,6 +574,14 @@ def status(control_socket: str, as_json: bool) -> None:
     q = s["queries"]
     click.echo(f"queries     udp {q['udp']}  tcp {q['tcp']}  local {q['answered_fast'] + q['answered_slow']}  "
                f"forwarded {q['forwarded']}  cached {q['cache_answers']}  refused clients {q['refused_clients']}")
+    enc = s.get("encrypted")
+    if enc:
+        click.echo(f"encrypted   {', '.join(enc['listeners']) or '(not listening: ' + ', '.join(enc['wanted']) + ')'}")
+        cert = enc.get("certificate") or {}
+        if cert:
+            click.echo(f"  certificate {', '.join(cert['names'])}: {cert['state']}"
+                       + (f", expires in {cert['expires_in_s'] // 3600} h" if cert.get("expires_in_s") is not None else "")
+                       + (f"  error: {cert['error']}" if cert.get("error") else ""))
     c = fwd.get("cache", {})
     if c:
         click.echo(f"cache       {c['entries']} entries, {c['bytes']} bytes, hits {c['hits']}, misses {c['misses']}, "

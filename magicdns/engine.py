@@ -16,11 +16,13 @@ from typing import Union
 
 from dnslib import CLASS, QTYPE, RR, DNSError, DNSLabel, DNSQuestion, DNSRecord
 
-from .message import (MAX_UDP_PAYLOAD, Edns, Rcode, error_reply, header_only_reply, opt_record,
-                      parse_edns, truncate, udp_limit)
+from .message import (MAX_QNAME_END, MAX_UDP_PAYLOAD, Edns, MessageError, Rcode, check_options,
+                      error_reply, opt_record, scan_query, truncate, udp_limit)
 from .zone import ForwardRoute, LocalZone, Zone
 
-MAX_CNAME_CHAIN = 8
+# CNAMEs followed inside our zones before the answer stops: glibc and most stubs give up after 16
+# links of their own, so a shorter limit here breaks names they would resolve (nsd follows more).
+MAX_CNAME_CHAIN = 16
 _OPT_PLAIN = opt_record(False)
 _OPT_DO = opt_record(True)
 _ADDITIONAL_FOR = {QTYPE.SRV: lambda rd: rd.target, QTYPE.MX: lambda rd: rd.label,
@@ -36,6 +38,8 @@ class LocalAnswer:
     answer: tuple[RR, ...]
     authority: tuple[RR, ...] = ()
     additional: tuple[RR, ...] = ()
+    # The name outside our zones that the answer's CNAME chain ends at (None when it ends here).
+    external: str | None = None
 
 
 class Template:
@@ -66,6 +70,37 @@ class Forward:
         self.limit = limit  # the client's UDP size (or 65535 over TCP)
 
 
+class Chase(Forward):
+    """The engine's decision to follow a CNAME out of our zones for a client that asked for
+    recursion (RFC 1034 3.6.2, 4.3.1): forward `subquery` (target, qtype) on `route`, then
+    `chase.chase_reply` puts `prefix` (our part of the chain) in front of the upstream's answer.
+
+    A subclass of `Forward`, so every listener hands it to the server's forwarding path unchanged."""
+
+    __slots__ = ("prefix", "target", "qtype", "question", "edns", "subquery")
+
+    def __init__(self, route: ForwardRoute, limit: int, prefix: tuple[RR, ...], target: str, qtype: int,
+                 question: bytes, edns: Edns | None, subquery: bytes) -> None:
+        super().__init__(route, limit)
+        self.prefix = prefix
+        self.target = target
+        self.qtype = qtype
+        self.question = question  # the client's question section (wire), in the client's case
+        self.edns = edns
+        self.subquery = subquery
+
+
+@dataclass(frozen=True, slots=True)
+class _ChasePlan:
+    """What every recursive query for one question chases, worked out once per snapshot."""
+
+    route: ForwardRoute
+    prefix: tuple[RR, ...]
+    target: str
+    target_wire: bytes
+    qtype: int
+
+
 Result = Union[bytes, Forward, None]
 
 
@@ -78,6 +113,7 @@ class Engine:
         # Two generations approximate LRU without bookkeeping on the hot path.
         self._memo: dict[bytes, Template] = {}
         self._old: dict[bytes, Template] = {}
+        self._chases: dict[bytes, _ChasePlan] = {}  # questions whose chain leaves our zones
         self._soa_tails: dict[str, bytes] = {}
         self.fast_hits = 0
         self.slow = 0
@@ -101,7 +137,7 @@ class Engine:
         except IndexError:
             return self._slow(data, tcp)
         qend = i + 5
-        if qend > n:
+        if qend > n or i > MAX_QNAME_END:  # a name over 255 octets is FORMERR, never forwarded
             return self._slow(data, tcp)
         if data[11] == 0:
             if qend != n:
@@ -114,6 +150,11 @@ class Engine:
             if n < qend + 11 or data[qend:qend + 3] != b"\x00\x00\x29" or data[qend + 6] != 0 or \
                     qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) != n:
                 return self._slow(data, tcp)
+            if data[qend + 9] or data[qend + 10]:  # options (a cookie from dig): lengths must hold
+                try:
+                    check_options(data, qend + 11, n)
+                except MessageError:
+                    return self._slow(data, tcp)
             edns = True
             do = data[qend + 7] & 0x80
             limit = data[qend + 3] << 8 | data[qend + 4]
@@ -148,6 +189,12 @@ class Engine:
         """A plain query not in the memo: decide from the wire labels, without dnslib, the two cases
         that must stay cheap for names never seen before: forwarding, and names that do not exist in
         a local zone (random names, search-list expansions). Everything else builds a template."""
+        plan = self._chases.get(key)
+        if plan is not None:
+            if not data[2] & 1:  # RD clear: the authoritative bare chain, from the slow path
+                return self._slow(data, tcp)
+            self.fast_hits += 1
+            return _chase_of(plan, data, i + 5, limit, Edns(limit, 0, bool(do)) if edns else None)
         qtype = data[i + 1] << 8 | data[i + 2]
         if data[i + 3:i + 5] != b"\x00\x01" or qtype in _REFUSED_TYPES or qtype == QTYPE.OPT:
             return self._slow(data, tcp)
@@ -197,38 +244,56 @@ class Engine:
         if len(data) < 12 or data[2] & 0x80:
             return None  # unreadable, or a response: answering could start a loop
         try:
+            shape = scan_query(data)
+        except MessageError as exc:
+            return error_reply(data, Rcode.FORMERR, None, qend=exc.qend)
+        edns = shape.edns
+        opcode = (data[2] >> 3) & 0xF
+        if opcode != 0:
+            return error_reply(data, Rcode.NOTIMP, edns, qend=shape.qend)
+        if shape.tsig is not None:
+            # RFC 8945 5.2.1: we hold no keys, so every key is unknown to us.
+            return error_reply(data, Rcode.NOTAUTH, edns, qend=shape.qend, tsig=shape.tsig)
+        if shape.qdcount != 1:
+            return error_reply(data, Rcode.FORMERR, edns, qend=shape.qend)
+        if edns is not None and edns.version > 0:
+            return error_reply(data, Rcode.BADVERS, Edns(edns.udp_size, 0, edns.do), qend=shape.qend)
+        if shape.qtype in _REFUSED_TYPES:
+            # Checked before the sections: a well-formed IXFR carries the client's SOA in authority.
+            return error_reply(data, Rcode.REFUSED, edns, qend=shape.qend)
+        if shape.records:
+            return error_reply(data, Rcode.FORMERR, edns, qend=shape.qend)
+        if shape.qclass != CLASS.IN:
+            return error_reply(data, Rcode.REFUSED, edns, qend=shape.qend)
+        if shape.qtype == QTYPE.OPT:
+            return error_reply(data, Rcode.FORMERR, edns, qend=shape.qend)
+        try:
             query = DNSRecord.parse(data)
         except (DNSError, ValueError, IndexError, UnicodeError, KeyError, TypeError):
-            return header_only_reply(data, Rcode.FORMERR)
-        opcode = (data[2] >> 3) & 0xF
-        try:
-            edns = parse_edns(query)
-        except ValueError:
-            return error_reply(query, Rcode.FORMERR, None)
-        if opcode != 0:
-            return error_reply(query, Rcode.NOTIMP, edns)
-        if len(query.questions) != 1 or query.rr or query.auth:
-            return error_reply(query, Rcode.FORMERR, edns)
-        if edns is not None and edns.version > 0:
-            return error_reply(query, Rcode.BADVERS, Edns(edns.udp_size, 0, edns.do))
+            return error_reply(data, Rcode.FORMERR, edns, qend=shape.qend)
         q = query.q
         limit = 65535 if tcp else udp_limit(edns)
-        if q.qclass != CLASS.IN:
-            return error_reply(query, Rcode.REFUSED, edns)
-        if q.qtype in _REFUSED_TYPES or q.qtype == QTYPE.OPT:
-            return error_reply(query, Rcode.REFUSED if q.qtype != QTYPE.OPT else Rcode.FORMERR, edns)
-        qname = _name_text(q.qname)
+        qname = name_text(q.qname)
         target, _ = self.zone.route_for(qname)
-        key = _question_key(data)
+        key = data[12:shape.qend - 4].lower() + data[shape.qend - 4:shape.qend]
         if isinstance(target, LocalZone):
             owner = _owner_label(q.qname)
-            template = build_template(owner, q.qtype, resolve_local(self.zone, qname, q.qtype, target, owner))
+            ans = resolve_local(self.zone, qname, q.qtype, target, owner)
         else:
             short = self.zone.host_for_short_name(qname)
             if short is None:
                 # Forwarding decisions are not memoised: unique names would evict local answers.
                 return Forward(target, limit)
-            template = self._short_template(_owner_label(q.qname), short, q.qtype)
+            owner = _owner_label(q.qname)
+            ans = self._short_answer(owner, short, q.qtype)
+        if ans.external is not None:
+            plan = self._chase_plan(key, ans, q.qtype)
+            if plan is not None and data[2] & 1:
+                return _chase_of(plan, data, shape.qend, limit, edns)
+            # RD clear (or nowhere to ask): the bare chain, as an authoritative server answers. Not
+            # memoised, because the fast path does not look at RD.
+            return self._serve(build_template(owner, q.qtype, ans), query, data, edns, tcp, limit)
+        template = build_template(owner, q.qtype, ans)
         if key is not None and template.rcode != Rcode.NXDOMAIN:
             self._remember(key, template)
         return self._serve(template, query, data, edns, tcp, limit)
@@ -248,14 +313,27 @@ class Engine:
             return truncate(reply, limit)
         return reply
 
-    def _short_template(self, owner: DNSLabel, fqdn: str, qtype: int) -> Template:
+    def _short_answer(self, owner: DNSLabel, fqdn: str, qtype: int) -> LocalAnswer:
         """A single-label name of this tailnet: the node's data, owned by the name as asked."""
         zone = self.zone.local_zone_of(fqdn)
         assert zone is not None
         ans = resolve_local(self.zone, fqdn, qtype, zone)
         renamed = tuple(RR(owner, rr.rtype, rr.rclass, rr.ttl, rr.rdata)
-                        if _name_text(rr.rname) == fqdn else rr for rr in ans.answer)
-        return build_template(owner, qtype, LocalAnswer(ans.rcode, renamed, ans.authority, ans.additional))
+                        if name_text(rr.rname) == fqdn else rr for rr in ans.answer)
+        return LocalAnswer(ans.rcode, renamed, ans.authority, ans.additional, ans.external)
+
+    def _chase_plan(self, key: bytes, ans: LocalAnswer, qtype: int) -> _ChasePlan | None:
+        """How to follow our chain out of our zones (remembered for the next query), or None when no
+        upstream serves its target."""
+        assert ans.external is not None
+        route, _ = self.zone.route_for(ans.external)
+        if not isinstance(route, ForwardRoute) or not route.upstreams:
+            return None
+        plan = _ChasePlan(route, ans.answer, ans.external, _plain_name(ans.answer[-1].rdata.label), qtype)
+        if len(self._chases) >= self.memo_limit:
+            self._chases.clear()
+        self._chases[key] = plan
+        return plan
 
     def answer_local(self, qname: str, qtype: int) -> LocalAnswer | None:
         """The zone's answer for a name (None when the name is not ours): for `magicdns query`."""
@@ -266,7 +344,16 @@ class Engine:
         return resolve_local(self.zone, qname, qtype, zone)
 
 
-def _name_text(label: DNSLabel) -> str:
+def _chase_of(plan: _ChasePlan, data: bytes, qend: int, limit: int, edns: Edns | None) -> Chase:
+    """The chase of one query: its question and EDNS, and a subquery for the target (RD set, CD and
+    DO as the client asked, EDNS always, so the upstream may answer in full)."""
+    do = edns is not None and edns.do
+    sub = (b"\x00\x00\x01" + bytes((data[3] & 0x10,)) + b"\x00\x01\x00\x00\x00\x00\x00\x01" + plan.target_wire
+           + struct.pack("!HH", plan.qtype, CLASS.IN) + (_OPT_DO if do else _OPT_PLAIN))
+    return Chase(plan.route, limit, plan.prefix, plan.target, plan.qtype, data[12:qend], edns, sub)
+
+
+def name_text(label: DNSLabel) -> str:
     """Lowercase text of a name without the trailing dot, for matching against zone data.
 
     A '.' inside a label is data (RFC 4343 2.1), so it becomes an escape that no zone name can
@@ -278,25 +365,6 @@ def _name_text(label: DNSLabel) -> str:
 def _owner_label(label: DNSLabel) -> DNSLabel:
     """The question's name, lowercased label by label: owners built from it compress onto the question."""
     return DNSLabel(tuple(part.lower() for part in label.label))
-
-
-def _question_key(data: bytes) -> bytes | None:
-    """The fast path's table key for this query's question, or None if the question is not plain."""
-    if len(data) < 17:
-        return None
-    i = 12
-    try:
-        length = data[i]
-        while length:
-            if length > 63:
-                return None
-            i += length + 1
-            length = data[i]
-    except IndexError:
-        return None
-    if i + 5 > len(data):
-        return None
-    return data[12:i].lower() + data[i:i + 5]
 
 
 def resolve_local(zone: Zone, qname: str, qtype: int, lz: LocalZone,
@@ -328,11 +396,13 @@ def resolve_local(zone: Zone, qname: str, qtype: int, lz: LocalZone,
         if not cnames:
             return LocalAnswer(Rcode.NOERROR, tuple(answer), (zone.soa(current.apex),))
         answer.append(cnames[0])
-        target = _name_text(cnames[0].rdata.label)
+        target = name_text(cnames[0].rdata.label)
         next_zone = zone.local_zone_of(target)
-        if next_zone is None or target in seen:
-            # Out of our zones (the client's resolver follows it) or a loop: stop here, as an
-            # authoritative server does.
+        if next_zone is None:
+            # Out of our zones: the server follows it for clients that asked for recursion.
+            return LocalAnswer(Rcode.NOERROR, tuple(answer), external=target)
+        if target in seen:
+            # A loop: each link once, as nsd answers it, never spun.
             return LocalAnswer(Rcode.NOERROR, tuple(answer))
         seen.add(target)
         name, current = target, next_zone
@@ -346,7 +416,7 @@ def _additional(zone: Zone, qtype: int, found: list[RR]) -> tuple[RR, ...]:
         return ()
     extra: list[RR] = []
     for rr in found:
-        target = _name_text(pick(rr.rdata))
+        target = name_text(pick(rr.rdata))
         lz = zone.local_zone_of(target)
         if lz is None:
             continue

@@ -7,12 +7,14 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import QTYPE, RR, DNSError
+from dnslib import QTYPE, RR, TXT, DNSError
 from dnslib.label import DNSBuffer
 
 from .names import NameError_, absolute_owner, absolute_target
 
 SUPPORTED_TYPES = ("A", "AAAA", "CNAME", "TXT", "SRV", "MX", "CAA", "PTR")
+# Types that replace a node's addresses when owned by the node's name: allowed only with `override`.
+SHADOWING_TYPES = frozenset(("A", "AAAA", "CNAME"))
 DEFAULT_TTL = 300
 MAX_TTL = 2**31 - 1  # RFC 2181 section 8
 
@@ -101,14 +103,7 @@ def _canonical_value(rtype: str, value: str, domain: str) -> str:
         fields[_NAME_FIELD[rtype]] = target + "."
         return " ".join(fields)
     if rtype == "TXT":
-        try:
-            parts = shlex.split(text) if '"' in text else [text]
-        except ValueError as exc:
-            raise RecordError(f"TXT value {value!r}: {exc}") from None
-        for p in parts:
-            if len(p.encode()) > 255:
-                raise RecordError("TXT strings are at most 255 bytes each; split the value into quoted strings")
-        return " ".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts)
+        return " ".join('"' + escape_character_string(p) + '"' for p in txt_strings(text))
     if rtype == "CAA":
         try:
             parts = shlex.split(text)
@@ -120,6 +115,78 @@ def _canonical_value(rtype: str, value: str, domain: str) -> str:
             raise RecordError(f"CAA tag {parts[1]!r} is not valid")
         return f'{int(parts[0])} {parts[1].lower()} "{parts[2]}"'
     raise RecordError(f"type {rtype!r} is not supported")
+
+
+def txt_strings(text: str) -> list[bytes]:
+    """The character-strings of a TXT value: RFC 1035 5.1 presentation format when it holds a quote
+    (quoted strings and bare words, backslash escapes `\\X` and `\\DDD`), else the whole text as one
+    string, as a user typing `records add web TXT hello world` means it. Each string at most 255 octets."""
+    if '"' not in text:
+        parts = [text.encode()]
+    else:
+        parts = _presentation_strings(text)
+    for p in parts:
+        if len(p) > 255:
+            raise RecordError("TXT strings are at most 255 bytes each; split the value into quoted strings")
+    return parts
+
+
+def _presentation_strings(text: str) -> list[bytes]:
+    parts: list[bytes] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i].isspace():
+            i += 1
+            continue
+        quoted = text[i] == '"'
+        if quoted:
+            i += 1
+        out = bytearray()
+        while True:
+            if i >= n:
+                if quoted:
+                    raise RecordError(f"TXT value {text!r}: a quoted string is not closed")
+                break
+            ch = text[i]
+            if quoted and ch == '"':
+                i += 1
+                break
+            if not quoted and (ch.isspace() or ch == '"'):
+                break
+            if ch == "\\":
+                if text[i + 1:i + 4].isdigit() and len(text[i + 1:i + 4]) == 3:
+                    value = int(text[i + 1:i + 4])
+                    if value > 255:
+                        raise RecordError(f"TXT value {text!r}: \\{text[i + 1:i + 4]} is not a byte")
+                    out.append(value)
+                    i += 4
+                    continue
+                if i + 1 >= n:
+                    raise RecordError(f"TXT value {text!r} ends in a lone backslash")
+                out += text[i + 1].encode()
+                i += 2
+                continue
+            out += ch.encode()
+            i += 1
+        parts.append(bytes(out))
+    return parts
+
+
+def escape_character_string(data: bytes) -> str:
+    """One character-string in presentation format, without the quotes: quote and backslash
+    escaped, bytes that are not printable text (newlines, control bytes, invalid UTF-8) as `\\DDD`,
+    so the value stays on one line and reads back to exactly these bytes."""
+    out = []
+    for ch in data.decode("utf-8", "surrogateescape"):
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\{ord(ch) - 0xDC00:03d}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend(f"\\{b:03d}" for b in ch.encode())
+    return "".join(out)
 
 
 def parse_record(name: str, rtype: str, value: str, ttl: Any = None, domain: str = "tailnet",
@@ -134,6 +201,8 @@ def parse_record(name: str, rtype: str, value: str, ttl: Any = None, domain: str
         raise RecordError(f"name: {exc}") from None
     ttl_v = _parse_ttl(ttl)
     canon = _canonical_value(rtype_u, value, domain)
+    if rtype_u == "TXT":  # dnslib's zone parser knows no \\DDD: build the rdata from the strings
+        return Record(owner, rtype_u, canon, ttl_v, override, TXT(_presentation_strings(canon)))
     try:
         rrs = RR.fromZone(f"{owner}. {ttl_v} IN {rtype_u} {canon}")
     except (DNSError, ValueError, IndexError, TypeError, KeyError, AttributeError) as exc:

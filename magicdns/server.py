@@ -19,8 +19,10 @@ from typing import Any, Callable
 from dnslib import QTYPE, DNSRecord
 
 from .cache import Cache
+from .chase import chase_reply, complete_chain
 from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
-from .engine import Engine, Forward
+from .encrypted import EncryptedConfig, EncryptedListenError, EncryptedListeners
+from .engine import Chase, Engine, Forward
 from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
@@ -77,6 +79,7 @@ class ServerConfig:
     reuse_port: bool = False
     batch_udp: bool = True  # recvmmsg/sendmmsg listener where the platform has it (udpbatch.py)
     extra: dict[str, Any] = field(default_factory=dict)
+    encrypted: EncryptedConfig = EncryptedConfig()  # DoT/DoH listeners and their certificate (encrypted.py)
 
 
 class DnsServer:
@@ -102,6 +105,7 @@ class DnsServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
+        self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
         self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()
@@ -122,6 +126,10 @@ class DnsServer:
             for host, port in self.config.listen:
                 port = await self._bind(loop, host, port)
                 self.bound.append((host, port))
+            await self.encrypted.start()
+        except EncryptedListenError as exc:
+            await self.stop()
+            raise ServerError(str(exc)) from None
         except BaseException:
             await self.stop()
             raise
@@ -182,6 +190,7 @@ class DnsServer:
             s.close()
         for conn in list(self._tcp.conns):
             conn.transport.abort()
+        await self.encrypted.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -223,6 +232,9 @@ class DnsServer:
 
     def forward(self, fwd: Forward, data: bytes, reply_to: ReplyTo, tcp: bool) -> None:
         """Answer a non-local query: cache, or a forwarding task whose reply goes to `reply_to`."""
+        if fwd.__class__ is Chase:  # our CNAME leads out of our zones: ask for its target
+            self._chase(fwd, data, reply_to)  # type: ignore[arg-type]
+            return
         c = self.counters
         route = fwd.route
         if route is None or not route.upstreams:
@@ -242,6 +254,7 @@ class DnsServer:
         cached = self.forwarder.answer_from_cache(data, now)
         if cached is not None:
             c.cache_answers += 1
+            cached = complete_chain(self.engine.zone, cached)  # type: ignore[union-attr]
             reply_to(cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit))
             return
         allowance = self.dispatch.forward_allowance
@@ -268,9 +281,16 @@ class DnsServer:
         assert route is not None
         reply = await self.forwarder.forward(data, route.upstreams,
                                              allow_tailnet_answers=route.allow_tailnet_answers)
+        reply = complete_chain(self.engine.zone, reply)  # type: ignore[union-attr]
         if not tcp and len(reply) > fwd.limit:
             reply = truncate(reply, fwd.limit)
         reply_to(reply)
+
+    def _chase(self, chase: Chase, data: bytes, reply_to: Callable[[bytes], None]) -> None:
+        """Forward the chase's subquery like any query (cache, race, rebinding rules of the target's
+        route), then hand the client our chain spliced in front of the answer (chase.py)."""
+        self.forward(Forward(chase.route, 65535), chase.subquery,
+                     lambda reply: reply_to(chase_reply(chase, data, reply)), tcp=True)
 
     # -- operators -------------------------------------------------------------------------------
 
@@ -307,6 +327,7 @@ class DnsServer:
                     "per_client_rejected": c.tcp_per_client_rejected, "idle_closed": c.tcp_idle_closed,
                     "stalled_closed": c.tcp_stalled_closed},
             "forwarder": self.forwarder.stats(),
+            **({"encrypted": self.encrypted.status()} if self.config.encrypted.wanted else {}),
         }
 
     async def query(self, name: str, qtype: str = "A") -> dict[str, Any]:

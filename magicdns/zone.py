@@ -16,7 +16,9 @@ from typing import Iterable
 from dnslib import AAAA, NS, PTR, QTYPE, RR, SOA, A
 
 from .names import is_subdomain
-from .records import Record
+from .ranges import (RESOLVER_V4, RESOLVER_V6, TAILNET_V4, TAILNET_V6, V4_REVERSE_APEXES,  # noqa: F401
+                     V6_REVERSE_APEX, in_tailnet)
+from .records import SHADOWING_TYPES, Record
 from .upstream import Upstream
 from .view import DnsView, Host, paused_gc
 
@@ -26,12 +28,6 @@ NODE_TTL = 300
 APEX_TTL = 3600
 NEGATIVE_TTL = 60  # SOA MINIMUM: how long resolvers may cache "no such name" (RFC 2308)
 
-TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
-TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
-RESOLVER_V4 = ipaddress.ip_address("100.100.100.100")
-RESOLVER_V6 = ipaddress.ip_address("fd7a:115c:a1e0::53")
-V6_REVERSE_APEX = "0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa"
-V4_REVERSE_APEXES = tuple(f"{n}.100.in-addr.arpa" for n in range(64, 128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +35,7 @@ class LocalZone:
     """A zone we answer with authority: the tailnet domain, a reverse zone or a local-only route."""
 
     apex: str
-    kind: str  # "tailnet", "reverse4", "reverse6" or "local"
+    kind: str  # "tailnet", "reverse4", "reverse6", "local", or "exact" (one name outside them all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +45,6 @@ class ForwardRoute:
     suffix: str
     upstreams: tuple[Upstream, ...]
     allow_tailnet_answers: bool
-
-
-def in_tailnet(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return addr in TAILNET_V4 or addr in TAILNET_V6
 
 
 class Zone:
@@ -81,8 +73,17 @@ class Zone:
         self.v4_sorted = sorted(k for k in self.addr_to_name if k < 1 << 32)
         self.v6_sorted = sorted(k - (1 << 32) for k in self.addr_to_name if k >= 1 << 32)
         self.routes: dict[str, LocalZone | ForwardRoute] = {}
+        self.exact: dict[str, LocalZone] = {}  # filled once the routes are known
         self._add_routes(view, fallback_upstreams)
         self.max_route_labels = max((s.count(".") + 1 for s in self.routes), default=1)
+        self.exact = self._exact_names()
+        # The last label of every name we answer for, in wire form: the first time a name under
+        # one of our zones appears in a message, this is written out (compression only points
+        # back), so a reply without any of these holds none of our names. chase.complete_chain's
+        # cheap test.
+        self.top_label_wires = frozenset(
+            bytes((len(top),)) + top + b"\x00"
+            for top in {apex.rsplit(".", 1)[-1].encode() for apex in [*self.local_apexes(), *self.exact]})
 
     # -- construction -------------------------------------------------------------------------
 
@@ -108,11 +109,11 @@ class Zone:
                 self.warnings.append(f"{name}: a CNAME cannot sit beside other records; serving the CNAME only")
                 recs = [next(r for r in recs if r.rtype == "CNAME")]
             if name in self.hosts:
-                clash = [r for r in recs if r.rtype in ("A", "AAAA", "CNAME")]
+                clash = [r for r in recs if r.rtype in SHADOWING_TYPES]
                 if clash and not all(r.override for r in clash):
                     self.warnings.append(f"{name}: records would shadow a node name; ignored "
                                          "(add them with override to shadow it)")
-                    recs = [r for r in recs if r.rtype not in ("A", "AAAA", "CNAME")]
+                    recs = [r for r in recs if r.rtype not in SHADOWING_TYPES]
                 elif clash:
                     self.shadowed.add(name)
             if recs:
@@ -146,10 +147,27 @@ class Zone:
         default = view.dns.nameservers or fallback
         self.default_route = ForwardRoute("", default, False) if default else None
 
+    def _exact_names(self) -> dict[str, LocalZone]:
+        """Record owners outside every zone we serve ('outside.example.'): served locally for that
+        exact name, as Tailscale's extra records are, while the rest of the domain (names below it
+        too) still follows its route."""
+        exact = {}
+        for name in self.records:
+            if not isinstance(self.route_for(name)[0], LocalZone):
+                exact[name] = LocalZone(name, "exact")
+        return exact
+
+    def local_apexes(self) -> list[str]:
+        """The apexes of every zone we answer with authority (the tailnet, reverse and local routes)."""
+        return [suffix for suffix, target in self.routes.items() if isinstance(target, LocalZone)]
+
     # -- lookups ------------------------------------------------------------------------------
 
     def route_for(self, name: str) -> tuple[LocalZone | ForwardRoute | None, str]:
         """The most specific route for `name` and the suffix it matched."""
+        exact = self.exact
+        if exact and name in exact:
+            return exact[name], name
         labels = name.split(".") if name else []
         start = max(0, len(labels) - self.max_route_labels)
         for i in range(start, len(labels)):
@@ -189,7 +207,7 @@ class Zone:
         """Every RRset owned by `name` (empty when it owns none)."""
         out: dict[int, list[RR]] = {}
         owner = name + "."
-        if name == zone.apex:
+        if name == zone.apex and zone.kind != "exact":  # one name is no zone: no SOA/NS of its own
             out[QTYPE.SOA] = [self.soa(zone.apex)]
             out[QTYPE.NS] = [RR(owner, QTYPE.NS, ttl=APEX_TTL, rdata=NS(self.ns_name + "."))]
         host = self.hosts.get(name) if zone.kind == "tailnet" else None

@@ -12,7 +12,10 @@ JSON form (what `NetMap.to_json` writes and `NetMap.from_json` reads; a node kee
      "dns": {"nameservers": ["1.1.1.1"], "routes": {"corp.example": ["10.0.0.53"]},
              "search_domains": ["tailnet"],
              "records": [{"name": "web.tailnet", "type": "A", "value": "10.1.1.1", "ttl": 300}]},
-     "packet_filter": [{rule}, ...], "derp": {}, "collected_at": 1700000000.0}
+     "packet_filter": [{rule}, ...], "derp": {}, "collected_at": 1700000000.0,
+     "derp_map": {"regions": [{"region_id": 999, "code": "control", "name": "Control server",
+                               "nodes": [{"name": "999a", "host": "", "port": 8080, "stun_port": 3478,
+                                          "tls": false}]}]}}      (derp_map: only when relays are configured)
 
 A MapNode: {"id": 3, "name": "laptop", "fqdn": "laptop.tailnet", "user": "alice",
             "addresses": ["100.64.0.3", "fd7a:115c:a1e0::3"], "node_key": "<base64 Curve25519>",
@@ -39,6 +42,8 @@ from typing import Any, Iterator, Mapping
 from magicdns.records import Record, RecordError, parse_record
 from magicdns.upstream import UpstreamError, parse_upstream
 from magicdns.view import DnsSettings, DnsView, Host
+
+from .derp.derpmap import RelayMap, RelayMapError
 
 
 
@@ -67,6 +72,7 @@ class MapNode:
     os: str = ""
     last_seen: float | None = None         # unix seconds; None when never seen
     ephemeral: bool = False
+    disco_key: str = ""                    # disco public key of the node's current run (base64)
 
     def to_json(self, domain: str | None = None) -> dict[str, Any]:
         """JSON form. Empty lists, false flags and a None last_seen are left out, and so are `fqdn`
@@ -82,6 +88,8 @@ class MapNode:
         out["online"] = self.online
         if self.os:
             out["os"] = self.os
+        if self.disco_key:
+            out["disco_key"] = self.disco_key
         for key, value in (("endpoints", self.endpoints), ("advertised_routes", self.advertised_routes),
                            ("approved_routes", self.approved_routes), ("tags", self.tags)):
             if value:
@@ -119,7 +127,8 @@ class MapNode:
                 tuple(obj.get("advertised_routes") or ()), approved, exit_node,
                 bool(obj.get("advertises_exit_node", False)), tuple(obj.get("tags") or ()),
                 bool(obj.get("online", False)), str(obj.get("os", "")),
-                float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)))
+                float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)),
+                str(obj.get("disco_key") or ""))
         except KeyError as exc:
             raise NetMapError(f"node {obj.get('id', '?')}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -188,6 +197,8 @@ class NetMap:
     dns: DnsConfig = field(default_factory=DnsConfig)
     packet_filter: tuple[Mapping[str, Any], ...] = ()
     derp: Mapping[str, Any] = field(default_factory=dict)  # relay map placeholder; empty until relays exist
+    derp_map: RelayMap | None = None       # relay regions and servers (meshnode.derp.derpmap), if any
+    tailnet_ca: str = ""  # PEM of the tailnet CA (control/ca.py); "" from servers without one
 
     def peer_by_name(self, name: str) -> MapNode | None:
         """The peer whose short name or FQDN is `name` (case-insensitive), if visible."""
@@ -203,7 +214,9 @@ class NetMap:
                 "peers": [p.to_json(self.domain) for p in self.peers],
                 "dns": self.dns.to_json(),
                 "packet_filter": [dict(r) for r in self.packet_filter],
-                "derp": dict(self.derp)}
+                "derp": dict(self.derp),
+                **({"derp_map": self.derp_map.to_json()} if self.derp_map is not None else {}),
+                **({"tailnet_ca": self.tailnet_ca} if self.tailnet_ca else {})}
 
     @staticmethod
     def from_json(obj: Any) -> "NetMap":
@@ -224,12 +237,24 @@ class NetMap:
         pf = obj.get("packet_filter") or []
         if not isinstance(pf, list):
             raise NetMapError("packet_filter: expected a list")
+        try:
+            derp_map = RelayMap.from_json(obj["derp_map"]) if obj.get("derp_map") is not None else None
+        except RelayMapError as exc:
+            raise NetMapError(str(exc)) from None
         with gc_paused(len(peers_obj)):
             peers = tuple([MapNode.from_json(p, domain) for p in peers_obj])
         return NetMap(version, domain, MapNode.from_json(self_obj, domain), peers,
                       DnsConfig.from_json(obj.get("dns") or {}, domain),
                       tuple(MappingProxyType(r) for r in pf),
-                      MappingProxyType(dict(obj.get("derp") or {})))
+                      MappingProxyType(dict(obj.get("derp") or {})), derp_map, _ca_text(obj.get("tailnet_ca")))
+
+
+def _ca_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or (value and "-----BEGIN CERTIFICATE-----" not in value):
+        raise NetMapError("tailnet_ca: expected a PEM certificate")
+    return value
 
 
 @contextmanager

@@ -5,29 +5,65 @@ this module applies its answers to the control store's values."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
+from dataclasses import dataclass, replace
 
-from ..policy import NodeInfo, Policy, auto_approved_exit, auto_approved_routes, check_policy, tag_allowed
+from ..policy import (NodeInfo, Policy, auto_approved_exit, auto_approved_routes, check_policy, parse_policy,
+                      tag_allowed)
 from .mapbuilder import node_info
 from .store import ControlStore, Grant, Node, Registration
+
+
+log = logging.getLogger("meshnode.control.access")
 
 
 class TagNotAllowed(PermissionError):
     """A node asked for a tag its user does not own (tagOwners) and its auth key does not carry."""
 
 
-def set_policy(store: ControlStore, text: str) -> Policy:
-    """Parse the policy and run its `tests` against the current nodes; store it only if both pass.
+@dataclass(frozen=True, slots=True)
+class PolicyChange:
+    """What `set_policy` did: the policy now in force, and the tags nodes lost with it."""
+
+    policy: Policy
+    tags_removed: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (node name, tags it lost)
+
+
+def owned_tags(policy: Policy | None, node: Node, grants: frozenset[str]) -> tuple[str, ...]:
+    """The tags `node` may keep under `policy`: granted by an admin or its auth key (`grants`), or
+    ones its user may apply (tagOwners)."""
+    return tuple(t for t in node.tags if t in grants or tag_allowed(policy, node.user, t))
+
+
+def set_policy(store: ControlStore, text: str) -> PolicyChange:
+    """Parse the policy and run its `tests`; store it only if both pass. Nodes holding tags the new
+    policy no longer lets their user apply lose them in the same transaction (the tests run against
+    the nodes as they will be).
 
     Raises `PolicyError` (the old policy stays). Shared by the admin API and the CLI.
     """
     result: list[Policy] = []
 
-    def validate(t: str, nodes: list[Node]) -> None:
+    def decide(t: str, nodes: list[Node]) -> dict[int, tuple[str, ...]]:
         now = time.time()
-        result.append(check_policy(t, [node_info(n) for n in nodes if n.active(now)]))
-    store.set_policy_text(text, validate)
-    return result[0]
+        policy = parse_policy(t)
+        retag = {}
+        after = []
+        for n in nodes:
+            kept = owned_tags(policy, n, store.tag_grants(n)) if n.tags else ()
+            if kept != n.tags:
+                retag[n.id] = kept
+                n = replace(n, tags=kept)
+            after.append(n)
+        result.append(check_policy(t, [node_info(n) for n in after if n.active(now)]))
+        return retag
+
+    lost = store.set_policy_text(text, decide)
+    for node, tags in lost:
+        log.warning("policy: node %s lost %s (its user %s no longer owns it under tagOwners)",
+                    node.name, ",".join(tags), node.user)
+    return PolicyChange(result[0], tuple((n.name, tags) for n, tags in lost))
 
 
 def authorize(policy: Policy | None, user: str, key_tags: tuple[str, ...], reg: Registration,
@@ -35,7 +71,8 @@ def authorize(policy: Policy | None, user: str, key_tags: tuple[str, ...], reg: 
     """Tags a registration may carry and what is approved at once (tagOwners, autoApprovers)."""
     for tag in reg.advertise_tags:
         if tag not in key_tags and not tag_allowed(policy, user, tag):
-            raise TagNotAllowed(f"user {user!r} may not apply {tag} (tagOwners) and the auth key does not carry it")
+            raise TagNotAllowed(f"user {user!r} may not apply {tag}: tagOwners does not give it to them and"
+                                " the auth key does not carry it (an admin can: `meshnode control nodes tag`)")
     if key_tags or reg.advertise_tags or existing is None:
         tags = tuple(sorted(set(key_tags) | set(reg.advertise_tags)))
     else:

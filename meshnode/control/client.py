@@ -15,6 +15,7 @@ the machine to the control server, the node key is the WireGuard key peers see.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import platform
@@ -23,33 +24,60 @@ import socket
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, AsyncIterator, Iterable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
+from ..derp.derpmap import RelayMap, RelayMapError
+from ..words import control_unreachable, detail
 from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
                        generate_private_key, node_key_proof, public_key_of)
 
-__all__ = ["ControlClient", "ControlError", "RegisterResult", "generate_private_key", "public_key_of",
+__all__ = ["ControlClient", "ControlError", "LoginRequired", "RegisterResult", "generate_private_key", "public_key_of",
            "MapAssembler"]
 
 log = logging.getLogger("meshnode.control.client")
 
 
-class ControlError(RuntimeError):
-    """The control server refused a request (`code`, HTTP `status`) or could not be reached."""
+# Refusals that mean this node is no longer in the tailnet (deleted, logged out, expired, re-keyed).
+LOGIN_REFUSALS = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.NODE_EXPIRED, ErrorCode.NODE_KEY_MISMATCH})
 
-    def __init__(self, code: ErrorCode, message: str, status: int = 0) -> None:
+
+class ControlError(RuntimeError):
+    """The control server refused a request (`code`, HTTP `status`) or could not be reached.
+
+    `sealed` is True only for a refusal sealed by the pinned server key to this machine, naming the
+    request it answers: anything else (a captive portal's 404, an impostor's 401, a proxy's 502) may
+    come from anyone on the path and is treated as a transient failure.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False,
+                 detail: str = "") -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.sealed = sealed
+        self.detail = detail  # the technical form (a repr), for `-v` and debug logs only
 
     @property
     def retryable(self) -> bool:
-        """Worth retrying later: the server was unreachable or failed, not a refusal."""
-        return self.status == 0 or self.status >= 500
+        """Worth retrying later: unreachable, failed, rate-limited, or not provably the server's word."""
+        return not self.sealed or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
+
+    @property
+    def logs_out(self) -> bool:
+        """The pinned server itself says this node is out of the tailnet: drop the map and log out."""
+        return self.sealed and self.code in LOGIN_REFUSALS
+
+
+class LoginRequired(ControlError):
+    """The server wants this machine confirmed in a browser at `url` (interactive registration)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(ErrorCode.AUTHKEY_REQUIRED, f"log in at {url}" if url else "waiting for the login", 401)
+        self.url = url
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +107,8 @@ class MapAssembler:
         self._dns = DnsConfig()
         self._filter: tuple[Mapping[str, Any], ...] = ()
         self._derp: Mapping[str, Any] = MappingProxyType({})
+        self._ca = ""
+        self._derp_map: RelayMap | None = None
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
@@ -89,7 +119,8 @@ class MapAssembler:
             nm = NetMap.from_json(msg.get("netmap"))
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
-            self._dns, self._filter, self._derp = nm.dns, nm.packet_filter, nm.derp
+            self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
+            self._ca = nm.tailnet_ca
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -109,8 +140,16 @@ class MapAssembler:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
         if "packet_filter" in msg:
             self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
+        if "tailnet_ca" in msg:
+            self._ca = str(msg["tailnet_ca"] or "")
+        if "derp_map" in msg:
+            try:
+                self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
+            except RelayMapError as exc:
+                raise NetMapError(str(exc)) from None
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
-        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp)
+        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
+                      self._derp_map, tailnet_ca=self._ca)
 
 
 class ControlClient:
@@ -157,7 +196,7 @@ class ControlClient:
                     raise ControlError(ErrorCode.INTERNAL, f"GET /key answered {resp.status}", resp.status)
                 body = await resp.json()
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         key = str(body.get("public_key", ""))
         if self.server_public_key is not None and key != self.server_public_key:
             raise ControlError(ErrorCode.BAD_SEAL, "the server key changed since it was pinned;"
@@ -177,15 +216,16 @@ class ControlClient:
         """One sealed request and its sealed answer."""
         chan = await self._chan()
         payload = dict(payload, ts=time.time())
+        sealed = chan.seal(payload)
         try:
-            async with self._http().post(self.server_url + path, data=chan.seal(payload),
+            async with self._http().post(self.server_url + path, data=sealed,
                                          headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    raise _error_from(resp.status, body)
+                    raise _error_from(resp.status, body, chan, sealed)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ControlError(ErrorCode.INTERNAL, f"cannot reach {self.server_url}: {exc!r}") from None
+            raise _unreachable(self.server_url, exc) from None
         try:
             return chan.open(body)[1]
         except ProtocolError as exc:
@@ -194,7 +234,8 @@ class ControlClient:
     async def register(self, authkey: str | None = None, hostname: str | None = None, os: str | None = None,
                        advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
                        advertise_exit_node: bool = False, ephemeral: bool = False,
-                       endpoints: Iterable[str] = ()) -> RegisterResult:
+                       endpoints: Iterable[str] = (), disco_key: str = "",
+                       interactive: bool = False) -> RegisterResult:
         """Register this machine (or log it in again: same machine key -> same node, name, addresses).
 
         `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
@@ -214,7 +255,13 @@ class ControlClient:
             "advertise_exit_node": advertise_exit_node, "ephemeral": ephemeral,
             "endpoints": list(endpoints),
         }
+        if disco_key:
+            payload["disco_key"] = disco_key
+        if interactive:
+            payload["interactive"] = True
         body = await self._post("/machine/register", payload)
+        if interactive and "node" not in body:
+            raise LoginRequired(str(body.get("auth_url") or ""))
         try:
             node = MapNode.from_json(body.get("node"))
         except NetMapError as exc:
@@ -222,9 +269,48 @@ class ControlClient:
         return RegisterResult(node.id, node.name, node.fqdn, node.user, node.addresses, node.tags,
                               node.approved_routes, node.exit_node, node.ephemeral, self.server_public_key)
 
-    async def update_endpoints(self, endpoints: Iterable[str]) -> None:
-        """Report the UDP endpoints (`ip:port`) peers can reach this node at."""
-        await self._post("/machine/endpoints", {"node_key": self.node_key_public, "endpoints": list(endpoints)})
+    async def login_interactive(self, on_url: Callable[[str], None], timeout: float = 600.0,
+                                **register_kw: Any) -> RegisterResult:
+        """Register without an auth key: the server gives a URL (`on_url` is called with each new
+        one) where a signed-in user confirms this machine; returns once they did. The server holds
+        each request until the confirmation, so this joins within a round trip of it."""
+        deadline = time.monotonic() + timeout
+        shown = ""
+        backoff = 0.2
+        while True:
+            try:
+                return await self.register(interactive=True, **register_kw)
+            except LoginRequired as need:
+                backoff = 0.2
+                if need.url and need.url != shown:
+                    shown = need.url
+                    on_url(need.url)
+            except ControlError as exc:
+                # A restarting or unreachable server: the confirmation is stored there, so keep
+                # asking (with backoff) until the deadline; a refusal ends the login.
+                if not exc.retryable or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            if time.monotonic() > deadline:
+                raise ControlError(ErrorCode.AUTHKEY_REQUIRED, f"nobody confirmed {shown} within {timeout:g}s")
+
+    async def update_endpoints(self, endpoints: Iterable[str], disco_key: str = "") -> None:
+        """Report the UDP endpoints (`ip:port`) peers can reach this node at (and the disco key of
+        this run, which peers seal their path probes to)."""
+        body: dict[str, Any] = {"node_key": self.node_key_public, "endpoints": list(endpoints)}
+        if disco_key:
+            body["disco_key"] = disco_key
+        await self._post("/machine/endpoints", body)
+
+    async def request_cert(self, csr_pem: str) -> tuple[str, str]:
+        """Ask for a certificate for this node's names (control/ca.py): the CSR proves we hold the
+        key, the server decides the names. Returns (certificate PEM, CA certificate PEM)."""
+        answer = await self._post("/machine/cert", {"node_key": self.node_key_public, "csr": csr_pem})
+        cert, ca = answer.get("cert"), answer.get("ca")
+        if not isinstance(cert, str) or not isinstance(ca, str):
+            raise ControlError(ErrorCode.INTERNAL, "answer from server: no certificate in it")
+        return cert, ca
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""
@@ -252,30 +338,36 @@ class ControlClient:
                          max_backoff: float = 10.0) -> AsyncIterator[NetMap]:
         """Full `NetMap`s as the server pushes changes; the first one arrives at once.
 
-        On a dropped connection or server error it reconnects with capped exponential backoff and
-        jitter (the next map after a reconnect is a full one). A refusal (node deleted, expired, logged
-        out, key mismatch) ends the stream with `ControlError`.
+        On a dropped connection, a server error or any answer not sealed by the pinned server key it
+        reconnects with capped exponential backoff and jitter (the next map after a reconnect is a full
+        one). Only a sealed login refusal (node deleted, expired, logged out, key mismatch; see
+        `ControlError.logs_out`) ends the stream with `ControlError`.
         """
         backoff = 0.1
         while True:
             try:
                 async for nm in self._stream_once():
                     backoff = 0.1
+                    if self.stream_error is not None:
+                        log.info("map stream: connected again")
                     self._stream_up(None)
                     yield nm
                     if once:
                         return
                 err = ControlError(ErrorCode.INTERNAL, "the server closed the map stream")
             except ControlError as exc:
-                if not exc.retryable:
+                if exc.logs_out:
                     raise
                 err = exc
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-                err = ControlError(ErrorCode.INTERNAL, f"map stream broke: {exc!r}")
-            self._stream_up(str(err))
+                err = _unreachable(self.server_url, exc)
+            # Said once when the stream breaks (or the reason changes), not at every backoff.
+            if err.message != self.stream_error:
+                log.warning("map stream: %s; reconnecting with backoff", err.message)
+            log.debug("map stream: %s (%s); reconnecting in %.1fs", err.message, err.detail, backoff)
+            self._stream_up(err.message)
             if not reconnect:
                 raise err
-            log.info("map stream: %s; reconnecting in %.1fs", err, backoff)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(max_backoff, backoff * 2)
 
@@ -288,7 +380,7 @@ class ControlClient:
                                      headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                      timeout=timeout) as resp:
             if resp.status != 200:
-                raise _error_from(resp.status, await resp.read())
+                raise _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
             reader = FrameReader()
             assembler = MapAssembler()
             async for chunk in resp.content.iter_any():
@@ -299,7 +391,9 @@ class ControlClient:
                 for sealed in frames:
                     try:
                         with gc_paused(len(sealed) // 256):  # roughly one peer per 256 bytes
-                            msg = chan.open(sealed)[1]
+                            # The server's own frames: sealed, so trusted to be sane JSON; the
+                            # strict parser would cost seconds on a 10k-node map.
+                            msg = json.loads(chan.open_bytes(sealed))
                             nm = assembler.apply(msg)
                     except ProtocolError as exc:
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
@@ -309,11 +403,25 @@ class ControlClient:
                         yield nm
 
 
-def _error_from(status: int, body: bytes) -> ControlError:
+def _unreachable(url: str, exc: BaseException) -> ControlError:
+    """The server could not be asked: what failed, where, and what to try, in words."""
+    return ControlError(ErrorCode.INTERNAL, control_unreachable(url, exc), detail=detail(exc))
+
+
+def _error_from(status: int, body: bytes, chan: Channel | None = None, request: bytes = b"") -> ControlError:
+    """The error an HTTP answer carries; `sealed` only when it opens under the pinned server key and
+    names `request` (the sealed request it answers) by its nonce."""
+    if chan is not None and request:
+        try:
+            obj = json.loads(chan.open_bytes(body))
+            if obj.get("re") == base64.b64encode(request[:24]).decode():
+                return ControlError(ErrorCode(obj.get("error")), str(obj.get("message", "")), status, sealed=True)
+        except (ProtocolError, ValueError, TypeError, AttributeError):
+            pass
     try:
         obj = json.loads(body)
         code = ErrorCode(obj.get("error"))
         message = str(obj.get("message", ""))
     except (ValueError, AttributeError, TypeError):
         code, message = ErrorCode.INTERNAL, body[:200].decode(errors="replace")
-    return ControlError(code, message, status)
+    return ControlError(code, f"{message} (HTTP {status}, not sealed by the server key)", status)

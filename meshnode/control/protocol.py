@@ -8,11 +8,14 @@ Security design (see the module docstring of `server.py` for the HTTP side):
 - Every node request body is `Box(machine_priv, server_pub).encrypt(json)`, with the machine public
   key in the `X-Meshnode-Machine-Key` header. Only the holder of that machine key can produce a box
   that opens under it, so the header cannot be forged: the request authenticates the machine.
-- Each request carries `ts` (unix seconds). The server refuses a `ts` outside +-MAX_SKEW seconds and a
-  box nonce it has already seen within that window (`ReplayGuard`), so a captured request cannot be
-  replayed.
+- Each request carries `ts` (unix seconds). The server refuses a `ts` outside +-MAX_SKEW seconds, and
+  per machine key anything at or below the newest `ts` it accepted (but for a few seconds of
+  reordering, where the box nonce decides): `ReplayGuard`. The newest `ts` of each registered machine
+  is persisted, so a captured request cannot be replayed, even after a server restart.
 - Every answer (and every frame of the map stream) is `Box(server_priv, machine_pub)`: only that
-  machine can read it, and only the server can have written it.
+  machine can read it, and only the server can have written it. So is every refusal of a request
+  that opened (with the request's nonce in `re`): a node changes its login state only on such a
+  refusal, never on a plain HTTP error that anyone on the path could send.
 - Registration also proves possession of the WireGuard node key: `node_key_proof` is a box from the
   node key to the server over the machine key and timestamp, so no one can register (and so hijack
   traffic to) a node key they do not hold.
@@ -24,9 +27,11 @@ import base64
 import binascii
 import enum
 import json
+import math
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import nacl.exceptions
 import nacl.utils
@@ -34,6 +39,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 PROTOCOL_VERSION = 1
 MACHINE_KEY_HEADER = "X-Meshnode-Machine-Key"
+SEALED_HEADER = "X-Meshnode-Sealed"   # on an error answer sealed to the requesting machine
 MAX_SKEW = 120.0              # seconds a request timestamp may be off the server's clock
 MAX_REQUEST_BYTES = 1 << 20   # a sealed request body; maps flow the other way
 MAX_FRAME_BYTES = 256 << 20   # one stream frame (a full 10k-node map is a few MB)
@@ -59,6 +65,7 @@ class ErrorCode(enum.Enum):
     NODE_KEY_MISMATCH = "node_key_mismatch"
     BAD_NODE_KEY_PROOF = "bad_node_key_proof"
     TAG_NOT_ALLOWED = "tag_not_allowed"
+    RATE_LIMITED = "rate_limited"          # too many requests from unregistered machine keys
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     INTERNAL = "internal"
@@ -126,39 +133,180 @@ class Channel:
             plain = self._box.decrypt(sealed)
         except (nacl.exceptions.CryptoError, ValueError, TypeError):
             raise ProtocolError(ErrorCode.BAD_SEAL, "the body does not open under this machine key") from None
-        try:
-            payload = json.loads(plain)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "the sealed body is not JSON") from None
+        payload = parse_json(plain, "the sealed body")
         if not isinstance(payload, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the sealed body must be a JSON object")
         return bytes(sealed[:Box.NONCE_SIZE]), payload
 
 
+@dataclass(slots=True)
+class _Marks:
+    """One machine key's replay state: the newest timestamp accepted and the nonces just below it."""
+
+    high: float
+    base: float                     # every timestamp at or below it is refused (persisted mark, floor)
+    recent: dict[bytes, float] = field(default_factory=dict)   # nonce -> ts, ts within `reorder` of high
+
+
 class ReplayGuard:
-    """Refuses stale timestamps and nonces seen within the skew window (sans-I/O; time passed in)."""
+    """Refuses replayed and stale requests in O(1) time and bounded memory per machine key.
 
-    def __init__(self, window: float = MAX_SKEW, max_entries: int = 1_000_000) -> None:
+    Sans-I/O; time is passed in. Per machine key it keeps a timestamp high-water mark and the nonces
+    of the few requests accepted within `reorder` seconds below it (requests sent at once may arrive
+    out of order). A request is accepted when its timestamp is within `window` of `now` and either
+    above the mark, or within `reorder` below it with a nonce not seen. Everything older is refused:
+    a captured request can never be accepted twice, whatever the number of keys or requests.
+
+    `load(machine_key)` gives a mark persisted by an earlier run (see `ControlStore.replay_mark`), so
+    a request captured before a restart is refused after it. When more than `max_keys` keys are
+    tracked, the least recently used is forgotten; if its mark could still matter, a global floor
+    rises to it, so forgetting never lets a replay through (it can only refuse a lagging clock).
+    """
+
+    def __init__(self, window: float = MAX_SKEW, *, reorder: float = 5.0, per_key: int = 64,
+                 max_keys: int = 100_000, load: Callable[[str], float | None] | None = None) -> None:
         self.window = window
-        self.max_entries = max_entries
-        self._seen: dict[bytes, float] = {}
+        self.reorder = reorder
+        self.per_key = per_key
+        self.max_keys = max_keys
+        self._load = load
+        self._keys: OrderedDict[str, _Marks] = OrderedDict()
+        self._floor = -math.inf
 
-    def check(self, nonce: bytes, ts: Any, now: float) -> None:
-        """Accept (and remember) one request or raise `ProtocolError(REPLAY)`."""
-        if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "ts must be a number (unix seconds)")
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def entries(self, machine_key: str) -> int:
+        """How many nonces are remembered for one key (at most `per_key`)."""
+        marks = self._keys.get(machine_key)
+        return len(marks.recent) if marks else 0
+
+    def check(self, machine_key: str, nonce: bytes, ts: Any, now: float) -> float:
+        """Accept (and remember) one request or raise `ProtocolError(REPLAY)`; returns its timestamp."""
+        ts = check_timestamp(ts)
         if abs(now - ts) > self.window:
             raise ProtocolError(ErrorCode.REPLAY, f"timestamp is {now - ts:.0f}s off the server clock"
                                 f" (allowed {self.window:.0f}s); check the node's clock")
-        if nonce in self._seen:
+        marks = self._keys.get(machine_key)
+        if marks is None:
+            loaded = self._load(machine_key) if self._load is not None else None
+            # Nothing at or below a persisted mark was seen by this run: all of it counts as replayed.
+            base = max(loaded if loaded is not None else -math.inf, self._floor)
+            marks = _Marks(base, base)
+        if ts > marks.high:
+            if ts - marks.high > self.reorder:
+                marks.recent.clear()
+            elif len(marks.recent) >= self.per_key:
+                # Full: forget the nonce remembered longest (dicts keep insertion order, so this is
+                # O(1)) and refuse everything at or below its timestamp from now on: bounded memory
+                # never opens a replay, it can only refuse a request reordered behind 64 newer ones.
+                oldest = next(iter(marks.recent))
+                marks.base = max(marks.base, marks.recent.pop(oldest))
+            marks.high = ts
+        elif ts <= marks.base or ts < marks.high - self.reorder:
+            raise ProtocolError(ErrorCode.REPLAY, "this request is older than one already received (replay)")
+        elif nonce in marks.recent:
             raise ProtocolError(ErrorCode.REPLAY, "this request was already received (replay)")
-        if len(self._seen) >= self.max_entries:
-            self.prune(now)
-        self._seen[nonce] = now + 2 * self.window
+        elif len(marks.recent) >= self.per_key:
+            raise ProtocolError(ErrorCode.REPLAY, "too many requests at once from this machine; retry")
+        marks.recent[nonce] = ts
+        self._keys[machine_key] = marks
+        self._keys.move_to_end(machine_key)
+        while len(self._keys) > self.max_keys:
+            _, old = self._keys.popitem(last=False)
+            if old.high >= now - self.window:
+                self._floor = max(self._floor, old.high)
+        return ts
 
-    def prune(self, now: float) -> None:
-        """Forget nonces whose timestamps can no longer pass the window check."""
-        self._seen = {n: exp for n, exp in self._seen.items() if exp > now}
+
+class TokenBucket:
+    """`rate` events a second with bursts up to `burst` (sans-I/O; time passed in)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = burst, -math.inf
+
+    def allow(self, now: float) -> bool:
+        if self._at > -math.inf:
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+MAX_JSON_DEPTH = 32
+_MAX_INT_DIGITS = 32
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _BadNumber(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or len(text) > 64:
+        raise _BadNumber(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+def _parse_constant(name: str) -> float:
+    raise _BadNumber(f"{name} is not a number JSON allows")
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _depth_ok(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return False
+        stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return True
+
+
+def parse_json(data: bytes | str, what: str = "the body") -> Any:
+    """Strict JSON from the network: no NaN/Infinity, no huge numbers, at most MAX_JSON_DEPTH deep.
+
+    Anything else is `ProtocolError(BAD_REQUEST)` with a one-line reason: Python's own parser would
+    accept NaN, raise ValueError past 4300 digits and RecursionError on deep nesting (a 500).
+    """
+    try:
+        obj = json.loads(data, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except _BadNumber as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what}: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else "invalid"
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} is not JSON ({reason})") from None
+    if not _depth_ok(obj, MAX_JSON_DEPTH):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return obj
+
+
+def check_timestamp(ts: Any) -> float:
+    """A request timestamp as a finite float; `ProtocolError(BAD_REQUEST)` for anything else
+    (NaN compares false with everything, so it would slip past every window check)."""
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "ts must be a number (unix seconds)")
+    try:
+        value = float(ts)
+    except OverflowError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "ts is out of range") from None
+    if not math.isfinite(value):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "ts must be a finite number (unix seconds)")
+    return value
 
 
 def node_key_proof(node_private_b64: str, server_public_b64: str, machine_public_b64: str,

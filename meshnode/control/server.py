@@ -6,10 +6,18 @@ Node endpoints (bodies sealed, see `protocol.py`):
   POST /machine/map         the map stream: length-prefixed sealed frames (full, delta, keepalive)
   POST /machine/endpoints   report UDP endpoints              -> sealed {"ok": true}
   POST /machine/logout      leave the tailnet                 -> sealed {"ok": true}
+  POST /machine/cert        {"csr"}: a certificate for the node's names from the tailnet CA
+                                                              -> sealed {"cert": PEM, "ca": PEM}
 Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
-  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
-Unauthenticated: GET /metrics (Prometheus text; counts only), GET /healthz.
+  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"},
+  GET /admin/audit?since=UNIX&actor=A&target=T&limit=N (the audit log, oldest first),
+  GET /admin/audit/verify (the hash chain's state)
+GET /metrics (Prometheus text) needs the admin token too, or is served without one on its own
+listener (`start_metrics`, `control serve --metrics HOST:PORT`), never to nodes by default.
+Unauthenticated: GET /healthz.
+With an embedded relay (`relay=`): GET /derp (DERP upgrade), /derp/probe, /generate_204; the relay
+admits exactly the active nodes' keys and drops a node as soon as a snapshot no longer has it.
 
 Errors are JSON `{"error": code, "message": text}` with a 4xx/5xx status; a handler never takes
 the server down.
@@ -23,6 +31,9 @@ the next map version, and wakes every stream, which sends its own full or delta 
 from __future__ import annotations
 
 import asyncio
+import base64
+import math
+import dataclasses
 import hmac
 import logging
 import time
@@ -32,24 +43,30 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ..derp.admission import TailnetKeys, node_keys
+from ..derp.derpmap import RelayMap, RelayMapFile
+from ..derp.server import RelayServer
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
-from . import authkeys, naming
+from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
+from .console import idpgroups
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
-from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, Channel, ErrorCode,
-                       ProtocolError, ReplayGuard, decode_key, frame, public_key_of,
-                       verify_node_key_proof)
+from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
+                       ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
+                       parse_json, public_key_of, verify_node_key_proof)
 from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Node, NotFound, Registration,
                     check_tag, normalize_cidr)
 
 log = logging.getLogger("meshnode.control.server")
+
+ADMIN_ACTOR = "admin-token"   # who the audit log names for changes through the admin API
 
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
     ErrorCode.AUTHKEY_REQUIRED: 401, ErrorCode.AUTHKEY_UNKNOWN: 401, ErrorCode.AUTHKEY_EXPIRED: 403,
     ErrorCode.AUTHKEY_USED: 403, ErrorCode.AUTHKEY_REVOKED: 403, ErrorCode.NOT_REGISTERED: 403,
     ErrorCode.NODE_EXPIRED: 403, ErrorCode.NODE_KEY_MISMATCH: 403, ErrorCode.BAD_NODE_KEY_PROOF: 403,
-    ErrorCode.TAG_NOT_ALLOWED: 403, ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.INTERNAL: 500,
+    ErrorCode.TAG_NOT_ALLOWED: 403, ErrorCode.RATE_LIMITED: 429, ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.INTERNAL: 500,
 }
 
 
@@ -62,9 +79,30 @@ class ServerConfig:
     keepalive: float = KEEPALIVE_SECONDS
     ephemeral_grace: float = 300.0      # an offline ephemeral node is deleted after this long
     reap_interval: float = 5.0
+    # Requests from machine keys no node has (registrations, strangers): anyone can mint such keys,
+    # so they share one budget and cannot crowd out the tailnet's own nodes.
+    stream_deadline: float = 30.0       # a map stream that does not take a frame within this is closed
+    full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
+    max_streams_per_node: int = 2
+    audit_prune_interval: float = 3600.0
+    unregistered_rate: float = 200.0    # a second
+    unregistered_burst: float = 1000.0
+    presence_interval: float = 15.0     # how often the online set is written for `control nodes ls`
 
 
-def _error(code: ErrorCode, message: str) -> web.Response:
+_CHAN = web.RequestKey("meshnode.channel", Channel)
+_NONCE = web.RequestKey("meshnode.nonce", str)
+
+
+def _error(code: ErrorCode, message: str, request: web.Request | None = None) -> web.Response:
+    """An error answer. To a node whose request opened, it is sealed to its machine key and names the
+    request's nonce: the node acts on a refusal only when it is sealed so (an impostor or a captive
+    portal answering on the control URL cannot log it out, nor replay an old refusal)."""
+    chan = request.get(_CHAN) if request is not None else None
+    if chan is not None:
+        body = chan.seal({"error": code.value, "message": message, "re": request[_NONCE]})  # type: ignore[index]
+        return web.Response(body=body, status=_STATUS[code], content_type="application/octet-stream",
+                            headers={SEALED_HEADER: "1"})
     return web.json_response({"error": code.value, "message": message}, status=_STATUS[code])
 
 
@@ -75,17 +113,17 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     try:
         return await handler(request)
     except ProtocolError as exc:
-        return _error(exc.code, exc.message)
+        return _error(exc.code, exc.message, request)
     except authkeys.AuthKeyRefused as exc:
-        return _error(ErrorCode(exc.reason.value), str(exc))
+        return _error(ErrorCode(exc.reason.value), str(exc), request)
     except TagNotAllowed as exc:
-        return _error(ErrorCode.TAG_NOT_ALLOWED, str(exc))
+        return _error(ErrorCode.TAG_NOT_ALLOWED, str(exc), request)
     except NotFound as exc:
-        return _error(ErrorCode.NOT_FOUND, str(exc))
+        return _error(ErrorCode.NOT_FOUND, str(exc), request)
     except (Conflict, naming.NameTaken) as exc:
-        return _error(ErrorCode.CONFLICT, str(exc))
+        return _error(ErrorCode.CONFLICT, str(exc), request)
     except (InvalidValue, naming.NameInvalid, PolicyError) as exc:
-        return _error(ErrorCode.BAD_REQUEST, str(exc))
+        return _error(ErrorCode.BAD_REQUEST, str(exc), request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -97,49 +135,75 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        return _error(ErrorCode.INTERNAL, "internal error (see the server log)")
+        return _error(ErrorCode.INTERNAL, "internal error (see the server log)", request)
 
 
 class ControlServer:
     """One coordination server bound to one store."""
 
-    def __init__(self, store: ControlStore, config: ServerConfig = ServerConfig()) -> None:
+    def __init__(self, store: ControlStore, config: ServerConfig = ServerConfig(), *,
+                 relay: RelayServer | None = None, relay_map: RelayMap | None = None,
+                 relay_map_file: RelayMapFile | None = None) -> None:
         self.store = store
         self.config = config
         self.private_key = store.server_private_key()
         self.public_key = public_key_of(self.private_key)
-        self.replay = ReplayGuard()
+        self.replay = ReplayGuard(load=store.replay_mark)
+        self.ca = _ensure_ca(store, time.time())
+        self._cert_buckets: dict[int, TokenBucket] = {}
+        self._unregistered = TokenBucket(config.unregistered_rate, config.unregistered_burst)
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self.online: dict[int, int] = {}          # node id -> open streams
         self.snapshot: Snapshot | None = None
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
+        self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
         self._full_maps = asyncio.Semaphore(8)
+        self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_counter = -1
         self._built_counter = -1
         self._seen_records = -1
         self._records: list | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
-        self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0}
+        self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
+                      "slow_streams_closed": 0}
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
         self.app.add_routes([
             web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
             web.post("/machine/register", self._register), web.post("/machine/map", self._map),
             web.post("/machine/endpoints", self._endpoints), web.post("/machine/logout", self._logout),
+            web.post("/machine/cert", self._cert),
             web.get("/admin/nodes", self._admin_nodes), web.post("/admin/nodes/{ref}/rename", self._admin_rename),
             web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
             web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
+            web.get("/admin/audit", self._admin_audit), web.get("/admin/audit/verify", self._admin_audit_verify),
         ])
+        # The relay map in the network map: `relay_map` (the embedded relay's region), then the
+        # --derp-map file, then the policy's "derpMap" section, each on top of the one before.
+        self.relay, self.relay_map, self.relay_map_file = relay, relay_map, relay_map_file
+        self.relay_keys = TailnetKeys()
+        if relay is not None:
+            relay.admit = self.relay_keys
+            relay.attach(self.app)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
+        # Set by the admin console (console/web.py `mount`): OIDC group members for the policy's groups
+        # ({"group:eng": users}), and the browser login of a machine without an auth key:
+        # async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
+        self.policy_groups: Callable[[], dict[str, tuple[str, ...]]] | None = None
+        self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._publish()
-        for coro in (self._publisher(), self._poller(), self._reaper()):
+        if self.relay is not None:
+            await self.relay.start()
+        for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner(),
+                     self._presence()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -165,9 +229,30 @@ class ControlServer:
         return int(sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            try:  # nobody is online on a stopped server: `control nodes ls` says so at once
+                self.store.set_presence((), time.time(), self.config.presence_interval)
+            except ControlStoreError:
+                log.exception("recording presence failed")
+
+    async def _presence(self) -> None:
+        """Write who is online now and then (and at once when it changes), so `control nodes ls`
+        shows ONLINE and a LAST SEEN that keeps moving while a node stays connected."""
+        while True:
+            self._presence_changed.clear()
+            try:
+                self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
+            except Exception:
+                log.exception("recording presence failed")
+            try:
+                await asyncio.wait_for(self._presence_changed.wait(), self.config.presence_interval)
+            except asyncio.TimeoutError:
+                pass
 
     # -- change propagation ---------------------------------------------------------------------
 
@@ -175,15 +260,19 @@ class ControlServer:
         self._dirty.set()
 
     def _policy(self) -> tuple[str | None, Policy | None]:
+        """(cache key: the text, plus the provider's group members when the console adds them; policy)."""
         text = self.store.policy_text()
-        if text != self._policy_cache[0]:
+        extra = self.policy_groups() if self.policy_groups is not None else {}
+        key = idpgroups.cache_key(text, extra)
+        if key != self._policy_cache[0]:
             try:
-                self._policy_cache = (text, parse_policy(text) if text is not None else None)
+                parsed = parse_policy(text) if text is not None else None
+                self._policy_cache = (key, idpgroups.merge(parsed, extra))
             except PolicyError:
                 # Stored policies were checked on `set`; a newer parser refusing one must not take
                 # every map down: keep the last good one and say so.
                 log.exception("stored policy no longer parses; keeping the previous one")
-                self._policy_cache = (text, self._policy_cache[1])
+                self._policy_cache = (key, self._policy_cache[1])
         return self._policy_cache
 
     def _publish(self) -> None:
@@ -208,7 +297,13 @@ class ControlServer:
         snap, differs = build_snapshot(prev, version=prev.version if prev else self.store.map_version(),
                                        domain=self.store.domain(), nodes=nodes,
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
-                                       dns=self.store.dns_settings(), records=records)
+                                       dns=self.store.dns_settings(), records=records,
+                                       derp_map_text=self._relay_map_text(policy),
+                                       ca_pem=self._current_ca().cert_pem)
+        if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
+            gone = self.relay.recheck()
+            if gone:
+                log.info("relay: disconnected %d node(s) no longer in the tailnet", gone)
         if not differs:
             return
         if prev is not None or snap.version == 0:
@@ -216,6 +311,14 @@ class ControlServer:
         self.snapshot = snap
         self.stats["snapshots"] += 1
         self._wake_streams()
+
+    def _relay_map_text(self, policy: Policy | None) -> str:
+        rmap = self.relay_map or RelayMap()
+        if self.relay_map_file is not None and self.relay_map_file.current is not None:
+            rmap = rmap.merged(self.relay_map_file.current)
+        if policy is not None and policy.derp_map is not None:
+            rmap = rmap.merged(policy.derp_map)
+        return rmap.dumps() if rmap.regions else "null"
 
     def _wake_streams(self) -> None:
         old, self._changed = self._changed, asyncio.Event()
@@ -243,8 +346,10 @@ class ControlServer:
             await asyncio.sleep(self.config.poll_interval)
             try:
                 if (self.store.change_counter() != self._seen_counter
-                        or self.store.records.version() != self._seen_records):
+                        or self.store.records.version() != self._seen_records
+                        or (self.relay_map_file is not None and self.relay_map_file.reload())):
                     self.mark_dirty()
+                    self.store.fold_pending_audit()
             except Exception:
                 log.exception("polling the store failed")
 
@@ -259,6 +364,18 @@ class ControlServer:
             if gone:
                 log.info("removed %d offline ephemeral node(s): %s", len(gone), ", ".join(n.name for n in gone))
                 self.mark_dirty()
+
+    async def _audit_pruner(self) -> None:
+        """Apply the audit log's retention at start and then hourly (the pruning is itself logged)."""
+        while True:
+            try:
+                removed = self.store.prune_audit()
+                if removed:
+                    log.info("audit: removed %d entries older than %g days", removed,
+                             self.store.audit_retention_days())
+            except Exception:
+                log.exception("pruning the audit log failed")
+            await asyncio.sleep(self.config.audit_prune_interval)
 
     # -- node protocol --------------------------------------------------------------------------
 
@@ -282,9 +399,18 @@ class ControlServer:
         body = await request.read()
         if not body:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "empty body: expected a sealed request")
+        known = self.store.node_by_machine_key(header) is not None
+        if not known and not self._unregistered.allow(time.monotonic()):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests from unregistered machines; retry later")
         chan = self._channel(header)
         nonce, payload = chan.open(body)
-        self.replay.check(nonce, payload.get("ts"), time.time())
+        # From here on, refusals are sealed to this machine (see `_error`).
+        request[_CHAN], request[_NONCE] = chan, base64.b64encode(nonce).decode()
+        ts = self.replay.check(header, nonce, payload.get("ts"), time.time())
+        if known:
+            # Persisted in the same transaction as the change the request makes (or before, by any
+            # earlier one), so a replay after a restart or crash is refused.
+            self.store.note_replay_mark(header, ts)
         return header, chan, payload
 
     def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
@@ -304,8 +430,8 @@ class ControlServer:
         machine_key, chan, p = await self._open(request)
         node_key = _str(p, "node_key", 64)
         decode_key(node_key, "node_key")
-        proof_ts = p.get("proof_ts")
-        if not isinstance(proof_ts, (int, float)) or abs(proof_ts - p["ts"]) > 5:
+        proof_ts = check_timestamp(p.get("proof_ts"))
+        if abs(proof_ts - p["ts"]) > 5:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "proof_ts must be the request's time")
         verify_node_key_proof(p.get("node_key_proof"), node_key, self.private_key, machine_key, float(proof_ts))
         authkey = p.get("authkey")
@@ -317,12 +443,25 @@ class ControlServer:
             advertise_routes=tuple(sorted({normalize_cidr(r) for r in _strs(p, "advertise_routes")})),
             advertise_tags=tuple(sorted({check_tag(t) for t in _strs(p, "advertise_tags")})),
             advertise_exit_node=_bool(p, "advertise_exit_node"), ephemeral=_bool(p, "ephemeral"),
-            endpoints=tuple(_strs(p, "endpoints")))
+            endpoints=tuple(_strs(p, "endpoints")), disco_key=_disco_key(p) or "")
+        if reg.authkey is None and p.get("interactive") is True and self.interactive_login is not None:
+            existing = self.store.node_by_machine_key(machine_key)
+            if existing is None or not existing.active(time.time()):
+                key, url = await self.interactive_login(machine_key, node_key, reg.hostname, reg.os)
+                if key is None:
+                    return self._sealed(chan, {"auth_url": url})
+                reg = dataclasses.replace(reg, authkey=key)
         _, policy = self._policy()
+        known = self.store.node_by_machine_key(machine_key)
+        self.store.note_replay_mark(machine_key, float(p["ts"]))   # written by the registration itself
         try:
-            node = self.store.register(reg, lambda *a: authorize(policy, *a))
-        except authkeys.AuthKeyRefused:
-            self.stats["refusals"] += 1
+            with self.store.acting_as(f"node:{known.name if known else reg.hostname}"):
+                node = self.store.register(reg, lambda *a: authorize(policy, *a))
+        except BaseException as exc:
+            if known is None:
+                self.store.drop_replay_mark(machine_key)   # no row for a machine that never got in
+            if isinstance(exc, authkeys.AuthKeyRefused):
+                self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
@@ -332,14 +471,37 @@ class ControlServer:
     async def _endpoints(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.set_endpoints(node.id, _strs(p, "endpoints"))
+        self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p))
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
+
+    def _current_ca(self) -> tailnet_ca.TailnetCa:
+        if self.ca.domain != self.store.domain():
+            self.ca = _ensure_ca(self.store, time.time())
+        return self.ca
+
+    async def _cert(self, request: web.Request) -> web.Response:
+        machine_key, chan, p = await self._open(request)
+        node = self._node_for(machine_key, p)
+        bucket = self._cert_buckets.setdefault(node.id, TokenBucket(rate=1 / 60, burst=5))
+        if not bucket.allow(time.monotonic()):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many certificate requests; retry in a minute")
+        try:
+            public_key = tailnet_ca.public_key_from_csr(p.get("csr"))  # type: ignore[arg-type]
+        except tailnet_ca.CertError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        ca = self._current_ca()
+        names = tailnet_ca.node_names(node.name, self.store.domain(), node.addresses)
+        cert = tailnet_ca.issue(ca, public_key, names, time.time())
+        log.info("issued a certificate to node %d %s for %s", node.id, node.name,
+                 ", ".join(names.dns_names + names.ip_addresses))
+        return self._sealed(chan, {"cert": cert, "ca": ca.cert_pem})
 
     async def _logout(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.logout(node.id)
+        with self.store.acting_as(f"node:{node.name}"):
+            self.store.logout(node.id)
         log.info("node %d %s logged out", node.id, node.name)
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
@@ -353,14 +515,29 @@ class ControlServer:
                                            "Cache-Control": "no-store"})
         await resp.prepare(request)
         state = StreamState(node.id)
+        # A node needs one stream (two while it reconnects): older ones are closed, so one machine
+        # cannot pile up streams that each hold a map in memory.
+        mine = self._node_streams.setdefault(node.id, [])
+        handle = (asyncio.current_task(), request)
+        mine.append(handle)
+        while len(mine) > self.config.max_streams_per_node:
+            old_task, old_request = mine.pop(0)
+            _abort(old_request)
+            if old_task is not None:
+                old_task.cancel()
         self.online[node.id] = self.online.get(node.id, 0) + 1
         self.stats["streams"] += 1
         self.mark_dirty()
+        self._presence_changed.set()
         try:
-            await self._serve_stream(resp, chan, state)
+            await self._serve_stream(request, resp, chan, state)
         except (ConnectionResetError, ConnectionError):
             pass
         finally:
+            if handle in mine:
+                mine.remove(handle)
+            if not mine and self._node_streams.get(node.id) is mine:
+                del self._node_streams[node.id]
             self.stats["streams"] -= 1
             left = self.online.get(node.id, 1) - 1
             if left:
@@ -372,38 +549,69 @@ class ControlServer:
             except ControlStoreError:
                 log.exception("recording last-seen of node %d failed", node.id)
             self.mark_dirty()
+            self._presence_changed.set()
         return resp
 
-    async def _serve_stream(self, resp: web.StreamResponse, chan: Channel, state: StreamState) -> None:
+    async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
+                            state: StreamState) -> None:
         keepalive = frame(chan.seal({"type": "keepalive"}))
         while True:
             changed = self._changed
             snap = self.snapshot
             if snap is not None and snap.seq != state.seq:
-                if state.full:
-                    # A full map of a 10k-node tailnet is megabytes, held in the socket buffer until
-                    # the node reads it: a bounded number in flight keeps a reconnect storm from
-                    # costing gigabytes.
-                    async with self._full_maps:
-                        if not await self._send(resp, chan, snap, state):
-                            return
-                elif not await self._send(resp, chan, snap, state):
+                # Frames are computed from the newest snapshot when the previous one was taken, so
+                # a slow reader gets one delta covering every change it missed (coalesced), and each
+                # stream has at most one frame queued: its own, never anyone else's.
+                if not await self._send(request, resp, chan, snap, state):
                     return
             if not self._tasks:  # shutting down
                 return
             try:
                 await asyncio.wait_for(changed.wait(), self.config.keepalive)
             except asyncio.TimeoutError:
-                await resp.write(keepalive)
+                if not await self._write(request, resp, keepalive, count=False):
+                    return
 
-    async def _send(self, resp: web.StreamResponse, chan: Channel, snap: Snapshot, state: StreamState) -> bool:
-        """Write the frame that brings this stream up to `snap`; False when its node is gone."""
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chan: Channel, snap: Snapshot,
+                    state: StreamState) -> bool:
+        """Write the frame that brings this stream up to `snap`; False when the stream must end."""
+        if not state.full:
+            try:
+                text = next_frame(snap, state)
+            except NodeGone:
+                return False  # deleted, logged out or expired: the client learns why when it reconnects
+            return text is None or await self._write(request, resp, frame(chan.seal_bytes(text.encode())))
+        # A full map of a 10k-node tailnet is megabytes: a bounded number are built and handed to the
+        # kernel at once, which keeps a reconnect storm from costing gigabytes. A reader too slow to
+        # take its map within `full_map_slot` gives its slot up and finishes on its own deadline.
+        async with self._full_maps:
+            try:
+                text = next_frame(snap, state)
+            except NodeGone:
+                return False
+            if text is None:
+                return True
+            write = asyncio.ensure_future(resp.write(frame(chan.seal_bytes(text.encode()))))
+            await asyncio.wait({write}, timeout=self.config.full_map_slot)
+        return await self._write(request, resp, write)
+
+    async def _write(self, request: web.Request, resp: web.StreamResponse,
+                     data: bytes | asyncio.Future[None], count: bool = True) -> bool:
+        """One frame (or a write already started) within `stream_deadline`; a stream whose node does
+        not take it in time is closed (the node reconnects and gets a full map)."""
+        write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
         try:
-            text = next_frame(snap, state)
-        except NodeGone:
-            return False  # deleted, logged out or expired: the client learns why when it reconnects
-        if text is not None:
-            await resp.write(frame(chan.seal_bytes(text.encode())))
+            await asyncio.wait_for(write, self.config.stream_deadline)
+        except asyncio.TimeoutError:
+            self.stats["slow_streams_closed"] += 1
+            log.info("map stream of %s did not take a frame within %.0fs; closing it",
+                     request.remote, self.config.stream_deadline)
+            _abort(request)
+            return False
+        finally:
+            if not write.done():
+                write.cancel()
+        if count:
             self.stats["frames"] += 1
         return True
 
@@ -417,10 +625,7 @@ class ControlServer:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "admin API needs 'Authorization: Bearer <admin token>'")
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object") from None
+        body = parse_json(await request.read())
         if not isinstance(body, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
         return body
@@ -434,13 +639,15 @@ class ControlServer:
     async def _admin_rename(self, request: web.Request) -> web.Response:
         self._admin(request)
         body = await self._json_body(request)
-        node = self.store.rename_node(request.match_info["ref"], _str(body, "name", 63))
+        with self.store.acting_as(ADMIN_ACTOR):
+            node = self.store.rename_node(request.match_info["ref"], _str(body, "name", 63))
         self.mark_dirty()
         return web.json_response({"id": node.id, "name": node.name})
 
     async def _admin_delete(self, request: web.Request) -> web.Response:
         self._admin(request)
-        node = self.store.delete_node(request.match_info["ref"])
+        with self.store.acting_as(ADMIN_ACTOR):
+            node = self.store.delete_node(request.match_info["ref"])
         self.mark_dirty()
         return web.json_response({"deleted": node.id, "name": node.name})
 
@@ -451,26 +658,66 @@ class ControlServer:
     async def _admin_policy_set(self, request: web.Request) -> web.Response:
         self._admin(request)
         text = await request.text()
-        set_policy(self.store, text)
+        with self.store.acting_as(ADMIN_ACTOR):
+            change = set_policy(self.store, text)
         self.mark_dirty()
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True, "tags_removed": {name: list(tags) for name, tags in change.tags_removed}})
 
     async def _admin_authkey(self, request: web.Request) -> web.Response:
         self._admin(request)
         body = await self._json_body(request)
         expiry = body.get("expiry")
         expires = time.time() + authkeys.parse_duration(str(expiry)) if expiry else None
-        text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
-                                              _bool(body, "ephemeral"), _strs(body, "tags"), expires)
+        with self.store.acting_as(ADMIN_ACTOR):
+            text, key = self.store.create_authkey(_str(body, "user", 128), _bool(body, "reusable"),
+                                                  _bool(body, "ephemeral"), _strs(body, "tags"), expires)
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
 
+    async def _admin_audit(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        q = request.query
+        try:
+            since = float(q["since"]) if "since" in q else None
+            limit = int(q["limit"]) if "limit" in q else None
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be unix seconds and limit a number") from None
+        if since is not None and not math.isfinite(since) or limit is not None and not 0 < limit <= 100_000:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be finite and limit between 1 and 100000")
+        entries = self.store.audit_entries(since, q.get("actor") or None, q.get("target") or None, limit)
+        return web.json_response({"entries": [e.to_json() for e in entries]})
+
+    async def _admin_audit_verify(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        v = self.store.verify_audit()
+        return web.json_response({"ok": v.ok, "entries": v.entries, "problem": v.problem, "first_id": v.first_id,
+                                  "last_id": v.last_id, "head": v.head})
+
     async def _key(self, _request: web.Request) -> web.Response:
-        return web.json_response({"public_key": self.public_key, "protocol": 1})
+        from ..version import version  # lets `meshnode version` compare node and server
+        return web.json_response({"public_key": self.public_key, "protocol": 1, "version": version()})
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": self.snapshot.version if self.snapshot else 0})
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return self._metrics_text()
+
+    async def start_metrics(self, host: str, port: int) -> int:
+        """Serve GET /metrics without a token on its own listener (for a Prometheus scraper on a
+        management address); returns the port."""
+        app = web.Application(middlewares=[_errors])
+        app.router.add_get("/metrics", self._metrics_web)
+        self._metrics_runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host, port)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def _metrics_web(self, _request: web.Request) -> web.Response:
+        return self._metrics_text()
+
+    def _metrics_text(self) -> web.Response:
         snap = self.snapshot
         lines = [
             "# TYPE meshnode_control_nodes gauge", f"meshnode_control_nodes {len(snap.nodes) if snap else 0}",
@@ -485,8 +732,32 @@ class ControlServer:
             "# TYPE meshnode_control_snapshots_total counter",
             f"meshnode_control_snapshots_total {self.stats['snapshots']}",
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
+            "# TYPE meshnode_control_slow_streams_closed_total counter",
+            f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
         ]
+        if self.relay is not None:
+            lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _ensure_ca(store: ControlStore, now: float) -> tailnet_ca.TailnetCa:
+    """The tailnet CA, created on the first start (and again if the tailnet's domain changed, since
+    the CA is name-constrained to its domain)."""
+    domain = store.domain()
+    row = store.tailnet_ca()
+    if row is not None and row[0] == domain:
+        return tailnet_ca.TailnetCa(row[1], row[2], row[0])
+    ca = tailnet_ca.create_ca(domain, now)
+    store.save_tailnet_ca(domain, ca.key_pem, ca.cert_pem, now)
+    log.info("created the tailnet certificate authority for %s", domain)
+    return ca
+
+
+def _abort(request: web.Request) -> None:
+    """Drop a connection now, whatever it has buffered (a stuck stream would otherwise linger)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _str(obj: dict[str, Any], key: str, max_len: int, required: bool = True) -> str:
@@ -510,4 +781,13 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     value = obj.get(key, False)
     if not isinstance(value, bool):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be true or false")
+    return value
+
+
+def _disco_key(obj: dict[str, Any]) -> str | None:
+    """The optional `disco_key` (base64 of 32 bytes); None when the request carries none."""
+    if obj.get("disco_key") in (None, ""):
+        return None
+    value = _str(obj, "disco_key", 64)
+    decode_key(value, "disco_key")
     return value

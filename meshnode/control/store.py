@@ -13,8 +13,11 @@ which have run.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -29,8 +32,10 @@ from magicdns.names import NameError_, normalize_domain
 from magicdns.store import RecordStore, StoreError as RecordStoreError
 from magicdns.upstream import UpstreamError, parse_upstream
 
-from . import addresses, authkeys, naming
+from . import addresses, audit, authkeys, naming
 from .protocol import generate_private_key
+
+log = logging.getLogger("meshnode.control.store")
 
 DEFAULT_DB = os.environ.get("MESHNODE_CONTROL_DB", "/var/lib/meshnode/control.db")
 DEFAULT_DOMAIN = "tailnet"
@@ -87,6 +92,7 @@ class Node:
     logged_out: bool
     offset: int
     authkey_id: str | None
+    disco_key: str = ""  # this run's disco public key (base64), for path discovery
 
     @property
     def addresses(self) -> tuple[str, str]:
@@ -98,6 +104,41 @@ class Node:
     def active(self, now: float) -> bool:
         """Present in maps: logged in and not expired."""
         return not self.logged_out and not self.expired(now)
+
+
+@dataclass(frozen=True, slots=True)
+class UserRole:
+    """A user's console role and what their identity provider last said about them."""
+
+    name: str
+    role: str
+    email: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSession:
+    id_hash: str
+    user: str
+    csrf: str
+    created: float
+    last_active: float
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRequest:
+    """A machine's browser login: pending until a signed-in user approves it, then used once."""
+
+    id_hash: str
+    machine_key: str
+    node_key: str
+    hostname: str
+    os: str
+    created: float
+    expires: float
+    user: str
+    authkey: str
+    state: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +164,7 @@ class Registration:
     advertise_exit_node: bool = False
     ephemeral: bool = False
     endpoints: tuple[str, ...] = ()
+    disco_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +178,36 @@ class Grant:
 
 # authorize(user, key_tags, registration, existing) -> Grant, run inside the registration transaction.
 Authorizer = Callable[[str, tuple[str, ...], Registration, "Node | None"], Grant]
+
+
+def tighten(path: Path, mode: int = 0o600) -> bool:
+    """Narrow `path` to `mode` if it is wider (the database holds the server's private key; token
+    files are secrets); logs what it fixed. True when it changed something."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    if st.st_mode & 0o777 & ~mode:
+        os.chmod(path, mode)
+        log.warning("%s had mode %o, readable beyond its owner; set it to %o", path, st.st_mode & 0o777, mode)
+        return True
+    return False
+
+
+def _prepare_path(path: Path) -> None:
+    """The database file exists 0600 before SQLite opens it (SQLite gives its -wal and -shm files the
+    database's mode), in a directory created 0700, whatever the umask."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(parent, 0o700)
+    elif parent.stat().st_mode & 0o077 and not parent.stat().st_mode & 0o1000:
+        log.warning("the control database's directory %s is open to other users (mode %o); 0700 is"
+                    " recommended", parent, parent.stat().st_mode & 0o777)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        tighten(path.with_name(path.name + suffix))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -176,7 +248,49 @@ def _m2_dns(db: sqlite_utils.Database) -> None:
     db["nodes"].create_index(["user_id"])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns)
+def _m3_disco(db: sqlite_utils.Database) -> None:
+    db["nodes"].add_column("disco_key", str)
+
+
+def _m4_security(db: sqlite_utils.Database) -> None:
+    # The newest request timestamp accepted from each registered machine (protocol.ReplayGuard), so a
+    # request captured before a restart is refused after it.
+    db["replay_marks"].create({"machine_key": str, "ts": float}, pk="machine_key", not_null={"ts"})
+    # The hash-chained audit log (audit.py owns its rows).
+    db["audit"].create({"id": int, "time": float, "actor": str, "action": str, "target": str,
+                        "old": str, "new": str, "prev_hash": str, "hash": str},
+                       pk="id", not_null={"time", "actor", "action", "target", "prev_hash", "hash"})
+    db["audit"].create_index(["time"])
+    db["audit_pending"].create({"id": int, "time": float, "action": str, "target": str, "old": str, "new": str},
+                               pk="id")
+    # Tags an admin applied (`nodes tag`): they stand whatever tagOwners says, unlike tags a node's
+    # user applied, which a policy change can take away.
+    db["nodes"].add_column("admin_tags", str)
+
+
+def _m5_console(db: sqlite_utils.Database) -> None:
+    # The admin console (meshnode/control/console): a role and the identity provider's facts per user,
+    # server-side sessions (only the SHA-256 of the cookie is stored), and browser logins of machines.
+    db["user_roles"].create({"user_id": int, "role": str, "email": str, "groups": str, "updated": float},
+                            pk="user_id", not_null={"role"}, foreign_keys=[("user_id", "users", "id")])
+    db["console_sessions"].create({"id_hash": str, "user_id": int, "csrf": str, "created": float,
+                                   "last_active": float}, pk="id_hash", not_null={"user_id", "csrf"},
+                                  foreign_keys=[("user_id", "users", "id")])
+    db["register_requests"].create({"id_hash": str, "machine_key": str, "node_key": str, "hostname": str,
+                                    "os": str, "created": float, "expires": float, "user": str,
+                                    "authkey": str, "state": str}, pk="id_hash",
+                                   not_null={"machine_key", "node_key", "state"})
+
+
+def _m6_tailnet_ca(db: sqlite_utils.Database) -> None:
+    # The tailnet certificate authority (ca.py): one row per CA ever made, the newest in use. The
+    # private key lives only here (the database file is made 0600 when a CA is stored).
+    db["tailnet_ca"].create({"id": int, "created": float, "domain": str, "key_pem": str, "cert_pem": str},
+                            pk="id", not_null={"key_pem", "cert_pem"})
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
+                                                                  _m5_console, _m6_tailnet_ca)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -190,7 +304,7 @@ def _t(text: str | None) -> tuple[str, ...]:
 
 _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"
               " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
-              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id")
+              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -202,7 +316,7 @@ def _address_texts(offset: int) -> tuple[str, str]:
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
                 _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
-                row[16], bool(row[17]), row[18], row[19])
+                row[16], bool(row[17]), row[18], row[19], row[20] or "")
 
 
 class _Leases:
@@ -229,18 +343,24 @@ class ControlStore:
 
     def __init__(self, db: str | Path | sqlite_utils.Database, domain: str | None = None) -> None:
         self._node_cache: dict[int, tuple[tuple, Node]] = {}
+        # Who the audit log names for changes made through this store (see `acting_as`).
+        self.actor = "system"
+        self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
         try:
             if isinstance(db, sqlite_utils.Database):
                 self.db = db
             else:
                 path = Path(db)
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _prepare_path(path)
                 self.db = sqlite_utils.Database(_connect(path))
+                for suffix in ("-wal", "-shm"):
+                    tighten(path.with_name(path.name + suffix))
             self.conn = self.db.conn
             self._migrate()
             if domain is not None:
                 self.set_domain(domain)
             self.records = RecordStore(self.db, self.domain())
+            self._install_record_triggers()
         except sqlite3.DatabaseError as exc:
             raise ControlStoreError(f"cannot open control database {db}: {exc}") from None
         except RecordStoreError as exc:
@@ -254,6 +374,8 @@ class ControlStore:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            if self._marks:
+                self._write_marks()
             if bump:
                 self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                                   " WHERE key = 'change_counter'")
@@ -262,6 +384,102 @@ class ControlStore:
             raise
         else:
             self.conn.execute("COMMIT")
+
+    @contextmanager
+    def acting_as(self, actor: str) -> Iterator["ControlStore"]:
+        """Changes made inside are audited as `actor` ("admin-token", "node:laptop", "cli:root@host").
+        Store calls are synchronous, so this is safe on the server's one event loop thread."""
+        self.fold_pending_audit()   # record changes from before keep their own actor
+        previous, self.actor = self.actor, actor
+        try:
+            yield self
+        finally:
+            try:
+                # Records written inside (through `self.records`, e.g. by the console) are this actor's.
+                self.fold_pending_audit(actor)
+            finally:
+                self.actor = previous
+
+    def _audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
+        """One audit entry in the current transaction (audit.py)."""
+        self._fold_pending()
+        audit.record(self.conn, self.actor, action, target, old, new)
+
+    # DNS records are written by `magicdns.store.RecordStore` (also by `magicdns records --db`, which
+    # knows nothing of meshnode): triggers note each change in `audit_pending` within the change's own
+    # transaction, and the next audited change, the server's poller or `audit ls/verify` chain them.
+    _RECORD_TRIGGERS = {
+        "audit_records_insert": "AFTER INSERT ON records BEGIN INSERT INTO audit_pending(time, action, target,"
+        " old, new) VALUES ((julianday('now') - 2440587.5) * 86400.0, 'dns.record.add', 'record:' || NEW.name,"
+        " NULL, json_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)); END",
+        "audit_records_delete": "AFTER DELETE ON records BEGIN INSERT INTO audit_pending(time, action, target,"
+        " old, new) VALUES ((julianday('now') - 2440587.5) * 86400.0, 'dns.record.remove', 'record:' ||"
+        " OLD.name, json_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl), NULL); END",
+        "audit_records_update": "AFTER UPDATE ON records BEGIN INSERT INTO audit_pending(time, action, target,"
+        " old, new) VALUES ((julianday('now') - 2440587.5) * 86400.0, 'dns.record.change', 'record:' ||"
+        " NEW.name, json_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl),"
+        " json_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)); END",
+    }
+    RECORDS_ACTOR = "records-store"   # the actor of record changes made directly on the records table
+
+    def _install_record_triggers(self) -> None:
+        have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        if have >= set(self._RECORD_TRIGGERS):
+            return
+        with self._tx(bump=False):
+            for name, body in self._RECORD_TRIGGERS.items():
+                self.conn.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
+
+    def _fold_pending(self, actor: str | None = None) -> None:
+        rows = self.conn.execute("SELECT id, time, action, target, old, new FROM audit_pending ORDER BY id").fetchall()
+        for _id, when, action, target, old, new in rows:
+            audit.record(self.conn, actor or self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
+                         json.loads(new) if new else None, now=when)
+        if rows:
+            self.conn.execute("DELETE FROM audit_pending WHERE id <= ?", [rows[-1][0]])
+
+    def fold_pending_audit(self, actor: str | None = None) -> int:
+        """Chain the record changes the triggers noted (as `actor`, default RECORDS_ACTOR); returns
+        how many."""
+        if self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is None:
+            return 0
+        with self._tx(bump=False):
+            count = self.conn.execute("SELECT COUNT(*) FROM audit_pending").fetchone()[0]
+            self._fold_pending(actor)
+        return int(count)
+
+    # -- audit log ------------------------------------------------------------------------------
+
+    def audit_entries(self, since: float | None = None, actor: str | None = None, target: str | None = None,
+                      limit: int | None = None) -> list[audit.Entry]:
+        self.fold_pending_audit()
+        return audit.entries(self.conn, since, actor, target, limit)
+
+    def verify_audit(self) -> audit.Verification:
+        self.fold_pending_audit()
+        self.conn.execute("BEGIN")   # one consistent view of the entries and the head
+        try:
+            return audit.verify(self.conn)
+        finally:
+            self.conn.execute("COMMIT")
+
+    def audit_retention_days(self) -> float:
+        value = self._meta("audit_retention_days")
+        return float(value) if value else audit.DEFAULT_RETENTION_DAYS
+
+    def set_audit_retention(self, days: float) -> None:
+        if not days > 0 or days > 36500:
+            raise InvalidValue("the audit retention must be between 0 and 36500 days")
+        with self._tx(bump=False):
+            old = self.audit_retention_days()
+            self._set_meta("audit_retention_days", repr(float(days)))
+            self._audit("audit.retention", "audit", {"days": old}, {"days": float(days)})
+
+    def prune_audit(self, now: float | None = None) -> int:
+        """Remove entries older than the retention (from the start of the chain); returns how many."""
+        with self._tx(bump=False):
+            return audit.prune(self.conn, time.time() if now is None else now,
+                               self.audit_retention_days() * 86400, self.actor)
 
     def _meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM control_meta WHERE key = ?", [key]).fetchone()
@@ -315,7 +533,9 @@ class ControlStore:
             raise InvalidValue(f"domain: {exc}") from None
         if domain != self.domain():
             with self._tx():
+                old = self.domain()
                 self._set_meta("domain", domain)
+                self._audit("tailnet.domain", "domain", old, domain)
             if hasattr(self, "records"):
                 self.records.domain = domain
 
@@ -330,6 +550,26 @@ class ControlStore:
                     self._set_meta("server_private_key", key)
         return key
 
+    def tailnet_ca(self) -> tuple[str, str, str] | None:
+        """The CA in use: (domain, key PEM, certificate PEM), or None before the first one exists."""
+        row = self.conn.execute("SELECT domain, key_pem, cert_pem FROM tailnet_ca ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else (str(row[0] or ""), str(row[1]), str(row[2]))
+
+    def save_tailnet_ca(self, domain: str, key_pem: str, cert_pem: str, now: float) -> None:
+        """Store a new CA (it becomes the one in use); the database file is made owner-only first."""
+        self._restrict_file_mode()
+        with self._tx():
+            self.conn.execute("INSERT INTO tailnet_ca(created, domain, key_pem, cert_pem) VALUES (?, ?, ?, ?)",
+                              [now, domain, key_pem, cert_pem])
+
+    def _restrict_file_mode(self) -> None:
+        # The CA key (and the server key) sit in this file: nobody but the owner may read it.
+        row = self.conn.execute("PRAGMA database_list").fetchone()
+        path = row[2] if row else ""
+        for suffix in ("", "-wal", "-shm"):
+            if path and os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
+
     def ensure_admin_token(self) -> str | None:
         """Create the admin API token if there is none; returns it (once) or None if one exists."""
         if self._meta("admin_token_hash") is not None:
@@ -339,6 +579,7 @@ class ControlStore:
             if self._meta("admin_token_hash") is not None:
                 return None
             self._set_meta("admin_token_hash", authkeys.hash_secret(token))
+            self._audit("admin_token.create", "admin-token")
         return token
 
     def rotate_admin_token(self) -> str:
@@ -346,7 +587,39 @@ class ControlStore:
         token = "msadm-" + os.urandom(32).hex()
         with self._tx(bump=False):
             self._set_meta("admin_token_hash", authkeys.hash_secret(token))
+            self._audit("admin_token.rotate", "admin-token")
         return token
+
+    # -- replay marks (protocol.ReplayGuard) -----------------------------------------------------
+
+    def replay_mark(self, machine_key: str) -> float | None:
+        """The newest request timestamp accepted from `machine_key` by any run of the server."""
+        row = self.conn.execute("SELECT ts FROM replay_marks WHERE machine_key = ?", [machine_key]).fetchone()
+        return None if row is None else float(row[0])
+
+    def save_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Raise the persisted mark now (never lowers it); not a tailnet change, so no counter bump."""
+        self.note_replay_mark(machine_key, ts)
+        with self._tx(bump=False):
+            pass
+
+    def note_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Persist the mark with the next transaction of this store, so a request's mark is written
+        atomically with the change it makes (one commit instead of two)."""
+        if ts > self._marks.get(machine_key, float("-inf")):
+            self._marks[machine_key] = ts
+        if len(self._marks) > 10_000:
+            with self._tx(bump=False):
+                pass
+
+    def drop_replay_mark(self, machine_key: str) -> None:
+        """Forget a noted mark not yet written (a failed registration of an unknown machine)."""
+        self._marks.pop(machine_key, None)
+
+    def _write_marks(self) -> None:
+        self.conn.executemany("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", list(self._marks.items()))
+        self._marks.clear()
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
@@ -359,8 +632,10 @@ class ControlStore:
             return int(row[0])
         if not create:
             raise NotFound(f"no user {name!r}")
-        return int(self.conn.execute("INSERT INTO users(name, created) VALUES (?, ?)",
-                                     [name, time.time()]).lastrowid)
+        uid = int(self.conn.execute("INSERT INTO users(name, created) VALUES (?, ?)",
+                                    [name, time.time()]).lastrowid)
+        self._audit("user.create", f"user:{name}", None, {"name": name})
+        return uid
 
     @staticmethod
     def _check_user_name(name: str) -> str:
@@ -393,8 +668,12 @@ class ControlStore:
             count = self.conn.execute("SELECT COUNT(*) FROM nodes WHERE user_id = ?", [uid]).fetchone()[0]
             if count:
                 raise Conflict(f"user {name!r} still owns {count} node(s); delete them first")
+            keys = [r[0] for r in self.conn.execute("SELECT id FROM authkeys WHERE user_id = ?", [uid])]
             self.conn.execute("DELETE FROM authkeys WHERE user_id = ?", [uid])
+            self.conn.execute("DELETE FROM console_sessions WHERE user_id = ?", [uid])
+            self.conn.execute("DELETE FROM user_roles WHERE user_id = ?", [uid])
             self.conn.execute("DELETE FROM users WHERE id = ?", [uid])
+            self._audit("user.delete", f"user:{name}", {"name": name, "authkeys": keys}, None)
 
     # -- auth keys ------------------------------------------------------------------------------
 
@@ -412,6 +691,9 @@ class ControlStore:
                 " used_count, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
                 [new.id, new.secret_hash, uid, int(reusable), int(ephemeral), _j(sorted(set(tags))),
                  time.time(), expires])
+            self._audit("authkey.create", f"authkey:{new.id}", None,
+                        {"user": user, "reusable": reusable, "ephemeral": ephemeral, "tags": sorted(set(tags)),
+                         "expires": expires})
         return new.text, self.get_authkey(new.id)
 
     _AK_COLS = ("k.id, u.name, k.reusable, k.ephemeral, k.tags, k.created, k.expires, k.used_count,"
@@ -435,8 +717,11 @@ class ControlStore:
 
     def revoke_authkey(self, key_id: str) -> None:
         with self._tx():
-            if self.conn.execute("UPDATE authkeys SET revoked = 1 WHERE id = ?", [key_id]).rowcount == 0:
+            row = self.conn.execute("SELECT revoked FROM authkeys WHERE id = ?", [key_id]).fetchone()
+            if row is None:
                 raise NotFound(f"no auth key {key_id!r}")
+            self.conn.execute("UPDATE authkeys SET revoked = 1 WHERE id = ?", [key_id])
+            self._audit("authkey.revoke", f"authkey:{key_id}", {"revoked": bool(row[0])}, {"revoked": True})
 
     # -- nodes ----------------------------------------------------------------------------------
 
@@ -517,6 +802,12 @@ class ControlStore:
                 "exit_node_approved": int(grant.exit_node_approved), "ephemeral": int(ephemeral),
                 "last_seen": now, "logged_out": 0,
             }
+            if existing is not None and not reg.endpoints:
+                # A login again (`meshnode up` on a registered node) that carries no endpoints
+                # must not erase the ones the node reported: peers would lose their way to it.
+                del fields["endpoints"]
+            if reg.disco_key or existing is None:
+                fields["disco_key"] = reg.disco_key
             if key is not None:
                 fields["authkey_id"] = key.id
                 fields["expiry"] = None  # a fresh login clears an admin expiry
@@ -525,6 +816,10 @@ class ControlStore:
                 sets = ", ".join(f"{k} = ?" for k in fields)
                 self.conn.execute(f"UPDATE nodes SET {sets} WHERE id = ?", [*fields.values(), existing.id])
                 node_id = existing.id
+                node = self.get_node(node_id)
+                before, after = _summary(existing), _summary(node)
+                if before != after or key is not None:
+                    self._audit("node.login", f"node:{node.name}", before, after)
             else:
                 name = naming.unique_name(naming.derive_name(reg.hostname, self.domain()), _Names(self.conn))
                 offset = self._lease(reg.machine_key)
@@ -533,7 +828,12 @@ class ControlStore:
                 node_id = int(self.conn.execute(
                     f"INSERT INTO nodes({cols}) VALUES ({', '.join('?' * len(fields))})",
                     list(fields.values())).lastrowid)
-            return self.get_node(node_id)
+                node = self.get_node(node_id)
+                self._audit("node.register", f"node:{node.name}", None, _summary(node))
+            if key is not None:
+                self._audit("authkey.use", f"authkey:{key.id}", {"used": key.used_count},
+                            {"used": key.used_count + 1, "node": node.name})
+            return node
 
     def _lease(self, machine_key: str) -> int:
         row = self.conn.execute("SELECT offset FROM leases WHERE machine_key = ?", [machine_key]).fetchone()
@@ -552,6 +852,8 @@ class ControlStore:
             if name in _Names(self.conn, except_id=node.id):
                 raise naming.NameTaken(f"name {name!r} is taken by another node")
             self.conn.execute("UPDATE nodes SET name = ? WHERE id = ?", [name, node.id])
+            if name != node.name:
+                self._audit("node.rename", f"node:{name}", {"name": node.name}, {"name": name})
         return self.get_node(node.id)
 
     def delete_node(self, ref: str) -> Node:
@@ -559,6 +861,7 @@ class ControlStore:
         with self._tx():
             node = self.find_node(ref)
             self._delete(node)
+            self._audit("node.delete", f"node:{node.name}", _summary(node), None)
         return node
 
     def _delete(self, node: Node) -> None:
@@ -573,6 +876,7 @@ class ControlStore:
                     if n.id not in online_ids and (n.last_seen or n.created) < older_than]
             for n in gone:
                 self._delete(n)
+                self._audit("node.delete", f"node:{n.name}", _summary(n), {"reason": "ephemeral node offline"})
         return gone
 
     def set_tags(self, ref: str, tags: Sequence[str]) -> Node:
@@ -580,15 +884,25 @@ class ControlStore:
             check_tag(tag)
         with self._tx():
             node = self.find_node(ref)
-            self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(sorted(set(tags))), node.id])
+            self.conn.execute("UPDATE nodes SET tags = ?, admin_tags = ? WHERE id = ?",
+                              [_j(sorted(set(tags))), _j(sorted(set(tags))), node.id])
+            self._audit("node.tags", f"node:{node.name}", {"tags": list(node.tags)}, {"tags": sorted(set(tags))})
         return self.get_node(node.id)
+
+    def tag_grants(self, node: Node) -> frozenset[str]:
+        """Tags `node` holds whatever the policy says: applied by an admin, or carried by the auth key
+        it registered with. Its other tags stand only while tagOwners lets its user apply them."""
+        row = self.conn.execute("SELECT n.admin_tags, k.tags FROM nodes n LEFT JOIN authkeys k"
+                                " ON k.id = n.authkey_id WHERE n.id = ?", [node.id]).fetchone()
+        return frozenset(_t(row[0]) + _t(row[1])) if row else frozenset()
 
     def expire_node(self, ref: str, when: float | None = None) -> Node:
         """Expire a node's login now (or at `when`): it leaves every map until it logs in again."""
         with self._tx():
             node = self.find_node(ref)
-            self.conn.execute("UPDATE nodes SET expiry = ? WHERE id = ?",
-                              [time.time() if when is None else when, node.id])
+            expiry = time.time() if when is None else when
+            self.conn.execute("UPDATE nodes SET expiry = ? WHERE id = ?", [expiry, node.id])
+            self._audit("node.expire", f"node:{node.name}", {"expiry": node.expiry}, {"expiry": expiry})
         return self.get_node(node.id)
 
     def approve_routes(self, ref: str, routes: Sequence[str]) -> Node:
@@ -609,21 +923,47 @@ class ControlStore:
                 raise InvalidValue(f"{node.name} does not advertise itself as an exit node")
             self.conn.execute("UPDATE nodes SET approved_routes = ?, exit_node_approved = ? WHERE id = ?",
                               [_j(sorted(set(wanted))), int(exit_flag), node.id])
+            self._audit("node.routes", f"node:{node.name}",
+                        {"approved_routes": list(node.approved_routes), "exit_node": node.exit_node_approved},
+                        {"approved_routes": sorted(set(wanted)), "exit_node": exit_flag})
         return self.get_node(node.id)
 
-    def set_endpoints(self, node_id: int, endpoints: Sequence[str]) -> None:
+    def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
+        """The node's reported endpoints (and, when given, its disco key of this run)."""
         with self._tx():
-            self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            if disco_key is None:
+                self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
+            else:
+                self.conn.execute("UPDATE nodes SET endpoints = ?, disco_key = ? WHERE id = ?",
+                                  [_j(endpoints), disco_key, node_id])
 
     def logout(self, node_id: int) -> None:
         """The node leaves maps; it keeps its name and addresses for its next login (with a key)."""
         with self._tx():
+            node = self.get_node(node_id)
             self.conn.execute("UPDATE nodes SET logged_out = 1 WHERE id = ?", [node_id])
+            self._audit("node.logout", f"node:{node.name}", {"logged_out": node.logged_out}, {"logged_out": True})
 
     def touch(self, node_ids: Sequence[int], now: float) -> None:
         """Record last-seen times (peers see them in their maps, so this counts as a change)."""
         with self._tx():
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
+
+    def set_presence(self, node_ids: Sequence[int], now: float, interval: float) -> None:
+        """What a running server sees online, for `control nodes ls` (another process). Not a change
+        of the tailnet: the counter servers poll is left alone, so no map is rebuilt for it."""
+        with self._tx(bump=False):
+            self._set_meta("presence", json.dumps({"at": now, "interval": interval,
+                                                   "ids": sorted(int(i) for i in node_ids)}))
+
+    def presence(self) -> tuple[float, float, frozenset[int]] | None:
+        """(written at, heartbeat interval, online node ids) as the server last wrote them, or None."""
+        raw = self._meta("presence")
+        try:
+            obj = json.loads(raw) if raw else None
+            return (float(obj["at"]), float(obj["interval"]), frozenset(int(i) for i in obj["ids"])) if obj else None
+        except (ValueError, KeyError, TypeError):
+            return None
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -632,14 +972,179 @@ class ControlStore:
         row = self.conn.execute("SELECT text FROM policy WHERE id = 1").fetchone()
         return row[0] if row else None
 
-    def set_policy_text(self, text: str, validate: Callable[[str, list[Node]], None]) -> None:
-        """Store a policy after `validate(text, nodes)` passes, inside the same transaction (so the
-        policy's tests ran against the nodes as they are when it lands)."""
+    def set_policy_text(self, text: str, decide: Callable[[str, list[Node]], dict[int, tuple[str, ...]] | None]
+                        ) -> list[tuple[Node, tuple[str, ...]]]:
+        """Store a policy after `decide(text, nodes)` passes, inside the same transaction (so the
+        policy's tests ran against the nodes as they are when it lands). `decide` may return new tags
+        for nodes (those that lost the right to some); they are written in the same transaction.
+        Returns (node as it was, tags it lost) for each of those."""
         with self._tx():
-            validate(text, self.list_nodes())
+            nodes = self.list_nodes()
+            retag = decide(text, nodes) or {}
+            old_text = self.policy_text()
             self.conn.execute("INSERT INTO policy(id, text, updated) VALUES (1, ?, ?)"
                               " ON CONFLICT(id) DO UPDATE SET text = excluded.text, updated = excluded.updated",
                               [text, time.time()])
+            self._audit("policy.set", "policy", None if old_text is None else {"sha256": _sha(old_text)},
+                        {"sha256": _sha(text), "diff": _diff(old_text, text)})
+            lost = []
+            for node in nodes:
+                if node.id in retag:
+                    tags = tuple(sorted(set(retag[node.id])))
+                    self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(tags), node.id])
+                    lost.append((node, tuple(t for t in node.tags if t not in tags)))
+                    self._audit("node.tags", f"node:{node.name}", {"tags": list(node.tags)},
+                                {"tags": list(tags), "reason": "policy: tagOwners no longer gives them to "
+                                 + node.user})
+        return lost
+
+    # -- console: roles, sessions, browser logins of machines ------------------------------------
+    # None of these bump the change counter: they never change what a node's map says.
+
+    def user_role(self, name: str) -> UserRole | None:
+        row = self.conn.execute("SELECT u.name, r.role, r.email, r.groups FROM users u JOIN user_roles r"
+                                " ON r.user_id = u.id WHERE u.name = ?", [name]).fetchone()
+        return None if row is None else UserRole(row[0], row[1], row[2] or "", _t(row[3]))
+
+    def list_user_roles(self) -> list[UserRole]:
+        """Every user with their role ('member' for users that never signed in to the console)."""
+        return [UserRole(r[0], r[1] or "member", r[2] or "", _t(r[3])) for r in self.conn.execute(
+            "SELECT u.name, r.role, r.email, r.groups FROM users u LEFT JOIN user_roles r ON r.user_id = u.id"
+            " ORDER BY u.name")]
+
+    def sign_in_user(self, name: str, email: str, groups: Sequence[str], create: bool,
+                     first_role: str, default_role: str) -> UserRole:
+        """Record a console sign-in: create the user if `create`, give the first user ever to sign in
+        `first_role` (owner) and later new ones `default_role`; refresh e-mail and groups."""
+        name = self._check_user_name(name)
+        before = self.user_role(name)
+        # New group memberships change what the policy's groups hold, so maps: bump then.
+        groups_changed = tuple(groups) != (before.groups if before is not None else ())
+        with self._tx(bump=groups_changed):
+            if not create:
+                self._user_id(name)  # NotFound: not pre-approved
+            uid = self._user_id(name, create=True)
+            row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
+            if row is None:
+                anyone = self.conn.execute("SELECT 1 FROM user_roles LIMIT 1").fetchone()
+                role = default_role if anyone else first_role
+                self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated)"
+                                  " VALUES (?, ?, ?, ?, ?)", [uid, role, email, _j(groups), time.time()])
+                self._audit("user.role", f"user:{name}", None, {"role": role, "via": "first sign-in"})
+            else:
+                self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
+                                  [email, _j(groups), time.time(), uid])
+        role = self.user_role(name)
+        assert role is not None
+        return role
+
+    def idp_groups(self) -> dict[str, tuple[str, ...]]:
+        """The identity provider's groups as policy groups: {"group:eng": (users...)}."""
+        out: dict[str, list[str]] = {}
+        for name, groups in self.conn.execute("SELECT u.name, r.groups FROM users u JOIN user_roles r"
+                                              " ON r.user_id = u.id WHERE r.groups != '[]' ORDER BY u.name"):
+            for g in _t(groups):
+                out.setdefault(f"group:{g}", []).append(name)
+        return {g: tuple(m) for g, m in out.items()}
+
+    def set_user_role(self, name: str, role: str, check: Callable[[str, int], None] = lambda r, n: None) -> None:
+        """Set a user's role; `check(old_role, owners_left_after)` may refuse it, inside the transaction."""
+        with self._tx(bump=False):
+            uid = self._user_id(name)
+            row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
+            old = row[0] if row else "member"
+            owners = self.conn.execute("SELECT COUNT(*) FROM user_roles WHERE role = 'owner' AND user_id != ?",
+                                       [uid]).fetchone()[0] + (role == "owner")
+            check(old, owners)
+            self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated) VALUES (?, ?, '', '[]', ?)"
+                              " ON CONFLICT(user_id) DO UPDATE SET role = excluded.role, updated = excluded.updated",
+                              [uid, role, time.time()])
+            self._audit("user.role", f"user:{name}", {"role": old}, {"role": role})
+
+    def create_session(self, id_hash: str, user: str, csrf: str, now: float) -> None:
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO console_sessions(id_hash, user_id, csrf, created, last_active)"
+                              " VALUES (?, ?, ?, ?, ?)", [id_hash, self._user_id(user), csrf, now, now])
+
+    def get_session(self, id_hash: str) -> ConsoleSession | None:
+        row = self.conn.execute("SELECT s.id_hash, u.name, s.csrf, s.created, s.last_active FROM console_sessions s"
+                                " JOIN users u ON u.id = s.user_id WHERE s.id_hash = ?", [id_hash]).fetchone()
+        return None if row is None else ConsoleSession(*row)
+
+    def touch_session(self, id_hash: str, now: float) -> None:
+        with self._tx(bump=False):
+            self.conn.execute("UPDATE console_sessions SET last_active = ? WHERE id_hash = ?", [now, id_hash])
+
+    def delete_sessions(self, id_hash: str | None = None, user: str | None = None,
+                        idle_before: float | None = None, created_before: float | None = None) -> int:
+        """End one session, all of a user's, or every session idle/created before the given times."""
+        with self._tx(bump=False):
+            n = 0
+            if id_hash is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE id_hash = ?", [id_hash]).rowcount
+            if user is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE user_id = ?",
+                                       [self._user_id(user)]).rowcount
+            if idle_before is not None and created_before is not None:
+                n += self.conn.execute("DELETE FROM console_sessions WHERE last_active < ? OR created < ?",
+                                       [idle_before, created_before]).rowcount
+            return n
+
+    def create_register_request(self, id_hash: str, machine_key: str, node_key: str, hostname: str, os_: str,
+                                now: float, expires: float) -> None:
+        """A machine waiting for someone to confirm its login in the browser; a new one replaces the
+        machine's pending request (its old URL stops working)."""
+        with self._tx(bump=False):
+            self.conn.execute("DELETE FROM register_requests WHERE machine_key = ? AND state = 'pending'",
+                              [machine_key])
+            self.conn.execute("DELETE FROM register_requests WHERE expires < ?", [now - 3600])
+            self.conn.execute("INSERT INTO register_requests(id_hash, machine_key, node_key, hostname, os, created,"
+                              " expires, user, authkey, state) VALUES (?, ?, ?, ?, ?, ?, ?, '', '', 'pending')",
+                              [id_hash, machine_key, node_key, hostname, os_, now, expires])
+
+    def get_register_request(self, id_hash: str) -> RegisterRequest | None:
+        row = self.conn.execute("SELECT id_hash, machine_key, node_key, hostname, os, created, expires, user,"
+                                " authkey, state FROM register_requests WHERE id_hash = ?", [id_hash]).fetchone()
+        return None if row is None else RegisterRequest(*row)
+
+    def pending_register_request(self, machine_key: str, node_key: str, now: float) -> RegisterRequest | None:
+        row = self.conn.execute("SELECT id_hash FROM register_requests WHERE machine_key = ? AND node_key = ?"
+                                " AND state = 'pending' AND expires > ?", [machine_key, node_key, now]).fetchone()
+        return self.get_register_request(row[0]) if row else None
+
+    def approve_register_request(self, id_hash: str, user: str, now: float) -> RegisterRequest:
+        """Confirm a pending, unexpired request for `user`: it gets a single-use auth key of that user
+        (expiring with the request) that the waiting machine registers with. A second use is refused."""
+        with self._tx(bump=False):
+            req = self.get_register_request(id_hash)
+            if req is None or req.state != "pending":
+                raise Conflict("this login link was already used or is unknown")
+            if now >= req.expires:
+                raise Conflict("this login link expired; run `meshnode up` again for a new one")
+            new = authkeys.generate()
+            uid = self._user_id(user)
+            self.conn.execute(
+                "INSERT INTO authkeys(id, secret_hash, user_id, reusable, ephemeral, tags, created, expires,"
+                " used_count, revoked) VALUES (?, ?, ?, 0, 0, '[]', ?, ?, 0, 0)",
+                [new.id, new.secret_hash, uid, now, req.expires])
+            self.conn.execute("UPDATE register_requests SET state = 'approved', user = ?, authkey = ?"
+                              " WHERE id_hash = ? AND state = 'pending'", [user, new.text, id_hash])
+            self._audit("node.login-approved", f"machine:{req.hostname}", None,
+                                {"user": user, "os": req.os, "authkey": new.id})
+        got = self.get_register_request(id_hash)
+        assert got is not None
+        return got
+
+    def claim_register_request(self, machine_key: str, node_key: str) -> RegisterRequest | None:
+        """The machine's approved request, at most once: its auth key is handed over and forgotten."""
+        with self._tx(bump=False):
+            row = self.conn.execute("SELECT id_hash FROM register_requests WHERE machine_key = ? AND node_key = ?"
+                                    " AND state = 'approved'", [machine_key, node_key]).fetchone()
+            if row is None:
+                return None
+            req = self.get_register_request(row[0])
+            self.conn.execute("UPDATE register_requests SET state = 'used', authkey = '' WHERE id_hash = ?", [row[0]])
+        return req
 
     # -- DNS settings ---------------------------------------------------------------------------
 
@@ -658,31 +1163,60 @@ class ControlStore:
     def set_nameservers(self, servers: Sequence[str]) -> None:
         values = [_check_resolver(s) for s in servers]
         with self._tx():
+            old = list(self.dns_settings().nameservers)
             self._replace("nameserver", "", values)
+            self._audit("dns.nameservers", "dns", old, values)
 
     def set_search_domains(self, domains: Sequence[str]) -> None:
         values = [_check_domain(d) for d in domains]
         with self._tx():
+            old = list(self.dns_settings().search_domains)
             self._replace("search", "", values)
+            self._audit("dns.search_domains", "dns", old, values)
 
     def add_route(self, domain: str, servers: Sequence[str]) -> None:
         """Split DNS: `domain` goes to `servers`; no servers means answer it locally (authoritative)."""
         dom = _check_domain(domain)
         values = [_check_resolver(s) for s in servers] or [""]
         with self._tx():
+            old = dict(self.dns_settings().routes).get(dom)
             self._replace("route", dom, values)
+            self._audit("dns.route", f"dns:{dom}", None if old is None else list(old), [v for v in values if v])
 
     def remove_route(self, domain: str) -> None:
         dom = _check_domain(domain)
         with self._tx():
+            old = dict(self.dns_settings().routes).get(dom)
             if self.conn.execute("DELETE FROM dns_settings WHERE kind = 'route' AND domain = ?",
                                  [dom]).rowcount == 0:
                 raise NotFound(f"no DNS route for {dom}")
+            self._audit("dns.route", f"dns:{dom}", list(old or ()), None)
 
     def _replace(self, kind: str, domain: str, values: Sequence[str]) -> None:
         self.conn.execute("DELETE FROM dns_settings WHERE kind = ? AND domain = ?", [kind, domain])
         self.conn.executemany("INSERT INTO dns_settings(kind, domain, value, position) VALUES (?, ?, ?, ?)",
                               [(kind, domain, v, i) for i, v in enumerate(values)])
+
+
+def _summary(node: Node) -> dict[str, Any]:
+    """What the audit log keeps of a node: who it is and what it is allowed."""
+    return {"id": node.id, "name": node.name, "user": node.user, "hostname": node.hostname, "tags": list(node.tags),
+            "node_key": node.node_key,
+            "addresses": list(node.addresses), "approved_routes": list(node.approved_routes),
+            "exit_node": node.exit_node_approved, "ephemeral": node.ephemeral, "expiry": node.expiry,
+            "logged_out": node.logged_out}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _diff(old: str | None, new: str) -> str:
+    """A unified diff of two policy texts (the audit log's `policy.set` entry)."""
+    lines = difflib.unified_diff((old or "").splitlines(keepends=True), new.splitlines(keepends=True),
+                                 "policy (before)" if old is not None else "policy (none: allow-all default)",
+                                 "policy (after)", n=2)
+    return "".join(lines)[:200_000]
 
 
 def normalize_cidr(text: str) -> str:

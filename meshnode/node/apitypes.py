@@ -6,7 +6,7 @@ dataclasses, or an `ApiError` naming the bad field; the daemon only ever sees va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from magicdns.names import NameError_, normalize_domain
@@ -21,10 +21,11 @@ QUERY_TYPES = frozenset({"A", "AAAA", "CNAME", "TXT", "SRV", "MX", "CAA", "PTR",
 class ApiError(Exception):
     """A request the LocalAPI refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.detail = detail  # technical form (`meshnode -v` shows it); never the message itself
 
 
 def bad_request(message: str) -> ApiError:
@@ -36,7 +37,7 @@ class UpRequest:
     """`meshnode up`: None means 'keep what is set'."""
 
     login_server: str | None = None
-    authkey: str | None = None
+    authkey: str | None = field(default=None, repr=False)   # a secret: never in a log line or repr
     hostname: str | None = None
     accept_dns: bool | None = None
     accept_routes: bool | None = None
@@ -46,6 +47,9 @@ class UpRequest:
     advertise_tags: tuple[str, ...] | None = None
     timeout: float = 30.0  # seconds to wait for the first network map
     force_reauth: bool = False  # forget node key and pinned server key: register afresh
+    interactive: bool = False   # no auth key: log in through the browser (the server gives a URL)
+    shields_up: bool | None = None
+    exit_node_allow_lan_access: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,7 @@ class PingRequest:
     peer: str
     count: int = 1
     timeout: float = 2.0  # seconds per probe
+    until_direct: bool = False  # stop at the first pong over a direct path
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +140,49 @@ def parse_up(body: Any) -> UpRequest:
     return UpRequest(login, _opt_str(obj, "authkey"), hostname, _opt_bool(obj, "accept_dns"),
                      _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
                      _opt_str(obj, "exit_node", 253), tags, float(timeout),
-                     bool(_opt_bool(obj, "force_reauth")))
+                     bool(_opt_bool(obj, "force_reauth")), interactive=bool(_opt_bool(obj, "interactive")),
+                     shields_up=_opt_bool(obj, "shields_up"),
+                     exit_node_allow_lan_access=_opt_bool(obj, "exit_node_allow_lan_access"))
+
+
+_SET_ONLY_UP = {"login_server", "authkey", "force_reauth", "interactive"}
+
+
+def parse_set(body: Any) -> UpRequest:
+    """Validate a `set` request: the prefs of `up` (one or more), without login or auth key."""
+    obj = _object(body)
+    _check_keys(obj, {f for f in UpRequest.__dataclass_fields__} - _SET_ONLY_UP)
+    req = parse_up(obj)
+    if all(getattr(req, k) is None for k in ("hostname", "accept_dns", "accept_routes", "advertise_routes",
+                                              "advertise_exit_node", "exit_node", "advertise_tags",
+                                              "shields_up", "exit_node_allow_lan_access")):
+        raise bad_request("nothing to set: give at least one preference")
+    return req
+
+
+@dataclass(frozen=True, slots=True)
+class WhoisRequest:
+    address: str         # a tailnet IP address (the port, if given, is dropped)
+
+
+def parse_whois(params: Mapping[str, str]) -> WhoisRequest:
+    """Validate `whois` parameters: addr=IP, IP:PORT or [IPv6]:PORT."""
+    import ipaddress
+    _check_keys(params, {"addr"})
+    text = (params.get("addr") or "").strip()
+    host = text
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            raise bad_request(f"addr: {text!r} is not IP, IP:PORT or [IPv6]:PORT")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            raise bad_request(f"addr: {text!r} is not IP, IP:PORT or [IPv6]:PORT")
+    try:
+        return WhoisRequest(str(ipaddress.ip_address(host)))
+    except ValueError:
+        raise bad_request(f"addr: {text!r} is not IP, IP:PORT or [IPv6]:PORT") from None
 
 
 def parse_query(body: Any) -> QueryRequest:
@@ -173,7 +220,7 @@ def parse_ip(params: Mapping[str, str]) -> IpRequest:
 def parse_ping(body: Any) -> PingRequest:
     """Validate a `ping` request: a peer (name or address), 1-100 probes, 0.1-30 s each."""
     obj = _object(body)
-    _check_keys(obj, {"peer", "count", "timeout"})
+    _check_keys(obj, {"peer", "count", "timeout", "until_direct"})
     peer = _opt_str(obj, "peer", 253)
     if not peer or not peer.strip():
         raise bad_request("peer: expected a peer name or address")
@@ -183,7 +230,10 @@ def parse_ping(body: Any) -> PingRequest:
     timeout = obj.get("timeout", 2.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 30:
         raise bad_request("timeout: expected seconds from 0.1 to 30")
-    return PingRequest(peer.strip(), count, float(timeout))
+    until_direct = obj.get("until_direct", False)
+    if not isinstance(until_direct, bool):
+        raise bad_request("until_direct: expected true or false")
+    return PingRequest(peer.strip(), count, float(timeout), until_direct)
 
 
 def parse_netcheck(params: Mapping[str, str]) -> NetcheckRequest:
@@ -199,3 +249,63 @@ def parse_netcheck(params: Mapping[str, str]) -> NetcheckRequest:
     if not 0.1 <= timeout <= 10:  # also refuses nan
         raise bad_request("timeout: expected seconds from 0.1 to 10")
     return NetcheckRequest(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeRequest:
+    """`meshnode serve --tcp|--http PORT TARGET` (target already normalised by serve.parse_target)."""
+
+    kind: str      # "tcp" or "http"
+    port: int
+    target: str
+
+
+def parse_serve(body: Any) -> ServeRequest:
+    """Validate a serve request: kind tcp|http (https is refused with the reason), a port, a local target."""
+    from .serve import Kind, ServeError, parse_target
+    obj = _object(body)
+    _check_keys(obj, {"kind", "port", "target"})
+    kind = obj.get("kind")
+    if kind == "https":
+        raise ApiError(409, "HTTPS needs the tailnet's certificate authority, which this tailnet does not"
+                            " have yet; serve over --http for now (the tunnel already encrypts it)")
+    if kind not in ("tcp", "http"):
+        raise bad_request("kind: expected tcp or http")
+    port = obj.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise bad_request("port: expected a port number from 1 to 65535")
+    target = _opt_str(obj, "target", 1024)
+    if not target:
+        raise bad_request("target: expected e.g. tcp://127.0.0.1:22 or http://127.0.0.1:8080")
+    try:
+        return ServeRequest(kind, port, parse_target(Kind(kind), target))
+    except ServeError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def parse_serve_off(body: Any) -> int:
+    obj = _object(body)
+    _check_keys(obj, {"port"})
+    port = obj.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise bad_request("port: expected a port number from 1 to 65535")
+    return port
+
+
+@dataclass(frozen=True, slots=True)
+class CertRequest:
+    """`meshnode cert NAME`: the CLI's CSR (its key stays with the CLI) and the name asked for."""
+
+    csr: str
+    name: str
+
+
+def parse_cert(body: Any) -> CertRequest:
+    obj = _object(body)
+    _check_keys(obj, {"csr", "name"})
+    csr, name = obj.get("csr"), obj.get("name")
+    if not isinstance(csr, str) or "BEGIN CERTIFICATE REQUEST" not in csr or len(csr) > 8192:
+        raise bad_request("csr: expected a PEM certificate request")
+    if not isinstance(name, str) or not name.strip() or len(name) > 253:
+        raise bad_request("name: expected this node's name")
+    return CertRequest(csr, name.strip())

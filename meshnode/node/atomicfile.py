@@ -11,14 +11,18 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, data: bytes | str, mode: int = 0o600) -> None:
-    """Replace `path` with `data` atomically and durably; the file gets permission bits `mode`."""
+def atomic_write(path: str | Path, data: bytes | str, mode: int = 0o600,
+                 owner: tuple[int, int] | None = None) -> None:
+    """Replace `path` with `data` atomically and durably; the file gets permission bits `mode` (and
+    `owner` (uid, gid) when given) before it appears under its name."""
     target = Path(path)
     raw = data.encode() if isinstance(data, str) else data
     # The temporary file must live in the target's directory: rename is only atomic within one
     # filesystem.
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)

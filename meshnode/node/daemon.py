@@ -21,22 +21,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from magicdns.encrypted import EncryptedConfig
 from magicdns.server import DnsServer, ServerConfig
 from magicdns.upstream import Upstream
 from magicdns.view import DnsView
 
+from ..control import ca as tailnet_ca
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
+from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
-from .apitypes import ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, UpRequest
+from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
+                       UpRequest, WhoisRequest)
+from .cert import RECHECK as CERT_RECHECK, NodeCertificates, renewal_delay
 from .dnsthread import DnsThread, DnsThreadError
 from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
                     resolved_in_use)
-from .prefs import Prefs, PrefsError
+from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
-from .state import StateDir
-from .router import Router, RouterError, control_addresses, plan_routing
+from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
+from .state import IdentityDamaged, StateDir
+from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
 log = logging.getLogger("meshnode.node.daemon")
@@ -44,6 +50,8 @@ log = logging.getLogger("meshnode.node.daemon")
 DEFAULT_STATE_DIR = Path("/var/lib/meshnode")
 DEFAULT_SOCKET = Path("/run/meshnode/meshnode.sock")
 SYSTEM_RESOLV_CONF = Path("/etc/resolv.conf")
+ENDPOINT_POLL = 1.0  # seconds between looks at this node's endpoints (a change is reported within)
+BROWSER_LOGIN_WAIT = 600.0  # `meshnode up` without a key waits this long for someone to confirm the URL
 
 
 class BackendState(enum.Enum):
@@ -69,6 +77,15 @@ class DaemonConfig:
     metrics: tuple[str, int] | None = None             # Prometheus /metrics of the resolver
     query_log: str | None = None                       # the resolver's query log ("-": stderr)
     port: int = DEFAULT_PORT                           # WireGuard UDP port (with --tun)
+    # DoT/DoH (cert.py): empty with no --dns-listen: the service addresses on 853 and 443.
+    dot_listen: tuple[tuple[str, int], ...] = ()
+    doh_listen: tuple[tuple[str, int], ...] = ()
+
+
+# `status --json` field names are stable within a schema number (README.md, "status --json schema"):
+# fields may be added; a rename or removal bumps it.
+STATUS_SCHEMA = 1
+ACTIVE_SECONDS = 180  # a handshake younger than this: the peer is exchanging traffic
 
 
 def node_json(node: MapNode) -> dict[str, Any]:
@@ -76,6 +93,8 @@ def node_json(node: MapNode) -> dict[str, Any]:
     return {"id": node.id, "name": node.name, "fqdn": node.fqdn, "user": node.user,
             "addresses": list(node.addresses), "online": node.online, "tags": list(node.tags),
             "os": node.os, "last_seen": node.last_seen, "exit_node": node.exit_node,
+            "offers_exit_node": node.exit_node, "advertises_exit_node": node.advertises_exit_node,
+            "ephemeral": node.ephemeral,
             "advertised_routes": list(node.advertised_routes),
             "approved_routes": list(node.approved_routes)}
 
@@ -96,6 +115,8 @@ class Daemon:
         self.map_source = ""            # "saved" or "control"
         self.map_received_at: float | None = None
         self.control_error: str | None = None
+        self.identity_error: str | None = None   # damaged pin or lost machine key (state.IdentityDamaged)
+        self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server, metrics=config.metrics)
         self.osdns: OsDnsConfigurator = self._make_osdns()
@@ -104,12 +125,16 @@ class Daemon:
         self._router = (Router(config.tun, config.state_dir / "forwarding.pre-meshnode.json")
                         if config.tun else None)
         self.router_error: str | None = None
+        self.serve_config = ServeConfig()
+        self._serve = ServeRunner(self._caller)
         self._reported_endpoints: list[str] | None = None
+        self._reported_disco = ""  # the disco key the control server has from us
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
         self._applied_osdns: OsDnsConfig | None = None
         self._client: ControlClient | None = None
         self._map_task: asyncio.Task[None] | None = None
+        self._endpoint_task: asyncio.Task[None] | None = None
         self._drift_task: asyncio.Task[None] | None = None
         self._first_map = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
@@ -118,6 +143,9 @@ class Daemon:
         self._lock = asyncio.Lock()
         # One writer thread keeps saves in order and off the loop (a big map is megabytes).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+        self.certs = NodeCertificates(config.state_dir / "tls")
+        self.cert_error: str | None = None
+        self._cert_task: asyncio.Task[None] | None = None
 
     # -- construction helpers -----------------------------------------------------------------
 
@@ -132,14 +160,28 @@ class Daemon:
     def _make_server(self) -> DnsServer:
         listen = self.config.dns_listen or tuple((h, 53) for h in self._dns_hosts)
         return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams,
-                                      query_log=self.config.query_log))
+                                      query_log=self.config.query_log, encrypted=self._encrypted_config()))
+
+    def _encrypted_config(self) -> EncryptedConfig:
+        c = self.config
+        if c.dot_listen or c.doh_listen:
+            return EncryptedConfig(dot=c.dot_listen, doh=c.doh_listen)
+        if c.dns_listen:
+            return EncryptedConfig()  # a custom --dns-listen: no implicit ports 853/443
+        return EncryptedConfig(dot=tuple((h, 853) for h in self._dns_hosts),
+                               doh=tuple((h, 443) for h in self._dns_hosts))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the state, undo a crashed run's leftovers, and resume what the prefs say."""
         self.state.open()
-        self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        try:
+            self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        except IdentityDamaged as exc:
+            # Not a new machine behind the user's back: `up --force-reauth` decides (health says so).
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
         self.prefs = self.state.prefs()
         try:
             self.osdns.recover()
@@ -154,13 +196,15 @@ class Daemon:
             except NetMapError as exc:
                 self.state.reject_saved_map(f"unusable map: {exc}")
         has_key = self.state.node_key() is not None
-        if not has_key:
+        if not has_key or (self.identity_error and "machine.key" in self.identity_error):
             self.backend = BackendState.NEEDS_LOGIN
         elif not self.prefs.want_running:
             self.backend = BackendState.STOPPED
         else:
             await self._go_up()
         self._drift_task = asyncio.create_task(self._watch_osdns())
+        self.serve_config = load_config(self._serve_path)
+        await self._sync_serve()
         log.info("daemon: started in state %s (state dir %s)", self.backend.value, self.state.path)
 
     async def close(self) -> None:
@@ -170,6 +214,7 @@ class Daemon:
         for task in list(self._background):
             task.cancel()
         await self._go_down(BackendState.STOPPED)
+        await self._serve.close()
         await self._flush_saves()
         self._writer.shutdown(wait=True)
         self.state.close()
@@ -190,6 +235,7 @@ class Daemon:
             self.dns.set_view(view)
         self._sync_osdns(view)
         self.backend = BackendState.RUNNING if self.map_source == "control" else BackendState.STARTING
+        await self._serve_cert()  # a certificate from an earlier run serves at once, until it expires
         self._start_map_stream()
 
     async def _go_down(self, new_state: BackendState) -> None:
@@ -201,6 +247,7 @@ class Daemon:
                 log.error("osdns: restore failed: %s", exc)
             self._applied_osdns = None
         await asyncio.to_thread(self.dns.stop)
+        await self._serve.apply(self.serve_config, ())
         await self._remove_addresses()
         if self._router is not None:
             await self._router.close()
@@ -219,21 +266,30 @@ class Daemon:
             return
         try:
             await self._tunnel.start(bytes(node_key))
+            await self._tunnel.set_shields(self.prefs.shields_up)
             if self.netmap is not None:
-                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
         await self._route(self.netmap)
+        await self._sync_serve()
 
     async def _route(self, netmap: NetMap | None) -> None:
         """Forwarding, masquerading and exit node routing for `netmap` and the prefs (router.py)."""
         if self._router is None:
             return
         control: tuple[str, ...] = ()
+        lan: tuple[str, ...] = ()
         if self.prefs.exit_node:
             control = await asyncio.to_thread(control_addresses, self.prefs.login_server)
+            if not self.prefs.exit_node_allow_lan_access:
+                try:
+                    lan = await asyncio.to_thread(local_networks, self._router.tun)
+                except OSError as exc:
+                    log.error("router: cannot list the local networks to block: %s", exc)
         try:
-            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control))
+            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control, lan))
             self.router_error = None
         except (RouterError, OSError) as exc:  # the tunnel and DNS keep working without it
             self.router_error = f"routing: {exc}"
@@ -241,17 +297,45 @@ class Daemon:
 
     async def _report_endpoints(self, client: ControlClient) -> None:
         # Peers find us at these addresses; WireGuard also learns them from handshakes, so a
-        # failure here only delays the first contact.
-        if self._tunnel is None:
-            return
-        endpoints = await self._tunnel.endpoints()
-        if endpoints == self._reported_endpoints:
+        # failure here only delays the first contact (and the next poll retries).
+        if self._tunnel is None or not self._tunnel.running:
             return
         try:
-            await client.update_endpoints(endpoints)
-            self._reported_endpoints = endpoints
+            endpoints = await self._tunnel.endpoints()
+        except OSError as exc:
+            log.warning("endpoints: cannot list local addresses: %s", exc)
+            return
+        disco = self._tunnel.disco_key
+        if endpoints == self._reported_endpoints and disco == self._reported_disco:
+            return
+        try:
+            await client.update_endpoints(endpoints, disco_key=disco)
+            self._reported_endpoints, self._reported_disco = endpoints, disco
+            log.info("control: reported endpoints %s", ", ".join(endpoints) or "(none)")
         except ControlError as exc:
             log.warning("control: reporting endpoints %s failed: %s", endpoints, exc)
+
+    async def _watch_endpoints(self, client: ControlClient) -> None:
+        """Report this node's endpoints again within ENDPOINT_POLL of any change (an address
+        added or removed, an interface set down, a NAT address learned from peers)."""
+        while True:
+            await asyncio.sleep(ENDPOINT_POLL)
+            try:
+                await self._report_endpoints(client)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:  # never end the watch on a bug: say so and keep polling
+                log.exception("endpoints: report failed")
+
+    async def _current_endpoints(self) -> tuple[list[str], str]:
+        """(endpoints, disco key) of the running tunnel, for a registration; empty without one."""
+        if self._tunnel is None or not self._tunnel.running:
+            return [], ""
+        try:
+            return await self._tunnel.endpoints(), self._tunnel.disco_key
+        except OSError as exc:
+            log.warning("endpoints: cannot list local addresses: %s", exc)
+            return [], self._tunnel.disco_key
 
     async def _place_addresses(self) -> None:
         if self.config.dns_listen:
@@ -304,12 +388,28 @@ class Daemon:
     def _start_map_stream(self) -> None:
         if self._map_task is not None and not self._map_task.done():
             return
-        client = self._control_client()
+        try:
+            client = self._control_client()
+        except IdentityDamaged as exc:
+            # Keep serving the saved map, but never talk to a server we can no longer authenticate.
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
+            return
         if client is None:
             return
         self._map_task = asyncio.create_task(self._follow_map(client))
+        if self._endpoint_task is None or self._endpoint_task.done():
+            self._endpoint_task = asyncio.create_task(self._watch_endpoints(client))
 
     async def _stop_map_stream(self) -> None:
+        await self._stop_cert_task()
+        watcher, self._endpoint_task = self._endpoint_task, None
+        if watcher is not None:
+            watcher.cancel()
+            try:
+                await watcher
+            except asyncio.CancelledError:
+                pass
         task, self._map_task = self._map_task, None
         if task is not None:
             task.cancel()
@@ -339,8 +439,16 @@ class Daemon:
                     self.control_error = None
                     await self._apply_map(netmap)
                     await self._report_endpoints(client)
+                    self._start_cert_task(client)
                 return
             except ControlError as exc:
+                if not exc.logs_out:
+                    # Only a refusal sealed by the pinned server key changes the login state; anything
+                    # else (a captive portal, an impostor) is transient: keep serving what we have.
+                    log.warning("control: %s (not a sealed refusal); retrying in 1s", exc)
+                    self.control_error = None
+                    await asyncio.sleep(1.0)
+                    continue
                 await self._refused_by_control(client, exc)
                 return
             except (asyncio.CancelledError, KeyboardInterrupt):
@@ -348,14 +456,92 @@ class Daemon:
             except Exception as exc:
                 # A bug or a full disk must not silently end map updates: say so, then retry.
                 log.exception("netmap: following the map failed; retrying in 1s")
-                self.control_error = f"following the map failed: {exc!r}"
+                self.control_error = f"following the map failed: {in_words(exc)} (see the daemon's log)"
                 await asyncio.sleep(1.0)
 
+    # -- the node's certificate (cert.py) -------------------------------------------------------
+
+    def _start_cert_task(self, client: ControlClient) -> None:
+        if self._encrypted_config().wanted and (self._cert_task is None or self._cert_task.done()):
+            self._cert_task = asyncio.create_task(self._cert_loop(client))
+
+    async def _stop_cert_task(self) -> None:
+        task, self._cert_task = self._cert_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def _wanted_names(self) -> tailnet_ca.LeafNames | None:
+        nm = self.netmap
+        if nm is None:
+            return None
+        return tailnet_ca.node_names(nm.self_node.name, nm.domain, tuple(nm.self_node.addresses))
+
+    async def _cert_loop(self, client: ControlClient) -> None:
+        """Keep a certificate from the tailnet CA and hand it to the resolver: renewed at two thirds
+        of its life (or when the node's names change) while the control server answers; retried
+        with backoff when it does not. An expired one is never served (magicdns/tlsconf.py)."""
+        backoff = 5.0
+        while True:
+            info = await asyncio.to_thread(self.certs.current)
+            if info is not None:
+                await self._serve_cert()
+            wanted = self._wanted_names()
+            delay = renewal_delay(info, wanted, time.time())
+            if delay > 0 or wanted is None:
+                await asyncio.sleep(min(delay, CERT_RECHECK) if delay > 0 else CERT_RECHECK)
+                continue
+            try:
+                key = await asyncio.to_thread(self.certs.key_pem)
+                cert_pem, ca_pem = await client.request_cert(tailnet_ca.make_csr(key, wanted.dns_names[0]))
+                info = await asyncio.to_thread(self.certs.save, cert_pem, ca_pem)
+            except (ControlError, tailnet_ca.CertError, OSError) as exc:
+                self.cert_error = f"cannot get a certificate: {exc}"
+                log.warning("tls: %s; retrying in %.0fs", self.cert_error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 600.0)
+                continue
+            backoff, self.cert_error = 5.0, None
+            log.info("tls: certificate for %s valid until %s", ", ".join(info.dns_names + info.ip_addresses),
+                     info.to_json()["not_after"])
+
+    async def _serve_cert(self) -> None:
+        if not self.dns.running or not self._encrypted_config().wanted or not self.certs.cert_path.exists():
+            return
+        cert, key = str(self.certs.cert_path), str(self.certs.key_path)
+        await self.dns.call(lambda server: server.encrypted.set_certificate(cert, key))
+
+    async def sign_cert(self, csr_pem: str, name: str) -> dict[str, Any]:
+        """`meshnode cert NAME`: have the tailnet CA sign the CLI's CSR for this node's names."""
+        nm = self.netmap
+        client = self._control_client()
+        if nm is None or client is None:
+            raise ApiError(409, "not connected to a tailnet: run `meshnode up` first")
+        short = name.lower().rstrip(".")
+        if short not in (nm.self_node.name, nm.self_node.fqdn.rstrip(".")):
+            raise ApiError(400, f"{name}: a certificate can only be for this node's name, {nm.self_node.fqdn.rstrip('.')}")
+        try:
+            cert, ca_pem = await client.request_cert(csr_pem)
+        except ControlError as exc:
+            raise ApiError(502, f"the control server did not issue a certificate: {exc}") from None
+        return {"cert": cert, "ca": ca_pem}
+
+    def ca_cert(self) -> dict[str, Any]:
+        """The tailnet CA certificate (from the map, else the copy saved with the node's certificate)."""
+        pem = (self.netmap.tailnet_ca if self.netmap is not None else "") or self.certs.ca_pem()
+        if not pem:
+            raise ApiError(409, "no tailnet CA known yet: run `meshnode up` (the control server may predate it)")
+        return {"ca": pem, "domain": self.netmap.domain if self.netmap is not None else None}
+
     async def _refused_by_control(self, client: ControlClient, exc: ControlError) -> None:
-        # Retryable failures are retried inside stream_map; this is a refusal (deleted, expired,
-        # logged out elsewhere): the map we hold describes a tailnet we are no longer part of.
+        # Transient failures are retried inside stream_map; this is a refusal sealed by the pinned
+        # server key (deleted, expired, logged out elsewhere): the map we hold describes a tailnet we
+        # are no longer part of.
         log.error("control: %s refused this node: %s", client.server_url, exc)
-        self.control_error = str(exc)
+        self.control_error = control_failure(client.server_url, exc)
         self.netmap, self.map_source = None, ""
         await self._forget_map()
         self._first_map.set()  # wakes an `up` waiting for its first map: the answer is no
@@ -376,10 +562,13 @@ class Daemon:
         await asyncio.wrap_future(self.dns.set_view(view))
         if self._tunnel is not None:
             try:
-                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
+                await self._tunnel.set_shields(self.prefs.shields_up)
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
             await self._route(netmap)
+            await self._sync_serve()
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -453,6 +642,13 @@ class Daemon:
             prefs = self._merge_prefs(req)
             if not prefs.login_server:
                 raise ApiError(400, "no login server: pass --login-server URL")
+            if not req.force_reauth:
+                try:
+                    self.state.machine_key()
+                    self.state.server_key(prefs.login_server)
+                except IdentityDamaged as exc:
+                    self.identity_error = str(exc)
+                    raise ApiError(409, str(exc)) from None
             if req.exit_node and self.netmap is not None:
                 self._check_exit_node(self.netmap, req.exit_node)
             if req.force_reauth or (prefs.login_server != self.prefs.login_server and self.prefs.login_server):
@@ -463,6 +659,7 @@ class Daemon:
                 self.state.forget_server_key()
                 await self._forget_map()
                 self.netmap, self.map_source = None, ""
+                self.state.machine_key()   # a lost machine key is replaced only here, on request
             await self._stop_map_stream()
             fresh_key = self.state.node_key() is None
             if fresh_key:
@@ -471,11 +668,17 @@ class Daemon:
             client = self._control_client()
             assert client is not None
             try:
-                await client.register(authkey=req.authkey, hostname=prefs.hostname or None,
-                                      os=self.config.os_name,
-                                      advertise_routes=prefs.advertise_routes,
-                                      advertise_tags=prefs.advertise_tags,
-                                      advertise_exit_node=prefs.advertise_exit_node)
+                endpoints, disco = await self._current_endpoints()
+                register_kw = dict(hostname=prefs.hostname or None, os=self.config.os_name,
+                                   advertise_routes=prefs.advertise_routes, advertise_tags=prefs.advertise_tags,
+                                   advertise_exit_node=prefs.advertise_exit_node,
+                                   endpoints=endpoints, disco_key=disco)
+                if req.authkey is None and req.interactive:
+                    await self._login_in_browser(client, register_kw)
+                else:
+                    await client.register(authkey=req.authkey, **register_kw)
+                # Whatever was reported before, report again now: the server has what we just sent.
+                self._reported_endpoints = None
             except ControlError as exc:
                 await self._stop_map_stream()
                 if fresh_key:
@@ -488,9 +691,18 @@ class Daemon:
                 if exc.code is ErrorCode.BAD_SEAL:
                     hint = (" (if the control server was reinstalled, start over with"
                             " `meshnode up --force-reauth --authkey KEY`)")
-                raise ApiError(status, f"control server {prefs.login_server}: {exc}{hint}") from None
+                if exc.code in (ErrorCode.AUTHKEY_UNKNOWN, ErrorCode.AUTHKEY_EXPIRED, ErrorCode.AUTHKEY_USED,
+                                ErrorCode.AUTHKEY_REVOKED, ErrorCode.AUTHKEY_REQUIRED):
+                    hint = (" (pass a valid --authkey; `meshnode control authkey create` on the control"
+                            " server makes one)")
+                if exc.code is ErrorCode.TAG_NOT_ALLOWED and prefs.advertise_tags:
+                    hint = (f" (this node asks for {', '.join(prefs.advertise_tags)}; drop them with"
+                            " `meshnode up --advertise-tags=` or `meshnode set --advertise-tags=`)")
+                raise ApiError(status, control_failure(prefs.login_server, exc) + hint,
+                               detail=exc.detail) from None
             if client.server_public_key:
                 self.state.save_server_key(prefs.login_server, client.server_public_key)
+            self.identity_error = None
             self.prefs = replace(prefs, want_running=True)
             self.state.save_prefs(self.prefs)
             self.control_error = None
@@ -504,18 +716,149 @@ class Daemon:
         except asyncio.TimeoutError:
             raise ApiError(504, f"registered, but no network map arrived within {req.timeout:g}s") from None
         if self.netmap is None and self.control_error:
-            raise ApiError(403, f"control server {self.prefs.login_server}: {self.control_error}")
+            raise ApiError(403, self.control_error)
         return self.status()
 
+    async def _login_in_browser(self, client: ControlClient, register_kw: dict[str, Any]) -> None:
+        """No auth key: the control server gives a URL where a signed-in user confirms this machine
+        (`status` shows it as `auth_url` for the CLI to print); returns once they did."""
+        def show(url: str) -> None:
+            self.auth_url = url
+            log.info("to add this machine to the tailnet, open %s", url)
+        try:
+            await client.login_interactive(show, timeout=BROWSER_LOGIN_WAIT, **register_kw)
+        finally:
+            self.auth_url = None
+
     def _merge_prefs(self, req: UpRequest) -> Prefs:
-        changes = {k: getattr(req, k) for k in ("login_server", "hostname", "accept_dns", "accept_routes",
-                                                  "advertise_routes", "advertise_exit_node", "exit_node",
-                                                  "advertise_tags")
-                   if getattr(req, k) is not None}
+        changes = {k: getattr(req, k) for k in ("login_server", *SETTABLE) if getattr(req, k) is not None}
         try:
             return self.prefs.updated(**changes)
         except PrefsError as exc:
             raise ApiError(400, str(exc)) from None
+
+    async def set_prefs(self, req: UpRequest) -> dict[str, Any]:
+        """`meshnode set`: change the given prefs only. A running node applies them at once (through
+        `up`, which re-registers: advertised routes, tags and the hostname live on the control
+        server); a stopped or logged-out one keeps them for the next `up`."""
+        if self.backend in (BackendState.RUNNING, BackendState.STARTING) and self.state.node_key() is not None:
+            return await self.up(req)
+        async with self._lock:
+            prefs = self._merge_prefs(req)
+            if req.exit_node and self.netmap is not None:
+                self._check_exit_node(self.netmap, req.exit_node)
+            self.prefs = prefs
+            self.state.save_prefs(prefs)
+        return self.status()
+
+    def whois(self, req: WhoisRequest) -> dict[str, Any]:
+        """The node and user owning a tailnet address (the identity ACLs and `serve` use)."""
+        node = self.node_of(req.address)
+        if node is None:
+            raise ApiError(404, f"{req.address} is not the address of any node in the network map")
+        return {"address": req.address, "node": node_json(node), "user": node.user,
+                "tags": list(node.tags), "self": self.netmap is not None and node is self.netmap.self_node}
+
+    def node_of(self, address: str) -> MapNode | None:
+        """The map node (self or a peer) that owns tailnet `address`, or None."""
+        nm = self.netmap
+        if nm is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        text = str(ip)
+        for node in (nm.self_node, *nm.peers):
+            if text in node.addresses:
+                return node
+        return None
+
+    async def version(self) -> dict[str, Any]:
+        """This daemon's version and the control server's (from its GET /key), and whether they match."""
+        from ..version import version
+        import aiohttp
+        mine = version()
+        url = self.prefs.login_server or None
+        control: dict[str, Any] = {"url": url, "version": None, "error": None}
+        if url:
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
+                    async with http.get(url.rstrip("/") + "/key") as resp:
+                        body = await resp.json(content_type=None)
+                control["version"] = body.get("version") if isinstance(body, dict) else None
+                if control["version"] is None:
+                    control["error"] = "the control server does not report its version (older than 0.1.0?)"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                control["error"] = control_unreachable(url, exc)
+        return {"daemon": mine, "control": control}
+
+    # -- serve ----------------------------------------------------------------------------------
+
+    @property
+    def _serve_path(self) -> Path:
+        return self.config.state_dir / "serve.json"
+
+    def _serve_addresses(self) -> tuple[str, ...]:
+        if (self._tunnel is None or not self._tunnel.running or self.netmap is None
+                or self.backend not in (BackendState.RUNNING, BackendState.STARTING)):
+            return ()
+        return tuple(self.netmap.self_node.addresses)
+
+    async def _sync_serve(self, strict_port: int | None = None) -> None:
+        await self._serve.apply(self.serve_config, self._serve_addresses(), strict_port)
+
+    def _caller(self, address: str) -> Caller | None:
+        node = self.node_of(address)
+        if node is None:
+            return None
+        return Caller(address, node.fqdn, node.user, tuple(node.tags))
+
+    def serve_status(self) -> dict[str, Any]:
+        return {"entries": self._serve.status(self.serve_config),
+                "addresses": list(self._serve_addresses()),
+                "tunnel": self._tunnel is not None}
+
+    async def serve_set(self, req: ServeRequest) -> dict[str, Any]:
+        """Serve a port: it listens at once (or the request is refused, nothing changed), and is
+        saved so a restarted daemon serves it again."""
+        if self._tunnel is None:
+            raise ApiError(409, "serve shares a port on the node's tailnet addresses, which need the tunnel:"
+                                " run the daemon with --tun NAME")
+        async with self._lock:
+            old = self.serve_config
+            try:
+                new = old.with_entry(ServeEntry(req.port, Kind(req.kind), req.target))
+            except ServeError as exc:
+                raise ApiError(400, str(exc)) from None
+            self.serve_config = new
+            try:
+                await self._sync_serve(strict_port=req.port)
+            except ServeError as exc:
+                self.serve_config = old
+                await self._sync_serve()
+                raise ApiError(409, str(exc)) from None
+            save_config(self._serve_path, new)
+        return self.serve_status()
+
+    async def serve_off(self, port: int) -> dict[str, Any]:
+        async with self._lock:
+            try:
+                self.serve_config = self.serve_config.without(port)
+            except ServeError as exc:
+                raise ApiError(404, str(exc)) from None
+            save_config(self._serve_path, self.serve_config)
+            await self._sync_serve()
+        return self.serve_status()
+
+    async def serve_reset(self) -> dict[str, Any]:
+        async with self._lock:
+            self.serve_config = ServeConfig()
+            save_config(self._serve_path, self.serve_config)
+            await self._sync_serve()
+        return self.serve_status()
 
     async def down(self) -> dict[str, Any]:
         async with self._lock:
@@ -534,8 +877,9 @@ class Daemon:
                 except ControlError as exc:
                     if exc.retryable:
                         # Forgetting the key without telling the server would leave a ghost node.
-                        raise ApiError(502, f"cannot reach the control server to log out: {exc}"
-                                       " (`meshnode up --force-reauth` starts over without it)") from None
+                        raise ApiError(502, f"cannot log out: {control_failure(client.server_url, exc)}"
+                                       " (`meshnode up --force-reauth` starts over without it)",
+                                       detail=exc.detail) from None
                     log.warning("control: logout refused (%s); forgetting the node key anyway", exc)
             await self._go_down(BackendState.NEEDS_LOGIN)
             self.state.forget_node_key()
@@ -552,17 +896,20 @@ class Daemon:
         if drift != Drift.INTACT.value:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
-            health.append(f"control server: {self.control_error}")
+            health.append(self.control_error)
+        if self.identity_error:
+            health.append(self.identity_error)
+        health += [f"state: {d}" for d in self.state.damage]
         control = self._client.stream_state if self._client is not None else None
         if control is not None and control["error"] and not self.control_error:
-            health.append(f"control server unreachable since {time.strftime('%H:%M:%S', time.localtime(control['since']))}"
-                          f" ({control['error']}); serving the last map")
+            since = time.strftime('%H:%M:%S', time.localtime(control['since']))
+            health.append(f"control server unreachable since {since}: {control['error']}; serving the last map")
         if self.router_error:
             health.append(self.router_error)
         routing = self._router.applied if self._router is not None else None
         if routing is not None and routing.use_exit and routing.exit_peer is None:
             health.append(f"exit node {self.prefs.exit_node!r} is not an approved exit node in the map:"
-                          " internet traffic is blocked (`meshnode up --exit-node ''` goes direct)")
+                          " internet traffic is blocked (`meshnode set --exit-node=` goes direct)")
         tunnel = self._tunnel.status() if self._tunnel is not None else None
         if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
                 and not tunnel.get("running")):
@@ -570,8 +917,12 @@ class Daemon:
                           + (f": {tunnel['failure']}" if tunnel.get("failure") else ""))
         if tunnel is not None and (tunnel.get("filter") or {}).get("error"):
             health.append(tunnel["filter"]["error"])
+        from ..version import version
         return {
+            "schema": STATUS_SCHEMA,
+            "version": version(),
             "backend_state": self.backend.value,
+            "auth_url": self.auth_url,
             "login_server": self.prefs.login_server or None,
             "tailnet": nm.domain if nm else None,
             "self": node_json(nm.self_node) if nm else None,
@@ -587,13 +938,23 @@ class Daemon:
     def _peers_json(self, nm: NetMap) -> list[dict[str, Any]]:
         tunnel = self._tunnel.status() if self._tunnel is not None else {}
         by_key = {p["public_key"]: p for p in tunnel.get("peers", [])}
+        ref = self.prefs.exit_node
+        now = time.time()
         out = []
         for p in nm.peers:
             obj = node_json(p)
+            obj["exit_node_in_use"] = bool(ref) and p.exit_node and ref in (p.name, p.fqdn, *p.addresses)
             wg = by_key.get(p.node_key)
+            obj["tunnel"] = None
+            obj["active"] = False
             if wg is not None:
                 obj["tunnel"] = {"endpoint": wg["endpoint"], "last_handshake": wg["last_handshake"],
                                  "rx_bytes": wg["rx_bytes"], "tx_bytes": wg["tx_bytes"]}
+                if wg.get("path") is not None:
+                    obj["path"] = wg["path"]
+                # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
+                shook = wg["last_handshake"]
+                obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg["endpoint"])
             out.append(obj)
         return out
 
@@ -607,8 +968,8 @@ class Daemon:
         return {"name": node.fqdn, "addresses": addrs}
 
     async def ping(self, req: PingRequest) -> dict[str, Any]:
-        """ICMP echo to a peer's tailnet address, through the tunnel."""
-        from .icmp import ping_once
+        """Ping a peer as `tailscale ping` does: disco pings on every path it may take, each reply
+        saying which path answered (ICMP through the tunnel for a peer without a disco key)."""
         nm = self.netmap
         if nm is None:
             raise ApiError(409, "no network map yet: run `meshnode up`")
@@ -618,14 +979,43 @@ class Daemon:
         if node is nm.self_node:
             raise ApiError(400, f"{node.fqdn} is this node")
         v4 = next((a for a in node.addresses if ":" not in a), None)
+        paths = self._tunnel.paths
+        if paths is not None and node.disco_key:
+            return await self._disco_ping(paths, node, v4 or node.addresses[0], req)
         if v4 is None:
             raise ApiError(409, f"{node.fqdn} has no IPv4 address to ping")
+        from .icmp import ping_once
         replies: list[float | None] = []
         for seq in range(1, req.count + 1):
             pong = await asyncio.to_thread(ping_once, v4, seq, req.timeout)
             replies.append(round(pong.rtt * 1000, 3) if pong else None)
         wg = next((p for p in self._tunnel.status().get("peers", []) if p["public_key"] == node.node_key), {})
-        return {"peer": node.fqdn, "address": v4, "endpoint": wg.get("endpoint"), "replies_ms": replies}
+        via = wg.get("endpoint")
+        return {"peer": node.fqdn, "address": v4, "endpoint": via, "replies_ms": replies,
+                "replies": [{"ms": r, "via": via if r is not None else None} for r in replies]}
+
+    async def _disco_ping(self, paths: Any, node: MapNode, addr: str, req: PingRequest) -> dict[str, Any]:
+        from .pathrunner import b64_key
+        key = b64_key(node.node_key)
+        if key is None:
+            raise ApiError(409, f"{node.fqdn} has an unusable node key")
+        replies: list[dict[str, Any]] = []
+        for _ in range(req.count):
+            res = await paths.ping(key, req.timeout)
+            if res is None:
+                replies.append({"ms": None, "via": None})
+                continue
+            via = (f"{res.endpoint[0]}:{res.endpoint[1]}" if res.endpoint and ":" not in res.endpoint[0]
+                   else f"[{res.endpoint[0]}]:{res.endpoint[1]}" if res.endpoint
+                   else f"DERP({res.relay_region})")
+            replies.append({"ms": round(res.latency_ms, 3), "via": via, "direct": res.endpoint is not None})
+            if req.until_direct and res.endpoint is not None:
+                break
+            if req.count > 1:
+                await asyncio.sleep(min(1.0, req.timeout))  # tailscale pings once a second
+        last = next((r["via"] for r in reversed(replies) if r["via"]), None)
+        return {"peer": node.fqdn, "address": addr, "endpoint": last,
+                "replies_ms": [r["ms"] for r in replies], "replies": replies}
 
     async def netcheck(self, req: NetcheckRequest) -> dict[str, Any]:
         """What this node knows of its connectivity: the WireGuard UDP port, the endpoints peers
@@ -662,7 +1052,10 @@ class Daemon:
         if not url:
             return {"url": None, "reachable": False, "latency_ms": None, "key_matches_pin": None,
                     "error": "no login server: run `meshnode up --login-server URL`"}
-        pinned = self.state.server_key(url)
+        try:
+            pinned = self.state.server_key(url)
+        except IdentityDamaged:
+            pinned = None
         start = time.monotonic()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
@@ -732,9 +1125,15 @@ class Daemon:
                              "addresses": list(self._dns_hosts),
                              "forwarding_to": [u.spec for u in self._upstreams],
                              "server": server},
+                "tls": self._tls_status(),
                 "os": {"mode": os_status.mode, "target": os_status.target, "active": os_status.active,
                        "drift": os_status.drift, "drift_since": os_status.drift_since,
                        "original_nameservers": list(os_status.original_nameservers)}}
+
+    def _tls_status(self) -> dict[str, Any]:
+        info = self.certs.current()
+        return {"certificate": info.to_json() if info else None, "error": self.cert_error,
+                "serving": bool(info and tailnet_ca.servable(info, time.time()))}
 
     async def dns_query(self, req: QueryRequest) -> dict[str, Any]:
         if not self.dns.running:

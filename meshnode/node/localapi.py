@@ -2,6 +2,13 @@
 
     GET  /localapi/v0/status              self, peers, state, health
     POST /localapi/v0/up                  {login_server, authkey, hostname, accept_dns, ...}
+    POST /localapi/v0/set                 {accept_dns, shields_up, ...}: change only these prefs
+    GET  /localapi/v0/whois?addr=IP[:PORT] the node and user owning a tailnet address
+    GET  /localapi/v0/version             daemon and control server versions
+    GET  /localapi/v0/serve               served ports, where they listen, errors
+    POST /localapi/v0/serve               {kind: tcp|http, port, target}
+    POST /localapi/v0/serve/off           {port}
+    POST /localapi/v0/serve/reset
     POST /localapi/v0/down
     POST /localapi/v0/logout
     GET  /localapi/v0/ip?family=4|6&peer=NAME
@@ -9,6 +16,8 @@
     GET  /localapi/v0/netcheck?timeout=S  UDP port, endpoints, control server reachable, handshakes
     GET  /localapi/v0/dns/status
     POST /localapi/v0/dns/query           {name, type}
+    GET  /localapi/v0/cert/ca             the tailnet CA certificate {ca, domain}
+    POST /localapi/v0/cert                {csr, name}: the tailnet CA signs it for this node's names
 
 Every answer is JSON; an error is `{"error": "..."}` with a 4xx/5xx status. Who may call is decided
 by the socket's permissions (0600, owned by the daemon's user), as with Tailscale's socket.
@@ -25,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .apitypes import API_PREFIX, ApiError, parse_ip, parse_netcheck, parse_ping, parse_query, parse_up
+from .apitypes import (API_PREFIX, ApiError, parse_cert, parse_ip, parse_netcheck, parse_ping, parse_query,
+                       parse_serve, parse_serve_off, parse_set, parse_up, parse_whois)
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -63,7 +73,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response({"error": exc.message}, status=exc.status)
+        body = {"error": exc.message}
+        if exc.detail:
+            body["detail"] = exc.detail
+        return web.json_response(body, status=exc.status)
     except web.HTTPRequestEntityTooLarge:
         return web.json_response({"error": f"request body larger than {MAX_BODY} bytes"}, status=413)
     except web.HTTPException as exc:
@@ -83,6 +96,28 @@ def make_app(daemon: "Daemon") -> web.Application:
 
     async def up(request: web.Request) -> web.Response:
         return _ok(await daemon.up(parse_up(await _json_body(request))))
+
+    async def set_prefs(request: web.Request) -> web.Response:
+        return _ok(await daemon.set_prefs(parse_set(await _json_body(request))))
+
+    async def whois(request: web.Request) -> web.Response:
+        return _ok(daemon.whois(parse_whois(dict(request.query))))
+
+    async def version(request: web.Request) -> web.Response:
+        return _ok(await daemon.version())
+
+    async def serve_status(request: web.Request) -> web.Response:
+        return _ok(daemon.serve_status())
+
+    async def serve_set(request: web.Request) -> web.Response:
+        return _ok(await daemon.serve_set(parse_serve(await _json_body(request))))
+
+    async def serve_off(request: web.Request) -> web.Response:
+        return _ok(await daemon.serve_off(parse_serve_off(await _json_body(request))))
+
+    async def serve_reset(request: web.Request) -> web.Response:
+        await _json_body(request)
+        return _ok(await daemon.serve_reset())
 
     async def down(request: web.Request) -> web.Response:
         await _json_body(request)
@@ -109,6 +144,13 @@ def make_app(daemon: "Daemon") -> web.Application:
 
     app.router.add_get(API_PREFIX + "/status", status)
     app.router.add_post(API_PREFIX + "/up", up)
+    app.router.add_post(API_PREFIX + "/set", set_prefs)
+    app.router.add_get(API_PREFIX + "/whois", whois)
+    app.router.add_get(API_PREFIX + "/version", version)
+    app.router.add_get(API_PREFIX + "/serve", serve_status)
+    app.router.add_post(API_PREFIX + "/serve", serve_set)
+    app.router.add_post(API_PREFIX + "/serve/off", serve_off)
+    app.router.add_post(API_PREFIX + "/serve/reset", serve_reset)
     app.router.add_post(API_PREFIX + "/down", down)
     app.router.add_post(API_PREFIX + "/logout", logout)
     app.router.add_get(API_PREFIX + "/ip", ip)
@@ -116,6 +158,16 @@ def make_app(daemon: "Daemon") -> web.Application:
     app.router.add_get(API_PREFIX + "/netcheck", netcheck)
     app.router.add_get(API_PREFIX + "/dns/status", dns_status)
     app.router.add_post(API_PREFIX + "/dns/query", dns_query)
+
+    async def cert_ca(request: web.Request) -> web.Response:
+        return _ok(daemon.ca_cert())
+
+    async def cert(request: web.Request) -> web.Response:
+        req = parse_cert(await _json_body(request))
+        return _ok(await daemon.sign_cert(req.csr, req.name))
+
+    app.router.add_get(API_PREFIX + "/cert/ca", cert_ca)
+    app.router.add_post(API_PREFIX + "/cert", cert)
     return app
 
 

@@ -20,10 +20,11 @@ class DaemonNotRunning(RuntimeError):
 class LocalApiRefused(RuntimeError):
     """The daemon answered with an error; `status` is the HTTP status."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.detail = detail
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -81,7 +82,8 @@ class LocalClient:
             raise LocalApiRefused(resp.status, f"the daemon answered {resp.status} with non-JSON") from None
         if resp.status >= 400:
             msg = obj.get("error") if isinstance(obj, dict) else None
-            raise LocalApiRefused(resp.status, str(msg or f"HTTP {resp.status}"))
+            det = obj.get("detail") if isinstance(obj, dict) else None
+            raise LocalApiRefused(resp.status, str(msg or f"HTTP {resp.status}"), str(det or ""))
         return obj
 
     def netcheck(self, probe_timeout: float | None = None) -> dict[str, Any]:

@@ -11,9 +11,11 @@ Two configurators share one small interface (apply, restore, check, original, st
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -73,22 +75,51 @@ def _fingerprint(path: Path) -> Fingerprint | None:
     return Fingerprint(st.st_ino, st.st_mtime_ns, digest(data))
 
 
-def _replace_file(path: Path, text: str) -> None:
+def _replace_file(path: Path, data: str | bytes, mode: int = 0o644,
+                  owner: tuple[int, int] | None = None) -> None:
     """Atomic replace; falls back to an in-place rewrite where the file is a mount point.
 
     Containers often bind-mount /etc/resolv.conf, and rename onto a mount point fails with EBUSY:
     there an in-place write is the only way, and the marker still lets us recognise the file.
     """
+    raw = data.encode() if isinstance(data, str) else data
     try:
-        atomic_write(path, text, mode=0o644)
+        atomic_write(path, raw, mode=mode, owner=owner)
     except OSError as exc:
         if exc.errno not in (errno.EBUSY, errno.EXDEV):
             raise OsDnsError(f"{path}: cannot write: {exc.strerror}") from None
         log.warning("osdns: %s is a mount point; rewriting it in place", path)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(path, "wb") as f:
+            f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    """How the file was before us, beyond its bytes (kept beside the backup): whether it existed at
+    all, its permission bits and its owner, so `restore` gives back exactly what it found."""
+
+    existed: bool = True
+    mode: int = 0o644
+    uid: int | None = None
+    gid: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"existed": self.existed, "mode": self.mode, "uid": self.uid, "gid": self.gid})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "Original":
+        """Missing or damaged (a backup from an older version): an existing 0644 file, owner unchanged."""
+        try:
+            obj = json.loads(text) if text else None
+            if isinstance(obj, dict):
+                return cls(bool(obj.get("existed", True)), int(obj.get("mode", 0o644)) & 0o7777,
+                           None if obj.get("uid") is None else int(obj["uid"]),
+                           None if obj.get("gid") is None else int(obj["gid"]))
+        except (ValueError, TypeError):
+            pass
+        return cls()
 
 
 class ResolvConfConfigurator:
@@ -98,6 +129,7 @@ class ResolvConfConfigurator:
         self.path = Path(path)
         self.backup = Path(backup)
         self.link_backup = self.backup.with_name(self.backup.name + ".link")
+        self.meta_backup = self.backup.with_name(self.backup.name + ".meta")
         self._expected: Fingerprint | None = None
         self._drift = Drift.INTACT
         self._drift_since: float | None = None
@@ -131,12 +163,24 @@ class ResolvConfConfigurator:
         self._drift, self._drift_since = Drift.INTACT, None
 
     def _save_backup(self, current: str | None) -> None:
+        # The bytes exactly as found (not the decoded text: a non-UTF-8 byte or a CRLF must come back
+        # as it was), and beside them whether the file existed, its mode and its owner. The backup
+        # itself is written last: its presence is what says "ours to restore".
+        try:
+            st = self.path.stat()
+            raw = self.path.read_bytes()
+            meta = Original(True, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            raw, meta = b"", Original(existed=False)
+        except OSError as exc:
+            raise OsDnsError(f"{self.path}: cannot read: {exc.strerror}") from None
         if self.path.is_symlink():
             # e.g. /etc/resolv.conf -> /run/resolvconf/resolv.conf: restore the link, not a copy.
-            atomic_write(self.link_backup, os.readlink(self.path), mode=0o644)
+            atomic_write(self.link_backup, os.readlink(self.path), mode=0o600)
         else:
             self.link_backup.unlink(missing_ok=True)
-        atomic_write(self.backup, current or "", mode=0o644)
+        atomic_write(self.meta_backup, meta.to_json(), mode=0o600)
+        atomic_write(self.backup, raw, mode=0o600)
 
     def _undo(self, plan: Recovery) -> None:
         if plan is Recovery.RESTORE:
@@ -147,7 +191,12 @@ class ResolvConfConfigurator:
                 os.symlink(target, tmp)
                 os.replace(tmp, self.path)
             else:
-                _replace_file(self.path, self.backup.read_text(encoding="utf-8", errors="replace"))
+                meta = Original.from_json(_read(self.meta_backup))
+                if not meta.existed:
+                    self.path.unlink(missing_ok=True)   # there was none before us: there is none after
+                else:
+                    owner = (meta.uid, meta.gid) if meta.uid is not None and meta.gid is not None else None
+                    _replace_file(self.path, self.backup.read_bytes(), meta.mode, owner)
             log.info("osdns: restored the original %s", self.path)
         elif plan is Recovery.DROP_STALE_BACKUP:
             log.warning("osdns: %s was replaced by another program; keeping that version and dropping"
@@ -158,6 +207,7 @@ class ResolvConfConfigurator:
         if plan is not Recovery.NOTHING:
             self.backup.unlink(missing_ok=True)
             self.link_backup.unlink(missing_ok=True)
+            self.meta_backup.unlink(missing_ok=True)
 
     def check(self) -> Drift:
         """Compare the file with what we wrote; an overwrite is logged once and kept for `dns status`."""

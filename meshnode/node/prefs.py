@@ -28,6 +28,8 @@ class Prefs:
     advertise_exit_node: bool = False
     exit_node: str = ""
     advertise_tags: tuple[str, ...] = ()
+    shields_up: bool = False                  # drop every new connection arriving from the tailnet
+    exit_node_allow_lan_access: bool = False  # with an exit node: the local networks stay reachable
     # False after `down`: the daemon keeps keys and map but neither connects nor serves DNS.
     want_running: bool = False
 
@@ -73,7 +75,24 @@ def validate_prefs(p: Prefs) -> Prefs:
     return replace(p, login_server=login, advertise_routes=routes, advertise_tags=tags)
 
 
-_BOOL_FIELDS = {"accept_dns", "accept_routes", "advertise_exit_node", "want_running"}
+_BOOL_FIELDS = {"accept_dns", "accept_routes", "advertise_exit_node", "want_running", "shields_up",
+                "exit_node_allow_lan_access"}
+# The prefs a user sets with `up`/`set` flags (all but login_server and want_running), flag-named.
+SETTABLE = ("hostname", "accept_dns", "accept_routes", "advertise_routes", "advertise_exit_node",
+            "exit_node", "exit_node_allow_lan_access", "advertise_tags", "shields_up")
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def flag_text(field: str, value: Any) -> str:
+    """The `up` flag that sets `field` to `value`, as a user would type it."""
+    if isinstance(value, bool):
+        return flag_name(field) + ("" if value else "=false")
+    if isinstance(value, (tuple, list)):
+        return f"{flag_name(field)}={','.join(value)}"
+    return f"{flag_name(field)}={value}" if value else f"{flag_name(field)}="
 _STR_FIELDS = {"login_server", "hostname", "exit_node"}
 _LIST_FIELDS = {"advertise_routes", "advertise_tags"}
 

@@ -18,6 +18,7 @@ import binascii
 import ipaddress
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from ..netmap import NetMap
@@ -25,6 +26,7 @@ from ..netmap import NetMap
 log = logging.getLogger("meshnode.node.tunnel")
 
 DEFAULT_PORT = 41641
+IFF_UP = 0x1
 KEEPALIVE = 25  # seconds: keeps NAT mappings open, as Tailscale does
 _EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
 _TAILNET = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
@@ -52,6 +54,84 @@ def _endpoint(texts: tuple[str, ...], tunneled: tuple[Any, ...] = ()) -> tuple[s
             return host, port
         first = first or (host, port)
     return first
+
+
+def candidate_order(texts: tuple[str, ...], tunneled: tuple[Any, ...] = ()) -> list[tuple[str, int]]:
+    """A peer's reported endpoints as path candidates, in the order to guess before any answers:
+    as reported, except that those inside subnet routes we send into the tunnel come last (their
+    UDP would loop into the tunnel). Unparsable ones are left out."""
+    from ..paths import parse_endpoint
+    outside, inside = [], []
+    for text in texts:
+        try:
+            ep = parse_endpoint(text)
+        except ValueError:
+            continue
+        ip = ipaddress.ip_address(ep[0])
+        (inside if any(ip in net for net in tunneled) else outside).append(ep)
+    return outside + inside
+
+
+def tunneled_subnets(configs: list[Any]) -> tuple[Any, ...]:
+    """The subnet routes (not host routes, not default routes) the configs send into the tunnel."""
+    return tuple(net for c in configs for net in c.allowed_ips
+                 if 0 < net.prefixlen < net.max_prefixlen)
+
+
+def relay_choice(netmap: NetMap, login_server: str = "") -> tuple[int, list[str]] | None:
+    """(region id, server URLs) of the relay region to home on, from the map's relay map (the
+    first region, servers in the map's order), or None when the map has no relay."""
+    derp_map = getattr(netmap, "derp_map", None)
+    regions = getattr(derp_map, "regions", ()) if derp_map is not None else ()
+    for region in regions:
+        urls = []
+        for node in getattr(region, "nodes", ()):
+            try:
+                urls.append(node.url(login_server))
+            except (TypeError, ValueError):
+                continue
+        if urls:
+            return int(region.region_id), urls
+    return None
+
+
+def stun_servers(netmap: NetMap, login_server: str = "") -> list[tuple[str, int]]:
+    """(host, port) of the STUN servers of the relay region we home on (hosts may be names)."""
+    from urllib.parse import urlsplit
+    derp_map = getattr(netmap, "derp_map", None)
+    chosen = relay_choice(netmap, login_server)
+    if derp_map is None or chosen is None:
+        return []
+    out = []
+    for region in getattr(derp_map, "regions", ()):
+        if int(region.region_id) != chosen[0]:
+            continue
+        for node in region.nodes:
+            port = int(getattr(node, "stun_port", -1))
+            host = getattr(node, "ipv4", "") or node.host or (urlsplit(login_server).hostname or "")
+            if port > 0 and host:
+                out.append((host, port))
+    return out
+
+
+def _resolve(servers: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Names to addresses (blocking); unresolvable ones are left out."""
+    import socket
+    out = []
+    for host, port in servers:
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+            continue
+        except ValueError:
+            pass
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("tunnel: STUN server %s: %s", host, exc)
+            continue
+        out.append((str(info[0][4][0]), port))
+    return out
 
 
 def peer_configs(netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> list[Any]:
@@ -108,10 +188,12 @@ def local_endpoints(port: int, exclude_ifname: str) -> list[str]:
     from pyroute2 import IPRoute
     found: list[str] = []
     with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        links = ipr.get_links()
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        down = {link["index"] for link in links if not link["flags"] & IFF_UP}
         for msg in ipr.get_addr():
-            if names.get(msg["index"]) in (exclude_ifname, "lo"):
-                continue
+            if names.get(msg["index"]) in (exclude_ifname, "lo") or msg["index"] in down:
+                continue  # an interface set down no longer reaches anyone
             ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
             if ip.is_loopback or ip.is_link_local or ip.is_multicast or any(ip in n for n in _TAILNET):
                 continue
@@ -132,6 +214,8 @@ class TunnelFilter:
         self.version: int | None = None  # the map version whose rules are in force
         self.error: str | None = None    # why the last map's rules were refused
         self._source: tuple[Any, ...] | None = None
+        self._rules: tuple[Any, ...] = ()  # the map's rules, kept while shields are up
+        self.shields_up = False          # `up --shields-up`: no rule in force, only replies pass
 
     def hooks(self) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
         """(inbound check, outbound tap) for `Device.set_packet_filter`."""
@@ -162,7 +246,20 @@ class TunnelFilter:
             return None
         self._source, self.error = source, None
         self.rule_count, self.version = len(rules), netmap.version
-        pf = self.filter
+        self._rules = tuple(rules)
+        return self._in_force()
+
+    def shields_update(self, on: bool) -> Callable[[], None] | None:
+        """What to run on the data-plane thread to raise (or lower) the shields, or None if unchanged.
+        Raised, no rule is in force: new connections from the tailnet are dropped, replies of this
+        node's own connections still pass through the flow table."""
+        if on == self.shields_up:
+            return None
+        self.shields_up = on
+        return self._in_force()
+
+    def _in_force(self) -> Callable[[], None]:
+        pf, rules = self.filter, (() if self.shields_up else self._rules)
 
         def update() -> None:
             pf.set_rules(rules)
@@ -174,7 +271,7 @@ class TunnelFilter:
         return {"rules": self.rule_count, "map_version": self.version,
                 "dropped": {r.name.lower(): n for r, n in pf.drops.items()},
                 "accepted": {r.name.lower(): n for r, n in pf.accepts.items()},
-                "flows": pf.flow_count, "error": self.error}
+                "flows": pf.flow_count, "error": self.error, "shields_up": self.shields_up}
 
 
 class Tunnel:
@@ -186,6 +283,7 @@ class Tunnel:
         self._device: Any = None
         self._addresses: tuple[Interface, ...] = ()
         self._filter: TunnelFilter | None = None
+        self.paths: Any = None  # the PathRunner while the device runs
 
     @property
     def running(self) -> bool:
@@ -210,12 +308,16 @@ class Tunnel:
         # Before any peer exists: no packet from the tunnel ever bypasses the filter.
         self._filter = TunnelFilter()
         self._device.set_packet_filter(*self._filter.hooks())
+        from .pathrunner import PathRunner
+        self.paths = PathRunner(self._device, private_key)
+        self.paths.start()
         log.info("tunnel: %s up, UDP port %d", self._device.ifname, self._device.listen_port)
         return self._device.ifname
 
-    async def apply(self, netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> None:
-        """Make addresses, peers and routes match `netmap` (and the `--exit-node`, `--accept-routes`
-        prefs)."""
+    async def apply(self, netmap: NetMap, exit_node: str = "", accept_routes: bool = False,
+                    login_server: str = "") -> None:
+        """Make addresses, peers, routes and the relay match `netmap` (and the `--exit-node`,
+        `--accept-routes` prefs; `login_server` completes relay URLs without a host)."""
         device = self._device
         if device is None:
             return
@@ -234,7 +336,20 @@ class Tunnel:
             await asyncio.to_thread(configure)
             self._addresses = addresses
         await self._apply_filter(device, netmap)
-        await asyncio.to_thread(device.set_peers, peer_configs(netmap, exit_node, accept_routes))
+        configs = peer_configs(netmap, exit_node, accept_routes)
+        if self.paths is not None:
+            # The path layer owns each known peer's endpoint: a map update (a record, a policy,
+            # a tag) must not send a peer back to its first reported endpoint.
+            known = {s.public_key for s in device.stats()}
+            configs = [replace(c, endpoint=None) if c.public_key in known else c for c in configs]
+        await asyncio.to_thread(device.set_peers, configs)
+        if self.paths is not None:
+            tunneled = tunneled_subnets(configs)
+            self.paths.set_peers(netmap.peers, lambda texts: candidate_order(texts, tunneled))
+            relay = relay_choice(netmap, login_server)
+            await self.paths.set_relay(*(relay or (None, ())))
+            stun = stun_servers(netmap, login_server)
+            self.paths.set_stun_servers(await asyncio.to_thread(_resolve, stun) if stun else [])
 
     async def _apply_filter(self, device: Any, netmap: NetMap) -> None:
         # Rules first, then peers: a peer the new map adds is never seen under older rules.
@@ -246,11 +361,33 @@ class Tunnel:
             log.info("tunnel: packet filter of map version %d in force (%d rules)", netmap.version,
                      self._filter.rule_count)
 
+    async def set_shields(self, on: bool) -> None:
+        """`--shields-up`: drop new inbound connections from the tailnet (replies still pass)."""
+        device, filt = self._device, self._filter
+        if device is None or filt is None:
+            return
+        update = filt.shields_update(on)
+        if update is not None:
+            await asyncio.wrap_future(device.call_soon_dataplane(update))
+            log.info("tunnel: shields %s", "up: new inbound connections are dropped" if on else "down")
+
     async def endpoints(self) -> list[str]:
         """Where peers can reach us (to report to the control server)."""
         if self._device is None:
             return []
-        return await asyncio.to_thread(local_endpoints, self._device.listen_port, self._device.ifname)
+        found = await asyncio.to_thread(local_endpoints, self._device.listen_port, self._device.ifname)
+        if self.paths is not None:
+            self.paths.set_local_endpoints(found)
+            # Our address as peers see it through a NAT (from their pongs), like a STUN result.
+            found = found + [e for e in sorted(self.paths.discovered_endpoints()) if e not in found]
+        return found
+
+    @property
+    def disco_key(self) -> str:
+        """This run's disco public key (base64), or "" without a running device."""
+        if self.paths is None:
+            return ""
+        return base64.b64encode(self.paths.disco_key.public).decode()
 
     def status(self) -> dict[str, Any]:
         device = self._device
@@ -262,9 +399,11 @@ class Tunnel:
             ep = display_endpoint(s.endpoint)
             peers.append({"public_key": base64.b64encode(s.public_key).decode(),
                           "endpoint": f"{ep[0]}:{ep[1]}" if ep else None,
-                          "last_handshake": s.last_handshake, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes})
+                          "last_handshake": s.last_handshake, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes,
+                          "path": self.paths.path_json(s.public_key) if self.paths is not None else None})
         return {"running": device.running, "interface": device.ifname, "listen_port": device.listen_port,
                 "peers": peers, "drops": device.drops(),
+                "paths": self.paths.metrics() if self.paths is not None else None,
                 "filter": self._filter.status() if self._filter is not None else None,
                 "failure": str(device.failure) if device.failure else None}
 
@@ -273,6 +412,9 @@ class Tunnel:
         device, self._device = self._device, None
         self._addresses = ()
         self._filter = None
+        paths, self.paths = self.paths, None
+        if paths is not None:
+            await paths.close()
         if device is not None:
             await asyncio.to_thread(device.close)
             log.info("tunnel: %s down", device.ifname)

@@ -12,11 +12,12 @@ from .model import IPNetwork, NodeInfo, Policy, Selector
 def tag_allowed(policy: Policy | None, user: str, tag: str) -> bool:
     """Whether `user` may apply `tag` to a node (directly or through a group in tagOwners).
 
-    With no policy set (None) every tag is allowed, matching the allow-all default; once a policy
-    is set, a tag absent from tagOwners belongs to no one.
+    A tag absent from tagOwners belongs to no one, and with no policy set (None) no tag has an owner:
+    only an admin or an auth key that carries the tag can apply it (the allow-all default is about
+    traffic, never about who may claim a tag's access).
     """
     if policy is None:
-        return True
+        return False
     owners = policy.tag_owners.get(tag)
     if owners is None:
         return False
@@ -27,7 +28,7 @@ def tag_allowed(policy: Policy | None, user: str, tag: str) -> bool:
 def tag_allowed_for_node(policy: Policy | None, node: NodeInfo, tag: str) -> bool:
     """Whether `node` may apply `tag` to itself: its user owns it, or (tagged) one of its tags does."""
     if policy is None:
-        return True
+        return False
     owners = policy.tag_owners.get(tag)
     if owners is None:
         return False

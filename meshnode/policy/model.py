@@ -6,7 +6,10 @@ import enum
 import ipaddress
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from ..derp.derpmap import RelayMap
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -141,6 +144,7 @@ class Policy:
     auto_approvers: AutoApprovers = field(default_factory=AutoApprovers)
     tests: tuple[PolicyTest, ...] = ()
     ignored_sections: tuple[str, ...] = ()  # Tailscale sections we accept but do not act on (ssh...)
+    derp_map: "RelayMap | None" = None  # the "derpMap" section as a meshnode.derp.derpmap.RelayMap, if the policy has one
     text: str = ""  # the source, kept so `policy get` returns what the admin wrote, comments included
 
 

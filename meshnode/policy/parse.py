@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Callable, TypeVar
 
+from ..derp.derpmap import RelayMap, RelayMapError
 from . import hujson
 from .errors import PolicyValidationError
 from .locate import locate
@@ -18,10 +19,10 @@ T = TypeVar("T")
 
 # Sections of Tailscale's format that concern features this mesh does not have; a policy copied from
 # Tailscale should still load, and `Policy.ignored_sections` says what was skipped.
-IGNORED_SECTIONS = frozenset({"ssh", "sshTests", "nodeAttrs", "derpMap", "disableIPv4",
+IGNORED_SECTIONS = frozenset({"ssh", "sshTests", "nodeAttrs", "disableIPv4",
                               "randomizeClientPort", "OneCGNATRoute", "postures",
                               "defaultSrcPosture", "attrs"})
-KNOWN_SECTIONS = frozenset({"acls", "groups", "hosts", "tagOwners", "autoApprovers", "tests"})
+KNOWN_SECTIONS = frozenset({"acls", "groups", "hosts", "tagOwners", "autoApprovers", "tests", "derpMap"})
 
 # The policy in force when none is set: every node may reach every node and route (like Tailscale).
 DEFAULT_POLICY_TEXT = """{
@@ -217,8 +218,14 @@ def _validate(doc: Any, text: str) -> Policy:
     acls = tuple(_acl(f"acls[{i}]", rule, names) for i, rule in enumerate(_list_section(doc, "acls")))
     auto = _auto_approvers(doc, names)
     tests = tuple(_test(f"tests[{i}]", t, names) for i, t in enumerate(_list_section(doc, "tests")))
+    derp_map = None
+    if "derpMap" in doc:
+        try:
+            derp_map = RelayMap.from_tailscale(doc["derpMap"])
+        except RelayMapError as exc:
+            raise PolicyValidationError("derpMap", str(exc)) from None
     return Policy(acls=acls, groups=MappingProxyType(groups), hosts=MappingProxyType(hosts),
-                  tag_owners=MappingProxyType(tag_owners), auto_approvers=auto, tests=tests,
+                  tag_owners=MappingProxyType(tag_owners), auto_approvers=auto, tests=tests, derp_map=derp_map,
                   ignored_sections=tuple(k for k in doc if k in IGNORED_SECTIONS), text=text)
 
 

@@ -87,6 +87,10 @@ class Drop(enum.Enum):
     NO_ENDPOINT = "no_endpoint"
 
 
+_WG_PREFIXES = frozenset({m.TRANSPORT_PREFIX, m.INITIATION_PREFIX, m.RESPONSE_PREFIX,
+                          m.COOKIE_REPLY_PREFIX})
+
+
 def short_key(public_key: bytes) -> str:
     """A peer key as logs show it (like `wg show`'s, shortened)."""
     return base64.b64encode(public_key).decode()[:10] + "…"
@@ -114,6 +118,10 @@ class Engine:
         self.drops: collections.Counter[Drop] = collections.Counter()
         # Each read once per batch, so replacing one is a single atomic attribute write.
         self.inbound_filter: PacketFilter | None = None
+        # Datagrams that are not WireGuard messages go here (run on the receive thread; must
+        # neither block nor raise), else they are dropped as UNKNOWN_TYPE.
+        self.other_datagram: Callable[[bytes, Endpoint], None] | None = None
+        self.others = 0
         self.outbound_hook: OutboundHook | None = None
         self._peers: dict[bytes, Peer] = {}
         self._allowed: AllowedIPs[Peer] = AllowedIPs()
@@ -188,6 +196,16 @@ class Engine:
                 self.remove_peer(pub)
             for c in configs:
                 self.set_peer(c)
+
+    def set_endpoint(self, public_key: bytes, endpoint: Endpoint | None) -> bool:
+        """Send to `endpoint` from now on (the path layer's choice); sessions are kept. An
+        authenticated packet from elsewhere still moves it (roaming). False: no such peer."""
+        with self.lock:
+            peer = self._peers.get(public_key)
+            if peer is None:
+                return False
+            peer.endpoint = endpoint
+            return True
 
     def remove_peer(self, public_key: bytes) -> None:
         """Forget a peer: its routes, sessions and pending handshake go at once."""
@@ -478,8 +496,14 @@ class Engine:
                 self._receive_response(data, src, now)
             elif prefix == m.COOKIE_REPLY_PREFIX:
                 self._receive_cookie_reply(data, now)
-            else:
+            elif self.other_datagram is None:
                 self.drops[Drop.UNKNOWN_TYPE] += 1
+            else:
+                self.others += 1
+        if self.other_datagram is not None and prefix not in _WG_PREFIXES:
+            # Not WireGuard (disco, STUN): the socket is shared, as Tailscale's is. Transport
+            # packets never get here, so this costs the data path nothing.
+            self.other_datagram(data, src)
 
     def receive_batch(self, datagrams: Iterable[bytes | memoryview], src: Endpoint, now: float,
                       out: list[bytes]) -> None:
@@ -577,6 +601,8 @@ class Engine:
             self._confirm_next(peer, kp, now)
         peer.endpoint = src
         peer.rx_bytes += nbytes
+        peer.last_received = now
+        peer.unanswered_since = None
         t = peer.timers
         t.any_authenticated_packet_traversal(now)
         t.any_authenticated_packet_received(now)
@@ -666,6 +692,9 @@ class Engine:
 
     def _sent(self, peer: Peer, kp: Keypair, counter: int, nbytes: int, now: float) -> None:
         peer.tx_bytes += nbytes
+        peer.last_sent = now
+        if peer.unanswered_since is None:
+            peer.unanswered_since = now
         t = peer.timers
         t.any_authenticated_packet_traversal(now)
         t.any_authenticated_packet_sent(now)

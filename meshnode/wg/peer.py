@@ -41,6 +41,12 @@ class PeerStats:
     tx_bytes: int
     allowed_ips: tuple[Network, ...] = field(default=())
     persistent_keepalive: int = 0
+    # Data-plane liveness for the path layer, on the engine's clock (monotonic): when data last
+    # went out, when anything authenticated last came in, and since when data sent has had no
+    # answer at all (None: answered). WireGuard answers data within KEEPALIVE_TIMEOUT (10 s).
+    last_sent: float | None = None
+    last_received: float | None = None
+    unanswered_since: float | None = None
 
 
 class Peer:
@@ -67,6 +73,9 @@ class Peer:
         self.staged: collections.deque[bytes] = collections.deque(maxlen=STAGED_PACKETS_MAX)
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.last_sent: float | None = None
+        self.last_received: float | None = None
+        self.unanswered_since: float | None = None
 
     def keypairs(self) -> list[Keypair]:
         return [kp for kp in (self.previous, self.current, self.next) if kp is not None]
@@ -101,4 +110,5 @@ class Peer:
 
     def stats(self) -> PeerStats:
         return PeerStats(self.public_key, self.endpoint, self.last_handshake, self.rx_bytes,
-                         self.tx_bytes, self.allowed_ips, self.timers.persistent_keepalive)
+                         self.tx_bytes, self.allowed_ips, self.timers.persistent_keepalive,
+                         self.last_sent, self.last_received, self.unanswered_since)

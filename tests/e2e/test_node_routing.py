@@ -61,7 +61,7 @@ class Tailnet:
                                          f"/etc/netns/{ns}/resolv.conf", "-v", log=d / "daemon.log")
 
     def wait_daemon(self, i: int) -> None:
-        wait_until(lambda: self.cli(i, "status", check=False).returncode == 0, timeout=20,
+        wait_until(lambda: self.cli(i, "status", "--json", check=False).returncode == 0, timeout=20,
                    what=f"node{i}'s daemon")
 
     def dir(self, i: int) -> Path:
@@ -251,12 +251,12 @@ def _exit_node(lan: Lan) -> None:
     # that fell into the tunnel would die there.
     assert net.sh(2, "ip", "route", "get", "10.80.0.1").returncode != 0
 
-    r = net.cli(1, "up", "--exit-node", "node2", check=False)
+    r = net.cli(1, "set", "--exit-node", "node2", check=False)
     assert r.returncode != 0 and "not an approved exit node" in r.stderr
     net.control("routes", "approve", "node2", "0.0.0.0/0,::/0")
     wait_until(lambda: any(p["name"] == "node2" and p["exit_node"] for p in net.status(1)["peers"]),
                timeout=10, what="node2 approved as exit node in node1's map")
-    net.cli(1, "up", "--exit-node", "node2")
+    net.cli(1, "set", "--exit-node", "node2")
     wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 198.18.0.1", timeout=15,
                what="node1 reaching the internet through node2 (masqueraded there)")
     assert forwarding(net, 2) == "1" and "table inet meshnode" in nft_tables(net, 2)
@@ -264,7 +264,14 @@ def _exit_node(lan: Lan) -> None:
     assert net.route_dev(1, "10.80.0.1") != "mn0"                 # the control server
     assert net.route_dev(1, "10.78.1.12") == "mn0"                # node2's endpoint, unmarked...
     assert net.route_dev(1, "10.78.1.12", "mark", "0x80000") != "mn0"  # ...but WireGuard's UDP is marked
-    assert net.route_dev(1, "10.78.0.13") != "mn0"                # the LAN stays on the LAN
+    # The local network is blocked while an exit node is in use (it goes into the tunnel, as with
+    # Tailscale), all but WireGuard's own UDP and the control server; --exit-node-allow-lan-access
+    # lets it be reached directly again.
+    assert net.route_dev(1, "10.78.0.13") == "mn0"
+    assert net.route_dev(1, "10.78.0.13", "mark", "0x80000") != "mn0"
+    net.cli(1, "set", "--exit-node-allow-lan-access")
+    wait_until(lambda: net.route_dev(1, "10.78.0.13") != "mn0", timeout=10, what="LAN access allowed")
+    assert ask(net.ns(1), "198.18.0.10") == "inet 198.18.0.1"   # still through the exit node
 
     # The control connection works: a map change still arrives (the stream restarted with `up`).
     before = net.status(1)["map"]["version"]
@@ -279,12 +286,12 @@ def _exit_node(lan: Lan) -> None:
     assert ask(net.ns(3), "198.18.0.10") == "inet 10.78.0.13"
 
     # Clearing the exit node restores direct routing, and leaves no rule behind.
-    net.cli(1, "up", "--exit-node", "")
+    net.cli(1, "set", "--exit-node", "")
     wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 10.78.0.11", timeout=10,
                what="node1 going direct again")
     assert "lookup 52" not in net.sh(1, "ip", "rule").stdout
     assert net.sh(1, "ip", "route", "show", "table", "52").stdout.strip() == ""
-    net.cli(1, "up", "--exit-node", "node2")
+    net.cli(1, "set", "--exit-node", "node2")
     wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 198.18.0.1", timeout=15,
                what="node1 through node2 again")
 
@@ -297,6 +304,6 @@ def _exit_node(lan: Lan) -> None:
     assert ask(net.ns(1), "198.18.0.10") == ""
     wait_until(lambda: "meshnode" not in nft_tables(net, 2), timeout=10, what="node2's table gone")
     assert forwarding(net, 2) == "0"
-    net.cli(1, "up", "--exit-node", "")
+    net.cli(1, "set", "--exit-node", "")
     wait_until(lambda: ask(net.ns(1), "198.18.0.10") == "inet 10.78.0.11", timeout=10,
                what="node1 going direct once more")

@@ -77,7 +77,8 @@ def _essence(nm: NetMap) -> tuple:
 
 
 def test_cli_changes_reach_streams_and_kill_9_restart_serves_the_same_map(server: ServerProcess) -> None:
-    key = cli("authkey", "create", "--db", str(server.db), "--reusable", "--user", "alice@example.com")
+    key = cli("authkey", "create", "--db", str(server.db), "--reusable", "--user", "alice@example.com",
+              "--create-user")
     assert key.returncode == 0, key.stderr
     authkey = key.stdout.strip()
     token_file = Path(str(server.db) + ".admin-token")

@@ -203,7 +203,10 @@ async def test_nodes_cannot_read_or_act_as_another(tmp_path: Path) -> None:
             hdr = {MACHINE_KEY_HEADER: victim.client.machine_key_public}
             assert (await http.post(net.url + "/machine/endpoints", data=real, headers=hdr)).status == 200
             again = await http.post(net.url + "/machine/endpoints", data=real, headers=hdr)
-            assert again.status == 401 and (await again.json())["error"] == "replay"
+            # The refusal is sealed to the victim's machine key (only it can read it).
+            assert again.status == 401 and again.headers["X-Meshnode-Sealed"] == "1"
+            refusal = Channel(victim.client.machine_key_private, server_pub).open(await again.read())[1]
+            assert refusal["error"] == "replay"
             stale = Channel(victim.client.machine_key_private, server_pub).seal(
                 {"ts": time.time() - 3600, "node_key": victim.client.node_key_public})
             assert (await http.post(net.url + "/machine/map", data=stale, headers=hdr)).status == 401
@@ -234,7 +237,7 @@ async def test_auth_key_rules_over_the_wire(tmp_path: Path) -> None:
         net.admin_store.revoke_authkey(rk.id)
         await net.join("first", key=once, start=False)
         cases = [(once, ErrorCode.AUTHKEY_USED, 403), (expired, ErrorCode.AUTHKEY_EXPIRED, 403),
-                 (revoked, ErrorCode.AUTHKEY_REVOKED, 403), (once[:-1] + "0", ErrorCode.AUTHKEY_UNKNOWN, 401),
+                 (revoked, ErrorCode.AUTHKEY_REVOKED, 403), (once[:-1] + ("1" if once.endswith("0") else "0"), ErrorCode.AUTHKEY_UNKNOWN, 401),
                  ("nonsense", ErrorCode.AUTHKEY_UNKNOWN, 401), (None, ErrorCode.AUTHKEY_UNKNOWN, 401)]
         for key, code, status in cases:
             client = ControlClient(net.url, generate_private_key(), generate_private_key())
@@ -273,8 +276,10 @@ async def test_malformed_requests_get_4xx_and_the_server_keeps_running(tmp_path:
             ]
             for method, path, body, headers, status in checks:
                 resp = await http.request(method, net.url + path, data=body, headers=headers)
-                assert resp.status == status, (path, body[:40], await resp.text())
-                if status != 413:
+                assert resp.status == status, (path, body[:40], await resp.read())
+                if resp.headers.get("X-Meshnode-Sealed"):   # the request opened: the refusal is sealed
+                    assert "error" in chan.open(await resp.read())[1], path
+                elif status != 413:
                     assert "error" in await resp.json(content_type=None), path
             token = net.store.ensure_admin_token()
             auth = {"Authorization": f"Bearer {token}"}
@@ -348,3 +353,29 @@ async def test_routes_need_approval_or_auto_approvers(tmp_path: Path) -> None:
         net.admin_store.approve_routes("gw", ["10.1.2.0/24", "192.168.0.0/24", "0.0.0.0/0"])
         await within_1s(lambda: "192.168.0.0/24" in watcher.map.peer_by_name("gw").allowed_ips
                         and watcher.map.peer_by_name("gw").exit_node, "approved routes")
+
+
+@run
+async def test_login_again_keeps_endpoints_and_disco_key_reaches_peers(tmp_path: Path) -> None:
+    """`meshnode up` on a registered node registers again without endpoints: the ones it reported
+    must stay at the control server (they used to be erased). The disco key of a run reaches peers
+    from the registration and from each endpoint report."""
+    import base64
+    disco = base64.b64encode(bytes(range(32))).decode()
+    async with Tailnet(tmp_path) as net:
+        watcher = await net.join("watcher")
+        n = await net.join("laptop", disco_key=disco)
+        await within_1s(lambda: watcher.map is not None and watcher.peer_names() == {"laptop"}, "laptop seen")
+        assert watcher.map.peer_by_name("laptop").disco_key == disco
+        await n.client.update_endpoints(["198.51.100.7:41641", "10.0.0.7:41641"])
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").endpoints
+                        == ("198.51.100.7:41641", "10.0.0.7:41641"), "endpoints reach peers")
+        await n.client.register(None, hostname="laptop")  # `up` again, no endpoints known yet
+        [stored] = [x for x in net.admin_store.list_nodes() if x.name == "laptop"]
+        assert stored.endpoints == ("198.51.100.7:41641", "10.0.0.7:41641")
+        assert stored.disco_key == disco  # a login without a disco key keeps the old one
+        rerun = base64.b64encode(bytes(range(1, 33))).decode()
+        await n.client.update_endpoints(["198.51.100.7:41641"], disco_key=rerun)
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").disco_key == rerun, "new disco key")
+        with pytest.raises(ControlError):
+            await n.client.update_endpoints([], disco_key="not base64 of 32 bytes")

@@ -300,10 +300,11 @@ def test_resolv_conf_follows_up_down_and_accept_dns(cluster: Cluster) -> None:
     # `up` again needs no auth key: the node key was kept.
     assert alpha.cli("up").returncode == 0
     assert is_ours(alpha.resolv.read_text())
-    assert alpha.cli("up", "--accept-dns=false").returncode == 0
+    # `up` resets what it is not given (as tailscale's); `set` changes one setting.
+    assert alpha.cli("up", "--accept-dns=false", "--hostname", "alpha").returncode == 0
     assert alpha.resolv.read_text() == ORIGINAL_RESOLV
     assert alpha.resolve("alpha.tailnet")[0] == "NOERROR"  # still serving, only the OS is left alone
-    assert alpha.cli("up", "--accept-dns").returncode == 0
+    assert alpha.cli("set", "--accept-dns").returncode == 0
     assert is_ours(alpha.resolv.read_text())
 
     # Stopping the daemon (SIGTERM) restores the original too.
@@ -370,14 +371,18 @@ def test_status_ip_and_query_through_the_cli(cluster: Cluster) -> None:
     assert [a["value"] for a in out["answer"]] == v6
     out = json.loads(alpha.cli("dns", "query", "nope.tailnet", "--json").stdout)
     assert out["rcode"] == "NXDOMAIN"
+    for args in (("-x", v4[0]), (v4[0],), ("-x", v6[0])):  # an address asks for its PTR name, as dig -x
+        out = json.loads(alpha.cli("dns", "query", *args, "--json").stdout)
+        assert [(a["type"], a["value"]) for a in out["answer"]] == [("PTR", "bravo.tailnet.")], args
+    assert alpha.cli("dns", "query", "-x", "bravo.tailnet").returncode == 2
 
     r = alpha.cli("ping", "bravo")
     assert r.returncode == 1 and "--tun" in r.stderr  # DNS-only nodes have no tunnel to ping through
 
     # Like tailscale, an exit node must be a visible peer approved as one.
-    r = alpha.cli("up", "--exit-node", "nosuchpeer")
+    r = alpha.cli("set", "--exit-node", "nosuchpeer")
     assert r.returncode == 2 and "not a peer" in r.stderr
-    r = alpha.cli("up", "--exit-node", "bravo")
+    r = alpha.cli("set", "--exit-node", "bravo")
     assert r.returncode == 2 and "not an approved exit node" in r.stderr
     assert json.loads(alpha.cli("status", "--json").stdout)["prefs"]["exit_node"] == ""
 

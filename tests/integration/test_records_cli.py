@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from magicdns.records import RecordError, parse_record
-from magicdns.store import CnameConflict, RecordStore
+from magicdns.store import CnameConflict, RecordStore, ShadowsNode
 from tests.integration.magicdns_proc import run_cli
 
 
@@ -160,3 +160,70 @@ def test_relative_and_absolute_names() -> None:
     with pytest.raises(RecordError):
         parse_record("*bad", "A", "1.2.3.4")
     assert parse_record("*.dev", "A", "1.2.3.4").name == "*.dev.tailnet"
+
+
+def test_record_at_a_node_name_needs_override(tmp_path: Path) -> None:
+    """Without --override such a record was "added" and never served; now refused, exit 2."""
+    from meshnode.control.store import ControlStore, Grant, Registration
+
+    control = tmp_path / "control.db"
+    cs = ControlStore(control)
+    cs.set_domain("corp.ts")
+    key, _ = cs.create_authkey("alice")
+    cs.register(Registration(machine_key="m1", node_key="nk-m1", hostname="web", os="linux", authkey=key),
+                lambda user, tags, reg, existing: Grant(tuple(tags), (), False))
+    # the store itself refuses it, so the console (and any other writer) gets the same rule
+    with pytest.raises(ShadowsNode, match="override"):
+        cs.records.add(parse_record("web", "A", "100.64.0.9", domain="corp.ts"))
+    cs.close()
+    db = str(control)
+    for args in (("web.corp.ts.", "A", "100.64.0.9"), ("web.corp.ts.", "CNAME", "other.corp.ts.")):
+        res = run_cli("records", "--db", db, "add", *args)
+        assert res.returncode == 2 and "--override" in res.stderr and "web.corp.ts" in res.stderr, res
+    assert run_cli("records", "--db", db, "add", "web.corp.ts.", "TXT", "fine beside it").returncode == 0
+    res = run_cli("records", "--db", db, "add", "web.corp.ts.", "A", "100.64.0.9", "--override")
+    assert res.returncode == 0, res.stderr
+    # the view a standalone server loads names its nodes too
+    view = tmp_path / "view.json"
+    view.write_text(json.dumps({"domain": "tailnet", "peers": [{"name": "nas", "addresses": ["100.64.0.3"]}]}))
+    solo = str(tmp_path / "solo.db")
+    res = run_cli("records", "--db", solo, "--view", str(view), "add", "nas", "AAAA", "fd7a:115c:a1e0::9")
+    assert res.returncode == 2 and "--override" in res.stderr
+    zone = tmp_path / "in.zone"
+    zone.write_text("ok 60 IN A 100.64.0.5\nnas 60 IN A 100.64.0.6\n")
+    res = run_cli("records", "--db", solo, "--view", str(view), "import", str(zone))
+    assert res.returncode == 2 and "--override" in res.stderr and "nothing was imported" in res.stderr
+    assert stored(solo) == []
+
+
+def test_rrset_that_cannot_fit_a_message_is_refused(db: str, tmp_path: Path) -> None:
+    big = " ".join(f'"{"x" * 250}"' for _ in range(60))  # ~15 KB a record
+    for i in range(4):
+        res = records(db, "add", "big", "TXT", big + f' "{i}"')
+        assert res.returncode == 0, res.stderr
+    res = records(db, "add", "big", "TXT", big + ' "4"')
+    assert res.returncode == 2 and "65535" in res.stderr
+    assert len(stored(db)) == 4
+    res = records(db, "add", "huge", "TXT", " ".join([big] * 5))  # one record alone too large
+    assert res.returncode == 2 and "65535" in res.stderr
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps([{"name": "big2", "type": "TXT", "value": big + f' "{i}"'} for i in range(5)]))
+    res = records(db, "import", str(many))
+    assert res.returncode == 2 and "nothing was imported" in res.stderr and len(stored(db)) == 4
+
+
+def test_zone_export_reads_back_exactly(db: str) -> None:
+    assert records(db, "add", "nl", "TXT", "line one\nline two\ttab").returncode == 0
+    assert records(db, "add", "q", "TXT", '"semi;colon" "back\\\\slash" "quote\\"d" "\\000nul"').returncode == 0
+    assert records(db, "add", "u", "TXT", "héllo wörld").returncode == 0
+    assert records(db, "add", "o", "A", "100.64.0.7", "--override").returncode == 0
+    assert records(db, "add", "c", "CAA", '0 issue "letsencrypt.org"').returncode == 0
+    before = stored(db)
+    assert any(r.get("override") for r in before)
+    as_zone = records(db, "export", "--format", "zone").stdout
+    assert len(as_zone.splitlines()) == 5  # one line a record: the newline is escaped
+    copy = db + ".copy"
+    res = run_cli("records", "--db", copy, "import", "-", input=as_zone)
+    assert res.returncode == 0, res.stderr
+    assert stored(copy) == before
+    assert records(copy, "export", "--format", "zone").stdout == as_zone

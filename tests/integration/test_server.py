@@ -109,6 +109,37 @@ def test_kdig_edns_badvers_and_do_bit(server: MagicDnsProcess) -> None:
     assert "flags: do" in out.lower() or "; Version: 0; flags: do" in out
 
 
+def kdig(server: MagicDnsProcess, *args: str) -> str:
+    return subprocess.run(["kdig", f"@{server.host}", "-p", str(server.port), "+time=2", "+retry=0", *args],
+                          capture_output=True, text=True, timeout=20).stdout
+
+
+@needs_kdig
+def test_kdig_tsig_badkey_transfers_refused_and_no_z(server: MagicDnsProcess) -> None:
+    """Issue 8's header details as a real client sees them: NOTAUTH with an unsigned BADKEY TSIG,
+    AXFR/IXFR REFUSED over UDP and TCP, the Z bit clear, NOTIMP without RA."""
+    out = kdig(server, "-y", "hmac-sha256:client-key:c2VjcmV0c2VjcmV0c2VjcmV0", "my-server.tailnet")
+    assert "status: BADKEY" in out and "client-key." in out and "TSIG" in out, out
+    for args in (("+notcp", "tailnet", "IXFR=3"), ("+tcp", "tailnet", "IXFR=3"), ("tailnet", "AXFR")):
+        out = subprocess.run(["kdig", f"@{server.host}", "-p", str(server.port), "+time=2", "+retry=0", *args],
+                             capture_output=True, text=True, timeout=20)
+        assert "REFUSED" in out.stdout + out.stderr, (args, out)
+    out = kdig(server, "+zflag", "my-server.tailnet")
+    assert "status: NOERROR" in out and " z" not in out.split("Flags:")[1].splitlines()[0], out
+
+
+@needs_dig
+def test_dig_cookies_ignored_and_notimp_flags(server: MagicDnsProcess) -> None:
+    for args in (("+cookie",), ("+cookie=0011223344556677",), ("+cookie=00112233445566778899aabbccddeeff",),
+                 ("+tcp", "+cookie")):
+        out = dig(server, *args, "my-server.tailnet")
+        assert "status: NOERROR" in out and "100.64.0.2" in out, (args, out)
+    out = dig(server, "+opcode=notify", "+cdflag", "my-server.tailnet")
+    assert "status: NOTIMP" in out and "flags: qr rd;" in out, out
+    out = dig(server, "+cookie=00112233", "my-server.tailnet")  # 4 octets: no valid client cookie
+    assert "status: FORMERR" in out, out
+
+
 def test_dnspython_sections_and_case(server: MagicDnsProcess) -> None:
     r = server.query("_HTTP._tcp.TailNet", "SRV")
     assert str(r.question[0].name) == "_HTTP._tcp.TailNet."
@@ -184,6 +215,14 @@ def test_formerr_and_notimp_over_the_wire(server: MagicDnsProcess) -> None:
         s.sendto(raw[:2] + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05abc", (server.host, server.port))
         reply = s.recv(512)
     assert reply[:2] == raw[:2] and reply[3] & 0xF == dns.rcode.FORMERR
+
+
+def test_records_at_a_node_of_the_served_view_need_override(server: MagicDnsProcess) -> None:
+    """The running server's view names its nodes: `records add` knows them without --view."""
+    assert server.db
+    res = run_cli("records", "--db", server.db, "add", "my-server", "A", "100.64.0.99")
+    assert res.returncode == 2 and "--override" in res.stderr and "my-server.tailnet" in res.stderr
+    assert server.query("my-server.tailnet").answer[0][0].address == "100.64.0.2"
 
 
 def test_records_cli_change_is_served_within_a_second(server: MagicDnsProcess) -> None:
@@ -297,6 +336,10 @@ def test_query_command(server: MagicDnsProcess) -> None:
     assert res.stdout.count(" A ") == 80  # retried over TCP after truncation
     bad = run_cli("query", "x.tailnet", "BOGUS", "--server", f"{server.host}:{server.port}")
     assert bad.returncode == 2
+    for args in (("-x", "100.64.0.2"), ("100.64.0.2",), ("-x", "fd7a:115c:a1e0::2")):  # as dig -x
+        out = json.loads(run_cli("query", *args, "--server", f"{server.host}:{server.port}", "--json").stdout)
+        assert [(a["type"], a["value"]) for a in out["answer"]] == [("PTR", "my-server.tailnet.")], args
+    assert run_cli("query", "-x", "my-server.tailnet", "--server", f"{server.host}:{server.port}").returncode == 2
 
 
 def test_status_without_server_fails_clearly(tmp_path: Path) -> None:

@@ -201,14 +201,42 @@ def test_view_swap_under_load_loses_no_query() -> None:
     asyncio.run(main())
 
 
-def test_cname_to_an_outside_name_is_left_to_the_client() -> None:
+def test_cname_to_an_outside_name_is_followed_for_recursive_queries() -> None:
+    """RFC 1034 3.6.2/4.3.1: RD set, our CNAME's target is forwarded and the whole chain comes back
+    (not AA: part of it is not ours); RD clear, the authoritative bare CNAME."""
     async def main() -> None:
         async with FakeUpstream.start("127.0.0.2") as up:
             server = await start(make_view((Upstream(up.host, up.port),)))
             try:
-                r = await ask(server, "ext.tailnet")
-                assert [rrset.rdtype for rrset in r.answer] == [5]  # CNAME only, authoritative
-                assert r.flags & dns.flags.AA
+                for tcp in (False, True):
+                    r = await ask(server, "Ext.Tailnet", tcp=tcp)
+                    assert [(str(x.name).lower(), x.rdtype) for x in r.answer] == [
+                        ("ext.tailnet.", 5), ("www.example.test.", 1)]
+                    assert addrs(r) == ["192.0.2.10"] and not r.flags & dns.flags.AA
+                    assert str(r.question[0].name) == "Ext.Tailnet."
+                r = await ask(server, "ext.tailnet", "AAAA", use_edns=0)  # NODATA-free v6 answer
+                assert addrs(r) == ["2001:db8::10"] and r.edns == 0
+                q = dns.message.make_query("ext.tailnet", "A")
+                q.flags &= ~dns.flags.RD
+                r = await dns.asyncquery.udp(q, "127.0.0.1", port=server.bound[0][1], timeout=5)
+                assert [x.rdtype for x in r.answer] == [5] and r.flags & dns.flags.AA
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_forwarded_chain_ending_in_the_tailnet_is_completed() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            up.zone = {**up.zone, ("back.example.test", "CNAME"): ["back.example.test. 300 IN CNAME server.tailnet."]}
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            try:
+                for _ in range(2):  # the second answer comes from the cache, completed again
+                    r = await ask(server, "back.example.test")
+                    assert [(str(x.name), x.rdtype) for x in r.answer] == [
+                        ("back.example.test.", 5), ("server.tailnet.", 1)]
+                    assert addrs(r) == ["100.64.0.2"] and r.rcode() == dns.rcode.NOERROR
+                assert len(up.queries) == 1
             finally:
                 await server.stop()
     asyncio.run(main())
@@ -248,3 +276,30 @@ def test_both_udp_listeners_on_v4_and_v6(batch: bool) -> None:
             finally:
                 await server.stop()
     asyncio.run(main())
+
+
+def test_overlong_labels_and_names_are_formerr_unlogged_and_never_forwarded(caplog: pytest.LogCaptureFixture) -> None:
+    long_label = b"\x40" + b"a" * 64 + b"\x07example\x04test\x00"
+    long_name = (b"\x3f" + b"a" * 63) * 3 + b"\x3e" + b"b" * 62 + b"\x00"
+
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2") as up:
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            try:
+                loop = asyncio.get_running_loop()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.connect(("127.0.0.1", server.bound[0][1]))
+                for i in range(20):
+                    qname = long_label if i % 2 else long_name
+                    sock.send(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x01\x00\x01")
+                    reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+                    assert reply[:2] == struct.pack("!H", i) and reply[3] & 0xF == dns.rcode.FORMERR
+                sock.close()
+                assert up.queries == [] and server.counters.dropped == 0
+            finally:
+                await server.stop()
+
+    with caplog.at_level("DEBUG", logger="magicdns"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]

@@ -6,6 +6,7 @@ from hypothesis import given, strategies as st
 import pytest
 
 from meshnode.control.protocol import (Channel, ErrorCode, FrameReader, ProtocolError, ReplayGuard,
+                                       TokenBucket,
                                        frame, generate_private_key, node_key_proof, public_key_of,
                                        verify_node_key_proof)
 
@@ -36,19 +37,80 @@ def test_sealed_non_object_is_bad_request() -> None:
 
 def test_replay_guard() -> None:
     guard = ReplayGuard(window=60)
-    guard.check(b"n1", 1000.0, now=1000.0)
+    guard.check("k", b"n1", 1000.0, now=1000.0)
     with pytest.raises(ProtocolError) as err:
-        guard.check(b"n1", 1000.0, now=1001.0)
+        guard.check("k", b"n1", 1000.0, now=1001.0)
     assert err.value.code is ErrorCode.REPLAY
+    guard.check("other", b"n1", 1000.0, now=1001.0)  # nonces are per machine key
     with pytest.raises(ProtocolError):
-        guard.check(b"n2", 900.0, now=1000.0)      # too old
+        guard.check("k", b"n2", 900.0, now=1000.0)      # too old
     with pytest.raises(ProtocolError):
-        guard.check(b"n3", 1100.0, now=1000.0)     # from the future
-    with pytest.raises(ProtocolError) as err:
-        guard.check(b"n4", "soon", now=1000.0)
-    assert err.value.code is ErrorCode.BAD_REQUEST
-    guard.prune(now=1000.0 + 121)
-    guard.check(b"n1", 1121.0, now=1121.0)  # forgotten only once its timestamp can no longer pass
+        guard.check("k", b"n3", 1100.0, now=1000.0)     # from the future
+    for bad in ("soon", float("nan"), float("inf"), -float("inf"), True, 10 ** 400):
+        with pytest.raises(ProtocolError) as err:
+            guard.check("k", b"n4", bad, now=1000.0)
+        assert err.value.code is ErrorCode.BAD_REQUEST, bad
+    guard.check("k", b"n5", 999.0, now=1000.0)   # sent at once, arrived out of order: accepted
+    with pytest.raises(ProtocolError):
+        guard.check("k", b"n6", 990.0, now=1000.0)   # older than the reorder allowance below the mark
+
+
+def test_replay_guard_memory_is_bounded_per_key_and_in_keys() -> None:
+    """The old guard kept every nonce for 240 s and scanned them all once full: a flood made each
+    check cost the whole table. Now one key keeps at most `per_key` nonces and the guard at most
+    `max_keys` keys, and no accepted request is ever accepted again."""
+    guard = ReplayGuard(window=120, per_key=16, max_keys=50)
+    now = 10_000.0
+    accepted: list[tuple[str, bytes, float]] = []
+    for i in range(5_000):           # one machine key flooding, 1000 requests a second
+        ts = now + i / 1000
+        guard.check("flood", i.to_bytes(4, "big"), ts, now=ts)
+        accepted.append(("flood", i.to_bytes(4, "big"), ts))
+        assert guard.entries("flood") <= 16
+    for i in range(500):             # freshly minted keys
+        ts = now + 5 + i / 1000
+        guard.check(f"k{i}", b"x", ts, now=ts)
+        accepted.append((f"k{i}", b"x", ts))
+        assert len(guard) <= 50
+    for key, nonce, ts in accepted[::7]:
+        with pytest.raises(ProtocolError) as err:
+            guard.check(key, nonce, ts, now=now + 6)
+        assert err.value.code is ErrorCode.REPLAY, key
+
+
+def test_replay_guard_refuses_what_a_persisted_mark_covers() -> None:
+    marks = {"k": 1000.0}
+    guard = ReplayGuard(window=120, load=marks.get)
+    with pytest.raises(ProtocolError):
+        guard.check("k", b"captured", 1000.0, now=1010.0)   # the request a previous run accepted
+    with pytest.raises(ProtocolError):
+        guard.check("k", b"older", 999.5, now=1010.0)      # even within the reorder allowance
+    guard.check("k", b"new", 1000.5, now=1010.0)
+    guard.check("fresh", b"a", 1000.0, now=1010.0)
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 30), st.floats(0, 20)), max_size=200),
+       st.integers(1, 4), st.integers(1, 3))
+def test_replay_guard_never_accepts_a_request_twice(reqs: list, per_key: int, max_keys: int) -> None:
+    guard = ReplayGuard(window=1000, reorder=3.0, per_key=per_key, max_keys=max_keys)
+    seen: dict[tuple[str, bytes], float] = {}
+    for key, n, ts in reqs:
+        nonce = n.to_bytes(2, "big")
+        ts = seen.get((key, nonce), ts)   # the same sealed request always carries the same ts
+        try:
+            guard.check(key, nonce, ts, now=1000.0)
+        except ProtocolError:
+            continue
+        assert (key, nonce) not in seen, "a replay was accepted"
+        seen[(key, nonce)] = ts
+        assert guard.entries(key) <= per_key and len(guard) <= max_keys
+
+
+def test_token_bucket() -> None:
+    bucket = TokenBucket(rate=10, burst=3)
+    assert [bucket.allow(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.allow(0.1) and not bucket.allow(0.1)
+    assert sum(bucket.allow(100.0) for _ in range(10)) == 3
 
 
 def test_node_key_proof_binds_key_machine_and_time() -> None:

@@ -15,7 +15,7 @@ import sqlite_utils
 from magicdns.records import parse_record
 from meshnode.control import store as store_mod
 from meshnode.control.naming import NameInvalid, NameTaken
-from meshnode.control.store import (Conflict, ControlStore, Grant, InvalidValue, NotFound, Registration,
+from meshnode.control.store import (SCHEMA_VERSION, Conflict, ControlStore, Grant, InvalidValue, NotFound, Registration,
                                     SchemaTooNew)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def test_migration_from_v1_keeps_data(tmp_path: Path) -> None:
     db.execute("INSERT INTO users(name, created) VALUES ('alice', 1.0)")
     db.conn.close()
     s = ControlStore(path)
-    assert s.schema_version() == 2
+    assert s.schema_version() == store_mod.SCHEMA_VERSION
     assert [u.name for u in s.list_users()] == ["alice"]
     s.set_nameservers(["1.1.1.1"])  # the v2 table exists
     assert s.dns_settings().nameservers == ("1.1.1.1",)

@@ -172,7 +172,8 @@ def test_cname_to_missing_name_gives_targets_rcode(engine: Engine) -> None:
 
 
 def test_cname_out_of_zone_and_loops_stop(engine: Engine) -> None:
-    r = ask(engine, "outside.tailnet")
+    # RD clear: the authoritative answer, the bare CNAME (RD set is chased: tests/unit/test_chase.py)
+    r = ask(engine, "outside.tailnet", rd=False)
     assert r.rcode() == dns.rcode.NOERROR and answers(r) == {"outside.tailnet. CNAME example.com."}
     r = ask(engine, "loop1.tailnet")
     assert r.rcode() == dns.rcode.NOERROR
@@ -431,3 +432,27 @@ def test_a_dot_inside_a_label_is_data_not_a_separator(engine: Engine) -> None:
     q = dns.message.make_query("grafana\\.tailnet", "A")
     out = engine.handle(q.to_wire())
     assert isinstance(out, Forward)
+
+
+def test_record_outside_the_tailnet_domain_is_served_for_that_name_only() -> None:
+    view = DnsView(dns=DnsSettings(
+        nameservers=(Upstream("127.0.0.1", 5399),),
+        routes={"corp.example": (Upstream("10.0.0.53"),)},
+        records=(rec("outside.example.", "A", "192.0.2.7"), rec("outside.example.", "TXT", "hi"),
+                 rec("wiki.corp.example.", "CNAME", "server.tailnet."))),
+        peers=(host("server", "100.64.0.2"),))
+    e = Engine(Zone(view))
+    for _ in range(2):  # the fast path's second sight as well
+        r = ask(e, "Outside.Example")
+        assert answers(r) == {"Outside.Example. A 192.0.2.7"} and r.flags & dns.flags.AA
+    r = ask(e, "outside.example", "AAAA")
+    assert r.rcode() == dns.rcode.NOERROR and not r.answer  # NODATA, from us
+    assert ask(e, "outside.example", "SOA").answer == []  # one name is no zone of ours
+    # the rest of the domain, and names below the record, still go to their routes
+    for name, ups in (("www.example", (Upstream("127.0.0.1", 5399),)), ("a.outside.example", (Upstream("127.0.0.1", 5399),)),
+                      ("host.corp.example", (Upstream("10.0.0.53"),))):
+        for _ in range(2):
+            out = e.handle(dns.message.make_query(name, "A").to_wire())
+            assert isinstance(out, Forward) and out.route.upstreams == ups, name
+    assert answers(ask(e, "wiki.corp.example")) == {"wiki.corp.example. CNAME server.tailnet.",
+                                                   "server.tailnet. A 100.64.0.2"}

@@ -74,3 +74,30 @@ def test_mutated_queries(data: bytes, tcp: bool) -> None:
     again = ENGINE.handle(data, tcp=tcp)
     if isinstance(out, bytes) and isinstance(again, bytes) and out[3] & 0xF != 0:
         assert again[3] & 0xF == out[3] & 0xF
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(min_size=0, max_size=400))
+def test_scan_query_raises_only_message_error(data: bytes) -> None:
+    from magicdns.message import MessageError, scan_query
+    try:
+        shape = scan_query(data)
+    except MessageError as exc:
+        assert 0 <= exc.qend <= len(data)
+        return
+    assert shape.qend <= len(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(NAMES), st.sampled_from(TYPES), st.booleans(), st.booleans())
+def test_scan_query_reads_what_dnspython_writes(name: str, rtype: str, edns: bool, tsig: bool) -> None:
+    import dns.tsigkeyring
+
+    from magicdns.message import scan_query
+    q = dns.message.make_query(name, rtype, use_edns=0 if edns else False)
+    if tsig:
+        q.use_tsig(dns.tsigkeyring.from_text({"k.": "c2VjcmV0c2VjcmV0"}), keyname="k.")
+    wire = q.to_wire()
+    shape = scan_query(wire)
+    assert wire[12:shape.qend] == q.question[0].name.to_wire() + wire[shape.qend - 4:shape.qend]
+    assert (shape.edns is not None) == edns and (shape.tsig is not None) == tsig

@@ -202,7 +202,7 @@ def test_cli_bad_flags_exit_2(tmp_path: Path) -> None:
 def test_cli_against_the_daemon(daemon: DaemonThread) -> None:
     sock = str(daemon.socket)
     r = CliRunner().invoke(main, ["--socket", sock, "status"])
-    assert r.exit_code == 0 and "Logged out" in r.output
+    assert r.exit_code == 1 and "Logged out" in r.output  # logged out exits non-zero, as tailscale's
     r = CliRunner().invoke(main, ["--socket", sock, "status", "--json"])
     assert json.loads(r.output)["backend_state"] == "NeedsLogin"
     r = CliRunner().invoke(main, ["--socket", sock, "dns", "status"])
@@ -297,3 +297,31 @@ def test_parse_ping_refuses(body, msg: str) -> None:  # noqa: ANN001
 def test_ping_without_a_map_or_tunnel_says_why(daemon: DaemonThread) -> None:
     r = CliRunner().invoke(main, ["--socket", str(daemon.socket), "ping", "somepeer"])
     assert r.exit_code == 1 and "no network map" in r.output
+
+
+@pytest.mark.parametrize("text,want", [("100.64.0.1", "100.64.0.1"), ("100.64.0.1:22", "100.64.0.1"),
+                                       ("[fd7a:115c:a1e0::1]:443", "fd7a:115c:a1e0::1"),
+                                       ("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::1")])
+def test_parse_whois_takes_ip_and_ip_port(text: str, want: str) -> None:
+    from meshnode.node.apitypes import parse_whois
+    assert parse_whois({"addr": text}).address == want
+
+
+@pytest.mark.parametrize("text", ["", "host", "100.64.0.1:x", "[::1", "[::1]x", "1.2.3.4:5:6x", "300.1.1.1"])
+def test_parse_whois_refuses_the_rest(text: str) -> None:
+    from meshnode.node.apitypes import parse_whois
+    with pytest.raises(ApiError) as info:
+        parse_whois({"addr": text})
+    assert info.value.status == 400
+
+
+@settings(max_examples=300)
+@given(st.one_of(json_values, st.dictionaries(up_keys, json_values, max_size=6)))
+def test_parse_set_only_ever_refuses_with_400(body) -> None:  # noqa: ANN001
+    from meshnode.node.apitypes import parse_set
+    try:
+        req = parse_set(body)
+    except ApiError as exc:
+        assert exc.status == 400 and exc.message
+    else:
+        assert req.authkey is None and req.login_server is None

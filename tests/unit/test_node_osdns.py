@@ -157,14 +157,14 @@ def test_symlinked_resolv_conf_is_restored_as_a_link(tmp_path: Path) -> None:
     assert link.is_symlink() and os.readlink(link) == str(real)
 
 
-def test_missing_resolv_conf_is_backed_up_as_empty(tmp_path: Path) -> None:
+def test_missing_resolv_conf_is_removed_again(tmp_path: Path) -> None:
     path = tmp_path / "resolv.conf"
     c = ResolvConfConfigurator(path, tmp_path / "backup.conf")
     c.apply(CONFIG)
     assert is_ours(path.read_text())
     assert c.original().nameservers == ()
     c.restore()
-    assert path.read_text() == ""
+    assert not path.exists()
 
 
 def test_resolved_commands_route_only_the_tailnet() -> None:

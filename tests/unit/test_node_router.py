@@ -86,6 +86,14 @@ def test_plan_of_a_client_using_an_exit_node() -> None:
     assert plan_routing(None, "n3").use_exit
 
 
+def test_plan_blocks_the_local_networks_only_with_an_exit_node() -> None:
+    nm = NetMap(1, "tailnet", node(1), (node(3, exit_node=True),))
+    plan = plan_routing(nm, "n3", control=["10.78.0.1"], lan=["10.78.0.11/24", "10.78.0.0/24", "fd00:1::/64"])
+    assert plan.lan == ("10.78.0.0/24", "fd00:1::/64")
+    # Without an exit node nothing is blocked, whatever the local networks are.
+    assert plan_routing(nm, "", lan=["10.78.0.0/24"]) == RoutingPlan()
+
+
 def test_control_addresses_of_literal_urls() -> None:
     assert control_addresses("http://10.80.0.1:8080") == ("10.80.0.1",)
     assert control_addresses("https://[fd00::1]:443/x") == ("fd00::1",)
@@ -102,15 +110,21 @@ def test_ruleset_of_a_subnet_router() -> None:
     assert lines[:3] == [f"table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}", f"table inet {NFT_TABLE} {{"]
     assert 'iifname "mn0" oifname != "mn0" ip daddr != { 10.77.0.0/24, 10.78.0.0/16 } drop' in lines
     assert 'iifname "mn0" oifname != "mn0" meta nfproto ipv6 drop' in lines
-    assert 'oifname != "mn0" ip saddr 100.64.0.0/10 masquerade' in lines
-    assert 'oifname != "mn0" ip6 saddr fd7a:115c:a1e0::/48 masquerade' in lines
+    # Masquerade only what leaves through a real interface: never what stays in the tunnel or on
+    # this machine (lo), never queries to the node's own resolver (they used to be masqueraded,
+    # then refused by the resolver as a foreign client: 5 s per lookup on every router).
+    post = lines[lines.index("chain postrouting {") + 2:]
+    assert post[:5] == ['oifname { "mn0", "lo" } accept', "ip daddr 100.100.100.100 accept",
+                        "ip6 daddr fd7a:115c:a1e0::53 accept", "ip saddr 100.64.0.0/10 masquerade",
+                        "ip6 saddr fd7a:115c:a1e0::/48 masquerade"]
     assert "type nat hook postrouting priority srcnat; policy accept;" in lines
     assert all(f"table {fam}" not in text for fam in ("ip ", "ip6 ", "bridge "))  # no other table
 
 
 def test_ruleset_of_an_exit_node_forwards_everything() -> None:
     text = nft_ruleset(RoutingPlan(subnets=("10.77.0.0/24",), exit_node=True), "wg7")
-    assert "drop" not in text and 'oifname != "wg7" ip saddr 100.64.0.0/10 masquerade' in text
+    assert "drop" not in text and 'oifname { "wg7", "lo" } accept' in text
+    assert "ip saddr 100.64.0.0/10 masquerade" in text
 
 
 def test_ruleset_refuses_odd_interface_names() -> None:

@@ -38,7 +38,7 @@ def test_tag_owners() -> None:
     assert not tag_allowed(POLICY, "alice@example.com", "tag:ci")         # owned by a tag only
     assert not tag_allowed(POLICY, "alice@example.com", "tag:locked")
     assert not tag_allowed(POLICY, "alice@example.com", "tag:undefined")
-    assert tag_allowed(None, "anyone@example.com", "tag:anything")        # no policy: allow all
+    assert not tag_allowed(None, "anyone@example.com", "tag:anything")    # no policy: no tag owners
 
 
 def test_tagged_node_may_apply_tags_its_tags_own() -> None:

@@ -1,0 +1,342 @@
+"""A DERP client for one relay region: what a node uses to reach peers through the relay.
+
+API (asyncio; keys are raw 32-byte Curve25519 public keys, i.e. the node's WireGuard key)::
+
+    client = DerpClient(node_private_key, ["https://relay-a.example/derp", "https://relay-b.example/derp"])
+    await client.start()                  # connects in the background; returns at once
+    await client.wait_connected(5.0)      # optional: until logged in to one server (False on timeout)
+    client.send(dst_key, packet)          # never blocks; False if not connected or the socket is backed up
+    src_key, packet = await client.recv() # the next packet relayed to us
+    ev = await client.next_event()        # PeerGone(key, reason) / Health(problem) / Restarting(...)
+    rtt = await client.ping(timeout=2.0)  # seconds, through the current server
+    client.connected_url                  # the server in use, or None
+    await client.close()
+
+The URLs are the servers of ONE region, preferred first (`RelayMap.region(id).urls(control_url)` gives
+them from the network map's `derp_map`). The client keeps one connection; when it
+breaks (server killed, connection reset, or silent for `dead_after` seconds despite pings) it moves to
+the next URL at once and keeps cycling, so a dead server is replaced within about a second.
+Received packets wait in a bounded queue (`recv_queue` packets); when the reader falls behind, the
+oldest are dropped and counted in `stats["recv_dropped"]`.
+
+URL forms: `http(s)://host[:port][/derp]`; the path defaults to `/derp`. `ssl` may be an
+`ssl.SSLContext` (for a private CA); https uses the default verification otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import ssl as ssl_module
+import struct
+import time
+import urllib.parse
+from typing import Callable, Sequence
+
+from .frames import (MAX_PACKET_SIZE, ForwardPacket, FrameError, FrameType, Health, KeepAlive, NotePreferred,
+                     PeerGone, PeerPresent, Ping, Pong, RecvPacket, Restarting, WatchConns)
+from .session import ClientInfo, ClientSession, LoggedIn
+
+log = logging.getLogger("meshnode.derp.client")
+
+_SEND_HEADER = struct.Struct(">BI")
+MAX_HTTP_HEADER = 16 << 10
+WRITE_BUFFER_LIMIT = 1 << 20        # bytes queued in the socket before send() starts dropping
+
+
+class DerpConnectError(Exception):
+    """Connecting or logging in to one relay server failed (the message says where and why)."""
+
+
+def parse_relay_url(url: str) -> tuple[str, str, int, str, bool]:
+    """(scheme, host, port, path, tls) of a relay URL; raises ValueError when it is not one."""
+    u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"not a relay URL: {url!r} (want http(s)://host[:port][/derp])")
+    tls = u.scheme == "https"
+    port = u.port or (443 if tls else 80)
+    path = u.path if u.path not in ("", "/") else "/derp"
+    return u.scheme, u.hostname, port, path, tls
+
+
+class DerpClient:
+    """One node's connection to one relay region (see the module docstring)."""
+
+    def __init__(self, private_key: bytes, urls: Sequence[str], *, mesh_key: bytes | None = None,
+                 ssl: ssl_module.SSLContext | None = None, connect_timeout: float = 2.0,
+                 idle_ping: float = 2.0, dead_after: float = 4.5, recv_queue: int = 1024,
+                 preferred: bool = True, watch_conns: bool = False,
+                 on_frame: Callable[[object], None] | None = None,
+                 on_connection: Callable[[bool], None] | None = None) -> None:
+        if not urls:
+            raise ValueError("a relay region needs at least one server URL")
+        for url in urls:
+            parse_relay_url(url)
+        self.private_key = private_key
+        self.urls = list(urls)
+        self.info = ClientInfo(mesh_key=mesh_key, app_name="meshnode")
+        self.ssl = ssl
+        self.connect_timeout = connect_timeout
+        self.idle_ping = idle_ping
+        self.dead_after = dead_after
+        self.preferred = preferred
+        self.watch_conns = watch_conns
+        self.on_frame = on_frame                  # mesh links: PeerPresent / PeerGone of the server
+        self.on_connection = on_connection        # called with True after login, False when it ends
+        self.connected_url: str | None = None
+        self.server_key: bytes | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._queue: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._queue_max = recv_queue
+        self._recv_wake = asyncio.Event()
+        self._events: asyncio.Queue[object] = asyncio.Queue(maxsize=1024)
+        self._writer: asyncio.StreamWriter | None = None
+        self._connected = asyncio.Event()
+        self._pings: dict[bytes, asyncio.Future[float]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._index = 0
+        self._since: float | None = None          # when the current connection logged in
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def wait_connected(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def send(self, dst: bytes, packet: bytes) -> bool:
+        """Queue `packet` for the node with key `dst`. Never blocks: returns False (and counts the
+        drop) when not connected or when the connection is backed up."""
+        if len(dst) != 32:
+            raise ValueError("destination key must be 32 bytes")
+        if len(packet) > MAX_PACKET_SIZE:
+            raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_SIZE}")
+        w = self._writer
+        if w is None or w.transport.is_closing():
+            self.stats["send_dropped_disconnected"] += 1
+            return False
+        if w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self.stats["send_dropped_backlog"] += 1
+            return False
+        w.write(_SEND_HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet)) + dst + packet)
+        self.stats["sent"] += 1
+        return True
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        """Mesh only: hand a packet from `src` to the server for its local client `dst`."""
+        w = self._writer
+        if w is None or w.transport.is_closing() or w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self.stats["forward_dropped"] += 1
+            return False
+        w.write(ForwardPacket(src, dst, packet).encode())
+        return True
+
+    async def recv(self) -> tuple[bytes, bytes]:
+        """The next (source key, packet) relayed to us."""
+        while not self._queue:
+            if self._closed:
+                raise ConnectionError("relay client closed")
+            self._recv_wake.clear()
+            await self._recv_wake.wait()
+        return self._queue.popleft()
+
+    async def next_event(self) -> object:
+        """The next PeerGone / Health / Restarting frame from the server."""
+        return await self._events.get()
+
+    async def ping(self, timeout: float = 2.0) -> float:
+        """Round-trip time to the current server, in seconds (raises TimeoutError / ConnectionError)."""
+        w = self._writer
+        if w is None:
+            raise ConnectionError("not connected to a relay")
+        data = os.urandom(8)
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[data] = fut
+        t0 = time.monotonic()
+        w.write(Ping(data).encode())
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(data, None)
+        return time.monotonic() - t0
+
+    async def close(self) -> None:
+        self._closed = True
+        self._recv_wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        self._drop_writer()
+
+    # -- connection loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closed:
+            url = self.urls[self._index % len(self.urls)]
+            self._since = None
+            try:
+                await self._session(url)
+            except (OSError, asyncio.TimeoutError, DerpConnectError, FrameError, EOFError) as exc:
+                log.info("relay %s: %s", url, exc)
+                if self._since is None:
+                    self.stats["connect_failures"] += 1
+            finally:
+                was = self.connected_url is not None
+                self._drop_writer()
+                if was and self.on_connection is not None:
+                    self.on_connection(False)
+            if self._closed:
+                return
+            # A connection that lasted resets the back-off; one dropped right after login does not,
+            # so a server that accepts and closes at once is not hammered.
+            lasted = self._since is not None and time.monotonic() - self._since > 1.0
+            failures = 0 if lasted else failures + 1
+            self._index += 1
+            # A whole round of servers failed: back off a little (capped) before the next round.
+            if failures and failures % len(self.urls) == 0:
+                await asyncio.sleep(min(0.1 * 2 ** (failures // len(self.urls)), 2.0))
+
+    def _drop_writer(self) -> None:
+        self._connected.clear()
+        self.connected_url = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("relay connection lost"))
+        self._pings.clear()
+
+    async def _session(self, url: str) -> None:
+        _, host, port, path, tls = parse_relay_url(url)
+        ctx = (self.ssl or ssl_module.create_default_context()) if tls else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if tls else None),
+            self.connect_timeout)
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hostport = host if ":" not in host else f"[{host}]"
+            writer.write((f"GET {path} HTTP/1.1\r\nHost: {hostport}:{port}\r\nUpgrade: DERP\r\n"
+                          "Connection: Upgrade\r\nUser-Agent: meshnode-derp\r\n\r\n").encode())
+            rest = await asyncio.wait_for(self._upgrade(reader, url), self.connect_timeout)
+            session = ClientSession(self.private_key, self.info)
+            logged_in = False
+            deadline = time.monotonic() + self.connect_timeout
+            pending = rest
+            while not logged_in:
+                for ev in session.receive(pending):
+                    if isinstance(ev, LoggedIn):
+                        logged_in = True
+                        self.server_key = ev.server_key
+                    else:
+                        self._on_event(ev)
+                out = session.take_output()
+                if out:
+                    writer.write(out)
+                if logged_in:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DerpConnectError(f"{url}: login timed out")
+                pending = await asyncio.wait_for(reader.read(65536), left)
+                if not pending:
+                    raise DerpConnectError(f"{url}: server closed the connection during login")
+        except BaseException:
+            writer.close()
+            raise
+        if self.preferred:
+            writer.write(NotePreferred(True).encode())
+        if self.watch_conns:
+            writer.write(WatchConns().encode())
+        self._writer = writer
+        self.connected_url = url
+        self._since = time.monotonic()
+        self._connected.set()
+        self.stats["connects"] += 1
+        log.info("relay: connected to %s", url)
+        if self.on_connection is not None:
+            self.on_connection(True)
+        await self._read_loop(reader, writer, session)
+
+    async def _upgrade(self, reader: asyncio.StreamReader, url: str) -> bytes:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = await reader.read(4096)
+            if not chunk:
+                raise DerpConnectError(f"{url}: connection closed before the HTTP upgrade")
+            buf += chunk
+            if len(buf) > MAX_HTTP_HEADER:
+                raise DerpConnectError(f"{url}: HTTP response header too long")
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status.split(" ", 2)
+        if len(parts) < 2 or parts[1] != "101":
+            raise DerpConnectError(f"{url}: the server did not upgrade to DERP ({status!r})")
+        return rest
+
+    async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         session: ClientSession) -> None:
+        last_rx = time.monotonic()
+        pinged = False
+        while not self._closed:
+            since = time.monotonic() - last_rx
+            wait = (self.idle_ping - since) if not pinged else (self.dead_after - since)
+            try:
+                data = await asyncio.wait_for(reader.read(1 << 16), max(wait, 0.01))
+            except asyncio.TimeoutError:
+                since = time.monotonic() - last_rx
+                if since >= self.dead_after:
+                    raise DerpConnectError(f"{self.connected_url}: silent for {since:.1f}s") from None
+                if not pinged:
+                    writer.write(Ping(os.urandom(8)).encode())  # liveness probe; any frame answers it
+                    pinged = True
+                continue
+            if not data:
+                raise EOFError(f"{self.connected_url}: the server closed the connection")
+            last_rx = time.monotonic()
+            pinged = False
+            for ev in session.receive(data):
+                self._on_event(ev)
+            out = session.take_output()
+            if out:
+                writer.write(out)
+
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, RecvPacket):
+            q = self._queue
+            if len(q) >= self._queue_max:
+                q.popleft()
+                self.stats["recv_dropped"] += 1
+            q.append((ev.src, ev.packet))
+            self.stats["received"] += 1
+            self._recv_wake.set()
+        elif isinstance(ev, Pong):
+            fut = self._pings.get(ev.data)
+            if fut is not None and not fut.done():
+                fut.set_result(time.monotonic())
+        elif isinstance(ev, (PeerGone, PeerPresent)) and self.on_frame is not None:
+            self.on_frame(ev)
+        elif isinstance(ev, (PeerGone, Health, Restarting)):
+            try:
+                self._events.put_nowait(ev)
+            except asyncio.QueueFull:
+                self.stats["events_dropped"] += 1
+        elif isinstance(ev, (KeepAlive, Ping)):
+            pass
