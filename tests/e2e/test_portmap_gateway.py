@@ -1,0 +1,121 @@
+"""Port mapping against a real gateway: Debian's miniupnpd (nftables backend) on a router namespace
+that masquerades a LAN onto a WAN. NAT-PMP and PCP each get a mapping whose external address:port,
+used from the WAN, reaches the LAN host's UDP socket; closing the mapper deletes it again."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from meshnode.portmap.client import Protocol
+from meshnode.portmap.runner import Gateway, PortMapper, default_gateway, probe
+from tests.e2e.natlab import GW_LAN_IP, GW_WAN_IP, LAN_IP, WAN_IP, NatLab
+from tests.e2e.netns import in_netns
+from tests.support import needs_root, wait_until
+
+pytestmark = [pytest.mark.slow, needs_root,
+              pytest.mark.skipif(shutil.which("miniupnpd") is None, reason="miniupnpd-nftables not installed")]
+
+WG_PORT = 41641
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[NatLab]:
+    lab = NatLab.create()
+    try:
+        conf = tmp_path / "miniupnpd.conf"
+        conf.write_text(f"""ext_ifname={lab.rtr_wan_if}
+listening_ip={lab.rtr_lan_if}
+enable_natpmp=yes
+enable_upnp=no
+secure_mode=yes
+system_uptime=yes
+min_lifetime=120
+max_lifetime=86400
+upnp_table_name=filter
+upnp_nat_table_name=filter
+upnp_forward_chain=miniupnpd
+upnp_nat_chain=prerouting_miniupnpd
+upnp_nat_postrouting_chain=postrouting_miniupnpd
+uuid=3f1a8bd4-1c2e-4a8e-9a55-0c7bd2b0a001
+allow 1024-65535 10.61.0.0/24 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+""")
+        log = tmp_path / "miniupnpd.log"
+        proc = lab.lab.popen(lab.rtr, "miniupnpd", "-d", "-f", str(conf), "-P", str(tmp_path / "miniupnpd.pid"),
+                             log=log)
+        wait_until(lambda: proc.poll() is not None or "Listening for NAT-PMP/PCP" in log.read_text(),
+                   timeout=10, what="miniupnpd listening")
+        assert proc.poll() is None, log.read_text()
+        lab.log = log  # type: ignore[attr-defined]
+        yield lab
+    finally:
+        lab.destroy()
+
+
+def _udp_reaches(lab: NatLab, lan_sock: socket.socket, external: str) -> bool:
+    """One datagram from the WAN namespace to `external` arrives on the LAN host's socket."""
+    ip, port = external.rsplit(":", 1)
+    token = b"through-the-mapping"
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(token, (ip, int(port)))
+
+    lan_sock.settimeout(0.5)
+    for _ in range(6):                      # UDP: a few tries, bounded
+        in_netns(lab.wan, send)
+        try:
+            data, src = lan_sock.recvfrom(100)
+        except socket.timeout:
+            continue
+        return data == token and src[0] == WAN_IP
+    return False
+
+
+def _rules(lab: NatLab) -> str:
+    return subprocess.run(["ip", "netns", "exec", lab.rtr, "nft", "list", "chain", "inet", "filter",
+                           "prerouting_miniupnpd"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("protocol", [Protocol.PMP, Protocol.PCP])
+def test_mapping_reaches_lan_socket_and_is_deleted(gateway: NatLab, protocol: Protocol) -> None:
+    lab = gateway
+    lan_sock = in_netns(lab.lan, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        lan_sock.bind((LAN_IP, WG_PORT))
+        gw = in_netns(lab.lan, default_gateway)
+        assert gw == Gateway(GW_LAN_IP, LAN_IP)
+
+        async def scenario() -> tuple[tuple[Protocol, ...], str | None, str]:
+            protos = await probe(gw)
+            changes: list[str | None] = []
+            mapper = PortMapper(WG_PORT, lambda m: changes.append(m.endpoint if m else None),
+                                gateway=lambda: gw, protocol=protocol)
+            mapper.start()
+            deadline = asyncio.get_running_loop().time() + 10
+            while mapper.mapping is None and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            endpoint = mapper.mapping.endpoint if mapper.mapping else None
+            assert endpoint is not None, (mapper.error, lab.log.read_text())  # type: ignore[attr-defined]
+            reached = await asyncio.to_thread(_udp_reaches, lab, lan_sock, endpoint)
+            assert reached, f"{endpoint} does not reach {LAN_IP}:{WG_PORT}"
+            assert f"dport {endpoint.rsplit(':', 1)[1]}" in _rules(lab)
+            await mapper.close()
+            assert changes == [endpoint, None]
+            return protos, endpoint, _rules(lab)
+
+        protos, endpoint, rules_after = in_netns(lab.lan, lambda: asyncio.run(scenario()))
+        assert set(protos) == {Protocol.PMP, Protocol.PCP}
+        assert endpoint is not None and endpoint.startswith(GW_WAN_IP + ":")
+        # the deletion reached the gateway: its DNAT rule is gone and the port no longer leads in
+        assert "dnat" not in rules_after, rules_after
+        assert not _udp_reaches(lab, lan_sock, endpoint)
+    finally:
+        lan_sock.close()
