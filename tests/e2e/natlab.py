@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.e2e.netns import Lab, run, unique_name
+from tests.support import wait_until
 
 LAN_IP, GW_LAN_IP, GW_WAN_IP, WAN_IP, WAN_IP2 = "10.61.0.2", "10.61.0.1", "11.61.0.1", "11.61.0.2", "11.61.0.3"
 
@@ -89,3 +91,32 @@ table inet filter {{
 
     def destroy(self) -> None:
         self.lab.destroy()
+
+    def start_miniupnpd(self, tmp: Path) -> Path:
+        """Debian's miniupnpd (nftables backend) on the router, NAT-PMP and PCP for the LAN; its log."""
+        conf = tmp / "miniupnpd.conf"
+        conf.write_text(f"""ext_ifname={self.rtr_wan_if}
+listening_ip={self.rtr_lan_if}
+enable_natpmp=yes
+enable_upnp=no
+secure_mode=yes
+system_uptime=yes
+min_lifetime=120
+max_lifetime=86400
+upnp_table_name=filter
+upnp_nat_table_name=filter
+upnp_forward_chain=miniupnpd
+upnp_nat_chain=prerouting_miniupnpd
+upnp_nat_postrouting_chain=postrouting_miniupnpd
+uuid=3f1a8bd4-1c2e-4a8e-9a55-0c7bd2b0a001
+allow 1024-65535 10.61.0.0/24 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+""")
+        log = tmp / "miniupnpd.log"
+        proc = self.lab.popen(self.rtr, "miniupnpd", "-d", "-f", str(conf), "-P", str(tmp / "miniupnpd.pid"),
+                              log=log)
+        wait_until(lambda: proc.poll() is not None or "Listening for NAT-PMP/PCP" in log.read_text(),
+                   timeout=10, what="miniupnpd listening")
+        if proc.poll() is not None:
+            raise RuntimeError(f"miniupnpd exited: {log.read_text()}")
+        return log

@@ -29,31 +29,7 @@ WG_PORT = 41641
 def gateway(tmp_path: Path) -> Iterator[NatLab]:
     lab = NatLab.create()
     try:
-        conf = tmp_path / "miniupnpd.conf"
-        conf.write_text(f"""ext_ifname={lab.rtr_wan_if}
-listening_ip={lab.rtr_lan_if}
-enable_natpmp=yes
-enable_upnp=no
-secure_mode=yes
-system_uptime=yes
-min_lifetime=120
-max_lifetime=86400
-upnp_table_name=filter
-upnp_nat_table_name=filter
-upnp_forward_chain=miniupnpd
-upnp_nat_chain=prerouting_miniupnpd
-upnp_nat_postrouting_chain=postrouting_miniupnpd
-uuid=3f1a8bd4-1c2e-4a8e-9a55-0c7bd2b0a001
-allow 1024-65535 10.61.0.0/24 1024-65535
-deny 0-65535 0.0.0.0/0 0-65535
-""")
-        log = tmp_path / "miniupnpd.log"
-        proc = lab.lab.popen(lab.rtr, "miniupnpd", "-d", "-f", str(conf), "-P", str(tmp_path / "miniupnpd.pid"),
-                             log=log)
-        wait_until(lambda: proc.poll() is not None or "Listening for NAT-PMP/PCP" in log.read_text(),
-                   timeout=10, what="miniupnpd listening")
-        assert proc.poll() is None, log.read_text()
-        lab.log = log  # type: ignore[attr-defined]
+        lab.log = lab.start_miniupnpd(tmp_path)  # type: ignore[attr-defined]
         yield lab
     finally:
         lab.destroy()
