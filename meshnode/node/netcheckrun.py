@@ -105,7 +105,12 @@ class NodeConnectivity:
         report, protocols = await asyncio.gather(stun(), portmap())
         if report.preferred_relay is not None:
             self._home = report.preferred_relay
-        out = replace(report, port_mapping=protocols).to_json()
+        report = replace(report, port_mapping=protocols)
+        mapped = self.mapped_endpoint
+        if mapped is not None and report.udp:
+            report = replace(report, nat=report.nat + f"; the gateway's port mapping gives peers a fixed address, "
+                             f"{mapped}, so direct connections work even with peers behind hard NATs")
+        out = report.to_json()
         out["port_mapping_detail"] = self.portmap_status()
         out["relay_regions"] = {str(r.region_id): r.code or r.name or str(r.region_id)
                                 for r in (relay_map.regions if relay_map is not None else ())}

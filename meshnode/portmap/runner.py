@@ -138,17 +138,25 @@ class PortMapper:
 
     async def _run(self) -> None:
         while True:
-            gw = await asyncio.to_thread(self._gateway)
-            protos = await probe(gw) if gw else ()
-            self.protocols = protos
-            if self.only is not None:
-                protos = tuple(p for p in protos if p is self.only)
-            if gw is None or not protos:
-                self.error = "no default gateway" if gw is None else "the gateway answers neither NAT-PMP nor PCP"
-                await asyncio.sleep(REPROBE)
-                continue
-            await self._keep(gw, protos[0])     # returns when it gave up; probe again later
+            try:
+                await self._once()
+            except OSError as exc:     # our address vanished, the network is down: try again later
+                self.error = f"port mapping: {exc}"
+                log.warning("portmap: %s", exc)
+                self._set(None)
             await asyncio.sleep(REPROBE)
+
+    async def _once(self) -> None:
+        """Probe the gateway and keep a mapping until the client gives up."""
+        gw = await asyncio.to_thread(self._gateway)
+        protos = await probe(gw) if gw else ()
+        self.protocols = protos
+        if self.only is not None:
+            protos = tuple(p for p in protos if p is self.only)
+        if gw is None or not protos:
+            self.error = "no default gateway" if gw is None else "the gateway answers neither NAT-PMP nor PCP"
+            return
+        await self._keep(gw, protos[0])     # returns when it gave up; probe again later
 
     async def _keep(self, gw: Gateway, protocol: Protocol) -> None:
         client = self._client = PortMapClient(protocol, client_ip=gw.client_ip, internal_port=self.internal_port,
@@ -163,7 +171,7 @@ class PortMapper:
                 for d in dgrams:
                     transport.sendto(d)
                 if self._handle(events):
-                    return
+                    break
                 deadline = client.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
@@ -171,11 +179,18 @@ class PortMapper:
                 except asyncio.TimeoutError:
                     continue
                 if self._handle(client.receive(data, time.monotonic())):
-                    return
-        finally:
-            if self._client is client and client.mapping is None:
+                    break
+        except asyncio.CancelledError:
+            if client.mapping is None:
                 transport.close()
                 self._transport = None
+            raise                   # else close() still needs the socket to delete the mapping
+        except BaseException:
+            transport.close()
+            self._transport = None
+            raise
+        transport.close()           # given up: no mapping left to delete
+        self._transport = None
 
     def _handle(self, events: list) -> bool:
         """True when the client gave up for good (the loop then probes again later)."""
