@@ -31,6 +31,13 @@ def portmap_disabled() -> bool:
     return os.environ.get("MESHNODE_DISABLE_PORTMAPPER", "").strip().lower() in ("1", "true", "yes")
 
 
+def interface_ips() -> frozenset[str]:
+    """Every address on this machine's interfaces (blocking: netlink)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return frozenset(str(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr() if m.get_attr("IFA_ADDRESS"))
+
+
 class NodeConnectivity:
     def __init__(self) -> None:
         self._mapper: PortMapper | None = None
@@ -79,7 +86,12 @@ class NodeConnectivity:
                        local_endpoints: list[str] | None) -> dict[str, Any]:
         """The report with the issue's keys (`udp`, `global_v4`, ..., `nat`) plus `port_mapping_detail`
         and `relay_regions` (ID to code, for printing). `local_endpoints` None: no tunnel runs."""
-        local_ips = frozenset(e.rsplit(":", 1)[0].strip("[]") for e in local_endpoints or [])
+        # The machine's own addresses (not the endpoints list: that also holds STUN-learned ones),
+        # so a global address that is one of them means no NAT at all.
+        try:
+            local_ips = await asyncio.to_thread(interface_ips)
+        except OSError:
+            local_ips = frozenset()
         relay_map = netmap.derp_map if netmap is not None else None
 
         async def stun() -> NetcheckReport:
