@@ -26,6 +26,7 @@ from . import pcp, pmp
 class Protocol(enum.Enum):
     PMP = "NAT-PMP"
     PCP = "PCP"
+    UPNP = "UPnP"       # upnp.py; not driven by PortMapClient
 
 
 class State(enum.Enum):

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import pcp, pmp
+from . import pcp, pmp, upnp
 from .client import Failed, GatewayRestarted, Lost, Mapped, Mapping, PortMapClient, Protocol, Released
 
 log = logging.getLogger("meshnode.portmap")
@@ -69,6 +69,12 @@ async def _open(gw: Gateway) -> tuple[asyncio.DatagramTransport, _Proto]:
 
 
 async def probe(gw: Gateway, timeout: float = PROBE_TIMEOUT) -> tuple[Protocol, ...]:
+    """Which of PCP, NAT-PMP and UPnP the gateway answers, in that order of preference."""
+    pxp, location = await asyncio.gather(probe_pxp(gw, timeout), upnp.discover(gw.ip, gw.client_ip, timeout))
+    return pxp + ((Protocol.UPNP,) if location else ())
+
+
+async def probe_pxp(gw: Gateway, timeout: float = PROBE_TIMEOUT) -> tuple[Protocol, ...]:
     """Which of NAT-PMP and PCP the gateway answers (any well-formed response counts, errors
     included: the protocol is there even when mapping is refused), as Tailscale's Probe does with
     a NAT-PMP public-address request and a PCP ANNOUNCE."""
@@ -124,6 +130,7 @@ class PortMapper:
         self._client: PortMapClient | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
+        self._upnp: tuple[upnp.UpnpGateway, int] | None = None   # (gateway, external port) mapped
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -156,7 +163,45 @@ class PortMapper:
         if gw is None or not protos:
             self.error = "no default gateway" if gw is None else "the gateway answers neither NAT-PMP nor PCP"
             return
-        await self._keep(gw, protos[0])     # returns when it gave up; probe again later
+        if protos[0] is Protocol.UPNP:
+            await self._keep_upnp(gw)
+        else:
+            await self._keep(gw, protos[0])     # returns when it gave up; probe again later
+
+    async def _keep_upnp(self, gw: Gateway) -> None:
+        """AddPortMapping with a lease, renewed at half of it; returns when it failed for good."""
+        location = await upnp.discover(gw.ip, gw.client_ip, PROBE_TIMEOUT)
+        if location is None:
+            self.error = "the gateway's UPnP no longer answers"
+            return
+        try:
+            igd = await upnp.UpnpGateway.from_location(location)
+            lease, port = self.lifetime, self.internal_port
+            while True:
+                try:
+                    await igd.add(port, self.internal_port, gw.client_ip, lease)
+                except upnp.UpnpError as exc:
+                    if exc.code == 725 and lease:     # OnlyPermanentLeasesSupported
+                        lease = 0
+                        continue
+                    if self.mapping is not None and time.monotonic() < self.mapping.expires_at:
+                        self.error = str(exc)         # keep the mapping we hold; try again soon
+                        await asyncio.sleep(min(30.0, self.mapping.expires_at - time.monotonic()))
+                        continue
+                    raise
+                ip = await igd.external_ip()
+                now = time.monotonic()
+                life = lease or self.lifetime         # a permanent lease: check it as often anyway
+                self._upnp = (igd, port)
+                self.error = None
+                self._set(Mapping(Protocol.UPNP, ip, port, self.internal_port, life, now, now + life / 2,
+                                  now + life))
+                await asyncio.sleep(life / 2)
+        except upnp.UpnpError as exc:
+            self.error = str(exc)
+            log.warning("portmap: %s", exc)
+            self._upnp = None
+            self._set(None)
 
     async def _keep(self, gw: Gateway, protocol: Protocol) -> None:
         client = self._client = PortMapClient(protocol, client_ip=gw.client_ip, internal_port=self.internal_port,
@@ -221,6 +266,14 @@ class PortMapper:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._upnp is not None:
+            (igd, port), self._upnp = self._upnp, None
+            try:
+                await asyncio.wait_for(igd.delete(port), timeout)
+            except (upnp.UpnpError, asyncio.TimeoutError) as exc:
+                log.warning("portmap: deleting the UPnP mapping failed: %s", exc)
+            self._set(None)
+            return
         client, transport = self._client, self._transport
         if client is None or transport is None or client.mapping is None:
             return

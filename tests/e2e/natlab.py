@@ -98,7 +98,7 @@ table inet filter {{
         conf.write_text(f"""ext_ifname={self.rtr_wan_if}
 listening_ip={self.rtr_lan_if}
 enable_natpmp=yes
-enable_upnp=no
+enable_upnp=yes
 secure_mode=yes
 system_uptime=yes
 min_lifetime=120

@@ -95,7 +95,7 @@ def test_easy_nat_with_port_mapping(tmp_path: Path) -> None:
         assert r["udp"] is True and r["ipv4"] is True
         assert r["global_v4"].rsplit(":", 1)[0] == GW_WAN_IP
         assert r["mapping_varies_by_dest_ip"] is False
-        assert set(r["port_mapping"]) == {"NAT-PMP", "PCP"}
+        assert r["port_mapping"] == ["PCP", "NAT-PMP", "UPnP"]
         assert set(r["relay_latency_ms"]) == {"999", "2"} and all(v >= 0 for v in r["relay_latency_ms"].values())
         assert r["preferred_relay"] in (999, 2)
         assert r["captive_portal"] is False
@@ -109,7 +109,7 @@ def test_easy_nat_with_port_mapping(tmp_path: Path) -> None:
                    what="the mapped endpoint first at the control server")
         human = site.cli("netcheck").stdout
         assert "\t* UDP works: true" in human and f"\t* IPv4: yes, {GW_WAN_IP}:" in human
-        assert "\t* MappingVariesByDestIP: false" in human and "\t* PortMapping: PCP, NAT-PMP" in human
+        assert "\t* MappingVariesByDestIP: false" in human and "\t* PortMapping: PCP, NAT-PMP, UPnP" in human
         assert "\t\t- 999" in human and "\t\t- 2 (r2)" in human and "endpoint-independent" in human
         assert "\t* Control server: http://" in human  # the report tests already rely on is still there
         # `down` deletes the mapping at the gateway

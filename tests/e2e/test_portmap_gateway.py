@@ -60,7 +60,7 @@ def _rules(lab: NatLab) -> str:
                            "prerouting_miniupnpd"], capture_output=True, text=True).stdout
 
 
-@pytest.mark.parametrize("protocol", [Protocol.PMP, Protocol.PCP])
+@pytest.mark.parametrize("protocol", [Protocol.PMP, Protocol.PCP, Protocol.UPNP])
 def test_mapping_reaches_lan_socket_and_is_deleted(gateway: NatLab, protocol: Protocol) -> None:
     lab = gateway
     lan_sock = in_netns(lab.lan, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
@@ -88,7 +88,7 @@ def test_mapping_reaches_lan_socket_and_is_deleted(gateway: NatLab, protocol: Pr
             return protos, endpoint, _rules(lab)
 
         protos, endpoint, rules_after = in_netns(lab.lan, lambda: asyncio.run(scenario()))
-        assert set(protos) == {Protocol.PMP, Protocol.PCP}
+        assert set(protos) == {Protocol.PMP, Protocol.PCP, Protocol.UPNP}
         assert endpoint is not None and endpoint.startswith(GW_WAN_IP + ":")
         # the deletion reached the gateway: its DNAT rule is gone and the port no longer leads in
         assert "dnat" not in rules_after, rules_after
