@@ -94,6 +94,8 @@ class PortMapClient:
     def __init__(self, protocol: Protocol, *, client_ip: str, internal_port: int,
                  lifetime: int = 7200, give_up_after: float | None = 10.0,
                  nonce: bytes | None = None, rand: Callable[[], float] = random.random) -> None:
+        if protocol not in (Protocol.PMP, Protocol.PCP):
+            raise ValueError(f"PortMapClient speaks NAT-PMP and PCP, not {protocol.value}")
         self.protocol = protocol
         self.client_ip = client_ip
         self.internal_port = internal_port

@@ -17,6 +17,7 @@ TS_PCP_MAP_RESPONSE = bytes([2, 129, 0, 0, 0, 0, 28, 32, 0, 2, 155, 237, 0, 0, 0
                              129, 112, 9, 24, 241, 208, 251, 45, 157, 76, 10, 188, 17, 0, 0, 0, 4, 210, 4,
                              210, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 135, 180, 175, 246])
 NONCE = bytes(range(1, 13))
+PXP = [Protocol.PMP, Protocol.PCP]   # what PortMapClient drives (UPnP: upnp.py)
 
 
 def test_pcp_golden_map_response_from_tailscale() -> None:
@@ -81,7 +82,7 @@ def test_fuzzed_parsers_raise_only_their_errors(data: bytes) -> None:
             pass
 
 
-@given(st.lists(st.binary(max_size=80), max_size=20), st.sampled_from(list(Protocol)))
+@given(st.lists(st.binary(max_size=80), max_size=20), st.sampled_from(PXP))
 @settings(max_examples=200, deadline=None)
 def test_fuzzed_client_never_raises(datagrams: list[bytes], proto: Protocol) -> None:
     c = PortMapClient(proto, client_ip="10.0.0.2", internal_port=41641, nonce=NONCE, rand=lambda: 0.5)
@@ -150,7 +151,7 @@ def test_pcp_retransmits_with_jitter_bounded_by_give_up() -> None:
     assert now == 30.0 and isinstance(events[0], pc.Failed)
 
 
-@pytest.mark.parametrize("proto", list(Protocol))
+@pytest.mark.parametrize("proto", PXP)
 def test_mapping_renewed_at_half_lifetime_and_epoch_restart_noticed(proto: Protocol) -> None:
     c = PortMapClient(proto, client_ip="10.0.0.2", internal_port=41641, lifetime=600, nonce=NONCE)
     c.start(100.0)
@@ -178,7 +179,7 @@ def test_mapping_renewed_at_half_lifetime_and_epoch_restart_noticed(proto: Proto
     assert c.mapping.external_port == 40001
 
 
-@pytest.mark.parametrize("proto", list(Protocol))
+@pytest.mark.parametrize("proto", PXP)
 def test_renewal_unanswered_until_expiry_loses_mapping(proto: Protocol) -> None:
     c = PortMapClient(proto, client_ip="10.0.0.2", internal_port=41641, lifetime=100, nonce=NONCE)
     c.start(0.0)
@@ -228,7 +229,7 @@ def test_pcp_to_pmp_only_gateway() -> None:
     assert isinstance(ev, pc.Failed) and "NAT-PMP, not PCP" in ev.reason and ev.retry_at is None
 
 
-@pytest.mark.parametrize("proto", list(Protocol))
+@pytest.mark.parametrize("proto", PXP)
 def test_release_deletes_and_is_confirmed(proto: Protocol) -> None:
     c = PortMapClient(proto, client_ip="10.0.0.2", internal_port=41641, nonce=NONCE)
     assert c.release() == []
@@ -248,3 +249,8 @@ def test_release_deletes_and_is_confirmed(proto: Protocol) -> None:
         assert delete == pmp.map_udp_request(41641, 0, 0)
         assert c.receive(pmp_answers([delete], epoch=2)[0], 1.0) == [pc.Released()]
     assert c.poll(5000.0) == ([], []) and c.next_deadline() is None
+
+
+def test_client_refuses_upnp() -> None:
+    with pytest.raises(ValueError, match="not UPnP"):
+        PortMapClient(Protocol.UPNP, client_ip="10.0.0.2", internal_port=41641)
