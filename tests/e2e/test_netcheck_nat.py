@@ -1,5 +1,5 @@
 """End to end: `meshnode netcheck` of a node daemon (`--tun`) behind a NAT made of namespaces
-(tests/e2e/natlab.py), with the control server (`--derp`, STUN on udp/3478, region 999) and a
+(tests/e2e/portmap_lab.py), with the control server (`--derp`, STUN on udp/3478, region 999) and a
 standalone relay (`derp serve`, STUN on udp/3479, region 2 from `--derp-map`) on two WAN addresses,
 so the NAT's mapping toward two destinations can be compared.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.natlab import GW_WAN_IP, WAN_IP, WAN_IP2, NatLab
+from tests.e2e.portmap_lab import GW_WAN_IP, WAN_IP, WAN_IP2, NatLab
 from tests.e2e.netns import MESHNODE, run
 from tests.support import needs_root, wait_until
 

@@ -15,7 +15,7 @@ import pytest
 
 from meshnode.portmap.client import Protocol
 from meshnode.portmap.runner import Gateway, PortMapper, default_gateway, probe
-from tests.e2e.natlab import GW_LAN_IP, GW_WAN_IP, LAN_IP, WAN_IP, NatLab
+from tests.e2e.portmap_lab import GW_LAN_IP, GW_WAN_IP, LAN_IP, WAN_IP, NatLab
 from tests.e2e.netns import in_netns
 from tests.support import needs_root, wait_until
 
