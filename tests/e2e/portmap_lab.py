@@ -92,7 +92,7 @@ table inet filter {{
     def destroy(self) -> None:
         self.lab.destroy()
 
-    def start_miniupnpd(self, tmp: Path) -> Path:
+    def start_miniupnpd(self, tmp: Path, min_lifetime: int = 120) -> Path:
         """Debian's miniupnpd (nftables backend) on the router, NAT-PMP and PCP for the LAN; its log."""
         conf = tmp / "miniupnpd.conf"
         conf.write_text(f"""ext_ifname={self.rtr_wan_if}
@@ -101,7 +101,7 @@ enable_natpmp=yes
 enable_upnp=yes
 secure_mode=yes
 system_uptime=yes
-min_lifetime=120
+min_lifetime={min_lifetime}
 max_lifetime=86400
 upnp_table_name=filter
 upnp_nat_table_name=filter

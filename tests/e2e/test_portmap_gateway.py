@@ -95,3 +95,45 @@ def test_mapping_reaches_lan_socket_and_is_deleted(gateway: NatLab, protocol: Pr
         assert not _udp_reaches(lab, lan_sock, endpoint)
     finally:
         lan_sock.close()
+
+
+@pytest.mark.parametrize("protocol", [Protocol.PMP, Protocol.PCP])
+def test_gateway_restart_loses_mapping_and_renewal_restores_it(tmp_path: Path, protocol: Protocol) -> None:
+    """The router reboots (miniupnpd stopped, its rules flushed, started again): the next renewal
+    (short lifetimes here) makes the mapping again, and it carries traffic again."""
+    lab = NatLab.create()
+    try:
+        log = lab.start_miniupnpd(tmp_path, min_lifetime=2)
+        lan_sock = in_netns(lab.lan, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        lan_sock.bind((LAN_IP, WG_PORT))
+        gw = Gateway(GW_LAN_IP, LAN_IP)
+
+        async def scenario() -> None:
+            mapper = PortMapper(WG_PORT, gateway=lambda: gw, protocol=protocol, lifetime=4)
+            mapper.start()
+            loop = asyncio.get_running_loop()
+
+            async def until(cond: object, what: str, timeout: float = 15) -> None:
+                deadline = loop.time() + timeout
+                while not cond():  # type: ignore[operator]
+                    assert loop.time() < deadline, (what, mapper.error, log.read_text()[-2000:])
+                    await asyncio.sleep(0.05)
+
+            await until(lambda: mapper.mapping is not None, "first mapping")
+            endpoint = mapper.mapping.endpoint  # type: ignore[union-attr]
+            # the reboot: miniupnpd stops (and removes its rules), a new one starts
+            proc = next(p for p in lab.lab.procs if p.poll() is None)
+            await asyncio.to_thread(lambda: (proc.terminate(), proc.wait(10)))
+            subprocess.run(["ip", "netns", "exec", lab.rtr, "nft", "flush", "chain", "inet", "filter",
+                            "prerouting_miniupnpd"], check=True)
+            assert "dnat" not in _rules(lab)
+            await asyncio.to_thread(lab.start_miniupnpd, tmp_path, 2)
+            await until(lambda: "dnat" in _rules(lab), "the mapping made again by a renewal")
+            assert mapper.mapping is not None
+            assert await asyncio.to_thread(_udp_reaches, lab, lan_sock, mapper.mapping.endpoint), endpoint
+            await mapper.close()
+
+        in_netns(lab.lan, lambda: asyncio.run(scenario()))
+        lan_sock.close()
+    finally:
+        lab.destroy()
