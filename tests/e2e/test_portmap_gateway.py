@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -137,3 +138,65 @@ def test_gateway_restart_loses_mapping_and_renewal_restores_it(tmp_path: Path, p
         lan_sock.close()
     finally:
         lab.destroy()
+
+
+def test_hostile_gateway_refusal_in_words_and_no_request_storm() -> None:
+    """A gateway of our own on the router's port 5351 that answers every request with junk, a PCP
+    answer for another nonce, a truncated one, and then NOT_AUTHORIZED: the mapper ignores the
+    junk, says why it has no mapping in words, and stops asking (a handful of datagrams, not a storm)."""
+    lab = NatLab.create()
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((GW_LAN_IP, 5351))
+            s.settimeout(0.1)
+            while not stop.is_set() and len(received) < 200:
+                try:
+                    data, src = s.recvfrom(2048)
+                except socket.timeout:
+                    continue
+                received.append(data)
+                if data[:2] == bytes([2, 1]) and len(data) == 60:    # a PCP MAP request
+                    other = bytearray(data)
+                    other[24] ^= 0xFF
+                    for junk in (b"\x02", bytes(range(64)), bytes([2, 0x81, 0, 0]) + bytes(20),
+                                 _pcp_reply(bytes(other), 0)):
+                        s.sendto(junk, src)
+                    s.sendto(_pcp_reply(data, 2), src)               # NOT_AUTHORIZED
+                elif data[:1] == b"\x02":                             # ANNOUNCE: PCP is here
+                    s.sendto(bytes([2, 0x80, 0, 0]) + bytes(20), src)
+
+    server = threading.Thread(target=in_netns, args=(lab.rtr, serve))
+    server.start()
+    try:
+        gw = Gateway(GW_LAN_IP, LAN_IP)
+
+        async def scenario() -> tuple[str | None, object]:
+            mapper = PortMapper(WG_PORT, gateway=lambda: gw)
+            mapper.start()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not (mapper.error or "").startswith("PCP:") and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            sent = len(received)
+            await asyncio.sleep(1.5)            # a window in which a retry storm would show
+            error, mapping = mapper.error, mapper.mapping
+            await mapper.close()
+            return error, (mapping, len(received) - sent)
+
+        error, (mapping, later) = in_netns(lab.lan, lambda: asyncio.run(scenario()))
+        assert error == "PCP: the gateway supports PCP but mapping is turned off (not authorized)"
+        assert mapping is None and later == 0
+        # the probe (NAT-PMP retried within its second, one PCP ANNOUNCE) and one MAP request
+        assert len(received) <= 6 and sum(d[:2] == bytes([2, 1]) for d in received) == 1, received
+    finally:
+        stop.set()
+        server.join()
+        lab.destroy()
+
+
+def _pcp_reply(req: bytes, result: int) -> bytes:
+    head = bytes([2, req[1] | 0x80, 0, result]) + (7200).to_bytes(4, "big") + (5).to_bytes(4, "big") + bytes(12)
+    return head + req[24:42] + (40000).to_bytes(2, "big") + bytes(10) + b"\xff\xff" + bytes([11, 61, 0, 1])
