@@ -60,6 +60,7 @@ from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Nod
 log = logging.getLogger("meshnode.control.server")
 
 ADMIN_ACTOR = "admin-token"   # who the audit log names for changes through the admin API
+PRESENCE_FINAL = 1e9          # heartbeat interval written by a cleanly stopped server: its word stands
 
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
@@ -235,8 +236,9 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-            try:  # nobody is online on a stopped server: `control nodes ls` says so at once
-                self.store.set_presence((), time.time(), self.config.presence_interval)
+            try:  # nobody is online on a stopped server: `control nodes ls` says so at once, and
+                # keeps saying so (no heartbeat will follow) until a server starts and writes again
+                self.store.set_presence((), time.time(), PRESENCE_FINAL)
             except ControlStoreError:
                 log.exception("recording presence failed")
 
