@@ -20,7 +20,8 @@ from .client import Failed, GatewayRestarted, Lost, Mapped, Mapping, PortMapClie
 
 log = logging.getLogger("meshnode.portmap")
 PROBE_TIMEOUT = 1.0
-REPROBE = 120.0           # no gateway answered: look again this often (networks change)
+REPROBE = 120.0           # no gateway answered: look again this often
+GATEWAY_CHECK = 5.0       # how often the default route is read again: a new network is a new gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ class PortMapper:
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self._upnp: tuple[upnp.UpnpGateway, int] | None = None   # (gateway, external port) mapped
+        self._gw: Gateway | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -151,11 +153,36 @@ class PortMapper:
                 self.error = f"port mapping: {exc}"
                 log.warning("portmap: %s", exc)
                 self._set(None)
-            await asyncio.sleep(REPROBE)
+            await self._wait_for_change(REPROBE)
+
+    async def _gateway_now(self) -> Gateway | None:
+        try:
+            return await asyncio.to_thread(self._gateway)
+        except OSError:
+            return None
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        """Sleep up to `timeout`, less when the default gateway or our address toward it changes."""
+        before = self._gw
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(GATEWAY_CHECK, left))
+            if await self._gateway_now() != before:
+                return
+
+    async def _moved(self, gw: Gateway) -> bool:
+        """True (and the mapping dropped) when the node is no longer behind `gw` (another network)."""
+        if await self._gateway_now() == gw:
+            return False
+        self.error = "the default gateway changed: the mapping there no longer helps"
+        log.info("portmap: %s", self.error)
+        self._gw = None      # any gateway seen from now on (the same one back, too) is asked at once
+        self._set(None)
+        return True
 
     async def _once(self) -> None:
         """Probe the gateway and keep a mapping until the client gives up."""
-        gw = await asyncio.to_thread(self._gateway)
+        gw = self._gw = await self._gateway_now()
         protos = await probe(gw) if gw else ()
         self.protocols = protos
         if self.only is not None:
@@ -196,7 +223,12 @@ class PortMapper:
                 self.error = None
                 self._set(Mapping(Protocol.UPNP, ip, port, self.internal_port, life, now, now + life / 2,
                                   now + life))
-                await asyncio.sleep(life / 2)
+                renew_at = now + life / 2
+                while (left := renew_at - time.monotonic()) > 0:
+                    await asyncio.sleep(min(GATEWAY_CHECK, left))
+                    if await self._moved(gw):
+                        self._upnp = None
+                        return
         except upnp.UpnpError as exc:
             self.error = str(exc)
             log.warning("portmap: %s", exc)
@@ -208,6 +240,7 @@ class PortMapper:
                                               lifetime=self.lifetime)
         transport, proto = await _open(gw)
         self._transport = transport
+        next_check = time.monotonic() + GATEWAY_CHECK
         try:
             client.start(time.monotonic())
             while True:
@@ -217,10 +250,15 @@ class PortMapper:
                     transport.sendto(d)
                 if self._handle(events):
                     break
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + GATEWAY_CHECK
+                    if await self._moved(gw):
+                        client.mapping = None      # nothing to delete on a network we left
+                        break
                 deadline = client.next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                deadline = next_check if deadline is None else min(deadline, next_check)
                 try:
-                    data = await asyncio.wait_for(proto.queue.get(), timeout)
+                    data = await asyncio.wait_for(proto.queue.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     continue
                 if self._handle(client.receive(data, time.monotonic())):

@@ -200,3 +200,35 @@ def test_hostile_gateway_refusal_in_words_and_no_request_storm() -> None:
 def _pcp_reply(req: bytes, result: int) -> bytes:
     head = bytes([2, req[1] | 0x80, 0, result]) + (7200).to_bytes(4, "big") + (5).to_bytes(4, "big") + bytes(12)
     return head + req[24:42] + (40000).to_bytes(2, "big") + bytes(10) + b"\xff\xff" + bytes([11, 61, 0, 1])
+
+
+def test_leaving_the_network_drops_the_mapping_and_a_new_gateway_gets_one(gateway: NatLab) -> None:
+    """The node's default route goes away (it left the network): the mapping is no longer claimed
+    within seconds; the route comes back (a network again): a mapping is made again at once, not
+    after the two-minute re-probe."""
+    lab = gateway
+    changes: list[str | None] = []
+
+    async def scenario() -> None:
+        # default_gateway must read the LAN namespace's routes, from the worker thread too
+        mapper = PortMapper(WG_PORT, lambda m: changes.append(m.endpoint if m else None),
+                            gateway=lambda: in_netns(lab.lan, default_gateway))
+        mapper.start()
+        loop = asyncio.get_running_loop()
+
+        async def until(cond: object, what: str, timeout: float) -> float:
+            start = loop.time()
+            while not cond():  # type: ignore[operator]
+                assert loop.time() - start < timeout, (what, mapper.error, changes)
+                await asyncio.sleep(0.05)
+            return loop.time() - start
+
+        await until(lambda: mapper.mapping is not None, "first mapping", 10)
+        subprocess.run(["ip", "-n", lab.lan, "route", "del", "default"], check=True)
+        await until(lambda: mapper.mapping is None, "mapping dropped after leaving", 12)
+        subprocess.run(["ip", "-n", lab.lan, "route", "add", "default", "via", GW_LAN_IP], check=True)
+        await until(lambda: mapper.mapping is not None, "a mapping on the 'new' network", 15)
+        await mapper.close()
+
+    in_netns(lab.lan, lambda: asyncio.run(scenario()))
+    assert changes[0] is not None and changes[1] is None and changes[2] is not None and changes[-1] is None
