@@ -40,7 +40,7 @@ class NetcheckReport:
     global_v4: str | None                    # "IP:PORT"
     global_v6: str | None                    # "[IP]:PORT"
     mapping_varies_by_dest_ip: bool | None   # None: fewer than two IPv4 servers answered
-    port_mapping: tuple[str, ...] = ()       # protocols that answered (NAT-PMP, PCP, UPnP); none probed here
+    port_mapping: tuple[str, ...] = ()       # protocols that answered (PCP, NAT-PMP, UPnP): node/netcheckrun.py
     preferred_relay: int | None = None
     relay_latency_ms: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
     captive_portal: bool | None = None

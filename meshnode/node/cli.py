@@ -776,6 +776,8 @@ def format_netcheck(r: dict[str, Any]) -> str:
         else:
             state = f"no handshake yet; control has {known}"
         lines.append(f"\t    {p['fqdn'].ljust(width)}  {state}")
+    from .netcheckrun import format_report  # STUN, relays, NAT and port mapping
+    lines += format_report(r)
     return "\n".join(lines)
 
 
@@ -785,7 +787,8 @@ def format_netcheck(r: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def netcheck_cmd(ctx: click.Context, timeout: float, as_json: bool) -> None:
-    """Connectivity: the WireGuard UDP port, this node's endpoints, the control server, handshakes."""
+    """Connectivity: the WireGuard UDP port, this node's endpoints, the control server, handshakes,
+    and as Tailscale's netcheck: UDP, global addresses, the NAT's kind, port mapping, relay latency."""
     with _api_errors():
         report = _client(ctx, timeout + 30).netcheck(timeout)
     click.echo(json.dumps(report, indent=2) if as_json else format_netcheck(report))

@@ -44,6 +44,7 @@ from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
 from .state import IdentityDamaged, StateDir
+from .netcheckrun import NodeConnectivity
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
@@ -131,6 +132,7 @@ class Daemon:
         self._serve = ServeRunner(self._caller)
         self._reported_endpoints: list[str] | None = None
         self._reported_disco = ""  # the disco key the control server has from us
+        self._conn = NodeConnectivity()  # port mapping and netcheck (netcheckrun.py)
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
         self._applied_osdns: OsDnsConfig | None = None
@@ -258,6 +260,7 @@ class Daemon:
         await self._remove_addresses()
         if self._router is not None:
             await self._router.close()
+        await self._conn.stop_portmap()  # deletes the mapping at the gateway
         if self._tunnel is not None:
             await self._tunnel.close()
             self._reported_endpoints = None
@@ -279,6 +282,7 @@ class Daemon:
                                          self.prefs.login_server)
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
+        self._conn.start_portmap(self._tunnel.status().get("listen_port"))
         await self._route(self.netmap)
         await self._sync_serve()
 
@@ -308,7 +312,7 @@ class Daemon:
         if self._tunnel is None or not self._tunnel.running:
             return
         try:
-            endpoints = await self._tunnel.endpoints()
+            endpoints = self._conn.mapped_first(await self._tunnel.endpoints())
         except OSError as exc:
             log.warning("endpoints: cannot list local addresses: %s", exc)
             return
@@ -339,7 +343,7 @@ class Daemon:
         if self._tunnel is None or not self._tunnel.running:
             return [], ""
         try:
-            return await self._tunnel.endpoints(), self._tunnel.disco_key
+            return self._conn.mapped_first(await self._tunnel.endpoints()), self._tunnel.disco_key
         except OSError as exc:
             log.warning("endpoints: cannot list local addresses: %s", exc)
             return [], self._tunnel.disco_key
@@ -1063,7 +1067,8 @@ class Daemon:
             except OSError as exc:
                 local_error = f"cannot list local addresses: {exc}"
                 log.warning("netcheck: %s", local_error)
-        return {
+        return {  # the STUN, relay latency, NAT and port-mapping report: netcheckrun.py
+            **await self._conn.netcheck(nm, self.prefs.login_server, req.timeout, local),
             "mode": "tunnel" if self._tunnel is not None else "dns-only",
             "backend_state": self.backend.value,
             "udp_port": tunnel.get("listen_port") if running and tunnel else None,
