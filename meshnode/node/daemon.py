@@ -42,7 +42,8 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
                     resolved_in_use)
 from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
-from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
+from .serve import (Caller, Kind, NoCertificate, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config,
+                    save_config)
 from .state import IdentityDamaged, StateDir
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
@@ -128,7 +129,7 @@ class Daemon:
                         if config.tun else None)
         self.router_error: str | None = None
         self.serve_config = ServeConfig()
-        self._serve = ServeRunner(self._caller)
+        self._serve = ServeRunner(self._caller, self._serve_tls_files)
         self._reported_endpoints: list[str] | None = None
         self._reported_disco = ""  # the disco key the control server has from us
         self._dns_hosts: tuple[str, ...] = ()
@@ -469,7 +470,8 @@ class Daemon:
     # -- the node's certificate (cert.py) -------------------------------------------------------
 
     def _start_cert_task(self, client: ControlClient) -> None:
-        if self._encrypted_config().wanted and (self._cert_task is None or self._cert_task.done()):
+        wanted = self._encrypted_config().wanted or any(e.kind is Kind.HTTPS for e in self.serve_config.entries)
+        if wanted and (self._cert_task is None or self._cert_task.done()):
             self._cert_task = asyncio.create_task(self._cert_loop(client))
 
     async def _stop_cert_task(self) -> None:
@@ -514,6 +516,9 @@ class Daemon:
             backoff, self.cert_error = 5.0, None
             log.info("tls: certificate for %s valid until %s", ", ".join(info.dns_names + info.ip_addresses),
                      info.to_json()["not_after"])
+            if any(e.kind is Kind.HTTPS for e in self.serve_config.entries):
+                async with self._lock:  # a saved `serve --https` that waited for its first certificate
+                    await self._sync_serve()
 
     async def _serve_cert(self) -> None:
         if not self.dns.running or not self._encrypted_config().wanted or not self.certs.cert_path.exists():
@@ -817,6 +822,27 @@ class Daemon:
 
     async def _sync_serve(self, strict_port: int | None = None) -> None:
         await self._serve.apply(self.serve_config, self._serve_addresses(), strict_port)
+
+    def _serve_tls_files(self) -> tuple[str, str]:
+        """The node's certificate and key for `serve --https`, or `NoCertificate` saying why not."""
+        info = self.certs.current()
+        if info is None:
+            if self.netmap is not None and not self.netmap.tailnet_ca:
+                raise NoCertificate("HTTPS needs a certificate from the tailnet CA, and the control server's map"
+                                    " has no CA (the server may predate it); serve over --http instead")
+            if self.netmap is None:
+                raise NoCertificate("the node has no certificate from the tailnet CA: run `meshnode up` first")
+            client = self._control_client()
+            if client is not None:
+                self._start_cert_task(client)
+            raise NoCertificate("the node's certificate from the tailnet CA has not been issued yet"
+                                + (f" ({self.cert_error})" if self.cert_error else "; it is being requested,"
+                                   " try again in a few seconds (`meshnode status --json` shows tls)"))
+        if not tailnet_ca.servable(info, time.time()):
+            raise NoCertificate(f"the node's certificate expired at {info.to_json()['not_after']} and has not"
+                                " been renewed" + (f" ({self.cert_error})" if self.cert_error else
+                                                  " (is the control server reachable?)"))
+        return str(self.certs.cert_path), str(self.certs.key_path)
 
     def _caller(self, address: str) -> Caller | None:
         node = self.node_of(address)
