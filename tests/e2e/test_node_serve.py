@@ -216,6 +216,7 @@ def test_serve_http_and_tcp_with_identity_acl_restart_and_shields(lan: Lan) -> N
     r = net.cli(1, "serve", "--http", "8090", "http://127.0.0.1:8080", "--bg", check=False)
     assert r.returncode == 1 and "already in use" in r.stderr, r.stderr
     assert [e["port"] for e in json.loads(net.cli(1, "serve", "status", "--json").stdout)["entries"]] == [80, 2222]
+
     # HTTPS with my-server's own certificate from the tailnet CA (requested by its daemon after `up`;
     # until it is issued, serve --https is refused with that reason).
     r = wait_until(lambda: (lambda r: r if r.returncode == 0 else None)(
@@ -230,7 +231,6 @@ def test_serve_http_and_tcp_with_identity_acl_restart_and_shields(lan: Lan) -> N
     assert seen["tailscale-user-login"] == "bob@example.com" and seen["x-forwarded-proto"] == "https"
     code, _ = curl(bob_ns, "https://my-server.tailnet:8443/")     # the system trust store alone
     assert code == 60  # curl: peer certificate cannot be authenticated with known CA certificates
-    net.cli(1, "serve", "--https", "8443", "--off")
     # A target off this machine is refused.
     r = net.cli(1, "serve", "--tcp", "2223", "tcp://10.78.0.1:22", check=False)
     assert r.returncode == 2 and "this machine only" in r.stderr
@@ -242,6 +242,10 @@ def test_serve_http_and_tcp_with_identity_acl_restart_and_shields(lan: Lan) -> N
     seen = wait_until(lambda: headers_seen(bob_ns, "http://my-server.tailnet/"), timeout=30,
                       what="serve back after the restart")
     assert seen["tailscale-user-login"] == "bob@example.com"
+    seen = wait_until(lambda: headers_seen(bob_ns, "https://my-server.tailnet:8443/", "--cacert", str(ca_file)),
+                      timeout=30, what="serve --https back after the restart, with the stored certificate")
+    assert seen["tailscale-user-login"] == "bob@example.com"
+    net.cli(1, "serve", "--https", "8443", "--off")
 
     # Foreground serve lasts until interrupted.
     fg = subprocess.Popen(["ip", "netns", "exec", server_ns, *MESHNODE, "--socket", str(net.sock(1)), "serve",
