@@ -42,8 +42,8 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
                     resolved_in_use)
 from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
-from .serve import (Caller, Kind, NoCertificate, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config,
-                    save_config)
+from .serve import (Caller, Kind, NoCertificate, ServeConfig, ServeEntry, ServeError, ServeRunner,
+                    certificate_problem, load_config, save_config)
 from .state import IdentityDamaged, StateDir
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
@@ -826,22 +826,13 @@ class Daemon:
     def _serve_tls_files(self) -> tuple[str, str]:
         """The node's certificate and key for `serve --https`, or `NoCertificate` saying why not."""
         info = self.certs.current()
-        if info is None:
-            if self.netmap is not None and not self.netmap.tailnet_ca:
-                raise NoCertificate("HTTPS needs a certificate from the tailnet CA, and the control server's map"
-                                    " has no CA (the server may predate it); serve over --http instead")
-            if self.netmap is None:
-                raise NoCertificate("the node has no certificate from the tailnet CA: run `meshnode up` first")
-            client = self._control_client()
-            if client is not None:
-                self._start_cert_task(client)
-            raise NoCertificate("the node's certificate from the tailnet CA has not been issued yet"
-                                + (f" ({self.cert_error})" if self.cert_error else "; it is being requested,"
-                                   " try again in a few seconds (`meshnode status --json` shows tls)"))
-        if not tailnet_ca.servable(info, time.time()):
-            raise NoCertificate(f"the node's certificate expired at {info.to_json()['not_after']} and has not"
-                                " been renewed" + (f" ({self.cert_error})" if self.cert_error else
-                                                  " (is the control server reachable?)"))
+        nm = self.netmap
+        problem = certificate_problem(info, nm is not None, bool(nm and nm.tailnet_ca), self.cert_error, time.time())
+        if problem is not None:
+            client = self._client  # only while connected: never starts talking to control when down
+            if nm is not None and client is not None:
+                self._start_cert_task(client)  # with DoT/DoH off nothing asked for one until now
+            raise NoCertificate(problem)
         return str(self.certs.cert_path), str(self.certs.key_path)
 
     def _caller(self, address: str) -> Caller | None:

@@ -183,6 +183,25 @@ def save_config(path: Path, config: ServeConfig) -> None:
     atomic_write(path, json.dumps(config.to_json(), indent=2) + "\n")
 
 
+def certificate_problem(info: Any, map_known: bool, map_has_ca: bool, cert_error: str | None,
+                        now: float) -> str | None:
+    """Why `serve --https` cannot use the node's certificate (`info`: a ca.CertInfo or None), in
+    words with what to do; None when it can."""
+    if info is None:
+        if not map_known:
+            return "the node has no certificate from the tailnet CA: run `meshnode up` first"
+        if not map_has_ca:
+            return ("HTTPS needs a certificate from the tailnet CA, and the control server's map has no CA"
+                    " (the server may predate it); serve over --http instead")
+        return ("the node's certificate from the tailnet CA has not been issued yet"
+                + (f" ({cert_error})" if cert_error else "; it is being requested, try again in a few seconds"))
+    if not info.not_before <= now < info.not_after:
+        return (f"the node's certificate expired at {info.to_json()['not_after']} and has not been renewed"
+                + (f" ({cert_error})" if cert_error else " (is the control server reachable?)")
+                if now >= info.not_after else "the node's certificate is not valid yet (is the clock right?)")
+    return None
+
+
 # -- identity headers (pure) ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)

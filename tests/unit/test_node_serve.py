@@ -280,3 +280,20 @@ def test_https_entry_round_trips_and_takes_an_http_target() -> None:
         parse_target(Kind.HTTPS, "https://127.0.0.1:8443")
     cfg = ServeConfig().with_entry(ServeEntry(443, Kind.HTTPS, "http://127.0.0.1:8080"))
     assert parse_config(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def test_certificate_problem_says_why_https_cannot_serve(tmp_path: Path) -> None:
+    from meshnode.node.serve import certificate_problem
+    now = time.time()
+    assert "meshnode up" in certificate_problem(None, False, False, None, now)
+    assert "map has no CA" in certificate_problem(None, True, False, None, now)
+    assert "not been issued yet" in certificate_problem(None, True, True, None, now)
+    assert "rate limited" in certificate_problem(None, True, True, "cannot get a certificate: rate limited", now)
+    tailnet_ca = ca.create_ca("tailnet", now)
+    certs = NodeCertificates(tmp_path / "tls")
+    _node_cert(certs, tailnet_ca, now - 7200, lifetime=3600)
+    expired = certs.current()
+    why = certificate_problem(expired, True, True, None, now)
+    assert why is not None and "expired at" in why and "control server reachable" in why
+    _node_cert(certs, tailnet_ca, now)
+    assert certificate_problem(certs.current(), True, True, None, now) is None
