@@ -263,6 +263,20 @@ def test_https_proxy_verifies_against_the_tailnet_ca_follows_renewal_and_refuses
             # Nor does one that trusts another tailnet's CA.
             with pytest.raises(aiohttp.ClientConnectorCertificateError):
                 await fetch(ssl.create_default_context(cadata=ca.create_ca("tailnet", time.time()).cert_pem))
+            # Hostile callers: one stalls before its ClientHello, one sends plain HTTP to the TLS port;
+            # neither stops others, and a ClientHello without SNI (a client dialling the IP) is served.
+            _stalled = await asyncio.open_connection("127.0.0.1", port)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await asyncio.wait_for(r.read(), 5) == b""  # closed, no answer in plain text
+            no_sni = ssl.create_default_context(cadata=tailnet_ca.cert_pem)
+            no_sni.check_hostname = False
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=no_sni, server_hostname="")
+            w.write(b"GET / HTTP/1.1\r\nHost: web.tailnet\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 200")
+            got, _ = await fetch(trusting)
+            assert got["headers"]["Tailscale-User-Login"] == "bob@example.com"
+            _stalled[1].close()
             # The daemon renews: new connections get the new certificate, no restart of the listener.
             _node_cert(certs, tailnet_ca, time.time())
             got, serial2 = await fetch(trusting)
