@@ -238,12 +238,15 @@ def test_serve_http_and_tcp_with_identity_acl_restart_and_shields(lan: Lan) -> N
     # serve survives a daemon restart (serve.json in the state directory).
     net.stop_daemon(1)
     assert curl(bob_ns, "http://my-server.tailnet/", timeout=1)[0] != 0
+    # Without its certificate the saved --https entry waits (status says why) and starts serving
+    # once the daemon has a new one from the CA.
+    (lan.root / "node1" / "state" / "tls" / "node.crt").unlink()
     net.start_daemon(1)
     seen = wait_until(lambda: headers_seen(bob_ns, "http://my-server.tailnet/"), timeout=30,
                       what="serve back after the restart")
     assert seen["tailscale-user-login"] == "bob@example.com"
     seen = wait_until(lambda: headers_seen(bob_ns, "https://my-server.tailnet:8443/", "--cacert", str(ca_file)),
-                      timeout=30, what="serve --https back after the restart, with the stored certificate")
+                      timeout=30, what="serve --https back after the restart, with a new certificate")
     assert seen["tailscale-user-login"] == "bob@example.com"
     net.cli(1, "serve", "--https", "8443", "--off")
 
