@@ -3,7 +3,9 @@
 Starts a local aiohttp web server and a local TCP sink, and a `ServeRunner` on 127.0.0.1 in front of
 them (as the daemon runs it on the tailnet addresses), in this process's event loop. Reports, each
 direct and through serve: HTTP requests/s and median latency (keep-alive client, --concurrency
-requests in flight, small GETs), and TCP throughput of one --megabytes stream. Everything stays on
+requests in flight, small GETs), the same through `serve --https` (a node certificate from a
+throw-away tailnet CA; keep-alive, then a new TLS connection per request: the handshake cost), and
+TCP throughput of one --megabytes stream. Everything stays on
 127.0.0.1; each run is bounded by --requests and --megabytes.
 """
 
@@ -12,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import ssl
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from meshnode.control import ca  # noqa: E402
+from meshnode.node.cert import NodeCertificates  # noqa: E402
 from meshnode.node.serve import Caller, Kind, ServeConfig, ServeEntry, ServeRunner  # noqa: E402
 
 
@@ -33,15 +39,18 @@ def free_port() -> int:
     return port
 
 
-async def http_run(url: str, requests: int, concurrency: int) -> tuple[float, float]:
+async def http_run(url: str, requests: int, concurrency: int, tls: ssl.SSLContext | None = None,
+                   new_connections: bool = False) -> tuple[float, float]:
     """(requests per second, median latency in ms)."""
     latencies: list[float] = []
     queue = iter(range(requests))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+    extra = {"ssl": tls, "server_hostname": "bench.tailnet"} if tls else {}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=new_connections)
+    async with aiohttp.ClientSession(connector=connector) as http:
         async def worker() -> None:
             for _ in queue:
                 t = time.perf_counter()
-                async with http.get(url) as resp:
+                async with http.get(url, **extra) as resp:
                     await resp.read()
                 latencies.append(time.perf_counter() - t)
         start = time.perf_counter()
@@ -86,15 +95,28 @@ async def main(args: argparse.Namespace) -> None:
     tcp_sink = await asyncio.start_server(sink, "127.0.0.1", 0)
     sink_port = tcp_sink.sockets[0].getsockname()[1]
 
-    runner = ServeRunner(lambda ip: Caller(ip, "bench.tailnet", "bench@example.com"))
-    serve_http, serve_tcp = free_port(), free_port()
+    tmp = tempfile.TemporaryDirectory()
+    tailnet_ca = ca.create_ca("tailnet", time.time())
+    certs = NodeCertificates(Path(tmp.name))
+    names = ca.node_names("bench", "tailnet", ("100.64.0.1",))
+    certs.save(ca.issue(tailnet_ca, ca.public_key_from_csr(ca.make_csr(certs.key_pem(), "bench.tailnet")), names,
+                        time.time()), tailnet_ca.cert_pem)
+    trusting = ssl.create_default_context(cadata=tailnet_ca.cert_pem)
+    runner = ServeRunner(lambda ip: Caller(ip, "bench.tailnet", "bench@example.com"),
+                         lambda: (str(certs.cert_path), str(certs.key_path)))
+    serve_http, serve_https, serve_tcp = free_port(), free_port(), free_port()
     cfg = ServeConfig().with_entry(ServeEntry(serve_http, Kind.HTTP, f"http://127.0.0.1:{http_port}"))
+    cfg = cfg.with_entry(ServeEntry(serve_https, Kind.HTTPS, f"http://127.0.0.1:{http_port}"))
     cfg = cfg.with_entry(ServeEntry(serve_tcp, Kind.TCP, f"127.0.0.1:{sink_port}"))
     await runner.apply(cfg, ("127.0.0.1",))
     try:
         print(f"HTTP GET, {args.requests} requests, {args.concurrency} in flight")
         for label, port in (("direct", http_port), ("serve --http", serve_http)):
             rps, med = await http_run(f"http://127.0.0.1:{port}/", args.requests, args.concurrency)
+            print(f"  {label:<13} {rps:8.0f} req/s   median {med:6.2f} ms")
+        for label, fresh in (("serve --https", False), ("  new conn.", True)):
+            rps, med = await http_run(f"https://127.0.0.1:{serve_https}/", args.requests, args.concurrency,
+                                      trusting, new_connections=fresh)
             print(f"  {label:<13} {rps:8.0f} req/s   median {med:6.2f} ms")
         print(f"TCP, one stream of {args.megabytes} MB")
         for label, port in (("direct", sink_port), ("serve --tcp", serve_tcp)):
@@ -103,6 +125,7 @@ async def main(args: argparse.Namespace) -> None:
         await runner.close()
         await backend.cleanup()
         tcp_sink.close()
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

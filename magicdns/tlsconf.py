@@ -21,6 +21,7 @@ log = logging.getLogger("magicdns.tls")
 
 ALPN_DOT = ("dot",)
 ALPN_DOH = ("h2", "http/1.1")
+ALPN_HTTP1 = ("http/1.1",)  # meshnode serve --https: aiohttp speaks HTTP/1.1 only
 
 
 class TlsConfigError(ValueError):
@@ -100,7 +101,7 @@ class CertificateFiles:
             raise TlsConfigError(f"{self.cert_file}: {exc.strerror}") from None
         summary = summarize(pem)
         inner: dict[tuple[str, ...], ssl.SSLContext] = {}
-        for alpn in (ALPN_DOT, ALPN_DOH):
+        for alpn in (ALPN_DOT, ALPN_DOH, ALPN_HTTP1):
             ctx = _base_context(alpn)
             try:
                 ctx.load_cert_chain(self.cert_file, self.key_file)

@@ -255,22 +255,19 @@ def parse_netcheck(params: Mapping[str, str]) -> NetcheckRequest:
 class ServeRequest:
     """`meshnode serve --tcp|--http PORT TARGET` (target already normalised by serve.parse_target)."""
 
-    kind: str      # "tcp" or "http"
+    kind: str      # "tcp", "http" or "https"
     port: int
     target: str
 
 
 def parse_serve(body: Any) -> ServeRequest:
-    """Validate a serve request: kind tcp|http (https is refused with the reason), a port, a local target."""
+    """Validate a serve request: kind tcp|http|https, a port, a local target."""
     from .serve import Kind, ServeError, parse_target
     obj = _object(body)
     _check_keys(obj, {"kind", "port", "target"})
     kind = obj.get("kind")
-    if kind == "https":
-        raise ApiError(409, "HTTPS needs the tailnet's certificate authority, which this tailnet does not"
-                            " have yet; serve over --http for now (the tunnel already encrypts it)")
-    if kind not in ("tcp", "http"):
-        raise bad_request("kind: expected tcp or http")
+    if kind not in ("tcp", "http", "https"):
+        raise bad_request("kind: expected tcp, http or https")
     port = obj.get("port")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise bad_request("port: expected a port number from 1 to 65535")

@@ -659,7 +659,7 @@ def format_serve(st: dict[str, Any]) -> str:
     lines = []
     for e in entries:
         where = ", ".join(e.get("listening") or []) or "-"
-        lines.append(f"{e['kind']:<4} port {e['port']:<5} -> {e['target']}   listening on {where}"
+        lines.append(f"{e['kind']:<5} port {e['port']:<5} -> {e['target']}   listening on {where}"
                      + (f"   ({e['error']})" if e.get("error") else ""))
     return "\n".join(lines)
 
@@ -671,7 +671,8 @@ def format_serve(st: dict[str, Any]) -> str:
               help="Reverse-proxy HTTP on this port to TARGET (http://127.0.0.1:PORT), adding the caller's"
                    " Tailscale-User-Login and Tailscale-User-Name.")
 @click.option("--https", "https_port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
-              help="HTTPS: needs the tailnet certificate authority (not available yet).")
+              help="As --http, over TLS with the node's certificate from the tailnet CA (clients trust"
+                   " `meshnode cert --ca`).")
 @click.option("--off", is_flag=True, help="Stop serving the given port.")
 @click.option("--bg", is_flag=True, help="Return at once and keep serving (saved across restarts).")
 @click.option("--json", "as_json", is_flag=True, help="With `status`: machine-readable output.")
@@ -683,6 +684,7 @@ def serve_cmd(ctx: click.Context, tcp_port: int | None, http_port: int | None, h
 
     \b
       meshnode serve --http 80 http://127.0.0.1:8080 --bg
+      meshnode serve --https 443 http://127.0.0.1:8080 --bg
       meshnode serve --tcp 2222 tcp://127.0.0.1:22 --bg
       meshnode serve status [--json]
       meshnode serve --http 80 --off
@@ -711,11 +713,8 @@ def serve_cmd(ctx: click.Context, tcp_port: int | None, http_port: int | None, h
         _call(ctx, "POST", "/serve/off", {"port": port})
         click.echo(f"Port {port} is no longer served.")
         return
-    if kind == "https":
-        raise click.ClickException("HTTPS needs the tailnet's certificate authority, which this tailnet does not"
-                                   " have yet; serve over --http for now (the tunnel already encrypts it)")
     if len(args) != 1:
-        raise click.UsageError(f"give one TARGET, e.g. {kind}://127.0.0.1:8080")
+        raise click.UsageError(f"give one TARGET, e.g. {'http' if kind == 'https' else kind}://127.0.0.1:8080")
     st = _call(ctx, "POST", "/serve", {"kind": kind, "port": port, "target": args[0]})
     entry = next((e for e in st.get("entries", []) if e["port"] == port), {})
     where = ", ".join(entry.get("listening") or []) or "(waiting for the tunnel)"

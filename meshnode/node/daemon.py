@@ -42,7 +42,8 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
                     resolved_in_use)
 from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
-from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
+from .serve import (Caller, Kind, NoCertificate, ServeConfig, ServeEntry, ServeError, ServeRunner,
+                    certificate_problem, load_config, save_config)
 from .state import IdentityDamaged, StateDir
 from .netcheckrun import NodeConnectivity
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
@@ -129,7 +130,7 @@ class Daemon:
                         if config.tun else None)
         self.router_error: str | None = None
         self.serve_config = ServeConfig()
-        self._serve = ServeRunner(self._caller)
+        self._serve = ServeRunner(self._caller, self._serve_tls_files)
         self._reported_endpoints: list[str] | None = None
         self._reported_disco = ""  # the disco key the control server has from us
         self._conn = NodeConnectivity()  # port mapping and netcheck (netcheckrun.py)
@@ -473,7 +474,8 @@ class Daemon:
     # -- the node's certificate (cert.py) -------------------------------------------------------
 
     def _start_cert_task(self, client: ControlClient) -> None:
-        if self._encrypted_config().wanted and (self._cert_task is None or self._cert_task.done()):
+        wanted = self._encrypted_config().wanted or any(e.kind is Kind.HTTPS for e in self.serve_config.entries)
+        if wanted and (self._cert_task is None or self._cert_task.done()):
             self._cert_task = asyncio.create_task(self._cert_loop(client))
 
     async def _stop_cert_task(self) -> None:
@@ -518,6 +520,9 @@ class Daemon:
             backoff, self.cert_error = 5.0, None
             log.info("tls: certificate for %s valid until %s", ", ".join(info.dns_names + info.ip_addresses),
                      info.to_json()["not_after"])
+            if any(e.kind is Kind.HTTPS for e in self.serve_config.entries):
+                async with self._lock:  # a saved `serve --https` that waited for its first certificate
+                    await self._sync_serve()
 
     async def _serve_cert(self) -> None:
         if not self.dns.running or not self._encrypted_config().wanted or not self.certs.cert_path.exists():
@@ -821,6 +826,18 @@ class Daemon:
 
     async def _sync_serve(self, strict_port: int | None = None) -> None:
         await self._serve.apply(self.serve_config, self._serve_addresses(), strict_port)
+
+    def _serve_tls_files(self) -> tuple[str, str]:
+        """The node's certificate and key for `serve --https`, or `NoCertificate` saying why not."""
+        info = self.certs.current()
+        nm = self.netmap
+        problem = certificate_problem(info, nm is not None, bool(nm and nm.tailnet_ca), self.cert_error, time.time())
+        if problem is not None:
+            client = self._client  # only while connected: never starts talking to control when down
+            if nm is not None and client is not None:
+                self._start_cert_task(client)  # with DoT/DoH off nothing asked for one until now
+            raise NoCertificate(problem)
+        return str(self.certs.cert_path), str(self.certs.key_path)
 
     def _caller(self, address: str) -> Caller | None:
         node = self.node_of(address)

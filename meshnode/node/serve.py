@@ -2,6 +2,7 @@
 
     serve --tcp 2222 tcp://127.0.0.1:22          a TCP port on the node's tailnet addresses, piped
     serve --http 80 http://127.0.0.1:8080        a reverse proxy that tells the service who calls
+    serve --https 443 http://127.0.0.1:8080      the same over TLS with the node's tailnet certificate
 
 The HTTP proxy removes every `Tailscale-*` header the caller sent and adds the caller's identity
 as Tailscale's serve does (`Tailscale-User-Login`, `Tailscale-User-Name`; tagged nodes carry no user
@@ -12,6 +13,12 @@ decides who reaches them: the proxy only ever sees connections the policy let th
 The configuration (`ServeConfig`) is a frozen value saved as `serve.json` in the state directory and
 put back after a restart; `ServeRunner` does the I/O and is told the node's tailnet addresses by the
 daemon whenever they change.
+
+HTTPS uses the node's own key and certificate from the tailnet CA (cert.py), asked of the daemon
+when a listener opens (`NoCertificate` says why there is none). The listener's SSLContext is
+magicdns/tlsconf.py's reloading front context: each handshake first re-checks the files (a stat),
+so a certificate the daemon renewed is used by new connections without a restart, and an expired
+one is never served.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import ipaddress
 import json
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +38,8 @@ from urllib.parse import urlparse
 
 import aiohttp
 from aiohttp import web
+
+from magicdns.tlsconf import ALPN_HTTP1, CertificateFiles, TlsConfigError
 
 from .atomicfile import atomic_write
 
@@ -51,9 +61,14 @@ class PortInUse(ServeError):
     """Another program (or another serve entry) already listens on the port."""
 
 
+class NoCertificate(ServeError):
+    """HTTPS was asked for but the node has no usable certificate from the tailnet CA (says why)."""
+
+
 class Kind(enum.Enum):
     TCP = "tcp"
     HTTP = "http"
+    HTTPS = "https"   # the HTTP proxy over TLS; its target is still http:// on this machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +125,11 @@ def _loopback_host_port(host: str | None, port: int | None, text: str) -> tuple[
 def parse_target(kind: Kind, text: str) -> str:
     """The normalised target of a `--tcp` or `--http` entry; `ServeError` says what is wrong."""
     raw = text.strip()
+    scheme = "tcp" if kind is Kind.TCP else "http"
     if raw.isdigit():  # `serve --http 80 8080`, as tailscale accepts
-        raw = f"{kind.value}://127.0.0.1:{raw}"
+        raw = f"{scheme}://127.0.0.1:{raw}"
     elif "://" not in raw:
-        raw = f"{kind.value}://{raw}"
+        raw = f"{scheme}://{raw}"
     try:
         url = urlparse(raw)
         port = url.port
@@ -144,7 +160,7 @@ def parse_config(obj: Any) -> ServeConfig:
         try:
             kind = Kind(item.get("kind"))
         except ValueError:
-            raise ServeError(f"kind: expected tcp or http, not {item.get('kind')!r}") from None
+            raise ServeError(f"kind: expected tcp, http or https, not {item.get('kind')!r}") from None
         target = item.get("target")
         if not isinstance(target, str):
             raise ServeError("target: expected a string")
@@ -167,6 +183,25 @@ def save_config(path: Path, config: ServeConfig) -> None:
     atomic_write(path, json.dumps(config.to_json(), indent=2) + "\n")
 
 
+def certificate_problem(info: Any, map_known: bool, map_has_ca: bool, cert_error: str | None,
+                        now: float) -> str | None:
+    """Why `serve --https` cannot use the node's certificate (`info`: a ca.CertInfo or None), in
+    words with what to do; None when it can."""
+    if info is None:
+        if not map_known:
+            return "the node has no certificate from the tailnet CA: run `meshnode up` first"
+        if not map_has_ca:
+            return ("HTTPS needs a certificate from the tailnet CA, and the control server's map has no CA"
+                    " (the server may predate it); serve over --http instead")
+        return ("the node's certificate from the tailnet CA has not been issued yet"
+                + (f" ({cert_error})" if cert_error else "; it is being requested, try again in a few seconds"))
+    if not info.not_before <= now < info.not_after:
+        return (f"the node's certificate expired at {info.to_json()['not_after']} and has not been renewed"
+                + (f" ({cert_error})" if cert_error else " (is the control server reachable?)")
+                if now >= info.not_after else "the node's certificate is not valid yet (is the clock right?)")
+    return None
+
+
 # -- identity headers (pure) ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +214,7 @@ class Caller:
     tags: tuple[str, ...] = ()
 
 
-def proxied_headers(incoming: Any, caller: Caller | None, host: str) -> dict[str, str]:
+def proxied_headers(incoming: Any, caller: Caller | None, host: str, proto: str = "http") -> dict[str, str]:
     """The request headers sent to the local service: the caller's `Tailscale-*` headers and the
     hop-by-hop ones dropped, the identity of `caller` added (users only, as Tailscale: a tagged node
     speaks for no user)."""
@@ -195,7 +230,7 @@ def proxied_headers(incoming: Any, caller: Caller | None, host: str) -> dict[str
         if caller.user and not caller.tags:
             out["Tailscale-User-Login"] = caller.user
             out["Tailscale-User-Name"] = caller.user.split("@")[0]
-    out["X-Forwarded-Proto"] = "http"
+    out["X-Forwarded-Proto"] = proto
     return out
 
 
@@ -239,8 +274,11 @@ class _Listener:
 class ServeRunner:
     """The listeners of a `ServeConfig` on the node's tailnet addresses."""
 
-    def __init__(self, identify: Callable[[str], Caller | None]) -> None:
+    def __init__(self, identify: Callable[[str], Caller | None],
+                 tls_files: Callable[[], tuple[str, str]] | None = None) -> None:
         self.identify = identify
+        # (cert file, key file) of the node's current certificate, or NoCertificate saying why not.
+        self.tls_files = tls_files
         self.addresses: tuple[str, ...] = ()
         self._listeners: dict[int, _Listener] = {}
         self._errors: dict[int, str] = {}
@@ -311,11 +349,12 @@ class ServeRunner:
                     listener.servers.append(await asyncio.start_server(
                         lambda r, w, lst=listener: self._pipe(lst, r, w), sock=sock))
             else:
+                tls = self._tls_context() if entry.kind is Kind.HTTPS else None
                 runner = web.AppRunner(self._proxy_app(listener), access_log=None, shutdown_timeout=1.0)
                 await runner.setup()
                 listener.servers.append(runner)
                 for sock in socks:
-                    await web.SockSite(runner, sock).start()
+                    await web.SockSite(runner, sock, ssl_context=tls).start()
         except BaseException:
             for sock in socks:
                 sock.close()
@@ -323,6 +362,28 @@ class ServeRunner:
             raise
         log.info("serve: %s port %d -> %s on %s", entry.kind.value, entry.port, entry.target, ", ".join(addresses))
         return listener
+
+    def _tls_context(self) -> Any:
+        """A TLS 1.2+ server context on the node's certificate that follows renewals of its files."""
+        if self.tls_files is None:
+            raise NoCertificate("HTTPS needs the node's certificate from the tailnet CA, which this daemon does not keep")
+        cert_file, key_file = self.tls_files()
+        certs = CertificateFiles(cert_file, key_file, time.time)
+        try:
+            certs.load()
+        except TlsConfigError as exc:
+            raise NoCertificate(f"the node's certificate cannot be used: {exc}") from None
+        if not certs.servable():
+            raise NoCertificate("the node's certificate is not valid now (expired, or the clock is wrong)")
+        ctx = certs.front_context(ALPN_HTTP1)
+        switch = ctx.sni_callback
+
+        def reload_then_switch(sslobj: Any, server_name: str | None, context: Any) -> Any:
+            certs.maybe_reload()  # two stats; a renewed pair is loaded once, then used by this handshake
+            return switch(sslobj, server_name, context)  # type: ignore[misc]
+
+        ctx.sni_callback = reload_then_switch
+        return ctx
 
     # -- TCP --------------------------------------------------------------------------------------
 
@@ -361,7 +422,8 @@ class ServeRunner:
             peer = request.transport.get_extra_info("peername") if request.transport else None
             source = peer[0] if peer else ""
             caller = self.identify(source) if source else None
-            headers = proxied_headers(request.headers, caller, request.host)
+            headers = proxied_headers(request.headers, caller, request.host,
+                                      "https" if listener.entry.kind is Kind.HTTPS else "http")
             listener.connections += 1
             try:
                 if request.headers.get("Upgrade", "").lower() == "websocket":

@@ -5,6 +5,9 @@ node reach alice's server on ports 80 and 2222 only.
     bob   -> curl http://my-server.tailnet/     the local web server answers; it sees
                                                 Tailscale-User-Login: bob@example.com, even when
                                                 bob's client forged that header
+    bob   -> https://my-server.tailnet:8443/    (--https) the same over TLS, verified against the
+                                                tailnet CA from `meshnode cert --ca`; curl with the
+                                                system store alone fails verification
     bob   -> my-server.tailnet:2222 (--tcp)     a 2 MB stream reaches a local TCP service; the
                                                 SHA-256 it answers matches what was sent
     other -> my-server.tailnet:80               dropped by the packet filter (the policy decides)
@@ -82,7 +85,7 @@ time.sleep(600)
 """
 STREAM_BYTES = 2 * 1024 * 1024
 POLICY = {"tagOwners": {"tag:other": []},
-          "acls": [{"action": "accept", "src": ["bob@example.com"], "dst": ["alice@example.com:80,2222,8081"]},
+          "acls": [{"action": "accept", "src": ["bob@example.com"], "dst": ["alice@example.com:80,2222,8081,8443"]},
                    # tag:other sees my-server (port 9999 only), so it is the filter that stops it on 80
                    {"action": "accept", "src": ["tag:other"], "dst": ["alice@example.com:9999"]},
                    # my-server may reach bob (its pings, with shields up, must still get replies)
@@ -213,19 +216,39 @@ def test_serve_http_and_tcp_with_identity_acl_restart_and_shields(lan: Lan) -> N
     r = net.cli(1, "serve", "--http", "8090", "http://127.0.0.1:8080", "--bg", check=False)
     assert r.returncode == 1 and "already in use" in r.stderr, r.stderr
     assert [e["port"] for e in json.loads(net.cli(1, "serve", "status", "--json").stdout)["entries"]] == [80, 2222]
-    # HTTPS is refused with the reason; a target off this machine is refused.
-    r = net.cli(1, "serve", "--https", "443", "http://127.0.0.1:8080", check=False)
-    assert r.returncode == 1 and "certificate authority" in r.stderr
+
+    # HTTPS with my-server's own certificate from the tailnet CA (requested by its daemon after `up`;
+    # until it is issued, serve --https is refused with that reason).
+    r = wait_until(lambda: (lambda r: r if r.returncode == 0 else None)(
+        net.cli(1, "serve", "--https", "8443", "http://127.0.0.1:8080", "--bg", check=False)),
+        timeout=30, what="serve --https once my-server's certificate is issued")
+    assert "on https port 8443" in r.stdout
+    ca_file = lan.root / "tailnet-ca.pem"
+    ca_file.write_text(net.cli(2, "cert", "--ca").stdout)   # bob trusts the tailnet CA, by hand
+    seen = wait_until(lambda: headers_seen(bob_ns, "https://my-server.tailnet:8443/tls", "--cacert", str(ca_file),
+                                           "-H", "Tailscale-User-Login: alice@example.com"),
+                      timeout=20, what="bob reaching my-server over HTTPS")
+    assert seen["tailscale-user-login"] == "bob@example.com" and seen["x-forwarded-proto"] == "https"
+    code, _ = curl(bob_ns, "https://my-server.tailnet:8443/")     # the system trust store alone
+    assert code == 60  # curl: peer certificate cannot be authenticated with known CA certificates
+    # A target off this machine is refused.
     r = net.cli(1, "serve", "--tcp", "2223", "tcp://10.78.0.1:22", check=False)
     assert r.returncode == 2 and "this machine only" in r.stderr
 
     # serve survives a daemon restart (serve.json in the state directory).
     net.stop_daemon(1)
     assert curl(bob_ns, "http://my-server.tailnet/", timeout=1)[0] != 0
+    # Without its certificate the saved --https entry waits (status says why) and starts serving
+    # once the daemon has a new one from the CA.
+    (lan.root / "node1" / "state" / "tls" / "node.crt").unlink()
     net.start_daemon(1)
     seen = wait_until(lambda: headers_seen(bob_ns, "http://my-server.tailnet/"), timeout=30,
                       what="serve back after the restart")
     assert seen["tailscale-user-login"] == "bob@example.com"
+    seen = wait_until(lambda: headers_seen(bob_ns, "https://my-server.tailnet:8443/", "--cacert", str(ca_file)),
+                      timeout=30, what="serve --https back after the restart, with a new certificate")
+    assert seen["tailscale-user-login"] == "bob@example.com"
+    net.cli(1, "serve", "--https", "8443", "--off")
 
     # Foreground serve lasts until interrupted.
     fg = subprocess.Popen(["ip", "netns", "exec", server_ns, *MESHNODE, "--socket", str(net.sock(1)), "serve",

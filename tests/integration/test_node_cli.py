@@ -297,7 +297,9 @@ def test_serve_needs_the_tunnel_and_says_so(cluster: Cluster) -> None:
     assert json.loads(alpha.cli("serve", "status", "--json").stdout)["entries"] == []
     assert alpha.cli("serve", "--http", "8080").returncode == 2            # no target
     assert alpha.cli("serve", "--http", "80", "--tcp", "81", "x").returncode == 2
-    r = alpha.cli("serve", "--https", "443", "http://127.0.0.1:3000")
-    assert r.returncode == 1 and "certificate authority" in r.stderr
+    r = alpha.cli("serve", "--https", "443", "http://127.0.0.1:3000")   # accepted now; still needs the tunnel
+    assert r.returncode == 1 and "--tun" in r.stderr
+    r = alpha.cli("serve", "--https", "443", "https://127.0.0.1:3000")  # TLS to the local service: no
+    assert r.returncode == 2 and "use http://" in r.stderr
     r = alpha.cli("serve", "--http", "80", "--off")
     assert r.returncode == 1 and "not served" in r.stderr
