@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import sqlite_utils
 
+from magicdns import sqldb
 from magicdns.names import NameError_, normalize_domain
 from magicdns.store import RecordStore, StoreError as RecordStoreError
 from magicdns.upstream import UpstreamError, parse_upstream
@@ -334,13 +335,15 @@ class _Names:
 class ControlStore:
     """Users, nodes, leases, auth keys, policy, DNS settings and (via RecordStore) records."""
 
-    def __init__(self, db: str | Path | sqlite_utils.Database, domain: str | None = None) -> None:
+    def __init__(self, db: "str | Path | sqlite_utils.Database | sqldb.PgDatabase", domain: str | None = None) -> None:
         self._node_cache: dict[int, tuple[tuple, Node]] = {}
         # Who the audit log names for changes made through this store (see `acting_as`).
         self.actor = "system"
         try:
-            if isinstance(db, sqlite_utils.Database):
+            if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
                 self.db = db
+            elif sqldb.is_postgres(db):
+                self.db = sqldb.PgDatabase(str(db))
             else:
                 path = Path(db)
                 _prepare_path(path)
@@ -354,7 +357,8 @@ class ControlStore:
             self.records = RecordStore(self.db, self.domain())
             self._install_record_triggers()
         except sqlite3.DatabaseError as exc:
-            raise ControlStoreError(f"cannot open control database {db}: {exc}") from None
+            where = sqldb.redact(db) if isinstance(db, str) else db
+            raise ControlStoreError(f"cannot open control database {where}: {exc}") from None
         except RecordStoreError as exc:
             raise ControlStoreError(str(exc)) from None
 
@@ -407,7 +411,36 @@ class ControlStore:
     }
     RECORDS_ACTOR = "records-store"   # the actor of record changes made directly on the records table
 
+    # The same three notes in PostgreSQL's trigger language (one function, one row trigger).
+    _PG_RECORD_TRIGGER = """
+CREATE OR REPLACE FUNCTION audit_records_change() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO audit_pending(time, action, target, old, new) VALUES (extract(epoch FROM clock_timestamp()),
+      'dns.record.add', 'record:' || NEW.name, NULL,
+      json_build_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)::text);
+  ELSIF TG_OP = 'DELETE' THEN
+    INSERT INTO audit_pending(time, action, target, old, new) VALUES (extract(epoch FROM clock_timestamp()),
+      'dns.record.remove', 'record:' || OLD.name,
+      json_build_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl)::text, NULL);
+  ELSE
+    INSERT INTO audit_pending(time, action, target, old, new) VALUES (extract(epoch FROM clock_timestamp()),
+      'dns.record.change', 'record:' || NEW.name,
+      json_build_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl)::text,
+      json_build_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)::text);
+  END IF;
+  RETURN NULL;
+END $body$"""
+
     def _install_record_triggers(self) -> None:
+        if sqldb.dialect(self.db) == "postgres":
+            if self.conn.execute("SELECT 1 FROM pg_trigger WHERE tgname = 'audit_records'").fetchone():
+                return
+            with self._tx(bump=False):
+                self.conn.execute(self._PG_RECORD_TRIGGER)
+                self.conn.execute("CREATE OR REPLACE TRIGGER audit_records AFTER INSERT OR UPDATE OR DELETE"
+                                  " ON records FOR EACH ROW EXECUTE FUNCTION audit_records_change()")
+            return
         have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         if have >= set(self._RECORD_TRIGGERS):
             return
@@ -565,7 +598,7 @@ class ControlStore:
         """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
         with self._tx(bump=False):
             self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
-                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", [machine_key, ts])
+                              " DO UPDATE SET ts = MAX(replay_marks.ts, excluded.ts)", [machine_key, ts])
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
