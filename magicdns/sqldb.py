@@ -107,7 +107,7 @@ class PgConnection:
         try:
             self.raw = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
-            raise PgOperationalError(f"cannot connect to {redact(url)}: {exc}".strip()) from None
+            raise PgOperationalError(f"cannot connect: {exc}".strip()) from None
         self.url = url
         self._serial: set[str] | None = None
         self._savepoints = 0

@@ -24,3 +24,11 @@ def pg_url(postgres: PostgresServer) -> Iterator[str]:
     url = postgres.fresh_database()
     yield url
     postgres.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_spec(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A `--db` value for each backend: a SQLite file path, or a PostgreSQL URL of a fresh database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "control.db")
+    return request.getfixturevalue("pg_url")
