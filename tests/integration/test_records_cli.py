@@ -220,7 +220,7 @@ def test_zone_export_reads_back_exactly(db: str, tmp_path: Path) -> None:
     assert any(r.get("override") for r in before)
     as_zone = records(db, "export", "--format", "zone").stdout
     assert len(as_zone.splitlines()) == 5  # one line a record: the newline is escaped
-    copy = db + ".copy"
+    copy = str(tmp_path / "copy.db")
     res = run_cli("records", "--db", copy, "import", "-", input=as_zone)
     assert res.returncode == 0, res.stderr
     assert stored(copy) == before
