@@ -230,6 +230,14 @@ class PgTable:
         return self
 
     @property
+    def pks(self) -> list[str]:
+        rows = self.db.conn.raw.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+            " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s::regclass AND i.indisprimary"
+            " ORDER BY array_position(i.indkey, a.attnum)", (f'"{self.name}"',)).fetchall()
+        return [r[0] for r in rows]
+
+    @property
     def columns_dict(self) -> dict[str, str]:
         rows = self.db.conn.raw.execute(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s"

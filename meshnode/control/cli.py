@@ -18,11 +18,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from magicdns import sqldb
+
 from ..safetext import safe
 from . import audit, authkeys, naming
 from .store import DEFAULT_DB, ControlStore, ControlStoreError, tighten
 
-_DB_HELP = "Control database (env MESHNODE_CONTROL_DB; default /var/lib/meshnode/control.db)."
+_DB_HELP = ("Control database: a SQLite file or a postgres://USER@HOST/DB URL (env MESHNODE_CONTROL_DB;"
+            " default /var/lib/meshnode/control.db).")
 
 
 def _db_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,6 +35,13 @@ def _db_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _default_token_path(db_path: str) -> str:
+    """Beside a SQLite file; for PostgreSQL (shared by replicas on other machines) beside the default file."""
+    if sqldb.is_postgres(db_path):
+        return str(Path(DEFAULT_DB).with_name("control.admin-token"))
+    return db_path + ".admin-token"
 
 
 def _open(db_path: str, domain: str | None = None) -> ControlStore:
@@ -104,7 +114,8 @@ def _parse_listen(text: str) -> tuple[str, int]:
 @click.option("--ephemeral-grace", default="5m", show_default=True,
               help="Delete an offline ephemeral node after this long (e.g. 30s, 5m).")
 @click.option("--admin-token-file", default=None,
-              help="Where to write the admin API token at first start (default: DB path + .admin-token).")
+              help="Where to write the admin API token at first start (default: DB path + .admin-token;"
+              " for a postgres:// database, control.admin-token beside the default database path).")
 @click.option("--derp", "embed_derp", is_flag=True,
               help="Also serve a DERP relay (region 999) on this listener, with STUN on --stun-port.")
 @click.option("--stun-port", type=click.IntRange(-1, 65535), default=3478, show_default=True,
@@ -166,7 +177,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
     store = _open(db_path, domain)
     store.actor = "system"   # the server's own changes (ephemeral clean-up, retention)
     token = store.ensure_admin_token()
-    token_path = Path(admin_token_file or db_path + ".admin-token")
+    token_path = Path(admin_token_file or _default_token_path(db_path))
     if token is not None:
         path = _write_token(token_path, token)
         logging.getLogger("meshnode.control").info("admin API token written to %s", path)
@@ -208,7 +219,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         if server_url is None:  # default: the address we listen on, as bound (port 0 works too)
             shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
             console.use_server_url(f"http://{shown}:{bound}")
-        click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})"
+        click.echo(f"control server listening on {host}:{bound} (db {sqldb.redact(db_path)}, domain {store.domain()})"
                    + (f", relay on /derp (region {derp_region_id})" if relay is not None else "")
                    + (f", STUN on udp/{bound_stun}" if bound_stun >= 0 else ""), err=True)
         stop = asyncio.Event()
@@ -276,8 +287,30 @@ def _write_token(path: Path, token: str) -> Path:
 def admin_token(db_path: str, rotate: bool, admin_token_file: str | None) -> None:
     """Replace the admin API token; the new one is written to a 0600 file next to the database."""
     token = _run(lambda: _open(db_path).rotate_admin_token())
-    path = _write_token(Path(admin_token_file or db_path + ".admin-token"), token)
+    path = _write_token(Path(admin_token_file or _default_token_path(db_path)), token)
     click.echo(f"new admin token written to {path}")
+
+
+@control.command("migrate")
+@click.option("--from", "src", required=True, help="The database to copy from (a SQLite file or postgres:// URL).")
+@click.option("--to", "dst", required=True, help="The database to copy into (empty, or a copy this command began).")
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Rows a destination transaction carries.")
+def migrate_cmd(src: str, dst: str, batch: int) -> None:
+    """Copy a tailnet to another database (e.g. SQLite to PostgreSQL), showing progress; compares both
+    in full at the end. Safe to run again after an interruption. Stop the source's server first."""
+    from .migrate import copy
+    if not sqldb.is_postgres(src) and not Path(src).is_file():
+        raise click.BadParameter(f"{src}: no such database file", param_hint="--from")
+    total_rows = 0
+    try:
+        for p in copy(src, dst, batch):
+            if p.done == p.total:
+                total_rows += p.total
+            click.echo(f"{p.table}: {p.done}/{p.total} rows", err=True)
+    except ControlStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"copied {total_rows} rows; the two databases hold the same content")
 
 
 # -- users --------------------------------------------------------------------------------------
