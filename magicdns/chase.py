@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from dnslib import CLASS, QTYPE, RR, DNSError, DNSRecord
+from dnslib import CLASS, QTYPE, RR, DNSError, DNSQuestion, DNSRecord
+from dnslib.label import DNSBuffer
 
 from .engine import Chase, name_text, resolve_local
 from .message import Rcode, error_reply, header_only_reply, truncate, with_opt
@@ -51,7 +52,7 @@ def _servfail(chase: Chase, query: bytes) -> bytes:
 
 
 def _splice(chase: Chase, query: bytes, up: DNSRecord, rcode: int) -> bytes:
-    reply = DNSRecord(q=chase.question)
+    reply = DNSRecord(q=DNSQuestion.parse(DNSBuffer(chase.question)))
     h = reply.header
     h.id = query[0] << 8 | query[1]
     h.qr, h.aa, h.ra, h.rd, h.cd = 1, 0, 1, query[2] & 1, (query[3] >> 4) & 1

@@ -20,8 +20,9 @@ import click
 
 from .forward import ForwardingLoopError, reject_self
 from .names import NameError_, normalize_domain
-from .records import SHADOWING_TYPES, Record, RecordError, parse_record
-from .store import CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, RRsetTooLarge, StoreError
+from .records import Record, RecordError, parse_record
+from .store import (CnameConflict, DuplicateRecord, RecordNotFound, RecordStore, RRsetTooLarge, ShadowsNode,
+                    StoreError)
 from .sysresolv import read_original_resolvers
 from .upstream import Upstream, UpstreamError, parse_upstream
 from .view import DEFAULT_DOMAIN, DnsSettings, DnsView, ViewError
@@ -83,10 +84,17 @@ def main() -> None:
 @click.option("--udp-batch/--no-udp-batch", default=True, show_default=True,
               help="Move UDP datagrams in batches (recvmmsg/sendmmsg) where the platform allows.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--dot", "dots", multiple=True, help="HOST[:PORT] to serve DNS over TLS on (default port 853); repeat for more.")
+@click.option("--doh", "dohs", multiple=True,
+              help="HOST[:PORT] to serve DNS over HTTPS (/dns-query, HTTP/2 and 1.1) on (default port 443).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (chain) for --dot/--doh; re-read on change.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
           max_tcp_connections: int, max_forward_qps: int, control_socket: str,
-          metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str) -> None:
+          metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str,
+          dots: tuple[str, ...] = (), dohs: tuple[str, ...] = (), tls_cert: str | None = None,
+          tls_key: str | None = None) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,10 +127,11 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     except (ViewError, StoreError) as exc:
         fail_usage(str(exc))
     metrics_addr = parse_hostport(metrics, 9153) if metrics else None
+    encrypted = _encrypted_config(dots, dohs, tls_cert, tls_key)
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
                           max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
-                          max_forward_qps=max_forward_qps)
+                          max_forward_qps=max_forward_qps, encrypted=encrypted)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):
@@ -131,6 +140,36 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
         _run(_serve(config, view, source, ups, route_map, control_socket, metrics_addr))
     except KeyboardInterrupt:
         pass
+
+
+def _encrypted_config(dots: tuple[str, ...], dohs: tuple[str, ...], cert: str | None, key: str | None):  # type: ignore[no-untyped-def]
+    """--dot/--doh/--tls-cert/--tls-key as an EncryptedConfig (usage errors exit 2)."""
+    from .encrypted import EncryptedConfig
+    if (dots or dohs) and not (cert and key):
+        fail_usage("--dot and --doh need --tls-cert and --tls-key")
+    if (cert or key) and not (dots or dohs):
+        fail_usage("--tls-cert/--tls-key are for --dot or --doh; give one of them")
+    return EncryptedConfig(dot=tuple(_listen_addr(d, 853) for d in dots),
+                           doh=tuple(_listen_addr(d, 443) for d in dohs), cert_file=cert, key_file=key)
+
+
+def _listen_addr(text: str, default_port: int) -> tuple[str, int]:
+    """HOST, HOST:PORT, [V6] or [V6]:PORT; port 0 picks a free port (shown by `magicdns status`)."""
+    host, port = text, str(default_port)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+        value = int(port)
+        if not 0 <= value <= 65535:
+            raise ValueError(port)
+    except ValueError:
+        fail_usage(f"{text!r}: expected an IP address with an optional :PORT")
+    return host, value
 
 
 def _fork_workers(count: int) -> bool:
@@ -231,9 +270,10 @@ def records(ctx: click.Context, db_path: str, domain: str, view_path: str | None
     ctx.obj = {"db": db_path, "domain": dom, "view": view_path}
 
 
-def _node_names(ctx: click.Context, store: RecordStore) -> set[str]:
-    """Names of nodes that records could shadow: the control database's, and the view file's."""
-    names = store.node_names()
+def _view_node_names(ctx: click.Context, store: RecordStore) -> set[str]:
+    """Names of the nodes of the view given by --view, else of the view the server using this store
+    loads (the store knows a control database's nodes itself)."""
+    names: set[str] = set()
     path = ctx.obj.get("view") or store.served_view()
     if path:
         from .view import load_view
@@ -248,14 +288,6 @@ def _node_names(ctx: click.Context, store: RecordStore) -> set[str]:
         names |= {f"{h.name}.{view.domain}" for h in view.hosts}
     return names
 
-
-def _refuse_shadowing(recs: list[Record], nodes: set[str], where: str = "") -> None:
-    """A record that would replace a node's addresses needs --override (DESIGN.md 3): without it
-    the resolver would ignore it, so refuse it now instead of saying "added"."""
-    for rec in recs:
-        if rec.name in nodes and rec.rtype in SHADOWING_TYPES and not rec.override:
-            fail_usage(f"{where}{rec.name} is the name of a node; a {rec.rtype} record there would shadow its "
-                       "addresses: add --override to do that on purpose" + ("; nothing was imported" if where else ""))
 
 
 def _store(ctx: click.Context) -> RecordStore:
@@ -280,10 +312,9 @@ def records_add(ctx: click.Context, name: str, rtype: str, value: tuple[str, ...
     except RecordError as exc:
         fail_usage(str(exc))
     store = _store(ctx)
-    _refuse_shadowing([rec], _node_names(ctx, store))
     try:
-        store.add(rec)
-    except (DuplicateRecord, CnameConflict, RRsetTooLarge) as exc:
+        store.add(rec, _view_node_names(ctx, store))
+    except (DuplicateRecord, CnameConflict, RRsetTooLarge, ShadowsNode) as exc:
         fail_usage(str(exc))
     except StoreError as exc:
         fail(str(exc))
@@ -411,10 +442,9 @@ def records_import(ctx: click.Context, path: str, replace: bool) -> None:
     except RecordError as exc:
         fail_usage(str(exc))
     store = _store(ctx)
-    _refuse_shadowing(recs, _node_names(ctx, store), f"{path}: ")
     try:
-        added = store.import_records(recs, replace=replace)
-    except (CnameConflict, RRsetTooLarge) as exc:
+        added = store.import_records(recs, replace=replace, node_names=_view_node_names(ctx, store))
+    except (CnameConflict, RRsetTooLarge, ShadowsNode) as exc:
         fail_usage(f"{path}: {exc}; nothing was imported")
     except StoreError as exc:
         fail(str(exc))
@@ -544,6 +574,14 @@ def status(control_socket: str, as_json: bool) -> None:
     q = s["queries"]
     click.echo(f"queries     udp {q['udp']}  tcp {q['tcp']}  local {q['answered_fast'] + q['answered_slow']}  "
                f"forwarded {q['forwarded']}  cached {q['cache_answers']}  refused clients {q['refused_clients']}")
+    enc = s.get("encrypted")
+    if enc:
+        click.echo(f"encrypted   {', '.join(enc['listeners']) or '(not listening: ' + ', '.join(enc['wanted']) + ')'}")
+        cert = enc.get("certificate") or {}
+        if cert:
+            click.echo(f"  certificate {', '.join(cert['names'])}: {cert['state']}"
+                       + (f", expires in {cert['expires_in_s'] // 3600} h" if cert.get("expires_in_s") is not None else "")
+                       + (f"  error: {cert['error']}" if cert.get("error") else ""))
     c = fwd.get("cache", {})
     if c:
         click.echo(f"cache       {c['entries']} entries, {c['bytes']} bytes, hits {c['hits']}, misses {c['misses']}, "

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
-from dnslib import CLASS, EDNS0, QTYPE, RR, DNSError, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import CLASS, QTYPE, RR, DNSError, DNSLabel, DNSQuestion, DNSRecord
 
 from .message import (MAX_QNAME_END, MAX_UDP_PAYLOAD, Edns, MessageError, Rcode, check_options,
                       error_reply, opt_record, scan_query, truncate, udp_limit)
@@ -80,14 +80,25 @@ class Chase(Forward):
     __slots__ = ("prefix", "target", "qtype", "question", "edns", "subquery")
 
     def __init__(self, route: ForwardRoute, limit: int, prefix: tuple[RR, ...], target: str, qtype: int,
-                 question: DNSQuestion, edns: Edns | None, subquery: bytes) -> None:
+                 question: bytes, edns: Edns | None, subquery: bytes) -> None:
         super().__init__(route, limit)
         self.prefix = prefix
         self.target = target
         self.qtype = qtype
-        self.question = question  # the client's question, in the client's case
+        self.question = question  # the client's question section (wire), in the client's case
         self.edns = edns
         self.subquery = subquery
+
+
+@dataclass(frozen=True, slots=True)
+class _ChasePlan:
+    """What every recursive query for one question chases, worked out once per snapshot."""
+
+    route: ForwardRoute
+    prefix: tuple[RR, ...]
+    target: str
+    target_wire: bytes
+    qtype: int
 
 
 Result = Union[bytes, Forward, None]
@@ -102,6 +113,7 @@ class Engine:
         # Two generations approximate LRU without bookkeeping on the hot path.
         self._memo: dict[bytes, Template] = {}
         self._old: dict[bytes, Template] = {}
+        self._chases: dict[bytes, _ChasePlan] = {}  # questions whose chain leaves our zones
         self._soa_tails: dict[str, bytes] = {}
         self.fast_hits = 0
         self.slow = 0
@@ -177,6 +189,12 @@ class Engine:
         """A plain query not in the memo: decide from the wire labels, without dnslib, the two cases
         that must stay cheap for names never seen before: forwarding, and names that do not exist in
         a local zone (random names, search-list expansions). Everything else builds a template."""
+        plan = self._chases.get(key)
+        if plan is not None:
+            if not data[2] & 1:  # RD clear: the authoritative bare chain, from the slow path
+                return self._slow(data, tcp)
+            self.fast_hits += 1
+            return _chase_of(plan, data, i + 5, limit, Edns(limit, 0, bool(do)) if edns else None)
         qtype = data[i + 1] << 8 | data[i + 2]
         if data[i + 3:i + 5] != b"\x00\x01" or qtype in _REFUSED_TYPES or qtype == QTYPE.OPT:
             return self._slow(data, tcp)
@@ -269,9 +287,9 @@ class Engine:
             owner = _owner_label(q.qname)
             ans = self._short_answer(owner, short, q.qtype)
         if ans.external is not None:
-            chase = self._chase(query, data, ans, edns, limit)
-            if chase is not None:
-                return chase
+            plan = self._chase_plan(key, ans, q.qtype)
+            if plan is not None and data[2] & 1:
+                return _chase_of(plan, data, shape.qend, limit, edns)
             # RD clear (or nowhere to ask): the bare chain, as an authoritative server answers. Not
             # memoised, because the fast path does not look at RD.
             return self._serve(build_template(owner, q.qtype, ans), query, data, edns, tcp, limit)
@@ -304,21 +322,18 @@ class Engine:
                         if name_text(rr.rname) == fqdn else rr for rr in ans.answer)
         return LocalAnswer(ans.rcode, renamed, ans.authority, ans.additional, ans.external)
 
-    def _chase(self, query: DNSRecord, data: bytes, ans: LocalAnswer, edns: Edns | None,
-               limit: int) -> Chase | None:
-        """The decision to follow our chain out of our zones, or None when the client did not ask
-        for recursion (RD clear) or no upstream serves the target."""
-        if not data[2] & 1 or ans.external is None:
-            return None
+    def _chase_plan(self, key: bytes, ans: LocalAnswer, qtype: int) -> _ChasePlan | None:
+        """How to follow our chain out of our zones (remembered for the next query), or None when no
+        upstream serves its target."""
+        assert ans.external is not None
         route, _ = self.zone.route_for(ans.external)
         if not isinstance(route, ForwardRoute) or not route.upstreams:
             return None
-        q = query.q
-        sub = DNSRecord(DNSHeader(id=0, rd=1, cd=(data[3] >> 4) & 1),
-                        q=DNSQuestion(ans.external + ".", q.qtype, CLASS.IN))
-        sub.add_ar(EDNS0(udp_len=MAX_UDP_PAYLOAD, flags="do" if edns is not None and edns.do else ""))
-        return Chase(route, limit, ans.answer, ans.external, q.qtype,
-                     DNSQuestion(q.qname, q.qtype, q.qclass), edns, bytes(sub.pack()))
+        plan = _ChasePlan(route, ans.answer, ans.external, _plain_name(ans.answer[-1].rdata.label), qtype)
+        if len(self._chases) >= self.memo_limit:
+            self._chases.clear()
+        self._chases[key] = plan
+        return plan
 
     def answer_local(self, qname: str, qtype: int) -> LocalAnswer | None:
         """The zone's answer for a name (None when the name is not ours): for `magicdns query`."""
@@ -327,6 +342,15 @@ class Engine:
             short = self.zone.host_for_short_name(qname)
             return resolve_local(self.zone, short, qtype, self.zone.local_zone_of(short)) if short else None
         return resolve_local(self.zone, qname, qtype, zone)
+
+
+def _chase_of(plan: _ChasePlan, data: bytes, qend: int, limit: int, edns: Edns | None) -> Chase:
+    """The chase of one query: its question and EDNS, and a subquery for the target (RD set, CD and
+    DO as the client asked, EDNS always, so the upstream may answer in full)."""
+    do = edns is not None and edns.do
+    sub = (b"\x00\x00\x01" + bytes((data[3] & 0x10,)) + b"\x00\x01\x00\x00\x00\x00\x00\x01" + plan.target_wire
+           + struct.pack("!HH", plan.qtype, CLASS.IN) + (_OPT_DO if do else _OPT_PLAIN))
+    return Chase(plan.route, limit, plan.prefix, plan.target, plan.qtype, data[12:qend], edns, sub)
 
 
 def name_text(label: DNSLabel) -> str:

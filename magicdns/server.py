@@ -21,6 +21,7 @@ from dnslib import QTYPE, DNSRecord
 from .cache import Cache
 from .chase import chase_reply, complete_chain
 from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
+from .encrypted import EncryptedConfig, EncryptedListenError, EncryptedListeners
 from .engine import Chase, Engine, Forward
 from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
@@ -78,6 +79,7 @@ class ServerConfig:
     reuse_port: bool = False
     batch_udp: bool = True  # recvmmsg/sendmmsg listener where the platform has it (udpbatch.py)
     extra: dict[str, Any] = field(default_factory=dict)
+    encrypted: EncryptedConfig = EncryptedConfig()  # DoT/DoH listeners and their certificate (encrypted.py)
 
 
 class DnsServer:
@@ -103,6 +105,7 @@ class DnsServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
+        self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
         self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()
@@ -123,6 +126,10 @@ class DnsServer:
             for host, port in self.config.listen:
                 port = await self._bind(loop, host, port)
                 self.bound.append((host, port))
+            await self.encrypted.start()
+        except EncryptedListenError as exc:
+            await self.stop()
+            raise ServerError(str(exc)) from None
         except BaseException:
             await self.stop()
             raise
@@ -183,6 +190,7 @@ class DnsServer:
             s.close()
         for conn in list(self._tcp.conns):
             conn.transport.abort()
+        await self.encrypted.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -319,6 +327,7 @@ class DnsServer:
                     "per_client_rejected": c.tcp_per_client_rejected, "idle_closed": c.tcp_idle_closed,
                     "stalled_closed": c.tcp_stalled_closed},
             "forwarder": self.forwarder.stats(),
+            **({"encrypted": self.encrypted.status()} if self.config.encrypted.wanted else {}),
         }
 
     async def query(self, name: str, qtype: str = "A") -> dict[str, Any]:

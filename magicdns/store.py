@@ -18,7 +18,7 @@ from dnslib.label import DNSBuffer
 
 from . import sqldb
 from .names import NameError_, absolute_owner
-from .records import SUPPORTED_TYPES, Record, RecordError, parse_record
+from .records import SHADOWING_TYPES, SUPPORTED_TYPES, Record, RecordError, parse_record
 
 SCHEMA_VERSION = 1
 _VERSION_KEY = "records_version"
@@ -38,6 +38,10 @@ class CnameConflict(StoreError):
 
 class RecordNotFound(StoreError):
     """No stored record matched."""
+
+
+class ShadowsNode(StoreError):
+    """A record that would replace a node's addresses, without `override` (DESIGN.md section 3)."""
 
 
 class RRsetTooLarge(StoreError):
@@ -143,13 +147,20 @@ class RecordStore:
         """Every stored record, ordered by name then type."""
         return self.snapshot()[1]
 
-    def add(self, record: Record) -> None:
-        """Store one record; `DuplicateRecord` if the same name, type and value exist."""
+    def add(self, record: Record, node_names: Iterable[str] = ()) -> None:
+        """Store one record; `DuplicateRecord` if the same name, type and value exist, `ShadowsNode`
+        if it would replace the addresses of a node (of this file's control database, or named in
+        `node_names`) without `override`."""
+        nodes = self.node_names() | set(node_names)
         with self._tx():
-            self._insert(record)
+            self._insert(record, nodes)
             self._bump()
 
-    def _insert(self, record: Record) -> None:
+    def _insert(self, record: Record, nodes: set[str] | frozenset[str] = frozenset()) -> None:
+        if record.name in nodes and record.rtype in SHADOWING_TYPES and not record.override:
+            # Refused now rather than stored and then ignored by every resolver.
+            raise ShadowsNode(f"{record.name} is the name of a node; a {record.rtype} record there would shadow "
+                              "its addresses: add it with --override (override) to do that on purpose")
         # RFC 1034 3.6.2: a CNAME owner holds nothing else, so refuse either side of that clash.
         others = self.db.execute("SELECT type FROM records WHERE name = ?", [record.name]).fetchall()
         types = {t for (t,) in others}
@@ -236,18 +247,21 @@ class RecordStore:
             self._bump()
         return count
 
-    def import_records(self, records: Iterable[Record], replace: bool = False) -> int:
+    def import_records(self, records: Iterable[Record], replace: bool = False,
+                       node_names: Iterable[str] = ()) -> int:
         """Add many records at once, atomically; `replace` first deletes every stored record.
 
-        Duplicates of stored records are skipped (an import can be repeated); returns how many were added.
+        Duplicates of stored records are skipped (an import can be repeated); returns how many were
+        added. Any record `add` would refuse refuses the whole import.
         """
         added = 0
+        nodes = self.node_names() | set(node_names)
         with self._tx():
             if replace:
                 self.db.execute("DELETE FROM records")
             for record in records:
                 try:
-                    self._insert(record)
+                    self._insert(record, nodes)
                     added += 1
                 except DuplicateRecord:
                     continue  # already stored: importing the same file twice is harmless

@@ -198,6 +198,7 @@ class NetMap:
     packet_filter: tuple[Mapping[str, Any], ...] = ()
     derp: Mapping[str, Any] = field(default_factory=dict)  # relay map placeholder; empty until relays exist
     derp_map: RelayMap | None = None       # relay regions and servers (meshnode.derp.derpmap), if any
+    tailnet_ca: str = ""  # PEM of the tailnet CA (control/ca.py); "" from servers without one
 
     def peer_by_name(self, name: str) -> MapNode | None:
         """The peer whose short name or FQDN is `name` (case-insensitive), if visible."""
@@ -214,7 +215,8 @@ class NetMap:
                 "dns": self.dns.to_json(),
                 "packet_filter": [dict(r) for r in self.packet_filter],
                 "derp": dict(self.derp),
-                **({"derp_map": self.derp_map.to_json()} if self.derp_map is not None else {})}
+                **({"derp_map": self.derp_map.to_json()} if self.derp_map is not None else {}),
+                **({"tailnet_ca": self.tailnet_ca} if self.tailnet_ca else {})}
 
     @staticmethod
     def from_json(obj: Any) -> "NetMap":
@@ -244,7 +246,15 @@ class NetMap:
         return NetMap(version, domain, MapNode.from_json(self_obj, domain), peers,
                       DnsConfig.from_json(obj.get("dns") or {}, domain),
                       tuple(MappingProxyType(r) for r in pf),
-                      MappingProxyType(dict(obj.get("derp") or {})), derp_map)
+                      MappingProxyType(dict(obj.get("derp") or {})), derp_map, _ca_text(obj.get("tailnet_ca")))
+
+
+def _ca_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or (value and "-----BEGIN CERTIFICATE-----" not in value):
+        raise NetMapError("tailnet_ca: expected a PEM certificate")
+    return value
 
 
 @contextmanager

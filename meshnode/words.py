@@ -14,6 +14,7 @@ import errno
 import json
 import socket
 import ssl
+from typing import Protocol
 
 import aiohttp
 
@@ -93,15 +94,17 @@ def detail(exc: BaseException) -> str:
     return repr(exc)
 
 
-def control_failure(url: str, exc: "ControlErrorLike") -> str:
+class ControlErrorLike(Protocol):
+    """What `control_failure` reads of a `ControlError` (kept structural: client.py imports us)."""
+
+    status: int
+    message: str
+
+
+def control_failure(url: str, exc: ControlErrorLike) -> str:
     """A `ControlError` as a user reads it: unreachable, failed, or refused, and why."""
     if exc.status == 0 and exc.message.startswith(("cannot reach", "the server at")):
         return exc.message
     if exc.status == 0 or exc.status >= 500:
         return f"the control server at {url} failed: {exc.message}"
     return f"the control server at {url} refused this node: {exc.message}"
-
-
-class ControlErrorLike:  # the attributes control_failure reads (ControlError has them)
-    status: int
-    message: str

@@ -70,6 +70,7 @@ class Verification:
     problem: str | None = None      # the first break found, naming the entry
     first_id: int | None = None
     last_id: int | None = None
+    head: str | None = None         # the newest entry's hash (record it elsewhere to pin the log)
 
 
 def canonical(value: Any) -> str | None:
@@ -191,7 +192,7 @@ def verify(conn: sqlite3.Connection) -> Verification:
         return Verification(False, len(rows), f"the newest entry is {rows[-1][0]} but the recorded head is"
                             f" {head_row[0].split(':')[0] if head_row else 'missing'} (newest entries removed)",
                             rows[0][0], rows[-1][0])
-    return Verification(True, len(rows), None, rows[0][0], rows[-1][0])
+    return Verification(True, len(rows), None, rows[0][0], rows[-1][0], rows[-1][8])
 
 
 def prune(conn: sqlite3.Connection, now: float, retention_seconds: float, actor: str = "system") -> int:

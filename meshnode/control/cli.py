@@ -219,6 +219,9 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         if server_url is None:  # default: the address we listen on, as bound (port 0 works too)
             shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
             console.use_server_url(f"http://{shown}:{bound}")
+        oidc_note = (f"; OIDC redirect URI {console.settings.server_url}/oidc/callback" if console.settings.oidc
+                     else "; single sign-on off (--oidc-issuer ...)")
+        click.echo(f"admin console at {console.settings.server_url}/console/{oidc_note}", err=True)
         click.echo(f"control server listening on {host}:{bound} (db {sqldb.redact(db_path)}, domain {store.domain()})"
                    + (f", relay on /derp (region {derp_region_id})" if relay is not None else "")
                    + (f", STUN on udp/{bound_stun}" if bound_stun >= 0 else ""), err=True)
@@ -779,6 +782,9 @@ def audit_verify(db_path: str) -> None:
         raise click.ClickException(f"audit log verification FAILED: {result.problem}")
     span = f" (entries {result.first_id}..{result.last_id})" if result.entries else ""
     click.echo(f"audit log OK: {result.entries} entries{span}")
+    if result.head:
+        # Kept somewhere else, this pins today's log: even a rewrite of the whole chain shows later.
+        click.echo(f"head: {result.head}")
 
 
 @audit_group.command("retention")

@@ -107,6 +107,7 @@ class MapAssembler:
         self._dns = DnsConfig()
         self._filter: tuple[Mapping[str, Any], ...] = ()
         self._derp: Mapping[str, Any] = MappingProxyType({})
+        self._ca = ""
         self._derp_map: RelayMap | None = None
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
@@ -119,6 +120,7 @@ class MapAssembler:
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
+            self._ca = nm.tailnet_ca
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -138,6 +140,8 @@ class MapAssembler:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
         if "packet_filter" in msg:
             self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
+        if "tailnet_ca" in msg:
+            self._ca = str(msg["tailnet_ca"] or "")
         if "derp_map" in msg:
             try:
                 self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
@@ -145,7 +149,7 @@ class MapAssembler:
                 raise NetMapError(str(exc)) from None
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
         return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
-                      self._derp_map)
+                      self._derp_map, tailnet_ca=self._ca)
 
 
 class ControlClient:
@@ -298,6 +302,15 @@ class ControlClient:
         if disco_key:
             body["disco_key"] = disco_key
         await self._post("/machine/endpoints", body)
+
+    async def request_cert(self, csr_pem: str) -> tuple[str, str]:
+        """Ask for a certificate for this node's names (control/ca.py): the CSR proves we hold the
+        key, the server decides the names. Returns (certificate PEM, CA certificate PEM)."""
+        answer = await self._post("/machine/cert", {"node_key": self.node_key_public, "csr": csr_pem})
+        cert, ca = answer.get("cert"), answer.get("ca")
+        if not isinstance(cert, str) or not isinstance(ca, str):
+            raise ControlError(ErrorCode.INTERNAL, "answer from server: no certificate in it")
+        return cert, ca
 
     async def logout(self) -> None:
         """Log this node out: it leaves every map; a new `register` with an auth key brings it back."""

@@ -77,6 +77,7 @@ class Snapshot:
     history: tuple[tuple[int, frozenset[int], frozenset[int]], ...] = ()
     reach: "ReachSets" = field(default_factory=lambda: ReachSets())
     derp_map_text: str = "null"             # the relay map (JSON of meshnode.derp.derpmap.RelayMap), or null
+    ca_pem: str = ""  # the tailnet CA's certificate (ca.py), in every map so nodes can verify each other
 
     @property
     def differs(self) -> bool:
@@ -86,8 +87,8 @@ class Snapshot:
 
 def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: Iterable[Node],
                    online: Mapping[int, int], now: float, policy_text: str | None, policy: Policy | None,
-                   dns: DnsSettings, records: Iterable[Record], derp_map_text: str = "null"
-                   ) -> tuple[Snapshot, bool]:
+                   dns: DnsSettings, records: Iterable[Record], derp_map_text: str = "null",
+                   ca_pem: str = "") -> tuple[Snapshot, bool]:
     """The next snapshot and whether it differs from `prev` (if not, keep serving `prev`'s version)."""
     rows: dict[int, Node] = {}
     mnodes: dict[int, MapNode] = {}
@@ -132,9 +133,9 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
     history = ((prev.history[-(HISTORY - 1):] if prev else ()) + ((seq, changed_f, removed),))
     reach = prev.reach if prev is not None and compiled is prev.compiled else ReachSets()
     snap = Snapshot(seq, version, domain, rows, mnodes, texts, infos_t, policy_text, policy, compiled,
-                    dns_text, changed_f, removed, history, reach, derp_map_text)
+                    dns_text, changed_f, removed, history, reach, derp_map_text, ca_pem)
     differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
-               or domain != prev.domain or derp_map_text != prev.derp_map_text)
+               or domain != prev.domain or derp_map_text != prev.derp_map_text or ca_pem != prev.ca_pem)
     return snap, differs
 
 
@@ -189,6 +190,7 @@ class StreamState:
     dns_text: str | None = None
     domain: str | None = None
     derp_map_text: str = "null"
+    ca_pem: str = ""
 
     @property
     def full(self) -> bool:
@@ -222,7 +224,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             '{"type":"full","netmap":{"version":', str(snap.version), ',"domain":', _dumps(snap.domain),
             ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(reach) if p != nid]),
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{},"derp_map":',
-            snap.derp_map_text, '}}'])
+            snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "", '}}'])
     else:
         since: set[int] = set()
         for seq, changed_ids, _removed in snap.history:
@@ -251,8 +253,11 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             parts += [',"packet_filter":', filter_text]
         if snap.derp_map_text != state.derp_map_text:
             parts += [',"derp_map":', snap.derp_map_text]
+        if snap.ca_pem != state.ca_pem:
+            parts += [',"tailnet_ca":', _dumps(snap.ca_pem)]
         frame = "".join(parts) + "}" if len(parts) > 2 else None
     state.seq, state.compiled, state.reach, state.filter_text = snap.seq, snap.compiled, reach, filter_text
     state.self_text, state.dns_text, state.domain = texts[nid], snap.dns_text, snap.domain
     state.derp_map_text = snap.derp_map_text
+    state.ca_pem = snap.ca_pem
     return frame

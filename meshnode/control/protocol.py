@@ -196,14 +196,12 @@ class ReplayGuard:
         if ts > marks.high:
             if ts - marks.high > self.reorder:
                 marks.recent.clear()
-            else:
-                low = ts - self.reorder
-                marks.recent = {n: t for n, t in marks.recent.items() if t >= low}
-                if len(marks.recent) >= self.per_key:
-                    # A burst above the bound: forget the oldest nonce and refuse everything at or
-                    # below its timestamp from now on (bounded memory never opens a replay).
-                    oldest = min(marks.recent, key=marks.recent.__getitem__)
-                    marks.base = max(marks.base, marks.recent.pop(oldest))
+            elif len(marks.recent) >= self.per_key:
+                # Full: forget the nonce remembered longest (dicts keep insertion order, so this is
+                # O(1)) and refuse everything at or below its timestamp from now on: bounded memory
+                # never opens a replay, it can only refuse a request reordered behind 64 newer ones.
+                oldest = next(iter(marks.recent))
+                marks.base = max(marks.base, marks.recent.pop(oldest))
             marks.high = ts
         elif ts <= marks.base or ts < marks.high - self.reorder:
             raise ProtocolError(ErrorCode.REPLAY, "this request is older than one already received (replay)")

@@ -6,9 +6,13 @@ Node endpoints (bodies sealed, see `protocol.py`):
   POST /machine/map         the map stream: length-prefixed sealed frames (full, delta, keepalive)
   POST /machine/endpoints   report UDP endpoints              -> sealed {"ok": true}
   POST /machine/logout      leave the tailnet                 -> sealed {"ok": true}
+  POST /machine/cert        {"csr"}: a certificate for the node's names from the tailnet CA
+                                                              -> sealed {"cert": PEM, "ca": PEM}
 Admin endpoints (header `Authorization: Bearer <admin token>`; the token's SHA-256 is in the DB):
   GET /admin/nodes, POST /admin/nodes/{ref}/rename {"name"}, DELETE /admin/nodes/{ref},
-  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"}
+  GET|PUT /admin/policy, POST /admin/authkeys {"user", "reusable", "ephemeral", "tags", "expiry"},
+  GET /admin/audit?since=UNIX&actor=A&target=T&limit=N (the audit log, oldest first),
+  GET /admin/audit/verify (the hash chain's state)
 GET /metrics (Prometheus text) needs the admin token too, or is served without one on its own
 listener (`start_metrics`, `control serve --metrics HOST:PORT`), never to nodes by default.
 Unauthenticated: GET /healthz.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import dataclasses
 import hmac
 import logging
@@ -42,7 +47,7 @@ from ..derp.admission import TailnetKeys, node_keys
 from ..derp.derpmap import RelayMap, RelayMapFile
 from ..derp.server import RelayServer
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
-from . import authkeys, naming
+from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .console import idpgroups
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
@@ -144,6 +149,8 @@ class ControlServer:
         self.private_key = store.server_private_key()
         self.public_key = public_key_of(self.private_key)
         self.replay = ReplayGuard(load=store.replay_mark)
+        self.ca = _ensure_ca(store, time.time())
+        self._cert_buckets: dict[int, TokenBucket] = {}
         self._unregistered = TokenBucket(config.unregistered_rate, config.unregistered_burst)
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self.online: dict[int, int] = {}          # node id -> open streams
@@ -166,9 +173,11 @@ class ControlServer:
             web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
             web.post("/machine/register", self._register), web.post("/machine/map", self._map),
             web.post("/machine/endpoints", self._endpoints), web.post("/machine/logout", self._logout),
+            web.post("/machine/cert", self._cert),
             web.get("/admin/nodes", self._admin_nodes), web.post("/admin/nodes/{ref}/rename", self._admin_rename),
             web.delete("/admin/nodes/{ref}", self._admin_delete), web.get("/admin/policy", self._admin_policy_get),
             web.put("/admin/policy", self._admin_policy_set), web.post("/admin/authkeys", self._admin_authkey),
+            web.get("/admin/audit", self._admin_audit), web.get("/admin/audit/verify", self._admin_audit_verify),
         ])
         # The relay map in the network map: `relay_map` (the embedded relay's region), then the
         # --derp-map file, then the policy's "derpMap" section, each on top of the one before.
@@ -180,9 +189,9 @@ class ControlServer:
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
-        # Set by the admin console (console/web.py `mount`): lets a machine without an auth key log
-        # in through the browser; async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
-        # Also set by the console: OIDC group members for the policy's groups ({"group:eng": users}).
+        # Set by the admin console (console/web.py `mount`): OIDC group members for the policy's groups
+        # ({"group:eng": users}), and the browser login of a machine without an auth key:
+        # async (machine_key, node_key, hostname, os) -> (authkey, auth URL).
         self.policy_groups: Callable[[], dict[str, tuple[str, ...]]] | None = None
         self.interactive_login: Callable[[str, str, str, str], Awaitable[tuple[str | None, str | None]]] | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -289,7 +298,8 @@ class ControlServer:
                                        domain=self.store.domain(), nodes=nodes,
                                        online=self.online, now=time.time(), policy_text=text, policy=policy,
                                        dns=self.store.dns_settings(), records=records,
-                                       derp_map_text=self._relay_map_text(policy))
+                                       derp_map_text=self._relay_map_text(policy),
+                                       ca_pem=self._current_ca().cert_pem)
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:
@@ -398,8 +408,9 @@ class ControlServer:
         request[_CHAN], request[_NONCE] = chan, base64.b64encode(nonce).decode()
         ts = self.replay.check(header, nonce, payload.get("ts"), time.time())
         if known:
-            # Persisted before the request acts, so a replay after a restart (or crash) is refused.
-            self.store.save_replay_mark(header, ts)
+            # Persisted in the same transaction as the change the request makes (or before, by any
+            # earlier one), so a replay after a restart or crash is refused.
+            self.store.note_replay_mark(header, ts)
         return header, chan, payload
 
     def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
@@ -442,14 +453,17 @@ class ControlServer:
                 reg = dataclasses.replace(reg, authkey=key)
         _, policy = self._policy()
         known = self.store.node_by_machine_key(machine_key)
+        self.store.note_replay_mark(machine_key, float(p["ts"]))   # written by the registration itself
         try:
             with self.store.acting_as(f"node:{known.name if known else reg.hostname}"):
                 node = self.store.register(reg, lambda *a: authorize(policy, *a))
-        except authkeys.AuthKeyRefused:
-            self.stats["refusals"] += 1
+        except BaseException as exc:
+            if known is None:
+                self.store.drop_replay_mark(machine_key)   # no row for a machine that never got in
+            if isinstance(exc, authkeys.AuthKeyRefused):
+                self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
-        self.store.save_replay_mark(machine_key, float(p["ts"]))
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()
         return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})
@@ -460,6 +474,28 @@ class ControlServer:
         self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p))
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
+
+    def _current_ca(self) -> tailnet_ca.TailnetCa:
+        if self.ca.domain != self.store.domain():
+            self.ca = _ensure_ca(self.store, time.time())
+        return self.ca
+
+    async def _cert(self, request: web.Request) -> web.Response:
+        machine_key, chan, p = await self._open(request)
+        node = self._node_for(machine_key, p)
+        bucket = self._cert_buckets.setdefault(node.id, TokenBucket(rate=1 / 60, burst=5))
+        if not bucket.allow(time.monotonic()):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many certificate requests; retry in a minute")
+        try:
+            public_key = tailnet_ca.public_key_from_csr(p.get("csr"))  # type: ignore[arg-type]
+        except tailnet_ca.CertError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        ca = self._current_ca()
+        names = tailnet_ca.node_names(node.name, self.store.domain(), node.addresses)
+        cert = tailnet_ca.issue(ca, public_key, names, time.time())
+        log.info("issued a certificate to node %d %s for %s", node.id, node.name,
+                 ", ".join(names.dns_names + names.ip_addresses))
+        return self._sealed(chan, {"cert": cert, "ca": ca.cert_pem})
 
     async def _logout(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
@@ -500,8 +536,8 @@ class ControlServer:
         finally:
             if handle in mine:
                 mine.remove(handle)
-            if not mine:
-                self._node_streams.pop(node.id, None)
+            if not mine and self._node_streams.get(node.id) is mine:
+                del self._node_streams[node.id]
             self.stats["streams"] -= 1
             left = self.online.get(node.id, 1) - 1
             if left:
@@ -637,6 +673,25 @@ class ControlServer:
                                                   _bool(body, "ephemeral"), _strs(body, "tags"), expires)
         return web.json_response({"key": text, "id": key.id, "expires": key.expires})
 
+    async def _admin_audit(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        q = request.query
+        try:
+            since = float(q["since"]) if "since" in q else None
+            limit = int(q["limit"]) if "limit" in q else None
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be unix seconds and limit a number") from None
+        if since is not None and not math.isfinite(since) or limit is not None and not 0 < limit <= 100_000:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "since must be finite and limit between 1 and 100000")
+        entries = self.store.audit_entries(since, q.get("actor") or None, q.get("target") or None, limit)
+        return web.json_response({"entries": [e.to_json() for e in entries]})
+
+    async def _admin_audit_verify(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        v = self.store.verify_audit()
+        return web.json_response({"ok": v.ok, "entries": v.entries, "problem": v.problem, "first_id": v.first_id,
+                                  "last_id": v.last_id, "head": v.head})
+
     async def _key(self, _request: web.Request) -> web.Response:
         from ..version import version  # lets `meshnode version` compare node and server
         return web.json_response({"public_key": self.public_key, "protocol": 1, "version": version()})
@@ -683,6 +738,19 @@ class ControlServer:
         if self.relay is not None:
             lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _ensure_ca(store: ControlStore, now: float) -> tailnet_ca.TailnetCa:
+    """The tailnet CA, created on the first start (and again if the tailnet's domain changed, since
+    the CA is name-constrained to its domain)."""
+    domain = store.domain()
+    row = store.tailnet_ca()
+    if row is not None and row[0] == domain:
+        return tailnet_ca.TailnetCa(row[1], row[2], row[0])
+    ca = tailnet_ca.create_ca(domain, now)
+    store.save_tailnet_ca(domain, ca.key_pem, ca.cert_pem, now)
+    log.info("created the tailnet certificate authority for %s", domain)
+    return ca
 
 
 def _abort(request: web.Request) -> None:

@@ -283,8 +283,15 @@ def _m5_console(db: sqlite_utils.Database) -> None:
                                    not_null={"machine_key", "node_key", "state"})
 
 
+def _m6_tailnet_ca(db: sqlite_utils.Database) -> None:
+    # The tailnet certificate authority (ca.py): one row per CA ever made, the newest in use. The
+    # private key lives only here (the database file is made 0600 when a CA is stored).
+    db["tailnet_ca"].create({"id": int, "created": float, "domain": str, "key_pem": str, "cert_pem": str},
+                            pk="id", not_null={"key_pem", "cert_pem"})
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
-                                                                  _m5_console)
+                                                                  _m5_console, _m6_tailnet_ca)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -339,6 +346,7 @@ class ControlStore:
         self._node_cache: dict[int, tuple[tuple, Node]] = {}
         # Who the audit log names for changes made through this store (see `acting_as`).
         self.actor = "system"
+        self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
         try:
             if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
                 self.db = db
@@ -370,6 +378,8 @@ class ControlStore:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            if self._marks:
+                self._write_marks()
             if bump:
                 self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                                   " WHERE key = 'change_counter'")
@@ -383,11 +393,16 @@ class ControlStore:
     def acting_as(self, actor: str) -> Iterator["ControlStore"]:
         """Changes made inside are audited as `actor` ("admin-token", "node:laptop", "cli:root@host").
         Store calls are synchronous, so this is safe on the server's one event loop thread."""
+        self.fold_pending_audit()   # record changes from before keep their own actor
         previous, self.actor = self.actor, actor
         try:
             yield self
         finally:
-            self.actor = previous
+            try:
+                # Records written inside (through `self.records`, e.g. by the console) are this actor's.
+                self.fold_pending_audit(actor)
+            finally:
+                self.actor = previous
 
     def _audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
         """One audit entry in the current transaction (audit.py)."""
@@ -448,21 +463,22 @@ END $body$"""
             for name, body in self._RECORD_TRIGGERS.items():
                 self.conn.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
 
-    def _fold_pending(self) -> None:
+    def _fold_pending(self, actor: str | None = None) -> None:
         rows = self.conn.execute("SELECT id, time, action, target, old, new FROM audit_pending ORDER BY id").fetchall()
         for _id, when, action, target, old, new in rows:
-            audit.record(self.conn, self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
+            audit.record(self.conn, actor or self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
                          json.loads(new) if new else None, now=when)
         if rows:
             self.conn.execute("DELETE FROM audit_pending WHERE id <= ?", [rows[-1][0]])
 
-    def fold_pending_audit(self) -> int:
-        """Chain the record changes the triggers noted; returns how many."""
+    def fold_pending_audit(self, actor: str | None = None) -> int:
+        """Chain the record changes the triggers noted (as `actor`, default RECORDS_ACTOR); returns
+        how many."""
         if self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is None:
             return 0
         with self._tx(bump=False):
             count = self.conn.execute("SELECT COUNT(*) FROM audit_pending").fetchone()[0]
-            self._fold_pending()
+            self._fold_pending(actor)
         return int(count)
 
     # -- audit log ------------------------------------------------------------------------------
@@ -567,6 +583,28 @@ END $body$"""
                     self._set_meta("server_private_key", key)
         return key
 
+    def tailnet_ca(self) -> tuple[str, str, str] | None:
+        """The CA in use: (domain, key PEM, certificate PEM), or None before the first one exists."""
+        row = self.conn.execute("SELECT domain, key_pem, cert_pem FROM tailnet_ca ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else (str(row[0] or ""), str(row[1]), str(row[2]))
+
+    def save_tailnet_ca(self, domain: str, key_pem: str, cert_pem: str, now: float) -> None:
+        """Store a new CA (it becomes the one in use); the database file is made owner-only first."""
+        self._restrict_file_mode()
+        with self._tx():
+            self.conn.execute("INSERT INTO tailnet_ca(created, domain, key_pem, cert_pem) VALUES (?, ?, ?, ?)",
+                              [now, domain, key_pem, cert_pem])
+
+    def _restrict_file_mode(self) -> None:
+        # The CA key (and the server key) sit in this file: nobody but the owner may read it.
+        if sqldb.dialect(self.db) == "postgres":
+            return   # no file here: PostgreSQL's own roles and grants guard the rows
+        row = self.conn.execute("PRAGMA database_list").fetchone()
+        path = row[2] if row else ""
+        for suffix in ("", "-wal", "-shm"):
+            if path and os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
+
     def ensure_admin_token(self) -> str | None:
         """Create the admin API token if there is none; returns it (once) or None if one exists."""
         if self._meta("admin_token_hash") is not None:
@@ -595,10 +633,28 @@ END $body$"""
         return None if row is None else float(row[0])
 
     def save_replay_mark(self, machine_key: str, ts: float) -> None:
-        """Raise the persisted mark (never lowers it); not a tailnet change, so no counter bump."""
+        """Raise the persisted mark now (never lowers it); not a tailnet change, so no counter bump."""
+        self.note_replay_mark(machine_key, ts)
         with self._tx(bump=False):
-            self.conn.execute("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
-                              " DO UPDATE SET ts = MAX(replay_marks.ts, excluded.ts)", [machine_key, ts])
+            pass
+
+    def note_replay_mark(self, machine_key: str, ts: float) -> None:
+        """Persist the mark with the next transaction of this store, so a request's mark is written
+        atomically with the change it makes (one commit instead of two)."""
+        if ts > self._marks.get(machine_key, float("-inf")):
+            self._marks[machine_key] = ts
+        if len(self._marks) > 10_000:
+            with self._tx(bump=False):
+                pass
+
+    def drop_replay_mark(self, machine_key: str) -> None:
+        """Forget a noted mark not yet written (a failed registration of an unknown machine)."""
+        self._marks.pop(machine_key, None)
+
+    def _write_marks(self) -> None:
+        self.conn.executemany("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+                              " DO UPDATE SET ts = MAX(replay_marks.ts, excluded.ts)", list(self._marks.items()))
+        self._marks.clear()
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
@@ -980,12 +1036,6 @@ END $body$"""
     # -- console: roles, sessions, browser logins of machines ------------------------------------
     # None of these bump the change counter: they never change what a node's map says.
 
-    def _console_audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
-        """An entry in the hash-chained audit log, where this store has one (control hardening)."""
-        audit_change = getattr(self, "_audit", None)
-        if audit_change is not None:
-            audit_change(action, target, old, new)
-
     def user_role(self, name: str) -> UserRole | None:
         row = self.conn.execute("SELECT u.name, r.role, r.email, r.groups FROM users u JOIN user_roles r"
                                 " ON r.user_id = u.id WHERE u.name = ?", [name]).fetchone()
@@ -1008,7 +1058,6 @@ END $body$"""
         with self._tx(bump=groups_changed):
             if not create:
                 self._user_id(name)  # NotFound: not pre-approved
-            existed = self.conn.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is not None
             uid = self._user_id(name, create=True)
             row = self.conn.execute("SELECT role FROM user_roles WHERE user_id = ?", [uid]).fetchone()
             if row is None:
@@ -1016,8 +1065,7 @@ END $body$"""
                 role = default_role if anyone else first_role
                 self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated)"
                                   " VALUES (?, ?, ?, ?, ?)", [uid, role, email, _j(groups), time.time()])
-                self._console_audit("user.create" if not existed else "user.role", f"user:{name}", None,
-                                    {"name": name, "role": role, "via": "oidc sign-in"})
+                self._audit("user.role", f"user:{name}", None, {"role": role, "via": "first sign-in"})
             else:
                 self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
                                   [email, _j(groups), time.time(), uid])
@@ -1046,7 +1094,7 @@ END $body$"""
             self.conn.execute("INSERT INTO user_roles(user_id, role, email, groups, updated) VALUES (?, ?, '', '[]', ?)"
                               " ON CONFLICT(user_id) DO UPDATE SET role = excluded.role, updated = excluded.updated",
                               [uid, role, time.time()])
-            self._console_audit("user.role", f"user:{name}", {"role": old}, {"role": role})
+            self._audit("user.role", f"user:{name}", {"role": old}, {"role": role})
 
     def create_session(self, id_hash: str, user: str, csrf: str, now: float) -> None:
         with self._tx(bump=False):
@@ -1116,7 +1164,7 @@ END $body$"""
                 [new.id, new.secret_hash, uid, now, req.expires])
             self.conn.execute("UPDATE register_requests SET state = 'approved', user = ?, authkey = ?"
                               " WHERE id_hash = ? AND state = 'pending'", [user, new.text, id_hash])
-            self._console_audit("node.login-approved", f"machine:{req.hostname}", None,
+            self._audit("node.login-approved", f"machine:{req.hostname}", None,
                                 {"user": user, "os": req.os, "authkey": new.id})
         got = self.get_register_request(id_hash)
         assert got is not None

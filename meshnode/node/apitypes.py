@@ -49,6 +49,7 @@ class UpRequest:
     force_reauth: bool = False  # forget node key and pinned server key: register afresh
     interactive: bool = False   # no auth key: log in through the browser (the server gives a URL)
     shields_up: bool | None = None
+    exit_node_allow_lan_access: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,8 @@ def parse_up(body: Any) -> UpRequest:
                      _opt_bool(obj, "accept_routes"), routes, _opt_bool(obj, "advertise_exit_node"),
                      _opt_str(obj, "exit_node", 253), tags, float(timeout),
                      bool(_opt_bool(obj, "force_reauth")), interactive=bool(_opt_bool(obj, "interactive")),
-                     shields_up=_opt_bool(obj, "shields_up"))
+                     shields_up=_opt_bool(obj, "shields_up"),
+                     exit_node_allow_lan_access=_opt_bool(obj, "exit_node_allow_lan_access"))
 
 
 _SET_ONLY_UP = {"login_server", "authkey", "force_reauth", "interactive"}
@@ -153,7 +155,7 @@ def parse_set(body: Any) -> UpRequest:
     req = parse_up(obj)
     if all(getattr(req, k) is None for k in ("hostname", "accept_dns", "accept_routes", "advertise_routes",
                                               "advertise_exit_node", "exit_node", "advertise_tags",
-                                              "shields_up")):
+                                              "shields_up", "exit_node_allow_lan_access")):
         raise bad_request("nothing to set: give at least one preference")
     return req
 
@@ -288,3 +290,22 @@ def parse_serve_off(body: Any) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise bad_request("port: expected a port number from 1 to 65535")
     return port
+
+
+@dataclass(frozen=True, slots=True)
+class CertRequest:
+    """`meshnode cert NAME`: the CLI's CSR (its key stays with the CLI) and the name asked for."""
+
+    csr: str
+    name: str
+
+
+def parse_cert(body: Any) -> CertRequest:
+    obj = _object(body)
+    _check_keys(obj, {"csr", "name"})
+    csr, name = obj.get("csr"), obj.get("name")
+    if not isinstance(csr, str) or "BEGIN CERTIFICATE REQUEST" not in csr or len(csr) > 8192:
+        raise bad_request("csr: expected a PEM certificate request")
+    if not isinstance(name, str) or not name.strip() or len(name) > 253:
+        raise bad_request("name: expected this node's name")
+    return CertRequest(csr, name.strip())

@@ -135,6 +135,10 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
               help="Listen here instead of 100.100.100.100:53 and fd7a:115c:a1e0::53 (repeatable).")
 @click.option("--resolv-conf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The resolv.conf to manage [default: /etc/resolv.conf, or systemd-resolved].")
+@click.option("--dot-listen", multiple=True, callback=_listen_addr, metavar="HOST[:PORT]",
+              help="Serve DNS over TLS here [default: the service addresses, port 853, without --dns-listen].")
+@click.option("--doh-listen", multiple=True, callback=_listen_addr, metavar="HOST[:PORT]",
+              help="Serve DNS over HTTPS here [default: the service addresses, port 443, without --dns-listen].")
 @click.option("--os", "os_name", default=None, help="OS name reported to the control server.")
 @click.option("--metrics", default=None, metavar="HOST:PORT", help="Serve the resolver's Prometheus metrics here.")
 @click.option("--query-log", default=None, metavar="FILE", help="Log every DNS query to FILE ('-': stderr).")
@@ -142,7 +146,8 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.pass_context
 def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tun: str | None,
                port: int, userspace: bool, dns_listen: tuple[tuple[str, int], ...], resolv_conf: Path | None,
-               os_name: str | None, metrics: str | None, query_log: str | None, verbose: int) -> None:
+               os_name: str | None, metrics: str | None, query_log: str | None, verbose: int,
+               dot_listen: tuple[tuple[str, int], ...] = (), doh_listen: tuple[tuple[str, int], ...] = ()) -> None:
     """Run the node daemon in the foreground."""
     from .daemon import DaemonConfig, run_daemon
     from .dnsthread import DnsThreadError
@@ -168,7 +173,8 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
     sock = socket_path or Path((ctx.find_root().obj or {}).get("socket") or DEFAULT_SOCKET)
     config = DaemonConfig(state_dir=state_dir, socket_path=sock, tun=None if userspace else tun,
                           dns_listen=dns_listen, resolv_conf=resolv_conf, os_name=os_name,
-                          metrics=metrics_addr, query_log=query_log, port=port)
+                          metrics=metrics_addr, query_log=query_log, port=port,
+                          dot_listen=dot_listen, doh_listen=doh_listen)
     try:
         asyncio.run(run_daemon(config))
     except (StateError, LocalApiError, DnsThreadError) as exc:
@@ -217,6 +223,8 @@ _PREF_HELP = {
     "advertise_routes": "Subnets to offer to the tailnet (CIDR,...; empty: none).",
     "advertise_exit_node": "Offer this node as an exit node [default: false].",
     "exit_node": "Send internet traffic through this peer (NAME|IP; empty: none).",
+    "exit_node_allow_lan_access": "With --exit-node: still reach the local networks directly"
+                                  " (by default they are blocked, as Tailscale's) [default: false].",
     "advertise_tags": "Tags to request for this node (tag:a,tag:b; empty: none).",
     "shields_up": "Refuse every connection arriving from the tailnet (replies to ours pass) [default: false].",
 }
@@ -587,11 +595,12 @@ def whois_cmd(ctx: click.Context, address: str, as_json: bool) -> None:
         click.echo(json.dumps(res, indent=2))
         return
     node = res["node"]
-    click.echo(f"Machine:\n  Name:      {node['fqdn']}\n  ID:        {node['id']}\n"
-               f"  Addresses: {', '.join(node['addresses'])}\n  OS:        {node.get('os') or '-'}")
+    # The OS string and user name come from the network: shown, never obeyed (safetext).
+    click.echo(f"Machine:\n  Name:      {safe(node['fqdn'])}\n  ID:        {node['id']}\n"
+               f"  Addresses: {', '.join(node['addresses'])}\n  OS:        {safe(node.get('os') or '-')}")
     if res.get("tags"):
-        click.echo(f"  Tags:      {', '.join(res['tags'])}")
-    click.echo(f"User:\n  Name:      {res['user']}")
+        click.echo(f"  Tags:      {safe(', '.join(res['tags']))}")
+    click.echo(f"User:\n  Name:      {safe(res['user'])}")
 
 
 def _version_lines(cli: str, remote: dict[str, Any] | None, error: str | None) -> list[str]:
@@ -808,11 +817,32 @@ def dns_status_cmd(ctx: click.Context, as_json: bool) -> None:
     for suffix, target in (server.get("routes") or {}).items():
         click.echo(f"  route {suffix}: {target if isinstance(target, str) else ', '.join(target) or '-'}")
     click.echo(f"  forwarding to: {', '.join(r['forwarding_to']) or '-'}")
+    _echo_encrypted(server.get("encrypted"), st.get("tls") or {})
     click.echo(f"System DNS: accept-dns={'true' if st['accept_dns'] else 'false'}, {o['mode']} {o['target']}:"
                f" {'configured' if o['active'] else 'not configured'}")
     if o["drift"] != "intact":
         click.echo(f"  WARNING: {o['target']} was {o['drift']} by another program")
     click.echo(f"  original nameservers: {', '.join(o['original_nameservers']) or '-'}")
+
+
+def _echo_encrypted(enc: dict[str, Any] | None, tls: dict[str, Any]) -> None:
+    """The DoT/DoH lines of `dns status`: listeners, certificate names and expiry, or why not serving."""
+    if not enc and not tls.get("certificate"):
+        return
+    enc = enc or {}
+    served = (enc.get("certificate") or {})
+    listening = ", ".join(enc.get("listeners") or [])
+    if served.get("state") and served["state"] != "valid":
+        listening = f"not serving ({served['state']})"
+    click.echo(f"Encrypted DNS: {listening or 'not listening (waiting for a certificate)'}")
+    cert = tls.get("certificate")
+    if cert:
+        click.echo(f"  certificate: {', '.join(cert['dns_names'] + cert['ip_addresses'])}")
+        click.echo(f"  expires: {cert['not_after']}" + ("" if tls.get("serving") else "  (EXPIRED: not served)"))
+    if tls.get("error"):
+        click.echo(f"  WARNING: {tls['error']}")
+    if enc.get("bind_error"):
+        click.echo(f"  WARNING: {enc['bind_error']}")
 
 
 def format_answer(ans: dict[str, Any]) -> str:
@@ -842,8 +872,60 @@ def dns_query_cmd(ctx: click.Context, name: str, qtype: str | None, reverse: boo
     click.echo(json.dumps(ans, indent=2) if as_json else format_answer(ans))
 
 
+@click.command("cert")
+@click.argument("name", required=False)
+@click.option("--ca", "show_ca", is_flag=True, help="Print the tailnet CA certificate (PEM).")
+@click.option("--install-ca", is_flag=True, help="Add the tailnet CA to the system trust store (Debian).")
+@click.option("--uninstall-ca", is_flag=True, help="Remove the tailnet CA from the system trust store.")
+@click.option("--cert-file", type=click.Path(dir_okay=False), default=None, help="Where to write the certificate [NAME.crt].")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Where to write the key [NAME.key].")
+@click.option("--trust-dir", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
+@click.option("--update-command", default=None, hidden=True, help="Trust store rebuild command (tests).")
+@click.pass_context
+def cert_cmd(ctx: click.Context, name: str | None, show_ca: bool, install_ca: bool, uninstall_ca: bool,
+             cert_file: str | None, key_file: str | None, trust_dir: Path | None, update_command: str | None) -> None:
+    """Certificates from the tailnet CA: NAME.crt/NAME.key for this node's name, or the CA itself."""
+    import shlex
+
+    from ..control import ca as tailnet_ca
+    from ..node.atomicfile import atomic_write
+    from .cert import DEBIAN_TRUST_DIR, TrustStore, TrustStoreError
+
+    if sum([show_ca, install_ca, uninstall_ca, name is not None]) != 1:
+        raise click.UsageError("give exactly one of NAME, --ca, --install-ca, --uninstall-ca")
+    store = TrustStore(trust_dir or DEBIAN_TRUST_DIR,
+                       tuple(shlex.split(update_command)) if update_command else ("update-ca-certificates",))
+    if name is not None:
+        key = tailnet_ca.new_key_pem()  # made here: the key never passes through the daemon
+        ans = _call(ctx, "POST", "/cert", {"csr": tailnet_ca.make_csr(key, name), "name": name})
+        crt_path, key_path = cert_file or f"{name}.crt", key_file or f"{name}.key"
+        try:
+            atomic_write(key_path, key, 0o600)
+            atomic_write(crt_path, ans["cert"], 0o644)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}") from None
+        info = tailnet_ca.cert_info(ans["cert"])
+        click.echo(f"Wrote certificate to {crt_path}\nWrote private key to {key_path}\n"
+                   f"  names: {', '.join(info.dns_names + info.ip_addresses)}\n  expires: {info.to_json()['not_after']}")
+        return
+    ans = _call(ctx, "GET", "/cert/ca")
+    if show_ca:
+        click.echo(ans["ca"], nl=False)
+        return
+    domain = ans.get("domain") or "tailnet"
+    try:
+        if install_ca:
+            path = store.install(ans["ca"], domain)
+            click.echo(f"Installed the tailnet CA for {domain} as {path}")
+        else:
+            gone = store.uninstall(domain)
+            click.echo(f"Removed {gone}" if gone else f"The tailnet CA for {domain} was not installed")
+    except (TrustStoreError, tailnet_ca.CertError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def register_node_commands(group: click.Group) -> None:
     """Attach the node's commands to the top-level `meshnode` group."""
     for cmd in (daemon_cmd, up_cmd, set_cmd, down_cmd, logout_cmd, status_cmd, ip_cmd, ping_cmd, netcheck_cmd,
-                whois_cmd, version_cmd, serve_cmd, dns_group):
+                whois_cmd, version_cmd, serve_cmd, dns_group, cert_cmd):
         group.add_command(cmd if cmd is daemon_cmd else socket_options(cmd))

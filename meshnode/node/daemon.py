@@ -21,16 +21,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from magicdns.encrypted import EncryptedConfig
 from magicdns.server import DnsServer, ServerConfig
 from magicdns.upstream import Upstream
 from magicdns.view import DnsView
 
+from ..control import ca as tailnet_ca
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
 from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
                        UpRequest, WhoisRequest)
+from .cert import RECHECK as CERT_RECHECK, NodeCertificates, renewal_delay
 from .dnsthread import DnsThread, DnsThreadError
 from .iface import DNS_V4, DNS_V6, DUMMY_NAME, LOOPBACK, InterfaceError, ServiceAddresses
 from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, ResolvedConfigurator,
@@ -38,8 +41,8 @@ from .osdns import (OsDnsConfigurator, OsDnsError, ResolvConfConfigurator, Resol
 from .prefs import SETTABLE, Prefs, PrefsError
 from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .serve import Caller, Kind, ServeConfig, ServeEntry, ServeError, ServeRunner, load_config, save_config
-from .state import StateDir
-from .router import Router, RouterError, control_addresses, plan_routing
+from .state import IdentityDamaged, StateDir
+from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
 
 log = logging.getLogger("meshnode.node.daemon")
@@ -74,6 +77,9 @@ class DaemonConfig:
     metrics: tuple[str, int] | None = None             # Prometheus /metrics of the resolver
     query_log: str | None = None                       # the resolver's query log ("-": stderr)
     port: int = DEFAULT_PORT                           # WireGuard UDP port (with --tun)
+    # DoT/DoH (cert.py): empty with no --dns-listen: the service addresses on 853 and 443.
+    dot_listen: tuple[tuple[str, int], ...] = ()
+    doh_listen: tuple[tuple[str, int], ...] = ()
 
 
 # `status --json` field names are stable within a schema number (README.md, "status --json schema"):
@@ -109,6 +115,7 @@ class Daemon:
         self.map_source = ""            # "saved" or "control"
         self.map_received_at: float | None = None
         self.control_error: str | None = None
+        self.identity_error: str | None = None   # damaged pin or lost machine key (state.IdentityDamaged)
         self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server, metrics=config.metrics)
@@ -136,6 +143,9 @@ class Daemon:
         self._lock = asyncio.Lock()
         # One writer thread keeps saves in order and off the loop (a big map is megabytes).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+        self.certs = NodeCertificates(config.state_dir / "tls")
+        self.cert_error: str | None = None
+        self._cert_task: asyncio.Task[None] | None = None
 
     # -- construction helpers -----------------------------------------------------------------
 
@@ -150,14 +160,28 @@ class Daemon:
     def _make_server(self) -> DnsServer:
         listen = self.config.dns_listen or tuple((h, 53) for h in self._dns_hosts)
         return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams,
-                                      query_log=self.config.query_log))
+                                      query_log=self.config.query_log, encrypted=self._encrypted_config()))
+
+    def _encrypted_config(self) -> EncryptedConfig:
+        c = self.config
+        if c.dot_listen or c.doh_listen:
+            return EncryptedConfig(dot=c.dot_listen, doh=c.doh_listen)
+        if c.dns_listen:
+            return EncryptedConfig()  # a custom --dns-listen: no implicit ports 853/443
+        return EncryptedConfig(dot=tuple((h, 853) for h in self._dns_hosts),
+                               doh=tuple((h, 443) for h in self._dns_hosts))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the state, undo a crashed run's leftovers, and resume what the prefs say."""
         self.state.open()
-        self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        try:
+            self.state.machine_key()  # fails loudly on a damaged key before anything else happens
+        except IdentityDamaged as exc:
+            # Not a new machine behind the user's back: `up --force-reauth` decides (health says so).
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
         self.prefs = self.state.prefs()
         try:
             self.osdns.recover()
@@ -172,7 +196,7 @@ class Daemon:
             except NetMapError as exc:
                 self.state.reject_saved_map(f"unusable map: {exc}")
         has_key = self.state.node_key() is not None
-        if not has_key:
+        if not has_key or (self.identity_error and "machine.key" in self.identity_error):
             self.backend = BackendState.NEEDS_LOGIN
         elif not self.prefs.want_running:
             self.backend = BackendState.STOPPED
@@ -211,6 +235,7 @@ class Daemon:
             self.dns.set_view(view)
         self._sync_osdns(view)
         self.backend = BackendState.RUNNING if self.map_source == "control" else BackendState.STARTING
+        await self._serve_cert()  # a certificate from an earlier run serves at once, until it expires
         self._start_map_stream()
 
     async def _go_down(self, new_state: BackendState) -> None:
@@ -243,7 +268,8 @@ class Daemon:
             await self._tunnel.start(bytes(node_key))
             await self._tunnel.set_shields(self.prefs.shields_up)
             if self.netmap is not None:
-                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
         except TunnelError as exc:
             raise ApiError(500, str(exc)) from None
         await self._route(self.netmap)
@@ -254,10 +280,16 @@ class Daemon:
         if self._router is None:
             return
         control: tuple[str, ...] = ()
+        lan: tuple[str, ...] = ()
         if self.prefs.exit_node:
             control = await asyncio.to_thread(control_addresses, self.prefs.login_server)
+            if not self.prefs.exit_node_allow_lan_access:
+                try:
+                    lan = await asyncio.to_thread(local_networks, self._router.tun)
+                except OSError as exc:
+                    log.error("router: cannot list the local networks to block: %s", exc)
         try:
-            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control))
+            await self._router.apply(plan_routing(netmap, self.prefs.exit_node, control, lan))
             self.router_error = None
         except (RouterError, OSError) as exc:  # the tunnel and DNS keep working without it
             self.router_error = f"routing: {exc}"
@@ -356,7 +388,13 @@ class Daemon:
     def _start_map_stream(self) -> None:
         if self._map_task is not None and not self._map_task.done():
             return
-        client = self._control_client()
+        try:
+            client = self._control_client()
+        except IdentityDamaged as exc:
+            # Keep serving the saved map, but never talk to a server we can no longer authenticate.
+            log.error("state: %s", exc)
+            self.identity_error = str(exc)
+            return
         if client is None:
             return
         self._map_task = asyncio.create_task(self._follow_map(client))
@@ -364,6 +402,7 @@ class Daemon:
             self._endpoint_task = asyncio.create_task(self._watch_endpoints(client))
 
     async def _stop_map_stream(self) -> None:
+        await self._stop_cert_task()
         watcher, self._endpoint_task = self._endpoint_task, None
         if watcher is not None:
             watcher.cancel()
@@ -400,6 +439,7 @@ class Daemon:
                     self.control_error = None
                     await self._apply_map(netmap)
                     await self._report_endpoints(client)
+                    self._start_cert_task(client)
                 return
             except ControlError as exc:
                 if not exc.logs_out:
@@ -418,6 +458,83 @@ class Daemon:
                 log.exception("netmap: following the map failed; retrying in 1s")
                 self.control_error = f"following the map failed: {in_words(exc)} (see the daemon's log)"
                 await asyncio.sleep(1.0)
+
+    # -- the node's certificate (cert.py) -------------------------------------------------------
+
+    def _start_cert_task(self, client: ControlClient) -> None:
+        if self._encrypted_config().wanted and (self._cert_task is None or self._cert_task.done()):
+            self._cert_task = asyncio.create_task(self._cert_loop(client))
+
+    async def _stop_cert_task(self) -> None:
+        task, self._cert_task = self._cert_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def _wanted_names(self) -> tailnet_ca.LeafNames | None:
+        nm = self.netmap
+        if nm is None:
+            return None
+        return tailnet_ca.node_names(nm.self_node.name, nm.domain, tuple(nm.self_node.addresses))
+
+    async def _cert_loop(self, client: ControlClient) -> None:
+        """Keep a certificate from the tailnet CA and hand it to the resolver: renewed at two thirds
+        of its life (or when the node's names change) while the control server answers; retried
+        with backoff when it does not. An expired one is never served (magicdns/tlsconf.py)."""
+        backoff = 5.0
+        while True:
+            info = await asyncio.to_thread(self.certs.current)
+            if info is not None:
+                await self._serve_cert()
+            wanted = self._wanted_names()
+            delay = renewal_delay(info, wanted, time.time())
+            if delay > 0 or wanted is None:
+                await asyncio.sleep(min(delay, CERT_RECHECK) if delay > 0 else CERT_RECHECK)
+                continue
+            try:
+                key = await asyncio.to_thread(self.certs.key_pem)
+                cert_pem, ca_pem = await client.request_cert(tailnet_ca.make_csr(key, wanted.dns_names[0]))
+                info = await asyncio.to_thread(self.certs.save, cert_pem, ca_pem)
+            except (ControlError, tailnet_ca.CertError, OSError) as exc:
+                self.cert_error = f"cannot get a certificate: {exc}"
+                log.warning("tls: %s; retrying in %.0fs", self.cert_error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 600.0)
+                continue
+            backoff, self.cert_error = 5.0, None
+            log.info("tls: certificate for %s valid until %s", ", ".join(info.dns_names + info.ip_addresses),
+                     info.to_json()["not_after"])
+
+    async def _serve_cert(self) -> None:
+        if not self.dns.running or not self._encrypted_config().wanted or not self.certs.cert_path.exists():
+            return
+        cert, key = str(self.certs.cert_path), str(self.certs.key_path)
+        await self.dns.call(lambda server: server.encrypted.set_certificate(cert, key))
+
+    async def sign_cert(self, csr_pem: str, name: str) -> dict[str, Any]:
+        """`meshnode cert NAME`: have the tailnet CA sign the CLI's CSR for this node's names."""
+        nm = self.netmap
+        client = self._control_client()
+        if nm is None or client is None:
+            raise ApiError(409, "not connected to a tailnet: run `meshnode up` first")
+        short = name.lower().rstrip(".")
+        if short not in (nm.self_node.name, nm.self_node.fqdn.rstrip(".")):
+            raise ApiError(400, f"{name}: a certificate can only be for this node's name, {nm.self_node.fqdn.rstrip('.')}")
+        try:
+            cert, ca_pem = await client.request_cert(csr_pem)
+        except ControlError as exc:
+            raise ApiError(502, f"the control server did not issue a certificate: {exc}") from None
+        return {"cert": cert, "ca": ca_pem}
+
+    def ca_cert(self) -> dict[str, Any]:
+        """The tailnet CA certificate (from the map, else the copy saved with the node's certificate)."""
+        pem = (self.netmap.tailnet_ca if self.netmap is not None else "") or self.certs.ca_pem()
+        if not pem:
+            raise ApiError(409, "no tailnet CA known yet: run `meshnode up` (the control server may predate it)")
+        return {"ca": pem, "domain": self.netmap.domain if self.netmap is not None else None}
 
     async def _refused_by_control(self, client: ControlClient, exc: ControlError) -> None:
         # Transient failures are retried inside stream_map; this is a refusal sealed by the pinned
@@ -445,7 +562,8 @@ class Daemon:
         await asyncio.wrap_future(self.dns.set_view(view))
         if self._tunnel is not None:
             try:
-                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes)
+                await self._tunnel.apply(netmap, self.prefs.exit_node, self.prefs.accept_routes,
+                                         self.prefs.login_server)
                 await self._tunnel.set_shields(self.prefs.shields_up)
             except OSError as exc:  # netlink refused an address or route: DNS keeps working
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
@@ -524,6 +642,13 @@ class Daemon:
             prefs = self._merge_prefs(req)
             if not prefs.login_server:
                 raise ApiError(400, "no login server: pass --login-server URL")
+            if not req.force_reauth:
+                try:
+                    self.state.machine_key()
+                    self.state.server_key(prefs.login_server)
+                except IdentityDamaged as exc:
+                    self.identity_error = str(exc)
+                    raise ApiError(409, str(exc)) from None
             if req.exit_node and self.netmap is not None:
                 self._check_exit_node(self.netmap, req.exit_node)
             if req.force_reauth or (prefs.login_server != self.prefs.login_server and self.prefs.login_server):
@@ -534,6 +659,7 @@ class Daemon:
                 self.state.forget_server_key()
                 await self._forget_map()
                 self.netmap, self.map_source = None, ""
+                self.state.machine_key()   # a lost machine key is replaced only here, on request
             await self._stop_map_stream()
             fresh_key = self.state.node_key() is None
             if fresh_key:
@@ -576,6 +702,7 @@ class Daemon:
                                detail=exc.detail) from None
             if client.server_public_key:
                 self.state.save_server_key(prefs.login_server, client.server_public_key)
+            self.identity_error = None
             self.prefs = replace(prefs, want_running=True)
             self.state.save_prefs(self.prefs)
             self.control_error = None
@@ -770,6 +897,9 @@ class Daemon:
             health.append(f"resolv.conf was {drift} by another program; MagicDNS may not be used")
         if self.control_error:
             health.append(self.control_error)
+        if self.identity_error:
+            health.append(self.identity_error)
+        health += [f"state: {d}" for d in self.state.damage]
         control = self._client.stream_state if self._client is not None else None
         if control is not None and control["error"] and not self.control_error:
             since = time.strftime('%H:%M:%S', time.localtime(control['since']))
@@ -922,7 +1052,10 @@ class Daemon:
         if not url:
             return {"url": None, "reachable": False, "latency_ms": None, "key_matches_pin": None,
                     "error": "no login server: run `meshnode up --login-server URL`"}
-        pinned = self.state.server_key(url)
+        try:
+            pinned = self.state.server_key(url)
+        except IdentityDamaged:
+            pinned = None
         start = time.monotonic()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
@@ -992,9 +1125,15 @@ class Daemon:
                              "addresses": list(self._dns_hosts),
                              "forwarding_to": [u.spec for u in self._upstreams],
                              "server": server},
+                "tls": self._tls_status(),
                 "os": {"mode": os_status.mode, "target": os_status.target, "active": os_status.active,
                        "drift": os_status.drift, "drift_since": os_status.drift_since,
                        "original_nameservers": list(os_status.original_nameservers)}}
+
+    def _tls_status(self) -> dict[str, Any]:
+        info = self.certs.current()
+        return {"certificate": info.to_json() if info else None, "error": self.cert_error,
+                "serving": bool(info and tailnet_ca.servable(info, time.time()))}
 
     async def dns_query(self, req: QueryRequest) -> dict[str, Any]:
         if not self.dns.running:

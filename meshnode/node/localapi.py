@@ -16,6 +16,8 @@
     GET  /localapi/v0/netcheck?timeout=S  UDP port, endpoints, control server reachable, handshakes
     GET  /localapi/v0/dns/status
     POST /localapi/v0/dns/query           {name, type}
+    GET  /localapi/v0/cert/ca             the tailnet CA certificate {ca, domain}
+    POST /localapi/v0/cert                {csr, name}: the tailnet CA signs it for this node's names
 
 Every answer is JSON; an error is `{"error": "..."}` with a 4xx/5xx status. Who may call is decided
 by the socket's permissions (0600, owned by the daemon's user), as with Tailscale's socket.
@@ -32,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .apitypes import (API_PREFIX, ApiError, parse_ip, parse_netcheck, parse_ping, parse_query, parse_serve,
-                       parse_serve_off, parse_set, parse_up, parse_whois)
+from .apitypes import (API_PREFIX, ApiError, parse_cert, parse_ip, parse_netcheck, parse_ping, parse_query,
+                       parse_serve, parse_serve_off, parse_set, parse_up, parse_whois)
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -156,6 +158,16 @@ def make_app(daemon: "Daemon") -> web.Application:
     app.router.add_get(API_PREFIX + "/netcheck", netcheck)
     app.router.add_get(API_PREFIX + "/dns/status", dns_status)
     app.router.add_post(API_PREFIX + "/dns/query", dns_query)
+
+    async def cert_ca(request: web.Request) -> web.Response:
+        return _ok(daemon.ca_cert())
+
+    async def cert(request: web.Request) -> web.Response:
+        req = parse_cert(await _json_body(request))
+        return _ok(await daemon.sign_cert(req.csr, req.name))
+
+    app.router.add_get(API_PREFIX + "/cert/ca", cert_ca)
+    app.router.add_post(API_PREFIX + "/cert", cert)
     return app
 
 

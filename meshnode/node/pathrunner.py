@@ -24,6 +24,7 @@ log = logging.getLogger("meshnode.node.paths")
 POLL = 1.0         # seconds between reads of WireGuard's per-peer state (also the longest sleep)
 QUEUE_MAX = 4096   # disco datagrams waiting for the loop; beyond, they are dropped and counted
 STUN_COOKIE = b"\x21\x12\xa4\x42"
+STUN_INTERVAL = 20.0  # seconds between STUN queries (Tailscale re-STUNs every 20-26 s)
 
 
 def b64_key(text: str) -> bytes | None:
@@ -32,6 +33,10 @@ def b64_key(text: str) -> bytes | None:
     except (binascii.Error, ValueError):
         return None
     return raw if len(raw) == 32 else None
+
+
+def _latest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 class PathRunner:
@@ -52,9 +57,25 @@ class PathRunner:
         self._task: asyncio.Task[None] | None = None
         self._pings: dict[int, asyncio.Future[PingResult]] = {}
         self.stun_handler: Callable[[bytes, Endpoint], None] | None = None  # netcheck's STUN client
-        self.relay_sender: Callable[[bytes, bytes], None] | None = None     # (node key, datagram)
         self.counters: collections.Counter[str] = collections.Counter()
         self._last_poll = float("-inf")
+        self._bytes: dict[bytes, tuple[int, int, float | None, float | None]] = {}
+        self._private = node_key_private
+        # The relay (DERP) of our home region: a client, its region and URLs, and peer ids for
+        # the device's relay endpoints.
+        self.relay: Any = None
+        self.relay_region: int | None = None
+        self._relay_urls: tuple[str, ...] = ()
+        self._relay_task: asyncio.Task[None] | None = None
+        self._relay_ids: dict[bytes, int] = {}
+        self._relay_keys: dict[int, bytes] = {}
+        self._peers: list[Any] = []
+        # STUN servers of the relay region: our public address as they see the WireGuard socket.
+        self._stun_servers: tuple[Endpoint, ...] = ()
+        self._stun_txids: dict[bytes, float] = {}
+        self._last_stun = float("-inf")
+        self.stun_endpoint: Endpoint | None = None
+        self._order: Callable[[tuple[str, ...]], list[Endpoint]] = lambda texts: []
 
     # -------------------------------------------------------------- lifecycle
 
@@ -62,10 +83,13 @@ class PathRunner:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.device.set_datagram_handler(self._on_datagram)
+        self.device.relay_out = self._relay_out
         self._task = asyncio.create_task(self._run(), name="paths")
 
     async def close(self) -> None:
         self.device.set_datagram_handler(None)
+        self.device.relay_out = None
+        await self.set_relay(None, ())
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -81,16 +105,114 @@ class PathRunner:
     def set_peers(self, peers: Iterable[Any], order: Callable[[tuple[str, ...]], list[Endpoint]]) -> None:
         """The map's peers (MapNode); `order` turns reported endpoints into candidates, best guess
         first."""
+        self._peers, self._order = list(peers), order
         infos = []
-        for p in peers:
+        for p in self._peers:
             key = b64_key(p.node_key)
             if key is None:
                 continue
             disco = b64_key(p.disco_key) if getattr(p, "disco_key", "") else None
-            infos.append(PeerInfo(key, disco, tuple(order(p.endpoints)),
-                                  getattr(p, "relay_region", None)))
+            # Every node of the tailnet homes on the same relay region for now (the map does not
+            # carry each peer's home region yet): ours is theirs.
+            infos.append(PeerInfo(key, disco, tuple(order(p.endpoints)), self.relay_region))
         self.layer.set_peers(infos, self._clock())
         self._kick()
+
+    async def set_relay(self, region_id: int | None, urls: Iterable[str]) -> None:
+        """Use the relay servers `urls` of region `region_id` (None: no relay)."""
+        urls = tuple(urls)
+        if region_id == self.relay_region and urls == self._relay_urls:
+            return
+        old, task = self.relay, self._relay_task
+        self.relay, self._relay_task, self.relay_region, self._relay_urls = None, None, None, ()
+        if task is not None:
+            task.cancel()
+        if old is not None:
+            await old.close()
+        if region_id is not None and urls:
+            from ..derp.client import DerpClient
+            self.relay = DerpClient(self._private, list(urls))
+            await self.relay.start()
+            self.relay_region, self._relay_urls = region_id, urls
+            self._relay_task = asyncio.create_task(self._relay_reader(self.relay), name="paths-relay")
+            log.info("paths: relay region %s at %s", region_id, ", ".join(urls))
+        # Traffic to a peer with no direct path goes through the relay at once.
+        self.layer.set_relay(self.relay_region, self._clock())
+        self.set_peers(self._peers, self._order)
+
+    def set_stun_servers(self, servers: Iterable[Endpoint]) -> None:
+        """STUN servers (ip, port) to learn our public address from; asked now and every
+        STUN_INTERVAL from the WireGuard socket, so the mapping found is the one peers will use."""
+        servers = tuple(servers)
+        if servers != self._stun_servers:
+            self._stun_servers, self._last_stun = servers, float("-inf")
+            self._kick()
+
+    def _stun(self, now: float) -> None:
+        from ..stun.message import new_txid, request
+        self._last_stun = now
+        self._stun_txids = {t: at for t, at in self._stun_txids.items() if now - at < STUN_INTERVAL}
+        for server in self._stun_servers:
+            txid = new_txid()
+            self._stun_txids[txid] = now
+            self.device.send_datagram(request(txid), server)
+            self.counters["stun_sent"] += 1
+
+    def _on_stun(self, data: bytes, src: Endpoint) -> None:
+        """On the loop: a STUN answer from the WireGuard socket."""
+        from ..stun.message import StunError, parse_response
+        try:
+            res = parse_response(data)
+        except (StunError, ValueError):
+            self.counters["stun_bad"] += 1
+            return
+        if self._stun_txids.pop(res.txid, None) is None:
+            self.counters["stun_unknown"] += 1
+            return
+        self.counters["stun_received"] += 1
+        ep = (res.ip, res.port)
+        if ep != self.stun_endpoint:
+            log.info("paths: STUN says we are %s", format_endpoint(ep))
+        self.stun_endpoint = ep
+        self.layer.discovered[ep] = self._clock()  # reported with our endpoints, sent in call-me-maybe
+
+    def _relay_id(self, key: bytes) -> int:
+        rid = self._relay_ids.get(key)
+        if rid is None:
+            rid = len(self._relay_ids) % 65535 + 1
+            self._relay_keys.pop(rid, None)
+            self._relay_ids[key], self._relay_keys[rid] = rid, key
+        return rid
+
+    def _relay_out(self, items: list[tuple[bytes, Any]]) -> None:
+        """From the device's I/O thread: WireGuard datagrams for relay endpoints."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._send_relayed, items)
+
+    def _send_relayed(self, items: list[tuple[bytes, Any]]) -> None:
+        client = self.relay
+        for data, ep in items:
+            key = self._relay_keys.get(ep[1])
+            if client is None or key is None or not client.send(key, data):
+                self.counters["relay_send_dropped"] += 1
+            else:
+                self.counters["relay_sent"] += 1
+                self.counters["relay_bytes_sent"] += len(data)
+
+    async def _relay_reader(self, client: Any) -> None:
+        from ..wg.device import relay_endpoint
+        while True:
+            try:
+                src, packet = await client.recv()
+            except ConnectionError:
+                return
+            self.counters["relay_received"] += 1
+            self.counters["relay_bytes_received"] += len(packet)
+            if looks_like_disco(packet):
+                self.layer.receive(packet, None, self._clock())
+                self._kick()
+            else:
+                self.device.receive_relayed(packet, relay_endpoint(self._relay_id(src)))
 
     def set_local_endpoints(self, texts: Iterable[str]) -> None:
         eps = []
@@ -145,8 +267,11 @@ class PathRunner:
                 self._inbox.append((data, src, self._clock()))
             if first and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._kick)
-        elif len(data) >= 20 and data[4:8] == STUN_COOKIE and self.stun_handler is not None:
-            self.stun_handler(data, src)
+        elif len(data) >= 20 and data[4:8] == STUN_COOKIE:
+            if self.stun_handler is not None:
+                self.stun_handler(data, src)
+            if self._loop is not None and self._stun_txids:
+                self._loop.call_soon_threadsafe(self._on_stun, data, src)
         else:
             self.counters["socket_junk"] += 1
 
@@ -173,10 +298,13 @@ class PathRunner:
                 sleep = min(sleep, deadline - now)
             if sleep > 0:
                 self._wake.clear()
+                # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that races with the
+                # event being set, and close() would wait forever.
+                waiter = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await asyncio.wait_for(self._wake.wait(), sleep)
-                except asyncio.TimeoutError:
-                    pass
+                    await asyncio.wait((waiter,), timeout=sleep)
+                finally:
+                    waiter.cancel()
             else:
                 await asyncio.sleep(0)  # let the loop breathe between busy steps
 
@@ -191,27 +319,45 @@ class PathRunner:
         if now - self._last_poll >= POLL:
             self._last_poll = now
             self._poll_data_plane(now)
+            if self._stun_servers and now - self._last_stun >= STUN_INTERVAL:
+                self._stun(now)
         layer.tick(now)
         self._apply(layer.drain())
 
     def _poll_data_plane(self, now: float) -> None:
         from ..wg.device import display_endpoint
+        from ..wg.device import RELAY_HOST
+        seen: dict[bytes, tuple[int, int, float | None, float | None]] = {}
         for s in self.device.stats():
-            ep = display_endpoint(s.endpoint)
-            self.layer.data_plane(s.public_key, DataPlane(s.last_sent, s.last_received,
-                                                          s.unanswered_since, ep), now)
+            # Heard through the relay: not a UDP candidate.
+            ep = display_endpoint(s.endpoint) if s.endpoint and s.endpoint[0] != RELAY_HOST else None
+            # Handshakes and keepalives are traffic too (the engine times only data): a peer
+            # WireGuard is trying to reach is probed even before it has a session.
+            tx, rx, sent, heard = self._bytes.get(s.public_key, (0, 0, None, None))
+            if s.tx_bytes > tx:
+                sent = now
+            if s.rx_bytes > rx:
+                heard = now
+            seen[s.public_key] = (s.tx_bytes, s.rx_bytes, sent, heard)
+            self.layer.data_plane(s.public_key, DataPlane(
+                _latest(s.last_sent, sent), _latest(s.last_received, heard), s.unanswered_since, ep), now)
+        self._bytes = seen
 
     def _apply(self, outputs: list[Any]) -> None:
         for out in outputs:
             if isinstance(out, SendUDP):
                 self.device.send_datagram(out.data, out.endpoint)
             elif isinstance(out, SendRelay):
-                if self.relay_sender is not None:
-                    self.relay_sender(out.node_key, out.data)
+                if self.relay is not None and self.relay.send(out.node_key, out.data):
+                    self.counters["relay_disco_sent"] += 1
                 else:
                     self.counters["relay_unavailable"] += 1
             elif isinstance(out, PathChanged):
-                self.device.set_endpoint(out.node_key, out.send_to)
+                if out.path.type is PathType.RELAY:
+                    from ..wg.device import relay_endpoint
+                    self.device.set_endpoint(out.node_key, relay_endpoint(self._relay_id(out.node_key)))
+                else:
+                    self.device.set_endpoint(out.node_key, out.send_to)
                 log.info("paths: %s now %s (%s)", base64.b64encode(out.node_key).decode()[:8],
                          out.path.describe(), out.path.reason)
             elif isinstance(out, PingResult):

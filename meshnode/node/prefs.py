@@ -29,6 +29,7 @@ class Prefs:
     exit_node: str = ""
     advertise_tags: tuple[str, ...] = ()
     shields_up: bool = False                  # drop every new connection arriving from the tailnet
+    exit_node_allow_lan_access: bool = False  # with an exit node: the local networks stay reachable
     # False after `down`: the daemon keeps keys and map but neither connects nor serves DNS.
     want_running: bool = False
 
@@ -74,10 +75,11 @@ def validate_prefs(p: Prefs) -> Prefs:
     return replace(p, login_server=login, advertise_routes=routes, advertise_tags=tags)
 
 
-_BOOL_FIELDS = {"accept_dns", "accept_routes", "advertise_exit_node", "want_running", "shields_up"}
+_BOOL_FIELDS = {"accept_dns", "accept_routes", "advertise_exit_node", "want_running", "shields_up",
+                "exit_node_allow_lan_access"}
 # The prefs a user sets with `up`/`set` flags (all but login_server and want_running), flag-named.
 SETTABLE = ("hostname", "accept_dns", "accept_routes", "advertise_routes", "advertise_exit_node",
-            "exit_node", "advertise_tags", "shields_up")
+            "exit_node", "exit_node_allow_lan_access", "advertise_tags", "shields_up")
 
 
 def flag_name(field: str) -> str:

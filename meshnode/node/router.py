@@ -12,6 +12,13 @@ Using side (`up --exit-node NAME|IP`): default routes into the TUN in a table of
 through policy rules, as wg-quick and Tailscale do, so nothing that must stay outside the tunnel
 falls into it:
 
+    5140+ to CONTROL lookup main                    (LAN blocked) the control server, even on the LAN
+    5149  fwmark 0x80000/0xff0000 lookup main       (LAN blocked) WireGuard's own UDP, even to the LAN
+    5150+ to LAN lookup 52                          (LAN blocked, the default) the local networks go
+                                                    into the tunnel too, as Tailscale's exit nodes do
+                                                    unless --exit-node-allow-lan-access
+                                                    (an inverted rule would invert its `to` as well:
+                                                    hence the separate mark rule)
     5200  lookup main suppress_prefixlength 0       LAN, peers, subnet routes: every specific route
     5210+ to CONTROL lookup main                    the control server, even behind the default route
     5250  not fwmark 0x80000/0xff0000 lookup 52     the rest, unless it is the tunnel's own UDP
@@ -43,6 +50,9 @@ BYPASS_MARK = 0x80000           # set on the WireGuard UDP socket: those packets
 MARK_MASK = 0xFF0000
 ROUTE_TABLE = 52
 MAIN_TABLE = 254
+PRIO_LAN_CONTROL = 5140        # 5140..5148: control server addresses, before the LAN rules
+PRIO_LAN_MARK = 5149           # WireGuard's own UDP (marked) before the LAN rules
+PRIO_LAN = 5150                # 5150..5199: one rule per local network sent into the tunnel
 PRIO_MAIN = 5200
 PRIO_CONTROL = 5210             # 5210..5249: one rule per control server address
 PRIO_TUNNEL = 5250
@@ -68,6 +78,7 @@ class RoutingPlan:
     use_exit: bool = False                 # send internet traffic into the tunnel (table 52)
     exit_peer: str | None = None           # the FQDN of the chosen exit node, None if not in the map
     control: tuple[str, ...] = ()          # control server addresses kept on the main table
+    lan: tuple[str, ...] = ()              # with use_exit: local networks blocked (sent into the tunnel)
 
     @property
     def forwarding(self) -> bool:
@@ -89,19 +100,20 @@ def find_exit_node(netmap: NetMap, ref: str) -> MapNode | None:
 
 
 def plan_routing(netmap: NetMap | None, exit_node: str = "",
-                 control: Iterable[str] = ()) -> RoutingPlan:
+                 control: Iterable[str] = (), lan: Iterable[str] = ()) -> RoutingPlan:
     """The routing plan for `netmap`: what this node serves (its approved routes, exit node
     approval) and whether it uses an exit node (the `--exit-node` pref, kept even when that node
     is missing from the map: internet traffic then goes nowhere rather than around the exit node,
     as with Tailscale)."""
     control_ips = tuple(dict.fromkeys(str(ipaddress.ip_address(a)) for a in control))
+    lan_nets = tuple(dict.fromkeys(str(ipaddress.ip_network(n, strict=False)) for n in lan)) if exit_node else ()
     if netmap is None:
-        return RoutingPlan(use_exit=bool(exit_node), control=control_ips)
+        return RoutingPlan(use_exit=bool(exit_node), control=control_ips, lan=lan_nets)
     me = netmap.self_node
     subnets = tuple(r for r in me.approved_routes if r not in _EXIT_ROUTES)
     peer = find_exit_node(netmap, exit_node) if exit_node else None
     return RoutingPlan(subnets=subnets, exit_node=me.exit_node, use_exit=bool(exit_node),
-                       exit_peer=peer.fqdn if peer else None, control=control_ips)
+                       exit_peer=peer.fqdn if peer else None, control=control_ips, lan=lan_nets)
 
 
 def _quote(name: str) -> str:
@@ -166,6 +178,25 @@ def control_addresses(login_server: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
 
 
+def local_networks(tun: str) -> tuple[str, ...]:
+    """The networks directly attached to this machine (link-scope routes of the main table on
+    interfaces other than the tunnel and loopback), which an exit node without LAN access blocks.
+    IPv6 link-local and multicast stay: neighbour discovery needs them. Blocking (reads netlink)."""
+    from pyroute2 import IPRoute
+    out: list[str] = []
+    with IPRoute() as ipr:
+        skip = set(ipr.link_lookup(ifname=tun)) | set(ipr.link_lookup(ifname="lo"))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_routes(family=family, table=MAIN_TABLE):
+                if msg.get_attr("RTA_OIF") in skip or msg["scope"] != 253 or not msg.get_attr("RTA_DST"):
+                    continue
+                net = ipaddress.ip_network(f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}", strict=False)
+                if net.is_link_local or net.is_multicast or net.prefixlen == 0:
+                    continue
+                out.append(str(net))
+    return tuple(dict.fromkeys(out))
+
+
 def _run_nft(script: str) -> None:
     try:
         proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
@@ -186,7 +217,7 @@ def _delete_nft_table() -> None:
 
 def _our_rule(msg: Any) -> bool:
     prio = msg.get_attr("FRA_PRIORITY")
-    return prio is not None and PRIO_MAIN <= prio <= PRIO_TUNNEL
+    return prio is not None and PRIO_LAN_CONTROL <= prio <= PRIO_TUNNEL
 
 
 def _clear_policy_routing(ipr: Any) -> None:
@@ -205,7 +236,7 @@ def _clear_policy_routing(ipr: Any) -> None:
             log.debug("router: table %d: %s", ROUTE_TABLE, exc)
 
 
-def _install_policy_routing(ipr: Any, tun: str, control: tuple[str, ...]) -> None:
+def _install_policy_routing(ipr: Any, tun: str, control: tuple[str, ...], lan: tuple[str, ...] = ()) -> None:
     """Rules and table 52 as the module docstring draws them."""
     from pyroute2.netlink.exceptions import NetlinkError
     links = ipr.link_lookup(ifname=tun)
@@ -223,6 +254,20 @@ def _install_policy_routing(ipr: Any, tun: str, control: tuple[str, ...]) -> Non
             family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             ipr.rule("add", family=family, priority=PRIO_CONTROL + i, table=MAIN_TABLE,
                      dst=str(ip), dst_len=ip.max_prefixlen)
+        if lan:
+            for i, addr in enumerate(control[:PRIO_LAN_MARK - PRIO_LAN_CONTROL]):
+                ip = ipaddress.ip_address(addr)
+                family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+                ipr.rule("add", family=family, priority=PRIO_LAN_CONTROL + i, table=MAIN_TABLE,
+                         dst=str(ip), dst_len=ip.max_prefixlen)
+            for family in (socket.AF_INET, socket.AF_INET6):
+                ipr.rule("add", family=family, priority=PRIO_LAN_MARK, table=MAIN_TABLE,
+                         fwmark=BYPASS_MARK, fwmask=MARK_MASK)
+            for i, text in enumerate(lan[:PRIO_MAIN - PRIO_LAN]):
+                net = ipaddress.ip_network(text)
+                family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+                ipr.rule("add", family=family, priority=PRIO_LAN + i, table=ROUTE_TABLE,
+                         dst=str(net.network_address), dst_len=net.prefixlen)
     except NetlinkError as exc:
         raise RouterError(f"policy routing for the exit node: {exc}") from None
 
@@ -263,11 +308,12 @@ class Router:
             else:
                 _delete_nft_table()
             self._nft_text = text
-        if (self._dirty or old is None or (old.use_exit, old.control) != (plan.use_exit, plan.control)):
+        if (self._dirty or old is None
+                or (old.use_exit, old.control, old.lan) != (plan.use_exit, plan.control, plan.lan)):
             with IPRoute() as ipr:
                 _clear_policy_routing(ipr)
                 if plan.use_exit:
-                    _install_policy_routing(ipr, self.tun, plan.control)
+                    _install_policy_routing(ipr, self.tun, plan.control, plan.lan)
         if plan.use_exit and plan.exit_peer is None:
             log.warning("router: exit node not in the map (or not approved): internet traffic is blocked")
         self._applied, self._dirty = plan, False

@@ -364,6 +364,8 @@ class ServeRunner:
             headers = proxied_headers(request.headers, caller, request.host)
             listener.connections += 1
             try:
+                if request.headers.get("Upgrade", "").lower() == "websocket":
+                    return await self._websocket(request, target, headers)
                 body = request.content.iter_chunked(COPY_CHUNK) if request.body_exists else None
                 async with self._http().request(request.method, target + request.rel_url.raw_path_qs,
                                                 headers=headers, data=body, allow_redirects=False) as up:
@@ -387,6 +389,37 @@ class ServeRunner:
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", proxy)
         return app
+
+    async def _websocket(self, request: web.Request, target: str, headers: dict[str, str]) -> web.StreamResponse:
+        """A WebSocket through the proxy: connect to the service first (with the identity headers),
+        then accept the caller's upgrade and relay messages both ways."""
+        ws_headers = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket-")}
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            upstream = await self._http().ws_connect("ws" + target[4:] + request.rel_url.raw_path_qs,
+                                                     headers=ws_headers, protocols=protocols, autoping=True)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return web.Response(status=502, text=f"meshnode serve: the local service at {target}"
+                                " refused the WebSocket\n")
+        caller_ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+        await caller_ws.prepare(request)
+        try:
+            await asyncio.gather(_relay_ws(caller_ws, upstream), _relay_ws(upstream, caller_ws))
+        finally:
+            await upstream.close()
+        return caller_ws
+
+
+async def _relay_ws(source: Any, sink: Any) -> None:
+    """Messages from one WebSocket to the other until either closes."""
+    async for msg in source:
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            await sink.send_str(msg.data)
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(msg.data)
+        else:
+            break
+    await sink.close()
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -9,8 +9,10 @@ Layout (all files 0600, the directory 0700):
     daemon.lock   held (flock) by the running daemon so two daemons never share one directory
 
 Every write is atomic (atomicfile.py). Damage is handled by what is at stake: an unreadable key is a
-hard error, because silently generating a new one would turn this machine into a different node;
-a damaged map or prefs file is moved aside (kept for inspection) and the daemon carries on without it.
+hard error, because silently generating a new one would turn this machine into a different node, and
+so is a damaged server pin or a machine key gone while a node key or map remains (`IdentityDamaged`:
+`up --force-reauth` starts over); a damaged (or huge, or deeply nested) map or prefs file is moved
+aside (kept for inspection), listed in `damage` for `status` health, and the daemon carries on.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ class StateLocked(StateError):
     """Another daemon already holds this state directory."""
 
 
+class IdentityDamaged(StateError):
+    """The node's identity cannot be trusted as it is on disk (a damaged server pin, or a machine key
+    gone while a node key or map remains). Never papered over: `up --force-reauth` starts over."""
+
+
+FORCE_REAUTH_HINT = "run `meshnode up --force-reauth --authkey KEY` to start over as a new node"
+MAX_STATE_JSON_BYTES = 256 << 20     # a 10k-node map is a few MB; anything near this is not ours
+MAX_STATE_JSON_DEPTH = 64
+
 @dataclass(frozen=True, slots=True)
 class SavedMap:
     """The last network map as saved: its JSON form and when it was received (unix seconds)."""
@@ -75,12 +86,38 @@ def decode_key(text: str, where: str) -> PrivateKey:
     return PrivateKey(raw)
 
 
+def _depth_ok(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return False
+        stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return True
+
+
+def _is_key(value: Any) -> bool:
+    import base64
+    import binascii
+    if not isinstance(value, str):
+        return False
+    try:
+        return len(base64.b64decode(value, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
 class StateDir:
     """One node's state directory. Not thread-safe: the daemon's control loop is its only user."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self.damage: list[str] = []   # what was found damaged and moved aside, for `status` health
 
     # -- directory and lock ------------------------------------------------------------------
 
@@ -162,9 +199,14 @@ class StateDir:
         return key
 
     def machine_key(self) -> PrivateKey:
-        """The machine key, created on first use."""
+        """The machine key, created on first use: never while a node key or saved map says this
+        directory already had one (`IdentityDamaged`; a new key would silently be a new machine)."""
         key = self._read_key("machine.key")
         if key is None:
+            traces = [n for n in ("node.key", "netmap.json") if (self.path / n).exists()]
+            if traces:
+                raise IdentityDamaged(f"{self.path / 'machine.key'} is missing but {' and '.join(traces)} remain"
+                                      f" from the machine it identified; {FORCE_REAUTH_HINT}")
             key = PrivateKey.generate()
             atomic_write(self.path / "machine.key", encode_key(key))
             log.info("state: created machine key in %s", self.path)
@@ -192,24 +234,40 @@ class StateDir:
         os.replace(path, aside)
         log.error("state: %s is damaged (%s); moved it to %s and carrying on without it",
                   path, reason, aside)
+        self.damage.append(f"{path.name} was damaged ({reason}); moved to {aside.name}")
         return aside
 
-    def _read_json(self, name: str) -> Any | None:
+    def _parse_json(self, name: str) -> tuple[bool, Any, str]:
+        """(found, value, why not) for one state file: too big, not UTF-8, not JSON or nested too deep
+        is (True, None, reason); nothing there is (False, None, "")."""
         path = self.path / name
         try:
+            size = path.stat().st_size
+            if size > MAX_STATE_JSON_BYTES:
+                return True, None, f"{size} bytes, more than any state file"
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return None
+            return False, None, ""
         except UnicodeDecodeError:
-            self._move_aside(path, "not UTF-8 text")
-            return None
+            return True, None, "not UTF-8 text"
         except OSError as exc:
             raise StateError(f"{path}: cannot read: {exc.strerror}") from None
         try:
-            return json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
-            self._move_aside(path, f"not valid JSON: {exc}")
+            return True, None, f"not valid JSON: {exc}"
+        except RecursionError:
+            return True, None, "nested too deeply"
+        if not _depth_ok(value, MAX_STATE_JSON_DEPTH):
+            return True, None, f"nested more than {MAX_STATE_JSON_DEPTH} levels deep"
+        return True, value, ""
+
+    def _read_json(self, name: str) -> Any | None:
+        found, value, why = self._parse_json(name)
+        if found and why:
+            self._move_aside(self.path / name, why)
             return None
+        return value
 
     def prefs(self) -> Prefs:
         """The saved prefs; defaults (not running) when none are saved or the file was damaged."""
@@ -248,12 +306,25 @@ class StateDir:
         atomic_write(self.path / "netmap.json", json.dumps(doc, separators=(",", ":")))
 
     def server_key(self, login_server: str) -> str | None:
-        """The pinned public key of `login_server`, if we have talked to it before."""
-        obj = self._read_json("control.json")
-        if not isinstance(obj, dict) or obj.get("login_server") != login_server:
+        """The pinned public key of `login_server`, if we have talked to it before.
+
+        A damaged pin raises `IdentityDamaged` (left in place): trusting whatever key the server
+        shows next would let anyone on the path become our control server."""
+        found, obj, why = self._parse_json("control.json")
+        if not found:
             return None
-        key = obj.get("server_public_key")
-        return key if isinstance(key, str) else None
+        if not why:
+            key = obj.get("server_public_key") if isinstance(obj, dict) else None
+            if not isinstance(obj, dict) or not isinstance(obj.get("login_server"), str):
+                why = "not a pin (expected login_server and server_public_key)"
+            elif obj["login_server"] != login_server:
+                return None   # a pin for another server: a new login server is a new tailnet
+            elif not _is_key(key):
+                why = "the pinned key is not a 32-byte base64 key"
+            else:
+                return key
+        raise IdentityDamaged(f"{self.path / 'control.json'} (the control server's pinned key) is damaged:"
+                              f" {why}; refusing to trust whatever key the server shows now: {FORCE_REAUTH_HINT}")
 
     def save_server_key(self, login_server: str, key: str) -> None:
         doc = {"login_server": login_server, "server_public_key": key}

@@ -78,6 +78,62 @@ def tunneled_subnets(configs: list[Any]) -> tuple[Any, ...]:
                  if 0 < net.prefixlen < net.max_prefixlen)
 
 
+def relay_choice(netmap: NetMap, login_server: str = "") -> tuple[int, list[str]] | None:
+    """(region id, server URLs) of the relay region to home on, from the map's relay map (the
+    first region, servers in the map's order), or None when the map has no relay."""
+    derp_map = getattr(netmap, "derp_map", None)
+    regions = getattr(derp_map, "regions", ()) if derp_map is not None else ()
+    for region in regions:
+        urls = []
+        for node in getattr(region, "nodes", ()):
+            try:
+                urls.append(node.url(login_server))
+            except (TypeError, ValueError):
+                continue
+        if urls:
+            return int(region.region_id), urls
+    return None
+
+
+def stun_servers(netmap: NetMap, login_server: str = "") -> list[tuple[str, int]]:
+    """(host, port) of the STUN servers of the relay region we home on (hosts may be names)."""
+    from urllib.parse import urlsplit
+    derp_map = getattr(netmap, "derp_map", None)
+    chosen = relay_choice(netmap, login_server)
+    if derp_map is None or chosen is None:
+        return []
+    out = []
+    for region in getattr(derp_map, "regions", ()):
+        if int(region.region_id) != chosen[0]:
+            continue
+        for node in region.nodes:
+            port = int(getattr(node, "stun_port", -1))
+            host = getattr(node, "ipv4", "") or node.host or (urlsplit(login_server).hostname or "")
+            if port > 0 and host:
+                out.append((host, port))
+    return out
+
+
+def _resolve(servers: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Names to addresses (blocking); unresolvable ones are left out."""
+    import socket
+    out = []
+    for host, port in servers:
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+            continue
+        except ValueError:
+            pass
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("tunnel: STUN server %s: %s", host, exc)
+            continue
+        out.append((str(info[0][4][0]), port))
+    return out
+
+
 def peer_configs(netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> list[Any]:
     """One WireGuard peer per map peer: its node key, first usable endpoint and allowed IPs.
 
@@ -258,9 +314,10 @@ class Tunnel:
         log.info("tunnel: %s up, UDP port %d", self._device.ifname, self._device.listen_port)
         return self._device.ifname
 
-    async def apply(self, netmap: NetMap, exit_node: str = "", accept_routes: bool = False) -> None:
-        """Make addresses, peers and routes match `netmap` (and the `--exit-node`, `--accept-routes`
-        prefs)."""
+    async def apply(self, netmap: NetMap, exit_node: str = "", accept_routes: bool = False,
+                    login_server: str = "") -> None:
+        """Make addresses, peers, routes and the relay match `netmap` (and the `--exit-node`,
+        `--accept-routes` prefs; `login_server` completes relay URLs without a host)."""
         device = self._device
         if device is None:
             return
@@ -289,6 +346,10 @@ class Tunnel:
         if self.paths is not None:
             tunneled = tunneled_subnets(configs)
             self.paths.set_peers(netmap.peers, lambda texts: candidate_order(texts, tunneled))
+            relay = relay_choice(netmap, login_server)
+            await self.paths.set_relay(*(relay or (None, ())))
+            stun = stun_servers(netmap, login_server)
+            self.paths.set_stun_servers(await asyncio.to_thread(_resolve, stun) if stun else [])
 
     async def _apply_filter(self, device: Any, netmap: NetMap) -> None:
         # Rules first, then peers: a peer the new map adds is never seen under older rules.

@@ -185,6 +185,19 @@ class PathLayer:
                 peer.add(src, "wireguard", now)
         self._check_liveness(peer, now)
         self._update_path(peer, now)
+        if (peer.path.type is PathType.DIRECT and peer.send_to is not None and src is not None
+                and src != peer.send_to and peer.box is not None):
+            cand = peer.candidates.get(src)
+            if cand is None:
+                return
+            if cand.last_ping > float("-inf") and (cand.last_pong is None or now - cand.last_pong > TRUST):
+                # WireGuard roamed to an address our pings get no answer from (a handshake came
+                # over a one-way path): put back the path that answers.
+                self._out.append(PathChanged(peer.info.node_key, peer.path, peer.send_to))
+                self.counters["path_reasserted"] += 1
+            elif now - cand.last_ping >= PING_INTERVAL:
+                # The peer may have moved: ask there now; its pong decides.
+                self._send_ping(peer, src, now)
 
     def receive(self, datagram: bytes, src: Endpoint | None, now: float) -> bool:
         """A disco datagram from `src` (None: through the relay). False if it was not usable
@@ -287,6 +300,7 @@ class PathLayer:
                 self.counters["ping_timeouts"] += 1
             self._check_liveness(peer, now)
             if peer.box is not None:
+                self._promote(peer, now)
                 self._probe(peer, now)
             self._update_path(peer, now)
 
@@ -320,6 +334,25 @@ class PathLayer:
         elif trusted and active and now - peer.last_heartbeat >= HEARTBEAT:
             peer.last_heartbeat = now
             self._send_ping(peer, peer.best, now)
+
+    def _promote(self, peer: _Peer, now: float) -> None:
+        """When the best path's trust lapses, take the best other candidate that answered within
+        TRUST at once, rather than waiting for the next probe round (a peer that moved)."""
+        if now < peer.trust_until:
+            return
+        choice: Endpoint | None = None
+        latency = 0.0
+        for ep, cand in peer.candidates.items():
+            if (cand.last_pong is None or now - cand.last_pong >= TRUST or cand.bad_until > now
+                    or cand.latency is None):
+                continue
+            if choice is None or better(ep, cand.latency, choice, latency):
+                choice, latency = ep, cand.latency
+        if choice is not None:
+            last = peer.candidates[choice].last_pong
+            assert last is not None
+            peer.best, peer.best_latency, peer.trust_until = choice, latency, last + TRUST
+            peer.abandon_reason = ""
 
     def _full_ping(self, peer: _Peer, now: float) -> None:
         forced = peer.probe_due

@@ -52,6 +52,10 @@ UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, segment size in a cms
 GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS is 64 on older kernels, 128 on newer
 GSO_MAX_BYTES = 65000  # whole datagrams, headers included: the UDP payload limit is 65507
 GRO_BUFFER = 65536 + 4096
+# Peers reached through the relay get an endpoint on this address, with the port naming the peer
+# (`relay_endpoint`): the send paths hand such datagrams to `relay_out` instead of the socket.
+# Tailscale's DERP magic address; it is never a real destination.
+RELAY_HOST = "::ffff:127.3.3.40"
 _SEG = struct.Struct("=H")
 _GRO_SEG = struct.Struct("=i")
 
@@ -62,6 +66,11 @@ def dual_stack_endpoint(host: str, port: int) -> Endpoint:
     if addr.version == 4:
         return (f"::ffff:{addr}", port, 0, 0)
     return (str(addr), port, 0, 0)
+
+
+def relay_endpoint(peer_id: int) -> Endpoint:
+    """The endpoint that means "peer `peer_id` through the relay" (see RELAY_HOST)."""
+    return (RELAY_HOST, peer_id, 0, 0)
 
 
 def display_endpoint(ep: Endpoint | None) -> tuple[str, int] | None:
@@ -146,6 +155,11 @@ class Device:
         self.send_errors = 0
         self.tun_write_errors = 0
         self.failure: DeviceFailure | None = None  # set when the device stopped by itself
+        # Datagrams for relay endpoints, [(datagram, endpoint)], called on the I/O threads (must
+        # neither block nor raise); None: they are dropped and counted as send errors.
+        self.relay_out: Callable[[list[tuple[bytes, Endpoint]]], None] | None = None
+        self._relayed_in: collections.deque[tuple[bytes, Endpoint]] = collections.deque(maxlen=4096)
+        self._relayed_lock = threading.Lock()
         self.gso = True
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
@@ -185,11 +199,39 @@ class Device:
     def _routed(self) -> set[Network]:
         return {net for s in self.engine.peers() for net in s.allowed_ips}
 
-    def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int] | None) -> bool:
-        """Send the peer's WireGuard traffic to `endpoint` (the path layer's choice) from now on;
-        a peer roaming to another address still moves it. False: no such peer."""
-        ep = dual_stack_endpoint(*endpoint) if endpoint is not None else None
+    def set_endpoint(self, public_key: bytes, endpoint: Endpoint | None) -> bool:
+        """Send the peer's WireGuard traffic to `endpoint` (the path layer's choice: (ip, port),
+        or a `relay_endpoint`) from now on; a peer roaming to another address still moves it.
+        False: no such peer."""
+        ep = dual_stack_endpoint(*endpoint) if endpoint is not None and len(endpoint) == 2 else endpoint
         return self.engine.set_endpoint(public_key, ep)
+
+    def receive_relayed(self, datagram: bytes, src: Endpoint) -> None:
+        """A WireGuard datagram that came through the relay from `src` (a `relay_endpoint`): it
+        is handled on the receive thread like one from the socket (any thread may call this)."""
+        with self._relayed_lock:
+            first = not self._relayed_in
+            self._relayed_in.append((datagram, src))
+        if first:
+            self.call_soon_dataplane(self._drain_relayed)
+
+    def _drain_relayed(self) -> None:
+        with self._relayed_lock:
+            items = list(self._relayed_in)
+            self._relayed_in.clear()
+        now = self._clock()
+        packets: list[bytes] = []
+        for data, src in items:
+            self.engine.receive_batch((data,), src, now, packets)
+        if self.vnet_hdr:
+            packets = to_tun(packets)
+        for packet in packets:
+            try:
+                os.write(self._tun, packet)
+            except OSError:
+                self.tun_write_errors += 1
+        if self.engine.outbox:
+            self._flush_outbox()
 
     def set_datagram_handler(self, handler: Callable[[bytes, tuple[str, int]], None] | None) -> None:
         """Hand every datagram on the socket that is not WireGuard (disco, STUN) to
@@ -333,15 +375,28 @@ class Device:
     def _flush_outbox(self) -> None:
         outbox = self.engine.outbox
         sendto = self._sock.sendto
+        relayed: list[tuple[bytes, Endpoint]] = []
         while outbox:
             try:
                 msg, ep = outbox.popleft()
             except IndexError:  # another thread took the last one
-                return
+                break
+            if ep[0] == RELAY_HOST:
+                relayed.append((msg, ep))
+                continue
             try:
                 sendto(msg, ep)
             except OSError:
                 self.send_errors += 1
+        if relayed:
+            self._relay(relayed)
+
+    def _relay(self, items: list[tuple[bytes, Endpoint]]) -> None:
+        out = self.relay_out
+        if out is None:
+            self.send_errors += len(items)
+            return
+        out(items)
 
     def _run(self, body: Callable[[], None]) -> None:
         while not self._stop.is_set():
@@ -364,6 +419,13 @@ class Device:
         i, n = 0, len(out)
         while i < n:
             header, body, ep = out[i]
+            if ep[0] == RELAY_HOST:  # one check per run of datagrams to one endpoint
+                j = i + 1
+                while j < n and out[j][2] == ep:
+                    j += 1
+                self._relay([(h + b, e) for h, b, e in out[i:j]])
+                i = j
+                continue
             size = len(header) + len(body)
             j = i + 1
             total = size

@@ -106,7 +106,7 @@ def test_acl_allows_one_port_drops_another_and_passes_replies(lan: Lan) -> None:
         return json.loads(cli(i, "status", "--json").stdout)["tunnel"]["filter"]
 
     for i in (1, 2):
-        wait_until(lambda i=i: cli(i, "status", check=False).returncode == 0, timeout=20,
+        wait_until(lambda i=i: cli(i, "status", "--json", check=False).returncode == 0, timeout=20,
                    what=f"node{i}'s daemon")
     wait_until(lambda: sh(lan.nodes[0], sys.executable, "-c", "import socket; socket.create_connection("
                           "('10.78.0.1', 8080), 1).close()").returncode == 0, timeout=20, what="control server")

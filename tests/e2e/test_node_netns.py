@@ -82,7 +82,7 @@ class NodeDaemon:
     def _api_up(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"{self.name} exited: {(self.dir / 'daemon.log').read_text()[-3000:]}")
-        return self.cli("status", check=False).returncode == 0
+        return self.cli("status", "--json", check=False).returncode == 0
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", self.ns, *MESHNODE, "--socket", str(self.sock), *args, check=check,

@@ -86,14 +86,20 @@ def test_multihomed_nodes_connect_over_the_address_that_works(tailnet: Tailnet) 
     net = tailnet
     assert endpoints_at_control(net, "node2")[0].startswith("10.1.0.2:")  # first-sorted: dead
     addr2 = net.status(2)["self"]["addresses"][0]
-    wait_until(lambda: ask(net.ns(1), "node2.tailnet", "4").startswith("node2 "), timeout=10,
-               what="node1 reaching node2 over net B")
+    try:
+        wait_until(lambda: ask(net.ns(1), "node2.tailnet", "4").startswith("node2 "), timeout=10,
+                   what="node1 reaching node2 over net B")
+    except AssertionError:
+        print("DEBUG1", json.dumps(net.status(1)["tunnel"]), flush=True)
+        print("DEBUG2", json.dumps(net.status(2)["tunnel"]), flush=True)
+        raise
     wait_until(lambda: (peer(net, 1).get("path") or {}).get("endpoint") == "10.2.0.2:41641", timeout=10,
                what="node1's path to node2 is direct over net B")
     path = peer(net, 1)["path"]
     assert path["type"] == "direct" and path["relay_region"] is None and path["latency_ms"] < 100
     assert set(path) >= {"type", "endpoint", "relay_region", "latency_ms", "since"}
-    assert "direct 10.2.0.2:41641" in net.cli(1, "status").stdout
+    text = net.cli(1, "status").stdout
+    assert "direct 10.2.0.2:41641" in text, (text, peer(net, 1))
     out = net.cli(1, "ping", "node2", "-c", "1").stdout
     assert f"pong from node2 ({addr2}) via 10.2.0.2:41641 in " in out
     direct = net.cli(1, "ping", "node2", "-c", "5", "--until-direct").stdout.strip().splitlines()

@@ -61,7 +61,7 @@ class Tailnet:
                                          f"/etc/netns/{ns}/resolv.conf", "-v", log=d / "daemon.log")
 
     def wait_daemon(self, i: int) -> None:
-        wait_until(lambda: self.cli(i, "status", check=False).returncode == 0, timeout=20,
+        wait_until(lambda: self.cli(i, "status", "--json", check=False).returncode == 0, timeout=20,
                    what=f"node{i}'s daemon")
 
     def dir(self, i: int) -> Path:
@@ -264,7 +264,14 @@ def _exit_node(lan: Lan) -> None:
     assert net.route_dev(1, "10.80.0.1") != "mn0"                 # the control server
     assert net.route_dev(1, "10.78.1.12") == "mn0"                # node2's endpoint, unmarked...
     assert net.route_dev(1, "10.78.1.12", "mark", "0x80000") != "mn0"  # ...but WireGuard's UDP is marked
-    assert net.route_dev(1, "10.78.0.13") != "mn0"                # the LAN stays on the LAN
+    # The local network is blocked while an exit node is in use (it goes into the tunnel, as with
+    # Tailscale), all but WireGuard's own UDP and the control server; --exit-node-allow-lan-access
+    # lets it be reached directly again.
+    assert net.route_dev(1, "10.78.0.13") == "mn0"
+    assert net.route_dev(1, "10.78.0.13", "mark", "0x80000") != "mn0"
+    net.cli(1, "set", "--exit-node-allow-lan-access")
+    wait_until(lambda: net.route_dev(1, "10.78.0.13") != "mn0", timeout=10, what="LAN access allowed")
+    assert ask(net.ns(1), "198.18.0.10") == "inet 198.18.0.1"   # still through the exit node
 
     # The control connection works: a map change still arrives (the stream restarted with `up`).
     before = net.status(1)["map"]["version"]

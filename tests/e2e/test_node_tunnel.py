@@ -118,7 +118,7 @@ def test_names_resolve_and_traffic_flows_through_the_tunnels(lan: Lan) -> None:
                    timeout=60)
 
     for i in (1, 2, 3):
-        wait_until(lambda i=i: sh(lan.nodes[i - 1], *MESHNODE, "--socket", str(socks[i - 1]), "status").returncode == 0,
+        wait_until(lambda i=i: sh(lan.nodes[i - 1], *MESHNODE, "--socket", str(socks[i - 1]), "status", "--json").returncode == 0,
                    timeout=20, what=f"node{i}'s daemon")
     wait_until(lambda: sh(lan.nodes[0], "python3", "-c", "import socket; socket.create_connection("
                           "('10.78.0.1', 8080), 1).close()").returncode == 0, timeout=20, what="control server")
@@ -178,7 +178,7 @@ def test_names_resolve_and_traffic_flows_through_the_tunnels(lan: Lan) -> None:
     daemons[0].kill()
     daemons[0].wait(5)
     daemons[0] = start_daemon(1)
-    wait_until(lambda: sh(lan.nodes[0], *MESHNODE, "--socket", str(socks[0]), "status").returncode == 0,
+    wait_until(lambda: sh(lan.nodes[0], *MESHNODE, "--socket", str(socks[0]), "status", "--json").returncode == 0,
                timeout=20, what="node1 restarted")
     wait_until(lambda: ask(lan.nodes[0], "node2.tailnet", "4") == f"node2 {addr[1][0]}", timeout=15,
                what="node1 reaching node2 from its saved map")

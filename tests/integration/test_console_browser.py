@@ -165,13 +165,16 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Env]:
     e = Env(tmp_path_factory.mktemp("console"))
     try:
         yield e
     finally:
         e.close()
-        print(f"\nconsole screenshots: {ARTIFACTS}")
+        # Shown even when pytest captures output, so CI logs say where the screenshots are.
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled():
+            print(f"\nconsole screenshots: {ARTIFACTS} ({len(list(ARTIFACTS.glob('*.png')))} pages)")
 
 
 # The tests share one browser, server and set of nodes, and run in this order (each builds on the last).

@@ -258,3 +258,14 @@ async def test_changes_through_the_server_are_audited_with_their_actor(tmp_path:
         assert ("node:lap", "node.logout", "node:lap") in got
         assert not any(a == "node.rename" and t == "node:bad name" for _, a, t in got)
         assert net.admin_store.verify_audit().ok
+        async with aiohttp.ClientSession() as http:
+            auth = {"Authorization": f"Bearer {token}"}
+            async with http.get(net.url + "/admin/audit", params={"actor": "admin-token"}, headers=auth) as r:
+                assert [e["action"] for e in (await r.json())["entries"]] == ["node.rename"]
+            async with http.get(net.url + "/admin/audit/verify", headers=auth) as r:
+                body = await r.json()
+                assert body["ok"] and body["entries"] == len(got) and len(body["head"]) == 64
+            async with http.get(net.url + "/admin/audit", params={"since": "nan"}, headers=auth) as r:
+                assert r.status == 400
+            async with http.get(net.url + "/admin/audit") as r:
+                assert r.status == 401

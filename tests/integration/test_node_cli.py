@@ -161,7 +161,6 @@ def test_auto_approved_routes_say_nothing_about_approval(cluster: Cluster) -> No
 def test_status_marks_exit_nodes_and_exits_nonzero_when_logged_out_or_stopped(cluster: Cluster) -> None:
     alpha, bravo, charlie = cluster.nodes
     key = cluster.authkey()
-    r = None
     alpha.start()
     r = alpha.cli("status")
     assert r.returncode == 1 and "Logged out" in r.stdout
@@ -285,3 +284,20 @@ def test_whois_and_version(cluster: Cluster) -> None:
     cluster.control.stop()
     report = json.loads(alpha.cli("version", "--json").stdout)
     assert report["control"]["version"] is None and "cannot reach" in report["control"]["error"]
+
+
+def test_serve_needs_the_tunnel_and_says_so(cluster: Cluster) -> None:
+    alpha = cluster.nodes[0]
+    alpha.start()
+    alpha.up(cluster.control, cluster.authkey())
+    r = alpha.cli("serve", "--http", "8080", "http://127.0.0.1:3000", "--bg")
+    assert r.returncode == 1 and "--tun" in r.stderr
+    r = alpha.cli("serve", "status")
+    assert r.returncode == 0 and "Nothing is served" in r.stdout
+    assert json.loads(alpha.cli("serve", "status", "--json").stdout)["entries"] == []
+    assert alpha.cli("serve", "--http", "8080").returncode == 2            # no target
+    assert alpha.cli("serve", "--http", "80", "--tcp", "81", "x").returncode == 2
+    r = alpha.cli("serve", "--https", "443", "http://127.0.0.1:3000")
+    assert r.returncode == 1 and "certificate authority" in r.stderr
+    r = alpha.cli("serve", "--http", "80", "--off")
+    assert r.returncode == 1 and "not served" in r.stderr

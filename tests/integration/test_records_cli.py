@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from magicdns.records import RecordError, parse_record
-from magicdns.store import CnameConflict, RecordStore
+from magicdns.store import CnameConflict, RecordStore, ShadowsNode
 from tests.integration.magicdns_proc import run_cli
 
 
@@ -173,6 +173,9 @@ def test_record_at_a_node_name_needs_override(tmp_path: Path) -> None:
     key, _ = cs.create_authkey("alice")
     cs.register(Registration(machine_key="m1", node_key="nk-m1", hostname="web", os="linux", authkey=key),
                 lambda user, tags, reg, existing: Grant(tuple(tags), (), False))
+    # the store itself refuses it, so the console (and any other writer) gets the same rule
+    with pytest.raises(ShadowsNode, match="override"):
+        cs.records.add(parse_record("web", "A", "100.64.0.9", domain="corp.ts"))
     cs.close()
     db = str(control)
     for args in (("web.corp.ts.", "A", "100.64.0.9"), ("web.corp.ts.", "CNAME", "other.corp.ts.")):

@@ -109,6 +109,37 @@ def test_kdig_edns_badvers_and_do_bit(server: MagicDnsProcess) -> None:
     assert "flags: do" in out.lower() or "; Version: 0; flags: do" in out
 
 
+def kdig(server: MagicDnsProcess, *args: str) -> str:
+    return subprocess.run(["kdig", f"@{server.host}", "-p", str(server.port), "+time=2", "+retry=0", *args],
+                          capture_output=True, text=True, timeout=20).stdout
+
+
+@needs_kdig
+def test_kdig_tsig_badkey_transfers_refused_and_no_z(server: MagicDnsProcess) -> None:
+    """Issue 8's header details as a real client sees them: NOTAUTH with an unsigned BADKEY TSIG,
+    AXFR/IXFR REFUSED over UDP and TCP, the Z bit clear, NOTIMP without RA."""
+    out = kdig(server, "-y", "hmac-sha256:client-key:c2VjcmV0c2VjcmV0c2VjcmV0", "my-server.tailnet")
+    assert "status: BADKEY" in out and "client-key." in out and "TSIG" in out, out
+    for args in (("+notcp", "tailnet", "IXFR=3"), ("+tcp", "tailnet", "IXFR=3"), ("tailnet", "AXFR")):
+        out = subprocess.run(["kdig", f"@{server.host}", "-p", str(server.port), "+time=2", "+retry=0", *args],
+                             capture_output=True, text=True, timeout=20)
+        assert "REFUSED" in out.stdout + out.stderr, (args, out)
+    out = kdig(server, "+zflag", "my-server.tailnet")
+    assert "status: NOERROR" in out and " z" not in out.split("Flags:")[1].splitlines()[0], out
+
+
+@needs_dig
+def test_dig_cookies_ignored_and_notimp_flags(server: MagicDnsProcess) -> None:
+    for args in (("+cookie",), ("+cookie=0011223344556677",), ("+cookie=00112233445566778899aabbccddeeff",),
+                 ("+tcp", "+cookie")):
+        out = dig(server, *args, "my-server.tailnet")
+        assert "status: NOERROR" in out and "100.64.0.2" in out, (args, out)
+    out = dig(server, "+opcode=notify", "+cdflag", "my-server.tailnet")
+    assert "status: NOTIMP" in out and "flags: qr rd;" in out, out
+    out = dig(server, "+cookie=00112233", "my-server.tailnet")  # 4 octets: no valid client cookie
+    assert "status: FORMERR" in out, out
+
+
 def test_dnspython_sections_and_case(server: MagicDnsProcess) -> None:
     r = server.query("_HTTP._tcp.TailNet", "SRV")
     assert str(r.question[0].name) == "_HTTP._tcp.TailNet."

@@ -183,3 +183,19 @@ def test_completion_does_not_parse_replies_without_our_names(engine: Engine, mon
     assert complete_chain(engine.zone, cdn) is cdn and not parsed
     ours = forwarded("www.example.com", "A", "www.example.com. 300 CNAME SERVER.TAILNET.")
     assert complete_chain(engine.zone, ours) is not ours and parsed
+
+
+def test_second_chase_comes_from_the_plan_and_keeps_the_clients_case(engine: Engine) -> None:
+    e = Engine(engine.zone)
+    first = e.handle(query("outside.tailnet", use_edns=0).to_wire())
+    assert isinstance(first, Chase) and e.slow == 1
+    q = query("OUTSIDE.tailnet", use_edns=0, want_dnssec=True)
+    q.flags |= dns.flags.CD
+    second = e.handle(q.to_wire())
+    assert isinstance(second, Chase) and e.slow == 1  # no second trip through the slow path
+    sub = dns.message.from_wire(second.subquery)
+    assert sub.flags & dns.flags.CD and sub.ednsflags & dns.flags.DO and str(sub.question[0].name) == "www.example.com."
+    reply = dns.message.from_wire(chase_reply(second, q.to_wire(), upstream_reply(
+        second.subquery, "www.example.com. 300 A 192.0.2.1")))
+    assert str(reply.question[0].name) == "OUTSIDE.tailnet." and reply.flags & dns.flags.CD
+    assert [r.rdtype for r in reply.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]

@@ -119,3 +119,20 @@ def test_idp_groups_fill_only_declared_groups() -> None:
     assert merge(policy, {}) is policy and merge(None, {"group:eng": ("a@b.c",)}) is None
     assert cache_key(text, {}) == text
     assert cache_key(text, {"group:eng": ("a@b.c",)}) != cache_key(text, {"group:eng": ("d@e.f",)}) != text
+
+
+def test_machine_filter() -> None:
+    from meshnode.control.console.machine_filter import matches
+    from tests.unit.test_control_mapbuilder import node
+    web = node(1, "web", tags=("tag:server",), os="linux")
+    gw = node(2, "gw", user="bob@example.com", advertises_exit_node=True, advertised_routes=("10.0.0.0/24",),
+              os="windows")
+    old = node(3, "old", expiry=100.0, ephemeral=True, os="macos")
+    now = 1000.0
+    cases = {"": {1, 2, 3}, "tag:server": {1}, "is:exit-node": {2}, "has:routes": {2}, "is:expired": {3},
+             "is:ephemeral": {3}, "is:tagged": {1}, "is:untagged": {2, 3}, "user:bob": {2}, "WEB": {1},
+             "linux": {1}, "100.64.0.2": {2}, "is:online": {1}, "is:offline": {2, 3}, "is:online tag:server": {1},
+             "is:online user:bob": set(), "is:nonsense": set(), "tag:": set()}
+    for query, want in cases.items():
+        got = {n.id for n in (web, gw, old) if matches(n, query, online=n.id == 1, now=now)}
+        assert got == want, query

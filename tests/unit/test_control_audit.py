@@ -287,3 +287,16 @@ def test_record_changes_made_directly_on_the_records_table_are_audited(tmp_path:
          {"type": "A", "value": "100.64.9.9", "ttl": 300}, None)], got   # the refused duplicate left nothing
     assert store.verify_audit().ok
     store.close()
+
+
+def test_records_changed_while_acting_as_someone_are_theirs(tmp_path: Path) -> None:
+    from magicdns.records import parse_record
+    store = ControlStore(tmp_path / "c.db")
+    store.records.add(parse_record("before", "A", "100.64.1.1", 60, "tailnet"))   # nobody in particular
+    with store.acting_as("user:alice@example.com"):
+        store.records.add(parse_record("grafana", "A", "100.64.9.9", 60, "tailnet"))
+    got = [(e.actor, e.action, e.target) for e in store.audit_entries()]
+    assert got == [("records-store", "dns.record.add", "record:before.tailnet"),
+                   ("user:alice@example.com", "dns.record.add", "record:grafana.tailnet")]
+    assert store.verify_audit().ok
+    store.close()

@@ -86,6 +86,14 @@ def test_plan_of_a_client_using_an_exit_node() -> None:
     assert plan_routing(None, "n3").use_exit
 
 
+def test_plan_blocks_the_local_networks_only_with_an_exit_node() -> None:
+    nm = NetMap(1, "tailnet", node(1), (node(3, exit_node=True),))
+    plan = plan_routing(nm, "n3", control=["10.78.0.1"], lan=["10.78.0.11/24", "10.78.0.0/24", "fd00:1::/64"])
+    assert plan.lan == ("10.78.0.0/24", "fd00:1::/64")
+    # Without an exit node nothing is blocked, whatever the local networks are.
+    assert plan_routing(nm, "", lan=["10.78.0.0/24"]) == RoutingPlan()
+
+
 def test_control_addresses_of_literal_urls() -> None:
     assert control_addresses("http://10.80.0.1:8080") == ("10.80.0.1",)
     assert control_addresses("https://[fd00::1]:443/x") == ("fd00::1",)

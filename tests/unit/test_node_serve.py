@@ -142,3 +142,43 @@ def test_runner_on_loopback_proxies_with_identity_pipes_tcp_and_refuses_a_used_p
             await runner.close()
             tcp_backend.close()
     asyncio.run(main())
+
+
+def test_websocket_through_the_proxy_carries_messages_and_identity() -> None:
+    async def main() -> None:
+        seen: dict[str, str] = {}
+
+        async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+            seen.update(request.headers)
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await ws.send_str(msg.data.upper())
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data[::-1])
+            return ws
+        app = web.Application()
+        app.router.add_get("/ws", ws_echo)
+        backend = web.AppRunner(app)
+        await backend.setup()
+        site = web.TCPSite(backend, "127.0.0.1", 0)
+        await site.start()
+        backend_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner = ServeRunner(lambda ip: Caller(ip, "bob.tailnet", "bob@example.com"))
+        port = _free_tcp_port()
+        cfg = ServeConfig().with_entry(ServeEntry(port, Kind.HTTP, f"http://127.0.0.1:{backend_port}"))
+        await runner.apply(cfg, ("127.0.0.1",))
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"http://127.0.0.1:{port}/ws",
+                                           headers={"Tailscale-User-Login": "forged"}) as ws:
+                    await ws.send_str("hello")
+                    assert (await asyncio.wait_for(ws.receive(), 5)).data == "HELLO"
+                    await ws.send_bytes(b"abc")
+                    assert (await asyncio.wait_for(ws.receive(), 5)).data == b"cba"
+            assert seen["Tailscale-User-Login"] == "bob@example.com"
+        finally:
+            await runner.close()
+            await backend.cleanup()
+    asyncio.run(main())

@@ -62,3 +62,39 @@ def test_icmp_echo_round_trip() -> None:
     corrupted = bytearray(reply_icmp)
     corrupted[-1] ^= 1
     assert parse_echo_reply(ip_header + bytes(corrupted)) is None
+
+
+def test_relay_choice_takes_the_first_region_with_usable_servers() -> None:
+    from dataclasses import dataclass, replace
+
+    from meshnode.node.tunnel import relay_choice
+
+    @dataclass(frozen=True)
+    class Server:
+        host: str
+
+        def url(self, control_url: str = "") -> str:
+            if not self.host and not control_url:
+                raise ValueError("no host")
+            return f"http://{self.host or control_url.split('//')[1]}/derp"
+
+    @dataclass(frozen=True)
+    class Region:
+        region_id: int
+        nodes: tuple
+
+    @dataclass(frozen=True)
+    class Map:
+        regions: tuple
+
+    nm = NetMap(1, "tailnet", node(1))
+    assert relay_choice(nm) is None  # a map without relays
+    relays = Map((Region(1, (Server(""),)), Region(2, (Server("r2a"), Server("r2b")))))
+    nm2 = replace(nm, derp_map=relays) if hasattr(nm, "derp_map") else _WithMap(nm, relays)
+    assert relay_choice(nm2) == (2, ["http://r2a/derp", "http://r2b/derp"])  # region 1 has no host
+    assert relay_choice(nm2, "http://control:8080") == (1, ["http://control:8080/derp"])
+
+
+class _WithMap:
+    def __init__(self, nm, derp_map) -> None:  # noqa: ANN001
+        self.nm, self.derp_map = nm, derp_map

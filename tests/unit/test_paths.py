@@ -377,3 +377,39 @@ def test_a_hostile_peer_cannot_crash_or_bloat_the_layer(msgs) -> None:
         a.layer.drain()
     peer = a.layer._peers[b.node_key]
     assert len(peer.candidates) <= 16 and len(a.layer.discovered) <= 8
+
+
+def test_wireguard_roaming_off_a_working_path_is_put_back() -> None:
+    """A handshake that arrives over a one-way path (node2 drops what node1 sends there) moves
+    WireGuard's endpoint; the path layer puts back the path that answers pings."""
+    a, b, net = multihomed_pair()
+    net.traffic(a, b)
+    net.run(1.0)
+    assert a.engine_endpoint == ("10.2.0.2", 41641)
+    a.layer.data_plane(b.node_key, DataPlane(net.now, net.now, None, ("10.1.0.2", 41641)), net.now)
+    net.pump()
+    assert a.engine_endpoint == ("10.2.0.2", 41641)
+    assert a.layer.counters["path_reasserted"] == 1
+
+
+def test_a_peer_that_moves_is_followed_not_pulled_back() -> None:
+    """The peer's address changes (a laptop changing networks): WireGuard follows its packets to
+    the new address, which is pinged at once; the path moves there, and is never forced back to
+    the old one."""
+    a, b, net = multihomed_pair()
+    net.traffic(a, b)
+    net.run(1.0)
+    assert a.layer.path(b.node_key).endpoint == ("10.2.0.2", 41641)
+    b.addresses.append(("10.3.0.2", 41641))
+    net.routes.clear()  # the old networks are gone...
+    link(net, a, ("10.2.0.1", 41641), b, ("10.3.0.2", 41641))  # ...b now sends from a new one
+    moved_at = net.now
+    a.layer.data_plane(b.node_key, DataPlane(net.now, net.now, None, ("10.3.0.2", 41641)), net.now)
+    a.engine_endpoint = ("10.3.0.2", 41641)  # WireGuard roamed with the authenticated packet
+    net.pump()
+    assert a.engine_endpoint == ("10.3.0.2", 41641) and a.layer.counters["path_reasserted"] == 0
+    while a.layer.path(b.node_key).endpoint != ("10.3.0.2", 41641):
+        net.traffic(a, b)
+        net.run(net.now + 0.5)
+        assert net.now - moved_at < 8
+    assert a.engine_endpoint == ("10.3.0.2", 41641)

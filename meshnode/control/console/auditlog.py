@@ -1,22 +1,20 @@
-"""Where console changes are recorded, with the signed-in user as the actor.
+"""Console changes in the control store's hash-chained audit log, with the signed-in user as actor.
 
-With the control store's hash-chained audit log (`meshnode/control/audit.py`, from the control
-hardening work: `ControlStore.acting_as`, `audit_entries`), every store change made inside
-`acting(store, user)` is audited by the store itself, in the change's own transaction, as
-`user:EMAIL`; the Logs page reads that log. On a store without it, `record` keeps the console's
-changes in memory (the last 1,000 of this process) and logs them to `meshnode.control.audit`.
-Either way every console change also goes to that logger.
+Store changes made inside `acting(store, user)` are audited by the store itself, in the change's own
+transaction, as `user:EMAIL` (`ControlStore.acting_as`, `meshnode/control/audit.py`); `record` adds
+the console's own events (sign-in, sign-out) to the `meshnode.control.audit` logger, and `recent`
+is what the Logs page shows.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+from ..store import ControlStore
 
 log = logging.getLogger("meshnode.control.audit")
 
@@ -30,41 +28,27 @@ class AuditEntry:
     detail: str
 
 
-_recent: collections.deque[AuditEntry] = collections.deque(maxlen=1000)
-
-
-def has_audit_log(store: Any) -> bool:
-    return hasattr(store, "acting_as") and hasattr(store, "audit_entries")
-
-
 def actor_of(user: str) -> str:
     return f"user:{user}"
 
 
 @contextmanager
-def acting(store: Any, user: str) -> Iterator[None]:
-    """Store changes made inside are audited as this signed-in user (when the store audits)."""
-    if not has_audit_log(store):
-        yield
-        return
+def acting(store: ControlStore, user: str) -> Iterator[None]:
+    """Store changes made inside are audited as this signed-in user. Store calls are synchronous,
+    so no other request's change can run inside on the event loop."""
     with store.acting_as(actor_of(user)):
         yield
 
 
-def record(store: Any, user: str, action: str, target: str = "", detail: str = "") -> None:
-    """Note a console change. The store's audit log has it already (made inside `acting`); else it
-    is kept here."""
+def record(user: str, action: str, target: str = "", detail: str = "") -> None:
+    """A console event for the operator's log (the change itself is in the audit log already)."""
     log.info("audit actor=%s action=%s target=%s %s", actor_of(user), action, target, detail)
-    if not has_audit_log(store):
-        _recent.append(AuditEntry(time.time(), actor_of(user), action, target, detail))
 
 
-def recent(store: Any, limit: int = 500) -> list[AuditEntry]:
-    """Newest first."""
-    if has_audit_log(store):
-        return [AuditEntry(e.time, e.actor, e.action, e.target, _detail(e.old, e.new))
-                for e in reversed(store.audit_entries(limit=limit))]
-    return list(reversed(_recent))[:limit]
+def recent(store: ControlStore, limit: int = 500) -> list[AuditEntry]:
+    """The newest audit entries first."""
+    return [AuditEntry(e.time, e.actor, e.action, e.target, _detail(e.old, e.new))
+            for e in reversed(store.audit_entries(limit=limit))]
 
 
 def _detail(old: Any, new: Any) -> str:

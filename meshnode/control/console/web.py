@@ -9,6 +9,7 @@ nodes get them at once, and every change is recorded with the signed-in user as 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -24,6 +25,7 @@ from aiohttp import web
 from magicdns.records import RecordError, parse_record
 from magicdns.store import StoreError as RecordStoreError
 
+from ...derp.derpmap import RelayMap, RelayMapError
 from ...policy import DEFAULT_POLICY_TEXT, PolicyError, check_policy, compile_policy, parse_policy
 from .. import authkeys, naming
 from ..access import set_policy
@@ -187,8 +189,7 @@ class Console:
         # The console shows secrets once (keys, tokens) and must not be framed by another site.
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers["Content-Security-Policy"] = ("default-src 'self'; frame-ancestors 'none'; form-action 'self' "
-                                                   + (self.settings.oidc.issuer if self.settings.oidc else ""))
+        resp.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'; form-action 'self'"
         resp.headers["Referrer-Policy"] = "same-origin"
         return resp
 
@@ -203,7 +204,7 @@ class Console:
 
     def _changed(self, ctx: Ctx, action: str, target: str, detail: str = "") -> None:
         self.server.mark_dirty()
-        auditlog.record(self.store, ctx.user, action, target, detail)
+        auditlog.record(ctx.user, action, target, detail)
 
     # -- sign-in --------------------------------------------------------------------------------
 
@@ -255,9 +256,10 @@ class Console:
             identity = await self.oidc.finish(pending, q.get("code", ""), time.time())
             oidc = self.settings.oidc
             assert oidc is not None
-            role = self.store.sign_in_user(identity.email, identity.email, identity.groups,
-                                           create=not oidc.preapproved_only, first_role=Role.OWNER.value,
-                                           default_role=Role.MEMBER.value)
+            with auditlog.acting(self.store, identity.email):
+                role = self.store.sign_in_user(identity.email, identity.email, identity.groups,
+                                               create=not oidc.preapproved_only, first_role=Role.OWNER.value,
+                                               default_role=Role.MEMBER.value)
         except NotFound:
             return self._page_error(request, None, 403, f"{identity.email} is not a user of this tailnet yet;"
                                     " an admin must add them first.")
@@ -265,7 +267,7 @@ class Console:
             return self._page_error(request, None, 403, str(exc))
         self.sessions.sweep(time.time())  # sign-ins are rare: a good moment to drop dead sessions
         sid, _ = self.sessions.create(role.name, time.time())
-        auditlog.record(self.store, role.name, "console.sign-in", role.name, f"role={role.role} sub={identity.subject}")
+        auditlog.record(role.name, "console.sign-in", role.name, f"role={role.role} sub={identity.subject}")
         resp = _redirect(pending.next_path)
         resp.set_cookie(COOKIE, sid, httponly=True, samesite="Lax", secure=self.secure, path="/",
                         max_age=int(self.settings.sessions.absolute))
@@ -274,7 +276,7 @@ class Console:
 
     async def _logout(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         self.sessions.end(request.cookies.get(COOKIE))
-        auditlog.record(self.store, ctx.user, "console.sign-out", ctx.user)
+        auditlog.record(ctx.user, "console.sign-out", ctx.user)
         resp = _redirect("/console/login")
         resp.del_cookie(COOKIE, path="/")
         return resp
@@ -409,7 +411,7 @@ class Console:
                                                       tags, expires)
         except _ERRORS as exc:
             return self._back(ctx, "/console/keys", err=str(exc))
-        auditlog.record(self.store, ctx.user, "authkey.create", key.id, f"user={user} tags={','.join(tags)}")
+        auditlog.record(ctx.user, "authkey.create", key.id, f"user={user} tags={','.join(tags)}")
         # Shown once, in this response only; the page is no-store.
         return self._keys_page(ctx, new_key=text)
 
@@ -421,7 +423,7 @@ class Console:
         require(ctx.role, Perm.EDIT_KEYS if key.user != ctx.user else Perm.OWN_KEYS)
         with auditlog.acting(self.store, ctx.user):
             self.store.revoke_authkey(key.id)
-        auditlog.record(self.store, ctx.user, "authkey.revoke", key.id, f"user={key.user}")
+        auditlog.record(ctx.user, "authkey.revoke", key.id, f"user={key.user}")
         return self._back(ctx, "/console/keys", ok=f"Revoked key {key.id}.")
 
     # -- access controls ------------------------------------------------------------------------
@@ -479,7 +481,7 @@ class Console:
                                          lambda old, owners: check_assign(ctx.role, parse_role(old), new, owners))
         except (ValueError, NotFound) as exc:
             return self._back(ctx, "/console/users", err=str(exc))
-        auditlog.record(self.store, ctx.user, "user.role", name, f"role={new.value}")
+        auditlog.record(ctx.user, "user.role", name, f"role={new.value}")
         return self._back(ctx, "/console/users", ok=f"{name} is now {new.value}.")
 
     async def _user_add(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -491,7 +493,7 @@ class Console:
                 self.store.create_user(name)
         except _ERRORS as exc:
             return self._back(ctx, "/console/users", err=str(exc))
-        auditlog.record(self.store, ctx.user, "user.create", name)
+        auditlog.record(ctx.user, "user.create", name)
         return self._back(ctx, "/console/users", ok=f"Added {name}; they can sign in now.")
 
     async def _user_remove(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -507,7 +509,7 @@ class Console:
                 self.store.delete_user(name)  # refused while they own machines
         except _ERRORS as exc:
             return self._back(ctx, "/console/users", err=str(exc))
-        auditlog.record(self.store, ctx.user, "user.remove", name)
+        auditlog.record(ctx.user, "user.remove", name)
         return self._back(ctx, "/console/users", ok=f"Removed {name}; their sessions ended.")
 
     async def _logs(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -516,14 +518,33 @@ class Console:
                    if not q or q in f"{e.actor} {e.action} {e.target} {e.detail}".lower()]
         return self._render(ctx, "logs.html", entries=entries, q=q)
 
+    def _relay_regions(self) -> list[dict[str, Any]]:
+        """The relay map nodes get (from the published snapshot): regions and their /derp URLs."""
+        snap = self.server.snapshot
+        try:
+            rmap = RelayMap.from_json(json.loads(snap.derp_map_text)) if snap and snap.derp_map_text != "null" else None
+        except (ValueError, RelayMapError):
+            return []
+        if rmap is None:
+            return []
+        out = []
+        for region in rmap.regions:
+            try:
+                urls = region.urls(self.settings.server_url)
+            except RelayMapError:
+                urls = []
+            out.append({"id": region.region_id, "code": region.code, "name": region.name, "urls": urls})
+        return out
+
     async def _settings(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        return self._render(ctx, "settings.html", settings=self.settings, new_token="")
+        return self._render(ctx, "settings.html", settings=self.settings, new_token="", relays=self._relay_regions())
 
     async def _rotate_token(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         with auditlog.acting(self.store, ctx.user):
             token = self.store.rotate_admin_token()
-        auditlog.record(self.store, ctx.user, "admin-token.rotate", "admin token")
-        return self._render(ctx, "settings.html", settings=self.settings, new_token=token)
+        auditlog.record(ctx.user, "admin-token.rotate", "admin token")
+        return self._render(ctx, "settings.html", settings=self.settings, new_token=token,
+                            relays=self._relay_regions())
 
     # -- machines logging in through the browser -------------------------------------------------
 
@@ -540,7 +561,7 @@ class Console:
             return self._render(ctx, "register.html", status=410, req=None, problem=str(exc),
                                 rid=request.match_info["id"])
         self.logins.wake()
-        auditlog.record(self.store, ctx.user, "machine.browser-login", req.hostname, f"os={req.os}")
+        auditlog.record(ctx.user, "machine.browser-login", req.hostname, f"os={req.os}")
         return self._render(ctx, "register.html", req=req, problem="", rid="", done=True)
 
 

@@ -1,0 +1,116 @@
+"""DNS over HTTPS (RFC 8484), the sans-I/O part: an HTTP request in, a DNS query or an HTTP error out;
+a DNS reply in, the HTTP response headers out. The HTTP/1.1 and HTTP/2 framing around it is h11's and
+h2's (dohserver.py).
+
+- `GET /dns-query?dns=<base64url, no padding>` and `POST /dns-query` with
+  `Content-Type: application/dns-message` (section 4.1); anything else is 404, 405 or 415.
+- The reply is `200` with `application/dns-message` whatever the DNS rcode (section 4.2.1), and
+  `Cache-Control: max-age=` the smallest TTL in the reply (section 5.1); 0 when it has no records.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+from .cache import WireError, scan_message
+
+PATH = "/dns-query"
+CONTENT_TYPE = "application/dns-message"
+MIN_QUERY = 12
+MAX_QUERY = 65535
+OPT = 41
+MAX_TARGET = 2 * 65535  # base64 of the largest message, plus the path
+
+
+class HttpStatus(enum.IntEnum):
+    OK = 200
+    BAD_REQUEST = 400
+    NOT_FOUND = 404
+    METHOD_NOT_ALLOWED = 405
+    PAYLOAD_TOO_LARGE = 413
+    URI_TOO_LONG = 414
+    UNSUPPORTED_MEDIA_TYPE = 415
+    SERVICE_UNAVAILABLE = 503
+
+
+class DohError(Exception):
+    """A request that gets an HTTP error instead of a DNS answer."""
+
+    def __init__(self, status: HttpStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DohRequest:
+    """The request line and the headers that matter, as HTTP/1.1 or HTTP/2 delivered them."""
+
+    method: str
+    target: str
+    content_type: str | None
+    content_length: int | None
+
+
+def check_head(req: DohRequest) -> None:
+    """Refuse early (before reading a body) what can be refused from the head alone."""
+    if len(req.target) > MAX_TARGET:
+        raise DohError(HttpStatus.URI_TOO_LONG, "request target too long")
+    path = urlsplit(req.target).path
+    if path != PATH:
+        raise DohError(HttpStatus.NOT_FOUND, f"only {PATH} is served")
+    if req.method not in ("GET", "POST"):
+        raise DohError(HttpStatus.METHOD_NOT_ALLOWED, "use GET or POST")
+    if req.method == "POST":
+        ctype = (req.content_type or "").split(";", 1)[0].strip().lower()
+        if ctype != CONTENT_TYPE:
+            raise DohError(HttpStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {CONTENT_TYPE}")
+        if req.content_length is not None and req.content_length > MAX_QUERY:
+            raise DohError(HttpStatus.PAYLOAD_TOO_LARGE, "a DNS message is at most 65535 bytes")
+
+
+def dns_query(req: DohRequest, body: bytes) -> bytes:
+    """The DNS query the request carries; raises `DohError` with the status to answer."""
+    check_head(req)
+    if req.method == "GET":
+        values = parse_qs(urlsplit(req.target).query, keep_blank_values=True).get("dns")
+        if not values or len(values) != 1:
+            raise DohError(HttpStatus.BAD_REQUEST, "GET needs exactly one dns= parameter")
+        text = values[0]
+        try:
+            # RFC 8484 section 4.1: base64url without padding; padding is tolerated.
+            query = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (binascii.Error, ValueError):
+            raise DohError(HttpStatus.BAD_REQUEST, "dns= is not base64url") from None
+    else:
+        query = body
+    if len(query) < MIN_QUERY:
+        raise DohError(HttpStatus.BAD_REQUEST, "the DNS message is shorter than a header")
+    if len(query) > MAX_QUERY:
+        raise DohError(HttpStatus.PAYLOAD_TOO_LARGE, "a DNS message is at most 65535 bytes")
+    return query
+
+
+def min_ttl(reply: bytes) -> int:
+    """The smallest TTL of the reply's records (OPT excluded); 0 when it has none or cannot be read."""
+    try:
+        scan = scan_message(reply)
+    except WireError:
+        return 0
+    ttls = [int.from_bytes(reply[r.ttl_off:r.ttl_off + 4], "big") for r in scan.records if r.rtype != OPT]
+    return min(ttls) if ttls else 0
+
+
+def response_headers(reply: bytes) -> list[tuple[str, str]]:
+    """Headers of a 200 response carrying `reply` (HTTP/2 needs names lowercase; HTTP/1.1 does not care)."""
+    return [("content-type", CONTENT_TYPE), ("content-length", str(len(reply))),
+            ("cache-control", f"max-age={min_ttl(reply)}")]
+
+
+def error_headers(body: bytes) -> list[tuple[str, str]]:
+    return [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body))),
+            ("cache-control", "no-store")]
