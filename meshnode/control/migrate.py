@@ -21,9 +21,11 @@ from magicdns import sqldb
 
 from .store import ControlStore, ControlStoreError
 
-# Parents before children (foreign keys), records before the audit notes their triggers write.
-_ORDER = ("control_meta", "users", "user_roles", "authkeys", "nodes", "leases", "policy", "dns_settings",
+# Parents before children (foreign keys), records before the audit notes their triggers write; the
+# version counter and the change log last, as the records' triggers bump them while `meta` is copied.
+_ORDER = ("users", "user_roles", "authkeys", "nodes", "leases", "policy", "dns_settings",
           "replay_marks", "console_sessions", "register_requests", "records", "meta", "audit", "audit_pending")
+_LAST = ("changes", "control_meta")
 _MARK = "migration_source"
 
 
@@ -49,7 +51,8 @@ class Difference:
 def tables(store: ControlStore) -> list[str]:
     """The tailnet's tables in copy order (tables added by later migrations after the known ones)."""
     names = [t for t in store.db.table_names() if not t.startswith("sqlite_")]
-    return [t for t in _ORDER if t in names] + sorted(t for t in names if t not in _ORDER)
+    last = [t for t in _LAST if t in names]
+    return ([t for t in _ORDER if t in names] + sorted(t for t in names if t not in _ORDER + _LAST) + last)
 
 
 def _columns(store: ControlStore, table: str) -> list[str]:

@@ -143,6 +143,20 @@ class RegisterRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """One committed write transaction: the tailnet version it made and what it changed, as
+    (kind, target) pairs ("node.rename", "node:web"), ("dns.records", "records"), ..."""
+
+    version: int
+    time: float
+    items: tuple[tuple[str, str], ...]
+
+
+class ChangeLogGap(ControlStoreError):
+    """The changes after the asked version were pruned: the reader must start from a full snapshot."""
+
+
+@dataclass(frozen=True, slots=True)
 class DnsSettings:
     """Tailnet-wide DNS settings (resolvers as `HOST[:PORT]` text)."""
 
@@ -290,8 +304,14 @@ def _m6_tailnet_ca(db: sqlite_utils.Database) -> None:
                             pk="id", not_null={"key_pem", "cert_pem"})
 
 
+def _m7_changelog(db: sqlite_utils.Database) -> None:
+    # The versioned change log: one row per write transaction that changed the tailnet, keyed by the
+    # tailnet version it produced (`change_counter`), listing what it changed (see `changes_since`).
+    db["changes"].create({"version": int, "time": float, "items": str}, pk="version", not_null={"time", "items"})
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
-                                                                  _m5_console, _m6_tailnet_ca)
+                                                                  _m5_console, _m6_tailnet_ca, _m7_changelog)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -347,6 +367,7 @@ class ControlStore:
         # Who the audit log names for changes made through this store (see `acting_as`).
         self.actor = "system"
         self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
+        self._notes: list[tuple[str, str]] = []   # what the open transaction changed, for the change log
         try:
             if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
                 self.db = db
@@ -376,6 +397,7 @@ class ControlStore:
     def _tx(self, bump: bool = True) -> Iterator[None]:
         """One IMMEDIATE transaction; a write also bumps the change counter servers poll."""
         self.conn.execute("BEGIN IMMEDIATE")
+        self._notes = []
         try:
             yield
             if self._marks:
@@ -383,6 +405,10 @@ class ControlStore:
             if bump:
                 self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                                   " WHERE key = 'change_counter'")
+                # Under the write lock, so versions commit in order: a reader never sees N+1 before N.
+                self.conn.execute("INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), ?, ?"
+                                  " FROM control_meta WHERE key = 'change_counter'",
+                                  [time.time(), json.dumps(self._notes or [("tailnet", "")])])
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -405,7 +431,8 @@ class ControlStore:
                 self.actor = previous
 
     def _audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
-        """One audit entry in the current transaction (audit.py)."""
+        """One audit entry in the current transaction (audit.py); also a change-log item."""
+        self._notes.append((action, target))
         self._fold_pending()
         audit.record(self.conn, self.actor, action, target, old, new)
 
@@ -424,6 +451,13 @@ class ControlStore:
         " NEW.name, json_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl),"
         " json_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)); END",
     }
+    # A records transaction (one bump of `records_version`) is a tailnet change too: the same version
+    # sequence and change log, whichever process made it.
+    _RECORD_TRIGGERS["changelog_records"] = (
+        "AFTER UPDATE ON meta WHEN NEW.key = 'records_version' BEGIN UPDATE control_meta SET value ="
+        " CAST(value AS INTEGER) + 1 WHERE key = 'change_counter'; INSERT INTO changes(version, time, items)"
+        " SELECT CAST(value AS INTEGER), (julianday('now') - 2440587.5) * 86400.0, '[[\"dns.records\", \"records\"]]'"
+        " FROM control_meta WHERE key = 'change_counter'; END")
     RECORDS_ACTOR = "records-store"   # the actor of record changes made directly on the records table
 
     # The same three notes in PostgreSQL's trigger language (one function, one row trigger).
@@ -446,15 +480,29 @@ BEGIN
   END IF;
   RETURN NULL;
 END $body$"""
+    _PG_CHANGELOG_TRIGGER = """
+CREATE OR REPLACE FUNCTION changelog_records() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+  IF NEW.key = 'records_version' THEN
+    UPDATE control_meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'change_counter';
+    INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), extract(epoch FROM clock_timestamp()),
+      '[["dns.records", "records"]]' FROM control_meta WHERE key = 'change_counter';
+  END IF;
+  RETURN NULL;
+END $body$"""
 
     def _install_record_triggers(self) -> None:
         if sqldb.dialect(self.db) == "postgres":
-            if self.conn.execute("SELECT 1 FROM pg_trigger WHERE tgname = 'audit_records'").fetchone():
+            if self.conn.execute("SELECT COUNT(*) FROM pg_trigger WHERE tgname IN ('audit_records',"
+                                 " 'changelog_records')").fetchone()[0] == 2:
                 return
             with self._tx(bump=False):
                 self.conn.execute(self._PG_RECORD_TRIGGER)
                 self.conn.execute("CREATE OR REPLACE TRIGGER audit_records AFTER INSERT OR UPDATE OR DELETE"
                                   " ON records FOR EACH ROW EXECUTE FUNCTION audit_records_change()")
+                self.conn.execute(self._PG_CHANGELOG_TRIGGER)
+                self.conn.execute("CREATE OR REPLACE TRIGGER changelog_records AFTER UPDATE ON meta"
+                                  " FOR EACH ROW EXECUTE FUNCTION changelog_records()")
             return
         have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         if have >= set(self._RECORD_TRIGGERS):
@@ -545,6 +593,26 @@ END $body$"""
     def change_counter(self) -> int:
         """Grows with every committed change by any process (records excepted: see `records.version()`)."""
         return int(self._meta("change_counter") or 0)
+
+    def version(self) -> int:
+        """The tailnet's version: the newest entry of the change log (0 for a new tailnet)."""
+        return self.change_counter()
+
+    def changes_since(self, version: int, limit: int = 10_000) -> list[Change]:
+        """The changes after `version`, oldest first, at most `limit`; `ChangeLogGap` when some of them
+        were pruned (the reader then starts again from a full snapshot)."""
+        current = self.version()   # read first: a change committed after it only adds rows below
+        rows = self.conn.execute("SELECT version, time, items FROM changes WHERE version > ? ORDER BY version"
+                                 " LIMIT ?", [version, limit]).fetchall()
+        if version < current and (not rows or rows[0][0] != version + 1):
+            raise ChangeLogGap(f"the change log no longer holds version {version + 1}")
+        return [Change(int(v), float(t), tuple((str(k), str(g)) for k, g in json.loads(items)))
+                for v, t, items in rows]
+
+    def prune_changes(self, keep: int = 100_000) -> int:
+        """Forget all but the newest `keep` changes; returns how many went."""
+        with self._tx(bump=False):
+            return self.conn.execute("DELETE FROM changes WHERE version <= ?", [self.version() - keep]).rowcount
 
     def map_version(self) -> int:
         return int(self._meta("map_version") or 0)
@@ -966,6 +1034,7 @@ END $body$"""
     def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
         """The node's reported endpoints (and, when given, its disco key of this run)."""
         with self._tx():
+            self._notes.append(("node.endpoints", f"node-id:{node_id}"))
             if disco_key is None:
                 self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
             else:
@@ -982,6 +1051,7 @@ END $body$"""
     def touch(self, node_ids: Sequence[int], now: float) -> None:
         """Record last-seen times (peers see them in their maps, so this counts as a change)."""
         with self._tx():
+            self._notes.extend(("node.seen", f"node-id:{i}") for i in node_ids)
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
 
     def set_presence(self, node_ids: Sequence[int], now: float, interval: float) -> None:
