@@ -145,18 +145,24 @@ def _parse_listen(text: str) -> tuple[str, int]:
               help="HOST:PORT serving /metrics without a token (otherwise /metrics needs the admin token).")
 @click.option("--register-rate", default=200.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Requests a second from machine keys no node has (registrations); bursts of 5x.")
+@click.option("--replica-id", default=None,
+              help="Serve as one of several replicas of a postgres:// database, under this id (heartbeats,"
+                   " shared presence; see `control replicas`).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, admin_token_file: str | None,
           embed_derp: bool, stun_port: int, derp_region_id: int, derp_host: str, derp_map_file: str | None,
           server_url: str | None, oidc_issuer: str | None, oidc_client_id: str | None,
           oidc_client_secret_file: str | None, oidc_allowed_domains: str, oidc_allowed_users: str,
           oidc_allowed_groups: str, oidc_preapproved_only: bool, session_idle: str, session_lifetime: str,
-          metrics_listen: str | None, register_rate: float, verbose: bool) -> None:
+          metrics_listen: str | None, register_rate: float, replica_id: str | None, verbose: bool) -> None:
     """Run the coordination server."""
     from ..derp.derpmap import RelayMapError, RelayMapFile
     from .console.web import mount
     from .server import ControlServer, ServerConfig
     host, port = _parse_listen(listen)
+    if replica_id is not None and not sqldb.is_postgres(db_path):
+        raise click.BadParameter("replicas share a PostgreSQL database: give --db postgres://...",
+                                 param_hint="--replica-id")
     map_file = None
     if derp_map_file:
         try:
@@ -201,7 +207,8 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
                 bound_stun = stun.port
         server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2),
                                                    unregistered_rate=register_rate,
-                                                   unregistered_burst=5 * register_rate),
+                                                   unregistered_burst=5 * register_rate,
+                                                   replica_id=replica_id),
                                relay=relay, relay_map_file=map_file)
         if relay is not None and port != 0:
             # Known before listening, so the first snapshot already carries the relay.
@@ -209,6 +216,9 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
             server.relay_map = embedded_map(derp_region_id, derp_host, port, tls=False, stun_port=bound_stun)
         console = mount(server, console_settings)
         bound = await server.start(host, port)
+        if replica_id is not None:
+            import dataclasses
+            server.config = dataclasses.replace(server.config, replica_listen=f"{host}:{bound}")
         if metrics is not None:
             mport = await server.start_metrics(*metrics)
             click.echo(f"metrics on {metrics[0]}:{mport}/metrics", err=True)
@@ -292,6 +302,24 @@ def admin_token(db_path: str, rotate: bool, admin_token_file: str | None) -> Non
     token = _run(lambda: _open(db_path).rotate_admin_token())
     path = _write_token(Path(admin_token_file or _default_token_path(db_path)), token)
     click.echo(f"new admin token written to {path}")
+
+
+@control.command("replicas")
+@_db_option
+@_json_option
+def replicas_cmd(db_path: str, as_json: bool) -> None:
+    """The control replicas serving this database: nodes streaming from each, the version each
+    serves, how far behind the tailnet's version it is (lag) and its last heartbeat."""
+    store = _open(db_path)
+    now, version = time.time(), store.version()
+    rows = [{"id": r.id, "listen": r.listen, "nodes": r.nodes, "version": r.version, "lag": max(0, version - r.version),
+             "heartbeat_at": r.heartbeat_at, "alive": r.alive(now)} for r in store.list_replicas()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _table(["ID", "LISTEN", "NODES", "VERSION", "LAG", "HEARTBEAT", "ALIVE"],
+           [[r["id"], r["listen"], r["nodes"], r["version"], r["lag"], f"{now - r['heartbeat_at']:.1f}s ago",
+             "yes" if r["alive"] else "no"] for r in rows])
 
 
 @control.command("migrate")

@@ -152,6 +152,25 @@ class Change:
     items: tuple[tuple[str, str], ...]
 
 
+REPLICA_HEARTBEAT = 3.0     # seconds between a replica's heartbeats
+REPLICA_DEAD_AFTER = 10.0   # a replica silent this long is dead: its nodes are shown offline
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """A control replica as it last reported itself."""
+
+    id: str
+    listen: str
+    nodes: int
+    version: int
+    heartbeat_at: float
+    online: frozenset[int]
+
+    def alive(self, now: float, dead_after: float = REPLICA_DEAD_AFTER) -> bool:
+        return now - self.heartbeat_at < dead_after
+
+
 class ChangeLogGap(ControlStoreError):
     """The changes after the asked version were pruned: the reader must start from a full snapshot."""
 
@@ -308,6 +327,10 @@ def _m7_changelog(db: sqlite_utils.Database) -> None:
     # The versioned change log: one row per write transaction that changed the tailnet, keyed by the
     # tailnet version it produced (`change_counter`), listing what it changed (see `changes_since`).
     db["changes"].create({"version": int, "time": float, "items": str}, pk="version", not_null={"time", "items"})
+    # Control replicas serving one database (PostgreSQL): each writes its row every heartbeat, with the
+    # nodes streaming from it; a row whose heartbeat is old belongs to a dead replica.
+    db["replicas"].create({"id": str, "listen": str, "nodes": int, "version": int, "heartbeat_at": float,
+                           "online": str}, pk="id", not_null={"heartbeat_at"})
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
@@ -1062,13 +1085,42 @@ END $body$"""
                                                    "ids": sorted(int(i) for i in node_ids)}))
 
     def presence(self) -> tuple[float, float, frozenset[int]] | None:
-        """(written at, heartbeat interval, online node ids) as the server last wrote them, or None."""
+        """(written at, heartbeat interval, online node ids) as the server last wrote them, or None.
+        With replicas: the nodes streaming from every live replica, as of the newest heartbeat."""
+        replicas = [r for r in self.list_replicas() if r.alive(time.time())]
+        if replicas:
+            return (max(r.heartbeat_at for r in replicas), REPLICA_HEARTBEAT,
+                    frozenset().union(*(r.online for r in replicas)))
         raw = self._meta("presence")
         try:
             obj = json.loads(raw) if raw else None
             return (float(obj["at"]), float(obj["interval"]), frozenset(int(i) for i in obj["ids"])) if obj else None
         except (ValueError, KeyError, TypeError):
             return None
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    def heartbeat_replica(self, replica_id: str, listen: str, online: Sequence[int], version: int,
+                          now: float) -> None:
+        """A replica says it lives, who streams from it and which tailnet version it serves.
+        Not a tailnet change: no version, no change-log entry."""
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO replicas(id, listen, nodes, version, heartbeat_at, online)"
+                              " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET listen = excluded.listen,"
+                              " nodes = excluded.nodes, version = excluded.version,"
+                              " heartbeat_at = excluded.heartbeat_at, online = excluded.online",
+                              [replica_id, listen, len(online), version, now, json.dumps(sorted(online))])
+
+    def list_replicas(self) -> list[Replica]:
+        return [Replica(r[0], r[1] or "", int(r[2] or 0), int(r[3] or 0), float(r[4]),
+                        frozenset(int(i) for i in json.loads(r[5] or "[]")))
+                for r in self.conn.execute("SELECT id, listen, nodes, version, heartbeat_at, online FROM replicas"
+                                           " ORDER BY id")]
+
+    def remove_replica(self, replica_id: str) -> None:
+        """A replica that stops cleanly takes its row (and its nodes' presence) with it."""
+        with self._tx(bump=False):
+            self.conn.execute("DELETE FROM replicas WHERE id = ?", [replica_id])
 
     # -- policy ---------------------------------------------------------------------------------
 
