@@ -84,8 +84,10 @@ def test_three_replicas_share_one_tailnet(tmp_path: Path, pg_url: str) -> None:
 
 async def _scenario(store: ControlStore, key: str, replicas: list[Replica], pg_url: str) -> None:
     clients, maps, tasks = {}, {}, []
-    for name, r in zip(("alpha", "bravo", "charlie"), replicas):   # one node on each replica
-        c = ControlClient(r.url, generate_private_key(), generate_private_key())
+    # One node on each replica, and echo on r2 with r3 as its second choice (--login-server URL2,URL3).
+    urls = [r.url for r in replicas] + [f"{replicas[1].url},{replicas[2].url}"]
+    for name, url in zip(("alpha", "bravo", "charlie", "echo"), urls):
+        c = ControlClient(url, generate_private_key(), generate_private_key())
         await c.register(key, hostname=name)
         clients[name] = c
         tasks.append(asyncio.create_task(_follow(c, maps, name)))
@@ -93,7 +95,7 @@ async def _scenario(store: ControlStore, key: str, replicas: list[Replica], pg_u
         def peers(name: str) -> dict[str, bool]:
             m = maps.get(name)
             return {p.name: p.online for p in m.peers} if m else {}
-        await _until(lambda: all(len(peers(n)) == 2 for n in clients), 5, "every node seeing both peers")
+        await _until(lambda: all(len(peers(n)) == 3 for n in clients), 5, "every node seeing its three peers")
         # Presence crosses replicas: bravo streams from r2, alpha (on r1) sees it online.
         await _until(lambda: peers("alpha").get("bravo") and peers("charlie").get("bravo"), 8,
                      "bravo online as seen from the other replicas")
@@ -101,7 +103,8 @@ async def _scenario(store: ControlStore, key: str, replicas: list[Replica], pg_u
         res = subprocess.run([sys.executable, "-m", "meshnode.cli", "control", "replicas", "--db", pg_url, "--json"],
                              capture_output=True, text=True, cwd=REPO, timeout=30)
         rows = {r["id"]: r for r in json.loads(res.stdout)}
-        assert set(rows) == {"r1", "r2", "r3"} and all(r["nodes"] == 1 and r["listen"] for r in rows.values())
+        assert set(rows) == {"r1", "r2", "r3"} and all(r["listen"] for r in rows.values())
+        assert [rows[r]["nodes"] for r in ("r1", "r2", "r3")] == [1, 2, 1]
         assert set(rows["r1"]) >= {"id", "listen", "nodes", "version", "lag", "heartbeat_at"}
 
         # Changes written elsewhere reach nodes on every replica within a second.
@@ -115,11 +118,18 @@ async def _scenario(store: ControlStore, key: str, replicas: list[Replica], pg_u
                      "the record")
         assert took < 1.0
 
-        # r2 dies without a word: bravo is offline on the other replicas within 15 s.
+        # r2 dies without a word: echo moves to r3 and stays online; bravo (r2 only) is shown offline
+        # on the other replicas within 15 s.
         replicas[1].kill()
-        await _until(lambda: peers("alpha").get("bravo") is False and peers("delta" if "delta" in maps else
-                                                                              "charlie").get("bravo") is False,
-                     15, "bravo shown offline after its replica died")
+        killed = time.monotonic()
+        await _until(lambda: clients["echo"].server_url == replicas[2].url and clients["echo"].stream_error is None,
+                     10, "echo streaming from r3")
+        await _until(lambda: peers("alpha").get("bravo") is False and peers("charlie").get("bravo") is False,
+                     15 - (time.monotonic() - killed), "bravo shown offline after its replica died")
+        assert peers("alpha").get("echo") is True
+        store.rename_node("alpha", "foxtrot")
+        await _until(lambda: "foxtrot" in peers("echo") and "foxtrot" in peers("charlie"), 1.0,
+                     "a rename reaching the node that moved")
     finally:
         for t in tasks:
             t.cancel()
