@@ -208,7 +208,9 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2),
                                                    unregistered_rate=register_rate,
                                                    unregistered_burst=5 * register_rate,
-                                                   replica_id=replica_id),
+                                                   replica_id=replica_id,
+                                                   # LISTEN/NOTIFY rings at once; the poll is the fallback
+                                                   poll_interval=1.0 if sqldb.is_postgres(db_path) else 0.2),
                                relay=relay, relay_map_file=map_file)
         if relay is not None and port != 0:
             # Known before listening, so the first snapshot already carries the relay.

@@ -162,6 +162,7 @@ class ControlServer:
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self.online: dict[int, int] = {}          # node id -> open streams
         self.remote_online: frozenset[int] = frozenset()   # nodes streaming from the other live replicas
+        self.doorbell: Any = None                 # doorbell.Doorbell on a PostgreSQL store
         self.snapshot: Snapshot | None = None
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
@@ -208,6 +209,12 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._publish()
+        url = getattr(self.store.db, "url", None)
+        if url is not None:   # PostgreSQL: changes ring at once; the poll stays as the fallback
+            from .doorbell import Doorbell
+            loop = asyncio.get_running_loop()
+            self.doorbell = Doorbell(url, lambda: loop.call_soon_threadsafe(self.mark_dirty))
+            self.doorbell.start()
         if self.relay is not None:
             await self.relay.start()
         for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner(),
@@ -215,6 +222,9 @@ class ControlServer:
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
+        if self.doorbell is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.doorbell.stop)
+            self.doorbell = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

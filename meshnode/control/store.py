@@ -391,6 +391,7 @@ class ControlStore:
         self.actor = "system"
         self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
         self._notes: list[tuple[str, str]] = []   # what the open transaction changed, for the change log
+        self._postgres = False
         try:
             if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
                 self.db = db
@@ -403,6 +404,7 @@ class ControlStore:
                 for suffix in ("-wal", "-shm"):
                     tighten(path.with_name(path.name + suffix))
             self.conn = self.db.conn
+            self._postgres = sqldb.dialect(self.db) == "postgres"
             self._migrate()
             if domain is not None:
                 self.set_domain(domain)
@@ -432,6 +434,8 @@ class ControlStore:
                 self.conn.execute("INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), ?, ?"
                                   " FROM control_meta WHERE key = 'change_counter'",
                                   [time.time(), json.dumps(self._notes or [("tailnet", "")])])
+                if self._postgres:   # the replicas' doorbell (doorbell.py), delivered on COMMIT
+                    self.conn.execute("SELECT pg_notify('meshnode_changes', '')")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -510,6 +514,7 @@ BEGIN
     UPDATE control_meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'change_counter';
     INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), extract(epoch FROM clock_timestamp()),
       '[["dns.records", "records"]]' FROM control_meta WHERE key = 'change_counter';
+    PERFORM pg_notify('meshnode_changes', '');
   END IF;
   RETURN NULL;
 END $body$"""

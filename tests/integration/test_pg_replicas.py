@@ -118,6 +118,16 @@ async def _scenario(store: ControlStore, key: str, replicas: list[Replica], pg_u
                      "the record")
         assert took < 1.0
 
+        # The doorbell's LISTEN connections are cut: changes still arrive, by the 1 s poll.
+        import psycopg
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            cut = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                " WHERE query LIKE 'LISTEN%%' AND pid <> pg_backend_pid()").fetchall()
+        assert len(cut) == 3
+        store.rename_node("delta", "golf")
+        await _until(lambda: all("golf" in peers(n) for n in ("alpha", "bravo", "echo")), 1.5,
+                     "a rename after the LISTEN connections were terminated")
+
         # r2 dies without a word: echo moves to r3 and stays online; bravo (r2 only) is shown offline
         # on the other replicas within 15 s.
         replicas[1].kill()
