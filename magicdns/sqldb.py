@@ -93,6 +93,11 @@ class PgCursor:
         return iter(self.fetchall())
 
 
+class _NoRows:
+    rowcount = -1
+    description = None
+
+
 def _params(params: Sequence[Any] | None) -> tuple:
     # SQLite stores booleans as integers; PostgreSQL would refuse a boolean for a BIGINT column.
     return tuple(int(p) if isinstance(p, bool) else p for p in (params or ()))
@@ -110,11 +115,22 @@ class PgConnection:
             raise PgOperationalError(f"cannot connect: {exc}".strip()) from None
         self.url = url
         self._serial: set[str] | None = None
-        self._savepoints = 0
+        self._in_tx = False
 
     @property
     def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE
+        return self._in_tx
+
+    def _reconnect_if_broken(self) -> bool:
+        """A connection lost between transactions (server restart, failover, pg_terminate_backend) is
+        opened again; one lost inside a transaction fails that transaction, as it must."""
+        if not (self.raw.broken or self.raw.closed) or self._in_tx:
+            return False
+        try:
+            self.raw = self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except self._psycopg.Error as exc:
+            raise PgOperationalError(f"cannot connect: {exc}".strip()) from None
+        return True
 
     def serial_tables(self) -> set[str]:
         if self._serial is None:
@@ -128,9 +144,23 @@ class PgConnection:
         self._serial = None
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> PgCursor:
+        self._reconnect_if_broken()
+        try:
+            return self._execute(sql, params)
+        except PgOperationalError:
+            # Broken while idle and discovered by this statement (a read or a BEGIN: nothing was
+            # done yet): once more on a new connection.
+            if self._in_tx and not sql.lstrip()[:5].upper() == "BEGIN" or not self.raw.broken:
+                raise
+            self._in_tx = False
+            self._reconnect_if_broken()
+            return self._execute(sql, params)
+
+    def _execute(self, sql: str, params: Sequence[Any] | None = None) -> PgCursor:
         head = sql.lstrip()[:16].upper()
         try:
             if head.startswith("BEGIN"):
+                self._in_tx = True
                 if "IMMEDIATE" in head:
                     self.raw.execute("BEGIN")
                     self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
@@ -138,6 +168,9 @@ class PgConnection:
                     self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
                 return PgCursor(self.raw.cursor())
             if head.startswith(("COMMIT", "ROLLBACK")):
+                self._in_tx = False
+                if head.startswith("ROLLBACK") and (self.raw.broken or self.raw.closed):
+                    return PgCursor(_NoRows())   # the server ended the transaction already
                 self.raw.execute(head.split()[0])
                 return PgCursor(self.raw.cursor())
             text = translate(sql)

@@ -92,3 +92,17 @@ def test_unix_socket_url_and_unreachable_server(postgres: PostgresServer, pg_url
     res = _meshnode("nodes", "ls", "--db", "postgresql://admin:hunter2@127.0.0.1:1/none")
     assert res.returncode == 1 and "cannot connect" in res.stderr and "hunter2" not in res.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_connection_cut_between_transactions_is_opened_again(pg_url: str) -> None:
+    import psycopg
+    s = ControlStore(pg_url)
+    s.create_user("alice")
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        cut = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND pid <> pg_backend_pid()").fetchall()
+    assert cut
+    assert [u.name for u in s.list_users()] == ["alice"]   # a read: reconnected, nothing lost
+    s.create_user("bob")                                    # and a write
+    assert [u.name for u in ControlStore(pg_url).list_users()] == ["alice", "bob"]
+    s.close()
