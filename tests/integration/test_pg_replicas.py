@@ -28,11 +28,11 @@ pytestmark = pytest.mark.slow
 
 
 class Replica:
-    def __init__(self, url: str, rid: str, tmp: Path) -> None:
+    def __init__(self, url: str, rid: str, tmp: Path, port: int = 0) -> None:
         self.id = rid
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshnode.cli", "control", "serve", "--db", url, "--replica-id", rid,
-             "--listen", "127.0.0.1:0", "--admin-token-file", str(tmp / f"{rid}.token")],
+             "--listen", f"127.0.0.1:{port}", "--admin-token-file", str(tmp / f"{rid}.token")],
             stderr=subprocess.PIPE, text=True, cwd=REPO)
         deadline = time.monotonic() + 30
         self.port = 0
@@ -146,3 +146,49 @@ async def _scenario(store: ControlStore, key: str, replicas: list[Replica], pg_u
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in clients.values():
             await c.close()
+
+
+def _view(m: NetMap) -> tuple:
+    """What a node acts on, without the version (each replica numbers its own snapshots)."""
+    return (m.self_node.name, m.self_node.addresses,
+            tuple((p.name, p.addresses, p.online) for p in m.peers),
+            tuple((r.name, r.rtype, r.value) for r in m.dns.records), m.dns.nameservers,
+            repr(m.packet_filter))
+
+
+def test_all_replicas_restarted_serve_the_same_maps(tmp_path: Path, pg_url: str) -> None:
+    store = ControlStore(pg_url)
+    key, _ = store.create_authkey("alice", reusable=True)
+    store.set_nameservers(["1.1.1.1"])
+    store.records.add(parse_record("wiki", "CNAME", "alpha", 60, "tailnet"))
+    replicas = [Replica(pg_url, f"r{i}", tmp_path) for i in (1, 2)]
+    ports = [r.port for r in replicas]
+    try:
+        async def scenario() -> None:
+            clients, maps, tasks = {}, {}, []
+            for name, r in zip(("alpha", "bravo"), replicas):
+                c = ControlClient(r.url, generate_private_key(), generate_private_key())
+                await c.register(key, hostname=name)
+                clients[name] = c
+                tasks.append(asyncio.create_task(_follow(c, maps, name)))
+            try:
+                await _until(lambda: all(m.peers and m.peers[0].online for m in maps.values()) and len(maps) == 2,
+                             8, "both nodes seeing each other online")
+                before = {n: _view(m) for n, m in maps.items()}
+                for r in replicas:
+                    r.kill()
+                maps.clear()
+                replicas[:] = [Replica(pg_url, f"r{i}", tmp_path, port=p) for i, p in zip((1, 2), ports)]
+                await _until(lambda: len(maps) == 2 and {n: _view(m) for n, m in maps.items()} == before, 20,
+                             "the same maps after every replica restarted")
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for c in clients.values():
+                    await c.close()
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        for r in replicas:
+            r.kill()
+        store.close()
