@@ -420,6 +420,9 @@ class ControlServer:
                 if removed:
                     log.info("audit: removed %d entries older than %g days", removed,
                              self.store.audit_retention_days())
+                # The change log keeps the newest 100,000 versions: enough for any reader that is
+                # minutes behind; an older one starts again from a full snapshot (ChangeLogGap).
+                self.store.prune_changes()
             except Exception:
                 log.exception("pruning the audit log failed")
             await asyncio.sleep(self.config.audit_prune_interval)
