@@ -12,9 +12,9 @@ method exist once for both backends:
   every process and replica, and the lock goes with COMMIT or ROLLBACK (or a dead connection).
   A plain `BEGIN` (a consistent read) becomes a REPEATABLE READ transaction.
 - `INSERT OR IGNORE` becomes `ON CONFLICT DO NOTHING`; two-argument `MAX(a, b)` becomes GREATEST.
-- An INSERT into a table with a serial `id` returns it (`lastrowid`). Inside a transaction each
+- An INSERT into a table with a serial `id` returns it (`lastrowid`). Inside a transaction a plain
   INSERT runs under a savepoint, so a constraint violation the store catches (a duplicate record)
-  leaves the transaction usable, as it does in SQLite.
+  leaves the transaction usable, as it does in SQLite (upserts and the append-only logs need none).
 - psycopg's errors are raised as subclasses of sqlite3's, so the stores' `except` clauses hold.
 """
 
@@ -26,7 +26,10 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
-WRITE_LOCK = 0x6D65736800000001   # pg_advisory_xact_lock key of the one writer lock ("mesh" ...)
+WRITE_LOCK = 0x6D65736800000001
+# Logs whose keys the writer assigns under the write lock: a constraint violation there is a bug that
+# must fail the whole transaction, so their INSERTs skip the savepoint (two round trips each).
+APPEND_ONLY = frozenset({"audit", "audit_pending", "changes"})   # pg_advisory_xact_lock key of the one writer lock ("mesh" ...)
 
 
 def is_postgres(spec: object) -> bool:
@@ -177,7 +180,7 @@ class PgConnection:
             m = _INSERT_TABLE.match(sql)
             if m and m.group(1) in self.serial_tables() and "RETURNING" not in sql.upper():
                 text += " RETURNING id"
-            if m and self.in_transaction:
+            if m and self.in_transaction and "ON CONFLICT" not in text.upper() and m.group(1) not in APPEND_ONLY:
                 return self._guarded(text, _params(params), bool(m and "RETURNING id" in text))
             cur = self.raw.execute(text, _params(params))
             return PgCursor(cur, self._id(cur) if m and "RETURNING id" in text else None)
