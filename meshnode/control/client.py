@@ -204,7 +204,17 @@ class ControlClient:
         return self._session
 
     async def fetch_server_key(self) -> str:
-        """GET /key; pins the key on first use and refuses a different one later."""
+        """GET /key (from the first server that can be reached); pins the key on first use and
+        refuses a different one later."""
+        for attempt in range(len(self.server_urls)):
+            try:
+                return await self._fetch_server_key_once()
+            except ControlError as exc:
+                if exc.status or attempt == len(self.server_urls) - 1 or not self._next_server():
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _fetch_server_key_once(self) -> str:
         try:
             async with self._http().get(self.server_url + "/key",
                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
