@@ -5,6 +5,8 @@
 # Traffic stays inside the namespaces this script creates (and deletes, even on failure).
 #   bench/tunnel.sh [SECONDS]        (default 5 s per iperf3 run)
 #   MODES="tso" bench/tunnel.sh    (meshnode offload modes to measure; default: gro tso none)
+#   HOOKS="filter flowlog" bench/tunnel.sh   (also meshnode gro with the daemon's packet filter hooks,
+#                                    and with connection-log counting on top: the cost of flow logs)
 set -eu
 cd "$(dirname "$0")/.."
 exec .venv/bin/python - "${1:-5}" <<'PY'
@@ -21,6 +23,40 @@ SECONDS = int(sys.argv[1])
 # meshnode's TUN offload modes (MESHNODE_WG_OFFLOAD): gro = coalesced GSO writes (the default),
 # tso = TSO reads as well, none = one packet per syscall.
 MODES = os.environ.get("MODES", "gro tso none").split()
+HOOKS = os.environ.get("HOOKS", "").split()
+# A device like `meshnode wg`'s (offload gro) with the daemon's inbound filter and outbound tap
+# (an allow-all rule, so every packet takes the rule path), or the same plus flow counting
+# (meshnode/node/flowlog.py counting_hooks) with a harvest every 5 s as the daemon does.
+HOOKED = """
+import signal, sys, threading, time
+from meshnode.wg.cli import resolve_peers
+from meshnode.wg.config import load_config
+from meshnode.wg.device import create_device
+from meshnode.policy import PacketFilter
+from meshnode.policy.rules import rules_from_json
+from meshnode.node.flowlog import FlowCounter, counting_hooks
+cfg = load_config(sys.argv[1])
+dev = create_device(cfg.private_key, sys.argv[2], addresses=cfg.addresses, listen_port=cfg.listen_port,
+                    mtu=cfg.mtu, peers=resolve_peers(cfg, sys.argv[1]), offload="gro")
+pf = PacketFilter(rules_from_json([{"src": ["0.0.0.0/0"], "dst": ["0.0.0.0/0"], "ports": "*", "protos": [1, 6, 17]}]))
+if sys.argv[3] == "filter":
+    clock = time.monotonic
+    dev.set_packet_filter(lambda p, k: pf.check(p, clock()), lambda p, k: pf.note_outbound(p, clock()))
+else:
+    counter = FlowCounter()
+    dev.set_packet_filter(*counting_hooks(pf, counter, time.monotonic))
+    def harvest():
+        while True:
+            time.sleep(5)
+            counter.harvest()
+    threading.Thread(target=harvest, daemon=True).start()
+print("listening", file=sys.stderr, flush=True)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+while not stop.wait(0.5):
+    pass
+dev.close()
+"""
 TICK = os.sysconf("SC_CLK_TCK")
 MESHNODE = "import sys; from meshnode.cli import main; sys.argv[0] = 'meshnode'; main()"
 
@@ -77,7 +113,7 @@ def run_wireguard_go(pair, tmp, ka, kb):
     return procs
 
 
-def run_meshnode(pair, tmp, ka, kb, offload="tso"):
+def run_meshnode(pair, tmp, ka, kb, offload="tso", hooks=None):
     procs = []
     for ns, own, peer, ip, peer_ip, ep in ((pair.a, ka, kb, "10.211.0.1", "10.211.0.2", pair.b_addr),
                                            (pair.b, kb, ka, "10.211.0.2", "10.211.0.1", pair.a_addr)):
@@ -87,8 +123,9 @@ def run_meshnode(pair, tmp, ka, kb, offload="tso"):
                         f"ListenPort=51822\n[Peer]\nPublicKey={encode_key(peer[1])}\n"
                         f"AllowedIPs={peer_ip}/32\nEndpoint={ep}:51822\n")
         log = tmp / f"{ifname}.log"
-        p = ns.popen(sys.executable, "-c", MESHNODE, "wg", "--config", str(conf), "--tun", ifname,
-                     stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        cmd = ([sys.executable, "-c", HOOKED, str(conf), ifname, hooks] if hooks else
+               [sys.executable, "-c", MESHNODE, "wg", "--config", str(conf), "--tun", ifname])
+        p = ns.popen(*cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                      env={**os.environ, "MESHNODE_WG_OFFLOAD": offload})
         wait_until(lambda: b"listening" in log.read_bytes(), timeout=15, what="meshnode wg")
         procs.append(p)
@@ -108,6 +145,10 @@ def main():
             for mode in MODES:
                 variants.append((f"meshnode {mode}",
                                  lambda *a, mode=mode: run_meshnode(*a, offload=mode),
+                                 "10.211.0.1"))
+            for hooks in HOOKS:
+                variants.append((f"meshnode {hooks}",
+                                 lambda *a, hooks=hooks: run_meshnode(*a, offload="gro", hooks=hooks),
                                  "10.211.0.1"))
             for name, start, ip in variants:
                 procs = start(pair, tmp, keys(), keys())

@@ -89,12 +89,14 @@ def main() -> None:
               help="HOST[:PORT] to serve DNS over HTTPS (/dns-query, HTTP/2 and 1.1) on (default port 443).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (chain) for --dot/--doh; re-read on change.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
+@click.option("--upstream-ca", "upstream_cas", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="CA file trusted for tls:// and https:// upstreams besides the system store; repeatable.")
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
           max_tcp_connections: int, max_forward_qps: int, control_socket: str,
           metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str,
           dots: tuple[str, ...] = (), dohs: tuple[str, ...] = (), tls_cert: str | None = None,
-          tls_key: str | None = None) -> None:
+          tls_key: str | None = None, upstream_cas: tuple[str, ...] = ()) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -131,7 +133,7 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
                           max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
-                          max_forward_qps=max_forward_qps, encrypted=encrypted)
+                          max_forward_qps=max_forward_qps, encrypted=encrypted, upstream_ca=upstream_cas)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):

@@ -172,10 +172,13 @@ class _Http2:
 
     def __init__(self, conn: DohConnection) -> None:
         self.conn = conn
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        # Outbound headers are ours (validated by construction); inbound ones are still checked.
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
+                                           validate_outbound_headers=False, normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: conn.limits.max_pipeline,
+            # RFC 9113 section 6.5.2 recommends at least 100: clients (nghttp2) queue above it.
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max(100, conn.limits.max_pipeline),
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES,
             h2.settings.SettingCodes.ENABLE_PUSH: 0})
         self.h2.initiate_connection()

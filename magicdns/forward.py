@@ -38,26 +38,29 @@ import _socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from dnslib import DNSError
 
 from .cache import (Cache, MessageScan, QueryInfo, Rcode, WireError, query_info, question_end, scan_message,
                     strip_opt_options)
+from .message import error_reply as _message_error_reply
+from .ranges import RESOLVER_V4, RESOLVER_V6
 from .rebind import TAILNET_V4, TAILNET_V6, strip_tailnet_addresses, tailnet_address_records  # noqa: F401
 from .race import FAILURE_RCODES as _FAILURE_RCODES
 from .race import Health as _Health
 from .race import Race, Send, Transport, UpstreamHealth  # noqa: F401  (UpstreamHealth: public API)
 from .upstream import Upstream
 
+if TYPE_CHECKING:
+    from .upstream_tls import EncryptedUpstreams
+
 log = logging.getLogger(__name__)
 
-# Addresses that are this resolver wherever it runs (DESIGN.md section 1).
-MAGICDNS_V4 = ipaddress.IPv4Address("100.100.100.100")
-MAGICDNS_V6 = ipaddress.IPv6Address("fd7a:115c:a1e0::53")
+# Addresses that are this resolver wherever it runs (DESIGN.md section 1), from ranges.py.
+MAGICDNS_V4 = RESOLVER_V4
+MAGICDNS_V6 = RESOLVER_V6
 
-EDNS_UDP_SIZE = 1232  # what we advertise in replies we build (DNS flag day 2020)
-EDE_OPTION = 15  # RFC 8914 Extended DNS Error
 EDE_OTHER = 0
 EDE_NO_REACHABLE_AUTHORITY = 22
 
@@ -107,36 +110,10 @@ def reject_self(upstreams: Iterable[Upstream], own_addresses: Iterable[Upstream]
 
 # -- replies we build ----------------------------------------------------------------------------
 
-def _client_opt(query: bytes, qend: int) -> int | None:
-    """The client's OPT flags byte (for DO) when its query carries EDNS, else None."""
-    if query[10] == 0 and query[11] == 0:
-        return None
-    p = qend
-    if len(query) >= p + 11 and query[p] == 0 and query[p + 1] == 0 and query[p + 2] == 41:
-        return query[p + 7]
-    return None
-
-
 def error_reply(query: bytes, rcode: Rcode, ede: int | None = None) -> bytes:
-    """A reply with `rcode` for `query`: ID, opcode, RD and CD copied, question echoed when it can be
-    read, an OPT (with an RFC 8914 Extended DNS Error when `ede` is given) when the client sent one."""
-    if len(query) < 12:
-        return b""
-    try:
-        qend = question_end(query)
-    except WireError:
-        qend = 0
-    flags1 = 0x80 | (query[2] & 0x79)  # QR, opcode, RD
-    flags2 = 0x80 | (query[3] & 0x10) | int(rcode)  # RA, CD
-    if not qend:
-        return query[0:2] + bytes((flags1, flags2)) + bytes(8)
-    opt_flags = _client_opt(query, qend)
-    out = query[0:2] + bytes((flags1, flags2, 0, 1, 0, 0, 0, 0, 0, 1 if opt_flags is not None else 0))
-    out += query[12:qend]
-    if opt_flags is not None:
-        rdata = b"" if ede is None else struct.pack(">HHH", EDE_OPTION, 2, ede)
-        out += b"\x00\x00\x29" + struct.pack(">HBBBBH", EDNS_UDP_SIZE, 0, 0, opt_flags & 0x80, 0, len(rdata)) + rdata
-    return out
+    """message.error_reply (the one error reply) with an RFC 8914 Extended DNS Error when the
+    client sent EDNS; b"" when `query` is not a query at all."""
+    return _message_error_reply(query, rcode, True, ede=ede) or b""
 
 
 # -- one query's race: asyncio glue around race.Race ----------------------------------------------
@@ -205,6 +182,9 @@ class _RaceIO:
 
     def _send_udp(self, send: Send) -> None:
         up = send.upstream
+        if up.scheme != "dns":  # DoT/DoH: a query on the upstream's shared connection (upstream_tls.py)
+            self._start_encrypted(send)
+            return
         try:
             # The C socket type without socket.socket's Python wrapper, created non-blocking in one
             # call: a third less CPU per attempt, and attempts are the forwarding hot path.
@@ -277,6 +257,26 @@ class _RaceIO:
                 writer.close()
         self._pump()
 
+    def _start_encrypted(self, send: Send) -> None:
+        self.tasks[send.attempt] = task = self.loop.create_task(self._encrypted(send))
+        tasks = self.fwd._tcp_tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _encrypted(self, send: Send) -> None:
+        core = self.core
+        try:
+            reply = await self.fwd.encrypted_upstreams().query(send.upstream, send.wire)
+            core.receive(send.attempt, reply, self.loop.time())
+        except OSError as exc:  # EncryptedUpstreamError: refused certificate, lost connection, HTTP status
+            core.attempt_failed(send.attempt, f"{send.upstream.scheme}: {exc}", self.loop.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: fail this attempt, keep the race (and the server) going
+            log.exception("encrypted query to %s failed unexpectedly", send.upstream.spec)
+            core.attempt_failed(send.attempt, f"{send.upstream.scheme}: {exc!r}", self.loop.time())
+        self._pump()
+
     def end(self) -> None:
         """End the race now, unanswered (the forwarder is closing)."""
         self.core.end()
@@ -321,6 +321,7 @@ class Forwarder:
         self._flights: dict[tuple[object, ...], asyncio.Future[bytes | None]] = {}
         self._closed = False
         self._tcp_tasks: set[asyncio.Task[None]] = set()
+        self.encrypted: "EncryptedUpstreams | None" = None  # DoT/DoH connections, made on first use
         self._last_purge = clock()
         self._rebind_logged: dict[str, float] = {}
         self._inflight = 0
@@ -338,6 +339,12 @@ class Forwarder:
         self.coalesced = 0
         self.malformed = 0
         self.failure_cached = 0
+
+    def encrypted_upstreams(self) -> "EncryptedUpstreams":
+        if self.encrypted is None:
+            from .upstream_tls import EncryptedUpstreams
+            self.encrypted = EncryptedUpstreams()
+        return self.encrypted
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -607,3 +614,5 @@ class Forwarder:
         tasks = [t for t in self._tcp_tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        if self.encrypted is not None:
+            await self.encrypted.close()

@@ -16,15 +16,13 @@ take in an answer counts:
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Iterable
 
 from dnslib import RD, DNSBuffer, DNSRecord
 
 from .cache import TYPE_A, TYPE_AAAA, MessageScan, Section, WireError
+from .ranges import NAT64_PREFIX, TAILNET_V4, TAILNET_V6
 
-TAILNET_V4 = ipaddress.IPv4Network("100.64.0.0/10")
-TAILNET_V6 = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
 
 TYPE_SVCB = 64
 TYPE_HTTPS = 65
@@ -32,23 +30,28 @@ SVC_MANDATORY = 0
 SVC_IPV4HINT = 4
 SVC_IPV6HINT = 6
 
-_TAILNET_V6_PREFIX = TAILNET_V6.network_address.packed[:6]
+# The ranges as byte tests (ranges.py defines them): a forwarded reply is checked on the wire.
+_TAILNET_V6_PREFIX = TAILNET_V6.network_address.packed[:TAILNET_V6.prefixlen // 8]
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
-_NAT64_PREFIX = bytes.fromhex("0064ff9b") + bytes(8)  # 64:ff9b::/96, the RFC 6052 well-known prefix
+_NAT64_PREFIX = NAT64_PREFIX.network_address.packed[:12]
+_V4_FIRST = TAILNET_V4.network_address.packed[0]
+_V4_SECOND = TAILNET_V4.network_address.packed[1]
+_V4_MASK = (0xFF << (16 - TAILNET_V4.prefixlen)) & 0xFF
+assert TAILNET_V4.prefixlen > 8 and TAILNET_V6.prefixlen % 8 == 0 and NAT64_PREFIX.prefixlen == 96
 
 
 def is_tailnet_v4(b: bytes) -> bool:
     """True for a packed IPv4 address in 100.64.0.0/10."""
-    return b[0] == 100 and b[1] & 0xC0 == 64
+    return b[0] == _V4_FIRST and b[1] & _V4_MASK == _V4_SECOND
 
 
 def is_tailnet_v6(b: bytes) -> bool:
     """True for a packed IPv6 address in the tailnet range, or an IPv4-mapped or NAT64 form of a
     100.64.0.0/10 address."""
-    if b[:6] == _TAILNET_V6_PREFIX:
+    if b[:len(_TAILNET_V6_PREFIX)] == _TAILNET_V6_PREFIX:
         return True
     head = b[:12]
-    return (head == _V4_MAPPED_PREFIX or head == _NAT64_PREFIX) and b[12] == 100 and b[13] & 0xC0 == 64
+    return (head == _V4_MAPPED_PREFIX or head == _NAT64_PREFIX) and b[12] == _V4_FIRST and b[13] & _V4_MASK == _V4_SECOND
 
 
 def _svc_params_start(rdata: bytes) -> int:

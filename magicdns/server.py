@@ -26,6 +26,7 @@ from .engine import Chase, Engine, Forward
 from .forward import Forwarder, error_reply
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
+from .ranges import TAILNET_RANGES
 from .tcp import TcpConnection, TcpSlots
 from .udp import UdpListener
 from .udpbatch import BatchUdpListener
@@ -35,8 +36,8 @@ from .zone import RESOLVER_V4, RESOLVER_V6, LocalZone, Zone
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALLOW = tuple(ipaddress.ip_network(n) for n in (
-    "127.0.0.0/8", "::1/128", "100.64.0.0/10", "fd7a:115c:a1e0::/48"))
+# Loopback and the tailnet ranges (ranges.py): the clients a MagicDNS resolver serves.
+DEFAULT_ALLOW = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"), *TAILNET_RANGES)
 
 
 class ServerError(RuntimeError):
@@ -80,6 +81,7 @@ class ServerConfig:
     batch_udp: bool = True  # recvmmsg/sendmmsg listener where the platform has it (udpbatch.py)
     extra: dict[str, Any] = field(default_factory=dict)
     encrypted: EncryptedConfig = EncryptedConfig()  # DoT/DoH listeners and their certificate (encrypted.py)
+    upstream_ca: tuple[str, ...] = ()  # CA files trusted for tls:// and https:// upstreams, besides the system's
 
 
 class DnsServer:
@@ -106,6 +108,9 @@ class DnsServer:
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
         self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
+        if config.upstream_ca:
+            from .upstream_tls import EncryptedUpstreams
+            self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca)
         self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()

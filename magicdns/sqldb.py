@@ -6,7 +6,7 @@ sqlite-utils APIs they use (`conn.execute`, `executemany`, `lastrowid`, `in_tran
 surface over psycopg 3 and translates the dialect, so the schema, the migrations and every store
 method exist once for both backends:
 
-- `?` placeholders become `%s`; `offset` and `user` (reserved words in PostgreSQL) are quoted.
+- `?` placeholders become `%s`; `offset`, `user` and `end` (reserved words in PostgreSQL) are quoted.
 - `BEGIN IMMEDIATE` (SQLite's "take the write lock now") becomes BEGIN plus a transaction-scoped
   advisory lock: writers of one database are serialised exactly as SQLite serialises them, across
   every process and replica, and the lock goes with COMMIT or ROLLBACK (or a dead connection).
@@ -55,7 +55,9 @@ class PgDatabaseError(sqlite3.DatabaseError):
 
 
 _TYPES = {int: "BIGINT", str: "TEXT", float: "DOUBLE PRECISION", bytes: "BYTEA", bool: "BIGINT"}
-_RESERVED = re.compile(r"(?<![\"\w])(offset|user)(?![\"\w])")
+# Column names that are reserved words in PostgreSQL. Lowercase only: the stores write SQL keywords
+# in capitals (CASE ... END), column names in lower case.
+_RESERVED = re.compile(r"(?<![\"\w])(offset|user|end)(?![\"\w])")
 _PLACEHOLDER_OR_STRING = re.compile(r"'(?:[^']|'')*'|\?|%")
 _INSERT_TABLE = re.compile(r"^\s*INSERT\s+INTO\s+(\w+)", re.I)
 
@@ -229,7 +231,7 @@ class PgTable:
     db: "PgDatabase"
     name: str
 
-    def create(self, columns: dict[str, type], pk: str | None = None, not_null: Iterable[str] = (),
+    def create(self, columns: dict[str, type], pk: str | tuple[str, ...] | None = None, not_null: Iterable[str] = (),
                foreign_keys: Iterable[tuple[str, str, str]] = (), defaults: dict[str, Any] | None = None,
                if_not_exists: bool = False) -> "PgTable":
         not_null, defaults = set(not_null), defaults or {}
@@ -247,6 +249,8 @@ class PgTable:
             if col in fks:
                 text += f' REFERENCES "{fks[col][0]}"("{fks[col][1]}")'
             cols.append(text)
+        if isinstance(pk, (tuple, list)):   # a composite key: a table constraint
+            cols.append("PRIMARY KEY (" + ", ".join(f'"{c}"' for c in pk) + ")")
         exists = " IF NOT EXISTS" if if_not_exists else ""
         self.db.conn.raw.execute(f'CREATE TABLE{exists} "{self.name}" ({", ".join(cols)})')
         self.db.conn.forget_schema()

@@ -195,21 +195,32 @@ async def resolve_upstreams(specs: Iterable[str], resolver: StubResolver | None 
     """Upstream specs where a host may be a name (`dns.example`, `dns.example:5353`): names are
     resolved through the stub (every address becomes an upstream), addresses parsed as they are.
     Raises upstream.UpstreamError for a malformed spec and StubError for a name that does not resolve."""
-    from .upstream import UpstreamError, parse_upstream, split_host_port
+    import dataclasses
+
+    from .upstream import UpstreamError, encrypted_by_name, parse_upstream, split_host_port
 
     specs = list(specs)
     out: list[Upstream] = []
     own_resolver = resolver is None
     try:
         for spec in specs:
+            named = None
             try:
                 out.append(parse_upstream(spec))
                 continue
             except UpstreamError:
-                host, port = split_host_port(spec)  # raises UpstreamError when it is not HOST[:PORT]
+                named = encrypted_by_name(spec)  # tls://NAME or https://NAME/...: connect to NAME's addresses
+                if named is not None:
+                    host, port = named.tls_name, named.port
+                else:
+                    host, port = split_host_port(spec)  # raises UpstreamError when it is not HOST[:PORT]
             if resolver is None:
                 resolver = StubResolver.from_system(resolv_conf, own_addresses=own_addresses)
-            out.extend(Upstream(str(a), port) for a in await resolver.resolve(host))
+            addrs = await resolver.resolve(host)
+            if named is not None:
+                out.extend(dataclasses.replace(named, host=str(a)) for a in addrs)
+            else:
+                out.extend(Upstream(str(a), port) for a in addrs)
     finally:
         if own_resolver and resolver is not None:
             await resolver.close()

@@ -16,10 +16,23 @@ class Upstream:
 
     host: str
     port: int = 53
+    # Encrypted upstreams (upstream_tls.py): "tls" (DoT) or "https" (DoH), verified against tls_name.
+    scheme: str = "dns"
+    tls_name: str = ""
+    path: str = ""
+
+    @property
+    def encrypted(self) -> bool:
+        return self.scheme != "dns"
 
     @property
     def spec(self) -> str:
         """The canonical text form, as accepted by `parse_upstream`."""
+        if self.scheme != "dns":
+            addr = f"[{self.host}]" if ":" in self.host else self.host
+            default = 853 if self.scheme == "tls" else 443
+            where = addr if self.port == default else f"{addr}:{self.port}"
+            return f"{self.scheme}://{self.tls_name}@{where}{self.path}"
         if ":" in self.host:
             return self.host if self.port == 53 else f"[{self.host}]:{self.port}"
         return self.host if self.port == 53 else f"{self.host}:{self.port}"
@@ -30,8 +43,11 @@ class Upstream:
 
 
 def parse_upstream(text: str) -> Upstream:
-    """Parse '1.1.1.1', '127.0.0.1:5301', '[::1]:53' or '::1'; resolvers must be IP addresses."""
+    """Parse '1.1.1.1', '127.0.0.1:5301', '[::1]:53' or '::1'; resolvers must be IP addresses.
+    Encrypted: 'tls://NAME@IP[:PORT]' (DoT, port 853) and 'https://NAME@IP[:PORT]/dns-query' (DoH)."""
     spec = text.strip()
+    if "://" in spec:
+        return _parse_encrypted(text, spec)
     host, port = spec, "53"
     if spec.startswith("["):
         end = spec.find("]")
@@ -69,3 +85,65 @@ def split_host_port(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise UpstreamError(f"{text!r}: port must be 1-65535")
     return name, int(port)
+
+
+def _parse_encrypted(text: str, spec: str) -> Upstream:
+    """'tls://NAME@IP[:PORT]' or 'https://NAME@IP[:PORT][/PATH]': the name the certificate must carry,
+    and the address to connect to (so the resolver never asks itself for its upstream's address)."""
+    from .names import NameError_, normalize_domain
+
+    scheme, _, rest = spec.partition("://")
+    scheme = scheme.lower()
+    if scheme not in ("tls", "https"):
+        raise UpstreamError(f"{text!r}: unknown scheme {scheme!r} (tls:// or https://)")
+    path = ""
+    if scheme == "https":
+        slash = rest.find("/")
+        rest, path = (rest, "/dns-query") if slash < 0 else (rest[:slash], rest[slash:])
+    elif "/" in rest:
+        raise UpstreamError(f"{text!r}: tls:// takes no path")
+    name, at, where = rest.partition("@")
+    if not at:
+        raise UpstreamError(f"{text!r}: write {scheme}://NAME@IP[:PORT]: the server's name for its certificate,"
+                            " and its address")
+    try:
+        name = normalize_domain(name)
+    except NameError_ as exc:
+        raise UpstreamError(f"{text!r}: {exc}") from None
+    default = 853 if scheme == "tls" else 443
+    if where.count(":") == 1 or where.startswith("["):
+        addr = parse_upstream(where)
+        host, port = addr.host, addr.port
+    else:
+        host, port = parse_upstream(where).host, default
+    return Upstream(host, port, scheme, name, path)
+
+
+def encrypted_by_name(text: str) -> Upstream | None:
+    """'tls://NAME[:PORT]' or 'https://NAME[:PORT][/PATH]' without '@IP': the upstream with its host
+    left empty, for the stub resolver to fill in with NAME's addresses (stub.resolve_upstreams);
+    None when `text` is not of that form. Raises UpstreamError for a malformed one."""
+    from .names import NameError_, normalize_domain
+
+    spec = text.strip()
+    scheme, sep, rest = spec.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("tls", "https") or "@" in rest:
+        return None
+    path = ""
+    if scheme == "https":
+        slash = rest.find("/")
+        rest, path = (rest, "/dns-query") if slash < 0 else (rest[:slash], rest[slash:])
+    port = 853 if scheme == "tls" else 443
+    name, colon, port_text = rest.rpartition(":")
+    if colon:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise UpstreamError(f"{text!r}: port must be 1-65535")
+        port = int(port_text)
+    else:
+        name = rest
+    try:
+        name = normalize_domain(name)
+    except NameError_ as exc:
+        raise UpstreamError(f"{text!r}: {exc}") from None
+    return Upstream("", port, scheme, name, path)

@@ -73,6 +73,7 @@ class MapNode:
     last_seen: float | None = None         # unix seconds; None when never seen
     ephemeral: bool = False
     disco_key: str = ""                    # disco public key of the node's current run (base64)
+    key_signature: str = ""                # Tailnet Lock signature of node_key (base64), if any
 
     def to_json(self, domain: str | None = None) -> dict[str, Any]:
         """JSON form. Empty lists, false flags and a None last_seen are left out, and so are `fqdn`
@@ -90,6 +91,8 @@ class MapNode:
             out["os"] = self.os
         if self.disco_key:
             out["disco_key"] = self.disco_key
+        if self.key_signature:
+            out["key_signature"] = self.key_signature
         for key, value in (("endpoints", self.endpoints), ("advertised_routes", self.advertised_routes),
                            ("approved_routes", self.approved_routes), ("tags", self.tags)):
             if value:
@@ -128,7 +131,7 @@ class MapNode:
                 bool(obj.get("advertises_exit_node", False)), tuple(obj.get("tags") or ()),
                 bool(obj.get("online", False)), str(obj.get("os", "")),
                 float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)),
-                str(obj.get("disco_key") or ""))
+                str(obj.get("disco_key") or ""), str(obj.get("key_signature") or ""))
         except KeyError as exc:
             raise NetMapError(f"node {obj.get('id', '?')}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -199,6 +202,8 @@ class NetMap:
     derp: Mapping[str, Any] = field(default_factory=dict)  # relay map placeholder; empty until relays exist
     derp_map: RelayMap | None = None       # relay regions and servers (meshnode.derp.derpmap), if any
     tailnet_ca: str = ""  # PEM of the tailnet CA (control/ca.py); "" from servers without one
+    tka_head: str | None = None            # the control server's Tailnet Lock head; None: lock off
+    flow_logs: bool = False                # the admin turned connection logs on (`settings flow-logs`)
 
     def peer_by_name(self, name: str) -> MapNode | None:
         """The peer whose short name or FQDN is `name` (case-insensitive), if visible."""
@@ -216,7 +221,9 @@ class NetMap:
                 "packet_filter": [dict(r) for r in self.packet_filter],
                 "derp": dict(self.derp),
                 **({"derp_map": self.derp_map.to_json()} if self.derp_map is not None else {}),
-                **({"tailnet_ca": self.tailnet_ca} if self.tailnet_ca else {})}
+                **({"tailnet_ca": self.tailnet_ca} if self.tailnet_ca else {}),
+                **({"tka_head": self.tka_head} if self.tka_head is not None else {}),
+                **({"flow_logs": True} if self.flow_logs else {})}
 
     @staticmethod
     def from_json(obj: Any) -> "NetMap":
@@ -246,7 +253,8 @@ class NetMap:
         return NetMap(version, domain, MapNode.from_json(self_obj, domain), peers,
                       DnsConfig.from_json(obj.get("dns") or {}, domain),
                       tuple(MappingProxyType(r) for r in pf),
-                      MappingProxyType(dict(obj.get("derp") or {})), derp_map, _ca_text(obj.get("tailnet_ca")))
+                      MappingProxyType(dict(obj.get("derp") or {})), derp_map, _ca_text(obj.get("tailnet_ca")),
+                      str(obj["tka_head"]) if obj.get("tka_head") else None, bool(obj.get("flow_logs")))
 
 
 def _ca_text(value: Any) -> str:

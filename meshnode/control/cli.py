@@ -517,9 +517,12 @@ def nodes_ls(db_path: str, as_json: bool) -> None:
     store = _open(db_path)
     now, domain = time.time(), store.domain()
     live, online_ids, at = _presence(store, now)
+    from .lock import locked_out  # Tailnet Lock: nodes whose key no trusted key signed
+    locked = locked_out(store)
     items = []
     for n in store.list_nodes():
         item = _node_json(n, domain, now)
+        item["locked_out"] = locked.get(n.node_key)  # why, or null
         online = live and n.id in online_ids
         item["online"] = online if live else None  # None: no running server to ask
         if online and at is not None:
@@ -532,7 +535,8 @@ def nodes_ls(db_path: str, as_json: bool) -> None:
            [(n["id"], n["name"], n["user"], " ".join(n["addresses"]), ",".join(n["tags"]), n["os"],
              "yes" if n["online"] else "?" if n["online"] is None else "no",
              "now" if n["online"] else _when(n["last_seen"]),
-             n["state"] + (", ephemeral" if n["ephemeral"] else "")) for n in items])
+             n["state"] + (", ephemeral" if n["ephemeral"] else "")
+             + (", locked out" if n["locked_out"] else "")) for n in items])
     if not live:
         click.echo("# ONLINE unknown: no control server has reported presence lately (is it running?)")
 
@@ -834,3 +838,60 @@ def audit_prune(db_path: str) -> None:
     """Remove entries older than the retention now (recorded in the log itself)."""
     removed = _run(lambda: _open(db_path).prune_audit())
     click.echo(f"removed {removed} entries older than the retention")
+
+
+# -- connection (flow) logs (control/flows.py) ------------------------------------------------------
+
+@control.group("settings")
+def settings_group() -> None:
+    """Tailnet-wide settings."""
+
+
+@settings_group.command("flow-logs")
+@click.argument("state", type=click.Choice(["on", "off", "show"]), default="show")
+@click.option("--retention", type=float, default=None, help="Keep flow logs this many days (default 30).")
+@_db_option
+def settings_flow_logs(state: str, retention: float | None, db_path: str) -> None:
+    """Turn connection (flow) logs on or off on every node (off by default)."""
+    store = _open(db_path)
+    if state != "show":
+        _run(lambda: store.set_flow_logs(state == "on"))
+    if retention is not None:
+        _run(lambda: store.set_flow_retention(retention))
+    click.echo(f"flow logs: {'on' if store.flow_logs_enabled() else 'off'}, kept {store.flow_retention_days():g} days")
+
+
+@control.group("flows")
+def flows_group() -> None:
+    """Connection (flow) logs uploaded by the nodes."""
+
+
+_PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+
+
+@flows_group.command("ls")
+@click.option("--node", default=None, help="Only flows logged by this node (name).")
+@click.option("--peer", default=None, help="Only flows with this peer (name).")
+@click.option("--since", default=None, help="Only flows since a duration ago (10m) or a date/time.")
+@click.option("--dropped", is_flag=True, help="Only packets the packet filter dropped.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1))
+@_db_option
+@_json_option
+def flows_ls(node: str | None, peer: str | None, since: str | None, dropped: bool, limit: int, db_path: str,
+             as_json: bool) -> None:
+    """List flow records, oldest first: per window and connection, packets and bytes each way."""
+    store = _open(db_path)
+    items = _run(lambda: store.flows(node, peer, _since(since), dropped, limit))
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+
+    def ep(addr: str, port: int) -> str:
+        return (f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}") if port else addr
+
+    _table(["start", "node", "peer", "kind", "proto", "src", "dst", "tx pkts", "tx bytes", "rx pkts",
+            "rx bytes", "dropped"],
+           [(time.strftime("%H:%M:%S", time.localtime(f["start"])), f["node"], f["peer"], f["kind"],
+             _PROTOS.get(f["proto"], str(f["proto"])), ep(f["src"], f["sport"]), ep(f["dst"], f["dport"]),
+             f["tx_packets"], f["tx_bytes"], f["rx_packets"], f["rx_bytes"],
+             f["rule"] if f["dropped"] else "") for f in items])

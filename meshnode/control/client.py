@@ -53,18 +53,22 @@ class ControlError(RuntimeError):
     """
 
     def __init__(self, code: ErrorCode, message: str, status: int = 0, sealed: bool = False,
-                 detail: str = "") -> None:
+                 detail: str = "", final: bool = False) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.status = status
         self.sealed = sealed
+        self.final = final    # decided here, not heard on the network (a changed pinned key): no retry
         self.detail = detail  # the technical form (a repr), for `-v` and debug logs only
 
     @property
     def retryable(self) -> bool:
-        """Worth retrying later: unreachable, failed, rate-limited, or not provably the server's word."""
-        return not self.sealed or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
+        """Worth retrying soon: the server was unreachable, failed or rate-limited us. (Whether an
+        error may change the login state is `logs_out`: only a sealed refusal can.)"""
+        if self.final:
+            return False
+        return self.status == 0 or self.status >= 500 or self.code is ErrorCode.RATE_LIMITED
 
     @property
     def logs_out(self) -> bool:
@@ -109,6 +113,8 @@ class MapAssembler:
         self._derp: Mapping[str, Any] = MappingProxyType({})
         self._ca = ""
         self._derp_map: RelayMap | None = None
+        self._tka_head: str | None = None
+        self._flow_logs = False
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
@@ -121,6 +127,7 @@ class MapAssembler:
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
             self._ca = nm.tailnet_ca
+            self._tka_head, self._flow_logs = nm.tka_head, nm.flow_logs
             return nm
         if kind != "delta":
             raise NetMapError(f"unknown frame type {kind!r}")
@@ -147,9 +154,14 @@ class MapAssembler:
                 self._derp_map = RelayMap.from_json(msg["derp_map"]) if msg["derp_map"] is not None else None
             except RelayMapError as exc:
                 raise NetMapError(str(exc)) from None
+        if "tka_head" in msg:
+            self._tka_head = str(msg["tka_head"]) if msg["tka_head"] else None
+        if "flow_logs" in msg:
+            self._flow_logs = bool(msg["flow_logs"])
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
         return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
-                      self._derp_map, tailnet_ca=self._ca)
+                      self._derp_map, tailnet_ca=self._ca, tka_head=self._tka_head,
+                      flow_logs=self._flow_logs)
 
 
 class ControlClient:
@@ -226,9 +238,22 @@ class ControlClient:
         key = str(body.get("public_key", ""))
         if self.server_public_key is not None and key != self.server_public_key:
             raise ControlError(ErrorCode.BAD_SEAL, "the server key changed since it was pinned;"
-                               " refusing to talk to a possibly different server")
+                               " refusing to talk to a possibly different server", final=True)
         self.server_public_key = key
         return key
+
+    async def _diagnosed(self, err: ControlError) -> ControlError:
+        """An unsealed 401 may mean our pinned key is no longer the server's (reinstalled server):
+        ask GET /key, and if it differs, say so as a final error naming the way out. Never re-pins:
+        an impostor can publish any key, so this only changes the words, not the login state."""
+        if err.sealed or err.status != 401 or self.server_public_key is None:
+            return err
+        try:
+            await self.fetch_server_key()
+        except ControlError as exc:
+            if exc.final:
+                return exc
+        return err
 
     async def _chan(self) -> Channel:
         if self._channel is None:
@@ -257,10 +282,11 @@ class ControlClient:
                                          headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 body = await resp.read()
-                if resp.status != 200:
-                    raise _error_from(resp.status, body, chan, sealed)
+                status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _unreachable(self.server_url, exc) from None
+        if status != 200:
+            raise await self._diagnosed(_error_from(status, body, chan, sealed))
         try:
             return chan.open(body)[1]
         except ProtocolError as exc:
@@ -278,6 +304,21 @@ class ControlClient:
         """
         await self._chan()
         assert self.server_public_key is not None
+        key_signature = None
+        if authkey and "--TL" in authkey:
+            # A pre-signed auth key (`meshnode lock sign AUTHKEY`): sign our node key with its
+            # credential, as tailscaled does, and send the plain key (meshnode/tka/nodesig.py).
+            from ..tka.errors import TKAError
+            from ..tka.nodesig import sign_by_credential, unwrap_authkey
+
+            try:
+                wrapped = unwrap_authkey(authkey)
+                assert wrapped is not None
+                key_signature = base64.b64encode(sign_by_credential(
+                    wrapped, base64.b64decode(self.node_key_public)).serialize()).decode()
+            except TKAError as exc:
+                raise ControlError(ErrorCode.BAD_REQUEST, f"the pre-signed auth key is not valid: {exc}") from None
+            authkey = wrapped.authkey
         ts = time.time()
         payload = {
             "authkey": authkey, "hostname": hostname or socket.gethostname(),
@@ -292,6 +333,8 @@ class ControlClient:
         }
         if disco_key:
             payload["disco_key"] = disco_key
+        if key_signature:
+            payload["key_signature"] = key_signature
         if interactive:
             payload["interactive"] = True
         body = await self._post("/machine/register", payload)
@@ -337,6 +380,15 @@ class ControlClient:
         if disco_key:
             body["disco_key"] = disco_key
         await self._post("/machine/endpoints", body)
+
+    async def tka(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One Tailnet Lock request (`/machine/tka/VERB`: init, bootstrap, sync/offer, sync/send, sign,
+        disable), sealed like every node request; see meshnode/control/lock.py."""
+        return await self._post(f"/machine/tka/{verb}", dict(body, node_key=self.node_key_public))
+
+    async def upload_flows(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Connection-log windows (`/machine/flows`, meshnode/control/flows.py); answers {ack}."""
+        return await self._post("/machine/flows", dict(body, node_key=self.node_key_public))
 
     async def request_cert(self, csr_pem: str) -> tuple[str, str]:
         """Ask for a certificate for this node's names (control/ca.py): the CSR proves we hold the
@@ -420,7 +472,8 @@ class ControlClient:
                                      headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                      timeout=timeout) as resp:
             if resp.status != 200:
-                raise _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
+                err = _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
+                raise await self._diagnosed(err)
             reader = FrameReader()
             assembler = MapAssembler()
             async for chunk in resp.content.iter_any():

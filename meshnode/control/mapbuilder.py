@@ -29,14 +29,15 @@ def _dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def map_node(node: Node, domain: str, online: bool) -> MapNode:
-    """A stored node as peers see it."""
+def map_node(node: Node, domain: str, online: bool, key_signature: str = "") -> MapNode:
+    """A stored node as peers see it (with its Tailnet Lock signature, if the control server has one
+    for its current node key)."""
     addrs = node.addresses
     allowed = default_allowed_ips(addrs, node.approved_routes, node.exit_node_approved)
     return MapNode(node.id, node.name, f"{node.name}.{domain}", node.user, addrs, node.node_key,
                    node.endpoints, allowed, node.advertised_routes, node.approved_routes,
                    node.exit_node_approved, node.advertises_exit_node, node.tags, online, node.os,
-                   node.last_seen, node.ephemeral, node.disco_key)
+                   node.last_seen, node.ephemeral, node.disco_key, key_signature)
 
 
 def node_info(node: Node) -> NodeInfo:
@@ -78,6 +79,8 @@ class Snapshot:
     reach: "ReachSets" = field(default_factory=lambda: ReachSets())
     derp_map_text: str = "null"             # the relay map (JSON of meshnode.derp.derpmap.RelayMap), or null
     ca_pem: str = ""  # the tailnet CA's certificate (ca.py), in every map so nodes can verify each other
+    tka_head: str | None = None             # Tailnet Lock head of the tailnet (None: the lock is off)
+    flow_logs: bool = False                 # connection logs on (`control settings flow-logs on`)
 
     @property
     def differs(self) -> bool:
@@ -88,7 +91,9 @@ class Snapshot:
 def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: Iterable[Node],
                    online: Mapping[int, int], now: float, policy_text: str | None, policy: Policy | None,
                    dns: DnsSettings, records: Iterable[Record], derp_map_text: str = "null",
-                   ca_pem: str = "") -> tuple[Snapshot, bool]:
+                   ca_pem: str = "", tka_head: str | None = None,
+                   signatures: Mapping[str, str] | None = None, flow_logs: bool = False
+                   ) -> tuple[Snapshot, bool]:
     """The next snapshot and whether it differs from `prev` (if not, keep serving `prev`'s version)."""
     rows: dict[int, Node] = {}
     mnodes: dict[int, MapNode] = {}
@@ -103,13 +108,15 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
         rows[node.id] = node
         old = prev.nodes.get(node.id) if prev and p_rows else None
         is_online = node.id in online
-        if old is not None and p_rows.get(node.id) is node and old.online == is_online:
+        sig = signatures.get(node.node_key, "") if signatures else ""
+        if (old is not None and p_rows.get(node.id) is node and old.online == is_online
+                and old.key_signature == sig):
             # The store hands back the identical Node object for an unchanged row.
             mnodes[node.id], texts[node.id] = old, prev.node_text[node.id]  # type: ignore[union-attr]
             info = p_infos.get(node.id)
             infos.append(info if info is not None else node_info(node))
             continue
-        mn = map_node(node, domain, is_online)
+        mn = map_node(node, domain, is_online, sig)
         if old is not None and old == mn:
             mn, text = old, prev.node_text[node.id]  # type: ignore[union-attr]
         else:
@@ -133,9 +140,10 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
     history = ((prev.history[-(HISTORY - 1):] if prev else ()) + ((seq, changed_f, removed),))
     reach = prev.reach if prev is not None and compiled is prev.compiled else ReachSets()
     snap = Snapshot(seq, version, domain, rows, mnodes, texts, infos_t, policy_text, policy, compiled,
-                    dns_text, changed_f, removed, history, reach, derp_map_text, ca_pem)
+                    dns_text, changed_f, removed, history, reach, derp_map_text, ca_pem, tka_head, flow_logs)
     differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
-               or domain != prev.domain or derp_map_text != prev.derp_map_text or ca_pem != prev.ca_pem)
+               or domain != prev.domain or derp_map_text != prev.derp_map_text or ca_pem != prev.ca_pem
+               or tka_head != prev.tka_head or flow_logs != prev.flow_logs)
     return snap, differs
 
 
@@ -191,6 +199,8 @@ class StreamState:
     domain: str | None = None
     derp_map_text: str = "null"
     ca_pem: str = ""
+    tka_head: str | None = None
+    flow_logs: bool = False
 
     @property
     def full(self) -> bool:
@@ -224,7 +234,8 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             '{"type":"full","netmap":{"version":', str(snap.version), ',"domain":', _dumps(snap.domain),
             ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(reach) if p != nid]),
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{},"derp_map":',
-            snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "", '}}'])
+            snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "",
+            ',"tka_head":', _dumps(snap.tka_head), ',"flow_logs":', _dumps(snap.flow_logs), '}}'])
     else:
         since: set[int] = set()
         for seq, changed_ids, _removed in snap.history:
@@ -255,9 +266,14 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             parts += [',"derp_map":', snap.derp_map_text]
         if snap.ca_pem != state.ca_pem:
             parts += [',"tailnet_ca":', _dumps(snap.ca_pem)]
+        if snap.tka_head != state.tka_head:
+            parts += [',"tka_head":', _dumps(snap.tka_head)]
+        if snap.flow_logs != state.flow_logs:
+            parts += [',"flow_logs":', _dumps(snap.flow_logs)]
         frame = "".join(parts) + "}" if len(parts) > 2 else None
     state.seq, state.compiled, state.reach, state.filter_text = snap.seq, snap.compiled, reach, filter_text
     state.self_text, state.dns_text, state.domain = texts[nid], snap.dns_text, snap.domain
     state.derp_map_text = snap.derp_map_text
     state.ca_pem = snap.ca_pem
+    state.tka_head, state.flow_logs = snap.tka_head, snap.flow_logs
     return frame

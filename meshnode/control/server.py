@@ -61,6 +61,7 @@ from .store import (REPLICA_DEAD_AFTER, REPLICA_HEARTBEAT, Conflict, ControlStor
 log = logging.getLogger("meshnode.control.server")
 
 ADMIN_ACTOR = "admin-token"   # who the audit log names for changes through the admin API
+PRESENCE_FINAL = 1e9          # heartbeat interval written by a cleanly stopped server: its word stands
 
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
@@ -82,7 +83,7 @@ class ServerConfig:
     reap_interval: float = 5.0
     # Requests from machine keys no node has (registrations, strangers): anyone can mint such keys,
     # so they share one budget and cannot crowd out the tailnet's own nodes.
-    stream_deadline: float = 30.0       # a map stream that does not take a frame within this is closed
+    stream_deadline: float = 30.0       # a map stream that takes no bytes for this long is closed
     full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
     max_streams_per_node: int = 2
     audit_prune_interval: float = 3600.0
@@ -195,6 +196,11 @@ class ControlServer:
         if relay is not None:
             relay.admit = self.relay_keys
             relay.attach(self.app)
+        from .lock import ControlLock  # Tailnet Lock: the chain, signatures and /machine/tka/* endpoints
+        self.tka = ControlLock(self)
+        self.tka.attach(self.app)
+        from .flows import ControlFlows  # connection logs: POST /machine/flows
+        ControlFlows(self).attach(self.app)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self._runner: web.AppRunner | None = None
@@ -253,11 +259,12 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-            try:  # nobody is online on a stopped server: `control nodes ls` says so at once
+            try:  # nobody is online on a stopped server: `control nodes ls` says so at once, and
+                # keeps saying so (no heartbeat will follow) until a server starts and writes again
                 if self.config.replica_id:
                     self.store.remove_replica(self.config.replica_id)
                 else:
-                    self.store.set_presence((), time.time(), self.config.presence_interval)
+                    self.store.set_presence((), time.time(), PRESENCE_FINAL)
             except ControlStoreError:
                 log.exception("recording presence failed")
 
@@ -343,7 +350,9 @@ class ControlServer:
                                        policy=policy,
                                        dns=self.store.dns_settings(), records=records,
                                        derp_map_text=self._relay_map_text(policy),
-                                       ca_pem=self._current_ca().cert_pem)
+                                       ca_pem=self._current_ca().cert_pem,
+                                       tka_head=self.tka.head, signatures=self.tka.signatures(),
+                                       flow_logs=self.store.flow_logs_enabled())
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:
@@ -487,6 +496,7 @@ class ControlServer:
         authkey = p.get("authkey")
         if authkey is not None and not isinstance(authkey, str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "authkey must be a string")
+        authkey, key_signature = self.tka.registration(authkey, node_key, p)  # Tailnet Lock (lock.py)
         reg = Registration(
             machine_key=machine_key, node_key=node_key, hostname=_str(p, "hostname", 256),
             os=_str(p, "os", 64, required=False), authkey=authkey or None,
@@ -514,6 +524,8 @@ class ControlServer:
                 self.stats["refusals"] += 1
             raise
         self.stats["registrations"] += 1
+        if key_signature is not None:
+            self.tka.store_registration_signature(node, node_key, key_signature)
         log.info("registered node %d %s (user %s, tags %s)", node.id, node.name, node.user, ",".join(node.tags))
         self.mark_dirty()
         return self._sealed(chan, {"node": map_node(node, self.store.domain(), node.id in self.online).to_json()})
@@ -647,17 +659,30 @@ class ControlServer:
 
     async def _write(self, request: web.Request, resp: web.StreamResponse,
                      data: bytes | asyncio.Future[None], count: bool = True) -> bool:
-        """One frame (or a write already started) within `stream_deadline`; a stream whose node does
-        not take it in time is closed (the node reconnects and gets a full map)."""
+        """One frame (or a write already started). A stream whose node takes nothing of it for
+        `stream_deadline` is closed (the node reconnects and gets a full map); a slow link that keeps
+        taking bytes is not: a full map over a slow line may well take longer than the deadline."""
         write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
+        loop = asyncio.get_running_loop()
+        deadline = self.config.stream_deadline
+        transport = request.transport
+        last_size, last_progress = -1, loop.time()
         try:
-            await asyncio.wait_for(write, self.config.stream_deadline)
-        except asyncio.TimeoutError:
-            self.stats["slow_streams_closed"] += 1
-            log.info("map stream of %s did not take a frame within %.0fs; closing it",
-                     request.remote, self.config.stream_deadline)
-            _abort(request)
-            return False
+            while True:
+                done, _ = await asyncio.wait({write}, timeout=min(1.0, deadline))
+                if done:
+                    write.result()   # a connection error ends the stream as before
+                    break
+                size = transport.get_write_buffer_size() if transport is not None else 0
+                now = loop.time()
+                if last_size < 0 or size < last_size:
+                    last_progress = now
+                last_size = size
+                if now - last_progress >= deadline:
+                    self.stats["slow_streams_closed"] += 1
+                    log.info("map stream of %s took nothing for %.0fs; closing it", request.remote, deadline)
+                    _abort(request)
+                    return False
         finally:
             if not write.done():
                 write.cancel()

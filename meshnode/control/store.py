@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import sqlite_utils
 
@@ -323,7 +323,25 @@ def _m6_tailnet_ca(db: sqlite_utils.Database) -> None:
                             pk="id", not_null={"key_pem", "cert_pem"})
 
 
-def _m7_changelog(db: sqlite_utils.Database) -> None:
+def _m7_tka_flows(db: sqlite_utils.Database) -> None:
+    # Tailnet Lock (control/lock.py): node-key signatures made by trusted keys on the nodes, keyed by
+    # the node key they sign (a re-keyed node needs a new one). The chain itself is beside the DB.
+    db["tka_signatures"].create({"node_key": str, "signature": str, "created": float}, pk="node_key",
+                                not_null={"signature"})
+    # Connection (flow) logs (control/flows.py): one row per connection and window, and per node run
+    # (boot_id) the last batch stored, so a batch re-sent after a lost acknowledgement counts once.
+    db["flow_logs"].create({"id": int, "node_id": int, "node": str, "peer": str, "start": float, "end": float,
+                            "proto": int, "src": str, "dst": str, "sport": int, "dport": int, "kind": str,
+                            "tx_packets": int, "tx_bytes": int, "rx_packets": int, "rx_bytes": int,
+                            "dropped": int, "rule": str}, pk="id", not_null={"node_id", "start", "end"})
+    db["flow_logs"].create_index(["start"])
+    db["flow_logs"].create_index(["node", "start"])
+    db["flow_batches"].create({"node_id": int, "boot_id": str, "seq": int, "lost": int},
+                              pk=("node_id", "boot_id"), not_null={"seq"})
+
+
+
+def _m8_changelog(db: sqlite_utils.Database) -> None:
     # The versioned change log: one row per write transaction that changed the tailnet, keyed by the
     # tailnet version it produced (`change_counter`), listing what it changed (see `changes_since`).
     db["changes"].create({"version": int, "time": float, "items": str}, pk="version", not_null={"time", "items"})
@@ -333,8 +351,10 @@ def _m7_changelog(db: sqlite_utils.Database) -> None:
                            "online": str}, pk="id", not_null={"heartbeat_at"})
 
 
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
-                                                                  _m5_console, _m6_tailnet_ca, _m7_changelog)
+                                                                  _m5_console, _m6_tailnet_ca, _m7_tka_flows,
+                                                                  _m8_changelog)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -597,6 +617,104 @@ END $body$"""
     def _set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT INTO control_meta(key, value) VALUES (?, ?)"
                           " ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])
+
+    # -- Tailnet Lock (control/lock.py verifies; the store only keeps) ---------------------------
+
+    def tka_signatures(self) -> dict[str, str]:
+        """node key (base64) -> its Tailnet Lock signature (base64)."""
+        return {str(k): str(v) for k, v in self.conn.execute("SELECT node_key, signature FROM tka_signatures")}
+
+    def set_tka_signature(self, node_key: str, signature: str) -> None:
+        with self._tx():
+            self.conn.execute("INSERT INTO tka_signatures(node_key, signature, created) VALUES (?, ?, ?)"
+                              " ON CONFLICT(node_key) DO UPDATE SET signature = excluded.signature,"
+                              " created = excluded.created", [node_key, signature, time.time()])
+            self._audit("tka.sign", f"nodekey:{node_key}", None, {"signature": _sha(signature)})
+
+    def tka_disablement_secret(self) -> str | None:
+        """The disablement secret (hex) that turned the lock off, handed to nodes so they follow."""
+        return self._meta("tka_disablement_secret")
+
+    def tka_changed(self, action: str, head: str | None, secret: str | None = None) -> None:
+        """Record a change of the chain (init, sync, disable) in the audit log and bump the change
+        counter, so every server's next map carries the new head. Disabling drops the signatures."""
+        with self._tx():
+            if action == "tka.disable":
+                self.conn.execute("DELETE FROM tka_signatures")
+                self._set_meta("tka_disablement_secret", secret or "")
+            elif action == "tka.init":
+                self.conn.execute("DELETE FROM control_meta WHERE key = 'tka_disablement_secret'")
+            self._audit(action, "tailnet-lock", None, {"head": head})
+
+    # -- connection (flow) logs (control/flows.py) ---------------------------------------------
+
+    def flow_logs_enabled(self) -> bool:
+        return self._meta("flow_logs") == "on"
+
+    def set_flow_logs(self, on: bool) -> None:
+        with self._tx():
+            old = self.flow_logs_enabled()
+            self._set_meta("flow_logs", "on" if on else "off")
+            self._audit("settings.flow_logs", "settings", {"flow_logs": old}, {"flow_logs": on})
+
+    def flow_retention_days(self) -> float:
+        return float(self._meta("flow_retention_days") or 30)
+
+    def set_flow_retention(self, days: float) -> None:
+        if not 0 < days <= 3650:
+            raise InvalidValue("flow log retention must be between 0 and 3650 days")
+        with self._tx():
+            old = self.flow_retention_days()
+            self._set_meta("flow_retention_days", repr(float(days)))
+            self._audit("settings.flow_retention", "settings", {"days": old}, {"days": days})
+
+    FLOW_COLS = ("start", "end", "proto", "src", "dst", "sport", "dport", "peer", "kind", "tx_packets",
+                 "tx_bytes", "rx_packets", "rx_bytes", "dropped", "rule")
+
+    def store_flows(self, node: Node, boot_id: str, batches: Sequence[tuple[int, Sequence[Mapping[str, Any]]]],
+                    lost: int = 0) -> int:
+        """Store the batches of one node run newer than the last one stored, in one transaction;
+        returns the highest sequence number now stored (what the node may forget)."""
+        with self._tx(bump=False):
+            row = self.conn.execute("SELECT seq FROM flow_batches WHERE node_id = ? AND boot_id = ?",
+                                    [node.id, boot_id]).fetchone()
+            done = int(row[0]) if row else 0
+            rows = []
+            for seq, records in sorted(batches, key=lambda b: b[0]):
+                if seq <= done:
+                    continue
+                for r in records:
+                    rows.append([node.id, node.name] + [r.get(c) for c in self.FLOW_COLS])
+                done = seq
+            self.conn.executemany(
+                f"INSERT INTO flow_logs(node_id, node, {', '.join(self.FLOW_COLS)}) VALUES"
+                f" ({', '.join('?' * (len(self.FLOW_COLS) + 2))})", rows)
+            self.conn.execute("INSERT INTO flow_batches(node_id, boot_id, seq, lost) VALUES (?, ?, ?, ?)"
+                              " ON CONFLICT(node_id, boot_id) DO UPDATE SET seq = excluded.seq,"
+                              " lost = excluded.lost", [node.id, boot_id, done, lost])
+            return done
+
+    def flows(self, node: str | None = None, peer: str | None = None, since: float | None = None,
+              dropped: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        where, args = [], []
+        for col, val in (("node", node), ("peer", peer)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if since is not None:
+            where.append("end >= ?")
+            args.append(since)
+        if dropped:
+            where.append("dropped = 1")
+        sql = (f"SELECT node, {', '.join(self.FLOW_COLS)} FROM flow_logs"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY start, id LIMIT ?")
+        cols = ("node",) + self.FLOW_COLS
+        return [dict(zip(cols, r)) for r in self.conn.execute(sql, [*args, limit])]
+
+    def prune_flows(self, now: float | None = None) -> int:
+        cutoff = (time.time() if now is None else now) - self.flow_retention_days() * 86400
+        with self._tx(bump=False):
+            return self.conn.execute("DELETE FROM flow_logs WHERE end < ?", [cutoff]).rowcount
 
     def _migrate(self) -> None:
         with self._tx(bump=False):

@@ -31,6 +31,8 @@ from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
+from .flowlog import FlowLogger
+from .lock import LockService
 from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
                        UpRequest, WhoisRequest)
 from .cert import RECHECK as CERT_RECHECK, NodeCertificates, renewal_delay
@@ -141,6 +143,8 @@ class Daemon:
         self._pending_save: tuple[NetMap, float] | None = None
         self._saver: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.tka = LockService(config.state_dir)  # Tailnet Lock: sync and peer filtering (node/lock.py)
+        self.flowlog = FlowLogger(self._tunnel, lambda: self._client)  # connection logs (node/flowlog.py)
         # One writer thread keeps saves in order and off the loop (a big map is megabytes).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         self.certs = NodeCertificates(config.state_dir / "tls")
@@ -160,7 +164,9 @@ class Daemon:
     def _make_server(self) -> DnsServer:
         listen = self.config.dns_listen or tuple((h, 53) for h in self._dns_hosts)
         return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams,
-                                      query_log=self.config.query_log, encrypted=self._encrypted_config()))
+                                      query_log=self.config.query_log, encrypted=self._encrypted_config(),
+                                      # tls:// and https:// upstreams inside the tailnet verify against its CA
+                                      upstream_ca=(str(self.certs.ca_path),) if self.certs.ca_path.exists() else ()))
 
     def _encrypted_config(self) -> EncryptedConfig:
         c = self.config
@@ -213,6 +219,7 @@ class Daemon:
             self._drift_task.cancel()
         for task in list(self._background):
             task.cancel()
+        self.flowlog.cancel()
         await self._go_down(BackendState.STOPPED)
         await self._serve.close()
         await self._flush_saves()
@@ -437,7 +444,7 @@ class Daemon:
             try:
                 async for netmap in client.stream_map():
                     self.control_error = None
-                    await self._apply_map(netmap)
+                    await self.tka.apply(netmap, client, self._apply_map)  # filters locked-out peers
                     await self._report_endpoints(client)
                     self._start_cert_task(client)
                 return
@@ -569,6 +576,7 @@ class Daemon:
                 log.error("tunnel: applying map version %d: %s", netmap.version, exc)
             await self._route(netmap)
             await self._sync_serve()
+            await self.flowlog.on_map(netmap)
         self._sync_osdns(view)
         if self.backend is BackendState.STARTING:
             self.backend = BackendState.RUNNING
@@ -877,8 +885,9 @@ class Daemon:
                 try:
                     await client.logout()
                 except ControlError as exc:
-                    if exc.retryable:
-                        # Forgetting the key without telling the server would leave a ghost node.
+                    if exc.retryable or not exc.sealed:
+                        # Forgetting the key without the server's word (it answered not at all, or
+                        # something else answered on its URL) would leave a ghost node.
                         raise ApiError(502, f"cannot log out: {control_failure(client.server_url, exc)}"
                                        " (`meshnode up --force-reauth` starts over without it)",
                                        detail=exc.detail) from None
@@ -935,7 +944,28 @@ class Daemon:
             "control": control,
             "tunnel": tunnel,
             "health": health,
+            "tailnet_lock": self._tka_status(health),
+            "flow_logs": self.flowlog.on,
         }
+
+    def _tka_status(self, health: list[str]) -> dict[str, Any]:
+        lock = self.tka.status()
+        if lock["locked_out"]:
+            health.append("Tailnet Lock: locked out (no valid signature): "
+                          + ", ".join(p["name"] for p in lock["locked_out"]))
+        if lock["last_refusal"]:
+            health.append(f"Tailnet Lock: {lock['last_refusal']}")
+        if lock["error"]:
+            health.append(lock["error"])
+        return lock
+
+    async def lock_command(self, body: Any) -> dict[str, Any]:
+        """`meshnode lock ...` through the LocalAPI (node/lockcli.py, node/lock.py)."""
+        if not isinstance(body, dict) or not isinstance(body.get("command"), str) \
+                or not isinstance(body.get("params", {}), dict):
+            raise ApiError(400, "expected {command, params}")
+        return await self.tka.command(body["command"], body.get("params") or {}, self._control_client(),
+                                      self._apply_map)
 
     def _peers_json(self, nm: NetMap) -> list[dict[str, Any]]:
         tunnel = self._tunnel.status() if self._tunnel is not None else {}

@@ -18,6 +18,7 @@
     POST /localapi/v0/dns/query           {name, type}
     GET  /localapi/v0/cert/ca             the tailnet CA certificate {ca, domain}
     POST /localapi/v0/cert                {csr, name}: the tailnet CA signs it for this node's names
+    POST /localapi/v0/lock                {command, params}: `meshnode lock COMMAND` run by the daemon
 
 Every answer is JSON; an error is `{"error": "..."}` with a 4xx/5xx status. Who may call is decided
 by the socket's permissions (0600, owned by the daemon's user), as with Tailscale's socket.
@@ -168,6 +169,11 @@ def make_app(daemon: "Daemon") -> web.Application:
 
     app.router.add_get(API_PREFIX + "/cert/ca", cert_ca)
     app.router.add_post(API_PREFIX + "/cert", cert)
+
+    async def lock_command(request: web.Request) -> web.Response:
+        return _ok(await daemon.lock_command(await _json_body(request)))
+
+    app.router.add_post(API_PREFIX + "/lock", lock_command)
     return app
 
 

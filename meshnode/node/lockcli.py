@@ -1,9 +1,11 @@
 """`meshnode lock`: Tailnet Lock from the command line, with Tailscale's verbs and formats.
 
-For now the commands act on the node's lock files under `<state-dir>/tka/` (meshnode/tka/statedir.py)
-without a running daemon: the chain, this node's lock key, signatures waiting to be sent. Moving the
-chain to the network (sync with the control server, enforcement in the daemon) is the next step; see
-README "Tailnet Lock".
+The commands act on the node's lock files under `<state-dir>/tka/` (meshnode/tka/statedir.py): the
+chain, this node's lock key, signatures waiting to be sent (the outbox). When a daemon answers on the
+LocalAPI socket (and no `--state-dir` is given), each command is sent to it and it runs the same code
+on its own state directory (meshnode/node/lock.py): the daemon stays the only writer of its files, and
+it hands what the command queued to the control server at once. Otherwise the command works on the
+files directly, and the daemon sends the outbox when it next runs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,69 @@ from ..tka.statedir import LockDir
 AUTHKEY_PREFIXES = ("mskey-", "tskey-auth-")
 
 
+def _echo(text: Any = "", **kw: Any) -> None:
+    """click.echo, or into the daemon's buffer when the daemon runs this command for the LocalAPI."""
+    ctx = click.get_current_context(silent=True)
+    out = ctx.find_root().obj.get("out") if ctx is not None and isinstance(ctx.find_root().obj, dict) else None
+    if out is not None:
+        out.write(f"{text}\n")
+    else:
+        click.echo(text, **kw)
+
+
+def _via_daemon(ctx: click.Context, params: dict[str, Any]) -> bool:
+    """Send this command to a running daemon (True), unless we are the daemon, or `--state-dir` was
+    given (the files are used directly), or no daemon answers."""
+    root = ctx.find_root().obj
+    if not isinstance(root, dict) or root.get("in_daemon") or root.get("lock_explicit_dir"):
+        return False
+    from .cli import DEFAULT_SOCKET
+    from .localclient import DaemonNotRunning, LocalApiRefused, LocalClient
+
+    client = LocalClient(root.get("socket") or DEFAULT_SOCKET, timeout=120.0)
+    try:
+        ans = client.request("POST", "/lock", {"command": ctx.command.name,
+                                               "params": {k: list(v) if isinstance(v, tuple) else v
+                                                          for k, v in params.items()}})
+    except DaemonNotRunning:
+        return False
+    except LocalApiRefused as exc:
+        raise click.ClickException(exc.args[0] if exc.args else str(exc)) from None
+    out = ans.get("output") or ""
+    if out:
+        click.echo(out, nl=False)
+    if ans.get("error"):
+        raise click.ClickException(ans["error"])
+    return True
+
+
+def run_in_daemon(state_dir: Path, command: str, params: dict[str, Any], extra: dict[str, Any]) -> tuple[str, str | None]:
+    """What the daemon calls (in a worker thread) for `POST /localapi/v0/lock`: run `lock COMMAND`
+    with `params` on `state_dir`; (output, error message or None)."""
+    import io
+
+    cmd = lock.commands.get(command)
+    if cmd is None or command == "disablement-kdf":
+        return "", f"unknown lock command {command!r}"
+    names = {p.name for p in cmd.params}
+    bad = set(params) - names
+    if bad:
+        return "", f"unknown parameters {sorted(bad)} for lock {command}"
+    buf = io.StringIO()
+    obj = dict(extra, lock_state_dir=state_dir, out=buf, in_daemon=True)
+    try:
+        with click.Context(lock, obj=obj, info_name="lock") as root:
+            # Values from the socket are checked and converted as click does for the command line.
+            kwargs = {p.name: p.type_cast_value(root, params[p.name]) for p in cmd.params
+                      if p.name in params and params[p.name] is not None}
+            root.invoke(cmd, **kwargs)
+    except click.ClickException as exc:
+        return buf.getvalue(), exc.format_message()
+    except click.exceptions.Exit:
+        pass
+    return buf.getvalue(), None
+
+
 def _fail(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc))
 
@@ -41,6 +106,8 @@ def _run(fn: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        if args and isinstance(args[0], click.Context) and _via_daemon(args[0], kwargs):
+            return
         try:
             fn(*args, **kwargs)
         except TKAError as exc:
@@ -76,7 +143,9 @@ def _require_trusted(authority: Authority, me: LockPrivateKey) -> None:
 def lock(ctx: click.Context, state_dir: Path) -> None:
     """Manage Tailnet Lock: which keys may sign nodes, and signing them."""
     ctx.ensure_object(dict)
-    ctx.obj["lock_state_dir"] = state_dir
+    if not ctx.obj.get("in_daemon"):
+        ctx.obj["lock_state_dir"] = state_dir
+        ctx.obj["lock_explicit_dir"] = ctx.get_parameter_source("state_dir") is click.core.ParameterSource.COMMANDLINE
     if ctx.invoked_subcommand is None:
         ctx.invoke(status)
 
@@ -121,14 +190,14 @@ def init(ctx: click.Context, n: int, args: tuple[str, ...]) -> None:
     own = lock_dir.own_node_key()
     if own is not None:
         _queue_signature(lock_dir, own, sign_direct(me, own, me.public).serialize())
-    click.echo("You have initialized tailnet lock with the following trusted signing keys:")
+    _echo("You have initialized tailnet lock with the following trusted signing keys:")
     for k in keys:
-        click.echo(f" - {format_public(k.key_id)} (25519 key, {k.votes} vote{'s' if k.votes != 1 else ''})")
-    click.echo(f"\n{n} disablement secrets have been generated and are printed below. "
+        _echo(f" - {format_public(k.key_id)} (25519 key, {k.votes} vote{'s' if k.votes != 1 else ''})")
+    _echo(f"\n{n} disablement secrets have been generated and are printed below. "
                "Take note of them now, they WILL NOT be shown again.")
     for s in secrets:
-        click.echo(f"\t{format_secret(s)}")
-    click.echo("Initialization complete.")
+        _echo(f"\t{format_secret(s)}")
+    _echo("Initialization complete.")
 
 
 def _queue_signature(lock_dir: LockDir, node_key: bytes, sig: bytes) -> None:
@@ -154,6 +223,8 @@ def _status_doc(lock_dir: LockDir) -> dict[str, Any]:
     box = lock_dir.outbox()
     own = lock_dir.own_node_key()
     own_sig = box.signatures.get(format_node_key(own)) if own is not None else None
+    root = click.get_current_context().find_root().obj or {}
+    own_sig = own_sig or root.get("self_signature") or None  # the map's, when the daemon runs this
     node = NodeLock(lock_dir.store(), lock_dir.lock_key(), locally_disabled=lock_dir.locally_disabled)
     doc = node.status(own, decode_signature_blob(own_sig)).to_json()
     authority = node.authority
@@ -162,8 +233,10 @@ def _status_doc(lock_dir: LockDir) -> dict[str, Any]:
     if own is not None:
         doc["node_key"] = format_node_key(own)
         doc["node_key_signed"] = doc["self_locked_out"] is None
+    if root.get("last_refusal"):
+        doc["last_refusal"] = root["last_refusal"]
     peers = []
-    for p in _peers_from_saved_map(lock_dir):
+    for p in root.get("peers") or _peers_from_saved_map(lock_dir):
         nk_text = str(p.get("node_key", ""))
         sig = p.get("key_signature") or box.signatures.get(nk_text)
         try:
@@ -194,30 +267,30 @@ def status(ctx: click.Context, as_json: bool = False) -> None:
     """Show whether the lock is enabled, this node's lock key and the trusted keys."""
     doc = _status_doc(_dir(ctx))
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        _echo(json.dumps(doc, indent=2))
         return
-    click.echo("Tailnet Lock is ENABLED." if doc["enabled"] else "Tailnet Lock is NOT enabled.")
+    _echo("Tailnet Lock is ENABLED." if doc["enabled"] else "Tailnet Lock is NOT enabled.")
     if doc["locally_disabled"]:
-        click.echo("Tailnet Lock is DISABLED LOCALLY on this node (`lock local-disable`): it does not enforce.")
-    click.echo()
+        _echo("Tailnet Lock is DISABLED LOCALLY on this node (`lock local-disable`): it does not enforce.")
+    _echo()
     if doc.get("node_key") is not None:
         if doc["node_key_signed"]:
-            click.echo("This node is accessible under Tailnet Lock.")
+            _echo("This node is accessible under Tailnet Lock.")
         else:
-            click.echo("This node is LOCKED OUT by Tailnet Lock, and action is required to establish connectivity.")
-            click.echo(f"Run the following command on a node with a trusted key:\n"
+            _echo("This node is LOCKED OUT by Tailnet Lock, and action is required to establish connectivity.")
+            _echo(f"Run the following command on a node with a trusted key:\n"
                        f"\tmeshnode lock sign {doc['node_key']} {doc['node_lock_key']}")
-        click.echo()
-    click.echo(f"This node's tailnet-lock key: {doc['node_lock_key']}")
+        _echo()
+    _echo(f"This node's tailnet-lock key: {doc['node_lock_key']}")
     if doc["enabled"]:
-        click.echo(f"Head: {doc['head']}\n\nTrusted signing keys:")
+        _echo(f"Head: {doc['head']}\n\nTrusted signing keys:")
         for k in doc["trusted_keys"]:
-            click.echo(f"\t{k['key']}\t{k['votes']}\t{'(self)' if k['self'] else ''}".rstrip())
+            _echo(f"\t{k['key']}\t{k['votes']}\t{'(self)' if k['self'] else ''}".rstrip())
         locked = [p for p in doc["peers"] if not p["signed"]]
         if locked:
-            click.echo("\nThe following nodes are locked out by tailnet lock and cannot connect to other nodes:")
+            _echo("\nThe following nodes are locked out by tailnet lock and cannot connect to other nodes:")
             for p in locked:
-                click.echo(f"\t{p['name']}\t{p['node_key']}")
+                _echo(f"\t{p['name']}\t{p['node_key']}")
 
 
 @lock.command("add")
@@ -261,7 +334,7 @@ def _modify(ctx: click.Context, add: list, remove: list[bytes]) -> None:
     updates = b.finalize(store)
     authority = authority.inform(store, updates, allow_known=False)
     for u in updates:
-        click.echo(f"update {u.hash} ({kind_label(u.kind)})")
+        _echo(f"update {u.hash} ({kind_label(u.kind)})")
 
 
 @lock.command("sign")
@@ -293,7 +366,7 @@ def sign(ctx: click.Context, target: str, rotation_key: str | None) -> None:
         raise click.BadParameter(str(exc)) from None
     sig = sign_direct(me, node_key, rot).serialize()
     _queue_signature(lock_dir, node_key, sig)
-    click.echo(base64.b64encode(sig).decode())
+    _echo(base64.b64encode(sig).decode())
 
 
 def _wrap_authkey(lock_dir: LockDir, authority: Authority, store, me: LockPrivateKey, authkey: str) -> None:
@@ -308,7 +381,7 @@ def _wrap_authkey(lock_dir: LockDir, authority: Authority, store, me: LockPrivat
 
     updates = authority.updater(me).add_key(ed25519_key(delegate.public, 1, meta)).finalize(store)
     authority.inform(store, updates, allow_known=False)
-    click.echo(wrap_authkey(authkey, sign_credential(me, delegate.public), delegate))
+    _echo(wrap_authkey(authkey, sign_credential(me, delegate.public), delegate))
 
 
 def _maybe_file(arg: str) -> str:
@@ -340,7 +413,7 @@ def disable(ctx: click.Context, secret: str) -> None:
     box.disablement_secret = d.raw.hex()
     lock_dir.save_outbox(box)
     lock_dir.forget_chain()
-    click.echo("Tailnet Lock is disabled on this node; the secret is queued for the control server, "
+    _echo("Tailnet Lock is disabled on this node; the secret is queued for the control server, "
                "which disables it on every node.")
 
 
@@ -352,7 +425,7 @@ def local_disable(ctx: click.Context) -> None:
     lock_dir = _dir(ctx)
     authority, _ = _enabled(lock_dir)
     lock_dir.set_local_disabled(str(authority.head))
-    click.echo("Tailnet Lock is disabled locally: this node accepts peers whatever their signatures.")
+    _echo("Tailnet Lock is disabled locally: this node accepts peers whatever their signatures.")
 
 
 @lock.command("log")
@@ -365,10 +438,10 @@ def log(ctx: click.Context, limit: int, as_json: bool) -> None:
     authority, store = _enabled(_dir(ctx))
     aums = authority.log(store, limit)
     if as_json:
-        click.echo(json.dumps([_aum_json(a) for a in aums], indent=2))
+        _echo(json.dumps([_aum_json(a) for a in aums], indent=2))
         return
     for a in aums:
-        click.echo(_describe(a))
+        _echo(_describe(a))
 
 
 def _aum_json(a: AUM) -> dict[str, Any]:
@@ -414,7 +487,7 @@ def disablement_kdf_cmd(secret_hex: str) -> None:
         raw = bytes.fromhex(secret_hex.removeprefix("disablement-secret:"))
     except ValueError:
         raise click.BadParameter("not hex") from None
-    click.echo(f"disablement:{disablement_kdf(raw).hex()}")
+    _echo(f"disablement:{disablement_kdf(raw).hex()}")
 
 
 if __name__ == "__main__":  # pragma: no cover

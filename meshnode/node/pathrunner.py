@@ -59,7 +59,7 @@ class PathRunner:
         self.stun_handler: Callable[[bytes, Endpoint], None] | None = None  # netcheck's STUN client
         self.counters: collections.Counter[str] = collections.Counter()
         self._last_poll = float("-inf")
-        self._bytes: dict[bytes, tuple[int, int, float | None, float | None]] = {}
+        self._bytes: dict[bytes, tuple[Any, ...]] = {}  # per peer: what WireGuard said last poll
         self._private = node_key_private
         # The relay (DERP) of our home region: a client, its region and URLs, and peer ids for
         # the device's relay endpoints.
@@ -327,18 +327,21 @@ class PathRunner:
     def _poll_data_plane(self, now: float) -> None:
         from ..wg.device import display_endpoint
         from ..wg.device import RELAY_HOST
-        seen: dict[bytes, tuple[int, int, float | None, float | None]] = {}
+        seen: dict[bytes, tuple[Any, ...]] = {}
         for s in self.device.stats():
             # Heard through the relay: not a UDP candidate.
             ep = display_endpoint(s.endpoint) if s.endpoint and s.endpoint[0] != RELAY_HOST else None
             # Handshakes and keepalives are traffic too (the engine times only data): a peer
             # WireGuard is trying to reach is probed even before it has a session.
-            tx, rx, sent, heard = self._bytes.get(s.public_key, (0, 0, None, None))
+            before = self._bytes.get(s.public_key)
+            tx, rx, sent, heard, old_ep, old_un = before or (0, 0, None, None, None, None)
             if s.tx_bytes > tx:
                 sent = now
             if s.rx_bytes > rx:
                 heard = now
-            seen[s.public_key] = (s.tx_bytes, s.rx_bytes, sent, heard)
+            seen[s.public_key] = (s.tx_bytes, s.rx_bytes, sent, heard, ep, s.unanswered_since)
+            if before is not None and seen[s.public_key] == before:
+                continue  # nothing new from WireGuard: a big tailnet's idle peers cost nothing
             self.layer.data_plane(s.public_key, DataPlane(
                 _latest(s.last_sent, sent), _latest(s.last_received, heard), s.unanswered_since, ep), now)
         self._bytes = seen

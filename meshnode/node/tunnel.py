@@ -217,9 +217,14 @@ class TunnelFilter:
         self._rules: tuple[Any, ...] = ()  # the map's rules, kept while shields are up
         self.shields_up = False          # `up --shields-up`: no rule in force, only replies pass
 
+    flows: Any = None   # a flowlog.FlowCounter while flow logs are on (set before `hooks`)
+
     def hooks(self) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
         """(inbound check, outbound tap) for `Device.set_packet_filter`."""
         check, note, clock = self.filter.check, self.filter.note_outbound, time.monotonic
+        if self.flows is not None:
+            from .flowlog import counting_hooks
+            return counting_hooks(self.filter, self.flows, clock)
 
         def inbound(packet: bytes, peer_key: bytes) -> bool:
             return check(packet, clock())
@@ -360,6 +365,14 @@ class Tunnel:
             await asyncio.wrap_future(device.call_soon_dataplane(update))
             log.info("tunnel: packet filter of map version %d in force (%d rules)", netmap.version,
                      self._filter.rule_count)
+
+    async def set_flow_counter(self, counter: Any) -> None:
+        """Count flows into `counter` (a flowlog.FlowCounter), or stop (None); from the next batch."""
+        if self._filter is None or self._device is None or self._filter.flows is counter:
+            return
+        self._filter.flows = counter
+        device, hooks = self._device, self._filter.hooks()
+        await asyncio.wrap_future(device.call_soon_dataplane(lambda: device.set_packet_filter(*hooks)))
 
     async def set_shields(self, on: bool) -> None:
         """`--shields-up`: drop new inbound connections from the tailnet (replies still pass)."""

@@ -39,6 +39,7 @@ SESSION_ACTIVE = 45.0   # sessionActiveTimeout: traffic within this keeps heartb
 DATA_TIMEOUT = 15.0
 BAD_HOLD = 30.0         # an abandoned path is not chosen again for this long
 MAX_CANDIDATES = 16     # per peer: learned candidates beyond this evict the oldest learned one
+PING_BACK_RETRY = 0.25  # an unanswered candidate that pings us is pinged again after this
 CALL_ME_MAYBE_MIN = 1.0  # at most one call-me-maybe handled per peer per second
 RELAY_MAGIC_IP = "127.3.3.40"  # tailscale's DERP magic address: "the relay" as a pong source
 
@@ -397,8 +398,15 @@ class PathLayer:
         self._reply(peer, Pong(msg.tx_id, seen), src)
         if src is not None:
             cand = peer.add(src, "ping", now)
-            if cand is not None and now - cand.last_ping >= PING_INTERVAL and cand.bad_until <= now:
-                self._send_ping(peer, src, now)  # learn the way back, and open our NAT to it
+            if cand is None or cand.bad_until > now:
+                return
+            unanswered = cand.last_pong is None or cand.last_pong < cand.last_ping
+            if (now - cand.last_ping >= PING_INTERVAL
+                    or (unanswered and now - cand.last_ping >= PING_BACK_RETRY)):
+                # Learn the way back, and open our NAT to it. Our last ping there got no answer
+                # (their NAT was closed): now that their ping came through it is open, so ask
+                # again at once rather than at the next round (hole punching in one round trip).
+                self._send_ping(peer, src, now)
 
     def _on_pong(self, peer: _Peer, msg: Pong, src: Endpoint | None, now: float) -> None:
         sent = peer.pending.pop(msg.tx_id, None)

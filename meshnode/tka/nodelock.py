@@ -212,13 +212,15 @@ class ControlChain:
             raise StateError("Tailnet Lock is not enabled on this tailnet")
         return answer_offer(self._authority, self._store, SyncOffer.from_wire(offer)).to_wire()
 
-    def receive(self, aums: Any) -> str:
-        """AUMs a node sends (new updates, or what we lacked); verified, all or nothing. New head."""
+    def receive(self, aums: Any, *, allow_known: bool = True) -> str:
+        """AUMs a node sends (new updates, or what we lacked); verified, all or nothing. New head.
+        With `allow_known=False` (the node protocol: a node sends only what its sync found missing
+        here) an AUM already stored is refused as a `ReplayedAUM`."""
         if self._authority is None:
             raise StateError("Tailnet Lock is not enabled on this tailnet")
         updates = aums_from_wire(aums)
         if updates:
-            self._authority = self._authority.inform(self._store, updates)
+            self._authority = self._authority.inform(self._store, updates, allow_known=allow_known)
         return str(self._authority.head)
 
     def check_signature(self, node_key: bytes, blob: bytes) -> NodeKeySignature:

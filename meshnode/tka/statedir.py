@@ -7,8 +7,8 @@
                       `lock init` made here, node-key signatures made here and a disablement secret
                       used here (the daemon sends and clears it)
 
-While the daemon is not wired to Tailnet Lock, the `meshnode lock` commands work on these files
-directly; once it is, they go through the LocalAPI and the daemon stays the only writer.
+When a daemon runs, the `meshnode lock` commands go through its LocalAPI and the daemon runs them on
+these files (it is their only writer, meshnode/node/lock.py); otherwise they work on them directly.
 """
 
 from __future__ import annotations

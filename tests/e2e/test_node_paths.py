@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -179,3 +178,59 @@ def test_an_added_address_is_reported_within_5s_and_a_removed_one_too(tailnet: T
     wait_until(lambda: "10.1.0.1:41641" in endpoints_at_control(net, "node1"), timeout=5,
                what="the address back when the interface is up")
     assert added < 5
+
+
+SINK = """
+import hashlib, socket, sys
+s = socket.socket(socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9000))
+s.listen()
+c, _ = s.accept()
+h, n = hashlib.sha256(), 0
+while True:
+    data = c.recv(65536)
+    if not data:
+        break
+    h.update(data)
+    n += len(data)
+print(n, h.hexdigest(), flush=True)
+"""
+
+SOURCE = """
+import hashlib, os, socket, sys, time
+c = socket.create_connection((sys.argv[1], 9000), 5)
+c.settimeout(60)  # the move stalls the stream for seconds: TCP retransmits, we wait
+h, n, end = hashlib.sha256(), 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    chunk = os.urandom(16384)
+    c.sendall(chunk)
+    h.update(chunk)
+    n += len(chunk)
+    time.sleep(0.01)
+c.shutdown(socket.SHUT_WR)
+c.recv(1)
+print(n, h.hexdigest(), flush=True)
+"""
+
+
+def test_a_node_that_moves_keeps_its_transfer(tailnet: Tailnet) -> None:
+    """node2 leaves net B for a new network (net C, 10.3.0.0/24) while a TCP transfer from node1
+    runs through the tunnel: both report and probe their new endpoints, and the transfer
+    completes intact."""
+    net = tailnet
+    addr2 = net.status(2)["self"]["addresses"][0]
+    wait_until(lambda: ask(net.ns(1), "node2.tailnet", "4").startswith("node2 "), timeout=10, what="tunnel up")
+    sink = net.lan.popen(net.ns(2), sys.executable, "-c", SINK, addr2, log=net.lan.root / "sink.out")
+    wait_until(lambda: "9000" in sh(net.ns(2), "ss", "-ltn").stdout, timeout=10, what="sink listening")
+    source = net.lan.popen(net.ns(1), sys.executable, "-c", SOURCE, addr2, "14", log=net.lan.root / "source.out")
+    time.sleep(3)  # pacing: move in the middle of the transfer
+    link(net.ns(1), "10.3.0.1/24", net.ns(2), ("10.3.0.2/24",))
+    netb = sh(net.ns(2), "ip", "-o", "addr", "show", "to", "10.2.0.2").stdout.split()[1].split("@")[0]
+    sh(net.ns(2), "ip", "link", "set", netb, "down")
+    wait_until(lambda: (peer(net, 1).get("path") or {}).get("endpoint") == "10.3.0.2:41641", timeout=15,
+               what="node1's path to node2 on the new network")
+    assert source.wait(60) == 0 and sink.wait(30) == 0
+    sent = (net.lan.root / "source.out").read_text().split()
+    got = (net.lan.root / "sink.out").read_text().split()
+    assert sent == got and int(sent[0]) > 0

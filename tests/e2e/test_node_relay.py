@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from tests.e2e.test_node_routing import CONTROL, Tailnet
-from tests.e2e.test_node_tunnel import MESHNODE, WHO_SERVER, Lan, ask, run, sh
+from tests.e2e.test_node_tunnel import MESHNODE, WHO_SERVER, Lan, ask, run
 from tests.support import needs_root, wait_until
 
 pytestmark = [pytest.mark.slow, needs_root]

@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("selenium")
 oidc_provider_mock = pytest.importorskip("oidc_provider_mock")
 
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -125,7 +126,15 @@ class Env:
     def submit(self, button) -> None:  # noqa: ANN001
         """Click a submit button and wait until its page was replaced by the answer."""
         button.click()
-        WebDriverWait(self.browser, 10).until(staleness_of(button))
+
+        def replaced(_driver: object) -> bool:
+            # While the old page is torn down chromedriver may answer "Node with given id does not
+            # belong to the document" (a plain WebDriverException) instead of a stale reference.
+            try:
+                return staleness_of(button)(_driver)
+            except WebDriverException:
+                return True
+        WebDriverWait(self.browser, 10).until(replaced)
 
     def sign_in(self, sub: str, shoot: bool = False) -> None:
         self.go("/console/")

@@ -269,3 +269,38 @@ async def test_changes_through_the_server_are_audited_with_their_actor(tmp_path:
                 assert r.status == 400
             async with http.get(net.url + "/admin/audit") as r:
                 assert r.status == 401
+
+
+@run
+async def test_a_slow_but_reading_stream_is_not_closed(tmp_path: Path) -> None:
+    """The deadline is on progress, not on the whole frame: a node on a slow line that keeps reading
+    gets its full map even when that takes longer than the deadline."""
+    net = Tailnet(tmp_path)
+    net.server = ControlServer(net.store, replace(FAST, stream_deadline=1.0, full_map_slot=0.3))
+    async with net:
+        for site in net.server._runner.sites:  # type: ignore[union-attr]
+            for lsock in site._server.sockets:  # type: ignore[union-attr]
+                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        from magicdns.records import parse_record
+        net.admin_store.records.import_records(
+            parse_record(f"r{i}", "TXT", '"' + "x" * 180 + '"', 60, "tailnet") for i in range(1_500))
+        slow = await net.join("slow", start=False)
+        sock = _slow_stream(net.url, slow.client.machine_key_private, slow.client.node_key_public,
+                            slow.client.server_public_key or "")
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        got = 0
+        t0 = time.monotonic()
+        try:
+            while got < 250_000 and time.monotonic() - t0 < 20:     # ~16 kB every 0.2 s
+                await asyncio.sleep(0.2)
+                try:
+                    chunk = await asyncio.wait_for(loop.sock_recv(sock, 16384), 1.0)
+                except asyncio.TimeoutError:
+                    continue
+                assert chunk, "the server closed a stream that was reading"
+                got += len(chunk)
+            assert got >= 250_000 and time.monotonic() - t0 > 1.0, got
+            assert net.server.stats["slow_streams_closed"] == 0
+        finally:
+            sock.close()

@@ -100,8 +100,11 @@ def test_embedded_relay_admits_exactly_the_tailnet(tmp_path: Path) -> None:
             assert await asyncio.wait_for(db.recv(), 2) == (pub_a, b"through the control server")
             await async_wait_until(lambda: relay.refused >= 1, 3.0, what="stranger refused")
             assert stranger.connected_url is None
+            token = admin.rotate_admin_token()  # /metrics is the admin's, never the nodes'
             async with aiohttp.ClientSession() as http:
                 async with http.get(url + "/metrics") as resp:
+                    assert resp.status == 401
+                async with http.get(url + "/metrics", headers={"Authorization": f"Bearer {token}"}) as resp:
                     assert "meshnode_derp_packets_relayed_total 1" in await resp.text()
             # A bad map file keeps the last good map; a good one replaces it.
             map_path.write_text("{ not json")

@@ -218,3 +218,49 @@ def test_a_doh_client_that_never_reads_is_cut_off(server: MagicDnsProcess, pki: 
         tls.close()
     assert cut, "a never-reading HTTP/2 client is still connected"
     alive(server, pki)
+
+
+def test_one_client_cannot_take_every_encrypted_slot(pki: dict) -> None:
+    """The TCP listener's slot rules hold for DoT and DoH: with 8 slots one address holds at most 4
+    (max(4, 8/8)); the 5th connection is dropped once its handshake is done, and answers go on."""
+    s = start_magicdns("--dot", "127.0.0.1:0", "--doh", "127.0.0.1:0", "--tls-cert", str(pki["cert"]),
+                       "--tls-key", str(pki["key"]), "--max-tcp-connections", "8")
+    held: list[ssl.SSLSocket] = []
+    try:
+        s.extra.update(encrypted_ports(s))
+        ctx = client_context(pki, ["dot"])
+        for _ in range(4):
+            held.append(ctx.wrap_socket(socket.create_connection(("127.0.0.1", s.extra["dot"]), timeout=5),
+                                        server_hostname=NAME))
+        extra = ctx.wrap_socket(socket.create_connection(("127.0.0.1", s.extra["doh"]), timeout=5),
+                                server_hostname=NAME)
+        extra.settimeout(5)
+        try:
+            assert extra.recv(1) == b""  # closed by the server, not served
+        except (ConnectionError, ssl.SSLError):
+            pass
+        extra.close()
+        out = json.loads(run_cli("status", "--control-socket", s.control_socket, "--json").stdout)
+        assert out["tcp"]["per_client_rejected"] >= 1 and out["encrypted"]["connections"] == 4
+        q = dns.message.make_query("my-server.tailnet", "A")
+        dns.query.send_tcp(held[0], q)
+        r, _ = dns.query.receive_tcp(held[0], expiration=time.time() + 5)
+        assert "100.64.0.2" in r.to_text()
+    finally:
+        for h in held:
+            h.close()
+        s.stop()
+
+
+@pytest.mark.parametrize("kind", ["dot", "doh"])
+def test_a_client_that_never_finishes_its_handshake_is_closed(server: MagicDnsProcess, kind: str) -> None:
+    """Half a ClientHello, then silence: the 5 s handshake deadline closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.extra[kind]), timeout=12) as raw:
+        raw.sendall(HELLO[:20])
+        start = time.monotonic()
+        try:
+            while raw.recv(4096):
+                pass
+        except ConnectionError:
+            pass
+        assert time.monotonic() - start < 10

@@ -335,9 +335,13 @@ def test_mutated_replies_are_stored_only_when_well_formed(noise: bytes, at: int)
     good[pos:pos + len(noise)] = noise
     cache = Cache()
     if cache.insert(q, query_info(q), bytes(good), 0.0):
-        hit = cache.get(q, query_info(q), 1.0)
+        hit = cache.get(q, query_info(q), 0.0)
         assert hit is not None and hit[:2] == q[:2]
         scan_message(hit)  # still walkable
+        aged = cache.get(q, query_info(q), 1.0)  # None when the noise made a TTL of 1 s: expired
+        if aged is not None:
+            assert aged[:2] == q[:2]
+            scan_message(aged)  # still walkable after the TTLs were rewritten
 
 
 def test_ttl_with_the_top_bit_set_counts_as_zero() -> None:

@@ -132,3 +132,32 @@ def test_streams_of_one_visibility_class_share_one_reach_set() -> None:
     frames = [json.loads(next_frame(s2, st)) for st in states]
     assert all([p["name"] for p in f["peers_changed"]] == ["n6"] for f in frames)
     assert all(st.reach is states[0].reach and 6 in st.reach for st in states)
+
+
+def test_lock_head_signatures_and_flow_switch_travel_in_full_and_delta_frames() -> None:
+    nodes = [node(1, "a"), node(2, "b")]
+    kw = dict(version=1, domain="tailnet", nodes=nodes, online={}, now=100.0, policy_text=None, policy=None,
+              dns=DnsSettings(), records=())
+    s1, _ = build_snapshot(None, **kw)
+    st, asm = StreamState(1), MapAssembler()
+    nm = asm.apply(json.loads(next_frame(s1, st)))
+    assert nm.tka_head is None and nm.flow_logs is False and nm.peers[0].key_signature == ""
+    # The lock is enabled and b's key signed: the same rows, so only the signature makes b change.
+    s2, differs = build_snapshot(s1, **dict(kw, version=2), tka_head="HEAD1", signatures={"k2": "c2ln"},
+                                 flow_logs=True)
+    assert differs and s2.changed == {2}
+    delta = json.loads(next_frame(s2, st))
+    assert delta["tka_head"] == "HEAD1" and delta["flow_logs"] is True
+    nm = asm.apply(delta)
+    assert nm.tka_head == "HEAD1" and nm.flow_logs and nm.peers[0].key_signature == "c2ln"
+    # Nothing changed: no frame; the lock turned off: a delta with a null head.
+    s3, differs = build_snapshot(s2, **dict(kw, version=3), tka_head="HEAD1", signatures={"k2": "c2ln"},
+                                 flow_logs=True)
+    assert not differs
+    s4, differs = build_snapshot(s3, **dict(kw, version=4), flow_logs=True)
+    assert differs
+    nm = asm.apply(json.loads(next_frame(s4, st)))
+    assert nm.tka_head is None and nm.peers[0].key_signature == ""
+    # A new stream gets it all in its full map.
+    full = json.loads(next_frame(s2, StreamState(1)))
+    assert full["netmap"]["tka_head"] == "HEAD1" and full["netmap"]["flow_logs"] is True

@@ -232,3 +232,16 @@ def test_second_connection_sees_commits_at_once(db_spec: str) -> None:
     assert reader.change_counter() == writer.change_counter()
     writer.close()
     reader.close()
+
+
+def test_flow_logs_round_trip_on_both_backends(store: ControlStore) -> None:
+    key, _ = store.create_authkey("alice")
+    node = store.register(_reg("m1", key, "web"), _allow)
+    rec = {"start": 100.0, "end": 160.0, "proto": 6, "src": "100.64.0.1", "dst": "100.64.0.2", "sport": 4000,
+           "dport": 22, "peer": "db", "kind": "out", "tx_packets": 3, "tx_bytes": 300, "rx_packets": 2,
+           "rx_bytes": 200, "dropped": False, "rule": ""}
+    assert store.store_flows(node, "boot1", [(1, [rec]), (2, [dict(rec, start=200.0, end=260.0)])]) == 2
+    assert store.store_flows(node, "boot1", [(2, [rec])]) == 2   # re-sent batch: counted once
+    got = store.flows(node="web", since=150.0)
+    assert [(f["start"], f["end"], f["dport"]) for f in got] == [(100.0, 160.0, 22), (200.0, 260.0, 22)]
+    assert store.prune_flows(now=170.0 + store.flow_retention_days() * 86400) == 1

@@ -241,7 +241,7 @@ def test_call_me_maybe_through_the_relay_punches_both_nats() -> None:
     link(net, a, ("198.51.100.1", 1111), b, ("203.0.113.2", 2222))
     net.stateful = {"a", "b"}
     net.traffic(a, b)
-    net.run(3.0)
+    net.run(1.5)  # a ping that finally gets through is answered by a ping back at once
     assert a.layer.path(b.node_key).type is PathType.DIRECT
     assert b.layer.path(a.node_key).type is PathType.DIRECT
     assert a.layer.counters["call_me_maybe_received"] >= 1

@@ -33,3 +33,8 @@ def test_urls() -> None:
     assert not is_postgres("/var/lib/meshnode/control.db") and not is_postgres("postgres.db")
     assert redact("postgresql://mesh:s3cret@db:5432/x") == "postgresql://mesh:***@db:5432/x"
     assert redact("postgresql://mesh@db/x") == "postgresql://mesh@db/x"
+
+
+def test_end_as_a_column_but_not_as_a_keyword() -> None:
+    assert translate("DELETE FROM flow_logs WHERE end < ?") == 'DELETE FROM flow_logs WHERE "end" < %s'
+    assert translate("SELECT CASE WHEN a THEN 1 END FROM t") == "SELECT CASE WHEN a THEN 1 END FROM t"

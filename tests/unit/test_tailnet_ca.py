@@ -127,3 +127,41 @@ def test_python_ssl_accepts_the_leaf_for_its_ip_and_name(tmp_path: Path) -> None
     (tmp_path / "k.pem").write_text(key)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=tailnet.cert_pem)
     ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")  # the pair loads together
+
+
+def test_node_renewal_delay_follows_time_names_and_absence() -> None:
+    """The daemon's timer follows `renewal_delay` (meshnode/node/cert.py): time passed in."""
+    from meshnode.node.cert import RECHECK, renewal_delay
+    tailnet = ca.create_ca("tailnet", NOW)
+    wanted = ca.node_names("web", "tailnet", ("100.64.0.2",))
+    info = ca.cert_info(_leaf(tailnet, wanted)[0])
+    assert renewal_delay(None, wanted, NOW) == 0.0  # nothing stored: ask now
+    assert renewal_delay(None, None, NOW) == RECHECK  # no map yet: nothing to ask for
+    assert renewal_delay(info, wanted, NOW) == pytest.approx(ca.renew_at(info, NOW))
+    later = info.not_before + info.lifetime * 0.7  # past two thirds: due
+    assert renewal_delay(info, wanted, later) == 0.0
+    renamed = ca.node_names("web2", "tailnet", ("100.64.0.2",))
+    assert renewal_delay(info, renamed, NOW) == 0.0  # a rename needs a new certificate at once
+    readdressed = ca.node_names("web", "tailnet", ("100.64.0.9",))
+    assert renewal_delay(info, readdressed, NOW) == 0.0
+    assert renewal_delay(info, None, NOW) == pytest.approx(ca.renew_at(info, NOW))
+
+
+def test_node_certificates_key_is_private_and_a_foreign_certificate_is_refused(tmp_path) -> None:  # noqa: ANN001
+    import os
+    import stat as st
+    from meshnode.node.cert import NodeCertificates
+    certs = NodeCertificates(tmp_path / "tls")
+    key = certs.key_pem()
+    assert certs.key_pem() == key  # made once
+    assert st.S_IMODE(os.stat(certs.key_path).st_mode) == 0o600
+    assert certs.current() is None
+    tailnet = ca.create_ca("tailnet", NOW)
+    foreign, _ = _leaf(tailnet, ca.node_names("web", "tailnet", ()))
+    with pytest.raises(ca.CertError):
+        certs.save(foreign, tailnet.cert_pem)
+    mine = ca.issue(tailnet, ca.public_key_from_csr(ca.make_csr(key, "web")), ca.node_names("web", "tailnet", ()), NOW)
+    info = certs.save(mine, tailnet.cert_pem)
+    assert certs.current() == info and certs.ca_pem() == tailnet.cert_pem
+    certs.cert_path.write_text("garbage")
+    assert certs.current() is None  # unusable: a new one will be requested

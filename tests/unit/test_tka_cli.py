@@ -157,3 +157,22 @@ def test_disablement_kdf_command(nodes) -> None:
     a, _, _ = nodes
     out = run(a, "disablement-kdf", "010203")
     assert re.fullmatch(r"disablement:[0-9a-f]{64}\n", out)
+
+
+def test_commands_run_for_the_daemon_check_their_parameters(tmp_path) -> None:
+    """What `POST /localapi/v0/lock` runs (node/lockcli.run_in_daemon): values from the socket are
+    converted and checked as on the command line; errors are messages, never exceptions."""
+    from meshnode.node.lockcli import run_in_daemon
+    from meshnode.tka.cli_format import format_public
+    from meshnode.tka.statedir import LockDir
+
+    me = format_public(LockDir(tmp_path).lock_key().public)
+    assert "not a valid integer" in run_in_daemon(tmp_path, "init", {"n": "abc", "args": [me]}, {})[1]
+    assert "1<=x<=32" in run_in_daemon(tmp_path, "init", {"n": 99, "args": [me]}, {})[1]
+    assert "unknown lock command" in run_in_daemon(tmp_path, "frob", {}, {})[1]
+    assert "unknown parameters" in run_in_daemon(tmp_path, "status", {"evil": 1}, {})[1]
+    assert "not enabled" in run_in_daemon(tmp_path, "sign", {"target": "nodekey:" + "00" * 32}, {})[1]
+    out, err = run_in_daemon(tmp_path, "init", {"n": 1, "args": [me]}, {})
+    assert err is None and "disablement-secret:" in out
+    out, err = run_in_daemon(tmp_path, "status", {"as_json": True}, {"peers": [], "last_refusal": "X: y"})
+    assert err is None and json.loads(out)["enabled"] and json.loads(out)["last_refusal"] == "X: y"

@@ -1,0 +1,308 @@
+"""Encrypted upstreams: DNS over TLS (RFC 7858) and DNS over HTTPS (RFC 8484, HTTP/2) to forward to.
+
+One connection per upstream, reused, with many queries in flight on it: DoT pipelines
+length-prefixed messages (each gets an ID unique on the connection, the caller's restored on the
+reply), DoH multiplexes HTTP/2 streams (h2). A connection that fails fails the queries on it, and the
+next query opens a new one; the forwarder's race (forward.py) moves on to the next upstream within
+its deadline.
+
+Certificates are verified against the upstream's NAME (`tls://NAME@IP`) with the system trust store
+(OpenSSL's default paths, so SSL_CERT_FILE and SSL_CERT_DIR are honoured) plus extra CAs (the tailnet
+CA in a node, `--upstream-ca` standalone). A failed verification is never answered around: it fails
+the attempt, the client gets SERVFAIL with an extended error, and the log says why once per cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Iterable
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+from .upstream import Upstream
+
+log = logging.getLogger("magicdns.upstream_tls")
+
+CONNECT_TIMEOUT = 3.0
+LOG_EVERY = 60.0  # seconds between repeats of the same failure line for one upstream
+
+
+class EncryptedUpstreamError(OSError):
+    """A DoT/DoH exchange failed (connection, TLS, HTTP status); the message says which and why."""
+
+
+def client_context(extra_ca_files: Iterable[str] = (), extra_ca_pems: Iterable[str] = (),
+                   alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """A verifying TLS 1.2+ client context: the system store plus the given CAs."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for f in extra_ca_files:
+        ctx.load_verify_locations(cafile=f)
+    for pem in extra_ca_pems:
+        if pem:
+            ctx.load_verify_locations(cadata=pem)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not accepted: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out connecting"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or exc.__class__.__name__
+
+
+class _DotConnection:
+    """One pipelined DoT connection."""
+
+    def __init__(self, up: Upstream, ctx: ssl.SSLContext) -> None:
+        self.up = up
+        self.ctx = ctx
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
+        self.next_id = 0
+        self.answered = 0
+        self.dead = False
+        self.reader_task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
+            self.up.host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
+        self.reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                msg = await reader.readexactly(size)
+                if size < 12:
+                    continue
+                entry = self.pending.pop(msg[0] << 8 | msg[1], None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(entry[1] + msg[2:])  # the caller's own ID back in front
+        except (asyncio.IncompleteReadError, OSError, ssl.SSLError) as exc:
+            self._fail(EncryptedUpstreamError(f"connection lost: {_why(exc) if not isinstance(exc, asyncio.IncompleteReadError) else 'closed by the server'}"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.dead = True
+        for fut, _ in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
+        if self.writer is not None:
+            self.writer.close()
+
+    async def query(self, wire: bytes) -> bytes:
+        if len(self.pending) >= 65000:
+            raise EncryptedUpstreamError("too many queries in flight on one connection")
+        while self.next_id in self.pending:
+            self.next_id = (self.next_id + 1) & 0xFFFF
+        qid, self.next_id = self.next_id, (self.next_id + 1) & 0xFFFF
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending[qid] = (fut, wire[:2])
+        assert self.writer is not None
+        self.writer.write(len(wire).to_bytes(2, "big") + qid.to_bytes(2, "big") + wire[2:])
+        try:
+            return await fut
+        finally:
+            if self.pending.get(qid, (None,))[0] is fut:
+                del self.pending[qid]
+
+    def close(self) -> None:
+        self._fail(EncryptedUpstreamError("closed"))
+        if self.reader_task is not None:
+            self.reader_task.cancel()
+
+
+class _DohConnection:
+    """One HTTP/2 DoH connection: a stream per query."""
+
+    def __init__(self, up: Upstream, ctx: ssl.SSLContext) -> None:
+        self.up = up
+        self.ctx = ctx
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.writer: asyncio.StreamWriter | None = None
+        self.streams: dict[int, tuple[asyncio.Future[bytes], bytearray, list[str]]] = {}
+        self.answered = 0
+        self.dead = False
+        self.reader_task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
+            self.up.host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
+        sslobj = self.writer.get_extra_info("ssl_object")
+        if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
+            self.writer.close()
+            raise EncryptedUpstreamError("the server does not offer HTTP/2 (ALPN h2)")
+        self.h2.initiate_connection()
+        self._flush()
+        self.reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.writer is not None:
+            self.writer.write(data)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise EncryptedUpstreamError("connection closed by the server")
+                for ev in self.h2.receive_data(data):
+                    self._event(ev)
+                self._flush()
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as exc:
+            self._fail(exc if isinstance(exc, EncryptedUpstreamError)
+                       else EncryptedUpstreamError(f"connection lost: {_why(exc)}"))
+
+    def _event(self, ev: object) -> None:
+        if isinstance(ev, h2.events.ResponseReceived):
+            entry = self.streams.get(ev.stream_id)
+            if entry is not None:
+                entry[2].append(dict(ev.headers or []).get(":status", ""))
+        elif isinstance(ev, h2.events.DataReceived):
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            entry = self.streams.get(ev.stream_id)
+            if entry is not None:
+                entry[1].extend(ev.data or b"")
+        elif isinstance(ev, h2.events.StreamEnded):
+            entry = self.streams.pop(ev.stream_id, None)
+            if entry is not None and not entry[0].done():
+                status = entry[2][0] if entry[2] else "?"
+                if status == "200":
+                    entry[0].set_result(bytes(entry[1]))
+                else:
+                    entry[0].set_exception(EncryptedUpstreamError(f"HTTP status {status}"))
+        elif isinstance(ev, h2.events.StreamReset):
+            entry = self.streams.pop(ev.stream_id, None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(EncryptedUpstreamError("stream reset by the server"))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self._fail(EncryptedUpstreamError("the server ended the connection (GOAWAY)"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.dead = True
+        for fut, _, _ in self.streams.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.streams.clear()
+        if self.writer is not None:
+            self.writer.close()
+
+    async def query(self, wire: bytes) -> bytes:
+        try:
+            sid = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":authority", self.up.tls_name),
+                                       (":path", self.up.path or "/dns-query"),
+                                       ("content-type", "application/dns-message"),
+                                       ("accept", "application/dns-message"),
+                                       ("content-length", str(len(wire)))])
+            self.h2.send_data(sid, wire, end_stream=True)
+        except h2.exceptions.H2Error as exc:
+            raise EncryptedUpstreamError(f"HTTP/2: {exc}") from None
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.streams[sid] = (fut, bytearray(), [])
+        self._flush()
+        try:
+            return await fut
+        finally:
+            if sid in self.streams and self.streams[sid][0] is fut:
+                del self.streams[sid]
+                try:
+                    self.h2.reset_stream(sid)  # the race gave up on it: tell the server
+                    self._flush()
+                except h2.exceptions.H2Error:
+                    pass
+
+    def close(self) -> None:
+        self._fail(EncryptedUpstreamError("closed"))
+        if self.reader_task is not None:
+            self.reader_task.cancel()
+
+
+class EncryptedUpstreams:
+    """The connections to every encrypted upstream of one forwarder."""
+
+    def __init__(self, extra_ca_files: Iterable[str] = (), extra_ca_pems: Iterable[str] = ()) -> None:
+        files, pems = tuple(extra_ca_files), tuple(extra_ca_pems)
+        self.dot_ctx = client_context(files, pems, ("dot",))
+        self.doh_ctx = client_context(files, pems, ("h2",))
+        self.conns: dict[Upstream, _DotConnection | _DohConnection] = {}
+        self._connecting: dict[Upstream, asyncio.Future[_DotConnection | _DohConnection]] = {}
+        self._logged: dict[tuple[Upstream, str], float] = {}
+        self.connects = 0
+
+    async def _conn(self, up: Upstream) -> _DotConnection | _DohConnection:
+        conn = self.conns.get(up)
+        if conn is not None and not conn.dead:
+            return conn
+        waiting = self._connecting.get(up)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        fut: asyncio.Future[_DotConnection | _DohConnection] = asyncio.get_running_loop().create_future()
+        self._connecting[up] = fut
+        try:
+            new: _DotConnection | _DohConnection = (_DotConnection(up, self.dot_ctx) if up.scheme == "tls"
+                                                    else _DohConnection(up, self.doh_ctx))
+            await new.connect()
+            self.connects += 1
+            self.conns[up] = new
+            fut.set_result(new)
+            return new
+        except BaseException as exc:
+            err = exc if isinstance(exc, EncryptedUpstreamError) else EncryptedUpstreamError(_why(exc))
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()  # retrieved: waiters get it, nobody else must
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise err from None
+        finally:
+            self._connecting.pop(up, None)
+
+    async def query(self, up: Upstream, wire: bytes) -> bytes:
+        """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (logged once a minute per cause).
+
+        A kept connection the server closed while idle (servers time them out) is found out only by
+        using it: a query that fails on a connection which had already answered is retried once on a
+        fresh one, so an idle timeout never costs a client a SERVFAIL."""
+        for attempt in (0, 1):
+            conn = None
+            try:
+                conn = await self._conn(up)
+                reply = await conn.query(wire)
+                conn.answered += 1
+                return reply
+            except EncryptedUpstreamError as exc:
+                if attempt == 0 and conn is not None and conn.answered and conn.dead:
+                    continue
+                self._log(up, str(exc))
+                raise
+        raise AssertionError("unreachable")
+
+    def _log(self, up: Upstream, why: str) -> None:
+        now = time.monotonic()
+        key = (up, why)
+        if now - self._logged.get(key, -LOG_EVERY) >= LOG_EVERY:
+            self._logged[key] = now
+            if len(self._logged) > 4096:
+                self._logged.clear()
+            log.debug("upstream %s: %s", up.spec, why)  # the race logs the health change once
+
+    async def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
