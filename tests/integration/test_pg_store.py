@@ -106,3 +106,21 @@ def test_a_connection_cut_between_transactions_is_opened_again(pg_url: str) -> N
     s.create_user("bob")                                    # and a write
     assert [u.name for u in ControlStore(pg_url).list_users()] == ["alice", "bob"]
     s.close()
+
+
+def test_replica_id_needs_postgres_and_replicas_lists_none(tmp_path: Path, pg_url: str) -> None:
+    res = _meshnode("serve", "--db", str(tmp_path / "c.db"), "--replica-id", "r1", "--listen", "127.0.0.1:0")
+    assert res.returncode == 2 and "PostgreSQL" in res.stderr
+    res = _meshnode("replicas", "--db", pg_url, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == []
+    s = ControlStore(pg_url)
+    s.heartbeat_replica("r9", "127.0.0.1:1", [3, 1], s.version(), time.time() - 60)   # long dead
+    assert s.presence() is None   # a dead replica's nodes are not online
+    s.heartbeat_replica("r8", "127.0.0.1:2", [5], s.version(), time.time())
+    assert s.presence()[2] == frozenset({5})
+    s.remove_replica("r8")
+    s.close()
+    res = _meshnode("replicas", "--db", pg_url)
+    assert res.returncode == 0 and "r9" in res.stdout and "no" in res.stdout.split("r9", 1)[1]
+    rows = json.loads(_meshnode("replicas", "--db", pg_url, "--json").stdout)
+    assert rows[0]["nodes"] == 2 and rows[0]["alive"] is False
