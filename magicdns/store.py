@@ -1,4 +1,4 @@
-"""The records store: admin-defined records in SQLite (through sqlite-utils).
+"""The records store: admin-defined records in SQLite (through sqlite-utils) or PostgreSQL (sqldb.py).
 
 This module is the one writer of the `records` table, whether the file is a standalone resolver's
 store or the control server's database. Every change bumps `records_version` in the same
@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import sqlite_utils
 from dnslib.label import DNSBuffer
 
+from . import sqldb
 from .names import NameError_, absolute_owner
 from .records import SHADOWING_TYPES, SUPPORTED_TYPES, Record, RecordError, parse_record
 
@@ -72,11 +73,13 @@ def _connect(path: str | Path) -> sqlite3.Connection:
 class RecordStore:
     """Records in one SQLite file; safe to open from the CLI while a server reads it."""
 
-    def __init__(self, db: str | Path | sqlite_utils.Database, domain: str = "tailnet") -> None:
+    def __init__(self, db: "str | Path | sqlite_utils.Database | sqldb.PgDatabase", domain: str = "tailnet") -> None:
         self.domain = domain
         try:
-            if isinstance(db, sqlite_utils.Database):
+            if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
                 self.db = db
+            elif sqldb.is_postgres(db):
+                self.db = sqldb.PgDatabase(str(db))
             else:
                 path = Path(db)
                 if path.parent and not path.parent.exists():
@@ -84,7 +87,8 @@ class RecordStore:
                 self.db = sqlite_utils.Database(_connect(path))
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open records store {db}: {exc}") from None
+            where = sqldb.redact(db) if isinstance(db, str) else db
+            raise StoreError(f"cannot open records store {where}: {exc}") from None
 
     def _migrate(self) -> None:
         with self._tx():
@@ -94,7 +98,7 @@ class RecordStore:
                     pk="id", not_null={"name", "type", "value", "ttl", "override"})
                 self.db["records"].create_index(["name", "type", "value"], unique=True)
             if "meta" not in self.db.table_names():
-                self.db["meta"].create({"key": str, "value": int}, pk="key")
+                self.db["meta"].create({"key": str, "value": str}, pk="key")
             self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, 0)", [_VERSION_KEY])
             self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('records_schema', ?)",
                             [SCHEMA_VERSION])
@@ -113,7 +117,7 @@ class RecordStore:
             conn.execute("COMMIT")
 
     def _bump(self) -> None:
-        self.db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", [_VERSION_KEY])
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = ?", [_VERSION_KEY])
 
     def version(self) -> int:
         """The change counter: it grows with every committed change."""

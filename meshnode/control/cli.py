@@ -18,11 +18,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from magicdns import sqldb
+
 from ..safetext import safe
 from . import audit, authkeys, naming
 from .store import DEFAULT_DB, ControlStore, ControlStoreError, tighten
 
-_DB_HELP = "Control database (env MESHNODE_CONTROL_DB; default /var/lib/meshnode/control.db)."
+_DB_HELP = ("Control database: a SQLite file or a postgres://USER@HOST/DB URL (env MESHNODE_CONTROL_DB;"
+            " default /var/lib/meshnode/control.db).")
 
 
 def _db_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,6 +35,13 @@ def _db_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _default_token_path(db_path: str) -> str:
+    """Beside a SQLite file; for PostgreSQL (shared by replicas on other machines) beside the default file."""
+    if sqldb.is_postgres(db_path):
+        return str(Path(DEFAULT_DB).with_name("control.admin-token"))
+    return db_path + ".admin-token"
 
 
 def _open(db_path: str, domain: str | None = None) -> ControlStore:
@@ -104,7 +114,8 @@ def _parse_listen(text: str) -> tuple[str, int]:
 @click.option("--ephemeral-grace", default="5m", show_default=True,
               help="Delete an offline ephemeral node after this long (e.g. 30s, 5m).")
 @click.option("--admin-token-file", default=None,
-              help="Where to write the admin API token at first start (default: DB path + .admin-token).")
+              help="Where to write the admin API token at first start (default: DB path + .admin-token;"
+              " for a postgres:// database, control.admin-token beside the default database path).")
 @click.option("--derp", "embed_derp", is_flag=True,
               help="Also serve a DERP relay (region 999) on this listener, with STUN on --stun-port.")
 @click.option("--stun-port", type=click.IntRange(-1, 65535), default=3478, show_default=True,
@@ -134,18 +145,24 @@ def _parse_listen(text: str) -> tuple[str, int]:
               help="HOST:PORT serving /metrics without a token (otherwise /metrics needs the admin token).")
 @click.option("--register-rate", default=200.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Requests a second from machine keys no node has (registrations); bursts of 5x.")
+@click.option("--replica-id", default=None,
+              help="Serve as one of several replicas of a postgres:// database, under this id (heartbeats,"
+                   " shared presence; see `control replicas`).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, admin_token_file: str | None,
           embed_derp: bool, stun_port: int, derp_region_id: int, derp_host: str, derp_map_file: str | None,
           server_url: str | None, oidc_issuer: str | None, oidc_client_id: str | None,
           oidc_client_secret_file: str | None, oidc_allowed_domains: str, oidc_allowed_users: str,
           oidc_allowed_groups: str, oidc_preapproved_only: bool, session_idle: str, session_lifetime: str,
-          metrics_listen: str | None, register_rate: float, verbose: bool) -> None:
+          metrics_listen: str | None, register_rate: float, replica_id: str | None, verbose: bool) -> None:
     """Run the coordination server."""
     from ..derp.derpmap import RelayMapError, RelayMapFile
     from .console.web import mount
     from .server import ControlServer, ServerConfig
     host, port = _parse_listen(listen)
+    if replica_id is not None and not sqldb.is_postgres(db_path):
+        raise click.BadParameter("replicas share a PostgreSQL database: give --db postgres://...",
+                                 param_hint="--replica-id")
     map_file = None
     if derp_map_file:
         try:
@@ -166,7 +183,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
     store = _open(db_path, domain)
     store.actor = "system"   # the server's own changes (ephemeral clean-up, retention)
     token = store.ensure_admin_token()
-    token_path = Path(admin_token_file or db_path + ".admin-token")
+    token_path = Path(admin_token_file or _default_token_path(db_path))
     if token is not None:
         path = _write_token(token_path, token)
         logging.getLogger("meshnode.control").info("admin API token written to %s", path)
@@ -190,7 +207,10 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
                 bound_stun = stun.port
         server = ControlServer(store, ServerConfig(ephemeral_grace=grace, reap_interval=min(5.0, grace / 2),
                                                    unregistered_rate=register_rate,
-                                                   unregistered_burst=5 * register_rate),
+                                                   unregistered_burst=5 * register_rate,
+                                                   replica_id=replica_id,
+                                                   # LISTEN/NOTIFY rings at once; the poll is the fallback
+                                                   poll_interval=1.0 if sqldb.is_postgres(db_path) else 0.2),
                                relay=relay, relay_map_file=map_file)
         if relay is not None and port != 0:
             # Known before listening, so the first snapshot already carries the relay.
@@ -198,6 +218,9 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
             server.relay_map = embedded_map(derp_region_id, derp_host, port, tls=False, stun_port=bound_stun)
         console = mount(server, console_settings)
         bound = await server.start(host, port)
+        if replica_id is not None:
+            import dataclasses
+            server.config = dataclasses.replace(server.config, replica_listen=f"{host}:{bound}")
         if metrics is not None:
             mport = await server.start_metrics(*metrics)
             click.echo(f"metrics on {metrics[0]}:{mport}/metrics", err=True)
@@ -211,7 +234,7 @@ def serve(listen: str, db_path: str, domain: str | None, ephemeral_grace: str, a
         oidc_note = (f"; OIDC redirect URI {console.settings.server_url}/oidc/callback" if console.settings.oidc
                      else "; single sign-on off (--oidc-issuer ...)")
         click.echo(f"admin console at {console.settings.server_url}/console/{oidc_note}", err=True)
-        click.echo(f"control server listening on {host}:{bound} (db {db_path}, domain {store.domain()})"
+        click.echo(f"control server listening on {host}:{bound} (db {sqldb.redact(db_path)}, domain {store.domain()})"
                    + (f", relay on /derp (region {derp_region_id})" if relay is not None else "")
                    + (f", STUN on udp/{bound_stun}" if bound_stun >= 0 else ""), err=True)
         stop = asyncio.Event()
@@ -279,8 +302,48 @@ def _write_token(path: Path, token: str) -> Path:
 def admin_token(db_path: str, rotate: bool, admin_token_file: str | None) -> None:
     """Replace the admin API token; the new one is written to a 0600 file next to the database."""
     token = _run(lambda: _open(db_path).rotate_admin_token())
-    path = _write_token(Path(admin_token_file or db_path + ".admin-token"), token)
+    path = _write_token(Path(admin_token_file or _default_token_path(db_path)), token)
     click.echo(f"new admin token written to {path}")
+
+
+@control.command("replicas")
+@_db_option
+@_json_option
+def replicas_cmd(db_path: str, as_json: bool) -> None:
+    """The control replicas serving this database: nodes streaming from each, the version each
+    serves, how far behind the tailnet's version it is (lag) and its last heartbeat."""
+    store = _open(db_path)
+    now, version = time.time(), store.version()
+    rows = [{"id": r.id, "listen": r.listen, "nodes": r.nodes, "version": r.version, "lag": max(0, version - r.version),
+             "heartbeat_at": r.heartbeat_at, "alive": r.alive(now)} for r in store.list_replicas()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _table(["ID", "LISTEN", "NODES", "VERSION", "LAG", "HEARTBEAT", "ALIVE"],
+           [[r["id"], r["listen"], r["nodes"], r["version"], r["lag"], f"{now - r['heartbeat_at']:.1f}s ago",
+             "yes" if r["alive"] else "no"] for r in rows])
+
+
+@control.command("migrate")
+@click.option("--from", "src", required=True, help="The database to copy from (a SQLite file or postgres:// URL).")
+@click.option("--to", "dst", required=True, help="The database to copy into (empty, or a copy this command began).")
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Rows a destination transaction carries.")
+def migrate_cmd(src: str, dst: str, batch: int) -> None:
+    """Copy a tailnet to another database (e.g. SQLite to PostgreSQL), showing progress; compares both
+    in full at the end. Safe to run again after an interruption. Stop the source's server first."""
+    from .migrate import copy
+    if not sqldb.is_postgres(src) and not Path(src).is_file():
+        raise click.BadParameter(f"{src}: no such database file", param_hint="--from")
+    total_rows = 0
+    try:
+        for p in copy(src, dst, batch):
+            if p.done == p.total:
+                total_rows += p.total
+            click.echo(f"{p.table}: {p.done}/{p.total} rows", err=True)
+    except ControlStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"copied {total_rows} rows; the two databases hold the same content")
 
 
 # -- users --------------------------------------------------------------------------------------

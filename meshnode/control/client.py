@@ -165,11 +165,14 @@ class MapAssembler:
 
 
 class ControlClient:
-    """A node's connection to one control server."""
+    """A node's connection to a control server: one URL, or several replicas of one tailnet
+    ("URL1,URL2", tried in order: the client stays on the one that answers and moves to the next when
+    it cannot be reached; replicas share the server key, so the pinned key holds for all)."""
 
     def __init__(self, server_url: str, machine_key_private: str, node_key_private: str, *,
                  server_public_key: str | None = None, timeout: float = 15.0) -> None:
-        self.server_url = server_url.rstrip("/")
+        self.server_urls = tuple(u.strip().rstrip("/") for u in server_url.split(",") if u.strip())
+        self._current = 0
         self.machine_key_private = machine_key_private
         self.machine_key_public = public_key_of(machine_key_private)
         self.node_key_private = node_key_private
@@ -180,6 +183,19 @@ class ControlClient:
         self._channel: Channel | None = None
         self.stream_since: float | None = None  # when the map stream last came up or broke
         self.stream_error: str | None = None    # why it is down (None while connected)
+
+    @property
+    def server_url(self) -> str:
+        """The URL in use now."""
+        return self.server_urls[self._current]
+
+    def _next_server(self) -> bool:
+        """Move to the next URL; False when there is only one."""
+        if len(self.server_urls) < 2:
+            return False
+        self._current = (self._current + 1) % len(self.server_urls)
+        log.info("control: trying %s", self.server_url)
+        return True
 
     async def __aenter__(self) -> "ControlClient":
         return self
@@ -200,7 +216,17 @@ class ControlClient:
         return self._session
 
     async def fetch_server_key(self) -> str:
-        """GET /key; pins the key on first use and refuses a different one later."""
+        """GET /key (from the first server that can be reached); pins the key on first use and
+        refuses a different one later."""
+        for attempt in range(len(self.server_urls)):
+            try:
+                return await self._fetch_server_key_once()
+            except ControlError as exc:
+                if exc.status or attempt == len(self.server_urls) - 1 or not self._next_server():
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _fetch_server_key_once(self) -> str:
         try:
             async with self._http().get(self.server_url + "/key",
                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
@@ -238,7 +264,16 @@ class ControlClient:
         return self._channel
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """One sealed request and its sealed answer."""
+        """One sealed request and its sealed answer, from the first server that can be reached."""
+        for attempt in range(len(self.server_urls)):
+            try:
+                return await self._post_once(path, payload)
+            except ControlError as exc:
+                if exc.status or exc.sealed or attempt == len(self.server_urls) - 1 or not self._next_server():
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _post_once(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         chan = await self._chan()
         payload = dict(payload, ts=time.time())
         sealed = chan.seal(payload)
@@ -395,11 +430,11 @@ class ControlClient:
         one). Only a sealed login refusal (node deleted, expired, logged out, key mismatch; see
         `ControlError.logs_out`) ends the stream with `ControlError`.
         """
-        backoff = 0.1
+        backoff, tried = 0.1, 0
         while True:
             try:
                 async for nm in self._stream_once():
-                    backoff = 0.1
+                    backoff, tried = 0.1, 0
                     if self.stream_error is not None:
                         log.info("map stream: connected again")
                     self._stream_up(None)
@@ -420,6 +455,11 @@ class ControlClient:
             self._stream_up(err.message)
             if not reconnect:
                 raise err
+            if not err.status and not err.sealed and self._next_server():
+                tried += 1
+                if tried < len(self.server_urls):
+                    continue   # another replica at once; back off only after trying them all
+            tried = 0
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(max_backoff, backoff * 2)
 

@@ -42,6 +42,8 @@ log = logging.getLogger("meshnode.control.lock")
 
 def chain_dir(store: ControlStore) -> Path | None:
     """Where the tailnet's chain is kept: `<database>.tka/` (None for an in-memory database)."""
+    if getattr(store.db, "dialect", "sqlite") == "postgres":
+        return None   # no database file to keep the chain beside
     for row in store.conn.execute("PRAGMA database_list"):
         if row[1] == "main" and row[2]:
             return Path(str(row[2]) + ".tka")

@@ -54,7 +54,8 @@ from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_nod
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
                        parse_json, public_key_of, verify_node_key_proof)
-from .store import (Conflict, ControlStore, ControlStoreError, InvalidValue, Node, NotFound, Registration,
+from .store import (REPLICA_DEAD_AFTER, REPLICA_HEARTBEAT, Conflict, ControlStore, ControlStoreError, InvalidValue,
+                    Node, NotFound, Registration,
                     check_tag, normalize_cidr)
 
 log = logging.getLogger("meshnode.control.server")
@@ -89,6 +90,12 @@ class ServerConfig:
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
     presence_interval: float = 15.0     # how often the online set is written for `control nodes ls`
+    # One of several replicas serving the same (PostgreSQL) database: its id, what it listens on, how
+    # often it heartbeats and how long a silent replica counts as alive.
+    replica_id: str | None = None
+    replica_listen: str = ""
+    replica_heartbeat: float = REPLICA_HEARTBEAT
+    replica_dead_after: float = REPLICA_DEAD_AFTER
 
 
 _CHAN = web.RequestKey("meshnode.channel", Channel)
@@ -155,6 +162,8 @@ class ControlServer:
         self._unregistered = TokenBucket(config.unregistered_rate, config.unregistered_burst)
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self.online: dict[int, int] = {}          # node id -> open streams
+        self.remote_online: frozenset[int] = frozenset()   # nodes streaming from the other live replicas
+        self.doorbell: Any = None                 # doorbell.Doorbell on a PostgreSQL store
         self.snapshot: Snapshot | None = None
         self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
         self._dirty = asyncio.Event()
@@ -206,6 +215,12 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._publish()
+        url = getattr(self.store.db, "url", None)
+        if url is not None:   # PostgreSQL: changes ring at once; the poll stays as the fallback
+            from .doorbell import Doorbell
+            loop = asyncio.get_running_loop()
+            self.doorbell = Doorbell(url, lambda: loop.call_soon_threadsafe(self.mark_dirty))
+            self.doorbell.start()
         if self.relay is not None:
             await self.relay.start()
         for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner(),
@@ -213,6 +228,9 @@ class ControlServer:
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
+        if self.doorbell is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.doorbell.stop)
+            self.doorbell = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -243,23 +261,48 @@ class ControlServer:
             self._runner = None
             try:  # nobody is online on a stopped server: `control nodes ls` says so at once, and
                 # keeps saying so (no heartbeat will follow) until a server starts and writes again
-                self.store.set_presence((), time.time(), PRESENCE_FINAL)
+                if self.config.replica_id:
+                    self.store.remove_replica(self.config.replica_id)
+                else:
+                    self.store.set_presence((), time.time(), PRESENCE_FINAL)
             except ControlStoreError:
                 log.exception("recording presence failed")
 
     async def _presence(self) -> None:
         """Write who is online now and then (and at once when it changes), so `control nodes ls`
-        shows ONLINE and a LAST SEEN that keeps moving while a node stays connected."""
+        shows ONLINE and a LAST SEEN that keeps moving while a node stays connected. A replica
+        heartbeats instead, and learns from the other replicas' heartbeats who streams from them."""
+        interval = self.config.replica_heartbeat if self.config.replica_id else self.config.presence_interval
         while True:
             self._presence_changed.clear()
             try:
-                self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
+                if self.config.replica_id:
+                    self._heartbeat()
+                else:
+                    self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
             except Exception:
                 log.exception("recording presence failed")
             try:
-                await asyncio.wait_for(self._presence_changed.wait(), self.config.presence_interval)
+                await asyncio.wait_for(self._presence_changed.wait(), interval)
             except asyncio.TimeoutError:
                 pass
+
+    def _heartbeat(self) -> None:
+        now = time.time()
+        me = self.config.replica_id
+        self.store.heartbeat_replica(me or "", self.config.replica_listen, list(self.online), self._seen_counter, now)
+        remote = frozenset().union(*(r.online for r in self.store.list_replicas()
+                                     if r.id != me and r.alive(now, self.config.replica_dead_after)))
+        if remote != self.remote_online:
+            self.remote_online = remote
+            self.mark_dirty()   # peers' online flags changed
+
+    def _online_everywhere(self) -> dict[int, int]:
+        if not self.remote_online:
+            return self.online
+        merged = dict.fromkeys(self.remote_online, 1)
+        merged.update(self.online)
+        return merged
 
     # -- change propagation ---------------------------------------------------------------------
 
@@ -303,7 +346,8 @@ class ControlServer:
         self._built_counter = counter
         snap, differs = build_snapshot(prev, version=prev.version if prev else self.store.map_version(),
                                        domain=self.store.domain(), nodes=nodes,
-                                       online=self.online, now=time.time(), policy_text=text, policy=policy,
+                                       online=self._online_everywhere(), now=time.time(), policy_text=text,
+                                       policy=policy,
                                        dns=self.store.dns_settings(), records=records,
                                        derp_map_text=self._relay_map_text(policy),
                                        ca_pem=self._current_ca().cert_pem,
@@ -366,7 +410,10 @@ class ControlServer:
         while True:
             await asyncio.sleep(min(self.config.reap_interval, self.config.ephemeral_grace))
             try:
-                gone = self.store.delete_stale_ephemeral(set(self.online), time.time() - self.config.ephemeral_grace)
+                # Nodes streaming from other replicas are online too; the deletion itself runs under
+                # the database's write lock, so replicas reaping at once cannot delete twice.
+                gone = self.store.delete_stale_ephemeral(set(self.online) | self.remote_online,
+                                                         time.time() - self.config.ephemeral_grace)
             except Exception:
                 log.exception("removing stale ephemeral nodes failed")
                 continue
@@ -382,6 +429,9 @@ class ControlServer:
                 if removed:
                     log.info("audit: removed %d entries older than %g days", removed,
                              self.store.audit_retention_days())
+                # The change log keeps the newest 100,000 versions: enough for any reader that is
+                # minutes behind; an older one starts again from a full snapshot (ChangeLogGap).
+                self.store.prune_changes()
             except Exception:
                 log.exception("pruning the audit log failed")
             await asyncio.sleep(self.config.audit_prune_interval)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import sqlite_utils
 
+from magicdns import sqldb
 from magicdns.names import NameError_, normalize_domain
 from magicdns.store import RecordStore, StoreError as RecordStoreError
 from magicdns.upstream import UpstreamError, parse_upstream
@@ -139,6 +140,39 @@ class RegisterRequest:
     user: str
     authkey: str
     state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One committed write transaction: the tailnet version it made and what it changed, as
+    (kind, target) pairs ("node.rename", "node:web"), ("dns.records", "records"), ..."""
+
+    version: int
+    time: float
+    items: tuple[tuple[str, str], ...]
+
+
+REPLICA_HEARTBEAT = 3.0     # seconds between a replica's heartbeats
+REPLICA_DEAD_AFTER = 10.0   # a replica silent this long is dead: its nodes are shown offline
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """A control replica as it last reported itself."""
+
+    id: str
+    listen: str
+    nodes: int
+    version: int
+    heartbeat_at: float
+    online: frozenset[int]
+
+    def alive(self, now: float, dead_after: float = REPLICA_DEAD_AFTER) -> bool:
+        return now - self.heartbeat_at < dead_after
+
+
+class ChangeLogGap(ControlStoreError):
+    """The changes after the asked version were pruned: the reader must start from a full snapshot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +340,21 @@ def _m7_tka_flows(db: sqlite_utils.Database) -> None:
                               pk=("node_id", "boot_id"), not_null={"seq"})
 
 
+
+def _m8_changelog(db: sqlite_utils.Database) -> None:
+    # The versioned change log: one row per write transaction that changed the tailnet, keyed by the
+    # tailnet version it produced (`change_counter`), listing what it changed (see `changes_since`).
+    db["changes"].create({"version": int, "time": float, "items": str}, pk="version", not_null={"time", "items"})
+    # Control replicas serving one database (PostgreSQL): each writes its row every heartbeat, with the
+    # nodes streaming from it; a row whose heartbeat is old belongs to a dead replica.
+    db["replicas"].create({"id": str, "listen": str, "nodes": int, "version": int, "heartbeat_at": float,
+                           "online": str}, pk="id", not_null={"heartbeat_at"})
+
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
-                                                                  _m5_console, _m6_tailnet_ca, _m7_tka_flows)
+                                                                  _m5_console, _m6_tailnet_ca, _m7_tka_flows,
+                                                                  _m8_changelog)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -358,14 +405,18 @@ class _Names:
 class ControlStore:
     """Users, nodes, leases, auth keys, policy, DNS settings and (via RecordStore) records."""
 
-    def __init__(self, db: str | Path | sqlite_utils.Database, domain: str | None = None) -> None:
+    def __init__(self, db: "str | Path | sqlite_utils.Database | sqldb.PgDatabase", domain: str | None = None) -> None:
         self._node_cache: dict[int, tuple[tuple, Node]] = {}
         # Who the audit log names for changes made through this store (see `acting_as`).
         self.actor = "system"
         self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
+        self._notes: list[tuple[str, str]] = []   # what the open transaction changed, for the change log
+        self._postgres = False
         try:
-            if isinstance(db, sqlite_utils.Database):
+            if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
                 self.db = db
+            elif sqldb.is_postgres(db):
+                self.db = sqldb.PgDatabase(str(db))
             else:
                 path = Path(db)
                 _prepare_path(path)
@@ -373,13 +424,15 @@ class ControlStore:
                 for suffix in ("-wal", "-shm"):
                     tighten(path.with_name(path.name + suffix))
             self.conn = self.db.conn
+            self._postgres = sqldb.dialect(self.db) == "postgres"
             self._migrate()
             if domain is not None:
                 self.set_domain(domain)
             self.records = RecordStore(self.db, self.domain())
             self._install_record_triggers()
         except sqlite3.DatabaseError as exc:
-            raise ControlStoreError(f"cannot open control database {db}: {exc}") from None
+            where = sqldb.redact(db) if isinstance(db, str) else db
+            raise ControlStoreError(f"cannot open control database {where}: {exc}") from None
         except RecordStoreError as exc:
             raise ControlStoreError(str(exc)) from None
 
@@ -389,6 +442,7 @@ class ControlStore:
     def _tx(self, bump: bool = True) -> Iterator[None]:
         """One IMMEDIATE transaction; a write also bumps the change counter servers poll."""
         self.conn.execute("BEGIN IMMEDIATE")
+        self._notes = []
         try:
             yield
             if self._marks:
@@ -396,6 +450,12 @@ class ControlStore:
             if bump:
                 self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                                   " WHERE key = 'change_counter'")
+                # Under the write lock, so versions commit in order: a reader never sees N+1 before N.
+                self.conn.execute("INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), ?, ?"
+                                  " FROM control_meta WHERE key = 'change_counter'",
+                                  [time.time(), json.dumps(self._notes or [("tailnet", "")])])
+                if self._postgres:   # the replicas' doorbell (doorbell.py), delivered on COMMIT
+                    self.conn.execute("SELECT pg_notify('meshnode_changes', '')")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -418,7 +478,8 @@ class ControlStore:
                 self.actor = previous
 
     def _audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
-        """One audit entry in the current transaction (audit.py)."""
+        """One audit entry in the current transaction (audit.py); also a change-log item."""
+        self._notes.append((action, target))
         self._fold_pending()
         audit.record(self.conn, self.actor, action, target, old, new)
 
@@ -437,9 +498,60 @@ class ControlStore:
         " NEW.name, json_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl),"
         " json_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)); END",
     }
+    # A records transaction (one bump of `records_version`) is a tailnet change too: the same version
+    # sequence and change log, whichever process made it.
+    _RECORD_TRIGGERS["changelog_records"] = (
+        "AFTER UPDATE ON meta WHEN NEW.key = 'records_version' BEGIN UPDATE control_meta SET value ="
+        " CAST(value AS INTEGER) + 1 WHERE key = 'change_counter'; INSERT INTO changes(version, time, items)"
+        " SELECT CAST(value AS INTEGER), (julianday('now') - 2440587.5) * 86400.0, '[[\"dns.records\", \"records\"]]'"
+        " FROM control_meta WHERE key = 'change_counter'; END")
     RECORDS_ACTOR = "records-store"   # the actor of record changes made directly on the records table
 
+    # The same three notes in PostgreSQL's trigger language (one function, one row trigger).
+    _PG_RECORD_TRIGGER = """
+CREATE OR REPLACE FUNCTION audit_records_change() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO audit_pending(time, action, target, old, new) VALUES (extract(epoch FROM clock_timestamp()),
+      'dns.record.add', 'record:' || NEW.name, NULL,
+      json_build_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)::text);
+  ELSIF TG_OP = 'DELETE' THEN
+    INSERT INTO audit_pending(time, action, target, old, new) VALUES (extract(epoch FROM clock_timestamp()),
+      'dns.record.remove', 'record:' || OLD.name,
+      json_build_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl)::text, NULL);
+  ELSE
+    INSERT INTO audit_pending(time, action, target, old, new) VALUES (extract(epoch FROM clock_timestamp()),
+      'dns.record.change', 'record:' || NEW.name,
+      json_build_object('type', OLD.type, 'value', OLD.value, 'ttl', OLD.ttl)::text,
+      json_build_object('type', NEW.type, 'value', NEW.value, 'ttl', NEW.ttl)::text);
+  END IF;
+  RETURN NULL;
+END $body$"""
+    _PG_CHANGELOG_TRIGGER = """
+CREATE OR REPLACE FUNCTION changelog_records() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+  IF NEW.key = 'records_version' THEN
+    UPDATE control_meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'change_counter';
+    INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), extract(epoch FROM clock_timestamp()),
+      '[["dns.records", "records"]]' FROM control_meta WHERE key = 'change_counter';
+    PERFORM pg_notify('meshnode_changes', '');
+  END IF;
+  RETURN NULL;
+END $body$"""
+
     def _install_record_triggers(self) -> None:
+        if sqldb.dialect(self.db) == "postgres":
+            if self.conn.execute("SELECT COUNT(*) FROM pg_trigger WHERE tgname IN ('audit_records',"
+                                 " 'changelog_records')").fetchone()[0] == 2:
+                return
+            with self._tx(bump=False):
+                self.conn.execute(self._PG_RECORD_TRIGGER)
+                self.conn.execute("CREATE OR REPLACE TRIGGER audit_records AFTER INSERT OR UPDATE OR DELETE"
+                                  " ON records FOR EACH ROW EXECUTE FUNCTION audit_records_change()")
+                self.conn.execute(self._PG_CHANGELOG_TRIGGER)
+                self.conn.execute("CREATE OR REPLACE TRIGGER changelog_records AFTER UPDATE ON meta"
+                                  " FOR EACH ROW EXECUTE FUNCTION changelog_records()")
+            return
         have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         if have >= set(self._RECORD_TRIGGERS):
             return
@@ -628,6 +740,26 @@ class ControlStore:
         """Grows with every committed change by any process (records excepted: see `records.version()`)."""
         return int(self._meta("change_counter") or 0)
 
+    def version(self) -> int:
+        """The tailnet's version: the newest entry of the change log (0 for a new tailnet)."""
+        return self.change_counter()
+
+    def changes_since(self, version: int, limit: int = 10_000) -> list[Change]:
+        """The changes after `version`, oldest first, at most `limit`; `ChangeLogGap` when some of them
+        were pruned (the reader then starts again from a full snapshot)."""
+        current = self.version()   # read first: a change committed after it only adds rows below
+        rows = self.conn.execute("SELECT version, time, items FROM changes WHERE version > ? ORDER BY version"
+                                 " LIMIT ?", [version, limit]).fetchall()
+        if version < current and (not rows or rows[0][0] != version + 1):
+            raise ChangeLogGap(f"the change log no longer holds version {version + 1}")
+        return [Change(int(v), float(t), tuple((str(k), str(g)) for k, g in json.loads(items)))
+                for v, t, items in rows]
+
+    def prune_changes(self, keep: int = 100_000) -> int:
+        """Forget all but the newest `keep` changes; returns how many went."""
+        with self._tx(bump=False):
+            return self.conn.execute("DELETE FROM changes WHERE version <= ?", [self.version() - keep]).rowcount
+
     def map_version(self) -> int:
         return int(self._meta("map_version") or 0)
 
@@ -679,6 +811,8 @@ class ControlStore:
 
     def _restrict_file_mode(self) -> None:
         # The CA key (and the server key) sit in this file: nobody but the owner may read it.
+        if sqldb.dialect(self.db) == "postgres":
+            return   # no file here: PostgreSQL's own roles and grants guard the rows
         row = self.conn.execute("PRAGMA database_list").fetchone()
         path = row[2] if row else ""
         for suffix in ("", "-wal", "-shm"):
@@ -733,7 +867,7 @@ class ControlStore:
 
     def _write_marks(self) -> None:
         self.conn.executemany("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
-                              " DO UPDATE SET ts = MAX(ts, excluded.ts)", list(self._marks.items()))
+                              " DO UPDATE SET ts = MAX(replay_marks.ts, excluded.ts)", list(self._marks.items()))
         self._marks.clear()
 
     def admin_token_hash(self) -> str | None:
@@ -1046,6 +1180,7 @@ class ControlStore:
     def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
         """The node's reported endpoints (and, when given, its disco key of this run)."""
         with self._tx():
+            self._notes.append(("node.endpoints", f"node-id:{node_id}"))
             if disco_key is None:
                 self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
             else:
@@ -1062,6 +1197,7 @@ class ControlStore:
     def touch(self, node_ids: Sequence[int], now: float) -> None:
         """Record last-seen times (peers see them in their maps, so this counts as a change)."""
         with self._tx():
+            self._notes.extend(("node.seen", f"node-id:{i}") for i in node_ids)
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
 
     def set_presence(self, node_ids: Sequence[int], now: float, interval: float) -> None:
@@ -1072,13 +1208,42 @@ class ControlStore:
                                                    "ids": sorted(int(i) for i in node_ids)}))
 
     def presence(self) -> tuple[float, float, frozenset[int]] | None:
-        """(written at, heartbeat interval, online node ids) as the server last wrote them, or None."""
+        """(written at, heartbeat interval, online node ids) as the server last wrote them, or None.
+        With replicas: the nodes streaming from every live replica, as of the newest heartbeat."""
+        replicas = [r for r in self.list_replicas() if r.alive(time.time())]
+        if replicas:
+            return (max(r.heartbeat_at for r in replicas), REPLICA_HEARTBEAT,
+                    frozenset().union(*(r.online for r in replicas)))
         raw = self._meta("presence")
         try:
             obj = json.loads(raw) if raw else None
             return (float(obj["at"]), float(obj["interval"]), frozenset(int(i) for i in obj["ids"])) if obj else None
         except (ValueError, KeyError, TypeError):
             return None
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    def heartbeat_replica(self, replica_id: str, listen: str, online: Sequence[int], version: int,
+                          now: float) -> None:
+        """A replica says it lives, who streams from it and which tailnet version it serves.
+        Not a tailnet change: no version, no change-log entry."""
+        with self._tx(bump=False):
+            self.conn.execute("INSERT INTO replicas(id, listen, nodes, version, heartbeat_at, online)"
+                              " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET listen = excluded.listen,"
+                              " nodes = excluded.nodes, version = excluded.version,"
+                              " heartbeat_at = excluded.heartbeat_at, online = excluded.online",
+                              [replica_id, listen, len(online), version, now, json.dumps(sorted(online))])
+
+    def list_replicas(self) -> list[Replica]:
+        return [Replica(r[0], r[1] or "", int(r[2] or 0), int(r[3] or 0), float(r[4]),
+                        frozenset(int(i) for i in json.loads(r[5] or "[]")))
+                for r in self.conn.execute("SELECT id, listen, nodes, version, heartbeat_at, online FROM replicas"
+                                           " ORDER BY id")]
+
+    def remove_replica(self, replica_id: str) -> None:
+        """A replica that stops cleanly takes its row (and its nodes' presence) with it."""
+        with self._tx(bump=False):
+            self.conn.execute("DELETE FROM replicas WHERE id = ?", [replica_id])
 
     # -- policy ---------------------------------------------------------------------------------
 

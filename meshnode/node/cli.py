@@ -300,7 +300,8 @@ def _changes_text(cur: dict[str, Any], new: dict[str, Any], fields: list[str]) -
 
 
 @click.command("up")
-@click.option("--login-server", default=None, help="Control server URL (needed the first time).")
+@click.option("--login-server", default=None,
+              help="Control server URL (needed the first time); several replicas as URL1,URL2 (tried in order).")
 @click.option("--authkey", "--auth-key", "authkey", default=None, metavar="KEY|file:PATH|-",
               help="Pre-auth key (needed to register a new node): file:PATH reads it from a file, - from"
               " standard input; env MESHNODE_AUTHKEY. Inline keys are visible to every local user."

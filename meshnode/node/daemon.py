@@ -803,7 +803,9 @@ class Daemon:
         if url:
             try:
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
-                    async with http.get(url.rstrip("/") + "/key") as resp:
+                    # Several replicas ("URL1,URL2"): the one the node uses now, else the first.
+                    here = self._client.server_url if self._client is not None else url.split(",")[0]
+                    async with http.get(here.rstrip("/") + "/key") as resp:
                         body = await resp.json(content_type=None)
                 control["version"] = body.get("version") if isinstance(body, dict) else None
                 if control["version"] is None:
@@ -1111,7 +1113,9 @@ class Daemon:
         start = time.monotonic()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-                async with http.get(url.rstrip("/") + "/key") as resp:
+                # Several replicas ("URL1,URL2"): the one the node uses now, else the first.
+                here = self._client.server_url if self._client is not None else url.split(",")[0]
+                async with http.get(here.rstrip("/") + "/key") as resp:
                     status = resp.status
                     body = await resp.json(content_type=None) if status == 200 else None
         except asyncio.TimeoutError:

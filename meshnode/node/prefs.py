@@ -43,11 +43,14 @@ class Prefs:
 
 
 def check_login_server(url: str) -> str:
-    """An http(s) URL with a host; returns it without a trailing slash."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise PrefsError(f"login_server: {url!r} must be an http:// or https:// URL with a host")
-    return url.rstrip("/")
+    """An http(s) URL with a host, or several separated by commas (replicas of one control server,
+    tried in order); returns them without trailing slashes."""
+    urls = [u.strip() for u in url.split(",")]
+    for u in urls:
+        parsed = urlparse(u)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise PrefsError(f"login_server: {u!r} must be an http:// or https:// URL with a host")
+    return ",".join(u.rstrip("/") for u in urls)
 
 
 def check_route(text: str) -> str:

@@ -13,8 +13,9 @@ from tests.integration.magicdns_proc import run_cli
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> str:
-    return str(tmp_path / "records.db")
+def db(db_spec: str) -> str:
+    """Each test runs on a SQLite file and on a PostgreSQL database (`--db postgres://...`)."""
+    return db_spec
 
 
 def records(db: str, *args: str, input: str | None = None):
@@ -212,7 +213,7 @@ def test_rrset_that_cannot_fit_a_message_is_refused(db: str, tmp_path: Path) -> 
     assert res.returncode == 2 and "nothing was imported" in res.stderr and len(stored(db)) == 4
 
 
-def test_zone_export_reads_back_exactly(db: str) -> None:
+def test_zone_export_reads_back_exactly(db: str, tmp_path: Path) -> None:
     assert records(db, "add", "nl", "TXT", "line one\nline two\ttab").returncode == 0
     assert records(db, "add", "q", "TXT", '"semi;colon" "back\\\\slash" "quote\\"d" "\\000nul"').returncode == 0
     assert records(db, "add", "u", "TXT", "héllo wörld").returncode == 0
@@ -222,7 +223,7 @@ def test_zone_export_reads_back_exactly(db: str) -> None:
     assert any(r.get("override") for r in before)
     as_zone = records(db, "export", "--format", "zone").stdout
     assert len(as_zone.splitlines()) == 5  # one line a record: the newline is escaped
-    copy = db + ".copy"
+    copy = str(tmp_path / "copy.db")
     res = run_cli("records", "--db", copy, "import", "-", input=as_zone)
     assert res.returncode == 0, res.stderr
     assert stored(copy) == before
