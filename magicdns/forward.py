@@ -37,7 +37,6 @@ import socket
 import _socket
 import struct
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from dnslib import DNSError

@@ -463,7 +463,7 @@ def _aum_json(a: AUM) -> dict[str, Any]:
 def _describe(a: AUM) -> str:
     lines = [f"update {a.hash} ({kind_label(a.kind)})"]
     if a.kind == AUMKind.ADD_KEY and a.key is not None:
-        lines += [f"Type: 25519", f"KeyID: {format_public(a.key.key_id)}"]
+        lines += ["Type: 25519", f"KeyID: {format_public(a.key.key_id)}"]
         if a.key.meta:
             lines.append(f"Metadata: {dict(a.key.meta)}")
     elif a.kind in (AUMKind.REMOVE_KEY, AUMKind.UPDATE_KEY):
