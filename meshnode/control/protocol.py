@@ -261,7 +261,8 @@ class _BadNumber(ValueError):
     pass
 
 
-def _depth_ok(obj: Any, limit: int) -> bool:
+def json_depth_ok(obj: Any, limit: int) -> bool:
+    """True when parsed JSON nests no deeper than `limit` (checked without recursion)."""
     stack = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
@@ -290,7 +291,7 @@ def parse_json(data: bytes | str, what: str = "the body") -> Any:
     except (ValueError, UnicodeDecodeError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else "invalid"
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} is not JSON ({reason})") from None
-    if not _depth_ok(obj, MAX_JSON_DEPTH):
+    if not json_depth_ok(obj, MAX_JSON_DEPTH):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
     return obj
 

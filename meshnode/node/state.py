@@ -29,6 +29,7 @@ from typing import Any
 
 from nacl.public import PrivateKey
 
+from ..control.protocol import json_depth_ok
 from .atomicfile import atomic_write
 from .prefs import Prefs, PrefsError, prefs_from_json
 
@@ -84,20 +85,6 @@ def decode_key(text: str, where: str) -> PrivateKey:
     if len(raw) != 32:
         raise KeyFileError(f"{where}: the key has {len(raw)} bytes, expected 32")
     return PrivateKey(raw)
-
-
-def _depth_ok(obj: Any, limit: int) -> bool:
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            value = list(value.values())
-        elif not isinstance(value, list):
-            continue
-        if depth > limit:
-            return False
-        stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
-    return True
 
 
 def _is_key(value: Any) -> bool:
@@ -258,7 +245,7 @@ class StateDir:
             return True, None, f"not valid JSON: {exc}"
         except RecursionError:
             return True, None, "nested too deeply"
-        if not _depth_ok(value, MAX_STATE_JSON_DEPTH):
+        if not json_depth_ok(value, MAX_STATE_JSON_DEPTH):
             return True, None, f"nested more than {MAX_STATE_JSON_DEPTH} levels deep"
         return True, value, ""
 
