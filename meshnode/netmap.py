@@ -74,6 +74,7 @@ class MapNode:
     ephemeral: bool = False
     disco_key: str = ""                    # disco public key of the node's current run (base64)
     key_signature: str = ""                # Tailnet Lock signature of node_key (base64), if any
+    lock_key: str = ""                     # the node's Tailnet Lock public key (tlpub:HEX), if it reported one
 
     def to_json(self, domain: str | None = None) -> dict[str, Any]:
         """JSON form. Empty lists, false flags and a None last_seen are left out, and so are `fqdn`
@@ -93,6 +94,8 @@ class MapNode:
             out["disco_key"] = self.disco_key
         if self.key_signature:
             out["key_signature"] = self.key_signature
+        if self.lock_key:
+            out["lock_key"] = self.lock_key
         for key, value in (("endpoints", self.endpoints), ("advertised_routes", self.advertised_routes),
                            ("approved_routes", self.approved_routes), ("tags", self.tags)):
             if value:
@@ -131,7 +134,8 @@ class MapNode:
                 bool(obj.get("advertises_exit_node", False)), tuple(obj.get("tags") or ()),
                 bool(obj.get("online", False)), str(obj.get("os", "")),
                 float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)),
-                str(obj.get("disco_key") or ""), str(obj.get("key_signature") or ""))
+                str(obj.get("disco_key") or ""), str(obj.get("key_signature") or ""),
+                str(obj.get("lock_key") or ""))
         except KeyError as exc:
             raise NetMapError(f"node {obj.get('id', '?')}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:

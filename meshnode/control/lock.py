@@ -13,6 +13,8 @@ TKA*Request; bodies also carry the node's `node_key`):
   POST /machine/tka/sync/send   {aums: [b64]}       -> {head}     (verified, all or nothing)
   POST /machine/tka/sign        {target, signature} -> {ok}       (refused unless it verifies)
   POST /machine/tka/disable     {secret: hex}       -> {ok}       (refused unless it is one of ours)
+  POST /machine/tka/key         {lock_key: tlpub:HEX} -> {ok}     (this node's lock public key, for the
+                                                                   map's `lock_key`, so `lock init` can sign it)
 A refused update is a `bad_request` whose message names the reason (`ReplayedAUM: ...`,
 `InvalidSignature: ...`, `LimitExceeded: ...`); a request while the lock is off/on is a `conflict`.
 """
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..tka.cli_format import format_public, parse_public
 from ..tka.errors import StateError, TKAError
 from ..tka.nodelock import ControlChain
 from ..tka.store import ChainStore, FileStore, MemoryStore
@@ -86,11 +89,17 @@ class ControlLock:
         """Node key -> signature, for the map (only while the lock is on)."""
         return self.store.tka_signatures() if self.chain.head is not None else {}
 
+    def lock_keys(self) -> dict[str, str]:
+        """Node key -> the lock public key its node reported (in the map whether or not the lock is on:
+        `lock init` needs them before there is a chain)."""
+        return self.store.tka_lock_keys()
+
     def attach(self, app: web.Application) -> None:
         app.add_routes([
             web.post("/machine/tka/init", self._init), web.post("/machine/tka/bootstrap", self._bootstrap),
             web.post("/machine/tka/sync/offer", self._offer), web.post("/machine/tka/sync/send", self._send),
             web.post("/machine/tka/sign", self._sign), web.post("/machine/tka/disable", self._disable),
+            web.post("/machine/tka/key", self._key),
         ])
 
     async def _node(self, request: web.Request) -> tuple[Any, Any, dict[str, Any]]:
@@ -189,6 +198,19 @@ class ControlLock:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "target: expected a node key")
         self._store_signature(node, target, _b64(p.get("signature"), "signature"))
         self.server.mark_dirty()
+        return self.server._sealed(chan, {"ok": True})
+
+    async def _key(self, request: web.Request) -> web.Response:
+        node, chan, p = await self._node(request)
+        text = p.get("lock_key")
+        try:
+            if not isinstance(text, str) or len(text) > 128:
+                raise ValueError
+            raw = parse_public(text)
+        except (TKAError, ValueError):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "lock_key: expected tlpub:HEX") from None
+        if self.store.set_tka_lock_key(node.node_key, format_public(raw)):
+            self.server.mark_dirty()
         return self.server._sealed(chan, {"ok": True})
 
     async def _disable(self, request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ def _dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def map_node(node: Node, domain: str, online: bool, key_signature: str = "") -> MapNode:
+def map_node(node: Node, domain: str, online: bool, key_signature: str = "", lock_key: str = "") -> MapNode:
     """A stored node as peers see it (with its Tailnet Lock signature, if the control server has one
     for its current node key)."""
     addrs = node.addresses
@@ -37,7 +37,7 @@ def map_node(node: Node, domain: str, online: bool, key_signature: str = "") -> 
     return MapNode(node.id, node.name, f"{node.name}.{domain}", node.user, addrs, node.node_key,
                    node.endpoints, allowed, node.advertised_routes, node.approved_routes,
                    node.exit_node_approved, node.advertises_exit_node, node.tags, online, node.os,
-                   node.last_seen, node.ephemeral, node.disco_key, key_signature)
+                   node.last_seen, node.ephemeral, node.disco_key, key_signature, lock_key)
 
 
 def node_info(node: Node) -> NodeInfo:
@@ -92,8 +92,8 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
                    online: Mapping[int, int], now: float, policy_text: str | None, policy: Policy | None,
                    dns: DnsSettings, records: Iterable[Record], derp_map_text: str = "null",
                    ca_pem: str = "", tka_head: str | None = None,
-                   signatures: Mapping[str, str] | None = None, flow_logs: bool = False
-                   ) -> tuple[Snapshot, bool]:
+                   signatures: Mapping[str, str] | None = None, flow_logs: bool = False,
+                   lock_keys: Mapping[str, str] | None = None) -> tuple[Snapshot, bool]:
     """The next snapshot and whether it differs from `prev` (if not, keep serving `prev`'s version)."""
     rows: dict[int, Node] = {}
     mnodes: dict[int, MapNode] = {}
@@ -109,14 +109,15 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
         old = prev.nodes.get(node.id) if prev and p_rows else None
         is_online = node.id in online
         sig = signatures.get(node.node_key, "") if signatures else ""
+        lock_key = lock_keys.get(node.node_key, "") if lock_keys else ""
         if (old is not None and p_rows.get(node.id) is node and old.online == is_online
-                and old.key_signature == sig):
+                and old.key_signature == sig and old.lock_key == lock_key):
             # The store hands back the identical Node object for an unchanged row.
             mnodes[node.id], texts[node.id] = old, prev.node_text[node.id]  # type: ignore[union-attr]
             info = p_infos.get(node.id)
             infos.append(info if info is not None else node_info(node))
             continue
-        mn = map_node(node, domain, is_online, sig)
+        mn = map_node(node, domain, is_online, sig, lock_key)
         if old is not None and old == mn:
             mn, text = old, prev.node_text[node.id]  # type: ignore[union-attr]
         else:

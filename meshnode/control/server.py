@@ -352,7 +352,7 @@ class ControlServer:
                                        derp_map_text=self._relay_map_text(policy),
                                        ca_pem=self._current_ca().cert_pem,
                                        tka_head=self.tka.head, signatures=self.tka.signatures(),
-                                       flow_logs=self.store.flow_logs_enabled())
+                                       lock_keys=self.tka.lock_keys(), flow_logs=self.store.flow_logs_enabled())
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:

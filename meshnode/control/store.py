@@ -351,10 +351,17 @@ def _m8_changelog(db: sqlite_utils.Database) -> None:
                            "online": str}, pk="id", not_null={"heartbeat_at"})
 
 
+def _m9_tka_lock_keys(db: sqlite_utils.Database) -> None:
+    # Tailnet Lock: each node's lock public key (`tlpub:HEX`) as the node reported it, keyed by its
+    # node key, so the map can carry it and `lock init KEY...` can sign the nodes those keys belong to.
+    db["tka_lock_keys"].create({"node_key": str, "lock_key": str, "updated": float}, pk="node_key",
+                               not_null={"lock_key"})
+
+
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
                                                                   _m5_console, _m6_tailnet_ca, _m7_tka_flows,
-                                                                  _m8_changelog)
+                                                                  _m8_changelog, _m9_tka_lock_keys)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -630,6 +637,21 @@ END $body$"""
                               " ON CONFLICT(node_key) DO UPDATE SET signature = excluded.signature,"
                               " created = excluded.created", [node_key, signature, time.time()])
             self._audit("tka.sign", f"nodekey:{node_key}", None, {"signature": _sha(signature)})
+
+    def tka_lock_keys(self) -> dict[str, str]:
+        """node key (base64) -> the lock public key (`tlpub:HEX`) its node reported."""
+        return {str(k): str(v) for k, v in self.conn.execute("SELECT node_key, lock_key FROM tka_lock_keys")}
+
+    def set_tka_lock_key(self, node_key: str, lock_key: str) -> bool:
+        """Remember a node's lock key; returns whether it changed (a public key: not audited)."""
+        row = self.conn.execute("SELECT lock_key FROM tka_lock_keys WHERE node_key = ?", [node_key]).fetchone()
+        if row is not None and str(row[0]) == lock_key:
+            return False
+        with self._tx():
+            self.conn.execute("INSERT INTO tka_lock_keys(node_key, lock_key, updated) VALUES (?, ?, ?)"
+                              " ON CONFLICT(node_key) DO UPDATE SET lock_key = excluded.lock_key,"
+                              " updated = excluded.updated", [node_key, lock_key, time.time()])
+        return True
 
     def tka_disablement_secret(self) -> str | None:
         """The disablement secret (hex) that turned the lock off, handed to nodes so they follow."""

@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable
 
 from ..control.client import ControlClient, ControlError
 from ..netmap import MapNode, NetMap
+from ..tka.cli_format import format_public
 from ..tka.errors import TKAError
 from ..tka.nodelock import NodeLock
 from ..tka.statedir import LockDir
@@ -48,6 +49,7 @@ class LockService:
         self.last_refusal: str | None = None          # an update (or request) that was refused
         self.error: str | None = None                 # the lock could not be run (damaged files...)
         self._compacted_at = 0.0
+        self._key_reported = False   # this run told the control server our lock public key
 
     # -- the chain ------------------------------------------------------------------------------
 
@@ -70,6 +72,7 @@ class LockService:
             self.last_map = netmap
             try:
                 if client is not None:
+                    await self._report_key(client)
                     await self._flush_outbox(client)
                     await self._sync(netmap.tka_head, client)
                 filtered = self._filter(netmap)
@@ -110,6 +113,19 @@ class LockService:
         for peer, why in self.locked_out:
             log.info("tailnet lock: peer %s (%s) is locked out: %s", peer.name, peer.node_key, why)
         return dataclasses.replace(netmap, peers=result.admitted)
+
+    async def _report_key(self, client: ControlClient) -> None:
+        """Tell the control server our lock public key once per run, so peers' maps carry it and a
+        `lock init` that trusts it signs our node key (as Tailscale's does)."""
+        if self._key_reported:
+            return
+        try:
+            await client.tka("key", {"lock_key": format_public(self.dir.lock_key().public)})
+        except ControlError as exc:
+            if exc.retryable:
+                return   # unreachable: the next map tries again
+            log.warning("tailnet lock: the control server did not take our lock key: %s", exc.message)
+        self._key_reported = True
 
     async def _flush_outbox(self, client: ControlClient) -> None:
         box = self.dir.outbox()
@@ -225,7 +241,8 @@ class LockService:
         async with self._mutex:
             me = self.last_map.self_node if self.last_map else None
             extra = {"self_signature": me.key_signature if me else None,
-                     "peers": [{"name": p.name, "node_key": p.node_key, "key_signature": p.key_signature}
+                     "peers": [{"name": p.name, "node_key": p.node_key, "key_signature": p.key_signature,
+                                "lock_key": p.lock_key}
                                for p in (self.last_map.peers if self.last_map else ())],
                      "last_refusal": self.last_refusal or (self._node.last_refusal if self._node else None)}
             output, error = await asyncio.get_running_loop().run_in_executor(

@@ -190,6 +190,20 @@ def init(ctx: click.Context, n: int, args: tuple[str, ...]) -> None:
     own = lock_dir.own_node_key()
     if own is not None:
         _queue_signature(lock_dir, own, sign_direct(me, own, me.public).serialize())
+    # As Tailscale's does: sign the nodes the trusted keys belong to (peers report their lock key to
+    # the control server and the map carries it), not only this one.
+    trusted = {format_public(k.key_id) for k in keys}
+    signed = []
+    for p in ctx.obj.get("peers") or _peers_from_saved_map(lock_dir):
+        if str(p.get("lock_key") or "") not in trusted:
+            continue
+        try:
+            nk = base64.b64decode(str(p.get("node_key") or ""), validate=True)
+        except ValueError:
+            continue
+        if len(nk) == 32 and nk != own:
+            _queue_signature(lock_dir, nk, sign_direct(me, nk, me.public).serialize())
+            signed.append(str(p.get("name") or format_node_key(nk)))
     _echo("You have initialized tailnet lock with the following trusted signing keys:")
     for k in keys:
         _echo(f" - {format_public(k.key_id)} (25519 key, {k.votes} vote{'s' if k.votes != 1 else ''})")
@@ -197,6 +211,8 @@ def init(ctx: click.Context, n: int, args: tuple[str, ...]) -> None:
                "Take note of them now, they WILL NOT be shown again.")
     for s in secrets:
         _echo(f"\t{format_secret(s)}")
+    if signed:
+        _echo(f"Signed the node keys of: {', '.join(sorted(signed))}")
     _echo("Initialization complete.")
 
 

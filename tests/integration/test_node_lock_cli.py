@@ -25,12 +25,14 @@ def test_lock_commands_go_through_the_daemon_and_unsigned_peers_do_not_resolve(c
         return json.loads(r.stdout)
 
     ka, kb = lock_status(alpha)["node_lock_key"], lock_status(bravo)["node_lock_key"]
+    # bravo reported its lock key to the control server: alpha's map carries it.
+    wait_until(lambda: kb in (alpha.state / "netmap.json").read_text(), timeout=10, what="bravo's lock key in the map")
     r = alpha.cli("lock", "init", "--gen-disablements", "1", ka, kb)
     assert r.returncode == 0, r.stderr
+    assert "bravo" in r.stdout and "charlie" not in r.stdout   # `lock init` signed bravo, whose key it trusts
     (secret,) = re.findall(r"disablement-secret:[0-9A-Fa-f]+", r.stdout)
     # Node keys as the control server lists them (alpha no longer shows unsigned peers at all).
     nodes = {n.name: {"node_key": n.node_key} for n in cluster.admin.list_nodes()}
-    assert alpha.cli("lock", "sign", nodes["bravo"]["node_key"]).returncode == 0
     # The daemon wrote the chain: the files are its, nothing is left queued in its outbox.
     outbox = json.loads((alpha.state / "tka" / "outbox.json").read_text())
     assert outbox["signatures"] == {} and "init_genesis" not in outbox
@@ -42,6 +44,7 @@ def test_lock_commands_go_through_the_daemon_and_unsigned_peers_do_not_resolve(c
     st = lock_status(alpha)
     assert st["enabled"] and st["node_key_signed"]
     assert {p["name"]: p["signed"] for p in st["peers"]} == {"bravo": True, "charlie": False}
+    assert lock_status(bravo)["node_key_signed"]   # bravo's own key, signed by alpha's `lock init`
     human = alpha.cli("status")
     assert "locked out" in human.stdout + human.stderr and "charlie" in human.stdout + human.stderr
     assert "LOCKED OUT" in charlie.cli("lock", "status").stdout  # charlie knows it is locked out
