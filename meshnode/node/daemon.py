@@ -147,7 +147,8 @@ class Daemon:
         self._saver: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.tka = LockService(config.state_dir)  # Tailnet Lock: sync and peer filtering (node/lock.py)
-        self.flowlog = FlowLogger(self._tunnel, lambda: self._client)  # connection logs (node/flowlog.py)
+        self.flowlog = FlowLogger(self._tunnel, lambda: self._client,   # connection logs (node/flowlog.py)
+                                  state_file=config.state_dir / "flows-pending.json")
         # One writer thread keeps saves in order and off the loop (a big map is megabytes).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         self.certs = NodeCertificates(config.state_dir / "tls")

@@ -23,6 +23,7 @@ TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
 TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 WINDOW_SECONDS = 5.0
 MAX_BUFFERED_WINDOWS = 720          # an hour of 5 s windows while control is unreachable
+MAX_SAVED_BYTES = 32 << 20          # the saved queue (flows-pending.json) is refused beyond this
 _PORT_PROTOS = (6, 17, 132)
 
 
@@ -250,6 +251,59 @@ class UploadQueue:
             self.windows.popleft()
 
 
+    # -- persistence: windows not yet acknowledged survive a daemon exit ---------------------------
+    # The file keeps boot_id and next_seq too: after a restart the same (boot_id, seq) pairs are sent
+    # again, so the control server stores a window whose acknowledgement was lost only once.
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps({"boot_id": self.boot_id, "next_seq": self.next_seq, "lost": self.dropped_windows,
+                           "windows": [[seq, recs] for seq, recs in self.windows]}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, max_windows: int = MAX_BUFFERED_WINDOWS) -> "UploadQueue":
+        """Raises ValueError on anything but a queue this module wrote."""
+        import json
+
+        from ..control.protocol import json_depth_ok
+
+        doc = json.loads(text)
+        if not json_depth_ok(doc, 8) or not isinstance(doc, dict):
+            raise ValueError("not a flow queue")
+        boot_id, next_seq, lost, windows = doc.get("boot_id"), doc.get("next_seq"), doc.get("lost", 0), doc.get("windows")
+        if not (isinstance(boot_id, str) and 0 < len(boot_id) <= 64 and isinstance(next_seq, int)
+                and next_seq >= 1 and isinstance(lost, int) and lost >= 0 and isinstance(windows, list)):
+            raise ValueError("not a flow queue")
+        q = cls(boot_id, max_windows, next_seq=next_seq, dropped_windows=lost)
+        for w in windows:
+            if (not isinstance(w, list) or len(w) != 2 or not isinstance(w[0], int) or not 0 < w[0] < next_seq
+                    or not isinstance(w[1], list) or not all(isinstance(r, dict) for r in w[1])):
+                raise ValueError("not a flow queue: bad window")
+            q.windows.append((w[0], w[1]))
+        while len(q.windows) > max_windows:
+            q.windows.popleft()
+            q.dropped_windows += 1
+        return q
+
+
+def load_queue(path: Any) -> "UploadQueue | None":
+    """The queue a previous run saved at `path`, or None (absent, too big or damaged: logged)."""
+    import logging
+    from pathlib import Path
+
+    f = Path(path)
+    try:
+        if f.stat().st_size > MAX_SAVED_BYTES:
+            raise ValueError(f"larger than {MAX_SAVED_BYTES} bytes")
+        return UploadQueue.from_json(f.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logging.getLogger("meshnode.node.flowlog").warning("flow logs: ignoring saved queue %s: %s", f, exc)
+        return None
+
+
 def peer_table(peers: Iterable[Any], key_of: Callable[[Any], bytes]) -> dict[bytes, PeerInfo]:
     return {key_of(p): PeerInfo(p.name, tuple(p.approved_routes), bool(p.exit_node)) for p in peers}
 
@@ -258,7 +312,8 @@ class FlowLogger:
     """The daemon's side: turns counting on and off as the map says, closes a window every
     `window` seconds and uploads what is queued, with acknowledgements (asyncio glue)."""
 
-    def __init__(self, tunnel: Any, client: Callable[[], Any], window: float = WINDOW_SECONDS) -> None:
+    def __init__(self, tunnel: Any, client: Callable[[], Any], window: float = WINDOW_SECONDS,
+                 state_file: Any = None) -> None:
         import os
 
         self.tunnel = tunnel
@@ -267,7 +322,9 @@ class FlowLogger:
         self.on = False
         self.counter: FlowCounter | None = None
         self.peers: dict[bytes, PeerInfo] = {}
-        self.queue = UploadQueue(os.urandom(8).hex())
+        self.state_file = state_file   # where unacknowledged windows are kept across restarts (or None)
+        restored = load_queue(state_file) if state_file is not None else None
+        self.queue = restored if restored is not None else UploadQueue(os.urandom(8).hex())
         self.uploaded = 0
         self.last_error: str | None = None
         self._task: Any = None
@@ -281,6 +338,8 @@ class FlowLogger:
         self.peers[OWN] = PeerInfo(me.name, tuple(me.approved_routes), bool(me.exit_node))
         want = bool(netmap.flow_logs) and self.tunnel is not None
         if want == self.on:
+            if not want and self.queue.windows and self._task is None:
+                await self._upload()   # windows a previous run left: send them even with logging now off
             return
         self.on = want
         if want:
@@ -320,14 +379,40 @@ class FlowLogger:
         if self.counter is None:
             return
         now = time.time()
+        before = self.queue.next_seq
         self.queue.add(build_window(self._started, now, self.counter.harvest(), self.peers))
         self._started = now
+        if self.queue.next_seq != before:
+            self._save()
+
+    def _save(self) -> None:
+        """Write the queue (bounded by MAX_BUFFERED_WINDOWS) atomically; a failure is logged, not fatal."""
+        if self.state_file is None:
+            return
+        import logging
+
+        from .atomicfile import atomic_write
+
+        from pathlib import Path
+
+        try:
+            if not self.queue.windows:
+                Path(self.state_file).unlink(missing_ok=True)   # all acknowledged: nothing to carry over
+                return
+            atomic_write(self.state_file, self.queue.to_json())
+        except OSError as exc:
+            logging.getLogger("meshnode.node.flowlog").warning("flow logs: cannot save the queue: %s", exc)
 
     async def _run(self) -> None:
         import asyncio
         import logging
 
         log = logging.getLogger("meshnode.node.flowlog")
+        if self.queue.windows:
+            try:
+                await self._upload()   # what a previous run left
+            except Exception:
+                log.exception("flow logs: uploading saved windows failed")
         while True:
             await asyncio.sleep(self.window)
             try:
@@ -353,15 +438,21 @@ class FlowLogger:
                 return
             self.last_error = None
             self.queue.ack(int(ans.get("ack", 0)))
+            self._save()
             self.uploaded += len(batch)
             if int(ans.get("ack", 0)) < batch[-1][0]:
                 return
 
     def cancel(self) -> None:
-        """At daemon exit: stop the timer (windows not yet acknowledged are lost with the process)."""
+        """At daemon exit: stop the timer, close the window being counted and save what is not yet
+        acknowledged (the next run uploads it under the same boot_id and sequence numbers)."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self.counter is not None:
+            self._close_window()   # the window being counted (harvest returns the previous one)
+            self._close_window()
+        self._save()
 
     def status(self) -> dict[str, Any]:
         return {"on": self.on, "queued_windows": len(self.queue.windows),

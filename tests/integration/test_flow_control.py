@@ -90,3 +90,94 @@ def test_flows_are_acked_stored_once_and_survive_a_restart(tmp_path: Path) -> No
     s = ControlStore(db)
     s.set_flow_retention(1)
     assert s.prune_flows(time.time() + 2 * 86400) == 3 and s.flows() == []
+
+
+class _TunnelHooks:
+    """The one Tunnel method FlowLogger calls (the data plane itself is the e2e tests' business):
+    it hands the counter over, and the test then counts packets into it as the device threads do."""
+
+    def __init__(self) -> None:
+        self.counter = None
+
+    async def set_flow_counter(self, counter) -> None:
+        self.counter = counter
+
+
+def _udp4(src: str, dst: str, sport: int, dport: int, payload: bytes = b"x" * 20) -> bytes:
+    import ipaddress
+    import struct
+
+    total = 28 + len(payload)
+    return (struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0, ipaddress.ip_address(src).packed,
+                        ipaddress.ip_address(dst).packed)
+            + struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload)
+
+
+def test_unacknowledged_windows_survive_a_daemon_exit_and_count_once(tmp_path: Path) -> None:
+    """Windows counted while control is unreachable are saved when the daemon exits (FlowLogger.cancel,
+    what Daemon.close calls), uploaded by the next run, and a saved file replayed after its
+    acknowledgement was lost (a crash between the ack and the save) is stored only once."""
+    import base64
+    import shutil
+
+    from meshnode.node.flowlog import FlowLogger
+
+    db = tmp_path / "control.db"
+    pending = tmp_path / "state" / "flows-pending.json"
+    pending.parent.mkdir()
+
+    async def main() -> None:
+        store = ControlStore(db)
+        key, _ = store.create_authkey("alice@example.com", reusable=True)
+        store.set_flow_logs(True)
+        server = ControlServer(store, FAST)
+        port = await server.start("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}"
+        a = ControlClient(url, generate_private_key(), generate_private_key())
+        b = ControlClient(url, generate_private_key(), generate_private_key())
+        await a.register(authkey=key, hostname="alpha")
+        await b.register(authkey=key, hostname="bravo")
+        await async_wait_until(lambda: server.snapshot is not None and len(server.snapshot.rows) == 2, timeout=5)
+        nm = await a.fetch_map()
+        assert nm.flow_logs and len(nm.peers) == 1
+        peer = base64.b64decode(nm.peers[0].node_key)
+        me, them = nm.self_node.addresses[0], nm.peers[0].addresses[0]
+
+        # Run 1: control unreachable (no client), 7 packets counted, then the daemon exits.
+        tun = _TunnelHooks()
+        run1 = FlowLogger(tun, lambda: None, window=3600, state_file=pending)
+        await run1.on_map(nm)
+        for _ in range(7):
+            tun.counter.outbound(_udp4(me, them, 40000, 53), peer)
+        run1.cancel()
+        assert pending.exists(), "the unacknowledged window was not saved at exit"
+        saved = pending.read_text()
+        assert json.loads(saved)["windows"]
+
+        # Run 2: the saved windows go up; once acknowledged the file is gone.
+        tun2 = _TunnelHooks()
+        run2 = FlowLogger(tun2, lambda: a, window=3600, state_file=pending)
+        await run2.on_map(nm)
+        await async_wait_until(lambda: not pending.exists(), timeout=5)
+        assert sum(r["tx_packets"] for r in ControlStore(db).flows()) == 7
+        run2.cancel()
+
+        # Run 3: a crash lost the acknowledgement's save: the same windows are re-sent, stored once.
+        pending.write_text(saved)
+        run3 = FlowLogger(_TunnelHooks(), lambda: a, window=3600, state_file=pending)
+        await run3.on_map(nm)
+        await async_wait_until(lambda: not pending.exists(), timeout=5)
+        run3.cancel()
+        # A damaged file is ignored with a warning: the daemon still starts.
+        pending.write_text("{not json")
+        run4 = FlowLogger(_TunnelHooks(), lambda: a, window=3600, state_file=pending)
+        assert not run4.queue.windows
+        shutil.rmtree(pending.parent)
+        await a.close()
+        await b.close()
+        await server.stop()
+        store.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    rows = ControlStore(db).flows()
+    assert sum(r["tx_packets"] for r in rows) == 7, rows
