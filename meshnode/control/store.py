@@ -717,7 +717,7 @@ END $body$"""
             return done
 
     def flows(self, node: str | None = None, peer: str | None = None, since: float | None = None,
-              dropped: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+              dropped: bool = False, limit: int = 1000, newest_first: bool = False) -> list[dict[str, Any]]:
         where, args = [], []
         for col, val in (("node", node), ("peer", peer)):
             if val is not None:
@@ -729,7 +729,8 @@ END $body$"""
         if dropped:
             where.append("dropped = 1")
         sql = (f"SELECT node, {', '.join(self.FLOW_COLS)} FROM flow_logs"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY start, id LIMIT ?")
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + (" ORDER BY start DESC, id DESC LIMIT ?" if newest_first else " ORDER BY start, id LIMIT ?"))
         cols = ("node",) + self.FLOW_COLS
         return [dict(zip(cols, r)) for r in self.conn.execute(sql, [*args, limit])]
 

@@ -693,3 +693,50 @@ async def test_settings_show_the_relay_map_nodes_get(tmp_path: Path) -> None:
             await async_wait_until(lambda: net.server.snapshot.derp_map_text != "null", timeout=1, what="relay map")
             async with http.get(net.url + "/console/settings") as r:
                 assert f"http://127.0.0.1:{port}/derp" in await r.text()
+
+
+@run
+async def test_logs_page_shows_connection_logs_filtered_and_role_checked(tmp_path: Path) -> None:
+    async with Net(tmp_path) as net:
+        key, _ = net.store.create_authkey("carol@example.com", reusable=True)
+        node = ControlClient(net.url, generate_private_key(), generate_private_key())
+        await node.register(key, hostname="alpha")
+
+        def rec(**kw):
+            base = {"start": time.time() - 5, "end": time.time(), "proto": 6, "src": "100.64.0.1",
+                    "dst": "100.64.0.2", "sport": 40000, "dport": 80, "peer": "bravo", "kind": "tunnel",
+                    "tx_packets": 3, "tx_bytes": 300, "rx_packets": 2, "rx_bytes": 120}
+            base.update(kw)
+            return base
+
+        net.store.set_flow_logs(True)
+        await node.upload_flows({"boot_id": "b1", "batches": [{"seq": 1, "records": [
+            rec(), rec(peer="charlie", dport=8443, tx_packets=0, tx_bytes=0, dropped=True, rule="no-rule-9"),
+            rec(peer="<script>x</script>", dport=9999)]}]})
+        await node.close()
+        auditor, _ = await net.client_as("audrey@example.com", "auditor")
+        async with auditor:
+            async with auditor.get(net.url + "/console/logs") as r:
+                text = await r.text()
+                assert r.status == 200
+            assert "Connection logs" in text and "100.64.0.2:80" in text and "100.64.0.2:8443" in text
+            assert "<script>x</script>" not in text and "&lt;script&gt;" in text   # escaped
+            assert "method=\"post\"" not in text.split("</header>")[1]            # reading only
+            async with auditor.get(net.url + "/console/logs", params={"dropped": "1"}) as r:
+                text = await r.text()
+            assert "100.64.0.2:8443" in text and "no-rule-9" in text and "100.64.0.2:80<" not in text
+            async with auditor.get(net.url + "/console/logs", params={"peer": "bravo", "node": "alpha"}) as r:
+                text = await r.text()
+            assert "100.64.0.2:80<" in text and "8443" not in text
+            async with auditor.get(net.url + "/console/logs", params={"node": "nosuch"}) as r:
+                assert "No connection records." in await r.text()
+        member, _ = await net.client_as("mia@example.com", "member")
+        async with member:
+            async with member.get(net.url + "/console/logs", params={"dropped": "1"}) as r:
+                assert r.status == 403
+        # Logging off: the section is gone (stored records are not shown).
+        net.store.set_flow_logs(False)
+        owner, _ = await net.client_as("olivia@example.com", "owner")
+        async with owner:
+            async with owner.get(net.url + "/console/logs") as r:
+                assert "Connection logs" not in await r.text()

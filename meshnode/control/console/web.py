@@ -46,6 +46,7 @@ HERE = Path(__file__).parent
 LOGIN_COOKIE = "meshnode_login"
 REGISTER_TTL = 600.0
 PREVIEW_NODES = 200   # the access-controls preview lists at most this many machines
+FLOW_ROWS = 500       # the Logs page shows at most this many connection records (newest first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,7 +517,16 @@ class Console:
         q = request.query.get("q", "").lower()
         entries = [e for e in auditlog.recent(self.store, 500)
                    if not q or q in f"{e.actor} {e.action} {e.target} {e.detail}".lower()]
-        return self._render(ctx, "logs.html", entries=entries, q=q)
+        # Connection logs (control/flows.py), when they are on: the newest first, filtered exactly by
+        # node and peer name (as `control flows ls` does), optionally dropped packets only. The page's
+        # permission (VIEW_LOGS) covers them: auditors read, members do not.
+        flows_on = self.store.flow_logs_enabled()
+        ff = {"node": request.query.get("node", "").strip()[:256], "peer": request.query.get("peer", "").strip()[:256],
+              "dropped": request.query.get("dropped", "") in ("1", "on", "true")}
+        flows = (self.store.flows(node=ff["node"] or None, peer=ff["peer"] or None, dropped=ff["dropped"],
+                                  limit=FLOW_ROWS, newest_first=True) if flows_on else [])
+        return self._render(ctx, "logs.html", entries=entries, q=q, flows_on=flows_on, flows=flows, ff=ff,
+                            flow_rows=FLOW_ROWS)
 
     def _relay_regions(self) -> list[dict[str, Any]]:
         """The relay map nodes get (from the published snapshot): regions and their /derp URLs."""
