@@ -45,7 +45,7 @@ def check_record(r: Any) -> dict[str, Any]:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 62:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"flow record: {k} must be a non-negative integer")
         out[k] = v
-    for k, n in (("src", 64), ("dst", 64), ("peer", 256), ("rule", 64)):
+    for k, n in (("src", 64), ("dst", 64), ("peer", 256), ("rule", 128)):
         v = r.get(k, "")
         if not isinstance(v, str) or len(v) > n:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"flow record: {k} must be text")

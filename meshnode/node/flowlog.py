@@ -122,6 +122,24 @@ class FlowCounter:
         return ready if ready is not None else ({}, {}, {})
 
 
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+
+
+def not_allowed_text(packet: bytes) -> str:
+    """The deciding information of a default-deny drop: `no rule allowed tcp 100.64.0.2:8443` (no port
+    for protocols without one, IPv6 in brackets). The filter has no rule to name here: the packet was
+    dropped because none matched. At most 71 characters."""
+    k = flow_key(packet)
+    if k is None:
+        return "not_allowed"
+    proto, _src, dst, _sport, dport = k
+    ip = ipaddress.ip_address(dst)
+    name = PROTO_NAMES.get(proto, f"proto {proto}")
+    if proto not in _PORT_PROTOS:
+        return f"no rule allowed {name} {ip}"
+    return f"no rule allowed {name} {ip}:{dport}" if ip.version == 4 else f"no rule allowed {name} [{ip}]:{dport}"
+
+
 def counting_hooks(pf: Any, counter: FlowCounter, clock: Callable[[], float]
                    ) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
     """The device hooks of `policy.PacketFilter` `pf` that also count every packet into `counter`
@@ -143,6 +161,8 @@ def counting_hooks(pf: Any, counter: FlowCounter, clock: Callable[[], float]
             for i, v in enumerate(drops):
                 if v != last[i]:
                     reason, last[i] = names[i], v
+            if reason == "not_allowed":
+                reason = not_allowed_text(packet)
             count_in(packet, peer_key, False, reason)
         return ok
 

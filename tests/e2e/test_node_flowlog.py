@@ -150,7 +150,7 @@ def test_flows_match_interface_counters_and_survive_a_control_restart(lan: Lan) 
     assert sum(f["tx_bytes"] for f in tcp) > 2_000_000 and all(f["kind"] == "tunnel" for f in tcp + udp)
     assert sum(f["tx_packets"] for f in udp) == 200 and sum(f["rx_packets"] for f in udp) == 200
     assert sum(f["tx_bytes"] for f in udp) == 200 * 528  # whole IP packets: 20 + 8 + 500
-    wait_until(lambda: any(f["dport"] == 8001 and f["rule"] == "not_allowed" for f in flows("--node", "node2",
+    wait_until(lambda: any(f["dport"] == 8001 and f["rule"].startswith("no rule allowed tcp ") for f in flows("--node", "node2",
                                                                                               "--dropped")),
                timeout=20, what="the blocked connection logged as dropped on node2")
 

@@ -67,8 +67,24 @@ def test_dropped_packets_carry_the_filter_reason() -> None:
     c.harvest()
     recs = build_window(0, 5, c.harvest(), {})
     drops = sorted((r["dport"], r["rule"]) for r in recs if r.get("dropped"))
-    assert drops == [(0, "malformed"), (8001, "not_allowed")]
+    # A default-deny drop says what was refused (no rule matched, so there is no rule to name).
+    assert drops == [(0, "malformed"), (8001, "no rule allowed tcp 100.64.0.1:8001")]
     assert [r["dport"] for r in recs if not r.get("dropped")] == [8000]
+
+
+def test_default_deny_drop_names_protocol_destination_and_port() -> None:
+    from meshnode.control.flows import check_record
+    from meshnode.node.flowlog import not_allowed_text
+
+    longest = "fd7a:115c:a1e0:ab12:4843:cd96:6258:b240"
+    v6 = (struct.pack("!IHBB", 0x60000000, 12, 17, 64) + ipaddress.ip_address("fd7a:115c:a1e0::1").packed
+          + ipaddress.ip_address(longest).packed + struct.pack("!HHHH", 5000, 65535, 12, 0) + b"abcd")
+    assert not_allowed_text(v6) == f"no rule allowed udp [{longest}]:65535"
+    assert not_allowed_text(ipv4("100.64.0.2", "100.64.0.1", 1, 0x0800, 0)) == "no rule allowed icmp 100.64.0.1"
+    assert not_allowed_text(b"\x45") == "not_allowed"
+    # The longest text fits what the control server stores.
+    rec = {"start": 0.0, "end": 1.0, "dropped": True, "rule": not_allowed_text(v6)}
+    assert check_record(rec)["rule"] == rec["rule"]
 
 
 def test_upload_queue_is_bounded_oldest_first_and_acked() -> None:
