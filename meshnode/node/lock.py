@@ -49,7 +49,7 @@ class LockService:
         self.last_refusal: str | None = None          # an update (or request) that was refused
         self.error: str | None = None                 # the lock could not be run (damaged files...)
         self._compacted_at = 0.0
-        self._key_reported = False   # this run told the control server our lock public key
+        self._key_reported: str | None = None   # the node key under which we last told control our lock key
 
     # -- the chain ------------------------------------------------------------------------------
 
@@ -117,15 +117,16 @@ class LockService:
     async def _report_key(self, client: ControlClient) -> None:
         """Tell the control server our lock public key once per run, so peers' maps carry it and a
         `lock init` that trusts it signs our node key (as Tailscale's does)."""
-        if self._key_reported:
-            return
+        node_key = getattr(client, "node_key_public", None)
+        if self._key_reported is not None and self._key_reported == node_key:
+            return   # a re-keyed node (`up --force-reauth`) reports again under its new node key
         try:
             await client.tka("key", {"lock_key": format_public(self.dir.lock_key().public)})
         except ControlError as exc:
             if exc.retryable:
                 return   # unreachable: the next map tries again
             log.warning("tailnet lock: the control server did not take our lock key: %s", exc.message)
-        self._key_reported = True
+        self._key_reported = node_key or ""
 
     async def _flush_outbox(self, client: ControlClient) -> None:
         box = self.dir.outbox()
