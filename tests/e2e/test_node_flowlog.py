@@ -4,9 +4,11 @@
     flow logs off by default; `control settings flow-logs on`     `status --json` flow_logs: true
     a 2 MB TCP transfer and a UDP exchange node1 -> node2         node1's records add up to its mn0
                                                                   counters (bytes, each way) within 1%
-    node1 -> node2:8001 (blocked by the policy)                   node2 logs it as dropped (not_allowed)
+    node1 -> node2:8001 (blocked by the policy)                   node2 logs it as dropped ("no rule allowed tcp ...")
     the control server is killed, traffic flows, it restarts      the windows buffered meanwhile
                                                                   arrive; nothing is counted twice
+    control killed again, node1's daemon exits, both come back    the saved windows (flows-pending.json)
+                                                                  arrive from the new run, none twice
 and, on another LAN, a subnet router that is also an exit node: records of `subnet` and `exit` kind
 on both the client and the router.
 """
@@ -96,13 +98,18 @@ def test_flows_match_interface_counters_and_survive_a_control_restart(lan: Lan) 
     run(*MESHNODE, "control", "policy", "set", str(lan.root / "policy.json"), "--db", str(db))
     keys = [run(*MESHNODE, "control", "authkey", "create", "--reusable", "--tags", tag, "--db",
                 str(db)).stdout.strip() for tag in ("tag:a", "tag:b")]
-    socks = []
+    socks, daemons = [], []
+
+    def start_daemon(i: int, ns: str, log_name: str = "daemon.log") -> Any:
+        d = lan.root / f"node{i}"
+        return lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket", str(d / "mn.sock"),
+                         "--tun", "mn0", "--resolv-conf", f"/etc/netns/{ns}/resolv.conf", "-v", log=d / log_name)
+
     for i, ns in enumerate(lan.nodes, 1):
         d = lan.root / f"node{i}"
         d.mkdir()
         socks.append(d / "mn.sock")
-        lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket", str(d / "mn.sock"),
-                  "--tun", "mn0", "--resolv-conf", f"/etc/netns/{ns}/resolv.conf", "-v", log=d / "daemon.log")
+        daemons.append(start_daemon(i, ns))
     lan.popen(lan.nodes[1], sys.executable, "-c", SERVER, log=lan.root / "server.log")
 
     def cli(i: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -163,9 +170,33 @@ def test_flows_match_interface_counters_and_survive_a_control_restart(lan: Lan) 
     tx3, rx3 = counters(lan.nodes[0])
     wait_until(lambda: json.loads(cli(1, "status", "--json").stdout)["control"]["error"], timeout=20,
                what="node1 noticing the control server is gone")
-    lan.popen(lan.ctl, *serve, log=lan.root / "control2.log")
+    ctl2 = lan.popen(lan.ctl, *serve, log=lan.root / "control2.log")
     want_tx, want_rx = before[0] + (tx3 - tx2), before[1] + (rx3 - rx2)
     wait_until(lambda: sums("node1")[0] >= want_tx * 0.99, timeout=30, what="buffered windows uploaded")
+    got = sums("node1")
+    assert abs(got[0] - want_tx) <= 0.01 * want_tx and abs(got[1] - want_rx) <= 0.01 * want_rx
+
+    # The control server goes away again and node1's daemon exits before it comes back: the windows
+    # not yet acknowledged are saved in the state dir and the next run uploads them, none twice.
+    wait_until(lambda: json.loads(cli(1, "status", "--json").stdout)["flow_logs"] and not
+               json.loads(cli(1, "status", "--json").stdout)["control"]["error"], timeout=20, what="control back")
+    before = sums("node1")
+    ctl2.send_signal(signal.SIGTERM)
+    ctl2.wait(timeout=10)
+    wait_until(lambda: json.loads(cli(1, "status", "--json").stdout)["control"]["error"], timeout=20,
+               what="node1 noticing the control server is gone again")
+    tx4, rx4 = counters(lan.nodes[0])
+    assert client("udp", "50") == str(50 * 500)
+    tx5, rx5 = counters(lan.nodes[0])
+    daemons[0].send_signal(signal.SIGTERM)
+    daemons[0].wait(timeout=20)
+    pending = lan.root / "node1" / "state" / "flows-pending.json"
+    assert pending.exists() and json.loads(pending.read_text())["windows"]
+    lan.popen(lan.ctl, *serve, log=lan.root / "control3.log")
+    start_daemon(1, lan.nodes[0], "daemon2.log")
+    want_tx, want_rx = before[0] + (tx5 - tx4), before[1] + (rx5 - rx4)
+    wait_until(lambda: sums("node1")[0] >= want_tx * 0.99 and not pending.exists(), timeout=40,
+               what="saved windows uploaded after the daemon restart")
     got = sums("node1")
     assert abs(got[0] - want_tx) <= 0.01 * want_tx and abs(got[1] - want_rx) <= 0.01 * want_rx
 
