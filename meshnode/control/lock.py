@@ -13,8 +13,9 @@ TKA*Request; bodies also carry the node's `node_key`):
   POST /machine/tka/sync/send   {aums: [b64]}       -> {head}     (verified, all or nothing)
   POST /machine/tka/sign        {target, signature} -> {ok}       (refused unless it verifies)
   POST /machine/tka/disable     {secret: hex}       -> {ok}       (refused unless it is one of ours)
-  POST /machine/tka/key         {lock_key: tlpub:HEX} -> {ok}     (this node's lock public key, for the
-                                                                   map's `lock_key`, so `lock init` can sign it)
+  POST /machine/tka/key         {lock_key: tlpub:HEX, proof: b64} -> {ok}  (this node's lock public key,
+                                for the map's `lock_key`, so `lock init` can sign it; `proof` is the
+                                lock key's signature of key_proof_message(node key))
 A refused update is a `bad_request` whose message names the reason (`ReplayedAUM: ...`,
 `InvalidSignature: ...`, `LimitExceeded: ...`); a request while the lock is off/on is a `conflict`.
 """
@@ -32,6 +33,7 @@ from aiohttp import web
 
 from ..tka.cli_format import format_public, parse_public
 from ..tka.errors import StateError, TKAError
+from ..tka.signing import key_proof_message, verify
 from ..tka.nodelock import ControlChain
 from ..tka.store import ChainStore, FileStore, MemoryStore
 from .protocol import ErrorCode, ProtocolError, decode_key
@@ -209,6 +211,11 @@ class ControlLock:
             raw = parse_public(text)
         except (TKAError, ValueError):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "lock_key: expected tlpub:HEX") from None
+        # Proof of possession: without it a node could claim a trusted node's lock key and be signed
+        # by a `lock init` that trusts that key.
+        proof = _b64(p.get("proof"), "proof", 256)
+        if not verify(raw, key_proof_message(base64.b64decode(node.node_key)), proof):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "lock_key: the proof does not verify with that key")
         if self.store.set_tka_lock_key(node.node_key, format_public(raw)):
             self.server.mark_dirty()
         return self.server._sealed(chan, {"ok": True})

@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable
 from ..control.client import ControlClient, ControlError
 from ..netmap import MapNode, NetMap
 from ..tka.cli_format import format_public
+from ..tka.signing import key_proof_message
 from ..tka.errors import TKAError
 from ..tka.nodelock import NodeLock
 from ..tka.statedir import LockDir
@@ -121,7 +122,9 @@ class LockService:
         if self._key_reported is not None and self._key_reported == node_key:
             return   # a re-keyed node (`up --force-reauth`) reports again under its new node key
         try:
-            await client.tka("key", {"lock_key": format_public(self.dir.lock_key().public)})
+            me = self.dir.lock_key()
+            proof = me.sign(key_proof_message(base64.b64decode(node_key or "")))
+            await client.tka("key", {"lock_key": format_public(me.public), "proof": base64.b64encode(proof).decode()})
         except ControlError as exc:
             if exc.retryable:
                 return   # unreachable: the next map tries again

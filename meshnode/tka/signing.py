@@ -53,3 +53,10 @@ def verify(public: bytes, message: bytes, signature: bytes | None) -> bool:
         return True
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
         return False
+
+
+def key_proof_message(node_key: bytes) -> bytes:
+    """What a node signs with its lock key when it reports that key to the control server
+    (`/machine/tka/key`), to show it holds it: otherwise a node could claim a trusted node's lock
+    key and be signed by a `lock init` that trusts that key. meshnode's own, not Tailscale's."""
+    return b"meshnode-tka-lock-key-proof\x00" + node_key

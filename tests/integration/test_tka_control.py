@@ -31,6 +31,7 @@ from meshnode.tka import AUM, AUMKind, LockPrivateKey, ed25519_key
 from meshnode.tka.cli_format import format_public
 from meshnode.tka.limits import MAX_KEYS
 from meshnode.tka.nodesig import sign_direct
+from meshnode.tka.signing import key_proof_message
 from nacl.public import PrivateKey
 from tests.support import async_wait_until
 
@@ -169,6 +170,14 @@ async def test_lock_through_the_control_server(server, store, nodes, tmp) -> Non
     forged = base64.b64encode(sign_direct(stranger, decode_key(c.client.node_key_public, "k")).serialize()).decode()
     with pytest.raises(ControlError, match="NodeKeyNotAuthorized: .* is not trusted"):
         await c.client.tka("sign", {"target": c.client.node_key_public, "signature": forged})
+    # A node cannot claim another node's lock key (it would be signed by a `lock init` trusting it).
+    with pytest.raises(ControlError, match="proof does not verify"):
+        await c.client.tka("key", {"lock_key": _tlpub(a), "proof": base64.b64encode(b"\0" * 64).decode()})
+    own = c.lock.dir.lock_key()
+    with pytest.raises(ControlError, match="proof does not verify"):   # a proof for another node key
+        await c.client.tka("key", {"lock_key": format_public(own.public), "proof": base64.b64encode(
+            own.sign(key_proof_message(decode_key(a.client.node_key_public, "k")))).decode()})
+    assert server.store.tka_lock_keys()[c.client.node_key_public] == format_public(own.public)  # its own stays
     genesis = (await c.client.tka("bootstrap", {}))["genesis"]
     with pytest.raises(ControlError, match="ReplayedAUM"):
         await c.client.tka("sync/send", {"aums": [genesis]})
