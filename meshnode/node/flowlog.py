@@ -24,6 +24,7 @@ TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 WINDOW_SECONDS = 5.0
 MAX_BUFFERED_WINDOWS = 720          # an hour of 5 s windows while control is unreachable
 MAX_SAVED_BYTES = 32 << 20          # the saved queue (flows-pending.json) is refused beyond this
+SAVE_EVERY = 30.0                   # seconds between saves of a growing queue (always at exit)
 _PORT_PROTOS = (6, 17, 132)
 
 
@@ -343,6 +344,7 @@ class FlowLogger:
         self.counter: FlowCounter | None = None
         self.peers: dict[bytes, PeerInfo] = {}
         self.state_file = state_file   # where unacknowledged windows are kept across restarts (or None)
+        self._saved_at = float("-inf")
         restored = load_queue(state_file) if state_file is not None else None
         self.queue = restored if restored is not None else UploadQueue(os.urandom(8).hex())
         self.uploaded = 0
@@ -403,12 +405,15 @@ class FlowLogger:
         self.queue.add(build_window(self._started, now, self.counter.harvest(), self.peers))
         self._started = now
         if self.queue.next_seq != before:
-            self._save()
+            self._save(force=False)
 
-    def _save(self) -> None:
-        """Write the queue (bounded by MAX_BUFFERED_WINDOWS) atomically; a failure is logged, not fatal."""
+    def _save(self, force: bool = True) -> None:
+        """Write the queue (bounded by MAX_BUFFERED_WINDOWS) atomically; a failure is logged, not fatal.
+        Unless `force`d, at most every SAVE_EVERY seconds: while control is down the queue can grow to
+        megabytes, and rewriting it every window would cost more than the windows are worth."""
         if self.state_file is None:
             return
+        import time
         import logging
 
         from .atomicfile import atomic_write
@@ -419,7 +424,10 @@ class FlowLogger:
             if not self.queue.windows:
                 Path(self.state_file).unlink(missing_ok=True)   # all acknowledged: nothing to carry over
                 return
+            if not force and time.monotonic() - self._saved_at < SAVE_EVERY:
+                return
             atomic_write(self.state_file, self.queue.to_json())
+            self._saved_at = time.monotonic()
         except OSError as exc:
             logging.getLogger("meshnode.node.flowlog").warning("flow logs: cannot save the queue: %s", exc)
 
@@ -458,7 +466,7 @@ class FlowLogger:
                 return
             self.last_error = None
             self.queue.ack(int(ans.get("ack", 0)))
-            self._save()
+            self._save(force=False)
             self.uploaded += len(batch)
             if int(ans.get("ack", 0)) < batch[-1][0]:
                 return
