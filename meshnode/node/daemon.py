@@ -122,7 +122,7 @@ class Daemon:
         self.identity_error: str | None = None   # damaged pin or lost machine key (state.IdentityDamaged)
         self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
-        self.dns = DnsThread(self._make_server, metrics=config.metrics)
+        self.dns = DnsThread(self._make_server, metrics=config.metrics, metrics_extra=self._paths_metrics)
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
         self._tunnel = Tunnel(config.tun, config.port) if config.tun else None
@@ -1046,6 +1046,12 @@ class Daemon:
         via = wg.get("endpoint")
         return {"peer": node.fqdn, "address": v4, "endpoint": via, "replies_ms": replies,
                 "replies": [{"ms": r, "via": via if r is not None else None} for r in replies]}
+
+    def _paths_metrics(self) -> str:
+        """Prometheus families of paths and relay; called on the resolver's thread (snapshots only)."""
+        from .pathmetrics import paths_text
+        tunnel = self._tunnel
+        return paths_text(tunnel.paths if tunnel is not None else None)
 
     async def _disco_ping(self, paths: Any, node: MapNode, addr: str, req: PingRequest) -> dict[str, Any]:
         from .pathrunner import b64_key

@@ -12,6 +12,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from meshnode.node.pathmetrics import paths_text
 from meshnode.node.pathrunner import PathRunner
 from meshnode.paths import PathType
 from meshnode.wg.crypto import public_key
@@ -60,6 +61,10 @@ class Node:
             return False
 
 
+def metric(lines: list[str], series: str) -> float:
+    return float(next(x for x in lines if x.startswith(series + " ")).split()[-1])
+
+
 def order(texts):
     from meshnode.node.tunnel import candidate_order
     return candidate_order(texts)
@@ -89,6 +94,14 @@ def test_traffic_starts_on_the_relay_and_moves_to_the_direct_path() -> None:
                 assert a.runner.counters["relay_sent"] >= 2  # handshake initiation + data
                 path = b.runner.path_json(a.public)
                 assert path["type"] == "relay" and path["relay_region"] == 7
+                # What `meshnode daemon --metrics` serves for these runners.
+                text = paths_text(a.runner).splitlines()
+                assert 'meshnode_paths{type="relay"} 1' in text and 'meshnode_paths{type="direct"} 0' in text
+                assert "meshnode_relay_home_region 7" in text and "meshnode_relay_connected 1" in text
+                sent = metric(text, 'meshnode_relay_bytes_total{direction="sent"}')
+                assert sent >= len(packet) and metric(text, 'meshnode_relay_packets_total{direction="sent"}') >= 2
+                assert metric(paths_text(b.runner).splitlines(),
+                              'meshnode_relay_bytes_total{direction="received"}') >= len(packet)
 
                 # The map now has the real endpoints: the direct path answers and takes over.
                 for me, other in ((a, b), (b, a)):
@@ -103,6 +116,11 @@ def test_traffic_starts_on_the_relay_and_moves_to_the_direct_path() -> None:
                 await async_wait_until(lambda: b.received(packet), timeout=5, what="packet direct")
                 assert a.runner.counters["relay_sent"] == relayed  # not through the relay any more
                 assert a.runner.path_json(b.public)["endpoint"] == f"127.0.0.1:{b.device.listen_port}"
+                text = paths_text(a.runner).splitlines()
+                assert 'meshnode_paths{type="direct"} 1' in text and 'meshnode_paths{type="relay"} 0' in text
+                assert metric(text, "meshnode_path_switches_total") >= 1
+                assert metric(text, "meshnode_disco_pings_sent_total") >= 1
+                assert metric(text, "meshnode_disco_pongs_received_total") >= 1
             finally:
                 for n in (a, b):
                     await n.runner.close()
