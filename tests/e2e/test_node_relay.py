@@ -34,7 +34,26 @@ def relay_supported() -> bool:
     return "--derp" in run(*MESHNODE, "control", "serve", "--help").stdout
 
 
+METRICS = "127.0.0.1:9100"  # inside each node's own namespace
+
+
+def scrape(net: Tailnet, i: int) -> dict[str, float]:
+    """node `i`'s `--metrics` page, series -> value."""
+    r = net.sh(i, sys.executable, "-c", "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
+               f"'http://{METRICS}/metrics', timeout=5).read().decode())")
+    assert r.returncode == 0, r.stderr
+    return {x.rsplit(" ", 1)[0]: float(x.rsplit(" ", 1)[1]) for x in r.stdout.splitlines()
+            if x and not x.startswith("#")}
+
+
 class RelayTailnet(Tailnet):
+    def start_daemon(self, i: int) -> None:
+        d, ns = self.dir(i), self.ns(i)
+        self.daemons[i] = self.lan.popen(ns, *MESHNODE, "daemon", "--state-dir", str(d / "state"), "--socket",
+                                         str(d / "mn.sock"), "--tun", "mn0", "--resolv-conf",
+                                         f"/etc/netns/{ns}/resolv.conf", "--metrics", METRICS, "-v",
+                                         log=d / "daemon.log")
+
     def start(self, listen: str = CONTROL) -> None:
         self.lan.popen(self.lan.ctl, *MESHNODE, "control", "serve", "--listen", listen, "--db", str(self.db),
                        "--derp", log=self.lan.root / "control.log")
@@ -92,6 +111,12 @@ def test_relay_first_then_direct_then_relay_again(relay_net: Tailnet) -> None:
     assert p["type"] == "relay" and p["endpoint"] is None and p["relay_region"] == 999
     assert 'relay "999"' in net.cli(1, "status").stdout
     assert f"pong from node2 ({addr2}) via DERP(999) in " in net.cli(1, "ping", "node2", "-c", "1").stdout
+    m = scrape(net, 1)
+    assert m['meshnode_paths{type="relay"}'] == 1 and m['meshnode_paths{type="direct"}'] == 0
+    assert m['meshnode_relay_bytes_total{direction="sent"}'] > 0
+    assert m['meshnode_relay_bytes_total{direction="received"}'] > 0
+    assert m["meshnode_relay_home_region"] == 999 and m["meshnode_relay_connected"] == 1
+    assert m["meshnode_disco_pings_sent_total"] > 0 and m["meshnode_stun_queries_total"] > 0
 
     # UDP let through: a direct path answers and takes over.
     block(net, False)
@@ -101,6 +126,10 @@ def test_relay_first_then_direct_then_relay_again(relay_net: Tailnet) -> None:
     assert path(net, 1)["endpoint"] == "10.78.0.12:41641"
     assert time.monotonic() - t < 15
     assert "via 10.78.0.12:41641" in net.cli(1, "ping", "node2", "-c", "3", "--until-direct").stdout
+    m2 = scrape(net, 1)
+    assert m2['meshnode_paths{type="direct"}'] == 1 and m2['meshnode_paths{type="relay"}'] == 0
+    assert m2["meshnode_path_switches_total"] > m["meshnode_path_switches_total"]
+    assert m2["meshnode_disco_pongs_received_total"] > m["meshnode_disco_pongs_received_total"]
 
     # UDP blocked again: back on the relay within 7 s, and traffic flows there.
     blocked_at = time.time()
