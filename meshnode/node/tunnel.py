@@ -95,6 +95,23 @@ def relay_choice(netmap: NetMap, login_server: str = "") -> tuple[int, list[str]
     return None
 
 
+def relay_regions(netmap: NetMap, login_server: str = "") -> dict[int, list[str]]:
+    """Every region of the map's relay map with its server URLs (regions without usable ones left
+    out): where peers that home elsewhere are reached."""
+    derp_map = getattr(netmap, "derp_map", None)
+    out: dict[int, list[str]] = {}
+    for region in getattr(derp_map, "regions", ()) if derp_map is not None else ():
+        urls = []
+        for node in getattr(region, "nodes", ()):
+            try:
+                urls.append(node.url(login_server))
+            except (TypeError, ValueError):
+                continue
+        if urls:
+            out[int(region.region_id)] = urls
+    return out
+
+
 def stun_servers(netmap: NetMap, login_server: str = "") -> list[tuple[str, int]]:
     """(host, port) of the STUN servers of the relay region we home on (hosts may be names)."""
     from urllib.parse import urlsplit
@@ -350,6 +367,7 @@ class Tunnel:
         await asyncio.to_thread(device.set_peers, configs)
         if self.paths is not None:
             tunneled = tunneled_subnets(configs)
+            self.paths.set_relay_regions(relay_regions(netmap, login_server))
             self.paths.set_peers(netmap.peers, lambda texts: candidate_order(texts, tunneled))
             relay = relay_choice(netmap, login_server)
             await self.paths.set_relay(*(relay or (None, ())))
