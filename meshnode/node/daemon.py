@@ -100,7 +100,7 @@ def node_json(node: MapNode) -> dict[str, Any]:
             "offers_exit_node": node.exit_node, "advertises_exit_node": node.advertises_exit_node,
             "ephemeral": node.ephemeral,
             "advertised_routes": list(node.advertised_routes),
-            "approved_routes": list(node.approved_routes)}
+            "approved_routes": list(node.approved_routes), "home_region": node.home_region}
 
 
 def _b64(key: Any) -> str:
@@ -133,6 +133,7 @@ class Daemon:
         self._serve = ServeRunner(self._caller, self._serve_tls_files)
         self._reported_endpoints: list[str] | None = None
         self._reported_disco = ""  # the disco key the control server has from us
+        self._reported_home: int | None = None  # the home relay region the control server has from us
         self._conn = NodeConnectivity()  # port mapping and netcheck (netcheckrun.py)
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
@@ -317,12 +318,12 @@ class Daemon:
         except OSError as exc:
             log.warning("endpoints: cannot list local addresses: %s", exc)
             return
-        disco = self._tunnel.disco_key
-        if endpoints == self._reported_endpoints and disco == self._reported_disco:
+        disco, home = self._tunnel.disco_key, self._tunnel.home_region
+        if (endpoints, disco, home) == (self._reported_endpoints, self._reported_disco, self._reported_home):
             return
         try:
-            await client.update_endpoints(endpoints, disco_key=disco)
-            self._reported_endpoints, self._reported_disco = endpoints, disco
+            await client.update_endpoints(endpoints, disco_key=disco, home_region=home)
+            self._reported_endpoints, self._reported_disco, self._reported_home = endpoints, disco, home
             log.info("control: reported endpoints %s", ", ".join(endpoints) or "(none)")
         except ControlError as exc:
             log.warning("control: reporting endpoints %s failed: %s", endpoints, exc)

@@ -75,6 +75,12 @@ def block(net: Tailnet, on: bool) -> None:
             run("ip", "netns", "exec", net.ns(i), "nft", "-f", str(net.lan.root / "block.nft"))
 
 
+def ctl_home(net: Tailnet, i: int) -> object:
+    """The home region node `i` reported, as its peer's map has it (from the control server)."""
+    peers = net.status(3 - i)["peers"]
+    return peers[0].get("home_region") if peers else None
+
+
 def path(net: Tailnet, i: int) -> dict:
     peers = net.status(i)["peers"]
     return (peers[0].get("path") or {}) if peers else {}
@@ -111,6 +117,8 @@ def test_relay_first_then_direct_then_relay_again(relay_net: Tailnet) -> None:
     assert p["type"] == "relay" and p["endpoint"] is None and p["relay_region"] == 999
     assert 'relay "999"' in net.cli(1, "status").stdout
     assert f"pong from node2 ({addr2}) via DERP(999) in " in net.cli(1, "ping", "node2", "-c", "1").stdout
+    # Each node measured the one region, homes there, and told the control server: peers see it.
+    wait_until(lambda: ctl_home(net, 2) == 999, timeout=10, what="node2's home region in node1's map")
     m = scrape(net, 1)
     assert m['meshnode_paths{type="relay"}'] == 1 and m['meshnode_paths{type="direct"}'] == 0
     assert m['meshnode_relay_bytes_total{direction="sent"}'] > 0
