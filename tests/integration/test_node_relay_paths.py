@@ -161,6 +161,21 @@ def test_peers_homed_on_different_regions_reach_each_other_through_the_relays() 
                 b.tun.send(back)
                 await async_wait_until(lambda: a.received(back), timeout=5, what="b -> a via region 1")
                 assert a.runner.path_json(b.public)["relay_region"] == 2
+                assert set(a.runner._others) == {2} and set(b.runner._others) == {1}
+
+                # a re-homes on region 2 (a faster measurement) and the map tells b: both are on
+                # one region now, no extra client is left, and traffic still flows both ways.
+                await a.runner.set_relay(2, [r2.url])
+                b.runner.set_peers([a.map_entry(dead_ep, 2)], order)
+                assert await a.runner.relay.wait_connected(3)
+                assert not a.runner._others and not b.runner._others
+                again = ipv4_udp(b.addr, a.addr, b"same region now")
+                b.tun.send(again)
+                await async_wait_until(lambda: a.received(again), timeout=5, what="b -> a on region 2")
+                forth = ipv4_udp(a.addr, b.addr, b"and forth")
+                a.tun.send(forth)
+                await async_wait_until(lambda: b.received(forth), timeout=5, what="a -> b on region 2")
+                await a.runner.set_relay(1, [r1.url])  # back home on 1 for the next step
 
                 # The map stops naming b's home: a falls back to its own region and drops the
                 # extra client (b is not there, so the relay path no longer reaches it).
