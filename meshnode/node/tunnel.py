@@ -317,6 +317,7 @@ class Tunnel:
         self.home = HomeRegion()
         self._home_task: asyncio.Task[None] | None = None
         self._relay_of: tuple[NetMap, str] | None = None
+        self._relay_lock = asyncio.Lock()  # a map apply and a measurement never set the relay at once
 
     @property
     def running(self) -> bool:
@@ -393,14 +394,16 @@ class Tunnel:
     async def _apply_relay(self) -> None:
         """The DERP client and STUN servers of the home region: the fastest measured one (with
         hysteresis), or the map's first region until a measurement exists."""
-        if self.paths is None or self._relay_of is None:
-            return
-        netmap, login_server = self._relay_of
-        regions = relay_regions(netmap, login_server)
-        home = self.home.choose(list(regions), time.monotonic())
-        await self.paths.set_relay(home, regions.get(home, ()) if home is not None else ())
-        stun = stun_servers(netmap, login_server, home) if home is not None else []
-        self.paths.set_stun_servers(await asyncio.to_thread(_resolve, stun) if stun else [])
+        async with self._relay_lock:
+            if self.paths is None or self._relay_of is None:  # closed while we waited
+                return
+            netmap, login_server = self._relay_of
+            paths = self.paths
+            regions = relay_regions(netmap, login_server)
+            home = self.home.choose(list(regions), time.monotonic())
+            await paths.set_relay(home, regions.get(home, ()) if home is not None else ())
+            stun = stun_servers(netmap, login_server, home) if home is not None else []
+            paths.set_stun_servers(await asyncio.to_thread(_resolve, stun) if stun else [])
 
     async def _measure_home(self) -> None:
         """Every HOME_INTERVAL (the first soon after start): a netcheck of the relay map's STUN
@@ -424,7 +427,11 @@ class Tunnel:
                 continue
             before = self.home.home
             self.home.measured(report.relay_latency_ms, time.monotonic())
-            await self._apply_relay()
+            try:
+                await self._apply_relay()
+            except Exception:  # a bug must not end the measurements silently
+                log.exception("tunnel: applying the home region failed")
+                continue
             if self.home.home != before:
                 log.info("tunnel: home relay region %s -> %s (latency %s ms)", before, self.home.home,
                          {k: round(v, 1) for k, v in report.relay_latency_ms.items()})
