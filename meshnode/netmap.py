@@ -75,6 +75,7 @@ class MapNode:
     disco_key: str = ""                    # disco public key of the node's current run (base64)
     key_signature: str = ""                # Tailnet Lock signature of node_key (base64), if any
     lock_key: str = ""                     # the node's Tailnet Lock public key (tlpub:HEX), if it reported one
+    home_region: int | None = None         # the relay (DERP) region the node homes on, if known
 
     def to_json(self, domain: str | None = None) -> dict[str, Any]:
         """JSON form. Empty lists, false flags and a None last_seen are left out, and so are `fqdn`
@@ -96,6 +97,8 @@ class MapNode:
             out["key_signature"] = self.key_signature
         if self.lock_key:
             out["lock_key"] = self.lock_key
+        if self.home_region is not None:
+            out["home_region"] = self.home_region
         for key, value in (("endpoints", self.endpoints), ("advertised_routes", self.advertised_routes),
                            ("approved_routes", self.approved_routes), ("tags", self.tags)):
             if value:
@@ -126,6 +129,9 @@ class MapNode:
             exit_node = bool(obj.get("exit_node", False))
             allowed = obj.get("allowed_ips")
             last_seen = obj.get("last_seen")
+            home = obj.get("home_region")
+            if home is not None and (isinstance(home, bool) or not isinstance(home, int) or home <= 0):
+                raise NetMapError(f"node {obj.get('id', '?')}: home_region must be a positive integer")
             return MapNode(
                 int(obj["id"]), name, str(fqdn), str(obj.get("user", "")), addresses, str(obj["node_key"]),
                 tuple(obj.get("endpoints") or ()),
@@ -135,7 +141,7 @@ class MapNode:
                 bool(obj.get("online", False)), str(obj.get("os", "")),
                 float(last_seen) if last_seen is not None else None, bool(obj.get("ephemeral", False)),
                 str(obj.get("disco_key") or ""), str(obj.get("key_signature") or ""),
-                str(obj.get("lock_key") or ""))
+                str(obj.get("lock_key") or ""), home)
         except KeyError as exc:
             raise NetMapError(f"node {obj.get('id', '?')}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:

@@ -373,12 +373,15 @@ class ControlClient:
             if time.monotonic() > deadline:
                 raise ControlError(ErrorCode.AUTHKEY_REQUIRED, f"nobody confirmed {shown} within {timeout:g}s")
 
-    async def update_endpoints(self, endpoints: Iterable[str], disco_key: str = "") -> None:
+    async def update_endpoints(self, endpoints: Iterable[str], disco_key: str = "",
+                               home_region: int | None = None) -> None:
         """Report the UDP endpoints (`ip:port`) peers can reach this node at (and the disco key of
-        this run, which peers seal their path probes to)."""
+        this run, which peers seal their path probes to, and the relay region it homes on)."""
         body: dict[str, Any] = {"node_key": self.node_key_public, "endpoints": list(endpoints)}
         if disco_key:
             body["disco_key"] = disco_key
+        if home_region is not None:
+            body["home_region"] = home_region
         await self._post("/machine/endpoints", body)
 
     async def tka(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:

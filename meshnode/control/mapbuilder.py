@@ -37,7 +37,8 @@ def map_node(node: Node, domain: str, online: bool, key_signature: str = "", loc
     return MapNode(node.id, node.name, f"{node.name}.{domain}", node.user, addrs, node.node_key,
                    node.endpoints, allowed, node.advertised_routes, node.approved_routes,
                    node.exit_node_approved, node.advertises_exit_node, node.tags, online, node.os,
-                   node.last_seen, node.ephemeral, node.disco_key, key_signature, lock_key)
+                   node.last_seen, node.ephemeral, node.disco_key, key_signature, lock_key,
+                   node.home_region)
 
 
 def node_info(node: Node) -> NodeInfo:

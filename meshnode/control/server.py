@@ -533,7 +533,10 @@ class ControlServer:
     async def _endpoints(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
         node = self._node_for(machine_key, p)
-        self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p))
+        home = p.get("home_region")
+        if home is not None and (isinstance(home, bool) or not isinstance(home, int) or not 0 < home < 1 << 31):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "home_region must be a positive integer")
+        self.store.set_endpoints(node.id, _strs(p, "endpoints"), _disco_key(p), home)
         self.mark_dirty()
         return self._sealed(chan, {"ok": True})
 

@@ -94,6 +94,7 @@ class Node:
     offset: int
     authkey_id: str | None
     disco_key: str = ""  # this run's disco public key (base64), for path discovery
+    home_region: int | None = None  # the relay region the node homes on (its endpoint report)
 
     @property
     def addresses(self) -> tuple[str, str]:
@@ -359,9 +360,14 @@ def _m9_tka_lock_keys(db: sqlite_utils.Database) -> None:
 
 
 
+def _m10_home_region(db: sqlite_utils.Database) -> None:
+    db["nodes"].add_column("home_region", int)
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
                                                                   _m5_console, _m6_tailnet_ca, _m7_tka_flows,
-                                                                  _m8_changelog, _m9_tka_lock_keys)
+                                                                  _m8_changelog, _m9_tka_lock_keys,
+                                                                  _m10_home_region)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -375,7 +381,8 @@ def _t(text: str | None) -> tuple[str, ...]:
 
 _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"
               " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
-              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key")
+              " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key,"
+              " n.home_region")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -387,7 +394,8 @@ def _address_texts(offset: int) -> tuple[str, str]:
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], row[3], row[4] or "", row[5], _t(row[6]), row[7] or "", _t(row[8]),
                 _t(row[9]), _t(row[10]), bool(row[11]), bool(row[12]), bool(row[13]), row[14], row[15],
-                row[16], bool(row[17]), row[18], row[19], row[20] or "")
+                row[16], bool(row[17]), row[18], row[19], row[20] or "",
+                int(row[21]) if row[21] is not None else None)
 
 
 class _Leases:
@@ -1200,10 +1208,14 @@ END $body$"""
                         {"approved_routes": sorted(set(wanted)), "exit_node": exit_flag})
         return self.get_node(node.id)
 
-    def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None) -> None:
-        """The node's reported endpoints (and, when given, its disco key of this run)."""
+    def set_endpoints(self, node_id: int, endpoints: Sequence[str], disco_key: str | None = None,
+                      home_region: int | None = None) -> None:
+        """The node's reported endpoints (and, when given, its disco key of this run and its home
+        relay region)."""
         with self._tx():
             self._notes.append(("node.endpoints", f"node-id:{node_id}"))
+            if home_region is not None:
+                self.conn.execute("UPDATE nodes SET home_region = ? WHERE id = ?", [home_region, node_id])
             if disco_key is None:
                 self.conn.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", [_j(endpoints), node_id])
             else:

@@ -100,7 +100,7 @@ def node_json(node: MapNode) -> dict[str, Any]:
             "offers_exit_node": node.exit_node, "advertises_exit_node": node.advertises_exit_node,
             "ephemeral": node.ephemeral,
             "advertised_routes": list(node.advertised_routes),
-            "approved_routes": list(node.approved_routes)}
+            "approved_routes": list(node.approved_routes), "home_region": node.home_region}
 
 
 def _b64(key: Any) -> str:
@@ -122,7 +122,7 @@ class Daemon:
         self.identity_error: str | None = None   # damaged pin or lost machine key (state.IdentityDamaged)
         self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
-        self.dns = DnsThread(self._make_server, metrics=config.metrics)
+        self.dns = DnsThread(self._make_server, metrics=config.metrics, metrics_extra=self._paths_metrics)
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
         self._tunnel = Tunnel(config.tun, config.port) if config.tun else None
@@ -133,6 +133,7 @@ class Daemon:
         self._serve = ServeRunner(self._caller, self._serve_tls_files)
         self._reported_endpoints: list[str] | None = None
         self._reported_disco = ""  # the disco key the control server has from us
+        self._reported_home: int | None = None  # the home relay region the control server has from us
         self._conn = NodeConnectivity()  # port mapping and netcheck (netcheckrun.py)
         self._dns_hosts: tuple[str, ...] = ()
         self._upstreams: tuple[Upstream, ...] = ()
@@ -318,12 +319,12 @@ class Daemon:
         except OSError as exc:
             log.warning("endpoints: cannot list local addresses: %s", exc)
             return
-        disco = self._tunnel.disco_key
-        if endpoints == self._reported_endpoints and disco == self._reported_disco:
+        disco, home = self._tunnel.disco_key, self._tunnel.home_region
+        if (endpoints, disco, home) == (self._reported_endpoints, self._reported_disco, self._reported_home):
             return
         try:
-            await client.update_endpoints(endpoints, disco_key=disco)
-            self._reported_endpoints, self._reported_disco = endpoints, disco
+            await client.update_endpoints(endpoints, disco_key=disco, home_region=home)
+            self._reported_endpoints, self._reported_disco, self._reported_home = endpoints, disco, home
             log.info("control: reported endpoints %s", ", ".join(endpoints) or "(none)")
         except ControlError as exc:
             log.warning("control: reporting endpoints %s failed: %s", endpoints, exc)
@@ -1047,6 +1048,12 @@ class Daemon:
         via = wg.get("endpoint")
         return {"peer": node.fqdn, "address": v4, "endpoint": via, "replies_ms": replies,
                 "replies": [{"ms": r, "via": via if r is not None else None} for r in replies]}
+
+    def _paths_metrics(self) -> str:
+        """Prometheus families of paths and relay; called on the resolver's thread (snapshots only)."""
+        from .pathmetrics import paths_text
+        tunnel = self._tunnel
+        return paths_text(tunnel.paths if tunnel is not None else None)
 
     async def _disco_ping(self, paths: Any, node: MapNode, addr: str, req: PingRequest) -> dict[str, Any]:
         from .pathrunner import b64_key

@@ -35,9 +35,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class DnsThread:
     """Owns one `magicdns.server.DnsServer` running on a private event loop thread."""
 
-    def __init__(self, server_factory: Callable[[], Any], metrics: tuple[str, int] | None = None) -> None:
+    def __init__(self, server_factory: Callable[[], Any], metrics: tuple[str, int] | None = None,
+                 metrics_extra: Callable[[], str] | None = None) -> None:
         self._factory = server_factory
         self._metrics_addr = metrics
+        self._metrics_extra = metrics_extra  # more Prometheus families (the node's paths)
         self._metrics: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -79,7 +81,7 @@ class DnsThread:
         if self._metrics_addr is not None:
             from .metrics import start_metrics
             try:
-                self._metrics = await start_metrics(server, *self._metrics_addr)
+                self._metrics = await start_metrics(server, *self._metrics_addr, extra=self._metrics_extra)
             except OSError as exc:
                 await server.stop()
                 raise DnsThreadError(f"cannot serve metrics on {self._metrics_addr[0]}:"

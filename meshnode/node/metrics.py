@@ -6,18 +6,21 @@ metrics port never exposes the resolver itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
 from magicdns.metrics import prometheus_text
 
 
-async def start_metrics(server: Any, host: str, port: int) -> web.AppRunner:
-    """Serve `server`'s counters at http://host:port/metrics; runs on the resolver's own loop."""
+async def start_metrics(server: Any, host: str, port: int,
+                        extra: Callable[[], str] | None = None) -> web.AppRunner:
+    """Serve `server`'s counters at http://host:port/metrics, then `extra()`'s families (the
+    node's paths and relay); runs on the resolver's own loop."""
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=prometheus_text(server.status()), content_type="text/plain", charset="utf-8")
+        text = prometheus_text(server.status()) + (extra() if extra is not None else "")
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

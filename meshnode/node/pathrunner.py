@@ -70,6 +70,11 @@ class PathRunner:
         self._relay_ids: dict[bytes, int] = {}
         self._relay_keys: dict[int, bytes] = {}
         self._peers: list[Any] = []
+        # Peers homed on another region: its servers (from the relay map), a client per such
+        # region with its reader task, and each peer's region.
+        self._region_urls: dict[int, tuple[str, ...]] = {}
+        self._others: dict[int, tuple[Any, asyncio.Task[None]]] = {}
+        self._peer_region: dict[bytes, int | None] = {}
         # STUN servers of the relay region: our public address as they see the WireGuard socket.
         self._stun_servers: tuple[Endpoint, ...] = ()
         self._stun_txids: dict[bytes, float] = {}
@@ -90,6 +95,10 @@ class PathRunner:
         self.device.set_datagram_handler(None)
         self.device.relay_out = None
         await self.set_relay(None, ())
+        for client, reader in self._others.values():
+            reader.cancel()
+            await client.close()
+        self._others.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -107,16 +116,52 @@ class PathRunner:
         first."""
         self._peers, self._order = list(peers), order
         infos = []
+        regions: dict[bytes, int | None] = {}
         for p in self._peers:
             key = b64_key(p.node_key)
             if key is None:
                 continue
             disco = b64_key(p.disco_key) if getattr(p, "disco_key", "") else None
-            # Every node of the tailnet homes on the same relay region for now (the map does not
-            # carry each peer's home region yet): ours is theirs.
-            infos.append(PeerInfo(key, disco, tuple(order(p.endpoints)), self.relay_region))
+            # A peer's relay traffic goes to its home region when the map names one we have servers
+            # for; otherwise (an older control server) it is taken to home where we do.
+            home = getattr(p, "home_region", None)
+            region = home if home is not None and home in self._region_urls else self.relay_region
+            regions[key] = region
+            infos.append(PeerInfo(key, disco, tuple(order(p.endpoints)), region))
+        self._peer_region = regions
+        self._sync_other_regions()
         self.layer.set_peers(infos, self._clock())
         self._kick()
+
+    def set_relay_regions(self, urls: dict[int, Iterable[str]]) -> None:
+        """Every region of the relay map with its server URLs (for peers homed elsewhere)."""
+        self._region_urls = {int(r): tuple(u) for r, u in urls.items() if u}
+
+    def _sync_other_regions(self) -> None:
+        """A DERP client for each region a peer homes on that is not ours; none for the others."""
+        if self._loop is None:
+            return
+        from ..derp.client import DerpClient
+        wanted = {r for r in self._peer_region.values() if r is not None and r != self.relay_region}
+        for region in [r for r in self._others if r not in wanted
+                       or self._others[r][0].urls != list(self._region_urls.get(r, ()))]:
+            client, reader = self._others.pop(region)
+            reader.cancel()
+            asyncio.ensure_future(client.close())
+        for region in wanted - set(self._others):
+            client = DerpClient(self._private, list(self._region_urls[region]))
+            asyncio.ensure_future(client.start())
+            reader = asyncio.ensure_future(self._relay_reader(client))
+            self._others[region] = (client, reader)
+            log.info("paths: relay region %s for peers homed there", region)
+
+    def _client(self, key: bytes) -> Any:
+        """The DERP client that reaches the peer `key` (its home region's, or ours)."""
+        region = self._peer_region.get(key, self.relay_region)
+        if region is None or region == self.relay_region:
+            return self.relay
+        other = self._others.get(region)
+        return other[0] if other is not None else None
 
     async def set_relay(self, region_id: int | None, urls: Iterable[str]) -> None:
         """Use the relay servers `urls` of region `region_id` (None: no relay)."""
@@ -190,9 +235,9 @@ class PathRunner:
             self._loop.call_soon_threadsafe(self._send_relayed, items)
 
     def _send_relayed(self, items: list[tuple[bytes, Any]]) -> None:
-        client = self.relay
         for data, ep in items:
             key = self._relay_keys.get(ep[1])
+            client = self._client(key) if key is not None else None
             if client is None or key is None or not client.send(key, data):
                 self.counters["relay_send_dropped"] += 1
             else:
@@ -351,7 +396,8 @@ class PathRunner:
             if isinstance(out, SendUDP):
                 self.device.send_datagram(out.data, out.endpoint)
             elif isinstance(out, SendRelay):
-                if self.relay is not None and self.relay.send(out.node_key, out.data):
+                client = self._client(out.node_key)
+                if client is not None and client.send(out.node_key, out.data):
                     self.counters["relay_disco_sent"] += 1
                 else:
                     self.counters["relay_unavailable"] += 1

@@ -78,6 +78,10 @@ def tunneled_subnets(configs: list[Any]) -> tuple[Any, ...]:
                  if 0 < net.prefixlen < net.max_prefixlen)
 
 
+HOME_FIRST = 3.0        # seconds after the first map with a relay map before measuring the regions
+HOME_INTERVAL = 60.0    # seconds between measurements (Tailscale's netcheck runs every 20-26 s)
+
+
 def relay_choice(netmap: NetMap, login_server: str = "") -> tuple[int, list[str]] | None:
     """(region id, server URLs) of the relay region to home on, from the map's relay map (the
     first region, servers in the map's order), or None when the map has no relay."""
@@ -95,11 +99,29 @@ def relay_choice(netmap: NetMap, login_server: str = "") -> tuple[int, list[str]
     return None
 
 
-def stun_servers(netmap: NetMap, login_server: str = "") -> list[tuple[str, int]]:
-    """(host, port) of the STUN servers of the relay region we home on (hosts may be names)."""
+def relay_regions(netmap: NetMap, login_server: str = "") -> dict[int, list[str]]:
+    """Every region of the map's relay map with its server URLs (regions without usable ones left
+    out): where peers that home elsewhere are reached."""
+    derp_map = getattr(netmap, "derp_map", None)
+    out: dict[int, list[str]] = {}
+    for region in getattr(derp_map, "regions", ()) if derp_map is not None else ():
+        urls = []
+        for node in getattr(region, "nodes", ()):
+            try:
+                urls.append(node.url(login_server))
+            except (TypeError, ValueError):
+                continue
+        if urls:
+            out[int(region.region_id)] = urls
+    return out
+
+
+def stun_servers(netmap: NetMap, login_server: str = "", region: int | None = None) -> list[tuple[str, int]]:
+    """(host, port) of the STUN servers of the relay region we home on (`region`, or the first one
+    when None; hosts may be names)."""
     from urllib.parse import urlsplit
     derp_map = getattr(netmap, "derp_map", None)
-    chosen = relay_choice(netmap, login_server)
+    chosen = relay_choice(netmap, login_server) if region is None else (region, [])
     if derp_map is None or chosen is None:
         return []
     out = []
@@ -289,6 +311,13 @@ class Tunnel:
         self._addresses: tuple[Interface, ...] = ()
         self._filter: TunnelFilter | None = None
         self.paths: Any = None  # the PathRunner while the device runs
+        # The home relay region by measured latency (paths/home.py), re-measured every HOME_INTERVAL
+        # with a netcheck of the relay map; the map and login server of the last apply().
+        from ..paths.home import HomeRegion
+        self.home = HomeRegion()
+        self._home_task: asyncio.Task[None] | None = None
+        self._relay_of: tuple[NetMap, str] | None = None
+        self._relay_lock = asyncio.Lock()  # a map apply and a measurement never set the relay at once
 
     @property
     def running(self) -> bool:
@@ -350,11 +379,62 @@ class Tunnel:
         await asyncio.to_thread(device.set_peers, configs)
         if self.paths is not None:
             tunneled = tunneled_subnets(configs)
+            self.paths.set_relay_regions(relay_regions(netmap, login_server))
             self.paths.set_peers(netmap.peers, lambda texts: candidate_order(texts, tunneled))
-            relay = relay_choice(netmap, login_server)
-            await self.paths.set_relay(*(relay or (None, ())))
-            stun = stun_servers(netmap, login_server)
-            self.paths.set_stun_servers(await asyncio.to_thread(_resolve, stun) if stun else [])
+            self._relay_of = (netmap, login_server)
+            await self._apply_relay()
+            if self._home_task is None and getattr(netmap, "derp_map", None) is not None:
+                self._home_task = asyncio.create_task(self._measure_home(), name="home-region")
+
+    @property
+    def home_region(self) -> int | None:
+        """The relay region we home on (reported to the control server), None without a relay."""
+        return self.paths.relay_region if self.paths is not None else None
+
+    async def _apply_relay(self) -> None:
+        """The DERP client and STUN servers of the home region: the fastest measured one (with
+        hysteresis), or the map's first region until a measurement exists."""
+        async with self._relay_lock:
+            if self.paths is None or self._relay_of is None:  # closed while we waited
+                return
+            netmap, login_server = self._relay_of
+            paths = self.paths
+            regions = relay_regions(netmap, login_server)
+            home = self.home.choose(list(regions), time.monotonic())
+            await paths.set_relay(home, regions.get(home, ()) if home is not None else ())
+            stun = stun_servers(netmap, login_server, home) if home is not None else []
+            paths.set_stun_servers(await asyncio.to_thread(_resolve, stun) if stun else [])
+
+    async def _measure_home(self) -> None:
+        """Every HOME_INTERVAL (the first soon after start): a netcheck of the relay map's STUN
+        servers; its per-region latency may move the home region."""
+        from ..netcheck import run_netcheck
+        delay = HOME_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            delay = HOME_INTERVAL
+            if self._relay_of is None or self.paths is None:
+                continue
+            netmap, login_server = self._relay_of
+            derp_map = getattr(netmap, "derp_map", None)
+            if derp_map is None:
+                continue
+            try:
+                report = await run_netcheck(derp_map, control_url=login_server, timeout=2.0,
+                                            previous_home=self.home.home, check_captive_portal=False)
+            except (OSError, ValueError) as exc:
+                log.info("tunnel: home region measurement failed: %s", exc)
+                continue
+            before = self.home.home
+            self.home.measured(report.relay_latency_ms, time.monotonic())
+            try:
+                await self._apply_relay()
+            except Exception:  # a bug must not end the measurements silently
+                log.exception("tunnel: applying the home region failed")
+                continue
+            if self.home.home != before:
+                log.info("tunnel: home relay region %s -> %s (latency %s ms)", before, self.home.home,
+                         {k: round(v, 1) for k, v in report.relay_latency_ms.items()})
 
     async def _apply_filter(self, device: Any, netmap: NetMap) -> None:
         # Rules first, then peers: a peer the new map adds is never seen under older rules.
@@ -425,6 +505,10 @@ class Tunnel:
         device, self._device = self._device, None
         self._addresses = ()
         self._filter = None
+        task, self._home_task = self._home_task, None
+        if task is not None:
+            task.cancel()
+        self._relay_of = None
         paths, self.paths = self.paths, None
         if paths is not None:
             await paths.close()

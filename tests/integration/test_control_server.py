@@ -379,3 +379,13 @@ async def test_login_again_keeps_endpoints_and_disco_key_reaches_peers(tmp_path:
         await within_1s(lambda: watcher.map.peer_by_name("laptop").disco_key == rerun, "new disco key")
         with pytest.raises(ControlError):
             await n.client.update_endpoints([], disco_key="not base64 of 32 bytes")
+        # The home relay region (additive): it reaches peers, and a report without it keeps it.
+        assert watcher.map.peer_by_name("laptop").home_region is None
+        await n.client.update_endpoints(["198.51.100.7:41641"], home_region=901)
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").home_region == 901, "home region")
+        await n.client.update_endpoints(["198.51.100.8:41641"])
+        await within_1s(lambda: watcher.map.peer_by_name("laptop").endpoints == ("198.51.100.8:41641",), "ep")
+        assert watcher.map.peer_by_name("laptop").home_region == 901
+        for bad in (0, -5, True, "901"):
+            with pytest.raises(ControlError):
+                await n.client.update_endpoints([], home_region=bad)  # type: ignore[arg-type]

@@ -499,6 +499,12 @@ def test_metrics_and_query_log(cluster: Cluster) -> None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     line = next(x for x in text.splitlines() if x.startswith('magicdns_queries_total{transport="udp"}'))
     assert float(line.split()[-1]) >= 3
+    # The node's path and relay families are on the same listener; a DNS-only node has none.
+    for series in ('meshnode_paths{type="direct"} 0', 'meshnode_paths{type="relay"} 0',
+                   'meshnode_paths{type="none"} 0', "meshnode_disco_pings_sent_total 0",
+                   'meshnode_relay_bytes_total{direction="sent"} 0', "meshnode_stun_queries_total 0",
+                   'meshnode_relay_drops_total{reason="backlog"} 0', "meshnode_path_switches_total 0"):
+        assert series in text.splitlines(), series
     with pytest.raises(urllib.error.HTTPError):  # only metrics: the resolver is not exposed over HTTP
         urllib.request.urlopen(f"http://127.0.0.1:{port}/query?name=alpha.tailnet", timeout=5)
     alpha.stop()

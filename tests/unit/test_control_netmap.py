@@ -77,3 +77,13 @@ def test_bad_address_or_resolver_in_view_is_an_error() -> None:
 def test_peer_lookup() -> None:
     nm = sample()
     assert nm.peer_by_name("WEB.tailnet.").id == 2 and nm.peer_by_name("nope") is None
+
+
+def test_home_region_is_additive_and_checked() -> None:
+    n = mk(2, "peer", home_region=901)
+    assert n.to_json()["home_region"] == 901 and MapNode.from_json(n.to_json()) == n
+    plain = mk(3, "old")
+    assert "home_region" not in plain.to_json() and MapNode.from_json(plain.to_json()).home_region is None
+    for bad in (0, -1, "901", True, 1.5):
+        with pytest.raises(NetMapError, match="home_region"):
+            MapNode.from_json({**n.to_json(), "home_region": bad})

@@ -93,6 +93,11 @@ def test_relay_choice_takes_the_first_region_with_usable_servers() -> None:
     nm2 = replace(nm, derp_map=relays) if hasattr(nm, "derp_map") else _WithMap(nm, relays)
     assert relay_choice(nm2) == (2, ["http://r2a/derp", "http://r2b/derp"])  # region 1 has no host
     assert relay_choice(nm2, "http://control:8080") == (1, ["http://control:8080/derp"])
+    from meshnode.node.tunnel import relay_regions
+    assert relay_regions(nm) == {}
+    assert relay_regions(nm2) == {2: ["http://r2a/derp", "http://r2b/derp"]}  # peers homed on 1: unreachable
+    assert relay_regions(nm2, "http://control:8080") == {1: ["http://control:8080/derp"],
+                                                         2: ["http://r2a/derp", "http://r2b/derp"]}
 
 
 class _WithMap:
