@@ -11,7 +11,6 @@ flight (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; HTTP/1.1 answers one request at 
 
 from __future__ import annotations
 
-import asyncio
 import http
 import logging
 from typing import Callable
@@ -26,7 +25,7 @@ import h11
 from .dispatch import Dispatch
 from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, dns_query, error_headers,
                   response_headers)
-from .tcp import TcpSlots
+from .tcp import GuardedConnection, TcpSlots
 
 log = logging.getLogger("magicdns.doh")
 
@@ -41,41 +40,20 @@ class DohStats:
             setattr(self, name, 0)
 
 
-class DohConnection(asyncio.Protocol):
-    """One DoH client connection (after the TLS handshake)."""
+class DohConnection(GuardedConnection):
+    """One DoH client connection (after the TLS handshake), under the TCP listener's limits."""
 
     def __init__(self, dispatch: Dispatch, slots: TcpSlots, stats: DohStats) -> None:
-        self.dispatch = dispatch
-        self.slots = slots
-        self.limits = slots.limits
+        super().__init__(dispatch, slots)
         self.stats = stats
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.http: _Http2 | _Http11 | None = None
-        self.host = ""
-        self.open = False
-        self.pending = 0
-        self.write_blocked = False
         self.busy = False  # HTTP/1.1: a request is being answered, do not read the next one yet
-        self.reading = True
-        self.idle: asyncio.TimerHandle | None = None
 
-    # -- lifecycle (as tcp.py) ------------------------------------------------------------------
+    def held(self) -> bool:
+        return self.busy
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.host = peer[0]
-        if not self.dispatch.client_allowed(self.host):
-            self.dispatch.counters.refused_clients += 1
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        if not self.slots.take(self, self.host, self.dispatch):  # type: ignore[arg-type]
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        self.open = True
-        high = self.limits.write_high_water
-        self.transport.set_write_buffer_limits(high=high, low=high // 4)
-        sslobj = transport.get_extra_info("ssl_object")
+    def started(self) -> None:
+        sslobj = self.transport.get_extra_info("ssl_object")
         alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
         if alpn == "h2":
             self.stats.http2 += 1
@@ -83,52 +61,9 @@ class DohConnection(asyncio.Protocol):
         else:  # "http/1.1", or a client that offered no ALPN at all
             self.stats.http11 += 1
             self.http = _Http11(self)
-        self.arm()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
-        self.slots.release(self, self.host)  # type: ignore[arg-type]
+    def stopped(self) -> None:
         self.http = None
-
-    def arm(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(self.limits.idle_timeout, self._on_idle)
-
-    def _on_idle(self) -> None:
-        self.idle = None
-        c = self.dispatch.counters
-        if self.write_blocked or self.transport.get_write_buffer_size():
-            c.tcp_stalled_closed += 1
-            self.transport.abort()
-            return
-        if self.pending:
-            self.arm()
-            return
-        c.tcp_idle_closed += 1
-        self.transport.close()
-
-    def pause_writing(self) -> None:
-        self.write_blocked = True
-        self.update_reading()
-
-    def resume_writing(self) -> None:
-        self.write_blocked = False
-        if self.open:
-            self.arm()
-            self.update_reading()
-
-    def update_reading(self) -> None:
-        want = self.open and not self.write_blocked and not self.busy
-        if want != self.reading and not self.transport.is_closing():
-            self.reading = want
-            if want:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.http is not None:

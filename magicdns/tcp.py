@@ -26,10 +26,10 @@ class TcpSlots:
 
     def __init__(self, limits: "ListenerLimits") -> None:
         self.limits = limits
-        self.conns: set[TcpConnection] = set()
+        self.conns: set[GuardedConnection] = set()
         self.by_host: dict[str, int] = {}
 
-    def take(self, conn: "TcpConnection", host: str, dispatch: Dispatch) -> bool:
+    def take(self, conn: "GuardedConnection", host: str, dispatch: Dispatch) -> bool:
         c = dispatch.counters
         if len(self.conns) >= self.limits.max_connections:
             c.tcp_rejected += 1
@@ -43,7 +43,7 @@ class TcpSlots:
         self.conns.add(conn)
         return True
 
-    def release(self, conn: "TcpConnection", host: str) -> None:
+    def release(self, conn: "GuardedConnection", host: str) -> None:
         if conn in self.conns:
             self.conns.discard(conn)
             left = self.by_host.get(host, 1) - 1
@@ -53,22 +53,37 @@ class TcpSlots:
                 self.by_host.pop(host, None)
 
 
-class TcpConnection(asyncio.Protocol):
-    """One TCP client: pipelined queries, replies in completion order, the limits above."""
+class GuardedConnection(asyncio.Protocol):
+    """A stream client under the TCP listener's limits, for every stream listener (TCP, DoT, DoH):
+    the allow-list and connection slots at connect, an idle timer that only complete messages
+    (`arm`) and moving replies re-arm, no reading while our replies sit unread, and an abort when
+    they have not moved for a whole timeout. Subclasses say when else to stop reading (`held`),
+    what to do once connected (`started`) and once replies move again (`writable`)."""
 
     def __init__(self, dispatch: Dispatch, slots: TcpSlots) -> None:
         self.dispatch = dispatch
         self.slots = slots
         self.limits = slots.limits
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.buf = bytearray()
         self.pending = 0  # forwarded queries not yet answered
-        self.pipeline_full = False
         self.write_blocked = False  # our write buffer is above the high-water mark
         self.reading = True
         self.idle: asyncio.TimerHandle | None = None
         self.host = ""
         self.open = False
+
+    def held(self) -> bool:
+        """True while the subclass wants no more input (a full pipeline, a request in progress)."""
+        return False
+
+    def started(self) -> None:
+        """Called once the client is admitted."""
+
+    def stopped(self) -> None:
+        """Called when the connection is gone."""
+
+    def writable(self) -> None:
+        """Called when the client reads its replies again."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -87,7 +102,8 @@ class TcpConnection(asyncio.Protocol):
         self.open = True
         high = self.limits.write_high_water
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
-        self._arm()
+        self.started()
+        self.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
@@ -95,9 +111,9 @@ class TcpConnection(asyncio.Protocol):
             self.idle.cancel()
             self.idle = None
         self.slots.release(self, self.host)
-        self.buf.clear()
+        self.stopped()
 
-    def _arm(self) -> None:
+    def arm(self) -> None:
         """(Re)start the idle timer: called when a complete message arrives or replies move."""
         if self.idle is not None:
             self.idle.cancel()
@@ -112,7 +128,7 @@ class TcpConnection(asyncio.Protocol):
             self.transport.abort()
             return
         if self.pending:
-            self._arm()  # forwarded answers are on their way (bounded by the forward timeout)
+            self.arm()  # forwarded answers are on their way (bounded by the forward timeout)
             return
         c.tcp_idle_closed += 1
         self.transport.close()
@@ -123,23 +139,41 @@ class TcpConnection(asyncio.Protocol):
         """Our write buffer passed the high-water mark: the client is not reading. Stop reading its
         queries (and stop answering the ones already buffered) until it catches up."""
         self.write_blocked = True
-        self._update_reading()
+        self.update_reading()
 
     def resume_writing(self) -> None:
         self.write_blocked = False
         if self.open:
-            self._arm()  # the client is reading: it is alive
-            self._process()
-            self._update_reading()
+            self.arm()  # the client is reading: it is alive
+            self.writable()
+            self.update_reading()
 
-    def _update_reading(self) -> None:
-        want = self.open and not self.write_blocked and not self.pipeline_full
+    def update_reading(self) -> None:
+        want = self.open and not self.write_blocked and not self.held()
         if want != self.reading and not self.transport.is_closing():
             self.reading = want
             if want:
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()
+
+
+class TcpConnection(GuardedConnection):
+    """One TCP client: pipelined queries, replies in completion order, the limits above."""
+
+    def __init__(self, dispatch: Dispatch, slots: TcpSlots) -> None:
+        super().__init__(dispatch, slots)
+        self.buf = bytearray()
+        self.pipeline_full = False
+
+    def held(self) -> bool:
+        return self.pipeline_full
+
+    def stopped(self) -> None:
+        self.buf.clear()
+
+    def writable(self) -> None:
+        self._process()
 
     # -- messages --------------------------------------------------------------------------------
 
@@ -159,7 +193,7 @@ class TcpConnection(asyncio.Protocol):
                 break
             msg = bytes(buf[2:size + 2])
             del buf[:size + 2]
-            self._arm()  # a complete message: only these keep a connection alive
+            self.arm()  # a complete message: only these keep a connection alive
             dispatch.counters.tcp += 1
             result = dispatch.answer(msg, True)
             if result.__class__ is bytes:
@@ -170,14 +204,14 @@ class TcpConnection(asyncio.Protocol):
                 self.pending += 1
                 if self.pending >= self.limits.max_pipeline and not self.pipeline_full:
                     self.pipeline_full = True
-                    self._update_reading()
+                    self.update_reading()
                 dispatch.forward(result, msg, self.host, self._forwarded, True)  # type: ignore[arg-type]
 
     def _forwarded(self, reply: bytes) -> None:
         self.pending -= 1
         if self.pipeline_full and self.pending < self.limits.max_pipeline:
             self.pipeline_full = False
-            self._update_reading()
+            self.update_reading()
         self._write(reply)
 
     def _write(self, reply: bytes) -> None:
