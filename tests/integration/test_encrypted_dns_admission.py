@@ -1,0 +1,144 @@
+"""The allow-list is checked on the bare TCP connection, before TLS: a client outside it gets no
+ServerHello (not one byte) and costs no handshake; admitted clients (kdig, dnspython) are served.
+
+On loopback: the server allows only 127.0.0.2, so a client bound to 127.0.0.1 is foreign and one
+bound to 127.0.0.2 is admitted.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import time
+
+import dns.message
+import dns.query
+import pytest
+
+from tests.integration.magicdns_proc import MagicDnsProcess, run_cli, start_magicdns
+from tests.integration.tls_helpers import make_ca, make_leaf, write_pair
+
+NAME = "dns.test"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca("admission CA")
+    cert, key = write_pair(d, make_leaf(ca, (NAME,), ("127.0.0.1",)))
+    return {"ca": ca, "ca_file": ca.write(d / "ca.pem"), "cert": cert, "key": key}
+
+
+def status(server: MagicDnsProcess) -> dict:
+    out = run_cli("status", "--control-socket", server.control_socket, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def server(pki: dict):
+    s = start_magicdns("--allow", "127.0.0.2/32", "--dot", "127.0.0.1:0", "--doh", "127.0.0.1:0",
+                       "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), probe=None)
+    for item in status(s)["encrypted"]["listeners"]:
+        kind, addr = item.split()
+        s.extra[kind] = int(addr.rsplit(":", 1)[1])
+    yield s
+    s.stop()
+
+
+def client_hello(alpn: str) -> bytes:
+    """The first flight of a real TLS client (Python's OpenSSL), to send over a raw socket."""
+    ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols([alpn])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=NAME)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16"  # a TLS handshake record
+    return hello
+
+
+def raw_reply(port: int, source: str, send: bytes, want: int = 0) -> bytes:
+    """What the server sends back on a raw connection from `source` until it closes (or 5 s, or
+    once `want` bytes are in)."""
+    got = b""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((source, 0))
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))  # a reset may already be here when connect() returns
+            s.sendall(send)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+                if want and len(got) >= want:
+                    break
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # a reset is the expected refusal
+        except socket.timeout:
+            pass  # the server is waiting for more: returned below, and the caller decides
+    return got
+
+
+@pytest.mark.parametrize("kind,alpn", [("dot", "dot"), ("doh", "h2")])
+def test_a_foreign_client_gets_no_tls_byte_and_is_counted(server: MagicDnsProcess, kind: str, alpn: str) -> None:
+    before = status(server)["queries"]["refused_clients"]
+    failures_before = status(server)["encrypted"]["handshake_failures"]
+    hello = client_hello(alpn)
+    assert raw_reply(server.extra[kind], "127.0.0.1", hello) == b""  # no ServerHello, no alert: nothing
+    # The same ClientHello from an admitted address does get a ServerHello: the test can tell.
+    answer = raw_reply(server.extra[kind], "127.0.0.2", hello, want=6)
+    assert answer[:1] == b"\x16" and answer[5:6] == b"\x02", answer[:16]  # handshake record, ServerHello
+    after = status(server)
+    assert after["queries"]["refused_clients"] == before + 1
+    # The refused client cost no handshake: only the admitted one (which we dropped mid-way) counts.
+    assert after["encrypted"]["handshake_failures"] <= failures_before + 1
+
+
+def test_a_foreign_tls_client_fails_at_connect(server: MagicDnsProcess, pki: dict) -> None:
+    ctx = ssl.create_default_context(cafile=str(pki["ca_file"]))
+    with socket.socket() as raw:
+        raw.bind(("127.0.0.1", 0))
+        raw.settimeout(5)
+        with pytest.raises((ssl.SSLError, ConnectionResetError, ssl.SSLEOFError)):
+            raw.connect(("127.0.0.1", server.extra["dot"]))  # the reset may come before or during the handshake
+            ctx.wrap_socket(raw, server_hostname=NAME)
+
+
+@pytest.mark.parametrize("mode", ["+tls", "+https"])
+def test_kdig_from_an_admitted_address_is_served_and_from_a_foreign_one_is_not(
+        server: MagicDnsProcess, pki: dict, mode: str) -> None:
+    port = server.extra["dot" if mode == "+tls" else "doh"]
+
+    def kdig(source: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["kdig", "@127.0.0.1", "-p", str(port), "-b", source, mode, f"+tls-ca={pki['ca_file']}",
+                               f"+tls-hostname={NAME}", "+time=3", "+retry=0", "my-server.tailnet", "A"],
+                              capture_output=True, text=True, timeout=30)
+    ok = kdig("127.0.0.2")
+    assert ok.returncode == 0 and "100.64.0.2" in ok.stdout, ok.stdout + ok.stderr
+    refused = kdig("127.0.0.1")
+    assert refused.returncode != 0 and "100.64.0.2" not in refused.stdout
+
+
+def test_dnspython_dot_from_an_admitted_address(server: MagicDnsProcess, pki: dict) -> None:
+    ctx = ssl.create_default_context(cafile=str(pki["ca_file"]))
+    r = dns.query.tls(dns.message.make_query("my-server.tailnet", "A"), "127.0.0.1", port=server.extra["dot"],
+                      timeout=5, ssl_context=ctx, server_hostname=NAME, source="127.0.0.2")
+    assert "100.64.0.2" in r.to_text()
+
+
+def test_many_foreign_connections_leave_no_state_and_the_server_serves(server: MagicDnsProcess, pki: dict) -> None:
+    before = status(server)
+    hello = client_hello("dot")
+    for _ in range(50):
+        assert raw_reply(server.extra["dot"], "127.0.0.1", hello) == b""
+    after = status(server)
+    assert after["queries"]["refused_clients"] == before["queries"]["refused_clients"] + 50
+    assert after["encrypted"]["connections"] == 0 and after["encrypted"]["handshaking"] == 0
+    test_dnspython_dot_from_an_admitted_address(server, pki)
