@@ -82,6 +82,12 @@ class ServerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     encrypted: EncryptedConfig = EncryptedConfig()  # DoT/DoH listeners and their certificate (encrypted.py)
     upstream_ca: tuple[str, ...] = ()  # CA files trusted for tls:// and https:// upstreams, besides the system's
+    # Who resolves the names in tls://NAME and https://NAME/ upstreams (stub.NameCache): these
+    # resolvers, else the original ones of this resolv.conf (its backup once a node replaced it).
+    bootstrap_dns: tuple[Upstream, ...] = ()
+    resolv_conf: str = "/etc/resolv.conf"
+    # Plain upstreams that are well-known public resolvers go over their DoH endpoint (publicdns.py).
+    upgrade_public_dns: bool = False
 
 
 class DnsServer:
@@ -108,9 +114,16 @@ class DnsServer:
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
         self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
-        if config.upstream_ca:
+        if config.upstream_ca or config.bootstrap_dns or config.resolv_conf != "/etc/resolv.conf":
+            from .stub import NameCache, StubResolver
             from .upstream_tls import EncryptedUpstreams
-            self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca)
+
+            def make_stub() -> StubResolver:
+                if config.bootstrap_dns:
+                    return StubResolver(config.bootstrap_dns)
+                return StubResolver.from_system(config.resolv_conf, own_addresses=tuple(
+                    Upstream(h, p) for h, p in config.listen))
+            self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca, names=NameCache(make_stub))
         self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()

@@ -25,11 +25,15 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
+from .ranges import RESOLVER_V4, RESOLVER_V6
+from .stub import NameCache, StubError, StubResolver
 from .upstream import Upstream
 
 log = logging.getLogger("magicdns.upstream_tls")
 
 CONNECT_TIMEOUT = 3.0
+MAX_ADDRESSES = 4  # addresses of one upstream name tried per connection attempt (the race bounds the time)
+SELF_ADDRESSES = frozenset((RESOLVER_V4, RESOLVER_V6))
 LOG_EVERY = 60.0  # seconds between repeats of the same failure line for one upstream
 
 
@@ -77,9 +81,9 @@ class _DotConnection:
         self.dead = False
         self.reader_task: asyncio.Task[None] | None = None
 
-    async def connect(self) -> None:
+    async def connect(self, host: str) -> None:
         reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-            self.up.host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
+            host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
         self.reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -139,9 +143,9 @@ class _DohConnection:
         self.dead = False
         self.reader_task: asyncio.Task[None] | None = None
 
-    async def connect(self) -> None:
+    async def connect(self, host: str) -> None:
         reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-            self.up.host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
+            host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
         sslobj = self.writer.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
             self.writer.close()
@@ -236,8 +240,12 @@ class _DohConnection:
 class EncryptedUpstreams:
     """The connections to every encrypted upstream of one forwarder."""
 
-    def __init__(self, extra_ca_files: Iterable[str] = (), extra_ca_pems: Iterable[str] = ()) -> None:
+    def __init__(self, extra_ca_files: Iterable[str] = (), extra_ca_pems: Iterable[str] = (),
+                 names: NameCache | None = None) -> None:
+        """`names` resolves upstreams given by name (`tls://NAME`); by default through the
+        system's original resolvers (stub.StubResolver.from_system), never through ourselves."""
         files, pems = tuple(extra_ca_files), tuple(extra_ca_pems)
+        self.names = names or NameCache(StubResolver.from_system)
         self.dot_ctx = client_context(files, pems, ("dot",))
         self.doh_ctx = client_context(files, pems, ("h2",))
         self.conns: dict[Upstream, _DotConnection | _DohConnection] = {}
@@ -257,7 +265,7 @@ class EncryptedUpstreams:
         try:
             new: _DotConnection | _DohConnection = (_DotConnection(up, self.dot_ctx) if up.scheme == "tls"
                                                     else _DohConnection(up, self.doh_ctx))
-            await new.connect()
+            await self._connect(new, up)
             self.connects += 1
             self.conns[up] = new
             fut.set_result(new)
@@ -272,6 +280,36 @@ class EncryptedUpstreams:
             raise err from None
         finally:
             self._connecting.pop(up, None)
+
+    async def _connect(self, conn: _DotConnection | _DohConnection, up: Upstream) -> None:
+        """Connect to the upstream's address or, given by name, to its addresses in turn; when none
+        takes the connection the name is re-resolved on the next attempt."""
+        if up.host:
+            await conn.connect(up.host)
+            return
+        try:
+            addrs = await self.names.addresses(up.tls_name)
+        except StubError as exc:
+            raise EncryptedUpstreamError(str(exc)) from None
+        tried = 0
+        last: BaseException | None = None
+        for addr in addrs:
+            if addr in SELF_ADDRESSES:
+                continue  # ourselves: a name must never make us forward to us
+            if tried == MAX_ADDRESSES:
+                break
+            tried += 1
+            try:
+                await conn.connect(str(addr))
+                return
+            except ssl.SSLCertVerificationError:
+                raise  # the name's certificate is wrong: another address of it will not fix that
+            except (OSError, asyncio.TimeoutError) as exc:
+                last = exc
+        self.names.forget(up.tls_name)
+        if last is None:
+            raise EncryptedUpstreamError(f"{up.tls_name} has no address but ourselves ({', '.join(map(str, addrs))})")
+        raise last
 
     async def query(self, up: Upstream, wire: bytes) -> bytes:
         """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (logged once a minute per cause).
@@ -306,3 +344,4 @@ class EncryptedUpstreams:
         for conn in self.conns.values():
             conn.close()
         self.conns.clear()
+        await self.names.close()
