@@ -93,6 +93,9 @@ def main() -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
 @click.option("--upstream-ca", "upstream_cas", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="CA file trusted for tls:// and https:// upstreams besides the system store; repeatable.")
+@click.option("--upgrade-public-dns/--no-upgrade-public-dns", default=False, show_default=True,
+              help="Send queries for well-known public resolvers (1.1.1.1, 8.8.8.8, 9.9.9.9, Mullvad) over "
+                   "their DNS-over-HTTPS endpoint, with plain DNS raced behind it.")
 @click.option("--bootstrap-dns", "bootstraps", multiple=True,
               help="Resolver IP[:PORT] for the names in tls://NAME and https://NAME/ upstreams; repeatable. "
                    "Default: the system's original resolvers (never us).")
@@ -101,7 +104,8 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
           max_tcp_connections: int, max_forward_qps: int, control_socket: str,
           metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str,
           dots: tuple[str, ...] = (), dohs: tuple[str, ...] = (), tls_cert: str | None = None,
-          tls_key: str | None = None, upstream_cas: tuple[str, ...] = (), bootstraps: tuple[str, ...] = ()) -> None:
+          tls_key: str | None = None, upstream_cas: tuple[str, ...] = (), bootstraps: tuple[str, ...] = (),
+          upgrade_public_dns: bool = False) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,7 +144,7 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
                           max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
                           max_forward_qps=max_forward_qps, encrypted=encrypted, upstream_ca=upstream_cas,
-                          bootstrap_dns=bootstrap, resolv_conf=resolv_conf)
+                          bootstrap_dns=bootstrap, resolv_conf=resolv_conf, upgrade_public_dns=upgrade_public_dns)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):
@@ -220,7 +224,8 @@ def _with_overrides(view: DnsView, ups: tuple[Upstream, ...],
     if not ups and not routes:
         return view
     dns = DnsSettings(nameservers=ups or view.dns.nameservers, routes={**view.dns.routes, **routes},
-                      search_domains=view.dns.search_domains, records=view.dns.records)
+                      search_domains=view.dns.search_domains, records=view.dns.records,
+                      upgrade_public_dns=view.dns.upgrade_public_dns)
     return DnsView(view.domain, view.self_host, view.peers, dns, view.version)
 
 

@@ -20,6 +20,9 @@ class Upstream:
     scheme: str = "dns"
     tls_name: str = ""
     path: str = ""
+    # A public resolver upgraded to DoH (publicdns.py): plain DNS to host:plain_behind is raced
+    # behind the DoH query (0: none).
+    plain_behind: int = 0
 
     @property
     def encrypted(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 import time
 from typing import Iterable
@@ -25,6 +26,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
+from .publicdns import DOH_HEAD_START
 from .ranges import RESOLVER_V4, RESOLVER_V6
 from .stub import NameCache, StubError, StubResolver
 from .upstream import Upstream
@@ -237,6 +239,56 @@ class _DohConnection:
             self.reader_task.cancel()
 
 
+def _question_end(wire: bytes) -> int:
+    """Where the first question of `wire` ends (12 when it cannot be read: only the ID is checked)."""
+    i = 12
+    while i < len(wire):
+        n = wire[i]
+        if n == 0:
+            return min(i + 5, len(wire))
+        if n & 0xC0:
+            return 12
+        i += n + 1
+    return 12
+
+
+class _PlainReply(asyncio.DatagramProtocol):
+    def __init__(self, sent_id: bytes, question: bytes, fut: asyncio.Future[bytes]) -> None:
+        self.sent_id = sent_id
+        self.question = question
+        self.fut = fut
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if self.fut.done() or len(data) < 12 or data[:2] != self.sent_id or not data[2] & 0x80:
+            return  # not our reply (a spoof needs the ID and the question): keep waiting
+        if data[12:12 + len(self.question)] != self.question:
+            return
+        if data[2] & 0x02:
+            self.fut.set_exception(EncryptedUpstreamError("plain DNS reply truncated"))  # DoH has no limit: leave it to DoH
+            return
+        self.fut.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(EncryptedUpstreamError(f"plain DNS: {_why(exc)}"))
+
+
+async def plain_dns_query(host: str, port: int, wire: bytes) -> bytes:
+    """One query over UDP to host:port with a fresh random ID (the caller's restored on the reply);
+    replies with another ID or question are ignored. No timeout of its own: the caller's race has one."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+    sent_id = secrets.token_bytes(2)
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _PlainReply(sent_id, wire[12:_question_end(wire)], fut), remote_addr=(host, port))
+    try:
+        transport.sendto(sent_id + wire[2:])
+        reply = await fut
+    finally:
+        transport.close()
+    return wire[:2] + reply[2:]
+
+
 class EncryptedUpstreams:
     """The connections to every encrypted upstream of one forwarder."""
 
@@ -252,6 +304,9 @@ class EncryptedUpstreams:
         self._connecting: dict[Upstream, asyncio.Future[_DotConnection | _DohConnection]] = {}
         self._logged: dict[tuple[Upstream, str], float] = {}
         self.connects = 0
+        self.head_start = DOH_HEAD_START
+        self.upgraded_doh_answers = 0  # upgraded public resolvers: which leg answered
+        self.upgraded_plain_answers = 0
 
     async def _conn(self, up: Upstream) -> _DotConnection | _DohConnection:
         conn = self.conns.get(up)
@@ -312,6 +367,46 @@ class EncryptedUpstreams:
         raise last
 
     async def query(self, up: Upstream, wire: bytes) -> bytes:
+        """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (see `_query`). A public
+        resolver upgraded to DoH (`up.plain_behind`, publicdns.py) races plain DNS behind it."""
+        if up.plain_behind:
+            return await self._doh_then_plain(up, wire)
+        return await self._query(up, wire)
+
+    async def _doh_then_plain(self, up: Upstream, wire: bytes) -> bytes:
+        """DoH alone for `head_start` seconds (or until it fails), then plain DNS to the original
+        address as well; the first good reply wins and the other leg is cancelled."""
+        loop = asyncio.get_running_loop()
+        doh = loop.create_task(self._query(up, wire))
+        plain: asyncio.Task[bytes] | None = None
+        try:
+            await asyncio.wait((doh,), timeout=self.head_start)
+            if doh.done() and doh.exception() is None:
+                self.upgraded_doh_answers += 1
+                return doh.result()
+            plain = loop.create_task(plain_dns_query(up.host, up.plain_behind, wire))
+            pending: set[asyncio.Task[bytes]] = {t for t in (doh, plain) if not t.done()}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        if task is doh:
+                            self.upgraded_doh_answers += 1
+                        else:
+                            self.upgraded_plain_answers += 1
+                        return task.result()
+            raise EncryptedUpstreamError(f"DoH: {doh.exception()}; plain DNS behind it: {plain.exception()}")
+        finally:
+            for task in (doh, plain):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    def stats(self) -> dict[str, object]:
+        return {"connections": len(self.conns), "connects": self.connects,
+                "upgraded_doh_answers": self.upgraded_doh_answers,
+                "upgraded_plain_answers": self.upgraded_plain_answers, "names": self.names.status()}
+
+    async def _query(self, up: Upstream, wire: bytes) -> bytes:
         """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (logged once a minute per cause).
 
         A kept connection the server closed while idle (servers time them out) is found out only by
