@@ -142,3 +142,40 @@ def test_many_foreign_connections_leave_no_state_and_the_server_serves(server: M
     assert after["queries"]["refused_clients"] == before["queries"]["refused_clients"] + 50
     assert after["encrypted"]["connections"] == 0 and after["encrypted"]["handshaking"] == 0
     test_dnspython_dot_from_an_admitted_address(server, pki)
+
+
+def test_handshakes_in_flight_are_bounded_by_the_connection_slots(pki: dict) -> None:
+    """Admitted clients that open connections and never finish the handshake hold at most
+    --max-tcp-connections handshakes; the next is reset without a byte, and once they go the
+    listener serves again."""
+    s = start_magicdns("--allow", "127.0.0.2/32", "--dot", "127.0.0.1:0", "--max-tcp-connections", "3",
+                       "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), probe=None)
+    stalled: list[socket.socket] = []
+    try:
+        port = int(status(s)["encrypted"]["listeners"][0].rsplit(":", 1)[1])
+        for _ in range(3):
+            c = socket.socket()
+            c.bind(("127.0.0.2", 0))
+            c.connect(("127.0.0.1", port))
+            stalled.append(c)
+        wait = time.monotonic() + 10
+        while status(s)["encrypted"]["handshaking"] < 3 and time.monotonic() < wait:
+            time.sleep(0.05)  # polling a condition with a deadline
+        assert status(s)["encrypted"]["handshaking"] == 3
+        rejected = status(s)["tcp"]["rejected"]
+        assert raw_reply(port, "127.0.0.2", client_hello("dot")) == b""
+        assert status(s)["tcp"]["rejected"] == rejected + 1
+        for c in stalled:
+            c.close()
+        stalled.clear()
+        wait = time.monotonic() + 10
+        while status(s)["encrypted"]["handshaking"] and time.monotonic() < wait:
+            time.sleep(0.05)
+        ctx = ssl.create_default_context(cafile=str(pki["ca_file"]))
+        r = dns.query.tls(dns.message.make_query("my-server.tailnet", "A"), "127.0.0.1", port=port,
+                          timeout=5, ssl_context=ctx, server_hostname=NAME, source="127.0.0.2")
+        assert "100.64.0.2" in r.to_text()
+    finally:
+        for c in stalled:
+            c.close()
+        s.stop()
