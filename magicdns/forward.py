@@ -590,6 +590,8 @@ class Forwarder:
                                        "srtt_ms": h.srtt_ms, "last_error": h.last_error}
                           for h in self.upstream_health()},
         }
+        if self.encrypted is not None:  # DoT/DoH connections, names of upstreams by name, DoH upgrade legs
+            out["encrypted_upstreams"] = self.encrypted.stats()
         if self.cache is not None:
             c = self.cache.stats()
             out["cache"] = {"entries": c.entries, "bytes": c.bytes, "hits": c.hits, "misses": c.misses,

@@ -142,7 +142,9 @@ def test_serve_with_an_upstream_by_name_and_bootstrap_dns(upstream: MagicDnsProc
         r = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=6)
         assert "192.0.2.10" in r.to_text(), r.to_text() + server.log()[-2000:]
         st = json.loads(run_cli("status", "--control-socket", server.control_socket, "--json").stdout)
-        assert spec in json.dumps(st)  # health is shown under the name the operator wrote
+        assert spec in json.dumps(st["forwarder"]["upstreams"])  # health under the name the operator wrote
+        names = st["forwarder"]["encrypted_upstreams"]["names"]
+        assert names["names"][NAME]["addresses"] == ["127.0.0.1"] and names["lookups"] == 1
     finally:
         server.stop()
         boot.stop()
