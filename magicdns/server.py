@@ -115,16 +115,17 @@ class DnsServer:
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
         self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
-        if config.upstream_ca or config.bootstrap_dns or config.resolv_conf != "/etc/resolv.conf":
-            from .stub import NameCache, StubResolver
-            from .upstream_tls import EncryptedUpstreams
+        # Encrypted upstreams: TLS contexts made on first use; names (tls://NAME) asked of the
+        # bootstrap resolvers or the system's original ones, never of ourselves.
+        from .stub import NameCache, StubResolver
+        from .upstream_tls import EncryptedUpstreams
 
-            def make_stub() -> StubResolver:
-                if config.bootstrap_dns:
-                    return StubResolver(config.bootstrap_dns)
-                return StubResolver.from_system(config.resolv_conf, own_addresses=tuple(
-                    Upstream(h, p) for h, p in config.listen))
-            self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca, names=NameCache(make_stub))
+        def make_stub() -> StubResolver:
+            if config.bootstrap_dns:
+                return StubResolver(config.bootstrap_dns)
+            return StubResolver.from_system(config.resolv_conf, own_addresses=tuple(
+                Upstream(h, p) for h, p in config.listen))
+        self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca, names=NameCache(make_stub))
         self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()

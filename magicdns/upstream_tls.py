@@ -298,8 +298,11 @@ class EncryptedUpstreams:
         system's original resolvers (stub.StubResolver.from_system), never through ourselves."""
         files, pems = tuple(extra_ca_files), tuple(extra_ca_pems)
         self.names = names or NameCache(StubResolver.from_system)
-        self.dot_ctx = client_context(files, pems, ("dot",))
-        self.doh_ctx = client_context(files, pems, ("h2",))
+        self._cas = (files, pems)
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        if files or pems:
+            self._context("tls")  # a CA file that does not load is an error at start, not at first query
+            self._context("https")
         self.conns: dict[Upstream, _DotConnection | _DohConnection] = {}
         self._connecting: dict[Upstream, asyncio.Future[_DotConnection | _DohConnection]] = {}
         self._logged: dict[tuple[Upstream, str], float] = {}
@@ -318,8 +321,9 @@ class EncryptedUpstreams:
         fut: asyncio.Future[_DotConnection | _DohConnection] = asyncio.get_running_loop().create_future()
         self._connecting[up] = fut
         try:
-            new: _DotConnection | _DohConnection = (_DotConnection(up, self.dot_ctx) if up.scheme == "tls"
-                                                    else _DohConnection(up, self.doh_ctx))
+            ctx = self._context(up.scheme)
+            new: _DotConnection | _DohConnection = (_DotConnection(up, ctx) if up.scheme == "tls"
+                                                    else _DohConnection(up, ctx))
             await self._connect(new, up)
             self.connects += 1
             self.conns[up] = new
@@ -335,6 +339,13 @@ class EncryptedUpstreams:
             raise err from None
         finally:
             self._connecting.pop(up, None)
+
+    def _context(self, scheme: str) -> ssl.SSLContext:
+        """The client context of a scheme, made on first use: loading the system store takes ~0.1 s."""
+        ctx = self._contexts.get(scheme)
+        if ctx is None:
+            ctx = self._contexts[scheme] = client_context(*self._cas, alpn=("dot",) if scheme == "tls" else ("h2",))
+        return ctx
 
     async def _connect(self, conn: _DotConnection | _DohConnection, up: Upstream) -> None:
         """Connect to the upstream's address or, given by name, to its addresses in turn; when none
