@@ -171,7 +171,9 @@ class Daemon:
         return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams,
                                       query_log=self.config.query_log, encrypted=self._encrypted_config(),
                                       # tls:// and https:// upstreams inside the tailnet verify against its CA
-                                      upstream_ca=(str(self.certs.ca_path),) if self.certs.ca_path.exists() else ()))
+                                      upstream_ca=(str(self.certs.ca_path),) if self.certs.ca_path.exists() else (),
+                                      # names in tls://NAME upstreams: asked of the original resolvers
+                                      bootstrap_dns=self._upstreams))
 
     def _encrypted_config(self) -> EncryptedConfig:
         c = self.config
