@@ -118,6 +118,8 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
             up = parse_upstream(v)
         except UpstreamError as exc:
             raise click.BadParameter(str(exc)) from None
+        if up.encrypted:  # tls://NAME parses as an upstream; a listen address is IP[:PORT] only
+            raise click.BadParameter(f"{v!r}: expected an IP address with an optional :PORT")
         out.append((up.host, up.port))
     return tuple(out)
 
