@@ -308,6 +308,7 @@ class EncryptedUpstreams:
         self._logged: dict[tuple[Upstream, str], float] = {}
         self.connects = 0
         self.head_start = DOH_HEAD_START
+        self._demoted: dict[str, set[object]] = {}  # upstream name -> addresses to try last
         self.upgraded_doh_answers = 0  # upgraded public resolvers: which leg answered
         self.upgraded_plain_answers = 0
 
@@ -359,7 +360,11 @@ class EncryptedUpstreams:
             raise EncryptedUpstreamError(str(exc)) from None
         tried = 0
         last: BaseException | None = None
-        for addr in addrs:
+        # Addresses that failed, or were still connecting when the race gave up, go last next time:
+        # otherwise a dead first address (a broken IPv4 path) would use up every race's time and
+        # the others would never be tried.
+        demoted = self._demoted.setdefault(up.tls_name, set())
+        for addr in sorted(addrs, key=lambda a: a in demoted):
             if addr in SELF_ADDRESSES:
                 continue  # ourselves: a name must never make us forward to us
             if tried == MAX_ADDRESSES:
@@ -367,11 +372,16 @@ class EncryptedUpstreams:
             tried += 1
             try:
                 await conn.connect(str(addr))
+                demoted.discard(addr)
                 return
             except ssl.SSLCertVerificationError:
                 raise  # the name's certificate is wrong: another address of it will not fix that
             except (OSError, asyncio.TimeoutError) as exc:
+                demoted.add(addr)
                 last = exc
+            except asyncio.CancelledError:
+                demoted.add(addr)
+                raise
         self.names.forget(up.tls_name)
         if last is None:
             raise EncryptedUpstreamError(f"{up.tls_name} has no address but ourselves ({', '.join(map(str, addrs))})")

@@ -154,3 +154,36 @@ def test_bootstrap_dns_must_be_a_plain_address(tmp_path: Path) -> None:
     out = run_cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--bootstrap-dns", "tls://x.test",
                   "--control-socket", str(tmp_path / "s"), "--resolv-conf", str(tmp_path / "none"))
     assert out.returncode == 2 and "--bootstrap-dns" in out.stderr, out.stderr
+
+
+def test_an_address_that_hangs_is_tried_last_next_time(upstream: MagicDnsProcess, pki: dict) -> None:
+    """NAME has two addresses and the first hangs (accepts TCP, never speaks TLS): the race gives
+    up while it is still connecting, and the next query goes to the other address first, rather
+    than spending every race on the dead one."""
+    import socket
+
+    port = upstream.extra["dot"]
+    hang = socket.socket()
+    hang.bind(("127.0.0.3", port))  # same port, another loopback address
+    hang.listen(8)
+    zone = dict(EXAMPLE_ZONE)
+    zone[(NAME, "A")] = [f"{NAME}. 300 IN A 127.0.0.3", f"{NAME}. 300 IN A 127.0.0.1"]
+    query = dns.message.make_query("www.upstream.test", "A").to_wire()
+    up = parse_upstream(f"tls://{NAME}:{port}")
+
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", zone=zone) as fake:
+            names = NameCache(lambda: StubResolver([Upstream(fake.host, fake.port)], use_hosts_file=False))
+            ups = EncryptedUpstreams([str(pki["ca_file"])], names=names)
+            try:
+                with pytest.raises(asyncio.TimeoutError):  # the forwarder's race deadline, in short
+                    await asyncio.wait_for(ups.query(up, query), 1.0)
+                reply = await asyncio.wait_for(ups.query(up, query), 2.0)  # < CONNECT_TIMEOUT (3 s)
+                assert "192.0.2.10" in dns.message.from_wire(reply).to_text()
+                assert names.lookups == 1  # the same addresses, in a better order: no new lookup
+            finally:
+                await ups.close()
+    try:
+        asyncio.run(main())
+    finally:
+        hang.close()
