@@ -241,18 +241,18 @@ class TunnelFilter:
 
     flows: Any = None   # a flowlog.FlowCounter while flow logs are on (set before `hooks`)
 
-    def hooks(self) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
-        """(inbound check, outbound tap) for `Device.set_packet_filter`."""
-        check, note, clock = self.filter.check, self.filter.note_outbound, time.monotonic
+    def hooks(self) -> tuple[Callable[[bytes, bytes, float], bool], Callable[[bytes, bytes, float], None]]:
+        """(inbound check, outbound tap) for `Device.set_packet_filter`; both take the batch's `now`."""
+        check, note = self.filter.check, self.filter.note_outbound
         if self.flows is not None:
             from .flowlog import counting_hooks
-            return counting_hooks(self.filter, self.flows, clock)
+            return counting_hooks(self.filter, self.flows)
 
-        def inbound(packet: bytes, peer_key: bytes) -> bool:
-            return check(packet, clock())
+        def inbound(packet: bytes, peer_key: bytes, now: float) -> bool:
+            return check(packet, now)
 
-        def outbound(packet: bytes, peer_key: bytes) -> None:
-            note(packet, clock())
+        def outbound(packet: bytes, peer_key: bytes, now: float) -> None:
+            note(packet, now)
 
         return inbound, outbound
 
