@@ -164,6 +164,18 @@ class MapAssembler:
                       flow_logs=self._flow_logs)
 
 
+@dataclass(frozen=True)
+class StreamState:
+    """The map stream as operators see it: up, or broken since when and why."""
+
+    connected: bool
+    since: float | None   # unix time of the last change between up and broken
+    error: str | None     # why it is not up
+
+    def to_json(self) -> dict[str, object]:
+        return {"connected": self.connected, "since": self.since, "error": self.error}
+
+
 class ControlClient:
     """A node's connection to a control server: one URL, or several replicas of one tailnet
     ("URL1,URL2", tried in order: the client stays on the one that answers and moves to the next when
@@ -419,10 +431,9 @@ class ControlClient:
         self.stream_error = error
 
     @property
-    def stream_state(self) -> dict[str, Any]:
-        """{"connected": bool, "since": unix time or None, "error": why it is not}."""
-        return {"connected": self.stream_since is not None and self.stream_error is None,
-                "since": self.stream_since, "error": self.stream_error}
+    def stream_state(self) -> StreamState:
+        return StreamState(self.stream_since is not None and self.stream_error is None,
+                           self.stream_since, self.stream_error)
 
     async def stream_map(self, *, reconnect: bool = True, once: bool = False,
                          max_backoff: float = 10.0) -> AsyncIterator[NetMap]:

@@ -48,7 +48,7 @@ from .serve import (Caller, Kind, NoCertificate, ServeConfig, ServeEntry, ServeE
 from .state import IdentityDamaged, StateDir
 from .netcheckrun import NodeConnectivity
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
-from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
+from .tunnel import DEFAULT_PORT, Tunnel, TunnelError, TunnelStatus
 
 log = logging.getLogger("meshnode.node.daemon")
 
@@ -287,7 +287,7 @@ class Daemon:
                                          self.prefs.login_server)
         except TunnelError as exc:
             raise SystemFailure(str(exc)) from None
-        self._conn.start_portmap(self._tunnel.status().get("listen_port"))
+        self._conn.start_portmap(self._tunnel.status().listen_port)
         await self._route(self.netmap)
         await self._sync_serve()
 
@@ -936,9 +936,9 @@ class Daemon:
             health.append(self.identity_error)
         health += [f"state: {d}" for d in self.state.damage]
         control = self._client.stream_state if self._client is not None else None
-        if control is not None and control["error"] and not self.control_error:
-            since = time.strftime('%H:%M:%S', time.localtime(control['since']))
-            health.append(f"control server unreachable since {since}: {control['error']}; serving the last map")
+        if control is not None and control.error and not self.control_error:
+            since = time.strftime('%H:%M:%S', time.localtime(control.since))
+            health.append(f"control server unreachable since {since}: {control.error}; serving the last map")
         if self.router_error:
             health.append(self.router_error)
         routing = self._router.applied if self._router is not None else None
@@ -947,11 +947,11 @@ class Daemon:
                           " internet traffic is blocked (`meshnode set --exit-node=` goes direct)")
         tunnel = self._tunnel.status() if self._tunnel is not None else None
         if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
-                and not tunnel.get("running")):
+                and not tunnel.running):
             health.append(f"tunnel {self.config.tun} is not running"
-                          + (f": {tunnel['failure']}" if tunnel.get("failure") else ""))
-        if tunnel is not None and (tunnel.get("filter") or {}).get("error"):
-            health.append(tunnel["filter"]["error"])
+                          + (f": {tunnel.failure}" if tunnel.failure else ""))
+        if tunnel is not None and tunnel.filter is not None and tunnel.filter.error:
+            health.append(tunnel.filter.error)
         from ..version import version
         return {
             "schema": STATUS_SCHEMA,
@@ -965,8 +965,8 @@ class Daemon:
             "map": {"version": nm.version if nm else None, "source": self.map_source or None,
                     "received_at": self.map_received_at, "saved_version": self.saved_version},
             "prefs": self.prefs.to_json(),
-            "control": control,
-            "tunnel": tunnel,
+            "control": control.to_json() if control is not None else None,
+            "tunnel": tunnel.to_json() if tunnel is not None else None,
             "health": health,
             "tailnet_lock": self._tka_status(health),
             "flow_logs": self.flowlog.on,
@@ -992,8 +992,8 @@ class Daemon:
                                       self._apply_map)
 
     def _peers_json(self, nm: NetMap) -> list[dict[str, Any]]:
-        tunnel = self._tunnel.status() if self._tunnel is not None else {}
-        by_key = {p["public_key"]: p for p in tunnel.get("peers", [])}
+        tunnel = self._tunnel.status() if self._tunnel is not None else None
+        by_key = {p.public_key: p for p in tunnel.peers} if tunnel is not None else {}
         ref = self.prefs.exit_node
         now = time.time()
         out = []
@@ -1004,13 +1004,13 @@ class Daemon:
             obj["tunnel"] = None
             obj["active"] = False
             if wg is not None:
-                obj["tunnel"] = {"endpoint": wg["endpoint"], "last_handshake": wg["last_handshake"],
-                                 "rx_bytes": wg["rx_bytes"], "tx_bytes": wg["tx_bytes"]}
-                if wg.get("path") is not None:
-                    obj["path"] = wg["path"]
+                obj["tunnel"] = {"endpoint": wg.endpoint, "last_handshake": wg.last_handshake,
+                                 "rx_bytes": wg.rx_bytes, "tx_bytes": wg.tx_bytes}
+                if wg.path is not None:
+                    obj["path"] = wg.path
                 # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
-                shook = wg["last_handshake"]
-                obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg["endpoint"])
+                shook = wg.last_handshake
+                obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg.endpoint)
             out.append(obj)
         return out
 
@@ -1045,8 +1045,8 @@ class Daemon:
         for seq in range(1, req.count + 1):
             pong = await asyncio.to_thread(ping_once, v4, seq, req.timeout)
             replies.append(round(pong.rtt * 1000, 3) if pong else None)
-        wg = next((p for p in self._tunnel.status().get("peers", []) if p["public_key"] == node.node_key), {})
-        via = wg.get("endpoint")
+        wg = self._tunnel.status().peer(node.node_key)
+        via = wg.endpoint if wg is not None else None
         return {"peer": node.fqdn, "address": v4, "endpoint": via, "replies_ms": replies,
                 "replies": [{"ms": r, "via": via if r is not None else None} for r in replies]}
 
@@ -1086,7 +1086,7 @@ class Daemon:
         tunnel's parts are null and the rest is still answered."""
         nm = self.netmap
         tunnel = self._tunnel.status() if self._tunnel is not None else None
-        running = bool(tunnel and tunnel.get("running"))
+        running = bool(tunnel and tunnel.running)
         local: list[str] | None = None
         local_error: str | None = None
         if self._tunnel is not None and running:
@@ -1099,8 +1099,8 @@ class Daemon:
             **await self._conn.netcheck(nm, self.prefs.login_server, req.timeout, local),
             "mode": "tunnel" if self._tunnel is not None else "dns-only",
             "backend_state": self.backend.value,
-            "udp_port": tunnel.get("listen_port") if running and tunnel else None,
-            "interface": tunnel.get("interface") if running and tunnel else None,
+            "udp_port": tunnel.listen_port if running and tunnel else None,
+            "interface": tunnel.interface if running and tunnel else None,
             "endpoints": {"local": local, "reported": self._reported_endpoints,
                           "at_control": list(nm.self_node.endpoints) if nm else None,
                           "error": local_error},
@@ -1145,14 +1145,14 @@ class Daemon:
                 "error": error}
 
     @staticmethod
-    def _netcheck_peers(nm: NetMap, tunnel: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def _netcheck_peers(nm: NetMap, tunnel: TunnelStatus | None) -> list[dict[str, Any]]:
         """Per map peer: its endpoints at control and, with a running tunnel, the handshake."""
-        by_key = {p["public_key"]: p for p in tunnel["peers"]} if tunnel else {}
+        by_key = {p.public_key: p for p in tunnel.peers} if tunnel else {}
         out = []
         for p in nm.peers:
             wg = by_key.get(p.node_key)
-            shook = wg["last_handshake"] if wg else None
-            endpoint = wg["endpoint"] if wg else None
+            shook = wg.last_handshake if wg else None
+            endpoint = wg.endpoint if wg else None
             out.append({"name": p.name, "fqdn": p.fqdn, "addresses": list(p.addresses),
                         "online": p.online, "endpoints_at_control": list(p.endpoints),
                         "handshake": None if tunnel is None else shook is not None,
