@@ -46,7 +46,7 @@ from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .serve import (Caller, Kind, NoCertificate, ServeConfig, ServeEntry, ServeError, ServeRunner,
                     certificate_problem, load_config, save_config)
 from .state import IdentityDamaged, StateDir
-from .netcheckrun import NodeConnectivity
+from .netcheckrun import NodeConnectivity, probe_control
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
 from .tunnel import DEFAULT_PORT, Tunnel, TunnelError, TunnelStatus
 
@@ -1109,40 +1109,14 @@ class Daemon:
         }
 
     async def _probe_control(self, timeout: float) -> dict[str, Any]:
-        """GET /key of the login server, bounded by `timeout`; never raises."""
-        import aiohttp
+        """GET /key of the login server (the replica in use, else the first), bounded by `timeout`."""
         url = self.prefs.login_server
-        if not url:
-            return {"url": None, "reachable": False, "latency_ms": None, "key_matches_pin": None,
-                    "error": "no login server: run `meshnode up --login-server URL`"}
         try:
-            pinned = self.state.server_key(url)
+            pinned = self.state.server_key(url) if url else None
         except IdentityDamaged:
             pinned = None
-        start = time.monotonic()
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-                # Several replicas ("URL1,URL2"): the one the node uses now, else the first.
-                here = self._client.server_url if self._client is not None else url.split(",")[0]
-                async with http.get(here.rstrip("/") + "/key") as resp:
-                    status = resp.status
-                    body = await resp.json(content_type=None) if status == 200 else None
-        except asyncio.TimeoutError:
-            error = f"no answer within {timeout:g}s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            error = str(exc) or type(exc).__name__
-        else:
-            latency = round((time.monotonic() - start) * 1000, 1)
-            if status != 200:
-                error = f"GET /key answered HTTP {status}"
-            elif not isinstance(body, dict) or not isinstance(body.get("public_key"), str):
-                error = "GET /key answered without a public key"
-            else:
-                return {"url": url, "reachable": True, "latency_ms": latency,
-                        "key_matches_pin": None if pinned is None else body["public_key"] == pinned,
-                        "error": None}
-        return {"url": url, "reachable": False, "latency_ms": None, "key_matches_pin": None,
-                "error": error}
+        here = self._client.server_url if self._client is not None else (url or "").split(",")[0]
+        return (await probe_control(url or None, here, pinned, timeout)).to_json()
 
     @staticmethod
     def _netcheck_peers(nm: NetMap, tunnel: TunnelStatus | None) -> list[dict[str, Any]]:
