@@ -133,8 +133,15 @@ class LockService:
                 return
         except (TKAError, ValueError):
             return
-        if self.dir.own_signature() != blob:
-            self.dir.save_own_signature(blob)
+        try:
+            current = self.dir.own_signature()
+        except (TKAError, OSError):
+            current = None   # damaged: the map's copy replaces it
+        if current != blob:
+            try:
+                self.dir.save_own_signature(blob)
+            except OSError as exc:   # only a later rotation needs it: not a reason to stop enforcing
+                log.warning("tailnet lock: cannot keep this node's signature: %s", exc)
 
     async def rotation_signature(self, new_node_key: str) -> str | None:
         """The signature (base64) to register a new node key with, so that locked peers keep
