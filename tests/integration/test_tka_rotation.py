@@ -89,6 +89,13 @@ async def test_a_rotated_node_key_stays_trusted_without_lock_sign(server, nodes,
         await async_wait_until(lambda: b.lock.dir.own_signature() == sig.serialize(), timeout=5,
                                what="beta keeping its rotation signature")
     assert b.peers() == {"alpha"}   # and beta, signed, still admits alpha
+    # alpha (the signer) rotates too: two rotated nodes, each chain rooted in its own lock key, are
+    # not mistaken for clones of one another (Tailscale's rotation tracker groups by that key).
+    a_key = await rotate(a, tmp / "alpha")
+    await async_wait_until(lambda: (p := peer_of(b, "alpha")) is not None and p.node_key == a_key,
+                           timeout=5, what="alpha's new key in beta's map")
+    await async_wait_until(lambda: a.peers() == {"beta"}, timeout=5, what="alpha back with beta")
+    assert b.peers() == {"alpha"} and [p["name"] for p in b.lock.status()["locked_out"]] == ["gamma"]
 
     # A rotation signed by a key other than the one beta's signature names: the control server
     # refuses to register it, and a locked node refuses it even when a map carries it.
