@@ -20,6 +20,9 @@ subtracted exactly:
 - a rule left with no source or no destination accepts nothing and is dropped.
 Only the peer's own tailnet addresses are subtracted, not the subnet routes it advertises: another,
 signed router may serve the same route (and the locked-out one gets no route here anyway).
+A map that gives a locked-out peer the address of a signed one cuts the signed one out too: it
+fails closed (a control server that does that can deny service anyway); this node's own addresses
+are never cut (node/lock.py).
 A rule that cannot be read is passed through unchanged: the tunnel refuses the whole filter with
 a clear error and keeps the rules it had (which were filtered).
 """
