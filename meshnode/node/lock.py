@@ -152,8 +152,10 @@ class LockService:
         async with self._mutex:
             try:
                 old = self.dir.own_signature()
+                if old is None:
+                    return None
                 node = self.node()
-                if old is None or node.authority is None:
+                if node.authority is None:
                     return None
                 new = node.rotate(base64.b64decode(new_node_key), old)
             except (TKAError, OSError, ValueError) as exc:
