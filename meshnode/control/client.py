@@ -308,15 +308,16 @@ class ControlClient:
                        advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
                        advertise_exit_node: bool = False, ephemeral: bool = False,
                        endpoints: Iterable[str] = (), disco_key: str = "",
-                       interactive: bool = False) -> RegisterResult:
+                       interactive: bool = False, key_signature: str | None = None) -> RegisterResult:
         """Register this machine (or log it in again: same machine key -> same node, name, addresses).
 
-        `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
-        server's reason (e.g. AUTHKEY_USED, AUTHKEY_EXPIRED, TAG_NOT_ALLOWED).
+        `authkey` is needed for a new machine or a logged-out one. `key_signature` (base64) is the
+        Tailnet Lock signature of our node key, e.g. a rotation signature after a new node key
+        (node/lock.py). Raises `ControlError` with the server's reason (e.g. AUTHKEY_USED,
+        AUTHKEY_EXPIRED, TAG_NOT_ALLOWED).
         """
         await self._chan()
         assert self.server_public_key is not None
-        key_signature = None
         if authkey and "--TL" in authkey:
             # A pre-signed auth key (`meshnode lock sign AUTHKEY`): sign our node key with its
             # credential, as tailscaled does, and send the plain key (meshnode/tka/nodesig.py).

@@ -694,6 +694,10 @@ class Daemon:
                                    advertise_routes=prefs.advertise_routes, advertise_tags=prefs.advertise_tags,
                                    advertise_exit_node=prefs.advertise_exit_node,
                                    endpoints=endpoints, disco_key=disco)
+                if fresh_key:   # Tailnet Lock: a rotation signature, so no `lock sign` is needed again
+                    rotated = await self.tka.rotation_signature(client.node_key_public)
+                    if rotated is not None:
+                        register_kw["key_signature"] = rotated
                 if req.authkey is None and req.interactive:
                     await self._login_in_browser(client, register_kw)
                 else:
