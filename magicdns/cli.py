@@ -603,6 +603,15 @@ def status(control_socket: str, as_json: bool) -> None:
             click.echo(f"  certificate {', '.join(cert['names'])}: {cert['state']}"
                        + (f", expires in {cert['expires_in_s'] // 3600} h" if cert.get("expires_in_s") is not None else "")
                        + (f"  error: {cert['error']}" if cert.get("error") else ""))
+        if enc.get("listeners"):
+            click.echo(f"  connections {enc['connections']}  in handshake {enc.get('handshaking', 0)}  "
+                       f"failed handshakes {enc.get('handshake_failures', 0)}")
+    eu = fwd.get("encrypted_upstreams") or {}
+    for name, info in sorted((eu.get("names") or {}).get("names", {}).items()):
+        click.echo(f"  upstream name {name}: {', '.join(info['addresses'])} (fresh for {info['fresh_for_s']} s)")
+    if eu.get("upgraded_doh_answers") or eu.get("upgraded_plain_answers"):
+        click.echo(f"  public DNS upgraded: answered over DoH {eu['upgraded_doh_answers']}, "
+                   f"over plain DNS behind it {eu['upgraded_plain_answers']}")
     c = fwd.get("cache", {})
     if c:
         click.echo(f"cache       {c['entries']} entries, {c['bytes']} bytes, hits {c['hits']}, misses {c['misses']}, "

@@ -145,6 +145,8 @@ def test_serve_with_an_upstream_by_name_and_bootstrap_dns(upstream: MagicDnsProc
         assert spec in json.dumps(st["forwarder"]["upstreams"])  # health under the name the operator wrote
         names = st["forwarder"]["encrypted_upstreams"]["names"]
         assert names["names"][NAME]["addresses"] == ["127.0.0.1"] and names["lookups"] == 1
+        text = run_cli("status", "--control-socket", server.control_socket).stdout
+        assert f"upstream name {NAME}: 127.0.0.1" in text, text
     finally:
         server.stop()
         boot.stop()
