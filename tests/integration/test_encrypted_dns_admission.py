@@ -179,3 +179,42 @@ def test_handshakes_in_flight_are_bounded_by_the_connection_slots(pki: dict) -> 
         for c in stalled:
             c.close()
         s.stop()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_in_process_on_both_event_loops(pki: dict, loop_kind: str) -> None:
+    """The gate accepts by hand (add_reader + connect_accepted_socket): the same behaviour on the
+    stock loop and on uvloop (the CLI's and the node's loop)."""
+    import asyncio
+    import ipaddress
+
+    from magicdns.encrypted import EncryptedConfig
+    from magicdns.server import DnsServer, ServerConfig
+    from magicdns.view import view_from_json
+
+    async def main() -> None:
+        cfg = ServerConfig(listen=(("127.0.0.1", 0),), allow=(ipaddress.ip_network("127.0.0.2/32"),),
+                           encrypted=EncryptedConfig(dot=(("127.0.0.1", 0),), doh=(("127.0.0.1", 0),),
+                                                     cert_file=str(pki["cert"]), key_file=str(pki["key"])))
+        server = DnsServer(cfg)
+        await server.start(view_from_json({"domain": "tailnet", "self": {"name": "a", "addresses": ["100.64.0.1"]}}))
+        ports = {kind: port for kind, _h, port in server.encrypted.bound}
+        ctx = ssl.create_default_context(cafile=str(pki["ca_file"]))
+        loop = asyncio.get_running_loop()
+        try:
+            def admitted() -> dns.message.Message:
+                return dns.query.tls(dns.message.make_query("a.tailnet", "A"), "127.0.0.1", port=ports["dot"],
+                                     timeout=5, ssl_context=ctx, server_hostname=NAME, source="127.0.0.2")
+            assert "100.64.0.1" in (await loop.run_in_executor(None, admitted)).to_text()
+            for kind in ("dot", "doh"):
+                got = await loop.run_in_executor(None, raw_reply, ports[kind], "127.0.0.1", client_hello("dot"))
+                assert got == b""
+            assert server.counters.refused_clients == 2
+        finally:
+            await server.stop()
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
