@@ -105,7 +105,7 @@ class DnsServer:
         self._transports: list[asyncio.BaseTransport] = []
         self._batch: list[BatchUdpListener] = []
         self._servers: list[asyncio.base_events.Server] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
         self._tcp = TcpSlots(limits)
         self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
         if config.upstream_ca:
@@ -196,10 +196,7 @@ class DnsServer:
         for conn in list(self._tcp.conns):
             conn.transport.abort()
         await self.encrypted.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True  # queries still in flight end below, unanswered: their listeners are closed
         await self.forwarder.close()
         for s in self._servers:
             await s.wait_closed()
@@ -263,7 +260,7 @@ class DnsServer:
             reply_to(cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit))
             return
         allowance = self.dispatch.forward_allowance
-        if (allowance == 0 or len(self._tasks) >= self.config.max_inflight
+        if (allowance == 0 or self.forwarder.inflight >= self.config.max_inflight
                 or not self._forward_budget.take(now)):
             # Over the in-flight cap, the forwarding rate, or the listener is behind (a full batch
             # waiting, dispatch.forward_allowance): answered now, before any task or socket exists,
@@ -276,20 +273,18 @@ class DnsServer:
         if allowance > 0:
             self.dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
-        task = asyncio.get_running_loop().create_task(self._forward_task(fwd, data, reply_to, tcp))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        limit = fwd.limit
 
-    async def _forward_task(self, fwd: Forward, data: bytes, reply_to: Callable[[bytes], None],
-                            tcp: bool) -> None:
-        route = fwd.route
-        assert route is not None
-        reply = await self.forwarder.forward(data, route.upstreams,
-                                             allow_tailnet_answers=route.allow_tailnet_answers)
-        reply = complete_chain(self.engine.zone, reply)  # type: ignore[union-attr]
-        if not tcp and len(reply) > fwd.limit:
-            reply = truncate(reply, fwd.limit)
-        reply_to(reply)
+        # Called from the upstream socket's reader callback (forward.py): no task per query.
+        def done(reply: bytes) -> None:
+            if self._stopping:
+                return
+            reply = complete_chain(self.engine.zone, reply)  # type: ignore[union-attr]
+            if not tcp and len(reply) > limit:
+                reply = truncate(reply, limit)
+            reply_to(reply)
+
+        self.forwarder.start(data, route.upstreams, allow_tailnet_answers=route.allow_tailnet_answers, done=done)
 
     def _chase(self, chase: Chase, data: bytes, reply_to: Callable[[bytes], None]) -> None:
         """Forward the chase's subquery like any query (cache, race, rebinding rules of the target's
