@@ -44,9 +44,10 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from dnslib import DNSError
 
-from .cache import (Cache, MessageScan, QueryInfo, Rcode, WireError, query_info, question_end, scan_message,
-                    strip_opt_options)
+from .cache import (SHAPE_DO, SHAPE_EDNS, Cache, MessageScan, QueryInfo, Rcode, WireError, query_info,
+                    question_end, scan_message, strip_opt_options)
 from .message import error_reply as _message_error_reply
+from .message import opt_record
 from .ranges import RESOLVER_V4, RESOLVER_V6
 from .rebind import TAILNET_V4, TAILNET_V6, strip_tailnet_addresses, tailnet_address_records  # noqa: F401
 from .race import FAILURE_RCODES as _FAILURE_RCODES
@@ -116,6 +117,34 @@ def error_reply(query: bytes, rcode: Rcode, ede: int | None = None) -> bytes:
     """message.error_reply (the one error reply) with an RFC 8914 Extended DNS Error when the
     client sent EDNS; b"" when `query` is not a query at all."""
     return _message_error_reply(query, rcode, True, ede=ede) or b""
+
+
+_SERVFAIL_COUNTS = (b"\x00\x01\x00\x00\x00\x00\x00\x00", b"\x00\x01\x00\x00\x00\x00\x00\x01")
+_OPT_EDE = {(do, ede): opt_record(do, 0, ede) for do in (False, True) for ede in (EDE_OTHER, EDE_NO_REACHABLE_AUTHORITY)}
+
+
+def servfail_reply(query: bytes, info: QueryInfo, ede: int) -> bytes:
+    """Our SERVFAIL for a query already read by `query_info`: byte for byte what `error_reply`
+    gives, built from what `info` knows without reading the query again. This is the reply to
+    every query shed under overload, so it must cost no more than an authoritative answer."""
+    key = info.key
+    if key is None or query[2] & 0x80 or ede not in (EDE_OTHER, EDE_NO_REACHABLE_AUTHORITY):
+        # A shape query_info does not vouch for (several additional records, EDNS version > 0, a response).
+        return error_reply(query, Rcode.SERVFAIL, ede)
+    shape = key[3]
+    edns = shape & SHAPE_EDNS
+    head = query[:2] + bytes((0x80 | (query[2] & 0x79), 0x82 | (query[3] & 0x10))) + _SERVFAIL_COUNTS[1 if edns else 0]
+    if edns:
+        return head + query[12:info.qend] + _OPT_EDE[(bool(shape & SHAPE_DO), ede)]
+    return head + query[12:info.qend]
+
+
+def read_query(query: bytes) -> QueryInfo | None:
+    """`query_info`, or None for a query without one readable question (answered FORMERR)."""
+    try:
+        return query_info(query)
+    except WireError:
+        return None
 
 
 # -- one query's race: asyncio glue around race.Race ----------------------------------------------
@@ -523,15 +552,16 @@ class Forwarder:
 
     # -- the server's entry points ---------------------------------------------------------------
 
-    def answer_from_cache(self, query: bytes, now: float) -> bytes | None:
-        """A fresh cached reply shaped for `query` (client's ID and question case, aged TTLs), or None."""
+    def answer_from_cache(self, query: bytes, now: float, info: QueryInfo | None = None) -> bytes | None:
+        """A fresh cached reply shaped for `query` (client's ID and question case, aged TTLs), or None.
+        `info`: the query's `read_query`, when the caller has it already."""
         cache = self.cache
         if cache is None:
             return None
-        try:
-            info = query_info(query)
-        except WireError:
-            return None
+        if info is None:
+            info = read_query(query)
+            if info is None:
+                return None
         reply = cache.get(query, info, now)
         if reply is None and cache.failed_recently(info, now):
             # Every upstream failed for this question a moment ago (RFC 9520): do not ask again yet.
@@ -540,18 +570,19 @@ class Forwarder:
             if stale is not None:
                 self.stale_answers += 1
                 return stale
-            return error_reply(query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
+            return servfail_reply(query, info, EDE_NO_REACHABLE_AUTHORITY)
         return reply
 
-    def overloaded(self, query: bytes) -> bytes:
+    def overloaded(self, query: bytes, info: QueryInfo | None = None) -> bytes:
         """The answer for a query over the in-flight cap, given at once: a stale cached answer, else
-        SERVFAIL (EDE "other"). Costs a header and question parse, no socket, no task."""
+        SERVFAIL (EDE "other"). Costs a header and question parse (none when `info` is given), no
+        socket, no task."""
         self.queries += 1
         self.overload += 1
-        try:
-            info = query_info(query)
-        except WireError:
-            return error_reply(query, Rcode.FORMERR)
+        if info is None:
+            info = read_query(query)
+            if info is None:
+                return error_reply(query, Rcode.FORMERR)
         return self._failed(query, info, None, EDE_OTHER)
 
     def looped(self, query: bytes) -> bool:
@@ -568,7 +599,7 @@ class Forwarder:
         return False
 
     def start(self, query: bytes, upstreams: tuple[Upstream, ...], *, allow_tailnet_answers: bool,
-              done: Callable[[bytes], None]) -> "_Pending | None":
+              done: Callable[[bytes], None], info: QueryInfo | None = None) -> "_Pending | None":
         """Forward `query`; `done(reply)` is called exactly once with the client's reply, within
         `timeout` plus scheduling slack, possibly before this returns (malformed, over the cap, no
         upstream). Returns the pending query (for `cancel`), or None when it was answered at once.
@@ -576,11 +607,11 @@ class Forwarder:
         self.queries += 1
         if not isinstance(query, bytes):
             query = bytes(query)
-        try:
-            info = query_info(query)
-        except WireError:
-            _call(done, error_reply(query, Rcode.FORMERR))
-            return None
+        if info is None:
+            info = read_query(query)
+            if info is None:
+                _call(done, error_reply(query, Rcode.FORMERR))
+                return None
         if self._inflight >= self.max_inflight:
             self.overload += 1
             _call(done, self._failed(query, info, None, EDE_OTHER))
@@ -705,7 +736,7 @@ class Forwarder:
         # SERVFAIL. SERVFAIL (with its Extended DNS Error), FORMERR and NOTIMP are about the query.
         if failure is not None and len(failure) >= 12 and (failure[3] & 0x0F) != Rcode.REFUSED:
             return query[0:2] + failure[2:]
-        return error_reply(query, Rcode.SERVFAIL, ede)
+        return servfail_reply(query, info, ede)
 
     def _note_rebind(self, names: tuple[str, ...]) -> None:
         self.rebind_blocked += 1
