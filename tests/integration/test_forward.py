@@ -812,3 +812,48 @@ def test_measure_forwarding_overhead(capsys: pytest.CaptureFixture[str]) -> None
 def test_measure_forwarding_overhead_dnsmasq(dnsmasq: Upstream, capsys: pytest.CaptureFixture[str]) -> None:
     # dnsmasq answers --address names with TTL 0, so nothing is cached and every query goes upstream.
     _report("dnsmasq", uvloop.run(_measure(dnsmasq)), capsys)
+
+
+# -- the callback form (Forwarder.start, the server's path) ---------------------------------------
+
+def test_a_failing_listener_costs_its_own_reply_only(caplog: pytest.LogCaptureFixture) -> None:
+    """A leader whose listener raises (a closed transport, a bug) does not keep its joiner waiting
+    or leak the in-flight count; the error is logged once."""
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SLOW, delay=0.2) as a:
+            fwd = Forwarder()
+
+            def broken(_reply: bytes) -> None:
+                raise OSError("transport closed")
+
+            got: list[bytes] = []
+            assert fwd.start(query("www.example.test"), (up(a),), allow_tailnet_answers=False, done=broken) is not None
+            fwd.start(query("WWW.example.test"), (up(a),), allow_tailnet_answers=False, done=got.append)
+            assert fwd.inflight == 2 and fwd.stats()["coalesced"] == 1
+            await within_guard(async_wait_until(lambda: got, what="the joiner's reply"))
+            assert addresses(got[0]) == ["192.0.2.10"] and len(a.queries) == 1
+            assert fwd.inflight == 0 and not fwd._outgoing and not fwd._races
+
+    with caplog.at_level("ERROR", logger="magicdns.forward"):
+        run(main)
+    assert [r.getMessage() for r in caplog.records] == ["delivering a forwarded reply failed"]
+
+
+def test_cancelled_leader_answers_its_joiners_at_once_and_asks_nobody_again() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as a:
+            fwd = Forwarder(timeout=1000.0)
+            leader_got: list[bytes] = []
+            joiner_got: list[bytes] = []
+            leader = fwd.start(query("www.example.test"), (up(a),), allow_tailnet_answers=False,
+                               done=leader_got.append)
+            fwd.start(query("www.example.test"), (up(a),), allow_tailnet_answers=False, done=joiner_got.append)
+            await async_wait_until(lambda: len(a.queries) == 1, what="the leader's query upstream")
+            assert leader is not None
+            leader.cancel()
+            # Synchronously: the joiner has SERVFAIL, the cancelled leader nothing, all released.
+            assert not leader_got and len(joiner_got) == 1
+            assert DNSRecord.parse(joiner_got[0]).header.rcode == RCODE.SERVFAIL
+            assert fwd.inflight == 0 and not fwd._outgoing and not fwd._races and not fwd._flights
+            assert len(a.queries) == 1 and fwd.stats()["timeouts"] == 0
+    run(main)
