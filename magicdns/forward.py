@@ -419,12 +419,10 @@ class _Pending:
         if self.finished or race is None:
             return
         try:
-            reply: bytes | None = fwd._outcome(self, race)
-        except Exception:  # a bug must cost one SERVFAIL, not the server
+            reply = fwd._outcome(self, race)
+        except Exception:  # a bug must cost one SERVFAIL, not the server (nor leak this query)
             log.exception("forwarding failed unexpectedly")
-            reply = None
-        if reply is None:
-            reply = fwd._failed(self.query, self.info, None, EDE_NO_REACHABLE_AUTHORITY)
+            reply = error_reply(self.query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
         self.finish(reply)
 
     def finish(self, reply: bytes | None) -> None:
@@ -448,7 +446,12 @@ class _Pending:
             if not joiner.finished:
                 joiner.finished = True
                 fwd._inflight -= 1
-                _call(joiner.done, fwd._joined(joiner, reply))
+                try:
+                    joined = fwd._joined(joiner, reply)
+                except Exception:  # a bug: this joiner's SERVFAIL, the others still answered
+                    log.exception("forwarding failed unexpectedly")
+                    joined = error_reply(joiner.query, Rcode.SERVFAIL)
+                _call(joiner.done, joined)
         self.joiners.clear()
 
     def cancel(self) -> None:
