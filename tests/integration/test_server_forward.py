@@ -339,3 +339,28 @@ def test_replies_known_at_once_are_returned_to_the_listener_not_sent_behind_its_
             finally:
                 await server.stop()
     asyncio.run(main())
+
+
+def test_forwarded_queries_in_flight_hold_no_task() -> None:
+    """The forwarding path runs on callbacks (Forwarder.start): queries waiting for a slow
+    upstream hold a socket and a timer each, no asyncio task (each task cost loop turns and
+    latency on every forwarded query)."""
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as up:
+            server = await start(make_view((Upstream(up.host, up.port),)))
+            dispatch = server.dispatch
+            got: list[bytes] = []
+            try:
+                before = len(asyncio.all_tasks())
+                for i in range(10):
+                    q = dns.message.make_query(f"q{i}.example.test", "A").to_wire()
+                    assert dispatch.forward_or_reply(dispatch.answer(q), q, "127.0.0.1", got.append, False) is None
+                await async_wait_until(lambda: len(up.queries) == 10, what="ten queries upstream")
+                assert server.forwarder.inflight == 10 and len(asyncio.all_tasks()) == before
+                # forward_timeout is 1 s: every one is answered SERVFAIL by its own timer.
+                await async_wait_until(lambda: len(got) == 10, timeout=10, what="ten SERVFAILs")
+                assert {dns.message.from_wire(r).rcode() for r in got} == {dns.rcode.SERVFAIL}
+                assert server.forwarder.inflight == 0 and server.status()["forwarder"]["timeouts"] == 10
+            finally:
+                await server.stop()
+    asyncio.run(main())
