@@ -57,7 +57,8 @@ PIDS+=($!)
 for _ in $(seq 50); do [ -s "$TMP/hole.port" ] && break; sleep 0.1; done
 HOLE=$(cat "$TMP/hole.port")
 
-grep -h 'rnd' "$TMP/fwd-miss-via.txt" "$TMP/fwd-miss-direct.txt" >"$TMP/flood.txt"
+grep -h 'rnd' "$TMP/fwd-miss-via.txt" >"$TMP/flood.txt"
+grep -h 'rnd' "$TMP/fwd-miss-direct.txt" >"$TMP/flood2.txt"  # other names: never a cache hit of the first flood
 
 run_server() {  # run_server UPSTREAM_PORT -> sets SRV
     taskset -c 0 "$MAGICDNS" serve --listen "127.0.0.1:$PORT_MAGICDNS" --view "$TMP/view.json" \
@@ -69,14 +70,36 @@ run_server() {  # run_server UPSTREAM_PORT -> sets SRV
     dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -n 1 -c 8 -l 30 >/dev/null 2>&1 || true
 }
 
-auth() {  # auth LABEL: authoritative qps at full load, best of ROUNDS
-    local best=0 q r
+# sched SRV: "run_ns wait_ns" of the server process so far (/proc/PID/schedstat): CPU it used, and
+# time it was runnable but waiting for a CPU (other work on a busy machine).
+sched() { cut -d' ' -f1-2 "/proc/$SRV/schedstat"; }
+
+# cost FILE S0 S1 COMPLETED: append "cpu_us_per_answer wait_share" for the run between S0 and S1.
+cost() {
+    "$PY" -c "import sys; r0,w0,r1,w1,n=map(int,sys.argv[1:]); print(f'{(r1-r0)/1e3/max(n,1):.1f} {(w1-w0)/max(1,(r1-r0)+(w1-w0)):.2f}')" \
+        $2 $3 "$4" >>"$1"
+}
+
+auth() {  # auth: authoritative qps at full load, best of ROUNDS; CPU per answer into $TMP/auth.cost
+    local best=0 q r s0 s1 out
     for r in $(seq "$ROUNDS"); do
-        q=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 2>&1 \
-            | awk '/Queries per second/ {print int($4)}')
+        s0=$(sched)
+        out=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 2>&1)
+        s1=$(sched)
+        q=$(awk '/Queries per second/ {print int($4)}' <<<"$out")
+        cost "$TMP/auth.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' <<<"$out")"
         [ "${q:-0}" -gt "$best" ] && best=$q
     done
     echo "$best"
+}
+
+flood_only() {  # flood_only TAG: the flood alone; CPU per answered flood query into $TMP/TAG.cost
+    local s0 s1
+    s0=$(sched)
+    taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/flood2.txt" -l "$DUR" -c 8 -q 20000 -t 1 -Q "$FLOOD" \
+        >"$TMP/flood-only.out" 2>&1 || true
+    s1=$(sched)
+    cost "$TMP/$1.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' "$TMP/flood-only.out")"
 }
 
 flooded() {  # flooded: authoritative qps while $FLOOD qps of unique forwarded names arrive
@@ -99,17 +122,33 @@ run_server "$PORT_UPSTREAM"
 A0=$(auth)
 A1=$(flooded)
 FLOOD_LIVE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
+flood_only live
 kill "$SRV"; wait "$SRV" 2>/dev/null || true
 run_server "$HOLE"
 A2=$(flooded)
 FLOOD_HOLE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
+flood_only hole
 kill "$SRV"; wait "$SRV" 2>/dev/null || true
-"$PY" - "$A0" "$A1" "$A2" <<'PY'
-import sys
-a0, a1, a2 = (int(x) for x in sys.argv[1:])
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PY" - "$A0" "$A1" "$A2" "$TMP" <<'PY'
+import statistics, sys
+a0, a1, a2 = (int(x) for x in sys.argv[1:4])
+tmp = sys.argv[4]
+
+def cost(tag):
+    rows = [line.split() for line in open(f"{tmp}/{tag}.cost")]
+    return statistics.median(float(r[0]) for r in rows), max(float(r[1]) for r in rows)
+
 print(f"{'authoritative qps, one core':44} {a0:>8}")
 print(f"{'  with a flood toward a live upstream':44} {a1:>8}  {a1 / a0:5.2f}x")
 print(f"{'  with a flood toward a silent upstream':44} {a2:>8}  {a2 / a0:5.2f}x   (target >= 0.80x)")
+(ca, wa), (cl, wl), (ch, wh) = cost("auth"), cost("live"), cost("hole")
+print("server CPU per answered query (schedstat run time / answers), immune to other load:")
+print(f"{'  authoritative':44} {ca:8.1f} us")
+print(f"{'  flood, live upstream (mostly shed)':44} {cl:8.1f} us  {cl / ca:5.2f}x")
+print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / ca:5.2f}x")
+print(f"busy machine: the server waited for a CPU up to {max(wa, wl, wh):.0%} of the time it was runnable"
+      " (qps ratios are only meaningful when this is near 0%)")
 PY
 echo "flood, live upstream: $FLOOD_LIVE"
 echo "flood, silent upstream: $FLOOD_HOLE"

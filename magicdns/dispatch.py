@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 from .engine import Engine, Forward
 from .message import truncate
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 ReplyTo = Callable[[bytes], None]
 """Where a reply that comes later (a forwarded query) is delivered: the listener's writer."""
 
-ForwardFn = Callable[[Forward, bytes, ReplyTo, bool], None]
+ForwardFn = Callable[[Forward, bytes, ReplyTo, bool], Optional[bytes]]
+"""The server's forwarding path: the reply when it is known at once (a cache hit, a query shed under
+overload, no route), else None, and the reply goes to the `ReplyTo` later."""
 
 MAX_STREAM_MESSAGE = 65535  # RFC 1035 section 4.2.2: a two-octet length prefix
 
@@ -115,16 +117,30 @@ class Dispatch:
             return truncate(result, MAX_STREAM_MESSAGE)  # type: ignore[arg-type]
         return result
 
-    def forward(self, fwd: Forward, data: bytes, client: str, reply_to: ReplyTo, stream: bool) -> None:
-        """Send a non-local query on its way; its reply (fitted to the transport) goes to `reply_to`."""
+    def forward_or_reply(self, fwd: Forward, data: bytes, client: str, reply_to: ReplyTo,
+                         stream: bool) -> bytes | None:
+        """Send a non-local query on its way. A reply known at once (cache hit, shed under overload)
+        is returned, for the listener to send with its other replies (a batched listener: in the
+        same sendmmsg, so a shed query costs what an authoritative answer costs); otherwise None,
+        and the reply (fitted to the transport) goes to `reply_to` later."""
         qlog = self.qlog
-        if qlog is not None:
-            def logged(reply: bytes) -> None:
-                reply_to(reply)
-                qlog.write(client, data, reply, "forward")
-            self.forward_fn(fwd, data, logged, stream)
-        else:
-            self.forward_fn(fwd, data, reply_to, stream)
+        if qlog is None:
+            return self.forward_fn(fwd, data, reply_to, stream)
+
+        def logged(reply: bytes) -> None:
+            reply_to(reply)
+            qlog.write(client, data, reply, "forward")
+        now = self.forward_fn(fwd, data, logged, stream)
+        if now is not None:
+            qlog.write(client, data, now, "forward")
+        return now
+
+    def forward(self, fwd: Forward, data: bytes, client: str, reply_to: ReplyTo, stream: bool) -> None:
+        """Send a non-local query on its way; its reply (fitted to the transport) goes to `reply_to`,
+        now or later."""
+        now = self.forward_or_reply(fwd, data, client, reply_to, stream)
+        if now is not None:
+            reply_to(now)
 
     def handle(self, data: bytes, client: str, reply_to: ReplyTo, stream: bool) -> bytes | None:
         """`answer` and `forward` in one call, for listeners off the hot path (TCP, DoT, DoH): the

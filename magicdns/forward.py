@@ -1,7 +1,7 @@
 """Forwarding queries that are not for a local zone to upstream resolvers (DESIGN.md section 3).
 
 One `Forwarder` per server. For each query:
-- the client's query goes out unchanged except for a fresh random ID (`secrets`), from a fresh
+- the client's query goes out unchanged except for a fresh random ID (os.urandom), from a fresh
   socket (so a fresh kernel-chosen random source port) per attempt; the socket is connected, so the
   kernel drops datagrams from any other address or port, and an ICMP port-unreachable fails the
   attempt at once instead of waiting for a timeout;
@@ -22,9 +22,12 @@ One `Forwarder` per server. For each query:
   client gets and what is cached.
 
 The race rules live in race.py, a sans-I/O core (time passed in, sends and one deadline out);
-`_RaceIO` here is its asyncio glue: sockets, one timer, the future the caller awaits. The per-query
-work is kept to callbacks on the loop (no task per attempt); only a TCP fallback runs as a task,
-because it is rare.
+`_RaceIO` here is its asyncio glue: sockets, one timer, a callback when the race ends. A query is
+forwarded with `start` (the server's path): the first datagram leaves inside the caller's own
+callback, and the reply is handed to `done` from the socket's reader callback. No task, no future
+and no extra loop iteration per query: each of those cost a hop through the loop's ready queue,
+which is most of what forwarding added to the upstream's own latency. Only a TCP fallback and an
+encrypted query run as tasks, because they are rare or slow anyway. `forward` is the awaitable form.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import secrets
+import os
 import socket
 import _socket
 import struct
@@ -41,9 +44,10 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from dnslib import DNSError
 
-from .cache import (Cache, MessageScan, QueryInfo, Rcode, WireError, query_info, question_end, scan_message,
-                    strip_opt_options)
+from .cache import (SHAPE_DO, SHAPE_EDNS, Cache, MessageScan, QueryInfo, Rcode, WireError, query_info,
+                    question_end, scan_message, strip_opt_options)
 from .message import error_reply as _message_error_reply
+from .message import opt_record
 from .ranges import RESOLVER_V4, RESOLVER_V6
 from .rebind import TAILNET_V4, TAILNET_V6, strip_tailnet_addresses, tailnet_address_records  # noqa: F401
 from .race import FAILURE_RCODES as _FAILURE_RCODES
@@ -118,37 +122,109 @@ def error_reply(query: bytes, rcode: Rcode, ede: int | None = None) -> bytes:
     return _message_error_reply(query, rcode, True, ede=ede) or b""
 
 
+_SERVFAIL_COUNTS = (b"\x00\x01\x00\x00\x00\x00\x00\x00", b"\x00\x01\x00\x00\x00\x00\x00\x01")
+_OPT_EDE = {(do, ede): opt_record(do, 0, ede) for do in (False, True) for ede in (EDE_OTHER, EDE_NO_REACHABLE_AUTHORITY)}
+
+
+def servfail_reply(query: bytes, info: QueryInfo, ede: int) -> bytes:
+    """Our SERVFAIL for a query already read by `query_info`: byte for byte what `error_reply`
+    gives, built from what `info` knows without reading the query again. This is the reply to
+    every query shed under overload, so it must cost no more than an authoritative answer."""
+    key = info.key
+    if key is None or query[2] & 0x80 or ede not in (EDE_OTHER, EDE_NO_REACHABLE_AUTHORITY):
+        # A shape query_info does not vouch for (several additional records, EDNS version > 0, a response).
+        return error_reply(query, Rcode.SERVFAIL, ede)
+    shape = key[3]
+    edns = shape & SHAPE_EDNS
+    head = query[:2] + bytes((0x80 | (query[2] & 0x79), 0x82 | (query[3] & 0x10))) + _SERVFAIL_COUNTS[1 if edns else 0]
+    if edns:
+        return head + query[12:info.qend] + _OPT_EDE[(bool(shape & SHAPE_DO), ede)]
+    return head + query[12:info.qend]
+
+
+def read_query(query: bytes) -> QueryInfo | None:
+    """`query_info`, or None for a query without one readable question (answered FORMERR)."""
+    try:
+        return query_info(query)
+    except WireError:
+        return None
+
+
 # -- one query's race: asyncio glue around race.Race ----------------------------------------------
 
 _UDP_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK  # Linux: non-blocking from creation
 
 
-def _new_id() -> bytes:
-    return secrets.token_bytes(2)
+class _Ids:
+    """Random query IDs, two bytes at a time from a buffer of the kernel's randomness (what
+    `secrets` reads), refilled every 512 IDs: one getrandom() call per 512 attempts, not per attempt.
+    A forked worker starts with a fresh buffer, never its parent's."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.buf = b""
+        self.pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self.pos
+        if pos >= len(self.buf):
+            self.buf = os.urandom(1024)
+            pos = 0
+        self.pos = pos + 2
+        return self.buf[pos:pos + 2]
+
+
+_new_id = _Ids()
+os.register_at_fork(after_in_child=_new_id.reset)
 
 
 class _RaceIO:
-    """Sockets, timer and future around one `Race`: read, call the core, do what it says."""
+    """Sockets, timer and end callback around one `Race`: read, call the core, do what it says.
 
-    __slots__ = ("fwd", "loop", "core", "socks", "tasks", "timer", "timer_at", "result")
+    `on_end` is called once, when the core is done (answered, failed, timed out or ended); after
+    `close` nothing of this race runs any more."""
 
-    def __init__(self, fwd: "Forwarder", query: bytes, qend: int, upstreams: list[Upstream]) -> None:
+    __slots__ = ("fwd", "loop", "core", "socks", "tasks", "timer", "timer_at", "on_end", "ended", "closed")
+
+    def __init__(self, fwd: "Forwarder", query: bytes, qend: int, upstreams: list[Upstream],
+                 on_end: Callable[[], None]) -> None:
         self.fwd = fwd
         self.loop = fwd._loop
         self.socks: dict[int, _socket.socket] = {}  # attempt -> its connected UDP socket
         self.tasks: dict[int, asyncio.Task[None]] = {}  # attempt -> its TCP fallback
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at: float | None = None
-        self.result: asyncio.Future[None] = self.loop.create_future()
+        self.on_end = on_end
+        self.ended = False
+        self.closed = False
         self.core = Race(query, qend, upstreams, [fwd._health_of(u) for u in upstreams], now=self.loop.time(),
                          timeout=fwd.timeout, stagger=fwd.stagger, new_id=_new_id, book=fwd)
-        self._pump()
+
+    def start(self) -> None:
+        """Send the first attempt now, from the caller's callback (may end the race at once)."""
+        self._guarded_pump()
+
+    def _guarded_pump(self) -> None:
+        try:
+            self._pump()
+        except Exception:  # a bug must cost this query a SERVFAIL, never the loop's callback
+            log.exception("forwarding failed unexpectedly")
+            self.core.end()
+            self._end()
 
     def _pump(self) -> None:
         """Carry out what the core asks: sends, closes, the one timer, the end."""
+        if self.closed:
+            return
         core = self.core
+        loop_time = self.loop.time
         while True:
-            sends = core.datagrams_to_send(self.loop.time())
+            sends = core.datagrams_to_send(loop_time())
             for send in sends:
                 if send.transport is Transport.UDP:
                     self._send_udp(send)
@@ -159,9 +235,7 @@ class _RaceIO:
             if not sends:
                 break
         if core.done:
-            self._cancel_timer()
-            if not self.result.done():
-                self.result.set_result(None)
+            self._end()
             return
         at = core.get_timer()
         if at != self.timer_at:
@@ -169,6 +243,12 @@ class _RaceIO:
             if at is not None:
                 self.timer_at = at
                 self.timer = self.loop.call_at(at, self._on_timer)
+
+    def _end(self) -> None:
+        self._cancel_timer()
+        if not self.ended:
+            self.ended = True
+            self.on_end()
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -179,8 +259,14 @@ class _RaceIO:
     def _on_timer(self) -> None:
         self.timer = None
         self.timer_at = None
-        self.core.handle_timer(self.loop.time())
-        self._pump()
+        if self.closed:
+            return
+        try:
+            self.core.handle_timer(self.loop.time())
+        except Exception:
+            log.exception("forwarding failed unexpectedly")
+            self.core.end()
+        self._guarded_pump()
 
     def _send_udp(self, send: Send) -> None:
         up = send.upstream
@@ -205,17 +291,21 @@ class _RaceIO:
 
     def _on_readable(self, index: int, sock: _socket.socket) -> None:
         core = self.core
-        while self.socks.get(index) is sock:
-            try:
-                data = sock.recv(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # ICMP unreachable reported on the connected socket
-                core.attempt_failed(index, f"recv: {exc.strerror or exc}", self.loop.time())
-                break
-            if core.receive(index, data, self.loop.time()):
-                break
-        self._pump()
+        try:
+            while self.socks.get(index) is sock:
+                try:
+                    data = sock.recv(65535)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # ICMP unreachable reported on the connected socket
+                    core.attempt_failed(index, f"recv: {exc.strerror or exc}", self.loop.time())
+                    break
+                if core.receive(index, data, self.loop.time()):
+                    break
+        except Exception:
+            log.exception("forwarding failed unexpectedly")
+            core.end()
+        self._guarded_pump()
 
     def _close_attempt(self, index: int) -> None:
         sock = self.socks.pop(index, None)
@@ -257,7 +347,7 @@ class _RaceIO:
         finally:
             if writer is not None:
                 writer.close()
-        self._pump()
+        self._guarded_pump()
 
     def _start_encrypted(self, send: Send) -> None:
         self.tasks[send.attempt] = task = self.loop.create_task(self._encrypted(send))
@@ -277,15 +367,16 @@ class _RaceIO:
         except Exception as exc:  # a bug: fail this attempt, keep the race (and the server) going
             log.exception("encrypted query to %s failed unexpectedly", send.upstream.spec)
             core.attempt_failed(send.attempt, f"{send.upstream.scheme}: {exc!r}", self.loop.time())
-        self._pump()
+        self._guarded_pump()
 
     def end(self) -> None:
         """End the race now, unanswered (the forwarder is closing)."""
         self.core.end()
-        self._pump()
+        self._guarded_pump()
 
     def close(self) -> None:
         """Release every socket, timer and task of this race (called once, whatever happened)."""
+        self.closed = True
         self._cancel_timer()
         self.core.close(self.loop.time())
         for index in self.core.closed_attempts():
@@ -295,6 +386,90 @@ class _RaceIO:
         for task in self.tasks.values():
             if not task.done():
                 task.cancel()
+
+
+def _call(done: Callable[[bytes], None], reply: bytes) -> None:
+    """Hand a reply to its listener; a failing listener costs that reply, never the forwarder."""
+    try:
+        done(reply)
+    except Exception:
+        log.exception("delivering a forwarded reply failed")
+
+
+class _Pending:
+    """One client's forwarded query until its reply is handed over: the leader of a race, or a
+    joiner waiting for an identical query's leader (`leader` set)."""
+
+    __slots__ = ("fwd", "query", "info", "done", "allow", "flight_key", "race", "leader", "joiners", "finished")
+
+    def __init__(self, fwd: "Forwarder", query: bytes, info: QueryInfo, done: Callable[[bytes], None],
+                 allow: bool, flight_key: tuple[object, ...] | None) -> None:
+        self.fwd = fwd
+        self.query = query
+        self.info = info
+        self.done = done
+        self.allow = allow
+        self.flight_key = flight_key
+        self.race: _RaceIO | None = None
+        self.leader: _Pending | None = None
+        self.joiners: list[_Pending] = []
+        self.finished = False
+
+    def race_ended(self) -> None:
+        """The race's end callback: release it, then answer this query and its joiners."""
+        fwd = self.fwd
+        race = self.race
+        if self.finished or race is None:
+            return
+        try:
+            reply = fwd._outcome(self, race)
+        except Exception:  # a bug must cost one SERVFAIL, not the server (nor leak this query)
+            log.exception("forwarding failed unexpectedly")
+            reply = error_reply(self.query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
+        self.finish(reply)
+
+    def finish(self, reply: bytes | None) -> None:
+        """Answer this query with `reply` (None: cancelled, nobody to answer), release its race,
+        then its joiners from it."""
+        if self.finished:
+            return
+        self.finished = True
+        fwd = self.fwd
+        fwd._inflight -= 1
+        race = self.race
+        if race is not None:
+            race.close()
+            fwd._races.discard(race)
+        key = self.flight_key
+        if key is not None and fwd._flights.get(key) is self:
+            del fwd._flights[key]
+        if reply is not None:
+            _call(self.done, reply)
+        for joiner in self.joiners:
+            if not joiner.finished:
+                joiner.finished = True
+                fwd._inflight -= 1
+                try:
+                    joined = fwd._joined(joiner, reply)
+                except Exception:  # a bug: this joiner's SERVFAIL, the others still answered
+                    log.exception("forwarding failed unexpectedly")
+                    joined = error_reply(joiner.query, Rcode.SERVFAIL)
+                _call(joiner.done, joined)
+        self.joiners.clear()
+
+    def cancel(self) -> None:
+        """The client no longer waits (its task was cancelled): release everything, answer nobody;
+        a leader's joiners get SERVFAIL (or stale) at once."""
+        if self.finished:
+            return
+        leader = self.leader
+        if leader is not None:
+            self.finished = True
+            self.fwd._inflight -= 1
+            if self in leader.joiners:
+                leader.joiners.remove(self)
+            return
+        self.finish(None)
 
 
 # -- the forwarder -------------------------------------------------------------------------------
@@ -383,15 +558,16 @@ class Forwarder:
 
     # -- the server's entry points ---------------------------------------------------------------
 
-    def answer_from_cache(self, query: bytes, now: float) -> bytes | None:
-        """A fresh cached reply shaped for `query` (client's ID and question case, aged TTLs), or None."""
+    def answer_from_cache(self, query: bytes, now: float, info: QueryInfo | None = None) -> bytes | None:
+        """A fresh cached reply shaped for `query` (client's ID and question case, aged TTLs), or None.
+        `info`: the query's `read_query`, when the caller has it already."""
         cache = self.cache
         if cache is None:
             return None
-        try:
-            info = query_info(query)
-        except WireError:
-            return None
+        if info is None:
+            info = read_query(query)
+            if info is None:
+                return None
         reply = cache.get(query, info, now)
         if reply is None and cache.failed_recently(info, now):
             # Every upstream failed for this question a moment ago (RFC 9520): do not ask again yet.
@@ -400,18 +576,19 @@ class Forwarder:
             if stale is not None:
                 self.stale_answers += 1
                 return stale
-            return error_reply(query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
+            return servfail_reply(query, info, EDE_NO_REACHABLE_AUTHORITY)
         return reply
 
-    def overloaded(self, query: bytes) -> bytes:
+    def overloaded(self, query: bytes, info: QueryInfo | None = None) -> bytes:
         """The answer for a query over the in-flight cap, given at once: a stale cached answer, else
-        SERVFAIL (EDE "other"). Costs a header and question parse, no socket, no task."""
+        SERVFAIL (EDE "other"). Costs a header and question parse (none when `info` is given), no
+        socket, no task."""
         self.queries += 1
         self.overload += 1
-        try:
-            info = query_info(query)
-        except WireError:
-            return error_reply(query, Rcode.FORMERR)
+        if info is None:
+            info = read_query(query)
+            if info is None:
+                return error_reply(query, Rcode.FORMERR)
         return self._failed(query, info, None, EDE_OTHER)
 
     def looped(self, query: bytes) -> bool:
@@ -427,86 +604,94 @@ class Forwarder:
             return True
         return False
 
-    async def forward(self, query: bytes, upstreams: tuple[Upstream, ...], *,
-                      allow_tailnet_answers: bool) -> bytes:
-        """The reply for the client (never raises except on cancellation; returns within `timeout`
-        plus scheduling slack): see the module docstring for the order of fallbacks."""
+    def start(self, query: bytes, upstreams: tuple[Upstream, ...], *, allow_tailnet_answers: bool,
+              done: Callable[[bytes], None], info: QueryInfo | None = None) -> "_Pending | None":
+        """Forward `query`; `done(reply)` is called exactly once with the client's reply, within
+        `timeout` plus scheduling slack, possibly before this returns (malformed, over the cap, no
+        upstream). Returns the pending query (for `cancel`), or None when it was answered at once.
+        See the module docstring for the order of fallbacks."""
         self.queries += 1
         if not isinstance(query, bytes):
             query = bytes(query)
-        try:
-            info = query_info(query)
-        except WireError:
-            return error_reply(query, Rcode.FORMERR)
+        if info is None:
+            info = read_query(query)
+            if info is None:
+                _call(done, error_reply(query, Rcode.FORMERR))
+                return None
         if self._inflight >= self.max_inflight:
             self.overload += 1
-            return self._failed(query, info, None, EDE_OTHER)
+            _call(done, self._failed(query, info, None, EDE_OTHER))
+            return None
         if not upstreams or self._closed:
-            return self._failed(query, info, None, EDE_NO_REACHABLE_AUTHORITY)
+            _call(done, self._failed(query, info, None, EDE_NO_REACHABLE_AUTHORITY))
+            return None
         flight_key = None if info.key is None else (info.key, upstreams, allow_tailnet_answers)
+        pending = _Pending(self, query, info, done, allow_tailnet_answers, flight_key)
+        self._inflight += 1
         if flight_key is not None:
             leader = self._flights.get(flight_key)
             if leader is not None:
-                return await self._join(query, info, leader)
-        shared: asyncio.Future[bytes | None] = self._loop.create_future()
-        if flight_key is not None:
-            self._flights[flight_key] = shared
-        self._inflight += 1
-        reply: bytes | None = None
-        try:
-            reply = await self._lead(query, info, upstreams, allow_tailnet_answers)
-            return reply
-        finally:
-            self._inflight -= 1
-            if flight_key is not None and self._flights.get(flight_key) is shared:
-                del self._flights[flight_key]
-            if not shared.done():
-                shared.set_result(reply)
-
-    async def _lead(self, query: bytes, info: QueryInfo, upstreams: tuple[Upstream, ...],
-                    allow_tailnet_answers: bool) -> bytes:
+                # Identical to a query in flight: wait for its answer rather than ask again (bounded
+                # by the leader's timeout).
+                self.coalesced += 1
+                pending.leader = leader
+                leader.joiners.append(pending)
+                return pending
+            self._flights[flight_key] = pending
         ordered = list(upstreams)
         if len(ordered) > 1:
             health = self._health
             ordered.sort(key=lambda u: health[u].srtt if u in health else 0.0)
-        race: _RaceIO | None = None
         try:
-            race = _RaceIO(self, query, info.qend, ordered)
-            self._races.add(race)
-            await race.result
-            outcome = race.core.result
-        except asyncio.CancelledError:
-            raise
+            race = _RaceIO(self, query, info.qend, ordered, pending.race_ended)
         except Exception:  # a bug must cost one SERVFAIL, not the server
             log.exception("forwarding failed unexpectedly")
-            outcome = None
-        finally:
-            if race is not None:
-                race.close()
-                self._races.discard(race)
+            pending.finish(self._failed(query, info, None, EDE_NO_REACHABLE_AUTHORITY))
+            return pending
+        pending.race = race
+        self._races.add(race)
+        race.start()
+        return pending
+
+    async def forward(self, query: bytes, upstreams: tuple[Upstream, ...], *,
+                      allow_tailnet_answers: bool) -> bytes:
+        """`start` as a coroutine: the client's reply (never raises except on cancellation, which
+        releases the query's sockets and timer at once)."""
+        result: asyncio.Future[bytes] = self._loop.create_future()
+
+        def done(reply: bytes) -> None:
+            if not result.done():
+                result.set_result(reply)
+
+        pending = self.start(query, upstreams, allow_tailnet_answers=allow_tailnet_answers, done=done)
+        try:
+            return await result
+        except asyncio.CancelledError:
+            if pending is not None:
+                pending.cancel()
+            raise
+
+    def _outcome(self, pending: "_Pending", race: "_RaceIO") -> bytes:
+        """The client's reply once its race has ended: the winner's answer, or the fallbacks."""
+        query, info = pending.query, pending.info
+        core = race.core
+        outcome = core.result
         if outcome is None:
-            if race is not None and race.core.timed_out:
+            if core.timed_out:
                 self.timeouts += 1
-            failure = race.core.failure if race is not None else None
+            failure = core.failure
             if self.cache is not None and (failure is None or (failure[3] & 0x0F) in _UNREACHABLE_RCODES):
                 # FORMERR/NOTIMP are about the query itself and are not remembered as failures.
                 self.cache.note_failure(info, self._clock())
             return self._failed(query, info, failure, EDE_NO_REACHABLE_AUTHORITY)
         data, scan = outcome
-        return self._deliver(query, info, data, scan, allow_tailnet_answers)
+        return self._deliver(query, info, data, scan, pending.allow)
 
-    async def _join(self, query: bytes, info: QueryInfo, leader: "asyncio.Future[bytes | None]") -> bytes:
-        """Wait for an identical query already in flight (same key, route and rebinding rule) rather
-        than ask the upstreams again; the leader is bounded by `timeout`, and so is this."""
-        self.coalesced += 1
-        self._inflight += 1
-        try:
-            leader_reply = await asyncio.shield(leader)
-        finally:
-            self._inflight -= 1
+    def _joined(self, pending: "_Pending", leader_reply: bytes | None) -> bytes:
+        """A coalesced query's reply from its leader's (None: the leader was cancelled)."""
         if leader_reply is None or (leader_reply[3] & 0x0F) in _FAILURE_RCODES:
-            return self._failed(query, info, None, EDE_NO_REACHABLE_AUTHORITY)
-        return self._reshape(query, info, leader_reply)
+            return self._failed(pending.query, pending.info, None, EDE_NO_REACHABLE_AUTHORITY)
+        return self._reshape(pending.query, pending.info, leader_reply)
 
     def _reshape(self, query: bytes, info: QueryInfo, reply: bytes) -> bytes:
         """Another client's reply made ours: ID, RD and question case copied, its OPT options (the
@@ -557,7 +742,7 @@ class Forwarder:
         # SERVFAIL. SERVFAIL (with its Extended DNS Error), FORMERR and NOTIMP are about the query.
         if failure is not None and len(failure) >= 12 and (failure[3] & 0x0F) != Rcode.REFUSED:
             return query[0:2] + failure[2:]
-        return error_reply(query, Rcode.SERVFAIL, ede)
+        return servfail_reply(query, info, ede)
 
     def _note_rebind(self, names: tuple[str, ...]) -> None:
         self.rebind_blocked += 1
@@ -607,16 +792,14 @@ class Forwarder:
         """End every race in flight (their callers get SERVFAIL or stale) and release their sockets;
         later `forward` calls answer SERVFAIL (or stale) at once."""
         self._closed = True
+        # Each race's end answers its query (and joiners) and closes its sockets, there and then;
+        # the TCP fallbacks and encrypted queries it cancelled are awaited below.
         for race in list(self._races):
             race.end()
-        # The awaiting forward() calls resume on the next loop turns and close their races (which
-        # cancels TCP fallbacks); wait for that, boundedly, then for the cancelled tasks themselves.
-        for _ in range(100):
-            if not self._races:
-                break
-            await asyncio.sleep(0)
         tasks = [t for t in self._tcp_tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        # Finished tasks leave the set from their done callbacks, a loop turn later: drop them now.
+        self._tcp_tasks.difference_update([t for t in self._tcp_tasks if t.done()])
         if self.encrypted is not None:
             await self.encrypted.close()

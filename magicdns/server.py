@@ -24,7 +24,7 @@ from .chase import chase_reply, complete_chain
 from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
 from .encrypted import EncryptedConfig, EncryptedListenError, EncryptedListeners
 from .engine import Chase, Engine, Forward
-from .forward import Forwarder, error_reply
+from .forward import Forwarder, error_reply, read_query
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
 from .ranges import TAILNET_RANGES
@@ -107,12 +107,12 @@ class DnsServer:
             max_per_client=(config.max_tcp_per_client if config.max_tcp_per_client is not None
                             else per_client_share(config.max_tcp_connections)),
             max_pipeline=config.max_tcp_pipeline, write_high_water=config.tcp_write_high_water)
-        self.dispatch = Dispatch(config.allow, self.forward, limits, self.qlog)
+        self.dispatch = Dispatch(config.allow, self.forward_or_reply, limits, self.qlog)
         self.counters = self.dispatch.counters
         self._transports: list[asyncio.BaseTransport] = []
         self._batch: list[BatchUdpListener] = []
         self._servers: list[asyncio.base_events.Server] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
         self._tcp = TcpSlots(limits)
         self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
         # Encrypted upstreams: TLS contexts made on first use; names (tls://NAME) asked of the
@@ -211,10 +211,7 @@ class DnsServer:
         for conn in list(self._tcp.conns):
             conn.transport.abort()
         await self.encrypted.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True  # queries still in flight end below, unanswered: their listeners are closed
         await self.forwarder.close()
         for s in self._servers:
             await s.wait_closed()
@@ -263,60 +260,58 @@ class DnsServer:
         return self.dispatch.client_allowed(host)
 
     def forward(self, fwd: Forward, data: bytes, reply_to: ReplyTo, tcp: bool) -> None:
-        """Answer a non-local query: cache, or a forwarding task whose reply goes to `reply_to`."""
+        """Answer a non-local query: its reply goes to `reply_to`, now or later."""
+        reply = self.forward_or_reply(fwd, data, reply_to, tcp)
+        if reply is not None:
+            reply_to(reply)
+
+    def forward_or_reply(self, fwd: Forward, data: bytes, reply_to: ReplyTo, tcp: bool) -> bytes | None:
+        """Answer a non-local query: the reply when it is known at once (cache, shed, no route, a
+        loop), else None and a race whose reply goes to `reply_to` (dispatch.ForwardFn)."""
         if fwd.__class__ is Chase:  # our CNAME leads out of our zones: ask for its target
             self._chase(fwd, data, reply_to)  # type: ignore[arg-type]
-            return
+            return None
         c = self.counters
         route = fwd.route
         if route is None or not route.upstreams:
             c.no_upstream += 1
-            reply = _refused(data)
-            if reply:
-                reply_to(reply)
-            return
+            return _refused(data) or None
         if self.forwarder.looped(data):
             c.looped += 1
             log.warning("forwarding loop: one of our own upstream queries came back to us")
-            reply = _servfail(data)
-            if reply:
-                reply_to(reply)
-            return
+            return _servfail(data) or None
         now = time.monotonic()
-        cached = self.forwarder.answer_from_cache(data, now)
+        info = read_query(data)  # read once for the cache, the shedding and the race
+        cached = self.forwarder.answer_from_cache(data, now, info)
         if cached is not None:
             c.cache_answers += 1
             cached = complete_chain(self.engine.zone, cached)  # type: ignore[union-attr]
-            reply_to(cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit))
-            return
+            return cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit)
         allowance = self.dispatch.forward_allowance
-        if (allowance == 0 or len(self._tasks) >= self.config.max_inflight
+        if (allowance == 0 or self.forwarder.inflight >= self.config.max_inflight
                 or not self._forward_budget.take(now)):
             # Over the in-flight cap, the forwarding rate, or the listener is behind (a full batch
             # waiting, dispatch.forward_allowance): answered now, before any task or socket exists,
             # so a flood of unique names costs what an authoritative answer costs.
             c.overload += 1
-            reply = self.forwarder.overloaded(data)
-            if reply:
-                reply_to(reply)
-            return
+            return self.forwarder.overloaded(data, info) or None
         if allowance > 0:
             self.dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
-        task = asyncio.get_running_loop().create_task(self._forward_task(fwd, data, reply_to, tcp))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        limit = fwd.limit
 
-    async def _forward_task(self, fwd: Forward, data: bytes, reply_to: Callable[[bytes], None],
-                            tcp: bool) -> None:
-        route = fwd.route
-        assert route is not None
-        reply = await self.forwarder.forward(data, route.upstreams,
-                                             allow_tailnet_answers=route.allow_tailnet_answers)
-        reply = complete_chain(self.engine.zone, reply)  # type: ignore[union-attr]
-        if not tcp and len(reply) > fwd.limit:
-            reply = truncate(reply, fwd.limit)
-        reply_to(reply)
+        # Called from the upstream socket's reader callback (forward.py): no task per query.
+        def done(reply: bytes) -> None:
+            if self._stopping:
+                return
+            reply = complete_chain(self.engine.zone, reply)  # type: ignore[union-attr]
+            if not tcp and len(reply) > limit:
+                reply = truncate(reply, limit)
+            reply_to(reply)
+
+        self.forwarder.start(data, route.upstreams, allow_tailnet_answers=route.allow_tailnet_answers, done=done,
+                             info=info)
+        return None
 
     def _chase(self, chase: Chase, data: bytes, reply_to: Callable[[bytes], None]) -> None:
         """Forward the chase's subquery like any query (cache, race, rebinding rules of the target's

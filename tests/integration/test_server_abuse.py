@@ -210,11 +210,13 @@ def test_forwarding_over_the_inflight_cap_is_servfail_at_once() -> None:
                                                                "127.0.0.1", port=port, timeout=8))
                         for i in range(4)]
                 await async_wait_until(lambda: server.forwarder.inflight == 4, timeout=3)
-                t0 = time.monotonic()
+                # The client gives up after 2 s, the forward timeout is 5 s: a SERVFAIL here was not
+                # waited for; it was never sent upstream either.
                 r = await dns.asyncquery.udp(dns.message.make_query("over.example.test", "A"), "127.0.0.1",
                                              port=port, timeout=2)
-                assert r.rcode() == dns.rcode.SERVFAIL and time.monotonic() - t0 < 0.5
-                assert server.status()["queries"]["overload"] >= 1
+                assert r.rcode() == dns.rcode.SERVFAIL
+                assert server.status()["queries"]["overload"] >= 1 and len(up.queries) == 4
+                assert server.status()["forwarder"]["timeouts"] == 0
                 for _ in range(50):
                     r = await dns.asyncquery.udp(dns.message.make_query("server.tailnet", "A"), "127.0.0.1",
                                                  port=port, timeout=2)
