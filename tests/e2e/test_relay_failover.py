@@ -35,6 +35,12 @@ from tests.support import needs_root, wait_until
 pytestmark = [pytest.mark.slow, pytest.mark.root, needs_root]
 
 FAILOVER_BOUND = 5.0   # seconds from kill -9 to traffic flowing again through the other server
+# A hung server is only noticed by silence: the DERP client pings after 2 s without a frame and gives
+# up at 4.5 s (derp/client.py), then connects to the next server.
+HUNG_BOUND = 7.0
+# The long-lived connection's lost segments wait for TCP's retransmission timer, which doubles from
+# ~0.2 s during the outage: after a 4.5 s outage the next retry may be ~6 s in.
+HUNG_ECHO_BOUND = 13.0
 RELAYS = {"900a": 8081, "900b": 8082}
 STUN = {"900a": 3478, "900b": 3479}
 
@@ -112,11 +118,12 @@ class Rounds:
                 rows.append((float(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])))
         return rows
 
-    def all_ok_after(self, t: float, rounds: int = 3) -> float | None:
-        """The start of the first of `rounds` consecutive fully answered rounds begun after `t`."""
+    def all_ok_after(self, t: float, rounds: int = 3, cols: tuple[int, ...] = (1, 2, 3)) -> float | None:
+        """The start of the first of `rounds` consecutive rounds begun after `t` whose probes `cols`
+        (1 new TCP connection, 2 ICMP, 3 the long-lived connection) were all answered."""
         rows = [r for r in self.read() if r[0] > t]
         for i in range(len(rows) - rounds + 1):
-            if all(r[1] == r[2] == r[3] == 1 for r in rows[i:i + rounds]):
+            if all(r[c] == 1 for r in rows[i:i + rounds] for c in cols):
                 return rows[i][0]
         return None
 
@@ -168,17 +175,20 @@ def fnet(tmp_path: Path) -> Iterator[FailoverTailnet]:
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("needs /dev/net/tun")
     lan = Lan(tmp_path, 2)
+    net = FailoverTailnet(lan)
+    net.relays = {}
     try:
         lan.build()
-        net = FailoverTailnet(lan)
-        net.relays = {}
         yield net
     finally:
+        for proc in net.relays.values():  # a frozen relay would sit out SIGTERM
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
         lan.destroy()
 
 
-def test_killed_relay_is_replaced_by_the_other_server_of_the_region(fnet: FailoverTailnet) -> None:
-    net = fnet
+def bring_up(net: FailoverTailnet) -> str:
+    """Control server, both relays, both nodes on 900a with UDP between them dropped: node2's address."""
     root = net.lan.root
     run(*MESHNODE, "derp", "meshkey", str(root / "mesh.key"))
     (root / "derpmap.json").write_text(json.dumps({"Regions": {"900": {
@@ -217,6 +227,14 @@ def test_killed_relay_is_replaced_by_the_other_server_of_the_region(fnet: Failov
                timeout=10, what="ICMP through the relay")
     assert net.relayed("900a") > before["900a"] and net.relayed("900b") == before["900b"]
 
+    return addr2
+
+
+def test_killed_relay_is_replaced_by_the_other_server_of_the_region(fnet: FailoverTailnet) -> None:
+    net = fnet
+    root = net.lan.root
+    addr2 = bring_up(net)
+    before = {n: net.relayed(n) for n in RELAYS}
     rounds = Rounds(root / "prober.log")
     prober = net.lan.popen(net.ns(1), sys.executable, "-c", PROBER, addr2, str(time.time() + 50), log=rounds.log)
     started = time.time()
@@ -260,3 +278,46 @@ def test_killed_relay_is_replaced_by_the_other_server_of_the_region(fnet: Failov
     lost = {k: sum(1 for r in rows if r[k] == 0) for k in (1, 2, 3)}
     print(f"failover: 900a killed -> traffic back in {gap_a:.2f}s; 900b killed -> back in {gap_b:.2f}s; "
           f"unanswered rounds of {len(rows)}: tcp {lost[1]}, icmp {lost[2]}, echo {lost[3]}")
+
+
+def test_hung_relay_is_left_for_the_other_server_and_may_wake_up(fnet: FailoverTailnet) -> None:
+    """900a freezes (SIGSTOP: its kernel still holds the connections open, nothing is answered, as when
+    a host hangs): the nodes' DERP clients find it silent despite their pings and move to 900b within
+    HUNG_BOUND. When 900a wakes up (SIGCONT) with its stale connections, nothing breaks."""
+    net = fnet
+    addr2 = bring_up(net)
+    rounds = Rounds(net.lan.root / "prober.log")
+    prober = net.lan.popen(net.ns(1), sys.executable, "-c", PROBER, addr2, str(time.time() + 40), log=rounds.log)
+    started = time.time()
+    wait_until(lambda: rounds.all_ok_after(started, 5), timeout=10, what="the prober's first good rounds")
+
+    frozen = time.time()
+    os.kill(net.relays["900a"].pid, signal.SIGSTOP)
+    back = wait_until(lambda: rounds.all_ok_after(frozen, cols=(1, 2)), timeout=HUNG_BOUND + 5,
+                      what="new connections and ICMP through 900b after 900a froze")
+    gap = back - frozen
+    assert gap < HUNG_BOUND, f"traffic resumed {gap:.2f}s after 900a froze"
+    echo_back = wait_until(lambda: rounds.all_ok_after(frozen), timeout=HUNG_ECHO_BOUND + 5,
+                           what="the long-lived connection moving again")
+    echo_gap = echo_back - frozen
+    assert echo_gap < HUNG_ECHO_BOUND, f"the long-lived connection resumed {echo_gap:.2f}s after 900a froze"
+    for i in (1, 2):
+        assert path(net, i)["type"] == "relay"
+
+    relayed_b = net.relayed("900b")
+    woke = time.time()
+    os.kill(net.relays["900a"].pid, signal.SIGCONT)
+    wait_until(lambda: net.relay_metrics("900a") is not None, timeout=10, what="900a answering again")
+    calm_until = time.time() + 3
+    wait_until(lambda: rounds.all_ok_after(calm_until, 1), timeout=10, what="rounds after 900a woke up")
+    assert not rounds.failures_between(woke, calm_until), "900a waking up broke traffic"
+    assert net.relayed("900b") > relayed_b, "the nodes left 900b for the stale 900a"
+
+    os.kill(prober.pid, signal.SIGTERM)
+    prober.wait(10)
+    rows = rounds.read()
+    assert all(r[3] != -1 for r in rows), "the long-lived TCP connection broke"
+    lost = {k: sum(1 for r in rows if r[k] == 0) for k in (1, 2, 3)}
+    print(f"hung relay: 900a frozen -> new connections and ICMP back in {gap:.2f}s, the long-lived "
+          f"connection in {echo_gap:.2f}s; unanswered rounds of {len(rows)}: "
+          f"tcp {lost[1]}, icmp {lost[2]}, echo {lost[3]}")
