@@ -204,7 +204,10 @@ class Device:
         or a `relay_endpoint`) from now on; a peer roaming to another address still moves it.
         False: no such peer."""
         ep = dual_stack_endpoint(*endpoint) if endpoint is not None and len(endpoint) == 2 else endpoint
-        return self.engine.set_endpoint(public_key, ep)
+        found = self.engine.set_endpoint(public_key, ep, self._clock())
+        if self.engine.outbox:
+            self._flush_outbox()  # a pending handshake re-sent to the new endpoint goes now
+        return found
 
     def receive_relayed(self, datagram: bytes, src: Endpoint) -> None:
         """A WireGuard datagram that came through the relay from `src` (a `relay_endpoint`): it
