@@ -6,7 +6,8 @@ API (asyncio; keys are raw 32-byte Curve25519 public keys, i.e. the node's WireG
     await client.start()                  # connects in the background; returns at once
     await client.wait_connected(5.0)      # optional: until logged in to one server (False on timeout)
     client.send(dst_key, packet)          # never blocks; waits (bounded) for a connection; False if backed up
-    src_key, packet = await client.recv() # the next packet relayed to us
+    client.send_many([(dst_key, packet), ...])  # the same in one write; the number accepted
+    src_key, packet = await client.recv() # the next packet relayed to us (recv_many: all waiting)
     ev = await client.next_event()        # PeerGone(key, reason) / Health(problem) / Restarting(...)
     rtt = await client.ping(timeout=2.0)  # seconds, through the current server
     client.connected_url                  # the server in use, or None
@@ -148,6 +149,24 @@ class DerpClient:
         self.stats["sent"] += 1
         return True
 
+    def send_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        """`send` for each (dst, packet), in one write to the connection (one syscall for a
+        batch, not one per packet); the number accepted. Raises ValueError, sending nothing, if
+        any item is malformed."""
+        for dst, packet in items:
+            if len(dst) != 32 or len(packet) > MAX_PACKET_SIZE:
+                raise ValueError("destination key must be 32 bytes and the packet at most "
+                                 f"{MAX_PACKET_SIZE} bytes")
+        w = self._writer
+        if w is None or w.transport.is_closing() or w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return sum(self.send(dst, packet) for dst, packet in items)  # wait for login, or drop
+        pack, kind, frames = _SEND_HEADER.pack, FrameType.SEND_PACKET, []
+        for dst, packet in items:
+            frames += (pack(kind, 32 + len(packet)), dst, packet)
+        w.write(b"".join(frames))
+        self.stats["sent"] += len(items)
+        return len(items)
+
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Mesh only: hand a packet from `src` to the server for its local client `dst`."""
         w = self._writer
@@ -165,6 +184,16 @@ class DerpClient:
             self._recv_wake.clear()
             await self._recv_wake.wait()
         return self._queue.popleft()
+
+    async def recv_many(self, limit: int = 256) -> list[tuple[bytes, bytes]]:
+        """Every (source key, packet) waiting, up to `limit`, at least one (waits for it)."""
+        while not self._queue:
+            if self._closed:
+                raise ConnectionError("relay client closed")
+            self._recv_wake.clear()
+            await self._recv_wake.wait()
+        q = self._queue
+        return [q.popleft() for _ in range(min(limit, len(q)))]
 
     async def next_event(self) -> object:
         """The next PeerGone / Health / Restarting frame from the server."""

@@ -578,3 +578,31 @@ def test_packets_sent_before_the_connection_wait_for_it_bounded(monkeypatch: pyt
                     await c.close()
             assert early.send(key(b), b"after close") is False
     run(body())
+
+
+def test_send_many_and_recv_many_keep_order_and_bounds() -> None:
+    """The batch forms the node's relay path uses: one write for many frames, all waiting packets in
+    one read; order kept, a malformed item refuses the whole batch, nothing half-sent."""
+    async def body() -> None:
+        async with Relay() as relay:
+            a, b = await connected([relay.url]), await connected([relay.url])
+            try:
+                batch = [(key(b), b"pkt %d" % i + bytes(i)) for i in range(300)]
+                assert a.send_many(batch) == 300
+                got: list[tuple[bytes, bytes]] = []
+                while len(got) < 300:
+                    more = await asyncio.wait_for(b.recv_many(limit=256), 2)
+                    assert 1 <= len(more) <= 256
+                    got += more
+                assert got == [(key(a), p) for _, p in batch]
+                with pytest.raises(ValueError):
+                    a.send_many([(key(b), b"fine"), (b"short", b"bad key")])
+                with pytest.raises(ValueError):
+                    a.send_many([(key(b), bytes((64 << 10) + 1))])
+                assert a.send(key(b), b"after")  # nothing of the refused batches went out
+                assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"after")
+                assert relay.server.stats().packets_relayed == 301
+            finally:
+                await a.close()
+                await b.close()
+    run(body())
