@@ -142,7 +142,11 @@ class PathRunner:
         if self._loop is None:
             return
         from ..derp.client import DerpClient
-        wanted = {r for r in self._peer_region.values() if r is not None and r != self.relay_region}
+        # Without a home relay (the first map, before set_relay; or closing) there is no "other"
+        # region yet: a client made now could be for the home-to-be, a second connection with our
+        # key that replaces the home one at the server, only to be closed a moment later.
+        wanted = ({r for r in self._peer_region.values() if r is not None and r != self.relay_region}
+                  if self.relay is not None else set())
         for region in [r for r in self._others if r not in wanted
                        or self._others[r][0].urls != list(self._region_urls.get(r, ()))]:
             client, reader = self._others.pop(region)
