@@ -5,6 +5,7 @@
 # seconds per GB (from /proc/PID/stat); and the time from `meshnode up` to the first packet answered
 # through the relay. Traffic stays inside the namespaces bench/relay_bench.py makes (and deletes).
 #   bench/relay.sh [SECONDS]        (default 5 s per iperf3 run)
+#   KEEP=1 bench/relay.sh           (keep the daemons' and relay's logs; their directory is printed)
 set -eu
 cd "$(dirname "$0")/.."
 exec .venv/bin/python bench/relay_bench.py "${1:-5}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -199,6 +200,10 @@ def main(seconds: int) -> None:
         rows.append(("wireguard-go", iperf(net, "10.210.0.2", seconds, {"tunnel": wg}), ping_ms(net, "10.210.0.2")))
     finally:
         lan.destroy()
+        if os.environ.get("KEEP"):
+            print(f"logs kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
     ref = rows[-1]
     print(f"\niperf3 TCP node1 -> node2, one stream, {seconds} s each; ping: median of 50 ICMP echoes; "
