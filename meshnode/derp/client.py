@@ -5,8 +5,9 @@ API (asyncio; keys are raw 32-byte Curve25519 public keys, i.e. the node's WireG
     client = DerpClient(node_private_key, ["https://relay-a.example/derp", "https://relay-b.example/derp"])
     await client.start()                  # connects in the background; returns at once
     await client.wait_connected(5.0)      # optional: until logged in to one server (False on timeout)
-    client.send(dst_key, packet)          # never blocks; False if not connected or the socket is backed up
-    src_key, packet = await client.recv() # the next packet relayed to us
+    client.send(dst_key, packet)          # never blocks; waits (bounded) for a connection; False if backed up
+    client.send_many([(dst_key, packet), ...])  # the same in one write; the number accepted
+    src_key, packet = await client.recv() # the next packet relayed to us (recv_many: all waiting)
     ev = await client.next_event()        # PeerGone(key, reason) / Health(problem) / Restarting(...)
     rtt = await client.ping(timeout=2.0)  # seconds, through the current server
     client.connected_url                  # the server in use, or None
@@ -45,6 +46,12 @@ log = logging.getLogger("meshnode.derp.client")
 _SEND_HEADER = struct.Struct(">BI")
 MAX_HTTP_HEADER = 16 << 10
 WRITE_BUFFER_LIMIT = 1 << 20        # bytes queued in the socket before send() starts dropping
+# Packets sent while (re)connecting wait for the login, as Tailscale's per-region write channel
+# holds them: a WireGuard handshake or disco ping sent the moment the relay is chosen (before its
+# connection is up) or during a failover is then not lost to a 5 s retry. Bounded in count and age:
+# after a long outage the oldest are stale and dropped.
+PENDING_MAX = 64
+PENDING_TTL = 2.0                   # seconds a packet may wait for the connection
 
 
 class DerpConnectError(Exception):
@@ -100,6 +107,7 @@ class DerpClient:
         self._closed = False
         self._index = 0
         self._since: float | None = None          # when the current connection logged in
+        self._pending: collections.deque[tuple[float, bytes]] = collections.deque()  # (queued at, frame)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -115,22 +123,49 @@ class DerpClient:
             return False
 
     def send(self, dst: bytes, packet: bytes) -> bool:
-        """Queue `packet` for the node with key `dst`. Never blocks: returns False (and counts the
-        drop) when not connected or when the connection is backed up."""
+        """Queue `packet` for the node with key `dst`. Never blocks. While (re)connecting, up to
+        PENDING_MAX packets wait (PENDING_TTL at most) for the login; returns False (and counts the
+        drop) when the client is closed or the connection is backed up."""
         if len(dst) != 32:
             raise ValueError("destination key must be 32 bytes")
         if len(packet) > MAX_PACKET_SIZE:
             raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_SIZE}")
         w = self._writer
         if w is None or w.transport.is_closing():
-            self.stats["send_dropped_disconnected"] += 1
-            return False
+            if self._closed:
+                self.stats["send_dropped_disconnected"] += 1
+                return False
+            if len(self._pending) >= PENDING_MAX:
+                self._pending.popleft()
+                self.stats["send_dropped_disconnected"] += 1
+            self._pending.append((time.monotonic(), _SEND_HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet))
+                                  + dst + packet))
+            self.stats["send_pending"] += 1
+            return True
         if w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.stats["send_dropped_backlog"] += 1
             return False
         w.write(_SEND_HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet)) + dst + packet)
         self.stats["sent"] += 1
         return True
+
+    def send_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        """`send` for each (dst, packet), in one write to the connection (one syscall for a
+        batch, not one per packet); the number accepted. Raises ValueError, sending nothing, if
+        any item is malformed."""
+        for dst, packet in items:
+            if len(dst) != 32 or len(packet) > MAX_PACKET_SIZE:
+                raise ValueError("destination key must be 32 bytes and the packet at most "
+                                 f"{MAX_PACKET_SIZE} bytes")
+        w = self._writer
+        if w is None or w.transport.is_closing() or w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return sum(self.send(dst, packet) for dst, packet in items)  # wait for login, or drop
+        pack, kind, frames = _SEND_HEADER.pack, FrameType.SEND_PACKET, []
+        for dst, packet in items:
+            frames += (pack(kind, 32 + len(packet)), dst, packet)
+        w.write(b"".join(frames))
+        self.stats["sent"] += len(items)
+        return len(items)
 
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Mesh only: hand a packet from `src` to the server for its local client `dst`."""
@@ -149,6 +184,16 @@ class DerpClient:
             self._recv_wake.clear()
             await self._recv_wake.wait()
         return self._queue.popleft()
+
+    async def recv_many(self, limit: int = 256) -> list[tuple[bytes, bytes]]:
+        """Every (source key, packet) waiting, up to `limit`, at least one (waits for it)."""
+        while not self._queue:
+            if self._closed:
+                raise ConnectionError("relay client closed")
+            self._recv_wake.clear()
+            await self._recv_wake.wait()
+        q = self._queue
+        return [q.popleft() for _ in range(min(limit, len(q)))]
 
     async def next_event(self) -> object:
         """The next PeerGone / Health / Restarting frame from the server."""
@@ -172,6 +217,8 @@ class DerpClient:
 
     async def close(self) -> None:
         self._closed = True
+        self.stats["send_dropped_disconnected"] += len(self._pending)
+        self._pending.clear()
         self._recv_wake.set()
         if self._task is not None:
             self._task.cancel()
@@ -268,12 +315,22 @@ class DerpClient:
         self._writer = writer
         self.connected_url = url
         self._since = time.monotonic()
+        self._flush_pending(writer, self._since)
         self._connected.set()
         self.stats["connects"] += 1
         log.info("relay: connected to %s", url)
         if self.on_connection is not None:
             self.on_connection(True)
         await self._read_loop(reader, writer, session)
+
+    def _flush_pending(self, writer: asyncio.StreamWriter, now: float) -> None:
+        """Send what waited for this connection; what waited too long is dropped and counted."""
+        pending, self._pending = self._pending, collections.deque()
+        fresh = [frame for at, frame in pending if now - at <= PENDING_TTL]
+        self.stats["send_dropped_disconnected"] += len(pending) - len(fresh)
+        if fresh:
+            writer.write(b"".join(fresh))
+            self.stats["sent"] += len(fresh)
 
     async def _upgrade(self, reader: asyncio.StreamReader, url: str) -> bytes:
         buf = b""

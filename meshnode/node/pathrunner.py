@@ -142,7 +142,11 @@ class PathRunner:
         if self._loop is None:
             return
         from ..derp.client import DerpClient
-        wanted = {r for r in self._peer_region.values() if r is not None and r != self.relay_region}
+        # Without a home relay (the first map, before set_relay; or closing) there is no "other"
+        # region yet: a client made now could be for the home-to-be, a second connection with our
+        # key that replaces the home one at the server, only to be closed a moment later.
+        wanted = ({r for r in self._peer_region.values() if r is not None and r != self.relay_region}
+                  if self.relay is not None else set())
         for region in [r for r in self._others if r not in wanted
                        or self._others[r][0].urls != list(self._region_urls.get(r, ()))]:
             client, reader = self._others.pop(region)
@@ -235,29 +239,45 @@ class PathRunner:
             self._loop.call_soon_threadsafe(self._send_relayed, items)
 
     def _send_relayed(self, items: list[tuple[bytes, Any]]) -> None:
+        # One write per DERP client for the whole batch the device handed over.
+        batches: dict[int, tuple[Any, list[tuple[bytes, bytes]]]] = {}
+        dropped = 0
         for data, ep in items:
             key = self._relay_keys.get(ep[1])
             client = self._client(key) if key is not None else None
-            if client is None or key is None or not client.send(key, data):
-                self.counters["relay_send_dropped"] += 1
-            else:
-                self.counters["relay_sent"] += 1
-                self.counters["relay_bytes_sent"] += len(data)
+            if client is None or key is None:
+                dropped += 1
+                continue
+            batches.setdefault(id(client), (client, []))[1].append((key, data))
+        sent = nbytes = 0
+        for client, batch in batches.values():
+            n = client.send_many(batch)
+            sent += n
+            dropped += len(batch) - n
+            nbytes += sum(len(d) for _, d in batch[:n])  # all or none in practice
+        self.counters["relay_sent"] += sent
+        self.counters["relay_bytes_sent"] += nbytes
+        if dropped:
+            self.counters["relay_send_dropped"] += dropped
 
     async def _relay_reader(self, client: Any) -> None:
         from ..wg.device import relay_endpoint
         while True:
             try:
-                src, packet = await client.recv()
+                batch = await client.recv_many()
             except ConnectionError:
                 return
-            self.counters["relay_received"] += 1
-            self.counters["relay_bytes_received"] += len(packet)
-            if looks_like_disco(packet):
-                self.layer.receive(packet, None, self._clock())
-                self._kick()
-            else:
-                self.device.receive_relayed(packet, relay_endpoint(self._relay_id(src)))
+            self.counters["relay_received"] += len(batch)
+            wireguard = []
+            for src, packet in batch:
+                self.counters["relay_bytes_received"] += len(packet)
+                if looks_like_disco(packet):
+                    self.layer.receive(packet, None, self._clock())
+                    self._kick()
+                else:
+                    wireguard.append((packet, relay_endpoint(self._relay_id(src))))
+            if wireguard:
+                self.device.receive_relayed_many(wireguard)
 
     def set_local_endpoints(self, texts: Iterable[str]) -> None:
         eps = []

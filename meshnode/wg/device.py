@@ -210,14 +210,21 @@ class Device:
         or a `relay_endpoint`) from now on; a peer roaming to another address still moves it.
         False: no such peer."""
         ep = dual_stack_endpoint(*endpoint) if endpoint is not None and len(endpoint) == 2 else endpoint
-        return self.engine.set_endpoint(public_key, ep)
+        found = self.engine.set_endpoint(public_key, ep, self._clock())
+        if self.engine.outbox:
+            self._flush_outbox()  # a pending handshake re-sent to the new endpoint goes now
+        return found
 
     def receive_relayed(self, datagram: bytes, src: Endpoint) -> None:
         """A WireGuard datagram that came through the relay from `src` (a `relay_endpoint`): it
         is handled on the receive thread like one from the socket (any thread may call this)."""
+        self.receive_relayed_many(((datagram, src),))
+
+    def receive_relayed_many(self, items: Iterable[tuple[bytes, Endpoint]]) -> None:
+        """`receive_relayed` for a batch (one wake-up of the receive thread for all of them)."""
         with self._relayed_lock:
             first = not self._relayed_in
-            self._relayed_in.append((datagram, src))
+            self._relayed_in.extend(items)
         if first:
             self.call_soon_dataplane(self._drain_relayed)
 
@@ -227,8 +234,14 @@ class Device:
             self._relayed_in.clear()
         now = self._clock()
         packets: list[bytes] = []
-        for data, src in items:
-            self.engine.receive_batch((data,), src, now, packets)
+        i, n = 0, len(items)
+        while i < n:  # one engine batch per run of datagrams from one peer, as from the socket
+            src = items[i][1]
+            j = i + 1
+            while j < n and items[j][1] == src:
+                j += 1
+            self.engine.receive_batch([d for d, _ in items[i:j]], src, now, packets)
+            i = j
         if self.vnet_hdr:
             packets = to_tun(packets)
         for packet in packets:

@@ -203,14 +203,23 @@ class Engine:
             for c in configs:
                 self.set_peer(c)
 
-    def set_endpoint(self, public_key: bytes, endpoint: Endpoint | None) -> bool:
+    def set_endpoint(self, public_key: bytes, endpoint: Endpoint | None, now: float | None = None) -> bool:
         """Send to `endpoint` from now on (the path layer's choice); sessions are kept. An
-        authenticated packet from elsewhere still moves it (roaming). False: no such peer."""
+        authenticated packet from elsewhere still moves it (roaming). False: no such peer.
+
+        With `now`, a handshake still waiting for its response is sent again at once to the new
+        endpoint: the first one went to a path just found dead (or to a peer's first endpoint
+        before the path layer chose the relay), and waiting REKEY_TIMEOUT for the retry would
+        hold the first packets to a peer for 5 s."""
         with self.lock:
             peer = self._peers.get(public_key)
             if peer is None:
                 return False
+            moved = endpoint != peer.endpoint
             peer.endpoint = endpoint
+            if moved and now is not None and endpoint is not None and peer.initiation is not None:
+                peer.last_initiation_sent = float("-inf")
+                self._send_initiation(peer, now, is_retry=True)
             return True
 
     def remove_peer(self, public_key: bytes) -> None:

@@ -541,3 +541,68 @@ def test_derp_serve_over_tls(tmp_path: Path) -> None:
         run(body())
     finally:
         stop_process(proc)
+
+
+def test_packets_sent_before_the_connection_wait_for_it_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node sends its first handshake the moment it picks the relay, before the DERP connection
+    is up (and during a failover): those packets wait for the login instead of being lost, at most
+    PENDING_MAX of them (the newest) and none older than PENDING_TTL."""
+    import meshnode.derp.client as client_module
+
+    async def body() -> None:
+        async with Relay() as relay:
+            b = await connected([relay.url])
+            early = DerpClient(os.urandom(32), [relay.url])
+            stale = DerpClient(os.urandom(32), [relay.url])
+            try:
+                # Not started yet: no connection, so the packets wait.
+                total = client_module.PENDING_MAX + 5
+                for i in range(total):
+                    assert early.send(key(b), b"early %d" % i)
+                assert early.stats["send_dropped_disconnected"] == 5
+                assert stale.send(key(b), b"stale")
+                monkeypatch.setattr(client_module, "PENDING_TTL", -1.0)  # every waiting packet is too old
+                await stale.start()
+                assert await stale.wait_connected(3.0)
+                assert stale.stats["send_dropped_disconnected"] == 1
+                monkeypatch.setattr(client_module, "PENDING_TTL", 30.0)
+                await early.start()
+                assert await early.wait_connected(3.0)
+                got = [await asyncio.wait_for(b.recv(), 2) for _ in range(client_module.PENDING_MAX)]
+                assert got == [(key(early), b"early %d" % i) for i in range(5, total)]
+                assert early.send(key(b), b"connected")  # and the connection carries on as usual
+                assert await asyncio.wait_for(b.recv(), 2) == (key(early), b"connected")
+                assert relay.server.stats().packets_relayed == client_module.PENDING_MAX + 1  # no "stale"
+            finally:
+                for c in (early, stale, b):
+                    await c.close()
+            assert early.send(key(b), b"after close") is False
+    run(body())
+
+
+def test_send_many_and_recv_many_keep_order_and_bounds() -> None:
+    """The batch forms the node's relay path uses: one write for many frames, all waiting packets in
+    one read; order kept, a malformed item refuses the whole batch, nothing half-sent."""
+    async def body() -> None:
+        async with Relay() as relay:
+            a, b = await connected([relay.url]), await connected([relay.url])
+            try:
+                batch = [(key(b), b"pkt %d" % i + bytes(i)) for i in range(300)]
+                assert a.send_many(batch) == 300
+                got: list[tuple[bytes, bytes]] = []
+                while len(got) < 300:
+                    more = await asyncio.wait_for(b.recv_many(limit=256), 2)
+                    assert 1 <= len(more) <= 256
+                    got += more
+                assert got == [(key(a), p) for _, p in batch]
+                with pytest.raises(ValueError):
+                    a.send_many([(key(b), b"fine"), (b"short", b"bad key")])
+                with pytest.raises(ValueError):
+                    a.send_many([(key(b), bytes((64 << 10) + 1))])
+                assert a.send(key(b), b"after")  # nothing of the refused batches went out
+                assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"after")
+                assert relay.server.stats().packets_relayed == 301
+            finally:
+                await a.close()
+                await b.close()
+    run(body())

@@ -506,3 +506,30 @@ def test_initiator_rehandshakes_before_its_receive_key_expires() -> None:
     a.outbox.clear()
     a.receive(b.send(p, later + 1)[0], EP_B, later + 1)
     assert not a.outbox
+
+
+def test_a_new_endpoint_gets_the_pending_handshake_at_once() -> None:
+    """The path layer moving a peer (to the relay, say) while our initiation waits for an answer
+    from the old, dead endpoint: the initiation goes to the new endpoint now, not REKEY_TIMEOUT later,
+    and the handshake completes through it."""
+    a, b = make_pair()
+    a.send(ip4(A_IP, B_IP), T0)          # staged; the initiation goes to EP_B, which drops it
+    assert a.outbox[0][0][:4] == m.INITIATION_PREFIX
+    a.outbox.clear()
+    relay = ("127.3.2.1", 9)
+    assert a.set_endpoint(B_PUB, relay, T0 + 0.05)
+    msg, ep = a.outbox.popleft()
+    assert msg[:4] == m.INITIATION_PREFIX and ep == relay and not a.outbox
+    assert b.receive(msg, EP_A, T0 + 0.06) is None
+    deliver(b, a, EP_B, T0 + 0.07)       # the response: a's staged packet follows through the relay
+    assert deliver(a, b, EP_A, T0 + 0.08) == [ip4(A_IP, B_IP)]
+    # Once the session stands, a move re-sends nothing (no handshake is pending).
+    assert a.set_endpoint(B_PUB, EP_B, T0 + 1) and not a.outbox
+    # Without `now` (or to the same endpoint) nothing is sent either.
+    a2, _ = make_pair()
+    a2.send(ip4(A_IP, B_IP), T0)
+    a2.outbox.clear()
+    assert a2.set_endpoint(B_PUB, relay) and not a2.outbox
+    assert a2.set_endpoint(B_PUB, EP_B, T0 + 0.1)
+    a2.outbox.clear()
+    assert a2.set_endpoint(B_PUB, EP_B, T0 + 0.2) and not a2.outbox
