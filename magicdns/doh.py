@@ -112,6 +112,23 @@ def query_of(req: DohRequest, body: bytes) -> bytes:
 
 def min_ttl(reply: bytes) -> int:
     """The smallest TTL of the reply's records (OPT excluded); 0 when it has none or cannot be read."""
+    key = reply[2:]  # all but the ID: the same answer to another client hits
+    ttl = _TTL_MEMO.get(key)
+    if ttl is None:
+        ttl = _scan_min_ttl(reply)
+        if len(_TTL_MEMO) >= _TTL_MEMO_SIZE:
+            _TTL_MEMO.clear()  # crude but bounded; local answers refill it at once
+        _TTL_MEMO[key] = ttl
+    return ttl
+
+
+# min_ttl is a pure function of the reply's bytes, and most DoH replies are the engine's memoised
+# local answers: remembering it saves a message scan (~5% of a DoH request's CPU).
+_TTL_MEMO: dict[bytes, int] = {}
+_TTL_MEMO_SIZE = 4096
+
+
+def _scan_min_ttl(reply: bytes) -> int:
     try:
         scan = scan_message(reply)
     except WireError:

@@ -172,3 +172,20 @@ def test_fast_paths_agree_with_the_obvious_decoding(prefix: str, value: str, met
     except DohError as exc:
         got = exc.status
     assert got == want
+
+
+def test_cache_control_follows_the_reply_not_a_remembered_one() -> None:
+    """The max-age memo is keyed on the reply's bytes: the same answer with another ID hits, and a
+    reply whose TTLs changed (a forwarded answer ageing in the cache) gets its own, smaller value."""
+    def reply(ttl: int, qid: int) -> bytes:
+        r = DNSRecord.question("memo.test", "A").reply()
+        r.header.id = qid
+        r.add_answer(*RR.fromZone(f"memo.test. {ttl} IN A 192.0.2.1"))
+        return bytes(r.pack())
+    assert min_ttl(reply(300, 1)) == 300
+    assert min_ttl(reply(300, 2)) == 300
+    assert min_ttl(reply(299, 1)) == 299
+    for i in range(5000):  # past the memo's bound: it stays bounded and right
+        assert min_ttl(reply(i % 700, i)) == i % 700
+    from magicdns import doh
+    assert len(doh._TTL_MEMO) <= doh._TTL_MEMO_SIZE
