@@ -68,8 +68,8 @@ def fmt(v: float | None, spec: str) -> str:
 
 def table(path: Path, servers: list[str]) -> str:
     s = summarise([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
-    rows = [f"{'server':<9} {'mode':<11} {'qps (median)':>12} {'vs ' + REFERENCE:>11} {'CPU us/q':>9} {'lost':>5}"
-            f" {'p50 ms':>7} {'added ms':>9}   qps per round"]
+    rows = [f"{'server':<9} {'mode':<11} {'qps (median)':>12} {'vs ' + REFERENCE:>11} {'CPU us/q':>9}"
+            f" {'vs ' + REFERENCE + ' (CPU)':>17} {'lost':>5} {'p50 ms':>7} {'added ms':>9}   qps per round"]
     verdicts = []
     for server in servers:
         tcp_lat = s.get((server, "tcp", "lat"), {}).get("p50")
@@ -79,23 +79,27 @@ def table(path: Path, servers: list[str]) -> str:
                 continue
             ref = s.get((REFERENCE, mode, "max"), {}).get("qps")
             ratio = mx.get("qps") / ref if mx.get("qps") is not None and ref else None
+            # The same ratio from CPU per query: what each would do with a whole core to itself.
+            ref_cpu = s.get((REFERENCE, mode, "max"), {}).get("cpu")
+            cpu_ratio = ref_cpu / mx["cpu"] if mx.get("cpu") and ref_cpu else None
+            if s.get((REFERENCE, mode, "max"), {}).get("lost"):
+                ratio = cpu_ratio = None  # the reference lost replies under this client: no ratio
             added = lat["p50"] - tcp_lat if lat.get("p50") is not None and tcp_lat is not None and mode != "tcp" else None
-            rows.append(f"{server:<9} {mode:<11} {fmt(mx.get('qps'), '12.0f')} {fmt(ratio, '10.2f') + 'x':>11}"
-                        f" {fmt(mx.get('cpu'), '9.0f')} {mx.get('lost', 0):>5.0f} {fmt(lat.get('p50'), '7.3f')}"
+            rows.append(f"{server:<9} {mode:<11} {fmt(mx.get('qps'), '12.0f')} {fmt(ratio, '10.2f') + ('x' if ratio is not None else ''):>11}"
+                        f" {fmt(mx.get('cpu'), '9.0f')} {fmt(cpu_ratio, '16.2f') + ('x' if cpu_ratio is not None else ''):>17}"
+                        f" {mx.get('lost', 0):>5.0f} {fmt(lat.get('p50'), '7.3f')}"
                         f" {fmt(added, '+9.3f')}   {mx.get('all_qps', [])}")
             if server == "magicdns" and mode in TARGETS and ratio is not None:
                 ok = ratio >= TARGETS[mode]
-                verdicts.append(f"{mode.upper()} qps >= {TARGETS[mode]}x {REFERENCE}'s: {ratio:.2f}x -> "
-                                f"{'MET' if ok else 'MISSED'}")
-            if server == "magicdns" and added is not None:
+                verdicts.append(f"{mode.upper()} qps >= {TARGETS[mode]}x {REFERENCE}'s: {ratio:.2f}x measured -> "
+                                f"{'MET' if ok else 'MISSED'}; {fmt(cpu_ratio, '.2f')}x by CPU per query -> "
+                                f"{'MET' if cpu_ratio is not None and cpu_ratio >= TARGETS[mode] else 'MISSED'}")
+            if server == "magicdns" and added is not None and mode in TARGETS:
                 verdicts.append(f"{mode.upper()} adds < {ADDED_MS} ms over TCP at the median: {added:+.3f} ms -> "
                                 f"{'MET' if added < ADDED_MS else 'MISSED'}")
-    cpu_ratio = []
-    for mode in ("dot", "doh"):
-        a, b = s.get(("magicdns", mode, "max"), {}).get("cpu"), s.get((REFERENCE, mode, "max"), {}).get("cpu")
-        if a and b:
-            cpu_ratio.append(f"{mode.upper()} CPU per query: magicdns {a:.0f} us, {REFERENCE}+nsd {b:.0f} us ({a / b:.1f}x)")
-    return "\n".join(rows + [""] + verdicts + cpu_ratio)
+    note = (f"On a shared machine the scheduler gives a multi-threaded server (dnsdist) more of core 0 than a"
+            f" one-thread one (magicdns): 'vs {REFERENCE} (CPU)' compares CPU per query, i.e. a whole core each.")
+    return "\n".join(rows + [""] + verdicts + [note])
 
 
 if __name__ == "__main__":
