@@ -198,7 +198,7 @@ class _Http2:
             if i is not None:
                 got[i] = value
         method, path, ctype, length = (None if v is None else v.decode("latin-1") for v in got)
-        req = DohRequest(method or "", path or "", ctype, int(length) if length and length.isdigit() else None)
+        req = DohRequest(method or "", path or "", ctype, int(length) if length and length.isascii() and length.isdigit() else None)
         try:
             check_head(req)
         except DohError as exc:
@@ -292,7 +292,7 @@ class _Http11:
                 hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ev.headers}
                 length = hdrs.get("content-length")
                 self.req = DohRequest(ev.method.decode("latin-1"), ev.target.decode("latin-1"),
-                                      hdrs.get("content-type"), int(length) if length and length.isdigit() else None)
+                                      hdrs.get("content-type"), int(length) if length and length.isascii() and length.isdigit() else None)
                 self.body.clear()
                 self.failed = None
                 try:
