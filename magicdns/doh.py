@@ -61,6 +61,12 @@ class DohRequest:
     content_length: int | None
 
 
+def content_length(text: str | None) -> int | None:
+    """A Content-Length header's value, or None when absent or not plain ASCII digits (str.isdigit
+    alone accepts '²', which int() refuses)."""
+    return int(text) if text and text.isascii() and text.isdigit() else None
+
+
 def check_head(req: DohRequest) -> None:
     """Refuse early (before reading a body) what can be refused from the head alone."""
     target = req.target

@@ -23,8 +23,8 @@ import h2.settings
 import h11
 
 from .dispatch import Dispatch
-from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, error_headers, query_of,
-                  response_headers)
+from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, error_headers,
+                  query_of, response_headers)
 from .tcp import GuardedConnection, TcpSlots
 
 log = logging.getLogger("magicdns.doh")
@@ -198,7 +198,7 @@ class _Http2:
             if i is not None:
                 got[i] = value
         method, path, ctype, length = (None if v is None else v.decode("latin-1") for v in got)
-        req = DohRequest(method or "", path or "", ctype, int(length) if length and length.isascii() and length.isdigit() else None)
+        req = DohRequest(method or "", path or "", ctype, content_length(length))
         try:
             check_head(req)
         except DohError as exc:
@@ -292,7 +292,7 @@ class _Http11:
                 hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ev.headers}
                 length = hdrs.get("content-length")
                 self.req = DohRequest(ev.method.decode("latin-1"), ev.target.decode("latin-1"),
-                                      hdrs.get("content-type"), int(length) if length and length.isascii() and length.isdigit() else None)
+                                      hdrs.get("content-type"), content_length(length))
                 self.body.clear()
                 self.failed = None
                 try:

@@ -189,3 +189,10 @@ def test_cache_control_follows_the_reply_not_a_remembered_one() -> None:
         assert min_ttl(reply(i % 700, i)) == i % 700
     from magicdns import doh
     assert len(doh._TTL_MEMO) <= doh._TTL_MEMO_SIZE
+
+
+@pytest.mark.parametrize("text,want", [("35", 35), ("0", 0), (None, None), ("", None), ("-5", None), (" 5", None),
+                                       ("\u00b2", None), ("\u0663", None), ("5x", None)])
+def test_content_length_takes_only_ascii_digits(text: str | None, want: int | None) -> None:
+    from magicdns.doh import content_length
+    assert content_length(text) == want
