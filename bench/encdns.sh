@@ -6,9 +6,9 @@
 # rounds interleaved, MEDIANS kept. Then the latency DoT and DoH add over plain TCP: one connection
 # at a light fixed rate, the median of dnsperf's per-query latencies (-v). Prints one table.
 #
-#   bench/encdns.sh                                   (traffic stays on 127.0.0.1; about 3 minutes)
+#   bench/encdns.sh                                   (traffic stays on 127.0.0.1; about 5 minutes)
 #   ENCDNS_BENCH_SECONDS=8 ENCDNS_BENCH_ROUNDS=5 bench/encdns.sh
-#   ENCDNS_BENCH_UNBOUND=1 bench/encdns.sh            (adds unbound 1.17, which also serves DoT and DoH)
+#   ENCDNS_BENCH_UNBOUND=1 bench/encdns.sh            (adds unbound 1.17, which serves DoT and DoH; ~7 min)
 #
 # Both servers answer the same names from memory: magicdns from conf/view.json, nsd from the same
 # records as a zone file, behind dnsdist's packet cache (as dnsdist is deployed; its hit rate here is
