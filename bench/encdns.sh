@@ -2,9 +2,11 @@
 # Encrypted DNS benchmark, run by hand (not a test), as issue 12 asks: dnsperf over plain TCP, DoT
 # (-m dot) and DoH (-m doh) against `magicdns serve --dot/--doh` and against dnsdist in front of nsd
 # (Debian's dnsdist 1.7 serves DoT with OpenSSL and DoH with h2o: `dnsdist --version`), in the same
-# run, each server side on one core (taskset -c 0; dnsdist and nsd share it), dnsperf on the other;
-# rounds interleaved, MEDIANS kept. Then the latency DoT and DoH add over plain TCP: one connection
-# at a light fixed rate, the median of dnsperf's per-query latencies (-v). Prints one table.
+# run, each server side on one core (taskset -c 0; dnsdist and nsd share it), the clients on the
+# other; rounds interleaved, MEDIANS kept. DoH is also driven by h2load (nghttp2), the figure the
+# ratios use: dnsperf 2.10's DoH client loses replies that share a TLS record, as dnsdist's do.
+# Then the latency DoT and DoH add over plain TCP: one connection at a light fixed rate, the median
+# of the per-query latencies (dnsperf -v, h2load --log-file). Prints one table.
 #
 #   bench/encdns.sh                                   (traffic stays on 127.0.0.1; about 5 minutes)
 #   ENCDNS_BENCH_SECONDS=8 ENCDNS_BENCH_ROUNDS=5 bench/encdns.sh
