@@ -3,7 +3,8 @@
 # without a cache, and addn-hosts with its default cache, as users run it) and unbound serving the
 # same 1,000-name zone, measured with dnsperf on loopback in the same run with the same query mix;
 # then magicdns's latency at half its one-core load, the latency forwarding adds, and the cost of a
-# 100,000-name view. Prints one table. Takes about 4-5 minutes.
+# 100,000-name view. Prints one table; then bench/encdns.sh (DoT and DoH) prints its own. Takes
+# about 10 minutes.
 #
 #   bench/dns.sh                       (as root or any user; traffic stays on 127.0.0.1)
 #   DNS_BENCH_SECONDS=8 DNS_BENCH_ROUNDS=2 bench/dns.sh
@@ -208,3 +209,10 @@ echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$TMP/header.txt"
 [ "$HAVE_WORKERS" = 1 ] || echo "note: magicdns serve has no --workers here: 'both cores' is one magicdns process" >>"$TMP/header.txt"
 cat "$TMP/header.txt"
 "$PY" "$HELPER" table "$RESULTS"
+
+# Encrypted DNS (issue 12): TCP, DoT and DoH against dnsdist in front of nsd, in a table of its own
+# (about 5 minutes; DNS_BENCH_ENCRYPTED=0 skips it).
+if [ "${DNS_BENCH_ENCRYPTED:-1}" = 1 ]; then
+    echo
+    "$ROOT/bench/encdns.sh" || echo "dns.sh: bench/encdns.sh failed (status $?)" >&2
+fi
