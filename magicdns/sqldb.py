@@ -167,8 +167,9 @@ class PgConnection:
             if head.startswith("BEGIN"):
                 self._in_tx = True
                 if "IMMEDIATE" in head:
-                    self.raw.execute("BEGIN")
-                    self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                    # One round trip (a simple query may hold several statements): every round trip
+                    # before the lock is taken is latency, and every one after it serialises writers.
+                    self.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
                 else:
                     self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
                 return PgCursor(self.raw.cursor())
@@ -180,12 +181,14 @@ class PgConnection:
                 return PgCursor(self.raw.cursor())
             text = translate(sql)
             m = _INSERT_TABLE.match(sql)
-            if m and m.group(1) in self.serial_tables() and "RETURNING" not in sql.upper():
+            # The id for `lastrowid`, unless the caller asked for its own RETURNING (its rows are its).
+            want_id = bool(m and m.group(1) in self.serial_tables() and "RETURNING" not in sql.upper())
+            if want_id:
                 text += " RETURNING id"
             if m and self.in_transaction and "ON CONFLICT" not in text.upper() and m.group(1) not in APPEND_ONLY:
-                return self._guarded(text, _params(params), bool(m and "RETURNING id" in text))
+                return self._guarded(text, _params(params), want_id)
             cur = self.raw.execute(text, _params(params))
-            return PgCursor(cur, self._id(cur) if m and "RETURNING id" in text else None)
+            return PgCursor(cur, self._id(cur) if want_id else None)
         except self._psycopg.Error as exc:
             raise self._error(exc) from None
 
@@ -212,6 +215,22 @@ class PgConnection:
             return PgCursor(cur)
         except self._psycopg.Error as exc:
             raise self._error(exc) from None
+
+    def write_batch(self, steps: Sequence[tuple[str, Sequence[Sequence[Any]]]], commit: bool = False) -> None:
+        """Writes whose results nobody reads (each `executemany`), then COMMIT if asked, sent as one
+        pipeline: one round trip for a transaction's whole tail instead of one per statement. An error
+        in any of them is raised here and the rest are not run (the caller rolls back)."""
+        try:
+            with self.raw.pipeline():
+                cur = self.raw.cursor()
+                for sql, rows in steps:
+                    cur.executemany(translate(sql), [_params(r) for r in rows])
+                if commit:
+                    self.raw.execute("COMMIT")
+        except self._psycopg.Error as exc:
+            raise self._error(exc) from None
+        if commit:
+            self._in_tx = False
 
     def _error(self, exc: Exception) -> sqlite3.Error:
         if isinstance(exc, self._psycopg.IntegrityError):

@@ -3,7 +3,7 @@
 API (the control store, the admin CLI, the server and the admin console use only this):
 
     record(conn, actor, action, target, old=None, new=None, now=None) -> Entry
-        Append one entry. Call it INSIDE the transaction that makes the change (after BEGIN, before
+        Append one entry (`Chain` appends several and writes them together at the end). Call it INSIDE the transaction that makes the change (after BEGIN, before
         COMMIT), so a change that rolls back leaves no entry and a committed change always has one.
         `actor` says who: "admin-token", "user:alice@example.com", "node:laptop", "cli:root@host"
         (see `cli_actor()`), or "system" (expiry, ephemeral clean-up, retention). `action` is a dotted
@@ -104,19 +104,47 @@ def _head(conn: sqlite3.Connection) -> tuple[int, str]:
 def record(conn: sqlite3.Connection, actor: str, action: str, target: str, old: Any = None, new: Any = None,
            now: float | None = None) -> Entry:
     """Append one entry; must run inside the transaction making the change (see the module doc)."""
-    if not conn.in_transaction:
-        raise RuntimeError("audit.record must run inside the transaction that makes the change")
-    when = time.time() if now is None else float(now)
-    last_id, prev = _head(conn)
-    entry_id = last_id + 1
-    old_text, new_text = canonical(old), canonical(new)
-    digest = entry_hash(entry_id, when, actor, action, target, old_text, new_text, prev)
-    conn.execute("INSERT INTO audit(id, time, actor, action, target, old, new, prev_hash, hash)"
-                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 [entry_id, when, actor, action, target, old_text, new_text, prev, digest])
-    conn.execute("INSERT INTO control_meta(key, value) VALUES (?, ?)"
-                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value", [_HEAD_KEY, f"{entry_id}:{digest}"])
-    return Entry(entry_id, when, actor, action, target, old, new, prev, digest)
+    chain = Chain(conn)
+    entry = chain.append(actor, action, target, old, new, now)
+    for sql, rows in chain.statements():
+        conn.executemany(sql, rows)
+    return entry
+
+
+_INSERT = "INSERT INTO audit(id, time, actor, action, target, old, new, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SET_HEAD = "INSERT INTO control_meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+
+
+class Chain:
+    """The entries one transaction appends: the head is read once (under the writer's lock, at the
+    first entry), hashes are chained in memory, and `statements()` gives the rows to write in one go
+    (one INSERT batch and one head update) just before COMMIT, instead of three statements per entry."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._head: tuple[int, str] | None = None
+        self._rows: list[tuple] = []
+
+    def append(self, actor: str, action: str, target: str, old: Any = None, new: Any = None,
+               now: float | None = None) -> Entry:
+        if not self.conn.in_transaction:
+            raise RuntimeError("audit.record must run inside the transaction that makes the change")
+        when = time.time() if now is None else float(now)
+        last_id, prev = self._head if self._head is not None else _head(self.conn)
+        entry_id = last_id + 1
+        old_text, new_text = canonical(old), canonical(new)
+        digest = entry_hash(entry_id, when, actor, action, target, old_text, new_text, prev)
+        self._rows.append((entry_id, when, actor, action, target, old_text, new_text, prev, digest))
+        self._head = (entry_id, digest)
+        return Entry(entry_id, when, actor, action, target, old, new, prev, digest)
+
+    def statements(self) -> list[tuple[str, list[tuple]]]:
+        """(sql, rows) to execute with `executemany`, in order; empties the chain's buffer."""
+        if not self._rows:
+            return []
+        rows, self._rows = self._rows, []
+        last_id, digest = self._head  # type: ignore[misc]
+        return [(_INSERT, rows), (_SET_HEAD, [(_HEAD_KEY, f"{last_id}:{digest}")])]
 
 
 _COLS = "id, time, actor, action, target, old, new, prev_hash, hash"

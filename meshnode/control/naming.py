@@ -46,14 +46,24 @@ def derive_name(hostname: str, domain: str = "tailnet") -> str:
     return sanitize_label(first) or FALLBACK
 
 
+def _candidate(base: str, n: int) -> str:
+    if n == 0:
+        return base
+    suffix = f"-{n}"
+    return base[: MAX_LABEL - len(suffix)].rstrip("-") + suffix
+
+
+def candidates(base: str, count: int) -> list[str]:
+    """The first `count` names `unique_name` would try, in its order, so a caller can look them all
+    up at once (one query) and take the first free one."""
+    return [_candidate(base, n) for n in range(count)]
+
+
 def unique_name(base: str, taken: Container[str]) -> str:
     """`base` if free, else `base-1`, `base-2`, ... trimmed so the result stays within 63 bytes."""
-    if base not in taken:
-        return base
-    n = 1
+    n = 0
     while True:
-        suffix = f"-{n}"
-        candidate = base[: MAX_LABEL - len(suffix)].rstrip("-") + suffix
+        candidate = _candidate(base, n)
         if candidate not in taken:
             return candidate
         n += 1

@@ -515,8 +515,10 @@ class ControlServer:
         known = self.store.node_by_machine_key(machine_key)
         self.store.note_replay_mark(machine_key, float(p["ts"]))   # written by the registration itself
         try:
-            with self.store.acting_as(f"node:{known.name if known else reg.hostname}"):
-                node = self.store.register(reg, lambda *a: authorize(policy, *a))
+            # The actor is passed, not set with `acting_as`: that would look for record changes to
+            # chain before and after, two more statements the registration does itself once.
+            node = self.store.register(reg, lambda *a: authorize(policy, *a),
+                                       actor=f"node:{known.name if known else reg.hostname}")
         except BaseException as exc:
             if known is None:
                 self.store.drop_replay_mark(machine_key)   # no row for a machine that never got in

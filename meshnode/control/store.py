@@ -377,6 +377,10 @@ def _j(values: Sequence[str]) -> str:
     return json.dumps(list(values))
 
 
+_SET_MARK = ("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
+             " DO UPDATE SET ts = MAX(replay_marks.ts, excluded.ts)")
+
+
 def _t(text: str | None) -> tuple[str, ...]:
     return tuple(json.loads(text)) if text else ()
 
@@ -385,6 +389,12 @@ _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.ta
               " n.advertised_routes, n.approved_routes, n.advertises_exit_node, n.exit_node_approved,"
               " n.ephemeral, n.created, n.last_seen, n.expiry, n.logged_out, n.offset, n.authkey_id, n.disco_key,"
               " n.home_region")
+
+
+# The nodes columns of _NODE_COLS, for RETURNING (no join there: the user's id stands where its name goes).
+_NODE_ROW_COLS = _NODE_COLS.replace("u.name", "user_id").replace("n.", "")
+_NAME_PROBES = 8          # name candidates looked up in one query (base, base-1, ... base-7)
+_REGISTER_ATTEMPTS = 3    # a registration a unique constraint refused is tried again (see `register`)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -401,12 +411,15 @@ def _node(row: tuple) -> Node:
 
 
 class _Leases:
-    """`in` test over leased offsets, one indexed query per probe (the allocator probes few)."""
+    """`in` test over leased offsets: above the highest lease nothing is taken (no query, the common
+    case); below it (after a wrap-around) one indexed query per probe."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    def __init__(self, conn: sqlite3.Connection, top: int) -> None:
+        self.conn, self.top = conn, top
 
     def __contains__(self, offset: object) -> bool:
+        if isinstance(offset, int) and offset > self.top:
+            return False
         return self.conn.execute("SELECT 1 FROM leases WHERE offset = ?", [offset]).fetchone() is not None
 
 
@@ -428,6 +441,8 @@ class ControlStore:
         self.actor = "system"
         self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
         self._notes: list[tuple[str, str]] = []   # what the open transaction changed, for the change log
+        self._chain: audit.Chain | None = None      # the open transaction's audit entries, written at COMMIT
+        self._folded = False
         self._postgres = False
         try:
             if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
@@ -457,26 +472,42 @@ class ControlStore:
 
     @contextmanager
     def _tx(self, bump: bool = True) -> Iterator[None]:
-        """One IMMEDIATE transaction; a write also bumps the change counter servers poll."""
+        """One IMMEDIATE transaction; a write also bumps the change counter servers poll.
+
+        The audit entries of the transaction are chained in memory and written, with the replay marks
+        and the change-log row, as one batch just before COMMIT (on PostgreSQL one pipeline, COMMIT
+        included): the writer lock is held for as few round trips as the reads need."""
         self.conn.execute("BEGIN IMMEDIATE")
         self._notes = []
+        self._chain = audit.Chain(self.conn)
+        self._folded = False
         try:
             yield
+            steps = self._chain.statements()
             if self._marks:
-                self._write_marks()
+                steps.append((_SET_MARK, list(self._marks.items())))
+                self._marks.clear()
             if bump:
-                self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
-                                  " WHERE key = 'change_counter'")
+                now = time.time()
+                items = json.dumps(self._notes or [("tailnet", "")])
+                steps.append(("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
+                              " WHERE key = 'change_counter'", [()]))
                 # Under the write lock, so versions commit in order: a reader never sees N+1 before N.
-                self.conn.execute("INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), ?, ?"
-                                  " FROM control_meta WHERE key = 'change_counter'",
-                                  [time.time(), json.dumps(self._notes or [("tailnet", "")])])
+                steps.append(("INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), ?, ?"
+                              " FROM control_meta WHERE key = 'change_counter'", [(now, items)]))
                 if self._postgres:   # the replicas' doorbell (doorbell.py), delivered on COMMIT
-                    self.conn.execute("SELECT pg_notify('meshnode_changes', '')")
+                    steps.append(("SELECT pg_notify('meshnode_changes', '')", [()]))
+            if self._postgres:
+                self.conn.write_batch(steps, commit=True)
+                return
+            for sql, rows in steps:
+                self.conn.executemany(sql, rows)
         except BaseException:
+            self._chain = None
             self.conn.execute("ROLLBACK")
             raise
         else:
+            self._chain = None
             self.conn.execute("COMMIT")
 
     @contextmanager
@@ -497,8 +528,10 @@ class ControlStore:
     def _audit(self, action: str, target: str, old: Any = None, new: Any = None) -> None:
         """One audit entry in the current transaction (audit.py); also a change-log item."""
         self._notes.append((action, target))
-        self._fold_pending()
-        audit.record(self.conn, self.actor, action, target, old, new)
+        if not self._folded:   # record changes made before this transaction come first, once
+            self._fold_pending()
+            self._folded = True
+        self._chain.append(self.actor, action, target, old, new)
 
     # DNS records are written by `magicdns.store.RecordStore` (also by `magicdns records --db`, which
     # knows nothing of meshnode): triggers note each change in `audit_pending` within the change's own
@@ -579,8 +612,8 @@ END $body$"""
     def _fold_pending(self, actor: str | None = None) -> None:
         rows = self.conn.execute("SELECT id, time, action, target, old, new FROM audit_pending ORDER BY id").fetchall()
         for _id, when, action, target, old, new in rows:
-            audit.record(self.conn, actor or self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
-                         json.loads(new) if new else None, now=when)
+            self._chain.append(actor or self.RECORDS_ACTOR, action, target, json.loads(old) if old else None,
+                               json.loads(new) if new else None, now=when)
         if rows:
             self.conn.execute("DELETE FROM audit_pending WHERE id <= ?", [rows[-1][0]])
 
@@ -898,10 +931,6 @@ END $body$"""
         """Forget a noted mark not yet written (a failed registration of an unknown machine)."""
         self._marks.pop(machine_key, None)
 
-    def _write_marks(self) -> None:
-        self.conn.executemany("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLICT(machine_key)"
-                              " DO UPDATE SET ts = MAX(replay_marks.ts, excluded.ts)", list(self._marks.items()))
-        self._marks.clear()
 
     def admin_token_hash(self) -> str | None:
         return self._meta("admin_token_hash")
@@ -1051,34 +1080,72 @@ END $body$"""
         nodes = self._select_nodes("WHERE n.machine_key = ?", [machine_key])
         return nodes[0] if nodes else None
 
-    def register(self, reg: Registration, authorize: Authorizer, now: float | None = None) -> Node:
+    def register(self, reg: Registration, authorize: Authorizer, now: float | None = None,
+                 actor: str | None = None) -> Node:
         """Register a machine, or log it in again; the whole decision and write is one transaction.
 
         A known, logged-in, unexpired machine may re-register without a key (node-key rotation, new
         advertisements); otherwise `reg.authkey` must pass `authkeys.check`, and it is consumed here, in
         the same transaction, so two racing registrations cannot both spend a single-use key.
+        `actor` names who the audit log credits (default: the store's current actor).
+
+        What can be done before the writer lock is: the key's secret, revocation and expiry checked
+        (a refused key never waits for the lock), the name candidates derived. Under it, a new node
+        costs four reads and writes (node, key use, names and lease, insert) plus one batched tail.
+        The unique constraints on names, addresses and machine keys are the last guard: a violation
+        (only possible if a writer bypassed the lock) retries the whole transaction.
         """
         now = time.time() if now is None else now
-        with self._tx():
-            existing = self.node_by_machine_key(reg.machine_key)
-            key: authkeys.AuthKey | None = None
-            if reg.authkey:
-                key_id, secret = authkeys.split(reg.authkey)
+        key: authkeys.AuthKey | None = None
+        secret = ""
+        if reg.authkey:
+            key_id, secret = authkeys.split(reg.authkey)
+            key = self._authkey_or_none(key_id)
+            authkeys.check(key, secret, now)
+        candidates = naming.candidates(naming.derive_name(reg.hostname, self.domain()), _NAME_PROBES)
+        previous = self.actor
+        if actor is not None:
+            self.actor = actor
+        try:
+            for attempt in range(_REGISTER_ATTEMPTS):
+                # Record changes noted before now are chained first (under their own actor), as
+                # `acting_as` does; looked at here, not under the lock, as is whether the machine is
+                # known (a new one is not read again under the lock: its INSERT's constraint decides).
+                pending = self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is not None
+                known = self.node_by_machine_key(reg.machine_key) is not None
                 try:
-                    key = self.get_authkey(key_id)
-                except NotFound:
-                    key = None
-                authkeys.check(key, secret, now)
+                    return self._register_tx(reg, authorize, now, key, secret, candidates, pending, known)
+                except sqlite3.IntegrityError:
+                    if attempt == _REGISTER_ATTEMPTS - 1:
+                        raise
+            raise AssertionError("unreachable")
+        finally:
+            self.actor = previous
+
+    def _register_tx(self, reg: Registration, authorize: Authorizer, now: float, key: authkeys.AuthKey | None,
+                     secret: str, candidates: Sequence[str], pending: bool, known: bool) -> Node:
+        with self._tx():
+            self._folded = not pending
+            existing = self.node_by_machine_key(reg.machine_key) if known else None
+            if key is not None:
+                # The check and the spending in one statement: a single-use key is spent once however
+                # many registrations race for it; a key revoked since the check above is refused.
+                row = self.conn.execute(
+                    "UPDATE authkeys SET used_count = used_count + 1 WHERE id = ? AND revoked = 0"
+                    " AND (reusable = 1 OR used_count = 0) RETURNING used_count, user_id", [key.id]).fetchone()
+                if row is None:
+                    authkeys.check(self._authkey_or_none(key.id), secret, now)   # raises with the reason
+                    raise authkeys.AuthKeyRefused(authkeys.RefusalReason.UNKNOWN, "auth key not recognised")
+                used_before, uid = int(row[0]) - 1, int(row[1])
             elif existing is None or not existing.active(now):
                 raise authkeys.AuthKeyRefused(authkeys.RefusalReason.UNKNOWN,
                                               "an auth key is needed to register this machine")
             user = key.user if key else existing.user  # type: ignore[union-attr]
             key_tags = key.tags if key else ()
             grant = authorize(user, key_tags, reg, existing)
-            uid = self._user_id(user, create=True)
             ephemeral = (key.ephemeral if key else existing.ephemeral) or reg.ephemeral  # type: ignore[union-attr]
-            fields = {
-                "node_key": reg.node_key, "hostname": reg.hostname, "user_id": uid, "tags": _j(grant.tags),
+            fields: dict[str, Any] = {
+                "node_key": reg.node_key, "hostname": reg.hostname, "tags": _j(grant.tags),
                 "os": reg.os, "endpoints": _j(reg.endpoints), "advertised_routes": _j(reg.advertise_routes),
                 "approved_routes": _j(grant.approved_routes), "advertises_exit_node": int(reg.advertise_exit_node),
                 "exit_node_approved": int(grant.exit_node_approved), "ephemeral": int(ephemeral),
@@ -1091,39 +1158,70 @@ END $body$"""
             if reg.disco_key or existing is None:
                 fields["disco_key"] = reg.disco_key
             if key is not None:
+                fields["user_id"] = uid
                 fields["authkey_id"] = key.id
                 fields["expiry"] = None  # a fresh login clears an admin expiry
-                self.conn.execute("UPDATE authkeys SET used_count = used_count + 1 WHERE id = ?", [key.id])
             if existing is not None:
                 sets = ", ".join(f"{k} = ?" for k in fields)
-                self.conn.execute(f"UPDATE nodes SET {sets} WHERE id = ?", [*fields.values(), existing.id])
-                node_id = existing.id
-                node = self.get_node(node_id)
+                row = self.conn.execute(f"UPDATE nodes SET {sets} WHERE id = ? RETURNING {_NODE_ROW_COLS}",
+                                        [*fields.values(), existing.id]).fetchone()
+                node = self._node_from_row(row, user)
                 before, after = _summary(existing), _summary(node)
                 if before != after or key is not None:
                     self._audit("node.login", f"node:{node.name}", before, after)
             else:
-                name = naming.unique_name(naming.derive_name(reg.hostname, self.domain()), _Names(self.conn))
-                offset = self._lease(reg.machine_key)
+                name, offset = self._place(reg.machine_key, candidates)
                 fields.update(machine_key=reg.machine_key, name=name, created=now, offset=offset)
-                cols = ", ".join(fields)
-                node_id = int(self.conn.execute(
-                    f"INSERT INTO nodes({cols}) VALUES ({', '.join('?' * len(fields))})",
-                    list(fields.values())).lastrowid)
-                node = self.get_node(node_id)
+                # DO NOTHING rather than a failing INSERT: PostgreSQL would need a savepoint round trip
+                # around it; no row back means a unique constraint said no (retried by `register`).
+                row = self.conn.execute(
+                    f"INSERT INTO nodes({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})"
+                    f" ON CONFLICT DO NOTHING RETURNING {_NODE_ROW_COLS}", list(fields.values())).fetchone()
+                if row is None:
+                    raise sqlite3.IntegrityError(f"node name {fields['name']!r} or machine key taken meanwhile")
+                node = self._node_from_row(row, user)
                 self._audit("node.register", f"node:{node.name}", None, _summary(node))
             if key is not None:
-                self._audit("authkey.use", f"authkey:{key.id}", {"used": key.used_count},
-                            {"used": key.used_count + 1, "node": node.name})
+                self._audit("authkey.use", f"authkey:{key.id}", {"used": used_before},
+                            {"used": used_before + 1, "node": node.name})
             return node
 
-    def _lease(self, machine_key: str) -> int:
-        row = self.conn.execute("SELECT offset FROM leases WHERE machine_key = ?", [machine_key]).fetchone()
-        if row:
-            return int(row[0])
-        top = self.conn.execute("SELECT MAX(offset) FROM leases").fetchone()[0] or 0
-        pair = addresses.allocate(_Leases(self.conn), top + 1)
-        self.conn.execute("INSERT INTO leases(machine_key, offset) VALUES (?, ?)", [machine_key, pair.offset])
+    def _node_from_row(self, row: tuple, user: str) -> Node:
+        """A Node from `RETURNING _NODE_ROW_COLS` (the user's id where a join would put the name)."""
+        full = (*row[:5], user, *row[6:])
+        node = _node(full)
+        self._node_cache[full[0]] = (full, node)
+        return node
+
+    def _authkey_or_none(self, key_id: str) -> authkeys.AuthKey | None:
+        try:
+            return self.get_authkey(key_id)
+        except NotFound:
+            return None
+
+    def _place(self, machine_key: str, candidates: Sequence[str]) -> tuple[str, int]:
+        """A new node's name and address offset, read in one query: which candidates are taken, the
+        machine's old lease and the highest lease (rows of (name, NULL, NULL) and one (NULL, lease, top))."""
+        marks = ", ".join("?" * len(candidates))
+        rows = self.conn.execute(
+            f"SELECT name, NULL, NULL FROM nodes WHERE name IN ({marks}) UNION ALL SELECT NULL,"
+            " (SELECT offset FROM leases WHERE machine_key = ?), (SELECT MAX(offset) FROM leases)",
+            [*candidates, machine_key]).fetchall()
+        taken = {r[0] for r in rows if r[0] is not None}
+        mine, top = next((r[1], r[2]) for r in rows if r[0] is None)
+        name = next((c for c in candidates if c not in taken), None)
+        if name is None:   # all the candidates are taken: probe on, one query each
+            name = naming.unique_name(candidates[0], _Names(self.conn))
+        return name, self._lease(machine_key, mine, top)
+
+    def _lease(self, machine_key: str, mine: int | None, top: int | None) -> int:
+        """The machine's address offset: its old lease, else the next free one after the highest."""
+        if mine is not None:
+            return int(mine)
+        pair = addresses.allocate(_Leases(self.conn, int(top or 0)), int(top or 0) + 1)
+        if self.conn.execute("INSERT INTO leases(machine_key, offset) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                             [machine_key, pair.offset]).rowcount != 1:
+            raise sqlite3.IntegrityError(f"address offset {pair.offset} leased meanwhile")
         return pair.offset
 
     def rename_node(self, ref: str, new_name: str) -> Node:
