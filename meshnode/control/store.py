@@ -1102,7 +1102,6 @@ END $body$"""
             key_id, secret = authkeys.split(reg.authkey)
             key = self._authkey_or_none(key_id)
             authkeys.check(key, secret, now)
-        candidates = naming.candidates(naming.derive_name(reg.hostname, self.domain()), _NAME_PROBES)
         previous = self.actor
         if actor is not None:
             self.actor = actor
@@ -1113,6 +1112,7 @@ END $body$"""
                 # known (a new one is not read again under the lock: its INSERT's constraint decides).
                 pending = self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is not None
                 known = self.node_by_machine_key(reg.machine_key) is not None
+                candidates = () if known else self._name_candidates(reg.hostname)
                 try:
                     return self._register_tx(reg, authorize, now, key, secret, candidates, pending, known)
                 except sqlite3.IntegrityError:
@@ -1170,7 +1170,7 @@ END $body$"""
                 if before != after or key is not None:
                     self._audit("node.login", f"node:{node.name}", before, after)
             else:
-                name, offset = self._place(reg.machine_key, candidates)
+                name, offset = self._place(reg.machine_key, candidates or self._name_candidates(reg.hostname))
                 fields.update(machine_key=reg.machine_key, name=name, created=now, offset=offset)
                 # DO NOTHING rather than a failing INSERT: PostgreSQL would need a savepoint round trip
                 # around it; no row back means a unique constraint said no (retried by `register`).
@@ -1198,6 +1198,9 @@ END $body$"""
             return self.get_authkey(key_id)
         except NotFound:
             return None
+
+    def _name_candidates(self, hostname: str) -> list[str]:
+        return naming.candidates(naming.derive_name(hostname, self.domain()), _NAME_PROBES)
 
     def _place(self, machine_key: str, candidates: Sequence[str]) -> tuple[str, int]:
         """A new node's name and address offset, read in one query: which candidates are taken, the
