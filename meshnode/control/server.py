@@ -518,7 +518,7 @@ class ControlServer:
             # The actor is passed, not set with `acting_as`: that would look for record changes to
             # chain before and after, two more statements the registration does itself once.
             node = self.store.register(reg, lambda *a: authorize(policy, *a),
-                                       actor=f"node:{known.name if known else reg.hostname}")
+                                       actor=f"node:{known.name if known else reg.hostname}", known=known)
         except BaseException as exc:
             if known is None:
                 self.store.drop_replay_mark(machine_key)   # no row for a machine that never got in

@@ -394,6 +394,7 @@ _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.ta
 # The nodes columns of _NODE_COLS, for RETURNING (no join there: the user's id stands where its name goes).
 _NODE_ROW_COLS = _NODE_COLS.replace("u.name", "user_id").replace("n.", "")
 _NAME_PROBES = 8          # name candidates looked up in one query (base, base-1, ... base-7)
+_UNREAD = object()        # `register(known=...)` not given
 _REGISTER_ATTEMPTS = 3    # a registration a unique constraint refused is tried again (see `register`)
 
 
@@ -1081,13 +1082,15 @@ END $body$"""
         return nodes[0] if nodes else None
 
     def register(self, reg: Registration, authorize: Authorizer, now: float | None = None,
-                 actor: str | None = None) -> Node:
+                 actor: str | None = None, known: "Node | None | object" = _UNREAD) -> Node:
         """Register a machine, or log it in again; the whole decision and write is one transaction.
 
         A known, logged-in, unexpired machine may re-register without a key (node-key rotation, new
         advertisements); otherwise `reg.authkey` must pass `authkeys.check`, and it is consumed here, in
         the same transaction, so two racing registrations cannot both spend a single-use key.
-        `actor` names who the audit log credits (default: the store's current actor).
+        `actor` names who the audit log credits (default: the store's current actor). `known` is the
+        machine's node as the caller read it just before (a hint that saves reading it again: a known
+        machine is re-read under the lock anyway, and a new one's INSERT is checked by its constraint).
 
         What can be done before the writer lock is: the key's secret, revocation and expiry checked
         (a refused key never waits for the lock), the name candidates derived. Under it, a new node
@@ -1111,10 +1114,12 @@ END $body$"""
                 # `acting_as` does; looked at here, not under the lock, as is whether the machine is
                 # known (a new one is not read again under the lock: its INSERT's constraint decides).
                 pending = self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is not None
-                known = self.node_by_machine_key(reg.machine_key) is not None
-                candidates = () if known else self._name_candidates(reg.hostname)
+                if known is _UNREAD or attempt:
+                    known = self.node_by_machine_key(reg.machine_key)
+                candidates = () if known is not None else self._name_candidates(reg.hostname)
                 try:
-                    return self._register_tx(reg, authorize, now, key, secret, candidates, pending, known)
+                    return self._register_tx(reg, authorize, now, key, secret, candidates, pending,
+                                             known is not None)
                 except sqlite3.IntegrityError:
                     if attempt == _REGISTER_ATTEMPTS - 1:
                         raise

@@ -161,3 +161,68 @@ def test_concurrent_registrations_on_two_replicas_get_unique_names_and_addresses
     versions = [c.version for c in store.changes_since(0)]
     assert versions == list(range(versions[0], versions[0] + len(versions)))
     store.close()
+
+
+# The whole request as the control server handles it (the machine-key check, the replay mark, the
+# policy, the registration, the answer): measured with this change; before it the same request cost 34
+# statements on SQLite and 40 on PostgreSQL (this test fails on that code).
+SERVER_NEW_NODE = {"sqlite": 21, "postgres": 22}
+
+
+def test_statements_per_registration_request_are_pinned(db_spec: str) -> None:
+    from meshnode.control.server import ControlServer, ServerConfig
+    quiet = ServerConfig(poll_interval=3600, coalesce=3600, reap_interval=3600, presence_interval=3600,
+                         audit_prune_interval=3600)   # nothing in the background while we count
+
+    async def scenario() -> list[str]:
+        store, admin = ControlStore(db_spec), ControlStore(db_spec)
+        key, _ = admin.create_authkey("alice", reusable=True)
+        server = ControlServer(store, quiet)
+        port = await server.start("127.0.0.1", 0)
+        clients = [ControlClient(f"http://127.0.0.1:{port}", generate_private_key(), generate_private_key())
+                   for _ in range(3)]
+        try:
+            for c in clients[:2]:
+                await c.register(key, hostname="web")
+            await clients[2]._chan()   # the channel's key exchange is not the registration
+            seen = await _trace_async(store, clients[2].register(key, hostname="web"))
+            names = [n.name for n in admin.list_nodes()]
+            assert names == ["web", "web-1", "web-2"]
+            return seen
+        finally:
+            for c in clients:
+                await c.close()
+            await server.stop()
+            store.close()
+            admin.close()
+    seen = asyncio.run(scenario())
+    backend = "postgres" if db_spec.startswith("postgres") else "sqlite"
+    assert len(seen) <= SERVER_NEW_NODE[backend], seen
+
+
+async def _trace_async(store: ControlStore, coro) -> list[str]:  # noqa: ANN001
+    """`_trace` around an awaited request (the server answers on this same event loop)."""
+    result: list[str] = []
+    sqlite = getattr(store.db, "dialect", "sqlite") == "sqlite"
+    if sqlite:
+        store.conn.set_trace_callback(result.append)
+        try:
+            await coro
+        finally:
+            store.conn.set_trace_callback(None)
+        return [s for s in result if not s.startswith("--")]
+    fd, path = tempfile.mkstemp()
+    pgconn = store.conn.raw.pgconn
+    pgconn.trace(fd)
+    pgconn.set_trace_flags(3)
+    try:
+        await coro
+    finally:
+        pgconn.untrace()
+        os.close(fd)
+    for line in Path(path).read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) > 3 and parts[0] == "F" and parts[2] in ("Query", "Bind"):
+            result.append(parts[3])
+    os.unlink(path)
+    return result
