@@ -1094,7 +1094,8 @@ END $body$"""
 
         What can be done before the writer lock is: the key's secret, revocation and expiry checked
         (a refused key never waits for the lock), the name candidates derived. Under it, a new node
-        costs four reads and writes (node, key use, names and lease, insert) plus one batched tail.
+        costs the key's spending, one read of names and leases, the lease and node INSERTs, the audit
+        head, and one batched tail (audit rows, replay mark, change log, COMMIT: one pipeline).
         The unique constraints on names, addresses and machine keys are the last guard: a violation
         (only possible if a writer bypassed the lock) retries the whole transaction.
         """
@@ -1111,8 +1112,9 @@ END $body$"""
         try:
             for attempt in range(_REGISTER_ATTEMPTS):
                 # Record changes noted before now are chained first (under their own actor), as
-                # `acting_as` does; looked at here, not under the lock, as is whether the machine is
-                # known (a new one is not read again under the lock: its INSERT's constraint decides).
+                # `acting_as` does; looked at here, not under the lock (one noted in between is chained
+                # by the next write or the server's poller), as is whether the machine is known (a new
+                # one is not read again under the lock: its INSERT's constraint decides).
                 pending = self.conn.execute("SELECT 1 FROM audit_pending LIMIT 1").fetchone() is not None
                 if known is _UNREAD or attempt:
                     known = self.node_by_machine_key(reg.machine_key)
@@ -1131,7 +1133,9 @@ END $body$"""
                      secret: str, candidates: Sequence[str], pending: bool, known: bool) -> Node:
         with self._tx():
             self._folded = not pending
-            existing = self.node_by_machine_key(reg.machine_key) if known else None
+            # Without a key only a known machine gets in: read it here even if the hint said unknown,
+            # so a stale hint cannot refuse it.
+            existing = self.node_by_machine_key(reg.machine_key) if known or key is None else None
             if key is not None:
                 # The check and the spending in one statement: a single-use key is spent once however
                 # many registrations race for it; a key revoked since the check above is refused.

@@ -226,3 +226,22 @@ async def _trace_async(store: ControlStore, coro) -> list[str]:  # noqa: ANN001
             result.append(parts[3])
     os.unlink(path)
     return result
+
+
+def test_a_stale_hint_is_caught_by_the_constraint_and_retried(db_spec: str) -> None:
+    """The caller's `known` hint said "new machine" but the machine registered meanwhile (on another
+    replica): the node INSERT's unique constraint refuses, the transaction is rolled back (the key's
+    use with it) and tried again as the login again it is. Without a key it is not refused either."""
+    store = ControlStore(db_spec)
+    key, ak = store.create_authkey("alice", reusable=True)
+    first = store.register(Registration("m1", "nk1", "box", "linux", key), _allow)
+    again = store.register(Registration("m1", "nk2", "box", "linux", key), _allow, known=None)
+    assert (again.id, again.name, again.addresses, again.node_key) == (first.id, "box", first.addresses, "nk2")
+    assert store.get_authkey(ak.id).used_count == 2   # the rolled-back attempt spent nothing
+    rotated = store.register(Registration("m1", "nk3", "box", "linux", None), _allow, known=None)
+    assert (rotated.id, rotated.node_key) == (first.id, "nk3")
+    assert [n.name for n in store.list_nodes()] == ["box"]
+    assert store.verify_audit().ok
+    versions = [c.version for c in store.changes_since(0)]
+    assert versions == list(range(versions[0], versions[0] + len(versions)))
+    store.close()
