@@ -125,6 +125,15 @@ class Chain:
         self._head: tuple[int, str] | None = None
         self._rows: list[tuple] = []
 
+    def prime(self, head: str | None) -> None:
+        """Start from the head recorded in `control_meta` ("id:hash"), read by the caller in a statement
+        it makes anyway under the writer lock, instead of reading the newest entry; nothing usable
+        (no head recorded yet) leaves the chain to read it."""
+        if head and not self._rows:
+            entry_id, _, digest = head.partition(":")
+            if entry_id.isdigit() and len(digest) == 64:
+                self._head = (int(entry_id), digest)
+
     def append(self, actor: str, action: str, target: str, old: Any = None, new: Any = None,
                now: float | None = None) -> Entry:
         if not self.conn.in_transaction:

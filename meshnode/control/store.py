@@ -1094,8 +1094,9 @@ END $body$"""
 
         What can be done before the writer lock is: the key's secret, revocation and expiry checked
         (a refused key never waits for the lock), the name candidates derived. Under it, a new node
-        costs the key's spending, one read of names and leases, the lease and node INSERTs, the audit
-        head, and one batched tail (audit rows, replay mark, change log, COMMIT: one pipeline).
+        costs the key's spending (which brings back the audit head), one read of names and leases, the
+        lease and node INSERTs, and one batched tail (audit rows, replay mark, change log, COMMIT: one
+        pipeline on PostgreSQL).
         The unique constraints on names, addresses and machine keys are the last guard: a violation
         (only possible if a writer bypassed the lock) retries the whole transaction.
         """
@@ -1121,7 +1122,7 @@ END $body$"""
                 candidates = () if known is not None else self._name_candidates(reg.hostname)
                 try:
                     return self._register_tx(reg, authorize, now, key, secret, candidates, pending,
-                                             known is not None)
+                                             known is not None, trust_head=attempt == 0)
                 except sqlite3.IntegrityError:
                     if attempt == _REGISTER_ATTEMPTS - 1:
                         raise
@@ -1130,7 +1131,8 @@ END $body$"""
             self.actor = previous
 
     def _register_tx(self, reg: Registration, authorize: Authorizer, now: float, key: authkeys.AuthKey | None,
-                     secret: str, candidates: Sequence[str], pending: bool, known: bool) -> Node:
+                     secret: str, candidates: Sequence[str], pending: bool, known: bool,
+                     trust_head: bool) -> Node:
         with self._tx():
             self._folded = not pending
             # Without a key only a known machine gets in: read it here even if the hint said unknown,
@@ -1139,13 +1141,18 @@ END $body$"""
             if key is not None:
                 # The check and the spending in one statement: a single-use key is spent once however
                 # many registrations race for it; a key revoked since the check above is refused.
+                # It also brings back the audit head, which the entries below need anyway (one round
+                # trip fewer under the lock).
                 row = self.conn.execute(
                     "UPDATE authkeys SET used_count = used_count + 1 WHERE id = ? AND revoked = 0"
-                    " AND (reusable = 1 OR used_count = 0) RETURNING used_count, user_id", [key.id]).fetchone()
+                    " AND (reusable = 1 OR used_count = 0) RETURNING used_count, user_id,"
+                    " (SELECT value FROM control_meta WHERE key = 'audit_head')", [key.id]).fetchone()
                 if row is None:
                     authkeys.check(self._authkey_or_none(key.id), secret, now)   # raises with the reason
                     raise authkeys.AuthKeyRefused(authkeys.RefusalReason.UNKNOWN, "auth key not recognised")
                 used_before, uid = int(row[0]) - 1, int(row[1])
+                if trust_head:   # not after a failed attempt: a head edited by hand could be why
+                    self._chain.prime(row[2])
             elif existing is None or not existing.active(now):
                 raise authkeys.AuthKeyRefused(authkeys.RefusalReason.UNKNOWN,
                                               "an auth key is needed to register this machine")
