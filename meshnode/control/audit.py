@@ -111,7 +111,8 @@ def record(conn: sqlite3.Connection, actor: str, action: str, target: str, old: 
     return entry
 
 
-_INSERT = "INSERT INTO audit(id, time, actor, action, target, old, new, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = ("INSERT INTO audit(id, time, actor, action, target, old, new, prev_hash, hash)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _SET_HEAD = "INSERT INTO control_meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 
 

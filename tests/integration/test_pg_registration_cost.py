@@ -45,6 +45,11 @@ def _trace(store: ControlStore, action: Callable[[], object]) -> list[str]:
     finally:
         pgconn.untrace()
         os.close(fd)
+    return _statements_sent(path)
+
+
+def _statements_sent(path: str) -> list[str]:
+    """One entry per statement the client sent in a libpq trace (simple Query or extended Bind)."""
     out = []
     for line in Path(path).read_text().splitlines():
         parts = line.split("\t")
@@ -220,12 +225,7 @@ async def _trace_async(store: ControlStore, coro) -> list[str]:  # noqa: ANN001
     finally:
         pgconn.untrace()
         os.close(fd)
-    for line in Path(path).read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) > 3 and parts[0] == "F" and parts[2] in ("Query", "Bind"):
-            result.append(parts[3])
-    os.unlink(path)
-    return result
+    return _statements_sent(path)
 
 
 def test_a_stale_hint_is_caught_by_the_constraint_and_retried(db_spec: str) -> None:
