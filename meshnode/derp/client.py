@@ -8,6 +8,7 @@ API (asyncio; keys are raw 32-byte Curve25519 public keys, i.e. the node's WireG
     client.send(dst_key, packet)          # never blocks; waits (bounded) for a connection; False if backed up
     client.send_many([(dst_key, packet), ...])  # the same in one write; the number accepted
     src_key, packet = await client.recv() # the next packet relayed to us (recv_many: all waiting)
+    DerpClient(..., on_packets=fn)        # or: fn([(src_key, packet), ...]) per read, on the loop
     ev = await client.next_event()        # PeerGone(key, reason) / Health(problem) / Restarting(...)
     rtt = await client.ping(timeout=2.0)  # seconds, through the current server
     client.connected_url                  # the server in use, or None
@@ -77,7 +78,8 @@ class DerpClient:
                  idle_ping: float = 2.0, dead_after: float = 4.5, recv_queue: int = 1024,
                  preferred: bool = True, watch_conns: bool = False,
                  on_frame: Callable[[object], None] | None = None,
-                 on_connection: Callable[[bool], None] | None = None) -> None:
+                 on_connection: Callable[[bool], None] | None = None,
+                 on_packets: Callable[[list[tuple[bytes, bytes]]], None] | None = None) -> None:
         if not urls:
             raise ValueError("a relay region needs at least one server URL")
         for url in urls:
@@ -93,6 +95,12 @@ class DerpClient:
         self.watch_conns = watch_conns
         self.on_frame = on_frame                  # mesh links: PeerPresent / PeerGone of the server
         self.on_connection = on_connection        # called with True after login, False when it ends
+        # When set, the packets of each read go to on_packets([(src, packet), ...]) at once, on the
+        # loop, instead of the recv() queue: no task wake-up between the socket and the consumer.
+        self.on_packets = on_packets
+        self._batch: list[tuple[bytes, bytes]] | None = None  # on_packets' batch, during one read
+        self._last_rx = 0.0
+        self._silent: str | None = None           # why the watchdog aborted the connection
         self.connected_url: str | None = None
         self.server_key: bytes | None = None
         self.stats: collections.Counter[str] = collections.Counter()
@@ -350,39 +358,69 @@ class DerpClient:
 
     async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          session: ClientSession) -> None:
-        last_rx = time.monotonic()
-        pinged = False
-        while not self._closed:
-            since = time.monotonic() - last_rx
-            wait = (self.idle_ping - since) if not pinged else (self.dead_after - since)
-            try:
-                data = await asyncio.wait_for(reader.read(1 << 16), max(wait, 0.01))
-            except asyncio.TimeoutError:
-                since = time.monotonic() - last_rx
-                if since >= self.dead_after:
-                    raise DerpConnectError(f"{self.connected_url}: silent for {since:.1f}s") from None
-                if not pinged:
-                    writer.write(Ping(os.urandom(8)).encode())  # liveness probe; any frame answers it
-                    pinged = True
-                continue
-            if not data:
-                raise EOFError(f"{self.connected_url}: the server closed the connection")
-            last_rx = time.monotonic()
-            pinged = False
-            for ev in session.receive(data):
-                self._on_event(ev)
-            out = session.take_output()
-            if out:
-                writer.write(out)
+        # Liveness runs in its own task: a wait_for per read made a task per read (Python 3.11),
+        # which was a good part of the relay path's CPU per packet.
+        self._last_rx = time.monotonic()
+        self._silent = None
+        watchdog = asyncio.create_task(self._watchdog(writer))
+        on_packets, monotonic = self.on_packets, time.monotonic
+        try:
+            while not self._closed:
+                data = await reader.read(1 << 16)
+                if not data:
+                    if self._silent is not None:
+                        raise DerpConnectError(self._silent)
+                    raise EOFError(f"{self.connected_url}: the server closed the connection")
+                self._last_rx = monotonic()
+                if on_packets is None:
+                    for ev in session.receive(data):
+                        self._on_event(ev)
+                else:
+                    self._batch = batch = []
+                    try:
+                        for ev in session.receive(data):
+                            self._on_event(ev)
+                    finally:
+                        self._batch = None
+                    if batch:
+                        try:
+                            on_packets(batch)
+                        except Exception:  # the consumer's bug must not drop the connection
+                            log.exception("relay: packet handler failed")
+                out = session.take_output()
+                if out:
+                    writer.write(out)
+        finally:
+            watchdog.cancel()
+
+    async def _watchdog(self, writer: asyncio.StreamWriter) -> None:
+        """Ping after `idle_ping` s without a frame; abort the connection after `dead_after` s (the
+        read loop then raises DerpConnectError)."""
+        pinged_for: float | None = None       # the _last_rx our ping went out after
+        while True:
+            last = self._last_rx
+            since = time.monotonic() - last
+            if since >= self.dead_after:
+                self._silent = f"{self.connected_url}: silent for {since:.1f}s"
+                writer.transport.abort()
+                return
+            if since >= self.idle_ping and pinged_for != last:
+                writer.write(Ping(os.urandom(8)).encode())  # liveness probe; any frame answers it
+                pinged_for = last
+            wait = (self.idle_ping - since) if pinged_for != last else (self.dead_after - since)
+            await asyncio.sleep(max(wait, 0.01))
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, RecvPacket):
+            self.stats["received"] += 1
+            if self._batch is not None:
+                self._batch.append((ev.src, ev.packet))
+                return
             q = self._queue
             if len(q) >= self._queue_max:
                 q.popleft()
                 self.stats["recv_dropped"] += 1
             q.append((ev.src, ev.packet))
-            self.stats["received"] += 1
             self._recv_wake.set()
         elif isinstance(ev, Pong):
             fut = self._pings.get(ev.data)
