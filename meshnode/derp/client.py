@@ -34,6 +34,7 @@ import os
 import socket
 import ssl as ssl_module
 import struct
+import threading
 import time
 import urllib.parse
 from typing import Callable, Sequence
@@ -101,6 +102,12 @@ class DerpClient:
         self._batch: list[tuple[bytes, bytes]] | None = None  # on_packets' batch, during one read
         self._last_rx = 0.0
         self._silent: str | None = None           # why the watchdog aborted the connection
+        # Writes from other threads (send_many_threadsafe) go straight to the socket's fd, when
+        # the connection is plain TCP; `_wlock` orders them with the loop's writes.
+        self._wlock = threading.Lock()
+        self._direct_fd: int | None = None
+        self._deferred = 0                        # direct writes' tails still queued on the loop
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.connected_url: str | None = None
         self.server_key: bytes | None = None
         self.stats: collections.Counter[str] = collections.Counter()
@@ -153,8 +160,7 @@ class DerpClient:
         if w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.stats["send_dropped_backlog"] += 1
             return False
-        w.write(_SEND_HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet)) + dst + packet)
-        self.stats["sent"] += 1
+        self._write(w, _SEND_HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet)) + dst + packet, 1)
         return True
 
     def send_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
@@ -171,9 +177,52 @@ class DerpClient:
         pack, kind, frames = _SEND_HEADER.pack, FrameType.SEND_PACKET, []
         for dst, packet in items:
             frames += (pack(kind, 32 + len(packet)), dst, packet)
-        w.write(b"".join(frames))
-        self.stats["sent"] += len(items)
+        self._write(w, b"".join(frames), len(items))
         return len(items)
+
+    def send_many_threadsafe(self, items: Sequence[tuple[bytes, bytes]]) -> int | None:
+        """`send_many` from any thread, written to the socket on the caller's thread: the relay
+        path's sends then wake no event loop (a thread hand-off per batch was most of what the
+        relay added to a round trip). Only on a plain TCP connection with nothing queued in the
+        transport; otherwise None, and nothing is sent: use `send_many` on the loop. What the
+        socket does not take at once goes to the loop, in order, before any later write.
+        Items must be well-formed (as `send_many` checks)."""
+        with self._wlock:
+            fd, w, loop = self._direct_fd, self._writer, self._loop
+            # A closing transport closes its socket on the loop's next turn: not ours to write to.
+            if (fd is None or w is None or loop is None or self._deferred
+                    or w.transport.is_closing() or w.transport.get_write_buffer_size()):
+                return None
+            pack, kind, frames = _SEND_HEADER.pack, FrameType.SEND_PACKET, []
+            for dst, packet in items:
+                frames += (pack(kind, 32 + len(packet)), dst, packet)
+            data = b"".join(frames)
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return None  # the connection is failing: the loop finds out and reconnects
+            if n < len(data):
+                self._deferred += 1
+                loop.call_soon_threadsafe(self._write_deferred, w, data[n:])
+            self.stats["sent"] += len(items)
+            return len(items)
+
+    def _write_deferred(self, w: asyncio.StreamWriter, rest: bytes) -> None:
+        """On the loop: the tail of a `send_many_threadsafe` write the socket did not take."""
+        with self._wlock:
+            if self._writer is w:
+                w.write(rest)
+                self._deferred -= 1
+
+    def _write(self, w: asyncio.StreamWriter, data: bytes, packets: int = 0) -> None:
+        """Every write on a logged-in connection, on the loop, serialised with the threads'
+        direct writes (`send_many_threadsafe`) so frames never interleave."""
+        with self._wlock:
+            w.write(data)
+            if packets:
+                self.stats["sent"] += packets
 
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Mesh only: hand a packet from `src` to the server for its local client `dst`."""
@@ -181,7 +230,7 @@ class DerpClient:
         if w is None or w.transport.is_closing() or w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.stats["forward_dropped"] += 1
             return False
-        w.write(ForwardPacket(src, dst, packet).encode())
+        self._write(w, ForwardPacket(src, dst, packet).encode())
         return True
 
     async def recv(self) -> tuple[bytes, bytes]:
@@ -216,7 +265,7 @@ class DerpClient:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[data] = fut
         t0 = time.monotonic()
-        w.write(Ping(data).encode())
+        self._write(w, Ping(data).encode())
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
@@ -267,6 +316,8 @@ class DerpClient:
                 await asyncio.sleep(min(0.1 * 2 ** (failures // len(self.urls)), 2.0))
 
     def _drop_writer(self) -> None:
+        with self._wlock:  # before the socket closes (its fd number may then be reused)
+            self._direct_fd = None
         self._connected.clear()
         self.connected_url = None
         if self._writer is not None:
@@ -324,6 +375,11 @@ class DerpClient:
         self.connected_url = url
         self._since = time.monotonic()
         self._flush_pending(writer, self._since)
+        sock = writer.get_extra_info("socket")
+        if not tls and sock is not None:
+            with self._wlock:  # threads may write to this socket directly from now on
+                self._loop = asyncio.get_running_loop()
+                self._direct_fd, self._deferred = sock.fileno(), 0
         self._connected.set()
         self.stats["connects"] += 1
         log.info("relay: connected to %s", url)
@@ -337,8 +393,7 @@ class DerpClient:
         fresh = [frame for at, frame in pending if now - at <= PENDING_TTL]
         self.stats["send_dropped_disconnected"] += len(pending) - len(fresh)
         if fresh:
-            writer.write(b"".join(fresh))
-            self.stats["sent"] += len(fresh)
+            self._write(writer, b"".join(fresh), len(fresh))
 
     async def _upgrade(self, reader: asyncio.StreamReader, url: str) -> bytes:
         buf = b""
@@ -389,7 +444,7 @@ class DerpClient:
                             log.exception("relay: packet handler failed")
                 out = session.take_output()
                 if out:
-                    writer.write(out)
+                    self._write(writer, out)
         finally:
             watchdog.cancel()
 
@@ -405,7 +460,7 @@ class DerpClient:
                 writer.transport.abort()
                 return
             if since >= self.idle_ping and pinged_for != last:
-                writer.write(Ping(os.urandom(8)).encode())  # liveness probe; any frame answers it
+                self._write(writer, Ping(os.urandom(8)).encode())  # liveness probe; any frame answers it
                 pinged_for = last
             wait = (self.idle_ping - since) if pinged_for != last else (self.dead_after - since)
             await asyncio.sleep(max(wait, 0.01))

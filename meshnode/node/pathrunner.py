@@ -60,6 +60,9 @@ class PathRunner:
         self._pings: dict[int, asyncio.Future[PingResult]] = {}
         self.stun_handler: Callable[[bytes, Endpoint], None] | None = None  # netcheck's STUN client
         self.counters: collections.Counter[str] = collections.Counter()
+        # Counted by the device threads as well (direct relay writes): present from the start, so
+        # a first count from another thread never resizes the dict while the loop reads it.
+        self.counters.update(relay_sent=0, relay_bytes_sent=0)
         self._last_poll = float("-inf")
         self._bytes: dict[bytes, tuple[Any, ...]] = {}  # per peer: what WireGuard said last poll
         self._private = node_key_private
@@ -239,6 +242,10 @@ class PathRunner:
             return
         with self._out_lock:
             first = not self._out
+            if first:  # nothing waits for the loop: write to the relay here if it can be done
+                items = self._send_direct(items)
+                if not items:
+                    return
             room = RELAY_OUT_MAX - len(self._out)
             if room < len(items):
                 self._out_dropped += len(items) - max(room, 0)
@@ -247,12 +254,34 @@ class PathRunner:
         if first and items:
             loop.call_soon_threadsafe(self._drain_out)
 
+    def _send_direct(self, items: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+        """With `_out_lock` held, on a device thread: write `items` to their DERP clients on this
+        thread (`send_many_threadsafe`); what could not be written so is returned, in order."""
+        keys, rest = self._relay_keys, []
+        i, n = 0, len(items)
+        while i < n:  # runs of datagrams to one peer: one write each
+            ep = items[i][1]
+            j = i + 1
+            while j < n and items[j][1] == ep:
+                j += 1
+            key = keys.get(ep[1])
+            client = self._client(key) if key is not None else None
+            batch = [(key, data) for data, _ in items[i:j]]
+            if rest or client is None or client.send_many_threadsafe(batch) is None:
+                rest.extend(items[i:j])  # (order kept: once one run waits, the later ones do)
+            else:
+                self.counters["relay_sent"] += j - i
+                self.counters["relay_bytes_sent"] += sum(len(d) for d, _ in items[i:j])
+            i = j
+        return rest
+
     def _drain_out(self) -> None:
         with self._out_lock:
             items, self._out = self._out, []
             dropped, self._out_dropped = self._out_dropped, 0
         if dropped:
-            self.counters["relay_send_dropped"] += dropped
+            with self._out_lock:
+                self.counters["relay_send_dropped"] += dropped
         self._send_relayed(items)
 
     def _send_relayed(self, items: list[tuple[bytes, Any]]) -> None:
@@ -272,10 +301,11 @@ class PathRunner:
             sent += n
             dropped += len(batch) - n
             nbytes += sum(len(d) for _, d in batch[:n])  # all or none in practice
-        self.counters["relay_sent"] += sent
-        self.counters["relay_bytes_sent"] += nbytes
-        if dropped:
-            self.counters["relay_send_dropped"] += dropped
+        with self._out_lock:  # the device threads count their direct sends too
+            self.counters["relay_sent"] += sent
+            self.counters["relay_bytes_sent"] += nbytes
+            if dropped:
+                self.counters["relay_send_dropped"] += dropped
 
     def _on_relayed(self, batch: list[tuple[bytes, bytes]]) -> None:
         """The packets of one read from a DERP connection (on the loop, called by the client):
