@@ -106,7 +106,7 @@ class DerpClient:
         # the connection is plain TCP; `_wlock` orders them with the loop's writes.
         self._wlock = threading.Lock()
         self._direct_fd: int | None = None
-        self._deferred = 0                        # direct writes' tails still queued on the loop
+        self._tails: list[bytes] = []             # direct writes' tails, for the loop to write
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected_url: str | None = None
         self.server_key: bytes | None = None
@@ -190,7 +190,7 @@ class DerpClient:
         with self._wlock:
             fd, w, loop = self._direct_fd, self._writer, self._loop
             # A closing transport closes its socket on the loop's next turn: not ours to write to.
-            if (fd is None or w is None or loop is None or self._deferred
+            if (fd is None or w is None or loop is None or self._tails
                     or w.transport.is_closing() or w.transport.get_write_buffer_size()):
                 return None
             pack, kind, frames = _SEND_HEADER.pack, FrameType.SEND_PACKET, []
@@ -204,22 +204,28 @@ class DerpClient:
             except OSError:
                 return None  # the connection is failing: the loop finds out and reconnects
             if n < len(data):
-                self._deferred += 1
-                loop.call_soon_threadsafe(self._write_deferred, w, data[n:])
+                # The tail goes first of all the loop writes next (see _write), so no frame of the
+                # loop's can land inside it.
+                self._tails.append(data[n:])
+                self.stats["send_deferred"] += 1
+                loop.call_soon_threadsafe(self._write_tails, w)
             self.stats["sent"] += len(items)
             return len(items)
 
-    def _write_deferred(self, w: asyncio.StreamWriter, rest: bytes) -> None:
-        """On the loop: the tail of a `send_many_threadsafe` write the socket did not take."""
+    def _write_tails(self, w: asyncio.StreamWriter) -> None:
+        """On the loop: the tails of `send_many_threadsafe` writes the socket did not take."""
         with self._wlock:
-            if self._writer is w:
-                w.write(rest)
-                self._deferred -= 1
+            if self._writer is w and self._tails:
+                w.write(b"".join(self._tails))
+                self._tails.clear()
 
     def _write(self, w: asyncio.StreamWriter, data: bytes, packets: int = 0) -> None:
         """Every write on a logged-in connection, on the loop, serialised with the threads'
         direct writes (`send_many_threadsafe`) so frames never interleave."""
         with self._wlock:
+            if self._tails:  # a thread's short write: its frame's end goes before ours
+                w.write(b"".join(self._tails))
+                self._tails.clear()
             w.write(data)
             if packets:
                 self.stats["sent"] += packets
@@ -379,7 +385,8 @@ class DerpClient:
         if not tls and sock is not None:
             with self._wlock:  # threads may write to this socket directly from now on
                 self._loop = asyncio.get_running_loop()
-                self._direct_fd, self._deferred = sock.fileno(), 0
+                self._direct_fd = sock.fileno()
+                self._tails.clear()
         self._connected.set()
         self.stats["connects"] += 1
         log.info("relay: connected to %s", url)
