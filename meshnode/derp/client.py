@@ -420,40 +420,62 @@ class DerpClient:
 
     async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          session: ClientSession) -> None:
-        # Liveness runs in its own task: a wait_for per read made a task per read (Python 3.11),
-        # which was a good part of the relay path's CPU per packet.
+        """Until the connection ends (raises why). After the login the stream reader steps aside:
+        frames are handled in the transport's data_received, with no task wake-up per read (a
+        loop turn on every relayed packet's way), and liveness runs in a task of its own (a
+        wait_for per read made a task per read in Python 3.11)."""
         self._last_rx = time.monotonic()
         self._silent = None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        proto = _Frames(self, session, writer, done)
+        # Read from the socket during the login but not handled yet (StreamReader has no public
+        # way to take its buffer; the attribute has been there since asyncio began).
+        leftover = bytes(reader._buffer)
+        reader._buffer.clear()
+        writer.transport.set_protocol(proto)
+        if self.on_packets is not None and self._queue:  # came in the login's last read
+            early = list(self._queue)
+            self._queue.clear()
+            try:
+                self.on_packets(early)
+            except Exception:
+                log.exception("relay: packet handler failed")
+        if not writer.transport.is_reading():  # the stream reader paused it (a full buffer)
+            writer.transport.resume_reading()
+        if leftover:
+            proto.data_received(leftover)
+        if reader.at_eof() and not done.done():
+            done.set_exception(EOFError(f"{self.connected_url}: the server closed the connection"))
         watchdog = asyncio.create_task(self._watchdog(writer))
-        on_packets, monotonic = self.on_packets, time.monotonic
         try:
-            while not self._closed:
-                data = await reader.read(1 << 16)
-                if not data:
-                    if self._silent is not None:
-                        raise DerpConnectError(self._silent)
-                    raise EOFError(f"{self.connected_url}: the server closed the connection")
-                self._last_rx = monotonic()
-                if on_packets is None:
-                    for ev in session.receive(data):
-                        self._on_event(ev)
-                else:
-                    self._batch = batch = []
-                    try:
-                        for ev in session.receive(data):
-                            self._on_event(ev)
-                    finally:
-                        self._batch = None
-                    if batch:
-                        try:
-                            on_packets(batch)
-                        except Exception:  # the consumer's bug must not drop the connection
-                            log.exception("relay: packet handler failed")
-                out = session.take_output()
-                if out:
-                    self._write(writer, out)
+            await done
         finally:
             watchdog.cancel()
+            if not done.done():
+                done.cancel()
+
+    def _on_data(self, data: bytes, session: ClientSession, writer: asyncio.StreamWriter) -> None:
+        """Bytes from the server: frames to events, relayed packets to `on_packets` or the queue."""
+        self._last_rx = time.monotonic()
+        on_packets = self.on_packets
+        if on_packets is None:
+            for ev in session.receive(data):
+                self._on_event(ev)
+        else:
+            self._batch = batch = []
+            try:
+                for ev in session.receive(data):
+                    self._on_event(ev)
+            finally:
+                self._batch = None
+            if batch:
+                try:
+                    on_packets(batch)
+                except Exception:  # the consumer's bug must not drop the connection
+                    log.exception("relay: packet handler failed")
+        out = session.take_output()
+        if out:
+            self._write(writer, out)
 
     async def _watchdog(self, writer: asyncio.StreamWriter) -> None:
         """Ping after `idle_ping` s without a frame; abort the connection after `dead_after` s (the
@@ -497,3 +519,46 @@ class DerpClient:
                 self.stats["events_dropped"] += 1
         elif isinstance(ev, (KeepAlive, Ping)):
             pass
+
+
+class _Frames(asyncio.Protocol):
+    """The transport's protocol once logged in: bytes straight to `DerpClient._on_data`; the end
+    of the connection (and why) to `done`."""
+
+    def __init__(self, client: DerpClient, session: ClientSession, writer: asyncio.StreamWriter,
+                 done: asyncio.Future[None]) -> None:
+        self.client, self.session, self.writer, self.done = client, session, writer, done
+        # The stream protocol still does the writer's flow control (StreamWriter.drain).
+        self.streams = writer.transport.get_protocol()
+
+    def pause_writing(self) -> None:
+        self.streams.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.streams.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        try:
+            self.client._on_data(data, self.session, self.writer)
+        except Exception as exc:  # a malformed stream (FrameError...): this connection is over
+            self.done.set_exception(exc)
+            self.writer.transport.abort()
+
+    def eof_received(self) -> bool:
+        self._end(EOFError(f"{self.client.connected_url}: the server closed the connection"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.streams.connection_lost(exc)  # wakes drain() waiters, closes the stream reader
+        silent = self.client._silent
+        if silent is not None:
+            self._end(DerpConnectError(silent))
+        else:
+            self._end(exc if exc is not None else
+                      EOFError(f"{self.client.connected_url}: the connection closed"))
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)

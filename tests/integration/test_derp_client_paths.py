@@ -27,8 +27,9 @@ class FakeRelay:
     `silent`: answer nothing after the login (not even pings). `slow`: a pause between reads,
     so the client's small socket buffer fills."""
 
-    def __init__(self, silent: bool = False, slow: float = 0.0) -> None:
+    def __init__(self, silent: bool = False, slow: float = 0.0, early: bytes = b"") -> None:
         self.silent, self.slow = silent, slow
+        self.early = early                        # frames written with the login's answer
         self.reading = asyncio.Event()            # cleared: the server stops reading (after login)
         self.reading.set()
         self.private = os.urandom(32)
@@ -83,7 +84,7 @@ class FakeRelay:
             if not rest:
                 return
         info, held = session.accept()
-        w.write(info)
+        w.write(info + self.early)
         self.logins += 1
         events = list(held)
         while True:
@@ -256,6 +257,25 @@ def test_on_packets_gets_each_read_at_once_and_survives_a_failing_handler() -> N
                 assert len(batches) < 51                       # batched by read, not one by one
                 assert c.connected_url == relay.url and relay.logins == 1
                 assert c.stats["received"] == 51 and not c._queue  # nothing left for recv()
+            finally:
+                await c.close()
+    run(body())
+
+
+def test_packets_in_the_same_read_as_the_login_reach_on_packets() -> None:
+    """Frames right behind the server's login answer are read with it, before the client hands
+    reading over to its frame protocol: they are delivered too, in order, with what follows."""
+    src = os.urandom(32)
+    early = b"".join(RecvPacket(src, b"early %d" % i).encode() for i in range(3))
+
+    async def body() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        async with FakeRelay(early=early) as relay:
+            c = await connected(relay.url, on_packets=got.extend)
+            try:
+                await relay.deliver(0, src, b"later")
+                await async_wait_until(lambda: len(got) == 4, 5, what="4 packets")
+                assert got == [(src, b"early %d" % i) for i in range(3)] + [(src, b"later")]
             finally:
                 await c.close()
     run(body())
