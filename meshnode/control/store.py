@@ -1234,6 +1234,23 @@ END $body$"""
                 self._audit("node.delete", f"node:{n.name}", _summary(n), {"reason": "ephemeral node offline"})
         return gone
 
+    def sweep_expired(self, now: float) -> list[Node]:
+        """Nodes whose login expired since the last sweep (`expiry_swept` in control_meta): each is
+        audited once (`node.expired`), and the change counter moves so every replica's maps drop them
+        at once rather than at the next unrelated change. The first sweep only sets the mark."""
+        mark = self._meta("expiry_swept")
+        if mark is not None and not self._select_nodes("WHERE n.expiry > ? AND n.expiry <= ? AND n.logged_out = 0",
+                                                         [float(mark), now]):
+            return []   # nothing to do: nothing written (the mark may stay behind)
+        with self._tx(bump=mark is not None):
+            mark = self._meta("expiry_swept")   # again, under the write lock: another sweep may have run
+            gone = [] if mark is None else self._select_nodes(
+                "WHERE n.expiry > ? AND n.expiry <= ? AND n.logged_out = 0", [float(mark), now])
+            for n in gone:
+                self._audit("node.expired", f"node:{n.name}", None, {"expiry": n.expiry})
+            self._set_meta("expiry_swept", repr(max(now, float(mark or 0))))
+        return gone
+
     def set_tags(self, ref: str, tags: Sequence[str]) -> Node:
         for tag in tags:
             check_tag(tag)
