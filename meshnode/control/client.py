@@ -227,10 +227,16 @@ class ControlClient:
     def _answered(self, resp: aiohttp.ClientResponse) -> None:
         """The address that answered for a host name is the one to try first next time."""
         host = resp.url.host
-        conn = resp.connection
-        if not host or is_address(host) or conn is None or conn.transport is None:
+        if not host or is_address(host):
             return
-        peer = conn.transport.get_extra_info("peername")
+        # A short answer read in full has released its connection already: the protocol still
+        # names the transport (aiohttp's `_protocol`; pinned by tests/unit/test_hostresolve.py).
+        conn = resp.connection
+        transport = conn.transport if conn is not None else getattr(getattr(resp, "_protocol", None),
+                                                                    "transport", None)
+        if transport is None:
+            return
+        peer = transport.get_extra_info("peername")
         if peer:
             self.resolver.prefer(host, str(peer[0]))
 
