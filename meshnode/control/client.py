@@ -22,6 +22,7 @@ import platform
 import random
 import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
@@ -223,6 +224,21 @@ class ControlClient:
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=None))
         return self._session
+
+    async def server_addresses(self) -> tuple[str, ...]:
+        """Every address of every control URL (through the same resolver as the connections), for
+        routes that must keep the control servers reachable outside the tunnel (an exit node).
+        A name that does not resolve now is left out rather than failing the others."""
+        out: list[str] = []
+        for url in self.server_urls:
+            host = urllib.parse.urlsplit(url).hostname
+            if not host:
+                continue
+            try:
+                out.extend(str(a) for a in await self.resolver.addresses(host))
+            except OSError as exc:
+                log.warning("control: cannot resolve %s: %s", host, exc)
+        return tuple(dict.fromkeys(out))
 
     def _answered(self, resp: aiohttp.ClientResponse) -> None:
         """The address that answered for a host name is the one to try first next time."""

@@ -55,6 +55,10 @@ def test_control_client_keeps_to_the_address_that_answers(tmp_path: Path) -> Non
             finally:
                 await client.close()
             assert sum(b"login" in q for q in up.queries) >= 3   # asked every time: no stale cache
+            # What an exit node keeps outside the tunnel: every address of every control URL.
+            many = ControlClient(f"http://login.example.test:{port},http://nope.example.test,https://[fd00::1]",
+                                 generate_private_key(), generate_private_key(), resolver=resolver)
+            assert await many.server_addresses() == ("127.0.0.4", "127.0.0.3", "fd00::1")
         for s in servers:
             await s.stop()
     asyncio.run(main())
