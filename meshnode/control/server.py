@@ -287,10 +287,13 @@ class ControlServer:
                     self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
             except Exception:
                 log.exception("recording presence failed")
+            # Not wait_for: on Python 3.11 it swallows a cancellation that arrives as the event is
+            # set (streams closing at shutdown set it), and this loop then ran on and stop() hung.
+            waiter = asyncio.ensure_future(self._presence_changed.wait())
             try:
-                await asyncio.wait_for(self._presence_changed.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=interval)
+            finally:
+                waiter.cancel()
 
     def _heartbeat(self) -> None:
         now = time.time()

@@ -24,7 +24,7 @@ from meshnode.control.client import ControlClient
 from meshnode.control.jobs import KEYS, Job, JobLocks
 from meshnode.control.protocol import generate_private_key
 from meshnode.control.store import ControlStore, Registration
-from tests.support import wait_until
+from tests.support import async_wait_until, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,11 +46,12 @@ def test_job_locks_pass_to_another_replica_when_the_holder_dies(pg_url: str) -> 
         assert len(mine) == 1            # asked twice, held once (no stacked count to leak)
         # The holder's session dies (a replica killed, a network cut): the other takes the job.
         with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (mine[0][0],))
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (mine[0][0],))   # waits for it to end
         assert b.holds(Job.EPHEMERAL)
         assert not a.holds(Job.EPHEMERAL) and Job.EPHEMERAL not in a.held   # a reconnects, finds it taken
         b.close()
-        assert a.holds(Job.EPHEMERAL) and a.holds(Job.RETENTION)   # closed cleanly: released at once
+        wait_until(lambda: a.holds(Job.EPHEMERAL) and a.holds(Job.RETENTION), timeout=5,   # closed: released
+                   what="the jobs of a closed session taken over")
     finally:
         a.close()
         b.close()
@@ -144,3 +145,40 @@ def test_ephemeral_removal_runs_once_and_moves_when_its_replica_dies(tmp_path: P
         for r in replicas:
             r.kill()
         store.close()
+
+
+def test_an_expiring_login_leaves_the_maps_when_it_expires(tmp_path: Path) -> None:
+    """Nothing else changes in the tailnet: the expiry job alone takes the node out of its peers' maps."""
+    from meshnode.control.server import ControlServer, ServerConfig
+
+    async def main() -> None:
+        store = ControlStore(tmp_path / "control.db")
+        server = ControlServer(store, ServerConfig(poll_interval=0.05, coalesce=0.005, expiry_interval=0.1))
+        url = f"http://127.0.0.1:{await server.start('127.0.0.1', 0)}"
+        key, _ = store.create_authkey("alice", reusable=True)
+        maps: dict[str, list[str]] = {}
+        clients, tasks = [], []
+
+        async def follow(c: ControlClient, name: str) -> None:
+            async for nm in c.stream_map(max_backoff=0.2):
+                maps[name] = [p.name for p in nm.peers]
+        try:
+            for name in ("alpha", "bravo"):
+                c = ControlClient(url, generate_private_key(), generate_private_key())
+                await c.register(key, hostname=name)
+                clients.append(c)
+                tasks.append(asyncio.create_task(follow(c, name)))
+            await async_wait_until(lambda: maps.get("alpha") == ["bravo"], timeout=5)
+            store.expire_node("bravo", when=time.time() + 1.0)
+            await asyncio.sleep(0)   # the expiry time is in the future: bravo is still a peer
+            assert maps["alpha"] == ["bravo"]
+            await async_wait_until(lambda: maps.get("alpha") == [], timeout=5)
+            assert [e.target for e in store.audit_entries() if e.action == "node.expired"] == ["node:bravo"]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for c in clients:
+                await c.close()
+            await server.stop()
+    asyncio.run(asyncio.wait_for(main(), 30))
