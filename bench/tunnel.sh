@@ -41,10 +41,10 @@ dev = create_device(cfg.private_key, sys.argv[2], addresses=cfg.addresses, liste
 pf = PacketFilter(rules_from_json([{"src": ["0.0.0.0/0"], "dst": ["0.0.0.0/0"], "ports": "*", "protos": [1, 6, 17]}]))
 if sys.argv[3] == "filter":
     clock = time.monotonic
-    dev.set_packet_filter(lambda p, k: pf.check(p, clock()), lambda p, k: pf.note_outbound(p, clock()))
+    dev.set_packet_filter(lambda p, k, now: pf.check(p, now), lambda p, k, now: pf.note_outbound(p, now))
 else:
     counter = FlowCounter()
-    dev.set_packet_filter(*counting_hooks(pf, counter, time.monotonic))
+    dev.set_packet_filter(*counting_hooks(pf, counter))
     def harvest():
         while True:
             time.sleep(5)

@@ -47,6 +47,8 @@ def parse_hostport(text: str, default_port: int = 53) -> tuple[str, int]:
         up = parse_upstream(text)
     except UpstreamError as exc:
         raise click.BadParameter(str(exc)) from None
+    if up.encrypted:
+        raise click.BadParameter(f"{text!r}: expected an IP address with an optional :PORT")
     explicit = "]:" in text or text.count(":") == 1
     return up.host, up.port if explicit else default_port
 
@@ -91,12 +93,19 @@ def main() -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
 @click.option("--upstream-ca", "upstream_cas", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="CA file trusted for tls:// and https:// upstreams besides the system store; repeatable.")
+@click.option("--upgrade-public-dns/--no-upgrade-public-dns", default=False, show_default=True,
+              help="Send queries for well-known public resolvers (1.1.1.1, 8.8.8.8, 9.9.9.9, Mullvad) over "
+                   "their DNS-over-HTTPS endpoint, with plain DNS raced behind it.")
+@click.option("--bootstrap-dns", "bootstraps", multiple=True,
+              help="Resolver IP[:PORT] for the names in tls://NAME and https://NAME/ upstreams; repeatable. "
+                   "Default: the system's original resolvers (never us).")
 def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, upstreams: tuple[str, ...],
           routes: tuple[str, ...], domain: str | None, allows: tuple[str, ...], tcp_idle_timeout: float,
           max_tcp_connections: int, max_forward_qps: int, control_socket: str,
           metrics: str | None, query_log: str | None, resolv_conf: str, workers: int, udp_batch: bool, log_level: str,
           dots: tuple[str, ...] = (), dohs: tuple[str, ...] = (), tls_cert: str | None = None,
-          tls_key: str | None = None, upstream_cas: tuple[str, ...] = ()) -> None:
+          tls_key: str | None = None, upstream_cas: tuple[str, ...] = (), bootstraps: tuple[str, ...] = (),
+          upgrade_public_dns: bool = False) -> None:
     """Run the resolver standalone."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -111,6 +120,7 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
         # may already point at us, and we do not answer yet.
         ups = reject_self(resolve_upstreams_sync(upstreams, resolv_conf=resolv_conf, own_addresses=own), own)
         route_map = _parse_routes(routes, own)
+        bootstrap = reject_self((_plain_upstream(b, "--bootstrap-dns") for b in bootstraps), own)
         dom = normalize_domain(domain) if domain else None
         allow = tuple(ipaddress.ip_network(a, strict=False) for a in allows) or DEFAULT_ALLOW
     except (UpstreamError, ForwardingLoopError, NameError_) as exc:
@@ -133,7 +143,8 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
     config = ServerConfig(listen=listen, allow=allow, fallback_upstreams=fallback, query_log=query_log,
                           reuse_port=workers > 1, tcp_idle_timeout=tcp_idle_timeout,
                           max_tcp_connections=max_tcp_connections, batch_udp=udp_batch,
-                          max_forward_qps=max_forward_qps, encrypted=encrypted, upstream_ca=upstream_cas)
+                          max_forward_qps=max_forward_qps, encrypted=encrypted, upstream_ca=upstream_cas,
+                          bootstrap_dns=bootstrap, resolv_conf=resolv_conf, upgrade_public_dns=upgrade_public_dns)
     if workers > 1 and any(p == 0 for _, p in listen):
         fail_usage("--workers needs fixed ports (port 0 would give each worker its own)")
     if _fork_workers(workers - 1):
@@ -142,6 +153,13 @@ def serve(listens: tuple[str, ...], view_path: str | None, db_path: str | None, 
         _run(_serve(config, view, source, ups, route_map, control_socket, metrics_addr))
     except KeyboardInterrupt:
         pass
+
+
+def _plain_upstream(text: str, option: str) -> Upstream:
+    up = parse_upstream(text)
+    if up.encrypted:
+        raise UpstreamError(f"{option} {text!r}: a plain resolver IP[:PORT] (it resolves the names of the encrypted ones)")
+    return up
 
 
 def _encrypted_config(dots: tuple[str, ...], dohs: tuple[str, ...], cert: str | None, key: str | None):  # type: ignore[no-untyped-def]
@@ -206,7 +224,8 @@ def _with_overrides(view: DnsView, ups: tuple[Upstream, ...],
     if not ups and not routes:
         return view
     dns = DnsSettings(nameservers=ups or view.dns.nameservers, routes={**view.dns.routes, **routes},
-                      search_domains=view.dns.search_domains, records=view.dns.records)
+                      search_domains=view.dns.search_domains, records=view.dns.records,
+                      upgrade_public_dns=view.dns.upgrade_public_dns)
     return DnsView(view.domain, view.self_host, view.peers, dns, view.version)
 
 
@@ -584,6 +603,15 @@ def status(control_socket: str, as_json: bool) -> None:
             click.echo(f"  certificate {', '.join(cert['names'])}: {cert['state']}"
                        + (f", expires in {cert['expires_in_s'] // 3600} h" if cert.get("expires_in_s") is not None else "")
                        + (f"  error: {cert['error']}" if cert.get("error") else ""))
+        if enc.get("listeners"):
+            click.echo(f"  connections {enc['connections']}  in handshake {enc.get('handshaking', 0)}  "
+                       f"failed handshakes {enc.get('handshake_failures', 0)}")
+    eu = fwd.get("encrypted_upstreams") or {}
+    for name, info in sorted((eu.get("names") or {}).get("names", {}).items()):
+        click.echo(f"  upstream name {name}: {', '.join(info['addresses'])} (fresh for {info['fresh_for_s']} s)")
+    if eu.get("upgraded_doh_answers") or eu.get("upgraded_plain_answers"):
+        click.echo(f"  public DNS upgraded: answered over DoH {eu['upgraded_doh_answers']}, "
+                   f"over plain DNS behind it {eu['upgraded_plain_answers']}")
     c = fwd.get("cache", {})
     if c:
         click.echo(f"cache       {c['entries']} entries, {c['bytes']} bytes, hits {c['hits']}, misses {c['misses']}, "

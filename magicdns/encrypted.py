@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from dataclasses import dataclass
 
 from .dispatch import Dispatch, ListenerLimits
 from .dohserver import DohConnection, DohStats
-from .dot import start_dot
+from .dot import GatedListener, TlsAdmission, start_dot
 from .tcp import TcpSlots
 from .tlsconf import ALPN_DOH, ALPN_DOT, CertificateFiles, TlsConfigError
 
@@ -52,8 +51,9 @@ class EncryptedListeners:
         self.config = config
         self.slots = TcpSlots(limits)  # DoT and DoH share slots of their own (see dot.py)
         self.stats = DohStats()
+        self.admission = TlsAdmission(dispatch, self.slots, config.handshake_timeout)
         self.certs: CertificateFiles | None = None
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[GatedListener] = []
         self.bound: list[tuple[str, str, int]] = []  # (kind, host, port)
         self.bind_error: str | None = None
         self._poll: asyncio.Task[None] | None = None
@@ -97,22 +97,17 @@ class EncryptedListeners:
 
     async def _bind(self) -> None:
         assert self.certs is not None
-        loop = asyncio.get_running_loop()
-        timeout = self.config.handshake_timeout
         for host, port in self.config.dot:
             try:
-                srv = await start_dot(host, port, self.dispatch, self.slots, self.certs.front_context(ALPN_DOT), timeout)
+                srv = await start_dot(self.admission, host, port, self.certs.front_context(ALPN_DOT))
             except OSError as exc:
                 raise EncryptedListenError(f"cannot listen for DoT on {_fmt(host, port)}: {exc.strerror}") from None
             self.servers.append(srv)
             self.bound.append(("dot", host, srv.sockets[0].getsockname()[1]))
         for host, port in self.config.doh:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
-                srv = await loop.create_server(lambda: DohConnection(self.dispatch, self.slots, self.stats),
-                                               host=host, port=port, family=family,
-                                               ssl=self.certs.front_context(ALPN_DOH), ssl_handshake_timeout=timeout,
-                                               ssl_shutdown_timeout=timeout, reuse_address=True, backlog=1024)
+                srv = await self.admission.listen(host, port, self.certs.front_context(ALPN_DOH),
+                                                  lambda: DohConnection(self.dispatch, self.slots, self.stats))
             except OSError as exc:
                 raise EncryptedListenError(f"cannot listen for DoH on {_fmt(host, port)}: {exc.strerror}") from None
             self.servers.append(srv)
@@ -128,6 +123,7 @@ class EncryptedListeners:
     async def _close_servers(self) -> None:
         for s in self.servers:
             s.close()
+        self.admission.abort_all()
         for conn in list(self.slots.conns):
             conn.transport.abort()
         for s in self.servers:
@@ -152,6 +148,8 @@ class EncryptedListeners:
                 "certificate": self.certs.status() if self.certs else None,
                 "bind_error": self.bind_error,
                 "connections": len(self.slots.conns),
+                "handshaking": len(self.admission.handshakes),
+                "handshake_failures": self.admission.handshake_failures,
                 "doh": {"queries": self.stats.queries, "http2_connections": self.stats.http2,
                         "http11_connections": self.stats.http11, "http_errors": self.stats.errors,
                         "protocol_errors": self.stats.protocol_errors}}

@@ -84,7 +84,10 @@ def _addr(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def is_self(upstream: Upstream, own_addresses: Iterable[Upstream] = ()) -> bool:
     """True when `upstream` is this resolver: the MagicDNS addresses, or one of our listen addresses
-    (a wildcard listener, 0.0.0.0 or ::, is reached through any loopback address on its port)."""
+    (a wildcard listener, 0.0.0.0 or ::, is reached through any loopback address on its port).
+    An upstream by name (`tls://NAME`) is checked when its addresses are known (upstream_tls.py)."""
+    if not upstream.host:
+        return False
     addr = _addr(upstream.host)
     if addr in (MAGICDNS_V4, MAGICDNS_V6):
         return True
@@ -587,6 +590,8 @@ class Forwarder:
                                        "srtt_ms": h.srtt_ms, "last_error": h.last_error}
                           for h in self.upstream_health()},
         }
+        if self.encrypted is not None:  # DoT/DoH connections, names of upstreams by name, DoH upgrade legs
+            out["encrypted_upstreams"] = self.encrypted.stats()
         if self.cache is not None:
             c = self.cache.stats()
             out["cache"] = {"entries": c.entries, "bytes": c.bytes, "hits": c.hits, "misses": c.misses,

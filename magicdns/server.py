@@ -7,6 +7,7 @@ A new view is a new `Engine` swapped in with one assignment, so a query sees one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -82,6 +83,12 @@ class ServerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     encrypted: EncryptedConfig = EncryptedConfig()  # DoT/DoH listeners and their certificate (encrypted.py)
     upstream_ca: tuple[str, ...] = ()  # CA files trusted for tls:// and https:// upstreams, besides the system's
+    # Who resolves the names in tls://NAME and https://NAME/ upstreams (stub.NameCache): these
+    # resolvers, else the original ones of this resolv.conf (its backup once a node replaced it).
+    bootstrap_dns: tuple[Upstream, ...] = ()
+    resolv_conf: str = "/etc/resolv.conf"
+    # Plain upstreams that are well-known public resolvers go over their DoH endpoint (publicdns.py).
+    upgrade_public_dns: bool = False
 
 
 class DnsServer:
@@ -108,9 +115,17 @@ class DnsServer:
         self._tasks: set[asyncio.Task] = set()
         self._tcp = TcpSlots(limits)
         self.encrypted = EncryptedListeners(self.dispatch, limits, config.encrypted)
-        if config.upstream_ca:
-            from .upstream_tls import EncryptedUpstreams
-            self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca)
+        # Encrypted upstreams: TLS contexts made on first use; names (tls://NAME) asked of the
+        # bootstrap resolvers or the system's original ones, never of ourselves.
+        from .stub import NameCache, StubResolver
+        from .upstream_tls import EncryptedUpstreams
+
+        def make_stub() -> StubResolver:
+            if config.bootstrap_dns:
+                return StubResolver(config.bootstrap_dns)
+            return StubResolver.from_system(config.resolv_conf, own_addresses=tuple(
+                Upstream(h, p) for h, p in config.listen))
+        self.forwarder.encrypted = EncryptedUpstreams(config.upstream_ca, names=NameCache(make_stub))
         self._forward_budget = TokenBucket(config.max_forward_qps)
         self.bound: list[tuple[str, int]] = []
         self.started_at = time.time()
@@ -211,14 +226,26 @@ class DnsServer:
 
     def set_view(self, view: DnsView) -> None:
         """Swap in a new snapshot: one assignment, so no query sees half of two views."""
-        self._install(Zone(view, self.config.fallback_upstreams, self.config.resolver_addresses), view)
+        self._install(Zone(*self._zone_args(view)), view)
 
     async def set_view_async(self, view: DnsView) -> None:
         """`set_view`, building the snapshot in a thread so large views do not stall the listeners."""
         loop = asyncio.get_running_loop()
-        zone = await loop.run_in_executor(
-            None, Zone, view, self.config.fallback_upstreams, self.config.resolver_addresses)
+        zone = await loop.run_in_executor(None, Zone, *self._zone_args(view))
         self._install(zone, view)
+
+    def _zone_args(self, view: DnsView) -> tuple[DnsView, tuple[Upstream, ...], tuple[str, ...]]:
+        """The view and fallback the zone is built from: with the public-DNS upgrade on (here or in
+        the view's DNS settings), well-known public resolvers become DoH with plain DNS behind."""
+        fallback = self.config.fallback_upstreams
+        if self.config.upgrade_public_dns or view.dns.upgrade_public_dns:
+            from . import publicdns
+            table = self.config.extra.get("publicdns_table", publicdns.KNOWN_DOH)  # tests: loopback stand-ins
+            dns = dataclasses.replace(view.dns, nameservers=publicdns.upgrade(view.dns.nameservers, table),
+                                      routes=publicdns.upgrade_routes(view.dns.routes, table))
+            view = dataclasses.replace(view, dns=dns)
+            fallback = publicdns.upgrade(fallback, table)
+        return view, fallback, self.config.resolver_addresses
 
     def _install(self, zone: Zone, view: DnsView) -> None:
         old = self.engine
@@ -312,8 +339,8 @@ class DnsServer:
                         continue
                     routes[suffix] = "local"
                 else:
-                    routes[suffix] = [u.spec for u in target.upstreams]
-            routes["."] = [u.spec for u in zone.default_route.upstreams] if zone.default_route else []
+                    routes[suffix] = [_shown(u) for u in target.upstreams]
+            routes["."] = [_shown(u) for u in zone.default_route.upstreams] if zone.default_route else []
         fast = c.engine_fast + (engine.fast_hits if engine else 0)
         slow = c.engine_slow + (engine.slow if engine else 0)
         return {
@@ -401,6 +428,11 @@ class TokenBucket:
 
 def _routes_changed(old: Zone, new: Zone) -> bool:
     return old.routes != new.routes or old.default_route != new.default_route
+
+
+def _shown(up: Upstream) -> str:
+    """An upstream as `status` shows it: an upgraded public resolver says so (publicdns.py)."""
+    return f"{up.spec} (upgraded; plain DNS to port {up.plain_behind} behind)" if up.plain_behind else up.spec
 
 
 def _fmt(host: str, port: int) -> str:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import aiodns
 import pycares
@@ -127,11 +128,15 @@ class StubResolver:
     async def resolve(self, host: str, family: int = socket.AF_UNSPEC) -> tuple[Address, ...]:
         """Every address of `host` (IPv4 first, then IPv6, each in the order given); an IP
         literal is returned as it is. `family` is AF_INET, AF_INET6 or AF_UNSPEC (both)."""
+        return (await self.resolve_with_ttl(host, family))[0]
+
+    async def resolve_with_ttl(self, host: str, family: int = socket.AF_UNSPEC) -> tuple[tuple[Address, ...], int | None]:
+        """`resolve`, and the smallest TTL of the address records (None: a literal or the hosts file)."""
         name = host.strip().rstrip(".")
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
         try:
-            return (ipaddress.ip_address(name.split("%", 1)[0]),)
+            return (ipaddress.ip_address(name.split("%", 1)[0]),), None
         except ValueError:
             pass
         if not name:
@@ -141,9 +146,10 @@ class StubResolver:
             pinned = tuple(a for a in hosts_file_addresses(name, self._hosts_file)
                            if family == socket.AF_UNSPEC or (a.version == 4) == (family == socket.AF_INET))
             if pinned:
-                return pinned  # as glibc's "files dns": the hosts file wins
+                return pinned, None  # as glibc's "files dns": the hosts file wins
         channel = self._channel()
         found: list[Address] = []
+        ttl: int | None = None
         errors: list[str] = []
         # One query per family, one after the other: a resolver that refuses AAAA (dnsmasq without
         # upstreams does) must not fail the A answer. Plain queries, not c-ares's getaddrinfo: that
@@ -158,12 +164,13 @@ class StubResolver:
             for record in result.answer:  # a recursive resolver's answer: CNAME chain, then addresses
                 if record.type in (1, 28):
                     addr = ipaddress.ip_address(record.data.addr)
+                    ttl = record.ttl if ttl is None else min(ttl, record.ttl)
                     if addr not in found:
                         found.append(addr)
         if not found:
             reason = errors[0] if errors else "no address"
             raise StubError(f"cannot resolve {name}: {reason} (asked {self._servers_text()})")
-        return tuple(found)
+        return tuple(found), ttl
 
     def _servers_text(self) -> str:
         return ", ".join(u.spec for u in self.nameservers)
@@ -180,6 +187,97 @@ class StubResolver:
         await self.close()
 
 
+class NameCache:
+    """Addresses of the host names in upstream URLs (`tls://dns.example`), asked of a StubResolver
+    (never of ourselves) and kept for their TTL, clamped to [MIN_TTL, MAX_TTL]; one lookup in
+    flight per name. `forget` after a connection to every address failed makes the next use
+    re-resolve; should that lookup fail, the old addresses are used once more (stale on error) and
+    a failed name is not asked again for NEGATIVE_TTL, so a dead resolver is not asked per query.
+
+    A stub is made per lookup (`make_stub`) and closed after it: c-ares keeps answers of its own
+    for their TTL, which would hand `forget` the very addresses that just failed, and a fresh one
+    reads the system's resolvers as they are now. Lookups are rare (once per TTL per name), so
+    this costs nothing that matters. `clock` is monotonic seconds, passed in for tests."""
+
+    MIN_TTL = 30.0
+    MAX_TTL = 3600.0
+    HOSTS_TTL = 300.0  # hosts-file entries have no TTL: re-read every five minutes
+    NEGATIVE_TTL = 5.0
+
+    def __init__(self, make_stub: "Callable[[], StubResolver]", clock: "Callable[[], float]" = time.monotonic) -> None:
+        self._make_stub = make_stub
+        self.clock = clock
+        # name -> (addresses, fresh until); addresses stay after expiry for stale-on-error
+        self._entries: dict[str, tuple[tuple[Address, ...], float]] = {}
+        self._failed: dict[str, tuple[StubError, float]] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[Address, ...]]] = {}
+        self.lookups = 0
+
+    async def addresses(self, name: str) -> tuple[Address, ...]:
+        """NAME's addresses (IPv4 first); raises StubError when it has none and never had."""
+        key = name.lower().rstrip(".")
+        now = self.clock()
+        entry = self._entries.get(key)
+        if entry is not None and now < entry[1]:
+            return entry[0]
+        failed = self._failed.get(key)
+        if failed is not None and now < failed[1]:
+            if entry is not None:
+                return entry[0]
+            raise failed[0]
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        fut: asyncio.Future[tuple[Address, ...]] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            addrs = await self._lookup(key, entry)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, StubError) else StubError(str(exc)))
+                fut.exception()  # retrieved: waiters get it, nobody else must
+            raise
+        else:
+            fut.set_result(addrs)
+            return addrs
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _lookup(self, key: str, entry: tuple[tuple[Address, ...], float] | None) -> tuple[Address, ...]:
+        self.lookups += 1
+        try:
+            stub = self._make_stub()  # StubError when there are no original resolvers
+            try:
+                addrs, ttl = await stub.resolve_with_ttl(key)
+            finally:
+                await stub.close()
+        except StubError as exc:
+            self._failed[key] = (exc, self.clock() + self.NEGATIVE_TTL)
+            if entry is not None:
+                return entry[0]  # stale on error: the old addresses are our best guess
+            raise
+        keep = self.HOSTS_TTL if ttl is None else min(max(float(ttl), self.MIN_TTL), self.MAX_TTL)
+        self._failed.pop(key, None)
+        self._entries[key] = (addrs, self.clock() + keep)
+        return addrs
+
+    def forget(self, name: str) -> None:
+        """Every address of NAME failed: ask again on next use (the addresses stay as a fallback)."""
+        key = name.lower().rstrip(".")
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (entry[0], float("-inf"))
+
+    def status(self) -> dict[str, object]:
+        now = self.clock()
+        return {"lookups": self.lookups,
+                "names": {k: {"addresses": [str(a) for a in v[0]], "fresh_for_s": max(0, round(v[1] - now))}
+                          for k, v in self._entries.items()}}
+
+    async def close(self) -> None:
+        """Nothing is held between lookups (a stub per lookup); kept for symmetry with the stub."""
+
+
 async def resolve_host(host: str, family: int = socket.AF_UNSPEC, *,
                        resolv_conf: str | Path = "/etc/resolv.conf", backup_path: str | Path | None = None,
                        own_addresses: Iterable[Upstream] = ()) -> tuple[Address, ...]:
@@ -194,33 +292,26 @@ async def resolve_upstreams(specs: Iterable[str], resolver: StubResolver | None 
                             own_addresses: Iterable[Upstream] = ()) -> tuple[Upstream, ...]:
     """Upstream specs where a host may be a name (`dns.example`, `dns.example:5353`): names are
     resolved through the stub (every address becomes an upstream), addresses parsed as they are.
-    Raises upstream.UpstreamError for a malformed spec and StubError for a name that does not resolve."""
-    import dataclasses
-
-    from .upstream import UpstreamError, encrypted_by_name, parse_upstream, split_host_port
+    An encrypted upstream by name (`tls://NAME`, `https://NAME/dns-query`) is kept by name: its
+    addresses are looked up when it is connected to, and again when they expire or fail
+    (`NameCache`, upstream_tls.py). Raises upstream.UpstreamError for a malformed spec and
+    StubError for a name that does not resolve."""
+    from .upstream import UpstreamError, parse_upstream, split_host_port
 
     specs = list(specs)
     out: list[Upstream] = []
     own_resolver = resolver is None
     try:
         for spec in specs:
-            named = None
             try:
                 out.append(parse_upstream(spec))
                 continue
             except UpstreamError:
-                named = encrypted_by_name(spec)  # tls://NAME or https://NAME/...: connect to NAME's addresses
-                if named is not None:
-                    host, port = named.tls_name, named.port
-                else:
-                    host, port = split_host_port(spec)  # raises UpstreamError when it is not HOST[:PORT]
+                host, port = split_host_port(spec)  # raises UpstreamError when it is not HOST[:PORT]
             if resolver is None:
                 resolver = StubResolver.from_system(resolv_conf, own_addresses=own_addresses)
             addrs = await resolver.resolve(host)
-            if named is not None:
-                out.extend(dataclasses.replace(named, host=str(a)) for a in addrs)
-            else:
-                out.extend(Upstream(str(a), port) for a in addrs)
+            out.extend(Upstream(str(a), port) for a in addrs)
     finally:
         if own_resolver and resolver is not None:
             await resolver.close()

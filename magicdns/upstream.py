@@ -20,17 +20,29 @@ class Upstream:
     scheme: str = "dns"
     tls_name: str = ""
     path: str = ""
+    # A public resolver upgraded to DoH (publicdns.py): plain DNS to host:plain_behind is raced
+    # behind the DoH query (0: none).
+    plain_behind: int = 0
 
     @property
     def encrypted(self) -> bool:
         return self.scheme != "dns"
 
     @property
+    def by_name(self) -> bool:
+        """An encrypted upstream given by name only (`tls://NAME`): its addresses come from the
+        system's original resolvers when it is connected to (stub.NameCache)."""
+        return self.scheme != "dns" and not self.host
+
+    @property
     def spec(self) -> str:
         """The canonical text form, as accepted by `parse_upstream`."""
         if self.scheme != "dns":
-            addr = f"[{self.host}]" if ":" in self.host else self.host
             default = 853 if self.scheme == "tls" else 443
+            if not self.host:
+                port = "" if self.port == default else f":{self.port}"
+                return f"{self.scheme}://{self.tls_name}{port}{self.path}"
+            addr = f"[{self.host}]" if ":" in self.host else self.host
             where = addr if self.port == default else f"{addr}:{self.port}"
             return f"{self.scheme}://{self.tls_name}@{where}{self.path}"
         if ":" in self.host:
@@ -44,10 +56,11 @@ class Upstream:
 
 def parse_upstream(text: str) -> Upstream:
     """Parse '1.1.1.1', '127.0.0.1:5301', '[::1]:53' or '::1'; resolvers must be IP addresses.
-    Encrypted: 'tls://NAME@IP[:PORT]' (DoT, port 853) and 'https://NAME@IP[:PORT]/dns-query' (DoH)."""
+    Encrypted: 'tls://NAME@IP[:PORT]' (DoT, port 853) and 'https://NAME@IP[:PORT]/dns-query' (DoH),
+    or by name only, 'tls://NAME[:PORT]' and 'https://NAME[:PORT]/dns-query' (`Upstream.by_name`)."""
     spec = text.strip()
     if "://" in spec:
-        return _parse_encrypted(text, spec)
+        return encrypted_by_name(text) or _parse_encrypted(text, spec)
     host, port = spec, "53"
     if spec.startswith("["):
         end = spec.find("]")
@@ -113,7 +126,7 @@ def _parse_encrypted(text: str, spec: str) -> Upstream:
     default = 853 if scheme == "tls" else 443
     if where.count(":") == 1 or where.startswith("["):
         addr = parse_upstream(where)
-        host, port = addr.host, addr.port
+        host, port = addr.host, addr.port if ("]:" in where or not where.startswith("[")) else default
     else:
         host, port = parse_upstream(where).host, default
     return Upstream(host, port, scheme, name, path)
@@ -142,6 +155,10 @@ def encrypted_by_name(text: str) -> Upstream | None:
         port = int(port_text)
     else:
         name = rest
+    try:
+        return Upstream(str(ipaddress.ip_address(name)), port, scheme, name, path)  # tls://IP: verified by IP
+    except ValueError:
+        pass
     try:
         name = normalize_domain(name)
     except NameError_ as exc:

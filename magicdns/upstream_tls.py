@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 import time
 from typing import Iterable
@@ -25,11 +26,16 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
+from .publicdns import DOH_HEAD_START
+from .ranges import RESOLVER_V4, RESOLVER_V6
+from .stub import NameCache, StubError, StubResolver
 from .upstream import Upstream
 
 log = logging.getLogger("magicdns.upstream_tls")
 
 CONNECT_TIMEOUT = 3.0
+MAX_ADDRESSES = 4  # addresses of one upstream name tried per connection attempt (the race bounds the time)
+SELF_ADDRESSES = frozenset((RESOLVER_V4, RESOLVER_V6))
 LOG_EVERY = 60.0  # seconds between repeats of the same failure line for one upstream
 
 
@@ -77,9 +83,9 @@ class _DotConnection:
         self.dead = False
         self.reader_task: asyncio.Task[None] | None = None
 
-    async def connect(self) -> None:
+    async def connect(self, host: str) -> None:
         reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-            self.up.host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
+            host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
         self.reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -139,9 +145,9 @@ class _DohConnection:
         self.dead = False
         self.reader_task: asyncio.Task[None] | None = None
 
-    async def connect(self) -> None:
+    async def connect(self, host: str) -> None:
         reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-            self.up.host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
+            host, self.up.port, ssl=self.ctx, server_hostname=self.up.tls_name), CONNECT_TIMEOUT)
         sslobj = self.writer.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
             self.writer.close()
@@ -233,17 +239,78 @@ class _DohConnection:
             self.reader_task.cancel()
 
 
+def _question_end(wire: bytes) -> int:
+    """Where the first question of `wire` ends (12 when it cannot be read: only the ID is checked)."""
+    i = 12
+    while i < len(wire):
+        n = wire[i]
+        if n == 0:
+            return min(i + 5, len(wire))
+        if n & 0xC0:
+            return 12
+        i += n + 1
+    return 12
+
+
+class _PlainReply(asyncio.DatagramProtocol):
+    def __init__(self, sent_id: bytes, question: bytes, fut: asyncio.Future[bytes]) -> None:
+        self.sent_id = sent_id
+        self.question = question
+        self.fut = fut
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if self.fut.done() or len(data) < 12 or data[:2] != self.sent_id or not data[2] & 0x80:
+            return  # not our reply (a spoof needs the ID and the question): keep waiting
+        if data[12:12 + len(self.question)] != self.question:
+            return
+        if data[2] & 0x02:
+            self.fut.set_exception(EncryptedUpstreamError("plain DNS reply truncated"))  # DoH has no limit: leave it to DoH
+            return
+        self.fut.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(EncryptedUpstreamError(f"plain DNS: {_why(exc)}"))
+
+
+async def plain_dns_query(host: str, port: int, wire: bytes) -> bytes:
+    """One query over UDP to host:port with a fresh random ID (the caller's restored on the reply);
+    replies with another ID or question are ignored. No timeout of its own: the caller's race has one."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+    sent_id = secrets.token_bytes(2)
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _PlainReply(sent_id, wire[12:_question_end(wire)], fut), remote_addr=(host, port))
+    try:
+        transport.sendto(sent_id + wire[2:])
+        reply = await fut
+    finally:
+        transport.close()
+    return wire[:2] + reply[2:]
+
+
 class EncryptedUpstreams:
     """The connections to every encrypted upstream of one forwarder."""
 
-    def __init__(self, extra_ca_files: Iterable[str] = (), extra_ca_pems: Iterable[str] = ()) -> None:
+    def __init__(self, extra_ca_files: Iterable[str] = (), extra_ca_pems: Iterable[str] = (),
+                 names: NameCache | None = None) -> None:
+        """`names` resolves upstreams given by name (`tls://NAME`); by default through the
+        system's original resolvers (stub.StubResolver.from_system), never through ourselves."""
         files, pems = tuple(extra_ca_files), tuple(extra_ca_pems)
-        self.dot_ctx = client_context(files, pems, ("dot",))
-        self.doh_ctx = client_context(files, pems, ("h2",))
+        self.names = names or NameCache(StubResolver.from_system)
+        self._cas = (files, pems)
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        if files or pems:
+            self._context("tls")  # a CA file that does not load is an error at start, not at first query
+            self._context("https")
         self.conns: dict[Upstream, _DotConnection | _DohConnection] = {}
         self._connecting: dict[Upstream, asyncio.Future[_DotConnection | _DohConnection]] = {}
         self._logged: dict[tuple[Upstream, str], float] = {}
         self.connects = 0
+        self.head_start = DOH_HEAD_START
+        self._demoted: dict[str, set[object]] = {}  # upstream name -> addresses to try last
+        self.upgraded_doh_answers = 0  # upgraded public resolvers: which leg answered
+        self.upgraded_plain_answers = 0
 
     async def _conn(self, up: Upstream) -> _DotConnection | _DohConnection:
         conn = self.conns.get(up)
@@ -255,9 +322,10 @@ class EncryptedUpstreams:
         fut: asyncio.Future[_DotConnection | _DohConnection] = asyncio.get_running_loop().create_future()
         self._connecting[up] = fut
         try:
-            new: _DotConnection | _DohConnection = (_DotConnection(up, self.dot_ctx) if up.scheme == "tls"
-                                                    else _DohConnection(up, self.doh_ctx))
-            await new.connect()
+            ctx = self._context(up.scheme)
+            new: _DotConnection | _DohConnection = (_DotConnection(up, ctx) if up.scheme == "tls"
+                                                    else _DohConnection(up, ctx))
+            await self._connect(new, up)
             self.connects += 1
             self.conns[up] = new
             fut.set_result(new)
@@ -273,7 +341,93 @@ class EncryptedUpstreams:
         finally:
             self._connecting.pop(up, None)
 
+    def _context(self, scheme: str) -> ssl.SSLContext:
+        """The client context of a scheme, made on first use: loading the system store takes ~0.1 s."""
+        ctx = self._contexts.get(scheme)
+        if ctx is None:
+            ctx = self._contexts[scheme] = client_context(*self._cas, alpn=("dot",) if scheme == "tls" else ("h2",))
+        return ctx
+
+    async def _connect(self, conn: _DotConnection | _DohConnection, up: Upstream) -> None:
+        """Connect to the upstream's address or, given by name, to its addresses in turn; when none
+        takes the connection the name is re-resolved on the next attempt."""
+        if up.host:
+            await conn.connect(up.host)
+            return
+        try:
+            addrs = await self.names.addresses(up.tls_name)
+        except StubError as exc:
+            raise EncryptedUpstreamError(str(exc)) from None
+        tried = 0
+        last: BaseException | None = None
+        # Addresses that failed, or were still connecting when the race gave up, go last next time:
+        # otherwise a dead first address (a broken IPv4 path) would use up every race's time and
+        # the others would never be tried.
+        demoted = self._demoted.setdefault(up.tls_name, set())
+        for addr in sorted(addrs, key=lambda a: a in demoted):
+            if addr in SELF_ADDRESSES:
+                continue  # ourselves: a name must never make us forward to us
+            if tried == MAX_ADDRESSES:
+                break
+            tried += 1
+            try:
+                await conn.connect(str(addr))
+                demoted.discard(addr)
+                return
+            except ssl.SSLCertVerificationError:
+                raise  # the name's certificate is wrong: another address of it will not fix that
+            except (OSError, asyncio.TimeoutError) as exc:
+                demoted.add(addr)
+                last = exc
+            except asyncio.CancelledError:
+                demoted.add(addr)
+                raise
+        self.names.forget(up.tls_name)
+        if last is None:
+            raise EncryptedUpstreamError(f"{up.tls_name} has no address but ourselves ({', '.join(map(str, addrs))})")
+        raise last
+
     async def query(self, up: Upstream, wire: bytes) -> bytes:
+        """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (see `_query`). A public
+        resolver upgraded to DoH (`up.plain_behind`, publicdns.py) races plain DNS behind it."""
+        if up.plain_behind:
+            return await self._doh_then_plain(up, wire)
+        return await self._query(up, wire)
+
+    async def _doh_then_plain(self, up: Upstream, wire: bytes) -> bytes:
+        """DoH alone for `head_start` seconds (or until it fails), then plain DNS to the original
+        address as well; the first good reply wins and the other leg is cancelled."""
+        loop = asyncio.get_running_loop()
+        doh = loop.create_task(self._query(up, wire))
+        plain: asyncio.Task[bytes] | None = None
+        try:
+            await asyncio.wait((doh,), timeout=self.head_start)
+            if doh.done() and doh.exception() is None:
+                self.upgraded_doh_answers += 1
+                return doh.result()
+            plain = loop.create_task(plain_dns_query(up.host, up.plain_behind, wire))
+            pending: set[asyncio.Task[bytes]] = {t for t in (doh, plain) if not t.done()}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        if task is doh:
+                            self.upgraded_doh_answers += 1
+                        else:
+                            self.upgraded_plain_answers += 1
+                        return task.result()
+            raise EncryptedUpstreamError(f"DoH: {doh.exception()}; plain DNS behind it: {plain.exception()}")
+        finally:
+            for task in (doh, plain):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    def stats(self) -> dict[str, object]:
+        return {"connections": len(self.conns), "connects": self.connects,
+                "upgraded_doh_answers": self.upgraded_doh_answers,
+                "upgraded_plain_answers": self.upgraded_plain_answers, "names": self.names.status()}
+
+    async def _query(self, up: Upstream, wire: bytes) -> bytes:
         """The upstream's reply to `wire`; raises `EncryptedUpstreamError` (logged once a minute per cause).
 
         A kept connection the server closed while idle (servers time them out) is found out only by
@@ -306,3 +460,4 @@ class EncryptedUpstreams:
         for conn in self.conns.values():
             conn.close()
         self.conns.clear()
+        await self.names.close()

@@ -44,6 +44,8 @@ class DnsSettings:
     routes: Mapping[str, tuple[Upstream, ...]] = field(default_factory=dict)
     search_domains: tuple[str, ...] = ()
     records: tuple[Record, ...] = ()
+    # Plain upstreams that are well-known public resolvers go over their DoH endpoint (publicdns.py).
+    upgrade_public_dns: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,7 @@ class DnsView:
             routes=self.dns.routes,
             search_domains=self.dns.search_domains,
             records=self.dns.records + tuple(records),
+            upgrade_public_dns=self.dns.upgrade_public_dns,
         )
         return DnsView(self.domain, self.self_host, self.peers, dns, version)
 
@@ -87,6 +90,7 @@ class DnsView:
                 "routes": {d: [u.spec for u in ups] for d, ups in self.dns.routes.items()},
                 "search_domains": list(self.dns.search_domains),
                 "records": [r.to_json() for r in self.dns.records],
+                **({"upgrade_public_dns": True} if self.dns.upgrade_public_dns else {}),
             },
             "version": self.version,
         }
@@ -200,8 +204,11 @@ def _view_from_json(obj: Any) -> DnsView:
     version = obj.get("version", 0)
     if not isinstance(version, int) or version < 0 or version > 0xFFFFFFFF:
         raise ViewError("version: expected an integer from 0 to 4294967295")
+    upgrade = dns_obj.get("upgrade_public_dns", False)
+    if not isinstance(upgrade, bool):
+        raise ViewError("dns.upgrade_public_dns: expected true or false")
     settings = DnsSettings(_upstreams(dns_obj.get("nameservers", []) or [], "dns.nameservers"),
-                           routes, search_t, tuple(records))
+                           routes, search_t, tuple(records), upgrade)
     return DnsView(domain, self_host, peers, settings, version)
 
 

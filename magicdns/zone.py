@@ -142,7 +142,7 @@ class Zone:
                 if not is_subdomain(suffix, self.domain):
                     self.routes[suffix] = LocalZone(suffix, "local")
                 continue
-            allow = any(in_tailnet(ipaddress.ip_address(u.host)) for u in ups)
+            allow = any(u.host and in_tailnet(ipaddress.ip_address(u.host)) for u in ups)  # by name: not in the tailnet
             self.routes[suffix] = ForwardRoute(suffix, ups, allow)
         default = view.dns.nameservers or fallback
         self.default_route = ForwardRoute("", default, False) if default else None

@@ -167,12 +167,14 @@ class DnsConfig:
     routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # split DNS; [] = answer locally
     search_domains: tuple[str, ...] = ()
     records: tuple[Record, ...] = ()
+    upgrade_public_dns: bool = False  # public resolvers over their DoH endpoint (magicdns/publicdns.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"nameservers": list(self.nameservers),
                 "routes": {d: list(r) for d, r in self.routes.items()},
                 "search_domains": list(self.search_domains),
-                "records": [r.to_json() for r in self.records]}
+                "records": [r.to_json() for r in self.records],
+                **({"upgrade_public_dns": True} if self.upgrade_public_dns else {})}
 
     @staticmethod
     def from_json(obj: Any, domain: str) -> "DnsConfig":
@@ -196,7 +198,7 @@ class DnsConfig:
         return DnsConfig(tuple(str(n) for n in obj.get("nameservers") or ()),
                          MappingProxyType({str(d): tuple(str(u) for u in ups) for d, ups in routes.items()}),
                          tuple(str(s) for s in obj.get("search_domains") or ()),
-                         tuple(records))
+                         tuple(records), obj.get("upgrade_public_dns") is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,5 +347,6 @@ class ViewBuilder:
             routes = {d: tuple(parse_upstream(s) for s in ups) for d, ups in netmap.dns.routes.items()}
         except UpstreamError as exc:
             raise NetMapError(f"dns: {exc}") from None
-        settings = DnsSettings(nameservers, routes, netmap.dns.search_domains, netmap.dns.records)
+        settings = DnsSettings(nameservers, routes, netmap.dns.search_domains, netmap.dns.records,
+                               netmap.dns.upgrade_public_dns)
         return DnsView(netmap.domain, _host(netmap.self_node), peers, settings, netmap.version & 0xFFFFFFFF)

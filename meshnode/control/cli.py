@@ -682,13 +682,14 @@ def dns_show(db_path: str, as_json: bool) -> None:
     records = store.records.list()
     data = {"domain": store.domain(), "nameservers": list(s.nameservers),
             "routes": {d: list(u) for d, u in s.routes}, "search_domains": list(s.search_domains),
-            "records": [r.to_json() for r in records]}
+            "upgrade_public_dns": s.upgrade_public_dns, "records": [r.to_json() for r in records]}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"domain:          {data['domain']}")
     click.echo(f"nameservers:     {' '.join(s.nameservers) or '(system resolvers)'}")
     click.echo(f"search domains:  {' '.join(s.search_domains) or '-'}")
+    click.echo(f"public DNS:      {'upgraded to DoH (plain DNS behind)' if s.upgrade_public_dns else 'as configured'}")
     for d, ups in s.routes:
         click.echo(f"route:           {d} -> {' '.join(ups) or '(answered locally)'}")
     click.echo(f"records:         {len(records)}")
@@ -736,6 +737,16 @@ def dns_routes_rm(domain: str, db_path: str) -> None:
     """Remove the route for DOMAIN."""
     _run(lambda: _open(db_path).remove_route(domain))
     click.echo(f"route {domain} removed")
+
+
+@dns.command("upgrade-public-dns")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@_db_option
+def dns_upgrade_public_dns(state: str, db_path: str) -> None:
+    """Nodes send queries for well-known public resolvers (1.1.1.1, 8.8.8.8, 9.9.9.9, Mullvad) over
+    their DNS-over-HTTPS endpoint, with plain DNS raced behind it (off by default)."""
+    _run(lambda: _open(db_path).set_upgrade_public_dns(state == "on"))
+    click.echo(f"public DNS upgrade {state}")
 
 
 @dns.group("search-domains")

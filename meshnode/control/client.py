@@ -166,6 +166,18 @@ class MapAssembler:
                       flow_logs=self._flow_logs)
 
 
+@dataclass(frozen=True)
+class StreamState:
+    """The map stream as operators see it: up, or broken since when and why."""
+
+    connected: bool
+    since: float | None   # unix time of the last change between up and broken
+    error: str | None     # why it is not up
+
+    def to_json(self) -> dict[str, object]:
+        return {"connected": self.connected, "since": self.since, "error": self.error}
+
+
 class ControlClient:
     """A node's connection to a control server: one URL, or several replicas of one tailnet
     ("URL1,URL2", tried in order: the client stays on the one that answers and moves to the next when
@@ -339,15 +351,16 @@ class ControlClient:
                        advertise_routes: Iterable[str] = (), advertise_tags: Iterable[str] = (),
                        advertise_exit_node: bool = False, ephemeral: bool = False,
                        endpoints: Iterable[str] = (), disco_key: str = "",
-                       interactive: bool = False) -> RegisterResult:
+                       interactive: bool = False, key_signature: str | None = None) -> RegisterResult:
         """Register this machine (or log it in again: same machine key -> same node, name, addresses).
 
-        `authkey` is needed for a new machine or a logged-out one. Raises `ControlError` with the
-        server's reason (e.g. AUTHKEY_USED, AUTHKEY_EXPIRED, TAG_NOT_ALLOWED).
+        `authkey` is needed for a new machine or a logged-out one. `key_signature` (base64) is the
+        Tailnet Lock signature of our node key, e.g. a rotation signature after a new node key
+        (node/lock.py). Raises `ControlError` with the server's reason (e.g. AUTHKEY_USED,
+        AUTHKEY_EXPIRED, TAG_NOT_ALLOWED).
         """
         await self._chan()
         assert self.server_public_key is not None
-        key_signature = None
         if authkey and "--TL" in authkey:
             # A pre-signed auth key (`meshnode lock sign AUTHKEY`): sign our node key with its
             # credential, as tailscaled does, and send the plain key (meshnode/tka/nodesig.py).
@@ -462,10 +475,9 @@ class ControlClient:
         self.stream_error = error
 
     @property
-    def stream_state(self) -> dict[str, Any]:
-        """{"connected": bool, "since": unix time or None, "error": why it is not}."""
-        return {"connected": self.stream_since is not None and self.stream_error is None,
-                "since": self.stream_since, "error": self.stream_error}
+    def stream_state(self) -> StreamState:
+        return StreamState(self.stream_since is not None and self.stream_error is None,
+                           self.stream_since, self.stream_error)
 
     async def stream_map(self, *, reconnect: bool = True, once: bool = False,
                          max_backoff: float = 10.0) -> AsyncIterator[NetMap]:

@@ -53,7 +53,9 @@ def dns_json(settings: DnsSettings, records: Iterable[Record]) -> dict:
     return {"nameservers": list(settings.nameservers),
             "routes": {d: list(ups) for d, ups in settings.routes},
             "search_domains": list(settings.search_domains),
-            "records": [r.to_json() for r in records]}
+            "records": [r.to_json() for r in records],
+            # Sent only when on, so maps (and their hashes) of tailnets without it do not change.
+            **({"upgrade_public_dns": True} if settings.upgrade_public_dns else {})}
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,8 @@ class DnsSettings:
     nameservers: tuple[str, ...] = ()
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (domain, resolvers); () = answer locally
     search_domains: tuple[str, ...] = ()
+    # Nodes send queries for well-known public resolvers over their DoH endpoint (magicdns/publicdns.py).
+    upgrade_public_dns: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1565,7 +1567,8 @@ END $body$"""
                     routes[domain].append(value)
         return DnsSettings(tuple(v for k, _, v in rows if k == "nameserver"),
                            tuple((d, tuple(v)) for d, v in sorted(routes.items())),
-                           tuple(v for k, _, v in rows if k == "search"))
+                           tuple(v for k, _, v in rows if k == "search"),
+                           any(k == "option" and d == "upgrade_public_dns" and v == "on" for k, d, v in rows))
 
     def set_nameservers(self, servers: Sequence[str]) -> None:
         values = [_check_resolver(s) for s in servers]
@@ -1573,6 +1576,13 @@ END $body$"""
             old = list(self.dns_settings().nameservers)
             self._replace("nameserver", "", values)
             self._audit("dns.nameservers", "dns", old, values)
+
+    def set_upgrade_public_dns(self, on: bool) -> None:
+        """Nodes upgrade well-known public resolvers to DoH (plain DNS raced behind), or not."""
+        with self._tx():
+            old = self.dns_settings().upgrade_public_dns
+            self._replace("option", "upgrade_public_dns", ["on"] if on else [])
+            self._audit("dns.upgrade_public_dns", "dns", old, on)
 
     def set_search_domains(self, domains: Sequence[str]) -> None:
         values = [_check_domain(d) for d in domains]

@@ -118,6 +118,8 @@ def _listen_addr(ctx: click.Context, param: click.Parameter, values: tuple[str, 
             up = parse_upstream(v)
         except UpstreamError as exc:
             raise click.BadParameter(str(exc)) from None
+        if up.encrypted:  # tls://NAME parses as an upstream; a listen address is IP[:PORT] only
+            raise click.BadParameter(f"{v!r}: expected an IP address with an optional :PORT")
         out.append((up.host, up.port))
     return tuple(out)
 
@@ -149,11 +151,12 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
                os_name: str | None, metrics: str | None, query_log: str | None, verbose: int,
                dot_listen: tuple[tuple[str, int], ...] = (), doh_listen: tuple[tuple[str, int], ...] = ()) -> None:
     """Run the node daemon in the foreground."""
-    from .daemon import DaemonConfig, run_daemon
+    from .daemon import DaemonConfig
     from .dnsthread import DnsThreadError
+    from .errors import NodeError
     from .localapi import LocalApiError
     from .state import StateError
-    from .apitypes import ApiError
+    from .wiring import run_daemon
 
     if tun and userspace:
         raise click.UsageError("--tun and --userspace exclude each other")
@@ -179,7 +182,7 @@ def daemon_cmd(ctx: click.Context, state_dir: Path, socket_path: Path | None, tu
         asyncio.run(run_daemon(config))
     except (StateError, LocalApiError, DnsThreadError) as exc:
         raise click.ClickException(str(exc)) from None
-    except ApiError as exc:
+    except NodeError as exc:
         raise click.ClickException(exc.message) from None
 
 

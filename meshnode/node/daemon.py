@@ -15,7 +15,6 @@ import concurrent.futures
 import enum
 import ipaddress
 import logging
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,9 +30,11 @@ from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..words import control_failure, control_unreachable, in_words
 from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
+from .errors import (ControlFailed, ControlRefused, InvalidRequest, NotFound, NotReady, SystemFailure,
+                     TimedOut)
 from .flowlog import FlowLogger
 from .lock import LockService
-from .apitypes import (ApiError, IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
+from .apitypes import (IpRequest, NetcheckRequest, PingRequest, QueryRequest, ServeRequest,
                        UpRequest, WhoisRequest)
 from .cert import RECHECK as CERT_RECHECK, NodeCertificates, renewal_delay
 from .dnsthread import DnsThread, DnsThreadError
@@ -45,9 +46,9 @@ from .resolvconf import Drift, OsDnsConfig, forwarding_upstreams
 from .serve import (Caller, Kind, NoCertificate, ServeConfig, ServeEntry, ServeError, ServeRunner,
                     certificate_problem, load_config, save_config)
 from .state import IdentityDamaged, StateDir
-from .netcheckrun import NodeConnectivity
+from .netcheckrun import NodeConnectivity, probe_control
 from .router import Router, RouterError, control_addresses, local_networks, plan_routing
-from .tunnel import DEFAULT_PORT, Tunnel, TunnelError
+from .tunnel import DEFAULT_PORT, Tunnel, TunnelError, TunnelStatus
 
 log = logging.getLogger("meshnode.node.daemon")
 
@@ -108,7 +109,8 @@ def _b64(key: Any) -> str:
 
 
 class Daemon:
-    """One node. Public coroutines are what the LocalAPI calls; each raises `ApiError` on refusal."""
+    """One node. Public coroutines are what the LocalAPI calls; each raises a `NodeError` (errors.py) on refusal,
+    which the LocalAPI turns into an HTTP status."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -171,7 +173,9 @@ class Daemon:
         return DnsServer(ServerConfig(listen=listen, fallback_upstreams=self._upstreams,
                                       query_log=self.config.query_log, encrypted=self._encrypted_config(),
                                       # tls:// and https:// upstreams inside the tailnet verify against its CA
-                                      upstream_ca=(str(self.certs.ca_path),) if self.certs.ca_path.exists() else ()))
+                                      upstream_ca=(str(self.certs.ca_path),) if self.certs.ca_path.exists() else (),
+                                      # names in tls://NAME upstreams: asked of the original resolvers
+                                      bootstrap_dns=self._upstreams))
 
     def _encrypted_config(self) -> EncryptedConfig:
         c = self.config
@@ -284,8 +288,8 @@ class Daemon:
                 await self._tunnel.apply(self.netmap, self.prefs.exit_node, self.prefs.accept_routes,
                                          self.prefs.login_server)
         except TunnelError as exc:
-            raise ApiError(500, str(exc)) from None
-        self._conn.start_portmap(self._tunnel.status().get("listen_port"))
+            raise SystemFailure(str(exc)) from None
+        self._conn.start_portmap(self._tunnel.status().listen_port)
         await self._route(self.netmap)
         await self._sync_serve()
 
@@ -368,7 +372,7 @@ class Daemon:
             placed = await asyncio.to_thread(self._iface.install)
             self._dns_hosts = placed.addresses
         except InterfaceError as exc:
-            raise ApiError(500, f"cannot place the DNS service addresses: {exc}") from None
+            raise SystemFailure(f"cannot place the DNS service addresses: {exc}") from None
         if isinstance(self.osdns, ResolvedConfigurator) and self._applied_osdns is None:
             if placed.ifname == LOOPBACK:
                 # resolved ignores per-link DNS on loopback: fall back to managing the file.
@@ -540,21 +544,21 @@ class Daemon:
         nm = self.netmap
         client = self._control_client()
         if nm is None or client is None:
-            raise ApiError(409, "not connected to a tailnet: run `meshnode up` first")
+            raise NotReady("not connected to a tailnet: run `meshnode up` first")
         short = name.lower().rstrip(".")
         if short not in (nm.self_node.name, nm.self_node.fqdn.rstrip(".")):
-            raise ApiError(400, f"{name}: a certificate can only be for this node's name, {nm.self_node.fqdn.rstrip('.')}")
+            raise InvalidRequest(f"{name}: a certificate can only be for this node's name, {nm.self_node.fqdn.rstrip('.')}")
         try:
             cert, ca_pem = await client.request_cert(csr_pem)
         except ControlError as exc:
-            raise ApiError(502, f"the control server did not issue a certificate: {exc}") from None
+            raise ControlFailed(f"the control server did not issue a certificate: {exc}") from None
         return {"cert": cert, "ca": ca_pem}
 
     def ca_cert(self) -> dict[str, Any]:
         """The tailnet CA certificate (from the map, else the copy saved with the node's certificate)."""
         pem = (self.netmap.tailnet_ca if self.netmap is not None else "") or self.certs.ca_pem()
         if not pem:
-            raise ApiError(409, "no tailnet CA known yet: run `meshnode up` (the control server may predate it)")
+            raise NotReady("no tailnet CA known yet: run `meshnode up` (the control server may predate it)")
         return {"ca": pem, "domain": self.netmap.domain if self.netmap is not None else None}
 
     async def _refused_by_control(self, client: ControlClient, exc: ControlError) -> None:
@@ -663,14 +667,14 @@ class Daemon:
         async with self._lock:
             prefs = self._merge_prefs(req)
             if not prefs.login_server:
-                raise ApiError(400, "no login server: pass --login-server URL")
+                raise InvalidRequest("no login server: pass --login-server URL")
             if not req.force_reauth:
                 try:
                     self.state.machine_key()
                     self.state.server_key(prefs.login_server)
                 except IdentityDamaged as exc:
                     self.identity_error = str(exc)
-                    raise ApiError(409, str(exc)) from None
+                    raise NotReady(str(exc)) from None
             if req.exit_node and self.netmap is not None:
                 self._check_exit_node(self.netmap, req.exit_node)
             if req.force_reauth or (prefs.login_server != self.prefs.login_server and self.prefs.login_server):
@@ -695,6 +699,10 @@ class Daemon:
                                    advertise_routes=prefs.advertise_routes, advertise_tags=prefs.advertise_tags,
                                    advertise_exit_node=prefs.advertise_exit_node,
                                    endpoints=endpoints, disco_key=disco)
+                if fresh_key:   # Tailnet Lock: a rotation signature, so no `lock sign` is needed again
+                    rotated = await self.tka.rotation_signature(client.node_key_public)
+                    if rotated is not None:
+                        register_kw["key_signature"] = rotated
                 if req.authkey is None and req.interactive:
                     await self._login_in_browser(client, register_kw)
                 else:
@@ -708,7 +716,7 @@ class Daemon:
                 self.prefs = old_prefs
                 if self.backend in (BackendState.RUNNING, BackendState.STARTING):
                     self._start_map_stream()  # keep following the map we had
-                status = 502 if exc.retryable else 403
+                failure = ControlFailed if exc.retryable else ControlRefused
                 hint = ""
                 if exc.code is ErrorCode.BAD_SEAL:
                     hint = (" (if the control server was reinstalled, start over with"
@@ -720,8 +728,7 @@ class Daemon:
                 if exc.code is ErrorCode.TAG_NOT_ALLOWED and prefs.advertise_tags:
                     hint = (f" (this node asks for {', '.join(prefs.advertise_tags)}; drop them with"
                             " `meshnode up --advertise-tags=` or `meshnode set --advertise-tags=`)")
-                raise ApiError(status, control_failure(prefs.login_server, exc) + hint,
-                               detail=exc.detail) from None
+                raise failure(control_failure(prefs.login_server, exc) + hint, detail=exc.detail) from None
             if client.server_public_key:
                 self.state.save_server_key(prefs.login_server, client.server_public_key)
             self.identity_error = None
@@ -732,13 +739,13 @@ class Daemon:
             try:
                 await self._go_up()
             except DnsThreadError as exc:
-                raise ApiError(500, str(exc)) from None
+                raise SystemFailure(str(exc)) from None
         try:
             await asyncio.wait_for(self._first_map.wait(), req.timeout)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"registered, but no network map arrived within {req.timeout:g}s") from None
+            raise TimedOut(f"registered, but no network map arrived within {req.timeout:g}s") from None
         if self.netmap is None and self.control_error:
-            raise ApiError(403, self.control_error)
+            raise ControlRefused(self.control_error)
         return self.status()
 
     async def _login_in_browser(self, client: ControlClient, register_kw: dict[str, Any]) -> None:
@@ -757,7 +764,7 @@ class Daemon:
         try:
             return self.prefs.updated(**changes)
         except PrefsError as exc:
-            raise ApiError(400, str(exc)) from None
+            raise InvalidRequest(str(exc)) from None
 
     async def set_prefs(self, req: UpRequest) -> dict[str, Any]:
         """`meshnode set`: change the given prefs only. A running node applies them at once (through
@@ -777,7 +784,7 @@ class Daemon:
         """The node and user owning a tailnet address (the identity ACLs and `serve` use)."""
         node = self.node_of(req.address)
         if node is None:
-            raise ApiError(404, f"{req.address} is not the address of any node in the network map")
+            raise NotFound(f"{req.address} is not the address of any node in the network map")
         return {"address": req.address, "node": node_json(node), "user": node.user,
                 "tags": list(node.tags), "self": self.netmap is not None and node is self.netmap.self_node}
 
@@ -861,21 +868,21 @@ class Daemon:
         """Serve a port: it listens at once (or the request is refused, nothing changed), and is
         saved so a restarted daemon serves it again."""
         if self._tunnel is None:
-            raise ApiError(409, "serve shares a port on the node's tailnet addresses, which need the tunnel:"
+            raise NotReady("serve shares a port on the node's tailnet addresses, which need the tunnel:"
                                 " run the daemon with --tun NAME")
         async with self._lock:
             old = self.serve_config
             try:
                 new = old.with_entry(ServeEntry(req.port, Kind(req.kind), req.target))
             except ServeError as exc:
-                raise ApiError(400, str(exc)) from None
+                raise InvalidRequest(str(exc)) from None
             self.serve_config = new
             try:
                 await self._sync_serve(strict_port=req.port)
             except ServeError as exc:
                 self.serve_config = old
                 await self._sync_serve()
-                raise ApiError(409, str(exc)) from None
+                raise NotReady(str(exc)) from None
             save_config(self._serve_path, new)
         return self.serve_status()
 
@@ -884,7 +891,7 @@ class Daemon:
             try:
                 self.serve_config = self.serve_config.without(port)
             except ServeError as exc:
-                raise ApiError(404, str(exc)) from None
+                raise NotFound(str(exc)) from None
             save_config(self._serve_path, self.serve_config)
             await self._sync_serve()
         return self.serve_status()
@@ -914,7 +921,7 @@ class Daemon:
                     if exc.retryable or not exc.sealed:
                         # Forgetting the key without the server's word (it answered not at all, or
                         # something else answered on its URL) would leave a ghost node.
-                        raise ApiError(502, f"cannot log out: {control_failure(client.server_url, exc)}"
+                        raise ControlFailed(f"cannot log out: {control_failure(client.server_url, exc)}"
                                        " (`meshnode up --force-reauth` starts over without it)",
                                        detail=exc.detail) from None
                     log.warning("control: logout refused (%s); forgetting the node key anyway", exc)
@@ -938,9 +945,9 @@ class Daemon:
             health.append(self.identity_error)
         health += [f"state: {d}" for d in self.state.damage]
         control = self._client.stream_state if self._client is not None else None
-        if control is not None and control["error"] and not self.control_error:
-            since = time.strftime('%H:%M:%S', time.localtime(control['since']))
-            health.append(f"control server unreachable since {since}: {control['error']}; serving the last map")
+        if control is not None and control.error and not self.control_error:
+            since = time.strftime('%H:%M:%S', time.localtime(control.since))
+            health.append(f"control server unreachable since {since}: {control.error}; serving the last map")
         if self.router_error:
             health.append(self.router_error)
         routing = self._router.applied if self._router is not None else None
@@ -949,11 +956,11 @@ class Daemon:
                           " internet traffic is blocked (`meshnode set --exit-node=` goes direct)")
         tunnel = self._tunnel.status() if self._tunnel is not None else None
         if (tunnel is not None and self.backend in (BackendState.RUNNING, BackendState.STARTING)
-                and not tunnel.get("running")):
+                and not tunnel.running):
             health.append(f"tunnel {self.config.tun} is not running"
-                          + (f": {tunnel['failure']}" if tunnel.get("failure") else ""))
-        if tunnel is not None and (tunnel.get("filter") or {}).get("error"):
-            health.append(tunnel["filter"]["error"])
+                          + (f": {tunnel.failure}" if tunnel.failure else ""))
+        if tunnel is not None and tunnel.filter is not None and tunnel.filter.error:
+            health.append(tunnel.filter.error)
         from ..version import version
         return {
             "schema": STATUS_SCHEMA,
@@ -967,8 +974,8 @@ class Daemon:
             "map": {"version": nm.version if nm else None, "source": self.map_source or None,
                     "received_at": self.map_received_at, "saved_version": self.saved_version},
             "prefs": self.prefs.to_json(),
-            "control": control,
-            "tunnel": tunnel,
+            "control": control.to_json() if control is not None else None,
+            "tunnel": tunnel.to_json() if tunnel is not None else None,
             "health": health,
             "tailnet_lock": self._tka_status(health),
             "flow_logs": self.flowlog.on,
@@ -989,13 +996,13 @@ class Daemon:
         """`meshnode lock ...` through the LocalAPI (node/lockcli.py, node/lock.py)."""
         if not isinstance(body, dict) or not isinstance(body.get("command"), str) \
                 or not isinstance(body.get("params", {}), dict):
-            raise ApiError(400, "expected {command, params}")
+            raise InvalidRequest("expected {command, params}")
         return await self.tka.command(body["command"], body.get("params") or {}, self._control_client(),
                                       self._apply_map)
 
     def _peers_json(self, nm: NetMap) -> list[dict[str, Any]]:
-        tunnel = self._tunnel.status() if self._tunnel is not None else {}
-        by_key = {p["public_key"]: p for p in tunnel.get("peers", [])}
+        tunnel = self._tunnel.status() if self._tunnel is not None else None
+        by_key = {p.public_key: p for p in tunnel.peers} if tunnel is not None else {}
         ref = self.prefs.exit_node
         now = time.time()
         out = []
@@ -1006,20 +1013,20 @@ class Daemon:
             obj["tunnel"] = None
             obj["active"] = False
             if wg is not None:
-                obj["tunnel"] = {"endpoint": wg["endpoint"], "last_handshake": wg["last_handshake"],
-                                 "rx_bytes": wg["rx_bytes"], "tx_bytes": wg["tx_bytes"]}
-                if wg.get("path") is not None:
-                    obj["path"] = wg["path"]
+                obj["tunnel"] = {"endpoint": wg.endpoint, "last_handshake": wg.last_handshake,
+                                 "rx_bytes": wg.rx_bytes, "tx_bytes": wg.tx_bytes}
+                if wg.path is not None:
+                    obj["path"] = wg.path
                 # WireGuard re-handshakes every 2 minutes while traffic flows: older means idle.
-                shook = wg["last_handshake"]
-                obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg["endpoint"])
+                shook = wg.last_handshake
+                obj["active"] = bool(shook and now - shook < ACTIVE_SECONDS and wg.endpoint)
             out.append(obj)
         return out
 
     def ip(self, req: IpRequest) -> dict[str, Any]:
         nm = self.netmap
         if nm is None:
-            raise ApiError(409, "no network map yet: run `meshnode up`")
+            raise NotReady("no network map yet: run `meshnode up`")
         node = nm.self_node if req.peer is None else self._find_peer(nm, req.peer)
         addrs = [a for a in node.addresses
                  if req.family is None or ipaddress.ip_address(a).version == req.family]
@@ -1030,25 +1037,25 @@ class Daemon:
         saying which path answered (ICMP through the tunnel for a peer without a disco key)."""
         nm = self.netmap
         if nm is None:
-            raise ApiError(409, "no network map yet: run `meshnode up`")
+            raise NotReady("no network map yet: run `meshnode up`")
         if self._tunnel is None or not self._tunnel.running:
-            raise ApiError(409, "ping goes through the tunnel: run the daemon with --tun NAME")
+            raise NotReady("ping goes through the tunnel: run the daemon with --tun NAME")
         node = self._find_peer(nm, req.peer)
         if node is nm.self_node:
-            raise ApiError(400, f"{node.fqdn} is this node")
+            raise InvalidRequest(f"{node.fqdn} is this node")
         v4 = next((a for a in node.addresses if ":" not in a), None)
         paths = self._tunnel.paths
         if paths is not None and node.disco_key:
             return await self._disco_ping(paths, node, v4 or node.addresses[0], req)
         if v4 is None:
-            raise ApiError(409, f"{node.fqdn} has no IPv4 address to ping")
+            raise NotReady(f"{node.fqdn} has no IPv4 address to ping")
         from .icmp import ping_once
         replies: list[float | None] = []
         for seq in range(1, req.count + 1):
             pong = await asyncio.to_thread(ping_once, v4, seq, req.timeout)
             replies.append(round(pong.rtt * 1000, 3) if pong else None)
-        wg = next((p for p in self._tunnel.status().get("peers", []) if p["public_key"] == node.node_key), {})
-        via = wg.get("endpoint")
+        wg = self._tunnel.status().peer(node.node_key)
+        via = wg.endpoint if wg is not None else None
         return {"peer": node.fqdn, "address": v4, "endpoint": via, "replies_ms": replies,
                 "replies": [{"ms": r, "via": via if r is not None else None} for r in replies]}
 
@@ -1062,7 +1069,7 @@ class Daemon:
         from .pathrunner import b64_key
         key = b64_key(node.node_key)
         if key is None:
-            raise ApiError(409, f"{node.fqdn} has an unusable node key")
+            raise NotReady(f"{node.fqdn} has an unusable node key")
         replies: list[dict[str, Any]] = []
         for _ in range(req.count):
             res = await paths.ping(key, req.timeout)
@@ -1088,7 +1095,7 @@ class Daemon:
         tunnel's parts are null and the rest is still answered."""
         nm = self.netmap
         tunnel = self._tunnel.status() if self._tunnel is not None else None
-        running = bool(tunnel and tunnel.get("running"))
+        running = bool(tunnel and tunnel.running)
         local: list[str] | None = None
         local_error: str | None = None
         if self._tunnel is not None and running:
@@ -1101,8 +1108,8 @@ class Daemon:
             **await self._conn.netcheck(nm, self.prefs.login_server, req.timeout, local),
             "mode": "tunnel" if self._tunnel is not None else "dns-only",
             "backend_state": self.backend.value,
-            "udp_port": tunnel.get("listen_port") if running and tunnel else None,
-            "interface": tunnel.get("interface") if running and tunnel else None,
+            "udp_port": tunnel.listen_port if running and tunnel else None,
+            "interface": tunnel.interface if running and tunnel else None,
             "endpoints": {"local": local, "reported": self._reported_endpoints,
                           "at_control": list(nm.self_node.endpoints) if nm else None,
                           "error": local_error},
@@ -1111,50 +1118,24 @@ class Daemon:
         }
 
     async def _probe_control(self, timeout: float) -> dict[str, Any]:
-        """GET /key of the login server, bounded by `timeout`; never raises."""
-        import aiohttp
+        """GET /key of the login server (the replica in use, else the first), bounded by `timeout`."""
         url = self.prefs.login_server
-        if not url:
-            return {"url": None, "reachable": False, "latency_ms": None, "key_matches_pin": None,
-                    "error": "no login server: run `meshnode up --login-server URL`"}
         try:
-            pinned = self.state.server_key(url)
+            pinned = self.state.server_key(url) if url else None
         except IdentityDamaged:
             pinned = None
-        start = time.monotonic()
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-                # Several replicas ("URL1,URL2"): the one the node uses now, else the first.
-                here = self._client.server_url if self._client is not None else url.split(",")[0]
-                async with http.get(here.rstrip("/") + "/key") as resp:
-                    status = resp.status
-                    body = await resp.json(content_type=None) if status == 200 else None
-        except asyncio.TimeoutError:
-            error = f"no answer within {timeout:g}s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            error = str(exc) or type(exc).__name__
-        else:
-            latency = round((time.monotonic() - start) * 1000, 1)
-            if status != 200:
-                error = f"GET /key answered HTTP {status}"
-            elif not isinstance(body, dict) or not isinstance(body.get("public_key"), str):
-                error = "GET /key answered without a public key"
-            else:
-                return {"url": url, "reachable": True, "latency_ms": latency,
-                        "key_matches_pin": None if pinned is None else body["public_key"] == pinned,
-                        "error": None}
-        return {"url": url, "reachable": False, "latency_ms": None, "key_matches_pin": None,
-                "error": error}
+        here = self._client.server_url if self._client is not None else (url or "").split(",")[0]
+        return (await probe_control(url or None, here, pinned, timeout)).to_json()
 
     @staticmethod
-    def _netcheck_peers(nm: NetMap, tunnel: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def _netcheck_peers(nm: NetMap, tunnel: TunnelStatus | None) -> list[dict[str, Any]]:
         """Per map peer: its endpoints at control and, with a running tunnel, the handshake."""
-        by_key = {p["public_key"]: p for p in tunnel["peers"]} if tunnel else {}
+        by_key = {p.public_key: p for p in tunnel.peers} if tunnel else {}
         out = []
         for p in nm.peers:
             wg = by_key.get(p.node_key)
-            shook = wg["last_handshake"] if wg else None
-            endpoint = wg["endpoint"] if wg else None
+            shook = wg.last_handshake if wg else None
+            endpoint = wg.endpoint if wg else None
             out.append({"name": p.name, "fqdn": p.fqdn, "addresses": list(p.addresses),
                         "online": p.online, "endpoints_at_control": list(p.endpoints),
                         "handshake": None if tunnel is None else shook is not None,
@@ -1168,9 +1149,9 @@ class Daemon:
         """Like tailscale: refuse an exit node that is not a visible, approved exit node."""
         node = nm.peer_by_name(ref) or next((p for p in nm.peers if ref in p.addresses), None)
         if node is None:
-            raise ApiError(400, f"exit node {ref!r} is not a peer in the network map")
+            raise InvalidRequest(f"exit node {ref!r} is not a peer in the network map")
         if not node.exit_node:
-            raise ApiError(400, f"{node.fqdn} is not an approved exit node")
+            raise InvalidRequest(f"{node.fqdn} is not an approved exit node")
 
     @staticmethod
     def _find_peer(nm: NetMap, key: str) -> MapNode:
@@ -1182,7 +1163,7 @@ class Daemon:
         for p in nm.peers:
             if key in p.addresses:
                 return p
-        raise ApiError(404, f"no peer {key!r} in the network map")
+        raise NotFound(f"no peer {key!r} in the network map")
 
     async def dns_status(self) -> dict[str, Any]:
         os_status = self.osdns.status()
@@ -1204,31 +1185,9 @@ class Daemon:
 
     async def dns_query(self, req: QueryRequest) -> dict[str, Any]:
         if not self.dns.running:
-            raise ApiError(409, "the resolver is not running: run `meshnode up`")
+            raise NotReady("the resolver is not running: run `meshnode up`")
         try:
             return await self.dns.query(req.name, req.qtype)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"no answer for {req.name} {req.qtype} in time") from None
+            raise TimedOut(f"no answer for {req.name} {req.qtype} in time") from None
 
-
-async def run_daemon(config: DaemonConfig) -> None:
-    """Run until SIGTERM or SIGINT; always puts the system's DNS back on the way out."""
-    from .localapi import LocalApiServer, claim_socket_path
-
-    # Before touching DNS or addresses: a second daemon on the same socket must change nothing.
-    claim_socket_path(config.socket_path)
-    daemon = Daemon(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    api = LocalApiServer(daemon, config.socket_path)
-    try:
-        await daemon.start()
-        await api.start()
-        log.info("daemon: LocalAPI on %s", config.socket_path)
-        await stop.wait()
-        log.info("daemon: shutting down")
-    finally:
-        await api.stop()
-        await daemon.close()

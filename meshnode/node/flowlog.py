@@ -141,8 +141,8 @@ def not_allowed_text(packet: bytes) -> str:
     return f"no rule allowed {name} {ip}:{dport}" if ip.version == 4 else f"no rule allowed {name} [{ip}]:{dport}"
 
 
-def counting_hooks(pf: Any, counter: FlowCounter, clock: Callable[[], float]
-                   ) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
+def counting_hooks(pf: Any, counter: FlowCounter
+                   ) -> tuple[Callable[[bytes, bytes, float], bool], Callable[[bytes, bytes, float], None]]:
     """The device hooks of `policy.PacketFilter` `pf` that also count every packet into `counter`
     (accepted and dropped inbound, with the drop reason; outbound)."""
     from ..policy.filter import DropReason
@@ -153,8 +153,8 @@ def counting_hooks(pf: Any, counter: FlowCounter, clock: Callable[[], float]
     names = [r.name.lower() for r in DropReason]
     count_in, count_out = counter.inbound, counter.outbound
 
-    def inbound(packet: bytes, peer_key: bytes) -> bool:
-        ok = check(packet, clock())
+    def inbound(packet: bytes, peer_key: bytes, now: float) -> bool:
+        ok = check(packet, now)
         if ok:
             count_in(packet, peer_key, True)
         else:
@@ -167,8 +167,8 @@ def counting_hooks(pf: Any, counter: FlowCounter, clock: Callable[[], float]
             count_in(packet, peer_key, False, reason)
         return ok
 
-    def outbound(packet: bytes, peer_key: bytes) -> None:
-        note(packet, clock())
+    def outbound(packet: bytes, peer_key: bytes, now: float) -> None:
+        note(packet, now)
         count_out(packet, peer_key)
 
     return inbound, outbound

@@ -37,6 +37,8 @@ from aiohttp import web
 
 from .apitypes import (API_PREFIX, ApiError, parse_cert, parse_ip, parse_netcheck, parse_ping, parse_query,
                        parse_serve, parse_serve_off, parse_set, parse_up, parse_whois)
+from .errors import (ControlFailed, ControlRefused, InvalidRequest, NodeError, NotFound, NotReady, SystemFailure,
+                     TimedOut)
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -66,6 +68,25 @@ def _ok(obj: Any) -> web.Response:
     return web.json_response(obj)
 
 
+# The one place where the backend's reasons become HTTP statuses (the CLI maps those to exit codes).
+STATUS: dict[type[NodeError], int] = {
+    InvalidRequest: 400,
+    ControlRefused: 403,
+    NotFound: 404,
+    NotReady: 409,
+    SystemFailure: 500,
+    ControlFailed: 502,
+    TimedOut: 504,
+}
+
+
+def _error(status: int, message: str, detail: str = "") -> web.Response:
+    body = {"error": message}
+    if detail:
+        body["detail"] = detail
+    return web.json_response(body, status=status)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -73,11 +94,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        body = {"error": exc.message}
-        if exc.detail:
-            body["detail"] = exc.detail
-        return web.json_response(body, status=exc.status)
+    except ApiError as exc:  # the request itself was malformed (apitypes' parsers)
+        return _error(exc.status, exc.message, exc.detail)
+    except NodeError as exc:  # the backend refused or failed: its reason, as an HTTP status
+        return _error(STATUS.get(type(exc), 500), exc.message, exc.detail)
     except web.HTTPRequestEntityTooLarge:
         return web.json_response({"error": f"request body larger than {MAX_BODY} bytes"}, status=413)
     except web.HTTPException as exc:

@@ -11,7 +11,9 @@ On every map (`apply`), before anything sees it:
 3. when the map says the lock is off but we hold a chain: we ask for the disablement secret and
    obey it only if it is one of our chain's (a control server cannot turn the lock off by itself);
 4. `filter_peers`: a peer whose node key has no valid signature is dropped from the map, so the
-   WireGuard peers, the router, the packet filter's peers and MagicDNS never see it.
+   WireGuard peers, the router, the packet filter's peers and MagicDNS never see it; its addresses
+   are also cut out of the map's packet-filter rules (`tka.filterrules`), so no rule this node
+   installs names them.
 Then the daemon applies the filtered map. The chain is only written here (and by the lock commands
 the daemon runs for the LocalAPI, under the same lock), so the daemon is its only writer.
 """
@@ -31,7 +33,9 @@ from ..netmap import MapNode, NetMap
 from ..tka.cli_format import format_public
 from ..tka.signing import key_proof_message
 from ..tka.errors import TKAError
+from ..tka.filterrules import host_addresses, without_hosts
 from ..tka.nodelock import NodeLock
+from ..tka.nodesig import NodeKeySignature
 from ..tka.statedir import LockDir
 
 log = logging.getLogger("meshnode.node.lock")
@@ -77,6 +81,7 @@ class LockService:
                     await self._flush_outbox(client)
                     await self._sync(netmap.tka_head, client)
                 filtered = self._filter(netmap)
+                self._remember_own_signature(netmap)
                 self.error = None
             except (TKAError, OSError) as exc:
                 # Damaged lock files: enforce nothing new, but say so loudly; peers stay as they were.
@@ -102,7 +107,7 @@ class LockService:
         self.locked_out = tuple((p, "lock state unreadable") for p in netmap.peers)
         self.error = (f"{self.error}; no peer is admitted until it is fixed (move {self.dir.path} away to "
                       "start over: the next map bootstraps the chain again)")
-        return dataclasses.replace(netmap, peers=())
+        return dataclasses.replace(netmap, peers=(), packet_filter=_filter_without(netmap, netmap.peers))
 
     def _filter(self, netmap: NetMap) -> NetMap:
         result = self.node().filter_peers(netmap.peers, node_key=lambda p: p.node_key,
@@ -113,7 +118,51 @@ class LockService:
             return netmap
         for peer, why in self.locked_out:
             log.info("tailnet lock: peer %s (%s) is locked out: %s", peer.name, peer.node_key, why)
-        return dataclasses.replace(netmap, peers=result.admitted)
+        return dataclasses.replace(netmap, peers=result.admitted,
+                                   packet_filter=_filter_without(netmap, [p for p, _ in self.locked_out]))
+
+    def _remember_own_signature(self, netmap: NetMap) -> None:
+        """Keep this node's signature as the map carries it (only one made for our current node
+        key): a later node-key rotation nests it in a rotation signature (`rotation_signature`)."""
+        raw = netmap.self_node.key_signature
+        if not raw:
+            return
+        try:
+            blob = base64.b64decode(raw, validate=True)
+            if NodeKeySignature.parse(blob).pubkey != base64.b64decode(netmap.self_node.node_key):
+                return
+        except (TKAError, ValueError):
+            return
+        try:
+            current = self.dir.own_signature()
+        except (TKAError, OSError):
+            current = None   # damaged: the map's copy replaces it
+        if current != blob:
+            try:
+                self.dir.save_own_signature(blob)
+            except OSError as exc:   # only a later rotation needs it: not a reason to stop enforcing
+                log.warning("tailnet lock: cannot keep this node's signature: %s", exc)
+
+    async def rotation_signature(self, new_node_key: str) -> str | None:
+        """The signature (base64) to register a new node key with, so that locked peers keep
+        trusting this node without a `lock sign` (Tailscale's ResignNKS at registration): a rotation
+        signature by this node's lock key over our last signature. None when there is nothing to
+        rotate (no lock, never signed, or signed without naming our lock key as rotation key;
+        then a trusted node must sign the new key, and `status` says why)."""
+        async with self._mutex:
+            try:
+                old = self.dir.own_signature()
+                if old is None:
+                    return None
+                node = self.node()
+                if node.authority is None:
+                    return None
+                new = node.rotate(base64.b64decode(new_node_key), old)
+            except (TKAError, OSError, ValueError) as exc:
+                self._refuse(f"cannot re-sign the new node key by rotation: {exc}")
+                return None
+            log.info("tailnet lock: signed the new node key %s by rotation", new_node_key)
+            return base64.b64encode(new).decode()
 
     async def _report_key(self, client: ControlClient) -> None:
         """Tell the control server our lock public key once per run, so peers' maps carry it and a
@@ -264,3 +313,13 @@ class LockService:
                 "locked_out": [{"name": p.name, "node_key": p.node_key, "reason": why} for p, why in self.locked_out],
                 "last_refusal": self.last_refusal or (node.last_refusal if node is not None else None),
                 "error": self.error}
+
+
+def _filter_without(netmap: NetMap, peers: Any) -> tuple[Any, ...]:
+    """The map's packet-filter rules without the addresses of `peers` (the locked-out ones)."""
+    hosts: set[Any] = set()
+    for p in peers:
+        hosts |= host_addresses(p.addresses)
+    # Never cut this node's own addresses (a hostile map could give a peer one of them).
+    hosts -= host_addresses(netmap.self_node.addresses)
+    return without_hosts(netmap.packet_filter, hosts)

@@ -202,7 +202,9 @@ def init(ctx: click.Context, n: int, args: tuple[str, ...]) -> None:
         except ValueError:
             continue
         if len(nk) == 32 and nk != own:
-            _queue_signature(lock_dir, nk, sign_direct(me, nk, me.public).serialize())
+            # The node's own lock key is its rotation key (Tailscale's TKASignInfo.RotationPubkey):
+            # it can then re-sign a new node key of its own (`up --force-reauth`) without us.
+            _queue_signature(lock_dir, nk, sign_direct(me, nk, parse_public(str(p["lock_key"]))).serialize())
             signed.append(str(p.get("name") or format_node_key(nk)))
     _echo("You have initialized tailnet lock with the following trusted signing keys:")
     for k in keys:
@@ -377,12 +379,29 @@ def sign(ctx: click.Context, target: str, rotation_key: str | None) -> None:
         return
     try:
         node_key = parse_node_key(target)
-        rot = parse_public(rotation_key) if rotation_key else None
+        rot = parse_public(rotation_key) if rotation_key else _rotation_key_of(ctx, lock_dir, node_key, me)
     except TKAError as exc:
         raise click.BadParameter(str(exc)) from None
     sig = sign_direct(me, node_key, rot).serialize()
     _queue_signature(lock_dir, node_key, sig)
     _echo(base64.b64encode(sig).decode())
+
+
+def _rotation_key_of(ctx: click.Context, lock_dir: LockDir, node_key: bytes, me: LockPrivateKey) -> bytes | None:
+    """Without an explicit ROTATION-KEY: the lock key the map says the node holds (as Tailscale's
+    admin console fills in the rotation key from the control server), so that node can rotate its
+    node key later without another `lock sign`. Trusting the map here adds nothing to trusting it
+    for NODEKEY itself, which also comes from the control server (`control nodes ls`)."""
+    if node_key == lock_dir.own_node_key():
+        return me.public
+    root = ctx.find_root().obj or {}
+    for p in root.get("peers") or _peers_from_saved_map(lock_dir):
+        try:
+            if parse_node_key(str(p.get("node_key") or "")) == node_key and p.get("lock_key"):
+                return parse_public(str(p["lock_key"]))
+        except TKAError:
+            continue
+    return None
 
 
 def _wrap_authkey(lock_dir: LockDir, authority: Authority, store, me: LockPrivateKey, authkey: str) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..netcheck import NetcheckReport, run_netcheck
@@ -36,6 +37,48 @@ def interface_ips() -> frozenset[str]:
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
         return frozenset(str(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr() if m.get_attr("IFA_ADDRESS"))
+
+
+@dataclass(frozen=True)
+class ControlProbe:
+    """Whether the login server answers GET /key, how fast, and with the key this node pinned."""
+
+    url: str | None
+    reachable: bool
+    latency_ms: float | None
+    key_matches_pin: bool | None   # None: nothing pinned yet, or no answer
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "reachable": self.reachable, "latency_ms": self.latency_ms,
+                "key_matches_pin": self.key_matches_pin, "error": self.error}
+
+
+async def probe_control(url: str | None, here: str, pinned: str | None, timeout: float) -> ControlProbe:
+    """GET `here`/key, bounded by `timeout`; never raises. `url` is the login server as configured
+    (possibly "URL1,URL2"), `here` the replica to ask."""
+    import aiohttp
+    if not url:
+        return ControlProbe(None, False, None, None, "no login server: run `meshnode up --login-server URL`")
+    start = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            async with http.get(here.rstrip("/") + "/key") as resp:
+                status = resp.status
+                body = await resp.json(content_type=None) if status == 200 else None
+    except asyncio.TimeoutError:
+        error = f"no answer within {timeout:g}s"
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        error = str(exc) or type(exc).__name__
+    else:
+        latency = round((time.monotonic() - start) * 1000, 1)
+        if status != 200:
+            error = f"GET /key answered HTTP {status}"
+        elif not isinstance(body, dict) or not isinstance(body.get("public_key"), str):
+            error = "GET /key answered without a public key"
+        else:
+            return ControlProbe(url, True, latency, None if pinned is None else body["public_key"] == pinned, None)
+    return ControlProbe(url, False, None, None, error)
 
 
 class NodeConnectivity:

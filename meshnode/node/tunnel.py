@@ -18,8 +18,8 @@ import binascii
 import ipaddress
 import logging
 import time
-from dataclasses import replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
 
 from ..netmap import NetMap
 
@@ -241,18 +241,18 @@ class TunnelFilter:
 
     flows: Any = None   # a flowlog.FlowCounter while flow logs are on (set before `hooks`)
 
-    def hooks(self) -> tuple[Callable[[bytes, bytes], bool], Callable[[bytes, bytes], None]]:
-        """(inbound check, outbound tap) for `Device.set_packet_filter`."""
-        check, note, clock = self.filter.check, self.filter.note_outbound, time.monotonic
+    def hooks(self) -> tuple[Callable[[bytes, bytes, float], bool], Callable[[bytes, bytes, float], None]]:
+        """(inbound check, outbound tap) for `Device.set_packet_filter`; both take the batch's `now`."""
+        check, note = self.filter.check, self.filter.note_outbound
         if self.flows is not None:
             from .flowlog import counting_hooks
-            return counting_hooks(self.filter, self.flows, clock)
+            return counting_hooks(self.filter, self.flows)
 
-        def inbound(packet: bytes, peer_key: bytes) -> bool:
-            return check(packet, clock())
+        def inbound(packet: bytes, peer_key: bytes, now: float) -> bool:
+            return check(packet, now)
 
-        def outbound(packet: bytes, peer_key: bytes) -> None:
-            note(packet, clock())
+        def outbound(packet: bytes, peer_key: bytes, now: float) -> None:
+            note(packet, now)
 
         return inbound, outbound
 
@@ -293,12 +293,71 @@ class TunnelFilter:
             pf.expire(time.monotonic())
         return update
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> FilterStatus:
         pf = self.filter
-        return {"rules": self.rule_count, "map_version": self.version,
-                "dropped": {r.name.lower(): n for r, n in pf.drops.items()},
-                "accepted": {r.name.lower(): n for r, n in pf.accepts.items()},
-                "flows": pf.flow_count, "error": self.error, "shields_up": self.shields_up}
+        return FilterStatus(self.rule_count, self.version,
+                            {r.name.lower(): n for r, n in pf.drops.items()},
+                            {r.name.lower(): n for r, n in pf.accepts.items()},
+                            pf.flow_count, self.error, self.shields_up)
+
+
+@dataclass(frozen=True)
+class FilterStatus:
+    """The packet filter in force: how many rules from which map, and what it did."""
+
+    rules: int
+    map_version: int | None
+    dropped: Mapping[str, int]
+    accepted: Mapping[str, int]
+    flows: int
+    error: str | None
+    shields_up: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rules": self.rules, "map_version": self.map_version, "dropped": dict(self.dropped),
+                "accepted": dict(self.accepted), "flows": self.flows, "error": self.error,
+                "shields_up": self.shields_up}
+
+
+@dataclass(frozen=True)
+class TunnelPeerStatus:
+    """One WireGuard peer as the device sees it."""
+
+    public_key: str                  # base64, as node keys are written in maps
+    endpoint: str | None             # "IP:PORT" of the current path, None when unknown
+    last_handshake: float | None
+    rx_bytes: int
+    tx_bytes: int
+    path: Mapping[str, Any] | None   # the path layer's view (pathrunner.path_json)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"public_key": self.public_key, "endpoint": self.endpoint, "last_handshake": self.last_handshake,
+                "rx_bytes": self.rx_bytes, "tx_bytes": self.tx_bytes, "path": self.path}
+
+
+@dataclass(frozen=True)
+class TunnelStatus:
+    """The tunnel, handed across module boundaries as values and rendered to JSON at the edge."""
+
+    running: bool
+    interface: str | None = None
+    listen_port: int | None = None
+    peers: tuple[TunnelPeerStatus, ...] = ()
+    drops: Mapping[str, int] | None = None
+    paths: Mapping[str, Any] | None = None
+    filter: FilterStatus | None = None
+    failure: str | None = None
+    exists: bool = True  # False: no device at all (then the JSON is only {"running": false})
+
+    def peer(self, public_key: str) -> TunnelPeerStatus | None:
+        return next((p for p in self.peers if p.public_key == public_key), None)
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.exists:
+            return {"running": False}
+        return {"running": self.running, "interface": self.interface, "listen_port": self.listen_port,
+                "peers": [p.to_json() for p in self.peers], "drops": self.drops, "paths": self.paths,
+                "filter": self.filter.to_json() if self.filter is not None else None, "failure": self.failure}
 
 
 class Tunnel:
@@ -482,23 +541,22 @@ class Tunnel:
             return ""
         return base64.b64encode(self.paths.disco_key.public).decode()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> TunnelStatus:
         device = self._device
         if device is None:
-            return {"running": False}
+            return TunnelStatus(running=False, exists=False)
         from ..wg.device import display_endpoint
         peers = []
         for s in device.stats():
             ep = display_endpoint(s.endpoint)
-            peers.append({"public_key": base64.b64encode(s.public_key).decode(),
-                          "endpoint": f"{ep[0]}:{ep[1]}" if ep else None,
-                          "last_handshake": s.last_handshake, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes,
-                          "path": self.paths.path_json(s.public_key) if self.paths is not None else None})
-        return {"running": device.running, "interface": device.ifname, "listen_port": device.listen_port,
-                "peers": peers, "drops": device.drops(),
-                "paths": self.paths.metrics() if self.paths is not None else None,
-                "filter": self._filter.status() if self._filter is not None else None,
-                "failure": str(device.failure) if device.failure else None}
+            peers.append(TunnelPeerStatus(base64.b64encode(s.public_key).decode(),
+                                          f"{ep[0]}:{ep[1]}" if ep else None, s.last_handshake,
+                                          s.rx_bytes, s.tx_bytes,
+                                          self.paths.path_json(s.public_key) if self.paths is not None else None))
+        return TunnelStatus(device.running, device.ifname, device.listen_port, tuple(peers), device.drops(),
+                            self.paths.metrics() if self.paths is not None else None,
+                            self._filter.status() if self._filter is not None else None,
+                            str(device.failure) if device.failure else None)
 
     async def close(self) -> None:
         """Stop the engine; closing the TUN removes the interface, its addresses and routes."""

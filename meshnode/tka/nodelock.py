@@ -24,7 +24,7 @@ from .cli_format import format_public
 from .enforce import PeerFilter, VerifyCache, filter_peers, self_locked_out
 from .errors import NodeKeyNotAuthorized, StateError, TKAError, UnknownKey
 from .key import Key
-from .nodesig import NodeKeySignature, node_key_authorized, sign_direct
+from .nodesig import NodeKeySignature, node_key_authorized, resign, sign_direct
 from .signing import LockPrivateKey
 from .store import ChainStore
 from .sync import SyncOffer, SyncResponse, aums_from_wire, aums_to_wire, answer_offer, apply_response, make_offer
@@ -145,6 +145,29 @@ class NodeLock:
         if not self._authority.key_trusted(self._key.public):
             raise UnknownKey(f"this node's lock key {format_public(self._key.public)} is not trusted")
         return sign_direct(self._key, node_key, rotation_key).serialize()
+
+    def rotate(self, new_node_key: bytes, old: bytes) -> bytes:
+        """The signature of this node's new node key after a rotation (Tailscale's ResignNKS at
+        registration): a rotation signature made with this node's lock key, nesting `old` (this
+        node's current signature), which must name that key as its rotation (wrapping) key.
+        Checked against the chain before it is returned, so a registration never carries a
+        signature the control server (or any peer) would refuse. Raises NodeKeyNotAuthorized or
+        StateError (the lock is off here) with the reason."""
+        if self._authority is None:
+            raise StateError("Tailnet Lock is not enabled")
+        try:
+            old_sig = NodeKeySignature.parse(old)
+        except TKAError as exc:
+            raise NodeKeyNotAuthorized(f"this node's signature cannot be read: {exc}") from None
+        wrapping = old_sig.wrapping_public()
+        if wrapping != self._key.public:
+            named = format_public(wrapping) if wrapping else "no rotation key"
+            raise NodeKeyNotAuthorized(f"this node's signature names {named}, not this node's lock key "
+                                       f"{format_public(self._key.public)}: a trusted node must sign the new "
+                                       "node key (`meshnode lock sign`)")
+        new = resign(self._key, new_node_key, old)
+        node_key_authorized(self._authority.state, new_node_key, new)
+        return new
 
     def filter_peers(self, peers: Sequence[P], *, node_key: Callable[[P], str | bytes],
                      signature: Callable[[P], str | bytes | None]) -> PeerFilter[P]:

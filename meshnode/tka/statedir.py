@@ -6,6 +6,8 @@
     outbox.json       what must reach the control server once connected: the genesis AUM of a
                       `lock init` made here, node-key signatures made here and a disablement secret
                       used here (the daemon sends and clears it)
+    own.sig           this node's node-key signature as the last map carried it (base64): what a
+                      rotation signature nests when the node key changes (nodesig.resign)
 
 When a daemon runs, the `meshnode lock` commands go through its LocalAPI and the daemon runs them on
 these files (it is their only writer, meshnode/node/lock.py); otherwise they work on them directly.
@@ -99,6 +101,28 @@ class LockDir:
     def save_outbox(self, box: Outbox) -> None:
         self.ensure()
         atomic_write(self.path / "outbox.json", json.dumps(box.to_json(), indent=1, sort_keys=True))
+
+    def own_signature(self) -> bytes | None:
+        """This node's last known node-key signature (serialized), if any."""
+        import base64
+        import binascii
+
+        f = self.path / "own.sig"
+        try:
+            return base64.b64decode(f.read_text().strip(), validate=True) or None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, binascii.Error) as exc:
+            raise StorageError(f"{f}: unreadable: {exc}") from None
+
+    def save_own_signature(self, blob: bytes | None) -> None:
+        import base64
+
+        if blob is None:
+            (self.path / "own.sig").unlink(missing_ok=True)
+            return
+        self.ensure()
+        atomic_write(self.path / "own.sig", base64.b64encode(blob).decode() + "\n")
 
     def own_node_key(self) -> bytes | None:
         """The node key of this node (public), if the node has one (node.key in the state dir)."""

@@ -43,7 +43,11 @@ log = logging.getLogger(__name__)
 
 BATCH = 128  # packets per poll, at most: bounds latency for the other direction
 READ_SIZE = 65536 + 64  # a TSO super-packet and its vnet header
-TICK_INTERVAL = 0.1  # timer granularity; WireGuard's timers are seconds long
+# The timer thread sleeps until the engine's next deadline, and at most this long. A deadline that
+# a packet sets after the thread asked is never nearer than one second (a persistent keepalive is
+# whole seconds; every other WireGuard timer is 5 s or more), so no timer ever runs late.
+MAX_TIMER_SLEEP = 1.0
+MIN_TIMER_SLEEP = 0.005  # a deadline already due is run at once, without spinning on it
 SOCKET_BUFFER = 4 << 20
 PR_SET_NAME = 15
 SOL_UDP = 17
@@ -142,6 +146,8 @@ class Device:
         self._clock = clock
         engine.wall_offset = time.time() - clock()
         self._stop = threading.Event()
+        self._timers_due = threading.Event()  # wakes the timer thread: stop, or a deadline due now
+        engine.timers_changed = self._timers_due.set
         self._wake_r, self._wake_w = os.pipe()
         # Calls for the receive thread (call_soon_dataplane), and a pipe to wake it for them.
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
@@ -359,6 +365,7 @@ class Device:
         if self._sock.fileno() < 0:
             return  # already closed
         self._stop.set()
+        self._timers_due.set()
         os.write(self._wake_w, b"x")
         for t in self._threads:
             t.join(timeout=5)
@@ -407,6 +414,7 @@ class Device:
                 log.error("wireguard device stopped: %s", exc)
                 self.failure = exc
                 self._stop.set()
+                self._timers_due.set()
                 os.write(self._wake_w, b"x")
             except Exception:  # a bug must not silently kill the tunnel: log it and go on
                 log.exception("wireguard %s loop error", threading.current_thread().name)
@@ -557,12 +565,22 @@ class Device:
                 self._close_calls()
 
     def _timer_loop(self) -> None:
-        while not self._stop.wait(TICK_INTERVAL):
+        engine, clock, due, stop = self.engine, self._clock, self._timers_due, self._stop
+        wait = MAX_TIMER_SLEEP
+        while True:
+            due.wait(wait)
+            due.clear()
+            if stop.is_set():
+                return
             try:
-                self.engine.tick(self._clock())
+                engine.tick(clock())
                 self._flush_outbox()
+                deadline = engine.next_deadline()
+                wait = MAX_TIMER_SLEEP if deadline is None else \
+                    min(MAX_TIMER_SLEEP, max(deadline - clock(), MIN_TIMER_SLEEP))
             except Exception:
                 log.exception("wireguard timer error")
+                wait = MAX_TIMER_SLEEP
 
 
 def _run_call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:

@@ -56,8 +56,9 @@ DEFAULT_MTU = 1280
 DEFAULT_LOAD_THRESHOLD = 1000
 UNDER_LOAD_AFTER = 1.0  # stay in cookie mode this long after the rate drops (wireguard-go)
 
-PacketFilter = Callable[[bytes, bytes], bool]  # (inner packet, peer public key) -> accept?
-OutboundHook = Callable[[bytes, bytes], None]  # (inner packet, peer public key): seen going out
+# Hooks get the batch's `now` (the engine's clock, read once per batch), never a clock of their own.
+PacketFilter = Callable[[bytes, bytes, float], bool]  # (inner packet, peer public key, now) -> accept?
+OutboundHook = Callable[[bytes, bytes, float], None]  # (inner packet, peer public key, now): seen going out
 Sealed = tuple[bytes, bytes, Endpoint]  # a transport message as (header, ciphertext, endpoint)
 
 
@@ -123,6 +124,9 @@ class Engine:
         self.other_datagram: Callable[[bytes, Endpoint], None] | None = None
         self.others = 0
         self.outbound_hook: OutboundHook | None = None
+        # Called when a configuration change made a timer due at once (the glue's timer thread
+        # otherwise sleeps until `next_deadline()`).
+        self.timers_changed: Callable[[], None] | None = None
         self._peers: dict[bytes, Peer] = {}
         self._allowed: AllowedIPs[Peer] = AllowedIPs()
         self._keypairs: dict[int, Keypair] = {}
@@ -182,6 +186,8 @@ class Engine:
                                                     or peer.current is None):
                 # Newly kept alive: send one at the next tick, which also starts a handshake.
                 peer.timers.persistent_keepalive_at = float("-inf")
+                if self.timers_changed is not None:
+                    self.timers_changed()
             peer.timers.persistent_keepalive = config.persistent_keepalive
             peer.allowed_ips = config.allowed_ips
             for net in config.allowed_ips:
@@ -586,7 +592,7 @@ class Engine:
                 continue
             if length != len(packet):
                 packet = packet[:length]
-            if accept is not None and not accept(packet, kp.peer.public_key):
+            if accept is not None and not accept(packet, kp.peer.public_key, now):
                 drops[Drop.FILTERED] += 1
                 continue
             out.append(packet)
@@ -672,7 +678,7 @@ class Engine:
                 if kp is not None:
                     encrypt, remote = kp.send.encrypt, kp.remote_index
             if note is not None:
-                note(packet, p.public_key)
+                note(packet, p.public_key, now)
             if kp is None:
                 self._stage(p, packet, now)
                 continue
@@ -726,7 +732,7 @@ class Engine:
     # ---------------------------------------------------------------- timers
 
     def tick(self, now: float) -> None:
-        """Run every expired timer; call at least every `next_deadline()` (or 100 ms)."""
+        """Run every expired timer; call again at `next_deadline()`, or at once after `timers_changed`."""
         with self.lock:
             for peer in list(self._peers.values()):
                 for timer in peer.timers.expired(now):

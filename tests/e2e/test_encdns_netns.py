@@ -79,3 +79,55 @@ def test_kdig_tls_and_https_to_100_100_100_100_verify_against_the_tailnet_ca(top
     assert kdig("100.100.100.100", "+tls", other).startswith("FAILED")
     status = node.cli("dns", "status").stdout
     assert "Encrypted DNS: dot 100.100.100.100:853" in status and "magicdns.tailnet" in status, status
+
+
+def test_a_map_nameserver_given_by_name_is_resolved_through_the_nodes_original_resolver(
+        topo: Topology, tmp_path: Path) -> None:
+    """`control dns nameservers set tls://dot.e2e.test`: the node looks the name up at its original
+    resolver (10.77.1.1:53 in the control namespace, from the namespace's resolv.conf), never at
+    100.100.100.100, connects to the DoT server there, verifies it, and forwards through it."""
+    from tests.integration.tls_helpers import make_ca, make_leaf, write_pair
+
+    ca = make_ca("e2e upstream CA")
+    ca_file = ca.write(tmp_path / "upstream-ca.pem")
+    cert, key = write_pair(tmp_path, make_leaf(ca, ("dot.e2e.test",), ()))
+    magicdns = [*MESHNODE[:1], "-m", "magicdns.cli", "serve", "--allow", "10.77.0.0/16", "--resolv-conf",
+                str(tmp_path / "none")]
+    boot_view = tmp_path / "boot.json"
+    boot_view.write_text(json.dumps({"domain": "e2e.test", "self": {"name": "boot", "addresses": ["100.64.9.1"]},
+                                     "peers": [], "version": 1,
+                                     "dns": {"records": [{"name": "dot.e2e.test", "type": "A", "value": "10.77.1.1"}]}}))
+    up_view = tmp_path / "up.json"
+    up_view.write_text(json.dumps({"domain": "upstream.test", "self": {"name": "ns", "addresses": ["100.64.9.2"]},
+                                   "peers": [], "version": 1,
+                                   "dns": {"records": [{"name": "www.upstream.test", "type": "A", "value": "192.0.2.10"}]}}))
+    topo.popen(topo.ctl, *magicdns, "--listen", "10.77.1.1:53", "--view", str(boot_view),
+               "--control-socket", str(tmp_path / "boot.sock"), log=tmp_path / "boot.log")
+    topo.popen(topo.ctl, *magicdns, "--listen", "10.77.1.1:5300", "--view", str(up_view), "--dot", "10.77.1.1:853",
+               "--tls-cert", str(cert), "--tls-key", str(key), "--control-socket", str(tmp_path / "up.sock"),
+               log=tmp_path / "up.log")
+    db = topo.root / "control.db"
+    topo.popen(topo.ctl, *MESHNODE, "control", "serve", "--listen", f"0.0.0.0:{CONTROL_PORT}", "--db", str(db),
+               log=topo.root / "control.log")
+    key_text = control_cmd(db, "authkey", "create", "--reusable")
+    control_cmd(db, "dns", "nameservers", "set", "tls://dot.e2e.test")
+    node = Node(topo, 1)
+    # The upstream's CA, as an operator would install it (the node trusts the system store).
+    node.proc = topo.popen(
+        node.ns, "env", f"SSL_CERT_FILE={ca_file}", *MESHNODE, "daemon", "--state-dir", str(node.dir / "state"),
+        "--socket", str(node.sock), "--userspace", "--resolv-conf", str(node.resolv), "-v",
+        log=node.dir / "daemon.log")
+    wait_until(node._api_up, timeout=20, what="node1's daemon")
+    wait_until(lambda: node.sh("python3", "-c", "import socket; socket.create_connection("
+                                f"('10.77.1.1', {CONTROL_PORT}), 1).close()").returncode == 0,
+               timeout=20, what="control server reachable")
+    node.cli("up", "--login-server", f"http://10.77.1.1:{CONTROL_PORT}", "--authkey", key_text, "--hostname", "node1")
+
+    def answered() -> bool:
+        status, values = node.dig("www.upstream.test")
+        return status == "NOERROR" and values == {"192.0.2.10"}
+    wait_until(answered, timeout=30, interval=0.5, what="www.upstream.test through the DoT upstream by name")
+    st = json.loads(node.cli("dns", "status", "--json").stdout)
+    names = st["resolver"]["server"]["forwarder"]["encrypted_upstreams"]["names"]["names"]
+    assert names["dot.e2e.test"]["addresses"] == ["10.77.1.1"], names
+    assert "tls://dot.e2e.test" in json.dumps(st["resolver"]["server"]["forwarder"]["upstreams"])

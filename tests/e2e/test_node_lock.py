@@ -4,8 +4,13 @@ the bridged LAN of test_node_tunnel.py, one control server.
     lock init on node1 (node1 and node2 trusted), node2 signed   both reach each other by name
     node3 registers normally (the control server maps it)          node1 and node2 neither reach it
                                                                    (ping, TCP) nor resolve it (getent)
+                                                                   and no rule of their installed packet
+                                                                   filter names its addresses
     `meshnode lock sign` of node3 on node2                         node3 is in node1's peers within a
-                                                                   second and reachable at once
+                                                                   second and reachable at once; the
+                                                                   filter names its addresses again
+    node2 rotates its node key (`up --force-reauth`)               node1 keeps it, reachable by name,
+                                                                   with no `lock sign` (rotation signature)
     node3 (not a signer) signing anything                          refused, with the reason
     `meshnode lock disable SECRET` on node1                        the lock is off on every node
 
@@ -15,6 +20,7 @@ driven over the wire in tests/integration/test_tka_control.py.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -73,6 +79,18 @@ def test_lock_keeps_an_unsigned_node_out_until_it_is_signed(lan: Lan) -> None:
         return {n["name"]: n for n in json.loads(run(*MESHNODE, "control", "nodes", "ls", "--json", "--db",
                                                      str(db)).stdout)}
 
+    def filter_names(i: int, addr: str) -> bool:
+        """Whether a rule of node i's installed packet filter (the applied map's rules, as the
+        daemon saved them) has `addr` among its sources or destinations."""
+        def saved() -> bool:
+            m = status(i)["map"]
+            return m["version"] is not None and m["saved_version"] == m["version"]
+        wait_until(saved, timeout=10, what=f"node{i}'s map saved")
+        doc = json.loads((lan.root / f"node{i}" / "state" / "netmap.json").read_text())["netmap"]
+        a = ipaddress.ip_address(addr)
+        return any(a.version == n.version and a in n for r in doc["packet_filter"]
+                   for n in map(ipaddress.ip_network, r["src"] + r["dst"]))
+
     for i in (1, 2, 3):
         wait_until(lambda i=i: cli(i, "status", "--json", check=False).returncode == 0, timeout=20, what=f"node{i}'s daemon")
     wait_until(lambda: sh(lan.nodes[0], sys.executable, "-c", "import socket; socket.create_connection("
@@ -109,6 +127,12 @@ def test_lock_keeps_an_unsigned_node_out_until_it_is_signed(lan: Lan) -> None:
         assert any(p["name"] == "node3" and not p["signed"] for p in lock_status(i)["peers"])
         assert any("locked out" in h and "node3" in h for h in status(i)["health"])
     assert ask(lan.nodes[1], "node1.tailnet").startswith("node1")  # signed nodes keep working
+    # ...and no rule of their packet filter names node3 (the `*` rules are split around it), while
+    # the signed peer is still named.
+    for i in (1, 2):
+        for a in n3["addresses"]:
+            assert not filter_names(i, a), (i, a)
+        assert filter_names(i, nodes()[f"node{3 - i}"]["addresses"][0])
 
     # A node whose lock key is not trusted cannot sign.
     bad = cli(3, "lock", "sign", n3["node_key"], check=False)
@@ -128,6 +152,19 @@ def test_lock_keeps_an_unsigned_node_out_until_it_is_signed(lan: Lan) -> None:
     wait_until(lambda: ask(lan.nodes[0], "node3.tailnet").startswith("node3"), timeout=10, what="node1 -> node3")
     assert sh(lan.nodes[0], "getent", "hosts", "node3.tailnet").returncode == 0
     assert nodes()["node3"]["locked_out"] is None
+    wait_until(lambda: all(filter_names(1, a) for a in n3["addresses"]), timeout=5, what="node3 in node1's filter")
+
+    # node2 gets a new node key: it signs it itself with a rotation signature (its lock key was
+    # named as its rotation key when node1 signed it), so node1 keeps it without a `lock sign`.
+    old_key = nodes()["node2"]["node_key"]
+    cli(2, "up", "--force-reauth", "--login-server", "http://10.78.0.1:8080", "--authkey", key, "--hostname", "node2")
+    new_key = nodes()["node2"]["node_key"]
+    assert new_key != old_key
+    wait_until(lambda: any(p["name"] == "node2" and p["node_key"] == new_key and p["signed"]
+                           for p in lock_status(1)["peers"]), timeout=10, what="node2's new key signed, on node1")
+    assert not status(1)["tailnet_lock"]["locked_out"] and nodes()["node2"]["locked_out"] is None
+    wait_until(lambda: ask(lan.nodes[0], "node2.tailnet").startswith("node2"), timeout=10, what="node1 -> rotated node2")
+    assert lock_status(2)["node_key_signed"]
 
     # The disablement secret turns the lock off on every node.
     cli(1, "lock", "disable", secret)

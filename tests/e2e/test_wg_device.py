@@ -65,7 +65,7 @@ def test_live_api(devices: tuple[NetnsPair, Device, Device, bytes, bytes]) -> No
     assert a.stats()[0].tx_bytes > 2 << 20
 
     # The ACL hook: drop ICMP from the tunnel, counted; then let it through again.
-    b.set_packet_filter(lambda packet, peer_key: packet[9] != 1)
+    b.set_packet_filter(lambda packet, peer_key, now: packet[9] != 1)
     assert not reaches(pair, B_IP)
     assert b.drops().get("filtered", 0) >= 1
     b.set_packet_filter(None)

@@ -198,13 +198,10 @@ def test_failover_to_the_next_upstream_within_the_bound(tmp_path: Path, pki: dic
 
 
 def test_upstream_given_by_name_is_resolved_through_the_stub(unbound: Unbound, pki: dict, tmp_path: Path) -> None:
-    """`tls://NAME:PORT` (no @IP): NAME's addresses come from the system's original resolvers through
-    the stub (here a resolver of the test's own that knows ub.test), never from ourselves."""
-    import asyncio
+    """`tls://NAME:PORT` and `https://NAME:PORT/dns-query` (no @IP): NAME's addresses come from the
+    bootstrap resolver (here a resolver of the test's own that knows ub.test) when the upstream is
+    connected to, never from ourselves (tests/integration/test_upstream_names.py has the details)."""
     import json
-
-    from magicdns.stub import StubResolver, resolve_upstreams
-    from magicdns.upstream import Upstream
 
     view = tmp_path / "sys.json"
     view.write_text(json.dumps({"domain": "test", "self": {"name": "sys", "addresses": ["100.64.9.1"]},
@@ -212,23 +209,15 @@ def test_upstream_given_by_name_is_resolved_through_the_stub(unbound: Unbound, p
                                 "dns": {"records": [{"name": "ub.test", "type": "A", "value": "127.0.0.1"}]}}))
     system = start_magicdns(view=str(view), db=False, probe="ub.test")
     try:
-        async def go() -> tuple[Upstream, ...]:
-            stub = StubResolver([Upstream("127.0.0.1", system.port)], use_hosts_file=False)
+        for spec in (f"tls://{NAME}:{unbound.dot}", f"https://{NAME}:{unbound.doh}/dns-query"):
+            server = serve("--upstream", spec, "--bootstrap-dns", f"127.0.0.1:{system.port}",
+                           "--upstream-ca", str(pki["ca_file"]))
             try:
-                return await resolve_upstreams([f"tls://{NAME}:{unbound.dot}",
-                                                f"https://{NAME}:{unbound.doh}/dns-query"], resolver=stub)
+                assert "192.0.2.10" in ask(server).to_text()
             finally:
-                await stub.close()
-        dot, doh = asyncio.run(go())
+                server.stop()
     finally:
         system.stop()
-    assert dot == Upstream("127.0.0.1", unbound.dot, "tls", NAME, "")
-    assert doh == Upstream("127.0.0.1", unbound.doh, "https", NAME, "/dns-query")
-    server = serve("--upstream", dot.spec, "--upstream", doh.spec, "--upstream-ca", str(pki["ca_file"]))
-    try:
-        assert "192.0.2.10" in ask(server).to_text()
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("kind", ["tls", "https"])

@@ -87,9 +87,9 @@ def test_encrypted_upstream_specs_round_trip(text: str, want: Upstream) -> None:
     assert parse_upstream(up.spec) == up
 
 
-@pytest.mark.parametrize("text", ["tls://192.0.2.1", "tls://dns.test@", "tls://dns.test@host.name",
+@pytest.mark.parametrize("text", ["tls://dns.test@", "tls://dns.test@host.name",
                                   "tls://dns.test@192.0.2.1/path", "quic://dns.test@192.0.2.1",
-                                  "https://dns.test/dns-query", "tls://bad..name@192.0.2.1",
+                                  "tls://bad..name", "tls://bad..name@192.0.2.1",
                                   "tls://dns.test@192.0.2.1:0"])
 def test_bad_encrypted_specs_are_clear_errors(text: str) -> None:
     with pytest.raises(UpstreamError):
@@ -120,8 +120,14 @@ def test_encrypted_upstreams_travel_in_network_maps_and_the_control_store(tmp_pa
     view = netmap_to_view(NetMap.from_json(nm.to_json()))
     assert view.dns.routes["corp.example"] == (Upstream("10.0.0.53", 853, "tls", "ns.corp.example"),)
     assert view.dns.nameservers == (Upstream("192.0.2.53", 443, "https", "dns.example", "/dns-query"),)
-    with pytest.raises(InvalidValue):  # a node does not resolve its resolvers' names: @IP is required
-        store.add_route("corp.example", ["tls://no-address.example"])
+    # By name: the node resolves it through its original resolvers when it connects (stub.NameCache).
+    store.add_route("by-name.example", ["tls://ns.corp.example"])
+    settings = store.dns_settings()
+    nm = NetMap(1, "tailnet", _self_node(), dns=DnsConfig(tuple(settings.nameservers), dict(settings.routes)))
+    view = netmap_to_view(NetMap.from_json(nm.to_json()))
+    assert view.dns.routes["by-name.example"] == (Upstream("", 853, "tls", "ns.corp.example"),)
+    with pytest.raises(InvalidValue):
+        store.add_route("corp.example", ["tls://bad..name"])
 
 
 def _self_node():  # noqa: ANN202

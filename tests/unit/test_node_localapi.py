@@ -325,3 +325,23 @@ def test_parse_set_only_ever_refuses_with_400(body) -> None:  # noqa: ANN001
         assert exc.status == 400 and exc.message
     else:
         assert req.authkey is None and req.login_server is None
+
+
+def test_the_backend_knows_nothing_of_the_localapi() -> None:
+    """Dependencies point one way (wiring -> localapi -> daemon): the backend imports neither the
+    LocalAPI nor the wiring, and every reason it can refuse has exactly one HTTP status."""
+    import subprocess
+    import sys
+    code = ("import sys, meshnode.node.daemon\n"
+            "bad = [m for m in ('meshnode.node.localapi', 'meshnode.node.wiring') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    from meshnode.node.errors import NodeError
+    from meshnode.node.localapi import STATUS
+
+    def subclasses(cls: type) -> set[type]:
+        out = set(cls.__subclasses__())
+        for sub in list(out):
+            out |= subclasses(sub)
+        return out
+    assert subclasses(NodeError) == set(STATUS)

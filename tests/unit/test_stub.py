@@ -124,3 +124,117 @@ def test_aiohttp_client_resolves_through_the_stub() -> None:
         finally:
             await runner.cleanup()
     asyncio.run(main())
+
+
+# -- NameCache: the addresses of upstreams given by name (tls://NAME) ------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _a_queries(up: FakeUpstream, name: bytes = b"dot") -> int:
+    return sum(1 for q in up.queries if name in q and q[-4:-2] == b"\x00\x01")
+
+
+def test_name_cache_keeps_addresses_for_their_ttl_and_asks_once_for_many() -> None:
+    from magicdns.stub import NameCache
+
+    zone = dict(ZONE)
+    zone[("dot.example.test", "A")] = ["dot.example.test. 120 IN A 127.0.0.7"]
+    clock = Clock()
+
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", zone=zone) as up:
+            cache = NameCache(lambda: StubResolver([Upstream(up.host, up.port)], use_hosts_file=False), clock)
+            got = await asyncio.gather(*(cache.addresses("dot.example.test") for _ in range(20)))
+            assert set(got) == {(ipaddress.ip_address("127.0.0.7"),)}
+            assert cache.lookups == 1 and _a_queries(up) == 1  # twenty users, one lookup
+            clock.now += 119
+            await cache.addresses("DOT.example.test.")
+            assert cache.lookups == 1  # within the TTL: from the cache, whatever the spelling
+            up.zone = {**zone, ("dot.example.test", "A"): ["dot.example.test. 1 IN A 127.0.0.8"]}
+            clock.now += 2
+            assert await cache.addresses("dot.example.test") == (ipaddress.ip_address("127.0.0.8"),)
+            assert cache.lookups == 2
+            clock.now += 5  # a TTL of 1 s is kept MIN_TTL (30 s): no lookup per query
+            await cache.addresses("dot.example.test")
+            assert cache.lookups == 2
+            clock.now += 30
+            await cache.addresses("dot.example.test")
+            assert cache.lookups == 3
+            await cache.close()
+    asyncio.run(main())
+
+
+def test_name_cache_forget_re_resolves_and_keeps_old_addresses_if_the_resolver_fails() -> None:
+    from magicdns.stub import NameCache
+
+    zone = dict(ZONE)
+    zone[("dot.example.test", "A")] = ["dot.example.test. 300 IN A 127.0.0.7"]
+    clock = Clock()
+
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", zone=zone) as up:
+            cache = NameCache(lambda: StubResolver([Upstream(up.host, up.port)], timeout=0.3, tries=1,
+                                                   use_hosts_file=False), clock)
+            assert await cache.addresses("dot.example.test") == (ipaddress.ip_address("127.0.0.7"),)
+            up.zone = {**zone, ("dot.example.test", "A"): ["dot.example.test. 300 IN A 127.0.0.9"]}
+            cache.forget("dot.example.test")  # every address failed: the next use asks again
+            assert await cache.addresses("dot.example.test") == (ipaddress.ip_address("127.0.0.9"),)
+            assert cache.lookups == 2
+            cache.forget("dot.example.test")
+            up.behavior = Behavior.SILENT  # the resolver is gone: the old addresses are still tried
+            assert await cache.addresses("dot.example.test") == (ipaddress.ip_address("127.0.0.9"),)
+            assert cache.lookups == 3
+            await cache.addresses("dot.example.test")  # a failed lookup is not repeated per query
+            assert cache.lookups == 3
+            with pytest.raises(StubError):  # a name never resolved has nothing to fall back on
+                await cache.addresses("other.example.test")
+            with pytest.raises(StubError):  # and is not asked again for NEGATIVE_TTL
+                await cache.addresses("other.example.test")
+            assert cache.lookups == 4
+            clock.now += NameCache.NEGATIVE_TTL
+            up.behavior = Behavior.NORMAL
+            with pytest.raises(StubError, match="other.example.test"):  # asked again: NXDOMAIN this time
+                await cache.addresses("other.example.test")
+            assert cache.lookups == 5
+            await cache.close()
+    asyncio.run(main())
+
+
+def test_name_cache_without_resolvers_is_a_clear_error() -> None:
+    from magicdns.stub import NameCache
+
+    def none() -> StubResolver:
+        raise StubError("no usable nameserver in /etc/resolv.conf (or its backup)")
+
+    async def main() -> None:
+        with pytest.raises(StubError, match="no usable nameserver"):
+            await NameCache(none).addresses("dot.example.test")
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("spec,expect", [
+    ("tls://dns.quad9.net", Upstream("", 853, "tls", "dns.quad9.net")),
+    ("https://cloudflare-dns.com/dns-query", Upstream("", 443, "https", "cloudflare-dns.com", "/dns-query")),
+    ("https://dns.example:8443/q", Upstream("", 8443, "https", "dns.example", "/q")),
+    ("tls://192.0.2.1", Upstream("192.0.2.1", 853, "tls", "192.0.2.1")),
+    ("https://x.example@[2001:db8::1]/dns-query", Upstream("2001:db8::1", 443, "https", "x.example", "/dns-query")),
+])
+def test_encrypted_upstreams_by_name_parse_and_round_trip(spec: str, expect: Upstream) -> None:
+    from magicdns.upstream import parse_upstream
+
+    up = parse_upstream(spec)
+    assert up == expect and parse_upstream(up.spec) == up
+    assert up.by_name == (not expect.host)
+
+
+def test_upstreams_by_name_are_kept_by_name_for_the_connection_layer() -> None:
+    async def main() -> None:
+        got = await resolve_upstreams(["tls://dns.example.test:8853"], StubResolver([Upstream("127.0.0.1")]))
+        assert got == (Upstream("", 8853, "tls", "dns.example.test"),)
+    asyncio.run(main())

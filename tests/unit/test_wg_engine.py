@@ -171,7 +171,8 @@ def test_source_outside_allowed_ips_and_filter() -> None:
     assert b.drops[Drop.SOURCE_NOT_ALLOWED] == 1
     seen = []
 
-    def only_udp_to_port_53(packet: bytes, peer: bytes) -> bool:
+    def only_udp_to_port_53(packet: bytes, peer: bytes, now: float) -> bool:
+        assert now == T0  # the batch's clock reading, not one of the hook's own
         seen.append(peer)
         return packet.endswith(b"dns")
 
@@ -352,6 +353,22 @@ def test_persistent_keepalive_starts_a_handshake_and_repeats() -> None:
     a.tick(T0 + 25)
     (msg, _), = a.outbox
     assert len(msg) == m.TRANSPORT_MIN_SIZE
+
+
+def test_the_timer_thread_is_told_when_a_timer_is_due_at_once() -> None:
+    """The glue's timer thread sleeps until `next_deadline()`; the only timer a configuration
+    change makes due at once (a newly kept-alive peer) calls `timers_changed`, so it is not left
+    waiting for the next wake-up. Ordinary updates never call it."""
+    a, _ = make_pair()
+    calls: list[int] = []
+    a.timers_changed = lambda: calls.append(1)
+    assert a.next_deadline() is None  # nothing pending: the timer thread may sleep its longest
+    a.set_peer(PeerConfig(B_PUB, bytes(32), EP_B, nets(f"{B_IP}/32")))
+    assert calls == []
+    a.set_peer(PeerConfig(B_PUB, bytes(32), EP_B, nets(f"{B_IP}/32"), persistent_keepalive=25))
+    assert calls == [1] and a.next_deadline() == float("-inf")
+    a.tick(T0)
+    assert a.outbox and a.next_deadline() is not None and a.next_deadline() >= T0 + 1
 
 
 def test_live_changes_remove_peer_and_rekey() -> None:

@@ -46,7 +46,7 @@ def allow_tcp(src: str, dst: str, port: int) -> FilterRule:
 def test_outbound_hook_sees_every_routed_packet_unpadded_staged_or_sent() -> None:
     a, b = make_pair()
     seen: list[tuple[bytes, bytes]] = []
-    a.outbound_hook = lambda packet, peer: seen.append((packet, peer))
+    a.outbound_hook = lambda packet, peer, now: seen.append((packet, peer))
     staged = tcp4(A_IP, B_IP, 40000, 80)
     assert a.send(staged, T0) is None            # no session yet: staged, still seen
     assert seen == [(staged, B_PUB)]
@@ -66,9 +66,9 @@ def test_policy_filter_on_the_engine_passes_replies_of_tracked_connections() -> 
     handshake(a, b)
     fa = PacketFilter(())                         # a accepts nothing new, only replies
     fb = PacketFilter([allow_tcp(A_IP, B_IP, 80)])
-    a.inbound_filter = lambda p, k: fa.check(p, T0)
-    a.outbound_hook = lambda p, k: fa.note_outbound(p, T0)
-    b.inbound_filter = lambda p, k: fb.check(p, T0)
+    a.inbound_filter = lambda p, k, now: fa.check(p, now)
+    a.outbound_hook = lambda p, k, now: fa.note_outbound(p, now)
+    b.inbound_filter = lambda p, k, now: fb.check(p, now)
 
     def deliver(src: Engine, dst: Engine, packet: bytes) -> bool:
         out = src.send(packet, T0)
@@ -124,7 +124,7 @@ def sides(request: pytest.FixtureRequest) -> Iterator[tuple[Side, Side]]:
 
 def install(side: Side, rules: list[FilterRule]) -> PacketFilter:
     pf = PacketFilter(rules)
-    side.device.set_packet_filter(lambda p, k: pf.check(p, 0.0), lambda p, k: pf.note_outbound(p, 0.0))
+    side.device.set_packet_filter(lambda p, k, now: pf.check(p, now), lambda p, k, now: pf.note_outbound(p, now))
     return pf
 
 
