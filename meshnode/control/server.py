@@ -852,7 +852,9 @@ class ControlServer:
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
             "# TYPE meshnode_control_slow_streams_closed_total counter",
             f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
-        ]
+            "# TYPE meshnode_control_job_running gauge",   # 1: this server runs the once-per-tailnet job
+        ] + [f'meshnode_control_job_running{{job="{job.value}"}} {int(self.jobs.url is None or job in self.jobs.held)}'
+             for job in Job]
         if self.relay is not None:
             lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

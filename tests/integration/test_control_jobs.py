@@ -108,6 +108,15 @@ class Replica:
         self._out.close()
 
 
+def _running(r: Replica, tmp: Path, job: str = "ephemeral-removal") -> int:
+    """The replica's /metrics gauge: 1 while it runs `job`."""
+    import urllib.request
+    token = next(tmp.glob("*.tok")).read_text().strip()   # written by the replica that made it
+    req = urllib.request.Request(r.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    return int(re.search(rf'meshnode_control_job_running{{job="{job}"}} (\d)', text).group(1))
+
+
 async def _visit(url: str, key: str, name: str) -> None:
     """An ephemeral node registers, takes its map once, and goes away without logging out."""
     c = ControlClient(url, generate_private_key(), generate_private_key())
@@ -134,6 +143,8 @@ def test_ephemeral_removal_runs_once_and_moves_when_its_replica_dies(tmp_path: P
         removals = [e for e in store.audit_entries() if e.action == "node.delete" and e.target == "node:eph1"]
         assert len(removals) == 1 and removals[0].new == {"reason": "ephemeral node offline"}
         assert "eph1" in holder.text() and "removed" not in other.text()
+        assert _running(holder, tmp_path) == 1
+        assert _running(other, tmp_path) == 0
 
         holder.kill()
         wait_until(lambda: "job ephemeral-removal: this replica runs it" in other.text(), timeout=20)
@@ -174,6 +185,8 @@ def test_an_expiring_login_leaves_the_maps_when_it_expires(tmp_path: Path) -> No
             assert maps["alpha"] == ["bravo"]
             await async_wait_until(lambda: maps.get("alpha") == [], timeout=5)
             assert [e.target for e in store.audit_entries() if e.action == "node.expired"] == ["node:bravo"]
+            metrics = server._metrics_text().text
+            assert 'meshnode_control_job_running{job="key-expiry"} 1' in metrics   # SQLite: every job here
         finally:
             for t in tasks:
                 t.cancel()
