@@ -389,8 +389,14 @@ def _import_tka_dir(db: sqlite_utils.Database) -> None:
     directory = Path(str(path) + ".tka") if path else None
     if directory is None or not (directory / "aums").is_dir():
         return
+    from ..tka.errors import TKAError
     from ..tka.store import FileStore   # the old layout's reader (parses and checks every AUM)
-    old = FileStore(directory)
+    try:
+        old = FileStore(directory)
+    except TKAError as exc:
+        # Refuse to start rather than drop the chain: without it the tailnet's lock would look off.
+        raise sqlite3.DatabaseError(f"the Tailnet Lock chain in {directory} cannot be read ({exc}); restore it,"
+                                    " or move it away to start without it") from None
     aums = [old.aum(h) for h in old.all_hashes()]
     db.conn.executemany("INSERT OR IGNORE INTO tka_aums(hash, parent, aum, created) VALUES (?, ?, ?, ?)",
                         [(str(a.hash), str(a.parent) if a.parent is not None else None, a.serialized,

@@ -120,3 +120,20 @@ def test_sqlite_chain_on_disk_moves_into_the_store_and_migrates(tmp_path: Path, 
     # `control migrate` to PostgreSQL carries the chain (compared in full by migrate itself).
     list(migrate.copy(str(db), pg_url))
     assert ControlChain(StoreChain(ControlStore(pg_url))).head == head
+
+
+def test_an_unreadable_chain_on_disk_is_a_clear_error_not_a_lost_lock(tmp_path: Path) -> None:
+    from meshnode.control.store import ControlStoreError
+    db = tmp_path / "control.db"
+    ControlStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE tka_aums")
+    conn.execute("UPDATE control_meta SET value = '10' WHERE key = 'control_schema'")
+    conn.commit()
+    conn.close()
+    (tmp_path / "control.db.tka" / "aums").mkdir(parents=True)
+    (tmp_path / "control.db.tka" / "aums" / "GARBAGE").write_bytes(b"not an AUM")
+    with pytest.raises(ControlStoreError, match="Tailnet Lock chain in .*control.db.tka cannot be read"):
+        ControlStore(db)
+    assert sqlite3.connect(db).execute(
+        "SELECT value FROM control_meta WHERE key = 'control_schema'").fetchone()[0] == "10"   # nothing half-applied
