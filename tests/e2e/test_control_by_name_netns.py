@@ -12,7 +12,6 @@ the node moves to the other address and a rename made meanwhile reaches it.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import textwrap
 from pathlib import Path
