@@ -1,10 +1,9 @@
 """How long the once-per-tailnet jobs stay unrun when the replica running them dies (control/jobs.py).
 
 Run by hand: `.venv/bin/python bench/jobs_takeover.py [--trials N]`. Starts a throw-away
-PostgreSQL (tests/pg.py) and two `meshnode control serve --replica-id --ephemeral-grace 2s` processes;
-N times, kills the
-replica holding the ephemeral-removal job with SIGKILL, times until the survivor's log says it runs
-the job, and starts a fresh replica. The job tick is min(5 s, grace / 2), so the takeover is bounded
+PostgreSQL (tests/pg.py) and two `meshnode control serve --replica-id --ephemeral-grace 2s`
+processes; N times, kills the replica holding the ephemeral-removal job with SIGKILL, times until
+the survivor's log says it runs the job, and starts a fresh replica. The job tick is min(5 s, grace / 2), so the takeover is bounded
 by one tick plus PostgreSQL noticing the dead session (immediate when the process dies).
 """
 
