@@ -76,6 +76,10 @@ class HostResolver(AbstractResolver):
         except ValueError:
             pass
 
+    def preferred(self, host: str) -> Address | None:
+        """The address of `host` that answered last (None: none yet), for status and tests."""
+        return self._preferred.get(host.strip().rstrip(".").lower())
+
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
         addrs = await self.addresses(host, family)
         return [{"hostname": host, "host": str(a), "port": port,

@@ -37,7 +37,7 @@ NODE = textwrap.dedent("""
         await d.start()
         await d.wait_connected(20)
         async for nm in c.stream_map(max_backoff=0.5):
-            via = c.resolver._preferred.get("login.example.test")
+            via = c.resolver.preferred("login.example.test")
             print(json.dumps({"peers": sorted(p.name for p in nm.peers), "via": str(via),
                               "derp": d.connected_url is not None}), flush=True)
     asyncio.run(main())

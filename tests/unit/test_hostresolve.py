@@ -41,17 +41,17 @@ def test_control_client_keeps_to_the_address_that_answers(tmp_path: Path) -> Non
                                    generate_private_key(), resolver=resolver, timeout=5)
             try:
                 key = await client.fetch_server_key()
-                assert resolver._preferred["login.example.test"] == ipaddress.ip_address("127.0.0.3")
+                assert resolver.preferred("login.example.test") == ipaddress.ip_address("127.0.0.3")
                 await servers[0].stop()       # the first address stops answering: the next one does
                 assert await client.fetch_server_key() == key
-                assert resolver._preferred["login.example.test"] == ipaddress.ip_address("127.0.0.4")
+                assert resolver.preferred("login.example.test") == ipaddress.ip_address("127.0.0.4")
                 # The first comes back: the client stays where it is (no flapping back).
                 servers[0] = ControlServer(ControlStore(tmp_path / "control.db"), ServerConfig())
                 await servers[0].start("127.0.0.3", port)
                 assert (await resolver.addresses("login.example.test"))[0] == ipaddress.ip_address("127.0.0.4")
                 await client.close()
                 await client.fetch_server_key()
-                assert resolver._preferred["login.example.test"] == ipaddress.ip_address("127.0.0.4")
+                assert resolver.preferred("login.example.test") == ipaddress.ip_address("127.0.0.4")
             finally:
                 await client.close()
             assert sum(b"login" in q for q in up.queries) >= 3   # asked every time: no stale cache
