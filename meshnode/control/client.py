@@ -22,6 +22,7 @@ import platform
 import random
 import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
@@ -29,6 +30,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 import aiohttp
 
 from ..derp.derpmap import RelayMap, RelayMapError
+from ..hostresolve import HostResolver, is_address
 from ..words import control_unreachable, detail
 from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
@@ -179,10 +181,13 @@ class StreamState:
 class ControlClient:
     """A node's connection to a control server: one URL, or several replicas of one tailnet
     ("URL1,URL2", tried in order: the client stays on the one that answers and moves to the next when
-    it cannot be reached; replicas share the server key, so the pinned key holds for all)."""
+    it cannot be reached; replicas share the server key, so the pinned key holds for all), or a host
+    name with several addresses (each tried in turn, the one that answered kept: hostresolve.py).
+    Host names are resolved through the system's original resolvers, never through our own DNS."""
 
     def __init__(self, server_url: str, machine_key_private: str, node_key_private: str, *,
-                 server_public_key: str | None = None, timeout: float = 15.0) -> None:
+                 server_public_key: str | None = None, timeout: float = 15.0,
+                 resolver: HostResolver | None = None) -> None:
         self.server_urls = tuple(u.strip().rstrip("/") for u in server_url.split(",") if u.strip())
         self._current = 0
         self.machine_key_private = machine_key_private
@@ -192,6 +197,7 @@ class ControlClient:
         self.server_public_key = server_public_key  # pinned after the first GET /key
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self.resolver = resolver if resolver is not None else HostResolver()
         self._channel: Channel | None = None
         self.stream_since: float | None = None  # when the map stream last came up or broke
         self.stream_error: str | None = None    # why it is down (None while connected)
@@ -220,12 +226,47 @@ class ControlClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        await self.resolver.close()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # aiohttp's own DNS cache is off: it rotates a name's addresses on every connection,
+            # where the node must keep to the one that answers (the resolver orders them).
+            connector = aiohttp.TCPConnector(resolver=self.resolver, use_dns_cache=False)
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=None))
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=None))
         return self._session
+
+    async def server_addresses(self) -> tuple[str, ...]:
+        """Every address of every control URL (through the same resolver as the connections), for
+        routes that must keep the control servers reachable outside the tunnel (an exit node).
+        A name that does not resolve now is left out rather than failing the others."""
+        out: list[str] = []
+        for url in self.server_urls:
+            host = urllib.parse.urlsplit(url).hostname
+            if not host:
+                continue
+            try:
+                out.extend(str(a) for a in await self.resolver.addresses(host))
+            except OSError as exc:
+                log.warning("control: cannot resolve %s: %s", host, exc)
+        return tuple(dict.fromkeys(out))
+
+    def _answered(self, resp: aiohttp.ClientResponse) -> None:
+        """The address that answered for a host name is the one to try first next time."""
+        host = resp.url.host
+        if not host or is_address(host):
+            return
+        # A short answer read in full has released its connection already: the protocol still
+        # names the transport (aiohttp's `_protocol`; pinned by tests/unit/test_hostresolve.py).
+        conn = resp.connection
+        transport = conn.transport if conn is not None else getattr(getattr(resp, "_protocol", None),
+                                                                    "transport", None)
+        if transport is None:
+            return
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.resolver.prefer(host, str(peer[0]))
 
     async def fetch_server_key(self) -> str:
         """GET /key (from the first server that can be reached); pins the key on first use and
@@ -242,6 +283,7 @@ class ControlClient:
         try:
             async with self._http().get(self.server_url + "/key",
                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                self._answered(resp)
                 if resp.status != 200:
                     raise ControlError(ErrorCode.INTERNAL, f"GET /key answered {resp.status}", resp.status)
                 body = await resp.json()
@@ -293,6 +335,7 @@ class ControlClient:
             async with self._http().post(self.server_url + path, data=sealed,
                                          headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                self._answered(resp)
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -486,6 +529,7 @@ class ControlClient:
         async with self._http().post(self.server_url + "/machine/map", data=body,
                                      headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                      timeout=timeout) as resp:
+            self._answered(resp)
             if resp.status != 200:
                 err = _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
                 raise await self._diagnosed(err)

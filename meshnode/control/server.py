@@ -50,6 +50,7 @@ from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .console import idpgroups
+from .jobs import Job, JobLocks
 from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
@@ -87,6 +88,7 @@ class ServerConfig:
     full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
     max_streams_per_node: int = 2
     audit_prune_interval: float = 3600.0
+    expiry_interval: float = 5.0        # how often expired logins are looked for (control/jobs.py)
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
     presence_interval: float = 15.0     # how often the online set is written for `control nodes ls`
@@ -171,6 +173,8 @@ class ControlServer:
         self._full_maps = asyncio.Semaphore(8)
         self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Jobs that run once per tailnet: on PostgreSQL under per-job advisory locks (jobs.py).
+        self.jobs = JobLocks(getattr(store.db, "url", None))
         self._seen_counter = -1
         self._built_counter = -1
         self._seen_records = -1
@@ -224,7 +228,7 @@ class ControlServer:
         if self.relay is not None:
             await self.relay.start()
         for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner(),
-                     self._presence()):
+                     self._expiry_sweeper(), self._presence()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -239,6 +243,7 @@ class ControlServer:
             except asyncio.CancelledError:
                 pass
         self._tasks.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self.jobs.close)
         self._wake_streams()
 
     async def start(self, host: str, port: int) -> int:
@@ -282,10 +287,13 @@ class ControlServer:
                     self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
             except Exception:
                 log.exception("recording presence failed")
+            # Not wait_for: on Python 3.11 it swallows a cancellation that arrives as the event is
+            # set (streams closing at shutdown set it), and this loop then ran on and stop() hung.
+            waiter = asyncio.ensure_future(self._presence_changed.wait())
             try:
-                await asyncio.wait_for(self._presence_changed.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=interval)
+            finally:
+                waiter.cancel()
 
     def _heartbeat(self) -> None:
         now = time.time()
@@ -406,10 +414,17 @@ class ControlServer:
             except Exception:
                 log.exception("polling the store failed")
 
+    async def _runs(self, job: Job) -> bool:
+        """Whether this server runs `job` now (always on SQLite; on PostgreSQL, the replica holding
+        its advisory lock). The lock query blocks: off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.jobs.holds, job)
+
     async def _reaper(self) -> None:
         while True:
             await asyncio.sleep(min(self.config.reap_interval, self.config.ephemeral_grace))
             try:
+                if not await self._runs(Job.EPHEMERAL):
+                    continue
                 # Nodes streaming from other replicas are online too; the deletion itself runs under
                 # the database's write lock, so replicas reaping at once cannot delete twice.
                 gone = self.store.delete_stale_ephemeral(set(self.online) | self.remote_online,
@@ -421,20 +436,45 @@ class ControlServer:
                 log.info("removed %d offline ephemeral node(s): %s", len(gone), ", ".join(n.name for n in gone))
                 self.mark_dirty()
 
-    async def _audit_pruner(self) -> None:
-        """Apply the audit log's retention at start and then hourly (the pruning is itself logged)."""
+    async def _expiry_sweeper(self) -> None:
+        """Expired logins leave every map when they expire (not at the next unrelated change), with one
+        audit entry each."""
         while True:
+            await asyncio.sleep(self.config.expiry_interval)
             try:
-                removed = self.store.prune_audit()
-                if removed:
-                    log.info("audit: removed %d entries older than %g days", removed,
-                             self.store.audit_retention_days())
-                # The change log keeps the newest 100,000 versions: enough for any reader that is
-                # minutes behind; an older one starts again from a full snapshot (ChangeLogGap).
-                self.store.prune_changes()
+                if not await self._runs(Job.KEY_EXPIRY):
+                    continue
+                gone = self.store.sweep_expired(time.time())
+            except Exception:
+                log.exception("looking for expired logins failed")
+                continue
+            if gone:
+                log.info("login expired: %s", ", ".join(n.name for n in gone))
+                self.mark_dirty()
+
+    async def _audit_pruner(self) -> None:
+        """Apply the audit log's, change log's and flow logs' retention at start and then hourly (the
+        pruning is itself logged). A replica that does not hold the job looks again every minute, so
+        it takes over soon after the holder dies."""
+        while True:
+            interval = self.config.audit_prune_interval
+            try:
+                if await self._runs(Job.RETENTION):
+                    removed = self.store.prune_audit()
+                    if removed:
+                        log.info("audit: removed %d entries older than %g days", removed,
+                                 self.store.audit_retention_days())
+                    # The change log keeps the newest 100,000 versions: enough for any reader that is
+                    # minutes behind; an older one starts again from a full snapshot (ChangeLogGap).
+                    self.store.prune_changes()
+                    flows = self.store.prune_flows()
+                    if flows:
+                        log.info("flow logs: removed %d records past retention", flows)
+                else:
+                    interval = min(interval, 60.0)
             except Exception:
                 log.exception("pruning the audit log failed")
-            await asyncio.sleep(self.config.audit_prune_interval)
+            await asyncio.sleep(interval)
 
     # -- node protocol --------------------------------------------------------------------------
 
@@ -812,7 +852,9 @@ class ControlServer:
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
             "# TYPE meshnode_control_slow_streams_closed_total counter",
             f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
-        ]
+            "# TYPE meshnode_control_job_running gauge",   # 1: this server runs the once-per-tailnet job
+        ] + [f'meshnode_control_job_running{{job="{job.value}"}} {int(self.jobs.url is None or job in self.jobs.held)}'
+             for job in Job]
         if self.relay is not None:
             lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -54,6 +54,10 @@ class Conflict(ControlStoreError):
     """The change clashes with what is stored (name taken, user has nodes, ...)."""
 
 
+class StaleChain(Conflict):
+    """The Tailnet Lock chain was written by someone else (another replica) since this copy was read."""
+
+
 class InvalidValue(ControlStoreError, ValueError):
     """A value that cannot be stored (bad name, bad CIDR, bad resolver)."""
 
@@ -366,10 +370,48 @@ def _m10_home_region(db: sqlite_utils.Database) -> None:
     db["nodes"].add_column("home_region", int)
 
 
+def _m11_tka_chain(db: sqlite_utils.Database) -> None:
+    # Tailnet Lock's chain (control/lock.py `StoreChain`) lives in the store, so every replica of one
+    # database serves the same chain: one row per verified AUM (its canonical bytes), keyed by its hash
+    # text. `tka_generation` in control_meta grows with every write of the chain (replicas compare it
+    # to know theirs is stale), `tka_ancestor` is the last active ancestor.
+    db["tka_aums"].create({"hash": str, "parent": str, "aum": bytes, "created": float}, pk="hash",
+                          not_null={"aum", "created"})
+    _import_tka_dir(db)
+
+
+def _import_tka_dir(db: sqlite_utils.Database) -> None:
+    """A SQLite deployment from before kept its chain in `<database>.tka/`: copy it in (once: this runs
+    inside the migration). The directory is left where it is, unread from now on, as a backup."""
+    if sqldb.dialect(db) != "sqlite":
+        return
+    path = next((row[2] for row in db.conn.execute("PRAGMA database_list") if row[1] == "main" and row[2]), None)
+    directory = Path(str(path) + ".tka") if path else None
+    if directory is None or not (directory / "aums").is_dir():
+        return
+    from ..tka.errors import TKAError
+    from ..tka.store import FileStore   # the old layout's reader (parses and checks every AUM)
+    try:
+        old = FileStore(directory)
+    except TKAError as exc:
+        # Refuse to start rather than drop the chain: without it the tailnet's lock would look off.
+        raise sqlite3.DatabaseError(f"the Tailnet Lock chain in {directory} cannot be read ({exc}); restore it,"
+                                    " or move it away to start without it") from None
+    aums = [old.aum(h) for h in old.all_hashes()]
+    db.conn.executemany("INSERT OR IGNORE INTO tka_aums(hash, parent, aum, created) VALUES (?, ?, ?, ?)",
+                        [(str(a.hash), str(a.parent) if a.parent is not None else None, a.serialized,
+                          old.commit_time(a.hash)) for a in aums if a is not None])
+    ancestor = old.last_active_ancestor()
+    rows = [("tka_generation", "1")] + ([("tka_ancestor", str(ancestor))] if ancestor is not None else [])
+    db.conn.executemany("INSERT OR REPLACE INTO control_meta(key, value) VALUES (?, ?)", rows)
+    log.info("tailnet lock: moved the chain of %d AUM(s) from %s into the database (the directory is"
+             " no longer read and may be removed)", len(aums), directory)
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
                                                                   _m5_console, _m6_tailnet_ca, _m7_tka_flows,
                                                                   _m8_changelog, _m9_tka_lock_keys,
-                                                                  _m10_home_region)
+                                                                  _m10_home_region, _m11_tka_chain)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -662,6 +704,45 @@ END $body$"""
                               " ON CONFLICT(node_key) DO UPDATE SET lock_key = excluded.lock_key,"
                               " updated = excluded.updated", [node_key, lock_key, time.time()])
         return True
+
+    def tka_generation(self) -> int:
+        """Grows with every write of the Tailnet Lock chain (by any replica)."""
+        return int(self._meta("tka_generation") or 0)
+
+    def tka_chain(self) -> tuple[int, list[tuple[bytes, float]], str | None]:
+        """The Tailnet Lock chain as one consistent read: (generation, [(AUM bytes, commit time)],
+        last active ancestor hash text)."""
+        self.conn.execute("BEGIN")
+        try:
+            generation = self.tka_generation()
+            rows = [(bytes(r[0]), float(r[1])) for r in
+                    self.conn.execute("SELECT aum, created FROM tka_aums ORDER BY created, hash")]
+            return generation, rows, self._meta("tka_ancestor")
+        finally:
+            self.conn.execute("COMMIT")
+
+    def tka_chain_write(self, expect: int, add: Sequence[tuple[str, str | None, bytes, float]] = (),
+                        purge: Sequence[str] = (), ancestor: str | None = None, clear: bool = False) -> int:
+        """Write the chain if nobody has since generation `expect` (else `StaleChain`: the caller reads
+        it again and retries), so replicas never build two chains from two stale views. `add` holds
+        verified AUMs as (hash, parent hash, bytes, commit time). Returns the new generation."""
+        with self._tx():
+            generation = self.tka_generation()
+            if generation != expect:
+                raise StaleChain(f"the Tailnet Lock chain changed (generation {generation}, expected {expect})")
+            if clear:
+                self.conn.execute("DELETE FROM tka_aums")
+                self.conn.execute("DELETE FROM control_meta WHERE key = 'tka_ancestor'")
+            for h in purge:
+                self.conn.execute("DELETE FROM tka_aums WHERE hash = ?", [h])
+            for h, parent, raw, when in add:
+                self.conn.execute("INSERT INTO tka_aums(hash, parent, aum, created) VALUES (?, ?, ?, ?)"
+                                  " ON CONFLICT(hash) DO NOTHING", [h, parent, raw, when])
+            if ancestor is not None:
+                self._set_meta("tka_ancestor", ancestor)
+            self._set_meta("tka_generation", str(generation + 1))
+            self._notes.append(("tka.chain", "tailnet-lock"))
+        return generation + 1
 
     def tka_disablement_secret(self) -> str | None:
         """The disablement secret (hex) that turned the lock off, handed to nodes so they follow."""
@@ -1159,6 +1240,23 @@ END $body$"""
             for n in gone:
                 self._delete(n)
                 self._audit("node.delete", f"node:{n.name}", _summary(n), {"reason": "ephemeral node offline"})
+        return gone
+
+    def sweep_expired(self, now: float) -> list[Node]:
+        """Nodes whose login expired since the last sweep (`expiry_swept` in control_meta): each is
+        audited once (`node.expired`), and the change counter moves so every replica's maps drop them
+        at once rather than at the next unrelated change. The first sweep only sets the mark."""
+        mark = self._meta("expiry_swept")
+        if mark is not None and not self._select_nodes("WHERE n.expiry > ? AND n.expiry <= ? AND n.logged_out = 0",
+                                                         [float(mark), now]):
+            return []   # nothing to do: nothing written (the mark may stay behind)
+        with self._tx(bump=mark is not None):
+            mark = self._meta("expiry_swept")   # again, under the write lock: another sweep may have run
+            gone = [] if mark is None else self._select_nodes(
+                "WHERE n.expiry > ? AND n.expiry <= ? AND n.logged_out = 0", [float(mark), now])
+            for n in gone:
+                self._audit("node.expired", f"node:{n.name}", None, {"expiry": n.expiry})
+            self._set_meta("expiry_swept", repr(max(now, float(mark or 0))))
         return gone
 
     def set_tags(self, ref: str, tags: Sequence[str]) -> Node:

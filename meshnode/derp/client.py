@@ -39,6 +39,7 @@ import time
 import urllib.parse
 from typing import Callable, Sequence
 
+from ..hostresolve import HostResolver
 from .frames import (MAX_PACKET_SIZE, ForwardPacket, FrameError, FrameType, Health, KeepAlive, NotePreferred,
                      PeerGone, PeerPresent, Ping, Pong, RecvPacket, Restarting, WatchConns)
 from .session import ClientInfo, ClientSession, LoggedIn
@@ -80,6 +81,7 @@ class DerpClient:
                  preferred: bool = True, watch_conns: bool = False,
                  on_frame: Callable[[object], None] | None = None,
                  on_connection: Callable[[bool], None] | None = None,
+                 resolver: HostResolver | None = None,
                  on_packets: Callable[[list[tuple[bytes, bytes]]], None] | None = None) -> None:
         if not urls:
             raise ValueError("a relay region needs at least one server URL")
@@ -87,6 +89,8 @@ class DerpClient:
             parse_relay_url(url)
         self.private_key = private_key
         self.urls = list(urls)
+        # Relay names through the system's original resolvers, never through our own DNS.
+        self.resolver = resolver if resolver is not None else HostResolver()
         self.info = ClientInfo(mesh_key=mesh_key, app_name="meshnode")
         self.ssl = ssl
         self.connect_timeout = connect_timeout
@@ -291,6 +295,7 @@ class DerpClient:
                 pass
             self._task = None
         self._drop_writer()
+        await self.resolver.close()
 
     # -- connection loop ----------------------------------------------------------------------
 
@@ -337,9 +342,7 @@ class DerpClient:
     async def _session(self, url: str) -> None:
         _, host, port, path, tls = parse_relay_url(url)
         ctx = (self.ssl or ssl_module.create_default_context()) if tls else None
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if tls else None),
-            self.connect_timeout)
+        reader, writer = await self._dial(host, port, ctx)
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
@@ -401,6 +404,23 @@ class DerpClient:
         self.stats["send_dropped_disconnected"] += len(pending) - len(fresh)
         if fresh:
             self._write(writer, b"".join(fresh), len(fresh))
+
+    async def _dial(self, host: str, port: int, ctx: ssl_module.SSLContext | None
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Each address of `host` in turn (the one that answered last first); TLS checks `host`."""
+        addrs = await asyncio.wait_for(self.resolver.addresses(host), self.connect_timeout)
+        last: BaseException = OSError(f"{host}: no address")
+        for addr in addrs:
+            try:
+                conn = await asyncio.wait_for(
+                    asyncio.open_connection(str(addr), port, ssl=ctx, server_hostname=host if ctx else None),
+                    self.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                last = exc
+                continue
+            self.resolver.prefer(host, str(addr))
+            return conn
+        raise last
 
     async def _upgrade(self, reader: asyncio.StreamReader, url: str) -> bytes:
         buf = b""
