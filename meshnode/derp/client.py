@@ -115,6 +115,9 @@ class DerpClient:
         self.connected_url: str | None = None
         self.server_key: bytes | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # Counted by other threads as well (send_many_threadsafe): present from the start, so a
+        # first count there never resizes the dict while /metrics copies it on another thread.
+        self.stats.update(sent=0, send_deferred=0)
         self._queue: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._queue_max = recv_queue
         self._recv_wake = asyncio.Event()
