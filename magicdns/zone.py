@@ -77,6 +77,7 @@ class Zone:
         self._add_routes(view, fallback_upstreams)
         self.max_route_labels = max((s.count(".") + 1 for s in self.routes), default=1)
         self.exact = self._exact_names()
+        self.has_wildcards = any(name.startswith("*.") for name in self.records)
         # The last label of every name we answer for, in wire form: the first time a name under
         # one of our zones appears in a message, this is written out (compression only points
         # back), so a reply without any of these holds none of our names. chase.complete_chain's
@@ -168,6 +169,12 @@ class Zone:
         exact = self.exact
         if exact and name in exact:
             return exact[name], name
+        return self.route_under(name)
+
+    def route_under(self, name: str) -> tuple[LocalZone | ForwardRoute | None, str]:
+        """The most specific route among the suffixes of `name`, exact names aside: the route of
+        `name` itself when it is not an exact name, and of every name below it that is neither an
+        exact name nor a route's suffix."""
         labels = name.split(".") if name else []
         start = max(0, len(labels) - self.max_route_labels)
         for i in range(start, len(labels)):
