@@ -20,8 +20,8 @@ from typing import Union
 
 from dnslib import CLASS, QTYPE, RR, DNSError, DNSLabel, DNSQuestion, DNSRecord
 
-from .message import (MAX_QNAME_END, MAX_UDP_PAYLOAD, PLAIN_UDP_LIMIT, Edns, MessageError, Rcode, check_options,
-                      error_reply, opt_record, scan_query, truncate, udp_limit)
+from .message import (MAX_UDP_PAYLOAD, PLAIN_UDP_LIMIT, Edns, MessageError, Rcode, check_options,
+                      error_reply, opt_record, question_end, scan_query, truncate, udp_limit)
 from .zone import ForwardRoute, LocalZone, Zone
 
 # CNAMEs followed inside our zones before the answer stops: glibc and most stubs give up after 16
@@ -144,19 +144,11 @@ class Engine:
         # One question, no answer/authority records, at most one additional (OPT); QR=0, QUERY.
         if n < 17 or data[2] & 0xFA or data[4:11] != b"\x00\x01\x00\x00\x00\x00\x00" or data[11] > 1:
             return self._slow(data, tcp)
-        i = 12
         try:
-            length = data[i]
-            while length:
-                if length > 63:
-                    return self._slow(data, tcp)
-                i += length + 1
-                length = data[i]
-        except IndexError:
+            qend = question_end(data)
+        except MessageError:  # a name over 255 octets is FORMERR, never forwarded
             return self._slow(data, tcp)
-        qend = i + 5
-        if qend > n or i > MAX_QNAME_END:  # a name over 255 octets is FORMERR, never forwarded
-            return self._slow(data, tcp)
+        i = qend - 5
         if data[11] == 0:
             if qend != n:
                 return self._slow(data, tcp)
