@@ -89,17 +89,22 @@ class Zone:
     # -- construction -------------------------------------------------------------------------
 
     def _add_hosts(self, hosts: Iterable[Host]) -> None:
+        # Locals and a class test instead of the `version` property: this loop runs once per node
+        # and address, 300,000 times for a 100,000-node view.
+        by_name = self.hosts
+        setdefault = self.addr_to_name.setdefault
+        suffix = "." + self.domain
+        v4 = ipaddress.IPv4Address
         for host in hosts:
-            fqdn = f"{host.name}.{self.domain}"
-            if fqdn in self.hosts:  # two nodes with one name: serve both, but say so
-                prev = self.hosts[fqdn]
+            fqdn = host.name + suffix
+            if fqdn in by_name:  # two nodes with one name: serve both, but say so
+                prev = by_name[fqdn]
                 self.warnings.append(f"two hosts named {fqdn}; serving the addresses of both")
                 host = Host(host.name, prev.addresses + host.addresses, prev.tags, prev.online)
-            self.hosts[fqdn] = host
+            by_name[fqdn] = host
             for addr in host.addresses:
                 # One int key space for both families: v6 keys are offset past the v4 range.
-                key = int(addr) if addr.version == 4 else int(addr) + (1 << 32)
-                self.addr_to_name.setdefault(key, fqdn)
+                setdefault(int(addr) if addr.__class__ is v4 else int(addr) + (1 << 32), fqdn)
 
     def _add_records(self, records: Iterable[Record]) -> None:
         by_name: dict[str, list[Record]] = {}
