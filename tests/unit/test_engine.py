@@ -505,3 +505,22 @@ def test_a_reply_too_large_for_udp_is_never_memoised_for_udp() -> None:
         udp = e.handle(q.to_wire())
         assert len(udp) <= 512 and dns.message.from_wire(udp).flags & dns.flags.TC
     assert not e.replies
+
+
+def test_route_remembered_per_parent_never_hides_a_more_specific_route() -> None:
+    e = Engine(Zone(VIEW))
+
+    def decide(name: str) -> object:
+        return e.handle(dns.message.make_query(name, "A").to_wire())
+
+    # The parents' routes are remembered first ('example' forwards by default, 'tailnet' is ours)...
+    assert decide("x.example").route.suffix == ""
+    assert decide("nobody.tailnet")[3] & 0xF == dns.rcode.NXDOMAIN
+    # ...and a name that is itself a route's suffix, or lies below one, still takes that route.
+    for name, suffix in (("corp.example", "corp.example"), ("a.corp.example", "corp.example"),
+                         ("lab.tailnet", "lab.tailnet"), ("n.lab.tailnet", "lab.tailnet")):
+        fwd = decide(name)
+        assert isinstance(fwd, Forward) and fwd.route.suffix == suffix, name
+    nx = dns.message.from_wire(decide("nope.local.example"))
+    assert nx.rcode() == dns.rcode.NXDOMAIN and str(nx.authority[0].name) == "local.example."
+    assert e.slow == 0
