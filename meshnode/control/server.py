@@ -50,11 +50,13 @@ from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .console import idpgroups
-from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
+from .mapbuilder import (NodeGone, ResumeToken, Snapshot, StreamState, build_snapshot, map_node, next_frame,
+                         resumable, resume_frame, with_version)
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
                        parse_json, public_key_of, verify_node_key_proof)
-from .store import (REPLICA_DEAD_AFTER, REPLICA_HEARTBEAT, Conflict, ControlStore, ControlStoreError, InvalidValue,
+from .store import (REPLICA_DEAD_AFTER, REPLICA_HEARTBEAT, ChangeLogGap, Conflict, ControlStore, ControlStoreError,
+                    InvalidValue,
                     Node, NotFound, Registration,
                     check_tag, normalize_cidr)
 
@@ -62,6 +64,7 @@ log = logging.getLogger("meshnode.control.server")
 
 ADMIN_ACTOR = "admin-token"   # who the audit log names for changes through the admin API
 PRESENCE_FINAL = 1e9          # heartbeat interval written by a cleanly stopped server: its word stands
+RESUME_MAX_CHANGES = 20_000   # a node further behind than this gets a full map: reading the log costs more
 
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
@@ -177,7 +180,8 @@ class ControlServer:
         self._records: list | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
         self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
-                      "slow_streams_closed": 0}
+                      "slow_streams_closed": 0, "resumed": 0, "full_maps": 0}
+        self._epoch = store.tailnet_epoch()
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
         self.app.add_routes([
             web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
@@ -352,12 +356,17 @@ class ControlServer:
                                        derp_map_text=self._relay_map_text(policy),
                                        ca_pem=self._current_ca().cert_pem,
                                        tka_head=self.tka.head, signatures=self.tka.signatures(),
-                                       lock_keys=self.tka.lock_keys(), flow_logs=self.store.flow_logs_enabled())
+                                       lock_keys=self.tka.lock_keys(), flow_logs=self.store.flow_logs_enabled(),
+                                       tailnet_version=counter, epoch=self._epoch)
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:
                 log.info("relay: disconnected %d node(s) no longer in the tailnet", gone)
         if not differs:
+            if prev is not None and counter > prev.tailnet_version:
+                # Nothing a node sees changed, but the snapshot stands for the newer store version,
+                # so a node resuming from that version is not sent a full map.
+                self.snapshot = dataclasses.replace(prev, tailnet_version=counter)
             return
         if prev is not None or snap.version == 0:
             snap = with_version(snap, self.store.bump_map_version())
@@ -579,7 +588,7 @@ class ControlServer:
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            "Cache-Control": "no-store"})
         await resp.prepare(request)
-        state = StreamState(node.id)
+        state = StreamState(node.id, patches=p.get("patches") is True)
         # A node needs one stream (two while it reconnects): older ones are closed, so one machine
         # cannot pile up streams that each hold a map in memory.
         mine = self._node_streams.setdefault(node.id, [])
@@ -595,7 +604,9 @@ class ControlServer:
         self.mark_dirty()
         self._presence_changed.set()
         try:
-            await self._serve_stream(request, resp, chan, state)
+            token = ResumeToken.parse(p.get("resume"))
+            if token is None or await self._resume(request, resp, chan, state, token):
+                await self._serve_stream(request, resp, chan, state)
         except (ConnectionResetError, ConnectionError):
             pass
         finally:
@@ -616,6 +627,31 @@ class ControlServer:
             self.mark_dirty()
             self._presence_changed.set()
         return resp
+
+    async def _resume(self, request: web.Request, resp: web.StreamResponse, chan: Channel, state: StreamState,
+                      token: ResumeToken) -> bool:
+        """Send a node that reconnects with the version it holds only what changed since, if the
+        change log can say exactly what that is; otherwise leave `state` for a full map. False when
+        the stream must end."""
+        snap = self.snapshot
+        if snap is not None and snap.epoch == token.epoch and token.version > snap.tailnet_version:
+            self._publish()   # it saw a newer version on another replica: catch up before judging
+            snap = self.snapshot
+        if snap is None or not 0 <= snap.tailnet_version - token.version <= RESUME_MAX_CHANGES:
+            return True
+        try:
+            changes = self.store.changes_since(token.version, limit=snap.tailnet_version - token.version)
+        except ChangeLogGap:
+            return True
+        nodes = resumable(snap, token, state.node_id, changes)
+        if nodes is None:
+            return True
+        try:
+            text = resume_frame(snap, state, nodes)
+        except NodeGone:
+            return False
+        self.stats["resumed"] += 1
+        return await self._write(request, resp, frame(chan.seal_bytes(text.encode())))
 
     async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
                             state: StreamState) -> None:
@@ -656,6 +692,7 @@ class ControlServer:
                 return False
             if text is None:
                 return True
+            self.stats["full_maps"] += 1
             write = asyncio.ensure_future(resp.write(frame(chan.seal_bytes(text.encode()))))
             await asyncio.wait({write}, timeout=self.config.full_map_slot)
         return await self._write(request, resp, write)
@@ -812,6 +849,10 @@ class ControlServer:
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
             "# TYPE meshnode_control_slow_streams_closed_total counter",
             f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
+            "# TYPE meshnode_control_streams_resumed_total counter",
+            f"meshnode_control_streams_resumed_total {self.stats['resumed']}",
+            "# TYPE meshnode_control_full_maps_total counter",
+            f"meshnode_control_full_maps_total {self.stats['full_maps']}",
         ]
         if self.relay is not None:
             lines += self.relay.metrics_lines()
