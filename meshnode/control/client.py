@@ -233,6 +233,7 @@ class ControlClient:
         self.stream_error: str | None = None    # why it is down (None while connected)
         # The map held, kept across reconnects: its resume token asks the server for only what changed.
         self._assembler = MapAssembler()
+        self.resumes = 0   # streams whose first frame was a delta on the map held (not a full map)
 
     @property
     def server_url(self) -> str:
@@ -533,6 +534,7 @@ class ControlClient:
                 err = _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
                 raise await self._diagnosed(err)
             reader = FrameReader()
+            first = True
             async for chunk in resp.content.iter_any():
                 try:
                     frames = reader.feed(chunk)
@@ -545,6 +547,9 @@ class ControlClient:
                             # strict parser would cost seconds on a 10k-node map.
                             msg = json.loads(chan.open_bytes(sealed))
                             nm = assembler.apply(msg)
+                            if first and nm is not None:
+                                first = False
+                                self.resumes += msg.get("type") == "delta"
                     except ProtocolError as exc:
                         self._assembler = MapAssembler()
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
