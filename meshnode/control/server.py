@@ -640,7 +640,8 @@ class ControlServer:
         if snap is None or not 0 <= snap.tailnet_version - token.version <= RESUME_MAX_CHANGES:
             return True
         try:
-            changes = self.store.changes_since(token.version, limit=snap.tailnet_version - token.version)
+            behind = snap.tailnet_version - token.version
+            changes = self.store.changes_since(token.version, limit=behind) if behind else []
         except ChangeLogGap:
             return True
         nodes = resumable(snap, token, state.node_id, changes)
@@ -694,6 +695,9 @@ class ControlServer:
                 return True
             self.stats["full_maps"] += 1
             write = asyncio.ensure_future(resp.write(frame(chan.seal_bytes(text.encode()))))
+            # If this stream is cancelled (its node went away) the write may still fail later:
+            # its error is expected then, not "never retrieved".
+            write.add_done_callback(lambda f: f.cancelled() or f.exception())
             await asyncio.wait({write}, timeout=self.config.full_map_slot)
         return await self._write(request, resp, write)
 
