@@ -695,9 +695,7 @@ class ControlServer:
                 return True
             self.stats["full_maps"] += 1
             write = asyncio.ensure_future(resp.write(frame(chan.seal_bytes(text.encode()))))
-            # If this stream is cancelled (its node went away) the write may still fail later:
-            # its error is expected then, not "never retrieved".
-            write.add_done_callback(lambda f: f.cancelled() or f.exception())
+            write.add_done_callback(_retrieved)
             await asyncio.wait({write}, timeout=self.config.full_map_slot)
         return await self._write(request, resp, write)
 
@@ -707,6 +705,7 @@ class ControlServer:
         `stream_deadline` is closed (the node reconnects and gets a full map); a slow link that keeps
         taking bytes is not: a full map over a slow line may well take longer than the deadline."""
         write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
+        write.add_done_callback(_retrieved)
         loop = asyncio.get_running_loop()
         deadline = self.config.stream_deadline
         transport = request.transport
@@ -874,6 +873,13 @@ def _ensure_ca(store: ControlStore, now: float) -> tailnet_ca.TailnetCa:
     store.save_tailnet_ca(domain, ca.key_pem, ca.cert_pem, now)
     log.info("created the tailnet certificate authority for %s", domain)
     return ca
+
+
+def _retrieved(write: asyncio.Future[Any]) -> None:
+    """A frame write whose stream was cancelled (its node went away) may still fail afterwards: that
+    error is expected, and must not be logged as "never retrieved"."""
+    if not write.cancelled():
+        write.exception()
 
 
 def _abort(request: web.Request) -> None:
