@@ -253,7 +253,7 @@ class StreamState:
     ca_pem: str = ""
     tka_head: str | None = None
     flow_logs: bool = False
-    tailnet_version: int = -1
+    tailnet_version: int = -1   # of the resume token the node was last sent
     patches: bool = False   # the node understands `peers_patch` (it said so when it opened the stream)
 
     @property
@@ -291,6 +291,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "",
             ',"tka_head":', _dumps(snap.tka_head), ',"flow_logs":', _dumps(snap.flow_logs), '},"resume":',
             _dumps(snap.resume_token(nid)), '}'])
+        state.tailnet_version = snap.tailnet_version
     else:
         since: set[int] = set()
         for seq, changed_ids, _removed in snap.history:
@@ -313,8 +314,6 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
                 patched.append(snap.patches[p])
                 changed.discard(p)
         parts = ['{"type":"delta","version":', str(snap.version)]
-        if snap.tailnet_version != state.tailnet_version:
-            parts += [',"resume":', _dumps(snap.resume_token(nid))]
         if snap.domain != state.domain:
             parts += [',"domain":', _dumps(snap.domain)]
         if texts[nid] is not state.self_text:
@@ -337,7 +336,14 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             parts += [',"tka_head":', _dumps(snap.tka_head)]
         if snap.flow_logs != state.flow_logs:
             parts += [',"flow_logs":', _dumps(snap.flow_logs)]
-        frame = "".join(parts) + "}" if len(parts) > 2 else None
+        frame = None
+        if len(parts) > 2:
+            # A new resume token rides along only on a frame sent anyway: a node whose map did not
+            # change keeps its older (still true) token rather than getting a frame for it.
+            if snap.tailnet_version != state.tailnet_version:
+                parts += [',"resume":', _dumps(snap.resume_token(nid))]
+                state.tailnet_version = snap.tailnet_version
+            frame = "".join(parts) + "}"
     _sent(snap, state, reach, filter_text)
     return frame
 
@@ -351,7 +357,6 @@ def _sent(snap: Snapshot, state: StreamState, reach: frozenset[int], filter_text
     state.derp_map_text = snap.derp_map_text
     state.ca_pem = snap.ca_pem
     state.tka_head, state.flow_logs = snap.tka_head, snap.flow_logs
-    state.tailnet_version = snap.tailnet_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,5 +426,6 @@ def resume_frame(snap: Snapshot, state: StreamState, changed_nodes: frozenset[in
              ',"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp_map":', snap.derp_map_text,
              ',"tailnet_ca":', _dumps(snap.ca_pem), ',"tka_head":', _dumps(snap.tka_head),
              ',"flow_logs":', _dumps(snap.flow_logs), '}']
+    state.tailnet_version = snap.tailnet_version
     _sent(snap, state, reach, filter_text)
     return "".join(parts)
