@@ -199,6 +199,35 @@ def _patch(old: MapNode, new: MapNode, domain: str) -> str | None:
     return _dumps(patch)
 
 
+TARGETED_MAX = 64   # changed nodes in one snapshot beyond which waking every stream is as cheap
+
+
+def concerned(prev: Snapshot, snap: Snapshot) -> frozenset[int] | None:
+    """The nodes whose maps `snap` changes relative to `prev`, when that is only some nodes' peer
+    entries (endpoints, presence, a rename...): the changed nodes and every node that sees one of
+    them (visibility is symmetric, so that is each changed node's own reach). None: it may concern
+    every node (a policy, membership, DNS or relay change), or too many changed to be worth it."""
+    if (snap.compiled is not prev.compiled or snap.removed or len(snap.changed) > TARGETED_MAX
+            or snap.dns_text != prev.dns_text or snap.domain != prev.domain
+            or snap.derp_map_text != prev.derp_map_text or snap.ca_pem != prev.ca_pem
+            or snap.tka_head != prev.tka_head or snap.flow_logs != prev.flow_logs):
+        return None
+    out: set[int] = set()
+    for node_id in snap.changed:
+        out |= snap.reach.of(snap.compiled, node_id)
+    return frozenset(out)
+
+
+def fast_forward(prev: Snapshot, snap: Snapshot, state: StreamState) -> bool:
+    """Mark a stream that holds `prev`'s map, and that `snap` does not concern, as holding `snap`'s
+    (what `next_frame` would do, returning None), so it need not be woken; False if it is not at
+    `prev` (behind, or still waiting for its first map): wake it."""
+    if state.seq != prev.seq:
+        return False
+    state.seq = snap.seq
+    return True
+
+
 def _policy_fields(node: Node) -> tuple:
     # The name is left out on purpose: compilation never reads NodeInfo.name, so a rename keeps the
     # old NodeInfo and with it the compiled policy (recompiling 10k nodes costs ~100 ms).

@@ -50,8 +50,8 @@ from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .console import idpgroups
-from .mapbuilder import (NodeGone, ResumeToken, Snapshot, StreamState, build_snapshot, map_node, next_frame,
-                         resumable, resume_frame, with_version)
+from .mapbuilder import (NodeGone, ResumeToken, Snapshot, StreamState, build_snapshot, concerned, fast_forward,
+                         map_node, next_frame, resumable, resume_frame, with_version)
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
                        parse_json, public_key_of, verify_node_key_proof)
@@ -168,7 +168,9 @@ class ControlServer:
         self.remote_online: frozenset[int] = frozenset()   # nodes streaming from the other live replicas
         self.doorbell: Any = None                 # doorbell.Doorbell on a PostgreSQL store
         self.snapshot: Snapshot | None = None
-        self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
+        # Every open stream: its state and the event that wakes it (only streams a snapshot concerns
+        # are woken: an endpoint change wakes the nodes that see that node, not the whole tailnet).
+        self._streams: dict[int, tuple[StreamState, asyncio.Event]] = {}
         self._dirty = asyncio.Event()
         self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
         self._full_maps = asyncio.Semaphore(8)
@@ -372,7 +374,7 @@ class ControlServer:
             snap = with_version(snap, self.store.bump_map_version())
         self.snapshot = snap
         self.stats["snapshots"] += 1
-        self._wake_streams()
+        self._wake_streams(prev, snap)
 
     def _relay_map_text(self, policy: Policy | None) -> str:
         rmap = self.relay_map or RelayMap()
@@ -382,9 +384,13 @@ class ControlServer:
             rmap = rmap.merged(policy.derp_map)
         return rmap.dumps() if rmap.regions else "null"
 
-    def _wake_streams(self) -> None:
-        old, self._changed = self._changed, asyncio.Event()
-        old.set()
+    def _wake_streams(self, prev: Snapshot | None = None, snap: Snapshot | None = None) -> None:
+        """Wake the streams `snap` concerns (all, without snapshots); the others, when they hold
+        `prev`'s map, are marked as holding `snap`'s without a frame."""
+        nodes = concerned(prev, snap) if prev is not None and snap is not None else None
+        for state, wake in self._streams.values():
+            if nodes is None or state.node_id in nodes or not fast_forward(prev, snap, state):  # type: ignore[arg-type]
+                wake.set()
 
     async def _publisher(self) -> None:
         spent = 0.0
@@ -657,8 +663,17 @@ class ControlServer:
     async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
                             state: StreamState) -> None:
         keepalive = frame(chan.seal({"type": "keepalive"}))
+        wake = asyncio.Event()
+        self._streams[id(state)] = (state, wake)
+        try:
+            await self._stream_loop(request, resp, chan, state, wake, keepalive)
+        finally:
+            del self._streams[id(state)]
+
+    async def _stream_loop(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
+                           state: StreamState, wake: asyncio.Event, keepalive: bytes) -> None:
         while True:
-            changed = self._changed
+            wake.clear()   # before reading the snapshot: a publish after the read sets it again
             snap = self.snapshot
             if snap is not None and snap.seq != state.seq:
                 # Frames are computed from the newest snapshot when the previous one was taken, so
@@ -669,7 +684,7 @@ class ControlServer:
             if not self._tasks:  # shutting down
                 return
             try:
-                await asyncio.wait_for(changed.wait(), self.config.keepalive)
+                await asyncio.wait_for(wake.wait(), self.config.keepalive)
             except asyncio.TimeoutError:
                 if not await self._write(request, resp, keepalive, count=False):
                     return

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from meshnode.control.client import MapAssembler
-from meshnode.control.mapbuilder import (ResumeToken, Snapshot, StreamState, build_snapshot, next_frame, resumable,
-                                         resume_frame)
+from meshnode.control.mapbuilder import (NodeGone, ResumeToken, Snapshot, StreamState, build_snapshot, concerned,
+                                         fast_forward, next_frame, resumable, resume_frame)
 from meshnode.control.store import Change, DnsSettings, Node
 from meshnode.netmap import NetMapError
 from meshnode.policy import parse_policy
@@ -255,3 +255,58 @@ def test_resume_from_any_point_equals_the_full_map(ops: list, start: int, users:
     nodes = resumable(last, token, 1, [c for c in log if c.version > token.version])
     assert nodes is not None
     assert asm.apply(json.loads(resume_frame(last, StreamState(1), nodes))) == full_map(last, 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS, users=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_waking_only_concerned_streams_keeps_every_stream_right(ops: list, users: list[bool]) -> None:
+    """The server's wake-up rule (concerned / fast_forward) over a random history: every live
+    stream, woken or skipped, ends holding exactly the full map of the last snapshot."""
+    rows = {i: node(i, f"n{i}", user="bob@example.com" if users[i - 1] else "alice@example.com")
+            for i in range(1, 7)}
+    online: set[int] = {2, 3}
+    snap = build(None, rows, 1, online)
+    streams = {i: (StreamState(i, patches=True), MapAssembler()) for i in rows}
+    for state, asm in streams.values():
+        asm.apply(json.loads(next_frame(snap, state)))
+    skipped = 0
+    for step, (kind, target, arg) in enumerate(ops):
+        if kind == "add" or target not in rows:
+            continue
+        if kind == "delete":
+            del rows[target]
+        elif kind == "online":
+            online ^= {target}
+        else:
+            field = {"rename": ("name", f"r{target}x{step}"), "endpoints": ("endpoints", (f"192.0.2.{arg}:{step}",)),
+                     "region": ("home_region", arg + 1), "key": ("node_key", f"k{target}v{step}")}[kind]
+            rows[target] = dataclasses.replace(rows[target], **{field[0]: field[1]})
+        prev, snap = snap, build(snap, rows, step + 2, online)
+        nodes = concerned(prev, snap)
+        for nid, (state, asm) in list(streams.items()):
+            if nodes is not None and nid not in nodes and fast_forward(prev, snap, state):
+                skipped += 1
+                continue
+            try:
+                frame = next_frame(snap, state)
+            except NodeGone:
+                del streams[nid]
+                continue
+            if frame is not None:
+                asm.apply(json.loads(frame))
+    for nid, (state, asm) in streams.items():
+        assert asm.apply({"type": "delta", "version": snap.version}) == full_map(snap, nid)
+
+
+def test_an_endpoint_change_concerns_only_the_nodes_that_see_it() -> None:
+    rows = {1: node(1, "a"), 2: node(2, "b"), 3: node(3, "c", user="bob@example.com"),
+            4: node(4, "d", user="bob@example.com")}
+    s1 = build(None, rows, 1)
+    rows[3] = dataclasses.replace(rows[3], endpoints=("192.0.2.3:9",))
+    s2 = build(s1, rows, 2)
+    assert concerned(s1, s2) == {3, 4}
+    rows[5] = node(5, "e")                          # a new node: membership changed, everyone
+    assert concerned(s2, build(s2, rows, 3)) is None
+    assert concerned(s1, build(s1, rows, 4, policy_text=None)) is None   # another policy
+    waiting = StreamState(1)                        # no first map yet: never skipped
+    assert not fast_forward(s1, s2, waiting)
