@@ -4,7 +4,7 @@ Usage (what the node daemon does):
 
     client = ControlClient("http://127.0.0.1:8080", machine_key_private, node_key_private)
     result = await client.register(authkey="mskey-...", hostname="laptop")
-    async for netmap in client.stream_map():      # reconnects with backoff; full maps, never deltas
+    async for netmap in client.stream_map():      # reconnects with backoff; whole NetMaps, never deltas
         apply(netmap)
     await client.close()
 
@@ -23,7 +23,7 @@ import random
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
@@ -103,9 +103,14 @@ class RegisterResult:
 
 
 class MapAssembler:
-    """Rebuilds full `NetMap`s from the stream's full and delta frames (sans-I/O)."""
+    """Rebuilds full `NetMap`s from the stream's full and delta frames (sans-I/O).
+
+    It outlives a stream: a node that reconnects sends `resume` (the server's token for the map held
+    here) and the server may answer with a delta instead of a full map (mapbuilder.resume_frame).
+    """
 
     def __init__(self) -> None:
+        self.resume: str | None = None   # the server's token for the map held here (None: none yet)
         self._version = 0
         self._domain = ""
         self._self: MapNode | None = None
@@ -125,6 +130,7 @@ class MapAssembler:
             return None
         if kind == "full":
             nm = NetMap.from_json(msg.get("netmap"))
+            self.resume = msg.get("resume") if isinstance(msg.get("resume"), str) else None
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
@@ -136,6 +142,8 @@ class MapAssembler:
         if self._self is None:
             raise NetMapError("a delta arrived before any full map")
         self._version = int(msg["version"])
+        if isinstance(msg.get("resume"), str):
+            self.resume = msg["resume"]
         if "domain" in msg:
             self._domain = str(msg["domain"])
         if "self" in msg:
@@ -145,6 +153,15 @@ class MapAssembler:
         for p in msg.get("peers_changed") or ():
             node = MapNode.from_json(p, self._domain)
             self._peers[node.id] = node
+        for patch in msg.get("peers_patch") or ():
+            self._patch(patch)
+        if "peers_present" in msg:
+            self._keep_only(msg["peers_present"])
+        if "peers_online" in msg:
+            online = {int(i) for i in msg["peers_online"]}
+            for pid, peer in self._peers.items():
+                if peer.online != (pid in online):
+                    self._peers[pid] = replace(peer, online=pid in online)
         if "dns" in msg:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
         if "packet_filter" in msg:
@@ -161,9 +178,40 @@ class MapAssembler:
         if "flow_logs" in msg:
             self._flow_logs = bool(msg["flow_logs"])
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
-        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
+        nm = NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
                       self._derp_map, tailnet_ca=self._ca, tka_head=self._tka_head,
                       flow_logs=self._flow_logs)
+        return nm
+
+    def _patch(self, patch: Any) -> None:
+        """Change only the fields a `peers_patch` entry names (null: the field is dropped)."""
+        if not isinstance(patch, dict):
+            raise NetMapError("peers_patch: expected objects")
+        pid = int(patch["id"])
+        old = self._peers.get(pid)
+        if old is None:
+            # The server thought we held this peer: our map is not what it believes, so start over.
+            raise NetMapError(f"peers_patch: peer {pid} is not in the map")
+        obj = old.to_json(self._domain)
+        for key, value in patch.items():
+            if key == "id":
+                continue
+            if value is None:
+                obj.pop(key, None)
+            else:
+                obj[key] = value
+        self._peers[pid] = MapNode.from_json(obj, self._domain)
+
+    def _keep_only(self, present: Any) -> None:
+        """A resumed stream lists every peer this node sees: drop the others, and refuse a list that
+        names one we do not hold (the resume went wrong: better a full map than a wrong one)."""
+        ids = {int(i) for i in present}
+        missing = ids - self._peers.keys()
+        if missing:
+            raise NetMapError(f"resumed map names {len(missing)} peer(s) this node does not hold")
+        for pid in list(self._peers):
+            if pid not in ids:
+                del self._peers[pid]
 
 
 @dataclass(frozen=True)
@@ -201,6 +249,9 @@ class ControlClient:
         self._channel: Channel | None = None
         self.stream_since: float | None = None  # when the map stream last came up or broke
         self.stream_error: str | None = None    # why it is down (None while connected)
+        # The map held, kept across reconnects: its resume token asks the server for only what changed.
+        self._assembler = MapAssembler()
+        self.resumes = 0   # streams whose first frame was a delta on the map held (not a full map)
 
     @property
     def server_url(self) -> str:
@@ -523,7 +574,12 @@ class ControlClient:
 
     async def _stream_once(self) -> AsyncIterator[NetMap]:
         chan = await self._chan()
-        body = chan.seal({"node_key": self.node_key_public, "ts": time.time(), "stream": True})
+        request: dict[str, Any] = {"node_key": self.node_key_public, "ts": time.time(), "stream": True,
+                                   "patches": True}
+        assembler = self._assembler
+        if assembler.resume is not None:
+            request["resume"] = assembler.resume
+        body = chan.seal(request)
         # sock_read bounds silence: the server sends a keepalive every KEEPALIVE_SECONDS.
         timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout * 4)
         async with self._http().post(self.server_url + "/machine/map", data=body,
@@ -534,7 +590,7 @@ class ControlClient:
                 err = _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
                 raise await self._diagnosed(err)
             reader = FrameReader()
-            assembler = MapAssembler()
+            first = True
             async for chunk in resp.content.iter_any():
                 try:
                     frames = reader.feed(chunk)
@@ -547,9 +603,15 @@ class ControlClient:
                             # strict parser would cost seconds on a 10k-node map.
                             msg = json.loads(chan.open_bytes(sealed))
                             nm = assembler.apply(msg)
+                            if first and nm is not None:
+                                first = False
+                                self.resumes += msg.get("type") == "delta"
                     except ProtocolError as exc:
+                        self._assembler = MapAssembler()
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
                     except (NetMapError, KeyError, TypeError, ValueError) as exc:
+                        # What we hold is no longer trusted: the next stream asks for a full map.
+                        self._assembler = MapAssembler()
                         raise ControlError(ErrorCode.BAD_REQUEST, f"bad map frame: {exc}", 0) from None
                     if nm is not None:
                         yield nm

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -155,6 +156,7 @@ class Change:
     version: int
     time: float
     items: tuple[tuple[str, str], ...]
+    nodes: tuple[int, ...] = ()   # ids of the nodes whose rows it wrote (added, changed or deleted)
 
 
 REPLICA_HEARTBEAT = 3.0     # seconds between a replica's heartbeats
@@ -408,10 +410,19 @@ def _import_tka_dir(db: sqlite_utils.Database) -> None:
              " no longer read and may be removed)", len(aums), directory)
 
 
+def _m12_resume(db: sqlite_utils.Database) -> None:
+    # Which node rows each change wrote (a JSON list of ids): a node resuming its map stream from the
+    # version it holds is sent those peers again, not the whole map (mapbuilder.resume_frame).
+    db["changes"].add_column("nodes", str)
+    # This database's identity in resume tokens, so a version from another tailnet is never taken
+    # for one of ours (a migration runs once per database, under the migration transaction).
+    db.execute("INSERT INTO control_meta(key, value) VALUES (?, ?)", ["tailnet_epoch", secrets.token_hex(8)])
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
                                                                   _m5_console, _m6_tailnet_ca, _m7_tka_flows,
                                                                   _m8_changelog, _m9_tka_lock_keys,
-                                                                  _m10_home_region, _m11_tka_chain)
+                                                                  _m10_home_region, _m11_tka_chain, _m12_resume)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -470,6 +481,7 @@ class ControlStore:
         self.actor = "system"
         self._marks: dict[str, float] = {}   # replay marks to persist with the next transaction
         self._notes: list[tuple[str, str]] = []   # what the open transaction changed, for the change log
+        self._node_ids: set[int] = set()          # node rows the open transaction wrote, for the change log
         self._postgres = False
         try:
             if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
@@ -502,6 +514,7 @@ class ControlStore:
         """One IMMEDIATE transaction; a write also bumps the change counter servers poll."""
         self.conn.execute("BEGIN IMMEDIATE")
         self._notes = []
+        self._node_ids = set()
         try:
             yield
             if self._marks:
@@ -510,9 +523,10 @@ class ControlStore:
                 self.conn.execute("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                                   " WHERE key = 'change_counter'")
                 # Under the write lock, so versions commit in order: a reader never sees N+1 before N.
-                self.conn.execute("INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), ?, ?"
-                                  " FROM control_meta WHERE key = 'change_counter'",
-                                  [time.time(), json.dumps(self._notes or [("tailnet", "")])])
+                self.conn.execute("INSERT INTO changes(version, time, items, nodes) SELECT CAST(value AS INTEGER),"
+                                  " ?, ?, ? FROM control_meta WHERE key = 'change_counter'",
+                                  [time.time(), json.dumps(self._notes or [("tailnet", "")]),
+                                   json.dumps(sorted(self._node_ids)) if self._node_ids else None])
                 if self._postgres:   # the replicas' doorbell (doorbell.py), delivered on COMMIT
                     self.conn.execute("SELECT pg_notify('meshnode_changes', '')")
         except BaseException:
@@ -862,12 +876,17 @@ END $body$"""
         """The changes after `version`, oldest first, at most `limit`; `ChangeLogGap` when some of them
         were pruned (the reader then starts again from a full snapshot)."""
         current = self.version()   # read first: a change committed after it only adds rows below
-        rows = self.conn.execute("SELECT version, time, items FROM changes WHERE version > ? ORDER BY version"
-                                 " LIMIT ?", [version, limit]).fetchall()
+        rows = self.conn.execute("SELECT version, time, items, nodes FROM changes WHERE version > ?"
+                                 " ORDER BY version LIMIT ?", [version, limit]).fetchall()
         if version < current and (not rows or rows[0][0] != version + 1):
             raise ChangeLogGap(f"the change log no longer holds version {version + 1}")
-        return [Change(int(v), float(t), tuple((str(k), str(g)) for k, g in json.loads(items)))
-                for v, t, items in rows]
+        return [Change(int(v), float(t), tuple((str(k), str(g)) for k, g in json.loads(items)),
+                       tuple(int(i) for i in json.loads(nodes)) if nodes else ())
+                for v, t, items, nodes in rows]
+
+    def tailnet_epoch(self) -> str:
+        """This database's identity (random, made by its migration): resume tokens carry it."""
+        return self._meta("tailnet_epoch") or ""
 
     def prune_changes(self, keep: int = 100_000) -> int:
         """Forget all but the newest `keep` changes; returns how many went."""
@@ -1179,6 +1198,7 @@ END $body$"""
                 sets = ", ".join(f"{k} = ?" for k in fields)
                 self.conn.execute(f"UPDATE nodes SET {sets} WHERE id = ?", [*fields.values(), existing.id])
                 node_id = existing.id
+                self._node_ids.add(node_id)
                 node = self.get_node(node_id)
                 before, after = _summary(existing), _summary(node)
                 if before != after or key is not None:
@@ -1191,6 +1211,7 @@ END $body$"""
                 node_id = int(self.conn.execute(
                     f"INSERT INTO nodes({cols}) VALUES ({', '.join('?' * len(fields))})",
                     list(fields.values())).lastrowid)
+                self._node_ids.add(node_id)
                 node = self.get_node(node_id)
                 self._audit("node.register", f"node:{node.name}", None, _summary(node))
             if key is not None:
@@ -1215,6 +1236,7 @@ END $body$"""
             if name in _Names(self.conn, except_id=node.id):
                 raise naming.NameTaken(f"name {name!r} is taken by another node")
             self.conn.execute("UPDATE nodes SET name = ? WHERE id = ?", [name, node.id])
+            self._node_ids.add(node.id)
             if name != node.name:
                 self._audit("node.rename", f"node:{name}", {"name": node.name}, {"name": name})
         return self.get_node(node.id)
@@ -1229,6 +1251,7 @@ END $body$"""
 
     def _delete(self, node: Node) -> None:
         self.conn.execute("DELETE FROM nodes WHERE id = ?", [node.id])
+        self._node_ids.add(node.id)
         if node.ephemeral:
             self.conn.execute("DELETE FROM leases WHERE machine_key = ?", [node.machine_key])
 
@@ -1266,6 +1289,7 @@ END $body$"""
             node = self.find_node(ref)
             self.conn.execute("UPDATE nodes SET tags = ?, admin_tags = ? WHERE id = ?",
                               [_j(sorted(set(tags))), _j(sorted(set(tags))), node.id])
+            self._node_ids.add(node.id)
             self._audit("node.tags", f"node:{node.name}", {"tags": list(node.tags)}, {"tags": sorted(set(tags))})
         return self.get_node(node.id)
 
@@ -1282,6 +1306,7 @@ END $body$"""
             node = self.find_node(ref)
             expiry = time.time() if when is None else when
             self.conn.execute("UPDATE nodes SET expiry = ? WHERE id = ?", [expiry, node.id])
+            self._node_ids.add(node.id)
             self._audit("node.expire", f"node:{node.name}", {"expiry": node.expiry}, {"expiry": expiry})
         return self.get_node(node.id)
 
@@ -1303,6 +1328,7 @@ END $body$"""
                 raise InvalidValue(f"{node.name} does not advertise itself as an exit node")
             self.conn.execute("UPDATE nodes SET approved_routes = ?, exit_node_approved = ? WHERE id = ?",
                               [_j(sorted(set(wanted))), int(exit_flag), node.id])
+            self._node_ids.add(node.id)
             self._audit("node.routes", f"node:{node.name}",
                         {"approved_routes": list(node.approved_routes), "exit_node": node.exit_node_approved},
                         {"approved_routes": sorted(set(wanted)), "exit_node": exit_flag})
@@ -1314,6 +1340,7 @@ END $body$"""
         relay region)."""
         with self._tx():
             self._notes.append(("node.endpoints", f"node-id:{node_id}"))
+            self._node_ids.add(node_id)
             if home_region is not None:
                 self.conn.execute("UPDATE nodes SET home_region = ? WHERE id = ?", [home_region, node_id])
             if disco_key is None:
@@ -1327,12 +1354,14 @@ END $body$"""
         with self._tx():
             node = self.get_node(node_id)
             self.conn.execute("UPDATE nodes SET logged_out = 1 WHERE id = ?", [node_id])
+            self._node_ids.add(node_id)
             self._audit("node.logout", f"node:{node.name}", {"logged_out": node.logged_out}, {"logged_out": True})
 
     def touch(self, node_ids: Sequence[int], now: float) -> None:
         """Record last-seen times (peers see them in their maps, so this counts as a change)."""
         with self._tx():
             self._notes.extend(("node.seen", f"node-id:{i}") for i in node_ids)
+            self._node_ids.update(node_ids)
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
 
     def set_presence(self, node_ids: Sequence[int], now: float, interval: float) -> None:
