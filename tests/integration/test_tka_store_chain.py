@@ -103,6 +103,8 @@ def test_sqlite_chain_on_disk_moves_into_the_store_and_migrates(tmp_path: Path, 
     # The layout before: schema 10, the chain in control.db.tka/ (a FileStore).
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE tka_aums")
+    conn.execute("ALTER TABLE changes DROP COLUMN nodes")                    # and what _m12_resume added
+    conn.execute("DELETE FROM control_meta WHERE key = 'tailnet_epoch'")
     conn.execute("UPDATE control_meta SET value = '10' WHERE key = 'control_schema'")
     conn.commit()
     conn.close()
@@ -128,6 +130,8 @@ def test_an_unreadable_chain_on_disk_is_a_clear_error_not_a_lost_lock(tmp_path: 
     ControlStore(db).close()
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE tka_aums")
+    conn.execute("ALTER TABLE changes DROP COLUMN nodes")                    # and what _m12_resume added
+    conn.execute("DELETE FROM control_meta WHERE key = 'tailnet_epoch'")
     conn.execute("UPDATE control_meta SET value = '10' WHERE key = 'control_schema'")
     conn.commit()
     conn.close()
