@@ -1,5 +1,5 @@
 """Per-query cost of the answer engine's paths, in-process (no sockets): a memoised local answer
-(the fast path), a forwarding decision for a name never seen, and a CNAME chased out of our zones
+(the reply memo, and the template path behind it), an NXDOMAIN and a forwarding decision for a name never seen, and a CNAME chased out of our zones
 (the slow path, every time). Run by hand: `python bench/engine_paths.py [SRC_DIR]`; SRC_DIR (a
 checkout of another revision, e.g. from `git archive REV magicdns | tar -x -C DIR`) compares.
 Pin it to one core (`taskset -c 1`) and take the best of several runs: the figures are noisy."""
@@ -45,7 +45,11 @@ def main() -> None:
     fresh = iter(range(10**9))
     forwarded = [dns.message.make_query(f"x{next(fresh)}.example.com", "A").to_wire() for _ in range(4000)]
     chased = [dns.message.make_query("out.tailnet", "A").to_wire()]
-    print(f"fast path (memoised local answer)  {best_of(engine.handle, local):7.3f} us/query")
+    print(f"reply memo (query bytes -> reply)  {best_of(engine.handle, local):7.3f} us/query")
+    print(f"template path (memo bypassed)      {best_of(engine.answer, local):7.3f} us/query")
+    # Each name once (rounds=1): a second sight would be a reply memo hit.
+    nx = [dns.message.make_query(f"nx{next(fresh)}.tailnet", "A").to_wire() for _ in range(4000)]
+    print(f"NXDOMAIN decision, new name        {best_of(engine.handle, nx, rounds=1, repeat=1):7.3f} us/query")
     print(f"forwarding decision, new name      {best_of(engine.handle, forwarded, rounds=3, repeat=1):7.3f} us/query")
     print(f"chase decision (slow path)         {best_of(engine.handle, chased, repeat=200):7.3f} us/query")
 

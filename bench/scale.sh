@@ -1,9 +1,11 @@
 #!/bin/sh
 # Scale benchmark (run by hand; loopback only; every phase bounded): three control replicas on a
-# throw-away PostgreSQL beside one SQLite server, in the same run: registration rate, a rename and a
-# record reaching every map stream (p50/p99), RSS per server, a killed replica's nodes shown offline.
-#   bench/scale.sh [--nodes N] [--streams S] [--workers W] [--deadline SECONDS]
-# Defaults: 10000 nodes, 3000 streams, 3 client processes, 600 s per phase.
+# throw-away PostgreSQL beside one SQLite server, in the same run, each loaded with N simulated nodes
+# (the real map-stream client, no tunnels): registration rate, a policy change / a record / a rename
+# reaching the nodes (p50/p99), endpoint churn with each server's CPU, RSS per server, and how fast
+# (and whether by resuming) a killed replica's nodes get their map from another.
+#   bench/scale.sh [--nodes N] [--groups G] [--workers W] [--churn R] [--churn-seconds S] [--only pg|sqlite]
+# Defaults: 10000 nodes in 100 users (autogroup:self), 3 client processes, churn 100/s for 20 s.
 set -eu
 cd "$(dirname "$0")/.."
 exec .venv/bin/python bench/scale_bench.py "$@"

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .message import Rcode
+from .message import MessageError, Rcode, question_end, skip_name
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -60,8 +60,9 @@ class Section(enum.IntEnum):
     ADDITIONAL = 3
 
 
-class WireError(ValueError):
-    """A DNS message that cannot be walked (truncated, bad label, bad pointer)."""
+# A DNS message that cannot be walked (truncated, bad label, bad pointer): message.py's error, as
+# that module owns the walkers (question_end, skip_name) this one uses.
+WireError = MessageError
 
 
 # (lowercased question name as wire bytes, qtype, qclass, shape bits); a plain tuple because it is
@@ -101,46 +102,6 @@ class MessageScan:
     rcode: int  # header rcode (the low four bits)
     ancount: int
     records: tuple[RecordPos, ...]
-
-
-def skip_name(msg: bytes, i: int) -> int:
-    """Offset just past the (possibly compressed) name starting at `i`."""
-    n = len(msg)
-    while True:
-        if i >= n:
-            raise WireError("name runs past the end of the message")
-        length = msg[i]
-        if length == 0:
-            return i + 1
-        if length & 0xC0 == 0xC0:
-            if i + 2 > n:
-                raise WireError("compression pointer runs past the end")
-            return i + 2
-        if length & 0xC0:
-            raise WireError(f"unsupported label type 0x{length:02x}")
-        i += length + 1
-
-
-def question_end(msg: bytes) -> int:
-    """Offset just past the single question of `msg`; raises WireError if there is not exactly one."""
-    if len(msg) < 12 or msg[4] != 0 or msg[5] != 1:
-        raise WireError("expected exactly one question")
-    i = 12
-    n = len(msg)
-    # A query's question is never compressed (nothing precedes it to point to).
-    while True:
-        if i >= n:
-            raise WireError("question name runs past the end")
-        length = msg[i]
-        if length == 0:
-            break
-        if length & 0xC0:
-            raise WireError("compressed or extended label in the question")
-        i += length + 1
-    end = i + 5
-    if end > n:
-        raise WireError("question type/class missing")
-    return end
 
 
 def query_info(query: bytes) -> QueryInfo:

@@ -1,11 +1,15 @@
 """The answer engine: query bytes in, reply bytes (or a forwarding decision) out. Sans-I/O.
 
-Two paths:
-- the fast path reads only the header, the question and the OPT record by hand and looks the
+Three paths:
+- the reply memo (`Engine.replies`): the query's bytes after its ID, exactly as sent, map to the
+  reply's bytes after its ID. A hit is one dictionary lookup and the ID written in front; the
+  batched UDP listener reads it straight from its receive buffer. Only replies that are a pure
+  function of those bytes go in (no round-robin rotation, never truncated for any transport);
+- the template path reads only the header, the question and the OPT record by hand and looks the
   lowercased question up in a per-snapshot table of finished replies: the client's ID, RD/CD bits
   and question case are spliced into stored bytes, nothing is parsed or built;
 - the slow path (first sight of a question, errors, odd shapes) parses with dnslib, answers from
-  the zone, and stores the finished reply for the fast path.
+  the zone, and stores the finished reply for the template path.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from typing import Union
 
 from dnslib import CLASS, QTYPE, RR, DNSError, DNSLabel, DNSQuestion, DNSRecord
 
-from .message import (MAX_QNAME_END, MAX_UDP_PAYLOAD, Edns, MessageError, Rcode, check_options,
-                      error_reply, opt_record, scan_query, truncate, udp_limit)
+from .message import (MAX_UDP_PAYLOAD, PLAIN_UDP_LIMIT, Edns, MessageError, Rcode, check_options,
+                      error_reply, opt_record, question_end, scan_query, truncate, udp_limit)
 from .zone import ForwardRoute, LocalZone, Zone
 
 # CNAMEs followed inside our zones before the answer stops: glibc and most stubs give up after 16
@@ -28,6 +32,7 @@ _OPT_DO = opt_record(True)
 _ADDITIONAL_FOR = {QTYPE.SRV: lambda rd: rd.target, QTYPE.MX: lambda rd: rd.label,
                    QTYPE.NS: lambda rd: rd.label}
 _REFUSED_TYPES = {QTYPE.AXFR, QTYPE.IXFR}
+_SLOW_QTYPES = frozenset((*_REFUSED_TYPES, QTYPE.OPT))  # never decided from the wire labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +118,13 @@ class Engine:
         # Two generations approximate LRU without bookkeeping on the hot path.
         self._memo: dict[bytes, Template] = {}
         self._old: dict[bytes, Template] = {}
+        # Query bytes after the ID -> reply bytes after the ID (see the module docstring). Emptied
+        # in place when full (listeners hold a reference to it); negatives are added only while
+        # there is room, so a flood of unique names cannot push the tailnet's own names out.
+        self.replies: dict[bytes, bytes] = {}
         self._chases: dict[bytes, _ChasePlan] = {}  # questions whose chain leaves our zones
         self._soa_tails: dict[str, bytes] = {}
+        self._under: dict[bytes, tuple] = {}  # parent name (wire) -> what _route_under says
         self.fast_hits = 0
         self.slow = 0
 
@@ -122,23 +132,23 @@ class Engine:
 
     def handle(self, data: bytes, tcp: bool = False) -> Result:
         """Reply bytes, a `Forward` decision, or None (drop: not a query, or unreadable)."""
+        tail = self.replies.get(data[2:])
+        if tail is not None:
+            self.fast_hits += 1
+            return data[:2] + tail
+        return self.answer(data, tcp)
+
+    def answer(self, data: bytes, tcp: bool = False) -> Result:
+        """`handle` for a caller that has already looked `data` up in `replies` and missed."""
         n = len(data)
         # One question, no answer/authority records, at most one additional (OPT); QR=0, QUERY.
         if n < 17 or data[2] & 0xFA or data[4:11] != b"\x00\x01\x00\x00\x00\x00\x00" or data[11] > 1:
             return self._slow(data, tcp)
-        i = 12
         try:
-            length = data[i]
-            while length:
-                if length > 63:
-                    return self._slow(data, tcp)
-                i += length + 1
-                length = data[i]
-        except IndexError:
+            qend = question_end(data)
+        except MessageError:  # a name over 255 octets is FORMERR, never forwarded
             return self._slow(data, tcp)
-        qend = i + 5
-        if qend > n or i > MAX_QNAME_END:  # a name over 255 octets is FORMERR, never forwarded
-            return self._slow(data, tcp)
+        i = qend - 5
         if data[11] == 0:
             if qend != n:
                 return self._slow(data, tcp)
@@ -159,6 +169,7 @@ class Engine:
             do = data[qend + 7] & 0x80
             limit = data[qend + 3] << 8 | data[qend + 4]
             limit = 512 if limit < 512 else MAX_UDP_PAYLOAD if limit > MAX_UDP_PAYLOAD else limit
+        ulimit = limit  # a reply that fits the UDP limit is the same over every transport
         if tcp:
             limit = 65535
         key = data[12:i].lower() + data[i:qend]
@@ -181,8 +192,14 @@ class Engine:
                               _OPT_DO if do else _OPT_PLAIN))
         else:
             reply = b"".join((data[:2], flags, entry.counts, data[12:qend], tail))
-        if len(reply) > limit:
+        size = len(reply)
+        if size > limit:
             return truncate(reply, limit)
+        if size <= ulimit and len(tails) == 1:
+            replies = self.replies
+            if len(replies) >= self.memo_limit:
+                replies.clear()
+            replies[data[2:]] = reply[2:]
         return reply
 
     def _miss(self, data: bytes, i: int, key: bytes, edns: bool, do: int, limit: int, tcp: bool) -> Result:
@@ -195,41 +212,76 @@ class Engine:
                 return self._slow(data, tcp)
             self.fast_hits += 1
             return _chase_of(plan, data, i + 5, limit, Edns(limit, 0, bool(do)) if edns else None)
-        qtype = data[i + 1] << 8 | data[i + 2]
-        if data[i + 3:i + 5] != b"\x00\x01" or qtype in _REFUSED_TYPES or qtype == QTYPE.OPT:
+        if data[i + 3] or data[i + 4] != 1 or (data[i + 1] << 8 | data[i + 2]) in _SLOW_QTYPES:
             return self._slow(data, tcp)
-        starts = []
-        labels = []
-        p = 12
-        while p < i:
-            length = data[p]
-            starts.append(p)
-            labels.append(data[p + 1:p + 1 + length].decode("latin-1").replace(".", "\\046"))
-            p += length + 1
-        name = ".".join(labels).lower()
         zone = self.zone
-        target, suffix = zone.route_for(name)
+        # The route of a name is its parent's (remembered per parent: unique names share a few),
+        # unless the name is itself a route's suffix or an exact name. The text form of the name is
+        # then the first label and the parent's text.
+        first = data[12]
+        name_end = i - 11  # in key: just past the name's root label
+        parent = key[first + 1:name_end]
+        under = self._under.get(parent)
+        if under is None:
+            under = self._route_under(parent)
+        target, suffix, ptext, apex_len, soa = under
+        label = key[1:first + 1].decode("latin-1").replace(".", "\\046")
+        name = label + "." + ptext if ptext else label
+        if name in zone.routes or name in zone.exact or not first:
+            target, suffix = zone.route_for(name)
+            apex_len = len(suffix) + 2 if suffix else 1
+            soa = None
         if target.__class__ is not LocalZone:
-            if len(labels) == 1 and zone.host_for_short_name(name):
+            if not ptext and zone.host_for_short_name(name):
                 return self._slow(data, tcp)
             self.fast_hits += 1
             return Forward(target, limit)  # type: ignore[arg-type]
-        if zone.exists(name, target) or zone.wildcard_for(name, target):  # type: ignore[arg-type]
+        if zone.exists(name, target) or (  # type: ignore[arg-type]
+                zone.has_wildcards and zone.wildcard_for(name, target)):  # type: ignore[arg-type]
             return self._slow(data, tcp)
         # NXDOMAIN: header, the client's question, and the zone's SOA owned by a pointer to where
         # the apex starts inside the question.
         self.fast_hits += 1
-        apex_labels = suffix.count(".") + 1 if suffix else 0
-        pointer = starts[len(starts) - apex_labels] if apex_labels else i
-        soa = self._soa_tails.get(suffix)
+        pointer = i + 1 - apex_len
         if soa is None:
-            soa = self._soa_tails[suffix] = _soa_tail(zone, suffix)
+            soa = self._soa_tails.get(suffix)
+            if soa is None:
+                soa = self._soa_tails[suffix] = _soa_tail(zone, suffix)
         flags = bytes((0x84 | (data[2] & 1), 0x83 | (data[3] & 0x10)))
         counts = b"\x00\x01\x00\x00\x00\x01\x00\x01" if edns else b"\x00\x01\x00\x00\x00\x01\x00\x00"
         parts = [data[:2], flags, counts, data[12:i + 5], bytes((0xC0 | pointer >> 8, pointer & 0xFF)), soa]
         if edns:
             parts.append(_OPT_DO if do else _OPT_PLAIN)
-        return b"".join(parts)
+        reply = b"".join(parts)
+        if len(reply) > PLAIN_UDP_LIMIT:  # a long question under a long domain: rare, not memoised
+            return truncate(reply, limit)
+        replies = self.replies
+        if len(replies) < self.memo_limit:  # a negative never evicts: see __init__
+            replies[data[2:]] = reply[2:]
+        return reply
+
+    def _route_under(self, parent: bytes) -> tuple:
+        """(route, its suffix, the parent's text, the apex's wire length, the SOA tail or None) for
+        the names directly below `parent` (lowercased wire form), remembered per snapshot."""
+        labels = []
+        p = 0
+        end = len(parent) - 1
+        while p < end:
+            length = parent[p]
+            labels.append(parent[p + 1:p + 1 + length].decode("latin-1").replace(".", "\\046"))
+            p += length + 1
+        ptext = ".".join(labels)
+        target, suffix = self.zone.route_under(ptext)
+        soa = None
+        if target.__class__ is LocalZone:
+            soa = self._soa_tails.get(suffix)
+            if soa is None:
+                soa = self._soa_tails[suffix] = _soa_tail(self.zone, suffix)
+        under = (target, suffix, ptext, len(suffix) + 2 if suffix else 1, soa)
+        if len(self._under) >= 4096:  # random parents (a.<random>.example) cannot grow it
+            self._under.clear()
+        self._under[parent] = under
+        return under
 
     def _remember(self, key: bytes, entry: Template) -> None:
         if len(self._memo) >= self.memo_limit:

@@ -122,13 +122,48 @@ def read_name(msg: bytes, i: int) -> tuple[bytes, int]:
 
 
 def question_end(msg: bytes) -> int:
-    """Offset just past the first question of `msg`; MessageError if it cannot be read."""
-    if len(msg) < 12 or not (msg[4] or msg[5]):
-        raise MessageError("no question")
-    _, i = read_name(msg, 12)
-    if i + 4 > len(msg):
+    """Offset just past the single question of a query: the one question walker of the engine's
+    template path and the forwarding cache's key. A query's question is never compressed (nothing
+    precedes it to point to). Raises MessageError unless there is exactly one question whose name
+    is legal (no label over 63 octets, no compression, at most 255 octets) and complete."""
+    n = len(msg)
+    if n < 12 or msg[4] or msg[5] != 1:
+        raise MessageError("expected exactly one question")
+    i = 12
+    try:
+        length = msg[i]
+        while length:
+            if length > MAX_LABEL:
+                raise MessageError("compressed, extended or longer than 63 octets: a label of the question")
+            i += length + 1
+            length = msg[i]
+    except IndexError:
+        raise MessageError("question name runs past the end") from None
+    if i > MAX_QNAME_END:
+        raise MessageError("name longer than 255 octets")
+    end = i + 5
+    if end > n:
         raise MessageError("question type/class missing")
-    return i + 4
+    return end
+
+
+def skip_name(msg: bytes, i: int) -> int:
+    """Offset just past the (possibly compressed) name at `i`, without reading it: for walking the
+    records of a reply. Raises MessageError when it runs past the end or has a reserved label type."""
+    n = len(msg)
+    while True:
+        if i >= n:
+            raise MessageError("name runs past the end of the message")
+        length = msg[i]
+        if length == 0:
+            return i + 1
+        if length & 0xC0 == 0xC0:
+            if i + 2 > n:
+                raise MessageError("compression pointer runs past the end")
+            return i + 2
+        if length & 0xC0:
+            raise MessageError(f"unsupported label type 0x{length:02x}")
+        i += length + 1
 
 
 def scan_query(msg: bytes) -> QueryShape:

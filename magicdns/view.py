@@ -117,16 +117,19 @@ def _host_from_json(obj: Any, where: str) -> Host:
     addrs = obj.get("addresses", [])
     if not isinstance(addrs, list):
         raise ViewError(f"{where}.addresses: expected a list")
-    parsed = []
-    for i, a in enumerate(addrs):
-        try:
-            parsed.append(parse_ip(str(a)))
-        except ValueError:
-            raise ViewError(f"{where}.addresses[{i}]: {a!r} is not an IP address") from None
-    tags = obj.get("tags", [])
-    if not isinstance(tags, list):
+    try:
+        parsed = tuple(map(parse_ip, map(str, addrs)))
+    except ValueError:  # find which one, for the message (slow: only on bad input)
+        for i, a in enumerate(addrs):
+            try:
+                parse_ip(str(a))
+            except ValueError:
+                raise ViewError(f"{where}.addresses[{i}]: {a!r} is not an IP address") from None
+        raise
+    tags = obj.get("tags", ())
+    if not isinstance(tags, (list, tuple)):
         raise ViewError(f"{where}.tags: expected a list")
-    return Host(name, tuple(parsed), tuple(str(t) for t in tags), bool(obj.get("online", True)))
+    return Host(name, parsed, tuple(map(str, tags)) if tags else (), bool(obj.get("online", True)))
 
 
 def _upstreams(values: Any, where: str) -> tuple[Upstream, ...]:

@@ -4,7 +4,7 @@ Usage (what the node daemon does):
 
     client = ControlClient("http://127.0.0.1:8080", machine_key_private, node_key_private)
     result = await client.register(authkey="mskey-...", hostname="laptop")
-    async for netmap in client.stream_map():      # reconnects with backoff; full maps, never deltas
+    async for netmap in client.stream_map():      # reconnects with backoff; whole NetMaps, never deltas
         apply(netmap)
     await client.close()
 
@@ -22,13 +22,15 @@ import platform
 import random
 import socket
 import time
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
 from ..derp.derpmap import RelayMap, RelayMapError
+from ..hostresolve import HostResolver, is_address
 from ..words import control_unreachable, detail
 from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
@@ -101,9 +103,14 @@ class RegisterResult:
 
 
 class MapAssembler:
-    """Rebuilds full `NetMap`s from the stream's full and delta frames (sans-I/O)."""
+    """Rebuilds full `NetMap`s from the stream's full and delta frames (sans-I/O).
+
+    It outlives a stream: a node that reconnects sends `resume` (the server's token for the map held
+    here) and the server may answer with a delta instead of a full map (mapbuilder.resume_frame).
+    """
 
     def __init__(self) -> None:
+        self.resume: str | None = None   # the server's token for the map held here (None: none yet)
         self._version = 0
         self._domain = ""
         self._self: MapNode | None = None
@@ -123,6 +130,7 @@ class MapAssembler:
             return None
         if kind == "full":
             nm = NetMap.from_json(msg.get("netmap"))
+            self.resume = msg.get("resume") if isinstance(msg.get("resume"), str) else None
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
@@ -134,6 +142,8 @@ class MapAssembler:
         if self._self is None:
             raise NetMapError("a delta arrived before any full map")
         self._version = int(msg["version"])
+        if isinstance(msg.get("resume"), str):
+            self.resume = msg["resume"]
         if "domain" in msg:
             self._domain = str(msg["domain"])
         if "self" in msg:
@@ -143,6 +153,15 @@ class MapAssembler:
         for p in msg.get("peers_changed") or ():
             node = MapNode.from_json(p, self._domain)
             self._peers[node.id] = node
+        for patch in msg.get("peers_patch") or ():
+            self._patch(patch)
+        if "peers_present" in msg:
+            self._keep_only(msg["peers_present"])
+        if "peers_online" in msg:
+            online = {int(i) for i in msg["peers_online"]}
+            for pid, peer in self._peers.items():
+                if peer.online != (pid in online):
+                    self._peers[pid] = replace(peer, online=pid in online)
         if "dns" in msg:
             self._dns = DnsConfig.from_json(msg["dns"], self._domain)
         if "packet_filter" in msg:
@@ -159,9 +178,40 @@ class MapAssembler:
         if "flow_logs" in msg:
             self._flow_logs = bool(msg["flow_logs"])
         peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
-        return NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
+        nm = NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
                       self._derp_map, tailnet_ca=self._ca, tka_head=self._tka_head,
                       flow_logs=self._flow_logs)
+        return nm
+
+    def _patch(self, patch: Any) -> None:
+        """Change only the fields a `peers_patch` entry names (null: the field is dropped)."""
+        if not isinstance(patch, dict):
+            raise NetMapError("peers_patch: expected objects")
+        pid = int(patch["id"])
+        old = self._peers.get(pid)
+        if old is None:
+            # The server thought we held this peer: our map is not what it believes, so start over.
+            raise NetMapError(f"peers_patch: peer {pid} is not in the map")
+        obj = old.to_json(self._domain)
+        for key, value in patch.items():
+            if key == "id":
+                continue
+            if value is None:
+                obj.pop(key, None)
+            else:
+                obj[key] = value
+        self._peers[pid] = MapNode.from_json(obj, self._domain)
+
+    def _keep_only(self, present: Any) -> None:
+        """A resumed stream lists every peer this node sees: drop the others, and refuse a list that
+        names one we do not hold (the resume went wrong: better a full map than a wrong one)."""
+        ids = {int(i) for i in present}
+        missing = ids - self._peers.keys()
+        if missing:
+            raise NetMapError(f"resumed map names {len(missing)} peer(s) this node does not hold")
+        for pid in list(self._peers):
+            if pid not in ids:
+                del self._peers[pid]
 
 
 @dataclass(frozen=True)
@@ -179,10 +229,13 @@ class StreamState:
 class ControlClient:
     """A node's connection to a control server: one URL, or several replicas of one tailnet
     ("URL1,URL2", tried in order: the client stays on the one that answers and moves to the next when
-    it cannot be reached; replicas share the server key, so the pinned key holds for all)."""
+    it cannot be reached; replicas share the server key, so the pinned key holds for all), or a host
+    name with several addresses (each tried in turn, the one that answered kept: hostresolve.py).
+    Host names are resolved through the system's original resolvers, never through our own DNS."""
 
     def __init__(self, server_url: str, machine_key_private: str, node_key_private: str, *,
-                 server_public_key: str | None = None, timeout: float = 15.0) -> None:
+                 server_public_key: str | None = None, timeout: float = 15.0,
+                 resolver: HostResolver | None = None) -> None:
         self.server_urls = tuple(u.strip().rstrip("/") for u in server_url.split(",") if u.strip())
         self._current = 0
         self.machine_key_private = machine_key_private
@@ -192,9 +245,13 @@ class ControlClient:
         self.server_public_key = server_public_key  # pinned after the first GET /key
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self.resolver = resolver if resolver is not None else HostResolver()
         self._channel: Channel | None = None
         self.stream_since: float | None = None  # when the map stream last came up or broke
         self.stream_error: str | None = None    # why it is down (None while connected)
+        # The map held, kept across reconnects: its resume token asks the server for only what changed.
+        self._assembler = MapAssembler()
+        self.resumes = 0   # streams whose first frame was a delta on the map held (not a full map)
 
     @property
     def server_url(self) -> str:
@@ -220,12 +277,47 @@ class ControlClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        await self.resolver.close()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # aiohttp's own DNS cache is off: it rotates a name's addresses on every connection,
+            # where the node must keep to the one that answers (the resolver orders them).
+            connector = aiohttp.TCPConnector(resolver=self.resolver, use_dns_cache=False)
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=None))
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=None))
         return self._session
+
+    async def server_addresses(self) -> tuple[str, ...]:
+        """Every address of every control URL (through the same resolver as the connections), for
+        routes that must keep the control servers reachable outside the tunnel (an exit node).
+        A name that does not resolve now is left out rather than failing the others."""
+        out: list[str] = []
+        for url in self.server_urls:
+            host = urllib.parse.urlsplit(url).hostname
+            if not host:
+                continue
+            try:
+                out.extend(str(a) for a in await self.resolver.addresses(host))
+            except OSError as exc:
+                log.warning("control: cannot resolve %s: %s", host, exc)
+        return tuple(dict.fromkeys(out))
+
+    def _answered(self, resp: aiohttp.ClientResponse) -> None:
+        """The address that answered for a host name is the one to try first next time."""
+        host = resp.url.host
+        if not host or is_address(host):
+            return
+        # A short answer read in full has released its connection already: the protocol still
+        # names the transport (aiohttp's `_protocol`; pinned by tests/unit/test_hostresolve.py).
+        conn = resp.connection
+        transport = conn.transport if conn is not None else getattr(getattr(resp, "_protocol", None),
+                                                                    "transport", None)
+        if transport is None:
+            return
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.resolver.prefer(host, str(peer[0]))
 
     async def fetch_server_key(self) -> str:
         """GET /key (from the first server that can be reached); pins the key on first use and
@@ -242,6 +334,7 @@ class ControlClient:
         try:
             async with self._http().get(self.server_url + "/key",
                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                self._answered(resp)
                 if resp.status != 200:
                     raise ControlError(ErrorCode.INTERNAL, f"GET /key answered {resp.status}", resp.status)
                 body = await resp.json()
@@ -293,6 +386,7 @@ class ControlClient:
             async with self._http().post(self.server_url + path, data=sealed,
                                          headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                self._answered(resp)
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -480,17 +574,23 @@ class ControlClient:
 
     async def _stream_once(self) -> AsyncIterator[NetMap]:
         chan = await self._chan()
-        body = chan.seal({"node_key": self.node_key_public, "ts": time.time(), "stream": True})
+        request: dict[str, Any] = {"node_key": self.node_key_public, "ts": time.time(), "stream": True,
+                                   "patches": True}
+        assembler = self._assembler
+        if assembler.resume is not None:
+            request["resume"] = assembler.resume
+        body = chan.seal(request)
         # sock_read bounds silence: the server sends a keepalive every KEEPALIVE_SECONDS.
         timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout * 4)
         async with self._http().post(self.server_url + "/machine/map", data=body,
                                      headers={MACHINE_KEY_HEADER: self.machine_key_public},
                                      timeout=timeout) as resp:
+            self._answered(resp)
             if resp.status != 200:
                 err = _error_from(resp.status, await resp.content.read(1 << 16), chan, body)
                 raise await self._diagnosed(err)
             reader = FrameReader()
-            assembler = MapAssembler()
+            first = True
             async for chunk in resp.content.iter_any():
                 try:
                     frames = reader.feed(chunk)
@@ -503,9 +603,15 @@ class ControlClient:
                             # strict parser would cost seconds on a 10k-node map.
                             msg = json.loads(chan.open_bytes(sealed))
                             nm = assembler.apply(msg)
+                            if first and nm is not None:
+                                first = False
+                                self.resumes += msg.get("type") == "delta"
                     except ProtocolError as exc:
+                        self._assembler = MapAssembler()
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
                     except (NetMapError, KeyError, TypeError, ValueError) as exc:
+                        # What we hold is no longer trusted: the next stream asks for a full map.
+                        self._assembler = MapAssembler()
                         raise ControlError(ErrorCode.BAD_REQUEST, f"bad map frame: {exc}", 0) from None
                     if nm is not None:
                         yield nm

@@ -11,7 +11,6 @@ control server was unreachable (its buffer is bounded). Records are checked fiel
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -25,7 +24,6 @@ log = logging.getLogger("meshnode.control.flows")
 
 MAX_BATCHES = 100
 MAX_RECORDS = 20_000
-PRUNE_EVERY = 3600.0
 
 _INTS = ("proto", "sport", "dport", "tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
 _KINDS = frozenset({"tunnel", "subnet", "exit"})
@@ -60,8 +58,7 @@ def check_record(r: Any) -> dict[str, Any]:
 
 class ControlFlows:
     def __init__(self, server: "ControlServer") -> None:
-        self.server = server
-        self._pruned = 0.0
+        self.server = server   # retention: the server's once-per-tailnet job (server.py, jobs.py)
 
     def attach(self, app: web.Application) -> None:
         app.add_routes([web.post("/machine/flows", self._upload)])
@@ -87,10 +84,4 @@ class ControlFlows:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"at most {MAX_RECORDS} records per upload")
             parsed.append((b["seq"], [check_record(r) for r in b["records"]]))
         ack = self.server.store.store_flows(node, boot_id, parsed, lost)
-        now = time.time()
-        if now - self._pruned > PRUNE_EVERY:
-            self._pruned = now
-            removed = self.server.store.prune_flows(now)
-            if removed:
-                log.info("flow logs: removed %d records past retention", removed)
         return self.server._sealed(chan, {"ack": ack})

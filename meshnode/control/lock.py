@@ -1,9 +1,12 @@
 """Tailnet Lock at the control server: it stores and relays the tailnet's chain and the node-key
 signatures, and checks each like any node would, but holds no signing key and cannot forge one.
 
-The chain lives beside the database (`<db>.tka/`, a `FileStore`; only the server process writes it),
-the signatures in the `tka_signatures` table (store.py), the disablement secret that turned the lock
-off in `control_meta`, so nodes that were offline can follow.
+The chain lives in the store (`tka_aums`, through `StoreChain`), so every replica of one PostgreSQL
+database serves the same chain; a replica notices another's write by `tka_generation` and reads the
+chain again, and a write made from a stale copy is refused by the store and retried on a fresh one.
+(A SQLite deployment from before kept it in `<db>.tka/`; the `_m11_tka_chain` migration moves it in.)
+The signatures are in the `tka_signatures` table (store.py), the disablement secret that turned the
+lock off in `control_meta`, so nodes that were offline can follow.
 
 Node endpoints (sealed like every node request; shaped on Tailscale's `/machine/tka/*`, tailcfg
 TKA*Request; bodies also carry the node's `node_key`):
@@ -26,8 +29,7 @@ import base64
 import binascii
 import logging
 import sqlite3
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from aiohttp import web
 
@@ -35,9 +37,11 @@ from ..tka.cli_format import format_public, parse_public
 from ..tka.errors import StateError, TKAError
 from ..tka.signing import key_proof_message, verify
 from ..tka.nodelock import ControlChain
-from ..tka.store import ChainStore, FileStore, MemoryStore
+from ..tka.aum import AUM, AUMHash
+from ..tka.errors import DecodeError, StorageError
+from ..tka.store import MemoryStore
 from .protocol import ErrorCode, ProtocolError, decode_key
-from .store import ControlStore
+from .store import ControlStore, StaleChain
 
 if TYPE_CHECKING:
     from .server import ControlServer
@@ -45,20 +49,66 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshnode.control.lock")
 
 
-def chain_dir(store: ControlStore) -> Path | None:
-    """Where the tailnet's chain is kept: `<database>.tka/` (None for an in-memory database)."""
-    if getattr(store.db, "dialect", "sqlite") == "postgres":
-        return None   # no database file to keep the chain beside
-    for row in store.conn.execute("PRAGMA database_list"):
-        if row[1] == "main" and row[2]:
-            return Path(str(row[2]) + ".tka")
-    return None
+T = TypeVar("T")
 
 
-def open_chain(store: ControlStore) -> ControlChain:
-    directory = chain_dir(store)
-    chain_store: ChainStore = FileStore(directory) if directory is not None else MemoryStore()
-    return ControlChain(chain_store)
+class StoreChain(MemoryStore):
+    """The tailnet's chain in the control store, with an in-memory index of it (MemoryStore) for the
+    verifier's many look-ups. Every write goes to the store first, conditional on the generation this
+    copy was read at (`StaleChain` if another replica wrote since), then to the index."""
+
+    def __init__(self, store: ControlStore) -> None:
+        super().__init__()
+        self.store = store
+        self.generation = -1
+        self.load()
+
+    def load(self) -> None:
+        generation, rows, ancestor = self.store.tka_chain()
+        parsed = []
+        for raw, when in rows:
+            try:
+                parsed.append((AUM.parse(raw), when))
+            except DecodeError as exc:
+                raise StorageError(f"tka_aums: a stored AUM does not parse: {exc}") from None
+        with self._lock:
+            self._aums.clear()
+            self._children.clear()
+            self._times.clear()
+            for aum, when in parsed:
+                self._index(aum, when)
+            self._ancestor = AUMHash.from_text(ancestor) if ancestor else None
+        self.generation = generation
+
+    def stale(self) -> bool:
+        return self.store.tka_generation() != self.generation
+
+    def _write(self, **change: Any) -> None:
+        self.generation = self.store.tka_chain_write(self.generation, **change)
+
+    def commit_verified(self, aums: Iterable[AUM]) -> None:
+        new = {bytes(a.hash): a for a in aums if self.aum(a.hash) is None}
+        if not new:
+            return
+        now = self.clock()
+        self._write(add=[(str(a.hash), str(a.parent) if a.parent is not None else None, a.serialized, now)
+                         for a in new.values()])
+        with self._lock:
+            for a in new.values():
+                self._index(a, now)
+
+    def set_last_active_ancestor(self, h: bytes) -> None:
+        self._write(ancestor=str(AUMHash(h)))
+        super().set_last_active_ancestor(h)
+
+    def purge(self, hashes: Iterable[bytes]) -> None:
+        hashes = [bytes(h) for h in hashes]
+        self._write(purge=[str(AUMHash(h)) for h in hashes])
+        super().purge(hashes)
+
+    def clear(self) -> None:
+        self._write(clear=True)
+        super().clear()
 
 
 def _refused(exc: TKAError) -> ProtocolError:
@@ -81,10 +131,32 @@ class ControlLock:
     def __init__(self, server: "ControlServer") -> None:
         self.server = server
         self.store = server.store
-        self.chain = open_chain(self.store)
+        self.chain_store = StoreChain(self.store)
+        self.chain = ControlChain(self.chain_store)
+
+    def refresh(self) -> None:
+        """Read the chain again if another replica (or process) wrote it since we last did."""
+        if self.chain_store.stale():
+            self.chain_store.load()
+            self.chain = ControlChain(self.chain_store)
+
+    def _fresh(self, op: Callable[[], T]) -> T:
+        """`op` on the newest chain; if another replica wrote the chain between our read and our write,
+        once more on the chain as it now is (the node's request then meets what that replica did)."""
+        self.refresh()
+        try:
+            return op()
+        except StaleChain:
+            self.refresh()
+            try:
+                return op()
+            except StaleChain:
+                raise ProtocolError(ErrorCode.CONFLICT, "tailnet lock: the chain is changing on another"
+                                    " replica; try again") from None
 
     @property
     def head(self) -> str | None:
+        self.refresh()   # read at every snapshot: a chain written on another replica reaches our maps
         return self.chain.head
 
     def signatures(self) -> dict[str, str]:
@@ -116,6 +188,7 @@ class ControlLock:
 
     def _store_signature(self, node: Any, target: str, sig: bytes) -> None:
         decode_key(target, "target node key")
+        self.refresh()
         try:
             self.chain.check_signature(base64.b64decode(target), sig)
         except TKAError as exc:
@@ -132,6 +205,7 @@ class ControlLock:
         if raw is None:
             return authkey, None
         sig = _b64(raw, "key_signature")
+        self.refresh()
         if self.chain.head is not None:
             try:
                 self.chain.check_signature(base64.b64decode(node_key), sig)
@@ -152,7 +226,7 @@ class ControlLock:
         if not isinstance(sigs, dict) or len(sigs) > 1024:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "signatures: expected an object (node key -> signature)")
         try:
-            self.chain.init(genesis)
+            self._fresh(lambda: self.chain.init(genesis))
         except TKAError as exc:
             raise _refused(exc) from None
         log.info("tailnet lock enabled by %s (head %s)", node.name, self.chain.head)
@@ -164,12 +238,14 @@ class ControlLock:
 
     async def _bootstrap(self, request: web.Request) -> web.Response:
         _node, chan, _p = await self._node(request)
+        self.refresh()
         if self.chain.head is None:
             return self.server._sealed(chan, {"disablement_secret": self.store.tka_disablement_secret() or None})
         return self.server._sealed(chan, {"genesis": base64.b64encode(self.chain.bootstrap_aum()).decode()})
 
     async def _offer(self, request: web.Request) -> web.Response:
         _node, chan, p = await self._node(request)
+        self.refresh()
         try:
             answer = self.chain.answer(p.get("offer"))
         except TKAError as exc:
@@ -180,9 +256,10 @@ class ControlLock:
 
     async def _send(self, request: web.Request) -> web.Response:
         node, chan, p = await self._node(request)
+        self.refresh()
         before = self.chain.head
         try:
-            head = self.chain.receive(p.get("aums") or [], allow_known=False)
+            head = self._fresh(lambda: self.chain.receive(p.get("aums") or [], allow_known=False))
         except TKAError as exc:
             log.warning("tailnet lock: refused AUMs from %s: %s", node.name, exc)
             raise _refused(exc) from None
@@ -229,9 +306,10 @@ class ControlLock:
             raw = None
         if raw is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "secret: expected hex")
+        self.refresh()
         if self.chain.head is None:
             raise ProtocolError(ErrorCode.CONFLICT, "tailnet lock: Tailnet Lock is not enabled on this tailnet")
-        if not self.chain.disable(raw):
+        if not self._fresh(lambda: self.chain.disable(raw)):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "tailnet lock: invalid disablement secret")
         log.warning("tailnet lock disabled by %s with a disablement secret", node.name)
         self._changed("tka.disable", node, raw.hex())
@@ -242,12 +320,9 @@ def locked_out(store: ControlStore) -> dict[str, str]:
     """For `control nodes ls` (another process): node key -> why it is locked out, for every node
     whose key carries no valid signature; empty when the lock is off."""
     try:
-        directory = chain_dir(store)
-    except sqlite3.Error:
+        chain = ControlChain(StoreChain(store))
+    except (sqlite3.Error, TKAError):
         return {}
-    if directory is None or not (directory / "aums").is_dir():
-        return {}
-    chain = ControlChain(FileStore(directory))
     if chain.head is None:
         return {}
     sigs = store.tka_signatures()

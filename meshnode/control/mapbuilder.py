@@ -20,9 +20,29 @@ from magicdns.records import Record
 
 from ..netmap import MapNode, default_allowed_ips
 from ..policy import CompiledPolicy, NodeInfo, Policy, compile_policy, rules_to_json
-from .store import DnsSettings, Node
+from .store import Change, DnsSettings, Node
 
 HISTORY = 32  # snapshots a stream may fall behind and still get a delta
+
+# Fields of a peer that change often on their own (a roaming laptop's endpoints, presence, a rename,
+# a key rotation): when nothing else about a peer changed, a stream one snapshot behind gets only
+# these in a patch (`peers_patch`), not the peer's whole object. Keys as in `MapNode.to_json`.
+PATCH_FIELDS = frozenset({"name", "fqdn", "node_key", "disco_key", "key_signature", "endpoints", "online",
+                          "home_region", "last_seen"})
+
+# Change-log actions whose effect on a resuming node's map the change's node ids fully describe:
+# node-scoped writes (the peers they name are sent again, or as removed) and settings every resume
+# frame carries anyway (DNS). Anything else since the node's version (a policy, a domain, Tailnet
+# Lock, a user's groups, a write that named nothing) could change which peers it sees: full map.
+RESUMABLE_ACTIONS = frozenset({
+    "node.register", "node.login", "node.rename", "node.delete", "node.expire", "node.logout",
+    "node.endpoints", "node.seen", "node.tags", "node.routes", "node.login-approved",
+    "authkey.create", "authkey.use", "authkey.revoke", "user.create", "user.role",
+    "dns.nameservers", "dns.search_domains", "dns.route", "dns.records",
+    "dns.record.add", "dns.record.remove", "dns.record.change",
+})
+# ...except when they wrote the resuming node itself: its tags, routes or login decide what it sees.
+SELF_REACH_ACTIONS = frozenset({"node.register", "node.login", "node.tags", "node.routes"})
 
 
 def _dumps(obj: object) -> str:
@@ -84,6 +104,16 @@ class Snapshot:
     ca_pem: str = ""  # the tailnet CA's certificate (ca.py), in every map so nodes can verify each other
     tka_head: str | None = None             # Tailnet Lock head of the tailnet (None: the lock is off)
     flow_logs: bool = False                 # connection logs on (`control settings flow-logs on`)
+    # The store's version (change log) the rows were read at, or after; and the store's identity.
+    # Together with a node id they make the resume token a node sends back when it reconnects.
+    tailnet_version: int = 0
+    epoch: str = ""
+    # node id -> JSON text of a `peers_patch` entry, for nodes whose change since snapshot seq-1 is
+    # only in PATCH_FIELDS (a stream exactly one snapshot behind sends these instead of node_text).
+    patches: Mapping[int, str] = field(default_factory=dict)
+
+    def resume_token(self, node_id: int) -> str:
+        return f"{self.epoch}.{node_id}.{self.tailnet_version}"
 
     @property
     def differs(self) -> bool:
@@ -96,13 +126,15 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
                    dns: DnsSettings, records: Iterable[Record], derp_map_text: str = "null",
                    ca_pem: str = "", tka_head: str | None = None,
                    signatures: Mapping[str, str] | None = None, flow_logs: bool = False,
-                   lock_keys: Mapping[str, str] | None = None) -> tuple[Snapshot, bool]:
+                   lock_keys: Mapping[str, str] | None = None, tailnet_version: int = 0,
+                   epoch: str = "") -> tuple[Snapshot, bool]:
     """The next snapshot and whether it differs from `prev` (if not, keep serving `prev`'s version)."""
     rows: dict[int, Node] = {}
     mnodes: dict[int, MapNode] = {}
     texts: dict[int, str] = {}
     infos: list[NodeInfo] = []
     changed: set[int] = set()
+    patches: dict[int, str] = {}
     p_rows = prev.rows if prev and prev.domain == domain else {}
     p_infos = {i.id: i for i in prev.infos} if prev else {}
     for node in nodes:
@@ -126,6 +158,10 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
         else:
             text = _dumps(mn.to_json(domain))
             changed.add(node.id)
+            if old is not None:
+                patch = _patch(old, mn, domain)
+                if patch is not None:
+                    patches[node.id] = patch
         mnodes[node.id], texts[node.id] = mn, text
         old_row = p_rows.get(node.id)
         info = p_infos.get(node.id)
@@ -144,11 +180,54 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
     history = ((prev.history[-(HISTORY - 1):] if prev else ()) + ((seq, changed_f, removed),))
     reach = prev.reach if prev is not None and compiled is prev.compiled else ReachSets()
     snap = Snapshot(seq, version, domain, rows, mnodes, texts, infos_t, policy_text, policy, compiled,
-                    dns_text, changed_f, removed, history, reach, derp_map_text, ca_pem, tka_head, flow_logs)
+                    dns_text, changed_f, removed, history, reach, derp_map_text, ca_pem, tka_head, flow_logs,
+                    tailnet_version, epoch, patches)
     differs = (prev is None or snap.differs or compiled is not prev.compiled or dns_text != prev.dns_text
                or domain != prev.domain or derp_map_text != prev.derp_map_text or ca_pem != prev.ca_pem
                or tka_head != prev.tka_head or flow_logs != prev.flow_logs)
     return snap, differs
+
+
+def _patch(old: MapNode, new: MapNode, domain: str) -> str | None:
+    """The `peers_patch` entry taking `old` to `new`, or None when a field outside PATCH_FIELDS
+    changed. A field `to_json` leaves out (empty, false, None) is sent as null: "drop it"."""
+    before, after = old.to_json(domain), new.to_json(domain)
+    keys = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    if not keys <= PATCH_FIELDS:
+        return None
+    patch: dict[str, object] = {"id": new.id}
+    for k in sorted(keys):
+        patch[k] = after.get(k)
+    return _dumps(patch)
+
+
+TARGETED_MAX = 64   # changed nodes in one snapshot beyond which waking every stream is as cheap
+
+
+def concerned(prev: Snapshot, snap: Snapshot) -> frozenset[int] | None:
+    """The nodes whose maps `snap` changes relative to `prev`, when that is only some nodes' peer
+    entries (endpoints, presence, a rename...): the changed nodes and every node that sees one of
+    them (visibility is symmetric, so that is each changed node's own reach). None: it may concern
+    every node (a policy, membership, DNS or relay change), or too many changed to be worth it."""
+    if (snap.compiled is not prev.compiled or snap.removed or len(snap.changed) > TARGETED_MAX
+            or snap.dns_text != prev.dns_text or snap.domain != prev.domain
+            or snap.derp_map_text != prev.derp_map_text or snap.ca_pem != prev.ca_pem
+            or snap.tka_head != prev.tka_head or snap.flow_logs != prev.flow_logs):
+        return None
+    out: set[int] = set()
+    for node_id in snap.changed:
+        out |= snap.reach.of(snap.compiled, node_id)
+    return frozenset(out)
+
+
+def fast_forward(prev: Snapshot, snap: Snapshot, state: StreamState) -> bool:
+    """Mark a stream that holds `prev`'s map, and that `snap` does not concern, as holding `snap`'s
+    (what `next_frame` would do, returning None), so it need not be woken; False if it is not at
+    `prev` (behind, or still waiting for its first map): wake it."""
+    if state.seq != prev.seq:
+        return False
+    state.seq = snap.seq
+    return True
 
 
 def _policy_fields(node: Node) -> tuple:
@@ -205,6 +284,8 @@ class StreamState:
     ca_pem: str = ""
     tka_head: str | None = None
     flow_logs: bool = False
+    tailnet_version: int = -1   # of the resume token the node was last sent
+    patches: bool = False   # the node understands `peers_patch` (it said so when it opened the stream)
 
     @property
     def full(self) -> bool:
@@ -239,13 +320,16 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             ',"self":', texts[nid], ',"peers":[', ",".join([texts[p] for p in sorted(reach) if p != nid]),
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{},"derp_map":',
             snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "",
-            ',"tka_head":', _dumps(snap.tka_head), ',"flow_logs":', _dumps(snap.flow_logs), '}}'])
+            ',"tka_head":', _dumps(snap.tka_head), ',"flow_logs":', _dumps(snap.flow_logs), '},"resume":',
+            _dumps(snap.resume_token(nid)), '}'])
+        state.tailnet_version = snap.tailnet_version
     else:
         since: set[int] = set()
         for seq, changed_ids, _removed in snap.history:
             if seq > state.seq:
                 since |= changed_ids
         removed: frozenset[int] | set[int] = frozenset()
+        added: frozenset[int] = frozenset()
         if reach is old_reach:
             changed = since & reach
         else:
@@ -253,6 +337,13 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             changed = set(added)
             changed |= since & reach
         changed.discard(nid)
+        patched: list[str] = []
+        if state.patches and state.seq == snap.seq - 1 and snap.patches:
+            # One snapshot behind: the node holds each changed peer exactly as snapshot seq-1 had it.
+            fresh = changed - added
+            for p in sorted(fresh & snap.patches.keys()):
+                patched.append(snap.patches[p])
+                changed.discard(p)
         parts = ['{"type":"delta","version":', str(snap.version)]
         if snap.domain != state.domain:
             parts += [',"domain":', _dumps(snap.domain)]
@@ -260,6 +351,8 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             parts += [',"self":', texts[nid]]
         if changed:
             parts += [',"peers_changed":[', ",".join([texts[p] for p in sorted(changed)]), "]"]
+        if patched:
+            parts += [',"peers_patch":[', ",".join(patched), "]"]
         if removed:
             parts += [',"peers_removed":', _dumps(sorted(removed))]
         if snap.dns_text != state.dns_text:
@@ -274,10 +367,96 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             parts += [',"tka_head":', _dumps(snap.tka_head)]
         if snap.flow_logs != state.flow_logs:
             parts += [',"flow_logs":', _dumps(snap.flow_logs)]
-        frame = "".join(parts) + "}" if len(parts) > 2 else None
+        frame = None
+        if len(parts) > 2:
+            # A new resume token rides along only on a frame sent anyway: a node whose map did not
+            # change keeps its older (still true) token rather than getting a frame for it.
+            if snap.tailnet_version != state.tailnet_version:
+                parts += [',"resume":', _dumps(snap.resume_token(nid))]
+                state.tailnet_version = snap.tailnet_version
+            frame = "".join(parts) + "}"
+    _sent(snap, state, reach, filter_text)
+    return frame
+
+
+def _sent(snap: Snapshot, state: StreamState, reach: frozenset[int], filter_text: str) -> None:
+    """Record in `state` that the node now holds `snap`'s map."""
+    nid = state.node_id
+    texts = snap.node_text
     state.seq, state.compiled, state.reach, state.filter_text = snap.seq, snap.compiled, reach, filter_text
     state.self_text, state.dns_text, state.domain = texts[nid], snap.dns_text, snap.domain
     state.derp_map_text = snap.derp_map_text
     state.ca_pem = snap.ca_pem
     state.tka_head, state.flow_logs = snap.tka_head, snap.flow_logs
-    return frame
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeToken:
+    """What a reconnecting node says it holds: the map of `node_id` at store version `version` of
+    the tailnet whose store is `epoch`."""
+
+    epoch: str
+    node_id: int
+    version: int
+
+    @staticmethod
+    def parse(text: object) -> "ResumeToken | None":
+        """The token, or None for anything malformed (the node then gets a full map)."""
+        if not isinstance(text, str) or len(text) > 100:
+            return None
+        parts = text.split(".")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            return None
+        return ResumeToken(parts[0], int(parts[1]), int(parts[2]))
+
+
+def resumable(snap: Snapshot, token: ResumeToken, node_id: int, changes: Iterable[Change]) -> frozenset[int] | None:
+    """The nodes whose rows changed between the token's version and `snap`, when `changes` (the
+    change log after that version, up to at least `snap.tailnet_version`) tell everything a resuming
+    node needs; None when only a full map is safe: another tailnet or node, a version this snapshot
+    has not reached, a gap, or a change whose effect on this node's peers is unknowable."""
+    if token.epoch != snap.epoch or token.node_id != node_id or token.version > snap.tailnet_version:
+        return None
+    ids: set[int] = set()
+    last = token.version
+    for change in changes:
+        if change.version != last + 1:
+            return None   # a hole: never guess what it held
+        last = change.version
+        actions = {action for action, _target in change.items}
+        if not actions <= RESUMABLE_ACTIONS:
+            return None
+        if node_id in change.nodes and actions & SELF_REACH_ACTIONS:
+            return None
+        ids.update(change.nodes)
+    if last < snap.tailnet_version:
+        return None
+    return frozenset(ids)
+
+
+def resume_frame(snap: Snapshot, state: StreamState, changed_nodes: frozenset[int]) -> str:
+    """The first frame of a resumed stream, as a delta: the peers in `changed_nodes` (from
+    `resumable`) again, or as removed when this node no longer sees them; everything that is not a
+    peer (self, DNS, filter, relay map, CA, lock head) in full, since it is small; and the ids of all
+    peers it sees (`peers_present`, so it drops any that left unlogged, e.g. by key expiry) and of
+    those online (`peers_online`: presence is not in the change log). Raises `NodeGone`."""
+    nid = state.node_id
+    if nid not in snap.nodes:
+        raise NodeGone(nid)
+    reach = snap.reach.of(snap.compiled, nid)
+    filter_text = _dumps(rules_to_json(snap.compiled.filter_rules(nid)))
+    texts = snap.node_text
+    changed = sorted(p for p in changed_nodes & reach if p != nid)
+    removed = sorted(changed_nodes - reach)
+    present = sorted(p for p in reach if p != nid)
+    online = [p for p in present if snap.nodes[p].online]
+    parts = ['{"type":"delta","version":', str(snap.version), ',"resume":', _dumps(snap.resume_token(nid)),
+             ',"domain":', _dumps(snap.domain), ',"self":', texts[nid],
+             ',"peers_changed":[', ",".join([texts[p] for p in changed]), '],"peers_removed":', _dumps(removed),
+             ',"peers_present":', _dumps(present), ',"peers_online":', _dumps(online),
+             ',"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp_map":', snap.derp_map_text,
+             ',"tailnet_ca":', _dumps(snap.ca_pem), ',"tka_head":', _dumps(snap.tka_head),
+             ',"flow_logs":', _dumps(snap.flow_logs), '}']
+    state.tailnet_version = snap.tailnet_version
+    _sent(snap, state, reach, filter_text)
+    return "".join(parts)

@@ -50,11 +50,14 @@ from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
 from .console import idpgroups
-from .mapbuilder import NodeGone, Snapshot, StreamState, build_snapshot, map_node, next_frame, with_version
+from .jobs import Job, JobLocks
+from .mapbuilder import (NodeGone, ResumeToken, Snapshot, StreamState, build_snapshot, concerned, fast_forward,
+                         map_node, next_frame, resumable, resume_frame, with_version)
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
                        parse_json, public_key_of, verify_node_key_proof)
-from .store import (REPLICA_DEAD_AFTER, REPLICA_HEARTBEAT, Conflict, ControlStore, ControlStoreError, InvalidValue,
+from .store import (REPLICA_DEAD_AFTER, REPLICA_HEARTBEAT, ChangeLogGap, Conflict, ControlStore, ControlStoreError,
+                    InvalidValue,
                     Node, NotFound, Registration,
                     check_tag, normalize_cidr)
 
@@ -62,6 +65,7 @@ log = logging.getLogger("meshnode.control.server")
 
 ADMIN_ACTOR = "admin-token"   # who the audit log names for changes through the admin API
 PRESENCE_FINAL = 1e9          # heartbeat interval written by a cleanly stopped server: its word stands
+RESUME_MAX_CHANGES = 20_000   # a node further behind than this gets a full map: reading the log costs more
 
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.BAD_SEAL: 401, ErrorCode.REPLAY: 401,
@@ -87,6 +91,7 @@ class ServerConfig:
     full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
     max_streams_per_node: int = 2
     audit_prune_interval: float = 3600.0
+    expiry_interval: float = 5.0        # how often expired logins are looked for (control/jobs.py)
     unregistered_rate: float = 200.0    # a second
     unregistered_burst: float = 1000.0
     presence_interval: float = 15.0     # how often the online set is written for `control nodes ls`
@@ -165,19 +170,24 @@ class ControlServer:
         self.remote_online: frozenset[int] = frozenset()   # nodes streaming from the other live replicas
         self.doorbell: Any = None                 # doorbell.Doorbell on a PostgreSQL store
         self.snapshot: Snapshot | None = None
-        self._changed = asyncio.Event()           # replaced on every publish; streams wait on it
+        # Every open stream: its state and the event that wakes it (only streams a snapshot concerns
+        # are woken: an endpoint change wakes the nodes that see that node, not the whole tailnet).
+        self._streams: dict[int, tuple[StreamState, asyncio.Event]] = {}
         self._dirty = asyncio.Event()
         self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
         self._full_maps = asyncio.Semaphore(8)
         self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Jobs that run once per tailnet: on PostgreSQL under per-job advisory locks (jobs.py).
+        self.jobs = JobLocks(getattr(store.db, "url", None))
         self._seen_counter = -1
         self._built_counter = -1
         self._seen_records = -1
         self._records: list | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
         self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
-                      "slow_streams_closed": 0}
+                      "slow_streams_closed": 0, "resumed": 0, "full_maps": 0}
+        self._epoch = store.tailnet_epoch()
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
         self.app.add_routes([
             web.get("/key", self._key), web.get("/healthz", self._health), web.get("/metrics", self._metrics),
@@ -224,7 +234,7 @@ class ControlServer:
         if self.relay is not None:
             await self.relay.start()
         for coro in (self._publisher(), self._poller(), self._reaper(), self._audit_pruner(),
-                     self._presence()):
+                     self._expiry_sweeper(), self._presence()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -239,6 +249,7 @@ class ControlServer:
             except asyncio.CancelledError:
                 pass
         self._tasks.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self.jobs.close)
         self._wake_streams()
 
     async def start(self, host: str, port: int) -> int:
@@ -282,10 +293,13 @@ class ControlServer:
                     self.store.set_presence(list(self.online), time.time(), self.config.presence_interval)
             except Exception:
                 log.exception("recording presence failed")
+            # Not wait_for: on Python 3.11 it swallows a cancellation that arrives as the event is
+            # set (streams closing at shutdown set it), and this loop then ran on and stop() hung.
+            waiter = asyncio.ensure_future(self._presence_changed.wait())
             try:
-                await asyncio.wait_for(self._presence_changed.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=interval)
+            finally:
+                waiter.cancel()
 
     def _heartbeat(self) -> None:
         now = time.time()
@@ -352,18 +366,23 @@ class ControlServer:
                                        derp_map_text=self._relay_map_text(policy),
                                        ca_pem=self._current_ca().cert_pem,
                                        tka_head=self.tka.head, signatures=self.tka.signatures(),
-                                       lock_keys=self.tka.lock_keys(), flow_logs=self.store.flow_logs_enabled())
+                                       lock_keys=self.tka.lock_keys(), flow_logs=self.store.flow_logs_enabled(),
+                                       tailnet_version=counter, epoch=self._epoch)
         if self.relay is not None and self.relay_keys.update(node_keys(snap.rows.values(), time.time())):
             gone = self.relay.recheck()
             if gone:
                 log.info("relay: disconnected %d node(s) no longer in the tailnet", gone)
         if not differs:
+            if prev is not None and counter > prev.tailnet_version:
+                # Nothing a node sees changed, but the snapshot stands for the newer store version,
+                # so a node resuming from that version is not sent a full map.
+                self.snapshot = dataclasses.replace(prev, tailnet_version=counter)
             return
         if prev is not None or snap.version == 0:
             snap = with_version(snap, self.store.bump_map_version())
         self.snapshot = snap
         self.stats["snapshots"] += 1
-        self._wake_streams()
+        self._wake_streams(prev, snap)
 
     def _relay_map_text(self, policy: Policy | None) -> str:
         rmap = self.relay_map or RelayMap()
@@ -373,9 +392,13 @@ class ControlServer:
             rmap = rmap.merged(policy.derp_map)
         return rmap.dumps() if rmap.regions else "null"
 
-    def _wake_streams(self) -> None:
-        old, self._changed = self._changed, asyncio.Event()
-        old.set()
+    def _wake_streams(self, prev: Snapshot | None = None, snap: Snapshot | None = None) -> None:
+        """Wake the streams `snap` concerns (all, without snapshots); the others, when they hold
+        `prev`'s map, are marked as holding `snap`'s without a frame."""
+        nodes = concerned(prev, snap) if prev is not None and snap is not None else None
+        for state, wake in self._streams.values():
+            if nodes is None or state.node_id in nodes or not fast_forward(prev, snap, state):  # type: ignore[arg-type]
+                wake.set()
 
     async def _publisher(self) -> None:
         spent = 0.0
@@ -406,10 +429,17 @@ class ControlServer:
             except Exception:
                 log.exception("polling the store failed")
 
+    async def _runs(self, job: Job) -> bool:
+        """Whether this server runs `job` now (always on SQLite; on PostgreSQL, the replica holding
+        its advisory lock). The lock query blocks: off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.jobs.holds, job)
+
     async def _reaper(self) -> None:
         while True:
             await asyncio.sleep(min(self.config.reap_interval, self.config.ephemeral_grace))
             try:
+                if not await self._runs(Job.EPHEMERAL):
+                    continue
                 # Nodes streaming from other replicas are online too; the deletion itself runs under
                 # the database's write lock, so replicas reaping at once cannot delete twice.
                 gone = self.store.delete_stale_ephemeral(set(self.online) | self.remote_online,
@@ -421,20 +451,45 @@ class ControlServer:
                 log.info("removed %d offline ephemeral node(s): %s", len(gone), ", ".join(n.name for n in gone))
                 self.mark_dirty()
 
-    async def _audit_pruner(self) -> None:
-        """Apply the audit log's retention at start and then hourly (the pruning is itself logged)."""
+    async def _expiry_sweeper(self) -> None:
+        """Expired logins leave every map when they expire (not at the next unrelated change), with one
+        audit entry each."""
         while True:
+            await asyncio.sleep(self.config.expiry_interval)
             try:
-                removed = self.store.prune_audit()
-                if removed:
-                    log.info("audit: removed %d entries older than %g days", removed,
-                             self.store.audit_retention_days())
-                # The change log keeps the newest 100,000 versions: enough for any reader that is
-                # minutes behind; an older one starts again from a full snapshot (ChangeLogGap).
-                self.store.prune_changes()
+                if not await self._runs(Job.KEY_EXPIRY):
+                    continue
+                gone = self.store.sweep_expired(time.time())
+            except Exception:
+                log.exception("looking for expired logins failed")
+                continue
+            if gone:
+                log.info("login expired: %s", ", ".join(n.name for n in gone))
+                self.mark_dirty()
+
+    async def _audit_pruner(self) -> None:
+        """Apply the audit log's, change log's and flow logs' retention at start and then hourly (the
+        pruning is itself logged). A replica that does not hold the job looks again every minute, so
+        it takes over soon after the holder dies."""
+        while True:
+            interval = self.config.audit_prune_interval
+            try:
+                if await self._runs(Job.RETENTION):
+                    removed = self.store.prune_audit()
+                    if removed:
+                        log.info("audit: removed %d entries older than %g days", removed,
+                                 self.store.audit_retention_days())
+                    # The change log keeps the newest 100,000 versions: enough for any reader that is
+                    # minutes behind; an older one starts again from a full snapshot (ChangeLogGap).
+                    self.store.prune_changes()
+                    flows = self.store.prune_flows()
+                    if flows:
+                        log.info("flow logs: removed %d records past retention", flows)
+                else:
+                    interval = min(interval, 60.0)
             except Exception:
                 log.exception("pruning the audit log failed")
-            await asyncio.sleep(self.config.audit_prune_interval)
+            await asyncio.sleep(interval)
 
     # -- node protocol --------------------------------------------------------------------------
 
@@ -581,7 +636,7 @@ class ControlServer:
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            "Cache-Control": "no-store"})
         await resp.prepare(request)
-        state = StreamState(node.id)
+        state = StreamState(node.id, patches=p.get("patches") is True)
         # A node needs one stream (two while it reconnects): older ones are closed, so one machine
         # cannot pile up streams that each hold a map in memory.
         mine = self._node_streams.setdefault(node.id, [])
@@ -597,7 +652,9 @@ class ControlServer:
         self.mark_dirty()
         self._presence_changed.set()
         try:
-            await self._serve_stream(request, resp, chan, state)
+            token = ResumeToken.parse(p.get("resume"))
+            if token is None or await self._resume(request, resp, chan, state, token):
+                await self._serve_stream(request, resp, chan, state)
         except (ConnectionResetError, ConnectionError):
             pass
         finally:
@@ -619,11 +676,46 @@ class ControlServer:
             self._presence_changed.set()
         return resp
 
+    async def _resume(self, request: web.Request, resp: web.StreamResponse, chan: Channel, state: StreamState,
+                      token: ResumeToken) -> bool:
+        """Send a node that reconnects with the version it holds only what changed since, if the
+        change log can say exactly what that is; otherwise leave `state` for a full map. False when
+        the stream must end."""
+        snap = self.snapshot
+        if snap is not None and snap.epoch == token.epoch and token.version > snap.tailnet_version:
+            self._publish()   # it saw a newer version on another replica: catch up before judging
+            snap = self.snapshot
+        if snap is None or not 0 <= snap.tailnet_version - token.version <= RESUME_MAX_CHANGES:
+            return True
+        try:
+            behind = snap.tailnet_version - token.version
+            changes = self.store.changes_since(token.version, limit=behind) if behind else []
+        except ChangeLogGap:
+            return True
+        nodes = resumable(snap, token, state.node_id, changes)
+        if nodes is None:
+            return True
+        try:
+            text = resume_frame(snap, state, nodes)
+        except NodeGone:
+            return False
+        self.stats["resumed"] += 1
+        return await self._write(request, resp, frame(chan.seal_bytes(text.encode())))
+
     async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
                             state: StreamState) -> None:
         keepalive = frame(chan.seal({"type": "keepalive"}))
+        wake = asyncio.Event()
+        self._streams[id(state)] = (state, wake)
+        try:
+            await self._stream_loop(request, resp, chan, state, wake, keepalive)
+        finally:
+            del self._streams[id(state)]
+
+    async def _stream_loop(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
+                           state: StreamState, wake: asyncio.Event, keepalive: bytes) -> None:
         while True:
-            changed = self._changed
+            wake.clear()   # before reading the snapshot: a publish after the read sets it again
             snap = self.snapshot
             if snap is not None and snap.seq != state.seq:
                 # Frames are computed from the newest snapshot when the previous one was taken, so
@@ -634,7 +726,7 @@ class ControlServer:
             if not self._tasks:  # shutting down
                 return
             try:
-                await asyncio.wait_for(changed.wait(), self.config.keepalive)
+                await asyncio.wait_for(wake.wait(), self.config.keepalive)
             except asyncio.TimeoutError:
                 if not await self._write(request, resp, keepalive, count=False):
                     return
@@ -658,7 +750,9 @@ class ControlServer:
                 return False
             if text is None:
                 return True
+            self.stats["full_maps"] += 1
             write = asyncio.ensure_future(resp.write(frame(chan.seal_bytes(text.encode()))))
+            write.add_done_callback(_retrieved)
             await asyncio.wait({write}, timeout=self.config.full_map_slot)
         return await self._write(request, resp, write)
 
@@ -668,6 +762,7 @@ class ControlServer:
         `stream_deadline` is closed (the node reconnects and gets a full map); a slow link that keeps
         taking bytes is not: a full map over a slow line may well take longer than the deadline."""
         write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
+        write.add_done_callback(_retrieved)
         loop = asyncio.get_running_loop()
         deadline = self.config.stream_deadline
         transport = request.transport
@@ -814,7 +909,13 @@ class ControlServer:
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
             "# TYPE meshnode_control_slow_streams_closed_total counter",
             f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
-        ]
+            "# TYPE meshnode_control_streams_resumed_total counter",
+            f"meshnode_control_streams_resumed_total {self.stats['resumed']}",
+            "# TYPE meshnode_control_full_maps_total counter",
+            f"meshnode_control_full_maps_total {self.stats['full_maps']}",
+            "# TYPE meshnode_control_job_running gauge",   # 1: this server runs the once-per-tailnet job
+        ] + [f'meshnode_control_job_running{{job="{job.value}"}} {int(self.jobs.url is None or job in self.jobs.held)}'
+             for job in Job]
         if self.relay is not None:
             lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
@@ -831,6 +932,13 @@ def _ensure_ca(store: ControlStore, now: float) -> tailnet_ca.TailnetCa:
     store.save_tailnet_ca(domain, ca.key_pem, ca.cert_pem, now)
     log.info("created the tailnet certificate authority for %s", domain)
     return ca
+
+
+def _retrieved(write: asyncio.Future[Any]) -> None:
+    """A frame write whose stream was cancelled (its node went away) may still fail afterwards: that
+    error is expected, and must not be logged as "never retrieved"."""
+    if not write.cancelled():
+        write.exception()
 
 
 def _abort(request: web.Request) -> None:

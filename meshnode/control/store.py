@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -52,6 +53,10 @@ class NotFound(ControlStoreError):
 
 class Conflict(ControlStoreError):
     """The change clashes with what is stored (name taken, user has nodes, ...)."""
+
+
+class StaleChain(Conflict):
+    """The Tailnet Lock chain was written by someone else (another replica) since this copy was read."""
 
 
 class InvalidValue(ControlStoreError, ValueError):
@@ -151,6 +156,7 @@ class Change:
     version: int
     time: float
     items: tuple[tuple[str, str], ...]
+    nodes: tuple[int, ...] = ()   # ids of the nodes whose rows it wrote (added, changed or deleted)
 
 
 REPLICA_HEARTBEAT = 3.0     # seconds between a replica's heartbeats
@@ -366,10 +372,57 @@ def _m10_home_region(db: sqlite_utils.Database) -> None:
     db["nodes"].add_column("home_region", int)
 
 
+def _m11_tka_chain(db: sqlite_utils.Database) -> None:
+    # Tailnet Lock's chain (control/lock.py `StoreChain`) lives in the store, so every replica of one
+    # database serves the same chain: one row per verified AUM (its canonical bytes), keyed by its hash
+    # text. `tka_generation` in control_meta grows with every write of the chain (replicas compare it
+    # to know theirs is stale), `tka_ancestor` is the last active ancestor.
+    db["tka_aums"].create({"hash": str, "parent": str, "aum": bytes, "created": float}, pk="hash",
+                          not_null={"aum", "created"})
+    _import_tka_dir(db)
+
+
+def _import_tka_dir(db: sqlite_utils.Database) -> None:
+    """A SQLite deployment from before kept its chain in `<database>.tka/`: copy it in (once: this runs
+    inside the migration). The directory is left where it is, unread from now on, as a backup."""
+    if sqldb.dialect(db) != "sqlite":
+        return
+    path = next((row[2] for row in db.conn.execute("PRAGMA database_list") if row[1] == "main" and row[2]), None)
+    directory = Path(str(path) + ".tka") if path else None
+    if directory is None or not (directory / "aums").is_dir():
+        return
+    from ..tka.errors import TKAError
+    from ..tka.store import FileStore   # the old layout's reader (parses and checks every AUM)
+    try:
+        old = FileStore(directory)
+    except TKAError as exc:
+        # Refuse to start rather than drop the chain: without it the tailnet's lock would look off.
+        raise sqlite3.DatabaseError(f"the Tailnet Lock chain in {directory} cannot be read ({exc}); restore it,"
+                                    " or move it away to start without it") from None
+    aums = [old.aum(h) for h in old.all_hashes()]
+    db.conn.executemany("INSERT OR IGNORE INTO tka_aums(hash, parent, aum, created) VALUES (?, ?, ?, ?)",
+                        [(str(a.hash), str(a.parent) if a.parent is not None else None, a.serialized,
+                          old.commit_time(a.hash)) for a in aums if a is not None])
+    ancestor = old.last_active_ancestor()
+    rows = [("tka_generation", "1")] + ([("tka_ancestor", str(ancestor))] if ancestor is not None else [])
+    db.conn.executemany("INSERT OR REPLACE INTO control_meta(key, value) VALUES (?, ?)", rows)
+    log.info("tailnet lock: moved the chain of %d AUM(s) from %s into the database (the directory is"
+             " no longer read and may be removed)", len(aums), directory)
+
+
+def _m12_resume(db: sqlite_utils.Database) -> None:
+    # Which node rows each change wrote (a JSON list of ids): a node resuming its map stream from the
+    # version it holds is sent those peers again, not the whole map (mapbuilder.resume_frame).
+    db["changes"].add_column("nodes", str)
+    # This database's identity in resume tokens, so a version from another tailnet is never taken
+    # for one of ours (a migration runs once per database, under the migration transaction).
+    db.execute("INSERT INTO control_meta(key, value) VALUES (?, ?)", ["tailnet_epoch", secrets.token_hex(8)])
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_core, _m2_dns, _m3_disco, _m4_security,
                                                                   _m5_console, _m6_tailnet_ca, _m7_tka_flows,
                                                                   _m8_changelog, _m9_tka_lock_keys,
-                                                                  _m10_home_region)
+                                                                  _m10_home_region, _m11_tka_chain, _m12_resume)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -444,6 +497,7 @@ class ControlStore:
         self._notes: list[tuple[str, str]] = []   # what the open transaction changed, for the change log
         self._chain: audit.Chain | None = None      # the open transaction's audit entries, written at COMMIT
         self._folded = False
+        self._node_ids: set[int] = set()          # node rows the open transaction wrote, for the change log
         self._postgres = False
         try:
             if isinstance(db, (sqlite_utils.Database, sqldb.PgDatabase)):
@@ -482,6 +536,7 @@ class ControlStore:
         self._notes = []
         self._chain = audit.Chain(self.conn)
         self._folded = False
+        self._node_ids = set()
         try:
             yield
             steps = self._chain.statements()
@@ -494,8 +549,9 @@ class ControlStore:
                 steps.append(("UPDATE control_meta SET value = CAST(value AS INTEGER) + 1"
                               " WHERE key = 'change_counter'", [()]))
                 # Under the write lock, so versions commit in order: a reader never sees N+1 before N.
-                steps.append(("INSERT INTO changes(version, time, items) SELECT CAST(value AS INTEGER), ?, ?"
-                              " FROM control_meta WHERE key = 'change_counter'", [(now, items)]))
+                steps.append(("INSERT INTO changes(version, time, items, nodes) SELECT CAST(value AS INTEGER),"
+                              " ?, ?, ? FROM control_meta WHERE key = 'change_counter'",
+                              [(now, items, json.dumps(sorted(self._node_ids)) if self._node_ids else None)]))
                 if self._postgres:   # the replicas' doorbell (doorbell.py), delivered on COMMIT
                     steps.append(("SELECT pg_notify('meshnode_changes', '')", [()]))
             if self._postgres:
@@ -697,6 +753,45 @@ END $body$"""
                               " updated = excluded.updated", [node_key, lock_key, time.time()])
         return True
 
+    def tka_generation(self) -> int:
+        """Grows with every write of the Tailnet Lock chain (by any replica)."""
+        return int(self._meta("tka_generation") or 0)
+
+    def tka_chain(self) -> tuple[int, list[tuple[bytes, float]], str | None]:
+        """The Tailnet Lock chain as one consistent read: (generation, [(AUM bytes, commit time)],
+        last active ancestor hash text)."""
+        self.conn.execute("BEGIN")
+        try:
+            generation = self.tka_generation()
+            rows = [(bytes(r[0]), float(r[1])) for r in
+                    self.conn.execute("SELECT aum, created FROM tka_aums ORDER BY created, hash")]
+            return generation, rows, self._meta("tka_ancestor")
+        finally:
+            self.conn.execute("COMMIT")
+
+    def tka_chain_write(self, expect: int, add: Sequence[tuple[str, str | None, bytes, float]] = (),
+                        purge: Sequence[str] = (), ancestor: str | None = None, clear: bool = False) -> int:
+        """Write the chain if nobody has since generation `expect` (else `StaleChain`: the caller reads
+        it again and retries), so replicas never build two chains from two stale views. `add` holds
+        verified AUMs as (hash, parent hash, bytes, commit time). Returns the new generation."""
+        with self._tx():
+            generation = self.tka_generation()
+            if generation != expect:
+                raise StaleChain(f"the Tailnet Lock chain changed (generation {generation}, expected {expect})")
+            if clear:
+                self.conn.execute("DELETE FROM tka_aums")
+                self.conn.execute("DELETE FROM control_meta WHERE key = 'tka_ancestor'")
+            for h in purge:
+                self.conn.execute("DELETE FROM tka_aums WHERE hash = ?", [h])
+            for h, parent, raw, when in add:
+                self.conn.execute("INSERT INTO tka_aums(hash, parent, aum, created) VALUES (?, ?, ?, ?)"
+                                  " ON CONFLICT(hash) DO NOTHING", [h, parent, raw, when])
+            if ancestor is not None:
+                self._set_meta("tka_ancestor", ancestor)
+            self._set_meta("tka_generation", str(generation + 1))
+            self._notes.append(("tka.chain", "tailnet-lock"))
+        return generation + 1
+
     def tka_disablement_secret(self) -> str | None:
         """The disablement secret (hex) that turned the lock off, handed to nodes so they follow."""
         return self._meta("tka_disablement_secret")
@@ -815,12 +910,17 @@ END $body$"""
         """The changes after `version`, oldest first, at most `limit`; `ChangeLogGap` when some of them
         were pruned (the reader then starts again from a full snapshot)."""
         current = self.version()   # read first: a change committed after it only adds rows below
-        rows = self.conn.execute("SELECT version, time, items FROM changes WHERE version > ? ORDER BY version"
-                                 " LIMIT ?", [version, limit]).fetchall()
+        rows = self.conn.execute("SELECT version, time, items, nodes FROM changes WHERE version > ?"
+                                 " ORDER BY version LIMIT ?", [version, limit]).fetchall()
         if version < current and (not rows or rows[0][0] != version + 1):
             raise ChangeLogGap(f"the change log no longer holds version {version + 1}")
-        return [Change(int(v), float(t), tuple((str(k), str(g)) for k, g in json.loads(items)))
-                for v, t, items in rows]
+        return [Change(int(v), float(t), tuple((str(k), str(g)) for k, g in json.loads(items)),
+                       tuple(int(i) for i in json.loads(nodes)) if nodes else ())
+                for v, t, items, nodes in rows]
+
+    def tailnet_epoch(self) -> str:
+        """This database's identity (random, made by its migration): resume tokens carry it."""
+        return self._meta("tailnet_epoch") or ""
 
     def prune_changes(self, keep: int = 100_000) -> int:
         """Forget all but the newest `keep` changes; returns how many went."""
@@ -1182,6 +1282,7 @@ END $body$"""
                 row = self.conn.execute(f"UPDATE nodes SET {sets} WHERE id = ? RETURNING {_NODE_ROW_COLS}",
                                         [*fields.values(), existing.id]).fetchone()
                 node = self._node_from_row(row, user)
+                self._node_ids.add(node.id)
                 before, after = _summary(existing), _summary(node)
                 if before != after or key is not None:
                     self._audit("node.login", f"node:{node.name}", before, after)
@@ -1196,6 +1297,7 @@ END $body$"""
                 if row is None:
                     raise sqlite3.IntegrityError(f"node name {fields['name']!r} or machine key taken meanwhile")
                 node = self._node_from_row(row, user)
+                self._node_ids.add(node.id)
                 self._audit("node.register", f"node:{node.name}", None, _summary(node))
             if key is not None:
                 self._audit("authkey.use", f"authkey:{key.id}", {"used": used_before},
@@ -1251,6 +1353,7 @@ END $body$"""
             if name in _Names(self.conn, except_id=node.id):
                 raise naming.NameTaken(f"name {name!r} is taken by another node")
             self.conn.execute("UPDATE nodes SET name = ? WHERE id = ?", [name, node.id])
+            self._node_ids.add(node.id)
             if name != node.name:
                 self._audit("node.rename", f"node:{name}", {"name": node.name}, {"name": name})
         return self.get_node(node.id)
@@ -1265,6 +1368,7 @@ END $body$"""
 
     def _delete(self, node: Node) -> None:
         self.conn.execute("DELETE FROM nodes WHERE id = ?", [node.id])
+        self._node_ids.add(node.id)
         if node.ephemeral:
             self.conn.execute("DELETE FROM leases WHERE machine_key = ?", [node.machine_key])
 
@@ -1278,6 +1382,23 @@ END $body$"""
                 self._audit("node.delete", f"node:{n.name}", _summary(n), {"reason": "ephemeral node offline"})
         return gone
 
+    def sweep_expired(self, now: float) -> list[Node]:
+        """Nodes whose login expired since the last sweep (`expiry_swept` in control_meta): each is
+        audited once (`node.expired`), and the change counter moves so every replica's maps drop them
+        at once rather than at the next unrelated change. The first sweep only sets the mark."""
+        mark = self._meta("expiry_swept")
+        if mark is not None and not self._select_nodes("WHERE n.expiry > ? AND n.expiry <= ? AND n.logged_out = 0",
+                                                         [float(mark), now]):
+            return []   # nothing to do: nothing written (the mark may stay behind)
+        with self._tx(bump=mark is not None):
+            mark = self._meta("expiry_swept")   # again, under the write lock: another sweep may have run
+            gone = [] if mark is None else self._select_nodes(
+                "WHERE n.expiry > ? AND n.expiry <= ? AND n.logged_out = 0", [float(mark), now])
+            for n in gone:
+                self._audit("node.expired", f"node:{n.name}", None, {"expiry": n.expiry})
+            self._set_meta("expiry_swept", repr(max(now, float(mark or 0))))
+        return gone
+
     def set_tags(self, ref: str, tags: Sequence[str]) -> Node:
         for tag in tags:
             check_tag(tag)
@@ -1285,6 +1406,7 @@ END $body$"""
             node = self.find_node(ref)
             self.conn.execute("UPDATE nodes SET tags = ?, admin_tags = ? WHERE id = ?",
                               [_j(sorted(set(tags))), _j(sorted(set(tags))), node.id])
+            self._node_ids.add(node.id)
             self._audit("node.tags", f"node:{node.name}", {"tags": list(node.tags)}, {"tags": sorted(set(tags))})
         return self.get_node(node.id)
 
@@ -1301,6 +1423,7 @@ END $body$"""
             node = self.find_node(ref)
             expiry = time.time() if when is None else when
             self.conn.execute("UPDATE nodes SET expiry = ? WHERE id = ?", [expiry, node.id])
+            self._node_ids.add(node.id)
             self._audit("node.expire", f"node:{node.name}", {"expiry": node.expiry}, {"expiry": expiry})
         return self.get_node(node.id)
 
@@ -1322,6 +1445,7 @@ END $body$"""
                 raise InvalidValue(f"{node.name} does not advertise itself as an exit node")
             self.conn.execute("UPDATE nodes SET approved_routes = ?, exit_node_approved = ? WHERE id = ?",
                               [_j(sorted(set(wanted))), int(exit_flag), node.id])
+            self._node_ids.add(node.id)
             self._audit("node.routes", f"node:{node.name}",
                         {"approved_routes": list(node.approved_routes), "exit_node": node.exit_node_approved},
                         {"approved_routes": sorted(set(wanted)), "exit_node": exit_flag})
@@ -1333,6 +1457,7 @@ END $body$"""
         relay region)."""
         with self._tx():
             self._notes.append(("node.endpoints", f"node-id:{node_id}"))
+            self._node_ids.add(node_id)
             if home_region is not None:
                 self.conn.execute("UPDATE nodes SET home_region = ? WHERE id = ?", [home_region, node_id])
             if disco_key is None:
@@ -1346,12 +1471,14 @@ END $body$"""
         with self._tx():
             node = self.get_node(node_id)
             self.conn.execute("UPDATE nodes SET logged_out = 1 WHERE id = ?", [node_id])
+            self._node_ids.add(node_id)
             self._audit("node.logout", f"node:{node.name}", {"logged_out": node.logged_out}, {"logged_out": True})
 
     def touch(self, node_ids: Sequence[int], now: float) -> None:
         """Record last-seen times (peers see them in their maps, so this counts as a change)."""
         with self._tx():
             self._notes.extend(("node.seen", f"node-id:{i}") for i in node_ids)
+            self._node_ids.update(node_ids)
             self.conn.executemany("UPDATE nodes SET last_seen = ? WHERE id = ?", [(now, i) for i in node_ids])
 
     def set_presence(self, node_ids: Sequence[int], now: float, interval: float) -> None:

@@ -8,6 +8,7 @@ API (asyncio; keys are raw 32-byte Curve25519 public keys, i.e. the node's WireG
     client.send(dst_key, packet)          # never blocks; waits (bounded) for a connection; False if backed up
     client.send_many([(dst_key, packet), ...])  # the same in one write; the number accepted
     src_key, packet = await client.recv() # the next packet relayed to us (recv_many: all waiting)
+    DerpClient(..., on_packets=fn)        # or: fn([(src_key, packet), ...]) per read, on the loop
     ev = await client.next_event()        # PeerGone(key, reason) / Health(problem) / Restarting(...)
     rtt = await client.ping(timeout=2.0)  # seconds, through the current server
     client.connected_url                  # the server in use, or None
@@ -33,10 +34,12 @@ import os
 import socket
 import ssl as ssl_module
 import struct
+import threading
 import time
 import urllib.parse
 from typing import Callable, Sequence
 
+from ..hostresolve import HostResolver
 from .frames import (MAX_PACKET_SIZE, ForwardPacket, FrameError, FrameType, Health, KeepAlive, NotePreferred,
                      PeerGone, PeerPresent, Ping, Pong, RecvPacket, Restarting, WatchConns)
 from .session import ClientInfo, ClientSession, LoggedIn
@@ -77,13 +80,17 @@ class DerpClient:
                  idle_ping: float = 2.0, dead_after: float = 4.5, recv_queue: int = 1024,
                  preferred: bool = True, watch_conns: bool = False,
                  on_frame: Callable[[object], None] | None = None,
-                 on_connection: Callable[[bool], None] | None = None) -> None:
+                 on_connection: Callable[[bool], None] | None = None,
+                 resolver: HostResolver | None = None,
+                 on_packets: Callable[[list[tuple[bytes, bytes]]], None] | None = None) -> None:
         if not urls:
             raise ValueError("a relay region needs at least one server URL")
         for url in urls:
             parse_relay_url(url)
         self.private_key = private_key
         self.urls = list(urls)
+        # Relay names through the system's original resolvers, never through our own DNS.
+        self.resolver = resolver if resolver is not None else HostResolver()
         self.info = ClientInfo(mesh_key=mesh_key, app_name="meshnode")
         self.ssl = ssl
         self.connect_timeout = connect_timeout
@@ -93,9 +100,24 @@ class DerpClient:
         self.watch_conns = watch_conns
         self.on_frame = on_frame                  # mesh links: PeerPresent / PeerGone of the server
         self.on_connection = on_connection        # called with True after login, False when it ends
+        # When set, the packets of each read go to on_packets([(src, packet), ...]) at once, on the
+        # loop, instead of the recv() queue: no task wake-up between the socket and the consumer.
+        self.on_packets = on_packets
+        self._batch: list[tuple[bytes, bytes]] | None = None  # on_packets' batch, during one read
+        self._last_rx = 0.0
+        self._silent: str | None = None           # why the watchdog aborted the connection
+        # Writes from other threads (send_many_threadsafe) go straight to the socket's fd, when
+        # the connection is plain TCP; `_wlock` orders them with the loop's writes.
+        self._wlock = threading.Lock()
+        self._direct_fd: int | None = None
+        self._tails: list[bytes] = []             # direct writes' tails, for the loop to write
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.connected_url: str | None = None
         self.server_key: bytes | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # Counted by other threads as well (send_many_threadsafe): present from the start, so a
+        # first count there never resizes the dict while /metrics copies it on another thread.
+        self.stats.update(sent=0, send_deferred=0)
         self._queue: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._queue_max = recv_queue
         self._recv_wake = asyncio.Event()
@@ -145,8 +167,7 @@ class DerpClient:
         if w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.stats["send_dropped_backlog"] += 1
             return False
-        w.write(_SEND_HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet)) + dst + packet)
-        self.stats["sent"] += 1
+        self._write(w, _SEND_HEADER.pack(FrameType.SEND_PACKET, 32 + len(packet)) + dst + packet, 1)
         return True
 
     def send_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
@@ -163,9 +184,58 @@ class DerpClient:
         pack, kind, frames = _SEND_HEADER.pack, FrameType.SEND_PACKET, []
         for dst, packet in items:
             frames += (pack(kind, 32 + len(packet)), dst, packet)
-        w.write(b"".join(frames))
-        self.stats["sent"] += len(items)
+        self._write(w, b"".join(frames), len(items))
         return len(items)
+
+    def send_many_threadsafe(self, items: Sequence[tuple[bytes, bytes]]) -> int | None:
+        """`send_many` from any thread, written to the socket on the caller's thread: the relay
+        path's sends then wake no event loop (a thread hand-off per batch was most of what the
+        relay added to a round trip). Only on a plain TCP connection with nothing queued in the
+        transport; otherwise None, and nothing is sent: use `send_many` on the loop. What the
+        socket does not take at once goes to the loop, in order, before any later write.
+        Items must be well-formed (as `send_many` checks)."""
+        with self._wlock:
+            fd, w, loop = self._direct_fd, self._writer, self._loop
+            # A closing transport closes its socket on the loop's next turn: not ours to write to.
+            if (fd is None or w is None or loop is None or self._tails
+                    or w.transport.is_closing() or w.transport.get_write_buffer_size()):
+                return None
+            pack, kind, frames = _SEND_HEADER.pack, FrameType.SEND_PACKET, []
+            for dst, packet in items:
+                frames += (pack(kind, 32 + len(packet)), dst, packet)
+            data = b"".join(frames)
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return None  # the connection is failing: the loop finds out and reconnects
+            if n < len(data):
+                # The tail goes first of all the loop writes next (see _write), so no frame of the
+                # loop's can land inside it.
+                self._tails.append(data[n:])
+                self.stats["send_deferred"] += 1
+                loop.call_soon_threadsafe(self._write_tails, w)
+            self.stats["sent"] += len(items)
+            return len(items)
+
+    def _write_tails(self, w: asyncio.StreamWriter) -> None:
+        """On the loop: the tails of `send_many_threadsafe` writes the socket did not take."""
+        with self._wlock:
+            if self._writer is w and self._tails:
+                w.write(b"".join(self._tails))
+                self._tails.clear()
+
+    def _write(self, w: asyncio.StreamWriter, data: bytes, packets: int = 0) -> None:
+        """Every write on a logged-in connection, on the loop, serialised with the threads'
+        direct writes (`send_many_threadsafe`) so frames never interleave."""
+        with self._wlock:
+            if self._tails:  # a thread's short write: its frame's end goes before ours
+                w.write(b"".join(self._tails))
+                self._tails.clear()
+            w.write(data)
+            if packets:
+                self.stats["sent"] += packets
 
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Mesh only: hand a packet from `src` to the server for its local client `dst`."""
@@ -173,7 +243,7 @@ class DerpClient:
         if w is None or w.transport.is_closing() or w.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.stats["forward_dropped"] += 1
             return False
-        w.write(ForwardPacket(src, dst, packet).encode())
+        self._write(w, ForwardPacket(src, dst, packet).encode())
         return True
 
     async def recv(self) -> tuple[bytes, bytes]:
@@ -208,7 +278,7 @@ class DerpClient:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[data] = fut
         t0 = time.monotonic()
-        w.write(Ping(data).encode())
+        self._write(w, Ping(data).encode())
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
@@ -228,6 +298,7 @@ class DerpClient:
                 pass
             self._task = None
         self._drop_writer()
+        await self.resolver.close()
 
     # -- connection loop ----------------------------------------------------------------------
 
@@ -259,6 +330,8 @@ class DerpClient:
                 await asyncio.sleep(min(0.1 * 2 ** (failures // len(self.urls)), 2.0))
 
     def _drop_writer(self) -> None:
+        with self._wlock:  # before the socket closes (its fd number may then be reused)
+            self._direct_fd = None
         self._connected.clear()
         self.connected_url = None
         if self._writer is not None:
@@ -272,9 +345,7 @@ class DerpClient:
     async def _session(self, url: str) -> None:
         _, host, port, path, tls = parse_relay_url(url)
         ctx = (self.ssl or ssl_module.create_default_context()) if tls else None
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if tls else None),
-            self.connect_timeout)
+        reader, writer = await self._dial(host, port, ctx)
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
@@ -316,6 +387,12 @@ class DerpClient:
         self.connected_url = url
         self._since = time.monotonic()
         self._flush_pending(writer, self._since)
+        sock = writer.get_extra_info("socket")
+        if not tls and sock is not None:
+            with self._wlock:  # threads may write to this socket directly from now on
+                self._loop = asyncio.get_running_loop()
+                self._direct_fd = sock.fileno()
+                self._tails.clear()
         self._connected.set()
         self.stats["connects"] += 1
         log.info("relay: connected to %s", url)
@@ -329,8 +406,24 @@ class DerpClient:
         fresh = [frame for at, frame in pending if now - at <= PENDING_TTL]
         self.stats["send_dropped_disconnected"] += len(pending) - len(fresh)
         if fresh:
-            writer.write(b"".join(fresh))
-            self.stats["sent"] += len(fresh)
+            self._write(writer, b"".join(fresh), len(fresh))
+
+    async def _dial(self, host: str, port: int, ctx: ssl_module.SSLContext | None
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Each address of `host` in turn (the one that answered last first); TLS checks `host`."""
+        addrs = await asyncio.wait_for(self.resolver.addresses(host), self.connect_timeout)
+        last: BaseException = OSError(f"{host}: no address")
+        for addr in addrs:
+            try:
+                conn = await asyncio.wait_for(
+                    asyncio.open_connection(str(addr), port, ssl=ctx, server_hostname=host if ctx else None),
+                    self.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                last = exc
+                continue
+            self.resolver.prefer(host, str(addr))
+            return conn
+        raise last
 
     async def _upgrade(self, reader: asyncio.StreamReader, url: str) -> bytes:
         buf = b""
@@ -350,39 +443,91 @@ class DerpClient:
 
     async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          session: ClientSession) -> None:
-        last_rx = time.monotonic()
-        pinged = False
-        while not self._closed:
-            since = time.monotonic() - last_rx
-            wait = (self.idle_ping - since) if not pinged else (self.dead_after - since)
+        """Until the connection ends (raises why). After the login the stream reader steps aside:
+        frames are handled in the transport's data_received, with no task wake-up per read (a
+        loop turn on every relayed packet's way), and liveness runs in a task of its own (a
+        wait_for per read made a task per read in Python 3.11)."""
+        self._last_rx = time.monotonic()
+        self._silent = None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        proto = _Frames(self, session, writer, done)
+        # Read from the socket during the login but not handled yet (StreamReader has no public
+        # way to take its buffer; the attribute has been there since asyncio began).
+        leftover = bytes(reader._buffer)
+        reader._buffer.clear()
+        writer.transport.set_protocol(proto)
+        if self.on_packets is not None and self._queue:  # came in the login's last read
+            early = list(self._queue)
+            self._queue.clear()
             try:
-                data = await asyncio.wait_for(reader.read(1 << 16), max(wait, 0.01))
-            except asyncio.TimeoutError:
-                since = time.monotonic() - last_rx
-                if since >= self.dead_after:
-                    raise DerpConnectError(f"{self.connected_url}: silent for {since:.1f}s") from None
-                if not pinged:
-                    writer.write(Ping(os.urandom(8)).encode())  # liveness probe; any frame answers it
-                    pinged = True
-                continue
-            if not data:
-                raise EOFError(f"{self.connected_url}: the server closed the connection")
-            last_rx = time.monotonic()
-            pinged = False
+                self.on_packets(early)
+            except Exception:
+                log.exception("relay: packet handler failed")
+        if not writer.transport.is_reading():  # the stream reader paused it (a full buffer)
+            writer.transport.resume_reading()
+        if leftover:
+            proto.data_received(leftover)
+        if reader.at_eof() and not done.done():
+            done.set_exception(EOFError(f"{self.connected_url}: the server closed the connection"))
+        watchdog = asyncio.create_task(self._watchdog(writer))
+        try:
+            await done
+        finally:
+            watchdog.cancel()
+            if not done.done():
+                done.cancel()
+
+    def _on_data(self, data: bytes, session: ClientSession, writer: asyncio.StreamWriter) -> None:
+        """Bytes from the server: frames to events, relayed packets to `on_packets` or the queue."""
+        self._last_rx = time.monotonic()
+        on_packets = self.on_packets
+        if on_packets is None:
             for ev in session.receive(data):
                 self._on_event(ev)
-            out = session.take_output()
-            if out:
-                writer.write(out)
+        else:
+            self._batch = batch = []
+            try:
+                for ev in session.receive(data):
+                    self._on_event(ev)
+            finally:
+                self._batch = None
+            if batch:
+                try:
+                    on_packets(batch)
+                except Exception:  # the consumer's bug must not drop the connection
+                    log.exception("relay: packet handler failed")
+        out = session.take_output()
+        if out:
+            self._write(writer, out)
+
+    async def _watchdog(self, writer: asyncio.StreamWriter) -> None:
+        """Ping after `idle_ping` s without a frame; abort the connection after `dead_after` s (the
+        read loop then raises DerpConnectError)."""
+        pinged_for: float | None = None       # the _last_rx our ping went out after
+        while True:
+            last = self._last_rx
+            since = time.monotonic() - last
+            if since >= self.dead_after:
+                self._silent = f"{self.connected_url}: silent for {since:.1f}s"
+                writer.transport.abort()
+                return
+            if since >= self.idle_ping and pinged_for != last:
+                self._write(writer, Ping(os.urandom(8)).encode())  # liveness probe; any frame answers it
+                pinged_for = last
+            wait = (self.idle_ping - since) if pinged_for != last else (self.dead_after - since)
+            await asyncio.sleep(max(wait, 0.01))
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, RecvPacket):
+            self.stats["received"] += 1
+            if self._batch is not None:
+                self._batch.append((ev.src, ev.packet))
+                return
             q = self._queue
             if len(q) >= self._queue_max:
                 q.popleft()
                 self.stats["recv_dropped"] += 1
             q.append((ev.src, ev.packet))
-            self.stats["received"] += 1
             self._recv_wake.set()
         elif isinstance(ev, Pong):
             fut = self._pings.get(ev.data)
@@ -397,3 +542,46 @@ class DerpClient:
                 self.stats["events_dropped"] += 1
         elif isinstance(ev, (KeepAlive, Ping)):
             pass
+
+
+class _Frames(asyncio.Protocol):
+    """The transport's protocol once logged in: bytes straight to `DerpClient._on_data`; the end
+    of the connection (and why) to `done`."""
+
+    def __init__(self, client: DerpClient, session: ClientSession, writer: asyncio.StreamWriter,
+                 done: asyncio.Future[None]) -> None:
+        self.client, self.session, self.writer, self.done = client, session, writer, done
+        # The stream protocol still does the writer's flow control (StreamWriter.drain).
+        self.streams = writer.transport.get_protocol()
+
+    def pause_writing(self) -> None:
+        self.streams.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.streams.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        try:
+            self.client._on_data(data, self.session, self.writer)
+        except Exception as exc:  # a malformed stream (FrameError...): this connection is over
+            self.done.set_exception(exc)
+            self.writer.transport.abort()
+
+    def eof_received(self) -> bool:
+        self._end(EOFError(f"{self.client.connected_url}: the server closed the connection"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.streams.connection_lost(exc)  # wakes drain() waiters, closes the stream reader
+        silent = self.client._silent
+        if silent is not None:
+            self._end(DerpConnectError(silent))
+        else:
+            self._end(exc if exc is not None else
+                      EOFError(f"{self.client.connected_url}: the connection closed"))
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)

@@ -300,7 +300,10 @@ class Daemon:
         control: tuple[str, ...] = ()
         lan: tuple[str, ...] = ()
         if self.prefs.exit_node:
-            control = await asyncio.to_thread(control_addresses, self.prefs.login_server)
+            # Through the control client's resolver: the original resolvers, never ourselves, and
+            # every address of every URL in a `URL1,URL2` list.
+            control = (await self._client.server_addresses() if self._client is not None
+                       else await asyncio.to_thread(control_addresses, self.prefs.login_server))
             if not self.prefs.exit_node_allow_lan_access:
                 try:
                     lan = await asyncio.to_thread(local_networks, self._router.tun)

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from ..disco import DiscoKey, looks_like_disco
+from ..wg.device import relay_endpoint
 from ..paths import (DataPlane, Endpoint, Path, PathChanged, PathLayer, PathType, PeerInfo,
                      PingResult, SendRelay, SendUDP, format_endpoint, parse_endpoint)
 
@@ -23,6 +24,7 @@ log = logging.getLogger("meshnode.node.paths")
 
 POLL = 1.0         # seconds between reads of WireGuard's per-peer state (also the longest sleep)
 QUEUE_MAX = 4096   # disco datagrams waiting for the loop; beyond, they are dropped and counted
+RELAY_OUT_MAX = 4096  # WireGuard datagrams waiting for the loop to relay them; beyond, dropped and counted
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 STUN_INTERVAL = 20.0  # seconds between STUN queries (Tailscale re-STUNs every 20-26 s)
 
@@ -58,6 +60,9 @@ class PathRunner:
         self._pings: dict[int, asyncio.Future[PingResult]] = {}
         self.stun_handler: Callable[[bytes, Endpoint], None] | None = None  # netcheck's STUN client
         self.counters: collections.Counter[str] = collections.Counter()
+        # Counted by the device threads as well (direct relay writes): present from the start, so
+        # a first count from another thread never resizes the dict while the loop reads it.
+        self.counters.update(relay_sent=0, relay_bytes_sent=0)
         self._last_poll = float("-inf")
         self._bytes: dict[bytes, tuple[Any, ...]] = {}  # per peer: what WireGuard said last poll
         self._private = node_key_private
@@ -66,14 +71,17 @@ class PathRunner:
         self.relay: Any = None
         self.relay_region: int | None = None
         self._relay_urls: tuple[str, ...] = ()
-        self._relay_task: asyncio.Task[None] | None = None
         self._relay_ids: dict[bytes, int] = {}
         self._relay_keys: dict[int, bytes] = {}
         self._peers: list[Any] = []
         # Peers homed on another region: its servers (from the relay map), a client per such
         # region with its reader task, and each peer's region.
         self._region_urls: dict[int, tuple[str, ...]] = {}
-        self._others: dict[int, tuple[Any, asyncio.Task[None]]] = {}
+        self._others: dict[int, Any] = {}
+        # WireGuard datagrams from the device's threads for the relay, waiting for the loop.
+        self._out: list[tuple[bytes, Any]] = []
+        self._out_lock = threading.Lock()
+        self._out_dropped = 0
         self._peer_region: dict[bytes, int | None] = {}
         # STUN servers of the relay region: our public address as they see the WireGuard socket.
         self._stun_servers: tuple[Endpoint, ...] = ()
@@ -95,8 +103,7 @@ class PathRunner:
         self.device.set_datagram_handler(None)
         self.device.relay_out = None
         await self.set_relay(None, ())
-        for client, reader in self._others.values():
-            reader.cancel()
+        for client in self._others.values():
             await client.close()
         self._others.clear()
         task, self._task = self._task, None
@@ -148,15 +155,12 @@ class PathRunner:
         wanted = ({r for r in self._peer_region.values() if r is not None and r != self.relay_region}
                   if self.relay is not None else set())
         for region in [r for r in self._others if r not in wanted
-                       or self._others[r][0].urls != list(self._region_urls.get(r, ()))]:
-            client, reader = self._others.pop(region)
-            reader.cancel()
-            asyncio.ensure_future(client.close())
+                       or self._others[r].urls != list(self._region_urls.get(r, ()))]:
+            asyncio.ensure_future(self._others.pop(region).close())
         for region in wanted - set(self._others):
-            client = DerpClient(self._private, list(self._region_urls[region]))
+            client = DerpClient(self._private, list(self._region_urls[region]), on_packets=self._on_relayed)
             asyncio.ensure_future(client.start())
-            reader = asyncio.ensure_future(self._relay_reader(client))
-            self._others[region] = (client, reader)
+            self._others[region] = client
             log.info("paths: relay region %s for peers homed there", region)
 
     def _client(self, key: bytes) -> Any:
@@ -164,26 +168,22 @@ class PathRunner:
         region = self._peer_region.get(key, self.relay_region)
         if region is None or region == self.relay_region:
             return self.relay
-        other = self._others.get(region)
-        return other[0] if other is not None else None
+        return self._others.get(region)
 
     async def set_relay(self, region_id: int | None, urls: Iterable[str]) -> None:
         """Use the relay servers `urls` of region `region_id` (None: no relay)."""
         urls = tuple(urls)
         if region_id == self.relay_region and urls == self._relay_urls:
             return
-        old, task = self.relay, self._relay_task
-        self.relay, self._relay_task, self.relay_region, self._relay_urls = None, None, None, ()
-        if task is not None:
-            task.cancel()
+        old = self.relay
+        self.relay, self.relay_region, self._relay_urls = None, None, ()
         if old is not None:
             await old.close()
         if region_id is not None and urls:
             from ..derp.client import DerpClient
-            self.relay = DerpClient(self._private, list(urls))
+            self.relay = DerpClient(self._private, list(urls), on_packets=self._on_relayed)
             await self.relay.start()
             self.relay_region, self._relay_urls = region_id, urls
-            self._relay_task = asyncio.create_task(self._relay_reader(self.relay), name="paths-relay")
             log.info("paths: relay region %s at %s", region_id, ", ".join(urls))
         # Traffic to a peer with no direct path goes through the relay at once.
         self.layer.set_relay(self.relay_region, self._clock())
@@ -234,9 +234,55 @@ class PathRunner:
         return rid
 
     def _relay_out(self, items: list[tuple[bytes, Any]]) -> None:
-        """From the device's I/O thread: WireGuard datagrams for relay endpoints."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._send_relayed, items)
+        """From the device's I/O thread: WireGuard datagrams for relay endpoints. They wait in
+        `_out` for the loop, which is woken only when `_out` was empty: one self-pipe write per
+        burst, not one per batch, while the loop is busy with the previous ones."""
+        loop = self._loop
+        if loop is None:
+            return
+        with self._out_lock:
+            first = not self._out
+            if first:  # nothing waits for the loop: write to the relay here if it can be done
+                items = self._send_direct(items)
+                if not items:
+                    return
+            room = RELAY_OUT_MAX - len(self._out)
+            if room < len(items):
+                self._out_dropped += len(items) - max(room, 0)
+                items = items[:max(room, 0)]
+            self._out.extend(items)
+        if first and items:
+            loop.call_soon_threadsafe(self._drain_out)
+
+    def _send_direct(self, items: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+        """With `_out_lock` held, on a device thread: write `items` to their DERP clients on this
+        thread (`send_many_threadsafe`); what could not be written so is returned, in order."""
+        keys, rest = self._relay_keys, []
+        i, n = 0, len(items)
+        while i < n:  # runs of datagrams to one peer: one write each
+            ep = items[i][1]
+            j = i + 1
+            while j < n and items[j][1] == ep:
+                j += 1
+            key = keys.get(ep[1])
+            client = self._client(key) if key is not None else None
+            batch = [(key, data) for data, _ in items[i:j]]
+            if rest or client is None or client.send_many_threadsafe(batch) is None:
+                rest.extend(items[i:j])  # (order kept: once one run waits, the later ones do)
+            else:
+                self.counters["relay_sent"] += j - i
+                self.counters["relay_bytes_sent"] += sum(len(d) for d, _ in items[i:j])
+            i = j
+        return rest
+
+    def _drain_out(self) -> None:
+        with self._out_lock:
+            items, self._out = self._out, []
+            dropped, self._out_dropped = self._out_dropped, 0
+        if dropped:
+            with self._out_lock:
+                self.counters["relay_send_dropped"] += dropped
+        self._send_relayed(items)
 
     def _send_relayed(self, items: list[tuple[bytes, Any]]) -> None:
         # One write per DERP client for the whole batch the device handed over.
@@ -255,29 +301,27 @@ class PathRunner:
             sent += n
             dropped += len(batch) - n
             nbytes += sum(len(d) for _, d in batch[:n])  # all or none in practice
-        self.counters["relay_sent"] += sent
-        self.counters["relay_bytes_sent"] += nbytes
-        if dropped:
-            self.counters["relay_send_dropped"] += dropped
+        with self._out_lock:  # the device threads count their direct sends too
+            self.counters["relay_sent"] += sent
+            self.counters["relay_bytes_sent"] += nbytes
+            if dropped:
+                self.counters["relay_send_dropped"] += dropped
 
-    async def _relay_reader(self, client: Any) -> None:
-        from ..wg.device import relay_endpoint
-        while True:
-            try:
-                batch = await client.recv_many()
-            except ConnectionError:
-                return
-            self.counters["relay_received"] += len(batch)
-            wireguard = []
-            for src, packet in batch:
-                self.counters["relay_bytes_received"] += len(packet)
-                if looks_like_disco(packet):
-                    self.layer.receive(packet, None, self._clock())
-                    self._kick()
-                else:
-                    wireguard.append((packet, relay_endpoint(self._relay_id(src))))
-            if wireguard:
-                self.device.receive_relayed_many(wireguard)
+    def _on_relayed(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """The packets of one read from a DERP connection (on the loop, called by the client):
+        disco to the path layer, WireGuard straight into the device (decrypted on this thread)."""
+        counters = self.counters
+        counters["relay_received"] += len(batch)
+        counters["relay_bytes_received"] += sum(len(packet) for _, packet in batch)
+        wireguard = []
+        for src, packet in batch:
+            if looks_like_disco(packet):
+                self.layer.receive(packet, None, self._clock())
+                self._kick()
+            else:
+                wireguard.append((packet, relay_endpoint(self._relay_id(src))))
+        if wireguard:
+            self.device.receive_relayed_many(wireguard)
 
     def set_local_endpoints(self, texts: Iterable[str]) -> None:
         eps = []
@@ -423,7 +467,6 @@ class PathRunner:
                     self.counters["relay_unavailable"] += 1
             elif isinstance(out, PathChanged):
                 if out.path.type is PathType.RELAY:
-                    from ..wg.device import relay_endpoint
                     self.device.set_endpoint(out.node_key, relay_endpoint(self._relay_id(out.node_key)))
                 else:
                     self.device.set_endpoint(out.node_key, out.send_to)

@@ -234,9 +234,16 @@ class PathLayer:
             return None
         self._ping_ids += 1
         pid = self._ping_ids
-        targets: list[Endpoint | None] = [ep for ep, c in peer.candidates.items() if c.bad_until <= now]
-        if self._relay_ok(peer):
-            targets.append(None)
+        targets: list[Endpoint | None]
+        if peer.path.type is PathType.DIRECT and peer.path.endpoint is not None:
+            # As Tailscale's discoPing: a direct path in use is the one pinged, alone. Otherwise
+            # whichever answers first (the relay, now that its hops are as quick as a direct
+            # path's) would be reported, and `ping --until-direct` could miss the path in use.
+            targets = [peer.path.endpoint]
+        else:
+            targets = [ep for ep, c in peer.candidates.items() if c.bad_until <= now]
+            if self._relay_ok(peer):
+                targets.append(None)
         for ep in targets:
             self._send_ping(peer, ep, now, pid)
         return pid

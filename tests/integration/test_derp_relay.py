@@ -532,6 +532,10 @@ def test_derp_serve_over_tls(tmp_path: Path) -> None:
             try:
                 a.send(key(b), b"over TLS")
                 assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"over TLS")
+                # No thread may write into a TLS stream: the node's relay path uses the loop.
+                assert a.send_many_threadsafe([(key(b), b"not here")]) is None
+                assert a.send_many([(key(b), b"by the loop")]) == 1
+                assert await asyncio.wait_for(b.recv(), 2) == (key(a), b"by the loop")
                 await async_wait_until(lambda: untrusting.stats["connect_failures"] >= 1, 3.0,
                                        what="certificate refused")
                 assert untrusting.connected_url is None

@@ -456,3 +456,71 @@ def test_record_outside_the_tailnet_domain_is_served_for_that_name_only() -> Non
             assert isinstance(out, Forward) and out.route.upstreams == ups, name
     assert answers(ask(e, "wiki.corp.example")) == {"wiki.corp.example. CNAME server.tailnet.",
                                                    "server.tailnet. A 100.64.0.2"}
+
+
+def test_reply_memo_is_exact_for_the_bytes_after_the_id() -> None:
+    e = Engine(Zone(VIEW))
+    q = dns.message.make_query("server.tailnet", "A", use_edns=0)
+    first = e.handle(q.to_wire())  # the slow path builds the template; the next query memoises
+    assert e.handle(q.to_wire()) == first and q.to_wire()[2:] in e.replies
+    q.id = (q.id + 1) & 0xFFFF
+    again = e.handle(q.to_wire())
+    assert again[:2] == q.to_wire()[:2] and again[2:] == first[2:]
+    # Any other byte (RD clear, DO set, the question's case) is another entry with its own reply.
+    plain = ask(e, "server.tailnet", rd=False)
+    assert not plain.flags & dns.flags.RD and answers(plain) == {"server.tailnet. A 100.64.0.2"}
+    do = ask(e, "server.tailnet", want_dnssec=True)
+    assert do.ednsflags & dns.flags.DO
+    upper = ask(e, "SERVER.tailnet")
+    assert str(upper.question[0].name) == "SERVER.tailnet."
+    # Round-robin replies never go in: the rotation keeps turning.
+    ask(e, "db.tailnet")
+    assert not any(b"\x02db\x07tailnet" in k for k in e.replies)
+
+
+def test_unique_negative_names_never_evict_the_reply_memo() -> None:
+    view = DnsView(peers=tuple(host(f"n{i}", f"100.64.2.{i}") for i in range(5)))
+    e = Engine(Zone(view), memo_limit=20)
+    hot = [dns.message.make_query(f"n{i}.tailnet", "A").to_wire() for i in range(5)]
+    for q in hot + hot:
+        e.handle(q)
+    for i in range(200):  # a flood of unique names that do not exist
+        nx = e.handle(dns.message.make_query(f"missing-{i}.tailnet", "A").to_wire())
+        assert nx[3] & 0xF == dns.rcode.NXDOMAIN
+    assert len(e.replies) <= 20
+    assert all(q[2:] in e.replies for q in hot)
+    hits = e.fast_hits
+    for q in hot:
+        assert dns.message.from_wire(e.handle(q)).answer
+    assert e.fast_hits == hits + 5
+
+
+def test_a_reply_too_large_for_udp_is_never_memoised_for_udp() -> None:
+    big = tuple(rec("big", "TXT", '"' + "x" * 200 + f'{i}"') for i in range(8))
+    e = Engine(Zone(DnsView(dns=DnsSettings(records=big))))
+    q = dns.message.make_query("big.tailnet", "TXT", use_edns=False)
+    over_tcp = dns.message.from_wire(e.handle(q.to_wire(), tcp=True))
+    assert not over_tcp.flags & dns.flags.TC and len(over_tcp.answer[0]) == 8
+    for _ in range(2):
+        udp = e.handle(q.to_wire())
+        assert len(udp) <= 512 and dns.message.from_wire(udp).flags & dns.flags.TC
+    assert not e.replies
+
+
+def test_route_remembered_per_parent_never_hides_a_more_specific_route() -> None:
+    e = Engine(Zone(VIEW))
+
+    def decide(name: str) -> object:
+        return e.handle(dns.message.make_query(name, "A").to_wire())
+
+    # The parents' routes are remembered first ('example' forwards by default, 'tailnet' is ours)...
+    assert decide("x.example").route.suffix == ""
+    assert decide("nobody.tailnet")[3] & 0xF == dns.rcode.NXDOMAIN
+    # ...and a name that is itself a route's suffix, or lies below one, still takes that route.
+    for name, suffix in (("corp.example", "corp.example"), ("a.corp.example", "corp.example"),
+                         ("lab.tailnet", "lab.tailnet"), ("n.lab.tailnet", "lab.tailnet")):
+        fwd = decide(name)
+        assert isinstance(fwd, Forward) and fwd.route.suffix == suffix, name
+    nx = dns.message.from_wire(decide("nope.local.example"))
+    assert nx.rcode() == dns.rcode.NXDOMAIN and str(nx.authority[0].name) == "local.example."
+    assert e.slow == 0

@@ -285,6 +285,20 @@ def test_user_ping_reports_the_answering_path() -> None:
     assert a.layer.ping(b"\x09" * 32, net.now) is None
 
 
+def test_user_ping_on_a_direct_path_goes_only_to_that_path() -> None:
+    """As Tailscale's discoPing: with a direct path in use, `meshnode ping` asks it alone, so a
+    relay that happens to answer first cannot be reported instead (`ping --until-direct`)."""
+    a, b, net = multihomed_pair(relay=True)
+    net.run(1.0)
+    path = a.layer.path(b.node_key)
+    assert path is not None and path.type is PathType.DIRECT
+    a.layer.drain()
+    assert a.layer.ping(b.node_key, net.now) is not None
+    sent = [o for o in a.layer.drain() if isinstance(o, (SendUDP, SendRelay))]
+    assert [o.endpoint for o in sent if isinstance(o, SendUDP)] == [path.endpoint]
+    assert not [o for o in sent if isinstance(o, SendRelay)]
+
+
 def test_strangers_and_forged_pings_are_dropped() -> None:
     a, b, net = multihomed_pair()
     eve = DiscoKey(b"\x07" * 32)

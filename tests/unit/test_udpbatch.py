@@ -1,0 +1,80 @@
+"""The batched UDP listener's memo path: replies served straight from the engine's reply memo carry
+each query's own ID and go to each query's own sender, in one batch, beside queries that miss."""
+
+from __future__ import annotations
+
+import select
+import socket
+
+import dns.message
+import dns.rcode
+import pytest
+
+from magicdns.dispatch import Dispatch, ListenerLimits
+from magicdns.engine import Engine
+from magicdns.server import DEFAULT_ALLOW
+from magicdns.udpbatch import BatchUdpListener
+from magicdns.zone import Zone
+
+from .test_engine import VIEW
+
+pytestmark = pytest.mark.skipif(not BatchUdpListener.supported(), reason="no recvmmsg here")
+
+
+def _serve_batch(listener: BatchUdpListener, sock: socket.socket) -> None:
+    ready, _, _ = select.select([sock], [], [], 5.0)
+    assert ready, "the queries never arrived"
+    listener._on_readable()
+
+
+def _replies(clients: list[socket.socket], want: int) -> list[tuple[int, bytes]]:
+    got = []
+    while len(got) < want:
+        ready, _, _ = select.select(clients, [], [], 5.0)
+        assert ready, f"only {len(got)} of {want} replies came"
+        for c in ready:
+            got.append((clients.index(c), c.recv(4096)))
+    return got
+
+
+def test_memo_hits_carry_their_own_id_and_reach_their_own_client() -> None:
+    dispatch = Dispatch(DEFAULT_ALLOW, lambda *a: None, ListenerLimits())
+    engine = dispatch.engine = Engine(Zone(VIEW))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    listener = BatchUdpListener(dispatch, sock)
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        names = ["server.tailnet", "laptop.tailnet", "nothing.tailnet"]
+        warm = [dns.message.make_query(n, "A") for n in names]
+        for _ in range(2):  # the slow path, then the template path that fills the memo
+            for c, q in zip(clients, warm):
+                c.sendto(q.to_wire(), sock.getsockname())
+            _serve_batch(listener, sock)
+            _replies(clients, 3)
+        assert all(q.to_wire()[2:] in engine.replies for q in warm)
+        hits = engine.fast_hits
+        sent = {}
+        for k in range(12):  # memo hits from three clients, and a miss in the same batch
+            q = dns.message.make_query(names[k % 3] if k != 5 else "db.tailnet", "A")
+            q.id = 1000 + k
+            clients[k % 3].sendto(q.to_wire(), sock.getsockname())
+            sent[q.id] = (k % 3, names[k % 3] if k != 5 else "db.tailnet")
+        _serve_batch(listener, sock)
+        got = _replies(clients, 12)
+        for who, wire in got:
+            r = dns.message.from_wire(wire)
+            client, name = sent.pop(r.id)
+            assert who == client and str(r.question[0].name) == name + "."
+            if name == "nothing.tailnet":
+                assert r.rcode() == dns.rcode.NXDOMAIN
+            else:
+                assert r.answer and str(r.answer[0].name) == name + "."
+        assert not sent
+        assert engine.fast_hits == hits + 11  # counted per batch by the listener
+        assert dispatch.counters.udp == 3 + 3 + 12
+    finally:
+        sock.close()
+        for c in clients:
+            c.close()
