@@ -69,11 +69,16 @@ class LockService:
 
     # -- per map --------------------------------------------------------------------------------
 
-    async def apply(self, netmap: NetMap, client: ControlClient | None,
+    async def apply(self, netmap: NetMap | None, client: ControlClient | None,
                     apply_fn: Callable[[NetMap], Awaitable[None]]) -> None:
         """Sync with the control server if needed, filter `netmap`'s peers, then `apply_fn` it (under
-        the lock, so a map re-applied after a lock command cannot overtake a newer one)."""
+        the lock). `netmap` None re-applies the newest map, read under the lock: a lock command's
+        re-apply must never put back a map older than one that arrived while it waited."""
         async with self._mutex:
+            if netmap is None:
+                netmap = self.last_map
+                if netmap is None:
+                    return
             self.last_map = netmap
             try:
                 if client is not None:
@@ -301,8 +306,8 @@ class LockService:
             output, error = await asyncio.get_running_loop().run_in_executor(
                 None, run_in_daemon, self.state_dir, command, params, extra)
             self._node = None   # the command may have changed the files: read them again
-        if error is None and self.last_map is not None and command not in ("status", "log"):
-            await self.apply(self.last_map, client, apply_fn)
+        if error is None and command not in ("status", "log"):
+            await self.apply(None, client, apply_fn)
         return {"output": output, "error": error}
 
     def status(self) -> dict[str, Any]:
