@@ -1595,6 +1595,11 @@ END $body$"""
             else:
                 self.conn.execute("UPDATE user_roles SET email = ?, groups = ?, updated = ? WHERE user_id = ?",
                                   [email, _j(groups), time.time(), uid])
+            if groups_changed:
+                # Audited, and named in the change log: what the policy's groups hold decides every
+                # node's peers, so a node resuming across this change must get a full map.
+                self._audit("user.groups", f"user:{name}",
+                            {"groups": list(before.groups) if before is not None else []}, {"groups": list(groups)})
         role = self.user_role(name)
         assert role is not None
         return role
