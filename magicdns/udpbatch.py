@@ -198,35 +198,27 @@ class BatchUdpListener:
                     except Exception:
                         dispatch.engine_error(data)
                         continue
-                    if result.__class__ is bytes:
-                        size = len(result)
-                        base = out * BUF_SIZE
-                        if size > BUF_SIZE:  # only over TCP could a reply be this large; never here
+                    if result.__class__ is not bytes:
+                        if result is None:
+                            c.dropped += 1
                             continue
-                        sview[base:base + size] = result
-                        siov_q[out * 2 + 1] = size
-                        smsg_q[out * 8] = name_ptr[i]
-                        out += 1
-                        if qlog is not None:
-                            qlog.write(self._client(i)[0], data, result, "local")
-                    elif result is None:
-                        c.dropped += 1
-                    else:
+                        # Forwarded. A reply known at once (cache hit, shed under overload) goes
+                        # out in this batch's sendmmsg like a local answer; the rest come later.
                         addr = self._client(i)
-                        reply_to = self._replier(addr)
-                        # A reply known at once (cache hit, shed under overload) goes out in this
-                        # batch's sendmmsg: a shed query then costs what a local answer costs.
-                        now = dispatch.forward_or_reply(result, data, addr[0], reply_to, False)  # type: ignore[arg-type]
-                        if now is not None:
-                            size = len(now)
-                            if size > BUF_SIZE:
-                                reply_to(now)
-                                continue
-                            base = out * BUF_SIZE
-                            sview[base:base + size] = now
-                            siov_q[out * 2 + 1] = size
-                            smsg_q[out * 8] = name_ptr[i]
-                            out += 1
+                        result = dispatch.forward_or_reply(result, data, addr[0], self._replier(addr),  # type: ignore[arg-type]
+                                                           False)
+                        if result is None:
+                            continue
+                    elif qlog is not None:
+                        qlog.write(self._client(i)[0], data, result, "local")
+                    size = len(result)  # type: ignore[arg-type]
+                    if size > BUF_SIZE:  # replies are fitted to MAX_UDP_PAYLOAD: never this large
+                        continue
+                    base = out * BUF_SIZE
+                    sview[base:base + size] = result  # type: ignore[assignment]
+                    siov_q[out * 2 + 1] = size
+                    smsg_q[out * 8] = name_ptr[i]
+                    out += 1
                 if out:
                     _sendmmsg(self.fd, self._smsg, out, 0)
                 if count < BATCH:

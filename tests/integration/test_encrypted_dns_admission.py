@@ -19,6 +19,7 @@ import pytest
 
 from tests.integration.magicdns_proc import MagicDnsProcess, run_cli, start_magicdns
 from tests.integration.tls_helpers import make_ca, make_leaf, write_pair
+from tests.support import wait_until
 
 NAME = "dns.test"
 
@@ -168,9 +169,8 @@ def test_handshakes_in_flight_are_bounded_by_the_connection_slots(pki: dict) -> 
         for c in stalled:
             c.close()
         stalled.clear()
-        wait = time.monotonic() + 10
-        while status(s)["encrypted"]["handshaking"] and time.monotonic() < wait:
-            time.sleep(0.05)
+        wait_until(lambda: not status(s)["encrypted"]["handshaking"], timeout=10, interval=0.05,
+                   what="the stalled handshakes to be released")
         ctx = ssl.create_default_context(cafile=str(pki["ca_file"]))
         r = dns.query.tls(dns.message.make_query("my-server.tailnet", "A"), "127.0.0.1", port=port,
                           timeout=5, ssl_context=ctx, server_hostname=NAME, source="127.0.0.2")
