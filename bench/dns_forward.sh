@@ -12,6 +12,13 @@
 #   bench/dns_forward.sh                                     (traffic stays on 127.0.0.1)
 #   DNS_BENCH_SECONDS=5 DNS_BENCH_ROUNDS=5 DNS_BENCH_FWD_QPS=2000 bench/dns_forward.sh
 #
+# Before/after on a busy machine: DNS_FORWARD_BASE=REF also runs magicdns as of git REF (exported
+# to a temporary directory, same Python, on core 0 too) and DNS_FORWARD_PINGPONG=N sends N rounds of
+# one query at a time through bench/fwd_pingpong.py, alternating direct, this tree and REF query by
+# query, then measures each forwarder's CPU per cache miss from its schedstat. DNS_BENCH_ROUNDS=0
+# skips the dnsperf rounds:
+#   DNS_BENCH_ROUNDS=0 DNS_FORWARD_PINGPONG=3000 DNS_FORWARD_BASE=main bench/dns_forward.sh
+#
 # Every dnsperf run is bounded (-l); every server is started here and killed on exit (trap).
 set -euo pipefail
 
@@ -21,6 +28,8 @@ MAGICDNS=${MAGICDNS:-$ROOT/.venv/bin/magicdns}
 HELPER="$ROOT/bench/dns_bench.py"
 DUR=${DNS_BENCH_SECONDS:-5}
 ROUNDS=${DNS_BENCH_ROUNDS:-3}
+BASE=${DNS_FORWARD_BASE:-}
+PINGPONG=${DNS_FORWARD_PINGPONG:-0}
 RATE=${DNS_BENCH_FWD_QPS:-2000}
 CLIENTS=8
 if [ "$(id -u)" = 0 ]; then NICE=${DNS_BENCH_NICE:--10}; else NICE=${DNS_BENCH_NICE:-0}; fi
@@ -72,6 +81,14 @@ start forwarder 0 "$PORT_FORWARDER" "$MAGICDNS" serve --listen "127.0.0.1:$PORT_
     --view "$TMP/fwd-view.json" --upstream "127.0.0.1:$PORT_UPSTREAM" --control-socket "$TMP/fwd.sock" \
     --resolv-conf /dev/null --log-level warning
 dnsperf -s 127.0.0.1 -p "$PORT_FORWARDER" -d "$TMP/fwd-hit.txt" -n 1 -c "$CLIENTS" -l 30 >/dev/null 2>&1 || true
+if [ -n "$BASE" ]; then
+    mkdir "$TMP/base"
+    git -C "$ROOT" archive "$BASE" magicdns | tar -x -C "$TMP/base"
+    # -P: the current directory (maybe this tree) must not come before the exported one.
+    start base 0 "$PORT_MAGICDNS" env PYTHONPATH="$TMP/base" "$PY" -P -m magicdns.cli serve \
+        --listen "127.0.0.1:$PORT_MAGICDNS" --view "$TMP/fwd-view.json" --upstream "127.0.0.1:$PORT_UPSTREAM" \
+        --control-socket "$TMP/base.sock" --resolv-conf /dev/null --log-level warning
+fi
 
 # One slice of unique names per round and path.
 PER=$((RATE * DUR + RATE))
@@ -88,6 +105,7 @@ measure() {  # measure LABEL PORT FILE -> one JSON line appended to results
 echo "dns_forward.sh $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg);" \
      "$ROUNDS rounds of $DUR s at $RATE qps, nice $NICE"
 for r in $(seq 0 $((ROUNDS - 1))); do
+    [ "$ROUNDS" -gt 0 ] || break
     slice=$(printf %02d "$r")
     [ -f "$TMP/miss-via-$slice" ] || { echo "not enough unique names for round $r" >&2; break; }
     measure "hit via $r" "$PORT_FORWARDER" "$TMP/fwd-hit.txt"
@@ -95,7 +113,15 @@ for r in $(seq 0 $((ROUNDS - 1))); do
     measure "miss via $r" "$PORT_FORWARDER" "$TMP/miss-via-$slice"
     measure "miss direct $r" "$PORT_UPSTREAM" "$TMP/miss-direct-$slice"
 done
+if [ "$PINGPONG" -gt 0 ]; then
+    vias=(--via "magicdns=$PORT_FORWARDER" --pid "magicdns=$PID_forwarder")
+    [ -z "$BASE" ] || vias+=(--via "$BASE=$PORT_MAGICDNS" --pid "$BASE=$PID_base")
+    echo "one query at a time, $PINGPONG rounds (fwd_pingpong.py):"
+    nice -n "$NICE" taskset -c 1 "$PY" "$ROOT/bench/fwd_pingpong.py" --direct "$PORT_UPSTREAM" "${vias[@]}" \
+        -n "$PINGPONG"
+fi
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+[ -s "$TMP/results.jsonl" ] || exit 0
 "$PY" - "$TMP/results.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

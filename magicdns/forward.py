@@ -37,7 +37,6 @@ import ipaddress
 import logging
 import os
 import socket
-import _socket
 import struct
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -53,6 +52,8 @@ from .rebind import TAILNET_V4, TAILNET_V6, strip_tailnet_addresses, tailnet_add
 from .race import FAILURE_RCODES as _FAILURE_RCODES
 from .race import Health as _Health
 from .race import Race, Send, Transport, UpstreamHealth  # noqa: F401  (UpstreamHealth: public API)
+from .deadlines import Deadline, Deadlines
+from .udppool import DEFAULT_SPARES, UdpSlot, UdpSockets
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -152,9 +153,6 @@ def read_query(query: bytes) -> QueryInfo | None:
 
 # -- one query's race: asyncio glue around race.Race ----------------------------------------------
 
-_UDP_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK  # Linux: non-blocking from creation
-
-
 class _Ids:
     """Random query IDs, two bytes at a time from a buffer of the kernel's randomness (what
     `secrets` reads), refilled every 512 IDs: one getrandom() call per 512 attempts, not per attempt.
@@ -189,16 +187,15 @@ class _RaceIO:
     `on_end` is called once, when the core is done (answered, failed, timed out or ended); after
     `close` nothing of this race runs any more."""
 
-    __slots__ = ("fwd", "loop", "core", "socks", "tasks", "timer", "timer_at", "on_end", "ended", "closed")
+    __slots__ = ("fwd", "loop", "core", "socks", "tasks", "timer", "on_end", "ended", "closed")
 
     def __init__(self, fwd: "Forwarder", query: bytes, qend: int, upstreams: list[Upstream],
                  on_end: Callable[[], None]) -> None:
         self.fwd = fwd
         self.loop = fwd._loop
-        self.socks: dict[int, _socket.socket] = {}  # attempt -> its connected UDP socket
+        self.socks: dict[int, UdpSlot] = {}  # attempt -> its connected UDP socket
         self.tasks: dict[int, asyncio.Task[None]] = {}  # attempt -> its TCP fallback
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at: float | None = None
+        self.timer = Deadline(self._on_timer)  # on the forwarder's one timer (deadlines.py)
         self.on_end = on_end
         self.ended = False
         self.closed = False
@@ -238,11 +235,8 @@ class _RaceIO:
             self._end()
             return
         at = core.get_timer()
-        if at != self.timer_at:
-            self._cancel_timer()
-            if at is not None:
-                self.timer_at = at
-                self.timer = self.loop.call_at(at, self._on_timer)
+        if at != self.timer.at:
+            self.fwd._deadlines().set(self.timer, at)
 
     def _end(self) -> None:
         self._cancel_timer()
@@ -251,22 +245,18 @@ class _RaceIO:
             self.on_end()
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.timer_at = None
+        self.timer.at = None  # forgotten: its heap entry is skipped when it comes up
 
-    def _on_timer(self) -> None:
-        self.timer = None
-        self.timer_at = None
+    def _on_timer(self, now: float) -> None:
         if self.closed:
             return
         try:
-            self.core.handle_timer(self.loop.time())
+            self.core.handle_timer(now)
         except Exception:
             log.exception("forwarding failed unexpectedly")
             self.core.end()
         self._guarded_pump()
+        self.fwd._recycle()
 
     def _send_udp(self, send: Send) -> None:
         up = send.upstream
@@ -274,25 +264,23 @@ class _RaceIO:
             self._start_encrypted(send)
             return
         try:
-            # The C socket type without socket.socket's Python wrapper, created non-blocking in one
-            # call: a third less CPU per attempt, and attempts are the forwarding hot path.
-            sock = _socket.socket(socket.AF_INET6 if up.family_v6 else socket.AF_INET, _UDP_NONBLOCK)
+            # A socket of its own for this attempt, opened (and registered) ahead of time: udppool.py.
+            slot = self.fwd._sockets().take(up.host, up.port, self, send.attempt, self.loop.time())
         except OSError as exc:
-            self.core.attempt_failed(send.attempt, f"socket: {exc.strerror}", self.loop.time())
+            self.core.attempt_failed(send.attempt, f"socket: {exc.strerror or exc}", self.loop.time())
             return
-        self.socks[send.attempt] = sock
+        self.socks[send.attempt] = slot
         try:
-            sock.connect((up.host, up.port))
-            sock.send(send.wire)
+            slot.sock.send(send.wire)
         except OSError as exc:
             self.core.attempt_failed(send.attempt, f"send: {exc.strerror or exc}", self.loop.time())
-            return
-        self.loop.add_reader(sock.fileno(), self._on_readable, send.attempt, sock)
 
-    def _on_readable(self, index: int, sock: _socket.socket) -> None:
+    def slot_readable(self, index: int, slot: UdpSlot) -> None:
+        """The socket of attempt `index` has datagrams (udppool.SlotOwner)."""
         core = self.core
+        sock = slot.sock
         try:
-            while self.socks.get(index) is sock:
+            while self.socks.get(index) is slot:
                 try:
                     data = sock.recv(65535)
                 except (BlockingIOError, InterruptedError):
@@ -306,12 +294,12 @@ class _RaceIO:
             log.exception("forwarding failed unexpectedly")
             core.end()
         self._guarded_pump()
+        self.fwd._recycle()
 
     def _close_attempt(self, index: int) -> None:
-        sock = self.socks.pop(index, None)
-        if sock is not None:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+        slot = self.socks.pop(index, None)
+        if slot is not None:
+            slot.pool.release(slot)  # closed by the forwarder's next _recycle, after the reply is out
         task = self.tasks.get(index)
         if task is not None and not task.done() and self.core.done:
             task.cancel()
@@ -348,6 +336,7 @@ class _RaceIO:
             if writer is not None:
                 writer.close()
         self._guarded_pump()
+        self.fwd._recycle()
 
     def _start_encrypted(self, send: Send) -> None:
         self.tasks[send.attempt] = task = self.loop.create_task(self._encrypted(send))
@@ -368,6 +357,7 @@ class _RaceIO:
             log.exception("encrypted query to %s failed unexpectedly", send.upstream.spec)
             core.attempt_failed(send.attempt, f"{send.upstream.scheme}: {exc!r}", self.loop.time())
         self._guarded_pump()
+        self.fwd._recycle()
 
     def end(self) -> None:
         """End the race now, unanswered (the forwarder is closing)."""
@@ -377,7 +367,7 @@ class _RaceIO:
     def close(self) -> None:
         """Release every socket, timer and task of this race (called once, whatever happened)."""
         self.closed = True
-        self._cancel_timer()
+        self.timer.clear()
         self.core.close(self.loop.time())
         for index in self.core.closed_attempts():
             self._close_attempt(index)
@@ -427,19 +417,16 @@ class _Pending:
             log.exception("forwarding failed unexpectedly")
             reply = error_reply(self.query, Rcode.SERVFAIL, EDE_NO_REACHABLE_AUTHORITY)
         self.finish(reply)
+        fwd._cache_delivered()  # after the reply is out: the client does not wait for the cache
 
     def finish(self, reply: bytes | None) -> None:
-        """Answer this query with `reply` (None: cancelled, nobody to answer), release its race,
-        then its joiners from it."""
+        """Answer this query with `reply` (None: cancelled, nobody to answer) and its joiners from
+        it, then release its race: the book-keeping waits until the replies are out."""
         if self.finished:
             return
         self.finished = True
         fwd = self.fwd
         fwd._inflight -= 1
-        race = self.race
-        if race is not None:
-            race.close()
-            fwd._races.discard(race)
         key = self.flight_key
         if key is not None and fwd._flights.get(key) is self:
             del fwd._flights[key]
@@ -456,6 +443,10 @@ class _Pending:
                     joined = error_reply(joiner.query, Rcode.SERVFAIL)
                 _call(joiner.done, joined)
         self.joiners.clear()
+        race = self.race
+        if race is not None:
+            race.close()
+            fwd._races.discard(race)
 
     def cancel(self) -> None:
         """The client no longer waits (its task was cancelled): release everything, answer nobody;
@@ -470,6 +461,7 @@ class _Pending:
                 leader.joiners.remove(self)
             return
         self.finish(None)
+        self.fwd._recycle()
 
 
 # -- the forwarder -------------------------------------------------------------------------------
@@ -479,10 +471,11 @@ class Forwarder:
 
     def __init__(self, *, cache: Cache | None = None, timeout: float = 2.5, stagger: float = 0.15,
                  max_inflight: int = 2048, loop: asyncio.AbstractEventLoop | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`clock` is the cache's clock (the `now` the server passes to `answer_from_cache`)."""
-        if timeout <= 0 or stagger < 0 or max_inflight < 1:
-            raise ValueError("timeout must be > 0, stagger >= 0, max_inflight >= 1")
+                 clock: Callable[[], float] = time.monotonic, spare_sockets: int = DEFAULT_SPARES) -> None:
+        """`clock` is the cache's clock (the `now` the server passes to `answer_from_cache`);
+        `spare_sockets`: ready upstream sockets kept per upstream address (udppool.py; 0: none)."""
+        if timeout <= 0 or stagger < 0 or max_inflight < 1 or spare_sockets < 0:
+            raise ValueError("timeout must be > 0, stagger >= 0, max_inflight >= 1, spare_sockets >= 0")
         self.cache = cache
         self.timeout = timeout
         self.stagger = stagger
@@ -499,6 +492,10 @@ class Forwarder:
         self._closed = False
         self._tcp_tasks: set[asyncio.Task[None]] = set()
         self.encrypted: "EncryptedUpstreams | None" = None  # DoT/DoH connections, made on first use
+        self._udp: UdpSockets | None = None  # plain DNS attempts' sockets, made on first use
+        self._timers: Deadlines | None = None  # every race's deadline on one loop timer
+        self._to_cache: tuple[bytes, QueryInfo, bytes, MessageScan] | None = None
+        self.spare_sockets = spare_sockets
         self._last_purge = clock()
         self._rebind_logged: dict[str, float] = {}
         self._inflight = 0
@@ -517,6 +514,31 @@ class Forwarder:
         self.malformed = 0
         self.failure_cached = 0
 
+    def _sockets(self) -> UdpSockets:
+        pool = self._udp
+        loop = self._loop
+        if pool is None or pool.loop is not loop:
+            if pool is not None:  # a forwarder moved to another event loop (tests do that)
+                pool.abandon()
+            pool = self._udp = UdpSockets(loop, self.spare_sockets)
+        return pool
+
+    def _deadlines(self) -> Deadlines:
+        timers = self._timers
+        loop = self._loop
+        if timers is None or timers.loop is not loop:
+            timers = self._timers = Deadlines(loop)
+        return timers
+
+    def _recycle(self) -> None:
+        """Close the sockets of ended attempts and refill the spares: called once replies are out."""
+        pool = self._udp
+        if pool is not None:
+            try:
+                pool.recycle(self._loop.time())
+            except Exception:  # a bug here must not cost the reader callback that called it
+                log.exception("recycling upstream sockets failed unexpectedly")
+
     def encrypted_upstreams(self) -> "EncryptedUpstreams":
         if self.encrypted is None:
             from .upstream_tls import EncryptedUpstreams
@@ -525,7 +547,11 @@ class Forwarder:
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop_arg or asyncio.get_running_loop()
+        # Kept once found: asyncio.get_running_loop() makes a getpid() system call every time.
+        loop = self._loop_arg
+        if loop is None or loop.is_closed():
+            loop = self._loop_arg = asyncio.get_running_loop()
+        return loop
 
     @property
     def inflight(self) -> int:
@@ -722,13 +748,25 @@ class Forwarder:
                 return error_reply(query, Rcode.SERVFAIL)
             self._note_rebind(names)
         if self.cache is not None:
-            now = self._clock()
+            self._to_cache = (query, info, reply, scan)  # by _cache_delivered, once it is sent
+        return reply
+
+    def _cache_delivered(self) -> None:
+        """Cache the reply `_deliver` just made, now that the client has it."""
+        entry = self._to_cache
+        if entry is None or self.cache is None:
+            return
+        self._to_cache = None
+        query, info, reply, scan = entry
+        now = self._clock()
+        try:
             self.cache.insert(query, info, reply, now, scan)
             if now - self._last_purge >= _PURGE_INTERVAL:
                 # Entries past their stale window would otherwise wait for LRU eviction.
                 self._last_purge = now
                 self.cache.purge(now)
-        return reply
+        except Exception:  # a bug costs this answer its cache entry, never the reader callback
+            log.exception("caching a forwarded reply failed unexpectedly")
 
     def _failed(self, query: bytes, info: QueryInfo, failure: bytes | None, ede: int) -> bytes:
         """Every upstream failed: stale, else the upstream's SERVFAIL/FORMERR/NOTIMP, else our SERVFAIL."""
@@ -801,5 +839,9 @@ class Forwarder:
             await asyncio.wait(tasks, timeout=1.0)
         # Finished tasks leave the set from their done callbacks, a loop turn later: drop them now.
         self._tcp_tasks.difference_update([t for t in self._tcp_tasks if t.done()])
+        if self._udp is not None:
+            self._udp.close()
+        if self._timers is not None:
+            self._timers.close()
         if self.encrypted is not None:
             await self.encrypted.close()
