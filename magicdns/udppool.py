@@ -82,6 +82,7 @@ class UdpSockets:
         self._by_addr: dict[tuple[str, int], _Spares] = {}
         self._low: set[tuple[str, int]] = set()  # addresses drawn from since the last refill
         self._dead: list[UdpSlot] = []
+        self._next_sweep = 0.0
         self.closed = False
         self.made = 0  # sockets opened
         self.from_spares = 0  # attempts that found a spare ready
@@ -133,6 +134,8 @@ class UdpSockets:
                         spares.ready.append(self._make(*addr))
                 except OSError as exc:  # out of descriptors: the next query makes its own (and fails there)
                     log.debug("could not open a spare socket to %s:%d: %s", addr[0], addr[1], exc)
+        if now >= self._next_sweep:
+            self._next_sweep = now + IDLE_AFTER / 4
             self._drop_idle(now)
 
     def _drop_idle(self, now: float) -> None:
