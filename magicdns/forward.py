@@ -245,7 +245,7 @@ class _RaceIO:
             self.on_end()
 
     def _cancel_timer(self) -> None:
-        self.timer.at = None  # forgotten: its heap entry is skipped when it comes up
+        self.timer.forget()  # its heap entry is skipped when it comes up
 
     def _on_timer(self, now: float) -> None:
         if self.closed:

@@ -50,12 +50,36 @@ def test_a_cleared_deadline_does_not_keep_its_holder_alive() -> None:
         timers = Deadlines(asyncio.get_running_loop())
         fired: list[tuple[str, float]] = []
         holder = Holder("x", fired)
+        other = Holder("y", fired)
         timers.set(holder.deadline, asyncio.get_running_loop().time() + 60)
+        timers.set(other.deadline, asyncio.get_running_loop().time() + 60)
         holder.deadline.clear()
         ref = weakref.ref(holder)
         del holder
         gc.collect()
-        assert ref() is None and len(timers) == 1  # the heap keeps only the emptied handle
+        assert ref() is None and len(timers) == 2  # the heap keeps only the emptied handle
+        assert timers.live == 1
+        timers.close()
+    uvloop.run(main())
+
+
+def test_no_live_deadline_means_no_loop_timer() -> None:
+    async def main() -> None:
+        # An answered query forgets its deadline; once none is live, nothing may wake the loop up
+        # for the forgotten entries (a wake-up costs real CPU on a virtual machine).
+        loop = asyncio.get_running_loop()
+        timers = Deadlines(loop)
+        holders = [Holder(str(i), []) for i in range(5)]
+        for i, h in enumerate(holders):
+            timers.set(h.deadline, loop.time() + 1 + i)
+        assert timers._handle is not None and timers.live == 5
+        for h in holders[:4]:
+            h.deadline.forget()
+        assert timers._handle is not None and timers.live == 1
+        holders[4].deadline.forget()
+        assert timers._handle is None and timers.live == 0 and len(timers) == 0
+        timers.set(holders[0].deadline, loop.time() + 0.01)  # and it works again afterwards
+        await async_wait_until(lambda: holders[0].fired, what="the deadline set again")
         timers.close()
     uvloop.run(main())
 
