@@ -1,10 +1,11 @@
 """Forwarding queries that are not for a local zone to upstream resolvers (DESIGN.md section 3).
 
 One `Forwarder` per server. For each query:
-- the client's query goes out unchanged except for a fresh random ID (os.urandom), from a fresh
-  socket (so a fresh kernel-chosen random source port) per attempt; the socket is connected, so the
-  kernel drops datagrams from any other address or port, and an ICMP port-unreachable fails the
-  attempt at once instead of waiting for a timeout;
+- the client's query goes out unchanged except for a fresh random ID (os.urandom), from a socket
+  of its own (so a fresh kernel-chosen random source port) per attempt, opened ahead of the query
+  and closed after it (udppool.py); the socket is connected, so the kernel drops datagrams from any
+  other address or port, and an ICMP port-unreachable fails the attempt at once instead of waiting
+  for a timeout;
 - replies with the wrong ID, without QR, or whose question bytes differ from what we sent (compared
   case-sensitively) are dropped and counted, and the wait goes on;
 - the upstreams of a route race: the one with the lowest smoothed RTT first, the next after
@@ -22,11 +23,15 @@ One `Forwarder` per server. For each query:
   client gets and what is cached.
 
 The race rules live in race.py, a sans-I/O core (time passed in, sends and one deadline out);
-`_RaceIO` here is its asyncio glue: sockets, one timer, a callback when the race ends. A query is
+`_RaceIO` here is its asyncio glue: sockets, one deadline, a callback when the race ends. A query is
 forwarded with `start` (the server's path): the first datagram leaves inside the caller's own
 callback, and the reply is handed to `done` from the socket's reader callback. No task, no future
 and no extra loop iteration per query: each of those cost a hop through the loop's ready queue,
-which is most of what forwarding added to the upstream's own latency. Only a TCP fallback and an
+which is most of what forwarding added to the upstream's own latency. What is left between the
+client's datagram and the upstream's, and between the upstream's reply and the client's, is the
+race itself: opening and closing sockets, caching the answer and the race's book-keeping happen
+after the reply is out (`Forwarder._recycle`, `_cache_delivered`), and every race's deadline sits on
+one loop timer (deadlines.py). Only a TCP fallback and an
 encrypted query run as tasks, because they are rare or slow anyway. `forward` is the awaitable form.
 """
 
