@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 
+import pytest
 from dnslib import RR, DNSRecord
 
 from magicdns.forward import Forwarder
-from tests.integration.test_forward import addresses, query, run, up, within_guard
+from magicdns.upstream import Upstream
+from tests.integration.test_forward import _RESPONDER, addresses, query, run, up, within_guard
 from tests.integration.upstreams import Behavior, FakeUpstream
 from tests.support import async_wait_until
 
@@ -169,3 +173,92 @@ def test_no_spares_means_a_fresh_socket_per_attempt_as_before() -> None:
             assert fwd._udp.spare_count(a.host, a.port) == 0
             await fwd.close()
     run(main)
+
+
+# -- waiting in place for a fast upstream (_RaceIO.spin) -------------------------------------------
+
+def _responder() -> tuple[subprocess.Popen[str], Upstream]:
+    """test_forward's minimal responder in its own process: it answers while our loop is busy."""
+    proc = subprocess.Popen([sys.executable, "-c", _RESPONDER], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, Upstream("127.0.0.8", int(proc.stdout.readline()))
+
+
+def _stop(proc: subprocess.Popen[str], target: Upstream) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"quit", (target.host, target.port))
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
+
+
+def test_a_fast_upstream_is_waited_for_in_place_and_the_reply_is_the_same() -> None:
+    proc, target = _responder()
+    try:
+        async def main() -> None:
+            fwd = Forwarder(spin=0.001)  # generous: a busy test machine is slow to schedule the responder
+            for i in range(200):
+                wire = query(f"n{i}.example.test")
+                reply = await within_guard(fwd.forward(wire, (target,), allow_tailnet_answers=False))
+                assert reply[:2] == wire[:2] and reply[2] & 0x80 and reply[12:] == wire[12:]
+            s = fwd.stats()
+            assert s["spin_answered"] > 0  # the first query has no RTT yet: never spun for
+            assert s["answered"] == 200 and s["inflight"] == 0 and not fwd._outgoing
+            await fwd.close()
+        run(main)
+    finally:
+        _stop(proc, target)
+
+
+def test_an_upstream_that_cannot_answer_during_the_wait_stops_being_waited_for() -> None:
+    async def main() -> None:
+        # The fake upstream runs on our own loop: it can never answer while we wait in place.
+        async with FakeUpstream.start("127.0.0.2") as a:
+            fwd = Forwarder(spin=0.001)
+            fwd._note_rtt(up(a), 0.00001)  # as if it had answered in 10 us before
+            for _ in range(30):
+                reply = await within_guard(fwd.forward(query("www.example.test"), (up(a),),
+                                                       allow_tailnet_answers=False))
+                assert addresses(reply) == ["192.0.2.10"]
+            s = fwd.stats()
+            # Each missed wait counts as a slow answer: after a few, no more waiting.
+            assert 1 <= s["spin_missed"] <= 10 and s["spin_answered"] == 0
+            await fwd.close()
+    run(main)
+
+
+def test_no_waiting_in_place_when_turned_off_or_with_another_query_in_flight() -> None:
+    proc, target = _responder()
+    try:
+        async def main() -> None:
+            off = Forwarder(spin=0)
+            for i in range(20):
+                await within_guard(off.forward(query(f"n{i}.example.test"), (target,), allow_tailnet_answers=False))
+            assert off.stats()["spin_answered"] == off.stats()["spin_missed"] == 0
+            await off.close()
+            async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as slow:
+                fwd = Forwarder(spin=0.001, timeout=5.0)
+                fwd._note_rtt(target, 0.00001)
+                waiting = asyncio.create_task(fwd.forward(query("www.example.test"), (up(slow),),
+                                                          allow_tailnet_answers=False))
+                await async_wait_until(lambda: fwd.inflight == 1, what="a query in flight")
+                for i in range(10):  # never alone in flight: answered through the loop
+                    await within_guard(fwd.forward(query(f"m{i}.example.test"), (target,),
+                                                   allow_tailnet_answers=False))
+                assert fwd.stats()["spin_answered"] == fwd.stats()["spin_missed"] == 0
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+                await fwd.close()
+        run(main)
+    finally:
+        _stop(proc, target)
+
+
+def test_spin_is_bounded() -> None:
+    for bad in (-0.001, 0.002):
+        with pytest.raises(ValueError):
+            Forwarder(spin=bad)
