@@ -740,8 +740,11 @@ class Forwarder:
         return pending
 
     def _note_rtt(self, up: Upstream, rtt: float) -> None:
-        old = self._near_rtt.get(up)
-        self._near_rtt[up] = rtt if old is None else 0.8 * old + 0.2 * rtt
+        near = self._near_rtt
+        old = near.get(up)
+        if old is None and len(near) >= 1024:  # upstreams of views long gone: start over
+            near.clear()
+        near[up] = rtt if old is None else 0.8 * old + 0.2 * rtt
 
     async def forward(self, query: bytes, upstreams: tuple[Upstream, ...], *,
                       allow_tailnet_answers: bool) -> bytes:
