@@ -18,6 +18,7 @@ to whoever holds it (`UdpSlot.owner`); a spare that nobody holds drains and drop
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import _socket
@@ -91,6 +92,8 @@ class UdpSockets:
     def take(self, host: str, port: int, owner: SlotOwner, index: int, now: float) -> UdpSlot:
         """A connected socket to (host, port) held by `owner` for attempt `index`: a spare when one
         is ready, else made now. Raises OSError (socket, connect) when none can be had."""
+        if self.closed:
+            raise OSError(errno.EBADF, "the forwarder is closed")
         addr = (host, port)
         spares = self._by_addr.get(addr)
         if spares is None:
