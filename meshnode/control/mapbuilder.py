@@ -170,10 +170,11 @@ def build_snapshot(prev: Snapshot | None, *, version: int, domain: str, nodes: I
             info = node_info(node)
         infos.append(info)
     infos_t = tuple(infos)
-    if prev is not None and prev.policy_text == policy_text and prev.infos == infos_t:
-        compiled = prev.compiled
-    else:
-        compiled = compile_policy(policy, infos_t)
+    same_nodes = prev is not None and prev.infos == infos_t
+    if same_nodes and prev.policy_text == policy_text:  # type: ignore[union-attr]
+        compiled = prev.compiled  # type: ignore[union-attr]
+    else:   # a policy change over the same nodes keeps their index (addresses, users, tags, routes)
+        compiled = compile_policy(policy, infos_t, prev.compiled if same_nodes else None)  # type: ignore[union-attr]
     dns_text = _dumps(dns_json(dns, records))
     removed = frozenset(prev.nodes.keys() - mnodes.keys()) if prev else frozenset()
     seq = (prev.seq + 1) if prev else 0

@@ -423,11 +423,15 @@ def _resolve_dst(index: _NodeIndex, selector: Selector, groups: dict[str, tuple[
     return frozenset(), frozenset(receivers)
 
 
-def compile_policy(policy: Policy | None, nodes: Iterable[NodeInfo]) -> CompiledPolicy:
-    """Resolve `policy` (None: the default allow-all policy) against `nodes` for fast queries."""
+def compile_policy(policy: Policy | None, nodes: Iterable[NodeInfo],
+                   same_nodes_as: CompiledPolicy | None = None) -> CompiledPolicy:
+    """Resolve `policy` (None: the default allow-all policy) against `nodes` for fast queries.
+
+    `same_nodes_as`: an earlier compilation against exactly these nodes (the caller vouches for it):
+    its node index is reused, which is most of the cost of a policy change at 10,000 nodes."""
     if policy is None:
         policy = default_policy()
-    index = _NodeIndex(nodes)
+    index = same_nodes_as._index if same_nodes_as is not None else _NodeIndex(nodes)
     groups = dict(policy.groups)
     grants: list[_Grant] = []
     for ri, rule in enumerate(policy.acls):
