@@ -180,3 +180,23 @@ def test_tables_of_older_policies_are_not_kept() -> None:
         # Each generation knows only the one before it, never a chain back to the first policy.
         assert snap.reach._old_sets is prev.reach._sets and snap.filters._old_texts is prev.filters._texts
     assert isinstance(snap.reach, ReachSets) and isinstance(snap.filters, FilterTexts)
+
+
+def test_filter_and_dns_deltas_keep_the_nodes_peer_tuple_and_peer_deltas_replace_it() -> None:
+    rows = {i: node(i, USERS[0]) for i in range(1, 6)}
+    snap = build(None, rows, 1, POLICIES[1], (), set())
+    state, asm = StreamState(1, patches=True), MapAssembler()
+    first = asm.apply(json.loads(next_frame(snap, state)))
+    steps = [("filter", POLICIES[2], ()), ("dns", POLICIES[2], (Record("w.tailnet", "A", "100.64.0.1"),))]
+    held = first
+    for what, text, records in steps:
+        snap = build(snap, rows, snap.version + 1, text, records, set())
+        nm = asm.apply(json.loads(next_frame(snap, state)))
+        assert nm.peers is held.peers, what                 # no re-sort of the peers for these
+        assert nm == MapAssembler().apply(json.loads(next_frame(snap, StreamState(1))))
+        held = nm
+    rows[3] = dataclasses.replace(rows[3], endpoints=("192.0.2.9:1",))
+    snap = build(snap, rows, snap.version + 1, POLICIES[2], steps[-1][2], set())
+    nm = asm.apply(json.loads(next_frame(snap, state)))
+    assert nm.peers is not held.peers and nm.peers[1].endpoints == ("192.0.2.9:1",)
+    assert nm == MapAssembler().apply(json.loads(next_frame(snap, StreamState(1))))
