@@ -183,7 +183,7 @@ class ControlServer:
         self._seen_counter = -1
         self._built_counter = -1
         self._seen_records = -1
-        self._records: list | None = None
+        self._records: tuple | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
         self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
                       "slow_streams_closed": 0, "resumed": 0, "full_maps": 0}
@@ -346,7 +346,8 @@ class ControlServer:
         if records_version != self._seen_records or self._records is None:
             # Parsing every record (dnslib) on each snapshot would dominate for big record sets.
             records_version, records = self.store.records.snapshot()
-            self._records = records
+            # A tuple: the snapshot builder reuses the last DNS text while it is handed the same one.
+            self._records = tuple(records)
         records = self._records
         self._seen_records = records_version
         text, policy = self._policy()

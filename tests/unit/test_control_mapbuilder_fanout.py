@@ -200,3 +200,24 @@ def test_filter_and_dns_deltas_keep_the_nodes_peer_tuple_and_peer_deltas_replace
     nm = asm.apply(json.loads(next_frame(snap, state)))
     assert nm.peers is not held.peers and nm.peers[1].endpoints == ("192.0.2.9:1",)
     assert nm == MapAssembler().apply(json.loads(next_frame(snap, StreamState(1))))
+
+
+def test_dns_text_is_reused_only_for_the_same_records_and_settings() -> None:
+    rows = {i: node(i, USERS[0]) for i in range(1, 4)}
+    records = (Record("w.tailnet", "A", "100.64.0.1"),)
+    s1 = build(None, rows, 1, None, records, set())
+    s2 = build(s1, rows, 2, POLICIES[1], records, set())
+    assert s2.dns_text is s1.dns_text
+    s3 = build(s2, rows, 3, POLICIES[1], records + (Record("v.tailnet", "A", "100.64.0.2"),), set())
+    assert "v.tailnet" in s3.dns_text
+    s4, _ = build_snapshot(s3, version=4, domain="tailnet", nodes=list(rows.values()), online={}, now=100.0,
+                           policy_text=POLICIES[1], policy=parse_policy(POLICIES[1]),
+                           dns=DnsSettings(nameservers=("9.9.9.9",)), records=s3.dns_source[1])
+    assert "9.9.9.9" in s4.dns_text
+    listed = [Record("w.tailnet", "A", "100.64.0.1")]   # a list may change in place: never reused
+    s5, _ = build_snapshot(s4, version=5, domain="tailnet", nodes=list(rows.values()), online={}, now=100.0,
+                           policy_text=None, policy=None, dns=DnsSettings(), records=listed)
+    listed.append(Record("x.tailnet", "A", "100.64.0.3"))
+    s6, _ = build_snapshot(s5, version=6, domain="tailnet", nodes=list(rows.values()), online={}, now=100.0,
+                           policy_text=None, policy=None, dns=DnsSettings(), records=listed)
+    assert "x.tailnet" in s6.dns_text and "x.tailnet" not in s5.dns_text
