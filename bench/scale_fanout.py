@@ -33,6 +33,7 @@ from magicdns.records import Record  # noqa: E402
 from meshnode.control.mapbuilder import StreamState, build_snapshot, concerned, fast_forward, next_frame  # noqa: E402
 from meshnode.control.protocol import Channel, frame  # noqa: E402
 from meshnode.control.store import DnsSettings, Node  # noqa: E402
+from meshnode.netmap import gc_paused  # noqa: E402
 from meshnode.policy import parse_policy  # noqa: E402
 from nacl.public import PrivateKey  # noqa: E402
 import base64  # noqa: E402
@@ -79,9 +80,10 @@ def run(n: int, group: int, policies: tuple[str, str, str], patches: bool, strea
 
     def build(prev):  # noqa: ANN001, ANN202
         tv[0] += 1
-        return build_snapshot(prev, version=tv[0], domain="tailnet", nodes=list(rows.values()), online=online,
-                              now=100.0, policy_text=pol["text"], policy=pol["parsed"], dns=DnsSettings(),
-                              records=tuple(records), tailnet_version=tv[0], epoch="bench")[0]
+        with gc_paused(n):   # as the server builds it
+            return build_snapshot(prev, version=tv[0], domain="tailnet", nodes=list(rows.values()), online=online,
+                                  now=100.0, policy_text=pol["text"], policy=pol["parsed"], dns=DnsSettings(),
+                                  records=tuple(records), tailnet_version=tv[0], epoch="bench")[0]
     snap = build(None)
     # One replica's streams: every (n // streams)-th node.
     step = max(1, round(n / streams))
