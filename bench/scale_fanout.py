@@ -8,7 +8,8 @@ Changes:
 - endpoints of 1 and of 100 nodes, a rename (per-peer patches; `--objects` also without patches);
 - a policy change that alters every node's packet filter but not who sees whom (a port added);
 - a policy change that alters visibility for one group (two users' nodes now see each other);
-- a DNS record added (the same `dns` text for every node).
+- a DNS record added (the same `dns` text for every node);
+- a node registered (membership: the policy is compiled again over one more node).
 The point is the shape: an endpoint change must not recompile the policy or recompute any reach
 set (cost ~ N streams x changed nodes they see, not N^2), and a change that concerns every node must
 cost each stream a few microseconds, not a walk over its peers. `--profile WHAT` prints where the
@@ -103,6 +104,10 @@ def run(n: int, group: int, policies: tuple[str, str, str], patches: bool, strea
             pol["text"], pol["parsed"] = text, parse_policy(text)
         return apply
 
+    def add_node() -> None:
+        rows[n + 1] = node(n + 1, group)
+        online[n + 1] = 1
+
     def add_record() -> None:
         records.append(Record(f"wiki{len(records)}.tailnet", "A", "100.64.0.9"))
 
@@ -111,7 +116,7 @@ def run(n: int, group: int, policies: tuple[str, str, str], patches: bool, strea
                ("1 rename", set_field([9], "name"))]
     if patches:
         changes += [("policy: port added", set_policy(port_added)), ("policy: group sees", set_policy(ops)),
-                    ("dns record added", add_record)]
+                    ("dns record added", add_record), ("1 node registered", add_node)]
     out = []
     for what, apply in changes:
         apply()
