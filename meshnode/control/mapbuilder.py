@@ -334,12 +334,25 @@ class FilterTexts:
     def __init__(self, prev: "FilterTexts | None" = None) -> None:
         self._texts: dict[str, str] = {}
         self._nets: dict[tuple, str] = {}          # prefixes -> JSON list text
-        self._src: dict[int, tuple[tuple, str]] = {}   # id(rule.src) -> (rule.src, text): shared tuples
+        # id(prefix tuple) -> (the tuple, its text): source lists and a node's own host prefixes are
+        # tuples shared between nodes and kept across policies (compile.py caches them), so most are
+        # found by identity. The tuple is kept in the value, so its id cannot be reused meanwhile.
+        self._by_id: dict[int, tuple[tuple, str]] = {}
         self._tails: dict[tuple, str] = {}         # (ports, protos) -> the rule's text after "dst"
         self._node: dict[int, str] = {}
         self._rules: dict[int, tuple[tuple, str]] = {}   # id(rules tuple) -> (it, text)
         self._old_texts = prev._texts if prev is not None else {}
         self._old_nets = prev._nets if prev is not None else {}
+        self._old_by_id = prev._by_id if prev is not None else {}
+
+    def _shared_text(self, nets: tuple) -> str:
+        hit = self._by_id.get(id(nets))
+        if hit is None:
+            hit = self._old_by_id.get(id(nets))
+            if hit is None:
+                hit = (nets, self._net_text(nets))
+            self._by_id[id(nets)] = hit
+        return hit[1]
 
     def _net_text(self, nets: tuple) -> str:
         text = self._nets.get(nets)
@@ -361,16 +374,14 @@ class FilterTexts:
             return known[1]
         rules = []
         for rule in shared:
-            src = self._src.get(id(rule.src))
-            if src is None:   # the tuple is kept (in the value) so its id stays its own
-                src = self._src[id(rule.src)] = (rule.src, self._net_text(rule.src))
             tail_key = (rule.ports, rule.protos)
             tail = self._tails.get(tail_key)
             if tail is None:
                 tail = self._tails[tail_key] = "".join([
                     ',"ports":', _dumps(",".join(str(r) for r in rule.ports)),
                     ',"protos":', _dumps([int(p) for p in rule.protos]), "}"])
-            rules.append("".join(['{"src":', src[1], ',"dst":', self._net_text(rule.dst), tail]))
+            rules.append("".join(['{"src":', self._shared_text(rule.src), ',"dst":', self._shared_text(rule.dst),
+                                  tail]))
         text = "[" + ",".join(rules) + "]"
         hit = self._texts.get(text)
         if hit is None:

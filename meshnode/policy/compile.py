@@ -97,6 +97,15 @@ class _NodeIndex:
         self.members = self.all - self.tagged
         self._keys = {v: [a for a, _ in sorted(lst)] for v, lst in sorted_addresses.items()}
         self._ids = {v: [n for _, n in sorted(lst)] for v, lst in sorted_addresses.items()}
+        self._hosts: dict[int, tuple[IPNetwork, ...]] = {}   # filled lazily by host_prefixes
+
+    def host_prefixes(self, node: NodeInfo) -> tuple[IPNetwork, ...]:
+        """The node's addresses as /32 and /128 prefixes (the dst of its own rules), made once per
+        index: a policy change reuses the index and so asks for them again at no cost."""
+        hit = self._hosts.get(node.id)
+        if hit is None:
+            hit = self._hosts[node.id] = tuple(_host_prefix(a) for a in node.addresses)
+        return hit
 
     def in_prefix(self, prefix: IPNetwork) -> set[int]:
         """Nodes holding an address inside `prefix` (binary search on sorted addresses)."""
@@ -220,7 +229,7 @@ class CompiledPolicy:
         if kind is SelectorKind.ANY:
             return list(_ALL)
         if kind in _IDENTITY_KINDS:
-            return [_host_prefix(a) for a in node.addresses]
+            return list(self._index.host_prefixes(node))
         prefix = grant.dst.prefix
         assert prefix is not None
         result = [_host_prefix(a) for a in node.addresses if a in prefix]
@@ -271,8 +280,7 @@ class CompiledPolicy:
                     sources = _collapse(self._self_sources(grant, own), ())
                     self._cache[skey] = sources
                 if sources:
-                    rules.append(FilterRule(sources,
-                                            tuple(_host_prefix(a) for a in node.addresses),
+                    rules.append(FilterRule(sources, self._index.host_prefixes(node),
                                             grant.ports, tuple(sorted(grant.protos))))
         result = tuple(rules)
         self._cache[key] = result

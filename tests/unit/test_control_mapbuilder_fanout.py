@@ -179,6 +179,7 @@ def test_tables_of_older_policies_are_not_kept() -> None:
             snap.filters.of(snap.compiled, i)
         # Each generation knows only the one before it, never a chain back to the first policy.
         assert snap.reach._old_sets is prev.reach._sets and snap.filters._old_texts is prev.filters._texts
+        assert snap.filters._old_by_id is prev.filters._by_id and snap.reach._old_parts is prev.reach._parts
     assert isinstance(snap.reach, ReachSets) and isinstance(snap.filters, FilterTexts)
 
 
