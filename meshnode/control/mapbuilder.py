@@ -351,6 +351,8 @@ class FilterTexts:
             hit = self._old_by_id.get(id(nets))
             if hit is None:
                 hit = (nets, self._net_text(nets))
+            else:   # the content table stays complete: the next policy may bring equal new tuples
+                self._nets[nets] = hit[1]
             self._by_id[id(nets)] = hit
         return hit[1]
 

@@ -358,6 +358,7 @@ def _collapse(addresses: Sequence[IPAddress], prefixes: Iterable[IPNetwork]) -> 
     keeps the cost of a rule whose sources are every member of a large tailnet small.
     """
     spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    singles: dict[int, IPAddress] = {}   # a lone address comes back as its cached host prefix
     prefixes = tuple(prefixes)
     # A whole address family (`*`) covers every address in it: skip them (20,000 under `src: ["*"]`).
     whole = {p.version for p in prefixes if p.prefixlen == 0}
@@ -366,6 +367,7 @@ def _collapse(addresses: Sequence[IPAddress], prefixes: Iterable[IPNetwork]) -> 
             continue
         value = int(a)
         spans[a.version].append((value, value))
+        singles[value] = a
     for p in prefixes:
         spans[p.version].append((int(p.network_address), int(p.broadcast_address)))
     result: list[IPNetwork] = []
@@ -381,7 +383,9 @@ def _collapse(addresses: Sequence[IPAddress], prefixes: Iterable[IPNetwork]) -> 
         make_host = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
         for first, last in merged:
             if first == last:
-                result.append(make_host(first))
+                single = singles.get(first)
+                result.append(_host_prefix(single) if single is not None and single.version == version
+                              else make_host(first))
             else:
                 result.extend(ipaddress.summarize_address_range(make(first), make(last)))
     return tuple(result)
