@@ -89,6 +89,22 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
 
     from meshnode.control.client import ControlClient, generate_private_key
 
+    # The client's reconnect messages (one per stream and attempt) are counted, not printed: at
+    # 10,000 nodes a reconnect storm would write megabytes to the terminal from the very processes
+    # that are measured, and the counts say more (what failed, how often).
+    import collections
+    import logging
+    failures: collections.Counter[str] = collections.Counter()
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.DEBUG and record.args:
+                failures[str(record.args[0])[:90]] += 1
+    client_log = logging.getLogger("meshnode.control.client")
+    client_log.propagate = False
+    client_log.setLevel(logging.DEBUG)
+    client_log.addHandler(Count())
+
     async def main() -> None:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                         timeout=aiohttp.ClientTimeout(total=None, connect=15, sock_read=None))
@@ -202,13 +218,14 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
                 _, victim, timeout, t_kill = msg
                 moving = [k for k, c in enumerate(clients) if c.server_url == victim]
                 before = {k: clients[k].resumes for k in moving}
+                failures.clear()
                 end = time.monotonic() + timeout
                 while time.monotonic() < end and not all(
                         clients[k].server_url != victim and last_map[k] > t_kill for k in moving):
                     await asyncio.sleep(0.02)
                 done = [last_map[k] - t_kill for k in moving if last_map[k] > t_kill]
                 resumed = sum(clients[k].resumes - before[k] for k in moving)
-                res.put(("moved", idx, len(moving), done, resumed))
+                res.put(("moved", idx, len(moving), done, resumed, dict(failures)))
             else:
                 break
         for t in tasks:
@@ -220,6 +237,25 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
 
 
 # -- coordinator ------------------------------------------------------------------------------------
+
+def _refusals(servers: list, token: str) -> dict[str, int]:
+    """Why the live servers sent full maps to nodes that asked to resume (their /metrics)."""
+    out: dict[str, int] = {}
+    for proc, url, _ in servers:
+        if proc.poll() is not None:
+            continue
+        req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("meshnode_control_resume_refused_total{"):
+                why = line.split('reason="', 1)[1].rsplit('"', 1)[0]
+                out[why] = out.get(why, 0) + int(line.rsplit(" ", 1)[1])
+    return out
+
 
 def _get(res: mp.Queue, kind: str, n: int, timeout: float) -> list[tuple]:
     out = []
@@ -296,10 +332,11 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             except OSError as exc:   # an overloaded server: go on, and say so
                 rows.append((f"{label}: settling", f"gave up: {exc}"))
         admin = ControlStore(db)
+        victim_name = f"n{min(7, args.nodes - 1)}"
         changes = [("policy", "filter", "4242", None, lambda: set_policy(admin, POLICY2)),
                    ("record", "dns", "recordbench", None, lambda: admin.records.add(
                        parse_record("recordbench", "TXT", "bench", 60, admin.domain()))),
-                   ("rename", "peer", "renamedbench", "n7", lambda: admin.rename_node("n7", "renamedbench"))]
+                   ("rename", "peer", "renamedbench", victim_name, lambda: admin.rename_node(victim_name, "renamedbench"))]
         for what, kind, arg, old, do in changes:
             for i in range(n_workers):
                 cmd[i].put(("watch", what, kind, arg, old))
@@ -341,6 +378,15 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
                              f"{len(done)} of {n_moving}: {statistics.median(done) * 1e3:.0f} /"
                              f" {_pct(done, 0.99) * 1e3:.0f} / {done[-1] * 1e3:.0f} ms; {resumed} resumed,"
                              f" {len(done) - resumed} full maps"))
+            failed: dict[str, int] = {}
+            for r in moved:
+                for why, n in r[5].items():
+                    failed[why] = failed.get(why, 0) + n
+            rows.append((f"{label}: failed stream attempts after the kill (all nodes)",
+                         "; ".join(f"{n}x {why}" for why, n in sorted(failed.items(), key=lambda x: -x[1])[:4])
+                         or "none"))
+            rows.append((f"{label}: resume tokens refused by the survivors",
+                         "; ".join(f"{why} {n}" for why, n in sorted(_refusals(servers, token).items())) or "none"))
         for i in range(n_workers):
             cmd[i].put(("stop",))
     finally:

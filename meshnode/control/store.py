@@ -1374,9 +1374,17 @@ END $body$"""
 
     def delete_stale_ephemeral(self, online_ids: set[int], older_than: float) -> list[Node]:
         """Delete ephemeral nodes that are offline and were last seen before `older_than`."""
-        with self._tx():
-            gone = [n for n in self._select_nodes("WHERE n.ephemeral = 1")
+        def stale() -> list[Node]:
+            return [n for n in self._select_nodes("WHERE n.ephemeral = 1")
                     if n.id not in online_ids and (n.last_seen or n.created) < older_than]
+        # Looked for first, outside any transaction: a tick that finds nothing writes nothing. It
+        # used to commit an empty write every tick, a new tailnet version whose change named nothing,
+        # which made every node holding an older version start over with a full map when it
+        # reconnected (a replica's nodes after it died, at scale: tests/integration/test_control_resume.py).
+        if not stale():
+            return []
+        with self._tx():
+            gone = stale()   # again, under the write lock: another replica may have reaped them
             for n in gone:
                 self._delete(n)
                 self._audit("node.delete", f"node:{n.name}", _summary(n), {"reason": "ephemeral node offline"})
