@@ -129,9 +129,9 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
                     clients.append(c)
                 except Exception:
                     errors += 1
-        t0 = time.monotonic()
+        t0 = time.time()   # wall clock: the coordinator compares the workers' spans
         await asyncio.gather(*(register(i) for i in range(first, first + count)))
-        res.put(("registered", idx, len(clients), errors, time.monotonic() - t0))
+        res.put(("registered", idx, len(clients), errors, t0, time.time()))
 
         maps: list[int] = [0] * len(clients)
         last_map: list[float] = [0.0] * len(clients)
@@ -166,10 +166,10 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
                 if held:
                     gate.release()
         tasks = [asyncio.create_task(follow(k, c)) for k, c in enumerate(clients)]
-        t0 = time.monotonic()
+        t0 = time.time()
         while sum(1 for m in maps if m) < len(clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)   # bounded wait for a condition (a benchmark, not a test)
-        res.put(("ready", idx, sum(1 for m in maps if m), time.monotonic() - t0))
+        res.put(("ready", idx, sum(1 for m in maps if m), t0, time.time()))
         loop = asyncio.get_running_loop()
         while True:
             msg = await loop.run_in_executor(None, cmd.get)
@@ -257,14 +257,25 @@ def _refusals(servers: list, token: str) -> dict[str, int]:
     return out
 
 
-def _get(res: mp.Queue, kind: str, n: int, timeout: float) -> list[tuple]:
-    out = []
-    end = time.monotonic() + timeout
-    while len(out) < n:
-        msg = res.get(timeout=max(0.1, end - time.monotonic()))
-        if msg[0] == kind:
-            out.append(msg)
-    return out
+class Inbox:
+    """The workers' answers, taken by kind. A message of another kind than the one awaited is kept
+    for later, never dropped: a fast worker's "ready" may arrive while a slow one has not yet said
+    "registered" (on SQLite it did, and the run then waited forever for a "ready" it had thrown away:
+    the SQLite side's "no first map")."""
+
+    def __init__(self, queue: mp.Queue) -> None:
+        self.queue = queue
+        self.early: list[tuple] = []
+
+    def get(self, kind: str, n: int, timeout: float) -> list[tuple]:
+        out = [m for m in self.early if m[0] == kind][:n]
+        for m in out:
+            self.early.remove(m)
+        end = time.monotonic() + timeout
+        while len(out) < n:
+            msg = self.queue.get(timeout=max(0.1, end - time.monotonic()))
+            (out if msg[0] == kind else self.early).append(msg)
+        return out
 
 
 def _pct(lat: list[float], q: float) -> float:
@@ -307,8 +318,8 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
         n_workers = max(args.workers, replicas)
         cmd = [ctx.Queue() for _ in range(n_workers)]
         res = ctx.Queue()
+        inbox = Inbox(res)
         per = [args.nodes // n_workers + (1 if i < args.nodes % n_workers else 0) for i in range(n_workers)]
-        t0 = time.monotonic()
         first = 0
         for i in range(n_workers):
             urls = ",".join(servers[(i + j) % replicas][1] for j in range(replicas))
@@ -317,15 +328,16 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             first += per[i]
             p.start()
             workers.append(p)
-        regs = _get(res, "registered", n_workers, args.deadline + 60)
-        reg_time = time.monotonic() - t0
+        regs = inbox.get("registered", n_workers, args.deadline + 60)
+        # From the first registration sent to the last answered (not the workers' start-up).
+        reg_time = max(r[5] for r in regs) - min(r[4] for r in regs)
         registered, errors = sum(r[2] for r in regs), sum(r[3] for r in regs)
         rows += [(f"{label}: nodes registered", f"{registered} ({errors} errors)"),
                  (f"{label}: registration rate", f"{registered / reg_time:.0f} /s")]
-        t0 = time.monotonic()
-        ready = _get(res, "ready", n_workers, args.deadline + 60)
+        ready = inbox.get("ready", n_workers, args.deadline + 60)
         rows.append((f"{label}: streams with their first map",
-                     f"{sum(r[2] for r in ready)} of {registered} in {time.monotonic() - t0:.1f} s"))
+                     f"{sum(r[2] for r in ready)} of {registered} in"
+                     f" {max(r[4] for r in ready) - min(r[3] for r in ready):.1f} s"))
         if token:
             try:
                 settle(servers[0][1], token, 120)
@@ -340,12 +352,12 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
         for what, kind, arg, old, do in changes:
             for i in range(n_workers):
                 cmd[i].put(("watch", what, kind, arg, old))
-            _get(res, "watching", n_workers, 60)
+            inbox.get("watching", n_workers, 60)
             t_change = time.time()
             do()
             for i in range(n_workers):
                 cmd[i].put(("collect", what, 30.0))
-            got = _get(res, "seen", n_workers, 90)
+            got = inbox.get("seen", n_workers, 90)
             seen = [t for r in got for t in r[3]]
             expected = sum(r[4] for r in got)
             rows.append(_latency_row(label, f"{what} reached nodes", seen, expected, t_change))
@@ -354,7 +366,7 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
         t_cpu = time.monotonic()
         for i in range(n_workers):
             cmd[i].put(("churn", args.churn / n_workers, args.churn_seconds))
-        churned = _get(res, "churned", n_workers, args.churn_seconds + 60)
+        churned = inbox.get("churned", n_workers, args.churn_seconds + 60)
         wall = time.monotonic() - t_cpu
         cpu = [(cpu_seconds(p.pid) - c0) / wall * 100 for (p, _, _), c0 in zip(servers, cpu0)]
         rows.append((f"{label}: endpoint churn", f"{sum(r[2] for r in churned) / wall:.0f} nodes/s for {wall:.0f} s"
@@ -369,7 +381,7 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             t_kill = time.time()
             for i in range(n_workers):
                 cmd[i].put(("moved", victim[1], 60.0, t_kill))
-            moved = _get(res, "moved", n_workers, 120)
+            moved = inbox.get("moved", n_workers, 120)
             n_moving = sum(r[2] for r in moved)
             done = sorted(t for r in moved for t in r[3])
             resumed = sum(r[4] for r in moved)
