@@ -49,7 +49,7 @@ from ..derp.server import RelayServer
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
-from .console import idpgroups
+from ..policy import idpgroups
 from .jobs import Job, JobLocks
 from .mapbuilder import (NodeGone, ResumeToken, Snapshot, StreamState, build_snapshot, concerned, fast_forward,
                          map_node, next_frame, resumable, resume_frame, with_version)
