@@ -188,6 +188,7 @@ class ControlServer:
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
         self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
                       "slow_streams_closed": 0, "resumed": 0, "full_maps": 0}
+        self._changes_memo: dict[tuple[int, int], list[Any]] = {}   # (since, upto) -> change log
         self.resume_refusals: dict[str, int] = {}   # why a resume token got a full map (reason -> count)
         self._epoch = store.tailnet_epoch()
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
@@ -699,8 +700,7 @@ class ControlServer:
             return self._refused("no map yet" if snap is None else
                                  "version from the future" if token.version > snap.tailnet_version else "too far behind")
         try:
-            behind = snap.tailnet_version - token.version
-            changes = self.store.changes_since(token.version, limit=behind) if behind else []
+            changes = self._changes_between(token.version, snap.tailnet_version)
         except ChangeLogGap:
             return self._refused("change log pruned")
         nodes = resumable(snap, token, state.node_id, changes)
@@ -712,6 +712,23 @@ class ControlServer:
             return False
         self.stats["resumed"] += 1
         return await self._write(request, resp, frame(chan.seal_bytes(text.encode())))
+
+    def _changes_between(self, since: int, upto: int) -> list[Any]:
+        """The change log from `since` (exclusive) to `upto`, read once per pair: after a replica
+        dies its nodes arrive here by the thousand holding a handful of versions, and each read is a
+        blocking round trip to the database on the event loop. The log below `upto` never changes
+        (pruning aside, which only costs a full map later), so an answer stays true."""
+        if since == upto:
+            return []
+        key = (since, upto)
+        changes = self._changes_memo.get(key)
+        if changes is None:
+            changes = self.store.changes_since(since, limit=upto - since)
+            if changes and changes[-1].version >= upto:   # a short answer is not kept
+                if len(self._changes_memo) >= 64:
+                    self._changes_memo.clear()
+                self._changes_memo[key] = changes
+        return changes
 
     def _refused(self, why: str) -> bool:
         """Count (by reason, for /metrics) a resume token that could not be honoured: the stream goes
