@@ -50,10 +50,10 @@ from ..netmap import gc_paused
 from ..policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
 from . import authkeys, ca as tailnet_ca, naming
 from .access import TagNotAllowed, authorize, set_policy
-from .console import idpgroups
+from ..policy import idpgroups
 from .jobs import Job, JobLocks
-from .mapbuilder import (NodeGone, ResumeToken, Snapshot, StreamState, build_snapshot, concerned, fast_forward,
-                         map_node, next_frame, resumable, resume_frame, with_version)
+from .mapbuilder import (RESUMABLE_ACTIONS, SELF_REACH_ACTIONS, NodeGone, ResumeToken, Snapshot, StreamState,
+                         build_snapshot, concerned, fast_forward, map_node, next_frame, resumable, resume_frame, with_version)
 from .protocol import (KEEPALIVE_SECONDS, MACHINE_KEY_HEADER, MAX_REQUEST_BYTES, SEALED_HEADER, Channel,
                        ErrorCode, ProtocolError, ReplayGuard, TokenBucket, check_timestamp, decode_key, frame,
                        parse_json, public_key_of, verify_node_key_proof)
@@ -188,6 +188,8 @@ class ControlServer:
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
         self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
                       "slow_streams_closed": 0, "resumed": 0, "full_maps": 0}
+        self._changes_memo: dict[tuple[int, int], list[Any]] = {}   # (since, upto) -> change log
+        self.resume_refusals: dict[str, int] = {}   # why a resume token got a full map (reason -> count)
         self._epoch = store.tailnet_epoch()
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
         self.app.add_routes([
@@ -695,21 +697,45 @@ class ControlServer:
             self._publish()   # it saw a newer version on another replica: catch up before judging
             snap = self.snapshot
         if snap is None or not 0 <= snap.tailnet_version - token.version <= RESUME_MAX_CHANGES:
-            return True
+            return self._refused("no map yet" if snap is None else
+                                 "version from the future" if token.version > snap.tailnet_version else "too far behind")
         try:
-            behind = snap.tailnet_version - token.version
-            changes = self.store.changes_since(token.version, limit=behind) if behind else []
+            changes = self._changes_between(token.version, snap.tailnet_version)
         except ChangeLogGap:
-            return True
+            return self._refused("change log pruned")
         nodes = resumable(snap, token, state.node_id, changes)
         if nodes is None:
-            return True
+            return self._refused(_why_not_resumable(snap, token, state.node_id, changes))
         try:
             text = resume_frame(snap, state, nodes)
         except NodeGone:
             return False
         self.stats["resumed"] += 1
         return await self._write(request, resp, frame(chan.seal_bytes(text.encode())))
+
+    def _changes_between(self, since: int, upto: int) -> list[Any]:
+        """The change log from `since` (exclusive) to `upto`, read once per pair: after a replica
+        dies its nodes arrive here by the thousand holding a handful of versions, and each read is a
+        blocking round trip to the database on the event loop. The log below `upto` never changes
+        (pruning aside, which only costs a full map later), so an answer stays true."""
+        if since == upto:
+            return []
+        key = (since, upto)
+        changes = self._changes_memo.get(key)
+        if changes is None:
+            changes = self.store.changes_since(since, limit=upto - since)
+            if changes and changes[-1].version >= upto:   # a short answer is not kept
+                if len(self._changes_memo) >= 64:
+                    self._changes_memo.clear()
+                self._changes_memo[key] = changes
+        return changes
+
+    def _refused(self, why: str) -> bool:
+        """Count (by reason, for /metrics) a resume token that could not be honoured: the stream goes
+        on with a full map. A reconnect storm that gets full maps says here why."""
+        self.resume_refusals[why] = self.resume_refusals.get(why, 0) + 1
+        log.debug("resume refused: %s", why)
+        return True
 
     async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
                             state: StreamState) -> None:
@@ -931,12 +957,35 @@ class ControlServer:
             f"meshnode_control_streams_resumed_total {self.stats['resumed']}",
             "# TYPE meshnode_control_full_maps_total counter",
             f"meshnode_control_full_maps_total {self.stats['full_maps']}",
+            "# TYPE meshnode_control_resume_refused_total counter",
+        ] + [f'meshnode_control_resume_refused_total{{reason="{why}"}} {n}'
+             for why, n in sorted(self.resume_refusals.items())] + [
             "# TYPE meshnode_control_job_running gauge",   # 1: this server runs the once-per-tailnet job
         ] + [f'meshnode_control_job_running{{job="{job.value}"}} {int(self.jobs.url is None or job in self.jobs.held)}'
              for job in Job]
         if self.relay is not None:
             lines += self.relay.metrics_lines()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _why_not_resumable(snap: Snapshot, token: ResumeToken, node_id: int, changes: list[Any]) -> str:
+    """Why `resumable` said no, in a few words (a /metrics label; the first reason found)."""
+    if token.epoch != snap.epoch:
+        return "another database"
+    if token.node_id != node_id:
+        return "another node"
+    last = token.version
+    for change in changes:
+        if change.version != last + 1:
+            return "hole in the change log"
+        last = change.version
+        actions = {action for action, _target in change.items}
+        odd = sorted(actions - RESUMABLE_ACTIONS)
+        if odd:
+            return f"change {odd[0]}"
+        if node_id in change.nodes and actions & SELF_REACH_ACTIONS:
+            return f"own {sorted(actions & SELF_REACH_ACTIONS)[0]}"
+    return "change log behind the map"
 
 
 def _ensure_ca(store: ControlStore, now: float) -> tailnet_ca.TailnetCa:
