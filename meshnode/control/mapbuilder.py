@@ -453,9 +453,10 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
         state.tailnet_version = snap.tailnet_version
     else:
         since: set[int] = set()
-        for seq, changed_ids, _removed in snap.history:
-            if seq > state.seq:
-                since |= changed_ids
+        for seq, changed_ids, _removed in reversed(snap.history):   # newest first: most streams are one behind
+            if seq <= state.seq:
+                break
+            since |= changed_ids
         removed: frozenset[int] | set[int] = frozenset()
         added: frozenset[int] = frozenset()
         if reach is old_reach:
