@@ -20,6 +20,7 @@ frames of that change spend their time (cProfile); `--streams` stands for the st
 from __future__ import annotations
 
 import argparse
+import base64
 import cProfile
 import dataclasses
 import json
@@ -30,14 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nacl.public import PrivateKey  # noqa: E402
+
 from magicdns.records import Record  # noqa: E402
 from meshnode.control.mapbuilder import StreamState, build_snapshot, concerned, fast_forward, next_frame  # noqa: E402
 from meshnode.control.protocol import Channel, frame  # noqa: E402
 from meshnode.control.store import DnsSettings, Node  # noqa: E402
 from meshnode.netmap import gc_paused  # noqa: E402
 from meshnode.policy import parse_policy  # noqa: E402
-from nacl.public import PrivateKey  # noqa: E402
-import base64  # noqa: E402
 
 
 def _policy(dst: str, ports: str, ops: bool = False) -> str:
