@@ -83,16 +83,44 @@ def _serve(db: str, tmp: Path, name: str, replica: str | None) -> tuple[subproce
 
 # -- worker processes: real clients ---------------------------------------------------------------
 
-def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: int, opening: int,
+def node_urls(servers: list[str], i: int) -> str:
+    """Node i's login servers: its own replica first (nodes spread evenly), then the others, the
+    order of the two alternating from node to node, so a dead replica's nodes split between the
+    survivors instead of all landing on the next one in a fixed list."""
+    n = len(servers)
+    own = i % n
+    rest = [servers[(own + j) % n] for j in range(1, n)]
+    if (i // n) % 2:
+        rest.reverse()
+    return ",".join([servers[own]] + rest)
+
+
+def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int, conc: int, opening: int,
            deadline: float, cmd: mp.Queue, res: mp.Queue) -> None:
     import aiohttp
 
     from meshnode.control.client import ControlClient, generate_private_key
 
+    # The client's reconnect messages (one per stream and attempt) are counted, not printed: at
+    # 10,000 nodes a reconnect storm would write megabytes to the terminal from the very processes
+    # that are measured, and the counts say more (what failed, how often).
+    import collections
+    import logging
+    failures: collections.Counter[str] = collections.Counter()
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.DEBUG and record.args:
+                failures[str(record.args[0])[:90]] += 1
+    client_log = logging.getLogger("meshnode.control.client")
+    client_log.propagate = False
+    client_log.setLevel(logging.DEBUG)
+    client_log.addHandler(Count())
+
     async def main() -> None:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                         timeout=aiohttp.ClientTimeout(total=None, connect=15, sock_read=None))
-        probe = ControlClient(urls, generate_private_key(), generate_private_key())
+        probe = ControlClient(",".join(servers), generate_private_key(), generate_private_key())
         server_key = await probe.fetch_server_key()
         await probe.close()
         clients: list[ControlClient] = []
@@ -101,7 +129,8 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
 
         async def register(i: int) -> None:
             nonlocal errors
-            c = ControlClient(urls, generate_private_key(), generate_private_key(), server_public_key=server_key)
+            c = ControlClient(node_urls(servers, i), generate_private_key(), generate_private_key(),
+                              server_public_key=server_key)
             c._session = session   # one connection pool per process, not one per simulated node
             async with sem:
                 if time.monotonic() > deadline:
@@ -113,9 +142,9 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
                     clients.append(c)
                 except Exception:
                     errors += 1
-        t0 = time.monotonic()
+        t0 = time.time()   # wall clock: the coordinator compares the workers' spans
         await asyncio.gather(*(register(i) for i in range(first, first + count)))
-        res.put(("registered", idx, len(clients), errors, time.monotonic() - t0))
+        res.put(("registered", idx, len(clients), errors, t0, time.time()))
 
         maps: list[int] = [0] * len(clients)
         last_map: list[float] = [0.0] * len(clients)
@@ -150,10 +179,10 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
                 if held:
                     gate.release()
         tasks = [asyncio.create_task(follow(k, c)) for k, c in enumerate(clients)]
-        t0 = time.monotonic()
+        t0 = time.time()
         while sum(1 for m in maps if m) < len(clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)   # bounded wait for a condition (a benchmark, not a test)
-        res.put(("ready", idx, sum(1 for m in maps if m), time.monotonic() - t0))
+        res.put(("ready", idx, sum(1 for m in maps if m), t0, time.time()))
         loop = asyncio.get_running_loop()
         while True:
             msg = await loop.run_in_executor(None, cmd.get)
@@ -181,14 +210,16 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
             elif msg[0] == "churn":
                 _, rate, seconds = msg
                 t0 = time.monotonic()
-                counts = [0, 0]
+                failed = [0]
+                took: list[float] = []
 
                 async def report(c: ControlClient) -> None:
+                    t = time.monotonic()
                     try:
                         await c.update_endpoints([f"198.51.100.{random.randint(1, 250)}:{random.randint(1024, 65000)}"])
-                        counts[0] += 1
+                        took.append(time.monotonic() - t)
                     except Exception:
-                        counts[1] += 1
+                        failed[0] += 1
                 # Reports go out at the rate whatever the server's latency (open loop), as roaming
                 # nodes would send them.
                 pending, n = [], 0
@@ -197,18 +228,19 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
                     n += 1
                     await asyncio.sleep(max(0.0, t0 + n / rate - time.monotonic()))
                 await asyncio.wait(pending, timeout=30) if pending else None
-                res.put(("churned", idx, counts[0], counts[1]))
+                res.put(("churned", idx, n, took, failed[0]))
             elif msg[0] == "moved":
                 _, victim, timeout, t_kill = msg
                 moving = [k for k, c in enumerate(clients) if c.server_url == victim]
                 before = {k: clients[k].resumes for k in moving}
+                failures.clear()
                 end = time.monotonic() + timeout
                 while time.monotonic() < end and not all(
                         clients[k].server_url != victim and last_map[k] > t_kill for k in moving):
                     await asyncio.sleep(0.02)
                 done = [last_map[k] - t_kill for k in moving if last_map[k] > t_kill]
                 resumed = sum(clients[k].resumes - before[k] for k in moving)
-                res.put(("moved", idx, len(moving), done, resumed))
+                res.put(("moved", idx, len(moving), done, resumed, dict(failures)))
             else:
                 break
         for t in tasks:
@@ -216,19 +248,54 @@ def worker(idx: int, urls: str, keys: list[str], first: int, count: int, conc: i
         await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
 
+    try:   # the simulated nodes' side must stay cheap, so the figures measure the servers
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
     asyncio.run(main())
 
 
 # -- coordinator ------------------------------------------------------------------------------------
 
-def _get(res: mp.Queue, kind: str, n: int, timeout: float) -> list[tuple]:
-    out = []
-    end = time.monotonic() + timeout
-    while len(out) < n:
-        msg = res.get(timeout=max(0.1, end - time.monotonic()))
-        if msg[0] == kind:
-            out.append(msg)
+def _refusals(servers: list, token: str) -> dict[str, int]:
+    """Why the live servers sent full maps to nodes that asked to resume (their /metrics)."""
+    out: dict[str, int] = {}
+    for proc, url, _ in servers:
+        if proc.poll() is not None:
+            continue
+        req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("meshnode_control_resume_refused_total{"):
+                why = line.split('reason="', 1)[1].rsplit('"', 1)[0]
+                out[why] = out.get(why, 0) + int(line.rsplit(" ", 1)[1])
     return out
+
+
+class Inbox:
+    """The workers' answers, taken by kind. A message of another kind than the one awaited is kept
+    for later, never dropped: a fast worker's "ready" may arrive while a slow one has not yet said
+    "registered" (on SQLite it did, and the run then waited forever for a "ready" it had thrown away:
+    the SQLite side's "no first map")."""
+
+    def __init__(self, queue: mp.Queue) -> None:
+        self.queue = queue
+        self.early: list[tuple] = []
+
+    def get(self, kind: str, n: int, timeout: float) -> list[tuple]:
+        out = [m for m in self.early if m[0] == kind][:n]
+        for m in out:
+            self.early.remove(m)
+        end = time.monotonic() + timeout
+        while len(out) < n:
+            msg = self.queue.get(timeout=max(0.1, end - time.monotonic()))
+            (out if msg[0] == kind else self.early).append(msg)
+        return out
 
 
 def _pct(lat: list[float], q: float) -> float:
@@ -271,58 +338,69 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
         n_workers = max(args.workers, replicas)
         cmd = [ctx.Queue() for _ in range(n_workers)]
         res = ctx.Queue()
+        inbox = Inbox(res)
         per = [args.nodes // n_workers + (1 if i < args.nodes % n_workers else 0) for i in range(n_workers)]
-        t0 = time.monotonic()
         first = 0
         for i in range(n_workers):
-            urls = ",".join(servers[(i + j) % replicas][1] for j in range(replicas))
-            p = ctx.Process(target=worker, args=(i, urls, keys, first, per[i], args.concurrency, args.opening,
+            p = ctx.Process(target=worker, args=(i, [u for _, u, _ in servers], keys, first, per[i], args.concurrency, args.opening,
                                                  time.monotonic() + args.deadline, cmd[i], res), daemon=True)
             first += per[i]
             p.start()
             workers.append(p)
-        regs = _get(res, "registered", n_workers, args.deadline + 60)
-        reg_time = time.monotonic() - t0
+        regs = inbox.get("registered", n_workers, args.deadline + 60)
+        # From the first registration sent to the last answered (not the workers' start-up).
+        reg_time = max(r[5] for r in regs) - min(r[4] for r in regs)
         registered, errors = sum(r[2] for r in regs), sum(r[3] for r in regs)
         rows += [(f"{label}: nodes registered", f"{registered} ({errors} errors)"),
                  (f"{label}: registration rate", f"{registered / reg_time:.0f} /s")]
-        t0 = time.monotonic()
-        ready = _get(res, "ready", n_workers, args.deadline + 60)
+        ready = inbox.get("ready", n_workers, args.deadline + 60)
         rows.append((f"{label}: streams with their first map",
-                     f"{sum(r[2] for r in ready)} of {registered} in {time.monotonic() - t0:.1f} s"))
+                     f"{sum(r[2] for r in ready)} of {registered} in"
+                     f" {max(r[4] for r in ready) - min(r[3] for r in ready):.1f} s"))
         if token:
             try:
                 settle(servers[0][1], token, 120)
             except OSError as exc:   # an overloaded server: go on, and say so
                 rows.append((f"{label}: settling", f"gave up: {exc}"))
         admin = ControlStore(db)
+        victim_name = f"n{min(7, args.nodes - 1)}"
         changes = [("policy", "filter", "4242", None, lambda: set_policy(admin, POLICY2)),
                    ("record", "dns", "recordbench", None, lambda: admin.records.add(
                        parse_record("recordbench", "TXT", "bench", 60, admin.domain()))),
-                   ("rename", "peer", "renamedbench", "n7", lambda: admin.rename_node("n7", "renamedbench"))]
+                   ("rename", "peer", "renamedbench", victim_name, lambda: admin.rename_node(victim_name, "renamedbench"))]
         for what, kind, arg, old, do in changes:
             for i in range(n_workers):
                 cmd[i].put(("watch", what, kind, arg, old))
-            _get(res, "watching", n_workers, 60)
+            inbox.get("watching", n_workers, 60)
             t_change = time.time()
             do()
             for i in range(n_workers):
                 cmd[i].put(("collect", what, 30.0))
-            got = _get(res, "seen", n_workers, 90)
+            got = inbox.get("seen", n_workers, 90)
             seen = [t for r in got for t in r[3]]
             expected = sum(r[4] for r in got)
             rows.append(_latency_row(label, f"{what} reached nodes", seen, expected, t_change))
         # Endpoint churn: --churn reports a second, spread over the workers, for --churn-seconds.
+        # CPU over the sending window: the servers' and the simulated nodes' own (if the clients
+        # were near a core each, the figures would measure them, not the servers).
         cpu0 = [cpu_seconds(p.pid) for p, _, _ in servers]
+        wcpu0 = [cpu_seconds(p.pid) for p in workers]
         t_cpu = time.monotonic()
         for i in range(n_workers):
             cmd[i].put(("churn", args.churn / n_workers, args.churn_seconds))
-        churned = _get(res, "churned", n_workers, args.churn_seconds + 60)
+        time.sleep(args.churn_seconds)   # the window itself (a benchmark's coordinator, not a test)
         wall = time.monotonic() - t_cpu
         cpu = [(cpu_seconds(p.pid) - c0) / wall * 100 for (p, _, _), c0 in zip(servers, cpu0)]
-        rows.append((f"{label}: endpoint churn", f"{sum(r[2] for r in churned) / wall:.0f} nodes/s for {wall:.0f} s"
-                     f" ({sum(r[3] for r in churned)} failed); server CPU "
-                     + " / ".join(f"{c:.0f}%" for c in cpu)))
+        wcpu = [(cpu_seconds(p.pid) - c0) / wall * 100 for p, c0 in zip(workers, wcpu0)]
+        churned = inbox.get("churned", n_workers, args.churn_seconds + 60)
+        took = sorted(t for r in churned for t in r[3])
+        sent = sum(r[2] for r in churned)
+        rows.append((f"{label}: endpoint churn: sent, answered, answer time p50 / p99",
+                     f"{sent / args.churn_seconds:.0f} nodes/s for {args.churn_seconds:.0f} s, {len(took)} answered"
+                     f" ({sum(r[4] for r in churned)} failed), "
+                     + (f"{statistics.median(took) * 1e3:.0f} / {_pct(took, 0.99) * 1e3:.0f} ms" if took else "-")))
+        rows.append((f"{label}: CPU during churn: each server; all client processes together",
+                     " / ".join(f"{c:.0f}%" for c in cpu) + f"; {sum(wcpu):.0f}% ({len(workers)} processes)"))
         for i, (proc, _, _) in enumerate(servers):
             rss, hwm = rss_kib(proc.pid)
             rows.append((f"{label}: server {i} RSS / peak", f"{rss / 1024:.0f} / {hwm / 1024:.0f} MiB"))
@@ -332,7 +410,7 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             t_kill = time.time()
             for i in range(n_workers):
                 cmd[i].put(("moved", victim[1], 60.0, t_kill))
-            moved = _get(res, "moved", n_workers, 120)
+            moved = inbox.get("moved", n_workers, 120)
             n_moving = sum(r[2] for r in moved)
             done = sorted(t for r in moved for t in r[3])
             resumed = sum(r[4] for r in moved)
@@ -341,6 +419,15 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
                              f"{len(done)} of {n_moving}: {statistics.median(done) * 1e3:.0f} /"
                              f" {_pct(done, 0.99) * 1e3:.0f} / {done[-1] * 1e3:.0f} ms; {resumed} resumed,"
                              f" {len(done) - resumed} full maps"))
+            failed: dict[str, int] = {}
+            for r in moved:
+                for why, n in r[5].items():
+                    failed[why] = failed.get(why, 0) + n
+            rows.append((f"{label}: failed stream attempts after the kill (all nodes)",
+                         "; ".join(f"{n}x {why}" for why, n in sorted(failed.items(), key=lambda x: -x[1])[:4])
+                         or "none"))
+            rows.append((f"{label}: resume tokens refused by the survivors",
+                         "; ".join(f"{why} {n}" for why, n in sorted(_refusals(servers, token).items())) or "none"))
         for i in range(n_workers):
             cmd[i].put(("stop",))
     finally:
@@ -363,7 +450,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=10_000)
     ap.add_argument("--groups", type=int, default=100, help="users; each node sees its user's other devices")
-    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=4, help="client processes")
     ap.add_argument("--concurrency", type=int, default=32, help="registrations in flight per worker")
     ap.add_argument("--opening", type=int, default=200, help="streams awaiting their first map, per worker")
     ap.add_argument("--churn", type=float, default=100.0, help="endpoint reports a second")

@@ -8,9 +8,10 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Callable, Mapping
 
-from ..policy import (NodeInfo, Policy, auto_approved_exit, auto_approved_routes, check_policy, parse_policy,
-                      tag_allowed)
+from ..policy import (NodeInfo, Policy, PolicyError, auto_approved_exit, auto_approved_routes, check_policy,
+                      idpgroups, parse_policy, tag_allowed)
 from .mapbuilder import node_info
 from .store import ControlStore, Grant, Node, Registration
 
@@ -36,27 +37,36 @@ def owned_tags(policy: Policy | None, node: Node, grants: frozenset[str]) -> tup
     return tuple(t for t in node.tags if t in grants or tag_allowed(policy, node.user, t))
 
 
-def set_policy(store: ControlStore, text: str) -> PolicyChange:
+def _retag(store: ControlStore, policy: Policy | None, nodes: list[Node]) -> dict[int, tuple[str, ...]]:
+    """The tags each of `nodes` keeps under `policy`, for those that lose some."""
+    retag = {}
+    for n in nodes:
+        kept = owned_tags(policy, n, store.tag_grants(n)) if n.tags else ()
+        if kept != n.tags:
+            retag[n.id] = kept
+    return retag
+
+
+def set_policy(store: ControlStore, text: str, groups: Mapping[str, tuple[str, ...]] | None = None
+               ) -> PolicyChange:
     """Parse the policy and run its `tests`; store it only if both pass. Nodes holding tags the new
     policy no longer lets their user apply lose them in the same transaction (the tests run against
     the nodes as they will be).
 
-    Raises `PolicyError` (the old policy stays). Shared by the admin API and the CLI.
+    `groups` are the identity provider's members of the policy's groups (default: as the store holds
+    them from the users' last sign-ins): a tag owned through such a group is kept, as the maps and
+    registrations count it.
+
+    Raises `PolicyError` (the old policy stays). Shared by the admin API, the console and the CLI.
     """
     result: list[Policy] = []
 
     def decide(t: str, nodes: list[Node]) -> dict[int, tuple[str, ...]]:
         now = time.time()
-        policy = parse_policy(t)
-        retag = {}
-        after = []
-        for n in nodes:
-            kept = owned_tags(policy, n, store.tag_grants(n)) if n.tags else ()
-            if kept != n.tags:
-                retag[n.id] = kept
-                n = replace(n, tags=kept)
-            after.append(n)
-        result.append(check_policy(t, [node_info(n) for n in after if n.active(now)]))
+        extra = store.idp_groups() if groups is None else groups
+        retag = _retag(store, idpgroups.merge(parse_policy(t), extra), nodes)
+        after = [replace(n, tags=retag[n.id]) if n.id in retag else n for n in nodes]
+        result.append(check_policy(t, [node_info(n) for n in after if n.active(now)], extra))
         return retag
 
     lost = store.set_policy_text(text, decide)
@@ -64,6 +74,19 @@ def set_policy(store: ControlStore, text: str) -> PolicyChange:
         log.warning("policy: node %s lost %s (its user %s no longer owns it under tagOwners)",
                     node.name, ",".join(tags), node.user)
     return PolicyChange(result[0], tuple((n.name, tags) for n, tags in lost))
+
+
+def tags_after_sign_in(store: ControlStore) -> Callable[[list[Node]], dict[int, tuple[str, ...]]]:
+    """For `ControlStore.sign_in_user`: once a sign-in changed a user's provider groups (inside its
+    transaction), the tags their nodes keep under the stored policy with the new memberships."""
+    def decide(nodes: list[Node]) -> dict[int, tuple[str, ...]]:
+        text = store.policy_text()
+        try:
+            policy = idpgroups.merge(parse_policy(text), store.idp_groups()) if text is not None else None
+        except PolicyError:
+            return {}   # a stored policy a newer parser refuses: the server keeps the old one too
+        return _retag(store, policy, nodes)
+    return decide
 
 
 def authorize(policy: Policy | None, user: str, key_tags: tuple[str, ...], reg: Registration,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import json
 import logging
 import platform
@@ -115,6 +116,10 @@ class MapAssembler:
         self._domain = ""
         self._self: MapNode | None = None
         self._peers: dict[int, MapNode] = {}
+        # The peers as the NetMap holds them (sorted by id), kept while no frame touches a peer: a
+        # filter-only or DNS-only delta (a policy or record change reaching every node) then costs
+        # microseconds, not a sort of 10,000 peers.
+        self._peer_tuple: tuple[MapNode, ...] | None = None
         self._dns = DnsConfig()
         self._filter: tuple[Mapping[str, Any], ...] = ()
         self._derp: Mapping[str, Any] = MappingProxyType({})
@@ -133,6 +138,10 @@ class MapAssembler:
             self.resume = msg.get("resume") if isinstance(msg.get("resume"), str) else None
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
+            # The server sends peers by id; kept only if so (what a delta would rebuild, exactly).
+            peers = nm.peers
+            in_order = len(self._peers) == len(peers) and all(a.id < b.id for a, b in zip(peers, peers[1:]))
+            self._peer_tuple = peers if in_order else None
             self._dns, self._filter, self._derp, self._derp_map = nm.dns, nm.packet_filter, nm.derp, nm.derp_map
             self._ca = nm.tailnet_ca
             self._tka_head, self._flow_logs = nm.tka_head, nm.flow_logs
@@ -148,6 +157,24 @@ class MapAssembler:
             self._domain = str(msg["domain"])
         if "self" in msg:
             self._self = MapNode.from_json(msg["self"], self._domain)
+        # Peers replaced in place (changed or patched, none added or removed) keep their places in the
+        # sorted tuple: an endpoint change seen by every node costs each a copy, not a sort.
+        replaced: list[int] = []
+        if "domain" in msg or any(k in msg for k in ("peers_removed", "peers_present", "peers_online")):
+            self._peer_tuple = None   # a new domain changes every peer's fqdn too
+        elif "peers_changed" in msg or "peers_patch" in msg:
+            try:
+                replaced = [int(p["id"]) for p in (msg.get("peers_changed") or ())]
+                replaced += [int(p["id"]) for p in (msg.get("peers_patch") or ())]
+            except (TypeError, KeyError, ValueError):
+                replaced = []
+                self._peer_tuple = None   # malformed: the code below says why, as before
+            if any(pid not in self._peers for pid in replaced):
+                replaced = []
+                self._peer_tuple = None
+        # Until this frame is fully applied the tuple is unknown (a frame that fails halfway must not
+        # leave a stale one for the next delta).
+        before, self._peer_tuple = self._peer_tuple, None
         for pid in msg.get("peers_removed") or ():
             self._peers.pop(int(pid), None)
         for p in msg.get("peers_changed") or ():
@@ -177,7 +204,15 @@ class MapAssembler:
             self._tka_head = str(msg["tka_head"]) if msg["tka_head"] else None
         if "flow_logs" in msg:
             self._flow_logs = bool(msg["flow_logs"])
-        peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
+        peers = before
+        if peers is not None and replaced:
+            in_place = list(peers)
+            for pid in replaced:
+                in_place[bisect.bisect_left(in_place, pid, key=_peer_id)] = self._peers[pid]
+            peers = tuple(in_place)
+        if peers is None:
+            peers = tuple(sorted(self._peers.values(), key=lambda p: p.id))
+        self._peer_tuple = peers
         nm = NetMap(self._version, self._domain, self._self, peers, self._dns, self._filter, self._derp,
                       self._derp_map, tailnet_ca=self._ca, tka_head=self._tka_head,
                       flow_logs=self._flow_logs)
@@ -212,6 +247,10 @@ class MapAssembler:
         for pid in list(self._peers):
             if pid not in ids:
                 del self._peers[pid]
+
+
+def _peer_id(peer: MapNode) -> int:
+    return peer.id
 
 
 @dataclass(frozen=True)

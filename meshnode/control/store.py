@@ -1374,9 +1374,17 @@ END $body$"""
 
     def delete_stale_ephemeral(self, online_ids: set[int], older_than: float) -> list[Node]:
         """Delete ephemeral nodes that are offline and were last seen before `older_than`."""
-        with self._tx():
-            gone = [n for n in self._select_nodes("WHERE n.ephemeral = 1")
+        def stale() -> list[Node]:
+            return [n for n in self._select_nodes("WHERE n.ephemeral = 1")
                     if n.id not in online_ids and (n.last_seen or n.created) < older_than]
+        # Looked for first, outside any transaction: a tick that finds nothing writes nothing. It
+        # used to commit an empty write every tick, a new tailnet version whose change named nothing,
+        # which made every node holding an older version start over with a full map when it
+        # reconnected (a replica's nodes after it died, at scale: tests/integration/test_control_resume.py).
+        if not stale():
+            return []
+        with self._tx():
+            gone = stale()   # again, under the write lock: another replica may have reaped them
             for n in gone:
                 self._delete(n)
                 self._audit("node.delete", f"node:{n.name}", _summary(n), {"reason": "ephemeral node offline"})
@@ -1548,15 +1556,20 @@ END $body$"""
                               [text, time.time()])
             self._audit("policy.set", "policy", None if old_text is None else {"sha256": _sha(old_text)},
                         {"sha256": _sha(text), "diff": _diff(old_text, text)})
-            lost = []
-            for node in nodes:
-                if node.id in retag:
-                    tags = tuple(sorted(set(retag[node.id])))
-                    self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(tags), node.id])
-                    lost.append((node, tuple(t for t in node.tags if t not in tags)))
-                    self._audit("node.tags", f"node:{node.name}", {"tags": list(node.tags)},
-                                {"tags": list(tags), "reason": "policy: tagOwners no longer gives them to "
-                                 + node.user})
+            return self._retag(nodes, retag, "policy: tagOwners no longer gives them to ")
+
+    def _retag(self, nodes: list[Node], retag: Mapping[int, tuple[str, ...]], why: str
+               ) -> list[tuple[Node, tuple[str, ...]]]:
+        """Write the tags `retag` leaves each node (inside the caller's transaction), audited with
+        `why` + the node's user; (node as it was, tags it lost) for each."""
+        lost = []
+        for node in nodes:
+            if node.id in retag:
+                tags = tuple(sorted(set(retag[node.id])))
+                self.conn.execute("UPDATE nodes SET tags = ? WHERE id = ?", [_j(tags), node.id])
+                lost.append((node, tuple(t for t in node.tags if t not in tags)))
+                self._audit("node.tags", f"node:{node.name}", {"tags": list(node.tags)},
+                            {"tags": list(tags), "reason": why + node.user})
         return lost
 
     # -- console: roles, sessions, browser logins of machines ------------------------------------
@@ -1574,9 +1587,14 @@ END $body$"""
             " ORDER BY u.name")]
 
     def sign_in_user(self, name: str, email: str, groups: Sequence[str], create: bool,
-                     first_role: str, default_role: str) -> UserRole:
+                     first_role: str, default_role: str,
+                     retag: Callable[[list[Node]], Mapping[int, tuple[str, ...]]] | None = None) -> UserRole:
         """Record a console sign-in: create the user if `create`, give the first user ever to sign in
-        `first_role` (owner) and later new ones `default_role`; refresh e-mail and groups."""
+        `first_role` (owner) and later new ones `default_role`; refresh e-mail and groups.
+
+        When the groups changed, `retag(the user's tagged nodes)` (access.tags_after_sign_in) runs
+        with the new memberships in the same transaction, and nodes lose the tags it leaves out
+        (owned through a provider group the user has left)."""
         name = self._check_user_name(name)
         before = self.user_role(name)
         # New group memberships change what the policy's groups hold, so maps: bump then.
@@ -1600,6 +1618,10 @@ END $body$"""
                 # node's peers, so a node resuming across this change must get a full map.
                 self._audit("user.groups", f"user:{name}",
                             {"groups": list(before.groups) if before is not None else []}, {"groups": list(groups)})
+                if retag is not None:
+                    tagged = [n for n in self._select_nodes("WHERE u.name = ?", [name]) if n.tags]
+                    self._retag(tagged, retag(tagged), "sign-in: the identity provider's groups no longer"
+                                " give them to ")
         role = self.user_role(name)
         assert role is not None
         return role

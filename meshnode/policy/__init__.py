@@ -7,6 +7,7 @@ Data plane: `PacketFilter(rules_from_json(...))`; `check` each packet from the t
 `note_outbound` each packet into it, `set_rules` on a new map.
 """
 
+from . import idpgroups
 from .approvals import auto_approved_exit, auto_approved_routes, tag_allowed, tag_allowed_for_node
 from .compile import CompiledPolicy, compile_policy
 from .errors import HuJSONError, PolicyError, PolicyTestError, PolicyValidationError
@@ -25,5 +26,5 @@ __all__ = [
     "PolicyValidationError", "PortRange", "Selector", "SelectorKind", "TestDst", "TestFailure",
     "auto_approved_exit", "auto_approved_routes", "check_policy", "compile_policy", "default_policy",
     "parse_policy", "rules_from_json", "rules_to_json", "run_tests", "tag_allowed",
-    "tag_allowed_for_node",
+    "idpgroups", "tag_allowed_for_node",
 ]

@@ -8,6 +8,7 @@ O(rules x nodes) to compile and O(rules + answer) per query, never a scan of nod
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -23,8 +24,10 @@ _IDENTITY_KINDS = frozenset({SelectorKind.USER, SelectorKind.GROUP, SelectorKind
 _ALL = (ALL_V4, ALL_V6)
 
 
+@functools.lru_cache(maxsize=1 << 15)
 def _host_prefix(address: IPAddress) -> IPNetwork:
-    # From the integer: ip_network(address) takes a slower, string-parsing path (~4x).
+    # From the integer: ip_network(address) takes a slower, string-parsing path (~4x). Cached: every
+    # policy change asks again for each node's own /32 and /128 (an IPv6Network costs ~10 us).
     if address.version == 4:
         return ipaddress.IPv4Network(int(address))
     return ipaddress.IPv6Network(int(address))
@@ -94,6 +97,15 @@ class _NodeIndex:
         self.members = self.all - self.tagged
         self._keys = {v: [a for a, _ in sorted(lst)] for v, lst in sorted_addresses.items()}
         self._ids = {v: [n for _, n in sorted(lst)] for v, lst in sorted_addresses.items()}
+        self._hosts: dict[int, tuple[IPNetwork, ...]] = {}   # filled lazily by host_prefixes
+
+    def host_prefixes(self, node: NodeInfo) -> tuple[IPNetwork, ...]:
+        """The node's addresses as /32 and /128 prefixes (the dst of its own rules), made once per
+        index: a policy change reuses the index and so asks for them again at no cost."""
+        hit = self._hosts.get(node.id)
+        if hit is None:
+            hit = self._hosts[node.id] = tuple(_host_prefix(a) for a in node.addresses)
+        return hit
 
     def in_prefix(self, prefix: IPNetwork) -> set[int]:
         """Nodes holding an address inside `prefix` (binary search on sorted addresses)."""
@@ -158,10 +170,25 @@ class CompiledPolicy:
         """Peers `node_id` may reach or that may reach it (routers of reachable routes included)."""
         # Not cached: under an allow-all policy each answer holds every node, and 10,000 of them
         # would pin gigabytes; the caller keeps the answers it needs.
+        parts = self.visibility_parts(node_id)
+        # With one distinct set (the common case of a few broad rules) the answer is that set,
+        # shared between nodes instead of copied.
+        if len(parts) == 1:
+            result = parts[0]
+        else:
+            result = frozenset().union(*parts)
+        if node_id in result:
+            result = result - {node_id}
+        return result
+
+    def visibility_parts(self, node_id: int) -> tuple[frozenset[int], ...]:
+        """The distinct sets whose union, less the node itself, is `visible_peers(node_id)`.
+
+        Most are shared by many nodes (a grant's source or destination set, a user's own devices), so
+        a caller that interns the union per combination of parts (mapbuilder.ReachSets) answers a
+        whole tailnet with a few unions instead of one 10,000-element copy per node."""
         node = self._node(node_id)
         own = self._own_nodes(node)
-        # Collect the contributing sets first: with one distinct set (the common case of a few
-        # broad rules) the answer is that set, shared between nodes instead of copied.
         parts: dict[int, frozenset[int]] = {}
         for gi in self._src_of.get(node_id, ()):
             grant = self._grants[gi]
@@ -177,15 +204,12 @@ class CompiledPolicy:
             parts[id(part)] = part
         if own:
             for gi in self._self_grants:
-                part = self._grants[gi].src_members & own
+                key = ("own", gi, node.user)   # one intersection per user, not per device
+                part = self._cache.get(key)
+                if part is None:
+                    part = self._cache[key] = self._grants[gi].src_members & own
                 parts[id(part)] = part
-        if len(parts) == 1:
-            result = next(iter(parts.values()))
-        else:
-            result = frozenset().union(*parts.values())
-        if node_id in result:
-            result = result - {node_id}
-        return result
+        return tuple(parts.values())
 
     def _src_filter(self, gi: int) -> tuple[IPNetwork, ...]:
         key = ("src", gi)
@@ -205,7 +229,7 @@ class CompiledPolicy:
         if kind is SelectorKind.ANY:
             return list(_ALL)
         if kind in _IDENTITY_KINDS:
-            return [_host_prefix(a) for a in node.addresses]
+            return list(self._index.host_prefixes(node))
         prefix = grant.dst.prefix
         assert prefix is not None
         result = [_host_prefix(a) for a in node.addresses if a in prefix]
@@ -223,10 +247,21 @@ class CompiledPolicy:
         if cached is not None:
             return cached
         node = self._node(node_id)
+        gis = self._dst_of.get(node_id, ())
+        own = self._own_nodes(node)
+        shape = None
+        if not (own and self._self_grants) and all(self._grants[gi].dst.kind is SelectorKind.ANY for gi in gis):
+            # Only `*` destinations: the rules do not depend on the node, just on which grants it
+            # receives for, so nodes with the same grants share one answer (and one JSON text).
+            shape = ("filter-shape", gis)
+            cached = self._cache.get(shape)
+            if cached is not None:
+                self._cache[key] = cached
+                return cached
         # Dst entries of one ACL with equal ports share sources and protocols: merge them.
         merged: dict[tuple[int, tuple[PortRange, ...]], tuple[tuple[IPNetwork, ...], list[IPNetwork],
                                                              frozenset[int]]] = {}
-        for gi in self._dst_of.get(node_id, ()):
+        for gi in gis:
             grant = self._grants[gi]
             dst = self._dst_prefixes(grant, node)
             src = self._src_filter(gi)
@@ -235,7 +270,6 @@ class CompiledPolicy:
                 entry[1].extend(dst)
         rules = [FilterRule(src, tuple(dict.fromkeys(dst)), ports, tuple(sorted(protos)))
                  for (_, ports), (src, dst, protos) in merged.items()]
-        own = self._own_nodes(node)
         if own:
             for gi in self._self_grants:
                 grant = self._grants[gi]
@@ -246,11 +280,12 @@ class CompiledPolicy:
                     sources = _collapse(self._self_sources(grant, own), ())
                     self._cache[skey] = sources
                 if sources:
-                    rules.append(FilterRule(sources,
-                                            tuple(_host_prefix(a) for a in node.addresses),
+                    rules.append(FilterRule(sources, self._index.host_prefixes(node),
                                             grant.ports, tuple(sorted(grant.protos))))
         result = tuple(rules)
         self._cache[key] = result
+        if shape is not None:
+            self._cache[shape] = result
         return result
 
     def filter_rules_json(self, node_id: int) -> list[dict]:
@@ -323,9 +358,16 @@ def _collapse(addresses: Sequence[IPAddress], prefixes: Iterable[IPNetwork]) -> 
     keeps the cost of a rule whose sources are every member of a large tailnet small.
     """
     spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-    for a in addresses:
+    singles: dict[int, IPAddress] = {}   # a lone address comes back as its cached host prefix
+    prefixes = tuple(prefixes)
+    # A whole address family (`*`) covers every address in it: skip them (20,000 under `src: ["*"]`).
+    whole = {p.version for p in prefixes if p.prefixlen == 0}
+    for a in addresses if len(whole) < 2 else ():
+        if a.version in whole:
+            continue
         value = int(a)
         spans[a.version].append((value, value))
+        singles[value] = a
     for p in prefixes:
         spans[p.version].append((int(p.network_address), int(p.broadcast_address)))
     result: list[IPNetwork] = []
@@ -341,7 +383,9 @@ def _collapse(addresses: Sequence[IPAddress], prefixes: Iterable[IPNetwork]) -> 
         make_host = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
         for first, last in merged:
             if first == last:
-                result.append(make_host(first))
+                single = singles.get(first)
+                result.append(_host_prefix(single) if single is not None and single.version == version
+                              else make_host(first))
             else:
                 result.extend(ipaddress.summarize_address_range(make(first), make(last)))
     return tuple(result)
@@ -391,11 +435,15 @@ def _resolve_dst(index: _NodeIndex, selector: Selector, groups: dict[str, tuple[
     return frozenset(), frozenset(receivers)
 
 
-def compile_policy(policy: Policy | None, nodes: Iterable[NodeInfo]) -> CompiledPolicy:
-    """Resolve `policy` (None: the default allow-all policy) against `nodes` for fast queries."""
+def compile_policy(policy: Policy | None, nodes: Iterable[NodeInfo],
+                   same_nodes_as: CompiledPolicy | None = None) -> CompiledPolicy:
+    """Resolve `policy` (None: the default allow-all policy) against `nodes` for fast queries.
+
+    `same_nodes_as`: an earlier compilation against exactly these nodes (the caller vouches for it):
+    its node index is reused, which is most of the cost of a policy change at 10,000 nodes."""
     if policy is None:
         policy = default_policy()
-    index = _NodeIndex(nodes)
+    index = same_nodes_as._index if same_nodes_as is not None else _NodeIndex(nodes)
     groups = dict(policy.groups)
     grants: list[_Grant] = []
     for ri, rule in enumerate(policy.acls):

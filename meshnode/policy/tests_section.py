@@ -4,8 +4,9 @@ access (or grants a forbidden one) is refused before it takes effect."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
+from . import idpgroups
 from .errors import PolicyTestError
 from .identity import Identity, dst_matches, matches
 from .model import Expectation, NodeInfo, Policy, Selector, SelectorKind
@@ -85,9 +86,14 @@ def run_tests(policy: Policy, nodes: Iterable[NodeInfo] | None = None) -> list[T
     return failures
 
 
-def check_policy(text: str, nodes: Sequence[NodeInfo] | None = None) -> Policy:
-    """Parse `text` and run its tests; raise a PolicyError (PolicyTestError lists every failure)."""
-    policy = parse_policy(text)
+def check_policy(text: str, nodes: Sequence[NodeInfo] | None = None,
+                 groups: Mapping[str, tuple[str, ...]] | None = None) -> Policy:
+    """Parse `text` and run its tests; raise a PolicyError (PolicyTestError lists every failure).
+
+    `groups`: the identity provider's members of the policy's declared groups (idpgroups), which
+    the tests see as the maps do."""
+    policy = idpgroups.merge(parse_policy(text), groups or {})
+    assert policy is not None
     failures = run_tests(policy, nodes)
     if failures:
         raise PolicyTestError(tuple(failures))

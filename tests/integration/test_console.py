@@ -514,6 +514,56 @@ async def test_oidc_groups_fill_the_policy_groups(tmp_path: Path) -> None:
 
 
 @run
+async def test_oidc_groups_own_tags_until_the_provider_drops_them(tmp_path: Path) -> None:
+    """A tag owned through a provider group (tagOwners: group:eng) survives an unrelated `policy
+    set`, and is taken away, with the peers' maps recomputed and an audit entry, when a later
+    sign-in shows the user left the group (the provider's word is as good as the policy's)."""
+    from meshnode.control.access import set_policy
+    base = ('{"groups": {"group:eng": []}, "tagOwners": {"tag:server": ["group:eng"]}, "acls": ['
+            '{"action": "accept", "src": ["bob@example.com"], "dst": ["tag:server:*"]}%s]}')
+    async with Net(tmp_path) as net:
+        set_policy(net.store, base % "")
+        net.server.mark_dirty()
+        async with net.browser() as http:
+            await net.sign_in(http, "owner-sub")   # olivia, in "eng" at the provider
+        okey, _ = net.store.create_authkey("olivia@example.com")
+        bkey, _ = net.store.create_authkey("bob@example.com")
+        srv = ControlClient(net.url, generate_private_key(), generate_private_key())
+        bob = ControlClient(net.url, generate_private_key(), generate_private_key())
+        try:
+            await srv.register(okey, hostname="db", advertise_tags=["tag:server"])
+            await bob.register(bkey, hostname="bobs")
+            assert net.store.find_node("db").tags == ("tag:server",)
+
+            # An unrelated policy change keeps the tag: the provider's group still gives it.
+            change = set_policy(net.store, base % ', {"action": "accept", "src": ["group:eng"], "dst": ["group:eng:22"]}')
+            assert change.tags_removed == ()
+            assert net.store.find_node("db").tags == ("tag:server",)
+            net.server.mark_dirty()
+
+            async def bob_sees() -> set[str]:
+                return {p.name for p in (await bob.fetch_map()).peers}
+            assert await bob_sees() == {"db"}
+
+            # The provider drops olivia from "eng"; her next sign-in takes the tag away.
+            async with aiohttp.ClientSession() as admin:
+                async with admin.put(f"{net.issuer}/users/owner-sub", json={
+                        "email": "olivia@example.com", "email_verified": True, "groups": []}) as r:
+                    assert r.status == 204
+            async with net.browser() as http:
+                await net.sign_in(http, "owner-sub")
+            assert net.store.find_node("db").tags == ()
+            async def bob_lost_db() -> bool:
+                return await bob_sees() == set()
+            await async_wait_until(bob_lost_db, timeout=5, what="bob's map without db")
+            entries = [e for e in net.store.audit_entries() if e.action == "node.tags"]
+            assert entries and entries[-1].target == "node:db" and "group" in entries[-1].new["reason"]
+        finally:
+            await srv.close()
+            await bob.close()
+
+
+@run
 async def test_sessions_and_a_waiting_browser_login_survive_a_server_restart(tmp_path: Path) -> None:
     net = Net(tmp_path)
     async with net:

@@ -128,6 +128,53 @@ async def _restart_scenario(db_spec: str) -> None:
         admin.close()
 
 
+def test_a_node_away_while_the_jobs_tick_still_resumes(db_spec: str) -> None:
+    """The periodic jobs (ephemeral reaping, expiry sweep) that find nothing must not write: a write
+    that names nothing is a tailnet version no resume can cross, so every node holding an older
+    version got a full map. Small tests reconnected within one reaper tick (5 s) and resumed; a
+    replica's nodes at scale, whose last frame was older than the last tick, all started over."""
+    async def scenario() -> None:
+        admin = ControlStore(db_spec)
+        key, _ = admin.create_authkey("alice@example.com", reusable=True)
+        store = ControlStore(db_spec)
+        server = ControlServer(store, ServerConfig(poll_interval=0.05, coalesce=0.005, keepalive=5.0,
+                                                   reap_interval=0.02, expiry_interval=0.02))
+        snaps = recording(server)
+        ticks = [0]
+        reap = store.delete_stale_ephemeral
+
+        def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202 (observation only: the real method runs)
+            ticks[0] += 1
+            return reap(*args, **kw)
+        store.delete_stale_ephemeral = counted  # type: ignore[method-assign]
+        url = f"http://127.0.0.1:{await server.start('127.0.0.1', 0)}"
+        alpha, bravo = [await Follower(url).join(key, n) for n in ("alpha", "bravo")]
+        try:
+            alpha.start()
+            bravo.start()
+            await until(lambda: len(alpha.peers()) == 1 and len(bravo.peers()) == 1, "both streaming")
+            await alpha.stop()
+            admin.set_endpoints(bravo.id, ["192.0.2.2:41641"])   # missed while away
+            away = ticks[0]
+            await until(lambda: ticks[0] >= away + 5, "the reaper ticking while alpha is away")
+            seen = len(alpha.maps)
+            alpha.start()
+            await until(lambda: len(alpha.maps) > seen, "alpha back")
+            assert server.resume_refusals == {}
+            assert alpha.client.resumes == 1
+            resumed = alpha.maps[seen]
+            assert resumed.peers[0].endpoints == ("192.0.2.2:41641",)
+            assert resumed == full_map(snaps, resumed.version, alpha.id)
+        finally:
+            for n in (alpha, bravo):
+                await n.stop()
+                await n.client.close()
+            await server.stop()
+            store.close()
+            admin.close()
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
 def test_forged_and_foreign_versions_get_a_full_map(tmp_path: Path) -> None:
     asyncio.run(asyncio.wait_for(_forged_scenario(tmp_path), 60))
 

@@ -110,7 +110,7 @@ def test_roles() -> None:
 
 
 def test_idp_groups_fill_only_declared_groups() -> None:
-    from meshnode.control.console.idpgroups import cache_key, merge
+    from meshnode.policy.idpgroups import cache_key, merge
     from meshnode.policy import parse_policy
     text = '{"groups": {"group:eng": ["carol@example.com"]}, "acls": []}'
     policy = parse_policy(text)

@@ -26,9 +26,9 @@ from magicdns.records import RecordError, parse_record
 from magicdns.store import StoreError as RecordStoreError
 
 from ...derp.derpmap import RelayMap, RelayMapError
-from ...policy import DEFAULT_POLICY_TEXT, PolicyError, check_policy, compile_policy, parse_policy
+from ...policy import DEFAULT_POLICY_TEXT, PolicyError, check_policy, compile_policy, idpgroups, parse_policy
 from .. import authkeys, naming
-from ..access import set_policy
+from ..access import set_policy, tags_after_sign_in
 from ..mapbuilder import node_info
 from ..store import ConsoleSession, ControlStoreError, NotFound
 from . import auditlog, machine_filter
@@ -260,7 +260,8 @@ class Console:
             with auditlog.acting(self.store, identity.email):
                 role = self.store.sign_in_user(identity.email, identity.email, identity.groups,
                                                create=not oidc.preapproved_only, first_role=Role.OWNER.value,
-                                               default_role=Role.MEMBER.value)
+                                               default_role=Role.MEMBER.value,
+                                               retag=tags_after_sign_in(self.store))
         except NotFound:
             return self._page_error(request, None, 403, f"{identity.email} is not a user of this tailnet yet;"
                                     " an admin must add them first.")
@@ -433,7 +434,10 @@ class Console:
         """Who would see whom under `text` (PolicyError if it does not parse): (machine, peers)."""
         now = time.time()
         nodes = [n for n in self.store.list_nodes() if n.active(now)][:PREVIEW_NODES]
-        compiled = compile_policy(parse_policy(text), [node_info(n) for n in nodes])
+        # With the provider's group members, as the maps will have them.
+        policy = idpgroups.merge(parse_policy(text), self.store.idp_groups())
+        assert policy is not None
+        compiled = compile_policy(policy, [node_info(n) for n in nodes])
         names = {n.id: n.name for n in nodes}
         return [(n.name, sorted(names[p] for p in compiled.visible_peers(n.id) if p in names and p != n.id))
                 for n in nodes]
@@ -453,7 +457,8 @@ class Console:
         try:
             if previewing:
                 # The same parse and `tests` checks as saving, without storing anything.
-                check_policy(text, [node_info(n) for n in self.store.list_nodes() if n.active(time.time())])
+                check_policy(text, [node_info(n) for n in self.store.list_nodes() if n.active(time.time())],
+                             self.store.idp_groups())
                 preview = self._preview(text)
             else:
                 with auditlog.acting(self.store, ctx.user):

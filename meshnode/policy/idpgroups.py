@@ -3,8 +3,9 @@
 A policy that declares a group whose name is an OIDC group (`"group:eng": []`) gets every user whose
 provider lists `eng` in their `groups` claim (as of their last sign-in) as a member, next to the
 members the policy lists itself. Only declared groups are filled, so the provider can never create
-a group the admin did not write; `acls` rules see the members (tagOwners and autoApprovers are
-resolved from the policy text alone).
+a group the admin did not write. The members count wherever the policy names the group: `acls`,
+`tagOwners` (a tag owned through a provider group is lost when a sign-in shows the user left it)
+and `autoApprovers`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 from types import MappingProxyType
 from typing import Mapping
 
-from ...policy import Policy
+from .model import Policy
 
 
 def cache_key(text: str | None, extra: Mapping[str, tuple[str, ...]]) -> str | None:
