@@ -64,6 +64,46 @@ class Counters:
 
 Answer = Union[bytes, Forward, None]
 
+# While a batched listener is behind, one new forward per this many datagrams it reads: a forward
+# (a socket, a timer, the upstream's reply) costs ~10x an authoritative answer, so forwards then take
+# at most ~15% of the CPU however many unique names arrive.
+DATAGRAMS_PER_FORWARD = 64
+FORWARD_CREDIT_CAP = 2 * DATAGRAMS_PER_FORWARD  # a pause in a flood does not bank a burst of forwards
+BEHIND_FILL = 24  # a smoothed read of this many datagrams or more: still behind (of 64 a read)
+
+
+class Backlog:
+    """Whether a batched listener is behind, and how many new forwards its next batch may start.
+
+    Sans-I/O: fed the size of each read. A full read means datagrams are waiting: behind. The
+    partial read that follows a full one is not a sign of catching up (a closed-loop client refills
+    the socket while we answer), so a smoothed read size keeps the state until reads really shrink;
+    before, every partial batch of a saturated listener forwarded its whole flood share.
+    While behind, forwarding is paid for in datagrams read: one forward per `DATAGRAMS_PER_FORWARD`.
+    """
+
+    __slots__ = ("batch", "fill", "credit")
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.fill = 0  # datagrams a read, smoothed (weight 1/4 to the newest read), times 4
+        self.credit = 0  # datagrams read while behind, not yet spent on a forward
+
+    def read(self, count: int) -> int:
+        """Note a read of `count` datagrams; the new forwards this batch may start (-1: no limit)."""
+        self.fill += count - (self.fill >> 2)
+        if count < self.batch and self.fill < BEHIND_FILL * 4:
+            self.credit = 0
+            return -1
+        credit = self.credit + count
+        self.credit = credit if credit < FORWARD_CREDIT_CAP else FORWARD_CREDIT_CAP
+        return self.credit // DATAGRAMS_PER_FORWARD
+
+    def spent(self, allowance: int, left: int) -> None:
+        """After the batch: `allowance` was given, `left` of it unused."""
+        if allowance > 0:
+            self.credit -= (allowance - left) * DATAGRAMS_PER_FORWARD
+
 
 class Dispatch:
     """Transport-neutral query handling shared by every listener (see the module docstring).
@@ -81,8 +121,8 @@ class Dispatch:
         self.qlog = qlog
         self.counters = Counters()
         self._allowed: dict[str, bool] = {}
-        # New forwards the current batch may still start; -1: no limit. A batched listener that
-        # finds its socket backlogged (a full batch) sets a small allowance per batch: a forward
+        # New forwards the current batch may still start; -1: no limit. A batched listener that is
+        # behind (its socket backlogged, `Backlog`) sets a small allowance per batch: a forward
         # costs ~10x an authoritative answer, so under overload a flood of unique names is answered
         # SERVFAIL at once and the tailnet's own names keep their share of the CPU.
         self.forward_allowance = -1

@@ -36,6 +36,7 @@ from .view import DnsView
 from .zone import RESOLVER_V4, RESOLVER_V6, LocalZone, Zone
 
 log = logging.getLogger(__name__)
+_monotonic = time.monotonic
 
 # Loopback and the tailnet ranges (ranges.py): the clients a MagicDNS resolver serves.
 DEFAULT_ALLOW = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"), *TAILNET_RANGES)
@@ -276,27 +277,33 @@ class DnsServer:
         if route is None or not route.upstreams:
             c.no_upstream += 1
             return _refused(data) or None
-        if self.forwarder.looped(data):
+        forwarder = self.forwarder
+        if forwarder.looped(data):
             c.looped += 1
             log.warning("forwarding loop: one of our own upstream queries came back to us")
             return _servfail(data) or None
-        now = time.monotonic()
+        now = _monotonic()
         info = read_query(data)  # read once for the cache, the shedding and the race
-        cached = self.forwarder.answer_from_cache(data, now, info)
+        cached = forwarder.answer_from_cache(data, now, info)
         if cached is not None:
             c.cache_answers += 1
             cached = complete_chain(self.engine.zone, cached)  # type: ignore[union-attr]
             return cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit)
-        allowance = self.dispatch.forward_allowance
-        if (allowance == 0 or self.forwarder.inflight >= self.config.max_inflight
-                or not self._forward_budget.take(now)):
-            # Over the in-flight cap, the forwarding rate, or the listener is behind (a full batch
-            # waiting, dispatch.forward_allowance): answered now, before any task or socket exists,
-            # so a flood of unique names costs what an authoritative answer costs.
+        dispatch = self.dispatch
+        allowance = dispatch.forward_allowance
+        budget = self._forward_budget
+        if (allowance == 0 or forwarder.inflight >= forwarder.max_inflight
+                or (budget.rate and not budget.take(now))):
+            # Over the in-flight cap, the forwarding rate, or the listener is behind (datagrams
+            # waiting, dispatch.Backlog): answered now, before any task, socket or closure exists,
+            # so a flood of unique names costs little more than an authoritative answer.
             c.overload += 1
-            return self.forwarder.overloaded(data, info) or None
+            shed = forwarder.overloaded(data, info)  # a stale answer, else SERVFAIL
+            if not tcp and len(shed) > fwd.limit:  # a stale answer can be large
+                return truncate(shed, fwd.limit)
+            return shed or None
         if allowance > 0:
-            self.dispatch.forward_allowance = allowance - 1
+            dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
         limit = fwd.limit
 
