@@ -86,13 +86,13 @@ class Backlog:
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
-        self.fill = 0  # datagrams a read, smoothed (weight 1/4 to the newest read), times 4
+        self.fill = 0  # datagrams a read, smoothed (weight 1/2 to the newest read), times 2
         self.credit = 0  # datagrams read while behind, not yet spent on a forward
 
     def read(self, count: int) -> int:
         """Note a read of `count` datagrams; the new forwards this batch may start (-1: no limit)."""
-        self.fill += count - (self.fill >> 2)
-        if count < self.batch and self.fill < BEHIND_FILL * 4:
+        self.fill += count - (self.fill >> 1)
+        if count < self.batch and self.fill < BEHIND_FILL * 2:
             self.credit = 0
             return -1
         credit = self.credit + count

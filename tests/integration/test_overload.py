@@ -1,0 +1,145 @@
+"""Forwarding overload against a real server on loopback (issue 8): a query over the in-flight cap is
+answered at once with a well-formed SERVFAIL, under the cap it is forwarded, and a backlogged
+batched listener starts only a few forwards per batch however many unique names arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+
+from magicdns.dispatch import DATAGRAMS_PER_FORWARD
+from magicdns.message import question_end
+from magicdns.upstream import Upstream
+from tests.integration.test_server_abuse import make_view, start
+from tests.integration.upstreams import Behavior, FakeUpstream
+from tests.support import async_wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _client(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.setblocking(False)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+async def _recv(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 4096), timeout)
+
+
+def _shapes() -> list[dns.message.Message]:
+    """Query shapes a shed SERVFAIL must get right: plain, EDNS with DO and a cookie, CD set, RD
+    clear, mixed case, a long name, another type."""
+    plain = dns.message.make_query("Plain.Example.TEST", "A")
+    cookie = dns.message.make_query("wIth-CooKie.example.test", "AAAA", want_dnssec=True,
+                                    options=[dns.edns.GenericOption(dns.edns.COOKIE, b"\x01" * 8)])
+    cd = dns.message.make_query("cd.example.test", "TXT", use_edns=0)
+    cd.flags |= dns.flags.CD
+    no_rd = dns.message.make_query("no-rd.example.test", "MX")
+    no_rd.flags &= ~dns.flags.RD
+    long = dns.message.make_query(".".join(["a" * 60] * 3) + ".example.test", "A", use_edns=0, payload=1232)
+    return [plain, cookie, cd, no_rd, long]
+
+
+def test_shed_servfail_is_well_formed_for_every_query_shape() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as up:
+            server = await start(make_view((Upstream(up.host, up.port),)), max_inflight=1, forward_timeout=20.0)
+            sock = _client(server.bound[0][1])
+            try:
+                hold = dns.message.make_query("hold.example.test", "A")
+                sock.send(hold.to_wire())
+                await async_wait_until(lambda: server.forwarder.inflight == 1, what="the cap to be held")
+                for q in _shapes():
+                    wire = q.to_wire()
+                    sock.send(wire)
+                    raw = await _recv(sock)
+                    r = dns.message.from_wire(raw)
+                    assert r.id == q.id and r.rcode() == dns.rcode.SERVFAIL
+                    assert r.flags & dns.flags.QR and r.flags & dns.flags.RA
+                    assert not r.flags & (dns.flags.AA | dns.flags.TC | dns.flags.AD)
+                    assert (r.flags & dns.flags.RD) == (q.flags & dns.flags.RD)
+                    assert (r.flags & dns.flags.CD) == (q.flags & dns.flags.CD)
+                    assert raw[3] & 0x40 == 0  # Z
+                    qend = question_end(wire)
+                    assert raw[12:qend] == wire[12:qend]  # the question, case and all
+                    assert struct.unpack("!HHHH", raw[4:12])[:3] == (1, 0, 0)
+                    assert not r.answer and not r.authority and not r.additional
+                    if q.edns < 0:
+                        assert r.edns < 0
+                    else:
+                        assert r.edns == 0 and (r.ednsflags & dns.flags.DO) == (q.ednsflags & dns.flags.DO)
+                        # Nothing of the client's echoed (its cookie): at most our Extended DNS Error.
+                        assert [o.otype for o in r.options] in ([], [dns.edns.EDE])
+                assert len(up.queries) == 1  # none of them went upstream
+                assert server.status()["queries"]["overload"] == len(_shapes())
+            finally:
+                sock.close()
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_forwarded_under_the_cap_and_shed_over_it() -> None:
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as up:
+            server = await start(make_view((Upstream(up.host, up.port),)), max_inflight=3, forward_timeout=20.0)
+            sock = _client(server.bound[0][1])
+            try:
+                for i in range(3):
+                    sock.send(dns.message.make_query(f"under{i}.example.test", "A").to_wire())
+                    await async_wait_until(lambda: len(up.queries) == i + 1, what=f"forward {i} upstream")
+                assert server.forwarder.inflight == 3 and server.status()["queries"]["overload"] == 0
+                over = dns.message.make_query("over.example.test", "A")
+                sock.send(over.to_wire())
+                r = dns.message.from_wire(await _recv(sock, timeout=2.0))  # not after the 20 s timeout
+                assert r.id == over.id and r.rcode() == dns.rcode.SERVFAIL
+                assert len(up.queries) == 3 and server.status()["queries"]["overload"] == 1
+                local = dns.message.make_query("server.tailnet", "A")
+                sock.send(local.to_wire())
+                r = dns.message.from_wire(await _recv(sock))
+                assert r.id == local.id and r.answer  # the cap is on forwarding only
+            finally:
+                sock.close()
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_backlogged_listener_starts_one_forward_per_64_datagrams() -> None:
+    """1,000 unique forwarded names and 200 local ones queued before the server reads any: every
+    local name is answered, and the flood starts about one forward per 64 datagrams read (before,
+    the partial batch that follows each full one forwarded all of its flood)."""
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", behavior=Behavior.SILENT) as up:
+            server = await start(make_view((Upstream(up.host, up.port),)), forward_timeout=20.0)
+            sock = _client(server.bound[0][1])
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            try:
+                local = set()
+                total = 1200
+                for i in range(total):  # sent without yielding: the server reads only afterwards
+                    q = dns.message.make_query("server.tailnet" if i % 6 == 0 else f"f{i}.example.test", "A")
+                    q.id = i
+                    if i % 6 == 0:
+                        local.add(i)
+                    sock.send(q.to_wire())
+                got: dict[int, int] = {}
+                while len(got) < total - server.status()["queries"]["forwarded"]:
+                    r = dns.message.from_wire(await _recv(sock))
+                    got[r.id] = r.rcode()
+                assert all(got[i] == dns.rcode.NOERROR for i in local)
+                forwarded = server.status()["queries"]["forwarded"]
+                assert 1 <= forwarded <= total // DATAGRAMS_PER_FORWARD + 2, forwarded
+                assert sum(1 for code in got.values() if code == dns.rcode.SERVFAIL) == total - len(local) - forwarded
+            finally:
+                sock.close()
+                await server.stop()
+    asyncio.run(main())
