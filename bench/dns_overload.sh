@@ -102,6 +102,15 @@ flood_only() {  # flood_only TAG: the flood alone; CPU per answered flood query 
     cost "$TMP/$1.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' "$TMP/flood-only.out")"
 }
 
+auth_at_rate() {  # authoritative queries at the flood's rate: CPU per answer into $TMP/authrate.cost
+    local s0 s1
+    s0=$(sched)
+    taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -q 20000 -t 1 -Q "$FLOOD" \
+        >"$TMP/auth-rate.out" 2>&1 || true
+    s1=$(sched)
+    cost "$TMP/authrate.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' "$TMP/auth-rate.out")"
+}
+
 flooded() {  # flooded: authoritative qps while $FLOOD qps of unique forwarded names arrive
     local best=0 q r fp
     for r in $(seq "$ROUNDS"); do
@@ -121,6 +130,7 @@ flooded() {  # flooded: authoritative qps while $FLOOD qps of unique forwarded n
 echo "dns_overload.sh $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); flood $FLOOD qps of unique names"
 run_server "$PORT_UPSTREAM"
 A0=$(auth)
+auth_at_rate
 A1=$(flooded)
 FLOOD_LIVE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
 LOST_LIVE=$(grep -E "Queries lost" "$TMP/auth-flooded.out" | tr -s ' ')
@@ -145,12 +155,13 @@ def cost(tag):
 print(f"{'authoritative qps, one core':44} {a0:>8}")
 print(f"{'  with a flood toward a live upstream':44} {a1:>8}  {a1 / a0:5.2f}x")
 print(f"{'  with a flood toward a silent upstream':44} {a2:>8}  {a2 / a0:5.2f}x   (target >= 0.80x)")
-(ca, wa), (cl, wl), (ch, wh) = cost("auth"), cost("live"), cost("hole")
+(ca, wa), (cr, wr), (cl, wl), (ch, wh) = cost("auth"), cost("authrate"), cost("live"), cost("hole")
 print("server CPU per answered query (schedstat run time / answers), immune to other load:")
-print(f"{'  authoritative':44} {ca:8.1f} us")
-print(f"{'  flood, live upstream (mostly shed)':44} {cl:8.1f} us  {cl / ca:5.2f}x")
-print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / ca:5.2f}x")
-print(f"busy machine: the server waited for a CPU up to {max(wa, wl, wh):.0%} of the time it was runnable"
+print(f"{'  authoritative, full load':44} {ca:8.1f} us")
+print(f"{'  authoritative, at the flood rate':44} {cr:8.1f} us   (the same batch sizes as the floods below)")
+print(f"{'  flood, live upstream (forwarded or shed)':44} {cl:8.1f} us  {cl / cr:5.2f}x of the line above")
+print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / cr:5.2f}x")
+print(f"busy machine: the server waited for a CPU up to {max(wa, wr, wl, wh):.0%} of the time it was runnable"
       " (qps ratios are only meaningful when this is near 0%)")
 PY
 echo "flood, live upstream: $FLOOD_LIVE"

@@ -90,7 +90,7 @@ async def main() -> None:
             return [_queries([f"x{next(fresh)}.example.com" for _ in range(BATCH)]) for _ in range(n)]
 
         # A listener that is not behind starts a forward for each (a socket, a timer).
-        fwd = measure(listener, client, [b[:BATCH - 1] for b in unique(10)], idle=True)
+        fwd = measure(listener, client, [b[:16] for b in unique(20)], idle=True)
         server.forwarder.max_inflight = 1  # every further forward is over the cap
         server.config = dataclasses.replace(server.config, max_inflight=1)
         shed = measure(listener, client, unique(200))

@@ -18,7 +18,7 @@ from magicdns.dispatch import DATAGRAMS_PER_FORWARD
 from magicdns.message import question_end
 from magicdns.upstream import Upstream
 from tests.integration.test_server_abuse import make_view, start
-from tests.integration.upstreams import Behavior, FakeUpstream
+from tests.integration.upstreams import EXAMPLE_ZONE, Behavior, FakeUpstream
 from tests.support import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -139,6 +139,47 @@ def test_backlogged_listener_starts_one_forward_per_64_datagrams() -> None:
                 forwarded = server.status()["queries"]["forwarded"]
                 assert 1 <= forwarded <= total // DATAGRAMS_PER_FORWARD + 2, forwarded
                 assert sum(1 for code in got.values() if code == dns.rcode.SERVFAIL) == total - len(local) - forwarded
+            finally:
+                sock.close()
+                await server.stop()
+    asyncio.run(main())
+
+
+def test_cached_names_are_still_answered_when_shed_fresh_then_stale() -> None:
+    """Over the cap a forwarded name in the cache gets its cached answer, not SERVFAIL: fresh while
+    its TTL lasts, then stale (RFC 8767: Extended DNS Error 3, "Stale Answer") instead of asking upstream."""
+    zone = {**EXAMPLE_ZONE, ("soon.example.test", "A"): ["soon.example.test. 1 IN A 192.0.2.99"]}
+
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", zone=zone) as up:
+            server = await start(make_view((Upstream(up.host, up.port),)), max_inflight=1, forward_timeout=20.0)
+            sock = _client(server.bound[0][1])
+
+            async def ask(name: str) -> dns.message.Message:
+                q = dns.message.make_query(name, "A", use_edns=0)
+                sock.send(q.to_wire())
+                r = dns.message.from_wire(await _recv(sock))
+                assert r.id == q.id
+                return r
+
+            try:
+                assert (await ask("www.example.test")).answer and (await ask("soon.example.test")).answer
+                up.behavior = Behavior.SILENT
+                sock.send(dns.message.make_query("hold.example.test", "A").to_wire())
+                await async_wait_until(lambda: server.forwarder.inflight == 1, what="the cap to be held")
+                asked = len(up.queries)
+                r = await ask("www.example.test")
+                assert r.rcode() == dns.rcode.NOERROR and r.answer[0].ttl > 30
+                r = await ask("fresh-name.example.test")
+                assert r.rcode() == dns.rcode.SERVFAIL
+
+                async def stale() -> bool:
+                    r = await ask("soon.example.test")
+                    assert r.rcode() == dns.rcode.NOERROR and r.answer, r  # never SERVFAIL meanwhile
+                    return [(o.otype, getattr(o, "code", None)) for o in r.options] == [(dns.edns.EDE, 3)]
+
+                await async_wait_until(stale, timeout=5, what="the stale answer once the TTL ran out")
+                assert len(up.queries) == asked  # nothing of this went upstream
             finally:
                 sock.close()
                 await server.stop()
