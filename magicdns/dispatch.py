@@ -64,35 +64,41 @@ class Counters:
 
 Answer = Union[bytes, Forward, None]
 
-# While a batched listener is behind, one new forward per this many datagrams it reads: a forward
-# (a socket, a timer, the upstream's reply) costs ~10x an authoritative answer, so forwards then take
-# at most ~15% of the CPU however many unique names arrive.
-DATAGRAMS_PER_FORWARD = 64
+# While a batched listener is behind, one new forward per this many datagrams it reads. A forward (a
+# socket, a timer, the upstream's reply) costs 10-15 authoritative answers, so forwards then take
+# about 5% of the CPU however many unique names arrive, and a loaded listener still starts several
+# hundred a second for the names nobody floods.
+DATAGRAMS_PER_FORWARD = 256
 FORWARD_CREDIT_CAP = 2 * DATAGRAMS_PER_FORWARD  # a pause in a flood does not bank a burst of forwards
-BEHIND_FILL = 24  # a smoothed read of this many datagrams or more: still behind (of 64 a read)
+BEHIND_FILL = 24  # datagrams a read, smoothed: at or above it the listener is behind (of 64 a read)
 
 
 class Backlog:
     """Whether a batched listener is behind, and how many new forwards its next batch may start.
 
-    Sans-I/O: fed the size of each read. A full read means datagrams are waiting: behind. The
-    partial read that follows a full one is not a sign of catching up (a closed-loop client refills
-    the socket while we answer), so a smoothed read size keeps the state until reads really shrink;
-    before, every partial batch of a saturated listener forwarded its whole flood share.
-    While behind, forwarding is paid for in datagrams read: one forward per `DATAGRAMS_PER_FORWARD`.
+    Sans-I/O: fed the number of datagrams of each read (0: the socket was empty). Behind means
+    reads stay large: the smoothed read size (weight 1/4 to the newest) is at least `BEHIND_FILL`.
+    One burst (a full read after a quiet spell) is not overload, and its names are forwarded; a
+    closed-loop client that refills the socket while we answer gives full and partial reads in
+    turn, and the partial ones are as much a sign of being behind as the full ones (before, each
+    partial read forwarded its whole share of a flood). While behind, forwards are paid for in
+    datagrams read: one per `DATAGRAMS_PER_FORWARD`, the rest shed (DnsServer._shed).
     """
 
-    __slots__ = ("batch", "fill", "credit")
+    __slots__ = ("fill", "credit")
 
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-        self.fill = 0  # datagrams a read, smoothed (weight 1/2 to the newest read), times 2
+    def __init__(self) -> None:
+        self.fill = 0  # datagrams a read, smoothed, times 4
         self.credit = 0  # datagrams read while behind, not yet spent on a forward
+
+    @property
+    def behind(self) -> bool:
+        return self.fill >= BEHIND_FILL * 4
 
     def read(self, count: int) -> int:
         """Note a read of `count` datagrams; the new forwards this batch may start (-1: no limit)."""
-        self.fill += count - (self.fill >> 1)
-        if count < self.batch and self.fill < BEHIND_FILL * 2:
+        fill = self.fill = self.fill + count - (self.fill >> 2)
+        if fill < BEHIND_FILL * 4:
             self.credit = 0
             return -1
         credit = self.credit + count

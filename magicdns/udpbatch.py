@@ -67,7 +67,7 @@ class BatchUdpListener:
         self.fd = sock.fileno()
         self.family = sock.family
         self.closed = False
-        self.backlog = Backlog(BATCH)  # whether we are behind: then forwards are shed (dispatch.py)
+        self.backlog = Backlog()  # whether we are behind: then forwards are shed (dispatch.py)
         self._rbuf = ctypes.create_string_buffer(BATCH * BUF_SIZE)
         self._sbuf = ctypes.create_string_buffer(BATCH * BUF_SIZE)
         self._names = ctypes.create_string_buffer(BATCH * NAME_SIZE)
