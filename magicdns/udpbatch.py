@@ -158,7 +158,7 @@ class BatchUdpListener:
         a0, a1 = self._addr_off
         namelen = self._namelen
         backlog = self.backlog
-        forward_or_reply = dispatch.forward_or_reply
+        forward_fn = dispatch.forward_fn  # the server's forwarding path, called straight without a query log
         replier = self._replier
         last_who: object = None
         last_ok = False
@@ -216,8 +216,12 @@ class BatchUdpListener:
                         # The sender's address stays raw bytes until a reply comes later: a shed
                         # query never pays for an address tuple.
                         off = i * NAME_SIZE
-                        result = forward_or_reply(result, data, "" if qlog is None else self._client(i)[0],  # type: ignore[arg-type]
-                                                  replier(nview[off:off + namelen].tobytes()), False)
+                        reply_to = replier(nview[off:off + namelen].tobytes())
+                        if qlog is None:
+                            result = forward_fn(result, data, reply_to, False)  # type: ignore[arg-type]
+                        else:
+                            result = dispatch.forward_or_reply(result, data, self._client(i)[0], reply_to,  # type: ignore[arg-type]
+                                                               False)
                         if result is None:
                             continue
                     elif qlog is not None:
