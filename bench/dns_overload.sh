@@ -111,15 +111,19 @@ auth_at_rate() {  # authoritative queries at the flood's rate: CPU per answer in
     cost "$TMP/authrate.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' "$TMP/auth-rate.out")"
 }
 
-flooded() {  # flooded: authoritative qps while $FLOOD qps of unique forwarded names arrive
-    local best=0 q r fp
+flooded() {  # flooded TAG: authoritative qps while $FLOOD qps of unique forwarded names arrive;
+    # per round, "run_ns0 wait_ns0 run_ns1 wait_ns1 auth_answers" of the server into $TMP/TAG.share
+    local best=0 q r fp s0 s1
     for r in $(seq "$ROUNDS"); do
         taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/flood.txt" -l $((DUR + 2)) -c 8 -q 20000 -t 1 -Q "$FLOOD" \
             >"$TMP/flood.out" 2>&1 &
         fp=$!
         sleep 1
+        s0=$(sched)
         taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 \
             >"$TMP/auth-flooded.out" 2>&1 || true
+        s1=$(sched)
+        echo "$s0 $s1 $(awk '/Queries completed/ {print $3}' "$TMP/auth-flooded.out")" >>"$TMP/$1.share"
         q=$(awk '/Queries per second/ {print int($4)}' "$TMP/auth-flooded.out")
         wait "$fp" || true
         [ "${q:-0}" -gt "$best" ] && best=$q
@@ -131,13 +135,13 @@ echo "dns_overload.sh $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d'
 run_server "$PORT_UPSTREAM"
 A0=$(auth)
 auth_at_rate
-A1=$(flooded)
+A1=$(flooded live)
 FLOOD_LIVE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
 LOST_LIVE=$(grep -E "Queries lost" "$TMP/auth-flooded.out" | tr -s ' ')
 flood_only live
 kill "$SRV"; wait "$SRV" 2>/dev/null || true
 run_server "$HOLE"
-A2=$(flooded)
+A2=$(flooded hole)
 FLOOD_HOLE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
 LOST_HOLE=$(grep -E "Queries lost" "$TMP/auth-flooded.out" | tr -s ' ')
 flood_only hole
@@ -161,6 +165,21 @@ print(f"{'  authoritative, full load':44} {ca:8.1f} us")
 print(f"{'  authoritative, at the flood rate':44} {cr:8.1f} us   (the same batch sizes as the floods below)")
 print(f"{'  flood, live upstream (forwarded or shed)':44} {cl:8.1f} us  {cl / cr:5.2f}x of the line above")
 print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / cr:5.2f}x")
+# The flood's share of the server's CPU while the authoritative client ran flat out beside it: the
+# server's CPU in that window less what its authoritative answers cost at full load. A saturated
+# server keeps (1 - share) of its authoritative answers; this holds however busy the machine is.
+def share(tag):
+    rows = [list(map(int, line.split())) for line in open(f"{tmp}/{tag}.share")]
+    out = []
+    for r0, _, r1, _, n in rows:
+        cpu = (r1 - r0) / 1e3
+        out.append(max(0.0, cpu - n * ca) / max(cpu, 1.0))
+    return statistics.median(out)
+
+sl, sh = share("live"), share("hole")
+print("the flood's share of the server's CPU under full authoritative load (immune to other load):")
+print(f"{'  live upstream':44} {sl:8.0%}   a saturated server keeps {1 - sl:4.2f}x of its answers")
+print(f"{'  silent upstream':44} {sh:8.0%}   a saturated server keeps {1 - sh:4.2f}x of its answers")
 print(f"busy machine: the server waited for a CPU up to {max(wa, wr, wl, wh):.0%} of the time it was runnable"
       " (qps ratios are only meaningful when this is near 0%)")
 PY
