@@ -112,7 +112,7 @@ auth_at_rate() {  # authoritative queries at the flood's rate: CPU per answer in
 }
 
 flooded() {  # flooded TAG: authoritative qps while $FLOOD qps of unique forwarded names arrive;
-    # per round, "run_ns0 wait_ns0 run_ns1 wait_ns1 auth_answers" of the server into $TMP/TAG.share
+    # per round "run_ns0 wait_ns0 run_ns1 wait_ns1 auth_answers seconds flood_qps" into $TMP/TAG.share
     local best=0 q r fp s0 s1
     for r in $(seq "$ROUNDS"); do
         taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/flood.txt" -l $((DUR + 2)) -c 8 -q 20000 -t 1 -Q "$FLOOD" \
@@ -123,9 +123,10 @@ flooded() {  # flooded TAG: authoritative qps while $FLOOD qps of unique forward
         taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 \
             >"$TMP/auth-flooded.out" 2>&1 || true
         s1=$(sched)
-        echo "$s0 $s1 $(awk '/Queries completed/ {print $3}' "$TMP/auth-flooded.out")" >>"$TMP/$1.share"
         q=$(awk '/Queries per second/ {print int($4)}' "$TMP/auth-flooded.out")
         wait "$fp" || true
+        echo "$s0 $s1 $(awk '/Queries completed/ {print $3}' "$TMP/auth-flooded.out") $DUR" \
+            "$(awk '/Queries per second/ {print int($4)}' "$TMP/flood.out")" >>"$TMP/$1.share"
         [ "${q:-0}" -gt "$best" ] && best=$q
     done
     echo "$best"
@@ -147,7 +148,7 @@ LOST_HOLE=$(grep -E "Queries lost" "$TMP/auth-flooded.out" | tr -s ' ')
 flood_only hole
 kill "$SRV"; wait "$SRV" 2>/dev/null || true
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PY" - "$A0" "$A1" "$A2" "$TMP" <<'PY'
+"$PY" - "$A0" "$A1" "$A2" "$TMP" "$FLOOD" <<'PY'
 import statistics, sys
 a0, a1, a2 = (int(x) for x in sys.argv[1:4])
 tmp = sys.argv[4]
@@ -165,21 +166,21 @@ print(f"{'  authoritative, full load':44} {ca:8.1f} us")
 print(f"{'  authoritative, at the flood rate':44} {cr:8.1f} us   (the same batch sizes as the floods below)")
 print(f"{'  flood, live upstream (forwarded or shed)':44} {cl:8.1f} us  {cl / cr:5.2f}x of the line above")
 print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / cr:5.2f}x")
-# The flood's share of the server's CPU while the authoritative client ran flat out beside it: the
-# server's CPU in that window less what its authoritative answers cost at full load. A saturated
-# server keeps (1 - share) of its authoritative answers; this holds however busy the machine is.
-def share(tag):
+# What a flooding query costs the server while authoritative queries keep it busy (full batches,
+# behind): its CPU in the flooded window less what the authoritative answers of that window cost at
+# full load, per flooding query. A server that the authoritative load alone saturates then keeps
+# 1 - FLOOD * that cost of its answers. CPU time, so other load on the machine does not count; but
+# the authoritative client must still have kept the server busy (few queries lost, below).
+def under_load(tag):
     rows = [list(map(int, line.split())) for line in open(f"{tmp}/{tag}.share")]
-    out = []
-    for r0, _, r1, _, n in rows:
-        cpu = (r1 - r0) / 1e3
-        out.append(max(0.0, cpu - n * ca) / max(cpu, 1.0))
-    return statistics.median(out)
+    costs = [max(0.0, (r1 - r0) / 1e3 - n * ca) / max(1, secs * fq) for r0, _, r1, _, n, secs, fq in rows]
+    return statistics.median(costs)
 
-sl, sh = share("live"), share("hole")
-print("the flood's share of the server's CPU under full authoritative load (immune to other load):")
-print(f"{'  live upstream':44} {sl:8.0%}   a saturated server keeps {1 - sl:4.2f}x of its answers")
-print(f"{'  silent upstream':44} {sh:8.0%}   a saturated server keeps {1 - sh:4.2f}x of its answers")
+flood_qps = int(sys.argv[5])
+ul, uh = under_load("live"), under_load("hole")
+print(f"server CPU per flooding query beside full authoritative load, and what a saturated server keeps:")
+print(f"{'  live upstream':44} {ul:8.1f} us  {ul / ca:5.2f}x   keeps {1 - flood_qps * ul / 1e6:4.2f}x")
+print(f"{'  silent upstream':44} {uh:8.1f} us  {uh / ca:5.2f}x   keeps {1 - flood_qps * uh / 1e6:4.2f}x")
 print(f"busy machine: the server waited for a CPU up to {max(wa, wr, wl, wh):.0%} of the time it was runnable"
       " (qps ratios are only meaningful when this is near 0%)")
 PY
