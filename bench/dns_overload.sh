@@ -102,16 +102,31 @@ flood_only() {  # flood_only TAG: the flood alone; CPU per answered flood query 
     cost "$TMP/$1.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' "$TMP/flood-only.out")"
 }
 
-flooded() {  # flooded: authoritative qps while $FLOOD qps of unique forwarded names arrive
-    local best=0 q r fp
+auth_at_rate() {  # authoritative queries at the flood's rate: CPU per answer into $TMP/authrate.cost
+    local s0 s1
+    s0=$(sched)
+    taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -q 20000 -t 1 -Q "$FLOOD" \
+        >"$TMP/auth-rate.out" 2>&1 || true
+    s1=$(sched)
+    cost "$TMP/authrate.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' "$TMP/auth-rate.out")"
+}
+
+flooded() {  # flooded TAG: authoritative qps while $FLOOD qps of unique forwarded names arrive;
+    # per round "run_ns0 wait_ns0 run_ns1 wait_ns1 auth_answers seconds flood_qps" into $TMP/TAG.share
+    local best=0 q r fp s0 s1
     for r in $(seq "$ROUNDS"); do
         taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/flood.txt" -l $((DUR + 2)) -c 8 -q 20000 -t 1 -Q "$FLOOD" \
             >"$TMP/flood.out" 2>&1 &
         fp=$!
         sleep 1
-        q=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 2>&1 \
-            | awk '/Queries per second/ {print int($4)}')
+        s0=$(sched)
+        taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 \
+            >"$TMP/auth-flooded.out" 2>&1 || true
+        s1=$(sched)
+        q=$(awk '/Queries per second/ {print int($4)}' "$TMP/auth-flooded.out")
         wait "$fp" || true
+        echo "$s0 $s1 $(awk '/Queries completed/ {print $3}' "$TMP/auth-flooded.out") $DUR" \
+            "$(awk '/Queries per second/ {print int($4)}' "$TMP/flood.out")" >>"$TMP/$1.share"
         [ "${q:-0}" -gt "$best" ] && best=$q
     done
     echo "$best"
@@ -120,17 +135,20 @@ flooded() {  # flooded: authoritative qps while $FLOOD qps of unique forwarded n
 echo "dns_overload.sh $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); flood $FLOOD qps of unique names"
 run_server "$PORT_UPSTREAM"
 A0=$(auth)
-A1=$(flooded)
+auth_at_rate
+A1=$(flooded live)
 FLOOD_LIVE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
+LOST_LIVE=$(grep -E "Queries lost" "$TMP/auth-flooded.out" | tr -s ' ')
 flood_only live
 kill "$SRV"; wait "$SRV" 2>/dev/null || true
 run_server "$HOLE"
-A2=$(flooded)
+A2=$(flooded hole)
 FLOOD_HOLE=$(grep -E "Queries per second|SERVFAIL|NOERROR|NXDOMAIN" "$TMP/flood.out" | tr -s ' ' | tr '\n' ';')
+LOST_HOLE=$(grep -E "Queries lost" "$TMP/auth-flooded.out" | tr -s ' ')
 flood_only hole
 kill "$SRV"; wait "$SRV" 2>/dev/null || true
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PY" - "$A0" "$A1" "$A2" "$TMP" <<'PY'
+"$PY" - "$A0" "$A1" "$A2" "$TMP" "$FLOOD" <<'PY'
 import statistics, sys
 a0, a1, a2 = (int(x) for x in sys.argv[1:4])
 tmp = sys.argv[4]
@@ -142,13 +160,30 @@ def cost(tag):
 print(f"{'authoritative qps, one core':44} {a0:>8}")
 print(f"{'  with a flood toward a live upstream':44} {a1:>8}  {a1 / a0:5.2f}x")
 print(f"{'  with a flood toward a silent upstream':44} {a2:>8}  {a2 / a0:5.2f}x   (target >= 0.80x)")
-(ca, wa), (cl, wl), (ch, wh) = cost("auth"), cost("live"), cost("hole")
+(ca, wa), (cr, wr), (cl, wl), (ch, wh) = cost("auth"), cost("authrate"), cost("live"), cost("hole")
 print("server CPU per answered query (schedstat run time / answers), immune to other load:")
-print(f"{'  authoritative':44} {ca:8.1f} us")
-print(f"{'  flood, live upstream (mostly shed)':44} {cl:8.1f} us  {cl / ca:5.2f}x")
-print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / ca:5.2f}x")
-print(f"busy machine: the server waited for a CPU up to {max(wa, wl, wh):.0%} of the time it was runnable"
+print(f"{'  authoritative, full load':44} {ca:8.1f} us")
+print(f"{'  authoritative, at the flood rate':44} {cr:8.1f} us   (the same batch sizes as the floods below)")
+print(f"{'  flood, live upstream (forwarded or shed)':44} {cl:8.1f} us  {cl / cr:5.2f}x of the line above")
+print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / cr:5.2f}x")
+# What a flooding query costs the server while authoritative queries keep it busy (full batches,
+# behind): its CPU in the flooded window less what the authoritative answers of that window cost at
+# full load, per flooding query. A server that the authoritative load alone saturates then keeps
+# 1 - FLOOD * that cost of its answers. CPU time, so other load on the machine does not count; but
+# the authoritative client must still have kept the server busy (few queries lost, below).
+def under_load(tag):
+    rows = [list(map(int, line.split())) for line in open(f"{tmp}/{tag}.share")]
+    costs = [max(0.0, (r1 - r0) / 1e3 - n * ca) / max(1, secs * fq) for r0, _, r1, _, n, secs, fq in rows]
+    return statistics.median(costs)
+
+flood_qps = int(sys.argv[5])
+ul, uh = under_load("live"), under_load("hole")
+print(f"server CPU per flooding query beside full authoritative load, and what a saturated server keeps:")
+print(f"{'  live upstream':44} {ul:8.1f} us  {ul / ca:5.2f}x   keeps {1 - flood_qps * ul / 1e6:4.2f}x")
+print(f"{'  silent upstream':44} {uh:8.1f} us  {uh / ca:5.2f}x   keeps {1 - flood_qps * uh / 1e6:4.2f}x")
+print(f"busy machine: the server waited for a CPU up to {max(wa, wr, wl, wh):.0%} of the time it was runnable"
       " (qps ratios are only meaningful when this is near 0%)")
 PY
 echo "flood, live upstream: $FLOOD_LIVE"
 echo "flood, silent upstream: $FLOOD_HOLE"
+echo "authoritative client under the flood (last round), live upstream: $LOST_LIVE; silent upstream: $LOST_HOLE"

@@ -64,6 +64,52 @@ class Counters:
 
 Answer = Union[bytes, Forward, None]
 
+# While a batched listener is behind, one new forward per this many datagrams it reads. A forward (a
+# socket, a timer, the upstream's reply) costs 10-15 authoritative answers, so forwards then take
+# about 5% of the CPU however many unique names arrive, and a loaded listener still starts several
+# hundred a second for the names nobody floods.
+DATAGRAMS_PER_FORWARD = 256
+FORWARD_CREDIT_CAP = 2 * DATAGRAMS_PER_FORWARD  # a pause in a flood does not bank a burst of forwards
+BEHIND_FILL = 24  # datagrams a read, smoothed: at or above it the listener is behind (of 64 a read)
+
+
+class Backlog:
+    """Whether a batched listener is behind, and how many new forwards its next batch may start.
+
+    Sans-I/O: fed the number of datagrams of each read (0: the socket was empty). Behind means
+    reads stay large: the smoothed read size (weight 1/4 to the newest) is at least `BEHIND_FILL`.
+    One burst (a full read after a quiet spell) is not overload, and its names are forwarded; a
+    closed-loop client that refills the socket while we answer gives full and partial reads in
+    turn, and the partial ones are as much a sign of being behind as the full ones (before, each
+    partial read forwarded its whole share of a flood). While behind, forwards are paid for in
+    datagrams read: one per `DATAGRAMS_PER_FORWARD`, the rest shed (DnsServer._shed).
+    """
+
+    __slots__ = ("fill", "credit")
+
+    def __init__(self) -> None:
+        self.fill = 0  # datagrams a read, smoothed, times 4
+        self.credit = 0  # datagrams read while behind, not yet spent on a forward
+
+    @property
+    def behind(self) -> bool:
+        return self.fill >= BEHIND_FILL * 4
+
+    def read(self, count: int) -> int:
+        """Note a read of `count` datagrams; the new forwards this batch may start (-1: no limit)."""
+        fill = self.fill = self.fill + count - (self.fill >> 2)
+        if fill < BEHIND_FILL * 4:
+            self.credit = 0
+            return -1
+        credit = self.credit + count
+        self.credit = credit if credit < FORWARD_CREDIT_CAP else FORWARD_CREDIT_CAP
+        return self.credit // DATAGRAMS_PER_FORWARD
+
+    def spent(self, allowance: int, left: int) -> None:
+        """After the batch: `allowance` was given, `left` of it unused."""
+        if allowance > 0:
+            self.credit -= (allowance - left) * DATAGRAMS_PER_FORWARD
+
 
 class Dispatch:
     """Transport-neutral query handling shared by every listener (see the module docstring).
@@ -81,8 +127,8 @@ class Dispatch:
         self.qlog = qlog
         self.counters = Counters()
         self._allowed: dict[str, bool] = {}
-        # New forwards the current batch may still start; -1: no limit. A batched listener that
-        # finds its socket backlogged (a full batch) sets a small allowance per batch: a forward
+        # New forwards the current batch may still start; -1: no limit. A batched listener that is
+        # behind (its socket backlogged, `Backlog`) sets a small allowance per batch: a forward
         # costs ~10x an authoritative answer, so under overload a flood of unique names is answered
         # SERVFAIL at once and the tailnet's own names keep their share of the CPU.
         self.forward_allowance = -1

@@ -24,7 +24,7 @@ from .chase import chase_reply, complete_chain
 from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
 from .encrypted import EncryptedConfig, EncryptedListenError, EncryptedListeners
 from .engine import Chase, Engine, Forward
-from .forward import Forwarder, error_reply, read_query
+from .forward import EDE_OTHER, Forwarder, error_reply, read_query, servfail_reply
 from .message import Rcode, header_only_reply, truncate
 from .querylog import QueryLog
 from .ranges import TAILNET_RANGES
@@ -36,6 +36,7 @@ from .view import DnsView
 from .zone import RESOLVER_V4, RESOLVER_V6, LocalZone, Zone
 
 log = logging.getLogger(__name__)
+_monotonic = time.monotonic
 
 # Loopback and the tailnet ranges (ranges.py): the clients a MagicDNS resolver serves.
 DEFAULT_ALLOW = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"), *TAILNET_RANGES)
@@ -276,27 +277,28 @@ class DnsServer:
         if route is None or not route.upstreams:
             c.no_upstream += 1
             return _refused(data) or None
-        if self.forwarder.looped(data):
+        forwarder = self.forwarder
+        dispatch = self.dispatch
+        allowance = dispatch.forward_allowance
+        if allowance == 0 or forwarder.inflight >= forwarder.max_inflight:
+            return self._shed(fwd, data, tcp)
+        if forwarder.looped(data):
             c.looped += 1
             log.warning("forwarding loop: one of our own upstream queries came back to us")
             return _servfail(data) or None
-        now = time.monotonic()
+        now = _monotonic()
         info = read_query(data)  # read once for the cache, the shedding and the race
-        cached = self.forwarder.answer_from_cache(data, now, info)
+        cached = forwarder.answer_from_cache(data, now, info)
         if cached is not None:
             c.cache_answers += 1
             cached = complete_chain(self.engine.zone, cached)  # type: ignore[union-attr]
             return cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit)
-        allowance = self.dispatch.forward_allowance
-        if (allowance == 0 or self.forwarder.inflight >= self.config.max_inflight
-                or not self._forward_budget.take(now)):
-            # Over the in-flight cap, the forwarding rate, or the listener is behind (a full batch
-            # waiting, dispatch.forward_allowance): answered now, before any task or socket exists,
-            # so a flood of unique names costs what an authoritative answer costs.
+        budget = self._forward_budget
+        if budget.rate and not budget.take(now):  # over --max-forward-qps (a cache hit never is)
             c.overload += 1
-            return self.forwarder.overloaded(data, info) or None
+            return self._fitted(forwarder.overloaded(data, info), fwd, tcp)  # a stale answer, else SERVFAIL
         if allowance > 0:
-            self.dispatch.forward_allowance = allowance - 1
+            dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
         limit = fwd.limit
 
@@ -312,6 +314,31 @@ class DnsServer:
         self.forwarder.start(data, route.upstreams, allow_tailnet_answers=route.allow_tailnet_answers, done=done,
                              info=info)
         return None
+
+    def _shed(self, fwd: Forward, data: bytes, tcp: bool) -> bytes | None:
+        """Over the in-flight cap, or the listener is behind with no forward left for this batch
+        (dispatch.Backlog): answered now, before any task, socket or closure exists. A cached
+        answer, fresh or stale (RFC 8767), still goes out; otherwise SERVFAIL (EDE "other"). This is
+        what every query of a flood of unique names costs, so it does the least that is right: one
+        reading of the question (the cache key), one cache lookup for fresh and stale alike, the
+        reply built from that reading. A loop check is not needed: a looping query gets SERVFAIL."""
+        self.counters.overload += 1
+        info = read_query(data)
+        if info is None:
+            return error_reply(data, Rcode.FORMERR) or None
+        cache = self.forwarder.cache
+        if cache is not None:
+            hit = cache.get_stale(data, info, _monotonic())
+            if hit is not None:
+                return self._fitted(complete_chain(self.engine.zone, hit), fwd, tcp)  # type: ignore[union-attr]
+        return servfail_reply(data, info, EDE_OTHER)
+
+    @staticmethod
+    def _fitted(reply: bytes, fwd: Forward, tcp: bool) -> bytes | None:
+        """`reply` fitted to the client's UDP size (a cached answer can be large)."""
+        if not tcp and len(reply) > fwd.limit:
+            return truncate(reply, fwd.limit)
+        return reply or None
 
     def _chase(self, chase: Chase, data: bytes, reply_to: Callable[[bytes], None]) -> None:
         """Forward the chase's subquery like any query (cache, race, rebinding rules of the target's

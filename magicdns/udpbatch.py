@@ -18,7 +18,7 @@ import errno
 import socket
 from typing import Callable
 
-from .dispatch import Dispatch
+from .dispatch import Backlog, Dispatch
 
 BATCH = 64
 BUF_SIZE = 4096  # larger than any query we answer (EDNS clients send small queries)
@@ -26,7 +26,6 @@ HALF_BUF = BUF_SIZE // 2  # the buffers seen as 16-bit words: where each datagra
 NAME_SIZE = 28  # sizeof(struct sockaddr_in6)
 MSG_DONTWAIT = 0x40
 MAX_ROUNDS = 8  # batches per readiness callback: bounded, so other work on the loop gets its turn
-FORWARDS_PER_FULL_BATCH = 1  # new forwards a backlogged batch may start (dispatch.forward_allowance)
 
 
 class _Iovec(ctypes.Structure):
@@ -68,6 +67,7 @@ class BatchUdpListener:
         self.fd = sock.fileno()
         self.family = sock.family
         self.closed = False
+        self.backlog = Backlog()  # whether we are behind: then forwards are shed (dispatch.py)
         self._rbuf = ctypes.create_string_buffer(BATCH * BUF_SIZE)
         self._sbuf = ctypes.create_string_buffer(BATCH * BUF_SIZE)
         self._names = ctypes.create_string_buffer(BATCH * NAME_SIZE)
@@ -104,6 +104,7 @@ class BatchUdpListener:
         self._allowed: dict[object, bool] = {}
         self._addr_off = (4, 8) if self.family == socket.AF_INET else (8, 24)
         self._names_u = _uint_view(self._names)  # IPv4 address of datagram i at index i * 7 + 1
+        self._namelen = namelen
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -116,9 +117,12 @@ class BatchUdpListener:
             self.sock.close()
 
     def _client(self, i: int) -> tuple:
-        """The Python address tuple of datagram `i` (slow: only for forwarded queries and logs)."""
+        """The Python address tuple of datagram `i` (slow: only for the query log and the allow-list)."""
         off = i * NAME_SIZE
-        raw = bytes(self._nview[off:off + NAME_SIZE])
+        return self._address(bytes(self._nview[off:off + NAME_SIZE]))
+
+    def _address(self, raw: bytes) -> tuple:
+        """The Python address tuple of a raw sockaddr."""
         port = raw[2] << 8 | raw[3]
         if self.family == socket.AF_INET:
             return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
@@ -152,6 +156,10 @@ class BatchUdpListener:
         allowed = self._allowed
         v4 = self.family == socket.AF_INET
         a0, a1 = self._addr_off
+        namelen = self._namelen
+        backlog = self.backlog
+        forward_fn = dispatch.forward_fn  # the server's forwarding path, called straight without a query log
+        replier = self._replier
         last_who: object = None
         last_ok = False
         hits = 0
@@ -159,9 +167,10 @@ class BatchUdpListener:
             for _ in range(MAX_ROUNDS):
                 count = _recvmmsg(self.fd, self._rmsg, BATCH, MSG_DONTWAIT, None)
                 if count <= 0:
+                    backlog.read(0)  # caught up
                     return
-                # A full batch means more is waiting in the socket: we are behind, shed forwards.
-                dispatch.forward_allowance = FORWARDS_PER_FULL_BATCH if count == BATCH else -1
+                # Behind (datagrams waiting): a few new forwards a batch, the rest shed (dispatch.py).
+                allowance = dispatch.forward_allowance = backlog.read(count)
                 c.udp += count
                 out = 0
                 for i in range(count):
@@ -204,9 +213,15 @@ class BatchUdpListener:
                             continue
                         # Forwarded. A reply known at once (cache hit, shed under overload) goes
                         # out in this batch's sendmmsg like a local answer; the rest come later.
-                        addr = self._client(i)
-                        result = dispatch.forward_or_reply(result, data, addr[0], self._replier(addr),  # type: ignore[arg-type]
-                                                           False)
+                        # The sender's address stays raw bytes until a reply comes later: a shed
+                        # query never pays for an address tuple.
+                        off = i * NAME_SIZE
+                        reply_to = replier(nview[off:off + namelen].tobytes())
+                        if qlog is None:
+                            result = forward_fn(result, data, reply_to, False)  # type: ignore[arg-type]
+                        else:
+                            result = dispatch.forward_or_reply(result, data, self._client(i)[0], reply_to,  # type: ignore[arg-type]
+                                                               False)
                         if result is None:
                             continue
                     elif qlog is not None:
@@ -219,6 +234,7 @@ class BatchUdpListener:
                     siov_q[out * 2 + 1] = size
                     smsg_q[out * 8] = name_ptr[i]
                     out += 1
+                backlog.spent(allowance, dispatch.forward_allowance)
                 if out:
                     _sendmmsg(self.fd, self._smsg, out, 0)
                 if count < BATCH:
@@ -233,14 +249,13 @@ class BatchUdpListener:
         self._allowed[who] = ok
         return ok
 
-    def _replier(self, addr: tuple) -> Callable[[bytes], None]:
-        sock = self.sock
-
+    def _replier(self, raw: bytes) -> Callable[[bytes], None]:
+        """Where the later reply to the sender of sockaddr `raw` goes."""
         def reply_to(reply: bytes) -> None:
             if self.closed:
                 return
             try:
-                sock.sendto(reply, addr)
+                self.sock.sendto(reply, self._address(raw))
             except OSError as exc:  # a full send buffer drops this reply, as UDP may
                 if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
                     raise
