@@ -34,6 +34,7 @@ _PLAIN_B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 class HttpStatus(enum.IntEnum):
     OK = 200
     BAD_REQUEST = 400
+    FORBIDDEN = 403
     NOT_FOUND = 404
     METHOD_NOT_ALLOWED = 405
     PAYLOAD_TOO_LARGE = 413
