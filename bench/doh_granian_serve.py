@@ -30,11 +30,12 @@ async def _bind(self: encrypted.EncryptedListeners) -> None:
     self.granian = []  # type: ignore[attr-defined]
     for host, port in self.config.doh:
         sock = listen_socket(host, port)
+        bound = sock.getsockname()[1]
         g = GranianDoh(DohApp(self.dispatch), sock, self.certs.cert_file, self.certs.key_file,
                        idle_timeout=self.dispatch.limits.idle_timeout)
         g.start()
         self.granian.append(g)  # type: ignore[attr-defined]
-        self.bound.append(("doh", host, sock.getsockname()[1]))
+        self.bound.append(("doh", host, bound))
 
 
 async def _close_servers(self: encrypted.EncryptedListeners) -> None:

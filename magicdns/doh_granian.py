@@ -21,6 +21,7 @@ from typing import Any
 from granian._futures import _future_watcher_wrapper, _new_cbscheduler  # noqa: PLC2701 (no public embed API for a socket of ours)
 from granian._granian import RSGIWorker, SocketHolder, WorkerSignal
 from granian.http import HTTP1Settings, HTTP2Settings
+from granian.rsgi import ProtocolClosed
 
 from .dispatch import Dispatch
 from .doh import MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, min_ttl, query_of
@@ -57,7 +58,10 @@ class DohApp:
             check_head(req)
             body = b""
             if method == "POST":
-                body = await proto()
+                try:
+                    body = await proto()
+                except ProtocolClosed:
+                    return  # the client went away (or reset the stream) before its body arrived
                 if len(body) > MAX_QUERY:
                     raise DohError(HttpStatus.PAYLOAD_TOO_LARGE, "body too large")
             query = query_of(req, body)
@@ -101,6 +105,9 @@ class GranianDoh:
     idle_timeout: float = 10.0
     max_streams: int = 100
     backpressure: int = 4096
+    # granian's own task shortcut (impl_asyncio=False) runs the handler without an asyncio Task;
+    # anything that asks for the current task (asyncio.timeout, wait_for) then fails.
+    asyncio_tasks: bool = True
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,7 +117,8 @@ class GranianDoh:
         def on_stop() -> None:
             loop.call_soon_threadsafe(lambda: self.stopped.done() or self.stopped.set_result(None))
         self.sig.add_cb(on_stop)
-        holder = SocketHolder(self.sock.fileno(), False, 1024)
+        # granian's listener takes the descriptor over and closes it when it stops.
+        holder = SocketHolder(self.sock.detach(), False, 1024)
         ms = int(self.idle_timeout * 1000)
         worker = RSGIWorker(
             1, (None, holder), None, 1, 512, 1, 30, self.backpressure, "auto",
@@ -121,7 +129,7 @@ class GranianDoh:
             True, self.cert_file, self.key_file, None, "tls1.2", None, [], False,
             (None, None))
         cb = _future_watcher_wrapper(self.app)
-        sched = _new_cbscheduler(loop, cb, impl_asyncio=False)
+        sched = _new_cbscheduler(loop, cb, impl_asyncio=self.asyncio_tasks)
         worker.serve_async(sched, loop, self.sig)
         self.worker = worker
 
