@@ -58,12 +58,17 @@ class DohApp:
             check_head(req)
             body = b""
             if method == "POST":
+                # Chunk by chunk, not `await proto()`: a body without Content-Length that grows past
+                # the largest DNS message gets its 413 as soon as it is too long, never buffered on.
+                buf = bytearray()
                 try:
-                    body = await proto()
+                    async for chunk in proto:
+                        buf += chunk
+                        if len(buf) > MAX_QUERY:
+                            raise DohError(HttpStatus.PAYLOAD_TOO_LARGE, "body too large")
                 except ProtocolClosed:
                     return  # the client went away (or reset the stream) before its body arrived
-                if len(body) > MAX_QUERY:
-                    raise DohError(HttpStatus.PAYLOAD_TOO_LARGE, "body too large")
+                body = bytes(buf)
             query = query_of(req, body)
         except DohError as exc:
             self._error(proto, exc)
