@@ -2,7 +2,10 @@
 the DNS in Python on the resolver's own loop.
 
 SPIKE (issue 12): this module measures whether a compiled HTTP stack closes the gap to dnsdist that
-the pure-Python h2 listener (dohserver.py) leaves. It is not wired into `magicdns serve` yet.
+the pure-Python h2 listener (dohserver.py) leaves; bench/encdns.sh runs it (ENCDNS_BENCH_GRANIAN=1)
+through bench/doh_granian_serve.py. It is not wired into `magicdns serve` or the node: granian
+accepts and handshakes every client itself, so the allow-list can only answer 403 per request, and
+it has no per-client connection slots and no handshake deadline (README, "DoH on granian").
 
 granian runs its HTTP side on tokio threads of its own and hands every complete request to the
 asyncio loop (`call_soon_threadsafe`), where `DohApp` parses it with doh.py and answers it through
