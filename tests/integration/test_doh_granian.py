@@ -157,12 +157,18 @@ def test_kdig_https_verifies_the_certificate(pki: dict, tmp_path: Path) -> None:
 
 def test_a_client_that_leaves_mid_body_and_tls_below_1_2_cost_nothing(pki: dict) -> None:
     def check(port: int, app: DohApp) -> None:
-        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
-        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        def client(highest: ssl.TLSVersion) -> ssl.SSLContext:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # else OpenSSL refuses TLS 1.1 on our side, not theirs
+            ctx.minimum_version, ctx.maximum_version = ssl.TLSVersion.TLSv1, highest
+            return ctx
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with pytest.raises((ssl.SSLError, OSError)):
-                old.wrap_socket(raw, server_hostname=NAME)
+            with client(ssl.TLSVersion.TLSv1_2).wrap_socket(raw, server_hostname=NAME) as tls:
+                assert tls.version() == "TLSv1.2"  # the same client, allowed 1.2, is served
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):  # the server's alert, not our refusal
+                client(ssl.TLSVersion.TLSv1_1).wrap_socket(raw, server_hostname=NAME)
         for _ in range(20):  # POSTs announcing 40 bytes, sending 10, then gone
             with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
                 ctx = _ctx(pki)
