@@ -32,6 +32,7 @@ from .doh import MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, conten
 log = logging.getLogger("magicdns.doh")
 
 _CT = "content-type"
+DRAIN_LIMIT = 4 * MAX_QUERY  # most of a refused HTTP/1.1 body read (and dropped) before the error
 _DNS_TYPE = "application/dns-message"
 
 
@@ -47,7 +48,7 @@ class DohApp:
         host = scope.client.rsplit(":", 1)[0].strip("[]")
         dispatch = self.dispatch
         if not dispatch.client_allowed(host):
-            self._error(proto, DohError(HttpStatus.FORBIDDEN, "client not allowed"))
+            await self._refuse(scope, proto, DohError(HttpStatus.FORBIDDEN, "client not allowed"), False)
             return
         method = scope.method
         qs = scope.query_string
@@ -57,6 +58,7 @@ class DohApp:
         else:
             hdrs = scope.headers
             req = DohRequest(method, target, hdrs.get(_CT), content_length(hdrs.get("content-length")))
+        read = method == "GET"  # the whole request is in; a body-carrying one is not yet
         try:
             check_head(req)
             body = b""
@@ -71,10 +73,11 @@ class DohApp:
                             raise DohError(HttpStatus.PAYLOAD_TOO_LARGE, "body too large")
                 except ProtocolClosed:
                     return  # the client went away (or reset the stream) before its body arrived
+                read = True
                 body = bytes(buf)
             query = query_of(req, body)
         except DohError as exc:
-            self._error(proto, exc)
+            await self._refuse(scope, proto, exc, read)
             return
         self.queries += 1
         dispatch.counters.tcp += 1
@@ -95,6 +98,21 @@ class DohApp:
             dispatch.forward(result, query, host, done, True)  # type: ignore[arg-type]
             reply = await fut
         proto.response_bytes(200, [(_CT, _DNS_TYPE), ("cache-control", "max-age=%d" % min_ttl(reply))], reply)  # type: ignore[arg-type]
+
+    async def _refuse(self, scope: Any, proto: Any, exc: DohError, read: bool) -> None:
+        """An error response. Over HTTP/1.1 the rest of an unread body is read first (up to
+        `DRAIN_LIMIT`): hyper closes a connection whose request body is left unread, and a close with
+        unread bytes is a TCP reset, which can destroy the error response before the client reads it."""
+        if not read and scope.http_version.startswith("1"):
+            drained = 0
+            try:
+                async for chunk in proto:
+                    drained += len(chunk)
+                    if drained > DRAIN_LIMIT:
+                        break
+            except ProtocolClosed:
+                return
+        self._error(proto, exc)
 
     def _error(self, proto: Any, exc: DohError) -> None:
         self.errors += 1

@@ -115,9 +115,10 @@ def test_http_semantics_and_bad_requests(pki: dict) -> None:
                               extensions=ext).status_code == 415
                 assert c.put(url, content=q.to_wire(), headers={"host": NAME, "content-type": "text/plain"},
                              extensions=ext).status_code == 405
-                big = c.post(url, content=b"\x00" * 70000,
-                             headers={"host": NAME, "content-type": "application/dns-message"}, extensions=ext)
-                assert big.status_code == 413
+                for _ in range(10):  # HTTP/1.1: the 413 must not be lost to a reset over the unread body
+                    big = c.post(url, content=b"\x00" * 70000,
+                                 headers={"host": NAME, "content-type": "application/dns-message"}, extensions=ext)
+                    assert big.status_code == 413
                 assert get(q.to_wire()).status_code == 200  # the connection still serves
 
     _run(pki, check)
