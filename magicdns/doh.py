@@ -117,6 +117,22 @@ def query_of(req: DohRequest, body: bytes) -> bytes:
     return query
 
 
+def plain_get_query(path: str, query_string: str) -> bytes | None:
+    """The DNS query of `GET /dns-query?dns=<bare base64url>` (what every DoH client sends), given the
+    path and query string apart as granian gives them; None for anything else, which then takes
+    `check_head` and `query_of` (the same answer for what this accepts: tests/unit/test_doh_core.py)."""
+    if path != PATH or query_string[:4] != "dns=":
+        return None
+    text = query_string[4:]
+    if not _PLAIN_B64URL.fullmatch(text):
+        return None
+    try:
+        query = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return query if MIN_QUERY <= len(query) <= MAX_QUERY else None
+
+
 def min_ttl(reply: bytes) -> int:
     """The smallest TTL of the reply's records (OPT excluded); 0 when it has none or cannot be read."""
     key = reply[2:]  # all but the ID: the same answer to another client hits

@@ -27,11 +27,14 @@ from granian.http import HTTP1Settings, HTTP2Settings
 from granian.rsgi import ProtocolClosed
 
 from .dispatch import Dispatch
-from .doh import MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, min_ttl, query_of
+from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, min_ttl,
+                  plain_get_query, query_of)
 
 log = logging.getLogger("magicdns.doh")
 
 _CT = "content-type"
+# The headers of a 200 per max-age (granian copies them; the list is never changed): few distinct TTLs.
+_OK_HEADERS: dict[int, list[tuple[str, str]]] = {}
 DRAIN_LIMIT = 4 * MAX_QUERY  # most of a refused HTTP/1.1 body read (and dropped) before the error
 _DNS_TYPE = "application/dns-message"
 
@@ -52,6 +55,11 @@ class DohApp:
             return
         method = scope.method
         qs = scope.query_string
+        if method == "GET":
+            query = plain_get_query(scope.path, qs)  # the common request, without the general parse
+            if query is not None:
+                await self._answer(host, query, proto)
+                return
         target = scope.path + "?" + qs if qs else scope.path
         if method == "GET":
             req = DohRequest(method, target, None, None)
@@ -79,6 +87,10 @@ class DohApp:
         except DohError as exc:
             await self._refuse(scope, proto, exc, read)
             return
+        await self._answer(host, query, proto)
+
+    async def _answer(self, host: str, query: bytes, proto: Any) -> None:
+        dispatch = self.dispatch
         self.queries += 1
         dispatch.counters.tcp += 1
         result = dispatch.answer(query, True)
@@ -97,7 +109,13 @@ class DohApp:
                     fut.set_result(r)
             dispatch.forward(result, query, host, done, True)  # type: ignore[arg-type]
             reply = await fut
-        proto.response_bytes(200, [(_CT, _DNS_TYPE), ("cache-control", "max-age=%d" % min_ttl(reply))], reply)  # type: ignore[arg-type]
+        ttl = min_ttl(reply)  # type: ignore[arg-type]
+        headers = _OK_HEADERS.get(ttl)
+        if headers is None:
+            if len(_OK_HEADERS) >= 1024:
+                _OK_HEADERS.clear()
+            headers = _OK_HEADERS[ttl] = [(_CT, _DNS_TYPE), ("cache-control", "max-age=%d" % ttl)]
+        proto.response_bytes(200, headers, reply)
 
     async def _refuse(self, scope: Any, proto: Any, exc: DohError, read: bool) -> None:
         """An error response. Over HTTP/1.1 the rest of an unread body is read first (up to
