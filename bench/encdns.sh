@@ -33,6 +33,9 @@ for tool in dnsperf h2load dnsdist nsd taskset; do
     command -v "$tool" >/dev/null || { echo "encdns.sh: $tool is not installed" >&2; exit 2; }
 done
 SERVERS=(magicdns dnsdist)
+# ENCDNS_BENCH_GRANIAN=1 adds "granian": magicdns with its DoH listener on granian (issue 12's spike;
+# bench/doh_granian_serve.py, magicdns/doh_granian.py), plain TCP and h2load DoH only.
+[ "${ENCDNS_BENCH_GRANIAN:-0}" = 1 ] && SERVERS+=(granian)
 [ "${ENCDNS_BENCH_UNBOUND:-0}" = 1 ] && SERVERS+=(unbound)
 if [ "${ENCDNS_BENCH_UNBOUND:-0}" = 1 ]; then command -v unbound >/dev/null || { echo "encdns.sh: unbound is not installed" >&2; exit 2; }; fi
 dnsdist --version | grep -q 'dns-over-https' || { echo "encdns.sh: this dnsdist has no DoH" >&2; exit 2; }
@@ -67,13 +70,13 @@ chmod 644 "$TMP/server.key"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 declare -A PORT
-for s in magicdns dnsdist unbound; do
+for s in magicdns dnsdist unbound granian; do
     for m in tcp dot doh; do PORT[$s/$m]=$(free_port); done
 done
 NSD_PORT=$(free_port)
 
 printf 'my-server.tailnet A\ndb.tailnet A\ngrafana.tailnet A\nmy-server.tailnet AAAA\n' > "$TMP/queries"
-for s in magicdns dnsdist unbound; do  # the same four queries as RFC 8484 GETs (ID 0), for h2load
+for s in magicdns dnsdist unbound granian; do  # the same four queries as RFC 8484 GETs (ID 0), for h2load
     "$PY" - "${PORT[$s/doh]}" "$TMP/queries" > "$TMP/uris.$s" <<'EOF'
 import base64, sys
 import dns.message
@@ -92,6 +95,14 @@ taskset -c 0 "$PY" -m magicdns.cli serve --listen "127.0.0.1:${PORT[magicdns/tcp
     --doh "127.0.0.1:${PORT[magicdns/doh]}" --tls-cert "$TMP/server.crt" --tls-key "$TMP/server.key" \
     --max-tcp-connections 4096 --log-level warning > "$TMP/magicdns.log" 2>&1 &
 PID[magicdns]=$!; PIDS+=($!)
+
+if [ "${ENCDNS_BENCH_GRANIAN:-0}" = 1 ]; then
+    taskset -c 0 "$PY" "$ROOT/bench/doh_granian_serve.py" serve --listen "127.0.0.1:${PORT[granian/tcp]}" \
+        --view "$ROOT/conf/view.json" --control-socket "$TMP/g.sock" --resolv-conf "$TMP/none" \
+        --doh "127.0.0.1:${PORT[granian/doh]}" --tls-cert "$TMP/server.crt" --tls-key "$TMP/server.key" \
+        --max-tcp-connections 4096 --log-level warning > "$TMP/granian.log" 2>&1 &
+    PID[granian]=$!; PIDS+=($!)
+fi
 
 mkdir -p "$TMP/nsd"
 cat > "$TMP/nsd/tailnet.zone" <<'EOF'
@@ -231,19 +242,20 @@ run_h2() {
     alive "$s"
 }
 
+modes() { if [ "$1" = granian ]; then echo tcp; else echo tcp dot dnsperf-doh; fi; }
 for s in "${SERVERS[@]}"; do  # warm: connections, caches, the reply memo
-    for m in tcp dot dnsperf-doh; do run "$s" "$m" warm -l 1 -c 4 2>/dev/null; done
+    for m in $(modes "$s"); do run "$s" "$m" warm -l 1 -c 4 2>/dev/null; done
     run_h2 "$s" warm -c 4 -m 10 -D 1 2>/dev/null
 done
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq "$ROUNDS"); do
     log "round $r of $ROUNDS"
     for s in "${SERVERS[@]}"; do
-        for m in tcp dot dnsperf-doh; do run "$s" "$m" max -l "$DUR" -c "$CLIENTS"; done
+        for m in $(modes "$s"); do run "$s" "$m" max -l "$DUR" -c "$CLIENTS"; done
         run_h2 "$s" max -c "$CLIENTS" -m 10 -D "$DUR"
     done
     for s in "${SERVERS[@]}"; do
-        for m in tcp dot dnsperf-doh; do run "$s" "$m" lat -l "$LAT_DUR" -c 1 -Q "$RATE" -v; done
+        for m in $(modes "$s"); do run "$s" "$m" lat -l "$LAT_DUR" -c 1 -Q "$RATE" -v; done
         run_h2 "$s" lat -c 1 -m 1 --rps "$RATE" -D "$LAT_DUR"
     done
 done

@@ -34,6 +34,7 @@ _PLAIN_B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 class HttpStatus(enum.IntEnum):
     OK = 200
     BAD_REQUEST = 400
+    FORBIDDEN = 403
     NOT_FOUND = 404
     METHOD_NOT_ALLOWED = 405
     PAYLOAD_TOO_LARGE = 413
@@ -114,6 +115,22 @@ def query_of(req: DohRequest, body: bytes) -> bytes:
     if len(query) > MAX_QUERY:
         raise DohError(HttpStatus.PAYLOAD_TOO_LARGE, "a DNS message is at most 65535 bytes")
     return query
+
+
+def plain_get_query(path: str, query_string: str) -> bytes | None:
+    """The DNS query of `GET /dns-query?dns=<bare base64url>` (what every DoH client sends), given the
+    path and query string apart as granian gives them; None for anything else, which then takes
+    `check_head` and `query_of` (the same answer for what this accepts: tests/unit/test_doh_core.py)."""
+    if path != PATH or query_string[:4] != "dns=":
+        return None
+    text = query_string[4:]
+    if not _PLAIN_B64URL.fullmatch(text):
+        return None
+    try:
+        query = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return query if MIN_QUERY <= len(query) <= MAX_QUERY else None
 
 
 def min_ttl(reply: bytes) -> int:
