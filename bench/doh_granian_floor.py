@@ -15,7 +15,7 @@ import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from magicdns.doh_granian import DohApp, GranianDoh, listen_socket  # noqa: E402
+from doh_granian import DohApp, GranianDoh, listen_socket  # noqa: E402
 
 mode, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 REPLY = dns.message.make_response(dns.message.make_query("my-server.tailnet", "A")).to_wire()

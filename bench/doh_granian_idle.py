@@ -20,7 +20,7 @@ import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from magicdns.doh_granian import DohApp, GranianDoh, listen_socket  # noqa: E402
+from doh_granian import DohApp, GranianDoh, listen_socket  # noqa: E402
 from magicdns.server import DnsServer, ServerConfig  # noqa: E402
 from magicdns.view import view_from_json  # noqa: E402
 

@@ -3,7 +3,7 @@ bench/encdns.sh (ENCDNS_BENCH_GRANIAN=1). Run by hand through that script, not a
 arguments as `magicdns serve`.
 
 The spike is not wired into magicdns itself (see README, "DoH on granian: the spike"): this script
-swaps the DoH half of `EncryptedListeners._bind` for `magicdns.doh_granian` before the CLI runs.
+swaps the DoH half of `EncryptedListeners._bind` for `bench/doh_granian.py` before the CLI runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magicdns import cli, encrypted  # noqa: E402
-from magicdns.doh_granian import DohApp, GranianDoh, listen_socket  # noqa: E402
+from doh_granian import DohApp, GranianDoh, listen_socket  # noqa: E402
 from magicdns.dot import start_dot  # noqa: E402
 from magicdns.tlsconf import ALPN_DOT  # noqa: E402
 

@@ -34,7 +34,7 @@ for tool in dnsperf h2load dnsdist nsd taskset; do
 done
 SERVERS=(magicdns dnsdist)
 # ENCDNS_BENCH_GRANIAN=1 adds "granian": magicdns with its DoH listener on granian (issue 12's spike;
-# bench/doh_granian_serve.py, magicdns/doh_granian.py), plain TCP and h2load DoH only.
+# bench/doh_granian_serve.py, bench/doh_granian.py; pip install -e '.[bench]'), plain TCP and h2load DoH only.
 [ "${ENCDNS_BENCH_GRANIAN:-0}" = 1 ] && SERVERS+=(granian)
 [ "${ENCDNS_BENCH_UNBOUND:-0}" = 1 ] && SERVERS+=(unbound)
 if [ "${ENCDNS_BENCH_UNBOUND:-0}" = 1 ]; then command -v unbound >/dev/null || { echo "encdns.sh: unbound is not installed" >&2; exit 2; }; fi

@@ -1,7 +1,7 @@
 """DoH (RFC 8484) served by granian: HTTP/1.1 and HTTP/2 and TLS in Rust (hyper, tokio, rustls),
 the DNS in Python on the resolver's own loop.
 
-SPIKE (issue 12): this module measures whether a compiled HTTP stack closes the gap to dnsdist that
+SPIKE (issue 12), kept under bench/ with the scripts that measure it: this module measures whether a compiled HTTP stack closes the gap to dnsdist that
 the pure-Python h2 listener (dohserver.py) leaves; bench/encdns.sh runs it (ENCDNS_BENCH_GRANIAN=1)
 through bench/doh_granian_serve.py. It is not wired into `magicdns serve` or the node: granian
 accepts and handshakes every client itself, so the allow-list can only answer 403 per request, and
@@ -26,8 +26,8 @@ from granian._granian import RSGIWorker, SocketHolder, WorkerSignal
 from granian.http import HTTP1Settings, HTTP2Settings
 from granian.rsgi import ProtocolClosed
 
-from .dispatch import Dispatch
-from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, min_ttl,
+from magicdns.dispatch import Dispatch
+from magicdns.doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, min_ttl,
                   plain_get_query, query_of)
 
 log = logging.getLogger("magicdns.doh")
