@@ -178,6 +178,7 @@ class ControlServer:
         self._streams: dict[int, tuple[StreamState, asyncio.Event]] = {}
         self._dirty = asyncio.Event()
         self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
+        self._seen_pending: set[int] = set()      # nodes whose streams ended: last-seen to write
         self._full_maps = asyncio.Semaphore(8)
         self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -275,6 +276,7 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._write_seen()   # the streams the shutdown ended
             try:  # nobody is online on a stopped server: `control nodes ls` says so at once, and
                 # keeps saying so (no heartbeat will follow) until a server starts and writes again
                 if self.config.replica_id:
@@ -291,6 +293,7 @@ class ControlServer:
         interval = self.config.replica_heartbeat if self.config.replica_id else self.config.presence_interval
         while True:
             self._presence_changed.clear()
+            self._write_seen()
             try:
                 if self.config.replica_id:
                     self._heartbeat()
@@ -310,6 +313,17 @@ class ControlServer:
                 # reconnect storm (a dead replica's nodes arriving by the thousand) this loop wrote
                 # a heartbeat, a blocking round trip with every online id, after each arrival.
                 await asyncio.sleep(self.config.presence_coalesce)
+
+    def _write_seen(self) -> None:
+        """Record the last-seen time of the nodes whose streams ended since the last call."""
+        if not self._seen_pending:
+            return
+        ids, self._seen_pending = sorted(self._seen_pending), set()
+        try:
+            self.store.touch(ids, time.time())
+        except Exception:   # never the presence loop's end: it also keeps this replica alive
+            log.exception("recording last-seen of %d node(s) failed", len(ids))
+        self.mark_dirty()
 
     def _heartbeat(self) -> None:
         now = time.time()
@@ -691,10 +705,10 @@ class ControlServer:
                 self.online[node.id] = left
             else:
                 self.online.pop(node.id, None)
-            try:
-                self.store.touch([node.id], time.time())
-            except ControlStoreError:
-                log.exception("recording last-seen of node %d failed", node.id)
+            # Written with the next presence write (within `presence_coalesce`), for every stream
+            # that ended meanwhile in one transaction: a replica stopping, or a network blip, ends
+            # thousands at once, and one write each held the database's write lock thousands of times.
+            self._seen_pending.add(node.id)
             self.mark_dirty()
             self._presence_changed.set()
         return resp
