@@ -91,6 +91,7 @@ class ServerConfig:
     stream_deadline: float = 30.0       # a map stream that takes no bytes for this long is closed
     full_map_slot: float = 1.0          # how long a slow reader may hold one of the full-map slots
     max_streams_per_node: int = 2
+    presence_coalesce: float = 0.2      # streams that come or go within this long: one presence write
     audit_prune_interval: float = 3600.0
     expiry_interval: float = 5.0        # how often expired logins are looked for (control/jobs.py)
     unregistered_rate: float = 200.0    # a second
@@ -106,6 +107,7 @@ class ServerConfig:
 
 _CHAN = web.RequestKey("meshnode.channel", Channel)
 _NONCE = web.RequestKey("meshnode.nonce", str)
+_NODE = web.RequestKey("meshnode.node", object)   # the machine's node as `_open` read it (or None)
 
 
 def _error(code: ErrorCode, message: str, request: web.Request | None = None) -> web.Response:
@@ -176,6 +178,7 @@ class ControlServer:
         self._streams: dict[int, tuple[StreamState, asyncio.Event]] = {}
         self._dirty = asyncio.Event()
         self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
+        self._seen_pending: set[int] = set()      # nodes whose streams ended: last-seen to write
         self._full_maps = asyncio.Semaphore(8)
         self._node_streams: dict[int, list[tuple[asyncio.Task[Any] | None, web.Request]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -273,6 +276,7 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._write_seen()   # the streams the shutdown ended
             try:  # nobody is online on a stopped server: `control nodes ls` says so at once, and
                 # keeps saying so (no heartbeat will follow) until a server starts and writes again
                 if self.config.replica_id:
@@ -289,6 +293,7 @@ class ControlServer:
         interval = self.config.replica_heartbeat if self.config.replica_id else self.config.presence_interval
         while True:
             self._presence_changed.clear()
+            self._write_seen()
             try:
                 if self.config.replica_id:
                     self._heartbeat()
@@ -300,9 +305,25 @@ class ControlServer:
             # set (streams closing at shutdown set it), and this loop then ran on and stop() hung.
             waiter = asyncio.ensure_future(self._presence_changed.wait())
             try:
-                await asyncio.wait({waiter}, timeout=interval)
+                done, _ = await asyncio.wait({waiter}, timeout=interval)
             finally:
                 waiter.cancel()
+            if done:
+                # Streams came or went: gather the others arriving with them before writing. In a
+                # reconnect storm (a dead replica's nodes arriving by the thousand) this loop wrote
+                # a heartbeat, a blocking round trip with every online id, after each arrival.
+                await asyncio.sleep(self.config.presence_coalesce)
+
+    def _write_seen(self) -> None:
+        """Record the last-seen time of the nodes whose streams ended since the last call."""
+        if not self._seen_pending:
+            return
+        ids, self._seen_pending = sorted(self._seen_pending), set()
+        try:
+            self.store.touch(ids, time.time())
+        except Exception:   # never the presence loop's end: it also keeps this replica alive
+            log.exception("recording last-seen of %d node(s) failed", len(ids))
+        self.mark_dirty()
 
     def _heartbeat(self) -> None:
         now = time.time()
@@ -524,7 +545,9 @@ class ControlServer:
         body = await request.read()
         if not body:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "empty body: expected a sealed request")
-        known = self.store.node_by_machine_key(header) is not None
+        node = self.store.node_by_machine_key(header)
+        known = node is not None
+        request[_NODE] = node   # read once per request: `_node_for` takes it from here
         if not known and not self._unregistered.allow(time.monotonic()):
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests from unregistered machines; retry later")
         chan = self._channel(header)
@@ -541,8 +564,11 @@ class ControlServer:
     def _sealed(self, chan: Channel, payload: dict[str, Any]) -> web.Response:
         return web.Response(body=chan.seal(payload), content_type="application/octet-stream")
 
-    def _node_for(self, machine_key: str, payload: dict[str, Any]) -> Node:
-        node = self.store.node_by_machine_key(machine_key)
+    def _node_for(self, machine_key: str, payload: dict[str, Any], request: web.Request | None = None) -> Node:
+        # The node `_open` read for this very request (no await between them in any handler), else
+        # read now: one blocking database round trip fewer per request, which counts when a dead
+        # replica's nodes arrive by the thousand.
+        node = request[_NODE] if request is not None and _NODE in request else self.store.node_by_machine_key(machine_key)
         if node is None or node.logged_out:
             raise ProtocolError(ErrorCode.NOT_REGISTERED, "this machine is not registered; log in with an auth key")
         if node.expired(time.time()):
@@ -600,7 +626,7 @@ class ControlServer:
 
     async def _endpoints(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
-        node = self._node_for(machine_key, p)
+        node = self._node_for(machine_key, p, request)
         home = p.get("home_region")
         if home is not None and (isinstance(home, bool) or not isinstance(home, int) or not 0 < home < 1 << 31):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "home_region must be a positive integer")
@@ -615,7 +641,7 @@ class ControlServer:
 
     async def _cert(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
-        node = self._node_for(machine_key, p)
+        node = self._node_for(machine_key, p, request)
         bucket = self._cert_buckets.setdefault(node.id, TokenBucket(rate=1 / 60, burst=5))
         if not bucket.allow(time.monotonic()):
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many certificate requests; retry in a minute")
@@ -632,7 +658,7 @@ class ControlServer:
 
     async def _logout(self, request: web.Request) -> web.Response:
         machine_key, chan, p = await self._open(request)
-        node = self._node_for(machine_key, p)
+        node = self._node_for(machine_key, p, request)
         with self.store.acting_as(f"node:{node.name}"):
             self.store.logout(node.id)
         log.info("node %d %s logged out", node.id, node.name)
@@ -641,7 +667,7 @@ class ControlServer:
 
     async def _map(self, request: web.Request) -> web.StreamResponse:
         machine_key, chan, p = await self._open(request)
-        node = self._node_for(machine_key, p)
+        node = self._node_for(machine_key, p, request)
         if self.snapshot is None or node.id not in self.snapshot.nodes:
             self._publish()  # just registered or logged in again: do not wait for the publisher
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
@@ -679,10 +705,10 @@ class ControlServer:
                 self.online[node.id] = left
             else:
                 self.online.pop(node.id, None)
-            try:
-                self.store.touch([node.id], time.time())
-            except ControlStoreError:
-                log.exception("recording last-seen of node %d failed", node.id)
+            # Written with the next presence write (within `presence_coalesce`), for every stream
+            # that ended meanwhile in one transaction: a replica stopping, or a network blip, ends
+            # thousands at once, and one write each held the database's write lock thousands of times.
+            self._seen_pending.add(node.id)
             self.mark_dirty()
             self._presence_changed.set()
         return resp
