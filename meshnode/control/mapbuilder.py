@@ -11,6 +11,7 @@ stream. The cost model matters at 10,000 nodes:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from dataclasses import dataclass, field, replace
@@ -61,10 +62,16 @@ def map_node(node: Node, domain: str, online: bool, key_signature: str = "", loc
                    node.home_region)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _address_objects(texts: tuple[str, ...]) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    # Parsing an address text costs ~8 us (IPv6 more): `set_policy` asks for every node's, and at
+    # 10,000 nodes that parsing was 80% of storing a policy (~0.35 s of a change reaching its nodes).
+    return tuple(ipaddress.ip_address(a) for a in texts)
+
+
 def node_info(node: Node) -> NodeInfo:
     """A stored node as the policy engine sees it."""
-    return NodeInfo(node.id, node.name, node.user, node.tags,
-                    tuple(ipaddress.ip_address(a) for a in node.addresses),
+    return NodeInfo(node.id, node.name, node.user, node.tags, _address_objects(tuple(node.addresses)),
                     tuple(ipaddress.ip_network(r) for r in node.approved_routes),
                     node.exit_node_approved)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import math
 import dataclasses
 import hmac
@@ -193,6 +194,11 @@ class ControlServer:
                       "slow_streams_closed": 0, "resumed": 0, "full_maps": 0}
         self._changes_memo: dict[tuple[int, int], list[Any]] = {}   # (since, upto) -> change log
         self.resume_refusals: dict[str, int] = {}   # why a resume token got a full map (reason -> count)
+        # Where the time of a change goes (wall clock, for /metrics and bench/scale.sh), for each of
+        # the last few snapshots: when the change was noticed (doorbell, poll or a local write), when
+        # the build began and the snapshot was published, and when the last frame went out.
+        self._dirty_at = 0.0
+        self.phases: collections.deque[dict[str, float]] = collections.deque(maxlen=8)
         self._epoch = store.tailnet_epoch()
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
         self.app.add_routes([
@@ -345,6 +351,8 @@ class ControlServer:
     # -- change propagation ---------------------------------------------------------------------
 
     def mark_dirty(self) -> None:
+        if not self._dirty.is_set():
+            self._dirty_at = time.time()
         self._dirty.set()
 
     def _policy(self) -> tuple[str | None, Policy | None]:
@@ -365,6 +373,7 @@ class ControlServer:
 
     def _publish(self) -> None:
         """Build a snapshot from the store; if it differs, persist a new version and wake streams."""
+        started = time.time()
         self._seen_counter = self.store.change_counter()
         records_version = self.store.records.version()
         if records_version != self._seen_records or self._records is None:
@@ -401,6 +410,8 @@ class ControlServer:
             snap = with_version(snap, self.store.bump_map_version())
         self.snapshot = snap
         self.stats["snapshots"] += 1
+        self.phases.append({"version": snap.version, "noticed": min(self._dirty_at, started), "build_start": started,
+                            "published": time.time(), "last_frame": 0.0})
         self._wake_streams(prev, snap)
 
     def _build(self, prev: Snapshot | None, nodes: list[Node], text: str | None, policy: Policy | None,
@@ -787,8 +798,11 @@ class ControlServer:
             if not self._tasks:  # shutting down
                 return
             try:
-                await asyncio.wait_for(wake.wait(), self.config.keepalive)
-            except asyncio.TimeoutError:
+                # Not wait_for: on Python 3.11 it wraps the wait in a task of its own, every wait of
+                # every stream (a policy change wakes them all at once: 3,333 tasks more per replica).
+                async with asyncio.timeout(self.config.keepalive):
+                    await wake.wait()
+            except TimeoutError:
                 if not await self._write(request, resp, keepalive, count=False):
                     return
 
@@ -831,6 +845,7 @@ class ControlServer:
             await resp.write(data)
             if count:
                 self.stats["frames"] += 1
+                self._framed()
             return True
         write = data if isinstance(data, asyncio.Future) else asyncio.ensure_future(resp.write(data))
         write.add_done_callback(_retrieved)
@@ -858,7 +873,12 @@ class ControlServer:
                 write.cancel()
         if count:
             self.stats["frames"] += 1
+            self._framed()
         return True
+
+    def _framed(self) -> None:
+        if self.phases:
+            self.phases[-1]["last_frame"] = time.time()
 
     # -- admin API ------------------------------------------------------------------------------
 
@@ -986,6 +1006,9 @@ class ControlServer:
             "# TYPE meshnode_control_resume_refused_total counter",
         ] + [f'meshnode_control_resume_refused_total{{reason="{why}"}} {n}'
              for why, n in sorted(self.resume_refusals.items())] + [
+            "# TYPE meshnode_control_publish_timestamp_seconds gauge",   # where a change's time went
+        ] + [f'meshnode_control_publish_timestamp_seconds{{version="{p["version"]:.0f}",phase="{k}"}} {v:.6f}'
+             for p in self.phases for k, v in p.items() if k != "version"] + [
             "# TYPE meshnode_control_job_running gauge",   # 1: this server runs the once-per-tailnet job
         ] + [f'meshnode_control_job_running{{job="{job.value}"}} {int(self.jobs.url is None or job in self.jobs.held)}'
              for job in Job]

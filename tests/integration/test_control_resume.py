@@ -257,6 +257,49 @@ def test_a_policy_change_while_away_gets_a_full_map(tmp_path: Path) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
+def test_metrics_say_when_a_change_was_noticed_built_published_and_written(db_spec: str) -> None:
+    """The per-snapshot phase stamps (what bench/scale.sh reads to say where a change's seconds go)
+    are those of the snapshot that carried the change, in order, and the last frame's stamp is not
+    later than the node that got it last saw it."""
+    async def scenario() -> None:
+        from meshnode.control.access import set_policy
+        admin = ControlStore(db_spec)
+        key, _ = admin.create_authkey("alice@example.com", reusable=True)
+        store = ControlStore(db_spec)
+        server = ControlServer(store, FAST)
+        url = f"http://127.0.0.1:{await server.start('127.0.0.1', 0)}"
+        nodes = [await Follower(url).join(key, n) for n in ("alpha", "bravo", "charlie")]
+        arrived: dict[int, float] = {}
+        try:
+            for n in nodes:
+                n.start()
+            await until(lambda: all(len(n.peers()) == 2 for n in nodes), "every node streaming")
+            t0 = time.time()
+            set_policy(admin, '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:4242"]}]}')
+
+            def got_it() -> bool:
+                for n in nodes:
+                    if n.id not in arrived and "4242" in repr(n.maps[-1].packet_filter):
+                        arrived[n.id] = time.time()
+                return len(arrived) == len(nodes)
+            await until(got_it, "the policy reaching every node")
+            version = next(nm.version for nm in nodes[0].maps if "4242" in repr(nm.packet_filter))
+            stamps = next(p for p in server.phases if p["version"] == version)
+            assert t0 <= stamps["noticed"] <= stamps["build_start"] <= stamps["published"]
+            assert stamps["published"] <= stamps["last_frame"] <= max(arrived.values())
+            text = server._metrics_text().text
+            assert (f'meshnode_control_publish_timestamp_seconds{{version="{version}",phase="last_frame"}}'
+                    f' {stamps["last_frame"]:.6f}') in text
+        finally:
+            for n in nodes:
+                await n.stop()
+                await n.client.close()
+            await server.stop()
+            store.close()
+            admin.close()
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
 @pytest.mark.slow
 def test_kill_9_of_a_replica_its_node_resumes_on_another_with_the_missed_changes(tmp_path: Path,
                                                                                  pg_url: str) -> None:
