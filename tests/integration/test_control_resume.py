@@ -259,8 +259,8 @@ def test_a_policy_change_while_away_gets_a_full_map(tmp_path: Path) -> None:
 
 def test_metrics_say_when_a_change_was_noticed_built_published_and_written(db_spec: str) -> None:
     """The per-snapshot phase stamps (what bench/scale.sh reads to say where a change's seconds go)
-    are those of the snapshot that carried the change, in order, and the last frame's stamp is not
-    later than the node that got it last saw it."""
+    are those of the snapshot that carried the change, in order (the last frame's stamp set, after
+    publishing)."""
     async def scenario() -> None:
         from meshnode.control.access import set_policy
         admin = ControlStore(db_spec)
@@ -285,8 +285,13 @@ def test_metrics_say_when_a_change_was_noticed_built_published_and_written(db_sp
             await until(got_it, "the policy reaching every node")
             version = next(nm.version for nm in nodes[0].maps if "4242" in repr(nm.packet_filter))
             stamps = next(p for p in server.phases if p["version"] == version)
-            assert t0 <= stamps["noticed"] <= stamps["build_start"] <= stamps["published"]
-            assert stamps["published"] <= stamps["last_frame"] <= max(arrived.values())
+            # "noticed" is the first change the snapshot carries: another write (a node's presence)
+            # may have marked the server dirty just before the policy did.
+            assert stamps["noticed"] <= stamps["build_start"] <= stamps["published"]
+            assert t0 <= stamps["published"]
+            # Stamped once the write has returned, after the loop may already have let the node read
+            # it: so it can be a little later than the arrival seen here, never before publishing.
+            assert stamps["published"] <= stamps["last_frame"]
             text = server._metrics_text().text
             assert (f'meshnode_control_publish_timestamp_seconds{{version="{version}",phase="last_frame"}}'
                     f' {stamps["last_frame"]:.6f}') in text
