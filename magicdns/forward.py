@@ -652,18 +652,6 @@ class Forwarder:
             return servfail_reply(query, info, EDE_NO_REACHABLE_AUTHORITY)
         return reply
 
-    def overloaded(self, query: bytes, info: QueryInfo | None = None) -> bytes:
-        """The answer for a query over the in-flight cap, given at once: a stale cached answer, else
-        SERVFAIL (EDE "other"). Costs a header and question parse (none when `info` is given), no
-        socket, no task."""
-        self.queries += 1
-        self.overload += 1
-        if info is None:
-            info = read_query(query)
-            if info is None:
-                return error_reply(query, Rcode.FORMERR)
-        return self._failed(query, info, None, EDE_OTHER)
-
     def looped(self, query: bytes) -> bool:
         """True if `query` is one of our own forwarded queries arriving back at our listener."""
         if query[0:2] not in self._outgoing_ids or len(query) < 12:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from dnslib import QTYPE, DNSRecord
 
-from .cache import Cache
+from .cache import Cache, QueryInfo
 from .chase import chase_reply, complete_chain
 from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
 from .encrypted import EncryptedConfig, EncryptedListenError, EncryptedListeners
@@ -295,8 +295,7 @@ class DnsServer:
             return cached if tcp or len(cached) <= fwd.limit else truncate(cached, fwd.limit)
         budget = self._forward_budget
         if budget.rate and not budget.take(now):  # over --max-forward-qps (a cache hit never is)
-            c.overload += 1
-            return self._fitted(forwarder.overloaded(data, info), fwd, tcp)  # a stale answer, else SERVFAIL
+            return self._shed(fwd, data, tcp, info)
         if allowance > 0:
             dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
@@ -315,17 +314,19 @@ class DnsServer:
                              info=info)
         return None
 
-    def _shed(self, fwd: Forward, data: bytes, tcp: bool) -> bytes | None:
-        """Over the in-flight cap, or the listener is behind with no forward left for this batch
-        (dispatch.Backlog): answered now, before any task, socket or closure exists. A cached
-        answer, fresh or stale (RFC 8767), still goes out; otherwise SERVFAIL (EDE "other"). This is
-        what every query of a flood of unique names costs, so it does the least that is right: one
-        reading of the question (the cache key), one cache lookup for fresh and stale alike, the
-        reply built from that reading. A loop check is not needed: a looping query gets SERVFAIL."""
+    def _shed(self, fwd: Forward, data: bytes, tcp: bool, info: QueryInfo | None = None) -> bytes | None:
+        """Over the in-flight cap, over --max-forward-qps, or the listener is behind with no forward
+        left for this batch (dispatch.Backlog): answered now, before any task, socket or closure
+        exists. A cached answer, fresh or stale (RFC 8767), still goes out; otherwise SERVFAIL (EDE
+        "other"). This is what every query of a flood of unique names costs, so it does the least
+        that is right: one reading of the question (the cache key; `info` when the caller has it),
+        one cache lookup for fresh and stale alike, the reply built from that reading. A loop check
+        is not needed: a looping query gets SERVFAIL."""
         self.counters.overload += 1
-        info = read_query(data)
         if info is None:
-            return error_reply(data, Rcode.FORMERR) or None
+            info = read_query(data)
+            if info is None:
+                return error_reply(data, Rcode.FORMERR) or None
         cache = self.forwarder.cache
         if cache is not None:
             hit = cache.get_stale(data, info, _monotonic())

@@ -71,6 +71,16 @@ def full_map(snaps: dict[int, Snapshot], version: int, node_id: int) -> NetMap:
     return MapAssembler().apply(json.loads(next_frame(snaps[version], StreamState(node_id))))
 
 
+async def close_all(nodes, server: ControlServer, *stores: ControlStore) -> None:  # noqa: ANN001
+    """Stop each node's stream and client, then the server, then close the stores."""
+    for n in nodes:
+        await n.stop()
+        await n.client.close()
+    await server.stop()
+    for s in stores:
+        s.close()
+
+
 async def until(cond, what: str, timeout: float = 10.0) -> None:  # noqa: ANN001
     await async_wait_until(cond, timeout=timeout, interval=0.01, what=what)
 
@@ -166,12 +176,7 @@ def test_a_node_away_while_the_jobs_tick_still_resumes(db_spec: str) -> None:
             assert resumed.peers[0].endpoints == ("192.0.2.2:41641",)
             assert resumed == full_map(snaps, resumed.version, alpha.id)
         finally:
-            for n in (alpha, bravo):
-                await n.stop()
-                await n.client.close()
-            await server.stop()
-            store.close()
-            admin.close()
+            await close_all((alpha, bravo), server, store, admin)
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
@@ -248,12 +253,7 @@ def test_a_policy_change_while_away_gets_a_full_map(tmp_path: Path) -> None:
             assert alpha.client.resumes == 0 and alpha.maps[seen].peers == ()
             assert alpha.maps[seen] == full_map(snaps, alpha.maps[seen].version, alpha.id)
         finally:
-            for n in (alpha, bravo):
-                await n.stop()
-                await n.client.close()
-            await server.stop()
-            store.close()
-            admin.close()
+            await close_all((alpha, bravo), server, store, admin)
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
@@ -296,12 +296,7 @@ def test_metrics_say_when_a_change_was_noticed_built_published_and_written(db_sp
             assert (f'meshnode_control_publish_timestamp_seconds{{version="{version}",phase="last_frame"}}'
                     f' {stamps["last_frame"]:.6f}') in text
         finally:
-            for n in nodes:
-                await n.stop()
-                await n.client.close()
-            await server.stop()
-            store.close()
-            admin.close()
+            await close_all(nodes, server, store, admin)
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
@@ -347,13 +342,8 @@ def test_kill_9_of_a_replica_its_node_resumes_on_another_with_the_missed_changes
             assert r2.stats["full_maps"] == 1   # bravo's first map; alpha's was a delta
             print(f"resumed on r2 {took:.2f}s after r1 was killed")
         finally:
-            for n in (alpha, bravo):
-                await n.stop()
-                await n.client.close()
-            await r2.stop()
+            await close_all((alpha, bravo), r2, store, admin)
             r1.kill()
-            store.close()
-            admin.close()
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
 
@@ -396,10 +386,5 @@ def test_a_storm_of_arriving_nodes_costs_few_heartbeats_and_one_node_read_each(p
                         "every node's last-seen written")
             assert calls["touch"] <= 3, calls
         finally:
-            for n in nodes:
-                await n.stop()
-                await n.client.close()
-            await server.stop()
-            store.close()
-            admin.close()
+            await close_all(nodes, server, store, admin)
     asyncio.run(asyncio.wait_for(scenario(), 60))

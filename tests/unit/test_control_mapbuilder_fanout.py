@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from magicdns.records import Record
 from meshnode.control.client import MapAssembler
-from meshnode.control.mapbuilder import (FilterTexts, NodeGone, ReachSets, Snapshot, StreamState, build_snapshot,
-                                         concerned, fast_forward, next_frame, node_info)
+from meshnode.control.mapbuilder import (FilterTexts, ReachSets, Snapshot, StreamState, build_snapshot, next_frame,
+                                         node_info)
 from meshnode.control.store import DnsSettings, Node
 from meshnode.policy import compile_policy, parse_policy, rules_to_json
+from tests.unit.test_control_resume import deliver
 
 USERS = ("alice@example.com", "bob@example.com", "carol@example.com")
 OWNERS = {"tag:server": ["alice@example.com"]}
@@ -121,17 +122,7 @@ def test_policy_and_dns_changes_leave_every_stream_on_the_fresh_map(ops: list, u
             rows[target] = dataclasses.replace(rows[target], **{field[0]: field[1]})
         version += 1
         prev, snap = snap, build(snap, rows, version, policy_text, records, online)
-        nodes = concerned(prev, snap)
-        for nid, (state, asm) in list(streams.items()):
-            if nodes is not None and nid not in nodes and fast_forward(prev, snap, state):
-                continue
-            try:
-                frame = next_frame(snap, state)
-            except NodeGone:
-                del streams[nid]
-                continue
-            if frame is not None:
-                asm.apply(json.loads(frame))
+        deliver(prev, snap, streams)
         check_against_fresh(snap, rows, policy_text, records, online, streams)
 
 

@@ -26,6 +26,25 @@ POLICY = json.dumps({"acls": [{"action": "accept", "src": ["alice@example.com"],
                               {"action": "accept", "src": ["bob@example.com"], "dst": ["bob@example.com:*"]}]})
 
 
+def deliver(prev: Snapshot, snap: Snapshot, streams: dict[int, tuple[StreamState, MapAssembler]]) -> int:
+    """Bring every stream from `prev` to `snap` as the server does (streams a change does not concern
+    are fast-forwarded; a node gone ends its stream), applying each frame to its node's assembler.
+    Returns how many streams were fast-forwarded."""
+    nodes = concerned(prev, snap)
+    skipped = 0
+    for nid, (state, asm) in list(streams.items()):
+        if nodes is not None and nid not in nodes and fast_forward(prev, snap, state):
+            skipped += 1
+            continue
+        try:
+            frame = next_frame(snap, state)
+        except NodeGone:
+            del streams[nid]
+            continue
+        if frame is not None:
+            asm.apply(json.loads(frame))
+    return skipped
+
 def node(i: int, name: str, user: str = "alice@example.com", **kw) -> Node:
     base = dict(id=i, machine_key=f"m{i}", node_key=f"k{i}", name=name, hostname=name, user=user, tags=(),
                 os="linux", endpoints=(), advertised_routes=(), approved_routes=(), advertises_exit_node=False,
@@ -282,18 +301,7 @@ def test_waking_only_concerned_streams_keeps_every_stream_right(ops: list, users
                      "region": ("home_region", arg + 1), "key": ("node_key", f"k{target}v{step}")}[kind]
             rows[target] = dataclasses.replace(rows[target], **{field[0]: field[1]})
         prev, snap = snap, build(snap, rows, step + 2, online)
-        nodes = concerned(prev, snap)
-        for nid, (state, asm) in list(streams.items()):
-            if nodes is not None and nid not in nodes and fast_forward(prev, snap, state):
-                skipped += 1
-                continue
-            try:
-                frame = next_frame(snap, state)
-            except NodeGone:
-                del streams[nid]
-                continue
-            if frame is not None:
-                asm.apply(json.loads(frame))
+        skipped += deliver(prev, snap, streams)
     for nid, (state, asm) in streams.items():
         assert asm.apply({"type": "delta", "version": snap.version}) == full_map(snap, nid)
 
