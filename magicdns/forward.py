@@ -54,7 +54,7 @@ from .cache import (SHAPE_DO, SHAPE_EDNS, Cache, MessageScan, QueryInfo, Rcode, 
 from .message import error_reply as _message_error_reply
 from .message import opt_record
 from .ranges import RESOLVER_V4, RESOLVER_V6
-from .rebind import TAILNET_V4, TAILNET_V6, strip_tailnet_addresses, tailnet_address_records  # noqa: F401
+from .rebind import strip_tailnet_addresses, tailnet_address_records
 from .race import FAILURE_RCODES as _FAILURE_RCODES
 from .race import Health as _Health
 from .race import Race, Send, Transport, UpstreamHealth  # noqa: F401  (UpstreamHealth: public API)

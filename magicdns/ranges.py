@@ -1,8 +1,8 @@
 """The tailnet's address ranges and the resolver's own addresses: the one place they are defined.
 
-Everything else (the zones we answer for, which upstreams may return tailnet addresses, which
-clients may ask) derives from these. Callers that still hold their own copies are listed in the
-issue-8 report (server.py, forward.py, meshnode's router, tunnel, policy and address allocator).
+Everything else derives from these: the zones we answer for, which upstreams may return tailnet
+addresses, which clients may ask, and in meshnode the address allocator, the policy compiler,
+the tunnel's endpoint checks, the router's masquerade rules, flow logs and the tailnet CA.
 """
 
 from __future__ import annotations

@@ -19,10 +19,12 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Container
 
-V4_NET = ipaddress.IPv4Network("100.64.0.0/10")
-V6_NET = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
+from magicdns.ranges import RESOLVER_V6, TAILNET_V4, TAILNET_V6
+
+V4_NET = TAILNET_V4
+V6_NET = TAILNET_V6
 RESERVED_V4 = (ipaddress.IPv4Network("100.100.100.0/24"), ipaddress.IPv4Network("100.115.92.0/23"))
-RESERVED_V6 = (ipaddress.IPv6Address("fd7a:115c:a1e0::53"),)
+RESERVED_V6 = (RESOLVER_V6,)
 MAX_OFFSET = V4_NET.num_addresses - 1
 _V4_BASE = int(V4_NET.network_address)
 _V6_BASE = int(V6_NET.network_address)

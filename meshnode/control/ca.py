@@ -24,14 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from magicdns.ranges import RESOLVER_V4, RESOLVER_V6, TAILNET_V4, TAILNET_V6
+
 CA_LIFETIME = 10 * 365 * 86400.0
 LEAF_LIFETIME = 14 * 86400.0
 RENEW_FRACTION = 2 / 3  # renew at two thirds of a certificate's life
 BACKDATE = 300.0  # leaves start 5 minutes in the past: clients with slightly slow clocks accept them
-RESOLVER_V4 = ipaddress.ip_address("100.100.100.100")
-RESOLVER_V6 = ipaddress.ip_address("fd7a:115c:a1e0::53")
-TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
-TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 MAX_CSR_BYTES = 8192
 
 

@@ -19,8 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
-TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+from magicdns.ranges import TAILNET_V4, TAILNET_V6
+
 WINDOW_SECONDS = 5.0
 MAX_BUFFERED_WINDOWS = 720          # an hour of 5 s windows while control is unreachable
 MAX_SAVED_BYTES = 32 << 20          # the saved queue (flows-pending.json) is refused beyond this

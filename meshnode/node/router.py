@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
+from magicdns.ranges import TAILNET_V4, TAILNET_V6
+
 from ..netmap import MapNode, NetMap
 
 log = logging.getLogger("meshnode.node.router")
@@ -57,8 +59,6 @@ PRIO_MAIN = 5200
 PRIO_CONTROL = 5210             # 5210..5249: one rule per control server address
 PRIO_TUNNEL = 5250
 NFT_TABLE = "meshnode"
-TAILNET_V4 = "100.64.0.0/10"
-TAILNET_V6 = "fd7a:115c:a1e0::/48"
 DNS_SERVICE_V4 = "100.100.100.100"  # the node's own resolver: its clients must keep their address
 DNS_SERVICE_V6 = "fd7a:115c:a1e0::53"
 _EXIT_ROUTES = ("0.0.0.0/0", "::/0")

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
+from magicdns.ranges import TAILNET_RANGES
+
 from ..netmap import NetMap
 
 log = logging.getLogger("meshnode.node.tunnel")
@@ -29,7 +31,6 @@ DEFAULT_PORT = 41641
 IFF_UP = 0x1
 KEEPALIVE = 25  # seconds: keeps NAT mappings open, as Tailscale does
 _EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
-_TAILNET = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -217,7 +218,7 @@ def local_endpoints(port: int, exclude_ifname: str) -> list[str]:
             if names.get(msg["index"]) in (exclude_ifname, "lo") or msg["index"] in down:
                 continue  # an interface set down no longer reaches anyone
             ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            if ip.is_loopback or ip.is_link_local or ip.is_multicast or any(ip in n for n in _TAILNET):
+            if ip.is_loopback or ip.is_link_local or ip.is_multicast or any(ip in n for n in TAILNET_RANGES):
                 continue
             found.append(f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}")
     return sorted(found)

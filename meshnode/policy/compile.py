@@ -13,7 +13,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .model import (ALL_V4, ALL_V6, TAILNET_V4, TAILNET_V6, IPAddress, IPNetwork, NodeInfo, Policy,
+from magicdns.ranges import TAILNET_V4, TAILNET_V6
+
+from .model import (ALL_V4, ALL_V6, IPAddress, IPNetwork, NodeInfo, Policy,
                     PortRange, Selector, SelectorKind)
 from .parse import default_policy
 from .protocols import PORT_PROTOS

@@ -14,9 +14,7 @@ if TYPE_CHECKING:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# The node address ranges (DESIGN.md): a prefix inside them names nodes, outside them the world.
-TAILNET_V4 = ipaddress.IPv4Network("100.64.0.0/10")
-TAILNET_V6 = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
+# Everything: the other side of the tailnet ranges (magicdns/ranges.py) in a prefix.
 ALL_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 ALL_V6 = ipaddress.IPv6Network("::/0")
 
