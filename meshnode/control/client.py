@@ -30,10 +30,12 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
+from magicdns.records import Record
+
 from ..derp.derpmap import RelayMap, RelayMapError
 from ..hostresolve import HostResolver, is_address
 from ..words import control_unreachable, detail
-from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused
+from ..netmap import DnsConfig, MapNode, NetMap, NetMapError, gc_paused, record_key
 from .protocol import (MACHINE_KEY_HEADER, Channel, ErrorCode, FrameReader, ProtocolError,
                        generate_private_key, node_key_proof, public_key_of)
 
@@ -127,14 +129,31 @@ class MapAssembler:
         self._derp_map: RelayMap | None = None
         self._tka_head: str | None = None
         self._flow_logs = False
+        # Records parsed before (record_key -> Record): a DNS delta carries every record, and parsing
+        # one costs ~0.1 ms (dnslib's zone lexer), so only new ones are parsed.
+        self._records: dict[tuple, Record] = {}
+        self.last_type = ""   # the type of the last frame applied ("full", "delta", "keepalive")
+
+    def apply_sealed(self, chan: Channel, sealed: bytes) -> NetMap | None:
+        """One stream frame as it arrives (what the stream's read loop calls per frame): open it with
+        the channel, decode, apply. Raises `ProtocolError` (does not open), `NetMapError`, `KeyError`,
+        `TypeError` or `ValueError` (a bad frame; the assembler should then be dropped)."""
+        if len(sealed) < _GC_PAUSE_BYTES:   # a delta: not worth the context manager's ~1 us
+            # The server's own frames: sealed, so trusted to be sane JSON; the strict parser would
+            # cost seconds on a 10k-node map.
+            return self.apply(json.loads(chan.open_bytes(sealed)))
+        with gc_paused(len(sealed) // 256):  # roughly one peer per 256 bytes
+            return self.apply(json.loads(chan.open_bytes(sealed)))
 
     def apply(self, msg: dict[str, Any]) -> NetMap | None:
         """Apply one decoded frame; returns the new map, or None for a keepalive."""
         kind = msg.get("type")
+        self.last_type = kind if isinstance(kind, str) else ""
         if kind == "keepalive":
             return None
         if kind == "full":
             nm = NetMap.from_json(msg.get("netmap"))
+            self._remember_records(msg["netmap"].get("dns"), nm)
             self.resume = msg.get("resume") if isinstance(msg.get("resume"), str) else None
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node
             self._peers = {p.id: p for p in nm.peers}
@@ -190,7 +209,10 @@ class MapAssembler:
                 if peer.online != (pid in online):
                     self._peers[pid] = replace(peer, online=pid in online)
         if "dns" in msg:
-            self._dns = DnsConfig.from_json(msg["dns"], self._domain)
+            self._dns = DnsConfig.from_json(msg["dns"], self._domain, self._records)
+            if len(self._records) > 2 * len(self._dns.records) + 64:   # keep only what the map holds
+                self._records = {}
+                self._remember_records(msg["dns"], None, self._dns)
         if "packet_filter" in msg:
             self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
         if "tailnet_ca" in msg:
@@ -218,6 +240,18 @@ class MapAssembler:
                       flow_logs=self._flow_logs)
         return nm
 
+    def _remember_records(self, dns_obj: Any, nm: NetMap | None, dns: DnsConfig | None = None) -> None:
+        """Seed the record cache from a `dns` object and the records parsed from it (same order)."""
+        records = (nm.dns if nm is not None else dns).records  # type: ignore[union-attr]
+        objs = dns_obj.get("records") if isinstance(dns_obj, dict) else None
+        if not isinstance(objs, list) or len(objs) != len(records):
+            return
+        domain = nm.domain if nm is not None else self._domain
+        for obj, rec in zip(objs, records):
+            key = record_key(obj, domain) if isinstance(obj, dict) else None
+            if key is not None:
+                self._records[key] = rec
+
     def _patch(self, patch: Any) -> None:
         """Change only the fields a `peers_patch` entry names (null: the field is dropped)."""
         if not isinstance(patch, dict):
@@ -227,6 +261,10 @@ class MapAssembler:
         if old is None:
             # The server thought we held this peer: our map is not what it believes, so start over.
             raise NetMapError(f"peers_patch: peer {pid} is not in the map")
+        fast = _patched(old, patch)
+        if fast is not None:
+            self._peers[pid] = fast
+            return
         obj = old.to_json(self._domain)
         for key, value in patch.items():
             if key == "id":
@@ -251,6 +289,44 @@ class MapAssembler:
 
 def _peer_id(peer: MapNode) -> int:
     return peer.id
+
+
+# Above this a frame is a (big) full map: decode it with the cyclic GC paused (gc_paused).
+_GC_PAUSE_BYTES = 256 * 1000
+
+# The fields an endpoint, presence, relay or disco change patches, with what `MapNode.from_json`
+# makes of each value (None: the field dropped, i.e. its default). A patch naming only these is
+# applied to the peer as it is; any other field goes the general way (to_json, change, from_json).
+_FAST_PATCH: dict[str, Callable[[Any], Any]] = {
+    "endpoints": lambda v: tuple(v or ()),
+    "online": lambda v: bool(v) if v is not None else False,
+    "last_seen": lambda v: float(v) if v is not None else None,
+    "disco_key": lambda v: str(v or ""),
+}
+
+
+def _patched(old: MapNode, patch: dict[str, Any]) -> MapNode | None:
+    """`old` with a patch of only `_FAST_PATCH` fields (and home_region) applied, exactly as the
+    general path would make it; None when the patch names any other field."""
+    changes: dict[str, Any] = {}
+    for key, value in patch.items():
+        if key == "id":
+            continue
+        conv = _FAST_PATCH.get(key)
+        if conv is not None:
+            if key == "endpoints" and value is not None and not isinstance(value, (list, tuple)):
+                return None   # e.g. a string: the general path says what is wrong with it
+            try:
+                changes[key] = conv(value)
+            except (TypeError, ValueError):
+                return None
+        elif key == "home_region":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                return None   # refused by from_json, with its message
+            changes[key] = value
+        else:
+            return None
+    return replace(old, **changes) if changes else old
 
 
 @dataclass(frozen=True)
@@ -637,14 +713,10 @@ class ControlClient:
                     raise ControlError(exc.code, exc.message) from None
                 for sealed in frames:
                     try:
-                        with gc_paused(len(sealed) // 256):  # roughly one peer per 256 bytes
-                            # The server's own frames: sealed, so trusted to be sane JSON; the
-                            # strict parser would cost seconds on a 10k-node map.
-                            msg = json.loads(chan.open_bytes(sealed))
-                            nm = assembler.apply(msg)
-                            if first and nm is not None:
-                                first = False
-                                self.resumes += msg.get("type") == "delta"
+                        nm = assembler.apply_sealed(chan, sealed)   # all of a frame's work on the node
+                        if first and nm is not None:
+                            first = False
+                            self.resumes += assembler.last_type == "delta"
                     except ProtocolError as exc:
                         self._assembler = MapAssembler()
                         raise ControlError(exc.code, f"map frame: {exc.message}", 0) from None
