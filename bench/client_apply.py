@@ -11,16 +11,26 @@ uses, `autogroup:self` over users of --group devices, so each node sees --group 
 Per kind it prints the whole per-frame cost and its parts (unseal, json.loads, apply). `--profile
 KIND` prints where that kind's frames spend their time (cProfile). A delta must cost the node in
 proportion to what it carries, not to the size of its map.
+
+`--streams N` also measures the whole of a frame on the node as `bench/scale.sh`'s simulated nodes
+pay it: N real `ControlClient.stream_map` streams in this process (uvloop, one shared aiohttp
+session, as scale_bench's workers) read the same sealed frames from a plain aiohttp server in a
+child process on loopback (a chunked response, one write per frame, as the control server's
+`_send`); per kind, this process's CPU seconds from the push until every stream yielded its map,
+divided by N. With --profile, that phase is cProfiled instead of the in-process loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import cProfile
 import dataclasses
 import json
+import os
 import pstats
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +54,124 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
+def serve(frames_path: str) -> None:
+    """The child process: every POST /machine/map gets the full frame, then each frame pushed
+    (GET /push/KIND) as it comes. Prints its port on stdout."""
+    from aiohttp import web
+
+    from meshnode.control.protocol import frame
+
+    frames = {k: frame(bytes.fromhex(v)) for k, v in json.loads(Path(frames_path).read_text()).items()}
+    streams: list = []
+
+    async def map_(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        await resp.write(frames["full"])
+        done = asyncio.get_running_loop().create_future()
+        streams.append((resp, done))
+        await done
+        return resp
+
+    async def push(request: web.Request) -> web.Response:
+        data = frames[request.match_info["kind"]]
+        for resp, _ in streams:
+            await resp.write(data)
+        return web.Response(text=str(len(streams)))
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/machine/map", map_)
+        app.router.add_get("/push/{kind}", push)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        print(site._server.sockets[0].getsockname()[1], flush=True)  # type: ignore[union-attr]
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def streams_phase(n: int, frames: dict[str, bytes], server_pub: str, machine_priv: str,
+                  profile: str | None) -> None:
+    """N real map streams in this process; per kind, this process's CPU per frame (see the docstring)."""
+    import tempfile
+
+    import aiohttp
+    import uvloop
+
+    from meshnode.control.client import ControlClient, generate_private_key
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({k: v.hex() for k, v in frames.items()}, f)
+    child = subprocess.Popen([sys.executable, __file__, "--serve", f.name], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())  # type: ignore[union-attr]
+        uvloop.install()
+        asyncio.run(_streams(n, port, frames, server_pub, machine_priv, profile, aiohttp, ControlClient,
+                             generate_private_key))
+    finally:
+        child.kill()
+        child.wait()
+        os.unlink(f.name)
+
+
+async def _streams(n, port, frames, server_pub, machine_priv, profile, aiohttp, ControlClient,  # noqa: ANN001
+                   generate_private_key) -> None:  # noqa: ANN001
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    counts = [0] * n
+    clients = []
+    for _ in range(n):
+        c = ControlClient(f"http://127.0.0.1:{port}", machine_priv, generate_private_key(),
+                          server_public_key=server_pub)
+        c._session = session   # one connection pool, as scale_bench's workers
+        clients.append(c)
+
+    async def follow(k: int, c) -> None:  # noqa: ANN001
+        async for _ in c.stream_map(reconnect=False):
+            counts[k] += 1
+
+    async def until(total: int, limit: float) -> None:
+        end = time.monotonic() + limit
+        while sum(counts) < total and time.monotonic() < end:
+            await asyncio.sleep(0.002)   # bounded wait for a condition (a benchmark, not a test)
+        if sum(counts) < total:
+            raise SystemExit(f"only {sum(counts)} of {total} maps arrived")
+
+    tasks = [asyncio.create_task(follow(k, c)) for k, c in enumerate(clients)]
+    await until(n, 60)
+    print(f"{n} streams (uvloop, aiohttp), this process's CPU per frame, from the push until all {n} maps:")
+    want = n
+    for name in ("filter-only delta", "dns-only delta", "one-peer patch"):
+        kind = name.split()[0].split("-")[0]
+        prof = cProfile.Profile() if profile and profile in name else None
+        rounds, cpu, wall = 5, 0.0, 0.0
+        for _ in range(rounds):
+            want += n
+            c0, w0 = time.process_time(), time.perf_counter()
+            if prof is not None:
+                prof.enable()
+            async with session.get(f"http://127.0.0.1:{port}/push/{kind}") as resp:
+                await resp.read()
+            await until(want, 30)
+            if prof is not None:
+                prof.disable()
+            cpu += time.process_time() - c0
+            wall += time.perf_counter() - w0
+        print(f"  {name:18} {cpu / rounds / n * 1e6:7.1f} us a frame ({wall / rounds * 1e3:.0f} ms for {n} streams)")
+        if prof is not None:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c in clients:
+        c._session = None
+        await c.close()
+    await session.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=10_000)
@@ -51,7 +179,12 @@ def main() -> int:
     ap.add_argument("--policy", choices=sorted(scale_fanout.POLICIES), default="autogroup:self")
     ap.add_argument("--repeat", type=int, default=2000)
     ap.add_argument("--profile", metavar="KIND", help="cProfile the frames of the kind whose name has KIND")
+    ap.add_argument("--streams", type=int, default=0, help="also measure N real map streams over loopback")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)   # the child process of --streams
     args = ap.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return 0
     base, port_added, _ = scale_fanout.POLICIES[args.policy]
     rows = {i: scale_fanout.node(i, args.group) for i in range(1, args.nodes + 1)}
     server_key, machine_key = PrivateKey.generate(), PrivateKey.generate()
@@ -97,7 +230,7 @@ def main() -> int:
         msg = json.loads(node.open_bytes(sealed))
         carried = sorted(set(msg) - {"type", "version", "resume"})
         n = args.repeat
-        prof = cProfile.Profile() if args.profile and args.profile in name else None
+        prof = cProfile.Profile() if args.profile and args.profile in name and not args.streams else None
         # Each part alone, then the whole (the whole is what a node pays; parts may not add up exactly).
         t0 = time.perf_counter()
         for _ in range(n):
@@ -120,8 +253,11 @@ def main() -> int:
         us = 1e6 / n
         print(f"{name:18} {','.join(carried):14} {len(sealed):6} {(t5 - t4) * us:8.1f} {(t1 - t0) * us:8.1f} "
               f"{(t2 - t1) * us:8.1f} {(t3 - t2 - (t2 - t1)) * us:8.1f}")
-        if prof is not None:
+        if prof is not None and not args.streams:
             pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+    if args.streams:
+        streams_phase(args.streams, {"full": full, "filter": filter_only, "dns": dns_only, "one": patch},
+                      _b64(bytes(server_key.public_key)), _b64(bytes(machine_key)), args.profile)
     return 0
 
 
