@@ -29,7 +29,7 @@ from ..control import ca as tailnet_ca
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..words import control_failure, control_unreachable, in_words
-from ..netmap import MapNode, NetMap, NetMapError, netmap_to_view
+from ..netmap import MapNode, NetMap, NetMapError, ViewBuilder
 from .errors import (ControlFailed, ControlRefused, InvalidRequest, NotFound, NotReady, SystemFailure,
                      TimedOut)
 from .flowlog import FlowLogger
@@ -125,6 +125,9 @@ class Daemon:
         self.auth_url: str | None = None  # where to confirm this machine while a browser login waits
         self.saved_version: int | None = None  # the map version on disk (what a restart would serve)
         self.dns = DnsThread(self._make_server, metrics=config.metrics, metrics_extra=self._paths_metrics)
+        # The resolver's view of each map, converting only the peers a map changed (a policy change
+        # or a record reaches every node: each converted all its peers' addresses again before).
+        self._views = ViewBuilder()
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
         self._tunnel = Tunnel(config.tun, config.port) if config.tun else None
@@ -401,7 +404,7 @@ class Daemon:
 
     def _view_of(self, netmap: NetMap) -> DnsView:
         try:
-            return netmap_to_view(netmap)
+            return self._views.build(netmap)
         except NetMapError as exc:
             log.error("netmap: version %d cannot be served: %s", netmap.version, exc)
             return DnsView()

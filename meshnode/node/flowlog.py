@@ -343,6 +343,7 @@ class FlowLogger:
         self.on = False
         self.counter: FlowCounter | None = None
         self.peers: dict[bytes, PeerInfo] = {}
+        self._peers_of: tuple[Any, Any] | None = None   # (peers tuple, self node) `peers` was built from
         self.state_file = state_file   # where unacknowledged windows are kept across restarts (or None)
         self._saved_at = float("-inf")
         restored = load_queue(state_file) if state_file is not None else None
@@ -355,9 +356,13 @@ class FlowLogger:
     async def on_map(self, netmap: Any) -> None:
         import base64
 
-        self.peers = peer_table(netmap.peers, lambda p: base64.b64decode(p.node_key))
         me = netmap.self_node
-        self.peers[OWN] = PeerInfo(me.name, tuple(me.approved_routes), bool(me.exit_node))
+        # A policy change or a record leaves the peers tuple and self as they were (MapAssembler
+        # reuses them): the table is then the one built before (~1.5 us a peer to build again).
+        if self._peers_of is None or self._peers_of[0] is not netmap.peers or self._peers_of[1] is not me:
+            peers = peer_table(netmap.peers, lambda p: base64.b64decode(p.node_key))
+            peers[OWN] = PeerInfo(me.name, tuple(me.approved_routes), bool(me.exit_node))
+            self.peers, self._peers_of = peers, (netmap.peers, me)
         want = bool(netmap.flow_logs) and self.tunnel is not None
         if want == self.on:
             if not want and self.queue.windows and self._task is None:

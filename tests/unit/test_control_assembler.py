@@ -16,7 +16,7 @@ from meshnode.control.client import MapAssembler
 from meshnode.control.mapbuilder import StreamState, build_snapshot, next_frame
 from meshnode.control.protocol import Channel, ProtocolError
 from meshnode.control.store import DnsSettings, Node
-from meshnode.netmap import DnsConfig, MapNode, NetMap, NetMapError
+from meshnode.netmap import DnsConfig, MapNode, NetMap, NetMapError, ViewBuilder, netmap_to_view
 from meshnode.policy import parse_policy
 
 POLICY = '{"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22,80"]}]}'
@@ -214,3 +214,33 @@ def test_apply_sealed_refuses_a_frame_that_does_not_open() -> None:
     assert asm.apply_sealed(node_chan, server.seal_bytes(b'{"type":"keepalive"}')) is None
     assert node_chan.open(server.seal({"a": 1}))[1] == {"a": 1}
     assert json.loads(server.open_bytes(node_chan.seal({"b": 2}))) == {"b": 2}
+
+
+def test_the_daemons_view_builder_converts_only_changed_peers_and_equals_a_fresh_view() -> None:
+    """The daemon builds each map's DNS view with one ViewBuilder: after deltas it must give exactly
+    `netmap_to_view` of the same map, with the Host of every peer the delta left alone reused."""
+    net, (server, node_chan) = Tailnet(), channels()
+    st, asm, views = StreamState(1, patches=True), MapAssembler(), ViewBuilder()
+
+    def next_map() -> NetMap:
+        nm = asm.apply_sealed(node_chan, server.seal_bytes(next_frame(net.snap(), st).encode()))
+        assert nm is not None
+        return nm
+
+    first = next_map()
+    v1 = views.build(first)
+    assert v1 == netmap_to_view(first)
+    net.policy = POLICY2                                     # filter only
+    v2 = views.build(next_map())
+    assert all(a is b for a, b in zip(v1.peers, v2.peers))
+    net.rows[3] = dataclasses.replace(net.rows[3], name="moved", hostname="moved")   # one peer renamed
+    net.online.pop(5)                                        # and one goes offline
+    nm3 = next_map()
+    v3 = views.build(nm3)
+    assert v3 == netmap_to_view(nm3)
+    assert [h.name for h in v3.peers if h.name == "moved"] == ["moved"]
+    kept = [a is b for a, b in zip(v2.peers, v3.peers)]
+    assert kept.count(False) == 2 and len(kept) == 5
+    net.rows[3] = dataclasses.replace(net.rows[3], logged_out=True)                  # a peer leaves
+    nm4 = next_map()
+    assert views.build(nm4) == netmap_to_view(nm4) and len(nm4.peers) == 4
