@@ -246,10 +246,11 @@ class NetMap:
                 return p
         return None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, peers: bool = True) -> dict[str, Any]:
+        """JSON form (`peers=False`: an empty peer list, for JsonBuilder to fill)."""
         return {"version": self.version, "domain": self.domain,
                 "self": self.self_node.to_json(self.domain),
-                "peers": [p.to_json(self.domain) for p in self.peers],
+                "peers": [p.to_json(self.domain) for p in self.peers] if peers else [],
                 "dns": self.dns.to_json(),
                 "packet_filter": [dict(r) for r in self.packet_filter],
                 "derp": dict(self.derp),
@@ -288,6 +289,34 @@ class NetMap:
                       tuple(MappingProxyType(r) for r in pf),
                       MappingProxyType(dict(obj.get("derp") or {})), derp_map, _ca_text(obj.get("tailnet_ca")),
                       str(obj["tka_head"]) if obj.get("tka_head") else None, bool(obj.get("flow_logs")))
+
+
+class JsonBuilder:
+    """`NetMap.to_json` that remembers the JSON of every peer it wrote: when the next map reuses the
+    same `MapNode` objects (as `MapAssembler` does for peers a delta did not touch), only the changed
+    peers are written again (the node daemon saves every map it applies; a policy change or a record
+    reaches every node). The dicts it returns share the peers' dicts with the next call's: read them,
+    never change them. One builder per node; not thread-safe."""
+
+    def __init__(self) -> None:
+        self._peers: dict[int, tuple[MapNode, dict[str, Any]]] = {}
+        self._domain: str | None = None
+
+    def build(self, netmap: NetMap) -> dict[str, Any]:
+        """What `netmap.to_json()` gives (equal, not a copy)."""
+        cache = self._peers if netmap.domain == self._domain else {}
+        fresh: dict[int, tuple[MapNode, dict[str, Any]]] = {}
+        peers = []
+        for p in netmap.peers:
+            hit = cache.get(p.id)
+            if hit is None or hit[0] is not p:
+                hit = (p, p.to_json(netmap.domain))
+            fresh[p.id] = hit
+            peers.append(hit[1])
+        self._peers, self._domain = fresh, netmap.domain
+        out = netmap.to_json(peers=False)
+        out["peers"] = peers
+        return out
 
 
 def _ca_text(value: Any) -> str:

@@ -29,7 +29,7 @@ from ..control import ca as tailnet_ca
 from ..control.client import ControlClient, ControlError
 from ..control.protocol import ErrorCode
 from ..words import control_failure, control_unreachable, in_words
-from ..netmap import MapNode, NetMap, NetMapError, ViewBuilder
+from ..netmap import JsonBuilder, MapNode, NetMap, NetMapError, ViewBuilder
 from .errors import (ControlFailed, ControlRefused, InvalidRequest, NotFound, NotReady, SystemFailure,
                      TimedOut)
 from .flowlog import FlowLogger
@@ -128,6 +128,7 @@ class Daemon:
         # The resolver's view of each map, converting only the peers a map changed (a policy change
         # or a record reaches every node: each converted all its peers' addresses again before).
         self._views = ViewBuilder()
+        self._map_json = JsonBuilder()   # the same for the map saved after each apply
         self.osdns: OsDnsConfigurator = self._make_osdns()
         self._iface: ServiceAddresses | None = None
         self._tunnel = Tunnel(config.tun, config.port) if config.tun else None
@@ -618,7 +619,7 @@ class Daemon:
             netmap, now = self._pending_save
             self._pending_save = None
             try:
-                await loop.run_in_executor(self._writer, self.state.save_map, netmap.to_json(), now)
+                await loop.run_in_executor(self._writer, self.state.save_map, self._map_json.build(netmap), now)
                 self.saved_version = netmap.version
             except OSError as exc:
                 log.error("state: cannot save network map version %d: %s", netmap.version, exc)

@@ -16,7 +16,7 @@ from meshnode.control.client import MapAssembler
 from meshnode.control.mapbuilder import StreamState, build_snapshot, next_frame
 from meshnode.control.protocol import Channel, ProtocolError
 from meshnode.control.store import DnsSettings, Node
-from meshnode.netmap import DnsConfig, MapNode, NetMap, NetMapError, ViewBuilder, netmap_to_view
+from meshnode.netmap import DnsConfig, JsonBuilder, MapNode, NetMap, NetMapError, ViewBuilder, netmap_to_view
 from meshnode.policy import parse_policy
 
 POLICY = '{"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22,80"]}]}'
@@ -244,3 +244,29 @@ def test_the_daemons_view_builder_converts_only_changed_peers_and_equals_a_fresh
     net.rows[3] = dataclasses.replace(net.rows[3], logged_out=True)                  # a peer leaves
     nm4 = next_map()
     assert views.build(nm4) == netmap_to_view(nm4) and len(nm4.peers) == 4
+
+
+def test_the_daemons_json_builder_writes_what_to_json_writes_after_every_kind_of_delta() -> None:
+    net, (server, node_chan) = Tailnet(), channels()
+    st, asm, js = StreamState(1, patches=True), MapAssembler(), JsonBuilder()
+
+    def check() -> dict:
+        nm = asm.apply_sealed(node_chan, server.seal_bytes(next_frame(net.snap(), st).encode()))
+        assert nm is not None
+        out = js.build(nm)
+        assert out == nm.to_json() and NetMap.from_json(json.loads(json.dumps(out))) == nm
+        return out
+
+    first = check()
+    net.policy = POLICY2
+    second = check()
+    assert all(a is b for a, b in zip(first["peers"], second["peers"]))   # reused, not rewritten
+    net.rows[2] = dataclasses.replace(net.rows[2], endpoints=("198.51.100.2:9",))
+    third = check()
+    assert third["peers"][0] is not second["peers"][0] and third["peers"][0]["endpoints"] == ["198.51.100.2:9"]
+    assert second["peers"][0]["endpoints"] == ["192.0.2.2:41641"]   # the dict handed out before is unchanged
+    net.rows[4] = dataclasses.replace(net.rows[4], logged_out=True)
+    check()
+    # A new domain changes every peer's JSON (fqdn is written only when it is not NAME.DOMAIN).
+    nm = asm.apply({"type": "delta", "version": 99, "domain": "other.example"})
+    assert js.build(nm) == nm.to_json()
