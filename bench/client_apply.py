@@ -54,6 +54,53 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
+def daemon_costs(asm: MapAssembler, next_map, n: int) -> tuple[float, float]:  # noqa: ANN001
+    """The daemon's pure per-map steps (node/daemon.py `_apply_map`: the resolver's view, the map it
+    saves, the tunnel's WireGuard peers, the flow-log peer table), as it does them now (builders
+    that reuse what an unchanged peer gave; peers set only when the peers tuple changed) and from
+    scratch (what it did for every map before). Each round applies the frame again first, so a
+    patch's peer is a new object every round, as on the wire."""
+    import base64
+
+    from meshnode.netmap import netmap_to_view
+    from meshnode.node.flowlog import peer_table
+    from meshnode.node.tunnel import peer_configs
+    try:
+        from meshnode.netmap import JsonBuilder, ViewBuilder
+    except ImportError:   # an older tree: only "from scratch"
+        JsonBuilder = ViewBuilder = None  # noqa: N806
+
+    def key(p):  # noqa: ANN001, ANN202
+        return base64.b64decode(p.node_key)
+
+    nm = next_map()
+    now = scratch = 0.0
+    if ViewBuilder is not None:
+        views, saved, last = ViewBuilder(), JsonBuilder(), None
+        views.build(nm)
+        saved.build(nm)
+        last = nm.peers
+        for _ in range(n):
+            nm = next_map()
+            t0 = time.perf_counter()
+            views.build(nm)
+            saved.build(nm)
+            if nm.peers is not last:
+                peer_configs(nm)
+                peer_table(nm.peers, key)
+                last = nm.peers
+            now += time.perf_counter() - t0
+    for _ in range(n):
+        nm = next_map()
+        t0 = time.perf_counter()
+        netmap_to_view(nm)
+        nm.to_json()
+        peer_configs(nm)
+        peer_table(nm.peers, key)
+        scratch += time.perf_counter() - t0
+    return now / n * 1e6, scratch / n * 1e6
+
+
 def serve(frames_path: str) -> None:
     """The child process: every POST /machine/map gets the full frame, then each frame pushed
     (GET /push/KIND) as it comes. Prints its port on stdout."""
@@ -186,7 +233,9 @@ def main() -> int:
         serve(args.serve)
         return 0
     base, port_added, _ = scale_fanout.POLICIES[args.policy]
-    rows = {i: scale_fanout.node(i, args.group) for i in range(1, args.nodes + 1)}
+    # Real 32-byte node keys (scale_fanout's are placeholders), so the tunnel's peers are all usable.
+    rows = {i: dataclasses.replace(scale_fanout.node(i, args.group), node_key=_b64(i.to_bytes(32, "big")))
+            for i in range(1, args.nodes + 1)}
     server_key, machine_key = PrivateKey.generate(), PrivateKey.generate()
     server = Channel(_b64(bytes(server_key)), _b64(bytes(machine_key.public_key)))
     node = Channel(_b64(bytes(machine_key)), _b64(bytes(server_key.public_key)))
@@ -224,6 +273,7 @@ def main() -> int:
     dns_only = seal(next_frame(snap3, state))
     rows[5] = dataclasses.replace(rows[5], endpoints=("198.51.100.1:1",))
     patch = seal(next_frame(build(snap3, port_added, 4, records), state))
+    daemon_rows: list = []
     print(f"{'kind':18} {'carries':14} {'bytes':>6} {'total':>8} {'unseal':>8} {'json':>8} {'apply':>8}  (us a frame)")
     for name, sealed in (("filter-only delta", filter_only), ("dns-only delta", dns_only),
                          ("one-peer patch", patch)):
@@ -255,6 +305,11 @@ def main() -> int:
               f"{(t2 - t1) * us:8.1f} {(t3 - t2 - (t2 - t1)) * us:8.1f}")
         if prof is not None and not args.streams:
             pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+        daemon_rows.append((name, daemon_costs(asm, lambda: per_frame(asm, sealed), max(50, n // 10))))
+    print("the node daemon's own work on each map (pure parts of Daemon._apply_map), us a frame:")
+    print(f"  {'kind':18} {'as now':>8} {'from scratch':>13}   (view + saved JSON + WireGuard peers + flow table)")
+    for name, (now_us, scratch_us) in daemon_rows:
+        print(f"  {name:18} {now_us:8.1f} {scratch_us:13.1f}")
     if args.streams:
         streams_phase(args.streams, {"full": full, "filter": filter_only, "dns": dns_only, "one": patch},
                       _b64(bytes(server_key.public_key)), _b64(bytes(machine_key)), args.profile)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import logging
 import time
@@ -39,18 +40,34 @@ class TunnelError(RuntimeError):
     """The tunnel could not be created or configured; the message says why."""
 
 
+# Texts parsed once per process, not once per map: every peer's allowed IPs and endpoints were
+# parsed again on each map applied (~40 us a peer with the ipaddress module), though a delta
+# changes one peer's, or none. The parsed values are immutable; the caches are bounded.
+@functools.lru_cache(maxsize=1 << 16)
+def _network(cidr: str) -> Any:
+    return ipaddress.ip_network(cidr, strict=False)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parsed_endpoint(text: str) -> tuple[str, int, Any] | None:
+    from ..wg.config import parse_endpoint
+    try:
+        host, port = parse_endpoint(text)
+        return host, port, ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def _endpoint(texts: tuple[str, ...], tunneled: tuple[Any, ...] = ()) -> tuple[str, int] | None:
     """The first usable endpoint, preferring one outside the subnet routes we send into the tunnel:
     a subnet router reports its address on the subnet too, and WireGuard's own UDP to it would
     loop into the tunnel."""
-    from ..wg.config import parse_endpoint
     first = None
     for text in texts:
-        try:
-            host, port = parse_endpoint(text)
-            ip = ipaddress.ip_address(host)
-        except ValueError:
+        parsed = _parsed_endpoint(text) if isinstance(text, str) else None
+        if parsed is None:
             continue
+        host, port, ip = parsed
         if not any(ip in net for net in tunneled):
             return host, port
         first = first or (host, port)
@@ -185,8 +202,8 @@ def peer_configs(netmap: NetMap, exit_node: str = "", accept_routes: bool = Fals
             if cidr not in own and cidr not in _EXIT_ROUTES and not accept_routes:
                 continue
             try:
-                allowed.append(ipaddress.ip_network(cidr, strict=False))
-            except ValueError:
+                allowed.append(_network(cidr))
+            except (ValueError, TypeError):   # TypeError: not text (unhashable for the cache)
                 log.warning("tunnel: peer %s: bad allowed IP %r ignored", p.fqdn, cidr)
                 continue
             if cidr not in own and cidr not in _EXIT_ROUTES:

@@ -103,3 +103,15 @@ def test_relay_choice_takes_the_first_region_with_usable_servers() -> None:
 class _WithMap:
     def __init__(self, nm, derp_map) -> None:  # noqa: ANN001
         self.nm, self.derp_map = nm, derp_map
+
+
+def test_parsed_texts_are_reused_and_bad_ones_still_skipped() -> None:
+    """Allowed IPs and endpoints are parsed once per process (a cache): the second map gives the
+    same peers, and a bad CIDR or an endpoint that is not text is skipped, every time."""
+    odd = node(5, endpoints=(["x"], 7, "bad", "[2001:db8::1]:9", "192.0.2.1:7"),   # type: ignore[arg-type]
+               allowed_ips=("100.64.0.5/32", "nope/99", "fd7a:115c:a1e0::5/128"))
+    nm = NetMap(1, "tailnet", node(1), (node(2, endpoints=("192.0.2.2:41641",)), odd))
+    first = peer_configs(nm)
+    assert peer_configs(nm) == first
+    assert [c.endpoint for c in first] == [("192.0.2.2", 41641), ("2001:db8::1", 9)]
+    assert [str(n) for n in first[1].allowed_ips] == ["100.64.0.5/32", "fd7a:115c:a1e0::5/128"]
