@@ -153,6 +153,7 @@ class MapAssembler:
             return None
         if kind == "full":
             nm = NetMap.from_json(msg.get("netmap"))
+            self._records = {}   # only this map's records: the cache never outgrows what a map holds
             self._remember_records(msg["netmap"].get("dns"), nm)
             self.resume = msg.get("resume") if isinstance(msg.get("resume"), str) else None
             self._version, self._domain, self._self = nm.version, nm.domain, nm.self_node

@@ -270,3 +270,15 @@ def test_the_daemons_json_builder_writes_what_to_json_writes_after_every_kind_of
     # A new domain changes every peer's JSON (fqdn is written only when it is not NAME.DOMAIN).
     nm = asm.apply({"type": "delta", "version": 99, "domain": "other.example"})
     assert js.build(nm) == nm.to_json()
+
+
+def test_a_full_map_after_deltas_keeps_only_its_own_records_and_reuses_them() -> None:
+    asm = MapAssembler()
+    recs = [{"name": f"r{i}.tailnet.", "type": "A", "value": f"10.0.0.{i}"} for i in range(1, 40)]
+    for v, r in enumerate(recs):   # reconnects: a full map each time, a record more each time
+        asm.apply(dict(full_with_records(recs[: v + 1]), resume=None))
+    assert len(asm._records) == len(recs)
+    nm = asm.apply(full_with_records(recs[:2]))
+    assert len(asm._records) == 2
+    again = asm.apply({"type": "delta", "version": 2, "dns": {"records": recs[:3]}})
+    assert again.dns.records[:2] == nm.dns.records and all(a is b for a, b in zip(nm.dns.records, again.dns.records))
