@@ -213,6 +213,9 @@ def test_apply_sealed_refuses_a_frame_that_does_not_open() -> None:
     # A sealed keepalive opens and yields nothing; seal() and open() still agree with open_bytes().
     assert asm.apply_sealed(node_chan, server.seal_bytes(b'{"type":"keepalive"}')) is None
     assert node_chan.open(server.seal({"a": 1}))[1] == {"a": 1}
+    # The same bytes on the wire as before: PyNaCl's Box opens what seal_bytes makes, and the reverse.
+    assert node_chan._box.decrypt(server.seal_bytes(b"wire")) == b"wire"
+    assert server.open_bytes(bytes(node_chan._box.encrypt(b"back"))) == b"back"
     assert json.loads(server.open_bytes(node_chan.seal({"b": 2}))) == {"b": 2}
 
 
