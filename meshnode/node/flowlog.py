@@ -357,13 +357,16 @@ class FlowLogger:
         import base64
 
         me = netmap.self_node
-        # A policy change or a record leaves the peers tuple and self as they were (MapAssembler
-        # reuses them): the table is then the one built before (~1.5 us a peer to build again).
-        if self._peers_of is None or self._peers_of[0] is not netmap.peers or self._peers_of[1] is not me:
+        want = bool(netmap.flow_logs) and self.tunnel is not None
+        # The table names the peers of counted flows: needed while logging is on (and for the last
+        # window when it goes off). A policy change or a record leaves the peers tuple and self as
+        # they were (MapAssembler reuses them): the table is then the one built before (~1 us a
+        # peer to build again, on every map).
+        stale = self._peers_of is None or self._peers_of[0] is not netmap.peers or self._peers_of[1] is not me
+        if (want or self.on) and stale:
             peers = peer_table(netmap.peers, lambda p: base64.b64decode(p.node_key))
             peers[OWN] = PeerInfo(me.name, tuple(me.approved_routes), bool(me.exit_node))
             self.peers, self._peers_of = peers, (netmap.peers, me)
-        want = bool(netmap.flow_logs) and self.tunnel is not None
         if want == self.on:
             if not want and self.queue.windows and self._task is None:
                 await self._upload()   # windows a previous run left: send them even with logging now off

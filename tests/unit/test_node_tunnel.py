@@ -115,3 +115,40 @@ def test_parsed_texts_are_reused_and_bad_ones_still_skipped() -> None:
     assert peer_configs(nm) == first
     assert [c.endpoint for c in first] == [("192.0.2.2", 41641), ("2001:db8::1", 9)]
     assert [str(n) for n in first[1].allowed_ips] == ["100.64.0.5/32", "fd7a:115c:a1e0::5/128"]
+
+
+def test_the_builder_gives_what_peer_configs_gives_as_peers_prefs_and_subnets_change() -> None:
+    """PeerConfigBuilder reuses the configs of peers a map did not change; after every change it
+    must equal a fresh `peer_configs` of the same map and prefs."""
+    from dataclasses import replace as change
+
+    from meshnode.node.tunnel import PeerConfigBuilder
+
+    router = node(3, endpoints=("10.77.0.3:41641", "192.0.2.3:41641"), approved_routes=("10.77.0.0/24",),
+                  allowed_ips=("100.64.0.3/32", "fd7a:115c:a1e0::3/128", "10.77.0.0/24"))
+    exit_ = node(4, exit_node=True, endpoints=("192.0.2.4:41641",),
+                 allowed_ips=("100.64.0.4/32", "fd7a:115c:a1e0::4/128", "0.0.0.0/0", "::/0"))
+    peers = [node(2, endpoints=("10.77.0.9:41641", "192.0.2.2:1")), router, exit_,
+             node(5, node_key="bad"), node(6, endpoints=("198.51.100.6:6",))]
+    b = PeerConfigBuilder()
+    steps = [("", False), ("", True), ("n4", True), ("n4", False)]
+    for exit_node, accept in steps:
+        nm = NetMap(1, "tailnet", node(1), tuple(peers))
+        got = b.build(nm, exit_node, accept)
+        assert got == peer_configs(nm, exit_node, accept), (exit_node, accept)
+        again = b.build(nm, exit_node, accept)
+        assert again == got and all(x is y for x, y in zip(again, got))   # nothing changed: reused
+    # One peer's endpoint changes: only its config is new.
+    before = b.build(NetMap(1, "tailnet", node(1), tuple(peers)), "n4", False)
+    peers[4] = change(peers[4], endpoints=("198.51.100.7:7",))
+    nm = NetMap(1, "tailnet", node(1), tuple(peers))
+    after = b.build(nm, "n4", False)
+    assert after == peer_configs(nm, "n4", False)
+    assert [x is y for x, y in zip(before, after)] == [True, True, True, False]
+    # The subnet router stops routing 10.77.0.0/24: node 2's endpoint there no longer loops, so
+    # every config whose endpoint choice depends on the subnets is derived again.
+    assert b.build(NetMap(1, "tailnet", node(1), tuple(peers)), "", True)[0].endpoint == ("192.0.2.2", 1)
+    peers[1] = change(router, allowed_ips=router.allowed_ips[:2], approved_routes=())
+    nm = NetMap(1, "tailnet", node(1), tuple(peers))
+    assert b.build(nm, "", True) == peer_configs(nm, "", True)
+    assert b.build(nm, "", True)[0].endpoint == ("10.77.0.9", 41641)
