@@ -15,6 +15,7 @@ Never allocated:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Container
@@ -54,6 +55,14 @@ class AddressPair:
 def pair_for(offset: int) -> AddressPair:
     """The addresses of `offset` (no allocatability check)."""
     return AddressPair(offset, ipaddress.IPv4Address(_V4_BASE + offset), ipaddress.IPv6Address(_V6_BASE + offset))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def address_objects(offset: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    """The addresses of `offset` as objects, straight from the integers: `set_policy` asks for every
+    node's, and formatting them as text to parse them back cost ~0.4 s at 10,000 nodes."""
+    pair = pair_for(offset)
+    return (pair.ipv4, pair.ipv6)
 
 
 def is_allocatable(offset: int) -> bool:

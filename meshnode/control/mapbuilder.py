@@ -11,7 +11,6 @@ stream. The cost model matters at 10,000 nodes:
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ from magicdns.records import Record
 
 from ..netmap import MapNode, default_allowed_ips
 from ..policy import CompiledPolicy, NodeInfo, Policy, compile_policy
+from .addresses import address_objects
 from .store import Change, DnsSettings, Node
 
 HISTORY = 32  # snapshots a stream may fall behind and still get a delta
@@ -62,16 +62,9 @@ def map_node(node: Node, domain: str, online: bool, key_signature: str = "", loc
                    node.home_region)
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _address_objects(texts: tuple[str, ...]) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
-    # Parsing an address text costs ~8 us (IPv6 more): `set_policy` asks for every node's, and at
-    # 10,000 nodes that parsing was 80% of storing a policy (~0.35 s of a change reaching its nodes).
-    return tuple(ipaddress.ip_address(a) for a in texts)
-
-
 def node_info(node: Node) -> NodeInfo:
     """A stored node as the policy engine sees it."""
-    return NodeInfo(node.id, node.name, node.user, node.tags, _address_objects(tuple(node.addresses)),
+    return NodeInfo(node.id, node.name, node.user, node.tags, address_objects(node.offset),
                     tuple(ipaddress.ip_network(r) for r in node.approved_routes),
                     node.exit_node_approved)
 

@@ -435,7 +435,8 @@ _SET_MARK = ("INSERT INTO replay_marks(machine_key, ts) VALUES (?, ?) ON CONFLIC
 
 
 def _t(text: str | None) -> tuple[str, ...]:
-    return tuple(json.loads(text)) if text else ()
+    # Most nodes' tags and routes are "[]": reading 10,000 nodes decoded 40,000 JSON lists, 60% of it.
+    return tuple(json.loads(text)) if text and text != "[]" else ()
 
 
 _NODE_COLS = ("n.id, n.machine_key, n.node_key, n.name, n.hostname, u.name, n.tags, n.os, n.endpoints,"

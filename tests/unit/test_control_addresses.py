@@ -5,7 +5,8 @@ import ipaddress
 from hypothesis import given, strategies as st
 import pytest
 
-from meshnode.control.addresses import (MAX_OFFSET, AddressesExhausted, allocate, is_allocatable, pair_for)
+from meshnode.control.addresses import (MAX_OFFSET, AddressesExhausted, address_objects, allocate, is_allocatable,
+                                       pair_for)
 
 
 def test_first_address_pairs_v4_and_v6() -> None:
@@ -50,3 +51,9 @@ def test_allocated_addresses_are_in_range(start: int) -> None:
     assert pair.ipv6 in ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
     assert pair.ipv4.packed[-1] not in (0, 255)
     assert pair == pair_for(pair.offset)
+
+
+@given(st.integers(min_value=1, max_value=MAX_OFFSET))
+def test_address_objects_are_the_parsed_texts(offset: int) -> None:
+    # The policy engine gets the objects straight from the offset; maps carry the texts. They must agree.
+    assert address_objects(offset) == tuple(ipaddress.ip_address(t) for t in pair_for(offset).texts)
