@@ -325,8 +325,47 @@ def _phase_stamps(url: str, token: str) -> list[dict[str, float]]:
     return [out[v] for v in sorted(out)]
 
 
+_COUNTERS = ("meshnode_control_frames_total", "meshnode_control_frames_direct_total",
+             "meshnode_control_fanout_cpu_seconds_total")
+
+
+def _counters(url: str, token: str) -> dict[str, float]:
+    """A server's frame counters and the CPU its publisher spent writing frames itself (/metrics)."""
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _COUNTERS:
+            out[name] = float(value)
+    return out
+
+
+def _per_frame(label: str, what: str, servers: list, token: str, before: list[dict[str, float]],
+               cpu: list[float]) -> tuple[str, str]:
+    """Each server's CPU per frame over the change: all of its CPU (build, frames, everything else
+    in the window) divided by the frames it sent, and the publisher's own fan-out CPU per frame it
+    wrote itself (the rest went through the streams' tasks)."""
+    parts = []
+    for i, ((proc, url, _), b) in enumerate(zip(servers, before)):
+        a = _counters(url, token) if proc.poll() is None else {}
+        if not a or not b:
+            continue
+        frames = a.get(_COUNTERS[0], 0) - b.get(_COUNTERS[0], 0)
+        direct = a.get(_COUNTERS[1], 0) - b.get(_COUNTERS[1], 0)
+        fan = a.get(_COUNTERS[2], 0) - b.get(_COUNTERS[2], 0)
+        parts.append(f"s{i} {frames:.0f} frames ({direct:.0f} direct), {cpu[i] / max(frames, 1) * 1e3:.3f} ms CPU a frame"
+                     f" all in, fan-out {fan / max(direct, 1) * 1e6:.0f} us a direct frame")
+    return (f"{label}: {what}: server CPU per frame", "; ".join(parts))
+
+
 def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu0: list[float], got: list[tuple],
-            t_change: float, t_stored: float, t_last: float) -> list[tuple[str, str]]:
+            t_change: float, t_stored: float, t_last: float,
+            before: list[dict[str, float]] | None = None) -> list[tuple[str, str]]:
     """Where a change's time went: storing it (the admin's transaction, measured here), each server
     noticing it, building its snapshot, writing its last frame, and the client processes'
     CPU over the whole change (ms after the change began; CPU in seconds over that window)."""
@@ -346,7 +385,8 @@ def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu
              f"stored {ms(t_stored)}; " + "; ".join(parts) + f"; last node saw it {ms(t_last)}"),
             (f"{label}: {what}: CPU s over {wall:.1f} s: servers; client processes; their marker tests",
              " / ".join(f"{c:.2f}" for c in cpu[:n]) + "; " + " / ".join(f"{c:.2f}" for c in cpu[n:])
-             + "; " + " / ".join(f"{r[5]:.2f}" for r in got))]
+             + "; " + " / ".join(f"{r[5]:.2f}" for r in got))] + (
+        [_per_frame(label, what, servers, token, before, cpu)] if before else [])
 
 
 def _pct(lat: list[float], q: float) -> float:
@@ -429,6 +469,7 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
                                         f"{args.pyspy_out}.{label.split()[0]}.txt", "-p", str(servers[0][0].pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)   # py-spy attaching (a benchmark's coordinator, not a test)
+            before = [_counters(url, token) for _, url, _ in servers]
             cpu0 = [cpu_seconds(p.pid) for p, _, _ in servers] + [cpu_seconds(p.pid) for p in workers]
             t_change = time.time()
             do()
@@ -442,7 +483,7 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             if spy is not None:
                 spy.wait(timeout=30)
             if seen:
-                rows += _phases(label, what, servers, token, workers, cpu0, got, t_change, t_stored, max(seen))
+                rows += _phases(label, what, servers, token, workers, cpu0, got, t_change, t_stored, max(seen), before)
         # Endpoint churn: --churn reports a second, spread over the workers, for --churn-seconds.
         # CPU over the sending window: the servers' and the simulated nodes' own (if the clients
         # were near a core each, the figures would measure them, not the servers).
