@@ -25,7 +25,8 @@ class RawStream:
     """A map stream on a plain socket: the HTTP/1.1 chunked body parsed here, frames opened with the
     machine key. It reads only when told to, so a test can make it stop reading (a stuck node)."""
 
-    def __init__(self, url: str, machine_priv: str, node_key: str, server_pub: str, rcvbuf: int = 0) -> None:
+    def __init__(self, url: str, machine_priv: str, node_key: str, server_pub: str, rcvbuf: int = 0,
+                 http: str = "1.1") -> None:
         host, port = url.removeprefix("http://").split(":")
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
@@ -33,7 +34,8 @@ class RawStream:
         self.sock.connect((host, int(port)))
         self.chan = Channel(machine_priv, server_pub)
         body = self.chan.seal({"ts": time.time(), "node_key": node_key, "stream": True})
-        self.sock.sendall((f"POST /machine/map HTTP/1.1\r\nHost: {host}\r\n"
+        self.http = http
+        self.sock.sendall((f"POST /machine/map HTTP/{http}\r\nHost: {host}\r\n"
                            f"{MACHINE_KEY_HEADER}: {public_key_of(machine_priv)}\r\n"
                            f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
         self.sock.setblocking(False)
@@ -49,8 +51,13 @@ class RawStream:
             if end < 0:
                 return
             self.headers, self.buf = self.buf[:end], self.buf[end + 4:]
-            assert self.headers.startswith(b"HTTP/1.1 200"), self.headers
-            assert b"transfer-encoding: chunked" in self.headers.lower(), self.headers
+            assert self.headers.startswith(f"HTTP/{self.http} 200".encode()), self.headers
+            assert (b"transfer-encoding: chunked" in self.headers.lower()) == (self.http == "1.1"), self.headers
+        if self.http == "1.0":   # no chunks: the body runs to the connection's end
+            data, self.buf = self.buf, b""
+            for sealed in self.frames.feed(data):
+                self.messages.append(json.loads(self.chan.open_bytes(sealed)))
+            return
         while True:
             line_end = self.buf.find(b"\r\n")
             if line_end < 0:
@@ -262,5 +269,30 @@ async def test_keepalives_go_out_on_idle_streams_and_wait_after_a_frame(tmp_path
             assert len(raw.of_type("keepalive")) - keepalives <= 1
             # Idle again: keepalives resume.
             await raw.read_until(lambda r: len(r.of_type("keepalive")) >= keepalives + 3, 3, "keepalives again")
+        finally:
+            raw.close()
+
+
+@run
+async def test_an_http10_stream_is_not_written_past_aiohttp(tmp_path: Path) -> None:
+    """Without chunked encoding (an HTTP/1.0 request) a chunk written to the transport would corrupt
+    the body: such a stream keeps the task path, and its node reads every frame."""
+    async with Tailnet(tmp_path) as net:
+        other = await net.join("other")
+        old = await net.join("old", start=False)
+        raw = RawStream(net.url, old.client.machine_key_private, old.client.node_key_public,
+                        other.client.server_public_key or "", http="1.0")
+        try:
+            await raw.read_until(lambda r: r.of_type("full"), 5, "the full map")
+            await async_wait_until(lambda: len(net.server._streams) == 2
+                                   and all(s.parked for s in net.server._streams.values()), timeout=3, what="parked")
+            direct = net.server.stats["frames_direct"]
+            for i in range(3):
+                net.admin_store.rename_node(str(other.map.self_node.id), f"renamed{i}")
+                await raw.read_until(lambda r, i=i: any(p.get("name") == f"renamed{i}" for m in r.of_type("delta")
+                                                        for p in m.get("peers_changed") or []), 2, f"rename {i}")
+                await within_1s(lambda i=i: other.map.self_node.name == f"renamed{i}", "the rename to the other")
+            # Only the chunked (HTTP/1.1) stream of `other` went direct.
+            assert net.server.stats["frames_direct"] - direct == 3
         finally:
             raw.close()
