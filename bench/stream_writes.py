@@ -76,7 +76,8 @@ async def main_async(n: int, rounds: int) -> None:
     child = multiprocessing.Process(target=reader, args=(port, n, ready), daemon=True)
     child.start()
     await asyncio.wait_for(opened.wait(), 120)
-    fake = types.SimpleNamespace(config=ServerConfig(), stats={"frames": 0, "slow_streams_closed": 0})
+    fake = types.SimpleNamespace(config=ServerConfig(), stats={"frames": 0, "slow_streams_closed": 0},
+                                 _framed=lambda: None)
     data = b"\0" * 300
     fits = control_server._fits
     try:
