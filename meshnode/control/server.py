@@ -200,6 +200,7 @@ class ControlServer:
         # the last few snapshots: when the change was noticed (doorbell, poll or a local write), when
         # the build began and the snapshot was published, and when the last frame went out.
         self._dirty_at = 0.0
+        self._fanout_wall = 0.0   # wall seconds the last publish spent writing frames (see _publisher)
         self.phases: collections.deque[dict[str, float]] = collections.deque(maxlen=8)
         self._epoch = store.tailnet_epoch()
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
@@ -449,7 +450,7 @@ class ControlServer:
         nodes = concerned(prev, snap) if prev is not None and snap is not None else None
         written = self.stats["frames"]
         now = asyncio.get_running_loop().time() if snap is not None and self._streams else 0.0
-        cpu0 = time.thread_time()   # this thread's: not the doorbell's or the executor's
+        cpu0, wall0 = time.thread_time(), time.monotonic()   # the thread's: not the doorbell's or the executor's
         # A few young objects per frame: over thousands of frames that set off full collections
         # walking the whole heap (py-spy put a third of the frames phase in them). Nothing here
         # forms cycles.
@@ -460,6 +461,7 @@ class ControlServer:
                     if snap is None or not self._write_now(stream, snap, now):
                         stream.wake.set()
         self.stats["fanout_cpu"] += time.thread_time() - cpu0
+        self._fanout_wall += time.monotonic() - wall0
         if self.stats["frames"] != written:
             self._framed()
 
@@ -505,11 +507,14 @@ class ControlServer:
             await asyncio.sleep(max(self.config.coalesce, min(spent, 0.1)))
             self._dirty.clear()
             t0 = time.monotonic()
+            self._fanout_wall = 0.0
             try:
                 self._publish()
             except Exception:
                 log.exception("building the network map failed; will retry on the next change")
-            spent = time.monotonic() - t0
+            # The build's time, not the frames the publisher then wrote itself: those were written
+            # by the streams' tasks before and never held the next change back.
+            spent = time.monotonic() - t0 - self._fanout_wall
 
     async def _poller(self) -> None:
         """Notice writes by other processes: the CLI (change counter) and `magicdns records` (version)."""
