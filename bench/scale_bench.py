@@ -463,11 +463,16 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             for i in range(n_workers):
                 cmd[i].put(("watch", what, kind, arg, old))
             inbox.get("watching", n_workers, 60)
-            spy = None
+            spy = client_spy = None
             if args.pyspy and what == "policy":   # sample server 0 through the policy change
                 spy = subprocess.Popen([args.pyspy, "record", "-d", "6", "-r", "250", "-f", "raw", "-o",
                                         f"{args.pyspy_out}.{label.split()[0]}.txt", "-p", str(servers[0][0].pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if args.pyspy_client:   # and client process 0 (the simulated nodes' side of a frame)
+                    client_spy = subprocess.Popen(
+                        [args.pyspy, "record", "-d", "6", "-r", "250", "-f", "raw", "-o",
+                         f"{args.pyspy_out}.{label.split()[0]}.client.txt", "-p", str(workers[0].pid)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)   # py-spy attaching (a benchmark's coordinator, not a test)
             before = [_counters(url, token) for _, url, _ in servers]
             cpu0 = [cpu_seconds(p.pid) for p, _, _ in servers] + [cpu_seconds(p.pid) for p in workers]
@@ -480,8 +485,9 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             seen = [t for r in got for t in r[3]]
             expected = sum(r[4] for r in got)
             rows.append(_latency_row(label, f"{what} reached nodes", seen, expected, t_change))
-            if spy is not None:
-                spy.wait(timeout=30)
+            for sampler in (spy, client_spy):
+                if sampler is not None:
+                    sampler.wait(timeout=30)
             if seen:
                 rows += _phases(label, what, servers, token, workers, cpu0, got, t_change, t_stored, max(seen), before)
         # Endpoint churn: --churn reports a second, spread over the workers, for --churn-seconds.
@@ -564,6 +570,8 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds allowed per phase")
     ap.add_argument("--only", choices=("pg", "sqlite"), help="run one of the two setups")
     ap.add_argument("--pyspy", help="py-spy binary: sample server 0 for 6 s through the policy change")
+    ap.add_argument("--pyspy-client", action="store_true",
+                    help="with --pyspy, also sample client process 0 (PREFIX.pg.client.txt / .sqlite.client.txt)")
     ap.add_argument("--pyspy-out", default="/tmp/scale-pyspy", help="its raw output: PREFIX.pg.txt / .sqlite.txt")
     args = ap.parse_args()
     if not (0 < args.nodes <= 20_000 and 0 < args.groups <= args.nodes):
