@@ -293,8 +293,11 @@ class CompiledPolicy:
                         sources = collapsed[ckey] = _collapse(self._self_sources(grant, own), ())
                     self._cache[skey] = sources
                 if sources:
-                    rules.append(FilterRule(sources, self._index.host_prefixes(node),
-                                            grant.ports, tuple(sorted(grant.protos))))
+                    pkey = ("protos", gi)   # one tuple per grant, shared by its nodes' rules
+                    protos = self._cache.get(pkey)
+                    if protos is None:
+                        protos = self._cache[pkey] = tuple(sorted(grant.protos))
+                    rules.append(FilterRule(sources, self._index.host_prefixes(node), grant.ports, protos))
         result = tuple(rules)
         self._cache[key] = result
         if shape is not None:
