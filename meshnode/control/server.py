@@ -25,7 +25,9 @@ the server down.
 Change propagation: every write through this server marks the tailnet dirty; a poller notices
 writes by other processes (the admin CLI, `magicdns records --db`) through the store's change
 counter and the records version. A publisher coalesces dirty marks, builds one snapshot, persists
-the next map version, and wakes every stream, which sends its own full or delta frame.
+the next map version, and brings every stream it concerns up to it: a stream that keeps up gets its
+delta written by the publisher itself (one HTTP/1.1 chunk straight to its transport); one that is
+behind, stuck or due a full map is woken and its own task sends the frame under the deadline watch.
 """
 
 from __future__ import annotations
