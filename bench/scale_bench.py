@@ -96,7 +96,7 @@ def node_urls(servers: list[str], i: int) -> str:
 
 
 def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int, conc: int, opening: int,
-           deadline: float, cmd: mp.Queue, res: mp.Queue) -> None:
+           deadline: float, cmd: mp.Queue, res: mp.Queue, gc_freeze: bool = False) -> None:
     import aiohttp
 
     from meshnode.control.client import ControlClient, generate_private_key
@@ -154,6 +154,17 @@ def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int
         expect: dict[str, list[int]] = {}
 
         checking = [0.0]   # seconds this process spent in the bench's own marker tests
+        # Seconds in the cyclic GC (every generation): a process holding 2,500 simulated nodes' maps
+        # has a heap no real node has, and its full collections walk all of it.
+        import gc
+        collecting = [0.0, 0.0]   # total, start of the collection under way
+
+        def gc_timer(phase: str, _info: dict) -> None:
+            if phase == "start":
+                collecting[1] = time.perf_counter()
+            else:
+                collecting[0] += time.perf_counter() - collecting[1]
+        gc.callbacks.append(gc_timer)
 
         def check(k: int, nm) -> None:  # noqa: ANN001
             now = time.time()
@@ -185,6 +196,13 @@ def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int
         t0 = time.time()
         while sum(1 for m in maps if m) < len(clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)   # bounded wait for a condition (a benchmark, not a test)
+        if gc_freeze:
+            # The maps held so far leave the collector's view: each full collection otherwise walks
+            # every simulated node's map (2,500 of them in one process), which a real node, holding
+            # one, never does (--client-gc freeze; in one 10,000-node run the clients still spent
+            # 0.4-1.1 s in the GC during the policy change, so it is not the default).
+            gc.collect()
+            gc.freeze()
         res.put(("ready", idx, sum(1 for m in maps if m), t0, time.time()))
         loop = asyncio.get_running_loop()
         while True:
@@ -193,6 +211,7 @@ def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int
                 _, marker, kind, arg, old = msg
                 seen[marker] = {}
                 checking[0] = 0.0
+                collecting[0] = 0.0
                 if kind == "peer":
                     wanted[marker] = lambda nm, a=arg: any(p.name == a for p in nm.peers)
                 elif kind == "filter":
@@ -213,7 +232,9 @@ def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int
                 while time.monotonic() < end and not all(k in seen[marker] for k in want):
                     await asyncio.sleep(0.01)
                 res.put(("seen", idx, marker, [seen[marker][k] for k in want if k in seen[marker]], len(want),
-                         checking[0]))
+                         checking[0], collecting[0]))
+                if gc_freeze:   # the maps this change left: out of the collector's view too
+                    gc.freeze()
                 wanted.pop(marker, None)
             elif msg[0] == "churn":
                 _, rate, seconds = msg
@@ -325,8 +346,47 @@ def _phase_stamps(url: str, token: str) -> list[dict[str, float]]:
     return [out[v] for v in sorted(out)]
 
 
+_COUNTERS = ("meshnode_control_frames_total", "meshnode_control_frames_direct_total",
+             "meshnode_control_fanout_cpu_seconds_total")
+
+
+def _counters(url: str, token: str) -> dict[str, float]:
+    """A server's frame counters and the CPU its publisher spent writing frames itself (/metrics)."""
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _COUNTERS:
+            out[name] = float(value)
+    return out
+
+
+def _per_frame(label: str, what: str, servers: list, token: str, before: list[dict[str, float]],
+               cpu: list[float]) -> tuple[str, str]:
+    """Each server's CPU per frame over the change: all of its CPU (build, frames, everything else
+    in the window) divided by the frames it sent, and the publisher's own fan-out CPU per frame it
+    wrote itself (the rest went through the streams' tasks)."""
+    parts = []
+    for i, ((proc, url, _), b) in enumerate(zip(servers, before)):
+        a = _counters(url, token) if proc.poll() is None else {}
+        if not a or not b:
+            continue
+        frames = a.get(_COUNTERS[0], 0) - b.get(_COUNTERS[0], 0)
+        direct = a.get(_COUNTERS[1], 0) - b.get(_COUNTERS[1], 0)
+        fan = a.get(_COUNTERS[2], 0) - b.get(_COUNTERS[2], 0)
+        parts.append(f"s{i} {frames:.0f} frames ({direct:.0f} direct), {cpu[i] / max(frames, 1) * 1e3:.3f} ms CPU a frame"
+                     f" all in, fan-out {fan / max(direct, 1) * 1e6:.0f} us a direct frame")
+    return (f"{label}: {what}: server CPU per frame", "; ".join(parts))
+
+
 def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu0: list[float], got: list[tuple],
-            t_change: float, t_stored: float, t_last: float) -> list[tuple[str, str]]:
+            t_change: float, t_stored: float, t_last: float,
+            before: list[dict[str, float]] | None = None) -> list[tuple[str, str]]:
     """Where a change's time went: storing it (the admin's transaction, measured here), each server
     noticing it, building its snapshot, writing its last frame, and the client processes'
     CPU over the whole change (ms after the change began; CPU in seconds over that window)."""
@@ -344,9 +404,10 @@ def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu
     n = len(servers)
     return [(f"{label}: {what}: phases (ms after the change)",
              f"stored {ms(t_stored)}; " + "; ".join(parts) + f"; last node saw it {ms(t_last)}"),
-            (f"{label}: {what}: CPU s over {wall:.1f} s: servers; client processes; their marker tests",
+            (f"{label}: {what}: CPU s over {wall:.1f} s: servers; client processes; their marker tests; their GC",
              " / ".join(f"{c:.2f}" for c in cpu[:n]) + "; " + " / ".join(f"{c:.2f}" for c in cpu[n:])
-             + "; " + " / ".join(f"{r[5]:.2f}" for r in got))]
+             + "; " + " / ".join(f"{r[5]:.2f}" for r in got) + "; " + " / ".join(f"{r[6]:.2f}" for r in got))] + (
+        [_per_frame(label, what, servers, token, before, cpu)] if before else [])
 
 
 def _pct(lat: list[float], q: float) -> float:
@@ -394,7 +455,8 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
         first = 0
         for i in range(n_workers):
             p = ctx.Process(target=worker, args=(i, [u for _, u, _ in servers], keys, first, per[i], args.concurrency, args.opening,
-                                                 time.monotonic() + args.deadline, cmd[i], res), daemon=True)
+                                                 time.monotonic() + args.deadline, cmd[i], res,
+                                                 args.client_gc == "freeze"), daemon=True)
             first += per[i]
             p.start()
             workers.append(p)
@@ -423,12 +485,18 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             for i in range(n_workers):
                 cmd[i].put(("watch", what, kind, arg, old))
             inbox.get("watching", n_workers, 60)
-            spy = None
+            spy = client_spy = None
             if args.pyspy and what == "policy":   # sample server 0 through the policy change
                 spy = subprocess.Popen([args.pyspy, "record", "-d", "6", "-r", "250", "-f", "raw", "-o",
                                         f"{args.pyspy_out}.{label.split()[0]}.txt", "-p", str(servers[0][0].pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if args.pyspy_client:   # and client process 0 (the simulated nodes' side of a frame)
+                    client_spy = subprocess.Popen(
+                        [args.pyspy, "record", "-d", "6", "-r", "250", "-f", "raw", "-o",
+                         f"{args.pyspy_out}.{label.split()[0]}.client.txt", "-p", str(workers[0].pid)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)   # py-spy attaching (a benchmark's coordinator, not a test)
+            before = [_counters(url, token) for _, url, _ in servers]
             cpu0 = [cpu_seconds(p.pid) for p, _, _ in servers] + [cpu_seconds(p.pid) for p in workers]
             t_change = time.time()
             do()
@@ -439,10 +507,11 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             seen = [t for r in got for t in r[3]]
             expected = sum(r[4] for r in got)
             rows.append(_latency_row(label, f"{what} reached nodes", seen, expected, t_change))
-            if spy is not None:
-                spy.wait(timeout=30)
+            for sampler in (spy, client_spy):
+                if sampler is not None:
+                    sampler.wait(timeout=30)
             if seen:
-                rows += _phases(label, what, servers, token, workers, cpu0, got, t_change, t_stored, max(seen))
+                rows += _phases(label, what, servers, token, workers, cpu0, got, t_change, t_stored, max(seen), before)
         # Endpoint churn: --churn reports a second, spread over the workers, for --churn-seconds.
         # CPU over the sending window: the servers' and the simulated nodes' own (if the clients
         # were near a core each, the figures would measure them, not the servers).
@@ -523,6 +592,12 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds allowed per phase")
     ap.add_argument("--only", choices=("pg", "sqlite"), help="run one of the two setups")
     ap.add_argument("--pyspy", help="py-spy binary: sample server 0 for 6 s through the policy change")
+    ap.add_argument("--client-gc", choices=("freeze", "normal"), default="normal",
+                    help="freeze: the client processes move the maps they hold out of the cyclic GC's view after"
+                         " the first maps and after each change (one run at 10,000 nodes: not clearly cheaper);"
+                         " normal (default): as any process")
+    ap.add_argument("--pyspy-client", action="store_true",
+                    help="with --pyspy, also sample client process 0 (PREFIX.pg.client.txt / .sqlite.client.txt)")
     ap.add_argument("--pyspy-out", default="/tmp/scale-pyspy", help="its raw output: PREFIX.pg.txt / .sqlite.txt")
     args = ap.parse_args()
     if not (0 < args.nodes <= 20_000 and 0 < args.groups <= args.nodes):

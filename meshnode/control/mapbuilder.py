@@ -50,6 +50,10 @@ def _dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+# A str as JSON, exactly as `_dumps` writes it, without an encoder object per call (one per frame).
+_json_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
 def map_node(node: Node, domain: str, online: bool, key_signature: str = "", lock_key: str = "") -> MapNode:
     """A stored node as peers see it (with its Tailnet Lock signature, if the control server has one
     for its current node key)."""
@@ -339,11 +343,19 @@ class FilterTexts:
         # found by identity. The tuple is kept in the value, so its id cannot be reused meanwhile.
         self._by_id: dict[int, tuple[tuple, str]] = {}
         self._tails: dict[tuple, str] = {}         # (ports, protos) -> the rule's text after "dst"
+        # (id(ports), id(protos)) -> (ports, protos, text): compile.py shares both tuples between the
+        # nodes of a grant, so the tail is found without hashing each PortRange again.
+        self._tails_by_id: dict[tuple[int, int], tuple[tuple, tuple, str]] = {}
         self._node: dict[int, str] = {}
         self._rules: dict[int, tuple[tuple, str]] = {}   # id(rules tuple) -> (it, text)
         self._old_texts = prev._texts if prev is not None else {}
         self._old_nets = prev._nets if prev is not None else {}
         self._old_by_id = prev._by_id if prev is not None else {}
+        # Found by id in the previous tables, not yet in `_nets`: the content table is completed with
+        # them only when a lookup by content needs it (hashing a tuple of prefixes is most of what a
+        # node's filter costs after a port change, and that change never looks anything up by content).
+        self._carried: list[tuple[tuple, str]] = []
+        self._old_carried = prev._carried if prev is not None else []
 
     def _shared_text(self, nets: tuple) -> str:
         hit = self._by_id.get(id(nets))
@@ -351,12 +363,17 @@ class FilterTexts:
             hit = self._old_by_id.get(id(nets))
             if hit is None:
                 hit = (nets, self._net_text(nets))
-            else:   # the content table stays complete: the next policy may bring equal new tuples
-                self._nets[nets] = hit[1]
+            else:   # kept for the content table: the next policy may bring equal new tuples
+                self._carried.append(hit)
             self._by_id[id(nets)] = hit
         return hit[1]
 
     def _net_text(self, nets: tuple) -> str:
+        if self._carried or self._old_carried:
+            for table, carried in ((self._nets, self._carried), (self._old_nets, self._old_carried)):
+                for known, text in carried:
+                    table.setdefault(known, text)
+                carried.clear()
         text = self._nets.get(nets)
         if text is None:
             text = self._old_nets.get(nets)
@@ -376,12 +393,18 @@ class FilterTexts:
             return known[1]
         rules = []
         for rule in shared:
-            tail_key = (rule.ports, rule.protos)
-            tail = self._tails.get(tail_key)
-            if tail is None:
-                tail = self._tails[tail_key] = "".join([
-                    ',"ports":', _dumps(",".join(str(r) for r in rule.ports)),
-                    ',"protos":', _dumps([int(p) for p in rule.protos]), "}"])
+            by_id = self._tails_by_id.get((id(rule.ports), id(rule.protos)))
+            if by_id is not None:
+                tail = by_id[2]
+            else:
+                tail_key = (rule.ports, rule.protos)
+                tail = self._tails.get(tail_key)
+                if tail is None:
+                    tail = self._tails[tail_key] = "".join([
+                        ',"ports":', _dumps(",".join(str(r) for r in rule.ports)),
+                        ',"protos":', _dumps([int(p) for p in rule.protos]), "}"])
+                # The tuples are kept in the value, so their ids are not reused meanwhile.
+                self._tails_by_id[(id(rule.ports), id(rule.protos))] = (rule.ports, rule.protos, tail)
             rules.append("".join(['{"src":', self._shared_text(rule.src), ',"dst":', self._shared_text(rule.dst),
                                   tail]))
         text = "[" + ",".join(rules) + "]"
@@ -449,7 +472,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{},"derp_map":',
             snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "",
             ',"tka_head":', _dumps(snap.tka_head), ',"flow_logs":', _dumps(snap.flow_logs), '},"resume":',
-            _dumps(snap.resume_token(nid)), '}'])
+            _json_str(snap.resume_token(nid)), '}'])
         state.tailnet_version = snap.tailnet_version
     else:
         since: set[int] = set()
@@ -501,7 +524,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             # A new resume token rides along only on a frame sent anyway: a node whose map did not
             # change keeps its older (still true) token rather than getting a frame for it.
             if snap.tailnet_version != state.tailnet_version:
-                parts += [',"resume":', _dumps(snap.resume_token(nid))]
+                parts += [',"resume":', _json_str(snap.resume_token(nid))]
                 state.tailnet_version = snap.tailnet_version
             frame = "".join(parts) + "}"
     _sent(snap, state, reach, filter_text)
@@ -579,7 +602,7 @@ def resume_frame(snap: Snapshot, state: StreamState, changed_nodes: frozenset[in
     removed = sorted(changed_nodes - reach)
     present = sorted(p for p in reach if p != nid)
     online = [p for p in present if snap.nodes[p].online]
-    parts = ['{"type":"delta","version":', str(snap.version), ',"resume":', _dumps(snap.resume_token(nid)),
+    parts = ['{"type":"delta","version":', str(snap.version), ',"resume":', _json_str(snap.resume_token(nid)),
              ',"domain":', _dumps(snap.domain), ',"self":', texts[nid],
              ',"peers_changed":[', ",".join([texts[p] for p in changed]), '],"peers_removed":', _dumps(removed),
              ',"peers_present":', _dumps(present), ',"peers_online":', _dumps(online),

@@ -25,7 +25,9 @@ the server down.
 Change propagation: every write through this server marks the tailnet dirty; a poller notices
 writes by other processes (the admin CLI, `magicdns records --db`) through the store's change
 counter and the records version. A publisher coalesces dirty marks, builds one snapshot, persists
-the next map version, and wakes every stream, which sends its own full or delta frame.
+the next map version, and brings every stream it concerns up to it: a stream that keeps up gets its
+delta written by the publisher itself (one HTTP/1.1 chunk straight to its transport); one that is
+behind, stuck or due a full map is woken and its own task sends the frame under the deadline watch.
 """
 
 from __future__ import annotations
@@ -174,9 +176,9 @@ class ControlServer:
         self.remote_online: frozenset[int] = frozenset()   # nodes streaming from the other live replicas
         self.doorbell: Any = None                 # doorbell.Doorbell on a PostgreSQL store
         self.snapshot: Snapshot | None = None
-        # Every open stream: its state and the event that wakes it (only streams a snapshot concerns
-        # are woken: an endpoint change wakes the nodes that see that node, not the whole tailnet).
-        self._streams: dict[int, tuple[StreamState, asyncio.Event]] = {}
+        # Every open stream (only streams a snapshot concerns get a frame: an endpoint change goes to
+        # the nodes that see that node, not the whole tailnet).
+        self._streams: dict[int, _Stream] = {}
         self._dirty = asyncio.Event()
         self._presence_changed = asyncio.Event()  # a stream came or went: write presence now
         self._seen_pending: set[int] = set()      # nodes whose streams ended: last-seen to write
@@ -191,13 +193,16 @@ class ControlServer:
         self._records: tuple | None = None
         self._policy_cache: tuple[str | None, Policy | None] = ("\0", None)
         self.stats = {"registrations": 0, "refusals": 0, "snapshots": 0, "frames": 0, "streams": 0,
-                      "slow_streams_closed": 0, "resumed": 0, "full_maps": 0}
+                      "slow_streams_closed": 0, "resumed": 0, "full_maps": 0,
+                      "frames_direct": 0,   # frames written by the publisher itself (`_write_now`)
+                      "fanout_cpu": 0.0}    # the publisher's CPU seconds bringing streams up to date
         self._changes_memo: dict[tuple[int, int], list[Any]] = {}   # (since, upto) -> change log
         self.resume_refusals: dict[str, int] = {}   # why a resume token got a full map (reason -> count)
         # Where the time of a change goes (wall clock, for /metrics and bench/scale.sh), for each of
         # the last few snapshots: when the change was noticed (doorbell, poll or a local write), when
         # the build began and the snapshot was published, and when the last frame went out.
         self._dirty_at = 0.0
+        self._fanout_wall = 0.0   # wall seconds the last publish spent writing frames (see _publisher)
         self.phases: collections.deque[dict[str, float]] = collections.deque(maxlen=8)
         self._epoch = store.tailnet_epoch()
         self.app = web.Application(middlewares=[_errors], client_max_size=MAX_REQUEST_BYTES)
@@ -436,12 +441,63 @@ class ControlServer:
         return rmap.dumps() if rmap.regions else "null"
 
     def _wake_streams(self, prev: Snapshot | None = None, snap: Snapshot | None = None) -> None:
-        """Wake the streams `snap` concerns (all, without snapshots); the others, when they hold
-        `prev`'s map, are marked as holding `snap`'s without a frame."""
+        """Bring the streams `snap` concerns up to it (wake them all, without snapshots); the others,
+        when they hold `prev`'s map, are marked as holding `snap`'s without a frame.
+
+        A stream whose task is parked (no write of its own in flight) and whose connection has
+        room gets its frame written right here, in this loop: waking a task per stream (its event,
+        its keepalive timer re-armed, aiohttp's write coroutine) cost ~4x the frame itself when a
+        policy change concerns every stream of a replica. The others (a full map due, a reader that
+        is behind, a write in flight) are woken and take the task path with its deadline watch."""
         nodes = concerned(prev, snap) if prev is not None and snap is not None else None
-        for state, wake in self._streams.values():
-            if nodes is None or state.node_id in nodes or not fast_forward(prev, snap, state):  # type: ignore[arg-type]
-                wake.set()
+        written = self.stats["frames"]
+        now = asyncio.get_running_loop().time() if snap is not None and self._streams else 0.0
+        cpu0, wall0 = time.thread_time(), time.monotonic()   # the thread's: not the doorbell's or the executor's
+        # A few young objects per frame: over thousands of frames that set off full collections
+        # walking the whole heap (py-spy put a third of the frames phase in them). Nothing here
+        # forms cycles.
+        with gc_paused(len(self._streams)):
+            for stream in self._streams.values():
+                state = stream.state
+                if nodes is None or state.node_id in nodes or not fast_forward(prev, snap, state):  # type: ignore[arg-type]
+                    if snap is None or not self._write_now(stream, snap, now):
+                        stream.wake.set()
+        self.stats["fanout_cpu"] += time.thread_time() - cpu0
+        self._fanout_wall += time.monotonic() - wall0
+        if self.stats["frames"] != written:
+            self._framed()
+
+    def _write_now(self, stream: _Stream, snap: Snapshot, now: float) -> bool:
+        """Write `stream`'s frame for `snap` from the publisher, if that cannot block or reorder
+        anything; False when its task must do it (the stream is then untouched, or holds the frame
+        in `pending` for the task to write under the deadline watch)."""
+        state = stream.state
+        if not stream.parked or stream.wake.is_set() or state.full or stream.pending is not None:
+            return False
+        transport = _chunk_sink(stream.request, stream.resp)
+        if transport is None or not _fits(transport, 0):
+            return False   # behind (or closing): its task writes under the deadline watch
+        try:
+            text = next_frame(snap, state)
+        except NodeGone:
+            return False   # the task finds out too and ends the stream
+        except Exception:
+            log.exception("building a frame for node %d failed", state.node_id)
+            return False
+        if text is None:
+            return True
+        data = frame(stream.chan.seal_bytes(text.encode()))
+        if not _fits(transport, len(data)):
+            # `state` already counts this frame as sent: its task must write exactly these bytes.
+            stream.pending = data
+            return False
+        # One HTTP/1.1 chunk, exactly as aiohttp's chunked writer frames it (_chunk_sink checked
+        # that the response is chunked, its headers are out and nothing else rewrites the body).
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        stream.last_write = now
+        self.stats["frames"] += 1
+        self.stats["frames_direct"] += 1
+        return True
 
     async def _publisher(self) -> None:
         spent = 0.0
@@ -453,11 +509,14 @@ class ControlServer:
             await asyncio.sleep(max(self.config.coalesce, min(spent, 0.1)))
             self._dirty.clear()
             t0 = time.monotonic()
+            self._fanout_wall = 0.0
             try:
                 self._publish()
             except Exception:
                 log.exception("building the network map failed; will retry on the next change")
-            spent = time.monotonic() - t0
+            # The build's time, not the frames the publisher then wrote itself: those were written
+            # by the streams' tasks before and never held the next change back.
+            spent = time.monotonic() - t0 - self._fanout_wall
 
     async def _poller(self) -> None:
         """Notice writes by other processes: the CLI (change counter) and `magicdns records` (version)."""
@@ -776,18 +835,24 @@ class ControlServer:
 
     async def _serve_stream(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
                             state: StreamState) -> None:
-        keepalive = frame(chan.seal({"type": "keepalive"}))
-        wake = asyncio.Event()
-        self._streams[id(state)] = (state, wake)
+        stream = _Stream(state, asyncio.Event(), request, resp, chan, last_write=asyncio.get_running_loop().time())
+        self._streams[id(state)] = stream
         try:
-            await self._stream_loop(request, resp, chan, state, wake, keepalive)
+            await self._stream_loop(stream, frame(chan.seal({"type": "keepalive"})))
         finally:
             del self._streams[id(state)]
 
-    async def _stream_loop(self, request: web.Request, resp: web.StreamResponse, chan: Channel,
-                           state: StreamState, wake: asyncio.Event, keepalive: bytes) -> None:
+    async def _stream_loop(self, stream: _Stream, keepalive: bytes) -> None:
+        request, resp, chan, state, wake = stream.request, stream.resp, stream.chan, stream.state, stream.wake
+        loop = asyncio.get_running_loop()
         while True:
             wake.clear()   # before reading the snapshot: a publish after the read sets it again
+            if stream.pending is not None:
+                # A frame the publisher built but could not hand over without waiting (`_write_now`).
+                data, stream.pending = stream.pending, None
+                if not await self._write(request, resp, data):
+                    return
+                stream.last_write = loop.time()
             snap = self.snapshot
             if snap is not None and snap.seq != state.seq:
                 # Frames are computed from the newest snapshot when the previous one was taken, so
@@ -795,16 +860,27 @@ class ControlServer:
                 # stream has at most one frame queued: its own, never anyone else's.
                 if not await self._send(request, resp, chan, snap, state):
                     return
+                stream.last_write = loop.time()
             if not self._tasks:  # shutting down
                 return
+            # Parked: from here until the task runs again the publisher may write this stream's
+            # frames itself (`_write_now`); nothing of the task's own is in flight.
+            stream.parked = True
             try:
                 # Not wait_for: on Python 3.11 it wraps the wait in a task of its own, every wait of
                 # every stream (a policy change wakes them all at once: 3,333 tasks more per replica).
-                async with asyncio.timeout(self.config.keepalive):
+                # The keepalive is due `keepalive` after the last frame, whoever wrote it.
+                async with asyncio.timeout_at(stream.last_write + self.config.keepalive):
                     await wake.wait()
             except TimeoutError:
+                stream.parked = False
+                if loop.time() < stream.last_write + self.config.keepalive:
+                    continue   # the publisher wrote a frame meanwhile: the stream is not idle
                 if not await self._write(request, resp, keepalive, count=False):
                     return
+                stream.last_write = loop.time()
+            finally:
+                stream.parked = False
 
     async def _send(self, request: web.Request, resp: web.StreamResponse, chan: Channel, snap: Snapshot,
                     state: StreamState) -> bool:
@@ -997,6 +1073,10 @@ class ControlServer:
             "# TYPE meshnode_control_snapshots_total counter",
             f"meshnode_control_snapshots_total {self.stats['snapshots']}",
             "# TYPE meshnode_control_frames_total counter", f"meshnode_control_frames_total {self.stats['frames']}",
+            "# TYPE meshnode_control_frames_direct_total counter",
+            f"meshnode_control_frames_direct_total {self.stats['frames_direct']}",
+            "# TYPE meshnode_control_fanout_cpu_seconds_total counter",
+            f"meshnode_control_fanout_cpu_seconds_total {self.stats['fanout_cpu']:.6f}",
             "# TYPE meshnode_control_slow_streams_closed_total counter",
             f"meshnode_control_slow_streams_closed_total {self.stats['slow_streams_closed']}",
             "# TYPE meshnode_control_streams_resumed_total counter",
@@ -1048,6 +1128,34 @@ def _ensure_ca(store: ControlStore, now: float) -> tailnet_ca.TailnetCa:
     store.save_tailnet_ca(domain, ca.key_pem, ca.cert_pem, now)
     log.info("created the tailnet certificate authority for %s", domain)
     return ca
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    """One open map stream, as its task and the publisher share it."""
+
+    state: StreamState
+    wake: asyncio.Event
+    request: web.Request
+    resp: web.StreamResponse
+    chan: Channel
+    parked: bool = False           # its task waits on `wake` with no write of its own in flight
+    pending: bytes | None = None   # a frame `state` counts as sent that the task must still write
+    last_write: float = 0.0        # loop time of its last frame or keepalive (the keepalive is due after it)
+
+
+def _chunk_sink(request: web.Request, resp: web.StreamResponse) -> asyncio.Transport | None:
+    """The transport a frame may be written to directly as one HTTP/1.1 chunk, bypassing aiohttp's
+    `StreamResponse.write` (a coroutine and a chunk header per frame): only while aiohttp's writer
+    would itself write exactly that, i.e. the body is chunked, uncompressed, not ended and its
+    headers are out. None otherwise (another aiohttp, a closing connection): the task path."""
+    writer = getattr(resp, "_payload_writer", None)
+    transport = request.transport
+    if (writer is None or transport is None or transport.is_closing() or not getattr(writer, "chunked", False)
+            or getattr(writer, "_compress", None) is not None or getattr(writer, "_eof", True)
+            or getattr(writer, "_headers_buf", None) is not None or getattr(writer, "length", None) is not None):
+        return None
+    return transport  # type: ignore[return-value]
 
 
 def _retrieved(write: asyncio.Future[Any]) -> None:

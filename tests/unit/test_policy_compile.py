@@ -276,3 +276,25 @@ def test_cached_json_form_matches_the_plain_one() -> None:
     for n in NODES:
         assert policy.filter_rules_json(n.id) == rules_to_json(policy.filter_rules(n.id))
         assert policy.filter_rules_json(n.id) == rules_to_json(policy.filter_rules(n.id))  # cached
+
+
+def test_a_policy_over_the_same_nodes_reuses_the_self_sources_and_stays_exact() -> None:
+    """autogroup:self sources are collapsed once per index: a port change compiled over the same
+    nodes hands back the very same source tuples, and a policy whose sources differ (one address,
+    not every member) does not pick up the cached ones."""
+    def text(src: str, ports: str) -> str:
+        return ('{"acls": [{"action": "accept", "src": [%s], "dst": ["autogroup:self:%s"]}]}' % (src, ports))
+    first = compile_policy(parse_policy(text('"autogroup:member"', "22")), NODES)
+    second = compile_policy(parse_policy(text('"autogroup:member"', "80")), NODES, same_nodes_as=first)
+    narrow = compile_policy(parse_policy(text(f'"{ip(ALICE_LAPTOP)}"', "80")), NODES, same_nodes_as=first)
+    for compiled, fresh_text in ((second, text('"autogroup:member"', "80")),
+                                 (narrow, text(f'"{ip(ALICE_LAPTOP)}"', "80"))):
+        fresh = compile_policy(parse_policy(fresh_text), NODES)   # its own index: nothing cached
+        for n in NODES:
+            assert rules_to_json(compiled.filter_rules(n.id)) == rules_to_json(fresh.filter_rules(n.id)), n
+    phone_first, phone_second = first.filter_rules(ALICE_PHONE), second.filter_rules(ALICE_PHONE)
+    assert phone_second[0].src is phone_first[0].src                      # not collapsed again
+    assert [str(p) for p in phone_second[0].src] == [ip(ALICE_LAPTOP) + "/32", ip(ALICE_PHONE) + "/32",
+                                                     ip(ALICE_LAPTOP, True) + "/128", ip(ALICE_PHONE, True) + "/128"]
+    assert phone_second[0].ports != phone_first[0].ports
+    assert [str(p) for p in narrow.filter_rules(ALICE_PHONE)[0].src] == [ip(ALICE_LAPTOP) + "/32"]
