@@ -5,7 +5,7 @@
 # reaching the nodes (p50/p99), endpoint churn with each server's CPU, RSS per server, and how fast
 # (and whether by resuming) a killed replica's nodes get their map from another.
 #   bench/scale.sh [--nodes N] [--groups G] [--workers W] [--churn R] [--churn-seconds S] [--resume-wait S] [--only pg|sqlite]
-#                  [--client-gc freeze|normal] [--pyspy PATH-TO-PY-SPY [--pyspy-client]]   (per change it also prints where the time went: see README)
+#                  [--client-gc off|freeze|normal] [--pyspy PATH-TO-PY-SPY [--pyspy-client]]   (per change it also prints where the time went: see README)
 # Defaults: 10000 nodes in 100 users (autogroup:self), 4 client processes (uvloop), churn 100/s for 20 s.
 set -eu
 cd "$(dirname "$0")/.."
