@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import errno
 import socket
+import time
 from typing import Callable
 
 from .dispatch import Backlog, Dispatch
@@ -26,6 +27,8 @@ HALF_BUF = BUF_SIZE // 2  # the buffers seen as 16-bit words: where each datagra
 NAME_SIZE = 28  # sizeof(struct sockaddr_in6)
 MSG_DONTWAIT = 0x40
 MAX_ROUNDS = 8  # batches per readiness callback: bounded, so other work on the loop gets its turn
+_monotonic = time.monotonic
+_thread_time = time.thread_time  # the loop's CPU time: is it loaded (dispatch.Backlog.sample)?
 
 
 class _Iovec(ctypes.Structure):
@@ -129,6 +132,10 @@ class BatchUdpListener:
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, int.from_bytes(raw[24:28], "little"))
 
     def _on_readable(self) -> None:
+        backlog = self.backlog
+        now = _monotonic()
+        if now >= backlog.next_sample:  # every LOAD_WINDOW at most: a clock read is a system call
+            backlog.sample(now, _thread_time())
         try:
             self._rounds()
         finally:
