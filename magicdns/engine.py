@@ -20,6 +20,7 @@ from typing import Union
 
 from dnslib import CLASS, QTYPE, RR, DNSError, DNSLabel, DNSQuestion, DNSRecord
 
+from .cache import SHAPE_AD, SHAPE_CD, SHAPE_DO, SHAPE_EDNS, QueryInfo
 from .message import (MAX_UDP_PAYLOAD, PLAIN_UDP_LIMIT, Edns, MessageError, Rcode, check_options,
                       error_reply, opt_record, question_end, scan_query, truncate, udp_limit)
 from .zone import ForwardRoute, LocalZone, Zone
@@ -68,11 +69,14 @@ class Template:
 class Forward:
     """The engine's decision to forward: the server hands it to the forwarder."""
 
-    __slots__ = ("route", "limit")
+    __slots__ = ("route", "limit", "info")
 
-    def __init__(self, route: ForwardRoute | None, limit: int) -> None:
+    def __init__(self, route: ForwardRoute | None, limit: int, info: QueryInfo | None = None) -> None:
         self.route = route
         self.limit = limit  # the client's UDP size (or 65535 over TCP)
+        # The query as the forwarding cache reads it (cache.query_info), when the engine's fast path
+        # has read it already: a query shed under a flood is then not read twice (issue 8).
+        self.info = info
 
 
 class Chase(Forward):
@@ -235,7 +239,14 @@ class Engine:
             if not ptext and zone.host_for_short_name(name):
                 return self._slow(data, tcp)
             self.fast_hits += 1
-            return Forward(target, limit)  # type: ignore[arg-type]
+            # What cache.query_info would read, from what the checks above vouch for: one question,
+            # no answer or authority records, class IN, at most an OPT of version 0.
+            b3 = data[3]
+            shape = (SHAPE_CD if b3 & 0x10 else 0) | (SHAPE_AD if b3 & 0x20 else 0)
+            if edns:
+                shape |= (SHAPE_EDNS | SHAPE_DO) if do else SHAPE_EDNS
+            return Forward(target, limit, QueryInfo(  # type: ignore[arg-type]
+                (key[:-4], data[i + 1] << 8 | data[i + 2], 1, shape), i + 5))
         if zone.exists(name, target) or (  # type: ignore[arg-type]
                 zone.has_wildcards and zone.wildcard_for(name, target)):  # type: ignore[arg-type]
             return self._slow(data, tcp)

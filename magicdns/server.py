@@ -281,13 +281,15 @@ class DnsServer:
         dispatch = self.dispatch
         allowance = dispatch.forward_allowance
         if allowance == 0 or forwarder.inflight >= forwarder.max_inflight:
-            return self._shed(fwd, data, tcp)
+            return self._shed(fwd, data, tcp, fwd.info)
         if forwarder.looped(data):
             c.looped += 1
             log.warning("forwarding loop: one of our own upstream queries came back to us")
             return _servfail(data) or None
         now = _monotonic()
-        info = read_query(data)  # read once for the cache, the shedding and the race
+        info = fwd.info  # the engine's reading, else read once for the cache, the shedding and the race
+        if info is None:
+            info = read_query(data)
         cached = forwarder.answer_from_cache(data, now, info)
         if cached is not None:
             c.cache_answers += 1
