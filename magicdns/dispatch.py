@@ -26,7 +26,25 @@ log = logging.getLogger(__name__)
 ReplyTo = Callable[[bytes], None]
 """Where a reply that comes later (a forwarded query) is delivered: the listener's writer."""
 
-ForwardFn = Callable[[Forward, bytes, ReplyTo, bool], Optional[bytes]]
+
+class LateReply:
+    """A `ReplyTo` not made yet. Under a flood most forwarded queries are answered at once (shed, or
+    a cache hit), so a batched listener passes this instead of a closure per query, and the
+    forwarding path calls `bind()` (while the listener's call is still running) only when a reply
+    will really come later. Never kept past that call: use `bound`."""
+
+    __slots__ = ()
+
+    def bind(self) -> ReplyTo:
+        raise NotImplementedError
+
+
+def bound(reply_to: "ReplyTo | LateReply") -> ReplyTo:
+    """The `ReplyTo` itself, made now if it was late."""
+    return reply_to.bind() if isinstance(reply_to, LateReply) else reply_to
+
+
+ForwardFn = Callable[[Forward, bytes, "ReplyTo | LateReply", bool], Optional[bytes]]
 """The server's forwarding path: the reply when it is known at once (a cache hit, a query shed under
 overload, no route), else None, and the reply goes to the `ReplyTo` later."""
 

@@ -19,7 +19,7 @@ import socket
 import time
 from typing import Callable
 
-from .dispatch import Backlog, Dispatch
+from .dispatch import Backlog, Dispatch, LateReply
 
 BATCH = 64
 BUF_SIZE = 4096  # larger than any query we answer (EDNS clients send small queries)
@@ -51,6 +51,22 @@ try:
     _sendmmsg = _libc.sendmmsg
 except (OSError, AttributeError):  # not glibc/Linux
     _recvmmsg = _sendmmsg = None
+
+
+class _Late(LateReply):
+    """The sender of the datagram being handled, bound to a reply closure only if its query starts a
+    race: bound inside the forwarding call, while the names buffer still holds this batch. One per
+    listener, pointed at each forwarded datagram in turn."""
+
+    __slots__ = ("listener", "off")
+
+    def __init__(self, listener: "BatchUdpListener") -> None:
+        self.listener = listener
+        self.off = 0
+
+    def bind(self) -> Callable[[bytes], None]:
+        listener, off = self.listener, self.off
+        return listener._replier(listener._nview[off:off + listener._namelen].tobytes())
 
 
 def _uint_view(array: ctypes.Array) -> memoryview:
@@ -108,6 +124,7 @@ class BatchUdpListener:
         self._addr_off = (4, 8) if self.family == socket.AF_INET else (8, 24)
         self._names_u = _uint_view(self._names)  # IPv4 address of datagram i at index i * 7 + 1
         self._namelen = namelen
+        self._late = _Late(self)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -167,6 +184,7 @@ class BatchUdpListener:
         backlog = self.backlog
         forward_fn = dispatch.forward_fn  # the server's forwarding path, called straight without a query log
         replier = self._replier
+        late = self._late
         last_who: object = None
         last_ok = False
         hits = 0
@@ -220,13 +238,14 @@ class BatchUdpListener:
                             continue
                         # Forwarded. A reply known at once (cache hit, shed under overload) goes
                         # out in this batch's sendmmsg like a local answer; the rest come later.
-                        # The sender's address stays raw bytes until a reply comes later: a shed
-                        # query never pays for an address tuple.
+                        # The sender's address stays raw bytes until a reply comes later, and
+                        # a reply closure is made only then (`late`): a shed query pays for neither.
                         off = i * NAME_SIZE
-                        reply_to = replier(nview[off:off + namelen].tobytes())
                         if qlog is None:
-                            result = forward_fn(result, data, reply_to, False)  # type: ignore[arg-type]
-                        else:
+                            late.off = off
+                            result = forward_fn(result, data, late, False)  # type: ignore[arg-type]
+                        else:  # the log's wrapper keeps its ReplyTo past this batch: made now
+                            reply_to = replier(nview[off:off + namelen].tobytes())
                             result = dispatch.forward_or_reply(result, data, self._client(i)[0], reply_to,  # type: ignore[arg-type]
                                                                False)
                         if result is None:
