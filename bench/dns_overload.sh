@@ -127,10 +127,11 @@ auth() {  # auth: authoritative qps at full load, best of ROUNDS; CPU per answer
         k0=$(counters | tr "\n" " ")
         c0=$(cpu1); t0=$(now_ns); s0=$(sched)
         [ "$r" = 1 ] && profile auth
-        out=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 2>&1)
+        out=$(/usr/bin/time -f "%U %S" -o "$TMP/client.time" taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" \
+            -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 2>&1)
         s1=$(sched); t1=$(now_ns); c1=$(cpu1)
         k1=$(counters | tr "\n" " ")
-        echo "$s0 $s1 $t0 $t1 $c0 $c1 $k0 $k1" >>"$TMP/alone.util"
+        echo "$s0 $s1 $t0 $t1 $c0 $c1 $k0 $k1 $(tail -1 "$TMP/client.time")" >>"$TMP/alone.util"
         q=$(awk '/Queries per second/ {print int($4)}' <<<"$out")
         cost "$TMP/auth.cost" "$s0" "$s1" "$(awk '/Queries completed/ {print $3}' <<<"$out")"
         [ "${q:-0}" -gt "$best" ] && best=$q
@@ -177,13 +178,13 @@ flooded() {  # flooded TAG: authoritative qps while $FLOOD qps of unique forward
         k0=$(counters | tr "\n" " ")
         c0=$(cpu1); t0=$(now_ns); s0=$(sched)
         [ "$r" = 1 ] && profile "flood-$1"
-        taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 \
-            >"$TMP/auth-flooded.out" 2>&1 || true
+        /usr/bin/time -f "%U %S" -o "$TMP/client.time" taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" \
+            -d "$TMP/queries.txt" -l "$DUR" -c 8 -t 1 >"$TMP/auth-flooded.out" 2>&1 || true
         s1=$(sched); t1=$(now_ns); c1=$(cpu1)
         k1=$(counters | tr "\n" " ")
         # per round: the server's CPU share of the window, core 1's busy share, datagrams read,
         # forwards started and queries shed in the window
-        echo "$s0 $s1 $t0 $t1 $c0 $c1 $k0 $k1" >>"$TMP/$1.util"
+        echo "$s0 $s1 $t0 $t1 $c0 $c1 $k0 $k1 $(tail -1 "$TMP/client.time")" >>"$TMP/$1.util"
         q=$(awk '/Queries per second/ {print int($4)}' "$TMP/auth-flooded.out")
         wait "$fp" || true
         echo "$s0 $s1 $(awk '/Queries completed/ {print $3}' "$TMP/auth-flooded.out") $DUR" \
@@ -232,9 +233,17 @@ print(f"{'  flood, silent upstream (shed at the cap)':44} {ch:8.1f} us  {ch / cr
 # full load, per flooding query. A server that the authoritative load alone saturates then keeps
 # 1 - FLOOD * that cost of its answers. CPU time, so other load on the machine does not count; but
 # the authoritative client must still have kept the server busy (few queries lost, below).
+def flooding(tag):  # per round: the flooding queries the server saw in the window (its counters)
+    out = []
+    for line in open(f"{tmp}/{tag}.util"):
+        v = list(map(int, line.split()[:-2]))
+        out.append((v[17] - v[11]) + (v[18] - v[12]) + (v[19] - v[13]))  # forwarded, shed, cache answers
+    return out
+
 def under_load(tag):
     rows = [list(map(int, line.split())) for line in open(f"{tmp}/{tag}.share")]
-    costs = [max(0.0, (r1 - r0) / 1e3 - n * ca) / max(1, secs * fq) for r0, _, r1, _, n, secs, fq in rows]
+    costs = [max(0.0, (r1 - r0) / 1e3 - n * ca) / max(1, seen or secs * fq)
+             for (r0, _, r1, _, n, secs, fq), seen in zip(rows, flooding(tag))]
     return statistics.median(costs)
 
 flood_qps = int(sys.argv[5])
@@ -244,15 +253,19 @@ print(f"{'  live upstream':44} {ul:8.1f} us  {ul / ca:5.2f}x   keeps {1 - flood_
 print(f"{'  silent upstream':44} {uh:8.1f} us  {uh / ca:5.2f}x   keeps {1 - flood_qps * uh / 1e6:4.2f}x")
 def util(tag):
     for line in open(f"{tmp}/{tag}.util"):
+        *ints, user, system = line.split()
         (r0, w0, r1, w1, t0, t1, b0, a0_, b1, a1_, u0, f0, o0, h0, k0, x0,
-         u1, f1, o1, h1, k1, x1) = map(int, line.split())
+         u1, f1, o1, h1, k1, x1) = map(int, ints)
         wall = max(1, t1 - t0)
         ticks = max(1, a1_ - a0_)
         secs = wall / 1e9
-        print(f"  {tag:6} server ran {(r1 - r0) / wall:4.0%} of the window (waited {(w1 - w0) / wall:4.0%}),"
-              f" core 1 busy {(b1 - b0) / ticks:4.0%} (knotd {(k1 - k0) / ticks:4.0%}, flood client"
-              f" {(x1 - x0) / ticks:4.0%}); per second: {(u1 - u0) / secs:6.0f} datagrams, {(f1 - f0) / secs:5.0f}"
-              f" forwards, {(o1 - o0) / secs:5.0f} shed, {(h1 - h0) / secs:5.0f} cache answers")
+        client = (float(user) + float(system)) * 100 / ticks  # seconds -> ticks (USER_HZ 100)
+        busy, knot, flood = (b1 - b0) / ticks, (k1 - k0) / ticks, (x1 - x0) / ticks
+        print(f"  {tag:6} server ran {(r1 - r0) / wall:4.0%} of the window (waited {(w1 - w0) / wall:4.0%});"
+              f" core 1 busy {busy:4.0%}: auth client {client:4.0%}, knotd {knot:4.0%}, flood client {flood:4.0%},"
+              f" anything else {max(0.0, busy - client - knot - flood):4.0%}")
+        print(f"  {'':6} per second: {(u1 - u0) / secs:6.0f} datagrams, {(f1 - f0) / secs:5.0f} forwards,"
+              f" {(o1 - o0) / secs:5.0f} shed, {(h1 - h0) / secs:5.0f} cache answers")
 
 print("measuring windows (server on core 0; the clients and knotd on core 1):")
 util("alone")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import collections
 import ctypes
 import socket
+import struct
 import sys
 import time
 
-import dns.message
 import dns.rdatatype
 
 SEND = 16  # queries a sendmmsg
@@ -48,14 +48,16 @@ MSG_DONTWAIT = 0x40
 def main() -> None:
     host, port, names_file, qps, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), \
         float(sys.argv[5])
+    # Built by hand, not with dnspython: 60,000 queries in a fraction of a second, so the client is
+    # not still busy on the authoritative client's core when the measured window starts.
     wires = []
     for i, line in enumerate(open(names_file)):
         parts = line.split()
         if not parts:
             continue
-        q = dns.message.make_query(parts[0], dns.rdatatype.from_text(parts[1] if len(parts) > 1 else "A"))
-        q.id = i & 0xFFFF
-        wires.append(q.to_wire())
+        qname = b"".join(bytes((len(label),)) + label.encode() for label in parts[0].rstrip(".").split(".")) + b"\0"
+        qtype = dns.rdatatype.from_text(parts[1] if len(parts) > 1 else "A")
+        wires.append(struct.pack("!HHHHHH", i & 0xFFFF, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1))
     n = len(wires) - len(wires) % SEND
     wires = wires[:n]
     blob = ctypes.create_string_buffer(b"".join(wires))
