@@ -140,9 +140,10 @@ auth() {  # auth: authoritative qps at full load, best of ROUNDS; CPU per answer
 }
 
 # flood_client NAMES SECONDS: $FLOOD qps of the names on core 1 (output in dnsperf's words). By
-# default bench/flood.py, prebuilt queries sent with sendmmsg: dnsperf costs its core about what the
-# server spends per query, so at 20,000 qps it took ~15% of the core the authoritative dnsperf
-# needs, and the ratio measured the client (DNS_FLOOD_CLIENT=dnsperf: the old flood).
+# default bench/flood.py, prebuilt queries sent with sendmmsg. Any flood takes 9-13% of core 1 at
+# 20,000 qps (over loopback the receive path runs in the sender's context), which the
+# authoritative dnsperf needed (it uses 98-99% of core 1 alone): the qps ratio measures the client
+# too; see the "keeps" figure. DNS_FLOOD_CLIENT=dnsperf: the old flood client.
 flood_client() {
     if [ "${DNS_FLOOD_CLIENT:-flood.py}" = dnsperf ]; then
         taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT_MAGICDNS" -d "$1" -l "$2" -c 8 -q 20000 -t 1 -Q "$FLOOD"
