@@ -89,8 +89,9 @@ Answer = Union[bytes, Forward, None]
 DATAGRAMS_PER_FORWARD = 256
 FORWARD_CREDIT_CAP = 2 * DATAGRAMS_PER_FORWARD  # a pause in a flood does not bank a burst of forwards
 BEHIND_FILL = 24  # datagrams a read, smoothed: at or above it the listener is behind (of 64 a read)
-# Loaded: over the last window the loop used at least LOADED_SHARE of a CPU (thread CPU time over
-# wall time) while reading at least LOADED_RATE datagrams a second; forwards are then rationed as
+# Loaded: over the last window the loop thread was running or waiting for a CPU at least
+# LOADED_SHARE of the wall time (schedstat; its CPU time where the kernel has none) while reading at
+# least LOADED_RATE datagrams a second; forwards are then rationed as
 # when the listener is behind. Reads alone miss a saturated server whose clients cannot refill its
 # socket at once (they share CPUs with it or with each other): its reads stay small, every flooding
 # name was forwarded, and forwards took a quarter of its CPU (issue 8, bench/dns_overload.sh). The
@@ -111,35 +112,35 @@ class Backlog:
     turn, and the partial ones are as much a sign of being behind as the full ones (before, each
     partial read forwarded its whole share of a flood). While behind, forwards are paid for in
     datagrams read: one per `DATAGRAMS_PER_FORWARD`, the rest shed (DnsServer._shed). The same
-    rationing holds while the loop is loaded (`sample`: its CPU share and datagram rate), which
+    rationing holds while the loop is loaded (`sample`: its busy share and datagram rate), which
     catches a saturated listener whose reads stay small.
     """
 
-    __slots__ = ("fill", "credit", "loaded", "next_sample", "seen", "_wall", "_cpu")
+    __slots__ = ("fill", "credit", "loaded", "next_sample", "seen", "_wall", "_busy")
 
     def __init__(self) -> None:
         self.fill = 0  # datagrams a read, smoothed, times 4
         self.credit = 0  # datagrams read while behind, not yet spent on a forward
-        self.loaded = False  # the loop's CPU share over the last window was >= LOADED_SHARE
+        self.loaded = False  # the last window was busy (see `sample`)
         self.next_sample = 0.0  # wall time from which the glue should call `sample` again
         self.seen = 0  # datagrams read since the last sample
         self._wall = -1.0
-        self._cpu = 0.0
+        self._busy = 0.0
 
     @property
     def behind(self) -> bool:
         return self.fill >= BEHIND_FILL * 4
 
-    def sample(self, now: float, cpu: float) -> None:
-        """Note the wall clock `now` and the loop thread's CPU time `cpu` (seconds, any origin; the
-        glue calls this once `now` reaches `next_sample`): `loaded` says whether, since the previous
-        sample, the loop used at least LOADED_SHARE of a CPU while reading at least LOADED_RATE
-        datagrams a second. An idle loop is not woken to sample: its next sample spans the idle
-        time, so it is not loaded."""
+    def sample(self, now: float, busy: float) -> None:
+        """Note the wall clock `now` and `busy`, the seconds the loop thread has run or waited to
+        run (any origin; the glue calls this once `now` reaches `next_sample`): `loaded` says
+        whether, since the previous sample, the loop was busy at least LOADED_SHARE of the time
+        while reading at least LOADED_RATE datagrams a second. An idle loop is not woken to sample:
+        its next sample spans the idle time, so it is not loaded."""
         wall = now - self._wall
         if self._wall >= 0 and wall > 0:
-            self.loaded = cpu - self._cpu >= LOADED_SHARE * wall and self.seen >= LOADED_RATE * wall
-        self._wall, self._cpu = now, cpu
+            self.loaded = busy - self._busy >= LOADED_SHARE * wall and self.seen >= LOADED_RATE * wall
+        self._wall, self._busy = now, busy
         self.seen = 0
         self.next_sample = now + LOAD_WINDOW
 

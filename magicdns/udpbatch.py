@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import os
 import socket
 import time
 from typing import Callable
@@ -28,7 +29,26 @@ NAME_SIZE = 28  # sizeof(struct sockaddr_in6)
 MSG_DONTWAIT = 0x40
 MAX_ROUNDS = 8  # batches per readiness callback: bounded, so other work on the loop gets its turn
 _monotonic = time.monotonic
-_thread_time = time.thread_time  # the loop's CPU time: is it loaded (dispatch.Backlog.sample)?
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def _runnable_time() -> float:
+    """Seconds the calling thread has run or waited to run (schedstat: run and wait ns). A loop that
+    is runnable all the time is saturated even while other work takes part of its CPU, which its
+    CPU time alone would hide (dispatch.Backlog.sample)."""
+    fd = os.open(_SCHEDSTAT, os.O_RDONLY)
+    try:
+        run, wait = os.read(fd, 128).split()[:2]
+    finally:
+        os.close(fd)
+    return (int(run) + int(wait)) / 1e9
+
+
+try:
+    _runnable_time()
+    _busy_time: Callable[[], float] = _runnable_time
+except (OSError, ValueError):  # a kernel without schedstats: CPU time, blind to contention
+    _busy_time = time.thread_time
 
 
 class _Iovec(ctypes.Structure):
@@ -151,8 +171,8 @@ class BatchUdpListener:
     def _on_readable(self) -> None:
         backlog = self.backlog
         now = _monotonic()
-        if now >= backlog.next_sample:  # every LOAD_WINDOW at most: a clock read is a system call
-            backlog.sample(now, _thread_time())
+        if now >= backlog.next_sample:  # every LOAD_WINDOW at most: reading it costs system calls
+            backlog.sample(now, _busy_time())
         try:
             self._rounds()
         finally:

@@ -97,7 +97,7 @@ def test_forwards_while_behind_never_exceed_the_datagrams_paid(reads: list[int],
 
 
 def _loaded_window(b: Backlog, now: float, cpu: float, share: float, datagrams: int, count: int = 8) -> tuple[float, float]:
-    """One LOAD_WINDOW of small reads (`datagrams` in all) at a CPU share of `share`, then a sample."""
+    """One LOAD_WINDOW of small reads (`datagrams` in all) at a busy share of `share` (running or waiting for a CPU), then a sample."""
     for _ in range(datagrams // count):
         b.read(count)
     now += LOAD_WINDOW
@@ -161,5 +161,5 @@ def test_load_ends_with_the_next_sample_after_an_idle_spell() -> None:
 
 def test_the_first_sample_only_sets_the_origin() -> None:
     b = Backlog()
-    b.sample(100.0, 50.0)  # CPU time since the thread started: no window yet
+    b.sample(100.0, 50.0)  # busy time since the thread started: no window yet
     assert not b.loaded

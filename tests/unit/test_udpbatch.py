@@ -104,3 +104,16 @@ def test_each_readiness_callback_feeds_the_load_sampler_once_a_window() -> None:
         assert backlog.next_sample > first
     finally:
         sock.close()
+
+
+def test_the_busy_clock_counts_at_least_the_loops_cpu_time() -> None:
+    """What feeds Backlog.sample: the loop thread's time running or waiting to run (schedstat),
+    which must cover its CPU time (the CPU clock itself where the kernel has no schedstats)."""
+    from magicdns.udpbatch import _busy_time
+
+    b0, c0 = _busy_time(), time.thread_time()
+    deadline = time.thread_time() + 0.05
+    while time.thread_time() < deadline:  # 50 ms of this thread's CPU
+        pass
+    b1, c1 = _busy_time(), time.thread_time()
+    assert b1 - b0 >= (c1 - c0) * 0.8  # schedstat may lag the running thread by a tick
