@@ -58,6 +58,9 @@ def measure(listener, client: socket.socket, batches: list[list[bytes]], idle: b
     for batch in batches:
         if idle and hasattr(listener, "backlog"):
             listener.backlog.fill = 0
+            if hasattr(listener.backlog, "loaded"):  # this loop is busy, but the point is a forward
+                listener.backlog.loaded = False
+                listener.backlog.next_sample = float("inf")
         for q in batch:
             client.send(q)
         t = time.thread_time_ns()

@@ -26,7 +26,25 @@ log = logging.getLogger(__name__)
 ReplyTo = Callable[[bytes], None]
 """Where a reply that comes later (a forwarded query) is delivered: the listener's writer."""
 
-ForwardFn = Callable[[Forward, bytes, ReplyTo, bool], Optional[bytes]]
+
+class LateReply:
+    """A `ReplyTo` not made yet. Under a flood most forwarded queries are answered at once (shed, or
+    a cache hit), so a batched listener passes this instead of a closure per query, and the
+    forwarding path calls `bind()` (while the listener's call is still running) only when a reply
+    will really come later. Never kept past that call: use `bound`."""
+
+    __slots__ = ()
+
+    def bind(self) -> ReplyTo:
+        raise NotImplementedError
+
+
+def bound(reply_to: "ReplyTo | LateReply") -> ReplyTo:
+    """The `ReplyTo` itself, made now if it was late."""
+    return reply_to.bind() if isinstance(reply_to, LateReply) else reply_to
+
+
+ForwardFn = Callable[[Forward, bytes, "ReplyTo | LateReply", bool], Optional[bytes]]
 """The server's forwarding path: the reply when it is known at once (a cache hit, a query shed under
 overload, no route), else None, and the reply goes to the `ReplyTo` later."""
 
@@ -71,6 +89,17 @@ Answer = Union[bytes, Forward, None]
 DATAGRAMS_PER_FORWARD = 256
 FORWARD_CREDIT_CAP = 2 * DATAGRAMS_PER_FORWARD  # a pause in a flood does not bank a burst of forwards
 BEHIND_FILL = 24  # datagrams a read, smoothed: at or above it the listener is behind (of 64 a read)
+# Loaded: over the last window the loop thread was running or waiting for a CPU at least
+# LOADED_SHARE of the wall time (schedstat; its CPU time where the kernel has none) while reading at
+# least LOADED_RATE datagrams a second; forwards are then rationed as
+# when the listener is behind. Reads alone miss a saturated server whose clients cannot refill its
+# socket at once (they share CPUs with it or with each other): its reads stay small, every flooding
+# name was forwarded, and forwards took a quarter of its CPU (issue 8, bench/dns_overload.sh). The
+# rate keeps a loop that is busy with other work (a view being built, the node's tunnel) from
+# rationing a trickle of queries: below it, DNS traffic cannot be what fills the CPU.
+LOADED_SHARE = 0.8
+LOADED_RATE = 20_000
+LOAD_WINDOW = 0.02  # seconds of wall time per sample
 
 
 class Backlog:
@@ -82,23 +111,44 @@ class Backlog:
     closed-loop client that refills the socket while we answer gives full and partial reads in
     turn, and the partial ones are as much a sign of being behind as the full ones (before, each
     partial read forwarded its whole share of a flood). While behind, forwards are paid for in
-    datagrams read: one per `DATAGRAMS_PER_FORWARD`, the rest shed (DnsServer._shed).
+    datagrams read: one per `DATAGRAMS_PER_FORWARD`, the rest shed (DnsServer._shed). The same
+    rationing holds while the loop is loaded (`sample`: its busy share and datagram rate), which
+    catches a saturated listener whose reads stay small.
     """
 
-    __slots__ = ("fill", "credit")
+    __slots__ = ("fill", "credit", "loaded", "next_sample", "seen", "_wall", "_busy")
 
     def __init__(self) -> None:
         self.fill = 0  # datagrams a read, smoothed, times 4
         self.credit = 0  # datagrams read while behind, not yet spent on a forward
+        self.loaded = False  # the last window was busy (see `sample`)
+        self.next_sample = 0.0  # wall time from which the glue should call `sample` again
+        self.seen = 0  # datagrams read since the last sample
+        self._wall = -1.0
+        self._busy = 0.0
 
     @property
     def behind(self) -> bool:
         return self.fill >= BEHIND_FILL * 4
 
+    def sample(self, now: float, busy: float) -> None:
+        """Note the wall clock `now` and `busy`, the seconds the loop thread has run or waited to
+        run (any origin; the glue calls this once `now` reaches `next_sample`): `loaded` says
+        whether, since the previous sample, the loop was busy at least LOADED_SHARE of the time
+        while reading at least LOADED_RATE datagrams a second. An idle loop is not woken to sample:
+        its next sample spans the idle time, so it is not loaded."""
+        wall = now - self._wall
+        if self._wall >= 0 and wall > 0:
+            self.loaded = busy - self._busy >= LOADED_SHARE * wall and self.seen >= LOADED_RATE * wall
+        self._wall, self._busy = now, busy
+        self.seen = 0
+        self.next_sample = now + LOAD_WINDOW
+
     def read(self, count: int) -> int:
         """Note a read of `count` datagrams; the new forwards this batch may start (-1: no limit)."""
+        self.seen += count
         fill = self.fill = self.fill + count - (self.fill >> 2)
-        if fill < BEHIND_FILL * 4:
+        if fill < BEHIND_FILL * 4 and not self.loaded:
             self.credit = 0
             return -1
         credit = self.credit + count

@@ -20,6 +20,7 @@ from typing import Union
 
 from dnslib import CLASS, QTYPE, RR, DNSError, DNSLabel, DNSQuestion, DNSRecord
 
+from .cache import SHAPE_AD, SHAPE_CD, SHAPE_DO, SHAPE_EDNS, QueryInfo
 from .message import (MAX_UDP_PAYLOAD, PLAIN_UDP_LIMIT, Edns, MessageError, Rcode, check_options,
                       error_reply, opt_record, question_end, scan_query, truncate, udp_limit)
 from .zone import ForwardRoute, LocalZone, Zone
@@ -68,11 +69,14 @@ class Template:
 class Forward:
     """The engine's decision to forward: the server hands it to the forwarder."""
 
-    __slots__ = ("route", "limit")
+    __slots__ = ("route", "limit", "info")
 
-    def __init__(self, route: ForwardRoute | None, limit: int) -> None:
+    def __init__(self, route: ForwardRoute | None, limit: int, info: QueryInfo | None = None) -> None:
         self.route = route
         self.limit = limit  # the client's UDP size (or 65535 over TCP)
+        # The query as the forwarding cache reads it (cache.query_info), when the engine's fast path
+        # has read it already: a query shed under a flood is then not read twice (issue 8).
+        self.info = info
 
 
 class Chase(Forward):
@@ -125,6 +129,7 @@ class Engine:
         self._chases: dict[bytes, _ChasePlan] = {}  # questions whose chain leaves our zones
         self._soa_tails: dict[str, bytes] = {}
         self._under: dict[bytes, tuple] = {}  # parent name (wire) -> what _route_under says
+        self._specials: frozenset[str] | None = None  # parents of route suffixes and exact names
         self.fast_hits = 0
         self.slow = 0
 
@@ -224,7 +229,12 @@ class Engine:
         under = self._under.get(parent)
         if under is None:
             under = self._route_under(parent)
-        target, suffix, ptext, apex_len, soa = under
+        target, suffix, ptext, apex_len, soa, plain = under
+        if plain and target.__class__ is not LocalZone:
+            # Forwarded, decided from the parent alone: no route suffix and no exact name sits
+            # directly below it, and it is not the root (so no short host name). A flood of unique
+            # names under one parent is decided without building each name's text.
+            return self._forward(data, i, key, edns, do, target, limit)  # type: ignore[arg-type]
         label = key[1:first + 1].decode("latin-1").replace(".", "\\046")
         name = label + "." + ptext if ptext else label
         if name in zone.routes or name in zone.exact or not first:
@@ -234,8 +244,7 @@ class Engine:
         if target.__class__ is not LocalZone:
             if not ptext and zone.host_for_short_name(name):
                 return self._slow(data, tcp)
-            self.fast_hits += 1
-            return Forward(target, limit)  # type: ignore[arg-type]
+            return self._forward(data, i, key, edns, do, target, limit)  # type: ignore[arg-type]
         if zone.exists(name, target) or (  # type: ignore[arg-type]
                 zone.has_wildcards and zone.wildcard_for(name, target)):  # type: ignore[arg-type]
             return self._slow(data, tcp)
@@ -260,9 +269,23 @@ class Engine:
             replies[data[2:]] = reply[2:]
         return reply
 
+    def _forward(self, data: bytes, i: int, key: bytes, edns: bool, do: int, target: ForwardRoute,
+                 limit: int) -> Forward:
+        """The fast path's decision to forward, with what cache.query_info would read, from what
+        `answer`'s checks vouch for: one question, no answer or authority records, class IN, at
+        most an OPT of version 0."""
+        self.fast_hits += 1
+        b3 = data[3]
+        shape = (SHAPE_CD if b3 & 0x10 else 0) | (SHAPE_AD if b3 & 0x20 else 0)
+        if edns:
+            shape |= (SHAPE_EDNS | SHAPE_DO) if do else SHAPE_EDNS
+        return Forward(target, limit, QueryInfo((key[:-4], data[i + 1] << 8 | data[i + 2], 1, shape), i + 5))
+
     def _route_under(self, parent: bytes) -> tuple:
-        """(route, its suffix, the parent's text, the apex's wire length, the SOA tail or None) for
-        the names directly below `parent` (lowercased wire form), remembered per snapshot."""
+        """(route, its suffix, the parent's text, the apex's wire length, the SOA tail or None,
+        plain) for the names directly below `parent` (lowercased wire form), remembered per
+        snapshot. `plain`: no route's suffix and no exact name is directly below the parent, and
+        it is not the root, so every name below it takes the parent's route."""
         labels = []
         p = 0
         end = len(parent) - 1
@@ -277,7 +300,11 @@ class Engine:
             soa = self._soa_tails.get(suffix)
             if soa is None:
                 soa = self._soa_tails[suffix] = _soa_tail(self.zone, suffix)
-        under = (target, suffix, ptext, len(suffix) + 2 if suffix else 1, soa)
+        specials = self._specials
+        if specials is None:  # the parents of every route suffix and exact name, once per snapshot
+            specials = self._specials = frozenset(n.partition(".")[2] for n in (*self.zone.routes, *self.zone.exact))
+        plain = bool(ptext) and ptext not in specials
+        under = (target, suffix, ptext, len(suffix) + 2 if suffix else 1, soa, plain)
         if len(self._under) >= 4096:  # random parents (a.<random>.example) cannot grow it
             self._under.clear()
         self._under[parent] = under

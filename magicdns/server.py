@@ -21,7 +21,7 @@ from dnslib import QTYPE, DNSRecord
 
 from .cache import Cache, QueryInfo
 from .chase import chase_reply, complete_chain
-from .dispatch import Dispatch, ListenerLimits, ReplyTo, per_client_share
+from .dispatch import Dispatch, LateReply, ListenerLimits, ReplyTo, bound, per_client_share
 from .encrypted import EncryptedConfig, EncryptedListenError, EncryptedListeners
 from .engine import Chase, Engine, Forward
 from .forward import EDE_OTHER, Forwarder, error_reply, read_query, servfail_reply
@@ -266,11 +266,12 @@ class DnsServer:
         if reply is not None:
             reply_to(reply)
 
-    def forward_or_reply(self, fwd: Forward, data: bytes, reply_to: ReplyTo, tcp: bool) -> bytes | None:
+    def forward_or_reply(self, fwd: Forward, data: bytes, reply_to: ReplyTo | LateReply, tcp: bool) -> bytes | None:
         """Answer a non-local query: the reply when it is known at once (cache, shed, no route, a
-        loop), else None and a race whose reply goes to `reply_to` (dispatch.ForwardFn)."""
+        loop), else None and a race whose reply goes to `reply_to` (dispatch.ForwardFn; a
+        `LateReply` is bound only then)."""
         if fwd.__class__ is Chase:  # our CNAME leads out of our zones: ask for its target
-            self._chase(fwd, data, reply_to)  # type: ignore[arg-type]
+            self._chase(fwd, data, bound(reply_to))  # type: ignore[arg-type]
             return None
         c = self.counters
         route = fwd.route
@@ -281,13 +282,15 @@ class DnsServer:
         dispatch = self.dispatch
         allowance = dispatch.forward_allowance
         if allowance == 0 or forwarder.inflight >= forwarder.max_inflight:
-            return self._shed(fwd, data, tcp)
+            return self._shed(fwd, data, tcp, fwd.info)
         if forwarder.looped(data):
             c.looped += 1
             log.warning("forwarding loop: one of our own upstream queries came back to us")
             return _servfail(data) or None
         now = _monotonic()
-        info = read_query(data)  # read once for the cache, the shedding and the race
+        info = fwd.info  # the engine's reading, else read once for the cache, the shedding and the race
+        if info is None:
+            info = read_query(data)
         cached = forwarder.answer_from_cache(data, now, info)
         if cached is not None:
             c.cache_answers += 1
@@ -300,6 +303,7 @@ class DnsServer:
             dispatch.forward_allowance = allowance - 1
         c.forwarded += 1
         limit = fwd.limit
+        reply_to = bound(reply_to)
 
         # Called from the upstream socket's reader callback (forward.py): no task per query.
         def done(reply: bytes) -> None:

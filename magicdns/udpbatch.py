@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import os
 import socket
+import time
 from typing import Callable
 
-from .dispatch import Backlog, Dispatch
+from .dispatch import Backlog, Dispatch, LateReply
 
 BATCH = 64
 BUF_SIZE = 4096  # larger than any query we answer (EDNS clients send small queries)
@@ -26,6 +28,27 @@ HALF_BUF = BUF_SIZE // 2  # the buffers seen as 16-bit words: where each datagra
 NAME_SIZE = 28  # sizeof(struct sockaddr_in6)
 MSG_DONTWAIT = 0x40
 MAX_ROUNDS = 8  # batches per readiness callback: bounded, so other work on the loop gets its turn
+_monotonic = time.monotonic
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def _runnable_time() -> float:
+    """Seconds the calling thread has run or waited to run (schedstat: run and wait ns). A loop that
+    is runnable all the time is saturated even while other work takes part of its CPU, which its
+    CPU time alone would hide (dispatch.Backlog.sample)."""
+    fd = os.open(_SCHEDSTAT, os.O_RDONLY)
+    try:
+        run, wait = os.read(fd, 128).split()[:2]
+    finally:
+        os.close(fd)
+    return (int(run) + int(wait)) / 1e9
+
+
+try:
+    _runnable_time()
+    _busy_time: Callable[[], float] = _runnable_time
+except (OSError, ValueError):  # a kernel without schedstats: CPU time, blind to contention
+    _busy_time = time.thread_time
 
 
 class _Iovec(ctypes.Structure):
@@ -48,6 +71,22 @@ try:
     _sendmmsg = _libc.sendmmsg
 except (OSError, AttributeError):  # not glibc/Linux
     _recvmmsg = _sendmmsg = None
+
+
+class _Late(LateReply):
+    """The sender of the datagram being handled, bound to a reply closure only if its query starts a
+    race: bound inside the forwarding call, while the names buffer still holds this batch. One per
+    listener, pointed at each forwarded datagram in turn."""
+
+    __slots__ = ("listener", "off")
+
+    def __init__(self, listener: "BatchUdpListener") -> None:
+        self.listener = listener
+        self.off = 0
+
+    def bind(self) -> Callable[[bytes], None]:
+        listener, off = self.listener, self.off
+        return listener._replier(listener._nview[off:off + listener._namelen].tobytes())
 
 
 def _uint_view(array: ctypes.Array) -> memoryview:
@@ -105,6 +144,7 @@ class BatchUdpListener:
         self._addr_off = (4, 8) if self.family == socket.AF_INET else (8, 24)
         self._names_u = _uint_view(self._names)  # IPv4 address of datagram i at index i * 7 + 1
         self._namelen = namelen
+        self._late = _Late(self)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -129,6 +169,10 @@ class BatchUdpListener:
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, int.from_bytes(raw[24:28], "little"))
 
     def _on_readable(self) -> None:
+        backlog = self.backlog
+        now = _monotonic()
+        if now >= backlog.next_sample:  # every LOAD_WINDOW at most: reading it costs system calls
+            backlog.sample(now, _busy_time())
         try:
             self._rounds()
         finally:
@@ -160,6 +204,7 @@ class BatchUdpListener:
         backlog = self.backlog
         forward_fn = dispatch.forward_fn  # the server's forwarding path, called straight without a query log
         replier = self._replier
+        late = self._late
         last_who: object = None
         last_ok = False
         hits = 0
@@ -213,13 +258,14 @@ class BatchUdpListener:
                             continue
                         # Forwarded. A reply known at once (cache hit, shed under overload) goes
                         # out in this batch's sendmmsg like a local answer; the rest come later.
-                        # The sender's address stays raw bytes until a reply comes later: a shed
-                        # query never pays for an address tuple.
+                        # The sender's address stays raw bytes until a reply comes later, and
+                        # a reply closure is made only then (`late`): a shed query pays for neither.
                         off = i * NAME_SIZE
-                        reply_to = replier(nview[off:off + namelen].tobytes())
                         if qlog is None:
-                            result = forward_fn(result, data, reply_to, False)  # type: ignore[arg-type]
-                        else:
+                            late.off = off
+                            result = forward_fn(result, data, late, False)  # type: ignore[arg-type]
+                        else:  # the log's wrapper keeps its ReplyTo past this batch: made now
+                            reply_to = replier(nview[off:off + namelen].tobytes())
                             result = dispatch.forward_or_reply(result, data, self._client(i)[0], reply_to,  # type: ignore[arg-type]
                                                                False)
                         if result is None:

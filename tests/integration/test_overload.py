@@ -199,3 +199,40 @@ def test_cached_names_are_still_answered_when_shed_fresh_then_stale() -> None:
                 sock.close()
                 await server.stop()
     asyncio.run(main())
+
+
+def test_forwarded_replies_reach_their_own_senders_from_one_batch() -> None:
+    """The batched listener makes a query's reply closure only when its race starts (a shed query
+    gets none: dispatch.LateReply), from the sender address of that datagram of the batch. Three
+    clients, two forwarded names each and a local name between them, all in one read: every reply
+    comes back to the client that asked, for its own question (a closure bound to the wrong datagram
+    of the batch would send it elsewhere)."""
+    async def main() -> None:
+        async with FakeUpstream.start("127.0.0.2", zone=EXAMPLE_ZONE) as up:
+            server = await start(make_view((Upstream(up.host, up.port),)), forward_timeout=20.0)
+            listener = server._batch[0]
+            asyncio.get_running_loop().remove_reader(listener.fd)  # one read, by hand below
+            clients = [_client(server.bound[0][1]) for _ in range(3)]
+            asked: dict[int, tuple[int, str]] = {}
+            try:
+                for k in range(9):
+                    name = "server.tailnet" if k % 3 == 1 else f"n{k}.example.test"
+                    q = dns.message.make_query(name, "A")
+                    q.id = 100 + k
+                    clients[k % 3].send(q.to_wire())
+                    asked[q.id] = (k % 3, name)
+                listener._on_readable()  # a loopback send has landed when send() returns
+                loop = asyncio.get_running_loop()
+                loop.add_reader(listener.fd, listener._on_readable)
+                for who, sock in enumerate(clients):
+                    for _ in range(3):
+                        r = dns.message.from_wire(await _recv(sock))
+                        client, name = asked.pop(r.id)
+                        assert client == who and str(r.question[0].name) == name + ".", (who, r)
+                assert not asked
+                assert server.status()["queries"]["forwarded"] == 6
+            finally:
+                for sock in clients:
+                    sock.close()
+                await server.stop()
+    asyncio.run(main())

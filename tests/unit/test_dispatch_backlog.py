@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from magicdns.dispatch import DATAGRAMS_PER_FORWARD, FORWARD_CREDIT_CAP, Backlog
+from magicdns.dispatch import (DATAGRAMS_PER_FORWARD, FORWARD_CREDIT_CAP, LOAD_WINDOW, LOADED_RATE, LOADED_SHARE,
+                              Backlog)
 
 BATCH = 64  # udpbatch.BATCH
 
@@ -93,3 +94,72 @@ def test_forwards_while_behind_never_exceed_the_datagrams_paid(reads: list[int],
         forwards += used
         assert forwards <= paid // DATAGRAMS_PER_FORWARD
         assert 0 <= b.credit <= FORWARD_CREDIT_CAP
+
+
+def _loaded_window(b: Backlog, now: float, cpu: float, share: float, datagrams: int, count: int = 8) -> tuple[float, float]:
+    """One LOAD_WINDOW of small reads (`datagrams` in all) at a busy share of `share` (running or waiting for a CPU), then a sample."""
+    for _ in range(datagrams // count):
+        b.read(count)
+    now += LOAD_WINDOW
+    cpu += share * LOAD_WINDOW
+    b.sample(now, cpu)
+    return now, cpu
+
+
+def test_a_saturated_loop_with_small_reads_is_rationed() -> None:
+    """The bench's case: the clients share a core and cannot refill the socket, so reads stay small
+    (never behind) while the server's CPU is full of DNS traffic. Before, every flooding name was
+    forwarded then (a forward costs 10-15 answers); now forwards are paid for in datagrams read."""
+    b = Backlog()
+    b.sample(0.0, 0.0)
+    rate = int(LOADED_RATE * LOAD_WINDOW) * 3  # three times the rate that can fill a CPU
+    now, cpu = _loaded_window(b, 0.0, 0.0, 0.95, rate)
+    assert b.loaded and not b.behind
+    allowed, read = 0, 0
+    for _ in range(100):
+        a = b.read(8)
+        assert a >= 0, "a small read of a loaded loop was not rationed"
+        b.spent(a, 0)
+        allowed += a
+        read += 8
+    assert allowed <= read // DATAGRAMS_PER_FORWARD
+
+
+def test_a_loop_busy_with_other_work_forwards_a_trickle_freely() -> None:
+    """A loop at full CPU for something else (a view being built, the node's tunnel) with a few
+    hundred queries a second is not loaded by DNS: its forwards are not rationed."""
+    b = Backlog()
+    b.sample(0.0, 0.0)
+    now, cpu = 0.0, 0.0
+    for _ in range(10):
+        now, cpu = _loaded_window(b, now, cpu, 1.0, 8)  # 400 datagrams a second
+        assert not b.loaded
+        assert b.read(1) == -1
+
+
+def test_a_fast_but_idle_loop_is_not_loaded() -> None:
+    """Many datagrams at little CPU (cheap answers on a fast machine): nothing to ration."""
+    b = Backlog()
+    b.sample(0.0, 0.0)
+    _loaded_window(b, 0.0, 0.0, LOADED_SHARE - 0.05, int(LOADED_RATE * LOAD_WINDOW) * 3)
+    assert not b.loaded
+    assert b.read(8) == -1
+
+
+def test_load_ends_with_the_next_sample_after_an_idle_spell() -> None:
+    b = Backlog()
+    b.sample(0.0, 0.0)
+    now, cpu = _loaded_window(b, 0.0, 0.0, 1.0, int(LOADED_RATE * LOAD_WINDOW) * 2)
+    assert b.loaded and b.read(8) >= 0
+    # The loop sleeps for a second (nothing to read), then one datagram wakes it: the sample spans the
+    # idle second, so the first read after it is not rationed and nothing was banked.
+    b.sample(now + 1.0, cpu + 0.001)
+    assert not b.loaded
+    assert b.read(1) == -1 and b.credit == 0
+    assert b.next_sample == now + 1.0 + LOAD_WINDOW
+
+
+def test_the_first_sample_only_sets_the_origin() -> None:
+    b = Backlog()
+    b.sample(100.0, 50.0)  # busy time since the thread started: no window yet
+    assert not b.loaded

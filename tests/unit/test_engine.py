@@ -524,3 +524,44 @@ def test_route_remembered_per_parent_never_hides_a_more_specific_route() -> None
     nx = dns.message.from_wire(decide("nope.local.example"))
     assert nx.rcode() == dns.rcode.NXDOMAIN and str(nx.authority[0].name) == "local.example."
     assert e.slow == 0
+
+
+def test_forwarding_decisions_agree_with_the_zone_in_any_order() -> None:
+    """The fast path decides "forward" for a name from its parent alone when no route suffix and no
+    exact name sits directly below that parent (a flood of unique names then costs no name text).
+    Whatever order names arrive in (so whichever sibling filled the per-parent memo first), every
+    decision must be the zone's own: exact names outside the domain served here, names beside and
+    below them forwarded, split-DNS routes and the names below them, reverse zones, short host
+    names, mixed case, the longest legal name."""
+    import random
+
+    from dnslib import DNSLabel
+
+    from magicdns.engine import name_text
+    from magicdns.zone import LocalZone
+
+    view = DnsView(dns=DnsSettings(
+        nameservers=(Upstream("127.0.0.1", 5399),),
+        routes={"corp.example": (Upstream("10.0.0.53"),), "deep.in.other.test": (Upstream("10.0.0.54"),)},
+        records=(rec("outside.example.", "A", "192.0.2.7"), rec("a.b.elsewhere.test.", "A", "192.0.2.8"))),
+        peers=(host("server", "100.64.0.2"),))
+    long_name = ".".join(["a" * 63] * 3) + "." + "b" * 50 + ".example"  # 252 octets of wire
+    names = ["outside.example", "Outside.EXAMPLE", "www.example", "x.outside.example", "example",
+             "corp.example", "host.corp.example", "a.host.corp.example", "CORP.example",
+             "a.b.elsewhere.test", "z.b.elsewhere.test", "b.elsewhere.test", "q.a.b.elsewhere.test",
+             "deep.in.other.test", "x.deep.in.other.test", "y.in.other.test", "in.other.test",
+             "server", "Server", "nobody", "server.tailnet", "nobody.tailnet", "x.server.tailnet",
+             "2.0.64.100.in-addr.arpa", "9.9.64.100.in-addr.arpa", "1.0.0.10.in-addr.arpa",
+             "r123.rnd.up.test", "R124.Rnd.Up.Test", long_name]
+    for seed in range(6):
+        order = names * 2
+        random.Random(seed).shuffle(order)
+        e = Engine(Zone(view))
+        for name in order:
+            out = e.handle(dns.message.make_query(name, "A").to_wire())
+            target, _ = e.zone.route_for(name_text(DNSLabel(name)))
+            short = e.zone.host_for_short_name(name.lower())
+            if isinstance(target, LocalZone) or short:
+                assert isinstance(out, bytes), (seed, name, out)
+            else:
+                assert isinstance(out, Forward) and out.route is target, (seed, name, out)

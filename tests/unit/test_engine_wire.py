@@ -185,3 +185,33 @@ def test_scan_query_rejects_pointer_loops_and_forward_pointers() -> None:
     with pytest.raises(message.MessageError):
         message.scan_query(q[:12] + b"\xc0\x20\x00\x01\x00\x01")
     assert message.scan_query(q).qend == len(q)
+
+
+def test_a_forward_carries_the_cache_reading_of_its_query(engine: Engine) -> None:
+    """The engine hands the forwarding path its reading of the query (issue 8: a query shed under a
+    flood was read a second time by cache.query_info). It must be exactly what query_info reads, or
+    a cached answer would be found under the wrong key: mixed case, EDNS with and without DO, CD and
+    AD, other qtypes and the longest legal name."""
+    from magicdns.cache import query_info
+
+    name255 = (b"\x3f" + b"A" * 63) * 3 + b"\x3d" + b"b" * 61 + b"\x00"
+    wires = [raw_query(name255), raw_query(b"\x03WwW\x07ExAmPle\x03COM\x00", qtype=28),
+             raw_query(b"\x01x\x02Up\x04test\x00", flags=0x0110), raw_query(b"\x01x\x02up\x04test\x00", flags=0x0120)]
+    for name, qtype in (("Foo.Example.COM", "A"), ("r1234.rnd.up.test", "AAAA"), ("a.b.c.d.e.f.example.org", "TXT"),
+                        ("outside.Example", "MX")):
+        for kwargs in ({}, {"use_edns": 0}, {"use_edns": 0, "want_dnssec": True}, {"use_edns": 0, "payload": 4096}):
+            q = dns.message.make_query(name, qtype, **kwargs)
+            q.flags |= dns.flags.CD
+            wires.append(q.to_wire())
+            q.flags &= ~dns.flags.CD
+            q.flags |= dns.flags.AD
+            wires.append(q.to_wire())
+    seen = 0
+    for wire in wires:
+        for _ in range(2):  # first sight and again: the same reading
+            fwd = engine.handle(wire)
+            assert isinstance(fwd, Forward), wire
+            if fwd.info is not None:  # the slow path leaves it to the server
+                assert fwd.info == query_info(wire), wire
+                seen += 1
+    assert seen == 2 * len(wires)  # the fast path reads every one of these

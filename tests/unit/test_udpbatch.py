@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 
 import dns.message
 import dns.rcode
@@ -78,3 +79,41 @@ def test_memo_hits_carry_their_own_id_and_reach_their_own_client() -> None:
         sock.close()
         for c in clients:
             c.close()
+
+
+def test_each_readiness_callback_feeds_the_load_sampler_once_a_window() -> None:
+    """The listener is the glue of dispatch.Backlog's load core: it samples the loop's CPU time when
+    a window has passed (and not on every callback: a CPU clock read is a system call)."""
+    dispatch = Dispatch(DEFAULT_ALLOW, lambda *a: None, ListenerLimits())
+    dispatch.engine = Engine(Zone(VIEW))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    listener = BatchUdpListener(dispatch, sock)
+    try:
+        backlog = listener.backlog
+        assert backlog.next_sample == 0.0
+        listener._on_readable()  # nothing to read: still a sample
+        first = backlog.next_sample
+        assert first > 0.0
+        listener._on_readable()
+        if time.monotonic() < first:  # still within the window (a preempted test may not be)
+            assert backlog.next_sample == first
+        backlog.next_sample = 0.0  # the window has passed
+        listener._on_readable()
+        assert backlog.next_sample > first
+    finally:
+        sock.close()
+
+
+def test_the_busy_clock_counts_at_least_the_loops_cpu_time() -> None:
+    """What feeds Backlog.sample: the loop thread's time running or waiting to run (schedstat),
+    which must cover its CPU time (the CPU clock itself where the kernel has no schedstats)."""
+    from magicdns.udpbatch import _busy_time
+
+    b0, c0 = _busy_time(), time.thread_time()
+    deadline = time.thread_time() + 0.05
+    while time.thread_time() < deadline:  # 50 ms of this thread's CPU
+        pass
+    b1, c1 = _busy_time(), time.thread_time()
+    assert b1 - b0 >= (c1 - c0) * 0.8  # schedstat may lag the running thread by a tick
