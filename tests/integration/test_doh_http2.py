@@ -208,6 +208,7 @@ def test_many_requests_in_one_record_are_all_answered_each_in_its_own_record(ser
             sids[c.request(head(path=get_path(q)) if i % 3 else post(q), q if not i % 3 else None)] = 1000 + i
         c.send()
         c.wait(list(sids))
+        assert not c.closed and not c.reset, (c.closed, sorted(c.reset), server.log()[-3000:])
         for sid, qid in sids.items():
             assert c.status[sid] == 200
             assert dns.message.from_wire(bytes(c.body[sid])).id == qid
