@@ -107,6 +107,14 @@ class DohConnection(GuardedConnection):
 # credited back as it is consumed. One configuration serves every connection.
 _NGH2_CONFIG = ngh2.Configuration(max_inbound_header_list_size=MAX_HEADER_BYTES, max_inbound_header_count=100)
 _ERRORS = ngh2.NGH2Error
+_DenialOfService = ngh2.DenialOfServiceError
+_PROTOCOL_ERROR = int(ngh2.ErrorCode.PROTOCOL_ERROR)
+_ENHANCE_YOUR_CALM = int(ngh2.ErrorCode.ENHANCE_YOUR_CALM)
+
+
+def _goaway_frame(last_sid: int, code: int) -> bytes:
+    """A GOAWAY frame (RFC 9113 section 6.8): length 8, type 7, no flags, stream 0."""
+    return b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + (last_sid & 0x7FFFFFFF).to_bytes(4, "big") + code.to_bytes(4, "big")
 
 _RequestReceived = ngh2.RequestReceived
 _DataReceived = ngh2.DataReceived
@@ -136,6 +144,7 @@ class _Http2:
             ngh2.Setting.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES,
             ngh2.Setting.ENABLE_PUSH: 0})
         self.requests: dict[int, tuple[DohRequest, bytearray]] = {}
+        self.last_sid = 0  # the last stream that reached us, for a GOAWAY of our own
         self.flush()
 
     def flush(self) -> None:
@@ -155,16 +164,15 @@ class _Http2:
         try:
             h2c.receive_data(data)
         except _ERRORS as exc:
-            # nghttp2 has queued a GOAWAY saying why; send it and end the connection.
             conn.stats.protocol_errors += 1
             log.debug("doh: HTTP/2 protocol error from %s: %s", conn.host, exc)
-            self._goaway()
+            self._goaway(_ENHANCE_YOUR_CALM if isinstance(exc, _DenialOfService) else _PROTOCOL_ERROR)
             return
         requests = self.requests
         for ev in h2c.events():
             cls = ev.__class__
             if cls is _RequestReceived:
-                sid = ev.stream_id  # type: ignore[attr-defined]
+                sid = self.last_sid = ev.stream_id  # type: ignore[attr-defined]
                 if self._request(sid, ev.headers) and ev.end_stream:  # type: ignore[attr-defined]
                     self._complete(sid, *requests.pop(sid))
             elif cls is _DataReceived:
@@ -188,16 +196,22 @@ class _Http2:
                 requests.pop(ev.stream_id, None)  # type: ignore[attr-defined]
             elif cls is _ConnectionClosed:
                 conn.stats.protocol_errors += 1
-                self._goaway()
+                self._goaway(_PROTOCOL_ERROR)
                 return
         self.flush()
 
-    def _goaway(self) -> None:
+    def _goaway(self, code: int) -> None:
+        """Send what nghttp2 has queued (its GOAWAY says why) and end the connection. ngh2 gives up
+        on a connection over a resource limit (a header list past MAX_HEADER_BYTES, a CONTINUATION
+        flood: DenialOfServiceError) without queuing anything, so the GOAWAY is then ours."""
         conn = self.conn
         try:
-            conn.write(self.h2.data_to_send())
-        except _ERRORS:
-            pass
+            data = self.h2.data_to_send()
+        except _ERRORS:  # ConnectionStateError: "no longer usable"
+            data = b""
+        if not data:
+            data = _goaway_frame(self.last_sid, code)
+        conn.write(data)
         self.requests.clear()
         conn.transport.close()
 
