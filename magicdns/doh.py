@@ -1,6 +1,6 @@
 """DNS over HTTPS (RFC 8484), the sans-I/O part: an HTTP request in, a DNS query or an HTTP error out;
 a DNS reply in, the HTTP response headers out. The HTTP/1.1 and HTTP/2 framing around it is h11's and
-h2's (dohserver.py).
+libnghttp2's (ngh2), in dohserver.py.
 
 - `GET /dns-query?dns=<base64url, no padding>` and `POST /dns-query` with
   `Content-Type: application/dns-message` (section 4.1); anything else is 404, 405 or 415.
@@ -119,7 +119,7 @@ def query_of(req: DohRequest, body: bytes) -> bytes:
 
 def plain_get_query(path: str, query_string: str) -> bytes | None:
     """The DNS query of `GET /dns-query?dns=<bare base64url>` (what every DoH client sends), given the
-    path and query string apart as granian gives them; None for anything else, which then takes
+    path and query string apart; None for anything else, which then takes
     `check_head` and `query_of` (the same answer for what this accepts: tests/unit/test_doh_core.py)."""
     if path != PATH or query_string[:4] != "dns=":
         return None
@@ -164,7 +164,7 @@ _OK_TYPE = (b"content-type", CONTENT_TYPE.encode())
 
 
 def response_headers(reply: bytes) -> list[tuple[bytes, bytes]]:
-    """Headers of a 200 response carrying `reply`, as bytes (h2 and h11 take bytes as they are;
+    """Headers of a 200 response carrying `reply`, as bytes (ngh2 and h11 take bytes as they are;
     HTTP/2 needs names lowercase, HTTP/1.1 does not care)."""
     return [_OK_TYPE, (b"content-length", b"%d" % len(reply)), (b"cache-control", b"max-age=%d" % min_ttl(reply))]
 

@@ -19,8 +19,8 @@ import h11
 import ngh2
 
 from .dispatch import Dispatch
-from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, error_headers,
-                  query_of, response_headers)
+from .doh import (MAX_QUERY, PATH, DohError, DohRequest, HttpStatus, check_head, content_length, error_headers,
+                  plain_get_query, query_of, response_headers)
 from .tcp import GuardedConnection, TcpSlots
 
 log = logging.getLogger("magicdns.doh")
@@ -124,6 +124,22 @@ _StreamClosed = ngh2.StreamClosed
 _ConnectionClosed = ngh2.ConnectionClosed
 _STATUS_200 = (b":status", b"200")
 _WANTED = {b":method": 0, b":path": 1, b"content-type": 2, b"content-length": 3}
+_GET_PREFIX = PATH.encode() + b"?"
+
+
+def _plain_get(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+    """The query of a bodiless `GET /dns-query?dns=<bare base64url>` (what DoH clients send), or None
+    for anything else, which takes the general path (`_request`, check_head, query_of) to the same
+    answer. nghttp2 has already refused a block with a repeated or missing pseudo-header."""
+    method = path = None
+    for name, value in headers:
+        if name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+    if method != b"GET" or path is None or not path.startswith(_GET_PREFIX):
+        return None
+    return plain_get_query(PATH, path[len(_GET_PREFIX):].decode("latin-1"))
 
 
 class _Http2:
@@ -135,6 +151,8 @@ class _Http2:
     are taken in one call and the control frames (SETTINGS and PING acks, WINDOW_UPDATEs, resets)
     leave together with the first reply or at the end."""
 
+    COALESCE = False
+
     def __init__(self, conn: DohConnection) -> None:
         self.conn = conn
         self.h2 = ngh2.Connection(ngh2.Role.SERVER, _NGH2_CONFIG)
@@ -145,6 +163,7 @@ class _Http2:
             ngh2.Setting.ENABLE_PUSH: 0})
         self.requests: dict[int, tuple[DohRequest, bytearray]] = {}
         self.last_sid = 0  # the last stream that reached us, for a GOAWAY of our own
+        self.feeding = False  # replies made while True leave together at the end of feed()
         self.flush()
 
     def flush(self) -> None:
@@ -169,11 +188,18 @@ class _Http2:
             self._goaway(_ENHANCE_YOUR_CALM if isinstance(exc, _DenialOfService) else _PROTOCOL_ERROR)
             return
         requests = self.requests
+        self.feeding = self.COALESCE
         for ev in h2c.events():
             cls = ev.__class__
             if cls is _RequestReceived:
                 sid = self.last_sid = ev.stream_id  # type: ignore[attr-defined]
-                if self._request(sid, ev.headers) and ev.end_stream:  # type: ignore[attr-defined]
+                headers = ev.headers  # type: ignore[attr-defined]
+                if ev.end_stream:  # type: ignore[attr-defined]
+                    query = _plain_get(headers)
+                    if query is not None:  # what every DoH client sends: no DohRequest needed
+                        self._resolve(sid, query)
+                        continue
+                if self._request(sid, headers) and ev.end_stream:  # type: ignore[attr-defined]
                     self._complete(sid, *requests.pop(sid))
             elif cls is _DataReceived:
                 sid = ev.stream_id  # type: ignore[attr-defined]
@@ -196,8 +222,10 @@ class _Http2:
                 requests.pop(ev.stream_id, None)  # type: ignore[attr-defined]
             elif cls is _ConnectionClosed:
                 conn.stats.protocol_errors += 1
+                self.feeding = False
                 self._goaway(_PROTOCOL_ERROR)
                 return
+        self.feeding = False
         self.flush()
 
     def _goaway(self, code: int) -> None:
@@ -240,6 +268,9 @@ class _Http2:
         except DohError as exc:
             self._error(sid, exc)
             return
+        self._resolve(sid, query)
+
+    def _resolve(self, sid: int, query: bytes) -> None:
         self.conn.resolve(query, lambda reply: self._respond(sid, reply), lambda exc: self._error(sid, exc))
 
     def _respond(self, sid: int, reply: bytes) -> None:
@@ -262,7 +293,7 @@ class _Http2:
             h2c.send_data(sid, body, end_stream=True)
         except _ERRORS:
             return  # the client reset the stream (or the connection is going away) while we answered
-        if self.conn.open:
+        if not self.feeding and self.conn.open:
             self.flush()
 
 
