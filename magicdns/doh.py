@@ -117,20 +117,33 @@ def query_of(req: DohRequest, body: bytes) -> bytes:
     return query
 
 
-def plain_get_query(path: str, query_string: str) -> bytes | None:
-    """The DNS query of `GET /dns-query?dns=<bare base64url>` (what every DoH client sends), given the
-    path and query string apart; None for anything else, which then takes
-    `check_head` and `query_of` (the same answer for what this accepts: tests/unit/test_doh_core.py)."""
-    if path != PATH or query_string[:4] != "dns=":
+def plain_get(target: bytes) -> bytes | None:
+    """The DNS query of `GET /dns-query?dns=<bare base64url>` (what every DoH client sends), from the
+    request target as HTTP/2's `:path` carries it (bytes); None for anything else, which then takes
+    `check_head` and `query_of` (the same answer for what this accepts: tests/unit/test_doh_core.py).
+    binascii on bytes: half the CPU of base64.urlsafe_b64decode on a str."""
+    if not target.startswith(_GET_PREFIX_B):
         return None
-    text = query_string[4:]
-    if not _PLAIN_B64URL.fullmatch(text):
+    text = target[len(_GET_PREFIX_B):]
+    if not _PLAIN_B64URL_B.fullmatch(text):
         return None
     try:
-        query = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
+        query = binascii.a2b_base64(text.translate(_URLSAFE_TO_STD) + b"=" * (-len(text) % 4))
+    except binascii.Error:
         return None
     return query if MIN_QUERY <= len(query) <= MAX_QUERY else None
+
+
+def plain_get_query(path: str, query_string: str) -> bytes | None:
+    """`plain_get` for a target given as path and query string apart, as granian gives them."""
+    if path != PATH or not query_string.isascii():
+        return None
+    return plain_get(_GET_PREFIX_B[:-4] + query_string.encode("ascii"))
+
+
+_GET_PREFIX_B = _GET_PREFIX.encode()
+_PLAIN_B64URL_B = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
 def min_ttl(reply: bytes) -> int:

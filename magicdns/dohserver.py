@@ -19,8 +19,8 @@ import h11
 import ngh2
 
 from .dispatch import Dispatch
-from .doh import (MAX_QUERY, PATH, DohError, DohRequest, HttpStatus, check_head, content_length, error_headers,
-                  plain_get_query, query_of, response_headers)
+from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, error_headers,
+                  plain_get, query_of, response_headers)
 from .tcp import GuardedConnection, TcpSlots
 
 log = logging.getLogger("magicdns.doh")
@@ -124,7 +124,6 @@ _StreamClosed = ngh2.StreamClosed
 _ConnectionClosed = ngh2.ConnectionClosed
 _STATUS_200 = (b":status", b"200")
 _WANTED = {b":method": 0, b":path": 1, b"content-type": 2, b"content-length": 3}
-_GET_PREFIX = PATH.encode() + b"?"
 
 
 def _plain_get(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
@@ -137,9 +136,9 @@ def _plain_get(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
             method = value
         elif name == b":path":
             path = value
-    if method != b"GET" or path is None or not path.startswith(_GET_PREFIX):
+    if method != b"GET" or path is None:
         return None
-    return plain_get_query(PATH, path[len(_GET_PREFIX):].decode("latin-1"))
+    return plain_get(path)
 
 
 class _Http2:

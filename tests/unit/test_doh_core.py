@@ -223,3 +223,29 @@ def test_the_granian_get_shortcut_takes_the_common_request() -> None:
     assert plain_get_query("/dns-query", "dns=" + b64(QUERY)) == QUERY
     assert plain_get_query("/dns-query", "dns=" + base64.urlsafe_b64encode(QUERY).decode()) == QUERY
     assert plain_get_query("/dns-query", "dns=" + b64(QUERY[:5])) is None  # too short: the general 400
+
+
+@settings(max_examples=1000)
+@given(prefix=st.sampled_from([b"/dns-query?dns=", b"/dns-query?x=1&dns=", b"/dns-query/?dns=", b"/other?dns=", b""]),
+       text=st.one_of(st.binary(min_size=0, max_size=80).map(lambda b: b64(b).encode()),
+                      st.binary(min_size=0, max_size=80).map(base64.urlsafe_b64encode),
+                      st.binary(min_size=0, max_size=80).map(base64.standard_b64encode),
+                      st.text(alphabet=B64URL + "=+%&#;/ \n\xff", max_size=80).map(lambda t: t.encode("latin-1"))))
+def test_the_http2_get_shortcut_accepts_only_what_the_general_path_accepts_alike(prefix: bytes, text: bytes) -> None:
+    """dohserver answers `plain_get`'s query for a bodiless HTTP/2 GET without check_head/query_of:
+    whatever it accepts, the general path must accept with the same bytes; and it must accept the
+    query every client sends."""
+    from magicdns.doh import plain_get
+    target = prefix + text
+    got = plain_get(target)
+    if got is None:
+        return
+    assert got == dns_query(DohRequest("GET", target.decode("latin-1"), None, None), b"")
+
+
+def test_the_http2_get_shortcut_takes_the_common_request() -> None:
+    from magicdns.doh import plain_get
+    assert plain_get(b"/dns-query?dns=" + b64(QUERY).encode()) == QUERY
+    assert plain_get(b"/dns-query?dns=" + base64.urlsafe_b64encode(QUERY)) == QUERY
+    assert plain_get(b"/dns-query?dns=" + b64(QUERY[:5]).encode()) is None  # too short: the general 400
+    assert plain_get(b"/dns-query?dns=" + b64(b"\xfb\xff" * 10).encode()) == b"\xfb\xff" * 10  # '-' and '_'
