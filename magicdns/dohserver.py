@@ -74,8 +74,8 @@ class DohConnection(GuardedConnection):
     def resolve(self, query: bytes, respond: Callable[[bytes], None], refuse: Callable[[DohError], None]) -> None:
         """Answer one DNS query through the shared Dispatch; `respond` gets the reply (now or later).
         A query the DNS layer drops (unreadable: no header) gets an HTTP 400 through `refuse`, since an
-        HTTP request, unlike a datagram, must be answered."""
-        self.arm()  # a complete request: only these keep a connection alive
+        HTTP request, unlike a datagram, must be answered. The caller re-arms the idle timer (`arm`):
+        a complete request is what keeps a connection alive."""
         self.stats.queries += 1
         dispatch = self.dispatch
         dispatch.counters.tcp += 1
@@ -163,6 +163,7 @@ class _Http2:
         self.requests: dict[int, tuple[DohRequest, bytearray]] = {}
         self.last_sid = 0  # the last stream that reached us, for a GOAWAY of our own
         self.feeding = False  # replies made while True leave together at the end of feed()
+        self.fresh = False  # a complete request arrived in this read
         self.flush()
 
     def flush(self) -> None:
@@ -225,6 +226,9 @@ class _Http2:
                 self._goaway(_PROTOCOL_ERROR)
                 return
         self.feeding = False
+        if self.fresh:  # complete requests came: re-arm the idle timer once per read, not per request
+            self.fresh = False
+            conn.arm()
         self.flush()
 
     def _goaway(self, code: int) -> None:
@@ -270,6 +274,7 @@ class _Http2:
         self._resolve(sid, query)
 
     def _resolve(self, sid: int, query: bytes) -> None:
+        self.fresh = True
         self.conn.resolve(query, lambda reply: self._respond(sid, reply), lambda exc: self._error(sid, exc))
 
     def _respond(self, sid: int, reply: bytes) -> None:
@@ -357,6 +362,7 @@ class _Http11:
             return
         self.conn.busy = True
         self.conn.update_reading()
+        self.conn.arm()
         self.conn.resolve(query, self._respond, self._finish)
 
     def _respond(self, reply: bytes) -> None:
