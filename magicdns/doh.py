@@ -134,13 +134,6 @@ def plain_get(target: bytes) -> bytes | None:
     return query if MIN_QUERY <= len(query) <= MAX_QUERY else None
 
 
-def plain_get_query(path: str, query_string: str) -> bytes | None:
-    """`plain_get` for a target given as path and query string apart, as granian gives them."""
-    if path != PATH or not query_string.isascii():
-        return None
-    return plain_get(_GET_PREFIX_B[:-4] + query_string.encode("ascii"))
-
-
 _GET_PREFIX_B = _GET_PREFIX.encode()
 _PLAIN_B64URL_B = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
 _URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
