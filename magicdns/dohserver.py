@@ -116,6 +116,7 @@ def _goaway_frame(last_sid: int, code: int) -> bytes:
     """A GOAWAY frame (RFC 9113 section 6.8): length 8, type 7, no flags, stream 0."""
     return b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + (last_sid & 0x7FFFFFFF).to_bytes(4, "big") + code.to_bytes(4, "big")
 
+
 _RequestReceived = ngh2.RequestReceived
 _DataReceived = ngh2.DataReceived
 _TrailersReceived = ngh2.TrailersReceived

@@ -226,3 +226,15 @@ def test_the_http2_get_shortcut_takes_the_common_request() -> None:
     assert plain_get(b"/dns-query?dns=" + base64.urlsafe_b64encode(QUERY)) == QUERY
     assert plain_get(b"/dns-query?dns=" + b64(QUERY[:5]).encode()) is None  # too short: the general 400
     assert plain_get(b"/dns-query?dns=" + b64(b"\xfb\xff" * 10).encode()) == b"\xfb\xff" * 10  # '-' and '_'
+
+
+def test_our_own_goaway_frame_reads_as_one_in_another_http2_stack() -> None:
+    """The GOAWAY the listener writes itself when ngh2 gives up on a connection, read by hyperframe
+    (h2's frame layer): type, stream 0, last stream ID, error code, nothing left over."""
+    from hyperframe.frame import Frame, GoAwayFrame
+    from magicdns.dohserver import _ENHANCE_YOUR_CALM, _goaway_frame
+    wire = _goaway_frame(0x80000007, _ENHANCE_YOUR_CALM)  # the reserved bit is cleared
+    frame, length = Frame.parse_frame_header(memoryview(wire[:9]))
+    frame.parse_body(memoryview(wire[9:9 + length]))
+    assert isinstance(frame, GoAwayFrame) and frame.stream_id == 0 and len(wire) == 9 + length
+    assert frame.last_stream_id == 7 and frame.error_code == 0xB
