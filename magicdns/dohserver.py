@@ -114,7 +114,8 @@ _ENHANCE_YOUR_CALM = int(ngh2.ErrorCode.ENHANCE_YOUR_CALM)
 
 def _goaway_frame(last_sid: int, code: int) -> bytes:
     """A GOAWAY frame (RFC 9113 section 6.8): length 8, type 7, no flags, stream 0."""
-    return b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + (last_sid & 0x7FFFFFFF).to_bytes(4, "big") + code.to_bytes(4, "big")
+    header = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"
+    return header + (last_sid & 0x7FFFFFFF).to_bytes(4, "big") + code.to_bytes(4, "big")
 
 
 _RequestReceived = ngh2.RequestReceived
