@@ -4,7 +4,8 @@
 # (Debian's dnsdist 1.7 serves DoT with OpenSSL and DoH with h2o: `dnsdist --version`), in the same
 # run, each server side on one core (taskset -c 0; dnsdist and nsd share it), the clients on the
 # other; rounds interleaved, MEDIANS kept. DoH is also driven by h2load (nghttp2), the figure the
-# ratios use: dnsperf 2.10's DoH client loses replies that share a TLS record, as dnsdist's do.
+# ratios use: dnsperf 2.10's DoH client loses replies that share a TLS record, and both dnsdist and
+# magicdns pack the replies to one read into one record (row dnsperf-doh: lost).
 # Then the latency DoT and DoH add over plain TCP: one connection at a light fixed rate, the median
 # of the per-query latencies (dnsperf -v, h2load --log-file). Prints one table.
 #
@@ -33,14 +34,6 @@ for tool in dnsperf h2load dnsdist nsd taskset; do
     command -v "$tool" >/dev/null || { echo "encdns.sh: $tool is not installed" >&2; exit 2; }
 done
 SERVERS=(magicdns dnsdist)
-# ENCDNS_BENCH_GRANIAN=1 adds "granian": magicdns with its DoH listener on granian (issue 12's spike;
-# bench/doh_granian_serve.py, bench/doh_granian.py), plain TCP and h2load DoH only. granian is in the
-# project's `bench` extra only: installed into the venv here the first time the row is asked for.
-if [ "${ENCDNS_BENCH_GRANIAN:-0}" = 1 ]; then
-    SERVERS+=(granian)
-    "$PY" -c 'import granian' 2>/dev/null || "$PY" -m pip install -q -e "$ROOT[bench]" \
-        || { echo "encdns.sh: could not install the bench extra (granian)" >&2; exit 2; }
-fi
 [ "${ENCDNS_BENCH_UNBOUND:-0}" = 1 ] && SERVERS+=(unbound)
 if [ "${ENCDNS_BENCH_UNBOUND:-0}" = 1 ]; then command -v unbound >/dev/null || { echo "encdns.sh: unbound is not installed" >&2; exit 2; }; fi
 dnsdist --version | grep -q 'dns-over-https' || { echo "encdns.sh: this dnsdist has no DoH" >&2; exit 2; }
@@ -75,13 +68,13 @@ chmod 644 "$TMP/server.key"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 declare -A PORT
-for s in magicdns dnsdist unbound granian; do
+for s in magicdns dnsdist unbound; do
     for m in tcp dot doh; do PORT[$s/$m]=$(free_port); done
 done
 NSD_PORT=$(free_port)
 
 printf 'my-server.tailnet A\ndb.tailnet A\ngrafana.tailnet A\nmy-server.tailnet AAAA\n' > "$TMP/queries"
-for s in magicdns dnsdist unbound granian; do  # the same four queries as RFC 8484 GETs (ID 0), for h2load
+for s in magicdns dnsdist unbound; do  # the same four queries as RFC 8484 GETs (ID 0), for h2load
     "$PY" - "${PORT[$s/doh]}" "$TMP/queries" > "$TMP/uris.$s" <<'EOF'
 import base64, sys
 import dns.message
@@ -100,14 +93,6 @@ taskset -c 0 "$PY" -m magicdns.cli serve --listen "127.0.0.1:${PORT[magicdns/tcp
     --doh "127.0.0.1:${PORT[magicdns/doh]}" --tls-cert "$TMP/server.crt" --tls-key "$TMP/server.key" \
     --max-tcp-connections 4096 --log-level warning > "$TMP/magicdns.log" 2>&1 &
 PID[magicdns]=$!; PIDS+=($!)
-
-if [ "${ENCDNS_BENCH_GRANIAN:-0}" = 1 ]; then
-    taskset -c 0 "$PY" "$ROOT/bench/doh_granian_serve.py" serve --listen "127.0.0.1:${PORT[granian/tcp]}" \
-        --view "$ROOT/conf/view.json" --control-socket "$TMP/g.sock" --resolv-conf "$TMP/none" \
-        --doh "127.0.0.1:${PORT[granian/doh]}" --tls-cert "$TMP/server.crt" --tls-key "$TMP/server.key" \
-        --max-tcp-connections 4096 --log-level warning > "$TMP/granian.log" 2>&1 &
-    PID[granian]=$!; PIDS+=($!)
-fi
 
 mkdir -p "$TMP/nsd"
 cat > "$TMP/nsd/tailnet.zone" <<'EOF'
@@ -247,7 +232,7 @@ run_h2() {
     alive "$s"
 }
 
-modes() { if [ "$1" = granian ]; then echo tcp; else echo tcp dot dnsperf-doh; fi; }
+modes() { echo tcp dot dnsperf-doh; }
 for s in "${SERVERS[@]}"; do  # warm: connections, caches, the reply memo
     for m in $(modes "$s"); do run "$s" "$m" warm -l 1 -c 4 2>/dev/null; done
     run_h2 "$s" warm -c 4 -m 10 -D 1 2>/dev/null

@@ -89,12 +89,12 @@ def table(path: Path, servers: list[str]) -> str:
                         f" {fmt(mx.get('cpu'), '9.0f')} {fmt(cpu_ratio, '16.2f') + ('x' if cpu_ratio is not None else ''):>17}"
                         f" {mx.get('lost', 0):>5.0f} {fmt(lat.get('p50'), '7.3f')}"
                         f" {fmt(added, '+9.3f')}   {mx.get('all_qps', [])}")
-            if server in ("magicdns", "granian") and mode in TARGETS and ratio is not None:
+            if server == "magicdns" and mode in TARGETS and ratio is not None:
                 ok = ratio >= TARGETS[mode]
                 verdicts.append(f"{server} {mode.upper()} qps >= {TARGETS[mode]}x {REFERENCE}'s: {ratio:.2f}x measured -> "
                                 f"{'MET' if ok else 'MISSED'}; {fmt(cpu_ratio, '.2f')}x by CPU per query -> "
                                 f"{'MET' if cpu_ratio is not None and cpu_ratio >= TARGETS[mode] else 'MISSED'}")
-            if server in ("magicdns", "granian") and added is not None and mode in TARGETS:
+            if server == "magicdns" and added is not None and mode in TARGETS:
                 verdicts.append(f"{server} {mode.upper()} adds < {ADDED_MS} ms over TCP at the median: {added:+.3f} ms -> "
                                 f"{'MET' if added < ADDED_MS else 'MISSED'}")
     note = (f"On a shared machine the scheduler gives a multi-threaded server (dnsdist) more of core 0 than a"

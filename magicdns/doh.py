@@ -1,6 +1,6 @@
 """DNS over HTTPS (RFC 8484), the sans-I/O part: an HTTP request in, a DNS query or an HTTP error out;
 a DNS reply in, the HTTP response headers out. The HTTP/1.1 and HTTP/2 framing around it is h11's and
-h2's (dohserver.py).
+libnghttp2's (ngh2), in dohserver.py.
 
 - `GET /dns-query?dns=<base64url, no padding>` and `POST /dns-query` with
   `Content-Type: application/dns-message` (section 4.1); anything else is 404, 405 or 415.
@@ -117,20 +117,26 @@ def query_of(req: DohRequest, body: bytes) -> bytes:
     return query
 
 
-def plain_get_query(path: str, query_string: str) -> bytes | None:
-    """The DNS query of `GET /dns-query?dns=<bare base64url>` (what every DoH client sends), given the
-    path and query string apart as granian gives them; None for anything else, which then takes
-    `check_head` and `query_of` (the same answer for what this accepts: tests/unit/test_doh_core.py)."""
-    if path != PATH or query_string[:4] != "dns=":
+def plain_get(target: bytes) -> bytes | None:
+    """The DNS query of `GET /dns-query?dns=<bare base64url>` (what every DoH client sends), from the
+    request target as HTTP/2's `:path` carries it (bytes); None for anything else, which then takes
+    `check_head` and `query_of` (the same answer for what this accepts: tests/unit/test_doh_core.py).
+    binascii on bytes: half the CPU of base64.urlsafe_b64decode on a str."""
+    if not target.startswith(_GET_PREFIX_B):
         return None
-    text = query_string[4:]
-    if not _PLAIN_B64URL.fullmatch(text):
+    text = target[len(_GET_PREFIX_B):]
+    if not _PLAIN_B64URL_B.fullmatch(text):
         return None
     try:
-        query = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
+        query = binascii.a2b_base64(text.translate(_URLSAFE_TO_STD) + b"=" * (-len(text) % 4))
+    except binascii.Error:
         return None
     return query if MIN_QUERY <= len(query) <= MAX_QUERY else None
+
+
+_GET_PREFIX_B = _GET_PREFIX.encode()
+_PLAIN_B64URL_B = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
 def min_ttl(reply: bytes) -> int:
@@ -164,7 +170,7 @@ _OK_TYPE = (b"content-type", CONTENT_TYPE.encode())
 
 
 def response_headers(reply: bytes) -> list[tuple[bytes, bytes]]:
-    """Headers of a 200 response carrying `reply`, as bytes (h2 and h11 take bytes as they are;
+    """Headers of a 200 response carrying `reply`, as bytes (ngh2 and h11 take bytes as they are;
     HTTP/2 needs names lowercase, HTTP/1.1 does not care)."""
     return [_OK_TYPE, (b"content-length", b"%d" % len(reply)), (b"cache-control", b"max-age=%d" % min_ttl(reply))]
 

@@ -1,7 +1,7 @@
-"""The DoH listener's connections: HTTP/2 (h2) or HTTP/1.1 (h11) over TLS, chosen by ALPN.
+"""The DoH listener's connections: HTTP/2 (ngh2, i.e. libnghttp2) or HTTP/1.1 (h11) over TLS, chosen by ALPN.
 
-Both libraries are sans-I/O state machines (bytes in, events out, bytes to send), from the same
-authors, so this module stays the thin glue the house style asks for: feed what the socket read,
+Both libraries are sans-I/O state machines (bytes in, events out, bytes to send), so this module
+stays the thin glue the house style asks for: feed what the socket read,
 act on the events, write what the state machine wants sent. The DNS side is `doh.py` plus the
 shared `Dispatch`; the limits are the TCP listener's (tcp.py): connection slots in total and per
 client, a complete request within the idle timeout, no reading from a client that does not read its
@@ -15,16 +15,12 @@ import http
 import logging
 from typing import Callable, Iterable
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
 import h11
+import ngh2
 
 from .dispatch import Dispatch
 from .doh import (MAX_QUERY, DohError, DohRequest, HttpStatus, check_head, content_length, error_headers,
-                  query_of, response_headers)
+                  plain_get, query_of, response_headers)
 from .tcp import GuardedConnection, TcpSlots
 
 log = logging.getLogger("magicdns.doh")
@@ -78,8 +74,8 @@ class DohConnection(GuardedConnection):
     def resolve(self, query: bytes, respond: Callable[[bytes], None], refuse: Callable[[DohError], None]) -> None:
         """Answer one DNS query through the shared Dispatch; `respond` gets the reply (now or later).
         A query the DNS layer drops (unreadable: no header) gets an HTTP 400 through `refuse`, since an
-        HTTP request, unlike a datagram, must be answered."""
-        self.arm()  # a complete request: only these keep a connection alive
+        HTTP request, unlike a datagram, must be answered. The caller re-arms the idle timer (`arm`):
+        a complete request is what keeps a connection alive."""
         self.stats.queries += 1
         dispatch = self.dispatch
         dispatch.counters.tcp += 1
@@ -102,95 +98,159 @@ class DohConnection(GuardedConnection):
         dispatch.forward(result, query, self.host, later, True)  # type: ignore[arg-type]
 
 
-# h2's own header checks and normalisation cost ~13% of a request's CPU (cProfile under dnsperf;
-# see README, Encrypted DNS, Measured), and they guard what we do not do: we forward no header
-# anywhere and read only four of them, as bytes, checking those ourselves (`_request`, doh.check_head).
-# Outbound headers are ours, valid by construction. One configuration serves every connection.
-_H2_CONFIG = h2.config.H2Configuration(
-    client_side=False, header_encoding=None,
-    validate_inbound_headers=False, normalize_inbound_headers=False,
-    validate_outbound_headers=False, normalize_outbound_headers=False)
+# The HTTP/2 framing is libnghttp2's, through ngh2 (pinned: ngh2 is alpha and its API may change).
+# nghttp2 checks every header block itself (RFC 9113 section 8.2: lowercase names, pseudo-headers
+# present once and first, no connection-specific fields, content-length against the body) and resets
+# a stream that breaks a rule, so a malformed request costs its stream, never the connection; the
+# four headers we read are still checked by us (`_request`, doh.check_head), as bytes. It also keeps
+# the flow-control books: replies wait inside it for the client's window, and received DATA is
+# credited back as it is consumed. One configuration serves every connection.
+_NGH2_CONFIG = ngh2.Configuration(max_inbound_header_list_size=MAX_HEADER_BYTES, max_inbound_header_count=100)
+_ERRORS = ngh2.NGH2Error
+_DenialOfService = ngh2.DenialOfServiceError
+_PROTOCOL_ERROR = int(ngh2.ErrorCode.PROTOCOL_ERROR)
+_ENHANCE_YOUR_CALM = int(ngh2.ErrorCode.ENHANCE_YOUR_CALM)
 
-_RequestReceived = h2.events.RequestReceived
-_DataReceived = h2.events.DataReceived
-_StreamEnded = h2.events.StreamEnded
-_StreamReset = h2.events.StreamReset
-_WindowUpdated = h2.events.WindowUpdated
-_ConnectionTerminated = h2.events.ConnectionTerminated
-_SEND_ERRORS = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError)
+
+def _goaway_frame(last_sid: int, code: int) -> bytes:
+    """A GOAWAY frame (RFC 9113 section 6.8): length 8, type 7, no flags, stream 0."""
+    header = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"
+    return header + (last_sid & 0x7FFFFFFF).to_bytes(4, "big") + code.to_bytes(4, "big")
+
+
+_RequestReceived = ngh2.RequestReceived
+_DataReceived = ngh2.DataReceived
+_TrailersReceived = ngh2.TrailersReceived
+_StreamReset = ngh2.StreamReset
+_StreamClosed = ngh2.StreamClosed
+_ConnectionClosed = ngh2.ConnectionClosed
 _STATUS_200 = (b":status", b"200")
 _WANTED = {b":method": 0, b":path": 1, b"content-type": 2, b"content-length": 3}
 
 
-class _Http2:
-    """HTTP/2 framing with h2; streams are requests, answered in completion order.
+def _plain_get(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+    """The query of a bodiless `GET /dns-query?dns=<bare base64url>` (what DoH clients send), or None
+    for anything else, which takes the general path (`_request`, check_head, query_of) to the same
+    answer. nghttp2 has already refused a block with a repeated or missing pseudo-header."""
+    method = path = None
+    for name, value in headers:
+        if name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+    if method != b"GET" or path is None:
+        return None
+    return plain_get(path)
 
-    Each reply leaves in a TLS record of its own, even when one `data_received` brought many requests:
-    coalescing them saves a little CPU, but dnsperf 2.10's DoH client takes one reply per TLS record
-    and silently loses the others (and a benchmark that loses replies measures nothing)."""
+
+class _Http2:
+    """HTTP/2 framing with ngh2 (libnghttp2); streams are requests, answered in completion order.
+
+    Batched: the events of one `data_received` are taken in one call, and every reply made while
+    handling them (local answers, 4xx) leaves in one write, so in one TLS record with the control
+    frames (SETTINGS and PING acks, WINDOW_UPDATEs). One record per reply cost more than nghttp2
+    itself: 23.5 -> 10.9 us of CPU per request (h2load, 16 x 10 streams; README, "Measured").
+    Replies that come later (forwarded queries) leave as they come. dnsperf 2.10's DoH client takes
+    one reply per TLS record and loses the others, as it does against dnsdist (h2o packs replies the
+    same way); bench/encdns.sh measures DoH with h2load for that reason."""
 
     def __init__(self, conn: DohConnection) -> None:
         self.conn = conn
-        self.h2 = h2.connection.H2Connection(_H2_CONFIG)
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+        self.h2 = ngh2.Connection(ngh2.Role.SERVER, _NGH2_CONFIG)
+        self.h2.initiate_connection({
             # RFC 9113 section 6.5.2 recommends at least 100: clients (nghttp2) queue above it.
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max(100, conn.limits.max_pipeline),
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0})
-        self.h2.initiate_connection()
+            ngh2.Setting.MAX_CONCURRENT_STREAMS: max(100, conn.limits.max_pipeline),
+            ngh2.Setting.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES,
+            ngh2.Setting.ENABLE_PUSH: 0})
         self.requests: dict[int, tuple[DohRequest, bytearray]] = {}
-        self.outbox: dict[int, memoryview] = {}  # reply bytes waiting for flow-control window
+        self.last_sid = 0  # the last stream that reached us, for a GOAWAY of our own
+        self.feeding = False  # replies made while True leave together at the end of feed()
+        self.fresh = False  # a complete request arrived in this read
         self.flush()
 
     def flush(self) -> None:
-        self.conn.write(self.h2.data_to_send())
+        conn = self.conn
+        h2c = self.h2
+        data = h2c.data_to_send()
+        if data:
+            conn.write(data)
+        if not h2c.want_read and not h2c.want_write and conn.open:
+            # nghttp2 is done with the connection: a GOAWAY was sent (a protocol error; the frame
+            # above says why) or received, and no stream is left to finish.
+            conn.transport.close()
 
     def feed(self, data: bytes) -> None:
         conn = self.conn
         h2c = self.h2
         try:
-            events = h2c.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 has queued a GOAWAY saying why; send it and end the connection.
+            h2c.receive_data(data)
+        except _ERRORS as exc:
             conn.stats.protocol_errors += 1
             log.debug("doh: HTTP/2 protocol error from %s: %s", conn.host, exc)
-            self.flush()
-            conn.transport.close()
+            self._goaway(_ENHANCE_YOUR_CALM if isinstance(exc, _DenialOfService) else _PROTOCOL_ERROR)
             return
-        for ev in events:
+        requests = self.requests
+        self.feeding = True
+        for ev in h2c.events():
             cls = ev.__class__
             if cls is _RequestReceived:
-                self._request(ev.stream_id, ev.headers or ())  # type: ignore[attr-defined]
+                sid = self.last_sid = ev.stream_id  # type: ignore[attr-defined]
+                headers = ev.headers  # type: ignore[attr-defined]
+                if ev.end_stream:  # type: ignore[attr-defined]
+                    query = _plain_get(headers)
+                    if query is not None:  # what every DoH client sends: no DohRequest needed
+                        self._resolve(sid, query)
+                        continue
+                if self._request(sid, headers) and ev.end_stream:  # type: ignore[attr-defined]
+                    self._complete(sid, *requests.pop(sid))
             elif cls is _DataReceived:
                 sid = ev.stream_id  # type: ignore[attr-defined]
-                # Credit goes back at once, so the WINDOW_UPDATE leaves ahead of the reply.
-                h2c.acknowledge_received_data(ev.flow_controlled_length, sid)  # type: ignore[attr-defined]
-                entry = self.requests.get(sid)
-                if entry is not None:
-                    entry[1].extend(ev.data or b"")  # type: ignore[attr-defined]
-                    if len(entry[1]) > MAX_QUERY:
-                        del self.requests[sid]
-                        self._error(sid, DohError(HttpStatus.PAYLOAD_TOO_LARGE, "body too large"))
-            elif cls is _StreamEnded:
-                entry = self.requests.pop(ev.stream_id, None)  # type: ignore[attr-defined]
+                entry = requests.get(sid)
+                if entry is None:
+                    continue  # a stream already answered (4xx, 413): its remaining body is dropped
+                body = entry[1]
+                body += ev.data  # type: ignore[attr-defined]
+                if len(body) > MAX_QUERY:
+                    del requests[sid]
+                    self._error(sid, DohError(HttpStatus.PAYLOAD_TOO_LARGE, "body too large"))
+                elif ev.end_stream:  # type: ignore[attr-defined]
+                    del requests[sid]
+                    self._complete(sid, *entry)
+            elif cls is _TrailersReceived:
+                entry = requests.pop(ev.stream_id, None)  # type: ignore[attr-defined]
                 if entry is not None:
                     self._complete(ev.stream_id, *entry)  # type: ignore[attr-defined]
-            elif cls is _StreamReset:
-                self.requests.pop(ev.stream_id, None)  # type: ignore[attr-defined]
-                self.outbox.pop(ev.stream_id, None)  # type: ignore[attr-defined]
-            elif cls is _WindowUpdated:
-                for sid in list(self.outbox):
-                    self._send_body(sid)
-            elif cls is _ConnectionTerminated:
-                self.flush()
-                conn.transport.close()
+            elif cls is _StreamReset or cls is _StreamClosed:
+                requests.pop(ev.stream_id, None)  # type: ignore[attr-defined]
+            elif cls is _ConnectionClosed:
+                conn.stats.protocol_errors += 1
+                self.feeding = False
+                self._goaway(_PROTOCOL_ERROR)
                 return
+        self.feeding = False
+        if self.fresh:  # complete requests came: re-arm the idle timer once per read, not per request
+            self.fresh = False
+            conn.arm()
         self.flush()
 
-    def _request(self, sid: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        # Without h2's validation a header block may lack pseudo-headers, repeat them, or carry
-        # uppercase names; the last value of each wanted name counts, and a missing method or path
-        # fails check_head like any other unknown one.
+    def _goaway(self, code: int) -> None:
+        """Send what nghttp2 has queued (its GOAWAY says why) and end the connection. ngh2 gives up
+        on a connection over a resource limit (a header list past MAX_HEADER_BYTES, a CONTINUATION
+        flood: DenialOfServiceError) without queuing anything, so the GOAWAY is then ours."""
+        conn = self.conn
+        try:
+            data = self.h2.data_to_send()
+        except _ERRORS:  # ConnectionStateError: "no longer usable"
+            data = b""
+        if not data:
+            data = _goaway_frame(self.last_sid, code)
+        conn.write(data)
+        self.requests.clear()
+        conn.transport.close()
+
+    def _request(self, sid: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        # nghttp2 has checked the block's form (pseudo-headers once, lowercase names); what the
+        # four values mean is ours to check. A missing method or path fails check_head.
         got: list[bytes | None] = [None, None, None, None]
         wanted = _WANTED
         for name, value in headers:
@@ -203,8 +263,9 @@ class _Http2:
             check_head(req)
         except DohError as exc:
             self._error(sid, exc)
-            return
+            return False
         self.requests[sid] = (req, bytearray())
+        return True
 
     def _complete(self, sid: int, req: DohRequest, body: bytearray) -> None:
         try:
@@ -212,13 +273,16 @@ class _Http2:
         except DohError as exc:
             self._error(sid, exc)
             return
+        self._resolve(sid, query)
+
+    def _resolve(self, sid: int, query: bytes) -> None:
+        self.fresh = True
         self.conn.resolve(query, lambda reply: self._respond(sid, reply), lambda exc: self._error(sid, exc))
 
     def _respond(self, sid: int, reply: bytes) -> None:
         headers = response_headers(reply)
         headers.insert(0, _STATUS_200)
         self._send(sid, headers, reply)
-        self.flush()
 
     def _error(self, sid: int, exc: DohError) -> None:
         self.conn.stats.errors += 1
@@ -226,39 +290,17 @@ class _Http2:
         headers = error_headers(body)
         headers.insert(0, (b":status", b"%d" % exc.status))
         self._send(sid, headers, body)
-        self.flush()
 
     def _send(self, sid: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        h2c = self.h2
         try:
-            self.h2.send_headers(sid, headers)
-        except _SEND_ERRORS:
-            return  # the client reset the stream (or went away) while we were answering
-        if len(body) <= self.h2.local_flow_control_window(sid) and len(body) <= self.h2.max_outbound_frame_size:
-            try:  # the usual case: the whole reply fits in one DATA frame now
-                self.h2.send_data(sid, body, end_stream=True)
-            except _SEND_ERRORS:
-                pass
-            return
-        self.outbox[sid] = memoryview(body)
-        self._send_body(sid)
-
-    def _send_body(self, sid: int) -> None:
-        data = self.outbox.get(sid)
-        if data is None:
-            return
-        try:
-            while True:
-                room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
-                if room <= 0 and len(data):
-                    self.outbox[sid] = data
-                    return  # the rest goes when the client opens its window (WindowUpdated)
-                chunk, data = data[:room], data[room:]
-                self.h2.send_data(sid, bytes(chunk), end_stream=not len(data))
-                if not len(data):
-                    break
-        except _SEND_ERRORS:
-            pass
-        self.outbox.pop(sid, None)
+            h2c.send_response(sid, headers)
+            # nghttp2 holds what the client's window does not take yet and sends it as credit arrives.
+            h2c.send_data(sid, body, end_stream=True)
+        except _ERRORS:
+            return  # the client reset the stream (or the connection is going away) while we answered
+        if not self.feeding and self.conn.open:
+            self.flush()
 
 
 class _Http11:
@@ -322,6 +364,7 @@ class _Http11:
             return
         self.conn.busy = True
         self.conn.update_reading()
+        self.conn.arm()
         self.conn.resolve(query, self._respond, self._finish)
 
     def _respond(self, reply: bytes) -> None:

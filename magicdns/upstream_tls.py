@@ -2,7 +2,8 @@
 
 One connection per upstream, reused, with many queries in flight on it: DoT pipelines
 length-prefixed messages (each gets an ID unique on the connection, the caller's restored on the
-reply), DoH multiplexes HTTP/2 streams (h2). A connection that fails fails the queries on it, and the
+reply), DoH multiplexes HTTP/2 streams (libnghttp2, through ngh2,
+as the DoH listener does). A connection that fails fails the queries on it, and the
 next query opens a new one; the forwarder's race (forward.py) moves on to the next upstream within
 its deadline.
 
@@ -21,10 +22,7 @@ import ssl
 import time
 from typing import Iterable
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
+import ngh2
 
 from .publicdns import DOH_HEAD_START
 from .ranges import RESOLVER_V4, RESOLVER_V6
@@ -133,14 +131,16 @@ class _DotConnection:
 
 
 class _DohConnection:
-    """One HTTP/2 DoH connection: a stream per query."""
+    """One HTTP/2 DoH connection: a stream per query. ngh2 (libnghttp2) does the framing, HPACK and
+    flow control (receive credit goes back on its own as DATA is consumed)."""
 
     def __init__(self, up: Upstream, ctx: ssl.SSLContext) -> None:
         self.up = up
         self.ctx = ctx
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.h2 = ngh2.Connection(ngh2.Role.CLIENT)
         self.writer: asyncio.StreamWriter | None = None
-        self.streams: dict[int, tuple[asyncio.Future[bytes], bytearray, list[str]]] = {}
+        # stream -> (the caller's future, the body so far, the :status once the head has arrived)
+        self.streams: dict[int, tuple[asyncio.Future[bytes], bytearray, list[bytes]]] = {}
         self.answered = 0
         self.dead = False
         self.reader_task: asyncio.Task[None] | None = None
@@ -152,7 +152,7 @@ class _DohConnection:
         if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
             self.writer.close()
             raise EncryptedUpstreamError("the server does not offer HTTP/2 (ALPN h2)")
-        self.h2.initiate_connection()
+        self.h2.initiate_connection({ngh2.Setting.ENABLE_PUSH: 0})
         self._flush()
         self.reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
@@ -167,37 +167,47 @@ class _DohConnection:
                 data = await reader.read(65536)
                 if not data:
                     raise EncryptedUpstreamError("connection closed by the server")
-                for ev in self.h2.receive_data(data):
+                self.h2.receive_data(data)
+                for ev in self.h2.events():
                     self._event(ev)
+                if self.dead:
+                    return
                 self._flush()
-        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as exc:
+        except (OSError, ssl.SSLError, ngh2.NGH2Error) as exc:
             self._fail(exc if isinstance(exc, EncryptedUpstreamError)
                        else EncryptedUpstreamError(f"connection lost: {_why(exc)}"))
 
     def _event(self, ev: object) -> None:
-        if isinstance(ev, h2.events.ResponseReceived):
+        if isinstance(ev, ngh2.ResponseReceived):
             entry = self.streams.get(ev.stream_id)
             if entry is not None:
-                entry[2].append(dict(ev.headers or []).get(":status", ""))
-        elif isinstance(ev, h2.events.DataReceived):
-            self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                entry[2].append(dict(ev.headers).get(b":status", b""))  # type: ignore[arg-type]
+                if ev.end_stream:
+                    self._end(ev.stream_id)
+        elif isinstance(ev, ngh2.DataReceived):
             entry = self.streams.get(ev.stream_id)
             if entry is not None:
-                entry[1].extend(ev.data or b"")
-        elif isinstance(ev, h2.events.StreamEnded):
-            entry = self.streams.pop(ev.stream_id, None)
-            if entry is not None and not entry[0].done():
-                status = entry[2][0] if entry[2] else "?"
-                if status == "200":
-                    entry[0].set_result(bytes(entry[1]))
-                else:
-                    entry[0].set_exception(EncryptedUpstreamError(f"HTTP status {status}"))
-        elif isinstance(ev, h2.events.StreamReset):
+                entry[1].extend(ev.data)
+                if ev.end_stream:
+                    self._end(ev.stream_id)
+        elif isinstance(ev, ngh2.TrailersReceived):
+            self._end(ev.stream_id)
+        elif isinstance(ev, (ngh2.StreamReset, ngh2.StreamClosed)):
+            # StreamClosed without an end seen first: nghttp2 refused what the server sent.
             entry = self.streams.pop(ev.stream_id, None)
             if entry is not None and not entry[0].done():
                 entry[0].set_exception(EncryptedUpstreamError("stream reset by the server"))
-        elif isinstance(ev, h2.events.ConnectionTerminated):
+        elif isinstance(ev, (ngh2.GoAwayReceived, ngh2.ConnectionClosed)):
             self._fail(EncryptedUpstreamError("the server ended the connection (GOAWAY)"))
+
+    def _end(self, sid: int) -> None:
+        entry = self.streams.pop(sid, None)
+        if entry is not None and not entry[0].done():
+            status = entry[2][0] if entry[2] else b"?"
+            if status == b"200":
+                entry[0].set_result(bytes(entry[1]))
+            else:
+                entry[0].set_exception(EncryptedUpstreamError(f"HTTP status {status.decode('latin-1')}"))
 
     def _fail(self, exc: Exception) -> None:
         self.dead = True
@@ -210,15 +220,14 @@ class _DohConnection:
 
     async def query(self, wire: bytes) -> bytes:
         try:
-            sid = self.h2.get_next_available_stream_id()
-            self.h2.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":authority", self.up.tls_name),
-                                       (":path", self.up.path or "/dns-query"),
-                                       ("content-type", "application/dns-message"),
-                                       ("accept", "application/dns-message"),
-                                       ("content-length", str(len(wire)))])
+            sid = self.h2.send_request([
+                (b":method", b"POST"), (b":scheme", b"https"), (b":authority", self.up.tls_name.encode()),
+                (b":path", (self.up.path or "/dns-query").encode()),
+                (b"content-type", b"application/dns-message"), (b"accept", b"application/dns-message"),
+                (b"content-length", b"%d" % len(wire))])
             self.h2.send_data(sid, wire, end_stream=True)
-        except h2.exceptions.H2Error as exc:
-            raise EncryptedUpstreamError(f"HTTP/2: {exc}") from None
+        except ngh2.NGH2Error as exc:
+            raise EncryptedUpstreamError(f"HTTP/2: {_why(exc)}") from None
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.streams[sid] = (fut, bytearray(), [])
         self._flush()
@@ -230,7 +239,7 @@ class _DohConnection:
                 try:
                     self.h2.reset_stream(sid)  # the race gave up on it: tell the server
                     self._flush()
-                except h2.exceptions.H2Error:
+                except ngh2.NGH2Error:
                     pass
 
     def close(self) -> None:

@@ -240,3 +240,34 @@ def test_a_connection_the_upstream_closed_while_idle_is_replaced(tmp_path: Path,
     finally:
         server.stop()
         ub.stop()
+
+
+def test_our_own_doh_listener_as_the_upstream_and_an_http_error(tmp_path: Path, pki: dict) -> None:
+    """ngh2 at both ends: a resolver forwarding to `https://NAME@IP/dns-query` of another magicdns's
+    DoH listener gets its answers; the same upstream with a path the listener does not serve answers
+    404 on the stream, which is SERVFAIL for the client (twice: the connection outlives the error)
+    and a log line naming the status."""
+    from tests.integration.test_encrypted_dns import encrypted_ports
+    cert, key = write_pair(tmp_path, make_leaf(pki["ca"], (NAME,)))
+    up = start_magicdns("--doh", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key))
+    good = bad = None
+    try:
+        port = encrypted_ports(up)["doh"]
+        # TXT records: the forwarding resolver drops forwarded A records inside the tailnet ranges,
+        # and --domain keeps it from answering for "tailnet" itself.
+        good = start_magicdns("--upstream", f"https://{NAME}@127.0.0.1:{port}/dns-query", "--domain", "b.test",
+                              "--upstream-ca", str(pki["ca_file"]), view=None, probe=None)
+        for name, text in (("tailnet", "v=spf1 -all"), ("dev.tailnet", "preview environments")):
+            r = dns.query.udp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=good.port, timeout=6)
+            assert r.rcode() == dns.rcode.NOERROR and text in r.to_text(), r.to_text()
+        bad = start_magicdns("--upstream", f"https://{NAME}@127.0.0.1:{port}/not-dns", "--domain", "b.test",
+                             "--upstream-ca", str(pki["ca_file"]), "--log-level", "debug", view=None, probe=None)
+        for _ in range(2):
+            r = dns.query.udp(dns.message.make_query("tailnet", "TXT"), "127.0.0.1", port=bad.port, timeout=6)
+            assert r.rcode() == dns.rcode.SERVFAIL and not r.answer, r.to_text()
+        assert "HTTP status 404" in bad.log(), bad.log()[-3000:]
+        assert "Traceback" not in bad.log() + up.log()
+    finally:
+        for s in (good, bad, up):
+            if s is not None:
+                s.stop()

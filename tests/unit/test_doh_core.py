@@ -9,7 +9,7 @@ from dnslib import RR, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magicdns.doh import DohError, DohRequest, HttpStatus, dns_query, min_ttl, plain_get_query, response_headers
+from magicdns.doh import DohError, DohRequest, HttpStatus, dns_query, min_ttl, plain_get, response_headers
 from magicdns.upstream import Upstream, UpstreamError, parse_upstream
 
 QUERY = bytes(DNSRecord.question("example.test", "A").pack())
@@ -205,21 +205,36 @@ def test_content_length_takes_only_ascii_digits(text: str | None, want: int | No
 
 
 @settings(max_examples=1000)
-@given(path=st.sampled_from(["/dns-query", "/dns-query/", "/DNS-QUERY", "", "/other"]),
-       qs=st.one_of(st.binary(min_size=0, max_size=80).map(lambda b: "dns=" + b64(b)),
-                    st.binary(min_size=0, max_size=80).map(lambda b: "dns=" + base64.urlsafe_b64encode(b).decode()),
-                    st.text(alphabet=B64URL + "=+%&#;/ ", max_size=80).map(lambda t: "dns=" + t),
-                    st.text(alphabet=B64URL + "=&", max_size=80)))
-def test_the_granian_get_shortcut_accepts_only_what_the_general_path_accepts_alike(path: str, qs: str) -> None:
-    """doh_granian answers `plain_get_query`'s query without check_head/query_of: whatever it
-    accepts, the general path must accept with the same bytes (what it declines takes that path)."""
-    got = plain_get_query(path, qs)
+@given(prefix=st.sampled_from([b"/dns-query?dns=", b"/dns-query?x=1&dns=", b"/dns-query/?dns=", b"/other?dns=", b""]),
+       text=st.one_of(st.binary(min_size=0, max_size=80).map(lambda b: b64(b).encode()),
+                      st.binary(min_size=0, max_size=80).map(base64.urlsafe_b64encode),
+                      st.binary(min_size=0, max_size=80).map(base64.standard_b64encode),
+                      st.text(alphabet=B64URL + "=+%&#;/ \n\xff", max_size=80).map(lambda t: t.encode("latin-1"))))
+def test_the_http2_get_shortcut_accepts_only_what_the_general_path_accepts_alike(prefix: bytes, text: bytes) -> None:
+    """dohserver answers `plain_get`'s query for a bodiless HTTP/2 GET without check_head/query_of:
+    whatever it accepts, the general path must accept with the same bytes; and it must accept the
+    query every client sends."""
+    target = prefix + text
+    got = plain_get(target)
     if got is None:
         return
-    assert got == dns_query(DohRequest("GET", path + "?" + qs, None, None), b"")
+    assert got == dns_query(DohRequest("GET", target.decode("latin-1"), None, None), b"")
 
 
-def test_the_granian_get_shortcut_takes_the_common_request() -> None:
-    assert plain_get_query("/dns-query", "dns=" + b64(QUERY)) == QUERY
-    assert plain_get_query("/dns-query", "dns=" + base64.urlsafe_b64encode(QUERY).decode()) == QUERY
-    assert plain_get_query("/dns-query", "dns=" + b64(QUERY[:5])) is None  # too short: the general 400
+def test_the_http2_get_shortcut_takes_the_common_request() -> None:
+    assert plain_get(b"/dns-query?dns=" + b64(QUERY).encode()) == QUERY
+    assert plain_get(b"/dns-query?dns=" + base64.urlsafe_b64encode(QUERY)) == QUERY
+    assert plain_get(b"/dns-query?dns=" + b64(QUERY[:5]).encode()) is None  # too short: the general 400
+    assert plain_get(b"/dns-query?dns=" + b64(b"\xfb\xff" * 10).encode()) == b"\xfb\xff" * 10  # '-' and '_'
+
+
+def test_our_own_goaway_frame_reads_as_one_in_another_http2_stack() -> None:
+    """The GOAWAY the listener writes itself when ngh2 gives up on a connection, read by hyperframe
+    (h2's frame layer): type, stream 0, last stream ID, error code, nothing left over."""
+    from hyperframe.frame import Frame, GoAwayFrame
+    from magicdns.dohserver import _ENHANCE_YOUR_CALM, _goaway_frame
+    wire = _goaway_frame(0x80000007, _ENHANCE_YOUR_CALM)  # the reserved bit is cleared
+    frame, length = Frame.parse_frame_header(memoryview(wire[:9]))
+    frame.parse_body(memoryview(wire[9:9 + length]))
+    assert isinstance(frame, GoAwayFrame) and frame.stream_id == 0 and len(wire) == 9 + length
+    assert frame.last_stream_id == 7 and frame.error_code == 0xB
