@@ -239,12 +239,14 @@ def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int
                 end = time.monotonic() + timeout
                 while time.monotonic() < end and not all(k in seen[marker] for k in want):
                     await asyncio.sleep(0.01)
-                res.put(("seen", idx, marker, [seen[marker][k] for k in want if k in seen[marker]], len(want),
-                         checking[0], collecting[0]))
+                got = [seen[marker][k] for k in want if k in seen[marker]]   # arrival times, taken as they came
+                # Before answering: the coordinator starts the next change (and its CPU window) as soon
+                # as every worker has answered, and a full collection here takes a second or more.
                 if client_gc == "freeze":   # the maps this change left: out of the collector's view too
                     gc.freeze()
                 elif client_gc == "off":   # this change's cyclic garbage, after its window
                     gc.collect()
+                res.put(("seen", idx, marker, got, len(want), checking[0], collecting[0]))
                 wanted.pop(marker, None)
             elif msg[0] == "churn":
                 _, rate, seconds = msg
