@@ -239,14 +239,16 @@ def worker(idx: int, servers: list[str], keys: list[str], first: int, count: int
                 end = time.monotonic() + timeout
                 while time.monotonic() < end and not all(k in seen[marker] for k in want):
                     await asyncio.sleep(0.01)
-                got = [seen[marker][k] for k in want if k in seen[marker]]   # arrival times, taken as they came
-                # Before answering: the coordinator starts the next change (and its CPU window) as soon
-                # as every worker has answered, and a full collection here takes a second or more.
+                # This process's CPU so far goes with the answer: what the coordinator reads from /proc
+                # after every worker has answered would include the collection below (a second or
+                # more at 2,500 simulated nodes a process), which is not the change's. The next
+                # change's window opens after its "watch", which this process takes after collecting.
+                res.put(("seen", idx, marker, [seen[marker][k] for k in want if k in seen[marker]], len(want),
+                         checking[0], collecting[0], time.process_time()))
                 if client_gc == "freeze":   # the maps this change left: out of the collector's view too
                     gc.freeze()
                 elif client_gc == "off":   # this change's cyclic garbage, after its window
                     gc.collect()
-                res.put(("seen", idx, marker, got, len(want), checking[0], collecting[0]))
                 wanted.pop(marker, None)
             elif msg[0] == "churn":
                 _, rate, seconds = msg
@@ -403,7 +405,10 @@ def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu
     noticing it, building its snapshot, writing its last frame, and the client processes'
     CPU over the whole change (ms after the change began; CPU in seconds over that window)."""
     wall = max(1e-3, time.time() - t_change)
-    cpu = [cpu_seconds(p.pid) - c for p, c in zip([p for p, _, _ in servers] + list(workers), cpu0)]
+    n = len(servers)
+    cpu = [cpu_seconds(p.pid) - c for (p, _, _), c in zip(servers, cpu0)]
+    by_worker = {r[1]: r[7] for r in got}   # each client process's CPU when it answered (worker above)
+    cpu += [by_worker.get(i, cpu_seconds(p.pid)) - c for i, (p, c) in enumerate(zip(workers, cpu0[n:]))]
     ms = lambda t: f"{(t - t_change) * 1e3:.0f}" if t >= t_change else "-"   # noqa: E731
     parts = []
     for i, (proc, url, _) in enumerate(servers):
@@ -413,7 +418,6 @@ def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu
             st = after[0]
             parts.append(f"s{i} noticed {ms(st['noticed'])}, built {ms(st['build_start'])}-{ms(st['published'])},"
                          f" last frame {ms(st['last_frame'])}" + (f" (+{len(after) - 1} later)" if len(after) > 1 else ""))
-    n = len(servers)
     return [(f"{label}: {what}: phases (ms after the change)",
              f"stored {ms(t_stored)}; " + "; ".join(parts) + f"; last node saw it {ms(t_last)}"),
             (f"{label}: {what}: CPU s over {wall:.1f} s: servers; client processes; their marker tests; their GC",
