@@ -20,26 +20,16 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 
 import dns.rdatatype
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from magicdns.udpbatch import _Iovec, _Mmsghdr  # noqa: E402  (the listener's own recvmmsg/sendmmsg layout)
 
 SEND = 16  # queries a sendmmsg
 RECV = 64
 RBUF = 1024  # a shed SERVFAIL or a small answer: a larger reply is cut, its rcode still read
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
-                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                ("flags", ctypes.c_int)]
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -15,11 +15,10 @@ import time
 
 import dns.message
 import hpack
-import pytest
 
-from tests.integration.magicdns_proc import MagicDnsProcess, start_magicdns
-from tests.integration.test_encrypted_dns import NAME, client_context, encrypted_ports
-from tests.integration.tls_helpers import make_ca, make_leaf, write_pair
+from tests.integration.magicdns_proc import MagicDnsProcess
+from tests.integration.test_doh_http2 import pki, server  # noqa: F401  (the same listener fixtures)
+from tests.integration.test_encrypted_dns import NAME, client_context
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
@@ -27,20 +26,6 @@ END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 PROTOCOL_ERROR, CANCEL, COMPRESSION_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x1, 0x8, 0x9, 0x7, 0xB
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("pki-h2frames")
-    ca = make_ca()
-    cert, key = write_pair(d, make_leaf(ca, (NAME,)))
-    return {"ca_file": ca.write(d / "ca.pem"), "cert": cert, "key": key}
-
-
-@pytest.fixture(scope="module")
-def server(pki: dict):
-    s = start_magicdns("--doh", "127.0.0.1:0", "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]))
-    s.extra.update(encrypted_ports(s))
-    yield s
-    s.stop()
 
 
 def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
