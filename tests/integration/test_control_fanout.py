@@ -98,6 +98,20 @@ class RawStream:
         self.sock.close()
 
 
+async def _raw_node(net: Tailnet, name: str, beside: Any, **kw: Any) -> RawStream:
+    """A node `name` registered like `beside` whose map stream is a RawStream (it reads only when told
+    to), its full map read."""
+    node = await net.join(name, start=False)
+    raw = RawStream(net.url, node.client.machine_key_private, node.client.node_key_public,
+                    beside.client.server_public_key or "", **kw)
+    try:
+        await raw.read_until(lambda r: r.of_type("full"), 5, "the full map")
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
 def _small_send_buffers(server: ControlServer) -> None:
     """Accepted sockets inherit the listener's send buffer: a small one makes an unread stream fill
     up after a few tens of kilobytes."""
@@ -163,11 +177,8 @@ async def test_a_reader_that_stops_is_closed_at_the_deadline(tmp_path: Path) -> 
     async with net:
         _small_send_buffers(net.server)
         healthy = await net.join("healthy")
-        stuck_node = await net.join("stuck", start=False)
-        raw = RawStream(net.url, stuck_node.client.machine_key_private, stuck_node.client.node_key_public,
-                        healthy.client.server_public_key or "", rcvbuf=4096)
+        raw = await _raw_node(net, "stuck", healthy, rcvbuf=4096)
         try:
-            await raw.read_until(lambda r: r.of_type("full"), 5, "the full map")
             await async_wait_until(lambda: len(net.server._streams) == 2
                                    and all(s.parked for s in net.server._streams.values()), timeout=3, what="parked")
             direct = net.server.stats["frames_direct"]
@@ -202,11 +213,8 @@ async def test_a_stream_that_is_behind_gets_one_coalesced_delta(tmp_path: Path) 
     async with net:
         _small_send_buffers(net.server)
         other = await net.join("other")
-        slow_node = await net.join("slow", start=False)
-        raw = RawStream(net.url, slow_node.client.machine_key_private, slow_node.client.node_key_public,
-                        other.client.server_public_key or "", rcvbuf=4096)
+        raw = await _raw_node(net, "slow", other, rcvbuf=4096)
         try:
-            await raw.read_until(lambda r: r.of_type("full"), 5, "the full map")
             await async_wait_until(lambda: len(net.server._streams) == 2, timeout=3, what="two streams")
             # Fill its buffers without reading: a few big DNS deltas.
             for i in range(6):
@@ -247,11 +255,8 @@ async def test_keepalives_go_out_on_idle_streams_and_wait_after_a_frame(tmp_path
     net.server = ControlServer(net.store, replace(FAST, keepalive=0.4))
     async with net:
         other = await net.join("other")
-        quiet = await net.join("quiet", start=False)
-        raw = RawStream(net.url, quiet.client.machine_key_private, quiet.client.node_key_public,
-                        other.client.server_public_key or "")
+        raw = await _raw_node(net, "quiet", other)
         try:
-            await raw.read_until(lambda r: r.of_type("full"), 5, "the full map")
             t0 = time.monotonic()
             await raw.read_until(lambda r: len(r.of_type("keepalive")) >= 3, 3, "three keepalives")
             assert time.monotonic() - t0 >= 0.4 * 2   # not a burst: one per interval
@@ -279,11 +284,8 @@ async def test_an_http10_stream_is_not_written_past_aiohttp(tmp_path: Path) -> N
     the body: such a stream keeps the task path, and its node reads every frame."""
     async with Tailnet(tmp_path) as net:
         other = await net.join("other")
-        old = await net.join("old", start=False)
-        raw = RawStream(net.url, old.client.machine_key_private, old.client.node_key_public,
-                        other.client.server_public_key or "", http="1.0")
+        raw = await _raw_node(net, "old", other, http="1.0")
         try:
-            await raw.read_until(lambda r: r.of_type("full"), 5, "the full map")
             await async_wait_until(lambda: len(net.server._streams) == 2
                                    and all(s.parked for s in net.server._streams.values()), timeout=3, what="parked")
             direct = net.server.stats["frames_direct"]
