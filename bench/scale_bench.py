@@ -354,9 +354,12 @@ def _phase_stamps(url: str, token: str) -> list[dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for line in text.splitlines():
         if line.startswith("meshnode_control_publish_timestamp_seconds{"):
-            version = int(line.split('version="', 1)[1].split('"', 1)[0])
+            version = int(line.split('{version="', 1)[1].split('"', 1)[0])
             phase = line.split('phase="', 1)[1].split('"', 1)[0]
-            out.setdefault(version, {})[phase] = float(line.rsplit(" ", 1)[1])
+            stamps = out.setdefault(version, {})
+            stamps[phase] = float(line.rsplit(" ", 1)[1])
+            if 'store_version="' in line:
+                stamps["store_version"] = int(line.split('store_version="', 1)[1].split('"', 1)[0])
     return [out[v] for v in sorted(out)]
 
 
@@ -400,7 +403,7 @@ def _per_frame(label: str, what: str, servers: list, token: str, before: list[di
 
 def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu0: list[float], got: list[tuple],
             t_change: float, t_stored: float, t_last: float,
-            before: list[dict[str, float]] | None = None) -> list[tuple[str, str]]:
+            before: list[dict[str, float]] | None = None, v_change: int = 0) -> list[tuple[str, str]]:
     """Where a change's time went: storing it (the admin's transaction, measured here), each server
     noticing it, building its snapshot, writing its last frame, and the client processes'
     CPU over the whole change (ms after the change began; CPU in seconds over that window)."""
@@ -414,6 +417,10 @@ def _phases(label: str, what: str, servers: list, token: str, workers: list, cpu
     for i, (proc, url, _) in enumerate(servers):
         after = [st for st in (_phase_stamps(url, token) if proc.poll() is None else [])
                  if st["build_start"] >= t_change]
+        # Not a snapshot some other write started before the change committed (presence, a heartbeat):
+        # the first that stands for the change's store version, where the server says it.
+        with_change = [st for st in after if st.get("store_version", v_change) >= v_change]
+        after = with_change or after
         if after:   # the first snapshot built after the change began (later ones: counted)
             st = after[0]
             parts.append(f"s{i} noticed {ms(st['noticed'])}, built {ms(st['build_start'])}-{ms(st['published'])},"
@@ -517,6 +524,7 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
             t_change = time.time()
             do()
             t_stored = time.time()
+            v_change = admin.version()
             for i in range(n_workers):
                 cmd[i].put(("collect", what, 30.0))
             got = inbox.get("seen", n_workers, 90)
@@ -527,7 +535,7 @@ def _one_setup(label: str, db: str, tmp: Path, replicas: int, args: argparse.Nam
                 if sampler is not None:
                     sampler.wait(timeout=30)
             if seen:
-                rows += _phases(label, what, servers, token, workers, cpu0, got, t_change, t_stored, max(seen), before)
+                rows += _phases(label, what, servers, token, workers, cpu0, got, t_change, t_stored, max(seen), before, v_change)
         # Endpoint churn: --churn reports a second, spread over the workers, for --churn-seconds.
         # CPU over the sending window: the servers' and the simulated nodes' own (if the clients
         # were near a core each, the figures would measure them, not the servers).

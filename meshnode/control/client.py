@@ -132,6 +132,9 @@ class MapAssembler:
         # Records parsed before (record_key -> Record): a DNS delta carries every record, and parsing
         # one costs ~0.1 ms (dnslib's zone lexer), so only new ones are parsed.
         self._records: dict[tuple, Record] = {}
+        # Prefix sets (id -> list of prefix texts) the filter names: a rule's `"src_set": id` stands
+        # for `"src": [...]`, so a policy change over the same groups sends each long list once.
+        self._sets: dict[str, list] = {}
         self.last_type = ""   # the type of the last frame applied ("full", "delta", "keepalive")
 
     def apply_sealed(self, chan: Channel, sealed: bytes) -> NetMap | None:
@@ -152,7 +155,11 @@ class MapAssembler:
         if kind == "keepalive":
             return None
         if kind == "full":
-            nm = NetMap.from_json(msg.get("netmap"))
+            self._sets = {}
+            netmap = msg.get("netmap")
+            if isinstance(netmap, dict) and "packet_filter" in netmap:
+                netmap = {**netmap, "packet_filter": self._expand(msg, netmap["packet_filter"])}
+            nm = NetMap.from_json(netmap)
             self._records = {}   # only this map's records: the cache never outgrows what a map holds
             self._remember_records(msg["netmap"].get("dns"), nm)
             self.resume = msg.get("resume") if isinstance(msg.get("resume"), str) else None
@@ -215,7 +222,7 @@ class MapAssembler:
                 self._records = {}
                 self._remember_records(msg["dns"], None, self._dns)
         if "packet_filter" in msg:
-            self._filter = tuple(MappingProxyType(r) for r in msg["packet_filter"])
+            self._filter = tuple(MappingProxyType(r) for r in self._expand(msg, msg["packet_filter"]))
         if "tailnet_ca" in msg:
             self._ca = str(msg["tailnet_ca"] or "")
         if "derp_map" in msg:
@@ -240,6 +247,33 @@ class MapAssembler:
                       self._derp_map, tailnet_ca=self._ca, tka_head=self._tka_head,
                       flow_logs=self._flow_logs)
         return nm
+
+    def _expand(self, msg: dict[str, Any], rules: Any) -> Any:
+        """`rules` with each `src_set`/`dst_set` reference replaced by its list, from the frame's
+        `prefix_sets` or those an earlier frame sent; the sets kept are then exactly those the new
+        filter names (what the server assumes). Raises NetMapError for a set it never got."""
+        new = msg.get("prefix_sets")
+        if new is not None:
+            if not isinstance(new, dict) or not all(isinstance(v, list) for v in new.values()):
+                raise NetMapError("prefix_sets: expected an object of lists")
+            self._sets.update(new)
+        if not isinstance(rules, list):
+            return rules   # NetMap says what is wrong with it
+        named: dict[str, list] = {}
+        out = []
+        for rule in rules:
+            if isinstance(rule, dict) and ("src_set" in rule or "dst_set" in rule):
+                rule = dict(rule)
+                for ref_key, key in (("src_set", "src"), ("dst_set", "dst")):
+                    if ref_key in rule:
+                        ref = rule.pop(ref_key)
+                        prefixes = self._sets.get(ref) if isinstance(ref, str) else None
+                        if prefixes is None:
+                            raise NetMapError(f"packet_filter: prefix set {ref!r} was never sent")
+                        rule[key] = named[ref] = prefixes
+            out.append(rule)
+        self._sets = named
+        return out
 
     def _remember_records(self, dns_obj: Any, nm: NetMap | None, dns: DnsConfig | None = None) -> None:
         """Seed the record cache from a `dns` object and the records parsed from it (same order)."""
@@ -691,7 +725,7 @@ class ControlClient:
     async def _stream_once(self) -> AsyncIterator[NetMap]:
         chan = await self._chan()
         request: dict[str, Any] = {"node_key": self.node_key_public, "ts": time.time(), "stream": True,
-                                   "patches": True}
+                                   "patches": True, "prefix_sets": True}
         assembler = self._assembler
         if assembler.resume is not None:
             request["resume"] = assembler.resume

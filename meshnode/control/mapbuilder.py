@@ -11,6 +11,7 @@ stream. The cost model matters at 10,000 nodes:
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 from dataclasses import dataclass, field, replace
@@ -346,9 +347,15 @@ class FilterTexts:
         # (id(ports), id(protos)) -> (ports, protos, text): compile.py shares both tuples between the
         # nodes of a grant, so the tail is found without hashing each PortRange again.
         self._tails_by_id: dict[tuple[int, int], tuple[tuple, tuple, str]] = {}
-        self._node: dict[int, str] = {}
-        self._rules: dict[int, tuple[tuple, str]] = {}   # id(rules tuple) -> (it, text)
+        # Per form (False: lists inline; True: long lists as prefix-set references, see `of`).
+        self._node: dict[bool, dict[int, str]] = {False: {}, True: {}}
+        self._rules: dict[bool, dict[int, tuple[tuple, str]]] = {False: {}, True: {}}  # id(rules) -> (it, text)
+        # A filter text in the reference form -> the sets it names, ((id, list text), ...), in order.
+        self._refs: dict[str, tuple[tuple[str, str], ...]] = {}
+        self._ids: dict[str, str] = {}            # list text -> its set id
         self._old_texts = prev._texts if prev is not None else {}
+        self._old_refs = prev._refs if prev is not None else {}
+        self._old_ids = prev._ids if prev is not None else {}
         self._old_nets = prev._nets if prev is not None else {}
         self._old_by_id = prev._by_id if prev is not None else {}
         # Found by id in the previous tables, not yet in `_nets`: the content table is completed with
@@ -382,16 +389,22 @@ class FilterTexts:
             self._nets[nets] = text
         return text
 
-    def of(self, compiled: CompiledPolicy, node_id: int) -> str:
-        hit = self._node.get(node_id)
+    def of(self, compiled: CompiledPolicy, node_id: int, sets: bool = False) -> str:
+        """The node's filter text; with `sets`, every source or destination list of SET_MIN or more
+        prefixes is a reference (`"src_set"`/`"dst_set"`: the list's set id) and `refs(text)` gives
+        the sets it names."""
+        by_node = self._node[sets]
+        hit = by_node.get(node_id)
         if hit is not None:
             return hit
         shared = compiled.filter_rules(node_id)
-        known = self._rules.get(id(shared))   # nodes under `*` destinations share one rules tuple
+        by_rules = self._rules[sets]
+        known = by_rules.get(id(shared))   # nodes under `*` destinations share one rules tuple
         if known is not None:
-            self._node[node_id] = known[1]
+            by_node[node_id] = known[1]
             return known[1]
         rules = []
+        refs: list[tuple[str, str]] = []
         for rule in shared:
             by_id = self._tails_by_id.get((id(rule.ports), id(rule.protos)))
             if by_id is not None:
@@ -405,16 +418,56 @@ class FilterTexts:
                         ',"protos":', _dumps([int(p) for p in rule.protos]), "}"])
                 # The tuples are kept in the value, so their ids are not reused meanwhile.
                 self._tails_by_id[(id(rule.ports), id(rule.protos))] = (rule.ports, rule.protos, tail)
-            rules.append("".join(['{"src":', self._shared_text(rule.src), ',"dst":', self._shared_text(rule.dst),
-                                  tail]))
+            src, dst = self._shared_text(rule.src), self._shared_text(rule.dst)
+            if sets and len(rule.src) >= SET_MIN:
+                src = self._ref(src, refs, '{"src_set":')
+            else:
+                src = '{"src":' + src
+            if sets and len(rule.dst) >= SET_MIN:
+                dst = self._ref(dst, refs, ',"dst_set":')
+            else:
+                dst = ',"dst":' + dst
+            rules.append("".join([src, dst, tail]))
         text = "[" + ",".join(rules) + "]"
         hit = self._texts.get(text)
         if hit is None:
             hit = self._old_texts.get(text, text)
             self._texts[hit] = hit
-        self._node[node_id] = hit
-        self._rules[id(shared)] = (shared, hit)
+        if sets and hit not in self._refs:
+            # Interned too: streams whose filters name the same sets share one tuple, and the
+            # frame builder compares a stream's old and new tuples by identity first.
+            found = tuple(refs)
+            self._refs[hit] = self._old_refs.get(hit, found)
+        by_node[node_id] = hit
+        by_rules[id(shared)] = (shared, hit)
         return hit
+
+    def refs(self, text: str) -> tuple[tuple[str, str], ...]:
+        """The prefix sets a filter text from `of(..., sets=True)` names: (id, JSON list text)."""
+        return self._refs.get(text, ())
+
+    def _ref(self, list_text: str, refs: list[tuple[str, str]], key: str) -> str:
+        sid = self._ids.get(list_text)
+        if sid is None:
+            sid = self._old_ids.get(list_text)
+            if sid is None:
+                sid = set_id(list_text)
+            self._ids[list_text] = sid
+        if (sid, list_text) not in refs:
+            refs.append((sid, list_text))
+        return key + '"' + sid + '"'
+
+
+SET_MIN = 8   # prefixes in a filter list from which it goes as a prefix set (a reference is ~25 bytes)
+
+
+def set_id(list_text: str) -> str:
+    """A prefix set's id: a hash of its JSON text, so every replica names the same list alike."""
+    return hashlib.blake2b(list_text.encode(), digest_size=9).hexdigest()
+
+
+def _sets_json(refs: Iterable[tuple[str, str]]) -> str:
+    return "{" + ",".join(['"' + sid + '":' + text for sid, text in refs]) + "}"
 
 
 @dataclass
@@ -437,6 +490,8 @@ class StreamState:
     flow_logs: bool = False
     tailnet_version: int = -1   # of the resume token the node was last sent
     patches: bool = False   # the node understands `peers_patch` (it said so when it opened the stream)
+    sets: bool = False      # ...and prefix-set references in its filter (`prefix_sets`)
+    filter_sets: tuple[tuple[str, str], ...] = ()   # the sets it holds: those its filter names
 
     @property
     def full(self) -> bool:
@@ -461,7 +516,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
     old_reach = state.reach
     if state.compiled is not snap.compiled:
         reach = snap.reach.of(snap.compiled, nid)
-        filter_text = snap.filters.of(snap.compiled, nid)
+        filter_text = snap.filters.of(snap.compiled, nid, state.sets)
     else:
         reach, filter_text = old_reach, state.filter_text
     texts = snap.node_text
@@ -472,7 +527,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             '],"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp":{},"derp_map":',
             snap.derp_map_text, (',"tailnet_ca":' + _dumps(snap.ca_pem)) if snap.ca_pem else "",
             ',"tka_head":', _dumps(snap.tka_head), ',"flow_logs":', _dumps(snap.flow_logs), '},"resume":',
-            _json_str(snap.resume_token(nid)), '}'])
+            _json_str(snap.resume_token(nid)), _sets_part(snap, state, filter_text, ()), '}'])
         state.tailnet_version = snap.tailnet_version
     else:
         since: set[int] = set()
@@ -510,7 +565,7 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
         if snap.dns_text != state.dns_text:
             parts += [',"dns":', snap.dns_text]
         if filter_text != state.filter_text:
-            parts += [',"packet_filter":', filter_text]
+            parts += [',"packet_filter":', filter_text, _sets_part(snap, state, filter_text, state.filter_sets)]
         if snap.derp_map_text != state.derp_map_text:
             parts += [',"derp_map":', snap.derp_map_text]
         if snap.ca_pem != state.ca_pem:
@@ -529,6 +584,19 @@ def next_frame(snap: Snapshot, state: StreamState) -> str | None:
             frame = "".join(parts) + "}"
     _sent(snap, state, reach, filter_text)
     return frame
+
+
+def _sets_part(snap: Snapshot, state: StreamState, filter_text: str, held: tuple[tuple[str, str], ...]) -> str:
+    """The `prefix_sets` member for a frame that carries `filter_text`: the sets it names that the
+    node does not hold (`held`: what its previous filter named; the node keeps exactly those)."""
+    if not state.sets:
+        return ""
+    refs = snap.filters.refs(filter_text)
+    state.filter_sets = refs
+    if refs is held:
+        return ""
+    new = [r for r in refs if r not in held]
+    return ',"prefix_sets":' + _sets_json(new) if new else ""
 
 
 def _sent(snap: Snapshot, state: StreamState, reach: frozenset[int], filter_text: str) -> None:
@@ -596,7 +664,7 @@ def resume_frame(snap: Snapshot, state: StreamState, changed_nodes: frozenset[in
     if nid not in snap.nodes:
         raise NodeGone(nid)
     reach = snap.reach.of(snap.compiled, nid)
-    filter_text = snap.filters.of(snap.compiled, nid)
+    filter_text = snap.filters.of(snap.compiled, nid, state.sets)
     texts = snap.node_text
     changed = sorted(p for p in changed_nodes & reach if p != nid)
     removed = sorted(changed_nodes - reach)
@@ -606,7 +674,8 @@ def resume_frame(snap: Snapshot, state: StreamState, changed_nodes: frozenset[in
              ',"domain":', _dumps(snap.domain), ',"self":', texts[nid],
              ',"peers_changed":[', ",".join([texts[p] for p in changed]), '],"peers_removed":', _dumps(removed),
              ',"peers_present":', _dumps(present), ',"peers_online":', _dumps(online),
-             ',"dns":', snap.dns_text, ',"packet_filter":', filter_text, ',"derp_map":', snap.derp_map_text,
+             ',"dns":', snap.dns_text, ',"packet_filter":', filter_text, _sets_part(snap, state, filter_text, ()),
+             ',"derp_map":', snap.derp_map_text,
              ',"tailnet_ca":', _dumps(snap.ca_pem), ',"tka_head":', _dumps(snap.tka_head),
              ',"flow_logs":', _dumps(snap.flow_logs), '}']
     state.tailnet_version = snap.tailnet_version

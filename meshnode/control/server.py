@@ -415,7 +415,8 @@ class ControlServer:
             snap = with_version(snap, self.store.bump_map_version())
         self.snapshot = snap
         self.stats["snapshots"] += 1
-        self.phases.append({"version": snap.version, "noticed": min(self._dirty_at, started), "build_start": started,
+        self.phases.append({"version": snap.version, "store_version": snap.tailnet_version,
+                            "noticed": min(self._dirty_at, started), "build_start": started,
                             "published": time.time(), "last_frame": 0.0})
         self._wake_streams(prev, snap)
 
@@ -743,7 +744,7 @@ class ControlServer:
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            "Cache-Control": "no-store"})
         await resp.prepare(request)
-        state = StreamState(node.id, patches=p.get("patches") is True)
+        state = StreamState(node.id, patches=p.get("patches") is True, sets=p.get("prefix_sets") is True)
         # A node needs one stream (two while it reconnects): older ones are closed, so one machine
         # cannot pile up streams that each hold a map in memory.
         mine = self._node_streams.setdefault(node.id, [])
@@ -1087,8 +1088,9 @@ class ControlServer:
         ] + [f'meshnode_control_resume_refused_total{{reason="{why}"}} {n}'
              for why, n in sorted(self.resume_refusals.items())] + [
             "# TYPE meshnode_control_publish_timestamp_seconds gauge",   # where a change's time went
-        ] + [f'meshnode_control_publish_timestamp_seconds{{version="{p["version"]:.0f}",phase="{k}"}} {v:.6f}'
-             for p in self.phases for k, v in p.items() if k != "version"] + [
+        ] + [f'meshnode_control_publish_timestamp_seconds{{version="{p["version"]:.0f}",'
+             f'store_version="{p["store_version"]:.0f}",phase="{k}"}} {v:.6f}'
+             for p in self.phases for k, v in p.items() if k not in ("version", "store_version")] + [
             "# TYPE meshnode_control_job_running gauge",   # 1: this server runs the once-per-tailnet job
         ] + [f'meshnode_control_job_running{{job="{job.value}"}} {int(self.jobs.url is None or job in self.jobs.held)}'
              for job in Job]

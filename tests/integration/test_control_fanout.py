@@ -26,14 +26,14 @@ class RawStream:
     machine key. It reads only when told to, so a test can make it stop reading (a stuck node)."""
 
     def __init__(self, url: str, machine_priv: str, node_key: str, server_pub: str, rcvbuf: int = 0,
-                 http: str = "1.1") -> None:
+                 http: str = "1.1", extra: dict[str, Any] | None = None) -> None:
         host, port = url.removeprefix("http://").split(":")
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.connect((host, int(port)))
         self.chan = Channel(machine_priv, server_pub)
-        body = self.chan.seal({"ts": time.time(), "node_key": node_key, "stream": True})
+        body = self.chan.seal({"ts": time.time(), "node_key": node_key, "stream": True, **(extra or {})})
         self.http = http
         self.sock.sendall((f"POST /machine/map HTTP/{http}\r\nHost: {host}\r\n"
                            f"{MACHINE_KEY_HEADER}: {public_key_of(machine_priv)}\r\n"
@@ -298,3 +298,47 @@ async def test_an_http10_stream_is_not_written_past_aiohttp(tmp_path: Path) -> N
             assert net.server.stats["frames_direct"] - direct == 3
         finally:
             raw.close()
+
+
+
+@run
+async def test_old_and_new_nodes_hold_the_same_filter_whether_sent_inline_or_as_prefix_sets(tmp_path: Path) -> None:
+    """Nodes that ask for prefix sets (the real client, and a raw stream that says so) beside one that
+    does not (a raw stream, as a node from before them), through policy changes: the old one gets every
+    list inline, the new ones get each long list once, and all hold the same sources. A port added
+    over the same sources sends no list at all."""
+    from meshnode.control.access import set_policy
+    self_only = {"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]}
+    port_added = {"acls": self_only["acls"] + [{"action": "accept", "src": ["autogroup:member"],
+                                                "dst": ["autogroup:self:4242"]}]}
+    async with Tailnet(tmp_path) as net:
+        # alice's devices between bob's, as they register over time: no two make a CIDR together.
+        bob, _ = net.admin_store.create_authkey("bob@example.com", reusable=True)
+        nodes = []
+        for i in range(7):
+            nodes += [await net.join(f"a{i}"), await net.join(f"b{i}", key=bob)]
+        real = nodes[0]
+        old = await _raw_node(net, "old", real)
+        await net.join("b7", key=bob)
+        new = await _raw_node(net, "new", real, extra={"prefix_sets": True})
+        try:
+            for round_, policy in enumerate((self_only, port_added)):
+                set_policy(net.admin_store, json.dumps(policy))
+                want = len(policy["acls"])
+
+                def last_filter(r: RawStream) -> list[dict]:
+                    return next((m["packet_filter"] for m in reversed(r.of_type("delta")) if "packet_filter" in m), [])
+                for r in (old, new):
+                    await r.read_until(lambda r: len(last_filter(r)) == want, 2, f"policy {round_}")
+                await within_1s(lambda: len(real.map.packet_filter) == want, f"policy {round_} on the real node")
+                old_rules, new_rules = last_filter(old), last_filter(new)
+                sources = old_rules[0]["src"]
+                assert len(sources) == 18 and all(r["src"] == sources for r in old_rules)   # 9 nodes, v4 + v6
+                assert all("src" not in r and "src_set" in r for r in new_rules)
+                carried = [m["prefix_sets"] for m in new.of_type("delta") if "prefix_sets" in m]
+                assert len(carried) == 1 and list(carried[0].values()) == [sources]   # once, in round 0
+                assert [dict(r)["src"] for r in real.map.packet_filter] == [sources] * want
+                assert [dict(r)["ports"] for r in real.map.packet_filter] == [r["ports"] for r in old_rules]
+        finally:
+            old.close()
+            new.close()

@@ -276,6 +276,7 @@ def test_metrics_say_when_a_change_was_noticed_built_published_and_written(db_sp
             await until(lambda: all(len(n.peers()) == 2 for n in nodes), "every node streaming")
             t0 = time.time()
             set_policy(admin, '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:4242"]}]}')
+            v_policy = admin.version()
 
             def got_it() -> bool:
                 for n in nodes:
@@ -289,11 +290,13 @@ def test_metrics_say_when_a_change_was_noticed_built_published_and_written(db_sp
             # may have marked the server dirty just before the policy did.
             assert stamps["noticed"] <= stamps["build_start"] <= stamps["published"]
             assert t0 <= stamps["published"]
+            assert stamps["store_version"] >= v_policy   # the store version it stands for
             # Stamped once the write has returned, after the loop may already have let the node read
             # it: so it can be a little later than the arrival seen here, never before publishing.
             assert stamps["published"] <= stamps["last_frame"]
             text = server._metrics_text().text
-            assert (f'meshnode_control_publish_timestamp_seconds{{version="{version}",phase="last_frame"}}'
+            assert (f'meshnode_control_publish_timestamp_seconds{{version="{version}",'
+                    f'store_version="{stamps["store_version"]}",phase="last_frame"}}'
                     f' {stamps["last_frame"]:.6f}') in text
         finally:
             await close_all(nodes, server, store, admin)
