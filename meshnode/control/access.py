@@ -60,16 +60,24 @@ def set_policy(store: ControlStore, text: str, groups: Mapping[str, tuple[str, .
     Raises `PolicyError` (the old policy stays). Shared by the admin API, the console and the CLI.
     """
     result: list[Policy] = []
+    # Only a policy with tests needs every node (as NodeInfo); otherwise just the tagged ones, which
+    # tagOwners may take tags from. Parsed here first: a policy that does not parse stops here.
+    has_tests = bool(parse_policy(text).tests)
 
     def decide(t: str, nodes: list[Node]) -> dict[int, tuple[str, ...]]:
         now = time.time()
         extra = store.idp_groups() if groups is None else groups
-        retag = _retag(store, idpgroups.merge(parse_policy(t), extra), nodes)
-        after = [replace(n, tags=retag[n.id]) if n.id in retag else n for n in nodes]
-        result.append(check_policy(t, [node_info(n) for n in after if n.active(now)], extra))
+        merged = idpgroups.merge(parse_policy(t), extra)
+        retag = _retag(store, merged, nodes)
+        if has_tests:
+            after = [replace(n, tags=retag[n.id]) if n.id in retag else n for n in nodes]
+            result.append(check_policy(t, [node_info(n) for n in after if n.active(now)], extra))
+        else:
+            assert merged is not None
+            result.append(merged)
         return retag
 
-    lost = store.set_policy_text(text, decide)
+    lost = store.set_policy_text(text, decide, all_nodes=has_tests)
     for node, tags in lost:
         log.warning("policy: node %s lost %s (its user %s no longer owns it under tagOwners)",
                     node.name, ",".join(tags), node.user)

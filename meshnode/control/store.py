@@ -1542,14 +1542,16 @@ END $body$"""
         row = self.conn.execute("SELECT text FROM policy WHERE id = 1").fetchone()
         return row[0] if row else None
 
-    def set_policy_text(self, text: str, decide: Callable[[str, list[Node]], dict[int, tuple[str, ...]] | None]
-                        ) -> list[tuple[Node, tuple[str, ...]]]:
+    def set_policy_text(self, text: str, decide: Callable[[str, list[Node]], dict[int, tuple[str, ...]] | None],
+                        all_nodes: bool = True) -> list[tuple[Node, tuple[str, ...]]]:
         """Store a policy after `decide(text, nodes)` passes, inside the same transaction (so the
         policy's tests ran against the nodes as they are when it lands). `decide` may return new tags
         for nodes (those that lost the right to some); they are written in the same transaction.
-        Returns (node as it was, tags it lost) for each of those."""
+        Returns (node as it was, tags it lost) for each of those. `all_nodes=False`: `decide` needs
+        only the tagged nodes (a policy without tests; reading 10,000 nodes costs ~0.1 s, inside the
+        write transaction)."""
         with self._tx():
-            nodes = self.list_nodes()
+            nodes = self.list_nodes() if all_nodes else self._select_nodes("WHERE n.tags <> '[]'")
             retag = decide(text, nodes) or {}
             old_text = self.policy_text()
             self.conn.execute("INSERT INTO policy(id, text, updated) VALUES (1, ?, ?)"

@@ -159,6 +159,36 @@ def test_policy_validation_failure_keeps_old_policy(store: ControlStore) -> None
     assert store.policy_text() == '{"acls": []}'
 
 
+def test_a_policy_without_tests_reads_only_tagged_nodes_and_one_with_tests_sees_every_node(store: ControlStore) -> None:
+    """`access.set_policy` loads every node only for a policy's tests; tagOwners still takes tags
+    from tagged nodes either way, and a test naming an untagged node's address still knows whose it is."""
+    import json
+
+    from meshnode.control.access import set_policy
+    from meshnode.policy import PolicyTestError
+    key, _ = store.create_authkey("alice@example.com", reusable=True)
+    plain = store.register(_reg("m1", key, "laptop"), _allow)
+    tagged = store.register(_reg("m2", key, "db"), _allow)
+    store.set_tags(tagged.name, ["tag:db"])
+    seen: list[list[str]] = []
+    real = store.set_policy_text
+
+    def spy(text, decide, all_nodes=True):  # noqa: ANN001, ANN202
+        return real(text, lambda t, nodes: (seen.append([n.name for n in nodes]), decide(t, nodes))[1], all_nodes)
+    store.set_policy_text = spy   # type: ignore[method-assign]
+    acl = [{"action": "accept", "src": ["alice@example.com"], "dst": ["tag:db:5432"]}]
+    change = set_policy(store, json.dumps({"tagOwners": {"tag:db": ["bob@example.com"]}, "acls": acl}))
+    assert seen[-1] == ["db"]   # no tests: only the tagged node was read
+    assert change.tags_removed == ()   # an admin's tag stands
+    assert store.get_node(tagged.id).tags == ("tag:db",)
+    test = {"src": plain.addresses[0], "accept": [f"{tagged.addresses[0]}:5432"]}
+    set_policy(store, json.dumps({"tagOwners": {"tag:db": []}, "acls": acl, "tests": [test]}))
+    assert seen[-1] == ["laptop", "db"]   # the test's source is alice's laptop: it had to be known
+    with pytest.raises(PolicyTestError):
+        set_policy(store, json.dumps({"tagOwners": {"tag:db": []}, "acls": acl,
+                                      "tests": [{**test, "accept": [], "deny": test["accept"]}]}))
+
+
 def test_records_live_in_the_same_file(db_spec: str) -> None:
     from magicdns.store import RecordStore
     path = db_spec
