@@ -57,9 +57,11 @@ POLICIES = {   # name -> (base, one port added, a group that now sees each other
 }
 
 
-def node(i: int, group: int) -> Node:
+def node(i: int, group: int, users: int = 0) -> Node:
+    """Node i; its user is i // group, or with `users`, i mod users (devices registered in turn, as
+    bench/scale.sh's simulated nodes do: no user's addresses are contiguous)."""
     return Node(id=i, machine_key=f"m{i}", node_key=f"k{i:040d}", name=f"n{i}", hostname=f"n{i}",
-                user=f"u{i // group}@example.com", tags=(), os="linux", endpoints=(f"192.0.2.{i % 250}:41641",),
+                user=f"u{i % users if users else i // group}@example.com", tags=(), os="linux", endpoints=(f"192.0.2.{i % 250}:41641",),
                 advertised_routes=(), approved_routes=(), advertises_exit_node=False, exit_node_approved=False,
                 ephemeral=False, created=0.0, last_seen=None, expiry=None, logged_out=False, offset=i,
                 authkey_id=None, disco_key=f"d{i}")
@@ -71,10 +73,11 @@ def _channel() -> Channel:
 
 
 def run(n: int, group: int, policies: tuple[str, str, str], patches: bool, streams: int,
-        profile: str | None) -> list[tuple[str, str]]:
+        profile: str | None, interleave: bool = False) -> list[tuple[str, str]]:
     base, port_added, ops = policies
     pol = {"text": base, "parsed": parse_policy(base)}
-    rows = {i: node(i, group) for i in range(1, n + 1)}
+    users = max(1, n // group) if interleave else 0
+    rows = {i: node(i, group, users) for i in range(1, n + 1)}
     online = dict.fromkeys(rows, 1)
     records: list[Record] = []
     tv = [0]
@@ -89,7 +92,7 @@ def run(n: int, group: int, policies: tuple[str, str, str], patches: bool, strea
     snap = build(None)
     # One replica's streams: every (n // streams)-th node.
     step = max(1, round(n / streams))
-    states = [StreamState(i, patches=patches) for i in list(rows)[::step]]
+    states = [StreamState(i, patches=patches, sets=patches) for i in list(rows)[::step]]
     for st in states:
         next_frame(snap, st)
 
@@ -106,7 +109,7 @@ def run(n: int, group: int, policies: tuple[str, str, str], patches: bool, strea
         return apply
 
     def add_node() -> None:
-        rows[n + 1] = node(n + 1, group)
+        rows[n + 1] = node(n + 1, group, users)
         online[n + 1] = 1
 
     def add_record() -> None:
@@ -163,12 +166,15 @@ def main() -> int:
     ap.add_argument("--objects", action="store_true", help="also without per-peer patches")
     ap.add_argument("--policy", choices=sorted(POLICIES), action="append", help="(default: both)")
     ap.add_argument("--profile", metavar="WHAT", help="cProfile the frames of the change whose name has WHAT")
+    ap.add_argument("--interleave", action="store_true",
+                    help="users' devices registered in turn (as bench/scale.sh), not one user's in a row")
     args = ap.parse_args()
     streams = args.streams or args.nodes
     print(f"map builder fan-out, {args.nodes} nodes, {streams} streams")
     for label in args.policy or list(POLICIES):
         for patches in (True, False) if args.objects else (True,):
-            for what, line in run(args.nodes, args.group, POLICIES[label], patches, streams, args.profile):
+            for what, line in run(args.nodes, args.group, POLICIES[label], patches, streams, args.profile,
+                                 args.interleave):
                 print(f"{label:15} {'patches' if patches else 'objects':8} {what:21} {line}", flush=True)
     return 0
 

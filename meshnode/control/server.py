@@ -84,7 +84,7 @@ _STATUS = {
 class ServerConfig:
     """Tunables; the defaults suit production, tests shorten the timers."""
 
-    poll_interval: float = 0.2          # how often to look for changes by other processes
+    poll_interval: float = 0.05         # how often to look for changes by other processes
     coalesce: float = 0.02              # gather changes this long before publishing a snapshot
     keepalive: float = KEEPALIVE_SECONDS
     ephemeral_grace: float = 300.0      # an offline ephemeral node is deleted after this long
