@@ -266,7 +266,7 @@ def main() -> int:
             return asm.apply(json.loads(node.open_bytes(sealed)))
 
     snap = build(None, base, 1)
-    state, asm = StreamState(1, patches=True), MapAssembler()
+    state, asm = StreamState(1, patches=True, sets=True), MapAssembler()
     full = seal(next_frame(snap, state))
     t0 = time.perf_counter()
     nm = per_frame(asm, full)
