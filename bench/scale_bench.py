@@ -364,7 +364,7 @@ def _phase_stamps(url: str, token: str) -> list[dict[str, float]]:
 
 
 _COUNTERS = ("meshnode_control_frames_total", "meshnode_control_frames_direct_total",
-             "meshnode_control_fanout_cpu_seconds_total")
+             "meshnode_control_fanout_cpu_seconds_total", 'meshnode_control_gc_seconds_total{generation="2"}')
 
 
 def _counters(url: str, token: str) -> dict[str, float]:
@@ -396,8 +396,9 @@ def _per_frame(label: str, what: str, servers: list, token: str, before: list[di
         frames = a.get(_COUNTERS[0], 0) - b.get(_COUNTERS[0], 0)
         direct = a.get(_COUNTERS[1], 0) - b.get(_COUNTERS[1], 0)
         fan = a.get(_COUNTERS[2], 0) - b.get(_COUNTERS[2], 0)
+        full_gc = a.get(_COUNTERS[3], 0) - b.get(_COUNTERS[3], 0)
         parts.append(f"s{i} {frames:.0f} frames ({direct:.0f} direct), {cpu[i] / max(frames, 1) * 1e3:.3f} ms CPU a frame"
-                     f" all in, fan-out {fan / max(direct, 1) * 1e6:.0f} us a direct frame")
+                     f" all in, fan-out {fan / max(direct, 1) * 1e6:.0f} us a direct frame, full GC {full_gc:.2f} s")
     return (f"{label}: {what}: server CPU per frame", "; ".join(parts))
 
 

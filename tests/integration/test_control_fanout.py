@@ -342,3 +342,21 @@ async def test_old_and_new_nodes_hold_the_same_filter_whether_sent_inline_or_as_
         finally:
             old.close()
             new.close()
+
+
+@run
+async def test_metrics_count_full_collections_and_the_seconds_they_took(tmp_path: Path) -> None:
+    """bench/scale.sh reads these to tell a change's own cost from a full collection landing in it."""
+    import gc
+    import re
+
+    async with Tailnet(tmp_path) as net:
+        def full() -> tuple[float, float]:
+            text = net.server._metrics_text().text
+            got = [float(re.search(rf'meshnode_control_gc_{what}_total{{generation="2"}} (\S+)', text).group(1))
+                   for what in ("collections", "seconds")]
+            return got[0], got[1]
+        count0, seconds0 = full()
+        gc.collect()
+        count1, seconds1 = full()
+        assert count1 >= count0 + 1 and seconds1 > seconds0
