@@ -90,8 +90,14 @@ def test_a_restarted_server_resumes_every_node_with_only_what_changed(db_spec: s
 
 
 async def _restart_scenario(db_spec: str) -> None:
+    from meshnode.control.access import set_policy
     admin = ControlStore(db_spec)
     key, _ = admin.create_authkey("alice@example.com", reusable=True)
+    # A source list long enough to go as a prefix set: the resumed frames must carry the set (the new
+    # server's stream cannot know what the node holds) and assemble to the same map as a full one.
+    admins = [f"10.0.{i}.1" for i in range(0, 16, 2)]
+    set_policy(admin, json.dumps({"acls": [{"action": "accept", "src": admins, "dst": ["*:22"]},
+                                           {"action": "accept", "src": ["*"], "dst": ["*:*"]}]}))
     store = ControlStore(db_spec)
     server = ControlServer(store, FAST)
     port = await server.start("127.0.0.1", 0)
@@ -119,6 +125,8 @@ async def _restart_scenario(db_spec: str) -> None:
         await server2.start("127.0.0.1", port)
         await until(lambda: all(n.client.resumes == 1 for n in nodes), "every node resuming")
         resumed = alpha.maps[seen]
+        assert '"src_set"' in server2.snapshot.filters.of(server2.snapshot.compiled, alpha.id, True)
+        assert [dict(r)["src"] for r in resumed.packet_filter][0] == [f"{a}/32" for a in admins]
         assert "bravo2" in {p.name for p in resumed.peers} and "dropme" not in {p.name for p in resumed.peers}
         assert any(r.name == "wiki.tailnet" for r in resumed.dns.records)
         assert resumed == full_map(snaps, resumed.version, alpha.id)
