@@ -7,12 +7,13 @@ client with its own chunk parser reads them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from magicdns.records import parse_record
 from meshnode.control.protocol import MACHINE_KEY_HEADER, Channel, FrameReader, public_key_of
@@ -112,6 +113,18 @@ async def _raw_node(net: Tailnet, name: str, beside: Any, **kw: Any) -> RawStrea
     return raw
 
 
+@contextlib.asynccontextmanager
+async def _tailnet(tmp_path: Path, small_buffers: bool = False, **config: Any) -> AsyncIterator[Tailnet]:
+    """A running Tailnet whose server has FAST changed by `config`; `small_buffers`: its accepted
+    sockets get small send buffers (`_small_send_buffers`)."""
+    net = Tailnet(tmp_path)
+    net.server = ControlServer(net.store, replace(FAST, **config))
+    async with net:
+        if small_buffers:
+            _small_send_buffers(net.server)
+        yield net
+
+
 def _small_send_buffers(server: ControlServer) -> None:
     """Accepted sockets inherit the listener's send buffer: a small one makes an unread stream fill
     up after a few tens of kilobytes."""
@@ -172,10 +185,7 @@ async def test_a_reader_that_stops_is_closed_at_the_deadline(tmp_path: Path) -> 
     """A stream that kept up (its frames written directly) and then stops reading: once its buffer is
     past the low-water mark the publisher no longer writes to it; its task does, under the deadline
     watch, which closes it. The healthy node keeps getting every change meanwhile."""
-    net = Tailnet(tmp_path)
-    net.server = ControlServer(net.store, replace(FAST, stream_deadline=1.5, keepalive=30.0))
-    async with net:
-        _small_send_buffers(net.server)
+    async with _tailnet(tmp_path, small_buffers=True, stream_deadline=1.5, keepalive=30.0) as net:
         healthy = await net.join("healthy")
         raw = await _raw_node(net, "stuck", healthy, rcvbuf=4096)
         try:
@@ -208,10 +218,7 @@ async def test_a_reader_that_stops_is_closed_at_the_deadline(tmp_path: Path) -> 
 async def test_a_stream_that_is_behind_gets_one_coalesced_delta(tmp_path: Path) -> None:
     """Changes made while a stream's buffers are full are not queued frame by frame: when its reader
     catches up it gets one delta covering all of them (at most one frame queued per stream)."""
-    net = Tailnet(tmp_path)
-    net.server = ControlServer(net.store, replace(FAST, stream_deadline=20.0, keepalive=30.0))
-    async with net:
-        _small_send_buffers(net.server)
+    async with _tailnet(tmp_path, small_buffers=True, stream_deadline=20.0, keepalive=30.0) as net:
         other = await net.join("other")
         raw = await _raw_node(net, "slow", other, rcvbuf=4096)
         try:
@@ -251,9 +258,7 @@ async def test_a_stream_that_is_behind_gets_one_coalesced_delta(tmp_path: Path) 
 async def test_keepalives_go_out_on_idle_streams_and_wait_after_a_frame(tmp_path: Path) -> None:
     """An idle stream gets a keepalive every interval although its task's timer is armed only when
     it parks; a frame the publisher wrote counts as traffic, so the keepalive after it is later."""
-    net = Tailnet(tmp_path)
-    net.server = ControlServer(net.store, replace(FAST, keepalive=0.4))
-    async with net:
+    async with _tailnet(tmp_path, keepalive=0.4) as net:
         other = await net.join("other")
         raw = await _raw_node(net, "quiet", other)
         try:
